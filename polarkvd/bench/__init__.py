@@ -1,0 +1,1 @@
+"""Benchmarks behind `polarkvd bench ...`; results are recorded in docs/BENCHMARKS.md."""

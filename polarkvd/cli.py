@@ -1,0 +1,267 @@
+"""`polarkvd`: one executable, one subcommand per job.
+
+Owns argument parsing, human-readable output and exit codes (0 ok, 1 failure, 2 usage, 78 bad
+config or resources). Talks to a running daemon only through `polarkvd.client`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from polarkvd import __version__
+from polarkvd.config import (
+    LIVE_KNOBS,
+    check_resources,
+    load_config,
+    option_fields,
+    parse_size,
+    resolve,
+)
+from polarkvd.errors import EXIT_CONFIG, ConfigError, PolarKVError
+
+
+def _human(n: float) -> str:
+    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _overrides(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ConfigError([(pair, "", "--set takes KEY=VALUE, e.g. --set dram.capacity=4GiB")])
+        out[key.strip()] = value.strip()
+    return out
+
+
+# ---------------------------------------------------------------------------------------- commands
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from polarkvd.daemon import serve
+
+    cfg = resolve(load_config(args.config, overrides=_overrides(args.set)))
+    _setup_logging(cfg.daemon.log_level)
+    logging.getLogger("polarkvd").info(
+        "polarkvd %s starting with %s", __version__, args.config or "the built-in default configuration"
+    )
+    return serve(cfg)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        cfg = resolve(load_config(args.file, overrides=_overrides(args.set)))
+    except ConfigError as e:
+        print(f"{args.file}: {len(e.problems)} problem(s)", file=sys.stderr)
+        for key, value, why in e.problems:
+            print(f"  {key} = {value!r}: {why}", file=sys.stderr)
+        return EXIT_CONFIG
+    problems = check_resources(cfg)
+    if problems:
+        print(f"{args.file}: valid, but this machine cannot give what it asks for:", file=sys.stderr)
+        for key, value, why in problems:
+            print(f"  {key} = {value!r}: {why}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"{args.file}: ok")
+    if args.verbose:
+        for section, values in cfg.to_dict().items():
+            print(f"[{section}]")
+            for key, value in values.items():
+                print(f"  {key} = {value!r}")
+    return 0
+
+
+def _control(args: argparse.Namespace) -> Any:
+    from polarkvd.client import ControlClient
+
+    return ControlClient(args.socket)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with _control(args) as c:
+        st = c.stats()
+    if args.json:
+        print(json.dumps(st, indent=2, default=lambda b: b.hex() if isinstance(b, bytes) else str(b)))
+        return 0
+    print(render_status(st))
+    return 0
+
+
+def render_status(st: dict[str, Any]) -> str:
+    c = st["counters"]
+    lines = [f"polarkvd up {st['uptime_s']:.0f}s{'  (DRAINING: new stores refused)' if st['draining'] else ''}", ""]
+    lines.append(f"{'tier':<10}{'pages':>10}{'bytes':>12}{'capacity':>12}{'used':>7}  {'policy':<8}{'hits':>10}")
+    hits = {"dram": c.get("hit_pages_dram", 0), "disk": c.get("hit_pages_disk", 0)}
+    for name, t in st["tiers"].items():
+        used = t["bytes"] / t["capacity_bytes"] * 100 if t["capacity_bytes"] else 0
+        label = f"L{t['tier']} {name}"
+        lines.append(f"{label:<10}{t['pages']:>10}{_human(t['bytes']):>12}{_human(t['capacity_bytes']):>12}{used:>6.1f}%  {t['policy']:<8}{hits.get(name, 0):>10}")
+    looked = c.get("lookup_pages", 0)
+    hit = hits["dram"] + hits["disk"]
+    lines.append("")
+    lines.append(
+        f"lookups {c.get('lookups', 0)}: {looked} pages asked, {hit} hit "
+        f"({hit / looked * 100 if looked else 0:.1f}%), {c.get('miss_pages', 0)} missed"
+    )
+    lines.append(
+        f"stored {c.get('stored_pages', 0)} pages ({_human(c.get('stored_bytes', 0))}), loaded {c.get('loaded_pages', 0)} "
+        f"({_human(c.get('loaded_bytes', 0))}; {c.get('loaded_pages_disk', 0)} from disk)"
+    )
+    evicted = sum(v for k, v in c.items() if k.startswith("evicted_pages_dram"))
+    lines.append(
+        f"evicted from DRAM {evicted} pages, demoted to disk {c.get('demoted_pages', 0)}, "
+        f"demotions dropped {c.get('demotions_dropped', 0)}, corrupt pages dropped {c.get('corrupt_pages', 0)}"
+    )
+    lines.append(f"sessions {len(st['sessions'])}, leases {st['leases']}, namespaces {st['namespaces']}")
+    for s in st["sessions"]:
+        rate = s["hit_pages"] / s["lookup_pages"] * 100 if s["lookup_pages"] else 0
+        lines.append(
+            f"  #{s['id']} {s['engine_id']}: {s['model']}, hit {rate:.1f}%, stored {s['stored_pages']}, "
+            f"loaded {s['loaded_pages']}, reserved {s['reserved_pages']}, leases {s['leases']}"
+        )
+    return "\n".join(lines)
+
+
+def cmd_evict(args: argparse.Namespace) -> int:
+    try:
+        nbytes = parse_size(args.bytes)
+    except ValueError as e:
+        print(f"--bytes {args.bytes!r}: {e}", file=sys.stderr)
+        return 2
+    with _control(args) as c:
+        freed = c.evict(args.tier, nbytes)
+    print(f"evicted {_human(freed)} from {args.tier}")
+    return 0
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    print("draining: refusing new stores, writing DRAM pages to disk ...", file=sys.stderr, flush=True)
+    with _control(args) as c:
+        r = c.drain()
+    print(f"drained: {r['written_pages']} pages written to disk; run `polarkvd resume` to accept stores again")
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    with _control(args) as c:
+        c.resume()
+    print("accepting stores again")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    with _control(args) as c:
+        if args.assignments:
+            knobs = {}
+            for pair in args.assignments:
+                key, sep, value = pair.partition("=")
+                if not sep:
+                    print(f"{pair!r}: expected KEY=VALUE (live knobs: {', '.join(LIVE_KNOBS)})", file=sys.stderr)
+                    return 2
+                knobs[key] = value
+            result = c.set_knobs(knobs)
+        else:
+            result = c.knobs()
+    fields = option_fields()
+    for name, value in result.items():
+        print(f"{name} = {value!r}    # {fields[name].metadata['doc']}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.which == "datapath":
+        from polarkvd.bench.datapath import main as bench_main
+
+        return bench_main(args)
+    raise AssertionError(args.which)
+
+
+# ---------------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="polarkvd",
+        description="polarkvd: KV-cache node agent for LLM inference. One daemon per host keeps KV pages in "
+        "shared DRAM and on disk so no engine prefills the same prefix twice.",
+        epilog="Start with `polarkvd serve` (built-in defaults, no file needed), then `polarkvd status`.",
+    )
+    p.add_argument("--version", action="version", version=f"polarkvd {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def control_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--socket", help="control socket of the daemon (default: $POLARKV_CONTROL_SOCKET or <runtime dir>/control.sock)")
+
+    sp = sub.add_parser("serve", help="run the daemon in the foreground", description="Run the daemon until SIGTERM/SIGINT. "
+                        "Precedence: defaults < --config FILE < POLARKV_<SECTION>_<KEY> environment < --set.")  # fmt: skip
+    sp.add_argument("--config", "-c", type=Path, help="TOML config file (see etc/polarkv.toml)")
+    sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one option, e.g. --set dram.capacity=4GiB (repeatable)")
+    sp.set_defaults(fn=cmd_serve)
+
+    sp = sub.add_parser("check-config", help="validate a config file; exit 78 when it is bad")
+    sp.add_argument("file", type=Path)
+    sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="also apply an override")
+    sp.add_argument("-v", "--verbose", action="store_true", help="print the resolved configuration")
+    sp.set_defaults(fn=cmd_check_config)
+
+    sp = sub.add_parser("status", help="tier occupancy, hit/miss counts, sessions and leases")
+    sp.add_argument("--json", action="store_true", help="print the raw stats as JSON")
+    control_args(sp)
+    sp.set_defaults(fn=cmd_status)
+
+    sp = sub.add_parser("evict", help="evict pages from a tier now (DRAM pages are demoted to disk)")
+    sp.add_argument("--tier", choices=["dram", "disk"], required=True)
+    sp.add_argument("--bytes", required=True, help="how much to free, e.g. 1G, 512MiB")
+    control_args(sp)
+    sp.set_defaults(fn=cmd_evict)
+
+    sp = sub.add_parser("drain", help="refuse new stores and write every DRAM page to disk (before a restart)")
+    control_args(sp)
+    sp.set_defaults(fn=cmd_drain)
+
+    sp = sub.add_parser("resume", help="accept stores again after a drain")
+    control_args(sp)
+    sp.set_defaults(fn=cmd_resume)
+
+    sp = sub.add_parser("tune", help="show or change live knobs, e.g. `polarkvd tune dram.policy=s3fifo`")
+    sp.add_argument("assignments", nargs="*", metavar="KEY=VALUE")
+    control_args(sp)
+    sp.set_defaults(fn=cmd_tune)
+
+    sp = sub.add_parser("bench", help="benchmarks (see docs/BENCHMARKS.md)")
+    bsub = sp.add_subparsers(dest="which", metavar="BENCHMARK", required=True)
+    from polarkvd.bench.datapath import add_arguments as datapath_args
+
+    datapath_args(bsub.add_parser("datapath", help="store/load/lookup through a real daemon vs memcpy and the raw socket"))
+    sp.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except ConfigError as e:
+        print(f"polarkvd: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except PolarKVError as e:
+        print(f"polarkvd: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,295 @@
+"""The client library: how engines (and the CLI, and the TUI) talk to a polarkvd daemon.
+
+Synchronous and thread-compatible (one client per thread, or guard it), so a vLLM worker thread can
+call it directly. Every call is one round trip for any number of pages. Bytes never cross the socket:
+`EngineClient` maps the daemon's shared-memory arena and copies pages in and out of it.
+
+    ns = Namespace(model="smollm2-135m@abc123", dtype="float32", layout="vllm-cpu/v1",
+                   num_layers=30, num_kv_heads=3, head_dim=64, page_tokens=256)
+    with EngineClient(ns, engine_id="vllm-0") as kv:
+        keys = kv.page_keys(token_ids)
+        hit = kv.lookup(keys)                       # longest cached prefix, with the tier of each page
+        kv.store(keys[hit.hits:], pages, parent=keys[hit.hits - 1] if hit.hits else None)
+        n = kv.load_into(keys[:hit.hits], buffers)  # copies pages out, releases the pins
+
+Imports only the wire protocol, the shared-memory mapping and the leaves: never the daemon.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import socket
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from polarkvd.config import default_control_socket, default_engine_socket
+from polarkvd.errors import DaemonUnavailable, error_for_code
+from polarkvd.keys import ROOT_KEY, page_keys
+from polarkvd.server import protocol as P
+from polarkvd.server.shm import map_arena
+from polarkvd.types import Namespace, Tier
+
+
+class _Channel:
+    """One connection: framed request, framed reply, in order."""
+
+    def __init__(self, path: str | Path, timeout: float | None) -> None:
+        self.path = str(path)
+        self._ids = itertools.count(1)
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(timeout)
+        try:
+            self._sock.connect(self.path)
+        except OSError as e:
+            self._sock.close()
+            raise DaemonUnavailable(f"cannot reach polarkvd at {self.path}: {e.strerror or e} (is `polarkvd serve` running?)") from None
+        self._hdr = bytearray(4)
+
+    def call(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        rid = next(self._ids)
+        try:
+            self._sock.sendall(P.request(rid, op, args))
+            reply = self._read_reply()
+        except (OSError, EOFError) as e:
+            self.close()
+            raise DaemonUnavailable(f"connection to polarkvd at {self.path} broke during {op}: {e}") from None
+        version, reply_id, status, body = reply
+        if status == P.OK:
+            return body
+        raise error_for_code(body.get("code", ""), body.get("message", ""))
+
+    def send_raw(self, data: bytes) -> list[Any]:
+        """Testing aid: send arbitrary bytes, read one reply frame."""
+        self._sock.sendall(data)
+        return self._read_reply()
+
+    def _read_reply(self) -> list[Any]:
+        self._recv_into(memoryview(self._hdr))
+        (n,) = P.LENGTH.unpack(self._hdr)
+        body = bytearray(n)
+        self._recv_into(memoryview(body))
+        return P.unpack(body)
+
+    def _recv_into(self, view: memoryview) -> None:
+        while len(view):
+            got = self._sock.recv_into(view)
+            if not got:
+                raise EOFError("the daemon closed the connection")
+            view = view[got:]
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+@dataclasses.dataclass
+class LookupResult:
+    tiers: list[Tier]  # tier of each page of the longest cached prefix
+    lease: int | None = None  # with pin=True: a lease holding the DRAM pages of the prefix
+
+    @property
+    def hits(self) -> int:
+        return len(self.tiers)
+
+
+@dataclasses.dataclass
+class LoadResult:
+    offsets: list[int]
+    tiers: list[Tier]
+    lease: int | None
+    views: list[memoryview]  # writable views of the pinned pages in the arena; valid until release
+
+    @property
+    def loaded(self) -> int:
+        return len(self.offsets)
+
+
+@dataclasses.dataclass
+class StoreResult:
+    stored: int = 0  # pages written and committed
+    existing: int = 0  # pages the daemon already had
+    no_space: int = 0  # pages not stored: no room (everything pinned) or daemon draining
+
+
+class EngineClient:
+    """An attached engine session: one namespace, one connection, the arena mapped."""
+
+    def __init__(
+        self,
+        namespace: Namespace,
+        engine_id: str = "",
+        socket_path: str | Path | None = None,
+        timeout: float | None = 60.0,
+    ) -> None:
+        self.namespace = namespace
+        self.engine_id = engine_id or f"pid-{os.getpid()}"
+        self._ch = _Channel(socket_path or default_engine_socket(), timeout)
+        try:
+            info = self._ch.call(P.Op.HELLO.value, {"namespace": namespace.to_wire(), "engine_id": self.engine_id})
+            self.session_id: int = info["session"]
+            self.ns_digest: bytes = info["ns_digest"]
+            self.page_bytes: int = info["page_bytes"]
+            self.layer_bytes: int = info["layer_bytes"]
+            self.lease_seconds: float = info["lease_seconds"]
+            self.max_keys: int = info["max_keys"]
+            self._mmap = map_arena(info["arena_path"], info["arena_size"])
+        except BaseException:
+            self._ch.close()
+            raise
+        self._arena = memoryview(self._mmap)
+
+    # -- keys -------------------------------------------------------------------------------------
+
+    def page_keys(self, token_ids: Sequence[int] | np.ndarray, parent: bytes = ROOT_KEY) -> list[bytes]:
+        """Keys of every full page of `token_ids` in this session's namespace."""
+        return page_keys(self.ns_digest, token_ids, self.namespace.page_tokens, parent)
+
+    # -- raw ops (one round trip each) -------------------------------------------------------------
+
+    def lookup(self, keys: Sequence[bytes], pin: bool = False) -> LookupResult:
+        out = LookupResult([])
+        for chunk in self._chunks(keys):
+            r = self._ch.call(P.Op.LOOKUP.value, {"keys": P.pack_keys(list(chunk)), "pin": pin})
+            out.tiers.extend(Tier(t) for t in r["tiers"])
+            out.lease = out.lease or r["lease"]  # one lease per call; the first chunk's pins the head
+            if len(r["tiers"]) < len(chunk):
+                break
+        return out
+
+    def reserve(self, keys: Sequence[bytes], parent: bytes | None = None) -> list[int]:
+        return self._ch.call(P.Op.RESERVE.value, {"keys": P.pack_keys(list(keys)), "parent": parent})["offsets"]
+
+    def commit(self, keys: Sequence[bytes]) -> int:
+        return self._ch.call(P.Op.COMMIT.value, {"keys": P.pack_keys(list(keys))})["committed"]
+
+    def abort(self, keys: Sequence[bytes]) -> int:
+        return self._ch.call(P.Op.ABORT.value, {"keys": P.pack_keys(list(keys))})["aborted"]
+
+    def load(self, keys: Sequence[bytes]) -> LoadResult:
+        """Pin the longest loadable prefix of `keys` in DRAM; copy from `views`, then `release`."""
+        r = self._ch.call(P.Op.LOAD.value, {"keys": P.pack_keys(list(keys))})
+        views = [self.page(off) for off in r["offsets"]]
+        return LoadResult(r["offsets"], [Tier(t) for t in r["tiers"]], r["lease"], views)
+
+    def release(self, lease: int) -> None:
+        self._ch.call(P.Op.RELEASE.value, {"lease": lease})
+
+    def ping(self) -> None:
+        self._ch.call(P.Op.PING.value, {})
+
+    def page(self, offset: int) -> memoryview:
+        """A writable view of the page at `offset` in the arena."""
+        return self._arena[offset : offset + self.page_bytes]
+
+    # -- batched conveniences ----------------------------------------------------------------------
+
+    def store(
+        self,
+        keys: Sequence[bytes],
+        pages: Sequence[Any] | Callable[[int, memoryview], None],
+        parent: bytes | None = None,
+    ) -> StoreResult:
+        """Store consecutive pages of one chain: reserve, copy each page in, commit.
+
+        `pages[i]` is any buffer of `page_bytes` bytes (bytes, numpy array, memoryview), or `pages` is a
+        function `write(i, view)` that fills page i straight into the arena (no intermediate copy).
+        `parent` is the key of the page before keys[0] (None at the start of a sequence). On any error
+        while copying, the reservation is aborted: nothing half-written becomes visible.
+        """
+        offsets = self.reserve(keys, parent)
+        result = StoreResult()
+        written: list[bytes] = []
+        try:
+            for i, (key, off) in enumerate(zip(keys, offsets)):
+                if off == P.RESERVE_EXISTS:
+                    result.existing += 1
+                    continue
+                if off == P.RESERVE_NO_SPACE:
+                    result.no_space += 1
+                    continue
+                dst = self.page(off)
+                if callable(pages):
+                    pages(i, dst)
+                else:
+                    src = memoryview(pages[i]).cast("B")
+                    if src.nbytes != self.page_bytes:
+                        raise ValueError(f"page {i} has {src.nbytes} bytes; this namespace's pages have {self.page_bytes}")
+                    dst[:] = src
+                written.append(key)
+        except BaseException:
+            reserved = [k for k, off in zip(keys, offsets) if off >= 0]
+            if reserved:
+                self.abort(reserved)
+            raise
+        if written:
+            result.stored = self.commit(written)
+        return result
+
+    def load_into(self, keys: Sequence[bytes], outs: Sequence[Any]) -> int:
+        """Copy the longest loadable prefix of `keys` into `outs` (writable buffers); returns pages copied."""
+        r = self.load(keys)
+        try:
+            for view, out in zip(r.views, outs):
+                memoryview(out).cast("B")[:] = view
+        finally:
+            if r.lease is not None:
+                self.release(r.lease)
+        return r.loaded
+
+    def _chunks(self, keys: Sequence[bytes]) -> list[Sequence[bytes]]:
+        return [keys[i : i + self.max_keys] for i in range(0, len(keys), self.max_keys)] or [keys]
+
+    def close(self) -> None:
+        self._ch.close()
+        try:
+            self._arena.release()
+            self._mmap.close()
+        except (BufferError, ValueError):
+            pass  # a caller still holds a view; the mapping goes away with the process
+
+    def __enter__(self) -> EngineClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ControlClient:
+    """The operator side: status, eviction, drain, live knobs."""
+
+    def __init__(self, socket_path: str | Path | None = None, timeout: float | None = 600.0) -> None:
+        self._ch = _Channel(socket_path or default_control_socket(), timeout)
+
+    def stats(self) -> dict[str, Any]:
+        return self._ch.call(P.Op.STATS.value, {})
+
+    def evict(self, tier: str, nbytes: int) -> int:
+        return self._ch.call(P.Op.EVICT.value, {"tier": tier, "bytes": nbytes})["freed_bytes"]
+
+    def drain(self) -> dict[str, Any]:
+        return self._ch.call(P.Op.DRAIN.value, {})
+
+    def resume(self) -> None:
+        self._ch.call(P.Op.RESUME.value, {})
+
+    def knobs(self) -> dict[str, Any]:
+        return self._ch.call(P.Op.GET_KNOBS.value, {})["knobs"]
+
+    def set_knobs(self, knobs: dict[str, Any]) -> dict[str, Any]:
+        return self._ch.call(P.Op.SET_KNOBS.value, {"knobs": knobs})["knobs"]
+
+    def ping(self) -> None:
+        self._ch.call(P.Op.PING.value, {})
+
+    def close(self) -> None:
+        self._ch.close()
+
+    def __enter__(self) -> ControlClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,390 @@
+"""Configuration: typed, validated, layered.
+
+A leaf module (imports only `errors`). Precedence, lowest first:
+
+    built-in defaults  <  TOML file (--config)  <  POLARKV_<SECTION>_<KEY> environment  <  --set flags
+
+Sizes accept units ("8GiB", "512MB", "1.5G", plain bytes); durations accept "30s", "500ms", "2m".
+Every problem is collected and reported at once with its key, value and reason (`ConfigError`), so
+`polarkvd check-config` can list them all. `resolve()` turns "auto" sizes and empty paths into
+concrete values for this machine; `check_resources()` compares the result with what the machine has.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import resource
+import shutil
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from polarkvd.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
+AUTO = -1  # an "auto" size, resolved by `resolve()`
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3, "t": 1000**4, "tb": 1000**4,
+    "kib": KiB, "mib": MiB, "gib": GiB, "tib": TiB,
+}  # fmt: skip
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+_DUR_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|)\s*$")
+
+
+def parse_size(value: object, *, allow_auto: bool = False) -> int:
+    """"8GiB" -> 8589934592. Decimal units (GB) are powers of 1000, binary (GiB) of 1024; "1G" = 1 GB."""
+    if allow_auto and isinstance(value, str) and value.strip().lower() == "auto":
+        return AUTO
+    if isinstance(value, bool):
+        raise ValueError("expected a size like '8GiB'")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("must not be negative")
+        return value
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if m and m.group(2).lower() in _UNITS:
+            return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    raise ValueError("expected a size like '8GiB', '512MB' or a number of bytes" + (" or 'auto'" if allow_auto else ""))
+
+
+def parse_duration(value: object) -> float:
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like '30s'")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError("must not be negative")
+        return float(value)
+    if isinstance(value, str):
+        m = _DUR_RE.match(value)
+        if m:
+            scale = {"ms": 0.001, "s": 1, "": 1, "m": 60, "h": 3600}[m.group(2)]
+            return float(m.group(1)) * scale
+    raise ValueError("expected a duration like '30s', '500ms' or '2m'")
+
+
+def parse_bool(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    raise ValueError("expected true or false")
+
+
+def parse_int(value: object) -> int:
+    if isinstance(value, bool):
+        raise ValueError("expected an integer")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"\s*-?[0-9]+\s*", value):
+        return int(value)
+    raise ValueError("expected an integer")
+
+
+def parse_str(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError("expected a string")
+    return value
+
+
+def parse_mode(value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 0o777:
+        return value
+    if isinstance(value, str) and re.fullmatch(r"0?[0-7]{3}", value.strip()):
+        return int(value.strip(), 8)
+    raise ValueError("expected an octal file mode like '0660'")
+
+
+def _choice(*options: str) -> Callable[[object], str]:
+    def parse(value: object) -> str:
+        if value not in options:
+            raise ValueError(f"expected one of {', '.join(options)}")
+        return str(value)
+
+    return parse
+
+
+def _positive(parse: Callable[[object], Any]) -> Callable[[object], Any]:
+    def check(value: object) -> Any:
+        out = parse(value)
+        if out != AUTO and out <= 0:
+            raise ValueError("must be greater than zero")
+        return out
+
+    return check
+
+
+def _size_or_auto(value: object) -> int:
+    out = parse_size(value, allow_auto=True)
+    if out == 0:
+        raise ValueError("must be greater than zero (or 'auto')")
+    return out
+
+
+def _opt(default: Any, parse: Callable[[object], Any], doc: str, *, live: bool = False) -> Any:
+    return dataclasses.field(default=default, metadata={"parse": parse, "doc": doc, "live": live})
+
+
+POLICY_NAMES = ("lru", "s3fifo")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclasses.dataclass
+class DaemonConfig:
+    runtime_dir: str = _opt("", parse_str, "sockets live here; empty = $RUNTIME_DIRECTORY, /run/polarkv (root), $XDG_RUNTIME_DIR/polarkv or /tmp/polarkv-$UID")
+    state_dir: str = _opt("", parse_str, "persistent state; empty = $STATE_DIRECTORY, /var/lib/polarkv (root) or $XDG_STATE_HOME/polarkv")
+    engine_socket: str = _opt("", parse_str, "engine API socket; empty = <runtime_dir>/engine.sock")
+    control_socket: str = _opt("", parse_str, "control API socket (CLI, TUI); empty = <runtime_dir>/control.sock")
+    engine_socket_mode: int = _opt(0o660, parse_mode, "file mode of the engine socket")
+    control_socket_mode: int = _opt(0o600, parse_mode, "file mode of the control socket")
+    log_level: str = _opt("info", _choice(*LOG_LEVELS), "log level", live=True)
+    lease_seconds: float = _opt(30.0, _positive(parse_duration), "pins and reservations of an engine that stops answering expire after this", live=True)
+    max_sessions: int = _opt(1024, _positive(parse_int), "attached engine connections at most")
+    max_frame_bytes: int = _opt(16 * MiB, _positive(parse_size), "largest request frame accepted")
+    max_keys_per_request: int = _opt(1 << 16, _positive(parse_int), "most page keys in one request")
+
+
+@dataclasses.dataclass
+class DramConfig:
+    capacity: int = _opt(AUTO, _size_or_auto, "L2 arena size; auto = min(2GiB, 1/8 of RAM, 1/2 of free /dev/shm)")
+    slab_bytes: int = _opt(64 * MiB, _positive(parse_size), "arena allocation unit; every page must fit in one slab")
+    policy: str = _opt("lru", _choice(*POLICY_NAMES), "eviction policy", live=True)
+    shm_dir: str = _opt("/dev/shm", parse_str, "where the shared-memory arena file is created")
+    lock_memory: bool = _opt(False, parse_bool, "mlock the arena (needs LimitMEMLOCK); keeps KV out of swap")
+
+
+@dataclasses.dataclass
+class DiskConfig:
+    enabled: bool = _opt(True, parse_bool, "keep pages evicted from DRAM compressed on disk")
+    path: str = _opt("", parse_str, "page directory; empty = <state_dir>/pages")
+    capacity: int = _opt(AUTO, _size_or_auto, "disk tier size; auto = min(16GiB, 1/4 of free space)")
+    policy: str = _opt("lru", _choice(*POLICY_NAMES), "eviction policy", live=True)
+    compression_level: int = _opt(1, parse_int, "zstd level (1 measured best: higher is slower and no smaller on KV)")
+    io_threads: int = _opt(2, _positive(parse_int), "threads compressing, writing and reading pages")
+    max_pending_bytes: int = _opt(256 * MiB, _positive(parse_size), "demotions queued for writing at most; more are dropped (counted)")
+    index_flush_seconds: float = _opt(5.0, _positive(parse_duration), "how often the disk index is persisted")
+
+
+@dataclasses.dataclass
+class Config:
+    daemon: DaemonConfig = dataclasses.field(default_factory=DaemonConfig)
+    dram: DramConfig = dataclasses.field(default_factory=DramConfig)
+    disk: DiskConfig = dataclasses.field(default_factory=DiskConfig)
+
+    def get(self, dotted: str) -> Any:
+        section, key = dotted.split(".", 1)
+        return getattr(getattr(self, section), key)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS: dict[str, type] = {"daemon": DaemonConfig, "dram": DramConfig, "disk": DiskConfig}
+
+
+def option_fields() -> dict[str, dataclasses.Field[Any]]:
+    """Every option as "section.key" -> its dataclass field (metadata: parse, doc, live)."""
+    out = {}
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            out[f"{section}.{f.name}"] = f
+    return out
+
+
+LIVE_KNOBS = tuple(name for name, f in option_fields().items() if f.metadata["live"])
+
+
+def parse_option(dotted: str, value: object) -> Any:
+    """Parse one option value; raises ConfigError naming the key."""
+    fields = option_fields()
+    if dotted not in fields:
+        raise ConfigError([(dotted, value, f"unknown option; known: {', '.join(sorted(fields))}")])
+    try:
+        return fields[dotted].metadata["parse"](value)
+    except ValueError as e:
+        raise ConfigError([(dotted, value, str(e))]) from None
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, object] | None = None,
+) -> Config:
+    """Build a Config from defaults, a TOML file, POLARKV_* variables and overrides, in that order."""
+    env = os.environ if env is None else env
+    problems: list[tuple[str, object, str]] = []
+    raw: dict[str, object] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                doc = tomllib.load(fh)
+        except OSError as e:
+            raise ConfigError([("--config", str(path), f"cannot read: {e.strerror or e}")]) from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError([("--config", str(path), f"not valid TOML: {e}")]) from None
+        for section, table in doc.items():
+            if section not in SECTIONS:
+                problems.append((section, "[table]", f"unknown section; known: {', '.join(SECTIONS)}"))
+                continue
+            if not isinstance(table, dict):
+                problems.append((section, table, "expected a [table]"))
+                continue
+            for key, value in table.items():
+                raw[f"{section}.{key}"] = value
+    fields = option_fields()
+    for name in fields:
+        var = "POLARKV_" + name.replace(".", "_").upper()
+        if var in env:
+            raw[name] = env[var]
+    for name, value in (overrides or {}).items():
+        raw[name] = value
+
+    cfg = Config()
+    for name, value in raw.items():
+        if name not in fields:
+            problems.append((name, value, "unknown option"))
+            continue
+        try:
+            parsed = fields[name].metadata["parse"](value)
+        except ValueError as e:
+            problems.append((name, value, str(e)))
+            continue
+        section, key = name.split(".", 1)
+        setattr(getattr(cfg, section), key, parsed)
+    problems.extend(_cross_checks(cfg))
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def _cross_checks(cfg: Config) -> list[tuple[str, object, str]]:
+    out: list[tuple[str, object, str]] = []
+    if cfg.dram.capacity != AUTO and cfg.dram.slab_bytes > cfg.dram.capacity:
+        out.append(("dram.slab_bytes", cfg.dram.slab_bytes, f"larger than dram.capacity ({cfg.dram.capacity})"))
+    if not 1 <= cfg.disk.compression_level <= 22:
+        out.append(("disk.compression_level", cfg.disk.compression_level, "zstd levels are 1..22"))
+    return out
+
+
+# ---------------------------------------------------------------- paths and machine-dependent defaults
+
+
+def default_runtime_dir(env: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if env is None else env
+    if env.get("RUNTIME_DIRECTORY"):  # systemd RuntimeDirectory=
+        return Path(env["RUNTIME_DIRECTORY"].split(":")[0])
+    if os.geteuid() == 0:
+        return Path("/run/polarkv")
+    if env.get("XDG_RUNTIME_DIR"):
+        return Path(env["XDG_RUNTIME_DIR"]) / "polarkv"
+    return Path(f"/tmp/polarkv-{os.getuid()}")
+
+
+def default_state_dir(env: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if env is None else env
+    if env.get("STATE_DIRECTORY"):  # systemd StateDirectory=
+        return Path(env["STATE_DIRECTORY"].split(":")[0])
+    if os.geteuid() == 0:
+        return Path("/var/lib/polarkv")
+    base = env.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "polarkv"
+
+
+def default_engine_socket(env: Mapping[str, str] | None = None) -> Path:
+    """Where engines find the daemon: $POLARKV_SOCKET, else the default runtime directory."""
+    env = os.environ if env is None else env
+    if env.get("POLARKV_SOCKET"):
+        return Path(env["POLARKV_SOCKET"])
+    return default_runtime_dir(env) / "engine.sock"
+
+
+def default_control_socket(env: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if env is None else env
+    if env.get("POLARKV_CONTROL_SOCKET"):
+        return Path(env["POLARKV_CONTROL_SOCKET"])
+    return default_runtime_dir(env) / "control.sock"
+
+
+def _free_bytes(path: Path) -> int:
+    p = path
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def _tree_bytes(path: Path) -> int:
+    total = 0
+    if path.is_dir():
+        for root, _dirs, files in os.walk(path):
+            for name in files:
+                try:
+                    total += os.stat(os.path.join(root, name)).st_blocks * 512
+                except OSError:
+                    pass
+    return total
+
+
+def resolve(cfg: Config, env: Mapping[str, str] | None = None) -> Config:
+    """A copy with every path filled in and every "auto" size computed for this machine."""
+    import psutil
+
+    out = dataclasses.replace(
+        cfg,
+        daemon=dataclasses.replace(cfg.daemon),
+        dram=dataclasses.replace(cfg.dram),
+        disk=dataclasses.replace(cfg.disk),
+    )
+    d = out.daemon
+    d.runtime_dir = d.runtime_dir or str(default_runtime_dir(env))
+    d.state_dir = d.state_dir or str(default_state_dir(env))
+    d.engine_socket = d.engine_socket or str(Path(d.runtime_dir) / "engine.sock")
+    d.control_socket = d.control_socket or str(Path(d.runtime_dir) / "control.sock")
+    out.disk.path = out.disk.path or str(Path(d.state_dir) / "pages")
+    if out.dram.capacity == AUTO:
+        total = psutil.virtual_memory().total
+        shm_free = _free_bytes(Path(out.dram.shm_dir))
+        cap = min(2 * GiB, total // 8, shm_free // 2)
+        out.dram.capacity = max(out.dram.slab_bytes, cap // out.dram.slab_bytes * out.dram.slab_bytes)
+    if out.disk.capacity == AUTO:
+        free = _free_bytes(Path(out.disk.path)) + _tree_bytes(Path(out.disk.path))
+        out.disk.capacity = max(64 * MiB, min(16 * GiB, free // 4))
+    return out
+
+
+def check_resources(cfg: Config) -> list[tuple[str, object, str]]:
+    """What this machine cannot give the (resolved) config, with the numbers. Empty when it fits."""
+    import psutil
+
+    out: list[tuple[str, object, str]] = []
+    gib = lambda n: f"{n / GiB:.2f} GiB"  # noqa: E731
+    avail = psutil.virtual_memory().available
+    if cfg.dram.capacity > avail:
+        out.append(("dram.capacity", cfg.dram.capacity, f"needs {gib(cfg.dram.capacity)} but only {gib(avail)} of RAM is available"))
+    shm = Path(cfg.dram.shm_dir)
+    if not shm.is_dir():
+        out.append(("dram.shm_dir", cfg.dram.shm_dir, "is not a directory"))
+    else:
+        shm_free = shutil.disk_usage(shm).free
+        if cfg.dram.capacity > shm_free:
+            out.append(("dram.capacity", cfg.dram.capacity, f"needs {gib(cfg.dram.capacity)} of {shm} but only {gib(shm_free)} is free"))
+    if cfg.dram.lock_memory:
+        soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+        if soft != resource.RLIM_INFINITY and soft < cfg.dram.capacity:
+            out.append(("dram.lock_memory", True, f"RLIMIT_MEMLOCK is {gib(soft)}, below dram.capacity {gib(cfg.dram.capacity)} (set LimitMEMLOCK=infinity)"))
+    if cfg.disk.enabled:
+        p = Path(cfg.disk.path)
+        free = _free_bytes(p) + _tree_bytes(p)
+        if cfg.disk.capacity > free:
+            out.append(("disk.capacity", cfg.disk.capacity, f"needs {gib(cfg.disk.capacity)} at {p} but only {gib(free)} is free there (counting pages already stored)"))
+    return out

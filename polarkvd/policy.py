@@ -1,0 +1,276 @@
+"""Eviction policies: which cached page goes first when a tier is full.
+
+This module owns the *order* of pages, never their bytes or their placement. A tier (or the manager)
+keeps one node per page; nodes subclass `PolicyNode`, so a policy threads its bookkeeping through the
+node itself (an intrusive list) instead of a side table: about 16 bytes per page instead of ~100 for
+an `OrderedDict` entry, which keeps daemon metadata under 256 bytes per page.
+
+Contract (what breaks if it is violated):
+- `victims(n, evictable)` is atomic: it returns exactly `n` nodes, already unlinked from the policy,
+  or `[]` and leaves every node where it was. The caller frees exactly the nodes returned.
+- `evictable(node)` is the caller's veto (pinned pages, pages with cached children: leaf-first). It is
+  called during the scan and must not mutate the policy.
+- A node is in at most one policy at a time; `remove` of a node that is not linked is a no-op.
+
+Policies are selected by name from `POLICIES` (config `policy = "lru" | "s3fifo"`) and can be switched
+at run time with `switch_policy`, which carries the pages over coldest first.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from typing import ClassVar
+
+
+class PolicyNode:
+    """Per-page bookkeeping a policy may use. Subclasses add their own slots."""
+
+    __slots__ = ("key", "prev", "next", "aux")
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+        self.prev: PolicyNode | None = None
+        self.next: PolicyNode | None = None
+        self.aux = 0  # policy-private small int (S3-FIFO: queue id and frequency)
+
+
+class _NodeList:
+    """Doubly linked list of nodes with a sentinel; O(1) push, unlink and head."""
+
+    __slots__ = ("_sentinel", "size")
+
+    def __init__(self) -> None:
+        s = PolicyNode(b"")
+        s.prev = s.next = s
+        self._sentinel = s
+        self.size = 0
+
+    def push_tail(self, node: PolicyNode) -> None:
+        s = self._sentinel
+        last = s.prev
+        assert last is not None
+        node.prev, node.next = last, s
+        last.next = node
+        s.prev = node
+        self.size += 1
+
+    def unlink(self, node: PolicyNode) -> None:
+        p, n = node.prev, node.next
+        assert p is not None and n is not None
+        p.next, n.prev = n, p
+        node.prev = node.next = None
+        self.size -= 1
+
+    def head(self) -> PolicyNode | None:
+        first = self._sentinel.next
+        return None if first is self._sentinel else first
+
+    def __iter__(self) -> Iterator[PolicyNode]:
+        node = self._sentinel.next
+        while node is not self._sentinel:
+            assert node is not None
+            nxt = node.next
+            yield node
+            node = nxt
+
+    def __len__(self) -> int:
+        return self.size
+
+
+Evictable = Callable[[PolicyNode], bool]
+
+
+class EvictionPolicy(abc.ABC):
+    name: ClassVar[str]
+
+    @abc.abstractmethod
+    def insert(self, node: PolicyNode) -> None:
+        """A page was admitted."""
+
+    @abc.abstractmethod
+    def touch(self, node: PolicyNode) -> None:
+        """A page was hit."""
+
+    @abc.abstractmethod
+    def remove(self, node: PolicyNode) -> None:
+        """A page left for another reason than eviction (deleted, moved). No-op if not linked."""
+
+    @abc.abstractmethod
+    def victims(self, n: int, evictable: Evictable) -> list[PolicyNode]:
+        """Exactly `n` unlinked nodes in eviction order, or `[]` with nothing changed."""
+
+    @abc.abstractmethod
+    def coldest_first(self) -> Iterator[PolicyNode]:
+        """Every node, the next to be evicted first (approximately, for policies without a total order)."""
+
+    @abc.abstractmethod
+    def __len__(self) -> int: ...
+
+
+class LRUPolicy(EvictionPolicy):
+    """Least recently used first. Callers touch a prefix chain leaf-to-root, so leaves go first."""
+
+    name = "lru"
+
+    def __init__(self) -> None:
+        self._list = _NodeList()
+
+    def insert(self, node: PolicyNode) -> None:
+        if node.prev is None:
+            self._list.push_tail(node)
+
+    def touch(self, node: PolicyNode) -> None:
+        if node.prev is not None:
+            self._list.unlink(node)
+            self._list.push_tail(node)
+
+    def remove(self, node: PolicyNode) -> None:
+        if node.prev is not None:
+            self._list.unlink(node)
+
+    def victims(self, n: int, evictable: Evictable) -> list[PolicyNode]:
+        if n <= 0:
+            return []
+        chosen: list[PolicyNode] = []
+        for node in self._list:
+            if evictable(node):
+                chosen.append(node)
+                if len(chosen) == n:
+                    break
+        if len(chosen) < n:
+            return []
+        for node in chosen:
+            self._list.unlink(node)
+        return chosen
+
+    def coldest_first(self) -> Iterator[PolicyNode]:
+        return iter(list(self._list))
+
+    def __len__(self) -> int:
+        return len(self._list)
+
+
+_SMALL, _MAIN = 1, 2
+_FREQ_MASK = 3
+
+
+class S3FIFOPolicy(EvictionPolicy):
+    """S3-FIFO (Yang et al., SOSP 2023): scan-resistant with FIFO queues only.
+
+    New pages enter a small FIFO (10% of pages). A page hit while there moves to the main FIFO when it
+    reaches the head; one never hit is evicted from the small queue at once, and its key is remembered
+    in a ghost FIFO. A page re-admitted while its key is a ghost goes straight to main. Main is a FIFO
+    with reinsertion: a page with frequency > 0 is moved back with frequency - 1. A one-pass scan over
+    many new prefixes therefore flushes only the small queue, never the reused pages in main.
+    """
+
+    name = "s3fifo"
+    small_fraction = 0.10
+
+    def __init__(self) -> None:
+        self._small = _NodeList()
+        self._main = _NodeList()
+        self._ghost: OrderedDict[bytes, None] = OrderedDict()
+
+    def _ghost_limit(self) -> int:
+        return max(16, len(self._main))
+
+    def insert(self, node: PolicyNode) -> None:
+        if node.prev is not None:
+            return
+        if node.key in self._ghost:
+            del self._ghost[node.key]
+            node.aux = _MAIN << 2
+            self._main.push_tail(node)
+        else:
+            node.aux = _SMALL << 2
+            self._small.push_tail(node)
+
+    def touch(self, node: PolicyNode) -> None:
+        if node.prev is not None and (node.aux & _FREQ_MASK) < 3:
+            node.aux += 1
+
+    def remove(self, node: PolicyNode) -> None:
+        if node.prev is None:
+            return
+        (self._small if node.aux >> 2 == _SMALL else self._main).unlink(node)
+
+    def victims(self, n: int, evictable: Evictable) -> list[PolicyNode]:
+        if n <= 0:
+            return []
+        chosen: list[tuple[PolicyNode, int]] = []  # node, aux before it was unlinked
+        budget = 2 * len(self) + 2 * n
+        small_skips = 0
+        while len(chosen) < n and budget > 0 and (self._small.size or self._main.size):
+            budget -= 1
+            use_small = self._small.size and (
+                self._small.size > self.small_fraction * len(self) or not self._main.size
+            )
+            if use_small and small_skips >= self._small.size and self._main.size:
+                use_small = False  # every small page is vetoed: look in main this round
+            if use_small:
+                node = self._small.head()
+                assert node is not None
+                self._small.unlink(node)
+                if not evictable(node):
+                    self._small.push_tail(node)
+                    small_skips += 1
+                    continue
+                if node.aux & _FREQ_MASK:
+                    node.aux = _MAIN << 2
+                    self._main.push_tail(node)
+                    continue
+                chosen.append((node, node.aux))
+            else:
+                node = self._main.head()
+                assert node is not None
+                self._main.unlink(node)
+                if not evictable(node):
+                    self._main.push_tail(node)
+                    continue
+                if node.aux & _FREQ_MASK:
+                    node.aux -= 1
+                    self._main.push_tail(node)
+                    continue
+                chosen.append((node, node.aux))
+        if len(chosen) < n:
+            for node, aux in chosen:  # atomic: put back what we took
+                node.aux = aux
+                (self._small if aux >> 2 == _SMALL else self._main).push_tail(node)
+            return []
+        for node, aux in chosen:
+            if aux >> 2 == _SMALL:
+                self._ghost[node.key] = None
+        while len(self._ghost) > self._ghost_limit():
+            self._ghost.popitem(last=False)
+        return [node for node, _ in chosen]
+
+    def coldest_first(self) -> Iterator[PolicyNode]:
+        return iter(list(self._small) + list(self._main))
+
+    def __len__(self) -> int:
+        return self._small.size + self._main.size
+
+
+POLICIES: dict[str, type[EvictionPolicy]] = {p.name: p for p in (LRUPolicy, S3FIFOPolicy)}
+
+
+def make_policy(name: str) -> EvictionPolicy:
+    try:
+        return POLICIES[name]()
+    except KeyError:
+        raise ValueError(f"unknown eviction policy {name!r}; choose one of {sorted(POLICIES)}") from None
+
+
+def switch_policy(old: EvictionPolicy, name: str) -> EvictionPolicy:
+    """A new policy of kind `name` holding every node of `old`, inserted coldest first."""
+    new = make_policy(name)
+    nodes = list(old.coldest_first())
+    for node in nodes:
+        old.remove(node)
+    for node in nodes:
+        node.aux = 0
+        new.insert(node)
+    return new

@@ -1,0 +1,107 @@
+"""The engine API: the ops an inference engine's connector calls over the engine socket.
+
+Owns argument validation and the mapping of wire requests onto Manager calls; owns no state beyond
+which session a connection is. One connection is one session: when it closes (the engine exited or
+was killed), the session's reservations are aborted and its leases dropped at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from polarkvd.errors import ErrorCode, PolarKVError, ProtocolError
+from polarkvd.manager import Manager, Session
+from polarkvd.server import protocol as P
+from polarkvd.server.connection import Connection, Handler
+from polarkvd.types import KEY_BYTES, Namespace
+
+
+def _session(conn: Connection) -> Session:
+    if conn.session is None:
+        raise PolarKVError("send hello (namespace, engine id) before any other engine op", code=ErrorCode.NO_SESSION)
+    return conn.session
+
+
+def _bool(args: dict[str, Any], name: str, default: bool = False) -> bool:
+    value = args.get(name, default)
+    if not isinstance(value, bool):
+        raise ProtocolError(f"{name} must be true or false")
+    return value
+
+
+def _int(args: dict[str, Any], name: str) -> int:
+    value = args.get(name)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ProtocolError(f"{name} must be an integer")
+    return value
+
+
+def engine_handlers(manager: Manager, *, arena_path: str, arena_size: int, max_keys: int) -> dict[str, Handler]:
+    def keys(args: dict[str, Any]) -> list[bytes]:
+        if "keys" not in args:
+            raise ProtocolError("missing keys")
+        return P.unpack_keys(args["keys"], max_keys)
+
+    def hello(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        if conn.session is not None:
+            raise ProtocolError("this connection is already attached; open another connection for another namespace")
+        try:
+            ns = Namespace.from_wire(args.get("namespace"))
+        except TypeError as e:
+            raise PolarKVError(f"bad namespace: {e}", code=ErrorCode.NAMESPACE) from None
+        engine_id = args.get("engine_id", "")
+        if not isinstance(engine_id, str) or len(engine_id) > 256:
+            raise ProtocolError("engine_id must be a string of at most 256 characters")
+        if len(manager.sessions) >= manager.cfg.daemon.max_sessions:
+            raise PolarKVError(f"too many sessions (daemon.max_sessions = {manager.cfg.daemon.max_sessions})", code=ErrorCode.TOO_LARGE)
+        session = manager.attach(ns, engine_id)
+        conn.session = session
+        return {
+            "session": session.id,
+            "arena_path": arena_path,
+            "arena_size": arena_size,
+            "page_bytes": ns.page_bytes,
+            "layer_bytes": ns.layer_bytes,
+            "ns_digest": session.ns.digest,
+            "lease_seconds": manager.cfg.daemon.lease_seconds,
+            "max_keys": max_keys,
+        }
+
+    def lookup(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        tiers, lease = manager.lookup(_session(conn), keys(args), _bool(args, "pin"))
+        return {"tiers": bytes(tiers), "lease": lease}
+
+    def reserve(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        parent = args.get("parent")
+        if parent is not None and (not isinstance(parent, bytes) or len(parent) != KEY_BYTES):
+            raise ProtocolError("parent must be a 16-byte key or nil")
+        return {"offsets": manager.reserve(_session(conn), keys(args), parent)}
+
+    def commit(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        return {"committed": manager.commit(_session(conn), keys(args))}
+
+    def abort(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        return {"aborted": manager.abort(_session(conn), keys(args))}
+
+    async def load(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        offsets, tiers, lease = await manager.load(_session(conn), keys(args))
+        if conn.closed and lease is not None:  # the engine left while we read from disk
+            manager.release(conn.session, lease)
+        return {"offsets": offsets, "tiers": bytes(tiers), "lease": lease}
+
+    def release(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        return {"released": manager.release(_session(conn), _int(args, "lease"))}
+
+    def ping(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+    return {
+        P.Op.HELLO.value: hello,
+        P.Op.LOOKUP.value: lookup,
+        P.Op.RESERVE.value: reserve,
+        P.Op.COMMIT.value: commit,
+        P.Op.ABORT.value: abort,
+        P.Op.LOAD.value: load,
+        P.Op.RELEASE.value: release,
+        P.Op.PING.value: ping,
+    }

@@ -1,0 +1,124 @@
+"""The wire protocol between the daemon and its clients (engines, the CLI, the TUI).
+
+Shared by both sides; imports only leaves. Messages are msgpack (never pickle), each in a frame
+prefixed by its length (4 bytes, little endian) on a Unix stream socket:
+
+    request  [VERSION, request_id, op, {args}]
+    reply    [VERSION, request_id, OK, {result}]   or   [VERSION, request_id, ERROR, {code, message}]
+
+Page keys travel packed: one `bin` of 16*n bytes, not n separate items (one decode, not n). Tiers
+travel as one byte per page. Bulk bytes never travel here: they move through the shared-memory arena.
+
+Version policy: a daemon answers requests of any version in `SUPPORTED_VERSIONS`; anything else gets a
+`bad_version` error reply naming the versions it speaks.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from typing import Any
+
+import msgpack
+
+from polarkvd.errors import ErrorCode, ProtocolError
+from polarkvd.types import KEY_BYTES
+
+VERSION = 1
+SUPPORTED_VERSIONS = frozenset({1})
+OK, ERROR = 0, 1
+LENGTH = struct.Struct("<I")
+#: Default limit on one frame; the daemon's is `daemon.max_frame_bytes`.
+MAX_FRAME = 16 << 20
+
+
+class Op(str, enum.Enum):
+    # engine API
+    HELLO = "hello"
+    LOOKUP = "lookup"
+    RESERVE = "reserve"
+    COMMIT = "commit"
+    ABORT = "abort"
+    LOAD = "load"
+    RELEASE = "release"
+    PING = "ping"
+    # control API
+    STATS = "stats"
+    EVICT = "evict"
+    DRAIN = "drain"
+    RESUME = "resume"
+    GET_KNOBS = "get_knobs"
+    SET_KNOBS = "set_knobs"
+
+
+#: Status codes in a reserve reply, per key, besides a non-negative arena offset.
+RESERVE_EXISTS = -1  # already cached: nothing to write
+RESERVE_NO_SPACE = -2  # no room (everything pinned); this key and the rest of the chain are not stored
+
+
+def pack(message: list[Any]) -> bytes:
+    payload = msgpack.packb(message, use_bin_type=True)
+    return LENGTH.pack(len(payload)) + payload
+
+
+def unpack(payload: bytes | memoryview) -> Any:
+    return msgpack.unpackb(payload, raw=False, strict_map_key=False)
+
+
+def request(request_id: int, op: str, args: dict[str, Any]) -> bytes:
+    return pack([VERSION, request_id, op, args])
+
+
+def reply_ok(request_id: int, result: dict[str, Any]) -> bytes:
+    return pack([VERSION, request_id, OK, result])
+
+
+def reply_error(request_id: int, code: ErrorCode, message: str) -> bytes:
+    return pack([VERSION, request_id, ERROR, {"code": code.value, "message": message}])
+
+
+class FrameTooLarge(ProtocolError):
+    code = ErrorCode.TOO_LARGE
+
+
+class FrameReader:
+    """Splits a byte stream into frame payloads. `feed` returns every payload completed so far."""
+
+    __slots__ = ("_buf", "limit")
+
+    def __init__(self, limit: int = MAX_FRAME) -> None:
+        self._buf = bytearray()
+        self.limit = limit
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self._buf += data
+        out = []
+        buf = self._buf
+        pos = 0
+        while len(buf) - pos >= 4:
+            (n,) = LENGTH.unpack_from(buf, pos)
+            if n > self.limit:
+                raise FrameTooLarge(f"frame of {n} bytes exceeds the limit of {self.limit}")
+            if len(buf) - pos - 4 < n:
+                break
+            out.append(bytes(buf[pos + 4 : pos + 4 + n]))
+            pos += 4 + n
+        if pos:
+            del buf[:pos]
+        return out
+
+
+def pack_keys(keys: list[bytes]) -> bytes:
+    return b"".join(keys)
+
+
+def unpack_keys(blob: object, limit: int) -> list[bytes]:
+    """Split a packed key blob; bad types and sizes are a ProtocolError, too many keys FrameTooLarge."""
+    if not isinstance(blob, (bytes, bytearray)):
+        raise ProtocolError("keys must be a binary blob of 16-byte keys")
+    if len(blob) % KEY_BYTES:
+        raise ProtocolError(f"keys blob of {len(blob)} bytes is not a multiple of {KEY_BYTES}")
+    n = len(blob) // KEY_BYTES
+    if n > limit:
+        raise FrameTooLarge(f"{n} keys in one request exceeds the limit of {limit}")
+    return [bytes(blob[i : i + KEY_BYTES]) for i in range(0, len(blob), KEY_BYTES)]
