@@ -105,13 +105,20 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def render_status(st: dict[str, Any]) -> str:
     c = st["counters"]
-    lines = [f"polarkvd up {st['uptime_s']:.0f}s{'  (DRAINING: new stores refused)' if st['draining'] else ''}", ""]
-    lines.append(f"{'tier':<10}{'pages':>10}{'bytes':>12}{'capacity':>12}{'used':>7}  {'policy':<8}{'hits':>10}")
+    lines = [
+        f"polarkvd up {st['uptime_s']:.0f}s{'  (DRAINING: new stores refused)' if st['draining'] else ''}",
+        "",
+    ]
+    lines.append(
+        f"{'tier':<10}{'pages':>10}{'bytes':>12}{'capacity':>12}{'used':>7}  {'policy':<8}{'hits':>10}"
+    )
     hits = {"dram": c.get("hit_pages_dram", 0), "disk": c.get("hit_pages_disk", 0)}
     for name, t in st["tiers"].items():
         used = t["bytes"] / t["capacity_bytes"] * 100 if t["capacity_bytes"] else 0
         label = f"L{t['tier']} {name}"
-        lines.append(f"{label:<10}{t['pages']:>10}{_human(t['bytes']):>12}{_human(t['capacity_bytes']):>12}{used:>6.1f}%  {t['policy']:<8}{hits.get(name, 0):>10}")
+        lines.append(
+            f"{label:<10}{t['pages']:>10}{_human(t['bytes']):>12}{_human(t['capacity_bytes']):>12}{used:>6.1f}%  {t['policy']:<8}{hits.get(name, 0):>10}"
+        )
     looked = c.get("lookup_pages", 0)
     hit = hits["dram"] + hits["disk"]
     lines.append("")
@@ -154,7 +161,9 @@ def cmd_drain(args: argparse.Namespace) -> int:
     print("draining: refusing new stores, writing DRAM pages to disk ...", file=sys.stderr, flush=True)
     with _control(args) as c:
         r = c.drain()
-    print(f"drained: {r['written_pages']} pages written to disk; run `polarkvd resume` to accept stores again")
+    print(
+        f"drained: {r['written_pages']} pages written to disk; run `polarkvd resume` to accept stores again"
+    )
     return 0
 
 
@@ -172,7 +181,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
             for pair in args.assignments:
                 key, sep, value = pair.partition("=")
                 if not sep:
-                    print(f"{pair!r}: expected KEY=VALUE (live knobs: {', '.join(LIVE_KNOBS)})", file=sys.stderr)
+                    print(
+                        f"{pair!r}: expected KEY=VALUE (live knobs: {', '.join(LIVE_KNOBS)})", file=sys.stderr
+                    )
                     return 2
                 knobs[key] = value
             result = c.set_knobs(knobs)
@@ -206,12 +217,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def control_args(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--socket", help="control socket of the daemon (default: $POLARKV_CONTROL_SOCKET or <runtime dir>/control.sock)")
+        sp.add_argument(
+            "--socket",
+            help="control socket of the daemon (default: $POLARKV_CONTROL_SOCKET or <runtime dir>/control.sock)",
+        )
 
     sp = sub.add_parser("serve", help="run the daemon in the foreground", description="Run the daemon until SIGTERM/SIGINT. "
                         "Precedence: defaults < --config FILE < POLARKV_<SECTION>_<KEY> environment < --set.")  # fmt: skip
     sp.add_argument("--config", "-c", type=Path, help="TOML config file (see etc/polarkv.toml)")
-    sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one option, e.g. --set dram.capacity=4GiB (repeatable)")
+    sp.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override one option, e.g. --set dram.capacity=4GiB (repeatable)",
+    )
     sp.set_defaults(fn=cmd_serve)
 
     sp = sub.add_parser("check-config", help="validate a config file; exit 78 when it is bad")
@@ -231,7 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     control_args(sp)
     sp.set_defaults(fn=cmd_evict)
 
-    sp = sub.add_parser("drain", help="refuse new stores and write every DRAM page to disk (before a restart)")
+    sp = sub.add_parser(
+        "drain", help="refuse new stores and write every DRAM page to disk (before a restart)"
+    )
     control_args(sp)
     sp.set_defaults(fn=cmd_drain)
 
@@ -248,7 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     bsub = sp.add_subparsers(dest="which", metavar="BENCHMARK", required=True)
     from polarkvd.bench.datapath import add_arguments as datapath_args
 
-    datapath_args(bsub.add_parser("datapath", help="store/load/lookup through a real daemon vs memcpy and the raw socket"))
+    datapath_args(
+        bsub.add_parser(
+            "datapath", help="store/load/lookup through a real daemon vs memcpy and the raw socket"
+        )
+    )
     sp.set_defaults(fn=cmd_bench)
     return p
 

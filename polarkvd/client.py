@@ -34,6 +34,8 @@ from polarkvd.server import protocol as P
 from polarkvd.server.shm import map_arena
 from polarkvd.types import Namespace, Tier
 
+_TIER = {int(t): t for t in Tier}  # Tier(n) costs ~0.4 us per call; a dict lookup a tenth of that
+
 
 class _Channel:
     """One connection: framed request, framed reply, in order."""
@@ -47,8 +49,10 @@ class _Channel:
             self._sock.connect(self.path)
         except OSError as e:
             self._sock.close()
-            raise DaemonUnavailable(f"cannot reach polarkvd at {self.path}: {e.strerror or e} (is `polarkvd serve` running?)") from None
-        self._hdr = bytearray(4)
+            raise DaemonUnavailable(
+                f"cannot reach polarkvd at {self.path}: {e.strerror or e} (is `polarkvd serve` running?)"
+            ) from None
+        self._buf = bytearray(1 << 16)
 
     def call(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
         rid = next(self._ids)
@@ -69,18 +73,28 @@ class _Channel:
         return self._read_reply()
 
     def _read_reply(self) -> list[Any]:
-        self._recv_into(memoryview(self._hdr))
-        (n,) = P.LENGTH.unpack(self._hdr)
+        # One recv usually holds the whole reply; read the rest only when it does not.
+        buf = self._buf
+        got = self._sock.recv_into(buf)
+        while got < 4:
+            got += self._recv_some(memoryview(buf)[got:])
+        (n,) = P.LENGTH.unpack_from(buf)
+        if n + 4 <= len(buf):
+            while got < n + 4:
+                got += self._recv_some(memoryview(buf)[got : n + 4])
+            return P.unpack(memoryview(buf)[4 : n + 4])
         body = bytearray(n)
-        self._recv_into(memoryview(body))
+        body[: got - 4] = memoryview(buf)[4:got]
+        view = memoryview(body)[got - 4 :]
+        while len(view):
+            view = view[self._recv_some(view) :]
         return P.unpack(body)
 
-    def _recv_into(self, view: memoryview) -> None:
-        while len(view):
-            got = self._sock.recv_into(view)
-            if not got:
-                raise EOFError("the daemon closed the connection")
-            view = view[got:]
+    def _recv_some(self, view: memoryview) -> int:
+        got = self._sock.recv_into(view)
+        if not got:
+            raise EOFError("the daemon closed the connection")
+        return got
 
     def close(self) -> None:
         self._sock.close()
@@ -88,12 +102,16 @@ class _Channel:
 
 @dataclasses.dataclass
 class LookupResult:
-    tiers: list[Tier]  # tier of each page of the longest cached prefix
+    tier_codes: bytes  # one byte per page of the longest cached prefix: its Tier number
     lease: int | None = None  # with pin=True: a lease holding the DRAM pages of the prefix
 
     @property
     def hits(self) -> int:
-        return len(self.tiers)
+        return len(self.tier_codes)
+
+    @property
+    def tiers(self) -> list[Tier]:
+        return [_TIER[t] for t in self.tier_codes]
 
 
 @dataclasses.dataclass
@@ -129,7 +147,9 @@ class EngineClient:
         self.engine_id = engine_id or f"pid-{os.getpid()}"
         self._ch = _Channel(socket_path or default_engine_socket(), timeout)
         try:
-            info = self._ch.call(P.Op.HELLO.value, {"namespace": namespace.to_wire(), "engine_id": self.engine_id})
+            info = self._ch.call(
+                P.Op.HELLO.value, {"namespace": namespace.to_wire(), "engine_id": self.engine_id}
+            )
             self.session_id: int = info["session"]
             self.ns_digest: bytes = info["ns_digest"]
             self.page_bytes: int = info["page_bytes"]
@@ -151,17 +171,23 @@ class EngineClient:
     # -- raw ops (one round trip each) -------------------------------------------------------------
 
     def lookup(self, keys: Sequence[bytes], pin: bool = False) -> LookupResult:
-        out = LookupResult([])
-        for chunk in self._chunks(keys):
-            r = self._ch.call(P.Op.LOOKUP.value, {"keys": P.pack_keys(list(chunk)), "pin": pin})
-            out.tiers.extend(Tier(t) for t in r["tiers"])
-            out.lease = out.lease or r["lease"]  # one lease per call; the first chunk's pins the head
+        if len(keys) <= self.max_keys:  # the common case: one round trip
+            r = self._ch.call(P.Op.LOOKUP.value, {"keys": P.pack_keys(keys), "pin": pin})  # type: ignore[arg-type]
+            return LookupResult(r["tiers"], r["lease"])
+        codes, lease = b"", None
+        for i in range(0, len(keys), self.max_keys):
+            chunk = list(keys[i : i + self.max_keys])
+            r = self._ch.call(P.Op.LOOKUP.value, {"keys": chunk, "pin": pin})
+            codes += r["tiers"]
+            lease = lease or r["lease"]  # one lease per call: the first chunk's pins the head
             if len(r["tiers"]) < len(chunk):
                 break
-        return out
+        return LookupResult(codes, lease)
 
     def reserve(self, keys: Sequence[bytes], parent: bytes | None = None) -> list[int]:
-        return self._ch.call(P.Op.RESERVE.value, {"keys": P.pack_keys(list(keys)), "parent": parent})["offsets"]
+        return self._ch.call(P.Op.RESERVE.value, {"keys": P.pack_keys(list(keys)), "parent": parent})[
+            "offsets"
+        ]
 
     def commit(self, keys: Sequence[bytes]) -> int:
         return self._ch.call(P.Op.COMMIT.value, {"keys": P.pack_keys(list(keys))})["committed"]
@@ -173,7 +199,7 @@ class EngineClient:
         """Pin the longest loadable prefix of `keys` in DRAM; copy from `views`, then `release`."""
         r = self._ch.call(P.Op.LOAD.value, {"keys": P.pack_keys(list(keys))})
         views = [self.page(off) for off in r["offsets"]]
-        return LoadResult(r["offsets"], [Tier(t) for t in r["tiers"]], r["lease"], views)
+        return LoadResult(r["offsets"], [_TIER[t] for t in r["tiers"]], r["lease"], views)
 
     def release(self, lease: int) -> None:
         self._ch.call(P.Op.RELEASE.value, {"lease": lease})
@@ -217,7 +243,9 @@ class EngineClient:
                 else:
                     src = memoryview(pages[i]).cast("B")
                     if src.nbytes != self.page_bytes:
-                        raise ValueError(f"page {i} has {src.nbytes} bytes; this namespace's pages have {self.page_bytes}")
+                        raise ValueError(
+                            f"page {i} has {src.nbytes} bytes; this namespace's pages have {self.page_bytes}"
+                        )
                     dst[:] = src
                 written.append(key)
         except BaseException:
@@ -239,9 +267,6 @@ class EngineClient:
             if r.lease is not None:
                 self.release(r.lease)
         return r.loaded
-
-    def _chunks(self, keys: Sequence[bytes]) -> list[Sequence[bytes]]:
-        return [keys[i : i + self.max_keys] for i in range(0, len(keys), self.max_keys)] or [keys]
 
     def close(self) -> None:
         self._ch.close()

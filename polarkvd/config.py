@@ -42,7 +42,7 @@ _DUR_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|)\s*$")
 
 
 def parse_size(value: object, *, allow_auto: bool = False) -> int:
-    """"8GiB" -> 8589934592. Decimal units (GB) are powers of 1000, binary (GiB) of 1024; "1G" = 1 GB."""
+    """ "8GiB" -> 8589934592. Decimal units (GB) are powers of 1000, binary (GiB) of 1024; "1G" = 1 GB."""
     if allow_auto and isinstance(value, str) and value.strip().lower() == "auto":
         return AUTO
     if isinstance(value, bool):
@@ -55,7 +55,9 @@ def parse_size(value: object, *, allow_auto: bool = False) -> int:
         m = _SIZE_RE.match(value)
         if m and m.group(2).lower() in _UNITS:
             return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    raise ValueError("expected a size like '8GiB', '512MB' or a number of bytes" + (" or 'auto'" if allow_auto else ""))
+    raise ValueError(
+        "expected a size like '8GiB', '512MB' or a number of bytes" + (" or 'auto'" if allow_auto else "")
+    )
 
 
 def parse_duration(value: object) -> float:
@@ -76,7 +78,16 @@ def parse_duration(value: object) -> float:
 def parse_bool(value: object) -> bool:
     if isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+    if isinstance(value, str) and value.strip().lower() in (
+        "1",
+        "true",
+        "yes",
+        "on",
+        "0",
+        "false",
+        "no",
+        "off",
+    ):
         return value.strip().lower() in ("1", "true", "yes", "on")
     raise ValueError("expected true or false")
 
@@ -141,14 +152,29 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 
 @dataclasses.dataclass
 class DaemonConfig:
-    runtime_dir: str = _opt("", parse_str, "sockets live here; empty = $RUNTIME_DIRECTORY, /run/polarkv (root), $XDG_RUNTIME_DIR/polarkv or /tmp/polarkv-$UID")
-    state_dir: str = _opt("", parse_str, "persistent state; empty = $STATE_DIRECTORY, /var/lib/polarkv (root) or $XDG_STATE_HOME/polarkv")
+    runtime_dir: str = _opt(
+        "",
+        parse_str,
+        "sockets live here; empty = $RUNTIME_DIRECTORY, /run/polarkv (root), $XDG_RUNTIME_DIR/polarkv or /tmp/polarkv-$UID",
+    )
+    state_dir: str = _opt(
+        "",
+        parse_str,
+        "persistent state; empty = $STATE_DIRECTORY, /var/lib/polarkv (root) or $XDG_STATE_HOME/polarkv",
+    )
     engine_socket: str = _opt("", parse_str, "engine API socket; empty = <runtime_dir>/engine.sock")
-    control_socket: str = _opt("", parse_str, "control API socket (CLI, TUI); empty = <runtime_dir>/control.sock")
+    control_socket: str = _opt(
+        "", parse_str, "control API socket (CLI, TUI); empty = <runtime_dir>/control.sock"
+    )
     engine_socket_mode: int = _opt(0o660, parse_mode, "file mode of the engine socket")
     control_socket_mode: int = _opt(0o600, parse_mode, "file mode of the control socket")
     log_level: str = _opt("info", _choice(*LOG_LEVELS), "log level", live=True)
-    lease_seconds: float = _opt(30.0, _positive(parse_duration), "pins and reservations of an engine that stops answering expire after this", live=True)
+    lease_seconds: float = _opt(
+        30.0,
+        _positive(parse_duration),
+        "pins and reservations of an engine that stops answering expire after this",
+        live=True,
+    )
     max_sessions: int = _opt(1024, _positive(parse_int), "attached engine connections at most")
     max_frame_bytes: int = _opt(16 * MiB, _positive(parse_size), "largest request frame accepted")
     max_keys_per_request: int = _opt(1 << 16, _positive(parse_int), "most page keys in one request")
@@ -156,8 +182,12 @@ class DaemonConfig:
 
 @dataclasses.dataclass
 class DramConfig:
-    capacity: int = _opt(AUTO, _size_or_auto, "L2 arena size; auto = min(2GiB, 1/8 of RAM, 1/2 of free /dev/shm)")
-    slab_bytes: int = _opt(64 * MiB, _positive(parse_size), "arena allocation unit; every page must fit in one slab")
+    capacity: int = _opt(
+        AUTO, _size_or_auto, "L2 arena size; auto = min(2GiB, 1/8 of RAM, 1/2 of free /dev/shm)"
+    )
+    slab_bytes: int = _opt(
+        64 * MiB, _positive(parse_size), "arena allocation unit; every page must fit in one slab"
+    )
     policy: str = _opt("lru", _choice(*POLICY_NAMES), "eviction policy", live=True)
     shm_dir: str = _opt("/dev/shm", parse_str, "where the shared-memory arena file is created")
     lock_memory: bool = _opt(False, parse_bool, "mlock the arena (needs LimitMEMLOCK); keeps KV out of swap")
@@ -169,9 +199,13 @@ class DiskConfig:
     path: str = _opt("", parse_str, "page directory; empty = <state_dir>/pages")
     capacity: int = _opt(AUTO, _size_or_auto, "disk tier size; auto = min(16GiB, 1/4 of free space)")
     policy: str = _opt("lru", _choice(*POLICY_NAMES), "eviction policy", live=True)
-    compression_level: int = _opt(1, parse_int, "zstd level (1 measured best: higher is slower and no smaller on KV)")
+    compression_level: int = _opt(
+        1, parse_int, "zstd level (1 measured best: higher is slower and no smaller on KV)"
+    )
     io_threads: int = _opt(2, _positive(parse_int), "threads compressing, writing and reading pages")
-    max_pending_bytes: int = _opt(256 * MiB, _positive(parse_size), "demotions queued for writing at most; more are dropped (counted)")
+    max_pending_bytes: int = _opt(
+        256 * MiB, _positive(parse_size), "demotions queued for writing at most; more are dropped (counted)"
+    )
     index_flush_seconds: float = _opt(5.0, _positive(parse_duration), "how often the disk index is persisted")
 
 
@@ -271,7 +305,9 @@ def load_config(
 def _cross_checks(cfg: Config) -> list[tuple[str, object, str]]:
     out: list[tuple[str, object, str]] = []
     if cfg.dram.capacity != AUTO and cfg.dram.slab_bytes > cfg.dram.capacity:
-        out.append(("dram.slab_bytes", cfg.dram.slab_bytes, f"larger than dram.capacity ({cfg.dram.capacity})"))
+        out.append(
+            ("dram.slab_bytes", cfg.dram.slab_bytes, f"larger than dram.capacity ({cfg.dram.capacity})")
+        )
     if not 1 <= cfg.disk.compression_level <= 22:
         out.append(("disk.compression_level", cfg.disk.compression_level, "zstd levels are 1..22"))
     return out
@@ -370,21 +406,45 @@ def check_resources(cfg: Config) -> list[tuple[str, object, str]]:
     gib = lambda n: f"{n / GiB:.2f} GiB"  # noqa: E731
     avail = psutil.virtual_memory().available
     if cfg.dram.capacity > avail:
-        out.append(("dram.capacity", cfg.dram.capacity, f"needs {gib(cfg.dram.capacity)} but only {gib(avail)} of RAM is available"))
+        out.append(
+            (
+                "dram.capacity",
+                cfg.dram.capacity,
+                f"needs {gib(cfg.dram.capacity)} but only {gib(avail)} of RAM is available",
+            )
+        )
     shm = Path(cfg.dram.shm_dir)
     if not shm.is_dir():
         out.append(("dram.shm_dir", cfg.dram.shm_dir, "is not a directory"))
     else:
         shm_free = shutil.disk_usage(shm).free
         if cfg.dram.capacity > shm_free:
-            out.append(("dram.capacity", cfg.dram.capacity, f"needs {gib(cfg.dram.capacity)} of {shm} but only {gib(shm_free)} is free"))
+            out.append(
+                (
+                    "dram.capacity",
+                    cfg.dram.capacity,
+                    f"needs {gib(cfg.dram.capacity)} of {shm} but only {gib(shm_free)} is free",
+                )
+            )
     if cfg.dram.lock_memory:
         soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
         if soft != resource.RLIM_INFINITY and soft < cfg.dram.capacity:
-            out.append(("dram.lock_memory", True, f"RLIMIT_MEMLOCK is {gib(soft)}, below dram.capacity {gib(cfg.dram.capacity)} (set LimitMEMLOCK=infinity)"))
+            out.append(
+                (
+                    "dram.lock_memory",
+                    True,
+                    f"RLIMIT_MEMLOCK is {gib(soft)}, below dram.capacity {gib(cfg.dram.capacity)} (set LimitMEMLOCK=infinity)",
+                )
+            )
     if cfg.disk.enabled:
         p = Path(cfg.disk.path)
         free = _free_bytes(p) + _tree_bytes(p)
         if cfg.disk.capacity > free:
-            out.append(("disk.capacity", cfg.disk.capacity, f"needs {gib(cfg.disk.capacity)} at {p} but only {gib(free)} is free there (counting pages already stored)"))
+            out.append(
+                (
+                    "disk.capacity",
+                    cfg.disk.capacity,
+                    f"needs {gib(cfg.disk.capacity)} at {p} but only {gib(free)} is free there (counting pages already stored)",
+                )
+            )
     return out

@@ -50,14 +50,22 @@ class Daemon:
         cfg = self.cfg
         problems = check_resources(cfg)
         if problems:
-            raise ResourceError("this machine cannot give what the config asks for:\n  " + "\n  ".join(f"{k} = {v!r}: {why}" for k, v, why in problems))
+            raise ResourceError(
+                "this machine cannot give what the config asks for:\n  "
+                + "\n  ".join(f"{k} = {v!r}: {why}" for k, v, why in problems)
+            )
         engine_path = Path(cfg.daemon.engine_socket)
         control_path = Path(cfg.daemon.control_socket)
         for p in (engine_path, control_path):
             claim_socket_path(p)  # refuses when another daemon answers there
 
         try:
-            arena = Arena(self.arena_path(), cfg.dram.capacity, mode=cfg.daemon.engine_socket_mode, lock=cfg.dram.lock_memory)
+            arena = Arena(
+                self.arena_path(),
+                cfg.dram.capacity,
+                mode=cfg.daemon.engine_socket_mode,
+                lock=cfg.dram.lock_memory,
+            )
         except OSError as e:
             raise ResourceError(f"cannot create the DRAM arena: {e}") from None
         executor = concurrent.futures.ThreadPoolExecutor(cfg.disk.io_threads, thread_name_prefix="polarkv-io")
@@ -68,7 +76,12 @@ class Daemon:
             if cfg.disk.enabled:
                 from polarkvd.tiers.disk import DiskTier
 
-                disk = DiskTier(Path(cfg.disk.path), cfg.disk.capacity, policy=cfg.disk.policy, level=cfg.disk.compression_level)
+                disk = DiskTier(
+                    Path(cfg.disk.path),
+                    cfg.disk.capacity,
+                    policy=cfg.disk.policy,
+                    level=cfg.disk.compression_level,
+                )
                 report = await asyncio.get_running_loop().run_in_executor(executor, disk.open)
                 log.info(
                     "disk tier %s: %d pages (%s of %s) verified in %.2fs; %d recovered, %d dropped",
@@ -85,20 +98,31 @@ class Daemon:
 
             engine_srv = RequestServer(
                 "engine",
-                engine_handlers(manager, arena_path=str(arena.path), arena_size=arena.size, max_keys=cfg.daemon.max_keys_per_request),
+                engine_handlers(
+                    manager,
+                    arena_path=str(arena.path),
+                    arena_size=arena.size,
+                    max_keys=cfg.daemon.max_keys_per_request,
+                ),
                 max_frame_bytes=cfg.daemon.max_frame_bytes,
                 on_close=on_close,
             )
-            control_srv = RequestServer("control", control_handlers(manager), max_frame_bytes=cfg.daemon.max_frame_bytes)
+            control_srv = RequestServer(
+                "control", control_handlers(manager), max_frame_bytes=cfg.daemon.max_frame_bytes
+            )
             await engine_srv.start(engine_path, cfg.daemon.engine_socket_mode)
             await control_srv.start(control_path, cfg.daemon.control_socket_mode)
             chores.append(asyncio.create_task(self._every(1.0, manager.expire)))
             if disk is not None:
-                chores.append(asyncio.create_task(self._every(cfg.disk.index_flush_seconds, lambda: executor.submit(disk.flush_index))))
+                chores.append(
+                    asyncio.create_task(
+                        self._every(cfg.disk.index_flush_seconds, lambda: executor.submit(disk.flush_index))
+                    )
+                )
             log.info(
                 "polarkvd ready (pid %d): engine socket %s, control socket %s, DRAM arena %s (%s, policy %s), disk tier %s",
                 os.getpid(), engine_path, control_path, arena.path, _human(cfg.dram.capacity), cfg.dram.policy,
-                f"{cfg.disk.path} ({_human(cfg.disk.capacity)})" if disk else "disabled",
+                f"{cfg.disk.path} ({_human(cfg.disk.capacity)})" if disk is not None else "disabled",
             )  # fmt: skip
             self.ready = True
             await self.stopping.wait()
@@ -129,6 +153,17 @@ class Daemon:
         self.stopping.set()
 
 
+def _run(coro: object) -> None:
+    """Run on uvloop where it is installed: about twice the request rate of the stdlib loop."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(coro)  # type: ignore[arg-type]
+        return
+    log.debug("event loop: uvloop %s", uvloop.__version__)
+    uvloop.run(coro)  # type: ignore[arg-type]
+
+
 def serve(cfg: Config) -> int:
     """Run the daemon until SIGTERM or SIGINT. Returns the process exit code."""
 
@@ -140,7 +175,7 @@ def serve(cfg: Config) -> int:
         await daemon.run()
 
     try:
-        asyncio.run(main())
+        _run(main())
     except PolarKVError as e:
         log.error("%s", e)
         from polarkvd.errors import EXIT_CONFIG

@@ -130,7 +130,13 @@ class Manager:
         session = Session(next(self._ids), engine_id, info)
         self.sessions[session.id] = session
         self.counters["sessions_attached"] += 1
-        log.info("engine %r attached as session %d (model %s, %d-byte pages)", engine_id, session.id, ns.model, ns.page_bytes)
+        log.info(
+            "engine %r attached as session %d (model %s, %d-byte pages)",
+            engine_id,
+            session.id,
+            ns.model,
+            ns.page_bytes,
+        )
         return session
 
     def detach(self, session: Session) -> None:
@@ -147,26 +153,30 @@ class Manager:
 
     def lookup(self, session: Session, keys: list[bytes], pin: bool = False) -> tuple[list[Tier], int | None]:
         """Tiers of the longest cached prefix of `keys`; with `pin`, its DRAM pages under a new lease."""
-        tiers: list[Tier] = []
         hit_pages: list[Page] = []
+        tiers: list[Tier] = []
         ns = session.ns
-        for key in keys:
-            page = self.index.get(key)
-            if page is not None and page.state == READY and page.ns == ns.id:
-                tiers.append(Tier.DRAM)
+        ns_id = ns.id
+        get = self.index.get
+        dram, disk = Tier.DRAM, Tier.DISK
+        for key in keys:  # the hot path of every request: keep it to dict lookups
+            page = get(key)
+            if page is not None and page.state == READY and page.ns == ns_id:
                 hit_pages.append(page)
-                continue
-            if self._on_disk(key, ns.digest):
-                tiers.append(Tier.DISK)
-                continue
-            break
-        for page in reversed(hit_pages):  # leaf first, so the root ends up most recent
-            self.policy.touch(page)
-        self.counters["lookups"] += 1
-        self.counters["lookup_pages"] += len(keys)
-        self.counters["hit_pages_dram"] += len(hit_pages)
-        self.counters["hit_pages_disk"] += len(tiers) - len(hit_pages)
-        self.counters["miss_pages"] += len(keys) - len(tiers)
+                tiers.append(dram)
+            elif self._on_disk(key, ns.digest):
+                tiers.append(disk)
+            else:
+                break
+        disk_hits = len(tiers) - len(hit_pages)
+        hit_pages.reverse()  # leaf first, so the root ends up most recent: leaves are evicted first
+        self.policy.touch_many(hit_pages)  # type: ignore[arg-type]
+        c = self.counters
+        c["lookups"] += 1
+        c["lookup_pages"] += len(keys)
+        c["hit_pages_dram"] += len(hit_pages)
+        c["hit_pages_disk"] += disk_hits
+        c["miss_pages"] += len(keys) - len(tiers)
         session.lookup_pages += len(keys)
         session.hit_pages += len(tiers)
         lease = self._new_lease(session, hit_pages).id if pin and hit_pages else None
@@ -193,7 +203,11 @@ class Manager:
         prev = parent
         now = self.clock()
         for i, key in enumerate(keys):
-            if key in self.index or key in self.pending or (self.disk is not None and self.disk.entry(key) is not None):
+            if (
+                key in self.index
+                or key in self.pending
+                or (self.disk is not None and self.disk.entry(key) is not None)
+            ):
                 out.append(RESERVE_EXISTS)
                 prev = key
                 continue
@@ -299,8 +313,7 @@ class Manager:
                     del pinned[pos:]
                     del tiers[pos:]
                     break
-        for page in reversed(pinned):
-            self.policy.touch(page)
+        self.policy.touch_many(pinned[::-1])  # type: ignore[arg-type]
         n = len(pinned)
         self.counters["loads"] += 1
         self.counters["loaded_pages"] += n
@@ -337,7 +350,9 @@ class Manager:
             io.add_done_callback(lambda f: self._finish_promotion(page, fut, f.exception(), on_disk=True))
         return page, fut
 
-    def _finish_promotion(self, page: Page, fut: asyncio.Future[bool], error: BaseException | None, *, on_disk: bool) -> None:
+    def _finish_promotion(
+        self, page: Page, fut: asyncio.Future[bool], error: BaseException | None, *, on_disk: bool
+    ) -> None:
         self._promotions.pop(page.key, None)
         if error is None:
             page.on_disk = on_disk
@@ -408,7 +423,12 @@ class Manager:
 
     def _evict_one(self, slot_bytes: int | None, reason: str) -> bool:
         def evictable_same(node: Any) -> bool:
-            return node.pins == 0 and node.children == 0 and node.state == READY and slot_size(node.size) == slot_bytes
+            return (
+                node.pins == 0
+                and node.children == 0
+                and node.state == READY
+                and slot_size(node.size) == slot_bytes
+            )
 
         def evictable_any(node: Any) -> bool:
             return node.pins == 0 and node.children == 0 and node.state == READY
@@ -435,14 +455,21 @@ class Manager:
             self.counters["demotions_dropped"] += 1
             return
         info = self._ns_by_id[page.ns]
-        item = PendingDemotion(bytes(self.arena[page.offset : page.offset + page.size]), info.digest, page.parent, info.ns.itemsize)
+        item = PendingDemotion(
+            bytes(self.arena[page.offset : page.offset + page.size]),
+            info.digest,
+            page.parent,
+            info.ns.itemsize,
+        )
         self.pending[page.key] = item
         self.pending_bytes += page.size
         self._write_to_disk(page.key, item)
 
     def _write_to_disk(self, key: bytes, item: PendingDemotion) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(self.executor, self.disk.put, key, item.parent, item.ns_digest, item.data, item.itemsize)
+        fut = loop.run_in_executor(
+            self.executor, self.disk.put, key, item.parent, item.ns_digest, item.data, item.itemsize
+        )
         self._disk_writes.add(fut)
 
         def done(f: asyncio.Future[Any]) -> None:
@@ -502,7 +529,9 @@ class Manager:
                 if page.state == READY and not page.on_disk and page.key not in self.pending:
                     info = self._ns_by_id[page.ns]
                     data = bytes(self.arena[page.offset : page.offset + page.size])
-                    self._write_to_disk(page.key, PendingDemotion(data, info.digest, page.parent, info.ns.itemsize))
+                    self._write_to_disk(
+                        page.key, PendingDemotion(data, info.digest, page.parent, info.ns.itemsize)
+                    )
                     written += 1
             await self.flush()
         log.info("drained: %d pages written to disk; new stores are refused until `polarkvd resume`", written)
@@ -529,7 +558,9 @@ class Manager:
             "slot_bytes_used": self.allocator.used_bytes,
             "capacity_bytes": self.allocator.capacity,
             "policy": self.policy.name,
-            "pinned_pages": sum(len(lease.pages) for s in self.sessions.values() for lease in s.leases.values()),
+            "pinned_pages": sum(
+                len(lease.pages) for s in self.sessions.values() for lease in s.leases.values()
+            ),
         }
         tiers = {"dram": dram}
         if self.disk is not None:

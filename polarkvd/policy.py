@@ -93,6 +93,11 @@ class EvictionPolicy(abc.ABC):
     def touch(self, node: PolicyNode) -> None:
         """A page was hit."""
 
+    def touch_many(self, nodes: list[PolicyNode]) -> None:
+        """Several hits at once, in order: the last node ends up the most recently used."""
+        for node in nodes:
+            self.touch(node)
+
     @abc.abstractmethod
     def remove(self, node: PolicyNode) -> None:
         """A page left for another reason than eviction (deleted, moved). No-op if not linked."""
@@ -125,6 +130,30 @@ class LRUPolicy(EvictionPolicy):
         if node.prev is not None:
             self._list.unlink(node)
             self._list.push_tail(node)
+
+    def touch_many(self, nodes: list[PolicyNode]) -> None:
+        # The lookup hot path: a hot prefix looked up again is usually already at the tail in this
+        # order, so check that first (a pointer walk) and move nothing; otherwise relink inline.
+        s = self._list._sentinel
+        cur = s.prev
+        for node in reversed(nodes):
+            if cur is not node:
+                break
+            cur = node.prev
+        else:
+            return
+        for node in nodes:
+            p = node.prev
+            if p is None:
+                continue
+            n = node.next
+            p.next = n
+            n.prev = p  # type: ignore[union-attr]
+            last = s.prev
+            node.prev = last
+            node.next = s
+            last.next = node  # type: ignore[union-attr]
+            s.prev = node
 
     def remove(self, node: PolicyNode) -> None:
         if node.prev is not None:

@@ -35,8 +35,7 @@ class Connection(asyncio.Protocol):
         self._tasks: set[asyncio.Task[None]] = set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio's classes
         self.server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -53,8 +52,8 @@ class Connection(asyncio.Protocol):
             frames = self.reader.feed(data)
         except P.FrameTooLarge as e:
             self._send(P.reply_error(0, e.code, str(e)))
-            assert self.transport is not None
-            self.transport.close()  # the stream cannot be resynchronised after a bogus length
+            if self.transport is not None:
+                self.transport.close()  # the stream cannot be resynchronised after a bogus length
             return
         for payload in frames:
             self._handle(payload)
@@ -69,16 +68,35 @@ class Connection(asyncio.Protocol):
         except Exception:
             self._send(P.reply_error(0, ErrorCode.BAD_REQUEST, "malformed frame: not a msgpack message"))
             return
-        if not (isinstance(msg, list) and len(msg) == 4 and isinstance(msg[1], int) and not isinstance(msg[1], bool)):
-            self._send(P.reply_error(0, ErrorCode.BAD_REQUEST, "a request is [version, request_id, op, {args}]"))
+        if not (
+            isinstance(msg, list)
+            and len(msg) == 4
+            and isinstance(msg[1], int)
+            and not isinstance(msg[1], bool)
+        ):
+            self._send(
+                P.reply_error(0, ErrorCode.BAD_REQUEST, "a request is [version, request_id, op, {args}]")
+            )
             return
         version, rid, op, args = msg
         if version not in P.SUPPORTED_VERSIONS:
-            self._send(P.reply_error(rid, ErrorCode.BAD_VERSION, f"protocol version {version!r} is not supported; this daemon speaks {sorted(P.SUPPORTED_VERSIONS)}"))
+            self._send(
+                P.reply_error(
+                    rid,
+                    ErrorCode.BAD_VERSION,
+                    f"protocol version {version!r} is not supported; this daemon speaks {sorted(P.SUPPORTED_VERSIONS)}",
+                )
+            )
             return
         handler = self.server.handlers.get(op) if isinstance(op, str) else None
         if handler is None:
-            self._send(P.reply_error(rid, ErrorCode.UNKNOWN_OP, f"unknown op {op!r} on the {self.server.name} socket; known: {', '.join(sorted(self.server.handlers))}"))
+            self._send(
+                P.reply_error(
+                    rid,
+                    ErrorCode.UNKNOWN_OP,
+                    f"unknown op {op!r} on the {self.server.name} socket; known: {', '.join(sorted(self.server.handlers))}",
+                )
+            )
             return
         if not isinstance(args, dict):
             self._send(P.reply_error(rid, ErrorCode.BAD_REQUEST, "request args must be a map"))
@@ -88,7 +106,7 @@ class Connection(asyncio.Protocol):
         except Exception as e:
             self._send(self._error_reply(rid, op, e))
             return
-        if inspect.isawaitable(result):
+        if type(result) is not dict and inspect.isawaitable(result):
             task = asyncio.ensure_future(self._finish(rid, op, result))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -167,6 +185,8 @@ def claim_socket_path(path: Path) -> None:
     """Make `path` free for binding: refuse if a live daemon answers there, remove a stale socket."""
     if path.exists() or path.is_symlink():
         if socket_is_live(path):
-            raise PolarKVError(f"another polarkvd is already serving on {path}; stop it or configure another socket path")
+            raise PolarKVError(
+                f"another polarkvd is already serving on {path}; stop it or configure another socket path"
+            )
         path.unlink()
     path.parent.mkdir(parents=True, exist_ok=True)

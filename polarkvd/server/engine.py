@@ -18,7 +18,9 @@ from polarkvd.types import KEY_BYTES, Namespace
 
 def _session(conn: Connection) -> Session:
     if conn.session is None:
-        raise PolarKVError("send hello (namespace, engine id) before any other engine op", code=ErrorCode.NO_SESSION)
+        raise PolarKVError(
+            "send hello (namespace, engine id) before any other engine op", code=ErrorCode.NO_SESSION
+        )
     return conn.session
 
 
@@ -36,15 +38,28 @@ def _int(args: dict[str, Any], name: str) -> int:
     return value
 
 
-def engine_handlers(manager: Manager, *, arena_path: str, arena_size: int, max_keys: int) -> dict[str, Handler]:
+def _only(args: dict[str, Any], *allowed: str) -> None:
+    """Unknown arguments are an error, not silently ignored: the client is speaking another dialect."""
+    for name in args:
+        if name not in allowed:
+            extra = sorted(str(a) for a in args if a not in allowed)
+            raise ProtocolError(f"unknown arguments {extra}; expected {list(allowed)}")
+
+
+def engine_handlers(
+    manager: Manager, *, arena_path: str, arena_size: int, max_keys: int
+) -> dict[str, Handler]:
     def keys(args: dict[str, Any]) -> list[bytes]:
         if "keys" not in args:
             raise ProtocolError("missing keys")
         return P.unpack_keys(args["keys"], max_keys)
 
     def hello(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        _only(args, "namespace", "engine_id")
         if conn.session is not None:
-            raise ProtocolError("this connection is already attached; open another connection for another namespace")
+            raise ProtocolError(
+                "this connection is already attached; open another connection for another namespace"
+            )
         try:
             ns = Namespace.from_wire(args.get("namespace"))
         except TypeError as e:
@@ -53,7 +68,10 @@ def engine_handlers(manager: Manager, *, arena_path: str, arena_size: int, max_k
         if not isinstance(engine_id, str) or len(engine_id) > 256:
             raise ProtocolError("engine_id must be a string of at most 256 characters")
         if len(manager.sessions) >= manager.cfg.daemon.max_sessions:
-            raise PolarKVError(f"too many sessions (daemon.max_sessions = {manager.cfg.daemon.max_sessions})", code=ErrorCode.TOO_LARGE)
+            raise PolarKVError(
+                f"too many sessions (daemon.max_sessions = {manager.cfg.daemon.max_sessions})",
+                code=ErrorCode.TOO_LARGE,
+            )
         session = manager.attach(ns, engine_id)
         conn.session = session
         return {
@@ -68,31 +86,38 @@ def engine_handlers(manager: Manager, *, arena_path: str, arena_size: int, max_k
         }
 
     def lookup(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        _only(args, "keys", "pin")
         tiers, lease = manager.lookup(_session(conn), keys(args), _bool(args, "pin"))
         return {"tiers": bytes(tiers), "lease": lease}
 
     def reserve(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        _only(args, "keys", "parent")
         parent = args.get("parent")
         if parent is not None and (not isinstance(parent, bytes) or len(parent) != KEY_BYTES):
             raise ProtocolError("parent must be a 16-byte key or nil")
         return {"offsets": manager.reserve(_session(conn), keys(args), parent)}
 
     def commit(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        _only(args, "keys")
         return {"committed": manager.commit(_session(conn), keys(args))}
 
     def abort(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        _only(args, "keys")
         return {"aborted": manager.abort(_session(conn), keys(args))}
 
     async def load(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        _only(args, "keys")
         offsets, tiers, lease = await manager.load(_session(conn), keys(args))
         if conn.closed and lease is not None:  # the engine left while we read from disk
             manager.release(conn.session, lease)
         return {"offsets": offsets, "tiers": bytes(tiers), "lease": lease}
 
     def release(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        _only(args, "lease")
         return {"released": manager.release(_session(conn), _int(args, "lease"))}
 
     def ping(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        _only(args)
         return {}
 
     return {

@@ -6,8 +6,8 @@ prefixed by its length (4 bytes, little endian) on a Unix stream socket:
     request  [VERSION, request_id, op, {args}]
     reply    [VERSION, request_id, OK, {result}]   or   [VERSION, request_id, ERROR, {code, message}]
 
-Page keys travel packed: one `bin` of 16*n bytes, not n separate items (one decode, not n). Tiers
-travel as one byte per page. Bulk bytes never travel here: they move through the shared-memory arena.
+Page keys travel as an array of 16-byte `bin`s (msgpack's C decoder makes the key objects directly:
+measured 4x cheaper than slicing one packed blob in Python). Tiers travel as one byte per page. Bulk bytes never travel here: they move through the shared-memory arena.
 
 Version policy: a daemon answers requests of any version in `SUPPORTED_VERSIONS`; anything else gets a
 `bad_version` error reply naming the versions it speaks.
@@ -91,6 +91,10 @@ class FrameReader:
         self.limit = limit
 
     def feed(self, data: bytes) -> list[bytes]:
+        if not self._buf and len(data) >= 4:  # fast path: exactly one whole frame, nothing buffered
+            (n,) = LENGTH.unpack_from(data)
+            if n + 4 == len(data) and n <= self.limit:
+                return [data[4:]]
         self._buf += data
         out = []
         buf = self._buf
@@ -108,17 +112,16 @@ class FrameReader:
         return out
 
 
-def pack_keys(keys: list[bytes]) -> bytes:
-    return b"".join(keys)
+def pack_keys(keys: list[bytes]) -> list[bytes]:
+    return keys if isinstance(keys, list) else list(keys)
 
 
-def unpack_keys(blob: object, limit: int) -> list[bytes]:
-    """Split a packed key blob; bad types and sizes are a ProtocolError, too many keys FrameTooLarge."""
-    if not isinstance(blob, (bytes, bytearray)):
-        raise ProtocolError("keys must be a binary blob of 16-byte keys")
-    if len(blob) % KEY_BYTES:
-        raise ProtocolError(f"keys blob of {len(blob)} bytes is not a multiple of {KEY_BYTES}")
-    n = len(blob) // KEY_BYTES
-    if n > limit:
-        raise FrameTooLarge(f"{n} keys in one request exceeds the limit of {limit}")
-    return [bytes(blob[i : i + KEY_BYTES]) for i in range(0, len(blob), KEY_BYTES)]
+def unpack_keys(keys: object, limit: int) -> list[bytes]:
+    """Validate a key array: bad types and sizes are a ProtocolError, too many keys FrameTooLarge."""
+    if not isinstance(keys, list):
+        raise ProtocolError("keys must be an array of 16-byte binary keys")
+    if len(keys) > limit:
+        raise FrameTooLarge(f"{len(keys)} keys in one request exceeds the limit of {limit}")
+    if keys and (set(map(type, keys)) != {bytes} or set(map(len, keys)) != {KEY_BYTES}):
+        raise ProtocolError(f"every key must be {KEY_BYTES} bytes of binary")
+    return keys

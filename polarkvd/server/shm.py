@@ -39,7 +39,9 @@ class Arena:
                 os.close(fd)
                 fd = -1
                 path.unlink()
-                raise OSError(e.errno, f"cannot reserve {size} bytes for the arena in {path.parent}: {e.strerror}") from None
+                raise OSError(
+                    e.errno, f"cannot reserve {size} bytes for the arena in {path.parent}: {e.strerror}"
+                ) from None
             self.mmap = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             if fd >= 0:

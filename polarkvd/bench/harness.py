@@ -1,0 +1,97 @@
+"""What every benchmark needs: a private daemon process, timers, percentiles, progress and a table.
+
+Benchmarks compare side by side in one run (ratios), so the machine's noise hits every column alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+
+class Progress:
+    """One line per step on stderr, so a long run shows where it is (stdout stays clean for --json)."""
+
+    def __init__(self, total: int, quiet: bool = False) -> None:
+        self.total, self.done, self.quiet = total, 0, quiet
+        self.t0 = time.perf_counter()
+
+    def step(self, what: str) -> None:
+        self.done += 1
+        if not self.quiet:
+            print(
+                f"[{self.done}/{self.total} {time.perf_counter() - self.t0:6.1f}s] {what} ...",
+                file=sys.stderr,
+                flush=True,
+            )
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    idx = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[idx]
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(r: tuple[str, ...]) -> str:
+        return "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
+    return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])
+
+
+@contextlib.contextmanager
+def private_daemon(sets: dict[str, str], keep: bool = False) -> Iterator[tuple[Path, Path]]:
+    """A daemon process in a temporary directory; yields (engine socket, control socket)."""
+    from polarkvd.client import ControlClient
+    from polarkvd.errors import DaemonUnavailable
+
+    root = Path(tempfile.mkdtemp(prefix="polarkv-bench-"))
+    args = [sys.executable, "-m", "polarkvd", "serve",
+            "--set", f"daemon.runtime_dir={root / 'run'}", "--set", f"daemon.state_dir={root / 'state'}"]  # fmt: skip
+    for k, v in sets.items():
+        args += ["--set", f"{k}={v}"]
+    log = open(root / "daemon.log", "wb")
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    engine, control = root / "run" / "engine.sock", root / "run" / "control.sock"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"benchmark daemon exited: {(root / 'daemon.log').read_text()}")
+            try:
+                with ControlClient(control, timeout=2) as c:
+                    c.ping()
+                break
+            except DaemonUnavailable:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        yield engine, control
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        log.close()
+        if not keep:
+            shutil.rmtree(root, ignore_errors=True)

@@ -1,0 +1,353 @@
+"""Shared fixtures: real daemons as real processes on real sockets, in a private directory per test."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from polarkvd.client import ControlClient, EngineClient
+from polarkvd.errors import DaemonUnavailable
+from polarkvd.types import Namespace
+
+#: A small namespace for tests: 4 layers x 2 KV heads x 64 dims x 16 tokens, bf16 = 32 KiB pages.
+TEST_NS = Namespace("test-model@0", "bfloat16", "test/v1", num_layers=4, num_kv_heads=2, head_dim=64, page_tokens=16)
+
+
+def page_bytes_for(key: bytes, size: int) -> np.ndarray:
+    """Deterministic page content derived from its key, so any process can check what it reads."""
+    seed = int.from_bytes(key[:8], "little")
+    return np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8)
+
+
+@dataclasses.dataclass
+class DaemonProc:
+    root: Path
+    sets: dict[str, str]
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def engine_socket(self) -> Path:
+        return self.root / "run" / "engine.sock"
+
+    @property
+    def control_socket(self) -> Path:
+        return self.root / "run" / "control.sock"
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "daemon.log"
+
+    def start(self, timeout: float = 30.0) -> DaemonProc:
+        args = [sys.executable, "-m", "polarkvd", "serve"]
+        for key, value in self.sets.items():
+            args += ["--set", f"{key}={value}"]
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                with ControlClient(self.control_socket, timeout=2) as c:
+                    c.ping()
+                return self
+            except DaemonUnavailable:
+                time.sleep(0.05)
+        raise RuntimeError(f"daemon did not come up in {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def control(self) -> ControlClient:
+        return ControlClient(self.control_socket, timeout=60)
+
+    def engine(self, ns: Namespace = TEST_NS, engine_id: str = "test") -> EngineClient:
+        return EngineClient(ns, engine_id, self.engine_socket, timeout=60)
+
+    def stats(self) -> dict:
+        with self.control() as c:
+            return c.stats()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+
+def _factory(base: Path) -> tuple[Callable[..., DaemonProc], Callable[[], None]]:
+    """A daemon factory over `base` and the cleanup that SIGKILLs whatever it started."""
+    started: list[DaemonProc] = []
+
+    def make(sets: dict[str, str] | None = None, name: str = "d") -> DaemonProc:
+        root = base / name
+        root.mkdir(exist_ok=True)
+        cfg = {
+            "daemon.runtime_dir": str(root / "run"),
+            "daemon.state_dir": str(root / "state"),
+            "dram.capacity": "64MiB",
+            "dram.slab_bytes": "1MiB",
+            "disk.capacity": "256MiB",
+            "disk.index_flush_seconds": "1s",
+            "daemon.log_level": "debug",
+        }
+        cfg.update(sets or {})
+        d = DaemonProc(root, cfg).start()
+        started.append(d)
+        return d
+
+    def cleanup() -> None:
+        for d in started:
+            if d.proc is not None and d.proc.poll() is None:
+                os.killpg(d.proc.pid, signal.SIGKILL)
+                d.proc.wait()
+
+    return make, cleanup
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path) -> Iterator:
+    """daemon_factory(**sets) starts a daemon with `--set` overrides (dots as in the config: use a dict)."""
+    make, cleanup = _factory(tmp_path)
+    yield make
+    cleanup()
+
+
+@pytest.fixture
+def daemon(daemon_factory) -> DaemonProc:
+    return daemon_factory()
+
+
+@pytest.fixture(scope="module")
+def module_daemon_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """Like `daemon_factory`, but its daemons live for the whole test module (for many cheap cases)."""
+    make, cleanup = _factory(tmp_path_factory.mktemp("mod"))
+    yield make
+    cleanup()
+
+
+# ---------------------------------------------------------------------------------------- helpers
+
+#: The repository root: `python -c` children run here so `tests.conftest` imports.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment for a child process, without POLARKV_* variables that would change its config."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POLARKV_")}
+    env.update(extra)
+    return env
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
+    """Poll `predicate` (which watches another process) until it returns something truthy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def chain_tokens(seed: int, pages: int, page_tokens: int = TEST_NS.page_tokens) -> list[int]:
+    """Token ids of `pages` full pages, distinct per seed (so chains never share a prefix)."""
+    rng = np.random.default_rng(seed)
+    return [int(t) for t in rng.integers(0, 50_000, pages * page_tokens)]
+
+
+def store_chain(kv: EngineClient, tokens: Sequence[int]) -> list[bytes]:
+    """Store every full page of `tokens` (content from `page_bytes_for`); returns the keys."""
+    keys = kv.page_keys(tokens)
+    kv.store(keys, [page_bytes_for(k, kv.page_bytes) for k in keys])
+    return keys
+
+
+def bad_pages(kv: EngineClient, keys: Sequence[bytes], views: Sequence[memoryview]) -> list[int]:
+    """Indexes of the pages in `views` whose bytes differ from what `page_bytes_for` wrote."""
+    return [i for i, (k, v) in enumerate(zip(keys, views)) if not np.array_equal(np.frombuffer(v, np.uint8), page_bytes_for(k, kv.page_bytes))]
+
+
+# ---------------------------------------------------------------------------------------- engine processes
+
+
+def engine_worker_main() -> None:
+    """Body of an engine process started by `EngineProc`: runs the steps of a JSON spec (argv[1]).
+
+    Every step reports one JSON line on stdout ({"event": ...}), so the test can follow the process
+    without sharing memory with it. Steps:
+      ["store", tokens]          lookup, then store the missing full pages (content: page_bytes_for)
+      ["verify", tokens]         load every full page (retrying while other engines still write them),
+                                 compare with page_bytes_for, release
+      ["reserve", tokens]        reserve the pages and scribble into the slots, never commit
+      ["load", tokens]           load (pin) the pages and keep the lease
+      ["wait"]                   block until the test writes a line to stdin
+      ["hang"]                   block until killed (or stdin closes)
+      ["stream", seed, chains, pages]  store `chains` new chains, reporting each one's keys; stops
+                                 quietly when the daemon goes away
+    """
+    spec = json.loads(sys.argv[1])
+    ns = dataclasses.replace(TEST_NS, **spec.get("ns", {}))
+
+    def out(event: str, **kw: Any) -> None:
+        sys.stdout.write(json.dumps({"event": event, **kw}) + "\n")
+        sys.stdout.flush()
+
+    kv = EngineClient(ns, spec.get("engine_id", "worker"), spec["socket"], timeout=60)
+    out("attached", pid=os.getpid())
+    for step in spec["steps"]:
+        op = step[0]
+        if op == "wait":
+            sys.stdin.readline()
+        elif op == "hang":
+            out("hanging")
+            sys.stdin.read()
+        elif op == "store":
+            keys = kv.page_keys(step[1])
+            hit = kv.lookup(keys).hits
+            r = kv.store(keys[hit:], [page_bytes_for(k, kv.page_bytes) for k in keys[hit:]], parent=keys[hit - 1] if hit else None)
+            out("stored", hits=hit, stored=r.stored, existing=r.existing, no_space=r.no_space)
+        elif op == "verify":
+            keys = kv.page_keys(step[1])
+            deadline = time.monotonic() + 20
+            while True:
+                r = kv.load(keys)
+                bad = bad_pages(kv, keys, r.views)
+                tiers = [int(t) for t in r.tiers]
+                del r.views
+                if r.lease is not None:
+                    kv.release(r.lease)
+                if r.loaded == len(keys) or bad or time.monotonic() > deadline:
+                    break
+                time.sleep(0.01)  # another engine still holds some of these pages reserved
+            out("verified", loaded=r.loaded, bad=bad, tiers=tiers)
+        elif op == "reserve":
+            keys = kv.page_keys(step[1])
+            offsets = kv.reserve(keys)
+            for off in offsets:
+                if off >= 0:
+                    kv.page(off)[:] = b"\xee" * kv.page_bytes  # half-written garbage
+            out("reserved", offsets=offsets)
+        elif op == "load":
+            r = kv.load(kv.page_keys(step[1]))
+            out("loaded", loaded=r.loaded, lease=r.lease)
+        elif op == "stream":
+            _seed, chains, pages = step[1:]
+            try:
+                for c in range(chains):
+                    keys = kv.page_keys(chain_tokens(_seed * 1_000_003 + c, pages))
+                    out("chain", keys=[k.hex() for k in keys])  # before the store: it may be cut short
+                    kv.store(keys, [page_bytes_for(k, kv.page_bytes) for k in keys])
+            except DaemonUnavailable:
+                out("daemon_gone")
+                return
+        else:
+            raise ValueError(f"unknown step {op!r}")
+    out("done")
+    kv.close()
+
+
+class EngineProc:
+    """An engine in its own process (see `engine_worker_main`), followed through its JSON events."""
+
+    def __init__(self, socket_path: Path, steps: list[list[Any]], ns: dict[str, Any] | None = None, engine_id: str = "worker") -> None:
+        spec = {"socket": str(socket_path), "steps": steps, "ns": ns or {}, "engine_id": engine_id}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "from tests.conftest import engine_worker_main; engine_worker_main()", json.dumps(spec)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO_ROOT, env=clean_env(),
+        )  # fmt: skip
+        self._events: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._events.put(json.loads(line))
+        self._events.put(None)
+
+    def expect(self, event: str, timeout: float = 30.0) -> dict[str, Any]:
+        """The next event named `event` (earlier events of other names are skipped)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                msg = self._events.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"engine process sent no {event!r} event in {timeout}s") from None
+            if msg is None:
+                self.proc.wait()
+                assert self.proc.stderr is not None
+                raise AssertionError(f"engine process exited ({self.proc.returncode}) before {event!r}:\n{self.proc.stderr.read().decode()}")
+            if msg["event"] == event:
+                return msg
+
+    def events(self, event: str, timeout: float = 30.0) -> list[dict[str, Any]]:
+        """Every event named `event` until the process exits."""
+        self.proc.wait(timeout)
+        self._reader.join(timeout)
+        out = []
+        while True:
+            msg = self._events.get_nowait() if not self._events.empty() else None
+            if msg is None:
+                return out
+            if msg["event"] == event:
+                out.append(msg)
+
+    def go(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(b"go\n")
+        self.proc.stdin.flush()
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+    def wait(self, timeout: float = 30.0) -> int:
+        rc = self.proc.wait(timeout)
+        assert rc == 0, self.proc.stderr.read().decode() if self.proc.stderr else rc
+        return rc
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.kill()
+        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if f is not None:
+                f.close()
+
+
+@pytest.fixture
+def engine_procs() -> Iterator[Callable[..., EngineProc]]:
+    """engine_procs(socket, steps, ns=..., engine_id=...) starts an engine process; all are killed at the end."""
+    procs: list[EngineProc] = []
+
+    def start(*args: Any, **kw: Any) -> EngineProc:
+        p = EngineProc(*args, **kw)
+        procs.append(p)
+        return p
+
+    yield start
+    for p in procs:
+        p.close()

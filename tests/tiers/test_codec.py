@@ -1,0 +1,140 @@
+"""Page codec: exact round trips, the compression KV pages get, and writes straight into the slot."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import zstandard
+
+from polarkvd.tiers.codec import Codec, checksum, decode_into, encode
+
+
+def bf16_kv(n_values: int, seed: int = 0) -> bytes:
+    """KV-like bf16: normal float32 values truncated to their top 16 bits."""
+    f = np.random.default_rng(seed).standard_normal(n_values, dtype=np.float32) * 0.5
+    return (f.view(np.uint32) >> 16).astype(np.uint16).tobytes()
+
+
+def roundtrip(data: bytes, itemsize: int) -> tuple[int, bytes, bytes]:
+    codec, blob = encode(data, itemsize)
+    out = bytearray(len(data))
+    decode_into(codec, blob, memoryview(out), itemsize)
+    return codec, blob, bytes(out)
+
+
+SAMPLES = {
+    "empty": b"",
+    "one": b"\x07",
+    "odd-bf16": bf16_kv(1001)[:2001],
+    "bf16": bf16_kv(4096),
+    "zeros": bytes(12_288),
+    "random": np.random.default_rng(1).bytes(10_000),
+    "text": b"the same prefix again and again " * 300 + b"!",
+}
+
+
+@pytest.mark.parametrize("itemsize", [1, 2, 4])
+@pytest.mark.parametrize("name", sorted(SAMPLES))
+def test_round_trip_is_exact(name: str, itemsize: int) -> None:
+    data = SAMPLES[name]
+    _, blob, out = roundtrip(data, itemsize)
+    assert out == data
+    assert len(blob) <= len(data)
+
+
+def test_empty_page_is_raw_and_empty() -> None:
+    assert encode(b"", 2) == (Codec.RAW, b"")
+    decode_into(Codec.RAW, b"", memoryview(bytearray()), 2)
+
+
+def test_incompressible_page_is_stored_raw() -> None:
+    data = SAMPLES["random"]
+    codec, blob, _ = roundtrip(data, 2)
+    assert codec == Codec.RAW
+    assert blob == data
+
+
+def test_bf16_kv_compresses_better_with_planes_than_plain_zstd() -> None:
+    data = bf16_kv(512 * 1024)  # a 1 MiB page
+    codec, blob, out = roundtrip(data, 2)
+    plain = zstandard.ZstdCompressor(level=1).compress(data)
+    assert out == data
+    assert codec == Codec.PLANES
+    ratio = len(data) / len(blob)
+    assert ratio >= 1.4, ratio
+    assert len(blob) < len(plain) * 0.95, (len(blob), len(plain))
+
+
+def test_fp32_with_short_mantissas_compresses_its_zero_planes() -> None:
+    # bf16 values upcast to fp32: the two low byte planes are all zeros.
+    data = np.frombuffer(bf16_kv(64 * 1024), dtype=np.uint16).astype(np.uint32) << 16
+    raw = data.astype("<u4").tobytes()
+    codec, blob, out = roundtrip(raw, 4)
+    assert out == raw
+    assert codec == Codec.PLANES
+    assert len(raw) / len(blob) > 2.5
+
+
+def test_non_multiple_length_uses_plain_zstd() -> None:
+    data = SAMPLES["text"]  # odd length, compressible
+    codec, _, out = roundtrip(data, 2)
+    assert codec == Codec.ZSTD
+    assert out == data
+
+
+def test_decode_writes_into_a_slice_of_a_larger_arena() -> None:
+    data = bf16_kv(8192)
+    codec, blob = encode(data, 2)
+    arena = np.full(3 * len(data), 0xAB, dtype=np.uint8)
+    slot = memoryview(arena)[len(data) : 2 * len(data)]
+    decode_into(codec, blob, slot, 2)
+    assert arena[len(data) : 2 * len(data)].tobytes() == data
+    assert (arena[: len(data)] == 0xAB).all() and (arena[2 * len(data) :] == 0xAB).all()
+
+
+def test_decode_into_a_buffer_of_the_wrong_size_fails() -> None:
+    data = bf16_kv(1024)
+    for codec_id, blob in (encode(data, 2), encode(SAMPLES["text"], 1)):
+        with pytest.raises(ValueError):
+            decode_into(codec_id, blob, memoryview(bytearray(len(data) + 2)), 2)
+
+
+@pytest.mark.parametrize("cut", [1, 100])
+def test_truncated_blob_fails_to_decode(cut: int) -> None:
+    data = bf16_kv(8192)
+    codec, blob = encode(data, 2)
+    with pytest.raises((ValueError, zstandard.ZstdError)):
+        decode_into(codec, blob[:-cut], memoryview(bytearray(len(data))), 2)
+
+
+def test_unknown_codec_id_is_refused() -> None:
+    with pytest.raises(ValueError):
+        decode_into(99, b"xx", memoryview(bytearray(2)), 2)
+
+
+def test_codecs_are_exact_from_four_threads() -> None:
+    pages = [bf16_kv(4096 + 17 * i, seed=i) for i in range(8)]
+    errors: list[str] = []
+
+    def work(t: int) -> None:
+        for r in range(20):
+            data = pages[(t + r) % len(pages)]
+            _, _, out = roundtrip(data, 2)
+            if out != data:
+                errors.append(f"thread {t} round {r}")
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert errors == []
+
+
+def test_checksum_is_stable_across_processes_and_buffer_types() -> None:
+    # A fixed value: pages written by one process (or host) are verified by another.
+    assert checksum(b"polarkvd page") == 0x1E9FD3437F5D8220
+    data = bf16_kv(100)
+    assert checksum(memoryview(data)) == checksum(data) == checksum(bytearray(data))
