@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from polarkvd.config import default_control_socket, default_engine_socket
-from polarkvd.errors import DaemonUnavailable, error_for_code
+from polarkvd.errors import DaemonUnavailable, LeaseExpired, PageNotFound, error_for_code
 from polarkvd.keys import ROOT_KEY, page_keys
 from polarkvd.server import protocol as P
 from polarkvd.server.shm import map_arena
@@ -201,9 +201,6 @@ class EngineClient:
         views = [self.page(off) for off in r["offsets"]]
         return LoadResult(r["offsets"], [_TIER[t] for t in r["tiers"]], r["lease"], views)
 
-    def release(self, lease: int) -> None:
-        self._ch.call(P.Op.RELEASE.value, {"lease": lease})
-
     def ping(self) -> None:
         self._ch.call(P.Op.PING.value, {})
 
@@ -258,7 +255,11 @@ class EngineClient:
         return result
 
     def load_into(self, keys: Sequence[bytes], outs: Sequence[Any]) -> int:
-        """Copy the longest loadable prefix of `keys` into `outs` (writable buffers); returns pages copied."""
+        """Copy the longest loadable prefix of `keys` into `outs` (writable buffers); returns pages copied.
+
+        If the lease expired while copying (this process stalled for `lease_seconds`), the pages may have
+        been reused meanwhile: `LeaseExpired` is raised and the copies must be discarded.
+        """
         r = self.load(keys)
         try:
             for view, out in zip(r.views, outs):
@@ -267,6 +268,15 @@ class EngineClient:
             if r.lease is not None:
                 self.release(r.lease)
         return r.loaded
+
+    def release(self, lease: int) -> None:
+        """Unpin a lease's pages. Raises `LeaseExpired` if the daemon had already let it go."""
+        try:
+            self._ch.call(P.Op.RELEASE.value, {"lease": lease})
+        except PageNotFound as e:
+            raise LeaseExpired(
+                f"lease {lease} expired before release; pages read under it may be stale ({e})"
+            ) from None
 
     def close(self) -> None:
         self._ch.close()

@@ -74,6 +74,10 @@ class PageNotFound(PolarKVError):
     code = ErrorCode.NOT_FOUND
 
 
+class LeaseExpired(PageNotFound):
+    """Client side: a lease ran out before `release`; what was read under it may be stale."""
+
+
 class PageCorrupt(PolarKVError):
     """Stored bytes failed their checksum. The page is dropped; the caller recomputes."""
 

@@ -24,7 +24,15 @@ from collections.abc import Callable
 from typing import Any
 
 from polarkvd.config import Config
-from polarkvd.errors import ErrorCode, NamespaceError, NoSpaceError, PageCorrupt, PageNotFound, PolarKVError
+from polarkvd.errors import (
+    ErrorCode,
+    NamespaceError,
+    NoSpaceError,
+    PageCorrupt,
+    PageNotFound,
+    PolarKVError,
+    ProtocolError,
+)
 from polarkvd.index import PROMOTING, READY, RESERVED, Page, PageIndex
 from polarkvd.keys import namespace_digest
 from polarkvd.policy import EvictionPolicy, make_policy, switch_policy
@@ -59,6 +67,9 @@ class Session:
     reserved: dict[bytes, Page] = dataclasses.field(default_factory=dict)
     reserved_at: float = 0.0  # the latest reserve; reservations older than the lease time expire
     leases: dict[int, Lease] = dataclasses.field(default_factory=dict)
+    # Slots of expired reservations: the engine may still be writing into them (it is connected,
+    # only slow), so they are not reused until its connection closes.
+    quarantined: list[tuple[int, int]] = dataclasses.field(default_factory=list)
     hit_pages: int = 0
     lookup_pages: int = 0
     stored_pages: int = 0
@@ -73,6 +84,12 @@ class PendingDemotion:
     ns_digest: bytes
     parent: bytes | None
     itemsize: int
+
+
+def _refuse_duplicates(keys: list[bytes], op: str) -> None:
+    """A key twice in one commit/abort would pop its reservation twice and fail halfway through."""
+    if len(set(keys)) != len(keys):
+        raise ProtocolError(f"{op}: duplicate keys in one request; nothing done")
 
 
 class Counters(collections.Counter[str]):
@@ -147,6 +164,9 @@ class Manager:
             self._abort(session, list(session.reserved))
         for lease in list(session.leases.values()):
             self._drop_lease(lease)
+        for offset, slot_bytes in session.quarantined:
+            self.allocator.free(offset, slot_bytes)
+        session.quarantined.clear()
         log.info("session %d (%r) detached", session.id, session.engine_id)
 
     # ------------------------------------------------------------------ lookup
@@ -225,6 +245,7 @@ class Manager:
         return out
 
     def commit(self, session: Session, keys: list[bytes]) -> int:
+        _refuse_duplicates(keys, "commit")
         missing = [k for k in keys if k not in session.reserved]
         if missing:
             raise PolarKVError(
@@ -242,6 +263,7 @@ class Manager:
         return len(keys)
 
     def abort(self, session: Session, keys: list[bytes]) -> int:
+        _refuse_duplicates(keys, "abort")
         missing = [k for k in keys if k not in session.reserved]
         if missing:
             raise PolarKVError(
@@ -395,7 +417,14 @@ class Manager:
             page.pins -= 1
 
     def expire(self) -> int:
-        """Drop leases and reservations older than the lease time. Returns how many expired."""
+        """Drop leases and reservations older than the lease time. Returns how many expired.
+
+        Only engines that stay connected but stop answering get here (a closed connection lets go at
+        once). An expired lease unpins its pages: the engine learns it when its `release` fails, and the
+        client then discards what it copied. An expired reservation disappears from the index, but its
+        slot stays out of use until the engine disconnects: a slow writer must never scribble over a
+        page that someone else owns meanwhile.
+        """
         now = self.clock()
         lease_time = self.cfg.daemon.lease_seconds
         expired = 0
@@ -405,7 +434,11 @@ class Manager:
                     self._drop_lease(lease)
                     expired += 1
             if session.reserved and session.reserved_at + lease_time <= now:
-                expired += self._abort(session, list(session.reserved))
+                for key, page in list(session.reserved.items()):
+                    del session.reserved[key]
+                    self.index.remove(key)
+                    session.quarantined.append((page.offset, session.ns.slot_bytes))
+                    expired += 1
         if expired:
             self.counters["expired"] += expired
             log.info("expired %d leases/reservations of unresponsive engines", expired)
@@ -555,6 +588,7 @@ class Manager:
             "pages": self.index.ready_pages,
             "bytes": self.index.ready_bytes,
             "reserved_pages": sum(len(s.reserved) for s in self.sessions.values()),
+            "quarantined_pages": sum(len(s.quarantined) for s in self.sessions.values()),
             "slot_bytes_used": self.allocator.used_bytes,
             "capacity_bytes": self.allocator.capacity,
             "policy": self.policy.name,

@@ -56,6 +56,15 @@ class _NodeList:
         s.prev = node
         self.size += 1
 
+    def push_head(self, node: PolicyNode) -> None:
+        s = self._sentinel
+        first = s.next
+        assert first is not None
+        node.prev, node.next = s, first
+        first.prev = node
+        s.next = node
+        self.size += 1
+
     def unlink(self, node: PolicyNode) -> None:
         p, n = node.prev, node.next
         assert p is not None and n is not None
@@ -230,6 +239,9 @@ class S3FIFOPolicy(EvictionPolicy):
         if n <= 0:
             return []
         chosen: list[tuple[PolicyNode, int]] = []  # node, aux before it was unlinked
+        # Every head taken off a queue, in order: (node, its queue, its aux, the queue it went back to).
+        # Replayed backwards on failure, it puts every node back where it was with its frequency.
+        moves: list[tuple[PolicyNode, _NodeList, int, _NodeList | None]] = []
         budget = 2 * len(self) + 2 * n
         small_skips = 0
         while len(chosen) < n and budget > 0 and (self._small.size or self._main.size):
@@ -239,35 +251,32 @@ class S3FIFOPolicy(EvictionPolicy):
             )
             if use_small and small_skips >= self._small.size and self._main.size:
                 use_small = False  # every small page is vetoed: look in main this round
-            if use_small:
-                node = self._small.head()
-                assert node is not None
-                self._small.unlink(node)
-                if not evictable(node):
-                    self._small.push_tail(node)
-                    small_skips += 1
-                    continue
-                if node.aux & _FREQ_MASK:
-                    node.aux = _MAIN << 2
-                    self._main.push_tail(node)
-                    continue
-                chosen.append((node, node.aux))
+            src = self._small if use_small else self._main
+            node = src.head()
+            assert node is not None
+            aux = node.aux
+            src.unlink(node)
+            if not evictable(node):
+                dst = src
+                small_skips += use_small
+            elif node.aux & _FREQ_MASK:
+                if use_small:
+                    node.aux = _MAIN << 2  # hit while in small: promoted to main
+                else:
+                    node.aux -= 1  # main: reinserted with one less
+                dst = self._main
             else:
-                node = self._main.head()
-                assert node is not None
-                self._main.unlink(node)
-                if not evictable(node):
-                    self._main.push_tail(node)
-                    continue
-                if node.aux & _FREQ_MASK:
-                    node.aux -= 1
-                    self._main.push_tail(node)
-                    continue
-                chosen.append((node, node.aux))
+                dst = None
+                chosen.append((node, aux))
+            if dst is not None:
+                dst.push_tail(node)
+            moves.append((node, src, aux, dst))
         if len(chosen) < n:
-            for node, aux in chosen:  # atomic: put back what we took
+            for node, src, aux, dst in reversed(moves):  # atomic: undo every move, newest first
+                if dst is not None:
+                    dst.unlink(node)
                 node.aux = aux
-                (self._small if aux >> 2 == _SMALL else self._main).push_tail(node)
+                src.push_head(node)
             return []
         for node, aux in chosen:
             if aux >> 2 == _SMALL:

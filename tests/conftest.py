@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -19,11 +20,16 @@ import numpy as np
 import pytest
 
 from polarkvd.client import ControlClient, EngineClient
+from polarkvd.config import load_config, resolve
 from polarkvd.errors import DaemonUnavailable
+from polarkvd.manager import Manager
+from polarkvd.tiers.dram import SlabAllocator
 from polarkvd.types import Namespace
 
 #: A small namespace for tests: 4 layers x 2 KV heads x 64 dims x 16 tokens, bf16 = 32 KiB pages.
-TEST_NS = Namespace("test-model@0", "bfloat16", "test/v1", num_layers=4, num_kv_heads=2, head_dim=64, page_tokens=16)
+TEST_NS = Namespace(
+    "test-model@0", "bfloat16", "test/v1", num_layers=4, num_kv_heads=2, head_dim=64, page_tokens=16
+)
 
 
 def page_bytes_for(key: bytes, size: int) -> np.ndarray:
@@ -96,6 +102,13 @@ class DaemonProc:
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
 
+    @property
+    def arena_path(self) -> Path:
+        """The daemon's shared-memory arena file (named after its engine socket, see daemon.py)."""
+        from polarkvd.daemon import Daemon
+
+        return Daemon(resolve(load_config(env={}, overrides=self.sets))).arena_path()
+
 
 def _factory(base: Path) -> tuple[Callable[..., DaemonProc], Callable[[], None]]:
     """A daemon factory over `base` and the cleanup that SIGKILLs whatever it started."""
@@ -123,6 +136,9 @@ def _factory(base: Path) -> tuple[Callable[..., DaemonProc], Callable[[], None]]
             if d.proc is not None and d.proc.poll() is None:
                 os.killpg(d.proc.pid, signal.SIGKILL)
                 d.proc.wait()
+            # A killed daemon cannot unlink its arena: without this every test would leave up to
+            # 64 MiB behind in /dev/shm.
+            d.arena_path.unlink(missing_ok=True)
 
     return make, cleanup
 
@@ -188,7 +204,56 @@ def store_chain(kv: EngineClient, tokens: Sequence[int]) -> list[bytes]:
 
 def bad_pages(kv: EngineClient, keys: Sequence[bytes], views: Sequence[memoryview]) -> list[int]:
     """Indexes of the pages in `views` whose bytes differ from what `page_bytes_for` wrote."""
-    return [i for i, (k, v) in enumerate(zip(keys, views)) if not np.array_equal(np.frombuffer(v, np.uint8), page_bytes_for(k, kv.page_bytes))]
+    return [
+        i
+        for i, (k, v) in enumerate(zip(keys, views))
+        if not np.array_equal(np.frombuffer(v, np.uint8), page_bytes_for(k, kv.page_bytes))
+    ]
+
+
+# ---------------------------------------------------------------------------------------- in-process manager
+
+
+class FakeClock:
+    """An injected clock: tests move time by assignment, never by sleeping."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_manager(capacity_pages: int, **overrides: str) -> tuple[Manager, FakeClock]:
+    """A Manager over a private bytearray arena (1 MiB slabs), no disk tier, and a fake clock.
+
+    Everything synchronous (attach, reserve, commit, lookup, expire, eviction without disk) runs
+    without an event loop, so policy and timing rules are tested in-process and deterministically.
+    """
+    slab = 1 << 20
+    cap = -(-capacity_pages * TEST_NS.page_bytes // slab) * slab
+    sets = {"dram.capacity": str(cap), "dram.slab_bytes": str(slab), "disk.enabled": "false", **overrides}
+    clock = FakeClock()
+    executor = concurrent.futures.ThreadPoolExecutor(1)  # never used without a disk tier: no thread starts
+    m = Manager(
+        load_config(env={}, overrides=sets),
+        memoryview(bytearray(cap)),
+        SlabAllocator(cap, slab),
+        None,
+        executor,
+        clock=clock,
+    )
+    return m, clock
+
+
+def manager_store(m: Manager, session: Any, keys: list[bytes], parent: bytes | None = None) -> list[int]:
+    """Reserve, write page_bytes_for into the arena, commit: what an engine does, in-process."""
+    offsets = m.reserve(session, keys, parent)
+    for key, off in zip(keys, offsets):
+        if off >= 0:
+            m.arena[off : off + TEST_NS.page_bytes] = page_bytes_for(key, TEST_NS.page_bytes).tobytes()
+    m.commit(session, [key for key, off in zip(keys, offsets) if off >= 0])
+    return offsets
 
 
 # ---------------------------------------------------------------------------------------- engine processes
@@ -228,7 +293,11 @@ def engine_worker_main() -> None:
         elif op == "store":
             keys = kv.page_keys(step[1])
             hit = kv.lookup(keys).hits
-            r = kv.store(keys[hit:], [page_bytes_for(k, kv.page_bytes) for k in keys[hit:]], parent=keys[hit - 1] if hit else None)
+            r = kv.store(
+                keys[hit:],
+                [page_bytes_for(k, kv.page_bytes) for k in keys[hit:]],
+                parent=keys[hit - 1] if hit else None,
+            )
             out("stored", hits=hit, stored=r.stored, existing=r.existing, no_space=r.no_space)
         elif op == "verify":
             keys = kv.page_keys(step[1])
@@ -273,20 +342,29 @@ def engine_worker_main() -> None:
 class EngineProc:
     """An engine in its own process (see `engine_worker_main`), followed through its JSON events."""
 
-    def __init__(self, socket_path: Path, steps: list[list[Any]], ns: dict[str, Any] | None = None, engine_id: str = "worker") -> None:
+    def __init__(
+        self,
+        socket_path: Path,
+        steps: list[list[Any]],
+        ns: dict[str, Any] | None = None,
+        engine_id: str = "worker",
+    ) -> None:
         spec = {"socket": str(socket_path), "steps": steps, "ns": ns or {}, "engine_id": engine_id}
         self.proc = subprocess.Popen(
             [sys.executable, "-c", "from tests.conftest import engine_worker_main; engine_worker_main()", json.dumps(spec)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO_ROOT, env=clean_env(),
         )  # fmt: skip
         self._events: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self.history: list[dict[str, Any]] = []  # every event so far, in order
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
-            self._events.put(json.loads(line))
+            msg = json.loads(line)
+            self.history.append(msg)
+            self._events.put(msg)
         self._events.put(None)
 
     def expect(self, event: str, timeout: float = 30.0) -> dict[str, Any]:
@@ -300,21 +378,17 @@ class EngineProc:
             if msg is None:
                 self.proc.wait()
                 assert self.proc.stderr is not None
-                raise AssertionError(f"engine process exited ({self.proc.returncode}) before {event!r}:\n{self.proc.stderr.read().decode()}")
+                raise AssertionError(
+                    f"engine process exited ({self.proc.returncode}) before {event!r}:\n{self.proc.stderr.read().decode()}"
+                )
             if msg["event"] == event:
                 return msg
 
     def events(self, event: str, timeout: float = 30.0) -> list[dict[str, Any]]:
-        """Every event named `event` until the process exits."""
+        """Every event named `event` the process sent, once it has exited."""
         self.proc.wait(timeout)
         self._reader.join(timeout)
-        out = []
-        while True:
-            msg = self._events.get_nowait() if not self._events.empty() else None
-            if msg is None:
-                return out
-            if msg["event"] == event:
-                out.append(msg)
+        return [m for m in self.history if m["event"] == event]
 
     def go(self) -> None:
         assert self.proc.stdin is not None

@@ -79,7 +79,9 @@ class Connection(asyncio.Protocol):
             )
             return
         version, rid, op, args = msg
-        if version not in P.SUPPORTED_VERSIONS:
+        # `type() is int` first: an unhashable version (a list, a map) must not raise out of here, and
+        # True or 1.0 are not version 1.
+        if type(version) is not int or version not in P.SUPPORTED_VERSIONS:
             self._send(
                 P.reply_error(
                     rid,

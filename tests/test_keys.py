@@ -1,0 +1,157 @@
+"""Page keys: frozen golden vectors, agreement across processes, namespaces inside every key."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import xxhash
+
+from polarkvd.keys import ROOT_KEY, namespace_digest, page_keys
+from polarkvd.types import Namespace
+from tests.conftest import REPO_ROOT, TEST_NS, clean_env
+
+# Computed once from the scheme in keys.py and frozen: if any of these change, every cache on every
+# host silently stops hitting (or, worse, two schemes disagree between engine and daemon versions).
+GOLDEN_NS_DIGEST = "02b9b9ff733458d684eeead05c79cc48"
+GOLDEN_KEYS_RANGE48 = [
+    "d0072033eca309e042b2c62f46e92475",
+    "31e740bb4a715a7a0a182f3a0b5c62e9",
+    "6ca03ffaa015c4a5fe5b45c3a074214e",
+]
+
+
+def test_golden_vectors() -> None:
+    digest = namespace_digest(TEST_NS)
+    assert digest.hex() == GOLDEN_NS_DIGEST
+    assert [k.hex() for k in page_keys(digest, list(range(48)), 16)] == GOLDEN_KEYS_RANGE48
+
+
+def test_keys_follow_the_documented_chain() -> None:
+    """key[n] = xxh3_128(key[n-1] ‖ ns digest ‖ uint32le tokens), key[-1] = 16 zero bytes."""
+    digest = namespace_digest(TEST_NS)
+    tokens = np.arange(48, dtype="<u4")
+    prev = bytes(16)
+    expected = []
+    for i in range(3):
+        prev = xxhash.xxh3_128_digest(prev + digest + tokens[i * 16 : (i + 1) * 16].tobytes())
+        expected.append(prev)
+    assert page_keys(digest, range(48), 16) == expected
+    # A chain continues from a parent: the keys of pages 2..3 given page 1's key are the same keys.
+    assert page_keys(digest, range(16, 48), 16, parent=expected[0]) == expected[1:]
+    # numpy arrays of any integer dtype give the same keys as lists
+    assert page_keys(digest, np.arange(48, dtype=np.int64), 16) == expected
+
+
+_CHILD = (
+    "import json, sys; from polarkvd.keys import namespace_digest, page_keys; from tests.conftest import TEST_NS;"
+    "d = namespace_digest(TEST_NS);"
+    "print(json.dumps([d.hex()] + [k.hex() for k in page_keys(d, json.loads(sys.argv[1]), TEST_NS.page_tokens)]))"
+)
+
+
+def test_two_processes_compute_the_same_keys() -> None:
+    tokens = [int(t) for t in np.random.default_rng(7).integers(0, 2**32, 16 * 20, dtype=np.uint64)]
+    # Different hash seeds: a scheme that leaned on Python's hash() would disagree here.
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _CHILD, json.dumps(tokens)],
+            stdout=subprocess.PIPE,
+            cwd=REPO_ROOT,
+            env=clean_env(PYTHONHASHSEED=str(seed)),
+        )
+        for seed in (1, 2)
+    ]
+    outs = [json.loads(p.communicate(timeout=60)[0]) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    digest = namespace_digest(TEST_NS)
+    here = [digest.hex()] + [k.hex() for k in page_keys(digest, tokens, 16)]
+    assert outs[0] == outs[1] == here
+    assert len(here) == 21
+
+
+def test_partial_trailing_page_gets_no_key() -> None:
+    digest = namespace_digest(TEST_NS)
+    assert page_keys(digest, range(15), 16) == []
+    assert page_keys(digest, [], 16) == []
+    full = page_keys(digest, range(48), 16)
+    for n in (33, 40, 47):
+        assert page_keys(digest, range(n), 16) == full[:2]
+    # tokens after the last full page never change the keys before them
+    assert page_keys(digest, list(range(32)) + [999] * 15, 16) == full[:2]
+
+
+def _variants() -> list[tuple[str, Namespace]]:
+    changed = {
+        "model": "test-model@1",
+        "dtype": "float16",
+        "layout": "test/v2",
+        "num_layers": 5,
+        "num_kv_heads": 4,
+        "head_dim": 128,
+        "page_tokens": 32,
+        "tp_rank": 1,
+        "tp_size": 2,
+        "kv_parts": 1,
+        "cache_salt": "tenant-a",
+    }
+    names = {f.name for f in dataclasses.fields(Namespace)}
+    assert set(changed) == names, "a Namespace field was added: give it a variant here"
+    out = []
+    for name, value in changed.items():
+        extra = {"tp_size": 2} if name == "tp_rank" else {}
+        out.append((name, dataclasses.replace(TEST_NS, **{name: value}, **extra)))
+    return out
+
+
+@pytest.mark.parametrize(("field", "ns"), _variants(), ids=[n for n, _ in _variants()])
+def test_every_namespace_field_changes_every_key(field: str, ns: Namespace) -> None:
+    assert not ns.problems()
+    tokens = list(range(128))
+    base = page_keys(namespace_digest(TEST_NS), tokens, TEST_NS.page_tokens)
+    other = page_keys(namespace_digest(ns), tokens, ns.page_tokens)
+    assert namespace_digest(ns) != namespace_digest(TEST_NS)
+    assert other and not set(base) & set(other)
+
+
+def test_two_salts_never_share_a_key() -> None:
+    a = namespace_digest(dataclasses.replace(TEST_NS, cache_salt="a"))
+    b = namespace_digest(dataclasses.replace(TEST_NS, cache_salt="b"))
+    assert not set(page_keys(a, range(160), 16)) & set(page_keys(b, range(160), 16))
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        [2**32] + [0] * 15,
+        [0] * 15 + [2**32 + 5],
+        [2**63 - 1] * 16,
+        np.full(16, 2**32, dtype=np.uint64),
+        [-1] + [0] * 15,
+    ],
+    ids=["2**32-first", "2**32-last", "2**63-1", "uint64-array", "negative"],
+)
+def test_token_ids_outside_uint32_are_rejected(bad: object) -> None:
+    # Truncating to 32 bits would alias two different token sequences onto one key.
+    with pytest.raises(ValueError, match="uint32"):
+        page_keys(namespace_digest(TEST_NS), bad, 16)  # type: ignore[arg-type]
+
+
+def test_largest_uint32_token_is_accepted() -> None:
+    keys = page_keys(namespace_digest(TEST_NS), [2**32 - 1] * 16, 16)
+    assert len(keys) == 1 and keys[0] != page_keys(namespace_digest(TEST_NS), [0] * 16, 16)[0]
+
+
+def test_bad_digest_parent_or_page_size_rejected() -> None:
+    digest = namespace_digest(TEST_NS)
+    with pytest.raises(ValueError):
+        page_keys(digest[:8], range(16), 16)
+    with pytest.raises(ValueError):
+        page_keys(digest, range(16), 16, parent=b"short")
+    with pytest.raises(ValueError):
+        page_keys(digest, range(16), 0)
+    assert ROOT_KEY == bytes(16)
