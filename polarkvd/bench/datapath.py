@@ -57,16 +57,12 @@ def kv_like_pages(ns: Namespace, n: int, seed: int = 0) -> list[np.ndarray]:
 # ----------------------------------------------------------------------------- references
 
 
-def memcpy_gbps(nbytes: int, rounds: int) -> float:
-    src = np.random.default_rng(1).integers(0, 255, nbytes, dtype=np.uint8)
-    dst = np.empty_like(src)
-    np.copyto(dst, src)
-    times = []
-    for _ in range(max(rounds, 5)):
-        t = time.perf_counter()
+def memcpy_seconds(srcs: list[np.ndarray], dsts: list[np.ndarray]) -> float:
+    """Single-thread memcpy of the same buffers a store or load moves, one call per page."""
+    t = time.perf_counter()
+    for src, dst in zip(srcs, dsts):
         np.copyto(dst, src)
-        times.append(time.perf_counter() - t)
-    return nbytes / median(times) / 1e9
+    return time.perf_counter() - t
 
 
 def _echo_server(path: str, ready: Any) -> None:
@@ -193,7 +189,7 @@ def _timed_load(kv: Any, keys: list[bytes], outs: list[np.ndarray], batch: int) 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from polarkvd.client import ControlClient, EngineClient
 
-    prog = Progress(9, quiet=False)
+    prog = Progress(8, quiet=False)
     npages, rounds = args.pages, args.rounds
     big = BIG_NS.page_bytes
     dram = max(1 << 30, (npages * 2 + 8) * (big + 4096) + (64 << 20))
@@ -202,10 +198,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "small_page_bytes": SMALL_NS.page_bytes,
         "pages_per_round": npages,
     }
-
-    prog.step(f"memcpy of {big / 1e6:.1f} MB and 64 KiB buffers")
-    res["memcpy_gbps"] = memcpy_gbps(big * 8, rounds)  # the same bytes as one store batch of 8 pages
-    res["memcpy_small_gbps"] = memcpy_gbps(SMALL_NS.page_bytes * 64, rounds)
 
     prog.step("raw round trips: Unix stream socket and ZeroMQ REQ/REP ipc")
     rtt = socket_rtt_us(5000)
@@ -230,12 +222,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ctl = ControlClient(control_sock)
         kv = EngineClient(BIG_NS, "bench", engine_sock)
         prog.step(f"store {rounds} x {npages} pages of {big / 1e6:.1f} MB ({batch} per call)")
-        store_t, load_t = [], []
-        _timed_store(
-            kv, kv.page_keys(np.arange(npages * 256) + 7_000_000), pages, batch
-        )  # first touch of the slots
+        store_t, load_t, copy_t = [], [], []
+        warm_keys = kv.page_keys(np.arange(npages * 256) + 7_000_000)
+        _timed_store(kv, warm_keys, pages, batch)  # first touch of the arena slots
         ctl.evict("dram", 1 << 40)
         for r in range(rounds):
+            # memcpy of the same bytes, interleaved with the rounds so machine noise hits both alike
+            copy_t.append(memcpy_seconds(pages, outs))
             keys = kv.page_keys(np.arange(npages * 256) + r * 10_000_000)
             store_t.append(_timed_store(kv, keys, pages, batch))
             lt, n = _timed_load(kv, keys, outs, batch)
@@ -244,6 +237,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if r < rounds - 1:
                 ctl.evict("dram", 1 << 40)  # room for the next round
         assert all(np.array_equal(o, p) for o, p in zip(outs, pages)), "loaded bytes differ from stored bytes"
+        res["memcpy_gbps"] = npages * big / median(copy_t) / 1e9
         res["store_gbps"] = npages * big / median(store_t) / 1e9
         prog.step(f"load {rounds} x {npages} pages")
         res["load_gbps"] = npages * big / median(load_t) / 1e9
@@ -262,12 +256,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         skv = EngineClient(SMALL_NS, "bench-small", engine_sock)
         spages = kv_like_pages(SMALL_NS, 512, seed=3)
         souts = [np.empty(SMALL_NS.page_bytes, np.uint8) for _ in spages]
-        sst, slt = [], []
+        sst, slt, sct = [], [], []
         for r in range(rounds):
+            sct.append(memcpy_seconds(spages, souts))
             keys = skv.page_keys(np.arange(len(spages) * 16) + r * 10_000_000 + 5)
             sst.append(_timed_store(skv, keys, spages, 64))
             lt, _ = _timed_load(skv, keys, souts, 64)
             slt.append(lt)
+        res["memcpy_small_gbps"] = len(spages) * SMALL_NS.page_bytes / median(sct) / 1e9
         res["store_small_gbps"] = len(spages) * SMALL_NS.page_bytes / median(sst) / 1e9
         res["load_small_gbps"] = len(spages) * SMALL_NS.page_bytes / median(slt) / 1e9
         skv.close()
