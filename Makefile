@@ -1,5 +1,5 @@
 # Shortcuts for the README's commands.
-.PHONY: serve test bench lint
+.PHONY: serve test bench lint install
 
 serve:
 	./scripts/bootstrap.sh && .venv/bin/polarkvd serve
@@ -12,3 +12,8 @@ bench:
 
 lint:
 	.venv/bin/ruff check polarkvd tests && .venv/bin/ruff format --check polarkvd tests
+
+# System install as a service: see docs/OPERATIONS.md. `make install PREFIX=/usr DESTDIR=/tmp/stage`
+PREFIX ?= /usr/local
+install:
+	PREFIX="$(PREFIX)" DESTDIR="$(DESTDIR)" ./scripts/install.sh

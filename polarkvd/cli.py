@@ -32,12 +32,10 @@ def _human(n: float) -> str:
     return f"{int(n)} B"
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _setup_logging(level: str, fmt: str = "text") -> None:
+    from polarkvd.logging_setup import setup_logging
+
+    setup_logging(level, fmt, sys.stderr)
 
 
 def _overrides(pairs: list[str]) -> dict[str, str]:
@@ -54,14 +52,18 @@ def _overrides(pairs: list[str]) -> dict[str, str]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from polarkvd.daemon import serve
+    from polarkvd.daemon import ConfigSource, serve
 
-    cfg = resolve(load_config(args.config, overrides=_overrides(args.set)))
-    _setup_logging(cfg.daemon.log_level)
+    overrides = _overrides(args.set)
+    loaded = load_config(args.config, overrides=overrides, tuning=True)  # + the `tui` overlay
+    cfg = resolve(loaded)
+    _setup_logging(cfg.daemon.log_level, cfg.daemon.log_format)
     logging.getLogger("polarkvd").info(
         "polarkvd %s starting with %s", __version__, args.config or "the built-in default configuration"
     )
-    return serve(cfg)
+    # SIGHUP rebuilds the config from the same file, environment and --set overrides.
+    path = args.config.resolve() if args.config is not None else None
+    return serve(cfg, ConfigSource(path, overrides, loaded))
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -195,6 +197,23 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tui(args: argparse.Namespace) -> int:
+    try:
+        import textual  # noqa: F401
+    except ImportError:
+        print(
+            "polarkvd tui needs Textual, which is not installed: pip install 'polarkvd[tui]'",
+            file=sys.stderr,
+        )
+        return 1
+    if args.interval <= 0 or args.prefill_ms_per_token < 0:
+        print("polarkvd tui: --interval must be > 0 and --prefill-ms-per-token >= 0", file=sys.stderr)
+        return 2
+    from polarkvd.tui.app import run
+
+    return run(args.socket, args.interval, args.prefill_ms_per_token)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.which == "datapath":
         from polarkvd.bench.datapath import main as bench_main
@@ -264,6 +283,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("assignments", nargs="*", metavar="KEY=VALUE")
     control_args(sp)
     sp.set_defaults(fn=cmd_tune)
+
+    sp = sub.add_parser(
+        "tui",
+        help="the operator dashboard: tiers, hit rates, live tuning, pages (needs polarkvd[tui])",
+        description="Attach a terminal dashboard to a running daemon (it never starts one). See docs/TUI.md.",
+    )
+    control_args(sp)
+    sp.add_argument("--interval", type=float, default=1.0, help="seconds between polls (default 1)")
+    sp.add_argument(
+        "--prefill-ms-per-token",
+        type=float,
+        default=0.5,
+        metavar="MS",
+        help="what computing one token of prefill costs your engine, for the 'prefill saved' estimate (default 0.5)",
+    )
+    sp.set_defaults(fn=cmd_tui)
 
     sp = sub.add_parser("bench", help="benchmarks (see docs/BENCHMARKS.md)")
     bsub = sp.add_subparsers(dest="which", metavar="BENCHMARK", required=True)

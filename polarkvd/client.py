@@ -317,6 +317,26 @@ class ControlClient:
     def set_knobs(self, knobs: dict[str, Any]) -> dict[str, Any]:
         return self._ch.call(P.Op.SET_KNOBS.value, {"knobs": knobs})["knobs"]
 
+    def save_tuning(self, names: Sequence[str]) -> dict[str, Any]:
+        """Write these live knobs' current values to the daemon's tuning overlay (read at its next
+        start). Returns {"path": overlay file, "saved": everything the file now holds}."""
+        return self._ch.call(P.Op.SAVE_TUNING.value, {"names": list(names)})
+
+    def top(self, limit: int = 20) -> dict[str, Any]:
+        """Largest namespaces and prefixes: {"namespaces": [...], "prefixes": [...], "prefix_count"}."""
+        return self._ch.call(P.Op.TOP.value, {"limit": limit})
+
+    def pin(self, keys: Sequence[bytes]) -> dict[str, Any]:
+        """Pin the DRAM pages of these prefixes (each key and everything after it)."""
+        return self._ch.call(P.Op.PIN.value, {"keys": list(keys)})
+
+    def unpin(self, keys: Sequence[bytes]) -> int:
+        return self._ch.call(P.Op.UNPIN.value, {"keys": list(keys)})["unpinned_pages"]
+
+    def evict_keys(self, keys: Sequence[bytes]) -> dict[str, Any]:
+        """Evict these prefixes from DRAM now (demoted to disk); pinned pages stay."""
+        return self._ch.call(P.Op.EVICT_KEYS.value, {"keys": list(keys)})
+
     def ping(self) -> None:
         self._ch.call(P.Op.PING.value, {})
 

@@ -142,12 +142,61 @@ def _size_or_auto(value: object) -> int:
     return out
 
 
+def parse_fraction(value: object) -> float:
+    """0.9, "0.9" or "90%" -> 0.9; must lie in 0..1."""
+    out: float | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        out = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        scale = 100.0 if text.endswith("%") else 1.0
+        try:
+            out = float(text.rstrip("%").strip()) / scale
+        except ValueError:
+            out = None
+    if out is None or out != out:  # NaN fails every comparison: refuse it here
+        raise ValueError("expected a fraction like 0.9 or '90%'")
+    if not 0.0 <= out <= 1.0:
+        raise ValueError("must lie between 0 and 1 (0% and 100%)")
+    return out
+
+
+def _at_least_one(value: object) -> int:
+    out = parse_int(value)
+    if out < 1:  # not `_positive`: it lets -1 (AUTO) through
+        raise ValueError("must be at least 1")
+    return out
+
+
 def _opt(default: Any, parse: Callable[[object], Any], doc: str, *, live: bool = False) -> Any:
     return dataclasses.field(default=default, metadata={"parse": parse, "doc": doc, "live": live})
 
 
 POLICY_NAMES = ("lru", "s3fifo")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+
+
+def split_address(value: str) -> tuple[str, int]:
+    """ "127.0.0.1:9808" -> ("127.0.0.1", 9808); "[::1]:9808" -> ("::1", 9808). Raises ValueError."""
+    host, sep, port = value.strip().rpartition(":")
+    if not sep or not host or not re.fullmatch(r"[0-9]{1,5}", port) or int(port) > 65535:
+        raise ValueError("expected HOST:PORT, e.g. '127.0.0.1:9808' or '[::1]:9808' (port 0 = any free port)")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host or any(c in host for c in "[]/ "):
+        raise ValueError("expected HOST:PORT, e.g. '127.0.0.1:9808' or '[::1]:9808'")
+    return host, int(port)
+
+
+def parse_listen_address(value: object) -> str:
+    """HOST:PORT to listen on, or "off"."""
+    if isinstance(value, str) and value.strip().lower() == "off":
+        return "off"
+    if not isinstance(value, str):
+        raise ValueError("expected HOST:PORT (e.g. '127.0.0.1:9808') or 'off'")
+    split_address(value)
+    return value.strip()
 
 
 @dataclasses.dataclass
@@ -178,6 +227,21 @@ class DaemonConfig:
     max_sessions: int = _opt(1024, _positive(parse_int), "attached engine connections at most")
     max_frame_bytes: int = _opt(16 * MiB, _positive(parse_size), "largest request frame accepted")
     max_keys_per_request: int = _opt(1 << 16, _positive(parse_int), "most page keys in one request")
+    log_format: str = _opt(
+        "text",
+        _choice(*LOG_FORMATS),
+        "stderr log lines: text (key=value, logfmt) or json, one line per event",
+    )
+    shutdown_timeout: float = _opt(
+        30.0,
+        parse_duration,
+        "at SIGTERM, wait at most this long for disk writes before exiting (keep below TimeoutStopSec)",
+    )
+    tuning_file: str = _opt(
+        "",
+        parse_str,
+        "live knobs saved from `polarkvd tui`, read by `serve` right after --config; empty = <state_dir>/tuning.toml",
+    )
 
 
 @dataclasses.dataclass
@@ -191,6 +255,22 @@ class DramConfig:
     policy: str = _opt("lru", _choice(*POLICY_NAMES), "eviction policy", live=True)
     shm_dir: str = _opt("/dev/shm", parse_str, "where the shared-memory arena file is created")
     lock_memory: bool = _opt(False, parse_bool, "mlock the arena (needs LimitMEMLOCK); keeps KV out of swap")
+    high_watermark: float = _opt(
+        1.0,
+        parse_fraction,
+        "above this fraction of the arena in use, pages are demoted to disk in the background down to "
+        "low_watermark; 1.0 = only on demand, when full",
+        live=True,
+    )
+    low_watermark: float = _opt(
+        0.9, parse_fraction, "background demotion stops at this fraction (at most high_watermark)", live=True
+    )
+    min_prefix_pages: int = _opt(
+        1,
+        _at_least_one,
+        "admission: a sequence of fewer full pages than this is not stored (reserve answers no-space); 1 = store all",
+        live=True,
+    )
 
 
 @dataclasses.dataclass
@@ -207,6 +287,28 @@ class DiskConfig:
         256 * MiB, _positive(parse_size), "demotions queued for writing at most; more are dropped (counted)"
     )
     index_flush_seconds: float = _opt(5.0, _positive(parse_duration), "how often the disk index is persisted")
+    save_on_shutdown: bool = _opt(
+        True,
+        parse_bool,
+        "at SIGTERM, write DRAM pages not yet on disk (within daemon.shutdown_timeout): restarts start warm",
+    )
+    write_through: bool = _opt(
+        False,
+        parse_bool,
+        "write-through: every commit also queues a disk write (evictions then cost no write); "
+        "false = write-back, pages are written when evicted from DRAM",
+        live=True,
+    )
+
+
+@dataclasses.dataclass
+class MetricsConfig:
+    enabled: bool = _opt(True, parse_bool, "serve Prometheus metrics over HTTP")
+    address: str = _opt(
+        "127.0.0.1:9808",
+        parse_listen_address,
+        "HOST:PORT of the metrics endpoint (/metrics); port 0 = any free port (logged); 'off' = disabled",
+    )
 
 
 @dataclasses.dataclass
@@ -214,6 +316,7 @@ class Config:
     daemon: DaemonConfig = dataclasses.field(default_factory=DaemonConfig)
     dram: DramConfig = dataclasses.field(default_factory=DramConfig)
     disk: DiskConfig = dataclasses.field(default_factory=DiskConfig)
+    metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
 
     def get(self, dotted: str) -> Any:
         section, key = dotted.split(".", 1)
@@ -223,7 +326,12 @@ class Config:
         return dataclasses.asdict(self)
 
 
-SECTIONS: dict[str, type] = {"daemon": DaemonConfig, "dram": DramConfig, "disk": DiskConfig}
+SECTIONS: dict[str, type] = {
+    "daemon": DaemonConfig,
+    "dram": DramConfig,
+    "disk": DiskConfig,
+    "metrics": MetricsConfig,
+}
 
 
 def option_fields() -> dict[str, dataclasses.Field[Any]]:
@@ -254,8 +362,14 @@ def load_config(
     *,
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, object] | None = None,
+    tuning: bool = False,
 ) -> Config:
-    """Build a Config from defaults, a TOML file, POLARKV_* variables and overrides, in that order."""
+    """Build a Config from defaults, a TOML file, POLARKV_* variables and overrides, in that order.
+
+    With `tuning` (what `polarkvd serve` does), the tuning overlay (`daemon.tuning_file`, live knobs
+    saved from `polarkvd tui`) comes right after the file: it beats the file, while the environment
+    and --set, which an operator gives explicitly at start, still beat it.
+    """
     env = os.environ if env is None else env
     problems: list[tuple[str, object, str]] = []
     raw: dict[str, object] = {}
@@ -277,6 +391,12 @@ def load_config(
             for key, value in table.items():
                 raw[f"{section}.{key}"] = value
     fields = option_fields()
+    if tuning:
+        overlay = tuning_path(raw, env, overrides or {})
+        try:
+            raw.update(read_tuning(overlay))
+        except ConfigError as e:
+            problems.extend(e.problems)
     for name in fields:
         var = "POLARKV_" + name.replace(".", "_").upper()
         if var in env:
@@ -310,7 +430,99 @@ def _cross_checks(cfg: Config) -> list[tuple[str, object, str]]:
         )
     if not 1 <= cfg.disk.compression_level <= 22:
         out.append(("disk.compression_level", cfg.disk.compression_level, "zstd levels are 1..22"))
+    out.extend(watermark_problems(cfg.dram.high_watermark, cfg.dram.low_watermark))
     return out
+
+
+def watermark_problems(high: float, low: float) -> list[tuple[str, object, str]]:
+    if low > high:
+        return [("dram.low_watermark", low, f"above dram.high_watermark ({high})")]
+    return []
+
+
+# ---------------------------------------------------------------- the tuning overlay
+
+
+def tuning_path(raw: Mapping[str, object], env: Mapping[str, str], overrides: Mapping[str, object]) -> Path:
+    """Where the overlay is, from the same sources (and precedence) as the options that name it."""
+
+    def pick(name: str) -> str:
+        var = "POLARKV_" + name.replace(".", "_").upper()
+        for source in (overrides.get(name), env.get(var), raw.get(name)):
+            if isinstance(source, str) and source:
+                return source
+        return ""
+
+    explicit = pick("daemon.tuning_file")
+    if explicit:
+        return Path(explicit)
+    return Path(pick("daemon.state_dir") or default_state_dir(env)) / "tuning.toml"
+
+
+def read_tuning(path: str | Path) -> dict[str, object]:
+    """The overlay's live knobs as {"section.key": value}; {} when the file does not exist.
+
+    Anything but a live knob is refused (ConfigError naming the file): the overlay tunes, it does not
+    move sockets or resize tiers.
+    """
+    try:
+        with open(path, "rb") as fh:
+            doc = tomllib.load(fh)
+    except FileNotFoundError:
+        return {}
+    except OSError as e:
+        raise ConfigError([(str(path), "", f"cannot read the tuning overlay: {e.strerror or e}")]) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([(str(path), "", f"tuning overlay is not valid TOML: {e}")]) from None
+    out: dict[str, object] = {}
+    problems: list[tuple[str, object, str]] = []
+    for section, table in doc.items():
+        if not isinstance(table, dict):
+            problems.append((f"{path}: {section}", table, "expected a [table]"))
+            continue
+        for key, value in table.items():
+            name = f"{section}.{key}"
+            if name not in LIVE_KNOBS:
+                problems.append((f"{path}: {name}", value, "only live knobs belong in the tuning overlay"))
+            else:
+                out[name] = value
+    if problems:
+        raise ConfigError(problems)
+    return out
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    text = str(value)
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def write_tuning(path: str | Path, knobs: Mapping[str, object]) -> dict[str, object]:
+    """Merge `knobs` (live knob -> parsed value) into the overlay at `path`, atomically.
+
+    Knobs already in the file and not named here are kept. Returns everything the file now holds.
+    """
+    path = Path(path)
+    merged = {**read_tuning(path), **knobs}
+    sections: dict[str, list[str]] = {}
+    for name in sorted(merged):
+        section, key = name.split(".", 1)
+        sections.setdefault(section, []).append(f"{key} = {_toml_value(merged[name])}")
+    lines = [
+        "# Live knobs saved from `polarkvd tui` (or the `save_tuning` control op).",
+        "# `polarkvd serve` reads this right after its --config file; POLARKV_* variables and --set",
+        "# still win. Delete this file to go back to the main configuration.",
+    ]
+    for section, entries in sections.items():
+        lines += ["", f"[{section}]", *entries]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+    return merged
 
 
 # ---------------------------------------------------------------- paths and machine-dependent defaults
@@ -337,19 +549,25 @@ def default_state_dir(env: Mapping[str, str] | None = None) -> Path:
     return Path(base) / "polarkv"
 
 
+SYSTEM_RUNTIME_DIR = Path("/run/polarkv")  # the system service's (systemd RuntimeDirectory=polarkv)
+
+
+def _client_socket(env: Mapping[str, str], var: str, name: str) -> Path:
+    """A client's default: $VAR, else this user's runtime directory, else the system service's."""
+    if env.get(var):
+        return Path(env[var])
+    own = default_runtime_dir(env) / name
+    system = SYSTEM_RUNTIME_DIR / name
+    return own if own.exists() or not system.exists() else system
+
+
 def default_engine_socket(env: Mapping[str, str] | None = None) -> Path:
-    """Where engines find the daemon: $POLARKV_SOCKET, else the default runtime directory."""
-    env = os.environ if env is None else env
-    if env.get("POLARKV_SOCKET"):
-        return Path(env["POLARKV_SOCKET"])
-    return default_runtime_dir(env) / "engine.sock"
+    """Where engines find the daemon: $POLARKV_SOCKET, else the user's or the system's runtime dir."""
+    return _client_socket(os.environ if env is None else env, "POLARKV_SOCKET", "engine.sock")
 
 
 def default_control_socket(env: Mapping[str, str] | None = None) -> Path:
-    env = os.environ if env is None else env
-    if env.get("POLARKV_CONTROL_SOCKET"):
-        return Path(env["POLARKV_CONTROL_SOCKET"])
-    return default_runtime_dir(env) / "control.sock"
+    return _client_socket(os.environ if env is None else env, "POLARKV_CONTROL_SOCKET", "control.sock")
 
 
 def _free_bytes(path: Path) -> int:
@@ -380,6 +598,7 @@ def resolve(cfg: Config, env: Mapping[str, str] | None = None) -> Config:
         daemon=dataclasses.replace(cfg.daemon),
         dram=dataclasses.replace(cfg.dram),
         disk=dataclasses.replace(cfg.disk),
+        metrics=dataclasses.replace(cfg.metrics),
     )
     d = out.daemon
     d.runtime_dir = d.runtime_dir or str(default_runtime_dir(env))
@@ -387,6 +606,7 @@ def resolve(cfg: Config, env: Mapping[str, str] | None = None) -> Config:
     d.engine_socket = d.engine_socket or str(Path(d.runtime_dir) / "engine.sock")
     d.control_socket = d.control_socket or str(Path(d.runtime_dir) / "control.sock")
     out.disk.path = out.disk.path or str(Path(d.state_dir) / "pages")
+    d.tuning_file = d.tuning_file or str(Path(d.state_dir) / "tuning.toml")
     if out.dram.capacity == AUTO:
         total = psutil.virtual_memory().total
         shm_free = _free_bytes(Path(out.dram.shm_dir))

@@ -1,25 +1,41 @@
 """The composition root: builds the daemon from a resolved config, runs it, shuts it down cleanly.
 
-Owns start-up order (resource checks, directories, arena, disk tier, manager, sockets), the periodic
-chores (lease expiry, disk index flush), signals, and the order of shutdown. Holds no policy itself.
+Owns start-up order (resource checks, directories, metrics endpoint, arena, disk tier, manager,
+sockets), the periodic chores (lease expiry, disk index flush, systemd status and watchdog), signals
+(SIGTERM/SIGINT: bounded graceful shutdown; SIGHUP: reload the config file), the systemd
+notifications that go with them, and the order of shutdown. Holds no policy itself.
+
+systemd sees: STATUS while starting, READY=1 once both sockets answer and the tiers are open,
+WATCHDOG=1 from the event loop (a hung loop stops them and gets the daemon restarted), RELOADING=1
+then READY=1 around a reload, STOPPING=1 at shutdown.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import dataclasses
+import faulthandler
 import logging
 import os
 import signal
+import threading
+import time
+from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
+from typing import Any, TypeVar
 
 import xxhash
 
-from polarkvd.config import Config, check_resources
-from polarkvd.errors import PolarKVError, ResourceError
+from polarkvd import __version__
+from polarkvd.config import LIVE_KNOBS, Config, check_resources, load_config, option_fields
+from polarkvd.errors import EXIT_CONFIG, ConfigError, PolarKVError, ResourceError
 from polarkvd.manager import Manager
+from polarkvd.metrics import MetricsServer, OpTimings, Snapshot, StatsCollector
+from polarkvd.sdnotify import Notifier
 from polarkvd.server.connection import Connection, RequestServer, claim_socket_path
-from polarkvd.server.control import control_handlers
+from polarkvd.server.control import apply_knob, control_handlers
 from polarkvd.server.engine import engine_handlers
 from polarkvd.server.shm import Arena
 from polarkvd.tiers.dram import SlabAllocator
@@ -27,6 +43,8 @@ from polarkvd.tiers.dram import SlabAllocator
 log = logging.getLogger("polarkvd.daemon")
 
 GiB = 1 << 30
+STATUS_SECONDS = 5.0  # how often the one-line STATUS shown by `systemctl status` is refreshed
+T = TypeVar("T")
 
 
 def _human(n: int) -> str:
@@ -36,29 +54,87 @@ def _human(n: int) -> str:
     return f"{n} B"
 
 
+@dataclasses.dataclass(frozen=True)
+class ConfigSource:
+    """Where the running config came from, so SIGHUP can build it again the same way.
+
+    `loaded` is the config as loaded, before `resolve()` filled in paths and "auto" sizes: a reload
+    compares against it, so an "auto" size that resolves differently now is not a change.
+    """
+
+    path: Path | None
+    overrides: Mapping[str, object]
+    loaded: Config
+
+
 class Daemon:
-    def __init__(self, cfg: Config) -> None:
+    def __init__(
+        self, cfg: Config, source: ConfigSource | None = None, notifier: Notifier | None = None
+    ) -> None:
         self.cfg = cfg
+        self.source = source
+        self.notifier = notifier or Notifier(env={})
         self.stopping = asyncio.Event()
+        self._forced = asyncio.Event()  # a second SIGTERM/SIGINT: stop waiting for disk writes
         self.ready = False
+        self.manager: Manager | None = None
+        self.timings = OpTimings()
+        self.metrics_url = ""
+        self._reload_pending = False
+        self.reloads_ok = self.reloads_failed = 0
+        self.last_reload_ok = True
+        self.last_reload_time = 0.0
+        self.restart_needed: list[str] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
+        self._cut_short = 0  # disk operations cancelled at shutdown
 
     def arena_path(self) -> Path:
         tag = xxhash.xxh3_64_hexdigest(str(Path(self.cfg.daemon.engine_socket).resolve()).encode())[:12]
         return Path(self.cfg.dram.shm_dir) / f"polarkv-{tag}.arena"
 
+    # ------------------------------------------------------------------ run
+
     async def run(self) -> None:
         cfg = self.cfg
-        problems = check_resources(cfg)
-        if problems:
-            raise ResourceError(
-                "this machine cannot give what the config asks for:\n  "
-                + "\n  ".join(f"{k} = {v!r}: {why}" for k, v, why in problems)
-            )
-        engine_path = Path(cfg.daemon.engine_socket)
-        control_path = Path(cfg.daemon.control_socket)
-        for p in (engine_path, control_path):
-            claim_socket_path(p)  # refuses when another daemon answers there
+        loop = asyncio.get_running_loop()
+        self._loop, self._loop_thread = loop, threading.get_ident()
+        chores: list[asyncio.Task[None]] = []
+        if self.notifier.watchdog_seconds:
+            # From the first moment: start-up (disk verification) runs on this loop too.
+            chores.append(asyncio.create_task(self._every(self.notifier.watchdog_seconds, self.notifier.watchdog, now=True)))  # fmt: skip
+            log.debug("systemd watchdog: pinging every %.3fs", self.notifier.watchdog_seconds)
+        self.notifier.status("starting: checking resources")
+        try:
+            problems = await loop.run_in_executor(None, check_resources, cfg)
+            if problems:
+                raise ResourceError(
+                    "this machine cannot give what the config asks for:\n  "
+                    + "\n  ".join(f"{k} = {v!r}: {why}" for k, v, why in problems)
+                )
+            engine_path = Path(cfg.daemon.engine_socket)
+            control_path = Path(cfg.daemon.control_socket)
+            for p in (engine_path, control_path):
+                claim_socket_path(p)  # refuses when another daemon answers there
+            metrics = None
+            if cfg.metrics.enabled and cfg.metrics.address != "off":
+                # Before the arena: a port in use fails the start at once, with the option's name.
+                metrics = MetricsServer(cfg.metrics.address, StatsCollector(self._snapshot_from_thread))
+                self.metrics_url = metrics.start()
+            try:
+                await self._serve(engine_path, control_path, chores)
+            finally:
+                if metrics is not None:
+                    metrics.stop()
+        finally:
+            for task in chores:
+                task.cancel()
+            await asyncio.gather(*chores, return_exceptions=True)
+            self.notifier.close()
 
+    async def _serve(self, engine_path: Path, control_path: Path, chores: list[asyncio.Task[None]]) -> None:
+        cfg = self.cfg
+        loop = asyncio.get_running_loop()
         try:
             arena = Arena(
                 self.arena_path(),
@@ -70,19 +146,20 @@ class Daemon:
             raise ResourceError(f"cannot create the DRAM arena: {e}") from None
         executor = concurrent.futures.ThreadPoolExecutor(cfg.disk.io_threads, thread_name_prefix="polarkv-io")
         disk = None
-        engine_srv = control_srv = None
-        chores: list[asyncio.Task[None]] = []
+        servers: list[RequestServer] = []
+        finished = False  # disk writes completed within the shutdown timeout
         try:
             if cfg.disk.enabled:
                 from polarkvd.tiers.disk import DiskTier
 
+                self.notifier.status(f"starting: verifying the disk tier at {cfg.disk.path}")
                 disk = DiskTier(
                     Path(cfg.disk.path),
                     cfg.disk.capacity,
                     policy=cfg.disk.policy,
                     level=cfg.disk.compression_level,
                 )
-                report = await asyncio.get_running_loop().run_in_executor(executor, disk.open)
+                report = await loop.run_in_executor(executor, disk.open)
                 log.info(
                     "disk tier %s: %d pages (%s of %s) verified in %.2fs; %d recovered, %d dropped",
                     cfg.disk.path, report.pages, _human(report.stored_bytes), _human(cfg.disk.capacity),
@@ -103,6 +180,7 @@ class Daemon:
                     arena_path=str(arena.path),
                     arena_size=arena.size,
                     max_keys=cfg.daemon.max_keys_per_request,
+                    timings=self.timings,
                 ),
                 max_frame_bytes=cfg.daemon.max_frame_bytes,
                 on_close=on_close,
@@ -110,47 +188,257 @@ class Daemon:
             control_srv = RequestServer(
                 "control", control_handlers(manager), max_frame_bytes=cfg.daemon.max_frame_bytes
             )
+            servers = [engine_srv, control_srv]
             await engine_srv.start(engine_path, cfg.daemon.engine_socket_mode)
             await control_srv.start(control_path, cfg.daemon.control_socket_mode)
             chores.append(asyncio.create_task(self._every(1.0, manager.expire)))
+            # dram.high_watermark / low_watermark: background demotion (a no-op below the high mark)
+            chores.append(asyncio.create_task(self._every(0.25, manager.enforce_watermarks)))
             if disk is not None:
                 chores.append(
                     asyncio.create_task(
                         self._every(cfg.disk.index_flush_seconds, lambda: executor.submit(disk.flush_index))
                     )
                 )
+            if self.notifier.enabled:
+                chores.append(asyncio.create_task(self._every(STATUS_SECONDS, self._refresh_status)))
             log.info(
-                "polarkvd ready (pid %d): engine socket %s, control socket %s, DRAM arena %s (%s, policy %s), disk tier %s",
+                "polarkvd ready (pid %d): engine socket %s, control socket %s, DRAM arena %s (%s, policy %s), disk tier %s, metrics %s",
                 os.getpid(), engine_path, control_path, arena.path, _human(cfg.dram.capacity), cfg.dram.policy,
                 f"{cfg.disk.path} ({_human(cfg.disk.capacity)})" if disk is not None else "disabled",
+                self.metrics_url or "disabled",
+                extra={"metrics_url": self.metrics_url} if self.metrics_url else {},
             )  # fmt: skip
             self.ready = True
+            self.notifier.ready(self.status_line())
+            if self._reload_pending:
+                self.reload()
             await self.stopping.wait()
-            log.info("shutting down: closing sockets, finishing disk writes, saving the disk index")
-        finally:
-            for task in chores:
-                task.cancel()
-            for srv in (engine_srv, control_srv):
-                if srv is not None:
-                    await srv.stop()
-            if disk is not None:
-                if hasattr(self, "manager"):
-                    await self.manager.flush()
-                disk.close()
-            executor.shutdown(wait=True)
-            arena.close()
-            log.info("polarkvd stopped")
 
-    async def _every(self, seconds: float, fn: object) -> None:
-        while True:
-            await asyncio.sleep(seconds)
+            # ---- graceful shutdown, bounded by daemon.shutdown_timeout
+            self.notifier.stopping("stopping: finishing disk writes")
+            # Disk reads and writes cut short from here on complete their futures as cancelled; the
+            # manager's callbacks then see CancelledError: expected at shutdown, not an error.
+            loop.set_exception_handler(self._quiet_cancelled)
+            started = time.monotonic()
+            log.info(
+                "shutting down: refusing new stores, finishing disk writes%s (at most %.0fs)",
+                " and saving DRAM pages to disk" if disk is not None and cfg.disk.save_on_shutdown else "",
+                cfg.daemon.shutdown_timeout,
+            )
+            finished = await self._bounded(self._save(manager, disk), cfg.daemon.shutdown_timeout)
+            if not finished:  # the queued writes are cancelled below: those pages are not on disk
+                log.warning(
+                    "shutdown: disk writes did not finish within daemon.shutdown_timeout = %.0fs%s; "
+                    "dropping the queued ones (pages already written stay, the index is saved)",
+                    cfg.daemon.shutdown_timeout, " (second signal)" if self._forced.is_set() else "",
+                )  # fmt: skip
+            log.info("shutdown: disk writes done in %.2fs", time.monotonic() - started)
+        finally:
+            self.ready = False
+            loop.set_exception_handler(self._quiet_cancelled)
+            for srv in servers:
+                await srv.stop()
+            # After a clean drain nothing is queued; after a timeout the queue is dropped and only
+            # the writes already running (one page per I/O thread) are waited for.
+            executor.shutdown(wait=True, cancel_futures=True)
+            if disk is not None:
+                try:
+                    disk.flush_index()
+                except OSError as e:
+                    log.error(
+                        "saving the disk index failed: %s (it is rebuilt from page headers at start)", e
+                    )
+                disk.close()
+            arena.close()
+            if self._cut_short:
+                log.info("shutdown: %d queued disk operations were dropped", self._cut_short)
+            log.info("polarkvd stopped", extra={"clean": finished})
+
+    async def _save(self, manager: Manager, disk: Any) -> None:
+        if disk is not None and self.cfg.disk.save_on_shutdown:
+            report = await manager.drain()  # refuses stores, writes DRAM pages, waits, saves the index
+            log.info(
+                "shutdown: %d DRAM pages written to disk", report.get("written_pages", 0),
+                extra={"written_pages": report.get("written_pages", 0)},
+            )  # fmt: skip
+        else:
+            manager.draining = True
+            await manager.flush()
+
+    async def _bounded(self, coro: Coroutine[Any, Any, None], timeout: float) -> bool:
+        """Run `coro` for at most `timeout` seconds (less after a second signal). True if it finished."""
+        task = asyncio.ensure_future(coro)
+        forced = asyncio.ensure_future(self._forced.wait())
+        try:
+            done, _ = await asyncio.wait({task, forced}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            forced.cancel()
+        if task in done:
             try:
-                fn()  # type: ignore[operator]
+                task.result()
+            except Exception:
+                log.exception("shutdown: saving pages failed")
+            return True
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        return False
+
+    async def _every(self, seconds: float, fn: Callable[[], object], *, now: bool = False) -> None:
+        """Call `fn` every `seconds` at a fixed rate (the watchdog must not drift late); after a
+        stall it runs once at once, then keeps the rate, never in a burst."""
+        loop = asyncio.get_running_loop()
+        due = loop.time() + (0.0 if now else seconds)
+        while True:
+            delay = due - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            try:
+                fn()
             except Exception:
                 log.exception("periodic chore failed")
+            due = max(due + seconds, loop.time())
+
+    # ------------------------------------------------------------------ signals
 
     def request_stop(self) -> None:
+        if self.stopping.is_set():
+            log.warning("second stop signal: not waiting for disk writes any longer")
+            self._forced.set()
+            return
+        log.info("stop requested (signal)")
         self.stopping.set()
+
+    def request_reload(self) -> None:
+        if self.stopping.is_set():
+            log.info("reload requested while stopping: ignored")
+            return
+        if not self.ready:
+            log.info("reload requested while starting: it runs once the daemon is ready")
+            self._reload_pending = True
+            return
+        self.reload()
+
+    def reload(self) -> None:
+        """SIGHUP: rebuild the config from the same file, environment and --set overrides; apply the
+        live knobs that changed; report the other changes as needing a restart. An invalid file
+        changes nothing."""
+        self._reload_pending = False
+        self.notifier.reloading()
+        try:
+            self._reload()
+        except Exception:  # a bug here must not take the daemon down
+            self.reloads_failed += 1
+            self.last_reload_ok = False
+            log.exception("reload failed; still running the previous configuration")
+        finally:
+            self.last_reload_time = time.time()
+            self.notifier.ready(self.status_line())
+
+    def _reload(self) -> None:
+        if self.source is None or self.manager is None:
+            log.warning("reload: this daemon was not started from a config source; nothing to reload")
+            return
+        path = self.source.path
+        shown = str(path) if path is not None else "the built-in defaults (no --config)"
+        try:
+            new = load_config(path, overrides=self.source.overrides, tuning=True)
+        except ConfigError as e:
+            self.reloads_failed += 1
+            self.last_reload_ok = False
+            log.error(
+                "reload refused, still running the previous configuration: %s has %d problem(s): %s",
+                shown, len(e.problems), "; ".join(f"{k} = {v!r}: {why}" for k, v, why in e.problems),
+                extra={"config": shown},
+            )  # fmt: skip
+            return
+        running = self.manager.cfg
+        changes = {n: (running.get(n), new.get(n)) for n in LIVE_KNOBS if new.get(n) != running.get(n)}
+        for name, (_old, value) in changes.items():
+            apply_knob(self.manager, name, value)
+        base = self.source.loaded
+        self.restart_needed = [
+            n for n in option_fields() if n not in LIVE_KNOBS and new.get(n) != base.get(n)
+        ]
+        self.reloads_ok += 1
+        self.last_reload_ok = True
+        log.info(
+            "reloaded %s: %s", shown,
+            ", ".join(f"{n} {old!r} -> {value!r}" for n, (old, value) in changes.items()) or "no live option changed",
+            extra={"changed": ",".join(changes) or "-"},
+        )  # fmt: skip
+        if self.restart_needed:
+            log.warning(
+                "reload: %s changed in %s but only take(s) effect after a restart (systemctl restart "
+                "polarkvd); running with %s",
+                ", ".join(self.restart_needed), shown,
+                ", ".join(f"{n} = {base.get(n)!r}" for n in self.restart_needed),
+                extra={"restart_needed": ",".join(self.restart_needed)},
+            )  # fmt: skip
+
+    # ------------------------------------------------------------------ status and metrics
+
+    def status_line(self) -> str:
+        if self.manager is None:
+            return "starting"
+        st = self.manager.stats()
+        c = st["counters"]
+        dram = st["tiers"]["dram"]
+        parts = [f"DRAM {dram['pages']} pages ({_human(dram['bytes'])} of {_human(dram['capacity_bytes'])})"]
+        disk = st["tiers"].get("disk")
+        if disk is not None:
+            parts.append(f"disk {disk['pages']} pages ({_human(disk['bytes'])})")
+        looked = c.get("lookup_pages", 0)
+        hit = c.get("hit_pages_dram", 0) + c.get("hit_pages_disk", 0)
+        parts.append(f"hit {hit / looked * 100:.1f}% of {looked} pages" if looked else "no lookups yet")
+        parts.append(f"{len(st['sessions'])} engines")
+        state = "draining" if st["draining"] else "serving" if self.ready else "stopping"
+        return f"{state}: " + ", ".join(parts)
+
+    def _quiet_cancelled(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """Loop exception handler at shutdown: count disk operations cut short, report the rest."""
+        if isinstance(context.get("exception"), asyncio.CancelledError):
+            self._cut_short += 1
+            return
+        loop.default_exception_handler(context)
+
+    def _refresh_status(self) -> None:
+        self.notifier.status(self.status_line())
+
+    def snapshot(self) -> Snapshot:
+        """Everything a scrape shows; call on the event loop."""
+        return Snapshot(
+            stats=self.manager.stats() if self.manager is not None else None,
+            timings={op: h.snapshot() for op, h in self.timings.ops.items()},
+            ready=self.ready,
+            reloads_ok=self.reloads_ok,
+            reloads_failed=self.reloads_failed,
+            last_reload_ok=self.last_reload_ok,
+            last_reload_time=self.last_reload_time,
+            restart_needed=len(self.restart_needed),
+            version=__version__,
+        )
+
+    def _snapshot_from_thread(self) -> Snapshot:
+        """The metrics server's threads read the manager through the loop: it is not thread-safe."""
+        return _call_on_loop(self._loop, self._loop_thread, self.snapshot)
+
+
+def _call_on_loop(loop: asyncio.AbstractEventLoop | None, loop_thread: int, fn: Callable[[], T]) -> T:
+    if loop is None or threading.get_ident() == loop_thread:
+        return fn()
+    fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+    def run() -> None:
+        if fut.set_running_or_notify_cancel():
+            try:
+                fut.set_result(fn())
+            except BaseException as e:
+                fut.set_exception(e)
+
+    loop.call_soon_threadsafe(run)
+    return fut.result(timeout=10)  # a loop that does not answer in 10 s makes the scrape fail
 
 
 def _run(coro: object) -> None:
@@ -164,21 +452,28 @@ def _run(coro: object) -> None:
     uvloop.run(coro)  # type: ignore[arg-type]
 
 
-def serve(cfg: Config) -> int:
-    """Run the daemon until SIGTERM or SIGINT. Returns the process exit code."""
+def serve(cfg: Config, source: ConfigSource | None = None) -> int:
+    """Run the daemon until SIGTERM or SIGINT; SIGHUP reloads from `source`. Returns the exit code."""
+    # A watchdog kill (SIGABRT) or a crash in C code prints every thread's Python stack to stderr,
+    # i.e. into the journal: where the loop hung.
+    faulthandler.enable()
+    notifier = Notifier()
 
     async def main() -> None:
-        daemon = Daemon(cfg)
+        daemon = Daemon(cfg, source, notifier)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, daemon.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, daemon.request_reload)
         await daemon.run()
 
     try:
         _run(main())
     except PolarKVError as e:
         log.error("%s", e)
-        from polarkvd.errors import EXIT_CONFIG
-
+        notifier.status("failed: " + str(e).splitlines()[0])
         return EXIT_CONFIG
+    except Exception:
+        log.exception("polarkvd failed")
+        return 1
     return 0

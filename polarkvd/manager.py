@@ -49,6 +49,11 @@ class NamespaceInfo:
     ns: Namespace
     digest: bytes
     slot_bytes: int
+    # totals of sessions that have detached (live sessions are added when stats are read)
+    lookup_pages: int = 0
+    hit_pages: int = 0
+    stored_pages: int = 0
+    loaded_pages: int = 0
 
 
 @dataclasses.dataclass
@@ -125,6 +130,9 @@ class Manager:
         self.draining = False
         self.counters = Counters()
         self.started = time.time()
+        self.operator_pins: dict[bytes, Page] = {}  # pages pinned with the `pin` op, one pin each
+        self.prefix_hits: Counters = Counters()  # first key of a load -> pages loaded (see `top`)
+        self.write_through_bytes = 0  # write-through copies queued and not yet written
 
     # ------------------------------------------------------------------ sessions
 
@@ -167,6 +175,11 @@ class Manager:
         for offset, slot_bytes in session.quarantined:
             self.allocator.free(offset, slot_bytes)
         session.quarantined.clear()
+        info = session.ns
+        info.lookup_pages += session.lookup_pages
+        info.hit_pages += session.hit_pages
+        info.stored_pages += session.stored_pages
+        info.loaded_pages += session.loaded_pages
         log.info("session %d (%r) detached", session.id, session.engine_id)
 
     # ------------------------------------------------------------------ lookup
@@ -219,6 +232,11 @@ class Manager:
             raise PolarKVError("the daemon is draining and accepts no new pages", code=ErrorCode.DRAINING)
         ns = session.ns
         size = ns.ns.page_bytes
+        need = self.cfg.dram.min_prefix_pages
+        if keys and need > len(keys) and self._chain_length(parent, need) + len(keys) < need:
+            session.reserved_at = self.clock()
+            self.counters["not_admitted_pages"] += len(keys)
+            return [RESERVE_NO_SPACE] * len(keys)
         out: list[int] = []
         prev = parent
         now = self.clock()
@@ -244,6 +262,27 @@ class Manager:
         session.reserved_at = now
         return out
 
+    def _chain_length(self, key: bytes | None, limit: int) -> int:
+        """Pages from the root of a sequence up to `key` inclusive, counting at most `limit`.
+
+        A parent the daemon no longer holds still counts (the engine's sequence has it); its own
+        ancestors are then unknown, so the count stops there.
+        """
+        n = 0
+        while key is not None and n < limit:
+            n += 1
+            page = self.index.get(key)
+            if page is not None:
+                key = page.parent
+                continue
+            pending = self.pending.get(key)
+            if pending is not None:
+                key = pending.parent
+                continue
+            entry = self.disk.entry(key) if self.disk is not None else None
+            key = entry.parent if entry is not None else None
+        return n
+
     def commit(self, session: Session, keys: list[bytes]) -> int:
         _refuse_duplicates(keys, "commit")
         missing = [k for k in keys if k not in session.reserved]
@@ -253,14 +292,32 @@ class Manager:
                 f"(first: {missing[0].hex()}); nothing committed",
                 code=ErrorCode.NOT_RESERVED,
             )
+        write_through = self.cfg.disk.write_through and self.disk is not None
         for key in keys:
             page = session.reserved.pop(key)
             self.index.mark_ready(page)
             self.policy.insert(page)
+            if write_through:
+                self._write_through(session.ns, page)
         session.stored_pages += len(keys)
         self.counters["stored_pages"] += len(keys)
         self.counters["stored_bytes"] += len(keys) * session.ns.ns.page_bytes
         return len(keys)
+
+    def _write_through(self, info: NamespaceInfo, page: Page) -> None:
+        """Queue a disk copy of a just-committed page (disk.write_through), within max_pending_bytes."""
+        if self.write_through_bytes + page.size > self.cfg.disk.max_pending_bytes:
+            self.counters["write_through_skipped"] += 1  # written back when evicted instead
+            return
+        data = bytes(self.arena[page.offset : page.offset + page.size])
+        self.write_through_bytes += page.size
+        item = PendingDemotion(data, info.digest, page.parent, info.ns.itemsize)
+        fut = self._write_to_disk(page.key, item, counter="written_through_pages")
+
+        def done(_: object, size: int = page.size) -> None:
+            self.write_through_bytes -= size
+
+        fut.add_done_callback(done)
 
     def abort(self, session: Session, keys: list[bytes]) -> int:
         _refuse_duplicates(keys, "abort")
@@ -345,6 +402,7 @@ class Manager:
         session.loaded_pages += n
         if not pinned:
             return [], [], None
+        self._count_prefix_hit(keys[0], n)
         lease = Lease(next(self._ids), session, pinned, self.clock() + self.cfg.daemon.lease_seconds)
         session.leases[lease.id] = lease
         return [p.offset for p in pinned], tiers, lease.id
@@ -369,7 +427,14 @@ class Manager:
             self._finish_promotion(page, fut, None, on_disk=False)
         else:
             io = loop.run_in_executor(self.executor, self.disk.get_into, key, view)
-            io.add_done_callback(lambda f: self._finish_promotion(page, fut, f.exception(), on_disk=True))
+            io.add_done_callback(
+                lambda f: self._finish_promotion(
+                    page,
+                    fut,
+                    PageNotFound("read cancelled") if f.cancelled() else f.exception(),
+                    on_disk=True,
+                )
+            )
         return page, fut
 
     def _finish_promotion(
@@ -381,6 +446,7 @@ class Manager:
             self.index.mark_ready(page)
             self.policy.insert(page)
             self.counters["promoted_pages"] += 1
+            self.counters["promoted_bytes"] += page.size
             fut.set_result(True)
             return
         if isinstance(error, PageCorrupt):
@@ -498,7 +564,9 @@ class Manager:
         self.pending_bytes += page.size
         self._write_to_disk(page.key, item)
 
-    def _write_to_disk(self, key: bytes, item: PendingDemotion) -> asyncio.Future[Any]:
+    def _write_to_disk(
+        self, key: bytes, item: PendingDemotion, counter: str = "demoted_pages"
+    ) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         fut = loop.run_in_executor(
             self.executor, self.disk.put, key, item.parent, item.ns_digest, item.data, item.itemsize
@@ -510,11 +578,14 @@ class Manager:
             if self.pending.get(key) is item:
                 del self.pending[key]
                 self.pending_bytes -= len(item.data)
-            if f.exception() is not None:
+            if f.cancelled():  # the I/O pool shut down under it (daemon stopping)
+                self.counters["demotions_cancelled"] += 1
+            elif f.exception() is not None:
                 self.counters["demotion_failures"] += 1
                 log.error("writing page %s to disk failed: %r", key.hex(), f.exception())
             elif f.result():
-                self.counters["demoted_pages"] += 1
+                self.counters[counter] += 1
+                self.counters[counter.replace("_pages", "_bytes")] += len(item.data)
                 page = self.index.get(key)
                 if page is not None:
                     page.on_disk = True
@@ -551,6 +622,220 @@ class Manager:
             self.cfg.disk.policy = name
         log.info("eviction policy of %s is now %s", tier.label, name)
 
+    # ------------------------------------------------------------------ operator: watermarks, pins, top
+
+    def enforce_watermarks(self, budget_bytes: int = 64 << 20) -> int:
+        """Background demotion (a periodic chore): above dram.high_watermark, evict down to low.
+
+        Evicts like a full arena would (policy order, leaf-first, pinned pages stay), demoting to
+        disk. Frees at most `budget_bytes` per call so the loop stays responsive, and stops before
+        the disk queue (disk.max_pending_bytes) would have to drop a demotion: background work waits
+        for the disk rather than losing pages. Returns the pages evicted.
+        """
+        cap = self.allocator.capacity
+        if self.allocator.used_bytes <= self.cfg.dram.high_watermark * cap:
+            return 0
+        target = self.cfg.dram.low_watermark * cap
+        largest = max((info.ns.page_bytes for info in self.namespaces.values()), default=0)
+        freed = evicted = 0
+        while self.allocator.used_bytes > target and freed < budget_bytes:
+            if self.disk is not None and self.pending_bytes + largest > self.cfg.disk.max_pending_bytes:
+                break
+            before = self.allocator.used_bytes
+            if not self._evict_one(None, "watermark"):
+                break
+            freed += before - self.allocator.used_bytes
+            evicted += 1
+        return evicted
+
+    def _count_prefix_hit(self, first_key: bytes, pages: int) -> None:
+        hits = self.prefix_hits
+        hits[first_key] += pages
+        if len(hits) > 4096:  # bounded: keep the hottest half
+            self.prefix_hits = Counters(dict(hits.most_common(2048)))
+
+    def _roots(self) -> dict[bytes, bytes]:
+        """key -> key of the first DRAM page of its chain, for every READY page in DRAM."""
+        root_of: dict[bytes, bytes] = {}
+        get = self.index.get
+        for page in self.index:
+            if page.state != READY or page.key in root_of:
+                continue
+            path = [page.key]
+            node = page
+            while True:
+                parent = get(node.parent) if node.parent is not None else None
+                if parent is None or parent.state != READY:
+                    root = node.key
+                    break
+                if parent.key in root_of:
+                    root = root_of[parent.key]
+                    break
+                path.append(parent.key)
+                node = parent
+            for key in path:
+                root_of[key] = root
+        return root_of
+
+    def _subtree(self, roots: list[bytes]) -> list[Page]:
+        """READY DRAM pages that are one of `roots` or descend from one; parents before children."""
+        children: dict[bytes, list[Page]] = {}
+        for page in self.index:
+            if page.state == READY and page.parent is not None:
+                children.setdefault(page.parent, []).append(page)
+        out: list[Page] = []
+        seen: set[bytes] = set()
+        queue: list[bytes] = []
+        for key in roots:
+            if key in seen:
+                continue
+            seen.add(key)
+            page = self.index.get(key)
+            if page is not None and page.state == READY:
+                out.append(page)
+            queue.append(key)
+        while queue:
+            key = queue.pop()
+            for child in children.get(key, ()):
+                if child.key not in seen:
+                    seen.add(child.key)
+                    out.append(child)
+                    queue.append(child.key)
+        # depth-first pops can put a child before a sibling's subtree, never before its parent
+        return out
+
+    def pin(self, roots: list[bytes]) -> dict[str, int]:
+        """Keep the DRAM pages of these prefixes (each key and everything after it) from eviction.
+
+        Pins only what is in DRAM now (load a prefix first to bring its disk pages up). Operator pins
+        may hold at most half of the arena, so engines always keep room to store.
+        """
+        pages = [p for p in self._subtree(roots) if p.key not in self.operator_pins]
+        held = sum(slot_size(p.size) for p in self.operator_pins.values())
+        adding = sum(slot_size(p.size) for p in pages)
+        limit = self.allocator.capacity // 2
+        if held + adding > limit:
+            raise NoSpaceError(
+                f"pinning {len(pages)} more pages ({adding} bytes) would hold {held + adding} bytes of DRAM "
+                f"pinned; operator pins may hold at most half the arena ({limit} bytes)"
+            )
+        for page in pages:
+            page.pins += 1
+            self.operator_pins[page.key] = page
+        self.counters["operator_pins"] += len(pages)
+        return {"pinned_pages": len(pages), "pinned_bytes": sum(p.size for p in pages)}
+
+    def unpin(self, roots: list[bytes]) -> int:
+        """Release operator pins on these prefixes. Returns the pages unpinned."""
+        released = 0
+        for page in self._subtree(roots):
+            if self.operator_pins.pop(page.key, None) is not None:
+                page.pins -= 1
+                released += 1
+        return released
+
+    def evict_prefixes(self, roots: list[bytes]) -> dict[str, int]:
+        """Evict these prefixes from DRAM now (demoting to disk), leaves first.
+
+        Pages pinned (by a lease or an operator pin) stay, and so do their ancestors.
+        """
+        evicted = freed = kept = 0
+        for page in reversed(self._subtree(roots)):
+            if page.pins or page.children or page.state != READY:
+                kept += 1
+                continue
+            self.policy.remove(page)
+            self._demote(page)
+            self.index.remove(page.key)
+            self.allocator.free(page.offset, slot_size(page.size))
+            self.counters["evicted_pages_dram_operator"] += 1
+            self.counters["evicted_bytes_dram"] += page.size
+            evicted += 1
+            freed += page.size
+        return {"evicted_pages": evicted, "freed_bytes": freed, "kept_pages": kept}
+
+    def _namespace_totals(self) -> dict[int, dict[str, Any]]:
+        out: dict[int, dict[str, Any]] = {}
+        for info in self.namespaces.values():
+            out[info.id] = {
+                "model": info.ns.model,
+                "page_tokens": info.ns.page_tokens,
+                "page_bytes": info.ns.page_bytes,
+                "cache_salt": bool(info.ns.cache_salt),
+                "sessions": 0,
+                "lookup_pages": info.lookup_pages,
+                "hit_pages": info.hit_pages,
+                "stored_pages": info.stored_pages,
+                "loaded_pages": info.loaded_pages,
+            }
+        for s in self.sessions.values():
+            t = out[s.ns.id]
+            t["sessions"] += 1
+            t["lookup_pages"] += s.lookup_pages
+            t["hit_pages"] += s.hit_pages
+            t["stored_pages"] += s.stored_pages
+            t["loaded_pages"] += s.loaded_pages
+        return out
+
+    async def top(self, limit: int) -> dict[str, Any]:
+        """The largest namespaces, and prefixes (DRAM chains by first page) by bytes and by hits.
+
+        `hits` of a prefix are the pages loaded by requests starting in it. The disk tier's share per
+        namespace is counted in the I/O pool, off the event loop.
+        """
+        totals = self._namespace_totals()
+        for t in totals.values():
+            t.update(dram_pages=0, dram_bytes=0, disk_pages=0, disk_bytes=0)
+        root_of = self._roots()
+        prefixes: dict[bytes, dict[str, Any]] = {}
+        for page in self.index:
+            if page.state != READY:
+                continue
+            t = totals.get(page.ns)
+            if t is not None:
+                t["dram_pages"] += 1
+                t["dram_bytes"] += page.size
+            root = root_of[page.key]
+            pr = prefixes.get(root)
+            if pr is None:
+                info = self._ns_by_id[page.ns]
+                pr = prefixes[root] = {
+                    "key": root,
+                    "model": info.ns.model,
+                    "pages": 0,
+                    "bytes": 0,
+                    "pinned_pages": 0,
+                    "hits": 0,
+                }
+            pr["pages"] += 1
+            pr["bytes"] += page.size
+            if page.key in self.operator_pins:
+                pr["pinned_pages"] += 1
+        for key, n in self.prefix_hits.items():
+            pr = prefixes.get(root_of.get(key, key))
+            if pr is not None:
+                pr["hits"] += n
+        if self.disk is not None:
+            by_digest = await asyncio.get_running_loop().run_in_executor(
+                self.executor, _disk_by_namespace, self.disk
+            )
+            for digest, (pages, nbytes) in by_digest.items():
+                info = self.namespaces.get(digest)
+                if info is not None:
+                    totals[info.id]["disk_pages"] += pages
+                    totals[info.id]["disk_bytes"] += nbytes
+        namespaces = sorted(
+            totals.values(), key=lambda t: (t["dram_bytes"] + t["disk_bytes"], t["hit_pages"]), reverse=True
+        )
+        by_bytes = sorted(prefixes.values(), key=lambda p: (p["bytes"], p["hits"]), reverse=True)[:limit]
+        by_hits = sorted(prefixes.values(), key=lambda p: (p["hits"], p["bytes"]), reverse=True)[:limit]
+        chosen = {p["key"]: p for p in by_bytes + by_hits}
+        return {
+            "namespaces": namespaces[:limit],
+            "prefixes": list(chosen.values()),
+            "prefix_count": len(prefixes),
+        }
+
     # ------------------------------------------------------------------ drain
 
     async def drain(self) -> dict[str, int]:
@@ -561,10 +846,18 @@ class Manager:
             for page in self.index:
                 if page.state == READY and not page.on_disk and page.key not in self.pending:
                     info = self._ns_by_id[page.ns]
+                    while (
+                        self._disk_writes and self.pending_bytes + page.size > self.cfg.disk.max_pending_bytes
+                    ):
+                        # bounded like demotions: never a second copy of the whole arena in memory
+                        await asyncio.wait(list(self._disk_writes), return_when=asyncio.FIRST_COMPLETED)
+                    if page.state != READY or page.key in self.pending:
+                        continue  # evicted or being written while we waited
                     data = bytes(self.arena[page.offset : page.offset + page.size])
-                    self._write_to_disk(
-                        page.key, PendingDemotion(data, info.digest, page.parent, info.ns.itemsize)
-                    )
+                    item = PendingDemotion(data, info.digest, page.parent, info.ns.itemsize)
+                    self.pending[page.key] = item
+                    self.pending_bytes += page.size
+                    self._write_to_disk(page.key, item)
                     written += 1
             await self.flush()
         log.info("drained: %d pages written to disk; new stores are refused until `polarkvd resume`", written)
@@ -595,6 +888,9 @@ class Manager:
             "pinned_pages": sum(
                 len(lease.pages) for s in self.sessions.values() for lease in s.leases.values()
             ),
+            "operator_pinned_pages": len(self.operator_pins),
+            "high_watermark": self.cfg.dram.high_watermark,
+            "low_watermark": self.cfg.dram.low_watermark,
         }
         tiers = {"dram": dram}
         if self.disk is not None:
@@ -610,6 +906,8 @@ class Manager:
                 "corrupt_dropped": d.corrupt_dropped,
                 "pending_pages": len(self.pending),
                 "pending_bytes": self.pending_bytes,
+                "write_through": self.cfg.disk.write_through,
+                "write_through_bytes": self.write_through_bytes,
                 "path": str(self.cfg.disk.path),
             }
         sessions = [
@@ -636,4 +934,18 @@ class Manager:
             "sessions": sessions,
             "leases": sum(len(s.leases) for s in self.sessions.values()),
             "namespaces": len(self.namespaces),
+            "namespace_stats": list(self._namespace_totals().values()),
+            "tuning_file": self.cfg.daemon.tuning_file,
         }
+
+
+def _disk_by_namespace(disk: Any) -> dict[bytes, tuple[int, int]]:
+    """(pages, stored bytes) per namespace digest on the disk tier; runs in the I/O pool."""
+    out: dict[bytes, list[int]] = {}
+    for key in disk.keys():
+        entry = disk.entry(key)
+        if entry is not None:
+            acc = out.setdefault(entry.ns, [0, 0])
+            acc[0] += 1
+            acc[1] += entry.stored_bytes
+    return {k: (v[0], v[1]) for k, v in out.items()}

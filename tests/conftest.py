@@ -125,6 +125,7 @@ def _factory(base: Path) -> tuple[Callable[..., DaemonProc], Callable[[], None]]
             "disk.capacity": "256MiB",
             "disk.index_flush_seconds": "1s",
             "daemon.log_level": "debug",
+            "metrics.address": "127.0.0.1:0",  # any free port: daemons run side by side
         }
         cfg.update(sets or {})
         d = DaemonProc(root, cfg).start()

@@ -64,7 +64,8 @@ def private_daemon(sets: dict[str, str], keep: bool = False) -> Iterator[tuple[P
 
     root = Path(tempfile.mkdtemp(prefix="polarkv-bench-"))
     args = [sys.executable, "-m", "polarkvd", "serve",
-            "--set", f"daemon.runtime_dir={root / 'run'}", "--set", f"daemon.state_dir={root / 'state'}"]  # fmt: skip
+            "--set", f"daemon.runtime_dir={root / 'run'}", "--set", f"daemon.state_dir={root / 'state'}",
+            "--set", "metrics.enabled=false"]  # a private daemon: never the host daemon's metrics port  # fmt: skip
     for k, v in sets.items():
         args += ["--set", f"{k}={v}"]
     log = open(root / "daemon.log", "wb")

@@ -10,14 +10,23 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from polarkvd.config import LIVE_KNOBS, parse_option
+from polarkvd.config import LIVE_KNOBS, parse_option, watermark_problems, write_tuning
 from polarkvd.errors import ConfigError, ErrorCode, PolarKVError, ProtocolError
 from polarkvd.manager import Manager
 from polarkvd.server import protocol as P
 from polarkvd.server.connection import Connection, Handler
 from polarkvd.types import Tier
 
+log = logging.getLogger(__name__)
+
 _TIERS = {"dram": Tier.DRAM, "disk": Tier.DISK}
+_MAX_TOP = 1000
+
+
+def _only(args: dict[str, Any], *allowed: str) -> None:
+    extra = sorted(str(a) for a in args if a not in allowed)
+    if extra:
+        raise ProtocolError(f"unknown arguments {extra}; expected {list(allowed)}")
 
 
 def control_handlers(manager: Manager) -> dict[str, Handler]:
@@ -61,11 +70,67 @@ def control_handlers(manager: Manager) -> dict[str, Handler]:
                 parsed[name] = parse_option(name, value)
             except ConfigError as e:
                 problems.extend(f"{k} = {v!r}: {why}" for k, v, why in e.problems)
+        if not problems:  # the pair as it would be after the change
+            high = parsed.get("dram.high_watermark", manager.cfg.dram.high_watermark)
+            low = parsed.get("dram.low_watermark", manager.cfg.dram.low_watermark)
+            problems.extend(f"{k} = {v!r}: {why}" for k, v, why in watermark_problems(high, low))
         if problems:
             raise PolarKVError("; ".join(problems), code=ErrorCode.BAD_VALUE)
         for name, value in parsed.items():
             apply_knob(manager, name, value)
+        if "dram.high_watermark" in parsed or "dram.low_watermark" in parsed:
+            manager.enforce_watermarks()  # now, so the effect shows without waiting for the chore
         return {"knobs": {name: manager.cfg.get(name) for name in LIVE_KNOBS}}
+
+    def save_tuning(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        _only(args, "names")
+        names = args.get("names")
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+            raise ProtocolError("names must be a non-empty array of live knob names")
+        unknown = [n for n in names if n not in LIVE_KNOBS]
+        if unknown:
+            raise PolarKVError(
+                f"not live knobs: {', '.join(unknown)} (live: {', '.join(LIVE_KNOBS)})",
+                code=ErrorCode.BAD_VALUE,
+            )
+        path = manager.cfg.daemon.tuning_file
+        if not path:
+            raise PolarKVError("daemon.tuning_file is not set", code=ErrorCode.BAD_VALUE)
+        try:
+            saved = write_tuning(path, {n: manager.cfg.get(n) for n in names})
+        except (OSError, ConfigError) as e:
+            raise PolarKVError(
+                f"cannot write the tuning overlay {path}: {e}", code=ErrorCode.INTERNAL
+            ) from None
+        log.info("saved live knobs %s to %s", ", ".join(names), path)
+        return {"path": str(path), "saved": saved}
+
+    def _keys(args: dict[str, Any]) -> list[bytes]:
+        if "keys" not in args:
+            raise ProtocolError("missing keys")
+        keys = P.unpack_keys(args["keys"], manager.cfg.daemon.max_keys_per_request)
+        if not keys:
+            raise ProtocolError("keys must name at least one prefix")
+        return keys
+
+    async def top(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        _only(args, "limit")
+        limit = args.get("limit", 20)
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= _MAX_TOP:
+            raise ProtocolError(f"limit must be an integer from 1 to {_MAX_TOP}")
+        return await manager.top(limit)
+
+    def pin(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        _only(args, "keys")
+        return manager.pin(_keys(args))
+
+    def unpin(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        _only(args, "keys")
+        return {"unpinned_pages": manager.unpin(_keys(args))}
+
+    def evict_keys(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        _only(args, "keys")
+        return manager.evict_prefixes(_keys(args))
 
     def ping(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
         return {}
@@ -77,6 +142,11 @@ def control_handlers(manager: Manager) -> dict[str, Handler]:
         P.Op.RESUME.value: resume,
         P.Op.GET_KNOBS.value: get_knobs,
         P.Op.SET_KNOBS.value: set_knobs,
+        P.Op.SAVE_TUNING.value: save_tuning,
+        P.Op.TOP.value: top,
+        P.Op.PIN.value: pin,
+        P.Op.UNPIN.value: unpin,
+        P.Op.EVICT_KEYS.value: evict_keys,
         P.Op.PING.value: ping,
     }
 
@@ -92,5 +162,11 @@ def apply_knob(manager: Manager, name: str, value: Any) -> None:
         logging.getLogger("polarkvd").setLevel(value.upper())
     elif name == "daemon.lease_seconds":
         manager.cfg.daemon.lease_seconds = value
+    elif name in ("dram.high_watermark", "dram.low_watermark"):
+        setattr(manager.cfg.dram, name.split(".")[1], value)
+    elif name == "dram.min_prefix_pages":
+        manager.cfg.dram.min_prefix_pages = value
+    elif name == "disk.write_through":
+        manager.cfg.disk.write_through = value
     else:  # pragma: no cover - LIVE_KNOBS and this function change together
         raise PolarKVError(f"{name} is marked live but has no setter", code=ErrorCode.INTERNAL)

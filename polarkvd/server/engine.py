@@ -7,10 +7,12 @@ was killed), the session's reservations are aborted and its leases dropped at on
 
 from __future__ import annotations
 
+from time import perf_counter_ns
 from typing import Any
 
 from polarkvd.errors import ErrorCode, PolarKVError, ProtocolError
 from polarkvd.manager import Manager, Session
+from polarkvd.metrics import OpTimings
 from polarkvd.server import protocol as P
 from polarkvd.server.connection import Connection, Handler
 from polarkvd.types import KEY_BYTES, Namespace
@@ -47,8 +49,21 @@ def _only(args: dict[str, Any], *allowed: str) -> None:
 
 
 def engine_handlers(
-    manager: Manager, *, arena_path: str, arena_size: int, max_keys: int
+    manager: Manager,
+    *,
+    arena_path: str,
+    arena_size: int,
+    max_keys: int,
+    timings: OpTimings | None = None,
 ) -> dict[str, Handler]:
+    # Latency of the data-path ops, for metrics: a perf_counter_ns pair and a lock-free histogram
+    # add (docs/METRICS.md has the measured cost). Failed requests are not timed.
+    timings = timings if timings is not None else OpTimings()
+    observe_lookup = timings["lookup"].observe_ns
+    observe_reserve = timings["reserve"].observe_ns
+    observe_commit = timings["commit"].observe_ns
+    observe_load = timings["load"].observe_ns
+
     def keys(args: dict[str, Any]) -> list[bytes]:
         if "keys" not in args:
             raise ProtocolError("missing keys")
@@ -86,30 +101,41 @@ def engine_handlers(
         }
 
     def lookup(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        t0 = perf_counter_ns()
         _only(args, "keys", "pin")
         tiers, lease = manager.lookup(_session(conn), keys(args), _bool(args, "pin"))
-        return {"tiers": bytes(tiers), "lease": lease}
+        out = {"tiers": bytes(tiers), "lease": lease}
+        observe_lookup(perf_counter_ns() - t0)
+        return out
 
     def reserve(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        t0 = perf_counter_ns()
         _only(args, "keys", "parent")
         parent = args.get("parent")
         if parent is not None and (not isinstance(parent, bytes) or len(parent) != KEY_BYTES):
             raise ProtocolError("parent must be a 16-byte key or nil")
-        return {"offsets": manager.reserve(_session(conn), keys(args), parent)}
+        out = {"offsets": manager.reserve(_session(conn), keys(args), parent)}
+        observe_reserve(perf_counter_ns() - t0)
+        return out
 
     def commit(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        t0 = perf_counter_ns()
         _only(args, "keys")
-        return {"committed": manager.commit(_session(conn), keys(args))}
+        out = {"committed": manager.commit(_session(conn), keys(args))}
+        observe_commit(perf_counter_ns() - t0)
+        return out
 
     def abort(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
         _only(args, "keys")
         return {"aborted": manager.abort(_session(conn), keys(args))}
 
     async def load(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        t0 = perf_counter_ns()
         _only(args, "keys")
         offsets, tiers, lease = await manager.load(_session(conn), keys(args))
         if conn.closed and lease is not None:  # the engine left while we read from disk
             manager.release(conn.session, lease)
+        observe_load(perf_counter_ns() - t0)  # includes waiting for promotions from disk
         return {"offsets": offsets, "tiers": bytes(tiers), "lease": lease}
 
     def release(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:

@@ -49,11 +49,16 @@ class Op(str, enum.Enum):
     RESUME = "resume"
     GET_KNOBS = "get_knobs"
     SET_KNOBS = "set_knobs"
+    SAVE_TUNING = "save_tuning"
+    TOP = "top"
+    PIN = "pin"
+    UNPIN = "unpin"
+    EVICT_KEYS = "evict_keys"
 
 
 #: Status codes in a reserve reply, per key, besides a non-negative arena offset.
 RESERVE_EXISTS = -1  # already cached: nothing to write
-RESERVE_NO_SPACE = -2  # no room (everything pinned); this key and the rest of the chain are not stored
+RESERVE_NO_SPACE = -2  # not stored: no room (everything pinned), or not admitted (dram.min_prefix_pages)
 
 
 def pack(message: list[Any]) -> bytes:

@@ -1,0 +1,350 @@
+"""Prometheus metrics: the latency histograms the engine handlers fill, and the /metrics endpoint.
+
+Owns metric names, labels and help texts (docs/METRICS.md lists them), and the HTTP endpoint. Keeps
+no counters of its own: every series is computed at scrape time from a `Snapshot` the daemon takes
+on its event loop — `Manager.stats()` (the same dict `polarkvd status` prints), the op histograms and
+the daemon's own state — so metrics and `status` can never disagree.
+
+`LatencyHistogram` is written by the event loop thread only and has no lock: an observation is a
+bisect and two additions (see docs/METRICS.md for its measured cost on the lookup path).
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import errno
+import logging
+import re
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from polarkvd.config import split_address
+from polarkvd.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+#: Histogram bucket upper bounds, nanoseconds: 5 us .. 10 s. Lookups of a few pages take ~5-30 us
+#: in the daemon; a load that promotes from disk takes milliseconds.
+_BUCKETS_US = (5, 10, 25, 50, 100, 250, 500, 1e3, 2.5e3, 5e3, 1e4, 2.5e4, 5e4, 1e5, 2.5e5, 5e5, 1e6, 2.5e6, 5e6, 1e7)  # fmt: skip
+BUCKETS_NS: tuple[int, ...] = tuple(int(us * 1000) for us in _BUCKETS_US)
+
+#: The engine ops that are timed (label `op` of polarkv_engine_op_duration_seconds).
+TIMED_OPS = ("lookup", "reserve", "commit", "load")
+
+
+class LatencyHistogram:
+    """Fixed-bucket histogram of durations in nanoseconds. Not thread-safe: the loop thread only."""
+
+    __slots__ = ("bounds", "counts", "sum_ns")
+
+    def __init__(self, bounds: tuple[int, ...] = BUCKETS_NS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.sum_ns = 0
+
+    def observe_ns(self, ns: int) -> None:
+        self.counts[bisect.bisect_left(self.bounds, ns)] += 1
+        self.sum_ns += ns
+
+    def snapshot(self) -> tuple[list[int], int]:
+        return list(self.counts), self.sum_ns
+
+
+class OpTimings:
+    """One histogram per timed engine op; the engine handlers observe, the collector reads."""
+
+    def __init__(self) -> None:
+        self.ops = {op: LatencyHistogram() for op in TIMED_OPS}
+
+    def __getitem__(self, op: str) -> LatencyHistogram:
+        return self.ops[op]
+
+
+@dataclasses.dataclass
+class Snapshot:
+    """Everything one scrape shows, taken at one instant on the event loop."""
+
+    stats: dict[str, Any] | None  # Manager.stats(); None while the daemon is starting
+    timings: dict[str, tuple[list[int], int]]
+    ready: bool
+    reloads_ok: int = 0
+    reloads_failed: int = 0
+    last_reload_ok: bool = True
+    last_reload_time: float = 0.0
+    restart_needed: int = 0
+    version: str = ""
+
+
+# ---------------------------------------------------------------------------------------- collector
+
+_EVICTED_DRAM = re.compile(r"^evicted_pages_dram_(\w+)$")
+
+#: manager counter -> (metric name, help). Each is a monotonic counter in Manager.counters.
+_SIMPLE_COUNTERS = {
+    "lookups": ("polarkv_lookups_total", "Lookup requests."),
+    "lookup_pages": ("polarkv_lookup_pages_total", "Page keys asked for in lookups."),
+    "miss_pages": (
+        "polarkv_miss_pages_total",
+        "Looked-up pages past the longest cached prefix.",
+    ),
+    "loads": ("polarkv_loads_total", "Load requests."),
+    "load_short_pages": (
+        "polarkv_load_short_pages_total",
+        "Pages asked for in loads that could not be served.",
+    ),
+    "reserve_no_space": (
+        "polarkv_reserve_no_space_pages_total",
+        "Pages refused at reserve: no room in DRAM.",
+    ),
+    "aborted_pages": ("polarkv_aborted_pages_total", "Reserved pages given up (abort, engine gone, expiry)."),
+    "promotion_failures": (
+        "polarkv_promotion_failures_total",
+        "Promotions that failed (missing or corrupt).",
+    ),
+    "demotions_dropped": (
+        "polarkv_demotions_dropped_total",
+        "Evicted pages not written to disk (queue full or refused).",
+    ),
+    "demotion_failures": ("polarkv_demotion_failures_total", "Disk writes that failed."),
+    "corrupt_pages": (
+        "polarkv_corrupt_pages_total",
+        "Disk pages that failed their checksum on read (dropped).",
+    ),
+    "expired": ("polarkv_expired_total", "Leases and reservations expired after daemon.lease_seconds."),
+    "sessions_attached": ("polarkv_sessions_attached_total", "Engine sessions attached since start."),
+}
+# Counters shown through labelled families below, not as events.
+_LABELLED = {"stored_pages", "promoted_pages", "demoted_pages", "hit_pages_dram", "hit_pages_disk", "loaded_pages", "loaded_pages_disk", "stored_bytes",
+             "loaded_bytes", "evicted_bytes_dram", "promoted_bytes", "demoted_bytes", "written_through_pages",
+             "written_through_bytes"}  # fmt: skip
+
+#: Data paths of polarkv_transfer_bytes_total / _pages_total: (path label, bytes counters, page
+#: counters); a path's value is the sum of its counters. DRAM -> disk covers demotions (eviction,
+#: drain, shutdown save) and write-through copies.
+_PATHS = (
+    ("engine_to_dram", ("stored_bytes",), ("stored_pages",)),
+    ("dram_to_engine", ("loaded_bytes",), ("loaded_pages",)),
+    ("disk_to_dram", ("promoted_bytes",), ("promoted_pages",)),
+    ("dram_to_disk", ("demoted_bytes", "written_through_bytes"), ("demoted_pages", "written_through_pages")),
+)
+
+
+def families(snap: Snapshot) -> Iterator[Any]:
+    """The metric families of one snapshot (a pure function: easy to test without HTTP)."""
+    from prometheus_client.core import (
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        HistogramMetricFamily,
+        InfoMetricFamily,
+    )
+
+    yield InfoMetricFamily("polarkv_build", "polarkvd version.", value={"version": snap.version})
+    yield GaugeMetricFamily("polarkv_ready", "1 once the daemon serves its sockets.", value=int(snap.ready))
+
+    reloads = CounterMetricFamily(
+        "polarkv_config_reloads", "SIGHUP reloads of the config file.", labels=["result"]
+    )
+    reloads.add_metric(["ok"], snap.reloads_ok)
+    reloads.add_metric(["failed"], snap.reloads_failed)
+    yield reloads
+    yield GaugeMetricFamily(
+        "polarkv_config_last_reload_successful",
+        "0 when the last reload was refused (invalid file): the daemon runs the older config.",
+        value=int(snap.last_reload_ok),
+    )
+    yield GaugeMetricFamily(
+        "polarkv_config_last_reload_timestamp_seconds",
+        "Unix time of the last reload (0: none since start).",
+        value=snap.last_reload_time,
+    )
+    yield GaugeMetricFamily(
+        "polarkv_config_restart_needed_options",
+        "Options changed in the config file that only take effect after a restart.",
+        value=snap.restart_needed,
+    )
+
+    hist = HistogramMetricFamily(
+        "polarkv_engine_op_duration_seconds",
+        "Time the daemon spends on an engine request, from parsed request to reply (socket time excluded).",
+        labels=["op"],
+    )
+    for op, (counts, sum_ns) in snap.timings.items():
+        buckets, acc = [], 0
+        for bound, n in zip((*BUCKETS_NS, None), counts):
+            acc += n
+            buckets.append(("+Inf" if bound is None else _seconds_label(bound), acc))
+        hist.add_metric([op], buckets, sum_ns / 1e9)
+    yield hist
+
+    st = snap.stats
+    if st is None:
+        return
+    c = st["counters"]
+    tiers = st["tiers"]
+
+    yield GaugeMetricFamily(
+        "polarkv_uptime_seconds", "Seconds since the daemon started.", value=st["uptime_s"]
+    )
+    yield GaugeMetricFamily(
+        "polarkv_draining", "1 while new stores are refused (drain or shutdown).", value=int(st["draining"])
+    )
+
+    pages = GaugeMetricFamily("polarkv_tier_pages", "Pages held in a tier (readable ones).", labels=["tier"])
+    size = GaugeMetricFamily(
+        "polarkv_tier_bytes", "Bytes held in a tier (disk: compressed file sizes).", labels=["tier"]
+    )
+    cap = GaugeMetricFamily("polarkv_tier_capacity_bytes", "Capacity of a tier.", labels=["tier"])
+    for name, t in tiers.items():
+        pages.add_metric([name], t["pages"])
+        size.add_metric([name], t["bytes"])
+        cap.add_metric([name], t["capacity_bytes"])
+    yield pages
+    yield size
+    yield cap
+    dram = tiers["dram"]
+    yield GaugeMetricFamily(
+        "polarkv_dram_slot_bytes_used", "Arena bytes allocated to page slots.", value=dram["slot_bytes_used"]
+    )
+    yield GaugeMetricFamily(
+        "polarkv_dram_reserved_pages",
+        "DRAM slots reserved by engines, not committed yet.",
+        value=dram["reserved_pages"],
+    )
+    yield GaugeMetricFamily(
+        "polarkv_dram_pinned_pages", "DRAM pages pinned by engine leases.", value=dram["pinned_pages"]
+    )
+    disk = tiers.get("disk")
+    if disk is not None:
+        yield GaugeMetricFamily(
+            "polarkv_disk_raw_bytes", "Uncompressed bytes of the pages on disk.", value=disk["raw_bytes"]
+        )
+        yield GaugeMetricFamily(
+            "polarkv_disk_pending_pages",
+            "Evicted pages queued for writing to disk.",
+            value=disk["pending_pages"],
+        )
+        yield GaugeMetricFamily(
+            "polarkv_disk_pending_bytes", "Bytes queued for writing to disk.", value=disk["pending_bytes"]
+        )
+
+    hits = CounterMetricFamily(
+        "polarkv_hit_pages", "Looked-up pages found, by the tier that holds them.", labels=["tier"]
+    )
+    hits.add_metric(["dram"], c.get("hit_pages_dram", 0))
+    hits.add_metric(["disk"], c.get("hit_pages_disk", 0))
+    yield hits
+    loaded = CounterMetricFamily(
+        "polarkv_loaded_pages", "Pages handed to engines by loads, by source tier.", labels=["tier"]
+    )
+    loaded.add_metric(["dram"], c.get("loaded_pages", 0) - c.get("loaded_pages_disk", 0))
+    loaded.add_metric(["disk"], c.get("loaded_pages_disk", 0))
+    yield loaded
+
+    moved_pages = CounterMetricFamily("polarkv_transfer_pages", "Pages moved, by data path.", labels=["path"])
+    moved_bytes = CounterMetricFamily(
+        "polarkv_transfer_bytes", "Page bytes moved, by data path.", labels=["path"]
+    )
+    for path, bytes_keys, pages_keys in _PATHS:
+        moved_pages.add_metric([path], sum(c.get(k, 0) for k in pages_keys))
+        # Byte counts only where the manager counts bytes (it does not for promotions and
+        # demotions yet): an absent series is honest, a zero would not be.
+        if any(k in c for k in bytes_keys) or path in ("engine_to_dram", "dram_to_engine"):
+            moved_bytes.add_metric([path], sum(c.get(k, 0) for k in bytes_keys))
+    yield moved_pages
+    yield moved_bytes
+
+    evicted = CounterMetricFamily(
+        "polarkv_evicted_pages", "Pages evicted, by tier and reason.", labels=["tier", "reason"]
+    )
+    for key, value in sorted(c.items()):
+        m = _EVICTED_DRAM.match(key)
+        if m:
+            evicted.add_metric(["dram", m.group(1)], value)
+    if disk is not None:
+        evicted.add_metric(["disk", "any"], disk["evictions"])
+    yield evicted
+    evicted_bytes = CounterMetricFamily("polarkv_evicted_bytes", "Bytes evicted, by tier.", labels=["tier"])
+    evicted_bytes.add_metric(["dram"], c.get("evicted_bytes_dram", 0))
+    yield evicted_bytes
+
+    for key, (name, doc) in _SIMPLE_COUNTERS.items():
+        yield CounterMetricFamily(name.removesuffix("_total"), doc, value=c.get(key, 0))
+    if disk is not None:
+        yield CounterMetricFamily("polarkv_disk_corrupt_dropped", "Disk pages dropped as corrupt by the disk tier.",
+                                  value=disk["corrupt_dropped"])  # fmt: skip
+
+    other = CounterMetricFamily(
+        "polarkv_manager_events", "Manager counters without a dedicated series above.", labels=["event"]
+    )
+    for key, value in sorted(c.items()):
+        if key not in _SIMPLE_COUNTERS and key not in _LABELLED and not _EVICTED_DRAM.match(key):
+            other.add_metric([key], value)
+    yield other
+
+    yield GaugeMetricFamily("polarkv_sessions", "Attached engine sessions.", value=len(st["sessions"]))
+    yield GaugeMetricFamily("polarkv_leases", "Open leases (pinned loads and lookups).", value=st["leases"])
+    yield GaugeMetricFamily("polarkv_namespaces", "Namespaces seen since start.", value=st["namespaces"])
+
+
+def _seconds_label(ns: int) -> str:
+    return f"{ns / 1e9:g}"
+
+
+class StatsCollector:
+    """A prometheus_client collector that reads one Snapshot per scrape.
+
+    `take_snapshot` is called from the HTTP server's thread and must itself hop onto the event loop
+    (the daemon passes a function that does). No `describe()`: the registry is created with
+    auto_describe off, so registering does not scrape.
+    """
+
+    def __init__(self, take_snapshot: Callable[[], Snapshot]) -> None:
+        self.take_snapshot = take_snapshot
+
+    def collect(self) -> Iterator[Any]:
+        yield from families(self.take_snapshot())
+
+
+class MetricsServer:
+    """The HTTP endpoint (prometheus_client's threaded WSGI server) on `metrics.address`."""
+
+    def __init__(self, address: str, collector: StatsCollector) -> None:
+        self.address = address
+        self.collector = collector
+        self._httpd: Any = None
+        self.url = ""
+
+    def start(self) -> str:
+        """Bind and serve; returns the URL. A bind failure is a ConfigError naming metrics.address."""
+        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client.gc_collector import GCCollector
+        from prometheus_client.platform_collector import PlatformCollector
+        from prometheus_client.process_collector import ProcessCollector
+
+        host, port = split_address(self.address)
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(self.collector)
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
+        try:
+            self._httpd, _thread = start_http_server(port, host, registry=registry)
+        except OSError as e:
+            why = e.strerror or str(e)
+            if e.errno == errno.EADDRINUSE:
+                why = (
+                    "address already in use (another polarkvd or exporter listens there): choose another "
+                    "port, port 0 for any free one, or set metrics.enabled = false"
+                )
+            raise ConfigError([("metrics.address", self.address, f"cannot listen: {why}")]) from None
+        bound_host, bound_port = self._httpd.server_address[:2]
+        shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+        self.url = f"http://{shown}:{bound_port}/metrics"
+        return self.url
+
+    def stop(self) -> None:
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
