@@ -128,7 +128,7 @@ def _choice(*options: str) -> Callable[[object], str]:
 def _positive(parse: Callable[[object], Any]) -> Callable[[object], Any]:
     def check(value: object) -> Any:
         out = parse(value)
-        if out != AUTO and out <= 0:
+        if out <= 0:
             raise ValueError("must be greater than zero")
         return out
 
@@ -158,13 +158,6 @@ def parse_fraction(value: object) -> float:
         raise ValueError("expected a fraction like 0.9 or '90%'")
     if not 0.0 <= out <= 1.0:
         raise ValueError("must lie between 0 and 1 (0% and 100%)")
-    return out
-
-
-def _at_least_one(value: object) -> int:
-    out = parse_int(value)
-    if out < 1:  # not `_positive`: it lets -1 (AUTO) through
-        raise ValueError("must be at least 1")
     return out
 
 
@@ -267,7 +260,7 @@ class DramConfig:
     )
     min_prefix_pages: int = _opt(
         1,
-        _at_least_one,
+        _positive(parse_int),
         "admission: a sequence of fewer full pages than this is not stored (reserve answers no-space); 1 = store all",
         live=True,
     )

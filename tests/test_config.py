@@ -238,3 +238,12 @@ def test_serve_with_bad_config_exits_78(tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists()
     r = _cli("serve", "--set", "no-equals-sign")
     assert r.returncode == EXIT_CONFIG and "KEY=VALUE" in r.stderr
+
+
+@pytest.mark.parametrize("option", ["daemon.max_sessions", "daemon.max_keys_per_request", "dram.min_prefix_pages"])
+@pytest.mark.parametrize("value", ["-1", "0"])
+def test_counts_must_be_positive(option: str, value: str) -> None:
+    """-1 is how "auto" sizes are stored internally; it must never slip through as a count."""
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides={option: value})
+    assert info.value.problems[0][0] == option
