@@ -17,12 +17,34 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from polarkvd.errors import ErrorCode, PolarKVError
+from polarkvd.errors import ErrorCode, PolarKVError, ProtocolError
 from polarkvd.server import protocol as P
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[["Connection", dict[str, Any]], "dict[str, Any] | Awaitable[dict[str, Any]]"]
+
+
+def only_args(args: dict[str, Any], *allowed: str) -> None:
+    """Unknown arguments are an error, not silently ignored: the client is speaking another dialect."""
+    for name in args:
+        if name not in allowed:
+            extra = sorted(str(a) for a in args if a not in allowed)
+            raise ProtocolError(f"unknown arguments {extra}; expected {list(allowed)}")
+
+
+def arg_bool(args: dict[str, Any], name: str, default: bool = False) -> bool:
+    value = args.get(name, default)
+    if not isinstance(value, bool):
+        raise ProtocolError(f"{name} must be true or false")
+    return value
+
+
+def arg_int(args: dict[str, Any], name: str) -> int:
+    value = args.get(name)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ProtocolError(f"{name} must be an integer")
+    return value
 
 
 class Connection(asyncio.Protocol):

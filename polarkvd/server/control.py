@@ -14,19 +14,13 @@ from polarkvd.config import LIVE_KNOBS, parse_option, watermark_problems, write_
 from polarkvd.errors import ConfigError, ErrorCode, PolarKVError, ProtocolError
 from polarkvd.manager import Manager
 from polarkvd.server import protocol as P
-from polarkvd.server.connection import Connection, Handler
+from polarkvd.server.connection import Connection, Handler, only_args
 from polarkvd.types import Tier
 
 log = logging.getLogger(__name__)
 
 _TIERS = {"dram": Tier.DRAM, "disk": Tier.DISK}
 _MAX_TOP = 1000
-
-
-def _only(args: dict[str, Any], *allowed: str) -> None:
-    extra = sorted(str(a) for a in args if a not in allowed)
-    if extra:
-        raise ProtocolError(f"unknown arguments {extra}; expected {list(allowed)}")
 
 
 def control_handlers(manager: Manager) -> dict[str, Handler]:
@@ -83,7 +77,7 @@ def control_handlers(manager: Manager) -> dict[str, Handler]:
         return {"knobs": {name: manager.cfg.get(name) for name in LIVE_KNOBS}}
 
     def save_tuning(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
-        _only(args, "names")
+        only_args(args, "names")
         names = args.get("names")
         if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
             raise ProtocolError("names must be a non-empty array of live knob names")
@@ -114,22 +108,22 @@ def control_handlers(manager: Manager) -> dict[str, Handler]:
         return keys
 
     async def top(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
-        _only(args, "limit")
+        only_args(args, "limit")
         limit = args.get("limit", 20)
         if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= _MAX_TOP:
             raise ProtocolError(f"limit must be an integer from 1 to {_MAX_TOP}")
         return await manager.top(limit)
 
     def pin(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
-        _only(args, "keys")
+        only_args(args, "keys")
         return manager.pin(_keys(args))
 
     def unpin(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
-        _only(args, "keys")
+        only_args(args, "keys")
         return {"unpinned_pages": manager.unpin(_keys(args))}
 
     def evict_keys(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
-        _only(args, "keys")
+        only_args(args, "keys")
         return manager.evict_prefixes(_keys(args))
 
     def ping(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:

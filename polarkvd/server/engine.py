@@ -14,7 +14,7 @@ from polarkvd.errors import ErrorCode, PolarKVError, ProtocolError
 from polarkvd.manager import Manager, Session
 from polarkvd.metrics import OpTimings
 from polarkvd.server import protocol as P
-from polarkvd.server.connection import Connection, Handler
+from polarkvd.server.connection import Connection, Handler, arg_bool, arg_int, only_args
 from polarkvd.types import KEY_BYTES, Namespace
 
 
@@ -24,28 +24,6 @@ def _session(conn: Connection) -> Session:
             "send hello (namespace, engine id) before any other engine op", code=ErrorCode.NO_SESSION
         )
     return conn.session
-
-
-def _bool(args: dict[str, Any], name: str, default: bool = False) -> bool:
-    value = args.get(name, default)
-    if not isinstance(value, bool):
-        raise ProtocolError(f"{name} must be true or false")
-    return value
-
-
-def _int(args: dict[str, Any], name: str) -> int:
-    value = args.get(name)
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ProtocolError(f"{name} must be an integer")
-    return value
-
-
-def _only(args: dict[str, Any], *allowed: str) -> None:
-    """Unknown arguments are an error, not silently ignored: the client is speaking another dialect."""
-    for name in args:
-        if name not in allowed:
-            extra = sorted(str(a) for a in args if a not in allowed)
-            raise ProtocolError(f"unknown arguments {extra}; expected {list(allowed)}")
 
 
 def engine_handlers(
@@ -70,7 +48,7 @@ def engine_handlers(
         return P.unpack_keys(args["keys"], max_keys)
 
     def hello(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
-        _only(args, "namespace", "engine_id")
+        only_args(args, "namespace", "engine_id")
         if conn.session is not None:
             raise ProtocolError(
                 "this connection is already attached; open another connection for another namespace"
@@ -102,15 +80,15 @@ def engine_handlers(
 
     def lookup(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
         t0 = perf_counter_ns()
-        _only(args, "keys", "pin")
-        tiers, lease = manager.lookup(_session(conn), keys(args), _bool(args, "pin"))
+        only_args(args, "keys", "pin")
+        tiers, lease = manager.lookup(_session(conn), keys(args), arg_bool(args, "pin"))
         out = {"tiers": bytes(tiers), "lease": lease}
         observe_lookup(perf_counter_ns() - t0)
         return out
 
     def reserve(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
         t0 = perf_counter_ns()
-        _only(args, "keys", "parent")
+        only_args(args, "keys", "parent")
         parent = args.get("parent")
         if parent is not None and (not isinstance(parent, bytes) or len(parent) != KEY_BYTES):
             raise ProtocolError("parent must be a 16-byte key or nil")
@@ -120,18 +98,18 @@ def engine_handlers(
 
     def commit(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
         t0 = perf_counter_ns()
-        _only(args, "keys")
+        only_args(args, "keys")
         out = {"committed": manager.commit(_session(conn), keys(args))}
         observe_commit(perf_counter_ns() - t0)
         return out
 
     def abort(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
-        _only(args, "keys")
+        only_args(args, "keys")
         return {"aborted": manager.abort(_session(conn), keys(args))}
 
     async def load(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
         t0 = perf_counter_ns()
-        _only(args, "keys")
+        only_args(args, "keys")
         offsets, tiers, lease = await manager.load(_session(conn), keys(args))
         if conn.closed and lease is not None:  # the engine left while we read from disk
             manager.release(conn.session, lease)
@@ -139,11 +117,11 @@ def engine_handlers(
         return {"offsets": offsets, "tiers": bytes(tiers), "lease": lease}
 
     def release(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
-        _only(args, "lease")
-        return {"released": manager.release(_session(conn), _int(args, "lease"))}
+        only_args(args, "lease")
+        return {"released": manager.release(_session(conn), arg_int(args, "lease"))}
 
     def ping(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
-        _only(args)
+        only_args(args)
         return {}
 
     return {
