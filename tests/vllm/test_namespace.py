@@ -1,0 +1,109 @@
+"""What goes into the connector's namespace, and its options (no engine: imports the connector only)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from polarkvd.errors import ConfigError
+from polarkvd.keys import namespace_digest, page_keys
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+connector = pytest.importorskip("polarkvd.connectors.vllm", reason="needs vllm")
+
+
+class FakeHFConfig:
+    def __init__(self, **kw: object) -> None:
+        self.kw = {"model_type": "llama", "num_hidden_layers": 30, "_name_or_path": "/somewhere", **kw}
+
+    def to_dict(self) -> dict[str, object]:
+        return dict(self.kw)
+
+
+def model_config(path: Path, dtype: str = "torch.float32", **hf: object) -> SimpleNamespace:
+    return SimpleNamespace(
+        model=str(path), hf_config=FakeHFConfig(**hf), dtype=dtype, quantization=None, revision=None
+    )
+
+
+def make_model(path: Path, weights: bytes) -> Path:
+    path.mkdir(parents=True)
+    (path / "config.json").write_text("{}")
+    (path / "model.safetensors").write_bytes(weights)
+    return path
+
+
+def test_fingerprint_names_the_weights_not_the_path(tmp_path: Path) -> None:
+    weights = bytes(range(256)) * 40_000  # 10 MB: sampled, not read whole
+    a = make_model(tmp_path / "a" / "smol", weights)
+    b = tmp_path / "b" / "smol"
+    shutil.copytree(a, b)
+    tuned = make_model(tmp_path / "c" / "smol", bytes(reversed(weights)))
+    fp = connector.model_fingerprint
+    assert fp(model_config(a)) == fp(model_config(b))  # same files elsewhere: pages are shared
+    assert fp(model_config(a)).startswith("smol@")
+    assert fp(model_config(tuned)) != fp(model_config(a))  # a fine-tune with the same config: never
+    assert fp(model_config(a, dtype="torch.bfloat16")) != fp(model_config(a))
+    assert fp(model_config(a, rope_theta=1e6)) != fp(model_config(a))
+
+
+def geometry(**kw: object) -> object:
+    base = dict(
+        model="smol@x", dtype="float32", layout="vllm-cpu-lbhnc-vec/v1", layer_names=("l0", "l1"),
+        num_kv_heads=3, head_dim=64, kv_parts=2, block_size=128, page_blocks=1, block_bytes=196608,
+        num_blocks=10, tp_size=2,
+    )  # fmt: skip
+    base.update(kw)
+    return connector.Geometry(**base)
+
+
+def test_salt_and_tp_rank_change_every_key_and_page_size_matches_vllm_blocks() -> None:
+    g = geometry()
+    tokens = list(range(1000, 1256))
+    keys = {
+        (salt, rank): page_keys(namespace_digest(g.namespace(salt, rank)), tokens, g.page_tokens)
+        for salt in ("", "alice", "bob")
+        for rank in (0, 1)
+    }
+    assert len({k[0] for k in keys.values()}) == 6  # every (salt, rank) pair has its own first key
+    assert g.namespace("", 0).page_bytes == g.num_layers * g.page_blocks * g.block_bytes
+    assert geometry(page_blocks=2).namespace("", 0).page_tokens == 256
+
+
+def test_options_refuse_unknown_keys_and_bad_values() -> None:
+    assert connector.Options.from_extra(None) == connector.Options()
+    assert connector.Options.from_extra({"page_blocks": 2, "timeout": 1}).timeout == 1.0
+    with pytest.raises(ConfigError) as e:
+        connector.Options.from_extra(
+            {"sokcet": "/x", "page_blocks": 0, "load_mode": "fast", "save_decode": "yes"}
+        )
+    text = str(e.value)
+    for key in ("sokcet", "page_blocks", "load_mode", "save_decode"):
+        assert f"kv_connector_extra_config.{key}" in text
+
+
+def test_pages_hold_blocks_in_logical_order_whatever_the_physical_layout() -> None:
+    """A contiguous LBHNC layer (vLLM CPU) and an H-outer strided one (an LHBNC-style GPU layout) give
+    the same page bytes for the same logical KV, and a load puts them back where they came from."""
+    import torch
+
+    blocks, heads, tokens, content = 6, 3, 8, 16
+    logical = torch.randn(blocks, heads, tokens, content)
+    contiguous = logical.clone()
+    strided = logical.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3)  # same values, H outermost
+    assert not strided[0].is_contiguous()
+    block_bytes = heads * tokens * content * 4
+    pages = {}
+    for name, layer in (("contiguous", contiguous), ("strided", strided)):
+        mover = connector._HostMover([layer], blocks, block_bytes)
+        page = torch.zeros(2, block_bytes, dtype=torch.uint8)
+        mover.save_layer(0, [(page[0], 4), (page[1], 1)])
+        pages[name] = page
+        layer.zero_()
+        mover.load_layer(0, [(page[0], 2), (page[1], 5)])
+        assert torch.equal(layer[2], logical[4]) and torch.equal(layer[5], logical[1])
+    assert torch.equal(pages["contiguous"], pages["strided"])
