@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import mmap
 import os
 import socket
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from polarkvd.config import default_control_socket, default_engine_socket
-from polarkvd.errors import DaemonUnavailable, LeaseExpired, PageNotFound, error_for_code
+from polarkvd.errors import DaemonUnavailable, LeaseExpired, PageNotFound, PolarKVError, error_for_code
 from polarkvd.keys import ROOT_KEY, page_keys
 from polarkvd.server import protocol as P
 from polarkvd.server.shm import map_arena
@@ -133,8 +135,51 @@ class StoreResult:
     no_space: int = 0  # pages not stored: no room (everything pinned) or daemon draining
 
 
+class _ArenaMaps:
+    """One mapping per arena file per process, shared by every EngineClient that needs it.
+
+    Mapping (and pre-faulting) a 2 GiB arena costs up to ~0.8 s, and an engine opens a session per
+    `cache_salt`. Mappings are keyed by the file's identity (device, inode), not only its path: a
+    restarted daemon creates a new arena at the same path, and a client must never keep writing into
+    the unlinked old one.
+    """
+
+    _lock = threading.Lock()
+    _maps: dict[tuple[int, int, int], tuple[mmap.mmap, memoryview, int]] = {}
+
+    @classmethod
+    def acquire(cls, path: str, size: int) -> tuple[tuple[int, int, int], memoryview]:
+        st = os.stat(path)
+        ident = (st.st_dev, st.st_ino, size)
+        with cls._lock:
+            entry = cls._maps.get(ident)
+            if entry is None:
+                m = map_arena(path, size)
+                entry = (m, memoryview(m), 0)
+            cls._maps[ident] = (entry[0], entry[1], entry[2] + 1)
+            return ident, entry[1]
+
+    @classmethod
+    def release(cls, ident: tuple[int, int, int]) -> None:
+        with cls._lock:
+            m, view, refs = cls._maps[ident]
+            if refs > 1:
+                cls._maps[ident] = (m, view, refs - 1)
+                return
+            del cls._maps[ident]
+        try:
+            view.release()
+            m.close()
+        except (BufferError, ValueError):
+            pass  # a caller still holds a page view; the mapping goes away with the process
+
+
 class EngineClient:
-    """An attached engine session: one namespace, one connection, the arena mapped."""
+    """An attached engine session: one namespace, one connection, the arena mapped.
+
+    `map_arena=False` makes a lookup-only client (a scheduler process that never touches bytes): it
+    skips mapping the arena; `page`, `load`, `store` and `load_into` then raise.
+    """
 
     def __init__(
         self,
@@ -142,8 +187,10 @@ class EngineClient:
         engine_id: str = "",
         socket_path: str | Path | None = None,
         timeout: float | None = 60.0,
+        map_arena: bool = True,
     ) -> None:
         self.namespace = namespace
+        self._arena_id: tuple[int, int, int] | None = None
         self.engine_id = engine_id or f"pid-{os.getpid()}"
         self._ch = _Channel(socket_path or default_engine_socket(), timeout)
         try:
@@ -156,11 +203,11 @@ class EngineClient:
             self.layer_bytes: int = info["layer_bytes"]
             self.lease_seconds: float = info["lease_seconds"]
             self.max_keys: int = info["max_keys"]
-            self._mmap = map_arena(info["arena_path"], info["arena_size"])
+            if map_arena:
+                self._arena_id, self._arena = _ArenaMaps.acquire(info["arena_path"], info["arena_size"])
         except BaseException:
             self._ch.close()
             raise
-        self._arena = memoryview(self._mmap)
 
     # -- keys -------------------------------------------------------------------------------------
 
@@ -197,6 +244,7 @@ class EngineClient:
 
     def load(self, keys: Sequence[bytes]) -> LoadResult:
         """Pin the longest loadable prefix of `keys` in DRAM; copy from `views`, then `release`."""
+        self._need_arena()
         r = self._ch.call(P.Op.LOAD.value, {"keys": P.pack_keys(list(keys))})
         views = [self.page(off) for off in r["offsets"]]
         return LoadResult(r["offsets"], [_TIER[t] for t in r["tiers"]], r["lease"], views)
@@ -206,7 +254,12 @@ class EngineClient:
 
     def page(self, offset: int) -> memoryview:
         """A writable view of the page at `offset` in the arena."""
+        self._need_arena()
         return self._arena[offset : offset + self.page_bytes]
+
+    def _need_arena(self) -> None:
+        if self._arena_id is None:
+            raise PolarKVError("this client did not map the arena (map_arena=False) or is closed")
 
     # -- batched conveniences ----------------------------------------------------------------------
 
@@ -223,6 +276,7 @@ class EngineClient:
         `parent` is the key of the page before keys[0] (None at the start of a sequence). On any error
         while copying, the reservation is aborted: nothing half-written becomes visible.
         """
+        self._need_arena()
         offsets = self.reserve(keys, parent)
         result = StoreResult()
         written: list[bytes] = []
@@ -280,11 +334,9 @@ class EngineClient:
 
     def close(self) -> None:
         self._ch.close()
-        try:
-            self._arena.release()
-            self._mmap.close()
-        except (BufferError, ValueError):
-            pass  # a caller still holds a view; the mapping goes away with the process
+        if self._arena_id is not None:
+            _ArenaMaps.release(self._arena_id)
+            self._arena_id = None
 
     def __enter__(self) -> EngineClient:
         return self

@@ -406,7 +406,10 @@ class _DaemonLink:
         if digest in self._refused or not self.available or self._paused.get(digest, 0.0) > self._clock():
             return None
         try:
-            client = EngineClient(ns, self._engine_id, self.path, timeout=self._opts.timeout)
+            # The scheduler only looks pages up: it never maps the arena (costly for a large one).
+            client = EngineClient(
+                ns, self._engine_id, self.path, timeout=self._opts.timeout, map_arena=self.role != "scheduler"
+            )
         except DaemonUnavailable as e:
             self.failed(e)
             return None
