@@ -60,6 +60,14 @@ def parse_size(value: object, *, allow_auto: bool = False) -> int:
     )
 
 
+def format_size(n: float) -> str:
+    """The inverse of `parse_size` for people: 5898240 -> "5.6 MiB" (binary units, one decimal)."""
+    for unit, size in (("TiB", TiB), ("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+        if abs(n) >= size * 0.999:  # "1.0 MiB" rather than "1023.9 KiB": keeps columns narrow
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
 def parse_duration(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a duration like '30s'")

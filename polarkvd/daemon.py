@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 import xxhash
 
 from polarkvd import __version__
-from polarkvd.config import LIVE_KNOBS, Config, check_resources, load_config, option_fields
+from polarkvd.config import LIVE_KNOBS, Config, check_resources, format_size, load_config, option_fields
 from polarkvd.errors import EXIT_CONFIG, ConfigError, PolarKVError, ResourceError
 from polarkvd.manager import Manager
 from polarkvd.metrics import MetricsServer, OpTimings, Snapshot, StatsCollector
@@ -45,13 +45,6 @@ log = logging.getLogger("polarkvd.daemon")
 GiB = 1 << 30
 STATUS_SECONDS = 5.0  # how often the one-line STATUS shown by `systemctl status` is refreshed
 T = TypeVar("T")
-
-
-def _human(n: int) -> str:
-    for unit, size in (("TiB", 1 << 40), ("GiB", GiB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} B"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,7 +155,7 @@ class Daemon:
                 report = await loop.run_in_executor(executor, disk.open)
                 log.info(
                     "disk tier %s: %d pages (%s of %s) verified in %.2fs; %d recovered, %d dropped",
-                    cfg.disk.path, report.pages, _human(report.stored_bytes), _human(cfg.disk.capacity),
+                    cfg.disk.path, report.pages, format_size(report.stored_bytes), format_size(cfg.disk.capacity),
                     report.seconds, report.recovered, report.dropped,
                 )  # fmt: skip
             allocator = SlabAllocator(cfg.dram.capacity, cfg.dram.slab_bytes)
@@ -204,8 +197,8 @@ class Daemon:
                 chores.append(asyncio.create_task(self._every(STATUS_SECONDS, self._refresh_status)))
             log.info(
                 "polarkvd ready (pid %d): engine socket %s, control socket %s, DRAM arena %s (%s, policy %s), disk tier %s, metrics %s",
-                os.getpid(), engine_path, control_path, arena.path, _human(cfg.dram.capacity), cfg.dram.policy,
-                f"{cfg.disk.path} ({_human(cfg.disk.capacity)})" if disk is not None else "disabled",
+                os.getpid(), engine_path, control_path, arena.path, format_size(cfg.dram.capacity), cfg.dram.policy,
+                f"{cfg.disk.path} ({format_size(cfg.disk.capacity)})" if disk is not None else "disabled",
                 self.metrics_url or "disabled",
                 extra={"metrics_url": self.metrics_url} if self.metrics_url else {},
             )  # fmt: skip
@@ -385,10 +378,12 @@ class Daemon:
         st = self.manager.stats()
         c = st["counters"]
         dram = st["tiers"]["dram"]
-        parts = [f"DRAM {dram['pages']} pages ({_human(dram['bytes'])} of {_human(dram['capacity_bytes'])})"]
+        parts = [
+            f"DRAM {dram['pages']} pages ({format_size(dram['bytes'])} of {format_size(dram['capacity_bytes'])})"
+        ]
         disk = st["tiers"].get("disk")
         if disk is not None:
-            parts.append(f"disk {disk['pages']} pages ({_human(disk['bytes'])})")
+            parts.append(f"disk {disk['pages']} pages ({format_size(disk['bytes'])})")
         looked = c.get("lookup_pages", 0)
         hit = c.get("hit_pages_dram", 0) + c.get("hit_pages_disk", 0)
         parts.append(f"hit {hit / looked * 100:.1f}% of {looked} pages" if looked else "no lookups yet")

@@ -14,7 +14,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from polarkvd.config import parse_option, watermark_problems
+from polarkvd.config import format_size, parse_option, watermark_problems
 from polarkvd.errors import ConfigError
 
 #: Rate series kept for the sparklines: name -> how to read the counter total from a stats reply.
@@ -145,11 +145,7 @@ def tokens_loaded(stats: Mapping[str, Any]) -> int:
 # ---------------------------------------------------------------------------------------- formatting
 
 
-def human_bytes(n: float) -> str:
-    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if abs(n) >= size * 0.999:  # "1.0 MiB" rather than "1023.9 KiB": keeps columns narrow
-            return f"{n / size:.1f} {unit}"
-    return f"{int(n)} B"
+human_bytes = format_size
 
 
 def human_rate(n: float, unit: str = "") -> str:
