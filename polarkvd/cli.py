@@ -17,19 +17,13 @@ from polarkvd import __version__
 from polarkvd.config import (
     LIVE_KNOBS,
     check_resources,
+    format_size,
     load_config,
     option_fields,
     parse_size,
     resolve,
 )
 from polarkvd.errors import EXIT_CONFIG, ConfigError, PolarKVError
-
-
-def _human(n: float) -> str:
-    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{int(n)} B"
 
 
 def _setup_logging(level: str, fmt: str = "text") -> None:
@@ -119,7 +113,7 @@ def render_status(st: dict[str, Any]) -> str:
         used = t["bytes"] / t["capacity_bytes"] * 100 if t["capacity_bytes"] else 0
         label = f"L{t['tier']} {name}"
         lines.append(
-            f"{label:<10}{t['pages']:>10}{_human(t['bytes']):>12}{_human(t['capacity_bytes']):>12}{used:>6.1f}%  {t['policy']:<8}{hits.get(name, 0):>10}"
+            f"{label:<10}{t['pages']:>10}{format_size(t['bytes']):>12}{format_size(t['capacity_bytes']):>12}{used:>6.1f}%  {t['policy']:<8}{hits.get(name, 0):>10}"
         )
     looked = c.get("lookup_pages", 0)
     hit = hits["dram"] + hits["disk"]
@@ -129,8 +123,8 @@ def render_status(st: dict[str, Any]) -> str:
         f"({hit / looked * 100 if looked else 0:.1f}%), {c.get('miss_pages', 0)} missed"
     )
     lines.append(
-        f"stored {c.get('stored_pages', 0)} pages ({_human(c.get('stored_bytes', 0))}), loaded {c.get('loaded_pages', 0)} "
-        f"({_human(c.get('loaded_bytes', 0))}; {c.get('loaded_pages_disk', 0)} from disk)"
+        f"stored {c.get('stored_pages', 0)} pages ({format_size(c.get('stored_bytes', 0))}), loaded {c.get('loaded_pages', 0)} "
+        f"({format_size(c.get('loaded_bytes', 0))}; {c.get('loaded_pages_disk', 0)} from disk)"
     )
     evicted = sum(v for k, v in c.items() if k.startswith("evicted_pages_dram"))
     lines.append(
@@ -155,7 +149,7 @@ def cmd_evict(args: argparse.Namespace) -> int:
         return 2
     with _control(args) as c:
         freed = c.evict(args.tier, nbytes)
-    print(f"evicted {_human(freed)} from {args.tier}")
+    print(f"evicted {format_size(freed)} from {args.tier}")
     return 0
 
 
@@ -219,7 +213,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from polarkvd.bench.datapath import main as bench_main
 
         return bench_main(args)
+    if args.which == "chat":
+        from polarkvd.bench.chat import main as chat_main
+
+        return chat_main(args)
     raise AssertionError(args.which)
+
+
+def cmd_sim(args: argparse.Namespace) -> int:
+    from polarkvd.cluster.sim import main as sim_main
+
+    return sim_main(args)
 
 
 # ---------------------------------------------------------------------------------------- parser
@@ -309,7 +313,25 @@ def build_parser() -> argparse.ArgumentParser:
             "datapath", help="store/load/lookup through a real daemon vs memcpy and the raw socket"
         )
     )
+    from polarkvd.bench.chat import add_arguments as chat_args
+
+    chat_args(
+        bsub.add_parser(
+            "chat", help="multi-round chat on real vLLM: no cache, prefix cache, ExampleConnector, polarkvd"
+        )
+    )
     sp.set_defaults(fn=cmd_bench)
+
+    sp = sub.add_parser("sim", help="simulations of cluster protocols (see docs/CLUSTER.md)")
+    ssub = sp.add_subparsers(dest="which", metavar="SIMULATION", required=True)
+    from polarkvd.cluster.sim import add_arguments as sim_gossip_args
+
+    sim_gossip_args(
+        ssub.add_parser(
+            "gossip", help="SWIM membership on a simulated network: join, failure detection, false deaths"
+        )
+    )
+    sp.set_defaults(fn=cmd_sim)
     return p
 
 

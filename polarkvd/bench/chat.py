@@ -1,0 +1,736 @@
+"""`polarkvd bench chat`: a multi-round chat against real vLLM, four configurations, one run.
+
+Workload (deterministic from `--seed`; token ids are words of the model's own vocabulary, framed in
+SmolLM2's ChatML template): `--users` users share a `--system`-token system prompt; each starts with a
+private `--history`-token document plus a `--turn`-token question, then for `--rounds` rounds adds a new
+`--turn`-token message; the model answers `--answer` tokens (greedy, ignore_eos, so lengths are fixed).
+Every request resends the whole history (previous turns and the model's previous answers). Users are
+interleaved (round r: user 0, 1, ..., U-1), one request in flight at a time, and vLLM's KV cache is
+sized (`num_gpu_blocks_override`) to hold one conversation and a half of the others, never all of
+them: by the time a user comes back, vLLM's own prefix cache has evicted that user's history.
+
+Each configuration runs in its own fresh vLLM process (offline `LLMEngine`, eager, in-process engine
+core, private TMPDIR, own process group, the same `VLLM_CPU_OMP_THREADS_BIND` for all):
+  nocache            vLLM, `enable_prefix_caching=False`
+  prefix_cache       vLLM with its own prefix caching
+  example_connector  vLLM's reference `ExampleConnector` (KV on disk, safetensors) + prefix caching;
+                     `max_num_batched_tokens` >= the longest prompt, because it breaks on chunked prefill
+  polarkvd           `PolarKVConnector` + a private polarkvd daemon (DRAM holds the working set) +
+                     prefix caching, as a deployment runs it
+
+TTFT: wall time from `LLMEngine.add_request()` to the `engine.step()` that returns the request's first
+output token, streamed through the engine's step loop, the same code for every configuration (offline
+vLLM disables per-request stats, so `RequestOutput.metrics` is empty). After the rounds, a "hot" phase
+gives `--hot-users` users two turns back to back: the second is a hit on a history vLLM still holds
+(the bar "vLLM's own prefix-cache hit when vLLM still holds the prefix").
+
+The engine runs with `python -m polarkvd.bench.chat --worker SPEC`; the parent never imports vLLM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from polarkvd.bench.harness import Progress, percentile, private_daemon, table
+
+CONFIGS = ("nocache", "prefix_cache", "example_connector", "polarkvd")
+CONFIG_HELP = {
+    "nocache": "vLLM without prefix caching",
+    "prefix_cache": "vLLM with its own prefix caching",
+    "example_connector": "vLLM ExampleConnector (disk) + prefix caching",
+    "polarkvd": "PolarKVConnector + private daemon + prefix caching",
+}
+BLOCK = 128  # vLLM's CPU block size (and the connector's page, page_blocks 1)
+MARK = "@@chat "
+# The issue's bars (ratios of polarkvd to the other configuration, one run).
+BARS = {
+    "ttft_ratio_vs_nocache": ("<=", 1 / 27),
+    "hit_ttft_ratio_vs_prefix_cache_hot": ("<=", 1.5),
+    "hit_ttft_ratio_vs_example_connector": ("<=", 0.5),
+    "throughput_ratio_vs_prefix_cache": (">=", 1.62),
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
+    p.add_argument("--users", type=int, default=4, help="users, interleaved in every round (default 4)")
+    p.add_argument("--rounds", type=int, default=10, help="rounds of one turn per user (default 10)")
+    p.add_argument("--history", type=int, default=2000, metavar="TOKENS",
+                   help="each user's private document, sent with the first turn (default 2000)")  # fmt: skip
+    p.add_argument("--system", type=int, default=1000, metavar="TOKENS",
+                   help="the system prompt all users share (default 1000)")  # fmt: skip
+    p.add_argument("--turn", type=int, default=64, metavar="TOKENS", help="a user's new message (default 64)")
+    p.add_argument("--answer", type=int, default=32, metavar="TOKENS",
+                   help="tokens the model answers, greedy, ignore_eos (default 32)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
+    p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS), metavar="CONFIG",
+                   help="configurations to run, in this order (default: all): " + ", ".join(CONFIGS))  # fmt: skip
+    p.add_argument("--hot-users", type=int, default=2,
+                   help="users given two back-to-back turns after the rounds, to time a hit on what vLLM "
+                   "still holds (not in nocache; default 2, 0 = skip)")  # fmt: skip
+    p.add_argument("--kv-blocks", type=int, default=0,
+                   help="vLLM KV blocks (128 tokens); default: one conversation + half of the others")  # fmt: skip
+    p.add_argument("--cpus", default="", help="VLLM_CPU_OMP_THREADS_BIND for every configuration "
+                   "(default: every CPU this process may use)")  # fmt: skip
+    p.add_argument("--model", default="", help="model directory (default: the converted SmolLM2-135M)")
+    p.add_argument("--keep", action="store_true", help="keep the run directory (logs, specs, results)")
+
+
+# ---------------------------------------------------------------------------------------- workload
+
+
+def _vocab_words(tok: Any) -> list[int]:
+    """Ids of plain lower-case word tokens with a leading space ('Ġword'): valid ids, natural-ish text."""
+    return sorted(i for t, i in tok.get_vocab().items() if re.fullmatch(r"Ġ[a-z]{3,12}", t))
+
+
+def build_workload(args: argparse.Namespace, model_dir: str) -> dict[str, Any]:
+    """Every token id of the run (except the model's answers), from the seed and the tokenizer."""
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
+
+    def enc(text: str) -> list[int]:
+        return tok.encode(text, add_special_tokens=False).ids
+
+    words = np.array(_vocab_words(tok))
+    rng = np.random.default_rng(args.seed)
+
+    def text(n: int) -> list[int]:
+        return [int(x) for x in rng.choice(words, n)]
+
+    system = enc("<|im_start|>system\n") + text(args.system)
+    user_open, doc_sep = enc("<|im_end|>\n<|im_start|>user\n"), enc("\n\n")
+    assistant_open = enc("<|im_end|>\n<|im_start|>assistant\n")
+    # Turn lengths: `--turn`, one more where a prompt would be 1 token past a block boundary. There
+    # ExampleConnector's lookup key (aligned len-2) is one block shorter than its load key (aligned
+    # len-1): it finds a stored prefix, then fails to open the other one and vLLM dies. The same
+    # lengths are used in every configuration.
+    lens: list[int] = []
+    length = len(system) + len(user_open) + args.history + len(doc_sep)
+    for i in range(args.rounds + 2):  # two more for the hot phase
+        if i:
+            length += args.answer + len(user_open)
+        n = args.turn + (1 if (length + args.turn + len(assistant_open)) % BLOCK == 1 else 0)
+        lens.append(n)
+        length += n + len(assistant_open)
+    return {
+        "system": system,
+        "user_open": user_open,
+        "doc_sep": doc_sep,
+        "assistant_open": assistant_open,
+        "docs": [text(args.history) for _ in range(args.users)],
+        "turns": [[text(n) for n in lens] for _ in range(args.users)],
+        "warmup": enc("<|im_start|>system\n") + text(args.system + args.history + args.turn + 64),
+    }
+
+
+def prompt_tokens(wl: dict[str, Any], answer: int, turn_index: int) -> int:
+    """Length of a user's prompt at turn `turn_index` (0-based): fixed, since answers are fixed."""
+    total = len(wl["system"]) + len(wl["user_open"]) + len(wl["docs"][0]) + len(wl["doc_sep"])
+    for i, turn in enumerate(wl["turns"][0][: turn_index + 1]):
+        total += (answer + len(wl["user_open"]) if i else 0) + len(turn) + len(wl["assistant_open"])
+    return total
+
+
+def next_prompt(wl: dict[str, Any], history: list[int] | None, user: int, turn_index: int) -> list[int]:
+    """The prompt of `user`'s turn `turn_index`: the whole history, the new message, the answer header."""
+    turn = wl["turns"][user][turn_index]
+    if history is None:
+        head = wl["system"] + wl["user_open"] + wl["docs"][user] + wl["doc_sep"]
+    else:
+        head = history + wl["user_open"]
+    return head + turn + wl["assistant_open"]
+
+
+def _model_kv_bytes_per_token(model_dir: str) -> int:
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    heads = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    return 2 * cfg["num_hidden_layers"] * heads * head_dim * 4  # K and V, float32
+
+
+def _cpu_bind() -> str:
+    cpus = sorted(os.sched_getaffinity(0))
+    if cpus == list(range(cpus[0], cpus[-1] + 1)):
+        return f"{cpus[0]}-{cpus[-1]}"
+    return ",".join(map(str, cpus))
+
+
+def engine_sizing(args: argparse.Namespace, wl: dict[str, Any]) -> dict[str, Any]:
+    """max_model_len, batch budget (no prompt chunked) and vLLM's KV blocks (cannot hold everyone)."""
+    last_turn = args.rounds - 1 + (2 if args.hot_users else 0)
+    longest = prompt_tokens(wl, args.answer, last_turn)
+    max_model_len = -(-(longest + args.answer) // BLOCK) * BLOCK
+    shared = len(wl["system"])
+    final = prompt_tokens(wl, args.answer, args.rounds - 1) + args.answer
+    all_tokens = shared + args.users * (final - shared)  # every user's history at the end of the rounds
+    all_blocks = -(-all_tokens // BLOCK)
+    one_blocks = max_model_len // BLOCK
+    blocks = args.kv_blocks or max(one_blocks + 2, one_blocks + (all_blocks - one_blocks) // 2)
+    return {
+        "max_model_len": max_model_len,
+        "max_num_batched_tokens": max(max_model_len, 2048),
+        "kv_blocks": blocks,
+        "kv_tokens": blocks * BLOCK,
+        "all_histories_tokens": all_tokens,
+        "kv_holds_everyone": blocks - 1 >= all_blocks,  # one block is vLLM's null block
+        "longest_prompt_tokens": longest,
+    }
+
+
+# ---------------------------------------------------------------------------------------- worker (vLLM)
+
+
+def worker_main(spec_path: str) -> int:
+    """One configuration in this (fresh) process: build the engine, run every request, write results."""
+    spec = json.loads(Path(spec_path).read_text())
+    wl, cfg = spec["workload"], spec["config"]
+
+    def say(event: str, **kw: Any) -> None:
+        sys.stdout.write(MARK + json.dumps({"event": event, **kw}) + "\n")
+        sys.stdout.flush()
+
+    t_import = time.perf_counter()
+    from vllm import LLM, SamplingParams
+    from vllm.config import KVTransferConfig
+
+    kw: dict[str, Any] = {
+        "model": spec["model"],
+        "enforce_eager": True,
+        "dtype": "float32",
+        "seed": 0,
+        "max_model_len": spec["max_model_len"],
+        "max_num_batched_tokens": spec["max_num_batched_tokens"],
+        "num_gpu_blocks_override": spec["kv_blocks"],
+        "enable_prefix_caching": cfg != "nocache",
+    }
+    if cfg == "example_connector":
+        kw["kv_transfer_config"] = KVTransferConfig(
+            kv_connector="ExampleConnector",
+            kv_role="kv_both",
+            kv_connector_extra_config={"shared_storage_path": spec["example_dir"]},
+        )
+    elif cfg == "polarkvd":
+        kw["kv_transfer_config"] = KVTransferConfig(
+            kv_connector="PolarKVConnector",
+            kv_connector_module_path="polarkvd.connectors.vllm",
+            kv_role="kv_both",
+            kv_load_failure_policy="recompute",
+            kv_connector_extra_config={"socket": spec["socket"]},
+        )
+    t0 = time.perf_counter()
+    llm = LLM(**kw)
+    engine = llm.llm_engine
+    connector = None
+    if cfg == "polarkvd":
+        from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+        connector = get_kv_transfer_group()
+    # What the connector itself reported per request (tokens beyond vLLM's own prefix cache), observed by
+    # wrapping the scheduler-side connector's lookup; the last answer before scheduling counts (one
+    # request in flight: every call is about it; vLLM renames request ids internally).
+    external: dict[str, int] = {}
+    sched = getattr(getattr(getattr(engine, "engine_core", None), "engine_core", None), "scheduler", None)
+    sched_conn = getattr(sched, "connector", None)
+    if sched_conn is not None:
+        lookup = sched_conn.get_num_new_matched_tokens
+
+        def observed(request: Any, num_computed_tokens: int) -> Any:
+            got = lookup(request, num_computed_tokens)
+            external["current"] = int(got[0] or 0)
+            return got
+
+        sched_conn.get_num_new_matched_tokens = observed
+    say("ready", import_s=t0 - t_import, start_s=time.perf_counter() - t0)
+    params = SamplingParams(temperature=0.0, max_tokens=spec["answer"], ignore_eos=True)
+    counter = 0
+
+    def one(ids: list[int], max_tokens: int | None = None) -> dict[str, Any]:
+        nonlocal counter
+        counter += 1
+        rid = f"req-{counter}"
+        p = params if max_tokens is None else SamplingParams(
+            temperature=0.0, max_tokens=max_tokens, ignore_eos=True
+        )  # fmt: skip
+        before = dict(connector.stats) if connector is not None else {}
+        external.clear()
+        t = time.perf_counter()
+        engine.add_request(rid, {"prompt_token_ids": ids}, p)
+        ttft, final = None, None
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                if o.request_id != rid:
+                    continue
+                if ttft is None and o.outputs and o.outputs[0].token_ids:
+                    ttft = time.perf_counter() - t
+                if o.finished:
+                    final = o
+        latency = time.perf_counter() - t
+        assert final is not None and ttft is not None, f"request {rid} produced no output"
+        rec: dict[str, Any] = {
+            "prompt_tokens": len(ids),
+            "cached_tokens": int(final.num_cached_tokens or 0),
+            "ttft_s": ttft,
+            "latency_s": latency,
+            "output_ids": list(final.outputs[0].token_ids),
+        }
+        if sched_conn is not None:
+            rec["external_tokens"] = external.pop("current", 0)
+        if connector is not None:
+            after = dict(connector.stats)
+            d = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+            rec["loaded_tokens"] = int(d.get("load_blocks", 0)) * BLOCK
+            rec["load_failed_blocks"] = int(d.get("load_failed_blocks", 0))
+            rec["load_copy_s"] = d.get("load_copy_seconds", 0.0)
+            rec["load_rpc_s"] = d.get("daemon_load_seconds", 0.0) + d.get("daemon_release_seconds", 0.0)
+            rec["save_s"] = d.get("save_total_seconds", 0.0)
+            rec["saved_pages"] = int(d.get("saved_pages", 0))
+        return rec
+
+    # First-request costs (allocations, kernels) out of the measurement: a prompt as long as a first
+    # turn, sharing no full block with the workload, answered in full.
+    one(wl["warmup"][: spec["first_prompt_tokens"]])
+    say("warm")
+    users, rounds, hot_users = spec["users"], spec["rounds"], spec["hot_users"]
+    history: list[list[int] | None] = [None] * users
+    requests: list[dict[str, Any]] = []
+    t_run = time.perf_counter()
+    for r in range(rounds):
+        for u in range(users):
+            ids = next_prompt(wl, history[u], u, r)
+            rec = one(ids)
+            rec.update(phase="rounds", round=r + 1, user=u)
+            requests.append(rec)
+            history[u] = ids + rec["output_ids"]
+            say("request", **{k: v for k, v in rec.items() if k != "output_ids"})
+    wall = time.perf_counter() - t_run
+    if cfg != "nocache":
+        for u in range(min(hot_users, users)):
+            for extra in (0, 1):
+                ids = next_prompt(wl, history[u], u, rounds + extra)
+                rec = one(ids)
+                rec.update(phase="hot" if extra else "hot_first", round=rounds + 1 + extra, user=u)
+                requests.append(rec)
+                history[u] = ids + rec["output_ids"]
+                say("request", **{k: v for k, v in rec.items() if k != "output_ids"})
+    out: dict[str, Any] = {"requests": requests, "wall_s": wall}
+    if connector is not None:
+        out["connector_stats"] = dict(connector.stats)
+    Path(spec["out"]).write_text(json.dumps(out))
+    say("done")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- parent
+
+
+class _Steps(Progress):
+    """Progress lines that report what just happened (a request's numbers), not what starts."""
+
+    def step(self, what: str) -> None:
+        self.done += 1
+        if not self.quiet:
+            print(f"[{self.done}/{self.total} {time.perf_counter() - self.t0:7.1f}s] {what}", file=sys.stderr,
+                  flush=True)  # fmt: skip
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def run_config(
+    name: str, spec: dict[str, Any], root: Path, env: dict[str, str], say: Callable[[str], None]
+) -> dict[str, Any]:
+    """Start the worker for one configuration, relay its progress, return its results."""
+    cdir = root / name
+    (cdir / "tmp").mkdir(parents=True)
+    spec = {**spec, "config": name, "out": str(cdir / "result.json")}
+    (cdir / "spec.json").write_text(json.dumps(spec))
+    log_path = cdir / "vllm.log"
+    env = {**env, "TMPDIR": str(cdir / "tmp")}
+    t0 = time.perf_counter()
+    tail: list[str] = []
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "polarkvd.bench.chat", "--worker", str(cdir / "spec.json")],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=env, cwd=str(cdir), start_new_session=True,
+        )  # fmt: skip
+        ready: dict[str, Any] = {}
+        try:
+            assert proc.stdout is not None
+            for raw in proc.stdout:
+                line = raw.decode(errors="replace")
+                log.write(line)
+                tail = (tail + [line])[-40:]
+                if not line.startswith(MARK):
+                    continue
+                msg = json.loads(line[len(MARK) :])
+                ev = msg["event"]
+                if ev == "ready":
+                    ready = msg
+                    say(f"{name}: vLLM ready (import {msg['import_s']:.1f} s, engine {msg['start_s']:.1f} s)")
+                elif ev == "request":
+                    extra = (
+                        f" ({msg['external_tokens']} via the connector)" if "external_tokens" in msg else ""
+                    )
+                    say(
+                        f"{name}: round {msg['round']} user {msg['user']} ({msg['phase']}): "
+                        f"{msg['prompt_tokens']} prompt tokens, {msg['cached_tokens']} cached{extra}, "
+                        f"TTFT {msg['ttft_s']:.3f} s"
+                    )
+            proc.wait()
+        finally:
+            _kill_group(proc)
+    result_path = Path(spec["out"])
+    if proc.returncode != 0 or not result_path.exists():
+        raise RuntimeError(
+            f"{name}: the vLLM worker failed (exit {proc.returncode}); log {log_path}, last lines:\n"
+            + "".join(tail)
+        )
+    res = json.loads(result_path.read_text())
+    res["process_s"] = time.perf_counter() - t0
+    res["import_s"], res["engine_start_s"] = ready.get("import_s"), ready.get("start_s")
+    return res
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"mean": float("nan"), "p50": float("nan"), "p99": float("nan"), "n": 0}
+    return {
+        "mean": sum(values) / len(values),
+        "p50": percentile(values, 50),
+        "p99": percentile(values, 99),
+        "n": len(values),
+    }
+
+
+def summarize(raw: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """Per-round TTFT and hits, TTFT over rounds >= 2, hit-only TTFT, hot-hit TTFT, throughput."""
+    reqs = raw["requests"]
+    main = [q for q in reqs if q["phase"] == "rounds"]
+    # A "hit" recomputes at most the new turn, the last answer and the two partial blocks around them.
+    hit_slack = args.turn + args.answer + 2 * BLOCK
+    rounds = []
+    for r in range(1, args.rounds + 1):
+        rq = [q for q in main if q["round"] == r]
+        row = {
+            "round": r,
+            "ttft_s": _stats([q["ttft_s"] for q in rq]),
+            "prompt_tokens_mean": sum(q["prompt_tokens"] for q in rq) / len(rq),
+            "hit_tokens_mean": sum(q["cached_tokens"] for q in rq) / len(rq),
+            "hit_tokens_total": sum(q["cached_tokens"] for q in rq),
+        }
+        if rq and "external_tokens" in rq[0]:
+            row["external_tokens_total"] = sum(q["external_tokens"] for q in rq)
+        if rq and "loaded_tokens" in rq[0]:
+            row["loaded_tokens_total"] = sum(q["loaded_tokens"] for q in rq)
+        rounds.append(row)
+    later = [q for q in main if q["round"] >= 2]
+    # With a connector, a hit must also come (at least partly) from the connector, not only from vLLM.
+    hits = [
+        q
+        for q in later
+        if q["prompt_tokens"] - q["cached_tokens"] <= hit_slack and q.get("external_tokens", 1) > 0
+    ]
+    hot = [q for q in reqs if q["phase"] == "hot"]
+    wall = raw["wall_s"]
+    prompt = sum(q["prompt_tokens"] for q in main)
+    out_tok = sum(len(q["output_ids"]) for q in main)
+    computed = sum(q["prompt_tokens"] - q["cached_tokens"] for q in main)
+    res: dict[str, Any] = {
+        "rounds": rounds,
+        "ttft_rounds2plus_s": _stats([q["ttft_s"] for q in later]),
+        "hit_ttft_s": _stats([q["ttft_s"] for q in hits]),
+        "hit_requests": len(hits),
+        "hot_hit_ttft_s": _stats([q["ttft_s"] for q in hot]),
+        "hot_hit_tokens_mean": sum(q["cached_tokens"] for q in hot) / len(hot) if hot else None,
+        "wall_s": wall,
+        "requests": len(main),
+        "requests_per_s": len(main) / wall,
+        "tokens_per_s": (prompt + out_tok) / wall,
+        "output_tokens_per_s": out_tok / wall,
+        "prompt_tokens": prompt,
+        "output_tokens": out_tok,
+        "hit_tokens": sum(q["cached_tokens"] for q in main),
+        "external_hit_tokens": sum(q.get("external_tokens", 0) for q in main)
+        if "external_tokens" in main[0]
+        else None,
+        "computed_prompt_tokens": computed,
+        "decode_s_per_token": _stats(
+            [(q["latency_s"] - q["ttft_s"]) / max(1, len(q["output_ids"]) - 1) for q in main]
+        )["p50"],
+        "engine_start_s": raw.get("engine_start_s"),
+        "import_s": raw.get("import_s"),
+        "process_s": raw.get("process_s"),
+        "per_request": [{k: v for k, v in q.items() if k != "output_ids"} for q in reqs],
+    }
+    if "connector_stats" in raw:
+        res["connector_stats"] = raw["connector_stats"]
+        res["loaded_tokens"] = sum(q.get("loaded_tokens", 0) for q in main)
+        lat = [q for q in later if q.get("loaded_tokens")]
+        res["load_copy_s_mean"] = sum(q["load_copy_s"] for q in lat) / len(lat) if lat else None
+        res["load_rpc_s_mean"] = sum(q["load_rpc_s"] for q in lat) / len(lat) if lat else None
+        res["save_s_total"] = sum(q.get("save_s", 0.0) for q in main)
+    return res
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or not (b > 0) or math.isnan(a) or math.isnan(b):
+        return None
+    return a / b
+
+
+def compare(
+    configs: dict[str, dict[str, Any]], outputs: dict[str, dict[tuple[str, int, int], list[int]]]
+) -> dict[str, Any]:
+    """Headline ratios (polarkvd over the others), the bars, and whether greedy outputs agree."""
+    pk = configs.get("polarkvd")
+
+    def r2(name: str) -> float | None:
+        c = configs.get(name)
+        return c["ttft_rounds2plus_s"]["mean"] if c else None
+
+    res: dict[str, Any] = {}
+    mine = r2("polarkvd")
+    res["ttft_ratio_vs_nocache"] = _ratio(mine, r2("nocache"))
+    res["ttft_ratio_vs_prefix_cache"] = _ratio(mine, r2("prefix_cache"))
+    res["ttft_ratio_vs_example_connector"] = _ratio(mine, r2("example_connector"))
+    pc, ex = configs.get("prefix_cache"), configs.get("example_connector")
+    res["throughput_ratio_vs_prefix_cache"] = _ratio(
+        pk["requests_per_s"] if pk else None, pc["requests_per_s"] if pc else None
+    )
+    hit = pk["hit_ttft_s"]["mean"] if pk else None
+    res["hit_ttft_ratio_vs_prefix_cache_hot"] = _ratio(hit, pc["hot_hit_ttft_s"]["mean"] if pc else None)
+    res["hit_ttft_ratio_vs_example_connector"] = _ratio(hit, ex["hit_ttft_s"]["mean"] if ex else None)
+    # Greedy token ids of every request, compared on the requests every configuration ran.
+    names = list(outputs)
+    common = set.intersection(*(set(o) for o in outputs.values())) if outputs else set()
+    mismatches = []
+    for key in sorted(common):
+        ref = outputs[names[0]][key]
+        for n in names[1:]:
+            if outputs[n][key] != ref:
+                mismatches.append(
+                    {"config": n, "vs": names[0], "phase": key[0], "round": key[1], "user": key[2]}
+                )
+    res["outputs_identical"] = bool(common) and not mismatches
+    res["outputs_compared"] = {"configs": names, "requests": len(common), "mismatches": mismatches[:10]}
+    res["bars"] = {}
+    for key, (op, bar) in BARS.items():
+        v = res.get(key)
+        ok = None if v is None else (v <= bar if op == "<=" else v >= bar)
+        res["bars"][key] = {"value": v, "bar": f"{op} {bar:.4g}", "pass": ok}
+    return res
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from polarkvd.models import ensure_smollm2
+
+    if args.users < 1 or args.rounds < 1 or min(args.system, args.history, args.turn, args.answer) < 1:
+        raise SystemExit("polarkvd bench chat: --users, --rounds and the token counts must be >= 1")
+    configs = list(dict.fromkeys(args.configs))
+    model_dir = args.model or str(ensure_smollm2())
+    wl = build_workload(args, model_dir)
+    size = engine_sizing(args, wl)
+    bind = args.cpus or _cpu_bind()
+    ncpu = len(os.sched_getaffinity(0)) if not args.cpus else max(1, _count_cpus(args.cpus))
+    kv_token_bytes = _model_kv_bytes_per_token(model_dir)
+    page_bytes = kv_token_bytes * BLOCK
+    hot = 2 * min(args.hot_users, args.users)
+    prog = _Steps(sum(args.rounds * args.users + (hot if c != "nocache" else 0) + 2 for c in configs) + 1)
+    root = Path(tempfile.mkdtemp(prefix="polarkv-chat-"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POLARKV_")}
+    env.update(
+        VLLM_ENABLE_V1_MULTIPROCESSING="0",
+        VLLM_CPU_KVCACHE_SPACE="1",  # GiB, an upper bound; num_gpu_blocks_override sets the real size
+        VLLM_CPU_OMP_THREADS_BIND=bind,
+        OMP_NUM_THREADS=str(ncpu),
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONUNBUFFERED="1",
+    )
+    spec: dict[str, Any] = {
+        "model": model_dir,
+        "workload": wl,
+        "users": args.users,
+        "rounds": args.rounds,
+        "answer": args.answer,
+        "hot_users": args.hot_users,
+        "first_prompt_tokens": prompt_tokens(wl, args.answer, 0),
+        **size,
+    }
+    working_set_pages = size["all_histories_tokens"] // BLOCK + 4 * args.users + 8
+    dram = max(512 << 20, int(working_set_pages * page_bytes * 1.5))
+    dram = -(-dram // (64 << 20)) * (64 << 20)
+    workload = {
+        "users": args.users,
+        "rounds": args.rounds,
+        "system_tokens": args.system,
+        "history_tokens": args.history,
+        "turn_tokens": args.turn,
+        "answer_tokens": args.answer,
+        "seed": args.seed,
+        "hot_users": min(args.hot_users, args.users),
+        "first_prompt_tokens": prompt_tokens(wl, args.answer, 0),
+        "last_prompt_tokens": prompt_tokens(wl, args.answer, args.rounds - 1),
+        "shared_prefix_tokens": len(wl["system"]),
+        "model": Path(model_dir).name,
+        "dtype": "float32",
+        "block_tokens": BLOCK,
+        "kv_bytes_per_token": kv_token_bytes,
+        "vllm_cpu_omp_threads_bind": bind,
+        "daemon_dram_bytes": dram,
+        "ttft_method": "wall time from LLMEngine.add_request() to the engine.step() returning the first "
+        "output token; one request in flight; same code for every configuration",
+        "concurrency": 1,
+        **size,
+    }
+    say = prog.step
+    raws: dict[str, dict[str, Any]] = {}
+    try:
+        for name in configs:
+            say(f"{name}: starting vLLM ({CONFIG_HELP[name]})")
+            cspec = dict(spec)
+            if name == "example_connector":
+                cspec["example_dir"] = str(root / "example-kv")
+                (root / "example-kv").mkdir()
+            if name == "polarkvd":
+                sets = {
+                    "dram.capacity": str(dram),
+                    "dram.slab_bytes": "64MiB",
+                    "disk.enabled": "false",
+                    "daemon.log_level": "warning",
+                }
+                with private_daemon(sets, keep=args.keep) as (engine_sock, _control):
+                    cspec["socket"] = str(engine_sock)
+                    raws[name] = run_config(name, cspec, root, env, say)
+            else:
+                raws[name] = run_config(name, cspec, root, env, say)
+            if name == "example_connector":
+                shutil.rmtree(root / "example-kv", ignore_errors=True)  # GBs of safetensors
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    say("done")
+    configs_out = {n: summarize(raw, args) for n, raw in raws.items()}
+    outputs = {
+        n: {(q["phase"], q["round"], q["user"]): q["output_ids"] for q in raw["requests"]}
+        for n, raw in raws.items()
+    }
+    head = compare(configs_out, outputs)
+    res: dict[str, Any] = {k: head[k] for k in (
+        "ttft_ratio_vs_nocache", "ttft_ratio_vs_prefix_cache", "ttft_ratio_vs_example_connector",
+        "throughput_ratio_vs_prefix_cache", "outputs_identical",
+    )}  # fmt: skip
+    res.update({k: v for k, v in head.items() if k not in res})
+    res["workload"] = workload
+    res["configs"] = configs_out
+    res["notes"] = [
+        "ExampleConnector breaks on chunked prefill: max_num_batched_tokens "
+        f"({size['max_num_batched_tokens']}) >= the longest prompt ({size['longest_prompt_tokens']}) in "
+        "every configuration, so no prompt is chunked",
+        f"vLLM KV cache: {size['kv_blocks']} blocks = {size['kv_tokens']} tokens "
+        f"(num_gpu_blocks_override); all users' histories: {size['all_histories_tokens']} tokens"
+        + (" (it holds everyone: use more users or --kv-blocks)" if size["kv_holds_everyone"] else ""),
+        "polarkvd daemon: private, DRAM only (disk tier off), "
+        f"{dram >> 20} MiB; vLLM prefix caching on in prefix_cache, example_connector and polarkvd",
+    ]
+    if root.exists():
+        res["run_dir"] = str(root)
+    return res
+
+
+def _count_cpus(spec: str) -> int:
+    n = 0
+    for part in spec.split(","):
+        a, _, b = part.partition("-")
+        n += int(b) - int(a) + 1 if b else 1
+    return n
+
+
+def _f(v: float | None, d: int = 3) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{d}f}"
+
+
+def render(res: dict[str, Any]) -> str:
+    wl, cfgs = res["workload"], res["configs"]
+    lines = [
+        f"workload: {wl['users']} users x {wl['rounds']} rounds, system {wl['system_tokens']} + history "
+        f"{wl['history_tokens']} tokens, turn {wl['turn_tokens']}, answer {wl['answer_tokens']} "
+        f"(prompts {wl['first_prompt_tokens']}..{wl['last_prompt_tokens']} tokens), seed {wl['seed']}, "
+        f"{wl['model']} {wl['dtype']}, VLLM_CPU_OMP_THREADS_BIND={wl['vllm_cpu_omp_threads_bind']}",
+        *("note: " + n for n in res["notes"]),
+        "",
+    ]
+    rows = []
+    for name, c in cfgs.items():
+        for row in c["rounds"]:
+            t = row["ttft_s"]
+            rows.append((
+                name, str(row["round"]), _f(t["mean"]), _f(t["p50"]), _f(t["p99"]),
+                f"{row['prompt_tokens_mean']:.0f}", f"{row['hit_tokens_mean']:.0f}",
+                str(row.get("external_tokens_total", "-")),
+            ))  # fmt: skip
+    lines.append(table(rows, ("config", "round", "TTFT mean s", "p50 s", "p99 s", "prompt tok",
+                              "hit tok", "via connector")))  # fmt: skip
+    lines.append("")
+    rows = []
+    for name, c in cfgs.items():
+        t, h, hot = c["ttft_rounds2plus_s"], c["hit_ttft_s"], c["hot_hit_ttft_s"]
+        rows.append((
+            name, _f(t["mean"]), _f(t["p50"]), _f(t["p99"]), f"{_f(h['mean'])} ({h['n']})",
+            _f(hot["mean"]) if hot["n"] else "-", _f(c["tokens_per_s"], 1),
+            _f(c["output_tokens_per_s"], 2), _f(c["requests_per_s"], 4), _f(c["wall_s"], 1),
+            str(c["hit_tokens"]),
+        ))  # fmt: skip
+    lines.append(table(rows, ("config", "TTFT r>=2 mean s", "p50 s", "p99 s", "hit TTFT s (n)",
+                              "hot hit TTFT s", "tok/s", "out tok/s", "req/s", "wall s",
+                              "hit tokens")))  # fmt: skip
+    lines.append("")
+    rows = []
+    for key, b in res["bars"].items():
+        verdict = "-" if b["pass"] is None else ("pass" if b["pass"] else "FAIL")
+        rows.append((key, _f(b["value"], 4), b["bar"], verdict))
+    rows.append(("ttft_ratio_vs_prefix_cache", _f(res["ttft_ratio_vs_prefix_cache"], 4), "", ""))
+    rows.append(("ttft_ratio_vs_example_connector", _f(res["ttft_ratio_vs_example_connector"], 4), "", ""))
+    rows.append(("outputs_identical", str(res["outputs_identical"]),
+                 f"{res['outputs_compared']['requests']} requests", ""))  # fmt: skip
+    lines.append(table(rows, ("polarkvd vs", "ratio", "bar", "")))
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    res = run(args)
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        print(render(res))
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        sys.exit(worker_main(sys.argv[2]))
+    parser = argparse.ArgumentParser(prog="polarkvd bench chat")
+    add_arguments(parser)
+    sys.exit(main(parser.parse_args()))
