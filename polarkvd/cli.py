@@ -91,11 +91,71 @@ def _control(args: argparse.Namespace) -> Any:
 
 def cmd_status(args: argparse.Namespace) -> int:
     with _control(args) as c:
-        st = c.stats()
+        st = c.cluster() if args.cluster else c.stats()
+    if args.cluster and not args.json:
+        print(render_cluster(st))
+        return 0
     if args.json:
         print(json.dumps(st, indent=2, default=lambda b: b.hex() if isinstance(b, bytes) else str(b)))
         return 0
     print(render_status(st))
+    return 0
+
+
+def render_cluster(rep: dict[str, Any]) -> str:
+    if not rep.get("enabled"):
+        return "this daemon is not in a cluster ([cluster] enabled = false)"
+    lines = [
+        f"member {rep['node_id']!r} (incarnation {rep['incarnation']}), gossip {rep['gossip_address']}, "
+        f"data {rep['data_address'] or '-'}, {'CURVE-authenticated' if rep['authenticated'] else 'INSECURE (no authentication)'}",
+        f"{rep['alive']} of {len(rep['members'])} known members alive",
+        "",
+        f"{'member':<16}{'state':<9}{'inc':>5}{'since':>9}  {'gossip':<26}{'data':<26}{'dram used':>18}{'pool free':>11}",
+    ]
+    for m in rep["members"]:
+        meta = m.get("meta") or {}
+
+        def space(name: str) -> str:
+            v = meta.get(name)
+            if not isinstance(v, list) or len(v) != 2:
+                return "-"
+            return f"{format_size(v[0])}/{format_size(v[1])}"
+
+        dmp = meta.get("dmp")
+        free = format_size(dmp[1] - dmp[0]) if isinstance(dmp, list) and len(dmp) == 2 else "-"
+        name = m["node"] + (" *" if m.get("self") else "")
+        lines.append(
+            f"{name:<16}{m['state']:<9}{m['incarnation']:>5}{_ago(m['for_s']):>9}  {m['addr']:<26}"
+            f"{str(meta.get('data') or '-'):<26}{space('dram'):>18}{free:>11}"
+        )
+    g = rep.get("gossip", {})
+    lines += ["", "gossip: " + ", ".join(f"{k} {v}" for k, v in g.items())]
+    return "\n".join(lines)
+
+
+def _ago(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.0f}h"
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from polarkvd.cluster.auth import generate, write_key_file
+
+    try:
+        write_key_file(args.out, generate(), force=args.force)
+    except FileExistsError:
+        print(f"polarkvd: {args.out} exists; refusing to overwrite a cluster key (use --force)", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"polarkvd: cannot write {args.out}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    print(
+        f"wrote the cluster key pair to {args.out} (mode 0600). Copy it to every member, owned by the "
+        f"daemon's user, and set [cluster] key_file = \"{args.out}\"."
+    )
     return 0
 
 
@@ -264,8 +324,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("status", help="tier occupancy, hit/miss counts, sessions and leases")
     sp.add_argument("--json", action="store_true", help="print the raw stats as JSON")
+    sp.add_argument(
+        "--cluster", action="store_true", help="the cluster instead: every member, its state, endpoints and space"
+    )
     control_args(sp)
     sp.set_defaults(fn=cmd_status)
+
+    sp = sub.add_parser(
+        "keygen",
+        help="write a new cluster key pair (CURVE) for [cluster] key_file",
+        description="Write a new CURVE key pair shared by every member of a cluster. The file is created "
+        "with mode 0600; copy it to every host. Without it a process can neither join nor read pages.",
+    )
+    sp.add_argument("--out", "-o", type=Path, required=True, help="key file to create")
+    sp.add_argument("--force", action="store_true", help="overwrite an existing file")
+    sp.set_defaults(fn=cmd_keygen)
 
     sp = sub.add_parser("evict", help="evict pages from a tier now (DRAM pages are demoted to disk)")
     sp.add_argument("--tier", choices=["dram", "disk"], required=True)

@@ -374,6 +374,10 @@ class ControlClient:
         start). Returns {"path": overlay file, "saved": everything the file now holds}."""
         return self._ch.call(P.Op.SAVE_TUNING.value, {"names": list(names)})
 
+    def cluster(self) -> dict[str, Any]:
+        """This daemon's view of its cluster: {"enabled": False} or members with state and metadata."""
+        return self._ch.call(P.Op.CLUSTER.value, {})
+
     def top(self, limit: int = 20) -> dict[str, Any]:
         """Largest namespaces and prefixes: {"namespaces": [...], "prefixes": [...], "prefix_count"}."""
         return self._ch.call(P.Op.TOP.value, {"limit": limit})

@@ -312,12 +312,78 @@ class MetricsConfig:
     )
 
 
+def parse_address_list(value: object) -> tuple[str, ...]:
+    """A list of HOST:PORT (TOML array, or comma-separated text from the environment or --set)."""
+    if isinstance(value, str):
+        items: list[object] = [v for v in (x.strip() for x in value.split(",")) if v]
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        raise ValueError("expected a list of HOST:PORT, e.g. [\"10.0.0.1:7946\", \"10.0.0.2:7946\"]")
+    out = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ValueError(f"{item!r}: expected HOST:PORT text")
+        try:
+            split_address(item)
+        except ValueError as e:
+            raise ValueError(f"{item!r}: {e}") from None
+        out.append(item.strip())
+    return tuple(out)
+
+
+def _at_least_one(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError("expected a number >= 1")
+    try:
+        out = float(value)
+    except ValueError:
+        raise ValueError("expected a number >= 1") from None
+    if not out >= 1:  # also refuses NaN
+        raise ValueError("must be >= 1")
+    return out
+
+
+@dataclasses.dataclass
+class ClusterSection:
+    enabled: bool = _opt(False, parse_bool, "join a cluster of daemons (gossip membership, meta map, DMP)")
+    node_id: str = _opt("", parse_str, "this daemon's name in the cluster; empty = the host name")
+    gossip_address: str = _opt(
+        "0.0.0.0:7946", parse_listen_address, "HOST:PORT the gossip (membership) socket binds"
+    )
+    data_address: str = _opt(
+        "0.0.0.0:7947", parse_listen_address, "HOST:PORT the page transport (meta map queries, page fetches) binds"
+    )
+    advertise_host: str = _opt(
+        "", parse_str, "host or IP peers use to reach this daemon; empty = the bind host, or this host's address"
+    )
+    seeds: tuple[str, ...] = _opt((), parse_address_list, "gossip HOST:PORT of a few members to join through")
+    key_file: str = _opt(
+        "", parse_str, "the cluster's CURVE key pair (`polarkvd keygen`); required unless insecure = true"
+    )
+    insecure: bool = _opt(
+        False, parse_bool, "explicit opt-out: no authentication between peers (trusted networks only; warned at start)"
+    )
+    dmp_bytes: int = _opt(0, parse_size, "DRAM this daemon lends to the cluster's pool (L3); 0 = lends none")
+    replicas: int = _opt(1, _positive(parse_int), "copies of each page demoted to the pool")
+    lookup_timeout: float = _opt(
+        0.05, _positive(parse_duration), "an engine lookup waits at most this long for the cluster's answer (then: miss)"
+    )
+    fetch_timeout: float = _opt(2.0, _positive(parse_duration), "a page fetch from a peer gives up after this (then: miss)")
+    probe_interval: float = _opt(0.5, _positive(parse_duration), "membership: one failure-detection probe per interval")
+    probe_timeout: float = _opt(0.2, _positive(parse_duration), "membership: wait for a direct ack (< probe_interval)")
+    suspicion_mult: float = _opt(
+        4.0, _at_least_one, "membership: a suspect is declared dead after about mult*log10(n)*probe_interval"
+    )
+
+
 @dataclasses.dataclass
 class Config:
     daemon: DaemonConfig = dataclasses.field(default_factory=DaemonConfig)
     dram: DramConfig = dataclasses.field(default_factory=DramConfig)
     disk: DiskConfig = dataclasses.field(default_factory=DiskConfig)
     metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
+    cluster: ClusterSection = dataclasses.field(default_factory=ClusterSection)
 
     def get(self, dotted: str) -> Any:
         section, key = dotted.split(".", 1)
@@ -332,6 +398,7 @@ SECTIONS: dict[str, type] = {
     "dram": DramConfig,
     "disk": DiskConfig,
     "metrics": MetricsConfig,
+    "cluster": ClusterSection,
 }
 
 
@@ -432,6 +499,23 @@ def _cross_checks(cfg: Config) -> list[tuple[str, object, str]]:
     if not 1 <= cfg.disk.compression_level <= 22:
         out.append(("disk.compression_level", cfg.disk.compression_level, "zstd levels are 1..22"))
     out.extend(watermark_problems(cfg.dram.high_watermark, cfg.dram.low_watermark))
+    c = cfg.cluster
+    if c.probe_timeout >= c.probe_interval:
+        out.append(("cluster.probe_timeout", c.probe_timeout, f"must be below cluster.probe_interval ({c.probe_interval})"))
+    if c.enabled:
+        if not c.key_file and not c.insecure:
+            out.append(
+                (
+                    "cluster.key_file",
+                    "",
+                    "a cluster needs a key pair (`polarkvd keygen --out FILE`), or insecure = true on a trusted network",
+                )
+            )
+        for name in ("gossip_address", "data_address"):
+            if getattr(c, name) == "off":
+                out.append((f"cluster.{name}", "off", "a cluster member needs this socket"))
+        if c.gossip_address != "off" and c.gossip_address == c.data_address and not c.gossip_address.endswith(":0"):
+            out.append(("cluster.data_address", c.data_address, "same as cluster.gossip_address"))
     return out
 
 
@@ -600,6 +684,7 @@ def resolve(cfg: Config, env: Mapping[str, str] | None = None) -> Config:
         dram=dataclasses.replace(cfg.dram),
         disk=dataclasses.replace(cfg.disk),
         metrics=dataclasses.replace(cfg.metrics),
+        cluster=dataclasses.replace(cfg.cluster),
     )
     d = out.daemon
     d.runtime_dir = d.runtime_dir or str(default_runtime_dir(env))
@@ -608,6 +693,10 @@ def resolve(cfg: Config, env: Mapping[str, str] | None = None) -> Config:
     d.control_socket = d.control_socket or str(Path(d.runtime_dir) / "control.sock")
     out.disk.path = out.disk.path or str(Path(d.state_dir) / "pages")
     d.tuning_file = d.tuning_file or str(Path(d.state_dir) / "tuning.toml")
+    if not out.cluster.node_id:
+        import socket
+
+        out.cluster.node_id = socket.gethostname()
     if out.dram.capacity == AUTO:
         total = psutil.virtual_memory().total
         shm_free = _free_bytes(Path(out.dram.shm_dir))

@@ -81,6 +81,8 @@ class Daemon:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
         self._cut_short = 0  # disk operations cancelled at shutdown
+        self.cluster_keys: Any = None
+        self.cluster: Any = None  # polarkvd.cluster.node.ClusterNode when [cluster] enabled
 
     def arena_path(self) -> Path:
         tag = xxhash.xxh3_64_hexdigest(str(Path(self.cfg.daemon.engine_socket).resolve()).encode())[:12]
@@ -105,6 +107,10 @@ class Daemon:
                     "this machine cannot give what the config asks for:\n  "
                     + "\n  ".join(f"{k} = {v!r}: {why}" for k, v, why in problems)
                 )
+            if cfg.cluster.enabled:
+                from polarkvd.cluster.node import load_keys
+
+                self.cluster_keys = load_keys(cfg.cluster)  # a bad key file stops the start (exit 78)
             engine_path = Path(cfg.daemon.engine_socket)
             control_path = Path(cfg.daemon.control_socket)
             for p in (engine_path, control_path):
@@ -178,8 +184,12 @@ class Daemon:
                 max_frame_bytes=cfg.daemon.max_frame_bytes,
                 on_close=on_close,
             )
+            if cfg.cluster.enabled:
+                self.cluster = self._start_cluster(manager)
             control_srv = RequestServer(
-                "control", control_handlers(manager), max_frame_bytes=cfg.daemon.max_frame_bytes
+                "control",
+                control_handlers(manager, cluster=self.cluster),
+                max_frame_bytes=cfg.daemon.max_frame_bytes,
             )
             servers = [engine_srv, control_srv]
             await engine_srv.start(engine_path, cfg.daemon.engine_socket_mode)
@@ -213,6 +223,8 @@ class Daemon:
             # Disk reads and writes cut short from here on complete their futures as cancelled; the
             # manager's callbacks then see CancelledError: expected at shutdown, not an error.
             loop.set_exception_handler(self._quiet_cancelled)
+            if self.cluster is not None:
+                await self.cluster.stop()  # peers record a graceful leave, not a failure
             started = time.monotonic()
             log.info(
                 "shutting down: refusing new stores, finishing disk writes%s (at most %.0fs)",
@@ -230,6 +242,9 @@ class Daemon:
         finally:
             self.ready = False
             loop.set_exception_handler(self._quiet_cancelled)
+            if self.cluster is not None:
+                with contextlib.suppress(Exception):
+                    await self.cluster.stop()
             for srv in servers:
                 await srv.stop()
             # After a clean drain nothing is queued; after a timeout the queue is dropped and only
@@ -247,6 +262,19 @@ class Daemon:
             if self._cut_short:
                 log.info("shutdown: %d queued disk operations were dropped", self._cut_short)
             log.info("polarkvd stopped", extra={"clean": finished})
+
+    def _start_cluster(self, manager: Manager) -> Any:
+        from polarkvd.cluster.node import ClusterNode
+
+        cfg = self.cfg
+
+        def meta() -> dict[str, Any]:
+            st = manager.tier_space()
+            return {name: [used, cap] for name, (used, cap) in st.items()}
+
+        node = ClusterNode(cfg.cluster, self.cluster_keys, meta_source=meta)
+        node.start()
+        return node
 
     async def _save(self, manager: Manager, disk: Any) -> None:
         if disk is not None and self.cfg.disk.save_on_shutdown:

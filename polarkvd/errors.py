@@ -90,6 +90,12 @@ class DaemonUnavailable(PolarKVError):
     code = ErrorCode.UNAVAILABLE
 
 
+class TransportError(PolarKVError):
+    """A peer cannot be reached, refused the handshake, timed out, or the connection broke mid-call."""
+
+    code = ErrorCode.UNAVAILABLE
+
+
 def error_for_code(code: str, message: str) -> PolarKVError:
     """Rebuild a typed error on the client from an error reply."""
     try:

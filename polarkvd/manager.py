@@ -875,6 +875,14 @@ class Manager:
 
     # ------------------------------------------------------------------ status
 
+    def tier_space(self) -> dict[str, tuple[int, int]]:
+        """(used, capacity) bytes per tier: what a cluster member publishes to its peers."""
+        out = {"dram": (self.allocator.used_bytes, self.allocator.capacity)}
+        if self.disk is not None:
+            d = self.disk.stats()
+            out["disk"] = (d.stored_bytes, d.capacity_bytes)
+        return out
+
     def stats(self) -> dict[str, Any]:
         dram = {
             "tier": int(Tier.DRAM),

@@ -10,7 +10,6 @@ Must not interpret messages beyond encode/decode: protocol decisions live in `me
 from __future__ import annotations
 
 import abc
-import dataclasses
 import heapq
 import logging
 import math
@@ -18,6 +17,7 @@ import random
 from collections.abc import Iterable
 from typing import Any, Protocol
 
+from polarkvd.cluster.auth import CurveKeys
 from polarkvd.cluster.messages import Message, encode
 
 log = logging.getLogger(__name__)
@@ -187,14 +187,6 @@ class SimNetwork:
 # --------------------------------------------------------------------------------- ZeroMQ
 
 
-@dataclasses.dataclass(frozen=True)
-class CurveKeys:
-    """The cluster's shared CURVE key pair (z85 text, as `zmq.curve_keypair()` returns)."""
-
-    public: bytes
-    secret: bytes
-
-
 class ZmqTransport(Transport):
     """Gossip over ZeroMQ TCP: one ROUTER bound for receiving, one DEALER per peer for sending.
 
@@ -210,6 +202,7 @@ class ZmqTransport(Transport):
         bind: str,
         *,
         advertise: str | None = None,
+        advertise_host: str | None = None,
         curve: CurveKeys | None = None,
         hwm: int = 64,
         context: Any = None,
@@ -243,6 +236,10 @@ class ZmqTransport(Transport):
             self.router.curve_secretkey = curve.secret
         self.router.bind(bind)
         endpoint = self.router.getsockopt(zmq.LAST_ENDPOINT).decode()
+        if advertise_host and not advertise:  # keep the port actually bound (port 0 = ephemeral)
+            port = endpoint.rsplit(":", 1)[1]
+            host = f"[{advertise_host}]" if ":" in advertise_host else advertise_host
+            advertise = f"tcp://{host}:{port}"
         self._address = advertise or endpoint
         self._peers: dict[str, Any] = {}
         self.dropped = 0

@@ -23,9 +23,14 @@ _TIERS = {"dram": Tier.DRAM, "disk": Tier.DISK}
 _MAX_TOP = 1000
 
 
-def control_handlers(manager: Manager) -> dict[str, Handler]:
+def control_handlers(manager: Manager, cluster: Any = None) -> dict[str, Handler]:
     def stats(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
         return manager.stats()
+
+    def cluster_report(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        if cluster is None:
+            return {"enabled": False}
+        return cluster.report()
 
     async def evict(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
         tier = _TIERS.get(args.get("tier"))  # type: ignore[arg-type]
@@ -142,6 +147,7 @@ def control_handlers(manager: Manager) -> dict[str, Handler]:
         P.Op.UNPIN.value: unpin,
         P.Op.EVICT_KEYS.value: evict_keys,
         P.Op.PING.value: ping,
+        P.Op.CLUSTER.value: cluster_report,
     }
 
 

@@ -54,6 +54,7 @@ class Op(str, enum.Enum):
     PIN = "pin"
     UNPIN = "unpin"
     EVICT_KEYS = "evict_keys"
+    CLUSTER = "cluster"
 
 
 #: Status codes in a reserve reply, per key, besides a non-negative arena offset.

@@ -1,0 +1,249 @@
+"""This daemon as a cluster member: gossip on the event loop, peers' view, and the daemon's report.
+
+Owns running `Membership` over a `ZmqTransport` on the daemon's asyncio loop (woken by the socket or
+by the protocol's next deadline), the metadata this daemon publishes (endpoints, tier space), the
+reactions to membership events (forget sockets of dead members, tell the rest of the cluster code
+who is alive) and the `cluster` control report behind `polarkvd status --cluster`. Protocol
+decisions stay in `membership`; where pages live stays in the manager and the meta map.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+from polarkvd import __version__
+from polarkvd.cluster.auth import CurveKeys, read_key_file
+from polarkvd.cluster.gossip import ZmqTransport
+from polarkvd.cluster.membership import ClusterConfig, Event, EventKind, Member, Membership, State
+from polarkvd.config import ClusterSection, split_address
+
+log = logging.getLogger(__name__)
+
+META_REFRESH_SECONDS = 5.0  # at most this often, and only when what we publish changed noticeably
+LEAVE_SECONDS = 0.5  # at shutdown, keep gossiping the leave this long before closing
+
+
+def tcp_url(host: str, port: int | str) -> str:
+    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+
+
+def advertised_host(bind_host: str, advertise: str) -> str:
+    """The host peers should dial: the configured one, the bind host, or this host's address."""
+    if advertise:
+        return advertise
+    if bind_host not in ("0.0.0.0", "::", "*", ""):
+        return bind_host
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+def load_keys(cfg: ClusterSection) -> CurveKeys | None:
+    """The cluster key pair, or None in insecure mode (warned about: anyone may join)."""
+    if cfg.key_file:
+        return read_key_file(cfg.key_file)
+    log.warning(
+        "cluster.insecure = true: peers are NOT authenticated; anyone who can reach the gossip and data "
+        "ports can join the cluster, read pages and inject membership. Use only on a trusted, isolated network."
+    )
+    return None
+
+
+def membership_config(cfg: ClusterSection) -> ClusterConfig:
+    return ClusterConfig(
+        probe_interval=cfg.probe_interval,
+        probe_timeout=cfg.probe_timeout,
+        suspicion_mult=cfg.suspicion_mult,
+        gossip_interval=min(0.2, cfg.probe_interval),
+    )
+
+
+class ClusterNode:
+    """Gossip membership of this daemon, driven by the asyncio loop it is started on."""
+
+    def __init__(
+        self,
+        cfg: ClusterSection,
+        keys: CurveKeys | None,
+        *,
+        data_address: str = "",
+        meta_source: Callable[[], dict[str, Any]] | None = None,
+        on_members: Callable[[list[Member], list[Event]], None] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.keys = keys
+        self.node_id = cfg.node_id
+        self._meta_source = meta_source or dict
+        self._on_members = on_members
+        host, port = split_address(cfg.gossip_address)
+        self.transport = ZmqTransport(
+            tcp_url(host, port), advertise_host=advertised_host(host, cfg.advertise_host), curve=keys
+        )
+        self.gossip_address = self.transport.address
+        self.data_address = data_address
+        self._published: dict[str, Any] = {}
+        self.membership = Membership(
+            self.node_id,
+            self._meta(),
+            membership_config(cfg),
+            time.monotonic,
+            self.transport,
+            random.Random(),
+            delegate=None,
+        )
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._fd: int | None = None
+        self._next_meta = 0.0
+        self.started = time.time()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        import zmq
+
+        loop = asyncio.get_running_loop()
+        self._fd = self.transport.router.getsockopt(zmq.FD)
+        loop.add_reader(self._fd, self._wake.set)
+        seeds = [tcp_url(*split_address(s)) for s in self.cfg.seeds]
+        self.membership.join(seeds)
+        self._task = asyncio.create_task(self._run(), name="cluster-gossip")
+        log.info(
+            "cluster: member %r, gossip %s, data %s, %s; joining through %s",
+            self.node_id,
+            self.gossip_address,
+            self.data_address or "-",
+            "CURVE" if self.keys else "INSECURE",
+            ", ".join(seeds) or "nobody (first member)",
+        )
+
+    async def stop(self) -> None:
+        """Leave gracefully (others record LEFT, not DEAD), then close the sockets."""
+        if self._task is None:
+            return
+        self.membership.leave()
+        self._wake.set()
+        await asyncio.sleep(LEAVE_SECONDS)  # the gossip task keeps spreading the news meanwhile
+        self.membership.stop()
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
+        if self._fd is not None:
+            asyncio.get_running_loop().remove_reader(self._fd)
+        self.transport.close()
+        log.info("cluster: left")
+
+    # ------------------------------------------------------------------ the gossip loop
+
+    async def _run(self) -> None:
+        import zmq
+
+        m, t = self.membership, self.transport
+        while True:
+            try:
+                for src, data in t.recv(0):
+                    m.on_message(src, data)
+                now = time.monotonic()
+                m.tick(now)
+                if now >= self._next_meta:
+                    self._next_meta = now + META_REFRESH_SECONDS
+                    self._refresh_meta()
+                events = m.take_events()
+                if events:
+                    self._handle(events)
+            except Exception:
+                log.exception("cluster: gossip step failed (continuing)")
+            # ZeroMQ's FD is edge-triggered: sleep only when nothing is waiting.
+            if t.router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                await asyncio.sleep(0)
+                continue
+            self._wake.clear()
+            delay = min(max(0.0, m.next_deadline() - time.monotonic()), 0.25)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+
+    def _handle(self, events: list[Event]) -> None:
+        for ev in events:
+            if ev.kind in (EventKind.DEAD, EventKind.LEFT):
+                member = self.membership.members.get(ev.node)
+                if member is not None:
+                    self.transport.forget(member.addr)
+            level = logging.WARNING if ev.kind in (EventKind.DEAD, EventKind.SUSPECT) else logging.INFO
+            log.log(level, "cluster: member %r %s (incarnation %d)", ev.node, ev.kind.value, ev.incarnation)
+        if self._on_members is not None:
+            self._on_members(self.membership.alive_members(), events)
+
+    # ------------------------------------------------------------------ metadata
+
+    def _meta(self) -> dict[str, Any]:
+        meta = {"v": __version__, "data": self.data_address, **self._meta_source()}
+        self._published = meta
+        return meta
+
+    def _refresh_meta(self) -> None:
+        """Republish when space changed by more than 1/16 of a tier (each update costs a broadcast)."""
+        fresh = {"v": __version__, "data": self.data_address, **self._meta_source()}
+        if _changed(self._published, fresh):
+            self._published = fresh
+            self.membership.update_meta(fresh)
+
+    def set_data_address(self, address: str) -> None:
+        self.data_address = address
+        self._next_meta = 0.0
+        self._published = {}
+        self._wake.set()
+
+    # ------------------------------------------------------------------ views
+
+    def alive(self) -> list[Member]:
+        return self.membership.alive_members()
+
+    def report(self) -> dict[str, Any]:
+        """What `polarkvd status --cluster` shows."""
+        m = self.membership
+        now = time.monotonic()
+        return {
+            "enabled": True,
+            "node_id": self.node_id,
+            "gossip_address": self.gossip_address,
+            "data_address": self.data_address,
+            "authenticated": self.keys is not None,
+            "incarnation": m.incarnation,
+            "members": [
+                {
+                    "node": x.node,
+                    "addr": x.addr,
+                    "state": x.state.name.lower(),
+                    "incarnation": x.incarnation,
+                    "for_s": round(now - x.since, 3),
+                    "meta": x.meta,
+                    "self": x.node == self.node_id,
+                }
+                for x in sorted(m.members.values(), key=lambda x: x.node)
+            ],
+            "alive": sum(1 for x in m.members.values() if x.state in (State.ALIVE, State.SUSPECT)),
+            "gossip": dict(m.stats),
+        }
+
+
+def _changed(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    if old.keys() != new.keys():
+        return True
+    for k, v in new.items():
+        o = old[k]
+        if isinstance(v, list) and isinstance(o, list) and len(v) == 2 == len(o):
+            used, cap = v
+            if cap != o[1] or abs(used - o[0]) > max(cap, 1) / 16:
+                return True
+        elif v != o:
+            return True
+    return False
