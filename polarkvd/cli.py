@@ -168,7 +168,11 @@ def render_status(st: dict[str, Any]) -> str:
     lines.append(
         f"{'tier':<10}{'pages':>10}{'bytes':>12}{'capacity':>12}{'used':>7}  {'policy':<8}{'hits':>10}"
     )
-    hits = {"dram": c.get("hit_pages_dram", 0), "disk": c.get("hit_pages_disk", 0)}
+    hits = {
+        "dram": c.get("hit_pages_dram", 0),
+        "disk": c.get("hit_pages_disk", 0),
+        "dmp": c.get("hit_pages_remote", 0),
+    }
     for name, t in st["tiers"].items():
         used = t["bytes"] / t["capacity_bytes"] * 100 if t["capacity_bytes"] else 0
         label = f"L{t['tier']} {name}"
@@ -176,7 +180,7 @@ def render_status(st: dict[str, Any]) -> str:
             f"{label:<10}{t['pages']:>10}{format_size(t['bytes']):>12}{format_size(t['capacity_bytes']):>12}{used:>6.1f}%  {t['policy']:<8}{hits.get(name, 0):>10}"
         )
     looked = c.get("lookup_pages", 0)
-    hit = hits["dram"] + hits["disk"]
+    hit = sum(hits.values())
     lines.append("")
     lines.append(
         f"lookups {c.get('lookups', 0)}: {looked} pages asked, {hit} hit "
@@ -186,6 +190,12 @@ def render_status(st: dict[str, Any]) -> str:
         f"stored {c.get('stored_pages', 0)} pages ({format_size(c.get('stored_bytes', 0))}), loaded {c.get('loaded_pages', 0)} "
         f"({format_size(c.get('loaded_bytes', 0))}; {c.get('loaded_pages_disk', 0)} from disk)"
     )
+    if any(k.startswith(("cluster_", "fetched_", "hit_pages_remote")) for k in c):
+        lines.append(
+            f"cluster: {c.get('hit_pages_remote', 0)} pages found on peers, {c.get('fetched_pages_remote', 0)} fetched "
+            f"({format_size(c.get('fetched_bytes_remote', 0))}), {c.get('cluster_served_pages', 0)} served to peers, "
+            f"{c.get('demoted_pages_dmp', 0)} demoted to the pool, {c.get('cluster_fetch_failures', 0)} failed fetches"
+        )
     evicted = sum(v for k, v in c.items() if k.startswith("evicted_pages_dram"))
     lines.append(
         f"evicted from DRAM {evicted} pages, demoted to disk {c.get('demoted_pages', 0)}, "

@@ -83,6 +83,7 @@ class Daemon:
         self._cut_short = 0  # disk operations cancelled at shutdown
         self.cluster_keys: Any = None
         self.cluster: Any = None  # polarkvd.cluster.node.ClusterNode when [cluster] enabled
+        self.pool: Any = None  # polarkvd.cluster.pool.ClusterPool, likewise
 
     def arena_path(self) -> Path:
         tag = xxhash.xxh3_64_hexdigest(str(Path(self.cfg.daemon.engine_socket).resolve()).encode())[:12]
@@ -188,7 +189,7 @@ class Daemon:
                 self.cluster = self._start_cluster(manager)
             control_srv = RequestServer(
                 "control",
-                control_handlers(manager, cluster=self.cluster),
+                control_handlers(manager, cluster_report=self.cluster_report),
                 max_frame_bytes=cfg.daemon.max_frame_bytes,
             )
             servers = [engine_srv, control_srv]
@@ -223,8 +224,7 @@ class Daemon:
             # Disk reads and writes cut short from here on complete their futures as cancelled; the
             # manager's callbacks then see CancelledError: expected at shutdown, not an error.
             loop.set_exception_handler(self._quiet_cancelled)
-            if self.cluster is not None:
-                await self.cluster.stop()  # peers record a graceful leave, not a failure
+            await self._stop_cluster()
             started = time.monotonic()
             log.info(
                 "shutting down: refusing new stores, finishing disk writes%s (at most %.0fs)",
@@ -242,9 +242,10 @@ class Daemon:
         finally:
             self.ready = False
             loop.set_exception_handler(self._quiet_cancelled)
-            if self.cluster is not None:
-                with contextlib.suppress(Exception):
-                    await self.cluster.stop()
+            try:
+                await self._stop_cluster()
+            except Exception:
+                log.exception("shutdown: leaving the cluster failed")
             for srv in servers:
                 await srv.stop()
             # After a clean drain nothing is queued; after a timeout the queue is dropped and only
@@ -264,17 +265,44 @@ class Daemon:
             log.info("polarkvd stopped", extra={"clean": finished})
 
     def _start_cluster(self, manager: Manager) -> Any:
-        from polarkvd.cluster.node import ClusterNode
+        """Peer service and pool first (their address goes into our gossip metadata), then gossip."""
+        from polarkvd.cluster.node import ClusterNode, advertised_host, tcp_url
+        from polarkvd.cluster.pool import ClusterPool
+        from polarkvd.config import split_address
 
         cfg = self.cfg
+        pool = ClusterPool(cfg, manager, self.cluster_keys, cfg.cluster.node_id)
+        bound = pool.start()
+        host, _ = split_address(cfg.cluster.data_address)
+        data_address = tcp_url(advertised_host(host, cfg.cluster.advertise_host), bound.rsplit(":", 1)[1])
+        manager.cluster = pool
+        self.pool = pool
 
         def meta() -> dict[str, Any]:
-            st = manager.tier_space()
-            return {name: [used, cap] for name, (used, cap) in st.items()}
+            space = {**manager.tier_space(), **pool.space()}
+            return {name: [used, cap] for name, (used, cap) in space.items()}
 
-        node = ClusterNode(cfg.cluster, self.cluster_keys, meta_source=meta)
+        node = ClusterNode(
+            cfg.cluster, self.cluster_keys, data_address=data_address, meta_source=meta, on_members=pool.on_members
+        )
         node.start()
         return node
+
+    def cluster_report(self) -> dict[str, Any]:
+        if self.cluster is None:
+            return {"enabled": False}
+        return self.cluster.report(self.pool.report() if self.pool is not None else None)
+
+    async def _stop_cluster(self) -> None:
+        """Leave gracefully (peers record LEFT, not DEAD), then close the peer service."""
+        node, self.cluster = self.cluster, None
+        if node is not None:
+            await node.stop()
+        pool, self.pool = self.pool, None
+        if pool is not None:
+            if self.manager is not None:
+                self.manager.cluster = None
+            await pool.stop()
 
     async def _save(self, manager: Manager, disk: Any) -> None:
         if disk is not None and self.cfg.disk.save_on_shutdown:
@@ -413,7 +441,7 @@ class Daemon:
         if disk is not None:
             parts.append(f"disk {disk['pages']} pages ({format_size(disk['bytes'])})")
         looked = c.get("lookup_pages", 0)
-        hit = c.get("hit_pages_dram", 0) + c.get("hit_pages_disk", 0)
+        hit = c.get("hit_pages_dram", 0) + c.get("hit_pages_disk", 0) + c.get("hit_pages_remote", 0)
         parts.append(f"hit {hit / looked * 100:.1f}% of {looked} pages" if looked else "no lookups yet")
         parts.append(f"{len(st['sessions'])} engines")
         state = "draining" if st["draining"] else "serving" if self.ready else "stopping"

@@ -133,6 +133,8 @@ class Manager:
         self.operator_pins: dict[bytes, Page] = {}  # pages pinned with the `pin` op, one pin each
         self.prefix_hits: Counters = Counters()  # first key of a load -> pages loaded (see `top`)
         self.write_through_bytes = 0  # write-through copies queued and not yet written
+        self.cluster: Any = None  # polarkvd.cluster.pool.ClusterPool when [cluster] is enabled
+        self._cluster_tasks: set[asyncio.Future[Any]] = set()  # fetches from and demotions to peers in flight
 
     # ------------------------------------------------------------------ sessions
 
@@ -299,6 +301,8 @@ class Manager:
             self.policy.insert(page)
             if write_through:
                 self._write_through(session.ns, page)
+            if self.cluster is not None:
+                self.cluster.page_added(key, Tier.DRAM)
         session.stored_pages += len(keys)
         self.counters["stored_pages"] += len(keys)
         self.counters["stored_bytes"] += len(keys) * session.ns.ns.page_bytes
@@ -350,6 +354,7 @@ class Manager:
         pinned: list[Page] = []
         tiers: list[Tier] = []
         waits: list[tuple[int, asyncio.Future[bool]]] = []
+        remote_from: int | None = None
         for key in keys:
             page = self.index.get(key)
             if page is not None and page.state == READY:
@@ -375,6 +380,8 @@ class Manager:
                 if self._on_disk_any_ns(key):
                     self._unpin_all(pinned)
                     raise NamespaceError(f"key {key.hex()} belongs to another namespace")
+                if self.cluster is not None:
+                    remote_from = len(pinned)
                 break
             promoted = self._start_promotion(ns, key)
             if promoted is None:
@@ -384,6 +391,12 @@ class Manager:
             pinned.append(page)
             tiers.append(Tier.DISK)
             waits.append((len(pinned) - 1, fut))
+        if remote_from is not None:
+            for page, fut in await self._start_fetches(ns, keys[remote_from:]):
+                page.pins += 1
+                pinned.append(page)
+                tiers.append(Tier.DMP)
+                waits.append((len(pinned) - 1, fut))
         if waits:
             results = await asyncio.gather(*(f for _, f in waits))
             for (pos, _), ok in zip(waits, results):
@@ -398,6 +411,7 @@ class Manager:
         self.counters["loaded_pages"] += n
         self.counters["loaded_bytes"] += n * ns.ns.page_bytes
         self.counters["loaded_pages_disk"] += tiers.count(Tier.DISK)
+        self.counters["loaded_pages_remote"] += tiers.count(Tier.DMP)
         self.counters["load_short_pages"] += len(keys) - n
         session.loaded_pages += n
         if not pinned:
@@ -406,6 +420,72 @@ class Manager:
         lease = Lease(next(self._ids), session, pinned, self.clock() + self.cfg.daemon.lease_seconds)
         session.leases[lease.id] = lease
         return [p.offset for p in pinned], tiers, lease.id
+
+    async def lookup_remote(self, session: Session, keys: list[bytes], tiers: list[Tier]) -> list[Tier]:
+        """After a local lookup stopped short: how much further the cluster's pages reach."""
+        found = await self.cluster.locate(keys[len(tiers) :])
+        n = len(found)
+        if n:
+            self.counters["hit_pages_remote"] += n
+            self.counters["miss_pages"] -= n
+            session.hit_pages += n
+        return tiers + [Tier.DMP] * n
+
+    async def _start_fetches(self, ns: NamespaceInfo, keys: list[bytes]) -> list[tuple[Page, asyncio.Future[bool]]]:
+        """Start pulling the longest prefix of `keys` that peers hold into new DRAM slots.
+
+        Holders come from the lookup that preceded this load, or from a fresh meta map query.
+        Pages arrive in batches per holder, several batches in flight; each page's future says
+        whether its bytes arrived verified.
+        """
+        hints = self.cluster.hints
+        holders = []
+        for key in keys:
+            h = hints.get(key)
+            if not h:
+                break
+            holders.append(h)
+        if not holders:
+            holders = await self.cluster.locate(keys)
+        loop = asyncio.get_running_loop()
+        started: list[tuple[Page, asyncio.Future[bool]]] = []
+        for key in keys[: len(holders)]:
+            if key in self.index:  # appeared meanwhile (another load of the same prefix)
+                break
+            offset = self._alloc(ns.slot_bytes)
+            if offset is None:
+                break
+            page = Page(key, ns.id, offset, ns.ns.page_bytes, None, PROMOTING)
+            self.index.add(page)
+            fut: asyncio.Future[bool] = loop.create_future()
+            self._promotions[key] = fut
+            started.append((page, fut))
+        batch: list[tuple[Page, asyncio.Future[bool]]] = []
+        for i, item in enumerate(started):
+            batch.append(item)
+            last = i + 1 == len(started)
+            if last or len(batch) == self.cluster.fetch_batch or holders[i + 1][0] != holders[i][0]:
+                task = asyncio.ensure_future(self._fetch(ns, holders[i][0], batch))
+                self._cluster_tasks.add(task)
+                task.add_done_callback(self._cluster_tasks.discard)
+                batch = []
+        return started
+
+    async def _fetch(self, ns: NamespaceInfo, holder: str, batch: list[tuple[Page, asyncio.Future[bool]]]) -> None:
+        views = [self.arena[p.offset : p.offset + p.size] for p, _ in batch]
+        try:
+            results = await self.cluster.fetch(holder, ns.digest, [p.key for p, _ in batch], views)
+        except Exception as e:  # never leave a loader waiting
+            log.error("cluster: fetch from %s failed: %r", holder, e)
+            results = [False] * len(batch)
+        for (page, fut), parent in zip(batch, results):
+            if parent is False:
+                self._finish_promotion(page, fut, PageNotFound("remote fetch failed"), on_disk=False)
+            else:
+                page.parent = parent  # type: ignore[assignment]
+                self.counters["fetched_pages_remote"] += 1
+                self.counters["fetched_bytes_remote"] += page.size
+                self._finish_promotion(page, fut, None, on_disk=False)
 
     def _on_disk_any_ns(self, key: bytes) -> bool:
         return key in self.pending or (self.disk is not None and self.disk.entry(key) is not None)
@@ -445,6 +525,8 @@ class Manager:
             page.on_disk = on_disk
             self.index.mark_ready(page)
             self.policy.insert(page)
+            if self.cluster is not None:
+                self.cluster.page_added(page.key, Tier.DRAM)
             self.counters["promoted_pages"] += 1
             self.counters["promoted_bytes"] += page.size
             fut.set_result(True)
@@ -547,7 +629,12 @@ class Manager:
         return True
 
     def _demote(self, page: Page) -> None:
-        """Queue a copy of an evicted page for the disk tier, unless it is there already."""
+        """An evicted page leaves DRAM: to peers' lent DRAM (L3) when the cluster has room, else
+        queued for the disk tier (unless it is there already)."""
+        if self.cluster is not None:
+            self.cluster.page_removed(page.key, Tier.DRAM)
+            if not page.on_disk and self._demote_to_pool(page):
+                return
         if self.disk is None or page.on_disk:
             return
         if self.pending_bytes + page.size > self.cfg.disk.max_pending_bytes:
@@ -563,6 +650,40 @@ class Manager:
         self.pending[page.key] = item
         self.pending_bytes += page.size
         self._write_to_disk(page.key, item)
+
+    def _demote_to_pool(self, page: Page) -> bool:
+        """Send an evicted page to the peers `cluster.replicas` picks; the disk gets it if they fail."""
+        targets = self.cluster.demote_targets(page.key, page.size)
+        if not targets or self.pending_bytes + page.size > self.cfg.disk.max_pending_bytes:
+            return False
+        info = self._ns_by_id[page.ns]
+        item = PendingDemotion(
+            bytes(self.arena[page.offset : page.offset + page.size]), info.digest, page.parent, info.ns.itemsize
+        )
+        self.pending[page.key] = item
+        self.pending_bytes += page.size
+        fut = asyncio.ensure_future(self.cluster.demote(info.digest, page.key, page.parent, item.data, targets))
+        self._cluster_tasks.add(fut)
+
+        def done(f: asyncio.Future[int]) -> None:
+            self._cluster_tasks.discard(f)
+            stored = 0 if f.cancelled() or f.exception() is not None else f.result()
+            if stored:
+                self.counters["demoted_pages_dmp"] += 1
+                self.counters["demoted_bytes_dmp"] += len(item.data)
+                if self.pending.get(page.key) is item:
+                    del self.pending[page.key]
+                    self.pending_bytes -= len(item.data)
+            elif self.disk is not None and self.pending.get(page.key) is item:
+                self.counters["demotions_dmp_to_disk"] += 1
+                self._write_to_disk(page.key, item)  # the pending entry stays until written
+            elif self.pending.get(page.key) is item:
+                del self.pending[page.key]
+                self.pending_bytes -= len(item.data)
+                self.counters["demotions_dropped"] += 1
+
+        fut.add_done_callback(done)
+        return True
 
     def _write_to_disk(
         self, key: bytes, item: PendingDemotion, counter: str = "demoted_pages"
@@ -875,6 +996,13 @@ class Manager:
 
     # ------------------------------------------------------------------ status
 
+    def namespace_digest(self, ns_id: int) -> bytes:
+        return self._ns_by_id[ns_id].digest
+
+    @staticmethod
+    def unpin_page(page: Page) -> None:
+        page.pins -= 1
+
     def tier_space(self) -> dict[str, tuple[int, int]]:
         """(used, capacity) bytes per tier: what a cluster member publishes to its peers."""
         out = {"dram": (self.allocator.used_bytes, self.allocator.capacity)}
@@ -917,6 +1045,16 @@ class Manager:
                 "write_through": self.cfg.disk.write_through,
                 "write_through_bytes": self.write_through_bytes,
                 "path": str(self.cfg.disk.path),
+            }
+        dmp = self.cluster.dmp if self.cluster is not None else None
+        if dmp is not None:
+            tiers["dmp"] = {
+                "tier": int(Tier.DMP),
+                "pages": len(dmp),
+                "bytes": dmp.ready_bytes,
+                "capacity_bytes": dmp.capacity,
+                "policy": "lru",
+                **dmp.stats,
             }
         sessions = [
             {

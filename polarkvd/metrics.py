@@ -115,7 +115,7 @@ _SIMPLE_COUNTERS = {
     "sessions_attached": ("polarkv_sessions_attached_total", "Engine sessions attached since start."),
 }
 # Counters shown through labelled families below, not as events.
-_LABELLED = {"stored_pages", "promoted_pages", "demoted_pages", "hit_pages_dram", "hit_pages_disk", "loaded_pages", "loaded_pages_disk", "stored_bytes",
+_LABELLED = {"stored_pages", "promoted_pages", "demoted_pages", "hit_pages_dram", "hit_pages_disk", "hit_pages_remote", "loaded_pages", "loaded_pages_disk", "loaded_pages_remote", "stored_bytes",
              "loaded_bytes", "evicted_bytes_dram", "promoted_bytes", "demoted_bytes", "written_through_pages",
              "written_through_bytes"}  # fmt: skip
 
@@ -233,12 +233,15 @@ def families(snap: Snapshot) -> Iterator[Any]:
     )
     hits.add_metric(["dram"], c.get("hit_pages_dram", 0))
     hits.add_metric(["disk"], c.get("hit_pages_disk", 0))
+    hits.add_metric(["remote"], c.get("hit_pages_remote", 0))
     yield hits
     loaded = CounterMetricFamily(
         "polarkv_loaded_pages", "Pages handed to engines by loads, by source tier.", labels=["tier"]
     )
-    loaded.add_metric(["dram"], c.get("loaded_pages", 0) - c.get("loaded_pages_disk", 0))
+    remote = c.get("loaded_pages_remote", 0)
+    loaded.add_metric(["dram"], c.get("loaded_pages", 0) - c.get("loaded_pages_disk", 0) - remote)
     loaded.add_metric(["disk"], c.get("loaded_pages_disk", 0))
+    loaded.add_metric(["remote"], remote)
     yield loaded
 
     moved_pages = CounterMetricFamily("polarkv_transfer_pages", "Pages moved, by data path.", labels=["path"])

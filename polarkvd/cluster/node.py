@@ -207,11 +207,12 @@ class ClusterNode:
     def alive(self) -> list[Member]:
         return self.membership.alive_members()
 
-    def report(self) -> dict[str, Any]:
+    def report(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """What `polarkvd status --cluster` shows."""
         m = self.membership
         now = time.monotonic()
         return {
+            **(extra or {}),
             "enabled": True,
             "node_id": self.node_id,
             "gossip_address": self.gossip_address,

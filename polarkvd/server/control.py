@@ -8,6 +8,7 @@ parser as the config file, and a request with any bad value changes nothing.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from polarkvd.config import LIVE_KNOBS, parse_option, watermark_problems, write_tuning
@@ -23,14 +24,14 @@ _TIERS = {"dram": Tier.DRAM, "disk": Tier.DISK}
 _MAX_TOP = 1000
 
 
-def control_handlers(manager: Manager, cluster: Any = None) -> dict[str, Handler]:
+def control_handlers(
+    manager: Manager, cluster_report: Callable[[], dict[str, Any]] | None = None
+) -> dict[str, Handler]:
     def stats(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
         return manager.stats()
 
-    def cluster_report(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
-        if cluster is None:
-            return {"enabled": False}
-        return cluster.report()
+    def cluster(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        return cluster_report() if cluster_report is not None else {"enabled": False}
 
     async def evict(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
         tier = _TIERS.get(args.get("tier"))  # type: ignore[arg-type]
@@ -147,7 +148,7 @@ def control_handlers(manager: Manager, cluster: Any = None) -> dict[str, Handler
         P.Op.UNPIN.value: unpin,
         P.Op.EVICT_KEYS.value: evict_keys,
         P.Op.PING.value: ping,
-        P.Op.CLUSTER.value: cluster_report,
+        P.Op.CLUSTER.value: cluster,
     }
 
 

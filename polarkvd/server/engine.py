@@ -8,6 +8,7 @@ was killed), the session's reservations are aborted and its leases dropped at on
 from __future__ import annotations
 
 from time import perf_counter_ns
+from collections.abc import Awaitable
 from typing import Any
 
 from polarkvd.errors import ErrorCode, PolarKVError, ProtocolError
@@ -15,7 +16,7 @@ from polarkvd.manager import Manager, Session
 from polarkvd.metrics import OpTimings
 from polarkvd.server import protocol as P
 from polarkvd.server.connection import Connection, Handler, arg_bool, arg_int, only_args
-from polarkvd.types import KEY_BYTES, Namespace
+from polarkvd.types import KEY_BYTES, Namespace, Tier
 
 
 def _session(conn: Connection) -> Session:
@@ -78,13 +79,23 @@ def engine_handlers(
             "max_keys": max_keys,
         }
 
-    def lookup(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+    def lookup(conn: Connection, args: dict[str, Any]) -> dict[str, Any] | Awaitable[dict[str, Any]]:
         t0 = perf_counter_ns()
         only_args(args, "keys", "pin")
-        tiers, lease = manager.lookup(_session(conn), keys(args), arg_bool(args, "pin"))
+        session, ks = _session(conn), keys(args)
+        tiers, lease = manager.lookup(session, ks, arg_bool(args, "pin"))
+        if len(tiers) < len(ks) and manager.cluster is not None:
+            return lookup_cluster(session, ks, tiers, lease, t0)  # a local miss: ask the cluster
         out = {"tiers": bytes(tiers), "lease": lease}
         observe_lookup(perf_counter_ns() - t0)
         return out
+
+    async def lookup_cluster(
+        session: Session, ks: list[bytes], tiers: list[Tier], lease: int | None, t0: int
+    ) -> dict[str, Any]:
+        tiers = await manager.lookup_remote(session, ks, tiers)
+        observe_lookup(perf_counter_ns() - t0)
+        return {"tiers": bytes(tiers), "lease": lease}
 
     def reserve(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
         t0 = perf_counter_ns()

@@ -24,7 +24,11 @@ HISTORY_SECONDS = 300  # five minutes of samples at the default 1 s poll
 
 def _counter(counters: Mapping[str, int], name: str) -> int:
     if name == "hit_pages":
-        return counters.get("hit_pages_dram", 0) + counters.get("hit_pages_disk", 0)
+        return (
+            counters.get("hit_pages_dram", 0)
+            + counters.get("hit_pages_disk", 0)
+            + counters.get("hit_pages_remote", 0)
+        )
     return counters.get(name, 0)
 
 

@@ -1,0 +1,231 @@
+"""Several daemons as separate processes on loopback, forming one cluster.
+
+What a user of three hosts would notice: the members see each other; a prefix stored through one
+daemon is a hit through another, with the same bytes; a daemon whose DRAM is full demotes pages to
+a peer's lent DRAM and gets them back on a hit; a member killed with SIGKILL is declared dead and the
+others keep serving (misses, not errors); a process without the cluster key is kept out.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from polarkvd.cluster.auth import generate, write_key_file
+from polarkvd.types import Tier
+from tests.conftest import TEST_NS, bad_pages, chain_tokens, store_chain, wait_for
+
+pytestmark = pytest.mark.cluster
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def key_file(tmp_path: Path) -> Path:
+    path = tmp_path / "cluster.key"
+    write_key_file(path, generate())
+    return path
+
+
+class Cluster:
+    def __init__(self, factory, key_file: Path) -> None:
+        self.factory = factory
+        self.key_file = key_file
+        self.seed = ""
+        self.daemons: dict[str, object] = {}
+
+    def add(self, name: str, key_file: Path | None = None, **sets: str):
+        gossip = _free_port()
+        cfg = {
+            "cluster.enabled": "true",
+            "cluster.node_id": name,
+            "cluster.key_file": str(key_file or self.key_file),
+            "cluster.gossip_address": f"127.0.0.1:{gossip}",
+            "cluster.data_address": "127.0.0.1:0",
+            "cluster.seeds": self.seed or f"127.0.0.1:{gossip}",
+            "cluster.probe_interval": "200ms",
+            "cluster.probe_timeout": "100ms",
+            "cluster.lookup_timeout": "1s",
+        }
+        cfg.update({k.replace("__", "."): v for k, v in sets.items()})
+        d = self.factory(cfg, name=name)
+        self.seed = self.seed or f"127.0.0.1:{gossip}"
+        self.daemons[name] = d
+        return d
+
+    def view(self, name: str) -> dict[str, str]:
+        with self.daemons[name].control() as c:
+            rep = c.cluster()
+        return {m["node"]: m["state"] for m in rep["members"]}
+
+    def wait_converged(self, names: list[str], timeout: float = 20.0) -> None:
+        def ok() -> bool:
+            for n in names:
+                v = self.view(n)
+                if any(v.get(o) != "alive" for o in names):
+                    return False
+            return True
+
+        wait_for(ok, timeout, f"members {names} to see each other alive")
+
+
+@pytest.fixture
+def cluster(daemon_factory, key_file) -> Cluster:
+    return Cluster(daemon_factory, key_file)
+
+
+def test_three_daemons_share_a_prefix_with_identical_bytes(cluster: Cluster) -> None:
+    a, b, c = (cluster.add(n) for n in "abc")
+    cluster.wait_converged(["a", "b", "c"])
+    out = subprocess.run(
+        [sys.executable, "-m", "polarkvd", "status", "--cluster", "--socket", str(b.control_socket)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert "3 of 3 known members alive" in out.stdout
+    for name in "abc":
+        assert name in out.stdout
+
+    with a.engine() as kv:
+        keys = store_chain(kv, chain_tokens(1, 12))
+    with c.engine() as kv:
+        # the meta map learns of A's pages within a few flush intervals
+        wait_for(lambda: kv.lookup(keys).hits == len(keys), 10, "C to find A's prefix")
+        assert set(kv.lookup(keys).tiers) == {Tier.DMP}
+        res = kv.load(keys)
+        assert res.loaded == len(keys)
+        assert set(res.tiers) == {Tier.DMP}
+        assert bad_pages(kv, keys, res.views) == []
+        kv.release(res.lease)
+        # now a local hit on C
+        assert set(kv.lookup(keys).tiers) == {Tier.DRAM}
+    st = c.stats()["counters"]
+    assert st["fetched_pages_remote"] == len(keys)
+    assert a.stats()["counters"]["cluster_served_pages"] >= len(keys)
+
+
+def test_a_partial_local_prefix_continues_on_a_peer(cluster: Cluster) -> None:
+    a, b = cluster.add("a"), cluster.add("b")
+    cluster.wait_converged(["a", "b"])
+    tokens = chain_tokens(2, 10)
+    with a.engine() as kv:
+        keys = store_chain(kv, tokens)
+    with b.engine() as kv:
+        store_chain(kv, tokens[: 4 * TEST_NS.page_tokens])  # B has the first 4 pages itself
+        wait_for(lambda: kv.lookup(keys).hits == 10, 10, "B to see the rest on A")
+        tiers = kv.lookup(keys).tiers
+        assert tiers[:4] == [Tier.DRAM] * 4 and tiers[4:] == [Tier.DMP] * 6
+        res = kv.load(keys)
+        assert res.loaded == 10 and bad_pages(kv, keys, res.views) == []
+        kv.release(res.lease)
+
+
+def test_full_dram_demotes_to_a_peers_pool_and_promotes_back(cluster: Cluster) -> None:
+    # A: 2 MiB of DRAM (64 pages of 32 KiB) and no disk: evicted pages can only go to the pool.
+    a = cluster.add("a", dram__capacity="2MiB", disk__enabled="false")
+    b = cluster.add("b", cluster__dmp_bytes="16MiB")
+    cluster.wait_converged(["a", "b"])
+    wait_for(lambda: _dmp_meta(cluster, "a", "b"), 15, "A to learn B's pool size")
+    with a.engine() as kv:
+        keys = store_chain(kv, chain_tokens(3, 40))
+        keys += store_chain(kv, chain_tokens(4, 40))  # 80 pages > 64: the oldest leave A's DRAM
+        wait_for(lambda: a.stats()["counters"].get("demoted_pages_dmp", 0) >= 16, 10, "demotions to B")
+        st = b.stats()
+        assert st["tiers"]["dmp"]["pages"] >= 16
+        first = keys[:40]
+        wait_for(lambda: kv.lookup(first).hits == 40, 10, "A to find its demoted pages on B")
+        res = kv.load(first)
+        assert res.loaded == 40
+        assert Tier.DMP in res.tiers
+        assert bad_pages(kv, first, res.views) == []
+        kv.release(res.lease)
+
+
+def _dmp_meta(cluster: Cluster, viewer: str, lender: str) -> bool:
+    with cluster.daemons[viewer].control() as c:
+        rep = c.cluster()
+    for m in rep["members"]:
+        if m["node"] == lender:
+            dmp = m["meta"].get("dmp")
+            return isinstance(dmp, list) and dmp[1] > 0
+    return False
+
+
+def test_killed_member_is_declared_dead_and_the_rest_keep_serving(cluster: Cluster) -> None:
+    a, b, c = (cluster.add(n) for n in "abc")
+    cluster.wait_converged(["a", "b", "c"])
+    with a.engine() as kv:
+        on_a = store_chain(kv, chain_tokens(5, 6))
+    with b.engine() as kv:
+        on_b = store_chain(kv, chain_tokens(6, 6))
+    with c.engine() as kv:
+        wait_for(lambda: kv.lookup(on_a).hits == 6 and kv.lookup(on_b).hits == 6, 10, "C to see both")
+    a.kill()
+    wait_for(lambda: cluster.view("c").get("a") == "dead" and cluster.view("b").get("a") == "dead", 15, "a dead")
+    with c.engine() as kv:
+        assert kv.lookup(on_a).hits == 0  # a miss, not an error
+        res = kv.load(on_a)
+        assert res.loaded == 0
+        res = kv.load(on_b)  # B still serves
+        assert res.loaded == 6 and bad_pages(kv, on_b, res.views) == []
+        kv.release(res.lease)
+
+
+def test_a_daemon_without_the_cluster_key_cannot_join_or_read(cluster: Cluster, tmp_path: Path) -> None:
+    a = cluster.add("a")
+    with a.engine() as kv:
+        keys = store_chain(kv, chain_tokens(7, 4))
+    other_key = tmp_path / "other.key"
+    write_key_file(other_key, generate())
+    x = cluster.add("x", key_file=other_key)
+    # x keeps trying through the seed; a never admits it and x never sees a
+    with x.engine() as kv:
+        for _ in range(20):
+            assert kv.lookup(keys).hits == 0
+    assert "x" not in cluster.view("a")
+    assert cluster.view("x") == {"x": "alive"}
+
+    # a raw page request with a wrong key is refused at the handshake
+    from polarkvd.errors import TransportError
+    from polarkvd.transport.tcp import PeerClient, data_key
+
+    with a.control() as c:
+        data = c.cluster()["data_address"]
+    client = PeerClient(key=data_key(generate().secret), timeout=2)
+    try:
+        with pytest.raises(TransportError):
+            client.call(data, "get", {"ns": b"x" * 16, "keys": keys})
+    finally:
+        client.close()
+    # ... and without any key too
+    client = PeerClient(key=None, timeout=2)
+    try:
+        with pytest.raises(TransportError):
+            client.call(data, "get", {"ns": b"x" * 16, "keys": keys})
+    finally:
+        client.close()
+
+
+def test_bytes_are_verified_end_to_end_after_a_restart_of_the_holder(cluster: Cluster) -> None:
+    """A stale record after the holder restarted empty is a miss, never wrong bytes."""
+    a, b = cluster.add("a", disk__enabled="false"), cluster.add("b")
+    cluster.wait_converged(["a", "b"])
+    with a.engine() as kv:
+        keys = store_chain(kv, chain_tokens(8, 5))
+    with b.engine() as kv:
+        wait_for(lambda: kv.lookup(keys).hits == 5, 10, "B to see A's pages")
+    a.stop()
+    a.start()
+    cluster.wait_converged(["a", "b"])
+    with b.engine() as kv:
+        res = kv.load(keys)
+        assert res.loaded == 0 or bad_pages(kv, keys[: res.loaded], res.views) == []
+        if res.lease is not None:
+            kv.release(res.lease)
