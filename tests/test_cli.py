@@ -109,6 +109,6 @@ def test_every_subcommand_has_help(command: str, capsys: pytest.CaptureFixture[s
 
 
 def test_expected_subcommands_exist() -> None:
-    assert {"serve", "check-config", "status", "evict", "drain", "resume", "tune", "bench"} <= set(
+    assert {"serve", "check-config", "status", "evict", "drain", "resume", "tune", "bench", "keygen"} <= set(
         _subcommands()
     )
