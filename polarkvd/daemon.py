@@ -469,6 +469,7 @@ class Daemon:
             last_reload_time=self.last_reload_time,
             restart_needed=len(self.restart_needed),
             version=__version__,
+            cluster=self.cluster.member_counts() if self.cluster is not None else None,
         )
 
     def _snapshot_from_thread(self) -> Snapshot:

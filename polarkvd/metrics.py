@@ -74,6 +74,7 @@ class Snapshot:
     last_reload_time: float = 0.0
     restart_needed: int = 0
     version: str = ""
+    cluster: dict[str, int] | None = None  # members by state, when [cluster] is enabled
 
 
 # ---------------------------------------------------------------------------------------- collector
@@ -285,6 +286,13 @@ def families(snap: Snapshot) -> Iterator[Any]:
             other.add_metric([key], value)
     yield other
 
+    if snap.cluster is not None:
+        members = GaugeMetricFamily(
+            "polarkv_cluster_members", "Cluster members this daemon knows, by state (itself included).", labels=["state"]
+        )
+        for state in ("alive", "suspect", "dead", "left"):
+            members.add_metric([state], snap.cluster.get(state, 0))
+        yield members
     yield GaugeMetricFamily("polarkv_sessions", "Attached engine sessions.", value=len(st["sessions"]))
     yield GaugeMetricFamily("polarkv_leases", "Open leases (pinned loads and lookups).", value=st["leases"])
     yield GaugeMetricFamily("polarkv_namespaces", "Namespaces seen since start.", value=st["namespaces"])

@@ -204,6 +204,13 @@ class ClusterNode:
 
     # ------------------------------------------------------------------ views
 
+    def member_counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for m in self.membership.members.values():
+            name = m.state.name.lower()
+            out[name] = out.get(name, 0) + 1
+        return out
+
     def alive(self) -> list[Member]:
         return self.membership.alive_members()
 

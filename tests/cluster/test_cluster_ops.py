@@ -14,6 +14,7 @@ import stat
 import struct
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,11 @@ def test_insecure_mode_works_and_warns(daemon_factory) -> None:
     assert rep["enabled"] and rep["authenticated"] is False and rep["alive"] == 1
     r = polarkvd("status", "--cluster", "--socket", str(d.control_socket))
     assert r.returncode == 0 and "INSECURE" in r.stdout and "solo *" in r.stdout
+    url = next(line.split("metrics_url=")[1].split()[0] for line in d.log().splitlines() if "metrics_url=" in line)
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        text = resp.read().decode()
+    assert 'polarkv_cluster_members{state="alive"} 1.0' in text
+    assert 'polarkv_cluster_members{state="dead"} 0.0' in text
 
 
 def test_status_cluster_on_a_single_host_daemon(daemon) -> None:
