@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -325,6 +326,7 @@ class MetaMap:
                 "hellos_sent",
                 "hellos_received",
                 "located",
+                "requeued",
             ),
             0,
         )
@@ -499,6 +501,29 @@ class MetaMap:
         del part[key]  # type: ignore[union-attr]
         self._n_local -= 1
         self._emit(o, key, 0, now)  # type: ignore[arg-type]
+
+    def requeue(self, dest: str, msgs: Sequence[Message], now: float) -> int:
+        """Messages to `dest` were lost (the send failed): queue again what they said, as it stands
+        *now* — keys still ours at their current best tier, keys gone as removed — for keys `dest`
+        still owns. A lost `Hello` is owed again. Returns how many keys were queued."""
+        if dest == self.self_id or dest not in self._ring:
+            return 0
+        n = 0
+        for msg in msgs:
+            if type(msg) is Hello:
+                self._hello.add(dest)
+                self._since.setdefault(dest, now)
+                continue
+            if type(msg) is not Announce:
+                continue
+            for key in itertools.chain((k for k, _ in msg.stored), msg.removed):
+                if self._ring.owner(key) != dest:
+                    continue
+                mask = (self._local.get(dest) or {}).get(key, 0)
+                self._queue(dest, key, _best(mask) if mask else 0, now)
+                n += 1
+        self._stats["requeued"] += n
+        return n
 
     def _emit(self, o: str, key: bytes, tier: int, now: float) -> None:
         if o == self.self_id:

@@ -46,7 +46,8 @@ T = TypeVar("T")
 MAX_KEYS_PER_CALL = 4096
 FETCH_BATCH_PAGES = 8  # pages per `get` call; several calls run in parallel
 NET_THREADS = 8
-HINT_LIMIT = 65536  # remote locations remembered between a lookup and its load
+HINT_LIMIT = 65536
+ANNOUNCE_BATCH = 64  # meta map messages per `announce` request  # remote locations remembered between a lookup and its load
 
 
 def _keys_arg(value: Any) -> list[bytes]:
@@ -144,7 +145,7 @@ class ClusterPool:
                     member = self.members.get(dest)
                     addr = self._data_addr(member) if member else None
                     if addr is not None:
-                        sends.append(self._announce(addr, encode_batches(msgs)))
+                        sends.append(self._announce(dest, addr, msgs))
                 if sends:
                     await asyncio.gather(*sends)
             except Exception:
@@ -152,14 +153,19 @@ class ClusterPool:
             delay = min(max(self.metamap.next_deadline() - time.monotonic(), 0.001), 0.05)
             await asyncio.sleep(delay)
 
-    async def _announce(self, addr: str, batches: list[bytes]) -> None:
-        for batch in batches:
+    async def _announce(self, dest: str, addr: str, msgs: list[Any]) -> None:
+        """Send one owner its batches in order; what a failed send carried is queued again (as it
+        stands then), so a lost announcement costs a delay, not a permanently unknown page."""
+        sent = 0
+        for batch in encode_batches(msgs, ANNOUNCE_BATCH):
             try:
                 await self._call(addr, "announce", {"from": self.node_id, "batch": batch}, self.c.fetch_timeout)
             except (PolarKVError, OSError, asyncio.TimeoutError) as e:
                 self.counters["cluster_announce_failures"] += 1
-                log.debug("cluster: announcement to %s failed: %r", addr, e)
+                log.debug("cluster: announcement to %s failed (queued again): %r", dest, e)
+                self.metamap.requeue(dest, msgs[sent:], time.monotonic())
                 return
+            sent += ANNOUNCE_BATCH
 
     # ------------------------------------------------------------------ engine lookups
 

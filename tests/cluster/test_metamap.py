@@ -514,3 +514,28 @@ def test_record_memory_and_locate_cost():
     t = time.perf_counter()
     assert all(owner.locate(keys))
     assert (time.perf_counter() - t) / len(keys) < 5e-6
+
+
+def test_a_lost_announcement_is_sent_again_as_things_stand_then() -> None:
+    net = Net(["a", "b", "c"])
+    net.pump()
+    a = net.nodes["a"]
+    keys = chain(40, 99)
+    for k in keys:
+        a.local_stored(k, DRAM, net.now)
+    net.now += 1.0
+    lost = a.take_outgoing(net.now)  # the sends fail: nothing reaches the owners
+    assert lost
+    a.local_removed(keys[0], net.now)  # meanwhile one page left
+    for dest, msgs in lost.items():
+        a.requeue(dest, msgs, net.now)
+    net.pump()
+    c = net.nodes["c"]
+    plan = c.plan(keys)
+    answers = {}
+    for owner, idx in plan.items():
+        for i, holders in zip(idx, net.nodes[owner].locate([keys[i] for i in idx])):
+            answers[i] = holders
+    assert answers[0] == ()  # removed before the retry: not announced as stored
+    assert all(answers[i] == ("a",) for i in range(1, 40) if net.nodes[c.owner(keys[i])] is not a)
+    assert a.stats()["requeued"] > 0
