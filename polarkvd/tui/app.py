@@ -2,8 +2,9 @@
 
 All socket I/O happens in two thread workers, never in a handler:
 - `poll_daemon` polls `stats` + `get_knobs` (+ `top` while the pages screen is shown) every
-  `interval` seconds and posts a `SnapshotReady` view (coalescing); when the daemon is gone it posts a
-  disconnected view and retries with exponential backoff (0.5 s doubling to 5 s) until it is back.
+  `interval` seconds, `cluster` every CLUSTER_SECONDS, and posts a `SnapshotReady` view (coalescing);
+  when the daemon is gone it posts a disconnected view and retries with exponential backoff (0.5 s
+  doubling to 5 s) until it is back.
 - `_run_actions` runs the operator's control calls (set knobs, save, pin, evict, ...) one at a time,
   in order, and posts an `ActionDone`; then it wakes the poller so the effect shows at once.
 Screens render the latest view through pure panel functions (panels.py).
@@ -28,15 +29,17 @@ from textual.worker import get_current_worker
 
 from polarkvd.client import ControlClient
 from polarkvd.config import POLICY_NAMES, default_control_socket
-from polarkvd.errors import DaemonUnavailable, PolarKVError
+from polarkvd.errors import DaemonUnavailable, ErrorCode, PolarKVError
 from polarkvd.tui.messages import ActionDone, SnapshotReady
-from polarkvd.tui.model import RateHistory, View, changed_knobs, knob_text
+from polarkvd.tui.model import NO_CLUSTER_OP, RateHistory, View, changed_knobs, knob_text
 from polarkvd.tui.screens import HelpScreen, OverviewScreen, PagesScreen, PeersScreen, TuningScreen
 
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 5.0
 TOP_LIMIT = 50
 # `top` walks every DRAM page on the daemon's loop: ask at most this often (and right after an action)
 TOP_SECONDS = 3.0
+# membership changes in seconds, not in milliseconds: the cluster report is asked for at most this often
+CLUSTER_SECONDS = 2.0
 
 THEME = Theme(
     name="polarkv",
@@ -130,16 +133,22 @@ class PolarKVApp(App[None]):
         backoff = BACKOFF_MIN
         last = self.view
         top_at = 0.0
+        cluster_at = 0.0
         while not (worker.is_cancelled or self._closing):
             try:
                 if client is None:
                     client = ControlClient(self.socket_path, timeout=10)
+                    cluster_at = 0.0  # maybe another daemon now: ask about its cluster at once
                 stats = client.stats()
                 knobs = client.knobs()
                 top = last.top
                 if self.want_top and (self._top_now.is_set() or time.monotonic() - top_at >= TOP_SECONDS):
                     self._top_now.clear()
                     top, top_at = client.top(TOP_LIMIT), time.monotonic()
+                cluster = last.cluster
+                due = time.monotonic() - cluster_at >= CLUSTER_SECONDS and cluster is not NO_CLUSTER_OP
+                if not cluster_at or due:
+                    cluster, cluster_at = self._poll_cluster(client, cluster), time.monotonic()
                 history.add(time.monotonic(), stats.get("counters", {}))
                 last = View(
                     socket=self.socket_path,
@@ -147,6 +156,7 @@ class PolarKVApp(App[None]):
                     stats=stats,
                     knobs=knobs,
                     top=top,
+                    cluster=cluster,
                     series=history.series(),
                     updated=self.clock(),
                 )
@@ -167,6 +177,18 @@ class PolarKVApp(App[None]):
             self._wake.clear()
         if client is not None:
             client.close()
+
+    @staticmethod
+    def _poll_cluster(client: ControlClient, last: Any) -> Any:
+        """The `cluster` reply; NO_CLUSTER_OP (and no more asking) from a daemon that predates the op.
+
+        Any other refusal keeps the last report: the rest of the dashboard must not stall on it."""
+        try:
+            return client.cluster()
+        except DaemonUnavailable:
+            raise
+        except PolarKVError as e:
+            return NO_CLUSTER_OP if e.code is ErrorCode.UNKNOWN_OP else last
 
     @work(thread=True, exclusive=True, group="actions", exit_on_error=False)
     def _run_actions(self) -> None:
@@ -264,7 +286,7 @@ class PolarKVApp(App[None]):
             ("overview", "tiers, hit rates, rates, engines"),
             ("tuning", "eviction policies, watermarks, admission, write mode"),
             ("pages", "largest namespaces and prefixes; pin, unpin, evict"),
-            ("peers", "cluster members"),
+            ("peers", "cluster members, their state and the traffic between them"),
         ):
             yield SystemCommand(f"Show {mode}", text, lambda m=mode: self.switch_mode(m))
         yield SystemCommand(

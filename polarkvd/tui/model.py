@@ -1,9 +1,9 @@
 """What the dashboard shows, as plain data: the view of one moment, rate histories, knob checks.
 
 Pure and Textual-free, so every number on screen is computed here (and tested here) from the daemon's
-`stats` / `get_knobs` / `top` replies. Rates are computed client side, from deltas of the daemon's
-monotonic counters between two polls; a counter that goes down means the daemon restarted, and the
-history starts over.
+`stats` / `get_knobs` / `top` / `cluster` replies. Rates are computed client side, from deltas of the
+daemon's monotonic counters between two polls; a counter that goes down means the daemon restarted,
+and the history starts over.
 """
 
 from __future__ import annotations
@@ -19,6 +19,12 @@ from polarkvd.errors import ConfigError
 
 #: Rate series kept for the sparklines: name -> how to read the counter total from a stats reply.
 SERIES = ("lookups", "lookup_pages", "hit_pages", "stored_bytes", "loaded_bytes")
+#: The cluster's traffic, from the counters a cluster member adds to `stats` (absent ones count as 0).
+CLUSTER_SERIES = (
+    "hit_pages_remote", "fetched_bytes_remote", "cluster_served_bytes", "demoted_bytes_dmp",
+    "cluster_fetch_failures",
+)  # fmt: skip
+ALL_SERIES = SERIES + CLUSTER_SERIES
 HISTORY_SECONDS = 300  # five minutes of samples at the default 1 s poll
 
 
@@ -33,7 +39,7 @@ def _counter(counters: Mapping[str, int], name: str) -> int:
 
 
 class RateHistory:
-    """Per-second rates of the counters in SERIES, one sample per poll, the last `seconds` of them."""
+    """Per-second rates of the counters in ALL_SERIES, one sample per poll, the last `seconds` of them."""
 
     def __init__(self, seconds: float = HISTORY_SECONDS) -> None:
         self.seconds = seconds
@@ -45,22 +51,22 @@ class RateHistory:
         self._last = None
 
     def add(self, t: float, counters: Mapping[str, int]) -> None:
-        totals = {name: _counter(counters, name) for name in SERIES}
+        totals = {name: _counter(counters, name) for name in ALL_SERIES}
         last, self._last = self._last, (t, totals)
         if last is None:
             return
         dt = t - last[0]
         if dt <= 0:
             return
-        if any(totals[n] < last[1][n] for n in SERIES):  # the daemon restarted: counters start over
+        if any(totals[n] < last[1][n] for n in ALL_SERIES):  # the daemon restarted: counters start over
             self.samples.clear()
             return
-        self.samples.append((t, {n: (totals[n] - last[1][n]) / dt for n in SERIES}))
+        self.samples.append((t, {n: (totals[n] - last[1][n]) / dt for n in ALL_SERIES}))
         while self.samples and self.samples[0][0] <= t - self.seconds:
             self.samples.popleft()
 
     def series(self) -> dict[str, tuple[float, ...]]:
-        return {n: tuple(s[n] for _, s in self.samples) for n in SERIES}
+        return {n: tuple(s[n] for _, s in self.samples) for n in ALL_SERIES}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +78,9 @@ class View:
     stats: Mapping[str, Any] | None = None  # the last stats reply (kept while disconnected)
     knobs: Mapping[str, Any] | None = None
     top: Mapping[str, Any] | None = None
+    # the last `cluster` reply: {"enabled": False} on a single host (NO_CLUSTER_OP from a daemon that
+    # predates the op), None until the first one arrives
+    cluster: Mapping[str, Any] | None = None
     series: Mapping[str, tuple[float, ...]] = dataclasses.field(default_factory=dict)
     updated: float = 0.0  # wall-clock time of the last good poll
     error: str = ""  # why the daemon cannot be reached
@@ -103,6 +112,8 @@ class TierInfo:
 
 
 TIER_NAMES = {"vram": "VRAM", "dram": "DRAM", "dmp": "DMP", "disk": "disk"}
+# lookups answer pages found on a peer as tier 3 (DMP): they are the L3 hits, as in `polarkvd status`
+_HIT_COUNTERS = {"dmp": "hit_pages_remote"}
 
 
 def tiers(stats: Mapping[str, Any]) -> list[TierInfo]:
@@ -118,7 +129,7 @@ def tiers(stats: Mapping[str, Any]) -> list[TierInfo]:
                 capacity=int(t.get("capacity_bytes", 0)),
                 pages=int(t.get("pages", 0)),
                 policy=str(t.get("policy", "")),
-                hits=int(counters.get(f"hit_pages_{name}", 0)),
+                hits=int(counters.get(_HIT_COUNTERS.get(name, f"hit_pages_{name}"), 0)),
                 high=t.get("high_watermark"),
                 low=t.get("low_watermark"),
             )
@@ -131,7 +142,10 @@ def hit_rates(stats: Mapping[str, Any]) -> tuple[int, dict[str, float], float]:
     counters = stats.get("counters", {})
     asked = counters.get("lookup_pages", 0)
     per = {t.name: (t.hits / asked if asked else 0.0) for t in tiers(stats)}
-    return asked, per, sum(per.values())
+    overall = sum(per.values())
+    if "dmp" not in per and asked:  # pages found on peers are hits too on a host that lends no pool
+        overall += counters.get("hit_pages_remote", 0) / asked
+    return asked, per, overall
 
 
 def recent_hit_rate(series: Mapping[str, tuple[float, ...]], samples: int = 60) -> float | None:
@@ -144,6 +158,140 @@ def recent_hit_rate(series: Mapping[str, tuple[float, ...]], samples: int = 60) 
 def tokens_loaded(stats: Mapping[str, Any]) -> int:
     """Tokens whose KV the engines loaded from the cache instead of computing (all namespaces)."""
     return sum(ns["loaded_pages"] * ns["page_tokens"] for ns in stats.get("namespace_stats", ()))
+
+
+# ---------------------------------------------------------------------------------------- cluster
+
+#: What the dashboard records for a daemon from before the `cluster` op (it answers unknown_op).
+NO_CLUSTER_OP: Mapping[str, Any] = {"enabled": False, "unsupported": True}
+MEMBER_STATES = ("alive", "suspect", "dead", "left")
+
+
+@dataclasses.dataclass(frozen=True)
+class MemberInfo:
+    """One member as this daemon sees it (a row of the peers screen)."""
+
+    node: str
+    state: str  # alive | suspect | dead | left
+    incarnation: int
+    for_s: float  # seconds in this state
+    gossip: str  # its gossip address, tcp://host:port
+    data: str  # its page (data) address from its metadata; "" when it published none
+    dram: tuple[int, int] | None  # (used, capacity) bytes, as it last published them
+    pool: tuple[int, int] | None  # (used, capacity) of the DRAM it lends; None when it lends none
+    version: str
+    is_self: bool
+
+
+def _space(value: Any) -> tuple[int, int] | None:
+    if (
+        isinstance(value, (list, tuple))
+        and len(value) == 2
+        and all(isinstance(x, (int, float)) for x in value)
+    ):
+        return int(value[0]), int(value[1])
+    return None
+
+
+def members(report: Mapping[str, Any] | None) -> list[MemberInfo]:
+    """The members of a `cluster` reply: this daemon first, then by name."""
+    out = []
+    for m in (report or {}).get("members", ()):
+        meta = m.get("meta") if isinstance(m.get("meta"), Mapping) else {}
+        pool = _space(meta.get("dmp"))
+        out.append(
+            MemberInfo(
+                node=str(m.get("node", "")),
+                state=str(m.get("state", "")),
+                incarnation=int(m.get("incarnation", 0)),
+                for_s=float(m.get("for_s", 0.0)),
+                gossip=str(m.get("addr") or ""),
+                data=str(meta.get("data") or ""),
+                dram=_space(meta.get("dram")),
+                pool=pool if pool is not None and pool[1] > 0 else None,
+                version=str(meta.get("v") or ""),
+                is_self=bool(m.get("self")),
+            )
+        )
+    return sorted(out, key=lambda m: (not m.is_self, m.node))
+
+
+def state_counts(report: Mapping[str, Any] | None) -> dict[str, int]:
+    """Members per state, every state present (0 when none)."""
+    counts = dict.fromkeys(MEMBER_STATES, 0)
+    for m in members(report):
+        counts[m.state] = counts.get(m.state, 0) + 1
+    return counts
+
+
+@dataclasses.dataclass(frozen=True)
+class TrafficRow:
+    """One kind of cluster traffic: lifetime totals and the rate series it is drawn from."""
+
+    label: str
+    pages: int
+    nbytes: int | None  # None: the daemon counts no bytes for it
+    series: str  # a name in CLUSTER_SERIES
+    unit: str  # "B" for a byte rate, "" for pages (or events) per second
+
+
+def cluster_traffic(stats: Mapping[str, Any] | None) -> list[TrafficRow]:
+    """Pages found on peers, fetched, served to peers, demoted to the pool, failed fetches."""
+    c = (stats or {}).get("counters", {})
+    rows = (  # label, pages counter, bytes counter (or None), rate series, unit of the rate
+        ("found on peers", "hit_pages_remote", None, "hit_pages_remote", ""),
+        ("fetched", "fetched_pages_remote", "fetched_bytes_remote", "fetched_bytes_remote", "B"),
+        ("served to peers", "cluster_served_pages", "cluster_served_bytes", "cluster_served_bytes", "B"),
+        ("demoted to pool", "demoted_pages_dmp", "demoted_bytes_dmp", "demoted_bytes_dmp", "B"),
+        ("failed fetches", "cluster_fetch_failures", None, "cluster_fetch_failures", ""),
+    )
+    return [
+        TrafficRow(label, c.get(pages, 0), None if nbytes is None else c.get(nbytes, 0), series, unit)
+        for label, pages, nbytes, series, unit in rows
+    ]
+
+
+def address_text(addr: str, width: int) -> str:
+    """`tcp://10.0.0.12:7946` as `10.0.0.12:7946`, cut inside the host (never the port) to `width`."""
+    text = addr.split("://", 1)[-1]
+    if len(text) <= width:
+        return text
+    host, sep, port = text.rpartition(":")
+    if not sep or len(port) + 2 > width:
+        return text[: max(0, width - 1)] + "…"
+    return host[: width - len(port) - 2] + "…:" + port
+
+
+def endpoints_text(gossip: str, data: str, width: int) -> str:
+    """Both addresses of a member in one cell: `host:gossip_port/data_port` when the host is the same."""
+    g, d = gossip.split("://", 1)[-1], data.split("://", 1)[-1]
+    if not d:
+        return address_text(g, width)
+    g_host, _, g_port = g.rpartition(":")
+    d_host, _, d_port = d.rpartition(":")
+    if g_host == d_host and g_port and d_port:
+        ports = f":{g_port}/{d_port}"
+        if len(g_host) + len(ports) <= width:
+            return g_host + ports
+        return g_host[: max(0, width - len(ports) - 1)] + "…" + ports
+    return address_text(f"{g} {d}", width)
+
+
+def used_of(space: tuple[int, int] | None) -> str:
+    """`48.0/64.0 GiB` (one unit when both share it), `512.0 MiB/2.0 GiB`, or `–`."""
+    if space is None:
+        return "–"
+    used, cap = (human_bytes(x) for x in space)
+    u_num, _, u_unit = used.partition(" ")
+    c_unit = cap.partition(" ")[2]
+    return f"{u_num}/{cap}" if u_unit == c_unit else f"{used}/{cap}"
+
+
+def pool_free(space: tuple[int, int] | None) -> str:
+    """Free / capacity of a member's lent pool, or `–` when it lends none."""
+    if space is None:
+        return "–"
+    return used_of((max(0, space[1] - space[0]), space[1]))
 
 
 # ---------------------------------------------------------------------------------------- formatting

@@ -235,15 +235,250 @@ def pages_caption(top: Mapping[str, Any] | None, sort: str) -> Text:
     return t
 
 
-# ---------------------------------------------------------------------------------------- peers
+# ---------------------------------------------------------------------------------------- peers screen
 
 
-def peers_placeholder(view: M.View) -> Text:
+STATE_STYLES = {"alive": "green", "suspect": "bold yellow", "dead": "bold red", "left": "dim"}
+WARNING = "bold yellow"
+#: From this many cells on, the members table shows gossip and data addresses apart, and the version.
+WIDE_MEMBERS = 110
+SPARK = "▁▂▃▄▅▆▇█"
+
+
+def in_cluster(view: M.View) -> bool:
+    return bool(view.cluster and view.cluster.get("enabled"))
+
+
+def peers_standalone(view: M.View) -> Text:
+    """Not in a cluster (or no report yet): say so, and how to make this daemon a member."""
     t = Text()
-    t.append("Cluster: not configured\n\n", style="bold")
+    rep = view.cluster
+    if rep is None:
+        t.append("Cluster: ", style="bold")
+        t.append(
+            "no report yet" if view.connected else "no data yet (the daemon has not answered)", style="dim"
+        )
+        return t
+    t.append("Not in a cluster\n\n", style="bold")
+    if rep.get("unsupported"):
+        t.append("This daemon's version has no cluster (it does not know the `cluster` control op). ")
     t.append(
-        "This daemon runs standalone: it serves the engines of this host from DRAM and disk. "
-        "When the cluster is configured, this screen lists its members: state (alive, suspect, "
-        "dead), incarnation, address, DMP capacity and free space, and transfer rates."
+        "This daemon runs standalone: its engines find pages in this host's DRAM and disk only. "
+        "To pool pages with other hosts, make one key pair and copy it to every host:\n\n"
     )
+    t.append("    polarkvd keygen --out /etc/polarkv/cluster.key\n\n", style="bold")
+    t.append("then give every host the same section in its config and restart the daemon:\n\n")
+    for line in (
+        "    [cluster]",
+        "    enabled = true",
+        '    key_file = "/etc/polarkv/cluster.key"',
+        '    seeds = ["10.0.0.1:7946", "10.0.0.2:7946"]',
+    ):
+        t.append(line + "\n", style="bold")
+    t.append(
+        "\nOpen the gossip (7946) and data (7947) ports between the hosts. Members, their state "
+        "and the traffic between them show here. Details: docs/CLUSTER.md."
+    )
+    return t
+
+
+def cluster_header(view: M.View) -> Text:
+    """This member: name, incarnation, authentication, version; then its gossip and data endpoints."""
+    rep = view.cluster or {}
+    t = Text(no_wrap=True, overflow="ellipsis")
+    t.append("member ", style="dim")
+    t.append(str(rep.get("node_id", "?")), style="bold")
+    t.append("  incarnation ", style="dim")
+    t.append(str(rep.get("incarnation", 0)), style="bold")
+    t.append("  ")
+    if rep.get("authenticated"):
+        t.append("CURVE-authenticated", style="green")
+    else:
+        t.append("INSECURE: no authentication", style=WARNING)
+    me = next((m for m in M.members(rep) if m.is_self), None)
+    if me is not None and me.version:
+        t.append(f"  v{me.version}", style="dim")
+    t.append("\n")
+    t.append("gossip ", style="dim")
+    t.append(str(rep.get("gossip_address") or "–"))
+    t.append("  data ", style="dim")
+    t.append(str(rep.get("data_address") or "–"))
+    return t
+
+
+def members_caption(view: M.View) -> Text:
+    """`Members  2 of 3 alive (1 suspect), 1 dead  * this daemon`."""
+    rep = view.cluster or {}
+    counts = M.state_counts(rep)
+    t = Text(no_wrap=True, overflow="ellipsis")
+    t.append("Members", style="bold")
+    t.append(f"  {rep.get('alive', 0)} of {len(rep.get('members', ()))} alive")
+    if counts["suspect"]:
+        t.append(" (")
+        t.append(f"{counts['suspect']} suspect", style=STATE_STYLES["suspect"])
+        t.append(")")
+    for state in ("dead", "left"):
+        if counts[state]:
+            t.append(", ")
+            t.append(f"{counts[state]} {state}", style=STATE_STYLES[state])
+    t.append("   * this daemon", style="dim")
+    return t
+
+
+MEMBER_COLUMNS = ("member", "state", "inc", "since", "gossip/data", "DRAM used", "pool free")
+WIDE_MEMBER_COLUMNS = (
+    "member",
+    "state",
+    "inc",
+    "since",
+    "gossip",
+    "data",
+    "DRAM used",
+    "pool free",
+    "version",
+)
+#: Address cells are cut to these widths (narrow: one cell for both endpoints; wide: one each).
+NARROW_ADDRESS, WIDE_ADDRESS = 21, 24
+
+
+def member_cells(m: M.MemberInfo, wide: bool = False) -> tuple[Text, ...]:
+    """The cells of one member's row. A dead or departed member's figures are its last ones: dimmed."""
+    stale = "dim" if m.state in ("dead", "left") else ""
+    name = Text(m.node + (" *" if m.is_self else ""), style="bold" if m.is_self else stale)
+    cells = [
+        name,
+        Text(m.state, style=STATE_STYLES.get(m.state, "")),
+        Text(str(m.incarnation), style=stale),
+        Text(M.human_duration(m.for_s), style=stale),
+    ]
+    if wide:
+        cells += [
+            Text(M.address_text(m.gossip, WIDE_ADDRESS), style=stale),
+            Text(M.address_text(m.data, WIDE_ADDRESS) if m.data else "–", style=stale),
+        ]
+    else:
+        cells.append(Text(M.endpoints_text(m.gossip, m.data, NARROW_ADDRESS), style=stale))
+    cells += [Text(M.used_of(m.dram), style=stale), Text(M.pool_free(m.pool), style=stale)]
+    if wide:
+        cells.append(Text(m.version or "–", style=stale))
+    return tuple(cells)
+
+
+def members_table(view: M.View, width: int) -> Table:
+    """Every member, this daemon first: state, incarnation, time in that state, endpoints, space."""
+    wide = width >= WIDE_MEMBERS
+    table = Table(
+        box=None, padding=(0, 1), pad_edge=False, collapse_padding=not wide, header_style="bold",
+        show_edge=False, expand=False,
+    )  # fmt: skip
+    for col in WIDE_MEMBER_COLUMNS if wide else MEMBER_COLUMNS:
+        right = col in ("inc", "since", "DRAM used", "pool free")
+        ellipsis = col in ("member", "gossip/data", "gossip", "data")
+        table.add_column(
+            col, justify="right" if right else "left", no_wrap=True,
+            overflow="ellipsis" if ellipsis else "fold", min_width=6 if col == "member" else None,
+        )  # fmt: skip
+    rows = M.members(view.cluster)
+    for m in rows:
+        table.add_row(*member_cells(m, wide))
+    if not rows:
+        table.add_row(Text("no members known", style="dim"), *[""] * (len(table.columns) - 1))
+    return table
+
+
+def spark(series: Sequence[float], width: int) -> str:
+    """A sparkline of `series` in `width` cells, newest at the right; several samples a cell: their max."""
+    if width <= 0:
+        return ""
+    data = list(series)
+    if len(data) > width:  # bucket, as Textual's Sparkline does, so the whole window shows
+        step = len(data) / width
+        data = [max(data[int(i * step) : max(int((i + 1) * step), int(i * step) + 1)]) for i in range(width)]
+    top = max(data, default=0.0)
+    cells = [
+        SPARK[min(len(SPARK) - 1, int(v / top * (len(SPARK) - 1) + 0.5))] if top > 0 else SPARK[0]
+        for v in data
+    ]
+    return " " * (width - len(cells)) + "".join(cells)
+
+
+def traffic_table(view: M.View, width: int) -> Table:
+    """Cluster traffic since the daemon started, and its rate over the last minutes."""
+    rows = M.cluster_traffic(view.stats)
+    table = Table(
+        box=None, padding=(0, 1), pad_edge=False, collapse_padding=True, header_style="bold",
+        show_edge=False, expand=False,
+    )  # fmt: skip
+    table.add_column("", no_wrap=True)
+    table.add_column("total", justify="right", no_wrap=True)
+    table.add_column("bytes", justify="right", no_wrap=True)
+    # what is left for the sparkline: the other columns take about 15 + 8 + 9 + 10 cells and 4 gaps
+    spark_w = max(8, min(100, width - 48))
+    table.add_column("last 5 minutes", no_wrap=True, width=spark_w)
+    table.add_column("now", justify="right", no_wrap=True, min_width=10)
+    for row in rows:
+        series = view.series.get(row.series, ())
+        table.add_row(
+            Text(row.label, style="bold"),
+            M.human_count(row.pages) + (" pg" if row.unit == "B" or row.series == "hit_pages_remote" else ""),
+            "–" if row.nbytes is None else M.human_bytes(row.nbytes),
+            Text(spark(series, spark_w), style="red" if row.series == "cluster_fetch_failures" else "cyan"),
+            rate_value(series, row.unit),
+        )
+    return table
+
+
+def lent_pool(view: M.View) -> Text:
+    """The DRAM this host lends to the pool (L3 DMP), or that it lends none."""
+    t = Text(no_wrap=True, overflow="ellipsis")
+    dmp = (view.cluster or {}).get("dmp")
+    t.append("lent pool ", style="bold")
+    if not dmp:
+        t.append("none: this host lends no DRAM to its peers (cluster.dmp_bytes = 0)", style="dim")
+        return t
+    used, cap = int(dmp.get("bytes", 0)), int(dmp.get("capacity_bytes", 0))
+    t.append(f"{M.human_count(dmp.get('pages', 0))} pages  ")
+    t.append(f"{M.human_bytes(used)} / {M.human_bytes(cap)}", style="bold")
+    t.append(f" {used / cap * 100 if cap else 0:.0f}%")
+    t.append(
+        f"  stored {M.human_count(dmp.get('stored_pages', 0))}  served {M.human_count(dmp.get('served_pages', 0))}"
+        f"  evicted {M.human_count(dmp.get('evicted_pages', 0))}  refused {M.human_count(dmp.get('refused_pages', 0))}",
+        style="dim",
+    )
+    return t
+
+
+def _figures(t: Text, items: Sequence[tuple[str, int | str, bool]]) -> None:
+    """`label value` pairs; a value flagged bad and not zero in the warning colour."""
+    for label, value, bad in items:
+        shown = value if isinstance(value, str) else M.human_count(value)
+        t.append(f"  {label} ", style="dim")
+        t.append(shown, style=WARNING if bad and value else "")
+
+
+def cluster_internals(view: M.View) -> Text:
+    """Gossip, peer service (the requests peers sent this daemon) and meta map counters: a line each."""
+    rep = view.cluster or {}
+    g, tr, mm = rep.get("gossip", {}), rep.get("transport", {}), rep.get("metamap", {})
+    t = Text(no_wrap=True, overflow="ellipsis")
+    t.append(f"{'gossip':<12}", style="bold")
+    _figures(t, [
+        ("in", g.get("packets_in", 0), False), ("out", g.get("packets_out", 0), False),
+        ("bad", g.get("bad_packets", 0), True), ("probes", g.get("probes", 0), False),
+        ("indirect", g.get("indirect_probes", 0), False), ("suspicions", g.get("suspicions", 0), False),
+        ("refutes", g.get("refutes", 0), False), ("push-pulls", g.get("push_pulls", 0), False),
+    ])  # fmt: skip
+    t.append(f"\n{'peer service':<12}", style="bold")
+    _figures(t, [
+        ("connections", tr.get("connections", 0), False), ("requests", tr.get("requests", 0), False),
+        ("in", M.human_bytes(tr.get("bytes_in", 0)), False), ("out", M.human_bytes(tr.get("bytes_out", 0)), False),
+        ("auth failures", tr.get("auth_failures", 0), True), ("bad", tr.get("bad_requests", 0), True),
+        ("checksum", tr.get("checksum_failures", 0), True), ("refused", tr.get("refused", 0), True),
+    ])  # fmt: skip
+    t.append(f"\n{'meta map':<12}", style="bold")
+    _figures(t, [
+        ("records owned", mm.get("owned_records", 0), False), ("local pages", mm.get("local_pages", 0), False),
+        ("announced", mm.get("announcements_sent", 0), False), ("received", mm.get("announcements_received", 0), False),
+        ("pending", mm.get("pending", 0), False), ("bad", mm.get("bad_messages", 0), True),
+    ])  # fmt: skip
     return t

@@ -30,7 +30,10 @@ leaves the field; `escape` puts a field back and leaves it. `s` saves the knobs 
 **Pages**: the largest namespaces, and prefixes in DRAM by bytes or hits. On the selected prefix:
 `p` pin (never evicted), `u` unpin, `e` evict from DRAM (to disk); `s` sorts by bytes or hits.
 
-**Peers**: cluster members, once a cluster is configured.
+**Peers**: the cluster as this daemon sees it: every member (`*` this one) with its state (alive,
+suspect, dead, left), incarnation, time in that state, endpoints, DRAM used and free pool space;
+pages found on peers, fetched, served and demoted to the pool, with rates; the DRAM this host lends.
+A daemon without `[cluster] enabled = true` gets a panel that says how to join one.
 """
 
 
