@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from polarkvd.cluster import ring
-from polarkvd.cluster.membership import Event, EventKind, Member
+from polarkvd.cluster.membership import Event, EventKind, Member, State
 from polarkvd.cluster.metamap import MetaMap, decode_batch, encode_batches
 from polarkvd.config import Config, split_address
 from polarkvd.errors import ErrorCode, PolarKVError, ProtocolError
@@ -47,7 +47,8 @@ MAX_KEYS_PER_CALL = 4096
 FETCH_BATCH_PAGES = 8  # pages per `get` call; several calls run in parallel
 NET_THREADS = 8
 HINT_LIMIT = 65536
-ANNOUNCE_BATCH = 64  # meta map messages per `announce` request  # remote locations remembered between a lookup and its load
+ANNOUNCE_BATCH = 64  # meta map messages per `announce` request
+LAYER_GROUPS = 8  # a pipelined load fetches remote pages in this many layer groups, first group 1 layer  # remote locations remembered between a lookup and its load
 
 
 def _keys_arg(value: Any) -> list[bytes]:
@@ -79,9 +80,11 @@ class ClusterPool:
         self.client = PeerClient(key=secret, timeout=self.c.fetch_timeout)
         self.net = concurrent.futures.ThreadPoolExecutor(NET_THREADS, thread_name_prefix="polarkv-net")
         self.members: dict[str, Member] = {}  # alive members other than us, by node id
+        self.suspects: set[str] = set()
         self.hints: dict[bytes, tuple[str, ...]] = {}  # key -> holders, from recent lookups
         self.counters = manager.counters
         self.fetch_batch = FETCH_BATCH_PAGES
+        self.layer_groups = LAYER_GROUPS
         self._flusher: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -112,6 +115,9 @@ class ClusterPool:
 
     def on_members(self, alive: list[Member], events: list[Event]) -> None:
         self.members = {m.node: m for m in alive if m.node != self.node_id and self._data_addr(m)}
+        # a suspect may be gone: lookups do not wait for it (its keys are misses until it is
+        # alive again or dead and its keys re-owned); it stays an owner, so nothing moves meanwhile
+        self.suspects = {m.node for m in alive if m.state == State.SUSPECT}
         self.metamap.set_members([self.node_id, *self.members], time.monotonic())
         for ev in events:
             if ev.kind in (EventKind.DEAD, EventKind.LEFT):
@@ -184,7 +190,7 @@ class ClusterPool:
                 continue
             member = self.members.get(owner)
             addr = self._data_addr(member) if member else None
-            if addr is None:
+            if addr is None or owner in self.suspects:
                 continue
             calls.append((idx, self._call(addr, "where", {"keys": [keys[i] for i in idx]}, self.c.lookup_timeout)))
         if calls:
@@ -199,7 +205,7 @@ class ClusterPool:
                         if isinstance(h, list):
                             answers[i] = tuple(x for x in h if isinstance(x, str))
         found = MetaMap.longest_prefix(len(keys), answers, exclude=self.node_id)
-        found = [tuple(h for h in hs if h in self.members) for hs in found]
+        found = [tuple(h for h in hs if h in self.members and h not in self.suspects) for hs in found]
         n = 0
         while n < len(found) and found[n]:
             n += 1
@@ -221,10 +227,16 @@ class ClusterPool:
     # ------------------------------------------------------------------ fetch into our DRAM
 
     async def fetch(
-        self, holder: str, ns: bytes, keys: list[bytes], views: list[memoryview]
+        self,
+        holder: str,
+        ns: bytes,
+        keys: list[bytes],
+        views: list[memoryview],
+        layers: tuple[int, int, int] | None = None,
     ) -> list[bytes | None | bool]:
         """Pull pages from `holder` straight into `views`. Per key: its parent key (or None at a
-        chain root) when the bytes arrived verified, False when they did not."""
+        chain root) when the bytes arrived verified, False when they did not. With `layers` =
+        (lo, hi, layer_bytes), only that slice of each page (layer-major pages: contiguous)."""
         member = self.members.get(holder)
         addr = self._data_addr(member) if member else None
         if addr is None:
@@ -240,9 +252,10 @@ class ClusterPool:
             return [v if s == len(v) else None for v, s in zip(views, sizes)]
 
         try:
-            header, ok = await self._call(
-                addr, "get", {"ns": ns, "keys": keys}, self.c.fetch_timeout, into=into
-            )
+            args: dict[str, Any] = {"ns": ns, "keys": keys}
+            if layers is not None:
+                args["layers"] = list(layers)
+            header, ok = await self._call(addr, "get", args, self.c.fetch_timeout, into=into)
         except (PolarKVError, OSError, asyncio.TimeoutError) as e:
             self.counters["cluster_fetch_failures"] += 1
             log.debug("cluster: fetch of %d pages from %s failed: %r", len(keys), holder, e)
@@ -333,10 +346,21 @@ class ClusterPool:
         ns = args.get("ns")
         if not isinstance(ns, bytes):
             raise ProtocolError("get needs ns (namespace digest)")
-        return self._on_loop(lambda: self._pin_for_send(ns, keys))
+        layers = args.get("layers")
+        if layers is not None:
+            if (
+                not isinstance(layers, list)
+                or len(layers) != 3
+                or not all(type(x) is int for x in layers)
+                or not 0 <= layers[0] < layers[1]
+                or layers[2] <= 0
+            ):
+                raise ProtocolError("layers must be [first, end, layer_bytes] with 0 <= first < end")
+        return self._on_loop(lambda: self._pin_for_send(ns, keys, layers))
 
-    def _pin_for_send(self, ns: bytes, keys: list[bytes]) -> Reply:
-        """Pin the longest prefix of `keys` we hold (DRAM first, then the lent DMP region)."""
+    def _pin_for_send(self, ns: bytes, keys: list[bytes], layers: list[int] | None = None) -> Reply:
+        """Pin the longest prefix of `keys` we hold (DRAM first, then the lent DMP region); with
+        `layers`, send only that layer slice of each page (pages whose size does not fit stop it)."""
         m = self.manager
         views: list[memoryview] = []
         parents: list[bytes | None] = []
@@ -356,7 +380,14 @@ class ClusterPool:
                 release.append(lambda e=entry: self.dmp.unpin(e))  # type: ignore[union-attr]
                 continue
             break
-        self.counters["cluster_served_pages"] += len(views)
+        if layers is not None:
+            lo, hi, lb = layers
+            n = next((i for i, v in enumerate(views) if len(v) % lb or hi * lb > len(v)), len(views))
+            for r in release[n:]:
+                r()
+            views, parents, release = [v[lo * lb : hi * lb] for v in views[:n]], parents[:n], release[:n]
+        if layers is None or layers[0] == 0:
+            self.counters["cluster_served_pages"] += len(views)
         self.counters["cluster_served_bytes"] += sum(len(v) for v in views)
 
         def on_sent() -> None:
@@ -383,8 +414,13 @@ class ClusterPool:
         dmp = self.dmp
 
         def reserve() -> list[Any]:
-            out = []
+            out: list[Any] = []
             for key, parent, size in zip(keys, parents, payload.sizes):
+                held = dmp.get(key)
+                if held is not None and held.ns == ns and held.size == size:
+                    dmp.stats["duplicate_pages"] += 1
+                    out.append(True)  # already lent here: nothing to send, counts as stored
+                    continue
                 entry, evicted = dmp.reserve(key, ns, parent, size)
                 for k in evicted:
                     self.page_removed(k, Tier.DMP)
@@ -394,15 +430,18 @@ class ClusterPool:
         entries = self._on_loop(reserve)
         ok = []
         for entry in entries:
-            if entry is None:
+            if entry is None or entry is True:
                 payload.skip()
-                ok.append(False)
+                ok.append(entry is True)
             else:
                 ok.append(payload.recv_into(dmp.slot_view(entry)))
 
         def finish() -> int:
             n = 0
             for entry, good in zip(entries, ok):
+                if entry is True:
+                    n += 1
+                    continue
                 if entry is None:
                     continue
                 if good:

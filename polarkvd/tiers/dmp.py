@@ -46,7 +46,13 @@ class DmpStore:
         self.policy = make_policy("lru")
         self.pages: dict[bytes, DmpEntry] = {}
         self.ready_bytes = 0
-        self.stats = {"stored_pages": 0, "evicted_pages": 0, "served_pages": 0, "refused_pages": 0}
+        self.stats = {
+            "stored_pages": 0,
+            "evicted_pages": 0,
+            "served_pages": 0,
+            "refused_pages": 0,  # no room (too large, everything pinned)
+            "duplicate_pages": 0,  # sent again while already here: kept, counted as stored
+        }
 
     # ------------------------------------------------------------------ writes from peers
 
@@ -56,7 +62,9 @@ class DmpStore:
         Returns (entry, keys evicted to make room); entry is None when the page cannot fit (too
         large, everything pinned) or is already here. The entry stays invisible until `commit`.
         """
-        if key in self.pages or not self.allocator.fits(slot_size(size)):
+        if key in self.pages:  # being written by another put, or already here
+            return None, []
+        if not self.allocator.fits(slot_size(size)):
             self.stats["refused_pages"] += 1
             return None, []
         slot = slot_size(size)
