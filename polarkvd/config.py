@@ -344,6 +344,22 @@ def _at_least_one(value: object) -> float:
     return out
 
 
+def _rdma_device(value: object) -> str:
+    """Empty (any device), "NAME" or "NAME:PORT"."""
+    text = parse_str(value).strip()
+    m = re.fullmatch(r"[A-Za-z0-9_.-]+(?::([1-9][0-9]{0,2}))?", text)
+    if text and (m is None or int(m.group(1) or 1) > 255):
+        raise ValueError("expected an RDMA device NAME or NAME:PORT, port 1..255 (ibv_devices lists them)")
+    return text
+
+
+def _gid_index(value: object) -> int:
+    out = parse_int(value)
+    if not -1 <= out <= 255:
+        raise ValueError("expected a GID table index 0..255, or -1 to pick one")
+    return out
+
+
 @dataclasses.dataclass
 class ClusterSection:
     enabled: bool = _opt(False, parse_bool, "join a cluster of daemons (gossip membership, meta map, DMP)")
@@ -374,6 +390,23 @@ class ClusterSection:
     probe_timeout: float = _opt(0.2, _positive(parse_duration), "membership: wait for a direct ack (< probe_interval)")
     suspicion_mult: float = _opt(
         4.0, _at_least_one, "membership: a suspect is declared dead after about mult*log10(n)*probe_interval"
+    )
+    transport: str = _opt(
+        "auto",
+        _choice("auto", "rdma", "tcp"),
+        "page fetches: auto = RDMA READ where pyverbs and an active RDMA port exist, else TCP; "
+        "rdma = refuse to start without them; tcp = always TCP",
+    )
+    rdma_device: str = _opt(
+        "", _rdma_device, "RDMA device as NAME or NAME:PORT; empty = the first active port"
+    )
+    rdma_gid_index: int = _opt(
+        -1, _gid_index, "GID table index; -1 = 0 on InfiniBand, the best RoCE v2 GID on Ethernet"
+    )
+    pyverbs_path: str = _opt(
+        "",
+        parse_str,
+        "directory with Debian's pyverbs package, loaded alone; empty = this Python's own import path",
     )
 
 
@@ -757,4 +790,11 @@ def check_resources(cfg: Config) -> list[tuple[str, object, str]]:
                     f"needs {gib(cfg.disk.capacity)} at {p} but only {gib(free)} is free there (counting pages already stored)",
                 )
             )
+    if cfg.cluster.enabled and cfg.cluster.transport == "rdma":
+        from polarkvd.transport.rdma import probe_cluster  # lazily: pyverbs only when asked for
+
+        try:
+            probe_cluster(cfg.cluster)
+        except ConfigError as e:
+            out.extend(e.problems)
     return out

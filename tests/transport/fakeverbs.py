@@ -1,0 +1,310 @@
+"""An in-process stand-in for pyverbs 44, for what no real part can do on these machines.
+
+There is no RDMA device here, so faults such as a port that is DOWN, an error completion or a READ
+that never completes cannot be produced with the real library. This fake has the same names and
+call shapes as pyverbs 44 (checked against its sources: Context(name=), query_device/port/gid/gid_type,
+PD(ctx), MR(pd, length, access, address=), CQ(ctx, cqe).poll(n) -> (n, [WC]), QP(pd, QPInitAttr,
+QPAttr) in INIT, to_rts(QPAttr), modify(QPAttr, mask), post_send(SendWR chain), SGE(addr, length,
+lkey), SendWR(wr_id=, opcode=, num_sge=, sg=, send_flags=), set_wr_rdma(rkey, addr), the enum values)
+and performs a READ as a memmove between registered buffers of the same process. SGE and SendWR
+count close() calls: pyverbs 44 frees their C memory only there, so 0 calls leak and 2 double-free.
+The tests that use the real pyverbs (object construction) keep this fake honest about names.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import types
+from dataclasses import dataclass, field
+from typing import Any
+
+# pyverbs 44's enum values (pyverbs.enums), as far as polarkvd uses them.
+E = types.SimpleNamespace(
+    IBV_ACCESS_LOCAL_WRITE=1,
+    IBV_ACCESS_REMOTE_WRITE=2,
+    IBV_ACCESS_REMOTE_READ=4,
+    IBV_QPT_RC=2,
+    IBV_WR_RDMA_READ=4,
+    IBV_SEND_SIGNALED=2,
+    IBV_WC_SUCCESS=0,
+    IBV_WC_REM_ACCESS_ERR=10,
+    IBV_WC_WR_FLUSH_ERR=5,
+    IBV_PORT_DOWN=1,
+    IBV_PORT_ACTIVE=4,
+    IBV_LINK_LAYER_INFINIBAND=1,
+    IBV_LINK_LAYER_ETHERNET=2,
+    IBV_GID_TYPE_SYSFS_IB_ROCE_V1=0,
+    IBV_GID_TYPE_SYSFS_ROCE_V2=1,
+    IBV_MTU_1024=3,
+    IBV_MTU_4096=5,
+    IBV_QPS_RESET=0,
+    IBV_QPS_INIT=1,
+    IBV_QPS_RTR=2,
+    IBV_QPS_RTS=3,
+    IBV_QPS_ERR=6,
+    IBV_QP_STATE=1,
+)
+ZERO_GID = "0000:0000:0000:0000:0000:0000:0000:0000"
+
+
+class PyverbsError(Exception):
+    def __init__(self, msg: str, error_code: int = -1) -> None:
+        super().__init__(msg)
+        self.error_code = error_code
+
+
+@dataclass
+class Port:
+    state: int = E.IBV_PORT_ACTIVE
+    link_layer: int = E.IBV_LINK_LAYER_INFINIBAND
+    lid: int = 7
+    active_mtu: int = E.IBV_MTU_4096
+    max_msg_sz: int = 1 << 30
+    gids: list[tuple[str, int]] = field(
+        default_factory=lambda: [("fe80:0000:0000:0000:0202:c9ff:fe00:0001", 0)]
+    )
+
+    @property
+    def gid_tbl_len(self) -> int:
+        return len(self.gids)
+
+
+@dataclass
+class Dev:
+    name: str
+    ports: list[Port] = field(default_factory=lambda: [Port()])
+    openable: bool = True
+    max_sge_rd: int = 4
+
+
+class Fabric:
+    """The host's devices and everything registered on them; `mode` decides what a READ does:
+    "execute" (copy the bytes and complete), "hang" (never complete), "fail" (REM_ACCESS_ERR)."""
+
+    def __init__(self, devices: list[Dev] | None = None, list_error: str | None = None) -> None:
+        self.devices = devices if devices is not None else [Dev("mlx5_0")]
+        self.list_error = list_error
+        self.mode = "execute"
+        self.mrs: dict[int, MRInfo] = {}
+        self.qps: dict[int, Any] = {}
+        self.keys = itertools.count(0x100)
+        self.qpns = itertools.count(0x40)
+        self.closed: list[str] = []
+        self.wr_closes: list[int] = []  # close() count of every SGE and SendWR made
+        self.verbs = self._module()
+
+    def _module(self) -> types.SimpleNamespace:
+        fabric = self
+
+        def get_device_list() -> list[Any]:
+            if fabric.list_error is not None:
+                raise PyverbsError(fabric.list_error)
+            return [types.SimpleNamespace(name=d.name.encode()) for d in fabric.devices]
+
+        class Context:
+            def __init__(self, name: str) -> None:
+                dev = next((d for d in fabric.devices if d.name == name), None)
+                if dev is None or not dev.openable:
+                    raise PyverbsError(f"Failed to open device {name}")
+                self.dev, self.name = dev, name
+
+            def query_device(self) -> Any:
+                return types.SimpleNamespace(
+                    phys_port_cnt=len(self.dev.ports), max_qp_wr=256, max_cqe=256, max_sge=8,
+                    max_sge_rd=self.dev.max_sge_rd, max_qp_rd_atom=16, max_qp_init_rd_atom=16,
+                )  # fmt: skip
+
+            def query_port(self, port: int) -> Port:
+                return self.dev.ports[port - 1]
+
+            def query_gid(self, port: int, index: int) -> str:
+                return self.dev.ports[port - 1].gids[index][0]
+
+            def query_gid_type(self, port: int, index: int) -> int:
+                return self.dev.ports[port - 1].gids[index][1]
+
+            def close(self) -> None:
+                fabric.closed.append(f"ctx {self.name}")
+
+        class PD:
+            def __init__(self, ctx: Context) -> None:
+                self.ctx = ctx
+
+            def close(self) -> None:
+                fabric.closed.append("pd")
+
+        class MR:
+            def __init__(self, pd: PD, length: int = 0, access: int = 0, address: int | None = None) -> None:
+                assert address, "polarkvd registers existing memory only"
+                self.lkey = self.rkey = next(fabric.keys)
+                fabric.mrs[self.rkey] = MRInfo(address, length, access, pd)
+
+            def close(self) -> None:
+                fabric.mrs.pop(self.rkey, None)
+                fabric.closed.append(f"mr {self.rkey:#x}")
+
+        class CQ:
+            def __init__(self, ctx: Context, cqe: int) -> None:
+                self.cqe, self.wcs = cqe, []
+
+            def poll(self, num_entries: int = 1) -> tuple[int, list[Any]]:
+                out, self.wcs = self.wcs[:num_entries], self.wcs[num_entries:]
+                return len(out), out
+
+            def close(self) -> None:
+                fabric.closed.append("cq")
+
+        class Bag:
+            def __init__(self, **kw: Any) -> None:
+                self.__dict__.update(kw)
+
+        class QPAttr(Bag):
+            def __init__(self, qp_state: int = E.IBV_QPS_INIT, cur_qp_state: int = 0, port_num: int = 1,
+                         path_mtu: int = E.IBV_MTU_1024) -> None:  # fmt: skip
+                super().__init__(qp_state=qp_state, port_num=port_num, path_mtu=path_mtu)
+
+        class QP:
+            def __init__(self, pd: PD, init: Any, attr: Any = None) -> None:
+                assert init.qp_type == E.IBV_QPT_RC
+                self.pd, self.cq, self.cap = pd, init.send_cq, init.cap
+                self.qp_num = next(fabric.qpns)
+                self.qp_state = E.IBV_QPS_INIT if attr is not None else E.IBV_QPS_RESET
+                self.access = attr.qp_access_flags if attr is not None else 0
+                self.pending: list[Any] = []
+                self.attr: Any = None
+                fabric.qps[self.qp_num] = self
+
+            def to_rts(self, attr: Any) -> None:
+                if attr.dest_qp_num not in fabric.qps:
+                    raise PyverbsError("Failed to modify QP state to RTR", 22)
+                self.attr, self.qp_state = attr, E.IBV_QPS_RTS
+
+            def modify(self, attr: Any, mask: int) -> None:
+                assert mask == E.IBV_QP_STATE
+                self.qp_state = attr.qp_state
+                if attr.qp_state == E.IBV_QPS_ERR:
+                    for wr_id in self.pending:
+                        self.cq.wcs.append(WC(wr_id, E.IBV_WC_WR_FLUSH_ERR))
+                    self.pending = []
+
+            def post_send(self, wr: Any) -> None:
+                if self.qp_state != E.IBV_QPS_RTS:
+                    raise PyverbsError("Failed to post send", 22)
+                while wr is not None:
+                    assert wr.opcode == E.IBV_WR_RDMA_READ and wr.send_flags & E.IBV_SEND_SIGNALED
+                    assert wr.num_sge == len(wr.sges) <= self.cap.max_send_sge
+                    if fabric.mode == "hang":
+                        self.pending.append(wr.wr_id)
+                    elif fabric.mode == "fail" or not self._read(wr):
+                        self.cq.wcs.append(WC(wr.wr_id, E.IBV_WC_REM_ACCESS_ERR))
+                    else:
+                        self.cq.wcs.append(WC(wr.wr_id, E.IBV_WC_SUCCESS))
+                    wr = wr.next
+
+            def _read(self, wr: Any) -> bool:
+                peer = fabric.qps.get(self.attr.dest_qp_num)
+                src = fabric.mrs.get(wr.rkey)
+                length = sum(s[1] for s in wr.sges)
+                if (
+                    peer is None or peer.attr is None or peer.attr.dest_qp_num != self.qp_num
+                    or src is None or src.pd is not peer.pd or not src.access & E.IBV_ACCESS_REMOTE_READ
+                    or not peer.access & E.IBV_ACCESS_REMOTE_READ
+                    or not src.addr <= wr.raddr or wr.raddr + length > src.addr + src.length
+                ):  # fmt: skip
+                    return False
+                at = wr.raddr
+                for addr, n, lkey in wr.sges:
+                    dst = fabric.mrs.get(lkey)
+                    if dst is None or not dst.addr <= addr or addr + n > dst.addr + dst.length:
+                        return False
+                    ctypes.memmove(addr, at, n)
+                    at += n
+                return True
+
+            def close(self) -> None:
+                fabric.qps.pop(self.qp_num, None)
+                fabric.closed.append(f"qp {self.qp_num:#x}")
+
+        class SGE:
+            def __init__(self, addr: int, length: int, lkey: int) -> None:
+                self.addr, self.length, self.lkey = addr, length, lkey
+                self.slot = len(fabric.wr_closes)
+                fabric.wr_closes.append(0)
+
+            def close(self) -> None:
+                fabric.wr_closes[self.slot] += 1
+
+        class SendWR:
+            def __init__(self, wr_id: int = 0, opcode: int = 0, num_sge: int = 0, imm_data: int = 0,
+                         sg: Any = None, send_flags: int = E.IBV_SEND_SIGNALED) -> None:  # fmt: skip
+                if num_sge < 1 or sg is None:
+                    raise PyverbsError("A WR needs at least one SGE")
+                self.wr_id, self.opcode, self.num_sge, self.send_flags = wr_id, opcode, num_sge, send_flags
+                self.sges = [(s.addr, s.length, s.lkey) for s in sg[:num_sge]]  # copied, as pyverbs does
+                self.next: Any = None
+                self.rkey = self.raddr = 0
+                self.slot = len(fabric.wr_closes)
+                fabric.wr_closes.append(0)
+
+            def set_wr_rdma(self, rkey: int, addr: int) -> None:
+                self.rkey, self.raddr = rkey, addr
+
+            @property
+            def next_wr(self) -> Any:
+                raise PyverbsError("A WR needs at least one SGE")  # what pyverbs 44's getter does
+
+            @next_wr.setter
+            def next_wr(self, val: Any) -> None:
+                self.next = val
+
+            def close(self) -> None:
+                fabric.wr_closes[self.slot] += 1
+
+        return types.SimpleNamespace(
+            device=types.SimpleNamespace(
+                get_device_list=get_device_list,
+                Context=Context,
+                port_state_to_str=lambda s: {1: "DOWN", 2: "INIT", 3: "ARMED", 4: "ACTIVE"}.get(s, str(s)),
+            ),
+            pd=types.SimpleNamespace(PD=PD),
+            mr=types.SimpleNamespace(MR=MR),
+            cq=types.SimpleNamespace(
+                CQ=CQ,
+                cqe_status_to_str=lambda s: {5: "WR flush error", 10: "Remote access error"}.get(s, "?"),
+            ),  # fmt: skip
+            qp=types.SimpleNamespace(QP=QP, QPAttr=QPAttr, QPCap=Bag, QPInitAttr=_init_attr(Bag)),
+            wr=types.SimpleNamespace(SGE=SGE, SendWR=SendWR),
+            addr=types.SimpleNamespace(
+                GID=lambda val: val,
+                GlobalRoute=lambda dgid, sgid_index=0, hop_limit=1: Bag(dgid=dgid, sgid_index=sgid_index),
+                AHAttr=lambda dlid=0, is_global=0, port_num=1, gr=None: Bag(
+                    dlid=dlid, is_global=is_global, gr=gr
+                ),
+            ),
+            e=E,
+            Error=PyverbsError,
+            origin="fake",
+        )
+
+
+def _init_attr(bag: type) -> Any:
+    def make(qp_type: int, scq: Any = None, rcq: Any = None, cap: Any = None, sq_sig_all: int = 1) -> Any:
+        return bag(qp_type=qp_type, send_cq=scq, recv_cq=rcq, cap=cap, sq_sig_all=sq_sig_all)
+
+    return make
+
+
+@dataclass
+class MRInfo:
+    addr: int
+    length: int
+    access: int
+    pd: Any
+
+
+@dataclass
+class WC:
+    wr_id: int
+    status: int
+    vendor_err: int = 0
