@@ -287,6 +287,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from polarkvd.bench.chat import main as chat_main
 
         return chat_main(args)
+    if args.which == "cluster":
+        from polarkvd.bench.cluster import main as cluster_main
+
+        return cluster_main(args)
     raise AssertionError(args.which)
 
 
@@ -401,6 +405,13 @@ def build_parser() -> argparse.ArgumentParser:
     chat_args(
         bsub.add_parser(
             "chat", help="multi-round chat on real vLLM: no cache, prefix cache, ExampleConnector, polarkvd"
+        )
+    )
+    from polarkvd.bench.cluster import add_arguments as cluster_args
+
+    cluster_args(
+        bsub.add_parser(
+            "cluster", help="remote page fetch between two processes vs raw TCP, Redis and Mooncake Store"
         )
     )
     sp.set_defaults(fn=cmd_bench)

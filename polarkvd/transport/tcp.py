@@ -9,14 +9,15 @@ Why not ZeroMQ here (the design says "TCP over ZeroMQ"): the bar is a remote fet
 raw TCP on the same link. ZeroMQ copies every received frame into a buffer of its own (and we would
 copy it again into the arena), runs its I/O on a background thread that competes for the cores, and
 CURVE encrypts every byte. So the data path is plain blocking TCP sockets:
-- gather sends: `socket.sendmsg([prefix+header, *memoryviews])`, the page buffers are never joined;
+- gather sends: `socket.sendmsg([prefix+header, page, sum, page, sum, ...])`, the page buffers are
+  never joined or copied in user space;
 - receives go straight into the caller's destination view (`recv_into` loops on memoryview slices),
   no intermediate bytes objects;
 - an authenticated handshake on each new connection (BLAKE2b keyed with a key derived from the
   cluster's CURVE secret, both directions, fresh nonces), or an explicit insecure mode on both sides;
-- an xxh3_64 checksum of every payload, computed by the sender over the buffers it sends and checked
-  by the receiver over the bytes that landed. A corrupt payload is reported per payload; the
-  connection stays framed and usable.
+- an xxh3_64 checksum trailing every payload, computed by the sender over the buffer it sends (or
+  stored with the page: `Reply.sums`) and checked by the receiver over the bytes that landed. A
+  corrupt payload is reported per payload; the connection stays framed and usable.
 ZeroMQ stays for gossip and control, where messages are small.
 
 What the handshake does not give: the payload bytes are neither encrypted nor MACed after the
@@ -24,8 +25,8 @@ handshake (the checksum is not a MAC), so an attacker on the path could read or 
 networks that are not trusted need an encrypted link underneath (WireGuard, IPsec).
 
 Threads, not asyncio: a server thread per connection (bounded by `max_connections`) runs handlers
-that may block (on the arena, on disk); send/recv and xxh3 release the GIL, so several connections
-use both cores.
+that may block (on the arena, on disk); send and recv release the GIL, so several connections use
+both cores. Measured costs and what did not help: docs/BENCHMARKS.md, "bench cluster".
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ _HS_SERVER = struct.Struct("<4sBBH32s")  # magic, version, mode, 0, server nonce
 _HS_CLIENT = struct.Struct("<4sBBH32s32s")  # magic, version, mode, 0, client nonce, client proof
 _HS_RESULT = struct.Struct("<4sBBH32s")  # magic, version, status, 0, server proof
 MODE_INSECURE, MODE_KEYED = 0, 1
+MODE_BUSY = 0xFF  # in the server's hello: over max_connections, closing; try later
 HS_OK, HS_AUTH_FAILED, HS_MODE_MISMATCH, HS_BAD_VERSION = 0, 1, 2, 3
 _MODE_NAMES = {MODE_INSECURE: "insecure (no key)", MODE_KEYED: "keyed"}
 
@@ -74,9 +76,12 @@ _REPLY_MAX_HEADER_BYTES = 16 << 20
 _SOCK_BUF = 4 << 20  # SO_SNDBUF / SO_RCVBUF we ask for; the kernel may give less (rmem_max)
 _IOV_MAX = 512  # payload buffers per sendmsg call (Linux allows 1024)
 _SCRATCH = 256 << 10  # discard buffer per connection
+_LINGER_SECONDS = 0.2  # how long a connection closed for a bad request drains input first
+_GATHER_BYTES = 4 << 20  # payload bytes gathered per sendmsg call
 _PERSON = b"polarkv-peer-v1"  # BLAKE2b personalization (<= 16 bytes)
 
 _sum = xxhash.xxh3_64_intdigest
+_TRAILER = struct.Struct("<Q")  # xxh3_64 of the payload, right after its bytes
 
 
 def data_key(cluster_secret: bytes) -> bytes:
@@ -152,15 +157,38 @@ class _Closed(ConnectionError):
     """The peer closed the connection."""
 
 
+_TIMEVAL = struct.Struct("@ll")
+
+
+def _arm(sock: socket.socket, seconds: float | None) -> None:
+    """Bound each blocking send/recv in the kernel (SO_RCVTIMEO/SO_SNDTIMEO; None = no bound).
+
+    The sockets stay in blocking mode: Python's own timeouts make every recv a poll() plus a recv(),
+    which costs measurable CPU at GB/s. A recv or send that hits the bound fails with EAGAIN, which the
+    loops below turn into TimeoutError; the loops also check the call's deadline between syscalls."""
+    if seconds is None:
+        tv = _TIMEVAL.pack(0, 0)
+    else:
+        seconds = max(seconds, 0.001)
+        tv = _TIMEVAL.pack(int(seconds), int(seconds % 1 * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+
+
 def _recv_into(sock: socket.socket, view: memoryview, deadline: _Deadline) -> None:
     """Fill `view` (a byte view) from the socket, straight into its memory."""
     got, n = 0, len(view)
+    _arm(sock, deadline.left())
     while got < n:
-        sock.settimeout(deadline.left())
-        k = sock.recv_into(view[got:] if got else view)
+        try:
+            k = sock.recv_into(view[got:] if got else view)
+        except BlockingIOError:
+            raise TimeoutError("timed out") from None
         if not k:
             raise _Closed(f"connection closed with {n - got} of {n} bytes outstanding")
         got += k
+        if got < n:
+            deadline.left()
 
 
 def _recv_exact(sock: socket.socket, n: int, deadline: _Deadline) -> bytes:
@@ -170,21 +198,29 @@ def _recv_exact(sock: socket.socket, n: int, deadline: _Deadline) -> bytes:
 
 
 def _discard(sock: socket.socket, n: int, scratch: memoryview, deadline: _Deadline) -> None:
+    _arm(sock, deadline.left())
     while n:
-        sock.settimeout(deadline.left())
-        k = sock.recv_into(scratch, min(n, len(scratch)))
+        try:
+            k = sock.recv_into(scratch, min(n, len(scratch)))
+        except BlockingIOError:
+            raise TimeoutError("timed out") from None
         if not k:
             raise _Closed(f"connection closed with {n} bytes to discard outstanding")
         n -= k
+        if n:
+            deadline.left()
 
 
 def _send_all(sock: socket.socket, bufs: list[memoryview], deadline: _Deadline) -> None:
     """Gather-send byte views with partial-send handling; the buffers are never concatenated."""
     views = [b for b in bufs if len(b)]
     i = 0
+    _arm(sock, deadline.left())
     while i < len(views):
-        sock.settimeout(deadline.left())
-        sent = sock.sendmsg(views[i : i + _IOV_MAX])
+        try:
+            sent = sock.sendmsg(views[i : i + _IOV_MAX])
+        except BlockingIOError:
+            raise TimeoutError("timed out") from None
         while sent:
             head = len(views[i])
             if sent >= head:
@@ -193,6 +229,8 @@ def _send_all(sock: socket.socket, bufs: list[memoryview], deadline: _Deadline) 
             else:
                 views[i] = views[i][sent:]
                 sent = 0
+        if i < len(views):
+            deadline.left()
 
 
 def _byte_view(buf: Any, *, writable: bool = False) -> memoryview:
@@ -220,9 +258,9 @@ class _BadMessage(Exception):
 def _read_message(
     sock: socket.socket, kind: int, max_header: int, max_payloads: int, max_payload_bytes: int,
     deadline: _Deadline, start: bytes = b"",
-) -> tuple[dict[str, Any], list[int], list[int]]:  # fmt: skip
+) -> tuple[dict[str, Any], list[int]]:  # fmt: skip
     """Read prefix + header (`start`: prefix bytes already read) and validate the framing.
-    Returns (header, sizes, sums) with sizes and sums taken out of the header."""
+    Returns (header, sizes) with sizes taken out of the header."""
     prefix = bytearray(_PREFIX.size)
     prefix[: len(start)] = start
     _recv_into(sock, memoryview(prefix)[len(start) :], deadline)
@@ -242,19 +280,42 @@ def _read_message(
         raise _BadMessage(ErrorCode.BAD_REQUEST, f"undecodable header: {type(e).__name__}") from None
     if not isinstance(header, dict):
         raise _BadMessage(ErrorCode.BAD_REQUEST, "header is not a map")
-    sizes, sums = header.pop("sizes", []), header.pop("sums", [])
-    if not isinstance(sizes, list) or not isinstance(sums, list) or len(sizes) != len(sums):
-        raise _BadMessage(ErrorCode.BAD_REQUEST, "sizes and sums must be lists of equal length")
+    sizes = header.pop("sizes", [])
+    if not isinstance(sizes, list):
+        raise _BadMessage(ErrorCode.BAD_REQUEST, "sizes must be a list")
     if len(sizes) > max_payloads:
         raise _BadMessage(ErrorCode.TOO_LARGE, f"{len(sizes)} payloads over the limit of {max_payloads}")
-    for s, c in zip(sizes, sums):
-        if type(s) is not int or type(c) is not int or s < 0 or not 0 <= c < 1 << 64:
-            raise _BadMessage(ErrorCode.BAD_REQUEST, "sizes and sums must be non-negative integers")
+    for s in sizes:
+        if type(s) is not int or s < 0:
+            raise _BadMessage(ErrorCode.BAD_REQUEST, "sizes must be non-negative integers")
         if s > max_payload_bytes:
             raise _BadMessage(
                 ErrorCode.TOO_LARGE, f"payload of {s} bytes over the limit of {max_payload_bytes}"
             )
-    return header, sizes, sums
+    return header, sizes
+
+
+def _send_message(sock: socket.socket, head: bytes, views: list[memoryview], sums: list[int] | None,
+                  deadline: _Deadline) -> None:  # fmt: skip
+    """Header, then each payload followed by its checksum, gathered into few sendmsg calls. Each payload
+    is hashed right before it is queued, so its bytes are still in cache when the kernel copies them
+    (hashing them all first, or chunk by chunk, measured costlier on a busy host)."""
+    pending, queued = [memoryview(head)], 0
+    for i, v in enumerate(views):
+        pending += [v, memoryview(_TRAILER.pack(sums[i] if sums is not None else _sum(v)))]
+        queued += len(v)
+        if queued >= _GATHER_BYTES or len(pending) >= _IOV_MAX:
+            _send_all(sock, pending, deadline)
+            pending, queued = [], 0
+    if pending:
+        _send_all(sock, pending, deadline)
+
+
+def _recv_payload(sock: socket.socket, dst: memoryview, trailer: memoryview, deadline: _Deadline) -> bool:
+    """Receive one payload straight into `dst`, then its checksum; True when they agree."""
+    _recv_into(sock, dst, deadline)
+    _recv_into(sock, trailer, deadline)
+    return _sum(dst) == _TRAILER.unpack(trailer)[0]
 
 
 # --------------------------------------------------------------------------------- server side
@@ -280,9 +341,8 @@ def _error_reply(code: str, message: str) -> Reply:
 class PayloadReader:
     """The request's payloads, read by the handler in order, straight into its own memory."""
 
-    def __init__(self, conn: _ServerConn, sizes: list[int], sums: list[int]) -> None:
+    def __init__(self, conn: _ServerConn, sizes: list[int]) -> None:
         self.sizes = sizes
-        self._sums = sums
         self._conn = conn
         self._next = 0
 
@@ -304,9 +364,8 @@ class PayloadReader:
         i = self._next
         if i < len(self.sizes) and len(dst) != self.sizes[i]:
             raise ValueError(f"payload {i} is {self.sizes[i]} bytes, view is {len(dst)}")
-        i = self._take()
-        self._conn.recv_payload(dst)
-        ok = _sum(dst) == self._sums[i]
+        self._take()
+        ok = self._conn.recv_payload(dst)
         if not ok:
             self._conn.server._count("checksum_failures")
         return ok
@@ -334,22 +393,25 @@ class _ServerConn:
     def __init__(self, server: PeerServer, sock: socket.socket, peer: str) -> None:
         self.server, self.sock, self.peer = server, sock, peer
         self._scratch: memoryview | None = None
+        self._trailer = memoryview(bytearray(_TRAILER.size))
         self.deadline = _Deadline(None)
         self.broken = False  # a payload read failed: the stream is out of sync whatever the handler does
+        self.linger = False  # closing after an error reply to a bad request
 
-    def recv_payload(self, dst: memoryview) -> None:
+    def recv_payload(self, dst: memoryview) -> bool:
         try:
-            _recv_into(self.sock, dst, self.deadline)
+            ok = _recv_payload(self.sock, dst, self._trailer, self.deadline)
         except BaseException:
             self.broken = True
             raise
         self.server._count("bytes_in", len(dst))
+        return ok
 
     def discard(self, n: int) -> None:
         if self._scratch is None:
             self._scratch = memoryview(bytearray(_SCRATCH))
         try:
-            _discard(self.sock, n, self._scratch, self.deadline)
+            _discard(self.sock, n + _TRAILER.size, self._scratch, self.deadline)
         except BaseException:
             self.broken = True
             raise
@@ -360,6 +422,7 @@ class _ServerConn:
     def serve(self) -> None:
         srv = self.server
         try:
+            self.sock.settimeout(None)  # blocking; `_arm` bounds each syscall
             _tune(self.sock)
             if not self._handshake():
                 return
@@ -373,10 +436,27 @@ class _ServerConn:
             log.exception("peer connection %s: unexpected error", self.peer)
         finally:
             srv._forget(self)
+            if self.linger and not srv._closing.is_set():
+                self._lingering_close()
             try:
                 self.sock.close()
             except OSError:
                 pass
+
+    def _lingering_close(self) -> None:
+        """After an error reply to a bad request: stop sending, read and drop what the peer still sends
+        for a moment. Closing with unread input makes the kernel send a reset, and a reset can destroy
+        the error reply before the peer reads it."""
+        deadline = _Deadline(_LINGER_SECONDS)
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+            scratch = memoryview(bytearray(_SCRATCH))
+            for _ in range(16):
+                _arm(self.sock, deadline.left())
+                if not self.sock.recv_into(scratch):
+                    return
+        except OSError:
+            pass
 
     def _handshake(self) -> bool:
         srv = self.server
@@ -384,8 +464,7 @@ class _ServerConn:
         mode = MODE_KEYED if srv.key is not None else MODE_INSECURE
         ns = os.urandom(32)
         try:
-            self.sock.settimeout(deadline.left())
-            self.sock.sendall(_HS_SERVER.pack(HS_MAGIC, VERSION, mode, 0, ns))
+            _send_all(self.sock, [memoryview(_HS_SERVER.pack(HS_MAGIC, VERSION, mode, 0, ns))], deadline)
             hello = _recv_exact(self.sock, _HS_CLIENT.size, deadline)
         except (OSError, _Closed) as e:
             srv._count("bad_requests")
@@ -407,18 +486,15 @@ class _ServerConn:
         elif srv.key is not None and not hmac.compare_digest(proof, _proof(srv.key, b"c", ns, nc)):
             status, why = HS_AUTH_FAILED, "wrong key"
         sproof = _proof(srv.key, b"s", nc, ns) if srv.key is not None and status == HS_OK else bytes(32)
-        try:
-            self.sock.sendall(_HS_RESULT.pack(HS_MAGIC, VERSION, status, 0, sproof))
-        except OSError:
-            pass
-        if status == HS_BAD_VERSION:
-            srv._count("bad_requests")
-        elif status != HS_OK:
-            srv._count("auth_failures")
-        if status != HS_OK:
+        if status != HS_OK:  # counted before the peer hears the verdict, so it can rely on the count
+            srv._count("bad_requests" if status == HS_BAD_VERSION else "auth_failures")
             log.warning("peer %s refused at handshake: %s", self.peer, why)
+        verdict = memoryview(_HS_RESULT.pack(HS_MAGIC, VERSION, status, 0, sproof))
+        try:
+            _send_all(self.sock, [verdict], deadline)
+        except OSError:
             return False
-        return True
+        return status == HS_OK
 
     def _one_request(self) -> bool:
         """Serve one request; False when the connection must close."""
@@ -426,26 +502,26 @@ class _ServerConn:
         # An idle pooled connection waits for its next request as long as the peer keeps it open
         # (`idle_timeout`); once a request starts, the whole of it must arrive within `io_timeout`.
         first = bytearray(_PREFIX.size)
-        self.sock.settimeout(srv.idle_timeout)
+        _arm(self.sock, srv.idle_timeout)
         try:
             got = self.sock.recv_into(first)
-        except TimeoutError:
+        except BlockingIOError:
             return False
         if not got:
             return False
         self.deadline = _Deadline(srv.io_timeout)
         try:
-            header, sizes, sums = _read_message(
+            header, sizes = _read_message(
                 self.sock, KIND_REQUEST, srv.max_header_bytes, srv.max_payloads, srv.max_payload_bytes,
                 self.deadline, bytes(first[:got]),
             )  # fmt: skip
         except _BadMessage as e:
             srv._count("bad_requests")
             log.warning("peer %s: bad request, closing: %s", self.peer, e)
-            self._send_reply(_error_reply(e.code.value, str(e)), self.deadline)
+            self.linger = self._send_reply(_error_reply(e.code.value, str(e)), self.deadline)
             return False
         op, args = header.get("op"), header.get("args", {})
-        reader = PayloadReader(self, sizes, sums)
+        reader = PayloadReader(self, sizes)
         srv._count("requests")
         handler = srv.handlers.get(op) if isinstance(op, str) else None
         if not isinstance(args, dict):
@@ -485,19 +561,20 @@ class _ServerConn:
         try:
             try:
                 views = [_byte_view(p) for p in reply.payloads]
-                sums = reply.sums if reply.sums is not None else [_sum(v) for v in views]
-                if len(sums) != len(views):
-                    raise ValueError(f"{len(sums)} sums for {len(views)} payloads")
-                head = _pack(
-                    KIND_REPLY, {"reply": reply.header, "sizes": [len(v) for v in views], "sums": sums}
-                )
+                sums = reply.sums
+                if sums is not None and (
+                    len(sums) != len(views) or not all(type(c) is int and 0 <= c < 1 << 64 for c in sums)
+                ):
+                    raise ValueError(f"Reply.sums must be one xxh3_64 int per payload ({len(views)})")
+                head = _pack(KIND_REPLY, {"reply": reply.header, "sizes": [len(v) for v in views]})
             except Exception as e:
                 srv._count("handler_errors")
                 log.exception("peer reply to %s cannot be sent", self.peer)
-                views = []
-                head = _pack(KIND_REPLY, {"reply": {"error": ErrorCode.INTERNAL.value, "message": f"bad reply: {e}"},
-                                          "sizes": [], "sums": []})  # fmt: skip
-            _send_all(self.sock, [memoryview(head), *views], deadline)
+                views, sums = [], None
+                head = _pack(
+                    KIND_REPLY, {"reply": {"error": ErrorCode.INTERNAL.value, "message": f"bad reply: {e}"}}
+                )
+            _send_message(self.sock, head, views, sums, deadline)
             srv._count("bytes_out", sum(len(v) for v in views))
             return True
         except (OSError, _Closed) as e:
@@ -602,6 +679,11 @@ class PeerServer:
                     self.stats["refused"] += 1
             if full:
                 log.warning("peer %s refused: %d connections already", peer, self.max_connections)
+                try:  # 40 bytes always fit the new socket's buffer: this cannot block the accept loop
+                    sock.setblocking(False)
+                    sock.send(_HS_SERVER.pack(HS_MAGIC, VERSION, MODE_BUSY, 0, bytes(32)))
+                except OSError:
+                    pass
                 sock.close()
             else:
                 t.start()
@@ -645,18 +727,18 @@ class PeerServer:
 
 
 class _ClientConn:
-    __slots__ = ("sock", "addr", "epoch", "scratch", "in_sync")
+    __slots__ = ("sock", "addr", "epoch", "scratch", "trailer", "in_sync")
 
     def __init__(self, sock: socket.socket, addr: str, epoch: int) -> None:
         self.sock, self.addr, self.epoch = sock, addr, epoch
         self.scratch: memoryview | None = None
+        self.trailer = memoryview(bytearray(_TRAILER.size))
         self.in_sync = True  # False from the first byte of a request until its reply is fully read
 
     def stale(self) -> bool:
         """An idle pooled connection that has something to read is closed (or out of sync): drop it."""
         try:
-            self.sock.settimeout(0.0)  # a timeout would make recv poll first
-            self.sock.recv(1, socket.MSG_PEEK)
+            self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
             return True
         except (BlockingIOError, InterruptedError):
             return False
@@ -678,16 +760,22 @@ def _client_handshake(sock: socket.socket, key: bytes | None, deadline: _Deadlin
         raise TransportError("not a polarkv peer (bad handshake magic)")
     if version != VERSION:
         raise TransportError(f"peer speaks data protocol version {version}, this side {VERSION}")
+    if smode == MODE_BUSY:
+        raise TransportError("peer refused the connection: it has too many connections (max_connections)")
     nc = os.urandom(32)
     proof = _proof(key, b"c", ns, nc) if key is not None and smode == mode else bytes(32)
-    sock.settimeout(deadline.left())
-    sock.sendall(_HS_CLIENT.pack(HS_MAGIC, VERSION, mode, 0, nc, proof))
+    _send_all(sock, [memoryview(_HS_CLIENT.pack(HS_MAGIC, VERSION, mode, 0, nc, proof))], deadline)
+    try:  # the verdict, also on a mismatch: the peer has counted and logged it by then
+        _, _, status, _, sproof = _HS_RESULT.unpack(_recv_exact(sock, _HS_RESULT.size, deadline))
+    except (OSError, _Closed):
+        if smode == mode:
+            raise
+        status, sproof = HS_MODE_MISMATCH, bytes(32)
     if smode != mode:
         raise TransportError(
             f"handshake refused: peer is {_MODE_NAMES.get(smode, smode)}, this side is {_MODE_NAMES[mode]}"
             " (both sides need the cluster key, or both run insecure)"
         )
-    _, _, status, _, sproof = _HS_RESULT.unpack(_recv_exact(sock, _HS_RESULT.size, deadline))
     if status == HS_AUTH_FAILED:
         raise TransportError("handshake refused by peer: authentication failed (wrong cluster key?)")
     if status != HS_OK:
@@ -700,6 +788,7 @@ def _connect(addr: str, key: bytes | None, deadline: _Deadline) -> socket.socket
     host, port = parse_address(addr)
     sock = socket.create_connection((host, port), timeout=deadline.left())
     try:
+        sock.settimeout(None)  # blocking from here on; `_arm` bounds each syscall
         _tune(sock)
         _client_handshake(sock, key, deadline)
     except BaseException:
@@ -831,17 +920,17 @@ class PeerClient:
         deadline = _Deadline(self.timeout if timeout is None else timeout)
         views = [_byte_view(p) for p in payloads]
         sizes = [len(v) for v in views]
-        head = _pack(KIND_REQUEST, {"op": op, "args": args, "sizes": sizes, "sums": [_sum(v) for v in views]})
+        head = _pack(KIND_REQUEST, {"op": op, "args": args, "sizes": sizes})
         conn = self._acquire(addr, deadline)
         try:
             sent = sum(sizes)
             self._reserve(sent, deadline)
             try:
                 conn.in_sync = False
-                _send_all(conn.sock, [memoryview(head), *views], deadline)
+                _send_message(conn.sock, head, views, None, deadline)
             finally:
                 self._unreserve(sent)
-            envelope, rsizes, rsums = _read_message(
+            envelope, rsizes = _read_message(
                 conn.sock, KIND_REPLY, _REPLY_MAX_HEADER_BYTES, MAX_PAYLOADS, MAX_PAYLOAD_BYTES, deadline
             )
             reply = envelope.get("reply")
@@ -851,7 +940,7 @@ class PeerClient:
                 self._drain(conn, rsizes, deadline)
                 conn.in_sync = True
                 raise error_for_code(str(reply["error"]), str(reply.get("message", "")))
-            return reply, self._receive(conn, reply, rsizes, rsums, into, deadline)
+            return reply, self._receive(conn, reply, rsizes, into, deadline)
         except (OSError, _Closed, _BadMessage) as e:
             why = "timed out" if isinstance(e, TimeoutError) else str(e) or type(e).__name__
             raise TransportError(f"{addr} {op}: {why}") from e
@@ -859,7 +948,7 @@ class PeerClient:
             self._release(conn)
 
     def _receive(
-        self, conn: _ClientConn, reply: dict[str, Any], sizes: list[int], sums: list[int],
+        self, conn: _ClientConn, reply: dict[str, Any], sizes: list[int],
         into: Callable[[dict[str, Any]], list[memoryview | None]] | None, deadline: _Deadline,
     ) -> list[bool]:  # fmt: skip
         dests: list[memoryview | None] = [None] * len(sizes)
@@ -880,25 +969,24 @@ class PeerClient:
         self._reserve(total, deadline)
         try:
             oks = []
-            for n, want, dst in zip(sizes, sums, dests):
+            for n, dst in zip(sizes, dests):
                 if dst is None:
                     self._drain(conn, [n], deadline)
                     oks.append(False)
                 else:
-                    _recv_into(conn.sock, dst, deadline)
-                    oks.append(_sum(dst) == want)
+                    oks.append(_recv_payload(conn.sock, dst, conn.trailer, deadline))
             conn.in_sync = True
             return oks
         finally:
             self._unreserve(total)
 
     def _drain(self, conn: _ClientConn, sizes: list[int], deadline: _Deadline) -> None:
-        if not any(sizes):
+        if not sizes:
             return
         if conn.scratch is None:
             conn.scratch = memoryview(bytearray(_SCRATCH))
         for n in sizes:
-            _discard(conn.sock, n, conn.scratch, deadline)
+            _discard(conn.sock, n + _TRAILER.size, conn.scratch, deadline)
 
     def forget(self, addr: str) -> None:
         """Close pooled connections to a peer that is gone (busy ones close when their call ends)."""

@@ -1,0 +1,975 @@
+"""`polarkvd bench cluster`: remote page fetch between two processes on loopback, side by side with
+raw TCP, Redis and Mooncake Store, in one run.
+
+For each page size (default 1 MiB, 4 MiB and the 5.9 MB page of `bench datapath`'s big namespace) the
+same random pages sit in one shared-memory file, and each method moves them from a server process to
+the measuring process on 127.0.0.1:
+  fetch     polarkvd's peer transport: a `PeerServer` in a server process answers op "get"
+            (args {"keys": [...]}, one payload per page) straight out of the shared memory; a
+            `PeerClient` here receives each page into a preallocated destination buffer, checksums
+            checked, `--batch` pages per call, `--threads` calls in parallel. The server hashes every
+            page as it sends it.
+  fetch_stored_sums  the same, but the server sends checksums computed once when the pages were
+            stored (`Reply.sums`; the disk tier already keeps one per page): the end-to-end check
+            without the sender's hashing on the fetch path. Op "get_stored_sums" (bench only).
+  raw_tcp   the same bytes over plain sockets from the same server process (`sendall` of the batch,
+            `recv_into` the destination), same batches and threads: the floor any protocol pays.
+  redis     redis-server (started here on a free port, `--save "" --appendonly no`), MGET of the same
+            batches with redis-py + hiredis (values arrive as new bytes objects, not in our buffer).
+  mooncake  Mooncake Store over TCP (master + holder + client, all on 127.0.0.1), `batch_get_into` a
+            registered destination buffer, driven by this file run as a script in Mooncake's own venv.
+Rounds interleave the methods, so machine noise hits every column alike; each number is the median
+over `--rounds` rounds of one `--seconds` measurement. Peers that are not installed
+(`scripts/setup-bench-peers.sh`) are reported as not available with the reason (null in JSON).
+
+How the server side starts is one function, `local_page_server()`, so two real daemons can replace it.
+
+This file also runs as a plain script in Mooncake's venv (`--mooncake-driver`, `--mooncake-holder`):
+its top-level imports are the standard library only; the package is imported inside functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import dataclasses
+import json
+import mmap
+import os
+import select
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+METHODS = ("fetch", "fetch_stored_sums", "raw_tcp", "redis", "mooncake")
+DEFAULT_SIZES = ("1MiB", "4MiB", "big")  # "big": the 5.9 MB page of bench datapath's BIG_NS
+HEADLINE = 4 << 20
+_RAW_REQ = struct.Struct("<QQ")  # raw_tcp request: offset, length (0 = close)
+MOONCAKE_PKG = "mooncake-transfer-engine-non-cuda"
+
+
+def mooncake_venv() -> Path:
+    env = os.environ.get("POLARKV_MOONCAKE_VENV")
+    return Path(env) if env else Path.home() / ".cache" / "polarkvd" / "bench" / "mooncake-venv"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--sizes", nargs="+", default=list(DEFAULT_SIZES), metavar="SIZE",
+                   help="page sizes, e.g. 1MiB 4MiB 5898240; 'big' = the 5.9 MB page (default: 1MiB 4MiB big)")  # fmt: skip
+    p.add_argument("--seconds", type=float, default=0.6, help="length of one measurement (default 0.6)")
+    p.add_argument("--rounds", type=int, default=9, help="rounds; medians are reported (default 9)")
+    p.add_argument("--data", default="128MiB", metavar="SIZE",
+                   help="distinct page bytes per page size, cycled through (default 128MiB)")  # fmt: skip
+    p.add_argument("--batch", type=int, default=8, help="pages per call (default 8)")
+    p.add_argument(
+        "--threads", type=int, default=2, help="calls in parallel, one connection each (default 2)"
+    )
+    p.add_argument("--skip", nargs="*", default=[], choices=METHODS[1:], metavar="METHOD",
+                   help="methods to leave out: fetch_stored_sums, raw_tcp, redis, mooncake")  # fmt: skip
+
+
+def parse_page_size(text: str) -> int:
+    if text == "big":
+        from polarkvd.bench.datapath import BIG_NS
+
+        return BIG_NS.page_bytes
+    from polarkvd.config import parse_size
+
+    n = parse_size(text)
+    if n <= 0:
+        raise ValueError(f"page size must be > 0: {text!r}")
+    return n
+
+
+def size_label(n: int) -> str:
+    return f"{n >> 20} MiB" if n % (1 << 20) == 0 else f"{n / 1e6:.1f} MB"
+
+
+def page_key(size: int, i: int) -> bytes:
+    """16-byte keys, like the daemon's; every process derives the same ones."""
+    import xxhash
+
+    return xxhash.xxh3_128_digest(f"bench-cluster:{size}:{i}".encode())
+
+
+# ------------------------------------------------------------------------------------ the pages
+
+
+@dataclasses.dataclass
+class PageSet:
+    """`npages` pages of `size` bytes at `offset` in the shared-memory data file."""
+
+    size: int
+    offset: int
+    npages: int
+
+    def span(self, i: int, n: int) -> tuple[int, int]:
+        return self.offset + i * self.size, n * self.size
+
+
+@dataclasses.dataclass
+class DataFile:
+    path: Path
+    sets: list[PageSet]
+
+    @property
+    def total(self) -> int:
+        return sum(s.npages * s.size for s in self.sets)
+
+    def layout(self) -> list[list[int]]:
+        return [[s.size, s.offset, s.npages] for s in self.sets]
+
+    @classmethod
+    def from_layout(cls, path: str, layout: list[list[int]]) -> DataFile:
+        return cls(Path(path), [PageSet(*x) for x in layout])
+
+
+@contextlib.contextmanager
+def data_file(
+    sizes: list[int], data_bytes: int, batch: int, threads: int, seed: int = 7
+) -> Iterator[DataFile]:
+    """Random pages in a file on /dev/shm (any process, in any venv, maps it; no resource tracker)."""
+    import numpy as np
+
+    sets, off = [], 0
+    for size in sizes:
+        n = max(batch * threads, data_bytes // size)
+        sets.append(PageSet(size, off, n))
+        off += n * size
+    shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+    fd, path = tempfile.mkstemp(prefix="polarkv-bench-cluster-", dir=shm)
+    try:
+        os.ftruncate(fd, off)
+        with mmap.mmap(fd, off) as mm:
+            rng = np.random.default_rng(seed)
+            step = 16 << 20
+            for start in range(0, off, step):
+                n = min(step, off - start)
+                mm[start : start + n] = rng.bytes(n)
+        os.close(fd)
+        fd = -1
+        yield DataFile(Path(path), sets)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def _map(path: Path | str, writable: bool = False) -> mmap.mmap:
+    with open(path, "r+b" if writable else "rb") as f:
+        return mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0))
+
+
+# ----------------------------------------------------------------------- processes and cleanup
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: the kernel kills the child when the process that started it dies, even by SIGKILL
+    (Linux prctl PR_SET_PDEATHSIG; elsewhere nothing)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(Exception):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+@contextlib.contextmanager
+def _child(args: list[str], *, env: dict[str, str] | None = None, log: Path | None = None,
+           stdin: int | None = subprocess.PIPE, stdout: int | None = subprocess.PIPE) -> Iterator[subprocess.Popen[str]]:  # fmt: skip
+    """A child in its own process group; the whole group is killed on the way out (Ctrl-C included)."""
+    out = open(log, "w") if log is not None else None  # noqa: SIM115
+    proc = subprocess.Popen(args, stdin=stdin, stdout=stdout, stderr=out or subprocess.DEVNULL, env=env,
+                            text=True, start_new_session=True, preexec_fn=_die_with_parent)  # fmt: skip
+    try:
+        yield proc
+    finally:
+        for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(wait)
+                if sig is signal.SIGTERM:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(proc.pid, signal.SIGKILL)  # stragglers of the group
+                break
+        for f in (proc.stdin, proc.stdout):
+            if f is not None:
+                with contextlib.suppress(OSError):
+                    f.close()
+        if out is not None:
+            out.close()
+
+
+def _read_json_line(
+    proc: subprocess.Popen[str], timeout: float, what: str, log: Path | None = None
+) -> dict[str, Any]:
+    """The child's next JSON line on stdout, or RuntimeError with its log when it dies or stalls."""
+    assert proc.stdout is not None
+    # No reader thread: one left blocked in readline() when we give up would hold the pipe's lock at
+    # exit. Children answer one whole line per request, so select() + readline() cannot block.
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    line = proc.stdout.readline() if ready else ""
+    if not line:
+        tail = log.read_text()[-2000:] if log is not None and log.exists() else ""
+        state = f"exited {proc.poll()}" if proc.poll() is not None else f"no answer in {timeout:.0f}s"
+        raise RuntimeError(f"{what}: {state}\n{tail}".rstrip())
+    return json.loads(line)
+
+
+def _free_ports(n: int) -> list[int]:
+    """Distinct free ports on 127.0.0.1 for servers we start (they may race another program, rarely)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+
+
+def _wait_port(port: int, proc: subprocess.Popen[Any], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what} does not listen on port {port} after {timeout:.0f}s") from None
+            time.sleep(0.05)
+
+
+# --------------------------------------------------------------------- the server side (fetch)
+
+
+@dataclasses.dataclass
+class Endpoints:
+    fetch: str  # tcp://HOST:PORT of the PeerServer
+    raw_tcp: tuple[str, int] | None  # the raw socket server in the same process, if any
+    server_pids: list[int] = dataclasses.field(default_factory=list)  # for CPU per byte, if local
+
+
+@contextlib.contextmanager
+def local_page_server(data: DataFile, key: bytes, workdir: Path) -> Iterator[Endpoints]:
+    """The server side: one process serving the data file's pages over the peer transport (op "get")
+    and over a raw socket. Replace this to fetch from real daemons: it only has to yield where the
+    pages can be fetched (op "get", args {"keys": [...]}, one payload per page)."""
+    env = dict(os.environ, POLARKV_BENCH_KEY=key.hex())
+    args = [
+        sys.executable,
+        "-m",
+        "polarkvd.bench.cluster",
+        "--serve",
+        str(data.path),
+        json.dumps(data.layout()),
+    ]
+    log = workdir / "page-server.log"
+    with _child(args, env=env, log=log) as proc:
+        ready = _read_json_line(proc, 60, "page server", log)
+        yield Endpoints(ready["fetch"], tuple(ready["raw_tcp"]), [proc.pid])  # type: ignore[arg-type]
+
+
+def serve_main(path: str, layout_json: str) -> int:
+    """`--serve`: the page server process. Runs until its stdin closes (the bench is gone)."""
+    import xxhash
+
+    from polarkvd.errors import PageNotFound
+    from polarkvd.transport.tcp import PeerServer, Reply
+
+    data = DataFile.from_layout(path, json.loads(layout_json))
+    mm = _map(data.path)
+    view = memoryview(mm)
+    pages: dict[bytes, memoryview] = {}
+    for ps in data.sets:
+        for i in range(ps.npages):
+            off, n = ps.span(i, 1)
+            pages[page_key(ps.size, i)] = view[off : off + n]
+
+    sums = {k: xxhash.xxh3_64_intdigest(v) for k, v in pages.items()}  # "computed when stored"
+
+    def get(args: dict[str, Any], _reader: Any) -> Reply:
+        try:
+            return Reply({"n": len(args["keys"])}, [pages[k] for k in args["keys"]])
+        except KeyError:
+            raise PageNotFound("no such page") from None
+
+    def get_stored_sums(args: dict[str, Any], _reader: Any) -> Reply:
+        try:
+            keys = args["keys"]
+            return Reply({"n": len(keys)}, [pages[k] for k in keys], sums=[sums[k] for k in keys])
+        except KeyError:
+            raise PageNotFound("no such page") from None
+
+    handlers = {"get": get, "get_stored_sums": get_stored_sums}
+    server = PeerServer("127.0.0.1", 0, key=bytes.fromhex(os.environ["POLARKV_BENCH_KEY"]), handlers=handlers)
+    server.start()
+    raw = socket.create_server(("127.0.0.1", 0))
+
+    def raw_conn(c: socket.socket) -> None:
+        from polarkvd.transport.tcp import _tune
+
+        _tune(c)  # the same socket options as the transport: the ratio is the protocol's cost alone
+        with c:
+            while True:
+                req = c.recv(_RAW_REQ.size, socket.MSG_WAITALL)
+                if len(req) < _RAW_REQ.size:
+                    return
+                off, n = _RAW_REQ.unpack(req)
+                if not n:
+                    return
+                c.sendall(view[off : off + n])
+
+    def raw_accept() -> None:
+        while True:
+            c, _ = raw.accept()
+            threading.Thread(target=raw_conn, args=(c,), daemon=True).start()
+
+    threading.Thread(target=raw_accept, daemon=True).start()
+    print(json.dumps({"fetch": server.address, "raw_tcp": list(raw.getsockname()[:2])}), flush=True)
+    sys.stdin.read()  # until the bench closes our stdin or kills us
+    server.close()
+    return 0
+
+
+# ------------------------------------------------------------------------------- measurements
+
+
+def _proc_cpu(pid: int) -> float:
+    """User + system CPU seconds of another process so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_meter(pids: list[int]) -> Callable[[], float] | None:
+    """CPU seconds used so far by this process (all threads) and `pids`, or None where /proc is not
+    there. On a 2-core host CPU per byte is what a transfer really costs: it is less noisy than GB/s
+    when other work shares the cores."""
+    try:
+        for pid in pids:
+            _proc_cpu(pid)
+    except (OSError, ValueError, IndexError):
+        return None
+    return lambda: time.process_time() + sum(_proc_cpu(p) for p in pids)
+
+
+def _parallel(
+    threads: int, seconds: float, work: Callable[[int], int], cpu: Callable[[], float] | None = None
+) -> tuple[float, float | None]:
+    """Run `work(thread)` (returns bytes moved by one call) in `threads` threads for `seconds`;
+    returns (GB/s over the wall time from the common start to the last call's end, CPU seconds per
+    GB of the processes `cpu` measures, or None)."""
+    moved = [0] * threads
+    errors: list[BaseException] = []
+    start = threading.Barrier(threads + 1)
+    stop_at = [0.0]
+
+    def run(t: int) -> None:
+        try:
+            start.wait()
+            while time.perf_counter() < stop_at[0]:
+                moved[t] += work(t)
+        except BaseException as e:  # reported below, after the others stop
+            errors.append(e)
+            stop_at[0] = 0.0
+
+    ths = [threading.Thread(target=run, args=(t,), daemon=True) for t in range(threads)]
+    for th in ths:
+        th.start()
+    try:
+        cpu0 = cpu() if cpu is not None else 0.0
+        t0 = time.perf_counter()
+        stop_at[0] = t0 + seconds
+        start.wait()
+        for th in ths:
+            th.join()
+    except BaseException:  # Ctrl-C: let the workers finish their call before the clients close
+        stop_at[0] = 0.0
+        for th in ths:
+            th.join(30)
+        raise
+    elapsed = time.perf_counter() - t0
+    used = cpu() - cpu0 if cpu is not None else None
+    if errors:
+        raise errors[0]
+    total = sum(moved)
+    return total / elapsed / 1e9, (used / (total / 1e9) if used is not None and total else None)
+
+
+Sample = tuple[float, "float | None"]  # (GB/s, CPU seconds per GB or None)
+
+
+class _Cursor:
+    """Which batch each thread fetches next: threads walk disjoint stretches of the page set."""
+
+    def __init__(self, ps: PageSet, batch: int, threads: int) -> None:
+        self.ps, self.batch = ps, batch
+        self.nbatches = max(1, ps.npages // batch)
+        self.pos = [t * self.nbatches // threads for t in range(threads)]
+
+    def next(self, t: int) -> int:
+        b = self.pos[t] % self.nbatches
+        self.pos[t] += 1
+        return b * self.batch
+
+
+class FetchMethod:
+    """polarkvd's transport: PeerClient calls of `op` straight into a preallocated destination buffer."""
+
+    def __init__(
+        self, addr: str, key: bytes, src: memoryview, threads: int, batch: int, op: str = "get"
+    ) -> None:
+        from polarkvd.transport.tcp import PeerClient
+
+        self.addr, self.src, self.threads, self.batch, self.op = addr, src, threads, batch, op
+        self.cpu: Callable[[], float] | None = None  # set by run(): this process + the server's
+        self.client = PeerClient(key=key, timeout=30, connections_per_peer=threads)
+        self.dest: bytearray | None = None
+        self.corrupt = 0
+        try:
+            self.client.call(addr, op, {"keys": []})  # connects, and says now if the server lacks the op
+        except BaseException:
+            self.client.close()
+            raise
+
+    def measure(self, ps: PageSet, seconds: float) -> Sample:
+        per = self.batch * ps.size
+        if self.dest is None or len(self.dest) < per * self.threads:
+            self.dest = bytearray(per * self.threads)
+        dest = memoryview(self.dest)
+        keys = [page_key(ps.size, i) for i in range(ps.npages)]
+        cur = _Cursor(ps, self.batch, self.threads)
+        views = [[dest[t * per + j * ps.size : t * per + (j + 1) * ps.size] for j in range(self.batch)]
+                 for t in range(self.threads)]  # fmt: skip
+
+        last = [0] * self.threads
+
+        def work(t: int) -> int:
+            last[t] = first = cur.next(t)
+            _, oks = self.client.call(self.addr, self.op, {"keys": keys[first : first + self.batch]},
+                                      into=lambda h: views[t])  # fmt: skip
+            self.corrupt += oks.count(False)
+            return per
+
+        work(0)  # warm up
+        sample = _parallel(self.threads, seconds, work, self.cpu)
+        work(0)  # one more, checked byte for byte
+        off, n = ps.span(last[0], self.batch)
+        if dest[:n] != self.src[off : off + n] or self.corrupt:
+            raise RuntimeError(f"{self.op}: received bytes differ from the pages served")
+        return sample
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class RawTcpMethod:
+    """The same batches as plain bytes over plain sockets: (offset, length) in, the bytes out."""
+
+    def __init__(self, where: tuple[str, int], src: memoryview, threads: int, batch: int) -> None:
+        from polarkvd.transport.tcp import _tune
+
+        self.src, self.threads, self.batch = src, threads, batch
+        self.cpu: Callable[[], float] | None = None
+        self.socks = [socket.create_connection(where, timeout=30) for _ in range(threads)]
+        for s in self.socks:
+            _tune(s)
+            s.settimeout(None)
+        self.dest: bytearray | None = None
+
+    def _get(self, t: int, off: int, n: int, into: memoryview) -> None:
+        s = self.socks[t]
+        s.sendall(_RAW_REQ.pack(off, n))
+        got = 0
+        while got < n:
+            k = s.recv_into(into[got:])
+            if not k:
+                raise ConnectionError("raw server closed")
+            got += k
+
+    def measure(self, ps: PageSet, seconds: float) -> Sample:
+        per = self.batch * ps.size
+        if self.dest is None or len(self.dest) < per * self.threads:
+            self.dest = bytearray(per * self.threads)
+        dest = memoryview(self.dest)
+        cur = _Cursor(ps, self.batch, self.threads)
+
+        def work(t: int) -> int:
+            off, n = ps.span(cur.next(t), self.batch)
+            self._get(t, off, n, dest[t * per : (t + 1) * per])
+            return n
+
+        work(0)
+        sample = _parallel(self.threads, seconds, work, self.cpu)
+        off, n = ps.span(cur.next(0), self.batch)
+        self._get(0, off, n, dest[:per])
+        if dest[:n] != self.src[off : off + n]:
+            raise RuntimeError("raw_tcp: received bytes differ from the pages served")
+        return sample
+
+    def close(self) -> None:
+        for s in self.socks:
+            with contextlib.suppress(OSError):
+                s.sendall(_RAW_REQ.pack(0, 0))
+            s.close()
+
+
+class RedisMethod:
+    """redis-server on a free port, MGET of the same batches (redis-py + hiredis)."""
+
+    def __init__(self, data: DataFile, src: memoryview, threads: int, batch: int, workdir: Path) -> None:
+        import redis  # noqa: F401  (fails early with the reason when missing)
+
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise RuntimeError("redis-server not found (scripts/setup-bench-peers.sh installs it)")
+        self.src, self.threads, self.batch = src, threads, batch
+        self.cpu: Callable[[], float] | None = None
+        (self.port,) = _free_ports(1)
+        self._stack = contextlib.ExitStack()
+        args = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                "--dir", str(workdir), "--logfile", str(workdir / "redis.log"), "--daemonize", "no"]  # fmt: skip
+        try:
+            proc = self._stack.enter_context(
+                _child(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+            )
+            self.cpu = cpu_meter([proc.pid])  # our client threads + redis-server
+            _wait_port(self.port, proc, 30, "redis-server")
+            self.clients = [self._client() for _ in range(threads)]
+            self.clients[0].ping()
+            self.version = self.clients[0].info("server")["redis_version"]
+            for ps in data.sets:
+                pipe = self.clients[0].pipeline(transaction=False)
+                for i in range(ps.npages):
+                    off, n = ps.span(i, 1)
+                    pipe.set(page_key(ps.size, i), src[off : off + n].tobytes())
+                    if i % 16 == 15:
+                        pipe.execute()
+                pipe.execute()
+        except BaseException:
+            self._stack.close()
+            raise
+
+    def _client(self) -> Any:
+        import redis
+
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=30)
+
+    @staticmethod
+    def hiredis() -> bool:
+        try:
+            from redis.utils import HIREDIS_AVAILABLE
+        except ImportError:
+            return False
+        return bool(HIREDIS_AVAILABLE)
+
+    def measure(self, ps: PageSet, seconds: float) -> Sample:
+        keys = [page_key(ps.size, i) for i in range(ps.npages)]
+        cur = _Cursor(ps, self.batch, self.threads)
+        last: list[Any] = []
+
+        def work(t: int) -> int:
+            first = cur.next(t)
+            vals = self.clients[t].mget(keys[first : first + self.batch])
+            if t == 0:
+                last[:] = [first, vals]
+            return sum(len(v) for v in vals)
+
+        work(0)
+        sample = _parallel(self.threads, seconds, work, self.cpu)
+        first, vals = last
+        off, n = ps.span(first, self.batch)
+        if b"".join(vals) != self.src[off : off + n]:
+            raise RuntimeError("redis: values differ from the pages stored")
+        return sample
+
+    def close(self) -> None:
+        for c in getattr(self, "clients", []):
+            with contextlib.suppress(Exception):
+                c.close()
+        self._stack.close()
+
+
+class MooncakeMethod:
+    """Mooncake Store, driven by this file as a script in Mooncake's own venv (JSON lines on stdio)."""
+
+    def __init__(self, data: DataFile, threads: int, batch: int, workdir: Path) -> None:
+        venv = mooncake_venv()
+        py, master = venv / "bin" / "python", venv / "bin" / "mooncake_master"
+        if not py.exists():
+            raise RuntimeError(f"no Mooncake venv at {venv} (scripts/setup-bench-peers.sh makes it)")
+        if not master.exists():
+            raise RuntimeError(f"{master} missing ({MOONCAKE_PKG} not installed in {venv})")
+        self.threads, self.batch = threads, batch
+        self.log = workdir / "mooncake-driver.log"
+        cfg = {"data": str(data.path), "layout": data.layout(), "venv": str(venv), "workdir": str(workdir),
+               "holder_bytes": data.total + (256 << 20), "pages_in_flight": threads * batch}  # fmt: skip
+        self._stack = contextlib.ExitStack()
+        args = [str(py), str(Path(__file__).resolve()), "--mooncake-driver", json.dumps(cfg)]
+        try:
+            self.proc = self._stack.enter_context(_child(args, log=self.log))
+            ready = _read_json_line(self.proc, 180, "mooncake driver", self.log)
+            if "error" in ready:
+                raise RuntimeError(ready["error"])
+            self.version = ready.get("version", "?")
+        except BaseException:
+            self._stack.close()
+            raise
+
+    def _ask(self, cmd: dict[str, Any], timeout: float) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        res = _read_json_line(self.proc, timeout, "mooncake driver", self.log)
+        if "error" in res:
+            raise RuntimeError(f"mooncake: {res['error']}")
+        return res
+
+    def measure(self, ps: PageSet, seconds: float) -> Sample:
+        cmd = {
+            "cmd": "measure",
+            "size": ps.size,
+            "seconds": seconds,
+            "threads": self.threads,
+            "batch": self.batch,
+        }
+        res = self._ask(cmd, 120 + 4 * seconds)
+        return float(res["gbps"]), res.get("cpu_s_per_gb")
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            if self.proc.poll() is None:
+                self._ask({"cmd": "quit"}, 10)
+        self._stack.close()
+
+
+# ---------------------------------------------------------------------------------- the run
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from polarkvd.bench.harness import Progress, median
+    from polarkvd.config import parse_size
+    from polarkvd.transport.tcp import data_key
+
+    sizes = sorted({parse_page_size(s) for s in args.sizes})
+    skip = set(args.skip or [])
+    methods = [m for m in METHODS if m not in skip]
+    quiet = getattr(args, "quiet", False)
+    prog = Progress(3 + len(methods) + args.rounds, quiet=quiet)
+    res: dict[str, Any] = {
+        "sizes": sizes,
+        "threads": args.threads,
+        "batch": args.batch,
+        "seconds": args.seconds,
+        "rounds": args.rounds,
+        "not_available": {},
+        "versions": {},
+    }
+    key = data_key(os.urandom(40))
+    samples: dict[str, dict[int, list[Sample]]] = {m: {s: [] for s in sizes} for m in methods}
+    workdir = Path(tempfile.mkdtemp(prefix="polarkv-bench-cluster-"))
+    try:
+        with contextlib.ExitStack() as stack:
+            prog.step(f"random pages: {', '.join(size_label(s) for s in sizes)}")
+            data = stack.enter_context(data_file(sizes, parse_size(args.data), args.batch, args.threads))
+            src_map = _map(data.path)
+            stack.callback(src_map.close)
+            src = memoryview(src_map)
+            stack.callback(src.release)
+            prog.step("page server process (PeerServer + raw socket)")
+            ends = stack.enter_context(local_page_server(data, key, workdir))
+            runners: dict[str, Any] = {}
+            for m in methods:
+                prog.step(f"setting up {m}")
+                try:
+                    if m == "fetch":
+                        runners[m] = FetchMethod(ends.fetch, key, src, args.threads, args.batch)
+                    elif m == "fetch_stored_sums":
+                        runners[m] = FetchMethod(
+                            ends.fetch, key, src, args.threads, args.batch, "get_stored_sums"
+                        )
+                    elif m == "raw_tcp":
+                        assert ends.raw_tcp is not None, "this server side has no raw socket"
+                        runners[m] = RawTcpMethod(ends.raw_tcp, src, args.threads, args.batch)
+                    elif m == "redis":
+                        r = RedisMethod(data, src, args.threads, args.batch, workdir)
+                        runners[m] = r
+                        res["versions"]["redis"] = (
+                            f"redis-server {r.version}, hiredis {'yes' if r.hiredis() else 'NO'}"
+                        )
+                    elif m == "mooncake":
+                        runners[m] = mc = MooncakeMethod(data, args.threads, args.batch, workdir)
+                        res["versions"]["mooncake"] = f"{MOONCAKE_PKG} {mc.version}"
+                    stack.callback(runners[m].close)
+                except Exception as e:
+                    if m == "fetch":
+                        raise
+                    res["not_available"][m] = f"{type(e).__name__}: {e}".strip()
+                    if not quiet:
+                        print(f"  {m}: not available: {e}", file=sys.stderr)
+            server_cpu = cpu_meter(ends.server_pids) if ends.server_pids else None
+            for m in ("fetch", "fetch_stored_sums", "raw_tcp"):
+                if m in runners:
+                    runners[m].cpu = server_cpu
+            for r in range(args.rounds):
+                prog.step(f"round {r + 1}/{args.rounds}: {', '.join(runners)}")
+                # every other round in reverse order, so no method always runs first or after another
+                order = list(runners.items()) if r % 2 == 0 else list(reversed(runners.items()))
+                for size in sizes:
+                    ps = next(p for p in data.sets if p.size == size)
+                    for m, runner in order:
+                        samples[m][size].append(runner.measure(ps, args.seconds))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    by_size: dict[str, dict[str, Any]] = {}
+    for size in sizes:
+        row: dict[str, Any] = {"page_bytes": size, "label": size_label(size)}
+        got = {m: samples.get(m, {}).get(size, []) for m in METHODS}
+        for m, vals in got.items():
+            gbps = [g for g, _ in vals]
+            cpus = [c for _, c in vals if c is not None]
+            row[f"{m}_gbps"] = median(gbps) if gbps else None
+            row[f"{m}_cpu_s_per_gb"] = median(cpus) if cpus else None
+            row[f"{m}_rounds_gbps"] = gbps
+        # Ratios are medians of per-round ratios: the two measurements of a pair ran back to back, so
+        # they share the machine's mood of that moment; a ratio of two medians would not.
+        for a, b in (
+            ("fetch", "raw_tcp"),
+            ("fetch", "mooncake"),
+            ("fetch", "redis"),
+            ("fetch_stored_sums", "raw_tcp"),
+        ):
+            pairs = [x[0] / y[0] for x, y in zip(got[a], got[b]) if y[0]]
+            row[f"{a}_vs_{b}"] = median(pairs) if pairs else None
+        row["fetch_cpu_vs_raw_tcp"] = _ratio(row["fetch_cpu_s_per_gb"], row["raw_tcp_cpu_s_per_gb"])
+        by_size[str(size)] = row
+    head = by_size.get(str(HEADLINE)) or by_size[str(sizes[-1])]
+    res["headline_page_bytes"] = head["page_bytes"]
+    for k in (
+        "fetch_gbps",
+        "raw_tcp_gbps",
+        "redis_gbps",
+        "mooncake_gbps",
+        "fetch_vs_raw_tcp",
+        "fetch_vs_mooncake",
+        "fetch_cpu_vs_raw_tcp",
+    ):
+        res[k] = head[k]
+    res["by_size"] = by_size
+    prog.step("done")
+    return res
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def render(res: dict[str, Any]) -> str:
+    from polarkvd.bench.harness import table
+
+    def f(v: float | None, unit: str = "") -> str:
+        return "n/a" if v is None else f"{v:.2f}{unit}"
+
+    rows, cpu_rows = [], []
+    for row in res["by_size"].values():
+        rows.append((row["label"], f(row["fetch_gbps"]), f(row["fetch_stored_sums_gbps"]), f(row["raw_tcp_gbps"]),
+                     f(row["redis_gbps"]), f(row["mooncake_gbps"]), f(row["fetch_vs_raw_tcp"], "x"),
+                     f(row["fetch_stored_sums_vs_raw_tcp"], "x"), f(row["fetch_vs_mooncake"], "x")))  # fmt: skip
+        cpu_rows.append((row["label"], *(f(row[f"{m}_cpu_s_per_gb"]) for m in METHODS),
+                         f(row["fetch_cpu_vs_raw_tcp"], "x")))  # fmt: skip
+    header = ("page", "fetch", "fetch, stored sums", "raw TCP", "Redis", "Mooncake", "fetch/raw",
+              "stored sums/raw", "fetch/Mooncake")  # fmt: skip
+    cpu_header = ("page", "fetch", "fetch, stored sums", "raw TCP", "Redis", "Mooncake", "fetch/raw")
+    out = [
+        "GB/s (1e9 bytes): medians; ratios are medians of per-round ratios\n" + table(rows, header),
+        "\nCPU seconds per GB, both sides (client + server processes), medians\n"
+        + table(cpu_rows, cpu_header),
+        f"\n127.0.0.1, two processes; {res['threads']} threads x {res['batch']} pages per call; "
+        f"{res['rounds']} rounds of {res['seconds']:g} s. Bar: fetch >= 0.8x raw TCP.",
+    ]
+    for m, v in res["versions"].items():
+        out.append(f"{m}: {v}")
+    for m, why in res["not_available"].items():
+        out.append(f"{m}: not available: {why}")
+    return "\n".join(out)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def main(args: argparse.Namespace) -> int:
+    # SIGTERM unwinds like Ctrl-C, so the `finally`s stop every child (they also die with us on SIGKILL).
+    old = (
+        signal.signal(signal.SIGTERM, _interrupt)
+        if threading.current_thread() is threading.main_thread()
+        else None
+    )
+    try:
+        res = run(args)
+    except KeyboardInterrupt:
+        print("interrupted; every child process was stopped", file=sys.stderr)
+        return 130
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+    print(json.dumps(res, indent=2) if args.json else render(res))
+    return 0
+
+
+# ------------------------------------------------------- Mooncake side (runs in Mooncake's venv)
+
+
+def _mooncake_holder(cfg: dict[str, Any]) -> int:
+    """`--mooncake-holder`: lends its DRAM segment to the store until its stdin closes."""
+    from mooncake.store import MooncakeDistributedStore
+
+    store = MooncakeDistributedStore()
+    rc = store.setup(cfg["host"], cfg["metadata"], cfg["holder_bytes"], 64 << 20, "tcp", "", cfg["master"])
+    print(json.dumps({"ready": rc == 0, "rc": rc}), flush=True)
+    if rc == 0:
+        sys.stdin.read()
+    return 0 if rc == 0 else 1
+
+
+def _mooncake_driver(cfg: dict[str, Any]) -> int:
+    """`--mooncake-driver`: master + holder (children of this process, in its process group) and a
+    client here that measures `batch_get_into` on command. One JSON line per answer."""
+
+    def say(obj: dict[str, Any]) -> None:
+        print(json.dumps(obj), flush=True)
+
+    try:
+        from importlib.metadata import version
+
+        from mooncake.store import MooncakeDistributedStore
+    except Exception as e:  # a missing shared library shows here
+        say({"error": f"import mooncake.store: {e}"})
+        return 1
+    data = DataFile.from_layout(cfg["data"], cfg["layout"])
+    venv, work = Path(cfg["venv"]), Path(cfg["workdir"])
+    rpc, http, holder_port, client_port = _free_ports(4)
+    procs: list[subprocess.Popen[Any]] = []
+    logs = []
+    try:
+        mlog = open(work / "mooncake-master.log", "w")  # noqa: SIM115
+        logs.append(mlog)
+        procs.append(subprocess.Popen(
+            [str(venv / "bin" / "mooncake_master"), "--rpc_address=127.0.0.1", f"--rpc_port={rpc}",
+             "--enable_http_metadata_server=true", "--http_metadata_server_host=127.0.0.1",
+             f"--http_metadata_server_port={http}"], stdin=subprocess.DEVNULL, stdout=mlog, stderr=mlog,
+            preexec_fn=_die_with_parent))  # fmt: skip
+        _wait_port(rpc, procs[0], 60, "mooncake_master")
+        _wait_port(http, procs[0], 60, "mooncake_master metadata server")
+        common = {"metadata": f"http://127.0.0.1:{http}/metadata", "master": f"127.0.0.1:{rpc}"}
+        hcfg = dict(common, host=f"127.0.0.1:{holder_port}", holder_bytes=cfg["holder_bytes"])
+        hlog = open(work / "mooncake-holder.log", "w")  # noqa: SIM115
+        logs.append(hlog)
+        holder = subprocess.Popen([sys.executable, __file__, "--mooncake-holder", json.dumps(hcfg)],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=hlog, text=True,
+                                  preexec_fn=_die_with_parent)  # fmt: skip
+        procs.append(holder)
+        if not _read_json_line(holder, 120, "mooncake holder", work / "mooncake-holder.log").get("ready"):
+            raise RuntimeError("mooncake holder: setup failed")
+        store = MooncakeDistributedStore()
+        rc = store.setup(
+            f"127.0.0.1:{client_port}", common["metadata"], 0, 64 << 20, "tcp", "", common["master"]
+        )
+        if rc != 0:
+            raise RuntimeError(f"mooncake client setup returned {rc}")
+        src = _map(data.path)
+        for ps in data.sets:
+            for i in range(ps.npages):
+                off, n = ps.span(i, 1)
+                rc = store.put(f"p{ps.size}-{i}", src[off : off + n])
+                if rc != 0:
+                    raise RuntimeError(f"mooncake put returned {rc}")
+        biggest = max(ps.size for ps in data.sets)
+        # Destination: page-aligned anonymous memory registered with the transfer engine (its zero-copy path).
+        dest = mmap.mmap(-1, biggest * int(cfg["pages_in_flight"]))
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(dest))
+        if store.register_buffer(addr, len(dest)) != 0:
+            raise RuntimeError("mooncake register_buffer failed")
+        meter = cpu_meter([p.pid for p in procs])  # this client + holder + master
+        say({"ready": True, "version": version(MOONCAKE_PKG)})
+        for line in sys.stdin:
+            cmd = json.loads(line)
+            if cmd["cmd"] == "quit":
+                say({"bye": True})
+                break
+            try:
+                gbps, cpu_per_gb = _mooncake_measure(store, data, src, dest, addr, cmd, meter)
+                say({"gbps": gbps, "cpu_s_per_gb": cpu_per_gb})
+            except Exception as e:
+                say({"error": f"{type(e).__name__}: {e}"})
+        store.unregister_buffer(addr)
+        store.close()
+        return 0
+    except Exception as e:
+        say({"error": f"{type(e).__name__}: {e}"})
+        return 1
+    finally:
+        for p in reversed(procs):
+            with contextlib.suppress(Exception):
+                p.kill()
+                p.wait(5)
+        for f in logs:
+            f.close()
+
+
+def _mooncake_measure(
+    store: Any, data: DataFile, src: mmap.mmap, dest: mmap.mmap, addr: int, cmd: dict[str, Any],
+    cpu: Callable[[], float] | None,
+) -> Sample:  # fmt: skip
+    ps = next(p for p in data.sets if p.size == cmd["size"])
+    threads, batch = int(cmd["threads"]), int(cmd["batch"])
+    if threads * batch * ps.size > len(dest):
+        raise ValueError("destination buffer too small for threads x batch pages")
+    keys = [f"p{ps.size}-{i}" for i in range(ps.npages)]
+    cur = _Cursor(ps, batch, threads)
+    per = batch * ps.size
+
+    def work(t: int) -> int:
+        first = cur.next(t)
+        base = addr + t * per
+        got = store.batch_get_into(
+            keys[first : first + batch], [base + j * ps.size for j in range(batch)], [ps.size] * batch
+        )
+        if any(g != ps.size for g in got):
+            raise RuntimeError(f"batch_get_into returned {got}")
+        return per
+
+    work(0)
+    sample = _parallel(threads, float(cmd["seconds"]), work, cpu)
+    first = cur.next(0)
+    store.batch_get_into(
+        keys[first : first + batch], [addr + j * ps.size for j in range(batch)], [ps.size] * batch
+    )
+    off, n = ps.span(first, batch)
+    if dest[:n] != src[off : off + n]:
+        raise RuntimeError("mooncake: received bytes differ from the pages stored")
+    return sample
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 2 and sys.argv[1] == "--serve":
+        sys.exit(serve_main(sys.argv[2], sys.argv[3]))
+    if len(sys.argv) >= 2 and sys.argv[1] == "--mooncake-driver":
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally that kills master + holder
+        sys.exit(_mooncake_driver(json.loads(sys.argv[2])))
+    if len(sys.argv) >= 2 and sys.argv[1] == "--mooncake-holder":
+        sys.exit(_mooncake_holder(json.loads(sys.argv[2])))
+    p = argparse.ArgumentParser(prog="polarkvd bench cluster")
+    add_arguments(p)
+    sys.exit(main(p.parse_args()))
