@@ -19,7 +19,7 @@ PROMOTING = 2  # being filled from a lower tier; visible to nobody but its loade
 
 
 class Page(PolicyNode):
-    __slots__ = ("ns", "offset", "size", "parent", "children", "pins", "state", "on_disk", "linked")
+    __slots__ = ("ns", "offset", "size", "parent", "children", "pins", "state", "on_disk", "linked", "checksum")
 
     def __init__(self, key: bytes, ns: int, offset: int, size: int, parent: bytes | None, state: int) -> None:
         super().__init__(key)
@@ -32,6 +32,7 @@ class Page(PolicyNode):
         self.state = state
         self.on_disk = False  # a copy already sits in L4: evicting it needs no write
         self.linked = False  # counted in its parent's `children`
+        self.checksum: int | None = None  # xxh3_64 of the bytes, once known (sent to or received from a peer)
 
 
 class PageIndex:

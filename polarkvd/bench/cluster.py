@@ -4,12 +4,18 @@ raw TCP, Redis and Mooncake Store, in one run.
 For each page size (default 1 MiB, 4 MiB and the 5.9 MB page of `bench datapath`'s big namespace) the
 same random pages sit in one shared-memory file, and each method moves them from a server process to
 the measuring process on 127.0.0.1:
-  fetch     polarkvd's peer transport: a `PeerServer` in a server process answers op "get"
+  fetch     what a user gets: two real daemons in a cluster on loopback. The pages are stored through
+            an engine session on daemon A; an engine session on daemon B loads `--batch` x `--threads`
+            pages per call, which B finds in the meta map and pulls from A into its own DRAM
+            (`cluster.fetch_batch` pages per request, several requests in flight), checksums checked,
+            before answering. Timed: the engine's `load` call. Between calls B's copies are evicted
+            (untimed), so every load is remote. This is `fetch_gbps` in the JSON.
+  transport polarkvd's peer transport alone: a `PeerServer` in a server process answers op "get"
             (args {"keys": [...]}, one payload per page) straight out of the shared memory; a
             `PeerClient` here receives each page into a preallocated destination buffer, checksums
             checked, `--batch` pages per call, `--threads` calls in parallel. The server hashes every
             page as it sends it.
-  fetch_stored_sums  the same, but the server sends checksums computed once when the pages were
+  transport_stored_sums  the same, but the server sends checksums computed once when the pages were
             stored (`Reply.sums`; the disk tier already keeps one per page): the end-to-end check
             without the sender's hashing on the fetch path. Op "get_stored_sums" (bench only).
   raw_tcp   the same bytes over plain sockets from the same server process (`sendall` of the batch,
@@ -22,7 +28,7 @@ Rounds interleave the methods, so machine noise hits every column alike; each nu
 over `--rounds` rounds of one `--seconds` measurement. Peers that are not installed
 (`scripts/setup-bench-peers.sh`) are reported as not available with the reason (null in JSON).
 
-How the server side starts is one function, `local_page_server()`, so two real daemons can replace it.
+The transport columns' server side is one function, `local_page_server()`.
 
 This file also runs as a plain script in Mooncake's venv (`--mooncake-driver`, `--mooncake-holder`):
 its top-level imports are the standard library only; the package is imported inside functions.
@@ -51,7 +57,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-METHODS = ("fetch", "fetch_stored_sums", "raw_tcp", "redis", "mooncake")
+METHODS = ("fetch", "transport", "transport_stored_sums", "raw_tcp", "redis", "mooncake")
 DEFAULT_SIZES = ("1MiB", "4MiB", "big")  # "big": the 5.9 MB page of bench datapath's BIG_NS
 HEADLINE = 4 << 20
 _RAW_REQ = struct.Struct("<QQ")  # raw_tcp request: offset, length (0 = close)
@@ -76,7 +82,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--threads", type=int, default=2, help="calls in parallel, one connection each (default 2)"
     )
     p.add_argument("--skip", nargs="*", default=[], choices=METHODS[1:], metavar="METHOD",
-                   help="methods to leave out: fetch_stored_sums, raw_tcp, redis, mooncake")  # fmt: skip
+                   help="methods to leave out: transport, transport_stored_sums, raw_tcp, redis, mooncake")  # fmt: skip
 
 
 def parse_page_size(text: str) -> int:
@@ -423,6 +429,123 @@ class _Cursor:
         return b * self.batch
 
 
+def _namespace_for(size: int) -> Any:
+    """A namespace whose pages are `size` bytes (bf16; the 5.9 MB one is bench datapath's)."""
+    from polarkvd.bench.datapath import BIG_NS
+    from polarkvd.types import Namespace
+
+    if size == BIG_NS.page_bytes:
+        return BIG_NS
+    per_token = 32 * 2 * 8 * 128 * 2  # 32 layers, K and V, 8 heads of 128, bf16: 128 KiB
+    if size % per_token == 0:
+        return Namespace("bench-cluster@0", "bfloat16", "bench/v1", 32, 8, 128, size // per_token)
+    if size % 4:
+        raise ValueError(f"page size {size} is not a multiple of 4 bytes")
+    return Namespace("bench-cluster@0", "bfloat16", "bench/v1", 1, 1, size // 4, 1)
+
+
+class DaemonFetchMethod:
+    """Two daemons in a cluster: pages stored on A, loaded through B (B fetches them from A)."""
+
+    def __init__(self, data: DataFile, src: memoryview, threads: int, batch: int, stack: contextlib.ExitStack) -> None:
+        from polarkvd.bench.harness import private_daemon
+        from polarkvd.client import ControlClient
+
+        self.data, self.src, self.per_call = data, src, batch * threads
+        self.cpu: Callable[[], float] | None = None
+        slab = max(64 << 20, -(-max(ps.size for ps in data.sets) // (1 << 20)) * (1 << 20))
+        a_bytes = -(-(data.total + 2 * slab * len(data.sets)) // slab) * slab
+        b_bytes = -(-(2 * self.per_call * max(ps.size for ps in data.sets) + 2 * slab * len(data.sets)) // slab) * slab
+        ga, gb = _free_ports(2)
+        common = {
+            "cluster.enabled": "true",
+            "cluster.insecure": "true",
+            "cluster.data_address": "127.0.0.1:0",
+            "cluster.seeds": f"127.0.0.1:{ga}",
+            "cluster.lookup_timeout": "2s",
+            "cluster.fetch_timeout": "30s",
+            "disk.enabled": "false",
+            "dram.slab_bytes": str(slab),
+            "daemon.log_level": "warning",
+        }
+        self.a_engine, self.a_control = stack.enter_context(private_daemon(
+            {**common, "cluster.node_id": "bench-a", "cluster.gossip_address": f"127.0.0.1:{ga}", "dram.capacity": str(a_bytes)}
+        ))  # fmt: skip
+        self.b_engine, self.b_control = stack.enter_context(private_daemon(
+            {**common, "cluster.node_id": "bench-b", "cluster.gossip_address": f"127.0.0.1:{gb}", "dram.capacity": str(b_bytes)}
+        ))  # fmt: skip
+        self.b = ControlClient(self.b_control, timeout=120)
+        stack.callback(self.b.close)
+        deadline = time.monotonic() + 30
+        while self.b.cluster().get("alive", 0) < 2:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the two benchmark daemons did not see each other within 30 s")
+            time.sleep(0.05)
+        self.stored: set[int] = set()
+
+    def _store(self, ps: PageSet) -> None:
+        """Every page of `ps` into daemon A (once), and wait until B finds them all in the meta map."""
+        from polarkvd.client import EngineClient
+
+        if ps.size in self.stored:
+            return
+        ns = _namespace_for(ps.size)
+        keys = [page_key(ps.size, i) for i in range(ps.npages)]
+        with EngineClient(ns, "bench-store", self.a_engine, timeout=120) as kv:
+            for i, key in enumerate(keys):
+                off, n = ps.span(i, 1)
+                r = kv.store([key], [self.src[off : off + n]])
+                if r.stored + r.existing != 1:
+                    raise RuntimeError(f"daemon A did not take page {i} of {size_label(ps.size)}: {r}")
+        with EngineClient(ns, "bench-lookup", self.b_engine, timeout=120, map_arena=False) as kv:
+            deadline = time.monotonic() + 60
+            while kv.lookup(keys).hits < len(keys):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("daemon B does not find A's pages in the meta map after 60 s")
+                time.sleep(0.05)
+        self.stored.add(ps.size)
+
+    def measure(self, ps: PageSet, seconds: float) -> Sample:
+        from polarkvd.client import EngineClient
+
+        self._store(ps)
+        ns = _namespace_for(ps.size)
+        n = min(self.per_call, ps.npages)
+        keys = [page_key(ps.size, i) for i in range(ps.npages)]
+        calls = max(1, ps.npages // n)
+        moved = 0
+        busy = 0.0
+        cpu0 = self.cpu() if self.cpu else None
+        with EngineClient(ns, "bench-load", self.b_engine, timeout=120) as kv:
+            end = time.monotonic() + seconds
+            i = 0
+            while True:
+                first = (i % calls) * n
+                batch = keys[first : first + n]
+                t0 = time.perf_counter()
+                r = kv.load(batch)
+                busy += time.perf_counter() - t0
+                if r.loaded != len(batch) or set(r.tiers) != {3}:
+                    raise RuntimeError(f"fetch: B loaded {r.loaded} of {len(batch)} pages, tiers {set(r.tiers)}")
+                if i == 0:  # checked byte for byte
+                    off, nbytes = ps.span(first, len(batch))
+                    for j, view in enumerate(r.views):
+                        if view != self.src[off + j * ps.size : off + (j + 1) * ps.size]:
+                            raise RuntimeError("fetch: loaded bytes differ from the pages stored")
+                moved += len(batch) * ps.size
+                del r.views[:]
+                kv.release(r.lease)
+                self.b.evict_keys(batch)  # untimed: the next load of these is remote again
+                i += 1
+                if time.monotonic() >= end:
+                    break
+        used = (self.cpu() - cpu0) if self.cpu and cpu0 is not None else None
+        return moved / busy / 1e9, (used / (moved / 1e9) if used is not None else None)
+
+    def close(self) -> None:
+        pass
+
+
 class FetchMethod:
     """polarkvd's transport: PeerClient calls of `op` straight into a preallocated destination buffer."""
 
@@ -693,8 +816,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 prog.step(f"setting up {m}")
                 try:
                     if m == "fetch":
+                        runners[m] = DaemonFetchMethod(data, src, args.threads, args.batch, stack)
+                    elif m == "transport":
                         runners[m] = FetchMethod(ends.fetch, key, src, args.threads, args.batch)
-                    elif m == "fetch_stored_sums":
+                    elif m == "transport_stored_sums":
                         runners[m] = FetchMethod(
                             ends.fetch, key, src, args.threads, args.batch, "get_stored_sums"
                         )
@@ -712,13 +837,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         res["versions"]["mooncake"] = f"{MOONCAKE_PKG} {mc.version}"
                     stack.callback(runners[m].close)
                 except Exception as e:
-                    if m == "fetch":
+                    if m in ("fetch", "transport"):
                         raise
                     res["not_available"][m] = f"{type(e).__name__}: {e}".strip()
                     if not quiet:
                         print(f"  {m}: not available: {e}", file=sys.stderr)
             server_cpu = cpu_meter(ends.server_pids) if ends.server_pids else None
-            for m in ("fetch", "fetch_stored_sums", "raw_tcp"):
+            for m in ("transport", "transport_stored_sums", "raw_tcp"):
                 if m in runners:
                     runners[m].cpu = server_cpu
             for r in range(args.rounds):
@@ -748,7 +873,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ("fetch", "raw_tcp"),
             ("fetch", "mooncake"),
             ("fetch", "redis"),
-            ("fetch_stored_sums", "raw_tcp"),
+            ("transport", "raw_tcp"),
+            ("transport", "mooncake"),
+            ("transport_stored_sums", "raw_tcp"),
         ):
             pairs = [x[0] / y[0] for x, y in zip(got[a], got[b]) if y[0]]
             row[f"{a}_vs_{b}"] = median(pairs) if pairs else None
@@ -764,6 +891,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "fetch_vs_raw_tcp",
         "fetch_vs_mooncake",
         "fetch_cpu_vs_raw_tcp",
+        "transport_gbps",
+        "transport_vs_raw_tcp",
     ):
         res[k] = head[k]
     res["by_size"] = by_size
@@ -783,20 +912,20 @@ def render(res: dict[str, Any]) -> str:
 
     rows, cpu_rows = [], []
     for row in res["by_size"].values():
-        rows.append((row["label"], f(row["fetch_gbps"]), f(row["fetch_stored_sums_gbps"]), f(row["raw_tcp_gbps"]),
-                     f(row["redis_gbps"]), f(row["mooncake_gbps"]), f(row["fetch_vs_raw_tcp"], "x"),
-                     f(row["fetch_stored_sums_vs_raw_tcp"], "x"), f(row["fetch_vs_mooncake"], "x")))  # fmt: skip
+        rows.append((row["label"], f(row["fetch_gbps"]), f(row["transport_gbps"]), f(row["transport_stored_sums_gbps"]),
+                     f(row["raw_tcp_gbps"]), f(row["redis_gbps"]), f(row["mooncake_gbps"]), f(row["fetch_vs_raw_tcp"], "x"),
+                     f(row["transport_vs_raw_tcp"], "x"), f(row["fetch_vs_mooncake"], "x")))  # fmt: skip
         cpu_rows.append((row["label"], *(f(row[f"{m}_cpu_s_per_gb"]) for m in METHODS),
                          f(row["fetch_cpu_vs_raw_tcp"], "x")))  # fmt: skip
-    header = ("page", "fetch", "fetch, stored sums", "raw TCP", "Redis", "Mooncake", "fetch/raw",
-              "stored sums/raw", "fetch/Mooncake")  # fmt: skip
-    cpu_header = ("page", "fetch", "fetch, stored sums", "raw TCP", "Redis", "Mooncake", "fetch/raw")
+    header = ("page", "fetch (daemons)", "transport", "stored sums", "raw TCP", "Redis", "Mooncake", "fetch/raw",
+              "transport/raw", "fetch/Mooncake")  # fmt: skip
+    cpu_header = ("page", "fetch (daemons)", "transport", "stored sums", "raw TCP", "Redis", "Mooncake", "fetch/raw")
     out = [
         "GB/s (1e9 bytes): medians; ratios are medians of per-round ratios\n" + table(rows, header),
         "\nCPU seconds per GB, both sides (client + server processes), medians\n"
         + table(cpu_rows, cpu_header),
         f"\n127.0.0.1, two processes; {res['threads']} threads x {res['batch']} pages per call; "
-        f"{res['rounds']} rounds of {res['seconds']:g} s. Bar: fetch >= 0.8x raw TCP.",
+        f"{res['rounds']} rounds of {res['seconds']:g} s. Bars: fetch >= 0.7x raw TCP and >= 2x Mooncake.",
     ]
     for m, v in res["versions"].items():
         out.append(f"{m}: {v}")

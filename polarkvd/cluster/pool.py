@@ -233,10 +233,12 @@ class ClusterPool:
         keys: list[bytes],
         views: list[memoryview],
         layers: tuple[int, int, int] | None = None,
+        sums: list[int | None] | None = None,
     ) -> list[bytes | None | bool]:
         """Pull pages from `holder` straight into `views`. Per key: its parent key (or None at a
         chain root) when the bytes arrived verified, False when they did not. With `layers` =
-        (lo, hi, layer_bytes), only that slice of each page (layer-major pages: contiguous)."""
+        (lo, hi, layer_bytes), only that slice of each page (layer-major pages: contiguous). `sums`
+        receives the verified xxh3_64 of each payload (None where it failed)."""
         member = self.members.get(holder)
         addr = self._data_addr(member) if member else None
         if addr is None:
@@ -255,7 +257,7 @@ class ClusterPool:
             args: dict[str, Any] = {"ns": ns, "keys": keys}
             if layers is not None:
                 args["layers"] = list(layers)
-            header, ok = await self._call(addr, "get", args, self.c.fetch_timeout, into=into)
+            header, ok = await self._call(addr, "get", args, self.c.fetch_timeout, into=into, sums_out=sums)
         except (PolarKVError, OSError, asyncio.TimeoutError) as e:
             self.counters["cluster_fetch_failures"] += 1
             log.debug("cluster: fetch of %d pages from %s failed: %r", len(keys), holder, e)
@@ -365,6 +367,7 @@ class ClusterPool:
         views: list[memoryview] = []
         parents: list[bytes | None] = []
         release: list[Callable[[], None]] = []
+        holders: list[Any] = []  # the Page or DmpEntry of each view: keeps its checksum
         for key in keys:
             page = m.index.get(key)
             if page is not None and page.state == READY and m.namespace_digest(page.ns) == ns:
@@ -372,12 +375,14 @@ class ClusterPool:
                 views.append(m.arena[page.offset : page.offset + page.size])
                 parents.append(page.parent)
                 release.append(lambda p=page: m.unpin_page(p))
+                holders.append(page)
                 continue
             entry = self.dmp.get(key) if self.dmp is not None else None
             if entry is not None and entry.ns == ns:
                 views.append(self.dmp.pin(entry))
                 parents.append(entry.parent)
                 release.append(lambda e=entry: self.dmp.unpin(e))  # type: ignore[union-attr]
+                holders.append(entry)
                 continue
             break
         if layers is not None:
@@ -386,18 +391,26 @@ class ClusterPool:
             for r in release[n:]:
                 r()
             views, parents, release = [v[lo * lb : hi * lb] for v in views[:n]], parents[:n], release[:n]
+            holders = []  # slices: checksums of whole pages do not apply
         if layers is None or layers[0] == 0:
             self.counters["cluster_served_pages"] += len(views)
         self.counters["cluster_served_bytes"] += sum(len(v) for v in views)
 
+        # checksums known from earlier sends or arrivals; the transport hashes the rest into this
+        # list as it sends, and they are kept for the next time
+        sums: list[int | None] | None = [h.checksum for h in holders] if holders else None
+
         def on_sent() -> None:
             def unpin() -> None:
+                for h, c in zip(holders, sums or ()):
+                    if h.checksum is None and c is not None:
+                        h.checksum = c
                 for r in release:
                     r()
 
             self.loop.call_soon_threadsafe(unpin)
 
-        return Reply({"sizes": [len(v) for v in views], "parents": parents}, views, on_sent)
+        return Reply({"sizes": [len(v) for v in views], "parents": parents}, views, on_sent, sums)
 
     def _h_put(self, args: dict[str, Any], payload: PayloadReader) -> Reply:
         if self.dmp is None:
@@ -434,7 +447,9 @@ class ClusterPool:
                 payload.skip()
                 ok.append(entry is True)
             else:
-                ok.append(payload.recv_into(dmp.slot_view(entry)))
+                good = payload.recv_into(dmp.slot_view(entry))
+                entry.checksum = payload.last_sum if good else None
+                ok.append(good)
 
         def finish() -> int:
             n = 0

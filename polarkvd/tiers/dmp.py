@@ -25,7 +25,7 @@ READY = 1
 
 
 class DmpEntry(PolicyNode):
-    __slots__ = ("ns", "parent", "offset", "size", "pins", "state")
+    __slots__ = ("ns", "parent", "offset", "size", "pins", "state", "checksum")
 
     def __init__(self, key: bytes, ns: bytes, parent: bytes | None, offset: int, size: int) -> None:
         super().__init__(key)
@@ -35,6 +35,7 @@ class DmpEntry(PolicyNode):
         self.size = size
         self.pins = 0  # sends in flight
         self.state = WRITING
+        self.checksum: int | None = None  # xxh3_64, verified when the page arrived
 
 
 class DmpStore:

@@ -295,14 +295,20 @@ def _read_message(
     return header, sizes
 
 
-def _send_message(sock: socket.socket, head: bytes, views: list[memoryview], sums: list[int] | None,
+def _send_message(sock: socket.socket, head: bytes, views: list[memoryview], sums: list[int | None] | None,
                   deadline: _Deadline) -> None:  # fmt: skip
     """Header, then each payload followed by its checksum, gathered into few sendmsg calls. Each payload
     is hashed right before it is queued, so its bytes are still in cache when the kernel copies them
     (hashing them all first, or chunk by chunk, measured costlier on a busy host)."""
     pending, queued = [memoryview(head)], 0
     for i, v in enumerate(views):
-        pending += [v, memoryview(_TRAILER.pack(sums[i] if sums is not None else _sum(v)))]
+        if sums is None:
+            c = _sum(v)
+        else:
+            c = sums[i]
+            if c is None:
+                c = sums[i] = _sum(v)
+        pending += [v, memoryview(_TRAILER.pack(c))]
         queued += len(v)
         if queued >= _GATHER_BYTES or len(pending) >= _IOV_MAX:
             _send_all(sock, pending, deadline)
@@ -311,11 +317,13 @@ def _send_message(sock: socket.socket, head: bytes, views: list[memoryview], sum
         _send_all(sock, pending, deadline)
 
 
-def _recv_payload(sock: socket.socket, dst: memoryview, trailer: memoryview, deadline: _Deadline) -> bool:
-    """Receive one payload straight into `dst`, then its checksum; True when they agree."""
+def _recv_payload(sock: socket.socket, dst: memoryview, trailer: memoryview, deadline: _Deadline) -> int | None:
+    """Receive one payload straight into `dst`, then its checksum; the checksum when they agree,
+    None when they do not."""
     _recv_into(sock, dst, deadline)
     _recv_into(sock, trailer, deadline)
-    return _sum(dst) == _TRAILER.unpack(trailer)[0]
+    want = _TRAILER.unpack(trailer)[0]
+    return want if _sum(dst) == want else None
 
 
 # --------------------------------------------------------------------------------- server side
@@ -330,8 +338,9 @@ class Reply:
     # Called exactly once after the payloads left or the send failed (the daemon unpins pages here).
     on_sent: Callable[[], None] | None = None
     # xxh3_64 of each payload when the caller already has them (e.g. stored with the page); the server
-    # then trusts them instead of hashing the buffers again.
-    sums: list[int] | None = None
+    # then trusts them instead of hashing the buffers again. A None entry is hashed here and written
+    # back into the list, so `on_sent` can keep it for the next time.
+    sums: list[int | None] | None = None
 
 
 def _error_reply(code: str, message: str) -> Reply:
@@ -345,6 +354,7 @@ class PayloadReader:
         self.sizes = sizes
         self._conn = conn
         self._next = 0
+        self.last_sum: int | None = None  # xxh3_64 of the payload `recv_into` last verified
 
     @property
     def pending(self) -> int:
@@ -365,10 +375,11 @@ class PayloadReader:
         if i < len(self.sizes) and len(dst) != self.sizes[i]:
             raise ValueError(f"payload {i} is {self.sizes[i]} bytes, view is {len(dst)}")
         self._take()
-        ok = self._conn.recv_payload(dst)
-        if not ok:
+        self.last_sum = self._conn.recv_payload(dst)
+        if self.last_sum is None:
             self._conn.server._count("checksum_failures")
-        return ok
+            return False
+        return True
 
     def skip(self) -> None:
         """Discard the next payload."""
@@ -398,7 +409,7 @@ class _ServerConn:
         self.broken = False  # a payload read failed: the stream is out of sync whatever the handler does
         self.linger = False  # closing after an error reply to a bad request
 
-    def recv_payload(self, dst: memoryview) -> bool:
+    def recv_payload(self, dst: memoryview) -> int | None:
         try:
             ok = _recv_payload(self.sock, dst, self._trailer, self.deadline)
         except BaseException:
@@ -563,9 +574,10 @@ class _ServerConn:
                 views = [_byte_view(p) for p in reply.payloads]
                 sums = reply.sums
                 if sums is not None and (
-                    len(sums) != len(views) or not all(type(c) is int and 0 <= c < 1 << 64 for c in sums)
+                    len(sums) != len(views)
+                    or not all(c is None or (type(c) is int and 0 <= c < 1 << 64) for c in sums)
                 ):
-                    raise ValueError(f"Reply.sums must be one xxh3_64 int per payload ({len(views)})")
+                    raise ValueError(f"Reply.sums must be one xxh3_64 int (or None) per payload ({len(views)})")
                 head = _pack(KIND_REPLY, {"reply": reply.header, "sizes": [len(v) for v in views]})
             except Exception as e:
                 srv._count("handler_errors")
@@ -910,11 +922,13 @@ class PeerClient:
         payloads: Sequence[Any] = (),
         into: Callable[[dict[str, Any]], list[memoryview | None]] | None = None,
         timeout: float | None = None,
+        sums_out: list[int | None] | None = None,
     ) -> tuple[dict[str, Any], list[bool]]:
         """Send one request (header + payloads), wait for its reply. `into(reply_header)` returns one
         destination view per reply payload (None = skip it); each is received straight into its view
         and its checksum verified. Returns (reply header, ok-per-payload: True verified, False corrupt
-        or skipped). Raises TransportError on connect/auth failure, timeout, or a broken connection
+        or skipped); with `sums_out`, the verified checksum of each reply payload (None where it failed
+        or was skipped) is appended there. Raises TransportError on connect/auth failure, timeout, or a broken connection
         (that connection is discarded, never reused out of sync); raises PolarKVError with the remote
         code when the reply header is {"error": code, "message": ...}."""
         deadline = _Deadline(self.timeout if timeout is None else timeout)
@@ -940,7 +954,7 @@ class PeerClient:
                 self._drain(conn, rsizes, deadline)
                 conn.in_sync = True
                 raise error_for_code(str(reply["error"]), str(reply.get("message", "")))
-            return reply, self._receive(conn, reply, rsizes, into, deadline)
+            return reply, self._receive(conn, reply, rsizes, into, deadline, sums_out)
         except (OSError, _Closed, _BadMessage) as e:
             why = "timed out" if isinstance(e, TimeoutError) else str(e) or type(e).__name__
             raise TransportError(f"{addr} {op}: {why}") from e
@@ -950,6 +964,7 @@ class PeerClient:
     def _receive(
         self, conn: _ClientConn, reply: dict[str, Any], sizes: list[int],
         into: Callable[[dict[str, Any]], list[memoryview | None]] | None, deadline: _Deadline,
+        sums_out: list[int | None] | None = None,
     ) -> list[bool]:  # fmt: skip
         dests: list[memoryview | None] = [None] * len(sizes)
         if into is not None and sizes:
@@ -974,7 +989,13 @@ class PeerClient:
                     self._drain(conn, [n], deadline)
                     oks.append(False)
                 else:
-                    oks.append(_recv_payload(conn.sock, dst, conn.trailer, deadline))
+                    c = _recv_payload(conn.sock, dst, conn.trailer, deadline)
+                    oks.append(c is not None)
+                    if sums_out is not None:
+                        sums_out.append(c)
+                    continue
+                if sums_out is not None:
+                    sums_out.append(None)
             conn.in_sync = True
             return oks
         finally:

@@ -114,7 +114,7 @@ def read_reply(sock: socket.socket) -> tuple[dict[str, Any], list[tuple[bytes, b
     out = []
     for n in sizes:
         buf = bytearray(n)
-        ok = _recv_payload(sock, memoryview(buf), memoryview(bytearray(8)), _Deadline(10))
+        ok = _recv_payload(sock, memoryview(buf), memoryview(bytearray(8)), _Deadline(10)) is not None
         out.append((bytes(buf), ok))
     return header["reply"], out
 
