@@ -23,6 +23,7 @@ import mmap
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,10 +31,18 @@ from typing import Any
 import numpy as np
 
 from polarkvd.config import default_control_socket, default_engine_socket
-from polarkvd.errors import DaemonUnavailable, LeaseExpired, PageNotFound, PolarKVError, error_for_code
+from polarkvd.errors import (
+    DaemonUnavailable,
+    ErrorCode,
+    LeaseExpired,
+    PageNotFound,
+    PolarKVError,
+    error_for_code,
+)
 from polarkvd.keys import ROOT_KEY, page_keys
 from polarkvd.server import protocol as P
 from polarkvd.server.shm import map_arena
+from polarkvd.transport.pipeline import SIGNAL, SIGNAL_NONE
 from polarkvd.types import Namespace, Tier
 
 _TIER = {int(t): t for t in Tier}  # Tier(n) costs ~0.4 us per call; a dict lookup a tenth of that
@@ -122,10 +131,46 @@ class LoadResult:
     tiers: list[Tier]
     lease: int | None
     views: list[memoryview]  # writable views of the pinned pages in the arena; valid until release
+    num_layers: int = 0
+    signal: memoryview | None = None  # a pipelined load's readiness slot (transport/pipeline.py)
 
     @property
     def loaded(self) -> int:
         return len(self.offsets)
+
+    def ready(self) -> tuple[int, int]:
+        """(layers every usable page holds, usable pages). A plain load is complete at once; a
+        pipelined one grows as layers arrive, and `usable` shrinks to the pages before the first
+        failed one if a transfer fails (the engine recomputes from there)."""
+        if self.signal is None:
+            return self.num_layers, len(self.offsets)
+        layers, failed = SIGNAL.unpack(self.signal)
+        return layers, len(self.offsets) if failed == SIGNAL_NONE else min(failed, len(self.offsets))
+
+    def wait_layers(self, n: int, timeout: float | None = 30.0) -> int:
+        """Wait until every usable page holds layers [0, n); returns how many pages are usable.
+
+        Spins briefly, then sleeps in short steps: layers arrive in milliseconds.
+        """
+        layers, usable = self.ready()
+        if layers >= n or self.signal is None:
+            return usable
+        deadline = None if timeout is None else time.monotonic() + timeout
+        spins = 0
+        while True:
+            layers, usable = self.ready()
+            if layers >= n:
+                return usable
+            spins += 1
+            if spins < 200:
+                time.sleep(0)
+            else:
+                time.sleep(0.0001)
+            if deadline is not None and time.monotonic() > deadline:
+                raise PolarKVError(
+                    f"pipelined load: layer {n - 1} not there after {timeout}s ({layers} layers ready)",
+                    code=ErrorCode.UNAVAILABLE,
+                )
 
 
 @dataclasses.dataclass
@@ -203,6 +248,7 @@ class EngineClient:
             self.layer_bytes: int = info["layer_bytes"]
             self.lease_seconds: float = info["lease_seconds"]
             self.max_keys: int = info["max_keys"]
+            self.signal_offset: int | None = info.get("signal_offset")
             if map_arena:
                 self._arena_id, self._arena = _ArenaMaps.acquire(info["arena_path"], info["arena_size"])
         except BaseException:
@@ -242,12 +288,26 @@ class EngineClient:
     def abort(self, keys: Sequence[bytes]) -> int:
         return self._ch.call(P.Op.ABORT.value, {"keys": P.pack_keys(list(keys))})["aborted"]
 
-    def load(self, keys: Sequence[bytes]) -> LoadResult:
-        """Pin the longest loadable prefix of `keys` in DRAM; copy from `views`, then `release`."""
+    def load(self, keys: Sequence[bytes], pipelined: bool = False) -> LoadResult:
+        """Pin the longest loadable prefix of `keys` in DRAM; copy from `views`, then `release`.
+
+        `pipelined`: answer at once, while pages from disk or from peers are still arriving, layer by
+        layer: call `wait_layers(i + 1)` on the result before reading layer i of the pages.
+        """
         self._need_arena()
-        r = self._ch.call(P.Op.LOAD.value, {"keys": P.pack_keys(list(keys))})
+        args: dict[str, Any] = {"keys": P.pack_keys(list(keys))}
+        if pipelined:
+            args["pipelined"] = True
+        r = self._ch.call(P.Op.LOAD.value, args)
         views = [self.page(off) for off in r["offsets"]]
-        return LoadResult(r["offsets"], [_TIER[t] for t in r["tiers"]], r["lease"], views)
+        slot = r.get("signal")
+        signal = None
+        if slot is not None and self.signal_offset is not None:
+            at = self.signal_offset + slot * SIGNAL.size
+            signal = self._arena[at : at + SIGNAL.size]
+        return LoadResult(
+            r["offsets"], [_TIER[t] for t in r["tiers"]], r["lease"], views, self.namespace.num_layers, signal
+        )
 
     def ping(self) -> None:
         self._ch.call(P.Op.PING.value, {})

@@ -20,6 +20,7 @@ import faulthandler
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine, Mapping
@@ -34,16 +35,22 @@ from polarkvd.errors import EXIT_CONFIG, ConfigError, PolarKVError, ResourceErro
 from polarkvd.manager import Manager
 from polarkvd.metrics import MetricsServer, OpTimings, Snapshot, StatsCollector
 from polarkvd.sdnotify import Notifier
-from polarkvd.server.connection import Connection, RequestServer, claim_socket_path
+from polarkvd.server.connection import RequestServer, claim_socket_path
 from polarkvd.server.control import apply_knob, control_handlers
-from polarkvd.server.engine import engine_handlers
+from polarkvd.server.engine import engine_api
+from polarkvd.server.engine_thread import EngineThreadServer
 from polarkvd.server.shm import Arena
 from polarkvd.tiers.dram import SlabAllocator
+from polarkvd.transport.pipeline import SIGNAL_BOARD_BYTES, SignalBoard
 
 log = logging.getLogger("polarkvd.daemon")
 
 GiB = 1 << 30
 STATUS_SECONDS = 5.0  # how often the one-line STATUS shown by `systemctl status` is refreshed
+# Engine connection threads answer lookups while the loop runs other work: with CPython's default
+# 5 ms GIL switch interval a lookup could wait that long behind the loop (docs/BENCHMARKS.md).
+GIL_SWITCH_SECONDS = 0.0005
+TOUCH_SECONDS = 0.02  # how often the loop applies the LRU touches of thread-side lookups at the latest
 T = TypeVar("T")
 
 
@@ -84,6 +91,7 @@ class Daemon:
         self.cluster_keys: Any = None
         self.cluster: Any = None  # polarkvd.cluster.node.ClusterNode when [cluster] enabled
         self.pool: Any = None  # polarkvd.cluster.pool.ClusterPool, likewise
+        self.transport: Any = None  # polarkvd.transport.rdma.TransportChoice, likewise
 
     def arena_path(self) -> Path:
         tag = xxhash.xxh3_64_hexdigest(str(Path(self.cfg.daemon.engine_socket).resolve()).encode())[:12]
@@ -112,6 +120,10 @@ class Daemon:
                 from polarkvd.cluster.node import load_keys
 
                 self.cluster_keys = load_keys(cfg.cluster)  # a bad key file stops the start (exit 78)
+                from polarkvd.transport.rdma import describe_choice, probe_cluster
+
+                self.transport = probe_cluster(cfg.cluster)  # transport = "rdma" without RDMA: exit 78
+                log.info("%s", describe_choice(self.transport), extra={"transport": self.transport.kind.value})
             engine_path = Path(cfg.daemon.engine_socket)
             control_path = Path(cfg.daemon.control_socket)
             for p in (engine_path, control_path):
@@ -138,7 +150,7 @@ class Daemon:
         try:
             arena = Arena(
                 self.arena_path(),
-                cfg.dram.capacity,
+                cfg.dram.capacity + SIGNAL_BOARD_BYTES,  # page slots, then the pipelined-load signals
                 mode=cfg.daemon.engine_socket_mode,
                 lock=cfg.dram.lock_memory,
             )
@@ -146,8 +158,9 @@ class Daemon:
             raise ResourceError(f"cannot create the DRAM arena: {e}") from None
         executor = concurrent.futures.ThreadPoolExecutor(cfg.disk.io_threads, thread_name_prefix="polarkv-io")
         disk = None
-        servers: list[RequestServer] = []
+        servers: list[RequestServer | EngineThreadServer] = []
         finished = False  # disk writes completed within the shutdown timeout
+        switch_interval = sys.getswitchinterval()
         try:
             if cfg.disk.enabled:
                 from polarkvd.tiers.disk import DiskTier
@@ -166,25 +179,31 @@ class Daemon:
                     report.seconds, report.recovered, report.dropped,
                 )  # fmt: skip
             allocator = SlabAllocator(cfg.dram.capacity, cfg.dram.slab_bytes)
-            manager = Manager(cfg, arena.view, allocator, disk, executor)
+            signals = SignalBoard(arena.view[cfg.dram.capacity :])
+            manager = Manager(cfg, arena.view, allocator, disk, executor, signals=signals)
             self.manager = manager
 
-            def on_close(conn: Connection) -> None:
+            def on_close(conn: Any) -> None:
                 if conn.session is not None:
                     manager.detach(conn.session)
 
-            engine_srv = RequestServer(
+            api = engine_api(
+                manager,
+                arena_path=str(arena.path),
+                arena_size=arena.size,
+                max_keys=cfg.daemon.max_keys_per_request,
+                timings=self.timings,
+                signal_offset=cfg.dram.capacity,
+            )
+            engine_srv = EngineThreadServer(
                 "engine",
-                engine_handlers(
-                    manager,
-                    arena_path=str(arena.path),
-                    arena_size=arena.size,
-                    max_keys=cfg.daemon.max_keys_per_request,
-                    timings=self.timings,
-                ),
+                api.handlers,
+                api.thread_handlers,
                 max_frame_bytes=cfg.daemon.max_frame_bytes,
                 on_close=on_close,
+                before_loop_op=manager.apply_touches,
             )
+            sys.setswitchinterval(GIL_SWITCH_SECONDS)
             if cfg.cluster.enabled:
                 self.cluster = self._start_cluster(manager)
             control_srv = RequestServer(
@@ -196,6 +215,7 @@ class Daemon:
             await engine_srv.start(engine_path, cfg.daemon.engine_socket_mode)
             await control_srv.start(control_path, cfg.daemon.control_socket_mode)
             chores.append(asyncio.create_task(self._every(1.0, manager.expire)))
+            chores.append(asyncio.create_task(self._every(TOUCH_SECONDS, manager.apply_touches)))
             # dram.high_watermark / low_watermark: background demotion (a no-op below the high mark)
             chores.append(asyncio.create_task(self._every(0.25, manager.enforce_watermarks)))
             if disk is not None:
@@ -248,6 +268,7 @@ class Daemon:
                 log.exception("shutdown: leaving the cluster failed")
             for srv in servers:
                 await srv.stop()
+            sys.setswitchinterval(switch_interval)
             # After a clean drain nothing is queued; after a timeout the queue is dropped and only
             # the writes already running (one page per I/O thread) are waited for.
             executor.shutdown(wait=True, cancel_futures=True)
@@ -291,7 +312,10 @@ class Daemon:
     def cluster_report(self) -> dict[str, Any]:
         if self.cluster is None:
             return {"enabled": False}
-        return self.cluster.report(self.pool.report() if self.pool is not None else None)
+        rep: dict[str, Any] = self.cluster.report(self.pool.report() if self.pool is not None else None)
+        if self.transport is not None:
+            rep["page_transport"] = self.transport.as_dict()
+        return rep
 
     async def _stop_cluster(self) -> None:
         """Leave gracefully (peers record LEFT, not DEAD), then close the peer service."""

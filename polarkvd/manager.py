@@ -4,7 +4,11 @@ It owns policy: the DRAM page index, eviction (leaf-first, through a pluggable p
 evicted pages to disk, promotion of disk hits back into DRAM, sessions with their reservations and
 leases, and the counters everyone reads. It owns no bytes (the arena and the disk tier do) and no
 sockets (the servers do). Everything here runs on the daemon's event loop thread; only disk I/O runs
-in the I/O thread pool, and its results come back to the loop before any index changes.
+in the I/O thread pool, and its results come back to the loop before any index changes. The one
+exception is the read-only lookup: `probe` and `lookup_in_thread` are called by the engine
+connection threads (server/engine_thread.py); they only read (single dict gets, page attributes),
+append to `touches` and write their own session's `thread_tally`. The loop applies those touches
+(`apply_touches`) and folds the tallies into the counters (`fold_thread_lookups`).
 
 Page life cycle in DRAM:  reserve -> RESERVED --commit--> READY --evict--> (demoted to disk) gone
                                             \\--abort / engine gone / lease expiry--> gone
@@ -38,6 +42,7 @@ from polarkvd.keys import namespace_digest
 from polarkvd.policy import EvictionPolicy, make_policy, switch_policy
 from polarkvd.server.protocol import RESERVE_EXISTS, RESERVE_NO_SPACE
 from polarkvd.tiers.dram import SlabAllocator, slot_size
+from polarkvd.transport.pipeline import SIGNAL_BOARD_BYTES, LoadProgress, SignalBoard, layer_groups
 from polarkvd.types import Namespace, Tier
 
 log = logging.getLogger(__name__)
@@ -62,6 +67,7 @@ class Lease:
     session: Session
     pages: list[Page]
     expires: float
+    progress: LoadProgress | None = None  # a pipelined load's readiness slot, freed with the lease
 
 
 @dataclasses.dataclass
@@ -79,6 +85,11 @@ class Session:
     lookup_pages: int = 0
     stored_pages: int = 0
     loaded_pages: int = 0
+    # Lookups answered on the session's connection thread: (lookups, lookup_pages, hit_pages_dram,
+    # hit_pages_disk), written by that thread only and replaced whole, so the loop never reads half an
+    # update; `thread_folded` is the part already added to the counters (Manager.fold_thread_lookups).
+    thread_tally: tuple[int, int, int, int] = (0, 0, 0, 0)
+    thread_folded: tuple[int, int, int, int] = (0, 0, 0, 0)
 
 
 @dataclasses.dataclass
@@ -110,6 +121,7 @@ class Manager:
         disk: Any | None,
         executor: concurrent.futures.Executor,
         clock: Callable[[], float] = time.monotonic,
+        signals: SignalBoard | None = None,
     ) -> None:
         self.cfg = cfg
         self.arena = arena
@@ -129,10 +141,16 @@ class Manager:
         self._disk_writes: set[asyncio.Future[Any]] = set()
         self.draining = False
         self.counters = Counters()
+        # Hit pages of lookups answered on connection threads, leaf first, waiting for the loop to
+        # touch them in the policy (apply_touches). Bounded: if the loop stalls, the oldest touches
+        # are dropped (lookups are hints), never memory.
+        self.touches: collections.deque[list[Page]] = collections.deque(maxlen=1 << 16)
         self.started = time.time()
         self.operator_pins: dict[bytes, Page] = {}  # pages pinned with the `pin` op, one pin each
         self.prefix_hits: Counters = Counters()  # first key of a load -> pages loaded (see `top`)
         self.write_through_bytes = 0  # write-through copies queued and not yet written
+        # readiness slots of pipelined loads: in the arena file's tail in the daemon, private otherwise
+        self.signals = signals or SignalBoard(memoryview(bytearray(SIGNAL_BOARD_BYTES)))
         self.cluster: Any = None  # polarkvd.cluster.pool.ClusterPool when [cluster] is enabled
         self._cluster_tasks: set[asyncio.Future[Any]] = set()  # fetches from and demotions to peers in flight
 
@@ -170,6 +188,7 @@ class Manager:
         """The engine went away: abort its reservations, drop its leases."""
         if self.sessions.pop(session.id, None) is None:
             return
+        self.fold_thread_lookups(session)  # its connection thread has ended: the tally is final
         if session.reserved:
             self._abort(session, list(session.reserved))
         for lease in list(session.leases.values()):
@@ -186,11 +205,12 @@ class Manager:
 
     # ------------------------------------------------------------------ lookup
 
-    def lookup(self, session: Session, keys: list[bytes], pin: bool = False) -> tuple[list[Tier], int | None]:
-        """Tiers of the longest cached prefix of `keys`; with `pin`, its DRAM pages under a new lease."""
+    def probe(self, ns: NamespaceInfo, keys: list[bytes]) -> tuple[list[Tier], list[Page]]:
+        """Tiers of the longest cached prefix of `keys`, and its DRAM pages in key order. Pure read:
+        safe on any thread (single dict gets and attribute reads, each atomic under the GIL; the disk
+        tier's `entry` takes its own lock). A page evicted a moment later is a miss at load time."""
         hit_pages: list[Page] = []
         tiers: list[Tier] = []
-        ns = session.ns
         ns_id = ns.id
         get = self.index.get
         dram, disk = Tier.DRAM, Tier.DISK
@@ -203,19 +223,65 @@ class Manager:
                 tiers.append(disk)
             else:
                 break
-        disk_hits = len(tiers) - len(hit_pages)
+        return tiers, hit_pages
+
+    def lookup(self, session: Session, keys: list[bytes], pin: bool = False) -> tuple[list[Tier], int | None]:
+        """Tiers of the longest cached prefix of `keys`; with `pin`, its DRAM pages under a new lease."""
+        tiers, hit_pages = self.probe(session.ns, keys)
         hit_pages.reverse()  # leaf first, so the root ends up most recent: leaves are evicted first
+        self.apply_touches()  # earlier lookups answered on threads first: LRU order is request order
         self.policy.touch_many(hit_pages)  # type: ignore[arg-type]
-        c = self.counters
-        c["lookups"] += 1
-        c["lookup_pages"] += len(keys)
-        c["hit_pages_dram"] += len(hit_pages)
-        c["hit_pages_disk"] += disk_hits
-        c["miss_pages"] += len(keys) - len(tiers)
-        session.lookup_pages += len(keys)
-        session.hit_pages += len(tiers)
+        n = len(hit_pages)
+        self._count_lookups(session, 1, len(keys), n, len(tiers) - n)
         lease = self._new_lease(session, hit_pages).id if pin and hit_pages else None
         return tiers, lease
+
+    def lookup_in_thread(self, session: Session, keys: list[bytes]) -> list[Tier] | None:
+        """`lookup` without `pin`, on the session's connection thread: the same probe; the touch is
+        queued for the loop (`apply_touches`) and the counts go to the session's `thread_tally`.
+
+        None, with nothing counted, when the prefix stops short here while a cluster is configured:
+        asking the cluster is asynchronous, so the caller hands the whole request to the loop.
+        """
+        tiers, hit_pages = self.probe(session.ns, keys)
+        if len(tiers) < len(keys) and self.cluster is not None:
+            return None
+        n = len(hit_pages)
+        if n:
+            hit_pages.reverse()
+            self.touches.append(hit_pages)
+        t = session.thread_tally
+        session.thread_tally = (t[0] + 1, t[1] + len(keys), t[2] + n, t[3] + len(tiers) - n)
+        return tiers
+
+    def apply_touches(self) -> None:
+        """Touch the hit pages of thread-side lookups in the policy, oldest first. Loop only: called
+        before every engine op served on the loop, before every eviction, and on a short timer. A
+        page evicted since is unlinked, and touching it is a no-op."""
+        queue = self.touches
+        if queue:
+            touch_many = self.policy.touch_many
+            while queue:  # only the loop pops: never empty between the check and the pop
+                touch_many(queue.popleft())  # type: ignore[arg-type]
+
+    def fold_thread_lookups(self, session: Session | None = None) -> None:
+        """Add what connection threads counted since the last fold (of `session`, or of every session)
+        to the counters and session totals. Loop only: stats fold first, a detaching session last."""
+        for s in self.sessions.values() if session is None else (session,):
+            now, was = s.thread_tally, s.thread_folded
+            if now != was:
+                s.thread_folded = now
+                self._count_lookups(s, now[0] - was[0], now[1] - was[1], now[2] - was[2], now[3] - was[3])
+
+    def _count_lookups(self, session: Session, lookups: int, pages: int, dram: int, disk: int) -> None:
+        c = self.counters
+        c["lookups"] += lookups
+        c["lookup_pages"] += pages
+        c["hit_pages_dram"] += dram
+        c["hit_pages_disk"] += disk
+        c["miss_pages"] += pages - dram - disk
+        session.lookup_pages += pages
+        session.hit_pages += dram + disk
 
     def _on_disk(self, key: bytes, digest: bytes) -> bool:
         pending = self.pending.get(key)
@@ -344,12 +410,89 @@ class Manager:
     # ------------------------------------------------------------------ load / release
 
     async def load(self, session: Session, keys: list[bytes]) -> tuple[list[int], list[Tier], int | None]:
-        """Pin the longest loadable prefix of `keys` in DRAM (promoting disk pages first).
+        """Pin the longest loadable prefix of `keys` in DRAM (promoting disk and remote pages first).
 
         Returns (arena offsets, source tier of each, lease id). The engine copies the pages out, then
-        releases the lease. A page that fails on the way (evicted meanwhile, corrupt on disk) ends the
-        prefix there: the engine recomputes from that page on.
+        releases the lease. A page that fails on the way (evicted meanwhile, corrupt on disk, a peer
+        gone) ends the prefix there: the engine recomputes from that page on.
         """
+        pinned, tiers, waits, remote_from = self._pin_prefix(session, keys)
+        if remote_from is not None:
+            for page, fut in await self._start_fetches(session.ns, keys[remote_from:]):
+                page.pins += 1
+                pinned.append(page)
+                tiers.append(Tier.DMP)
+                waits.append((len(pinned) - 1, fut))
+        if waits:
+            results = await asyncio.gather(*(f for _, f in waits))
+            for (pos, _), ok in zip(waits, results):
+                if not ok:
+                    self._unpin_all(pinned[pos:])
+                    del pinned[pos:]
+                    del tiers[pos:]
+                    break
+        lease = self._loaded(session, keys, pinned, tiers)
+        return [p.offset for p in pinned], tiers, lease.id if lease is not None else None
+
+    async def load_pipelined(
+        self, session: Session, keys: list[bytes]
+    ) -> tuple[list[int], list[Tier], int | None, int | None]:
+        """Like `load`, but answers at once: (offsets, tiers, lease id, signal slot).
+
+        Pages still on their way (disk promotions; remote pages, fetched one layer group at a time)
+        fill in behind the answer; the signal slot (see transport/pipeline.py) says how many leading
+        layers every page has, and from which page on the load failed. None when nothing is on its way.
+        """
+        ns = session.ns
+        pinned, tiers, waits, remote_from = self._pin_prefix(session, keys)
+        layered: list[tuple[int, Page, asyncio.Future[bool], str]] = []
+        if remote_from is not None:
+            started = await self._start_fetches(ns, keys[remote_from:], layered=True)
+            for page, fut, holder in started:  # type: ignore[misc]
+                page.pins += 1
+                pinned.append(page)
+                tiers.append(Tier.DMP)
+                layered.append((len(pinned) - 1, page, fut, holder))
+        slot = self.signals.alloc() if (waits or layered) else None
+        if (waits or layered) and slot is None:  # every slot taken: behave like a plain load
+            self.counters["pipelined_loads_unsignalled"] += 1
+            if layered:
+                self._fetch_layered(ns, layered, None)
+            results = await asyncio.gather(*(f for _, f in waits), *(f for _, _, f, _ in layered))
+            positions = [pos for pos, _ in waits] + [pos for pos, _, _, _ in layered]
+            bad = [pos for pos, ok in zip(positions, results) if not ok]
+            if bad:
+                cut = min(bad)
+                self._unpin_all(pinned[cut:])
+                del pinned[cut:]
+                del tiers[cut:]
+            lease = self._loaded(session, keys, pinned, tiers)
+            return [p.offset for p in pinned], tiers, lease.id if lease is not None else None, None
+        lease = self._loaded(session, keys, pinned, tiers)
+        if slot is None or lease is None:
+            if slot is not None:
+                self.signals.free(slot)
+            return [p.offset for p in pinned], tiers, lease.id if lease is not None else None, None
+        progress = LoadProgress(self.signals, slot, len(pinned), ns.ns.num_layers)
+        lease.progress = progress
+        waiting = {pos for pos, _ in waits} | {pos for pos, _, _, _ in layered}
+        for i in range(len(pinned)):
+            if i not in waiting:
+                progress.page_done(i)
+        for pos, fut in waits:
+            fut.add_done_callback(
+                lambda f, i=pos: progress.page_done(i) if not f.cancelled() and f.result() else progress.fail(i)
+            )
+        if layered:
+            self._fetch_layered(ns, layered, progress)
+        self.counters["pipelined_loads"] += 1
+        return [p.offset for p in pinned], tiers, lease.id, slot
+
+    def _pin_prefix(
+        self, session: Session, keys: list[bytes]
+    ) -> tuple[list[Page], list[Tier], list[tuple[int, asyncio.Future[bool]]], int | None]:
+        """Pin what is in DRAM, start promotions of what is on disk, for the longest prefix; says
+        where the remote part would begin (None when the cluster cannot continue it)."""
         ns = session.ns
         pinned: list[Page] = []
         tiers: list[Tier] = []
@@ -391,20 +534,11 @@ class Manager:
             pinned.append(page)
             tiers.append(Tier.DISK)
             waits.append((len(pinned) - 1, fut))
-        if remote_from is not None:
-            for page, fut in await self._start_fetches(ns, keys[remote_from:]):
-                page.pins += 1
-                pinned.append(page)
-                tiers.append(Tier.DMP)
-                waits.append((len(pinned) - 1, fut))
-        if waits:
-            results = await asyncio.gather(*(f for _, f in waits))
-            for (pos, _), ok in zip(waits, results):
-                if not ok:
-                    self._unpin_all(pinned[pos:])
-                    del pinned[pos:]
-                    del tiers[pos:]
-                    break
+        return pinned, tiers, waits, remote_from
+
+    def _loaded(self, session: Session, keys: list[bytes], pinned: list[Page], tiers: list[Tier]) -> Lease | None:
+        """Account a load and put its pinned pages under a lease (None when nothing was pinned)."""
+        ns = session.ns
         self.policy.touch_many(pinned[::-1])  # type: ignore[arg-type]
         n = len(pinned)
         self.counters["loads"] += 1
@@ -415,11 +549,11 @@ class Manager:
         self.counters["load_short_pages"] += len(keys) - n
         session.loaded_pages += n
         if not pinned:
-            return [], [], None
+            return None
         self._count_prefix_hit(keys[0], n)
         lease = Lease(next(self._ids), session, pinned, self.clock() + self.cfg.daemon.lease_seconds)
         session.leases[lease.id] = lease
-        return [p.offset for p in pinned], tiers, lease.id
+        return lease
 
     async def lookup_remote(self, session: Session, keys: list[bytes], tiers: list[Tier]) -> list[Tier]:
         """After a local lookup stopped short: how much further the cluster's pages reach."""
@@ -431,12 +565,13 @@ class Manager:
             session.hit_pages += n
         return tiers + [Tier.DMP] * n
 
-    async def _start_fetches(self, ns: NamespaceInfo, keys: list[bytes]) -> list[tuple[Page, asyncio.Future[bool]]]:
+    async def _start_fetches(self, ns: NamespaceInfo, keys: list[bytes], layered: bool = False) -> list[Any]:
         """Start pulling the longest prefix of `keys` that peers hold into new DRAM slots.
 
         Holders come from the lookup that preceded this load, or from a fresh meta map query.
         Pages arrive in batches per holder, several batches in flight; each page's future says
-        whether its bytes arrived verified.
+        whether its bytes arrived verified. With `layered`, nothing is sent yet: the caller gets
+        (page, future, holder) and runs `_fetch_layered`.
         """
         hints = self.cluster.hints
         holders = []
@@ -460,6 +595,8 @@ class Manager:
             fut: asyncio.Future[bool] = loop.create_future()
             self._promotions[key] = fut
             started.append((page, fut))
+        if layered:
+            return [(page, fut, holders[i][0]) for i, (page, fut) in enumerate(started)]
         batch: list[tuple[Page, asyncio.Future[bool]]] = []
         for i, item in enumerate(started):
             batch.append(item)
@@ -473,19 +610,95 @@ class Manager:
 
     async def _fetch(self, ns: NamespaceInfo, holder: str, batch: list[tuple[Page, asyncio.Future[bool]]]) -> None:
         views = [self.arena[p.offset : p.offset + p.size] for p, _ in batch]
+        sums: list[int | None] = []
         try:
-            results = await self.cluster.fetch(holder, ns.digest, [p.key for p, _ in batch], views)
+            results = await self.cluster.fetch(holder, ns.digest, [p.key for p, _ in batch], views, sums=sums)
         except Exception as e:  # never leave a loader waiting
             log.error("cluster: fetch from %s failed: %r", holder, e)
             results = [False] * len(batch)
-        for (page, fut), parent in zip(batch, results):
+        for i, ((page, fut), parent) in enumerate(zip(batch, results)):
             if parent is False:
                 self._finish_promotion(page, fut, PageNotFound("remote fetch failed"), on_disk=False)
             else:
                 page.parent = parent  # type: ignore[assignment]
+                page.checksum = sums[i] if i < len(sums) else None  # verified on arrival: kept for peers
                 self.counters["fetched_pages_remote"] += 1
                 self.counters["fetched_bytes_remote"] += page.size
                 self._finish_promotion(page, fut, None, on_disk=False)
+
+    def _fetch_layered(
+        self,
+        ns: NamespaceInfo,
+        items: list[tuple[int, Page, asyncio.Future[bool], str]],
+        progress: LoadProgress | None,
+    ) -> None:
+        task = asyncio.ensure_future(self._fetch_layer_groups(ns, items, progress))
+        self._cluster_tasks.add(task)
+        task.add_done_callback(self._cluster_tasks.discard)
+
+    async def _fetch_layer_groups(
+        self,
+        ns: NamespaceInfo,
+        items: list[tuple[int, Page, asyncio.Future[bool], str]],
+        progress: LoadProgress | None,
+    ) -> None:
+        """Remote pages, layer group after layer group (each group: every page, in batches per holder,
+        in parallel), publishing progress after each group; a page that fails ends the load there."""
+        num_layers, layer_bytes = ns.ns.num_layers, ns.ns.layer_bytes
+        batches: list[list[tuple[int, Page, asyncio.Future[bool], str]]] = []
+        for item in items:
+            if batches and item[3] == batches[-1][0][3] and len(batches[-1]) < self.cluster.fetch_batch:
+                batches[-1].append(item)
+            else:
+                batches.append([item])
+        done_layers = dict.fromkeys((pos for pos, _, _, _ in items), 0)
+        failed_at: int | None = None
+        try:
+            for lo, hi in layer_groups(num_layers, self.cluster.layer_groups):
+                # nothing after a failed page is asked for again
+                live = [[it for it in b if failed_at is None or it[0] < failed_at] for b in batches]
+                live = [b for b in live if b]
+                if not live:
+                    break
+                results = await asyncio.gather(
+                    *(
+                        self.cluster.fetch(
+                            b[0][3],
+                            ns.digest,
+                            [p.key for _, p, _, _ in b],
+                            [self.arena[p.offset + lo * layer_bytes : p.offset + hi * layer_bytes] for _, p, _, _ in b],
+                            layers=(lo, hi, layer_bytes),
+                        )
+                        for b in live
+                    ),
+                    return_exceptions=True,
+                )
+                good: list[int] = []
+                for b, res in zip(live, results):
+                    if isinstance(res, BaseException):
+                        res = [False] * len(b)
+                    for (pos, page, _, _), parent in zip(b, res):
+                        if failed_at is not None and pos >= failed_at:
+                            break
+                        if parent is False:
+                            failed_at = pos if failed_at is None else min(failed_at, pos)
+                            if progress is not None:
+                                progress.fail(pos)
+                            break
+                        if lo == 0:
+                            page.parent = parent  # type: ignore[assignment]
+                        done_layers[pos] = hi
+                        good.append(pos)
+                if progress is not None:
+                    progress.layers_done([p for p in good if failed_at is None or p < failed_at], hi)
+        finally:
+            for pos, page, fut, _ in items:
+                if done_layers[pos] == num_layers and (failed_at is None or pos < failed_at):
+                    self.counters["fetched_pages_remote"] += 1
+                    self.counters["fetched_bytes_remote"] += page.size
+                    self._finish_promotion(page, fut, None, on_disk=False)
+                else:
+                    self._finish_promotion(page, fut, PageNotFound("remote fetch failed"), on_disk=False)
 
     def _on_disk_any_ns(self, key: bytes) -> bool:
         return key in self.pending or (self.disk is not None and self.disk.entry(key) is not None)
@@ -556,6 +769,8 @@ class Manager:
 
     def _drop_lease(self, lease: Lease) -> int:
         lease.session.leases.pop(lease.id, None)
+        if lease.progress is not None:
+            lease.progress.close()
         self._unpin_all(lease.pages)
         return len(lease.pages)
 
@@ -603,6 +818,8 @@ class Manager:
         return offset
 
     def _evict_one(self, slot_bytes: int | None, reason: str) -> bool:
+        self.apply_touches()  # the policy must know every lookup answered so far before it picks
+
         def evictable_same(node: Any) -> bool:
             return (
                 node.pins == 0
@@ -876,6 +1093,7 @@ class Manager:
         return {"evicted_pages": evicted, "freed_bytes": freed, "kept_pages": kept}
 
     def _namespace_totals(self) -> dict[int, dict[str, Any]]:
+        self.fold_thread_lookups()
         out: dict[int, dict[str, Any]] = {}
         for info in self.namespaces.values():
             out[info.id] = {
@@ -1012,6 +1230,7 @@ class Manager:
         return out
 
     def stats(self) -> dict[str, Any]:
+        self.fold_thread_lookups()
         dram = {
             "tier": int(Tier.DRAM),
             "pages": self.index.ready_pages,

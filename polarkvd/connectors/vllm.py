@@ -106,8 +106,10 @@ class Options:
     timeout: float = 5.0
     #: Longest wait between reconnection attempts while the daemon is down (backoff from 0.5 s).
     retry_seconds: float = 5.0
-    #: "layer": a thread copies layer by layer while the model computes (wait_for_layer_load waits for
-    #: one layer); "step": everything is copied in start_load_kv.
+    #: "layer": the daemon answers a load at once and pages from disk or from peers arrive layer by
+    #: layer (pipelined); a thread copies each layer as soon as it is there while the model computes
+    #: the previous one (wait_for_layer_load waits for one layer). "step": everything is in DRAM
+    #: before the answer, and is copied in start_load_kv.
     load_mode: str = "step"
     #: "step": copy saved blocks at wait_for_save; "layer": copy each layer in save_kv_layer.
     save_mode: str = "step"
@@ -887,6 +889,10 @@ class _Load:
         self.items: list[
             tuple[torch.Tensor, int, int]
         ] = []  # (page [L, pb, bytes], block in page, vLLM block)
+        # pipelined loads: the daemon's answers, and per item (answer index, page index in it)
+        self.results: list[Any] = []
+        self.origin: list[tuple[int, int]] = []
+        self.usable: list[int] = []  # pages of each answer that arrive whole (shrinks on failure)
         self.leases: list[tuple[EngineClient, int]] = []
         self.blocks_by_req: dict[str, list[int]] = {}
         self.done = [threading.Event() for _ in range(num_layers)]
@@ -895,7 +901,19 @@ class _Load:
         self.seconds = 0.0
 
     def layer_items(self, layer: int) -> list[tuple[torch.Tensor, int]]:
+        if self.results:  # pipelined: wait until this layer of every usable page is there
+            for r, result in enumerate(self.results):
+                self.usable[r] = min(self.usable[r], result.wait_layers(layer + 1))
+            return [
+                (page[layer, j], block)
+                for (page, j, block), (r, p) in zip(self.items, self.origin)
+                if p < self.usable[r]
+            ]
         return [(page[layer, j], block) for page, j, block in self.items]
+
+    def lost_blocks(self) -> set[int]:
+        """vLLM blocks of pages a pipelined load announced but could not deliver (to recompute)."""
+        return {block for (_, _, block), (r, p) in zip(self.items, self.origin) if p >= self.usable[r]}
 
 
 class _Save:
@@ -1003,16 +1021,25 @@ class _WorkerSide:
             client = None if self.disabled or self.mover is None else self._session(spec.salt)[0]
             if client is not None:
                 keys = spec.keys[self.rank] if self.rank < len(spec.keys) else []
-                result = _call(self.link, "load", lambda c=client, k=keys: c.load(k), self.stats_seconds)
+                pipelined = self.opts.load_mode == "layer"
+                result = _call(
+                    self.link, "load", lambda c=client, k=keys: c.load(k, pipelined=pipelined), self.stats_seconds
+                )
                 if result is not None:
                     if result.lease is not None:
                         load.leases.append((client, result.lease))
                     pages = [self._page(v) for v in result.views]
+                    r = len(load.results)
+                    if pipelined:
+                        load.results.append(result)
+                        load.usable.append(len(pages))
                     for i, block in enumerate(spec.block_ids):
                         p, j = divmod(spec.skip + i, pb)
                         if p >= len(pages):
                             break
                         load.items.append((pages[p], j, block))
+                        if pipelined:
+                            load.origin.append((r, p))
                         got += 1
             load.blocks_by_req[spec.req_id] = spec.block_ids[:got]
             self.stats["load_blocks"] += got
@@ -1073,6 +1100,17 @@ class _WorkerSide:
             load.thread.join()
         if isinstance(self.mover, _CudaMover):
             self.mover.end_load()
+        lost = load.lost_blocks() if load.results else set()
+        if lost and load.error is None:
+            logger.warning(
+                "polarkvd: %d blocks did not arrive (a peer or the disk failed mid-transfer); vLLM recomputes them",
+                len(lost),
+            )
+            self._errors.update(lost)
+            self.stats["load_failed_blocks"] += len(lost)
+            for req_id, blocks in load.blocks_by_req.items():
+                if lost.intersection(blocks):
+                    self._failed_reqs.add(req_id)
         if load.error is not None:
             logger.warning(
                 "polarkvd: copying loaded pages failed (%r); vLLM recomputes those blocks", load.error

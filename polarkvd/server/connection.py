@@ -4,6 +4,11 @@ Owns the rules of DESIGN.md §10 for every local socket: a malformed frame, a wr
 op or a handler's error becomes an error reply to that client; nothing a client sends can stop the
 daemon or touch another client's connection. The op handlers themselves live in engine.py and
 control.py.
+
+`parse_request` and `answer` are those rules, shared by both kinds of server: `RequestServer` here
+(asyncio protocol, everything on the event loop: the control socket) and
+`engine_thread.EngineThreadServer` (a thread per connection: the engine socket). `answer` runs on the
+event loop only.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import os
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from polarkvd.errors import ErrorCode, PolarKVError, ProtocolError
 from polarkvd.server import protocol as P
@@ -47,6 +52,84 @@ def arg_int(args: dict[str, Any], name: str) -> int:
     return value
 
 
+class Request(NamedTuple):
+    rid: int
+    op: str
+    handler: Handler
+    args: dict[str, Any]
+
+
+def parse_request(payload: bytes, name: str, handlers: dict[str, Any]) -> Request | bytes:
+    """A frame's payload -> the request to run, or the error reply to send instead. Any thread."""
+    try:
+        msg = P.unpack(payload)
+    except Exception:
+        return P.reply_error(0, ErrorCode.BAD_REQUEST, "malformed frame: not a msgpack message")
+    if not (
+        isinstance(msg, list) and len(msg) == 4 and isinstance(msg[1], int) and not isinstance(msg[1], bool)
+    ):
+        return P.reply_error(0, ErrorCode.BAD_REQUEST, "a request is [version, request_id, op, {args}]")
+    version, rid, op, args = msg
+    # `type() is int` first: an unhashable version (a list, a map) must not raise out of here, and
+    # True or 1.0 are not version 1.
+    if type(version) is not int or version not in P.SUPPORTED_VERSIONS:
+        return P.reply_error(
+            rid,
+            ErrorCode.BAD_VERSION,
+            f"protocol version {version!r} is not supported; this daemon speaks {sorted(P.SUPPORTED_VERSIONS)}",
+        )
+    handler = handlers.get(op) if isinstance(op, str) else None
+    if handler is None:
+        return P.reply_error(
+            rid,
+            ErrorCode.UNKNOWN_OP,
+            f"unknown op {op!r} on the {name} socket; known: {', '.join(sorted(handlers))}",
+        )
+    if not isinstance(args, dict):
+        return P.reply_error(rid, ErrorCode.BAD_REQUEST, "request args must be a map")
+    return Request(rid, op, handler, args)
+
+
+def error_reply(name: str, rid: int, op: str, e: Exception) -> bytes:
+    """The reply to a handler that raised: its code for our errors, bad_request for bad arguments,
+    internal (logged with its traceback) for anything else. Any thread."""
+    if isinstance(e, PolarKVError):
+        return P.reply_error(rid, e.code, str(e))
+    if isinstance(e, (TypeError, ValueError, KeyError)):
+        return P.reply_error(rid, ErrorCode.BAD_REQUEST, f"bad arguments for {op}: {e}")
+    log.exception("internal error in %s %s", name, op)
+    return P.reply_error(rid, ErrorCode.INTERNAL, f"internal error in {op}: {e!r}")
+
+
+def answer(conn: Any, req: Request, reply: Callable[[bytes], None]) -> None:
+    """Run `req`'s handler for `conn`; `reply` gets the reply frame, at once or when an async handler
+    finishes. Event loop only. `conn` has `server.name`, `session`, `closed` and `tasks` (a set that
+    holds the async handlers still running)."""
+    rid, op, handler, args = req
+    try:
+        result = handler(conn, args)
+    except Exception as e:
+        reply(error_reply(conn.server.name, rid, op, e))
+        return
+    if type(result) is not dict and inspect.isawaitable(result):
+        task = asyncio.ensure_future(_finish(conn.server.name, req, result, reply))
+        conn.tasks.add(task)
+        task.add_done_callback(conn.tasks.discard)
+    else:
+        reply(P.reply_ok(rid, result))
+
+
+async def _finish(
+    name: str, req: Request, pending: Awaitable[dict[str, Any]], reply: Callable[[bytes], None]
+) -> None:
+    try:
+        result = await pending
+    except Exception as e:
+        reply(error_reply(name, req.rid, req.op, e))
+        return
+    reply(P.reply_ok(req.rid, result))
+
+
 class Connection(asyncio.Protocol):
     def __init__(self, server: RequestServer) -> None:
         self.server = server
@@ -54,7 +137,7 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.session: Any = None  # set by the engine API's hello
         self.closed = False
-        self._tasks: set[asyncio.Task[None]] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio's classes
@@ -78,80 +161,15 @@ class Connection(asyncio.Protocol):
                 self.transport.close()  # the stream cannot be resynchronised after a bogus length
             return
         for payload in frames:
-            self._handle(payload)
+            req = parse_request(payload, self.server.name, self.server.handlers)
+            if type(req) is bytes:
+                self._send(req)
+            else:
+                answer(self, req, self._send)  # type: ignore[arg-type]
 
     def _send(self, data: bytes) -> None:
         if not self.closed and self.transport is not None:
             self.transport.write(data)
-
-    def _handle(self, payload: bytes) -> None:
-        try:
-            msg = P.unpack(payload)
-        except Exception:
-            self._send(P.reply_error(0, ErrorCode.BAD_REQUEST, "malformed frame: not a msgpack message"))
-            return
-        if not (
-            isinstance(msg, list)
-            and len(msg) == 4
-            and isinstance(msg[1], int)
-            and not isinstance(msg[1], bool)
-        ):
-            self._send(
-                P.reply_error(0, ErrorCode.BAD_REQUEST, "a request is [version, request_id, op, {args}]")
-            )
-            return
-        version, rid, op, args = msg
-        # `type() is int` first: an unhashable version (a list, a map) must not raise out of here, and
-        # True or 1.0 are not version 1.
-        if type(version) is not int or version not in P.SUPPORTED_VERSIONS:
-            self._send(
-                P.reply_error(
-                    rid,
-                    ErrorCode.BAD_VERSION,
-                    f"protocol version {version!r} is not supported; this daemon speaks {sorted(P.SUPPORTED_VERSIONS)}",
-                )
-            )
-            return
-        handler = self.server.handlers.get(op) if isinstance(op, str) else None
-        if handler is None:
-            self._send(
-                P.reply_error(
-                    rid,
-                    ErrorCode.UNKNOWN_OP,
-                    f"unknown op {op!r} on the {self.server.name} socket; known: {', '.join(sorted(self.server.handlers))}",
-                )
-            )
-            return
-        if not isinstance(args, dict):
-            self._send(P.reply_error(rid, ErrorCode.BAD_REQUEST, "request args must be a map"))
-            return
-        try:
-            result = handler(self, args)
-        except Exception as e:
-            self._send(self._error_reply(rid, op, e))
-            return
-        if type(result) is not dict and inspect.isawaitable(result):
-            task = asyncio.ensure_future(self._finish(rid, op, result))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        else:
-            self._send(P.reply_ok(rid, result))
-
-    async def _finish(self, rid: int, op: str, pending: Awaitable[dict[str, Any]]) -> None:
-        try:
-            result = await pending
-        except Exception as e:
-            self._send(self._error_reply(rid, op, e))
-            return
-        self._send(P.reply_ok(rid, result))
-
-    def _error_reply(self, rid: int, op: str, e: Exception) -> bytes:
-        if isinstance(e, PolarKVError):
-            return P.reply_error(rid, e.code, str(e))
-        if isinstance(e, (TypeError, ValueError, KeyError)):
-            return P.reply_error(rid, ErrorCode.BAD_REQUEST, f"bad arguments for {op}: {e}")
-        log.exception("internal error in %s %s", self.server.name, op)
-        return P.reply_error(rid, ErrorCode.INTERNAL, f"internal error in {op}: {e!r}")
 
 
 class RequestServer:

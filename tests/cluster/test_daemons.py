@@ -229,3 +229,30 @@ def test_bytes_are_verified_end_to_end_after_a_restart_of_the_holder(cluster: Cl
         assert res.loaded == 0 or bad_pages(kv, keys[: res.loaded], res.views) == []
         if res.lease is not None:
             kv.release(res.lease)
+
+
+def test_pipelined_load_from_a_peer_and_from_disk(cluster: Cluster) -> None:
+    """The engine gets offsets at once and reads layer by layer as they arrive; bytes are exact."""
+    a, b = cluster.add("a"), cluster.add("b")
+    cluster.wait_converged(["a", "b"])
+    with a.engine() as kv:
+        remote = store_chain(kv, chain_tokens(21, 8))
+    with b.engine() as kv:
+        on_disk = store_chain(kv, chain_tokens(22, 8))
+        with b.control() as c:
+            c.evict("dram", 1 << 30)  # B's own pages go to its disk
+        wait_for(lambda: kv.lookup(remote).hits == 8, 10, "B to find A's pages")
+        for keys, tier in ((remote, Tier.DMP), (on_disk, Tier.DISK)):
+            res = kv.load(keys, pipelined=True)
+            assert res.loaded == 8 and set(res.tiers) == {tier}
+            for layer in range(TEST_NS.num_layers):
+                assert res.wait_layers(layer + 1, timeout=30) == 8  # every page usable
+            assert res.ready() == (TEST_NS.num_layers, 8)
+            assert bad_pages(kv, keys, res.views) == []
+            kv.release(res.lease)
+            assert set(kv.lookup(keys).tiers) == {Tier.DRAM}  # local now
+        # pages already in DRAM: a pipelined load is complete at once
+        res = kv.load(remote, pipelined=True)
+        assert res.signal is None and res.ready() == (TEST_NS.num_layers, 8)
+        kv.release(res.lease)
+    assert b.stats()["counters"]["pipelined_loads"] == 2

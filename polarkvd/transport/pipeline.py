@@ -1,0 +1,124 @@
+"""Layer-pipelined loads: how far a load has arrived, layer by layer, told to the engine through memory.
+
+A pipelined load returns its arena offsets at once; the pages then fill in the background (from disk,
+or from a peer one layer group at a time — pages are stored layer-major, so a layer slice of a page is
+contiguous). The engine consumes layer i as soon as every page has it, while later layers are still on
+the way: it computes layer i while layer i+1 is on the wire.
+
+This module owns the *signal board* — a small table of readiness words in the tail of the shared
+arena file, past the page slots, one slot per pipelined load — and `LoadProgress`, which turns "these
+pages now have layers [0, k)" and "page j failed" into the word the engine reads. It moves no bytes.
+
+A slot is two little-endian uint32 (`SIGNAL`): `layers`, the number of leading layers that
+every page before `failed_from` holds, and `failed_from`, the index of the first page that will not
+arrive (`SIGNAL_NONE` while none failed). `layers == num_layers` means done. The daemon
+writes the slot after the bytes it announces have landed (one thread writes each slot; on x86 a
+reader that sees the word also sees the bytes before it). Slots are freed with the load's lease.
+
+A leaf module: the client library reads slots with the same `SIGNAL` layout.
+"""
+
+from __future__ import annotations
+
+import struct
+
+SIGNAL = struct.Struct("<II")  # layers ready, first failed page (SIGNAL_NONE: none)
+SIGNAL_NONE = 0xFFFFFFFF
+
+#: Bytes of the signal board at the end of the arena file (8192 concurrent pipelined loads).
+SIGNAL_BOARD_BYTES = 64 << 10
+
+
+class SignalBoard:
+    def __init__(self, view: memoryview) -> None:
+        self.view = view
+        self.slots = len(view) // SIGNAL.size
+        self._free = list(range(self.slots - 1, -1, -1))
+
+    def alloc(self) -> int | None:
+        if not self._free:
+            return None
+        slot = self._free.pop()
+        SIGNAL.pack_into(self.view, slot * SIGNAL.size, 0, SIGNAL_NONE)
+        return slot
+
+    def write(self, slot: int, layers: int, failed_from: int) -> None:
+        SIGNAL.pack_into(self.view, slot * SIGNAL.size, layers, failed_from)
+
+    def free(self, slot: int) -> None:
+        self._free.append(slot)
+
+    @property
+    def in_use(self) -> int:
+        return self.slots - len(self._free)
+
+
+class LoadProgress:
+    """Readiness of one pipelined load of `n` pages of `num_layers` layers each."""
+
+    def __init__(self, board: SignalBoard, slot: int, n: int, num_layers: int) -> None:
+        self.board = board
+        self.slot: int | None = slot
+        self.num_layers = num_layers
+        self.page_layers = [0] * n
+        self.failed_from = n
+        self._published = (-1, -1)
+
+    @property
+    def n(self) -> int:
+        return len(self.page_layers)
+
+    def page_done(self, i: int) -> None:
+        self.page_layers[i] = self.num_layers
+        self._publish()
+
+    def layers_done(self, indexes: list[int], layers: int) -> None:
+        for i in indexes:
+            if layers > self.page_layers[i]:
+                self.page_layers[i] = layers
+        self._publish()
+
+    def fail(self, i: int) -> None:
+        if i < self.failed_from:
+            self.failed_from = i
+        self._publish()
+
+    @property
+    def ready_layers(self) -> int:
+        head = self.page_layers[: self.failed_from]
+        return min(head) if head else self.num_layers
+
+    @property
+    def finished(self) -> bool:
+        return self.ready_layers == self.num_layers
+
+    def _publish(self) -> None:
+        if self.slot is None:
+            return
+        state = (self.ready_layers, self.failed_from)
+        if state != self._published:
+            self._published = state
+            failed = SIGNAL_NONE if self.failed_from == self.n else self.failed_from
+            self.board.write(self.slot, state[0], failed)
+
+    def close(self) -> None:
+        """The load's lease is gone: the slot goes back to the board; later progress is not published."""
+        if self.slot is not None:
+            self.board.free(self.slot)
+            self.slot = None
+
+
+def layer_groups(num_layers: int, groups: int) -> list[tuple[int, int]]:
+    """Split [0, num_layers) into at most `groups` contiguous ranges, front-loaded with small ones
+    so the first layer arrives early: the engine can start while the rest is on the way."""
+    if num_layers <= 0:
+        return []
+    groups = max(1, min(groups, num_layers))
+    out: list[tuple[int, int]] = [(0, 1)] if groups > 1 else []
+    lo = out[-1][1] if out else 0
+    rest = groups - len(out)
+    for g in range(rest):
+        hi = lo + (num_layers - lo) // (rest - g)
+        out.append((lo, hi))
+        lo = hi
+    return [r for r in out if r[1] > r[0]]

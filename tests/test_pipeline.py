@@ -1,0 +1,158 @@
+"""Layer-pipelined loads: an engine reads layer 0 of its pages before the last layer has arrived, and a
+transfer that fails part-way surfaces as "pages from here on are not loaded" — never as garbage.
+
+In-process manager with a scripted peer (`ScriptedPeer`): the order in which layer groups arrive and
+the failure of one page in one layer group are faults a real peer cannot produce on demand. The real
+network path is covered with daemons in tests/cluster/test_daemons.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from polarkvd.keys import page_keys
+from polarkvd.transport.pipeline import SIGNAL, SIGNAL_NONE, LoadProgress, SignalBoard, layer_groups
+from polarkvd.types import Tier
+from tests.conftest import TEST_NS, chain_tokens, make_manager, manager_store, page_bytes_for
+
+L, LB = TEST_NS.num_layers, TEST_NS.layer_bytes
+
+
+class ScriptedPeer:
+    """Stands in for ClusterPool: holds pages of another member; releases layer groups on command."""
+
+    fetch_batch = 8
+    layer_groups = L  # one layer per group: the finest ordering to observe
+
+    def __init__(self, keys: list[bytes], fail: tuple[int, int] | None = None) -> None:
+        self.keys = keys
+        self.hints = {k: ("peer",) for k in keys}
+        self.fail = fail  # (page index among `keys`, layer) that fails
+        self.gates: dict[int, asyncio.Event] = {}
+        self.served: list[tuple[int, int]] = []
+
+    def gate(self, lo: int) -> asyncio.Event:
+        return self.gates.setdefault(lo, asyncio.Event())
+
+    async def locate(self, keys):
+        return [("peer",) for k in keys if k in self.hints]
+
+    async def fetch(self, holder, ns, keys, views, layers=None):
+        lo, hi, lb = layers
+        await self.gate(lo).wait()
+        out = []
+        for key, view in zip(keys, views):
+            i = self.keys.index(key)
+            if self.fail is not None and i == self.fail[0] and lo <= self.fail[1] < hi:
+                out.append(False)
+                break
+            view[:] = page_bytes_for(key, TEST_NS.page_bytes)[lo * lb : hi * lb].tobytes()
+            out.append(self.keys[i - 1] if i else None)
+            self.served.append((i, lo))
+        return out + [False] * (len(keys) - len(out))
+
+    def page_added(self, key, tier):
+        pass
+
+    def page_removed(self, key, tier):
+        pass
+
+
+def _signal(m, slot) -> tuple[int, int]:
+    return SIGNAL.unpack_from(m.signals.view, slot * SIGNAL.size)
+
+
+def _layer(m, offset: int, layer: int) -> bytes:
+    return bytes(m.arena[offset + layer * LB : offset + (layer + 1) * LB])
+
+
+def test_layer_zero_is_readable_before_the_last_layer_arrives() -> None:
+    m, _ = make_manager(64)
+    session = m.attach(TEST_NS, "e")
+    local = [bytes(k) for k in page_keys(session.ns.digest, chain_tokens(1, 3), TEST_NS.page_tokens)]
+    manager_store(m, session, local)
+    remote = [bytes(k) for k in page_keys(session.ns.digest, chain_tokens(1, 8), TEST_NS.page_tokens)][3:]
+    peer = ScriptedPeer(remote)
+    m.cluster = peer
+
+    async def run() -> None:
+        offsets, tiers, lease, slot = await m.load_pipelined(session, local + remote)
+        assert tiers == [Tier.DRAM] * 3 + [Tier.DMP] * 5 and slot is not None and lease is not None
+        assert _signal(m, slot) == (0, SIGNAL_NONE)  # nothing of the remote pages yet
+        seen = []
+        for layer in range(L):
+            peer.gate(layer).set()
+            for _ in range(100):
+                await asyncio.sleep(0)
+                if _signal(m, slot)[0] > layer:
+                    break
+            ready, failed = _signal(m, slot)
+            seen.append(ready)
+            assert failed == SIGNAL_NONE
+            # the engine reads layer `layer` of every page now: it is all there ...
+            for key, off in zip(local + remote, offsets):
+                assert _layer(m, off, layer) == page_bytes_for(key, TEST_NS.page_bytes)[layer * LB : (layer + 1) * LB].tobytes()
+            # ... while the next layer of the remote pages has not arrived
+            if layer + 1 < L:
+                assert _layer(m, offsets[3], layer + 1) != page_bytes_for(remote[0], TEST_NS.page_bytes)[(layer + 1) * LB : (layer + 2) * LB].tobytes()
+        assert seen == list(range(1, L + 1))
+        await asyncio.sleep(0)
+        assert all(m.index.get(k).state == 1 for k in remote)  # READY: a local hit from now on
+        assert m.release(session, lease) == 8
+        assert m.signals.in_use == 0
+
+    asyncio.run(run())
+
+
+def test_a_failure_in_layer_k_cuts_the_load_at_that_page() -> None:
+    m, _ = make_manager(64)
+    session = m.attach(TEST_NS, "e")
+    keys = [bytes(k) for k in page_keys(session.ns.digest, chain_tokens(2, 6), TEST_NS.page_tokens)]
+    peer = ScriptedPeer(keys, fail=(3, 2))  # page 3 fails in layer 2
+    m.cluster = peer
+
+    async def run() -> None:
+        offsets, tiers, lease, slot = await m.load_pipelined(session, keys)
+        assert len(offsets) == 6 and slot is not None
+        for layer in range(L):
+            peer.gate(layer).set()
+        for _ in range(200):
+            await asyncio.sleep(0)
+            if _signal(m, slot)[0] == L:
+                break
+        ready, failed = _signal(m, slot)
+        assert (ready, failed) == (L, 3)  # pages 0-2 complete; 3 and after: recompute
+        for key, off in zip(keys[:3], offsets):
+            assert bytes(m.arena[off : off + TEST_NS.page_bytes]) == page_bytes_for(key, TEST_NS.page_bytes).tobytes()
+        assert all(m.index.get(k) is not None and m.index.get(k).state == 1 for k in keys[:3])
+        assert all(m.index.get(k) is None for k in keys[3:])  # nothing half-filled stays visible
+        assert (3, 3) not in peer.served  # no layer after the failure was asked for page 3
+        m.release(session, lease)
+        tiers_now, _ = m.lookup(session, keys)
+        assert tiers_now == [Tier.DRAM] * 3
+
+    asyncio.run(run())
+
+
+def test_progress_word_and_groups() -> None:
+    board = SignalBoard(memoryview(bytearray(64)))
+    assert board.slots == 8
+    slot = board.alloc()
+    p = LoadProgress(board, slot, 3, 4)
+    p.page_done(0)
+    assert SIGNAL.unpack_from(board.view, slot * 8) == (0, SIGNAL_NONE)
+    p.layers_done([1, 2], 2)
+    assert SIGNAL.unpack_from(board.view, slot * 8) == (2, SIGNAL_NONE)
+    p.fail(2)
+    assert SIGNAL.unpack_from(board.view, slot * 8) == (2, 2)
+    p.layers_done([1], 4)
+    assert SIGNAL.unpack_from(board.view, slot * 8) == (4, 2) and p.finished
+    p.close()
+    assert board.in_use == 0
+    p.layers_done([1], 4)  # after close: nothing written, nothing raised
+    for n, g in [(30, 8), (4, 8), (1, 3), (7, 1)]:
+        groups = layer_groups(n, g)
+        assert groups[0][0] == 0 and groups[-1][1] == n and len(groups) <= g
+        assert all(a[1] == b[0] for a, b in zip(groups, groups[1:]))
+        if g > 1 and n > 1:
+            assert groups[0] == (0, 1)  # the first layer arrives on its own, early
