@@ -8,7 +8,7 @@ page costs one object, one key and one dict entry: measured ~220 bytes per page 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from polarkvd.policy import PolicyNode
 
@@ -40,11 +40,10 @@ class PageIndex:
 
     def __init__(self) -> None:
         self._pages: dict[bytes, Page] = {}
+        #: key -> Page or None. The dict's own bound `get`: no Python frame per probe (the lookup path)
+        self.get: Callable[[bytes], Page | None] = self._pages.get
         self.ready_bytes = 0
         self.ready_pages = 0
-
-    def get(self, key: bytes) -> Page | None:
-        return self._pages.get(key)
 
     def __contains__(self, key: bytes) -> bool:
         return key in self._pages

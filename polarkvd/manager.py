@@ -210,19 +210,25 @@ class Manager:
         safe on any thread (single dict gets and attribute reads, each atomic under the GIL; the disk
         tier's `entry` takes its own lock). A page evicted a moment later is a miss at load time."""
         hit_pages: list[Page] = []
-        tiers: list[Tier] = []
         ns_id = ns.id
-        get = self.index.get
-        dram, disk = Tier.DRAM, Tier.DISK
-        for key in keys:  # the hot path of every request: keep it to dict lookups
-            page = get(key)
-            if page is not None and page.state == READY and page.ns == ns_id:
-                hit_pages.append(page)
-                tiers.append(dram)
-            elif self._on_disk(key, ns.digest):
-                tiers.append(disk)
-            else:
+        # the hot path of every request: DRAM hits in one loop of dict gets, then the rest
+        for page in map(self.index.get, keys):
+            if page is None or page.state != READY or page.ns != ns_id:
                 break
+            hit_pages.append(page)
+        tiers = [Tier.DRAM] * len(hit_pages)
+        if len(hit_pages) < len(keys):
+            dram, disk = Tier.DRAM, Tier.DISK
+            get = self.index.get
+            for key in keys[len(hit_pages) :]:
+                page = get(key)
+                if page is not None and page.state == READY and page.ns == ns_id:
+                    hit_pages.append(page)
+                    tiers.append(dram)
+                elif self._on_disk(key, ns.digest):
+                    tiers.append(disk)
+                else:
+                    break
         return tiers, hit_pages
 
     def lookup(self, session: Session, keys: list[bytes], pin: bool = False) -> tuple[list[Tier], int | None]:

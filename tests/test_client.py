@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
 
 import numpy as np
 import pytest
 
 from polarkvd.client import EngineClient, _ArenaMaps
-from polarkvd.errors import PolarKVError
+from polarkvd.errors import DaemonUnavailable, PolarKVError
 from tests.conftest import TEST_NS
 
 
@@ -54,3 +56,18 @@ def test_lookup_only_client_maps_nothing_and_refuses_byte_ops(daemon) -> None:
         finally:
             scheduler.close()
         assert daemon.stats()["leases"] == 0  # the refused load pinned nothing
+
+
+def test_a_daemon_that_stops_answering_times_out_with_a_clear_error(daemon) -> None:
+    """A hung daemon (SIGSTOP) must not hang the engine: the call fails after the client's timeout."""
+    kv = EngineClient(TEST_NS, "t", daemon.engine_socket, timeout=0.5)
+    try:
+        kv.ping()
+        os.kill(daemon.proc.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(DaemonUnavailable, match=r"did not answer ping within 0.5s"):
+                kv.ping()
+        finally:
+            os.kill(daemon.proc.pid, signal.SIGCONT)
+    finally:
+        kv.close()

@@ -122,12 +122,22 @@ def pack_keys(keys: list[bytes]) -> list[bytes]:
     return keys if isinstance(keys, list) else list(keys)
 
 
+_KEY_LEN = {KEY_BYTES}
+
+
 def unpack_keys(keys: object, limit: int) -> list[bytes]:
     """Validate a key array: bad types and sizes are a ProtocolError, too many keys FrameTooLarge."""
     if not isinstance(keys, list):
         raise ProtocolError("keys must be an array of 16-byte binary keys")
     if len(keys) > limit:
         raise FrameTooLarge(f"{len(keys)} keys in one request exceeds the limit of {limit}")
-    if keys and (set(map(type, keys)) != {bytes} or set(map(len, keys)) != {KEY_BYTES}):
-        raise ProtocolError(f"every key must be {KEY_BYTES} bytes of binary")
+    if keys:
+        # Two C-level passes (measured half the cost of checking types and lengths as sets): join
+        # refuses anything not bytes-like (str, ints, maps, nil); msgpack decodes every bin as bytes.
+        try:
+            b"".join(keys)
+        except TypeError:
+            raise ProtocolError(f"every key must be {KEY_BYTES} bytes of binary") from None
+        if set(map(len, keys)) != _KEY_LEN:
+            raise ProtocolError(f"every key must be {KEY_BYTES} bytes of binary")
     return keys
