@@ -5,8 +5,10 @@ no counters of its own: every series is computed at scrape time from a `Snapshot
 on its event loop — `Manager.stats()` (the same dict `polarkvd status` prints), the op histograms and
 the daemon's own state — so metrics and `status` can never disagree.
 
-`LatencyHistogram` is written by the event loop thread only and has no lock: an observation is a
-bisect and two additions (see docs/METRICS.md for its measured cost on the lookup path).
+`LatencyHistogram` itself has no lock: an observation is a bisect and two additions (see
+docs/METRICS.md for its measured cost on the lookup path). Ops served only on the event loop observe
+without one; the lookup histogram is also written by engine connection threads, which observe it
+under a lock (server/engine.py).
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ TIMED_OPS = ("lookup", "reserve", "commit", "load")
 
 
 class LatencyHistogram:
-    """Fixed-bucket histogram of durations in nanoseconds. Not thread-safe: the loop thread only."""
+    """Fixed-bucket histogram of durations in nanoseconds. Not thread-safe: one writer at a time
+    (the loop, or a lock shared by the writers)."""
 
     __slots__ = ("bounds", "counts", "sum_ns")
 
