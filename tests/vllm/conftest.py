@@ -126,6 +126,11 @@ class VllmProc:
         self.send(op="hook", **kw)
         self.expect("hooked")
 
+    def reset_prefix_cache(self) -> None:
+        """Empty vLLM's own prefix cache: the next hit must come from polarkvd."""
+        self.send(op="reset_prefix_cache")
+        assert self.expect("reset")["ok"], "vLLM refused to reset its prefix cache"
+
     def count(self, text: str) -> int:
         return sum(text in line for line in self.all_log)
 

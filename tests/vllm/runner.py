@@ -91,6 +91,8 @@ def main() -> None:
                 worker=connector.stats if connector else {},
                 scheduler=sched_connector.stats if sched_connector else {},
             )
+        elif op == "reset_prefix_cache":
+            _say("reset", ok=bool(llm.reset_prefix_cache()))
         elif op == "hook":
             assert connector is not None and connector.worker is not None
             connector.worker.before_load = _make_hook(cmd, connector)
