@@ -291,6 +291,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from polarkvd.bench.cluster import main as cluster_main
 
         return cluster_main(args)
+    if args.which == "pipeline":
+        from polarkvd.bench.pipeline import main as pipeline_main
+
+        return pipeline_main(args)
     raise AssertionError(args.which)
 
 
@@ -412,6 +416,13 @@ def build_parser() -> argparse.ArgumentParser:
     cluster_args(
         bsub.add_parser(
             "cluster", help="remote page fetch between two processes vs raw TCP, Redis and Mooncake Store"
+        )
+    )
+    from polarkvd.bench.pipeline import add_arguments as pipeline_args
+
+    pipeline_args(
+        bsub.add_parser(
+            "pipeline", help="vLLM TTFT of a prefix hit from DRAM, a peer or disk; layer pipelining on/off"
         )
     )
     sp.set_defaults(fn=cmd_bench)
