@@ -115,7 +115,7 @@ def render_cluster(rep: dict[str, Any]) -> str:
     for m in rep["members"]:
         meta = m.get("meta") or {}
 
-        def space(name: str) -> str:
+        def space(name: str, meta: dict[str, Any] = meta) -> str:
             v = meta.get(name)
             if not isinstance(v, list) or len(v) != 2:
                 return "-"
@@ -147,14 +147,16 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     try:
         write_key_file(args.out, generate(), force=args.force)
     except FileExistsError:
-        print(f"polarkvd: {args.out} exists; refusing to overwrite a cluster key (use --force)", file=sys.stderr)
+        print(
+            f"polarkvd: {args.out} exists; refusing to overwrite a cluster key (use --force)", file=sys.stderr
+        )
         return 1
     except OSError as e:
         print(f"polarkvd: cannot write {args.out}: {e.strerror or e}", file=sys.stderr)
         return 1
     print(
         f"wrote the cluster key pair to {args.out} (mode 0600). Copy it to every member, owned by the "
-        f"daemon's user, and set [cluster] key_file = \"{args.out}\"."
+        f'daemon\'s user, and set [cluster] key_file = "{args.out}".'
     )
     return 0
 
@@ -343,7 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("status", help="tier occupancy, hit/miss counts, sessions and leases")
     sp.add_argument("--json", action="store_true", help="print the raw stats as JSON")
     sp.add_argument(
-        "--cluster", action="store_true", help="the cluster instead: every member, its state, endpoints and space"
+        "--cluster",
+        action="store_true",
+        help="the cluster instead: every member, its state, endpoints and space",
     )
     control_args(sp)
     sp.set_defaults(fn=cmd_status)

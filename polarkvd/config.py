@@ -319,7 +319,7 @@ def parse_address_list(value: object) -> tuple[str, ...]:
     elif isinstance(value, (list, tuple)):
         items = list(value)
     else:
-        raise ValueError("expected a list of HOST:PORT, e.g. [\"10.0.0.1:7946\", \"10.0.0.2:7946\"]")
+        raise ValueError('expected a list of HOST:PORT, e.g. ["10.0.0.1:7946", "10.0.0.2:7946"]')
     out = []
     for item in items:
         if not isinstance(item, str):
@@ -368,26 +368,40 @@ class ClusterSection:
         "0.0.0.0:7946", parse_listen_address, "HOST:PORT the gossip (membership) socket binds"
     )
     data_address: str = _opt(
-        "0.0.0.0:7947", parse_listen_address, "HOST:PORT the page transport (meta map queries, page fetches) binds"
+        "0.0.0.0:7947",
+        parse_listen_address,
+        "HOST:PORT the page transport (meta map queries, page fetches) binds",
     )
     advertise_host: str = _opt(
-        "", parse_str, "host or IP peers use to reach this daemon; empty = the bind host, or this host's address"
+        "",
+        parse_str,
+        "host or IP peers use to reach this daemon; empty = the bind host, or this host's address",
     )
     seeds: tuple[str, ...] = _opt((), parse_address_list, "gossip HOST:PORT of a few members to join through")
     key_file: str = _opt(
         "", parse_str, "the cluster's CURVE key pair (`polarkvd keygen`); required unless insecure = true"
     )
     insecure: bool = _opt(
-        False, parse_bool, "explicit opt-out: no authentication between peers (trusted networks only; warned at start)"
+        False,
+        parse_bool,
+        "explicit opt-out: no authentication between peers (trusted networks only; warned at start)",
     )
     dmp_bytes: int = _opt(0, parse_size, "DRAM this daemon lends to the cluster's pool (L3); 0 = lends none")
     replicas: int = _opt(1, _positive(parse_int), "copies of each page demoted to the pool")
     lookup_timeout: float = _opt(
-        0.05, _positive(parse_duration), "an engine lookup waits at most this long for the cluster's answer (then: miss)"
+        0.05,
+        _positive(parse_duration),
+        "an engine lookup waits at most this long for the cluster's answer (then: miss)",
     )
-    fetch_timeout: float = _opt(2.0, _positive(parse_duration), "a page fetch from a peer gives up after this (then: miss)")
-    probe_interval: float = _opt(0.5, _positive(parse_duration), "membership: one failure-detection probe per interval")
-    probe_timeout: float = _opt(0.2, _positive(parse_duration), "membership: wait for a direct ack (< probe_interval)")
+    fetch_timeout: float = _opt(
+        2.0, _positive(parse_duration), "a page fetch from a peer gives up after this (then: miss)"
+    )
+    probe_interval: float = _opt(
+        0.5, _positive(parse_duration), "membership: one failure-detection probe per interval"
+    )
+    probe_timeout: float = _opt(
+        0.2, _positive(parse_duration), "membership: wait for a direct ack (< probe_interval)"
+    )
     suspicion_mult: float = _opt(
         4.0, _at_least_one, "membership: a suspect is declared dead after about mult*log10(n)*probe_interval"
     )
@@ -534,7 +548,13 @@ def _cross_checks(cfg: Config) -> list[tuple[str, object, str]]:
     out.extend(watermark_problems(cfg.dram.high_watermark, cfg.dram.low_watermark))
     c = cfg.cluster
     if c.probe_timeout >= c.probe_interval:
-        out.append(("cluster.probe_timeout", c.probe_timeout, f"must be below cluster.probe_interval ({c.probe_interval})"))
+        out.append(
+            (
+                "cluster.probe_timeout",
+                c.probe_timeout,
+                f"must be below cluster.probe_interval ({c.probe_interval})",
+            )
+        )
     if c.enabled:
         if not c.key_file and not c.insecure:
             out.append(
@@ -547,7 +567,11 @@ def _cross_checks(cfg: Config) -> list[tuple[str, object, str]]:
         for name in ("gossip_address", "data_address"):
             if getattr(c, name) == "off":
                 out.append((f"cluster.{name}", "off", "a cluster member needs this socket"))
-        if c.gossip_address != "off" and c.gossip_address == c.data_address and not c.gossip_address.endswith(":0"):
+        if (
+            c.gossip_address != "off"
+            and c.gossip_address == c.data_address
+            and not c.gossip_address.endswith(":0")
+        ):
             out.append(("cluster.data_address", c.data_address, "same as cluster.gossip_address"))
     return out
 

@@ -123,7 +123,9 @@ class Daemon:
                 from polarkvd.transport.rdma import describe_choice, probe_cluster
 
                 self.transport = probe_cluster(cfg.cluster)  # transport = "rdma" without RDMA: exit 78
-                log.info("%s", describe_choice(self.transport), extra={"transport": self.transport.kind.value})
+                log.info(
+                    "%s", describe_choice(self.transport), extra={"transport": self.transport.kind.value}
+                )
             engine_path = Path(cfg.daemon.engine_socket)
             control_path = Path(cfg.daemon.control_socket)
             for p in (engine_path, control_path):
@@ -304,7 +306,11 @@ class Daemon:
             return {name: [used, cap] for name, (used, cap) in space.items()}
 
         node = ClusterNode(
-            cfg.cluster, self.cluster_keys, data_address=data_address, meta_source=meta, on_members=pool.on_members
+            cfg.cluster,
+            self.cluster_keys,
+            data_address=data_address,
+            meta_source=meta,
+            on_members=pool.on_members,
         )
         node.start()
         return node

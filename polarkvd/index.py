@@ -19,7 +19,18 @@ PROMOTING = 2  # being filled from a lower tier; visible to nobody but its loade
 
 
 class Page(PolicyNode):
-    __slots__ = ("ns", "offset", "size", "parent", "children", "pins", "state", "on_disk", "linked", "checksum")
+    __slots__ = (
+        "ns",
+        "offset",
+        "size",
+        "parent",
+        "children",
+        "pins",
+        "state",
+        "on_disk",
+        "linked",
+        "checksum",
+    )
 
     def __init__(self, key: bytes, ns: int, offset: int, size: int, parent: bytes | None, state: int) -> None:
         super().__init__(key)

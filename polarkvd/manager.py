@@ -487,7 +487,9 @@ class Manager:
                 progress.page_done(i)
         for pos, fut in waits:
             fut.add_done_callback(
-                lambda f, i=pos: progress.page_done(i) if not f.cancelled() and f.result() else progress.fail(i)
+                lambda f, i=pos: (
+                    progress.page_done(i) if not f.cancelled() and f.result() else progress.fail(i)
+                )
             )
         if layered:
             self._fetch_layered(ns, layered, progress)
@@ -542,7 +544,9 @@ class Manager:
             waits.append((len(pinned) - 1, fut))
         return pinned, tiers, waits, remote_from
 
-    def _loaded(self, session: Session, keys: list[bytes], pinned: list[Page], tiers: list[Tier]) -> Lease | None:
+    def _loaded(
+        self, session: Session, keys: list[bytes], pinned: list[Page], tiers: list[Tier]
+    ) -> Lease | None:
         """Account a load and put its pinned pages under a lease (None when nothing was pinned)."""
         ns = session.ns
         self.policy.touch_many(pinned[::-1])  # type: ignore[arg-type]
@@ -614,7 +618,9 @@ class Manager:
                 batch = []
         return started
 
-    async def _fetch(self, ns: NamespaceInfo, holder: str, batch: list[tuple[Page, asyncio.Future[bool]]]) -> None:
+    async def _fetch(
+        self, ns: NamespaceInfo, holder: str, batch: list[tuple[Page, asyncio.Future[bool]]]
+    ) -> None:
         views = [self.arena[p.offset : p.offset + p.size] for p, _ in batch]
         sums: list[int | None] = []
         try:
@@ -672,7 +678,10 @@ class Manager:
                             b[0][3],
                             ns.digest,
                             [p.key for _, p, _, _ in b],
-                            [self.arena[p.offset + lo * layer_bytes : p.offset + hi * layer_bytes] for _, p, _, _ in b],
+                            [
+                                self.arena[p.offset + lo * layer_bytes : p.offset + hi * layer_bytes]
+                                for _, p, _, _ in b
+                            ],
                             layers=(lo, hi, layer_bytes),
                         )
                         for b in live
@@ -881,11 +890,16 @@ class Manager:
             return False
         info = self._ns_by_id[page.ns]
         item = PendingDemotion(
-            bytes(self.arena[page.offset : page.offset + page.size]), info.digest, page.parent, info.ns.itemsize
+            bytes(self.arena[page.offset : page.offset + page.size]),
+            info.digest,
+            page.parent,
+            info.ns.itemsize,
         )
         self.pending[page.key] = item
         self.pending_bytes += page.size
-        fut = asyncio.ensure_future(self.cluster.demote(info.digest, page.key, page.parent, item.data, targets))
+        fut = asyncio.ensure_future(
+            self.cluster.demote(info.digest, page.key, page.parent, item.data, targets)
+        )
         self._cluster_tasks.add(fut)
 
         def done(f: asyncio.Future[int]) -> None:

@@ -291,7 +291,9 @@ def families(snap: Snapshot) -> Iterator[Any]:
 
     if snap.cluster is not None:
         members = GaugeMetricFamily(
-            "polarkv_cluster_members", "Cluster members this daemon knows, by state (itself included).", labels=["state"]
+            "polarkv_cluster_members",
+            "Cluster members this daemon knows, by state (itself included).",
+            labels=["state"],
         )
         for state in ("alive", "suspect", "dead", "left"):
             members.add_metric([state], snap.cluster.get(state, 0))

@@ -240,7 +240,9 @@ def test_serve_with_bad_config_exits_78(tmp_path: Path) -> None:
     assert r.returncode == EXIT_CONFIG and "KEY=VALUE" in r.stderr
 
 
-@pytest.mark.parametrize("option", ["daemon.max_sessions", "daemon.max_keys_per_request", "dram.min_prefix_pages"])
+@pytest.mark.parametrize(
+    "option", ["daemon.max_sessions", "daemon.max_keys_per_request", "dram.min_prefix_pages"]
+)
 @pytest.mark.parametrize("value", ["-1", "0"])
 def test_counts_must_be_positive(option: str, value: str) -> None:
     """-1 is how "auto" sizes are stored internally; it must never slip through as a count."""

@@ -91,10 +91,18 @@ def test_layer_zero_is_readable_before_the_last_layer_arrives() -> None:
             assert failed == SIGNAL_NONE
             # the engine reads layer `layer` of every page now: it is all there ...
             for key, off in zip(local + remote, offsets):
-                assert _layer(m, off, layer) == page_bytes_for(key, TEST_NS.page_bytes)[layer * LB : (layer + 1) * LB].tobytes()
+                assert (
+                    _layer(m, off, layer)
+                    == page_bytes_for(key, TEST_NS.page_bytes)[layer * LB : (layer + 1) * LB].tobytes()
+                )
             # ... while the next layer of the remote pages has not arrived
             if layer + 1 < L:
-                assert _layer(m, offsets[3], layer + 1) != page_bytes_for(remote[0], TEST_NS.page_bytes)[(layer + 1) * LB : (layer + 2) * LB].tobytes()
+                assert (
+                    _layer(m, offsets[3], layer + 1)
+                    != page_bytes_for(remote[0], TEST_NS.page_bytes)[
+                        (layer + 1) * LB : (layer + 2) * LB
+                    ].tobytes()
+                )
         assert seen == list(range(1, L + 1))
         await asyncio.sleep(0)
         assert all(m.index.get(k).state == 1 for k in remote)  # READY: a local hit from now on
@@ -123,7 +131,10 @@ def test_a_failure_in_layer_k_cuts_the_load_at_that_page() -> None:
         ready, failed = _signal(m, slot)
         assert (ready, failed) == (L, 3)  # pages 0-2 complete; 3 and after: recompute
         for key, off in zip(keys[:3], offsets):
-            assert bytes(m.arena[off : off + TEST_NS.page_bytes]) == page_bytes_for(key, TEST_NS.page_bytes).tobytes()
+            assert (
+                bytes(m.arena[off : off + TEST_NS.page_bytes])
+                == page_bytes_for(key, TEST_NS.page_bytes).tobytes()
+            )
         assert all(m.index.get(k) is not None and m.index.get(k).state == 1 for k in keys[:3])
         assert all(m.index.get(k) is None for k in keys[3:])  # nothing half-filled stays visible
         assert (3, 3) not in peer.served  # no layer after the failure was asked for page 3

@@ -447,7 +447,9 @@ def _namespace_for(size: int) -> Any:
 class DaemonFetchMethod:
     """Two daemons in a cluster: pages stored on A, loaded through B (B fetches them from A)."""
 
-    def __init__(self, data: DataFile, src: memoryview, threads: int, batch: int, stack: contextlib.ExitStack) -> None:
+    def __init__(
+        self, data: DataFile, src: memoryview, threads: int, batch: int, stack: contextlib.ExitStack
+    ) -> None:
         from polarkvd.bench.harness import private_daemon
         from polarkvd.client import ControlClient
 
@@ -455,7 +457,10 @@ class DaemonFetchMethod:
         self.cpu: Callable[[], float] | None = None
         slab = max(64 << 20, -(-max(ps.size for ps in data.sets) // (1 << 20)) * (1 << 20))
         a_bytes = -(-(data.total + 2 * slab * len(data.sets)) // slab) * slab
-        b_bytes = -(-(2 * self.per_call * max(ps.size for ps in data.sets) + 2 * slab * len(data.sets)) // slab) * slab
+        b_bytes = (
+            -(-(2 * self.per_call * max(ps.size for ps in data.sets) + 2 * slab * len(data.sets)) // slab)
+            * slab
+        )
         ga, gb = _free_ports(2)
         common = {
             "cluster.enabled": "true",
@@ -526,7 +531,9 @@ class DaemonFetchMethod:
                 r = kv.load(batch)
                 busy += time.perf_counter() - t0
                 if r.loaded != len(batch) or set(r.tiers) != {3}:
-                    raise RuntimeError(f"fetch: B loaded {r.loaded} of {len(batch)} pages, tiers {set(r.tiers)}")
+                    raise RuntimeError(
+                        f"fetch: B loaded {r.loaded} of {len(batch)} pages, tiers {set(r.tiers)}"
+                    )
                 if i == 0:  # checked byte for byte
                     off, nbytes = ps.span(first, len(batch))
                     for j, view in enumerate(r.views):
@@ -919,7 +926,16 @@ def render(res: dict[str, Any]) -> str:
                          f(row["fetch_cpu_vs_raw_tcp"], "x")))  # fmt: skip
     header = ("page", "fetch (daemons)", "transport", "stored sums", "raw TCP", "Redis", "Mooncake", "fetch/raw",
               "transport/raw", "fetch/Mooncake")  # fmt: skip
-    cpu_header = ("page", "fetch (daemons)", "transport", "stored sums", "raw TCP", "Redis", "Mooncake", "fetch/raw")
+    cpu_header = (
+        "page",
+        "fetch (daemons)",
+        "transport",
+        "stored sums",
+        "raw TCP",
+        "Redis",
+        "Mooncake",
+        "fetch/raw",
+    )
     out = [
         "GB/s (1e9 bytes): medians; ratios are medians of per-round ratios\n" + table(rows, header),
         "\nCPU seconds per GB, both sides (client + server processes), medians\n"

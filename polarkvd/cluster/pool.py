@@ -75,7 +75,12 @@ class ClusterPool:
             host,
             port,
             key=secret,
-            handlers={"where": self._h_where, "announce": self._h_announce, "get": self._h_get, "put": self._h_put},
+            handlers={
+                "where": self._h_where,
+                "announce": self._h_announce,
+                "get": self._h_get,
+                "put": self._h_put,
+            },
         )
         self.client = PeerClient(key=secret, timeout=self.c.fetch_timeout)
         self.net = concurrent.futures.ThreadPoolExecutor(NET_THREADS, thread_name_prefix="polarkv-net")
@@ -165,7 +170,9 @@ class ClusterPool:
         sent = 0
         for batch in encode_batches(msgs, ANNOUNCE_BATCH):
             try:
-                await self._call(addr, "announce", {"from": self.node_id, "batch": batch}, self.c.fetch_timeout)
+                await self._call(
+                    addr, "announce", {"from": self.node_id, "batch": batch}, self.c.fetch_timeout
+                )
             except (PolarKVError, OSError, asyncio.TimeoutError) as e:
                 self.counters["cluster_announce_failures"] += 1
                 log.debug("cluster: announcement to %s failed (queued again): %r", dest, e)
@@ -192,7 +199,9 @@ class ClusterPool:
             addr = self._data_addr(member) if member else None
             if addr is None or owner in self.suspects:
                 continue
-            calls.append((idx, self._call(addr, "where", {"keys": [keys[i] for i in idx]}, self.c.lookup_timeout)))
+            calls.append(
+                (idx, self._call(addr, "where", {"keys": [keys[i] for i in idx]}, self.c.lookup_timeout))
+            )
         if calls:
             results = await asyncio.gather(*(c for _, c in calls), return_exceptions=True)
             for (idx, _), res in zip(calls, results):
@@ -285,7 +294,9 @@ class ClusterPool:
                     weights[node] = float(max(free, size))
         return ring.place(key, weights, self.c.replicas) if weights else []
 
-    async def demote(self, ns: bytes, key: bytes, parent: bytes | None, data: bytes, targets: list[str]) -> int:
+    async def demote(
+        self, ns: bytes, key: bytes, parent: bytes | None, data: bytes, targets: list[str]
+    ) -> int:
         """Send one evicted page to the peers chosen; returns how many took it."""
         stored = 0
         for node in targets:
@@ -295,7 +306,11 @@ class ClusterPool:
                 continue
             try:
                 header, _ = await self._call(
-                    addr, "put", {"ns": ns, "keys": [key], "parents": [parent]}, self.c.fetch_timeout, payloads=[data]
+                    addr,
+                    "put",
+                    {"ns": ns, "keys": [key], "parents": [parent]},
+                    self.c.fetch_timeout,
+                    payloads=[data],
                 )
             except (PolarKVError, OSError, asyncio.TimeoutError) as e:
                 self.counters["cluster_demote_failures"] += 1

@@ -1023,7 +1023,10 @@ class _WorkerSide:
                 keys = spec.keys[self.rank] if self.rank < len(spec.keys) else []
                 pipelined = self.opts.load_mode == "layer"
                 result = _call(
-                    self.link, "load", lambda c=client, k=keys: c.load(k, pipelined=pipelined), self.stats_seconds
+                    self.link,
+                    "load",
+                    lambda c=client, k=keys, p=pipelined: c.load(k, pipelined=p),
+                    self.stats_seconds,
                 )
                 if result is not None:
                     if result.lease is not None:

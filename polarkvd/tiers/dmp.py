@@ -57,7 +57,9 @@ class DmpStore:
 
     # ------------------------------------------------------------------ writes from peers
 
-    def reserve(self, key: bytes, ns: bytes, parent: bytes | None, size: int) -> tuple[DmpEntry | None, list[bytes]]:
+    def reserve(
+        self, key: bytes, ns: bytes, parent: bytes | None, size: int
+    ) -> tuple[DmpEntry | None, list[bytes]]:
         """A slot for a page a peer is about to send, evicting LRU pages if needed.
 
         Returns (entry, keys evicted to make room); entry is None when the page cannot fit (too

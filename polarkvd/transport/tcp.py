@@ -317,7 +317,9 @@ def _send_message(sock: socket.socket, head: bytes, views: list[memoryview], sum
         _send_all(sock, pending, deadline)
 
 
-def _recv_payload(sock: socket.socket, dst: memoryview, trailer: memoryview, deadline: _Deadline) -> int | None:
+def _recv_payload(
+    sock: socket.socket, dst: memoryview, trailer: memoryview, deadline: _Deadline
+) -> int | None:
     """Receive one payload straight into `dst`, then its checksum; the checksum when they agree,
     None when they do not."""
     _recv_into(sock, dst, deadline)
@@ -577,7 +579,9 @@ class _ServerConn:
                     len(sums) != len(views)
                     or not all(c is None or (type(c) is int and 0 <= c < 1 << 64) for c in sums)
                 ):
-                    raise ValueError(f"Reply.sums must be one xxh3_64 int (or None) per payload ({len(views)})")
+                    raise ValueError(
+                        f"Reply.sums must be one xxh3_64 int (or None) per payload ({len(views)})"
+                    )
                 head = _pack(KIND_REPLY, {"reply": reply.header, "sizes": [len(v) for v in views]})
             except Exception as e:
                 srv._count("handler_errors")

@@ -28,7 +28,9 @@ pytestmark = pytest.mark.cluster
 
 
 def polarkvd(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "polarkvd", *args], capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "polarkvd", *args], capture_output=True, text=True, timeout=60
+    )
 
 
 def test_keygen_writes_a_private_pair_and_never_overwrites(tmp_path: Path) -> None:
@@ -54,7 +56,9 @@ def test_keygen_writes_a_private_pair_and_never_overwrites(tmp_path: Path) -> No
         ("MISMATCH", 0o600, "does not belong"),
     ],
 )
-def test_bad_key_files_are_refused_with_the_reason(tmp_path: Path, content: str | None, mode: int, reason: str) -> None:
+def test_bad_key_files_are_refused_with_the_reason(
+    tmp_path: Path, content: str | None, mode: int, reason: str
+) -> None:
     path = tmp_path / "k"
     if content == "GOOD":
         write_key_file(path, generate())
@@ -102,7 +106,9 @@ def test_insecure_mode_works_and_warns(daemon_factory) -> None:
     assert rep["enabled"] and rep["authenticated"] is False and rep["alive"] == 1
     r = polarkvd("status", "--cluster", "--socket", str(d.control_socket))
     assert r.returncode == 0 and "INSECURE" in r.stdout and "solo *" in r.stdout
-    url = next(line.split("metrics_url=")[1].split()[0] for line in d.log().splitlines() if "metrics_url=" in line)
+    url = next(
+        line.split("metrics_url=")[1].split()[0] for line in d.log().splitlines() if "metrics_url=" in line
+    )
     with urllib.request.urlopen(url, timeout=10) as resp:
         text = resp.read().decode()
     assert 'polarkv_cluster_members{state="alive"} 1.0' in text
@@ -159,7 +165,10 @@ def test_garbage_to_the_peer_service_gets_errors_and_changes_nothing(peer) -> No
     assert _error(client, addr, "frobnicate", {}) == "unknown_op"
     # put: payload count must match keys; parents must be keys or nil
     page = b"\x01" * TEST_NS.page_bytes
-    assert _error(client, addr, "put", {"ns": ns_digest, "keys": [b"k" * 16], "parents": [None]}) == "bad_request"
+    assert (
+        _error(client, addr, "put", {"ns": ns_digest, "keys": [b"k" * 16], "parents": [None]})
+        == "bad_request"
+    )
     assert (
         _error(client, addr, "put", {"ns": ns_digest, "keys": [b"k" * 16], "parents": ["x"]}, payloads=[page])
         == "bad_request"
@@ -179,7 +188,9 @@ def test_garbage_to_the_peer_service_gets_errors_and_changes_nothing(peer) -> No
             pass
     # still serving: the real pages, byte-exact, to a peer and to the engine
     views = [memoryview(bytearray(TEST_NS.page_bytes)) for _ in keys]
-    header, ok = client.call(addr, "get", {"ns": ns_digest, "keys": keys}, into=lambda h: views[: len(h["sizes"])])
+    header, ok = client.call(
+        addr, "get", {"ns": ns_digest, "keys": keys}, into=lambda h: views[: len(h["sizes"])]
+    )
     assert ok == [True] * len(keys)
     with d.engine() as kv:
         assert bad_pages(kv, keys, views) == []

@@ -168,7 +168,9 @@ def test_killed_member_is_declared_dead_and_the_rest_keep_serving(cluster: Clust
     with c.engine() as kv:
         wait_for(lambda: kv.lookup(on_a).hits == 6 and kv.lookup(on_b).hits == 6, 10, "C to see both")
     a.kill()
-    wait_for(lambda: cluster.view("c").get("a") == "dead" and cluster.view("b").get("a") == "dead", 15, "a dead")
+    wait_for(
+        lambda: cluster.view("c").get("a") == "dead" and cluster.view("b").get("a") == "dead", 15, "a dead"
+    )
     with c.engine() as kv:
         assert kv.lookup(on_a).hits == 0  # a miss, not an error
         res = kv.load(on_a)

@@ -42,7 +42,9 @@ def test_remote_and_disk_hits_with_pipelined_loads_give_identical_outputs(
         "cluster.seeds": f"127.0.0.1:{seed}",
         "cluster.lookup_timeout": "1s",
     }
-    a = daemon_factory({**common, "cluster.node_id": "a", "cluster.gossip_address": f"127.0.0.1:{seed}"}, name="a")
+    a = daemon_factory(
+        {**common, "cluster.node_id": "a", "cluster.gossip_address": f"127.0.0.1:{seed}"}, name="a"
+    )
     b = daemon_factory(
         {**common, "cluster.node_id": "b", "cluster.gossip_address": f"127.0.0.1:{_free_port()}"}, name="b"
     )
