@@ -872,6 +872,10 @@ class Manager:
         if self.pending_bytes + page.size > self.cfg.disk.max_pending_bytes:
             self.counters["demotions_dropped"] += 1
             return
+        self._write_to_disk(page.key, self._pend(page))
+
+    def _pend(self, page: Page) -> PendingDemotion:
+        """A copy of a page leaving DRAM, readable (lookups, promotions) until it lands elsewhere."""
         info = self._ns_by_id[page.ns]
         item = PendingDemotion(
             bytes(self.arena[page.offset : page.offset + page.size]),
@@ -881,7 +885,12 @@ class Manager:
         )
         self.pending[page.key] = item
         self.pending_bytes += page.size
-        self._write_to_disk(page.key, item)
+        return item
+
+    def _unpend(self, key: bytes, item: PendingDemotion) -> None:
+        if self.pending.get(key) is item:
+            del self.pending[key]
+            self.pending_bytes -= len(item.data)
 
     def _demote_to_pool(self, page: Page) -> bool:
         """Send an evicted page to the peers `cluster.replicas` picks; the disk gets it if they fail."""
@@ -889,14 +898,7 @@ class Manager:
         if not targets or self.pending_bytes + page.size > self.cfg.disk.max_pending_bytes:
             return False
         info = self._ns_by_id[page.ns]
-        item = PendingDemotion(
-            bytes(self.arena[page.offset : page.offset + page.size]),
-            info.digest,
-            page.parent,
-            info.ns.itemsize,
-        )
-        self.pending[page.key] = item
-        self.pending_bytes += page.size
+        item = self._pend(page)
         fut = asyncio.ensure_future(
             self.cluster.demote(info.digest, page.key, page.parent, item.data, targets)
         )
@@ -908,15 +910,14 @@ class Manager:
             if stored:
                 self.counters["demoted_pages_dmp"] += 1
                 self.counters["demoted_bytes_dmp"] += len(item.data)
-                if self.pending.get(page.key) is item:
-                    del self.pending[page.key]
-                    self.pending_bytes -= len(item.data)
-            elif self.disk is not None and self.pending.get(page.key) is item:
+                self._unpend(page.key, item)
+            elif self.pending.get(page.key) is not item:
+                pass  # a later demotion of the same page replaced it
+            elif self.disk is not None:
                 self.counters["demotions_dmp_to_disk"] += 1
                 self._write_to_disk(page.key, item)  # the pending entry stays until written
-            elif self.pending.get(page.key) is item:
-                del self.pending[page.key]
-                self.pending_bytes -= len(item.data)
+            else:
+                self._unpend(page.key, item)
                 self.counters["demotions_dropped"] += 1
 
         fut.add_done_callback(done)
@@ -933,9 +934,7 @@ class Manager:
 
         def done(f: asyncio.Future[Any]) -> None:
             self._disk_writes.discard(f)
-            if self.pending.get(key) is item:
-                del self.pending[key]
-                self.pending_bytes -= len(item.data)
+            self._unpend(key, item)
             if f.cancelled():  # the I/O pool shut down under it (daemon stopping)
                 self.counters["demotions_cancelled"] += 1
             elif f.exception() is not None:

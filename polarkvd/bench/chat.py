@@ -47,7 +47,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from polarkvd.bench.harness import Progress, percentile, private_daemon, table
+from polarkvd.bench.harness import Progress, percentile, private_daemon, ratio, table
 
 CONFIGS = ("nocache", "prefix_cache", "example_connector", "polarkvd")
 CONFIG_HELP = {
@@ -100,8 +100,9 @@ def _vocab_words(tok: Any) -> list[int]:
     return sorted(i for t, i in tok.get_vocab().items() if re.fullmatch(r"Ġ[a-z]{3,12}", t))
 
 
-def build_workload(args: argparse.Namespace, model_dir: str) -> dict[str, Any]:
-    """Every token id of the run (except the model's answers), from the seed and the tokenizer."""
+def chat_tokens(model_dir: str, seed: int) -> tuple[Callable[[str], list[int]], Callable[[int], list[int]]]:
+    """(enc, text): the model's tokenizer for template strings, and `n` random vocabulary words
+    (deterministic from `seed`) for prompt bodies. Shared by the chat and pipeline benchmarks."""
     import numpy as np
     from tokenizers import Tokenizer
 
@@ -111,11 +112,17 @@ def build_workload(args: argparse.Namespace, model_dir: str) -> dict[str, Any]:
         return tok.encode(text, add_special_tokens=False).ids
 
     words = np.array(_vocab_words(tok))
-    rng = np.random.default_rng(args.seed)
+    rng = np.random.default_rng(seed)
 
     def text(n: int) -> list[int]:
         return [int(x) for x in rng.choice(words, n)]
 
+    return enc, text
+
+
+def build_workload(args: argparse.Namespace, model_dir: str) -> dict[str, Any]:
+    """Every token id of the run (except the model's answers), from the seed and the tokenizer."""
+    enc, text = chat_tokens(model_dir, args.seed)
     system = enc("<|im_start|>system\n") + text(args.system)
     user_open, doc_sep = enc("<|im_end|>\n<|im_start|>user\n"), enc("\n\n")
     assistant_open = enc("<|im_end|>\n<|im_start|>assistant\n")
@@ -529,12 +536,6 @@ def summarize(raw: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
-    if a is None or b is None or not (b > 0) or math.isnan(a) or math.isnan(b):
-        return None
-    return a / b
-
-
 def compare(
     configs: dict[str, dict[str, Any]], outputs: dict[str, dict[tuple[str, int, int], list[int]]]
 ) -> dict[str, Any]:
@@ -547,16 +548,16 @@ def compare(
 
     res: dict[str, Any] = {}
     mine = r2("polarkvd")
-    res["ttft_ratio_vs_nocache"] = _ratio(mine, r2("nocache"))
-    res["ttft_ratio_vs_prefix_cache"] = _ratio(mine, r2("prefix_cache"))
-    res["ttft_ratio_vs_example_connector"] = _ratio(mine, r2("example_connector"))
+    res["ttft_ratio_vs_nocache"] = ratio(mine, r2("nocache"))
+    res["ttft_ratio_vs_prefix_cache"] = ratio(mine, r2("prefix_cache"))
+    res["ttft_ratio_vs_example_connector"] = ratio(mine, r2("example_connector"))
     pc, ex = configs.get("prefix_cache"), configs.get("example_connector")
-    res["throughput_ratio_vs_prefix_cache"] = _ratio(
+    res["throughput_ratio_vs_prefix_cache"] = ratio(
         pk["requests_per_s"] if pk else None, pc["requests_per_s"] if pc else None
     )
     # Hits against hits, on the same requests: the hot phase's second turn (vLLM holds the history in
     # prefix_cache; polarkvd's vLLM was reset, so it comes from the daemon) ...
-    res["hit_ttft_ratio_vs_prefix_cache_hot"] = _ratio(
+    res["hit_ttft_ratio_vs_prefix_cache_hot"] = ratio(
         pk["hot_hit_ttft_s"]["mean"] if pk else None, pc["hot_hit_ttft_s"]["mean"] if pc else None
     )
     # ... and the requests ExampleConnector served from its disk store (rounds >= 2 and hot first turns).
@@ -574,7 +575,7 @@ def compare(
                 same.append((mine_by_key[key]["ttft_s"], q["ttft_s"]))
     res["example_connector_hit_requests"] = len(same)
     res["hit_ttft_ratio_vs_example_connector"] = (
-        _ratio(sum(a for a, _ in same) / len(same), sum(b for _, b in same) / len(same)) if same else None
+        ratio(sum(a for a, _ in same) / len(same), sum(b for _, b in same) / len(same)) if same else None
     )
     # Greedy token ids of every request, compared across the configurations that ran it (all of them
     # for the rounds; the hot phase is not run without prefix caching).

@@ -787,7 +787,7 @@ class MooncakeMethod:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from polarkvd.bench.harness import Progress, median
+    from polarkvd.bench.harness import Progress, median, ratio
     from polarkvd.config import parse_size
     from polarkvd.transport.tcp import data_key
 
@@ -886,7 +886,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ):
             pairs = [x[0] / y[0] for x, y in zip(got[a], got[b]) if y[0]]
             row[f"{a}_vs_{b}"] = median(pairs) if pairs else None
-        row["fetch_cpu_vs_raw_tcp"] = _ratio(row["fetch_cpu_s_per_gb"], row["raw_tcp_cpu_s_per_gb"])
+        row["fetch_cpu_vs_raw_tcp"] = ratio(row["fetch_cpu_s_per_gb"], row["raw_tcp_cpu_s_per_gb"])
         by_size[str(size)] = row
     head = by_size.get(str(HEADLINE)) or by_size[str(sizes[-1])]
     res["headline_page_bytes"] = head["page_bytes"]
@@ -905,10 +905,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     res["by_size"] = by_size
     prog.step("done")
     return res
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
 
 
 def render(res: dict[str, Any]) -> str:

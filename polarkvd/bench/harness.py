@@ -47,6 +47,13 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+def ratio(a: float | None, b: float | None) -> float | None:
+    """a / b, or None when either is missing, b is not positive, or either is NaN."""
+    if a is None or b is None or not (b > 0) or a != a:
+        return None
+    return a / b
+
+
 def table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
 

@@ -69,9 +69,9 @@ from polarkvd.bench.chat import (
     _model_kv_bytes_per_token,
     _own_cpu_s,
     _Steps,
-    _vocab_words,
+    chat_tokens,
 )
-from polarkvd.bench.harness import private_daemon, table
+from polarkvd.bench.harness import private_daemon, ratio, table
 
 SOURCES = ("local", "disk", "remote")
 SOURCE_HELP = {
@@ -130,19 +130,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_workload(args: argparse.Namespace, model_dir: str) -> dict[str, Any]:
     """The prefix (whole pages) and one distinct user turn per trial, from the seed and the tokenizer."""
-    import numpy as np
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
-
-    def enc(text: str) -> list[int]:
-        return tok.encode(text, add_special_tokens=False).ids
-
-    words = np.array(_vocab_words(tok))
-    rng = np.random.default_rng(args.seed)
-
-    def text(n: int) -> list[int]:
-        return [int(x) for x in rng.choice(words, n)]
+    enc, text = chat_tokens(model_dir, args.seed)
 
     head = enc("<|im_start|>system\n")
     pages = max(1, round(args.prefix / BLOCK))
@@ -665,12 +653,6 @@ def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
-    if a is None or b is None or not (b > 0):
-        return None
-    return a / b
-
-
 def hidden_fraction(
     runs: dict[str, dict[str, dict[str, Any]]], key: str = "ttft_ms"
 ) -> tuple[float | None, float | None]:
@@ -737,15 +719,15 @@ def summarize(measured: dict[str, Any]) -> dict[str, Any]:
     hidden, hidden_raw = hidden_fraction(runs)
     wait_hidden, _ = hidden_fraction(runs, "blocked_ms")
     res: dict[str, Any] = {
-        "remote_vs_local": _ratio(on["remote"], on["local"]),
-        "disk_vs_local": _ratio(on["disk"], on["local"]),
+        "remote_vs_local": ratio(on["remote"], on["local"]),
+        "disk_vs_local": ratio(on["disk"], on["local"]),
         "hidden_fraction": hidden,
         "hidden_fraction_raw": hidden_raw,
         "remote_transfer_ms": off["remote"] - off["local"],
         "remote_exposed_ms": on["remote"] - on["local"],
         "wait_hidden_fraction": wait_hidden,
-        "remote_vs_local_unpipelined": _ratio(off["remote"], off["local"]),
-        "disk_vs_local_unpipelined": _ratio(off["disk"], off["local"]),
+        "remote_vs_local_unpipelined": ratio(off["remote"], off["local"]),
+        "disk_vs_local_unpipelined": ratio(off["disk"], off["local"]),
         "pipelined_vs_step": paired,
         "outputs_identical": bool(records) and not mismatches,
         "outputs_compared": {
@@ -894,7 +876,7 @@ def render(res: dict[str, Any]) -> str:
             r = runs[source][mode]
             rows.append((
                 source, f"{mode} ({r['load_mode']})", _f(r["ttft_ms"]), f"{_f(r['min_ms'])}-{_f(r['max_ms'])}",
-                _f(_ratio(r["ttft_ms"], runs["local"][mode]["ttft_ms"]), 2), _f(r["load_call_ms"]),
+                _f(ratio(r["ttft_ms"], runs["local"][mode]["ttft_ms"]), 2), _f(r["load_call_ms"]),
                 _f(r["load_copy_ms"]), _f(r["blocked_ms"]), _f(r["daemons_cpu_ms"], 0), str(r["loaded_tokens"]),
                 str(r["computed_tokens"]), _f(r["others_cpu_s"]),
             ))  # fmt: skip

@@ -563,15 +563,24 @@ class Membership:
         elif changed:
             self._emit(EventKind.UPDATED, m, now)
 
-    def _on_suspect(self, msg: Suspect, now: float) -> None:
-        m = self.members.get(msg.node)
-        if m is None or msg.incarnation < m.incarnation:
-            return
-        if msg.node == self.node_id:
+    def _accused(self, node: str, incarnation: int) -> Member | None:
+        """The member a suspect or dead message is about, when it still applies: None when the member
+        is unknown, the news is older than what we know, it is gone already, or it is about us (then
+        we refute it, unless we are leaving)."""
+        m = self.members.get(node)
+        if m is None or incarnation < m.incarnation:
+            return None
+        if node == self.node_id:
             if not self._leaving:
-                self._refute(msg.incarnation)
-            return
+                self._refute(incarnation)
+            return None
         if m.state in (State.DEAD, State.LEFT):
+            return None
+        return m
+
+    def _on_suspect(self, msg: Suspect, now: float) -> None:
+        m = self._accused(msg.node, msg.incarnation)
+        if m is None:
             return
         if m.state is State.SUSPECT:
             m.incarnation = msg.incarnation  # >= ours: a suspicion of a newer life is the same suspicion
@@ -593,14 +602,8 @@ class Membership:
         self._emit(EventKind.SUSPECT, m, now)
 
     def _on_dead(self, msg: Dead, now: float) -> None:
-        m = self.members.get(msg.node)
-        if m is None or msg.incarnation < m.incarnation:
-            return
-        if msg.node == self.node_id:
-            if not self._leaving:
-                self._refute(msg.incarnation)
-            return
-        if m.state in (State.DEAD, State.LEFT):
+        m = self._accused(msg.node, msg.incarnation)
+        if m is None:
             return
         left = msg.source == msg.node
         m.state = State.LEFT if left else State.DEAD
