@@ -181,6 +181,8 @@ def render_status(st: dict[str, Any]) -> str:
         lines.append(
             f"{label:<10}{t['pages']:>10}{format_size(t['bytes']):>12}{format_size(t['capacity_bytes']):>12}{used:>6.1f}%  {t['policy']:<8}{hits.get(name, 0):>10}"
         )
+    if st.get("vram"):  # L1: whether this daemon has it, and why not (daemon start, docs/VRAM.md)
+        lines.append(st["vram"].get("line", ""))
     looked = c.get("lookup_pages", 0)
     hit = sum(hits.values())
     lines.append("")

@@ -143,6 +143,13 @@ def _positive(parse: Callable[[object], Any]) -> Callable[[object], Any]:
     return check
 
 
+def _lookup_table_entries(value: object) -> int:
+    n = parse_int(value)
+    if not 0 <= n <= 1 << 26:
+        raise ValueError("must be 0 (auto) or at most 67108864")
+    return n
+
+
 def _size_or_auto(value: object) -> int:
     out = parse_size(value, allow_auto=True)
     if out == 0:
@@ -271,6 +278,12 @@ class DramConfig:
         _positive(parse_int),
         "admission: a sequence of fewer full pages than this is not stored (reserve answers no-space); 1 = store all",
         live=True,
+    )
+    lookup_table_entries: int = _opt(
+        0,
+        _lookup_table_entries,
+        "entries of the shared lookup table engines probe without a round trip (rounded up to a power "
+        "of two, 32 bytes each); 0 = auto: twice the 64 KiB pages that fit, 4096..4Mi",
     )
 
 
@@ -424,6 +437,36 @@ class ClusterSection:
     )
 
 
+def _device_index(value: object) -> int:
+    out = parse_int(value)
+    if not 0 <= out <= 255:
+        raise ValueError(
+            "expected a CUDA device index 0..255 (as nvidia-smi numbers them, after CUDA_VISIBLE_DEVICES)"
+        )
+    return out
+
+
+@dataclasses.dataclass
+class VramConfig:
+    enabled: bool = _opt(
+        False,
+        parse_bool,
+        "L1: keep pages in a pool of GPU memory owned by the daemon; hosts without CUDA run without it",
+    )
+    capacity: int = _opt(
+        4 * GiB, _positive(parse_size), "size of the GPU page pool, allocated whole at start"
+    )
+    device: int = _opt(0, _device_index, "CUDA device index of the pool (the engines' GPU)")
+    slab_bytes: int = _opt(
+        64 * MiB, _positive(parse_size), "pool allocation unit; every page must fit in one slab"
+    )
+    cuda_api: str = _opt(
+        "auto",
+        _choice("auto", "driver", "runtime"),
+        "CUDA library: auto = the driver's libcuda, else libcudart; driver or runtime = only that one",
+    )
+
+
 @dataclasses.dataclass
 class Config:
     daemon: DaemonConfig = dataclasses.field(default_factory=DaemonConfig)
@@ -431,6 +474,7 @@ class Config:
     disk: DiskConfig = dataclasses.field(default_factory=DiskConfig)
     metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
     cluster: ClusterSection = dataclasses.field(default_factory=ClusterSection)
+    vram: VramConfig = dataclasses.field(default_factory=VramConfig)
 
     def get(self, dotted: str) -> Any:
         section, key = dotted.split(".", 1)
@@ -446,6 +490,7 @@ SECTIONS: dict[str, type] = {
     "disk": DiskConfig,
     "metrics": MetricsConfig,
     "cluster": ClusterSection,
+    "vram": VramConfig,
 }
 
 
@@ -546,6 +591,10 @@ def _cross_checks(cfg: Config) -> list[tuple[str, object, str]]:
     if not 1 <= cfg.disk.compression_level <= 22:
         out.append(("disk.compression_level", cfg.disk.compression_level, "zstd levels are 1..22"))
     out.extend(watermark_problems(cfg.dram.high_watermark, cfg.dram.low_watermark))
+    if cfg.vram.slab_bytes > cfg.vram.capacity:
+        out.append(
+            ("vram.slab_bytes", cfg.vram.slab_bytes, f"larger than vram.capacity ({cfg.vram.capacity})")
+        )
     c = cfg.cluster
     if c.probe_timeout >= c.probe_interval:
         out.append(
@@ -742,6 +791,7 @@ def resolve(cfg: Config, env: Mapping[str, str] | None = None) -> Config:
         disk=dataclasses.replace(cfg.disk),
         metrics=dataclasses.replace(cfg.metrics),
         cluster=dataclasses.replace(cfg.cluster),
+        vram=dataclasses.replace(cfg.vram),
     )
     d = out.daemon
     d.runtime_dir = d.runtime_dir or str(default_runtime_dir(env))

@@ -32,6 +32,9 @@ import xxhash
 from polarkvd import __version__
 from polarkvd.config import LIVE_KNOBS, Config, check_resources, format_size, load_config, option_fields
 from polarkvd.errors import EXIT_CONFIG, ConfigError, PolarKVError, ResourceError
+from polarkvd.lookup_table import HEARTBEAT_SECONDS as TABLE_HEARTBEAT_SECONDS
+from polarkvd.lookup_table import LookupTable, table_bytes
+from polarkvd.lookup_table import table_entries as table_entries_for
 from polarkvd.manager import Manager
 from polarkvd.metrics import MetricsServer, OpTimings, Snapshot, StatsCollector
 from polarkvd.sdnotify import Notifier
@@ -92,6 +95,7 @@ class Daemon:
         self.cluster: Any = None  # polarkvd.cluster.node.ClusterNode when [cluster] enabled
         self.pool: Any = None  # polarkvd.cluster.pool.ClusterPool, likewise
         self.transport: Any = None  # polarkvd.transport.rdma.TransportChoice, likewise
+        self.vram: Any = None  # polarkvd.tiers.vram.VramChoice: L1 or why not, decided at start
 
     def arena_path(self) -> Path:
         tag = xxhash.xxh3_64_hexdigest(str(Path(self.cfg.daemon.engine_socket).resolve()).encode())[:12]
@@ -126,6 +130,7 @@ class Daemon:
                 log.info(
                     "%s", describe_choice(self.transport), extra={"transport": self.transport.kind.value}
                 )
+            self.vram = await loop.run_in_executor(None, self._probe_vram)
             engine_path = Path(cfg.daemon.engine_socket)
             control_path = Path(cfg.daemon.control_socket)
             for p in (engine_path, control_path):
@@ -150,9 +155,12 @@ class Daemon:
         cfg = self.cfg
         loop = asyncio.get_running_loop()
         try:
+            table_entries = table_entries_for(cfg.dram.capacity, cfg.dram.lookup_table_entries)
+            table_at = cfg.dram.capacity + SIGNAL_BOARD_BYTES
+            table_size = table_bytes(table_entries, cfg.daemon.max_sessions)
             arena = Arena(
                 self.arena_path(),
-                cfg.dram.capacity + SIGNAL_BOARD_BYTES,  # page slots, then the pipelined-load signals
+                table_at + table_size,  # page slots, the pipelined-load signals, the lookup table
                 mode=cfg.daemon.engine_socket_mode,
                 lock=cfg.dram.lock_memory,
             )
@@ -162,6 +170,7 @@ class Daemon:
         disk = None
         servers: list[RequestServer | EngineThreadServer] = []
         finished = False  # disk writes completed within the shutdown timeout
+        table: LookupTable | None = None
         switch_interval = sys.getswitchinterval()
         try:
             if cfg.disk.enabled:
@@ -181,8 +190,9 @@ class Daemon:
                     report.seconds, report.recovered, report.dropped,
                 )  # fmt: skip
             allocator = SlabAllocator(cfg.dram.capacity, cfg.dram.slab_bytes)
-            signals = SignalBoard(arena.view[cfg.dram.capacity :])
-            manager = Manager(cfg, arena.view, allocator, disk, executor, signals=signals)
+            signals = SignalBoard(arena.view[cfg.dram.capacity : table_at])
+            table = LookupTable(arena.view[table_at:], table_entries, cfg.daemon.max_sessions)
+            manager = Manager(cfg, arena.view, allocator, disk, executor, signals=signals, table=table)
             self.manager = manager
 
             def on_close(conn: Any) -> None:
@@ -196,6 +206,8 @@ class Daemon:
                 max_keys=cfg.daemon.max_keys_per_request,
                 timings=self.timings,
                 signal_offset=cfg.dram.capacity,
+                table_offset=table_at,
+                table_size=table_size,
             )
             engine_srv = EngineThreadServer(
                 "engine",
@@ -203,21 +215,24 @@ class Daemon:
                 api.thread_handlers,
                 max_frame_bytes=cfg.daemon.max_frame_bytes,
                 on_close=on_close,
-                before_loop_op=manager.apply_touches,
+                before_loop_op=lambda conn: manager.apply_touches(conn.session),
             )
             sys.setswitchinterval(GIL_SWITCH_SECONDS)
             if cfg.cluster.enabled:
                 self.cluster = self._start_cluster(manager)
-            control_srv = RequestServer(
-                "control",
-                control_handlers(manager, cluster_report=self.cluster_report),
-                max_frame_bytes=cfg.daemon.max_frame_bytes,
+            handlers = control_handlers(
+                manager,
+                cluster_report=self.cluster_report,
+                vram_report=lambda: self.vram.as_dict() if self.vram is not None else None,
             )
+            control_srv = RequestServer("control", handlers, max_frame_bytes=cfg.daemon.max_frame_bytes)
             servers = [engine_srv, control_srv]
             await engine_srv.start(engine_path, cfg.daemon.engine_socket_mode)
             await control_srv.start(control_path, cfg.daemon.control_socket_mode)
             chores.append(asyncio.create_task(self._every(1.0, manager.expire)))
             chores.append(asyncio.create_task(self._every(TOUCH_SECONDS, manager.apply_touches)))
+            chores.append(asyncio.create_task(self._every(TOUCH_SECONDS, manager.apply_table_touches)))
+            chores.append(asyncio.create_task(self._every(TABLE_HEARTBEAT_SECONDS, table.heartbeat)))
             # dram.high_watermark / low_watermark: background demotion (a no-op below the high mark)
             chores.append(asyncio.create_task(self._every(0.25, manager.enforce_watermarks)))
             if disk is not None:
@@ -268,6 +283,8 @@ class Daemon:
                 await self._stop_cluster()
             except Exception:
                 log.exception("shutdown: leaving the cluster failed")
+            if table is not None:
+                table.close()  # engines ask the socket from now on, and learn that it is gone
             for srv in servers:
                 await srv.stop()
             sys.setswitchinterval(switch_interval)
@@ -287,6 +304,28 @@ class Daemon:
                 log.info("shutdown: %d queued disk operations were dropped", self._cut_short)
             log.info("polarkvd stopped", extra={"clean": finished})
 
+    def _probe_vram(self) -> Any:
+        """L1 or why not, as one `vram: ...` line (docs/VRAM.md). Runs in a thread: loading the CUDA
+        library and cuInit can take a second. A host without CUDA (or a failing probe) serves on
+        without L1; the line says why."""
+        from polarkvd.tiers.vram import VramChoice, describe_choice, probe
+
+        try:
+            choice = probe(self.cfg.vram)
+        except Exception as e:  # a bug or a broken driver must not keep DRAM and disk from serving
+            log.exception("vram: the probe failed")
+            choice = VramChoice(False, f"unavailable: the probe failed: {e}")
+        state = "enabled" if choice.enabled else "disabled" if not self.cfg.vram.enabled else "unavailable"
+        if choice.enabled:  # phase 1: probed and shown; the manager does not place pages in L1 yet
+            log.info(
+                "%s; pages do not use L1 yet (docs/VRAM.md)", describe_choice(choice), extra={"vram": state}
+            )
+        elif state == "unavailable":
+            log.warning("%s", describe_choice(choice), extra={"vram": state})
+        else:
+            log.info("%s", describe_choice(choice), extra={"vram": state})
+        return choice
+
     def _start_cluster(self, manager: Manager) -> Any:
         """Peer service and pool first (their address goes into our gossip metadata), then gossip."""
         from polarkvd.cluster.node import ClusterNode, advertised_host, tcp_url
@@ -294,7 +333,7 @@ class Daemon:
         from polarkvd.config import split_address
 
         cfg = self.cfg
-        pool = ClusterPool(cfg, manager, self.cluster_keys, cfg.cluster.node_id)
+        pool = ClusterPool(cfg, manager, self.cluster_keys, cfg.cluster.node_id, transport=self.transport)
         bound = pool.start()
         host, _ = split_address(cfg.cluster.data_address)
         data_address = tcp_url(advertised_host(host, cfg.cluster.advertise_host), bound.rsplit(":", 1)[1])
@@ -311,6 +350,7 @@ class Daemon:
             data_address=data_address,
             meta_source=meta,
             on_members=pool.on_members,
+            extra_meta=pool.gossip_meta,
         )
         node.start()
         return node

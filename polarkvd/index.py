@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
+from polarkvd.lookup_table import LookupTable
 from polarkvd.policy import PolicyNode
 
 # Page states.
@@ -55,6 +56,8 @@ class PageIndex:
         self.get: Callable[[bytes], Page | None] = self._pages.get
         self.ready_bytes = 0
         self.ready_pages = 0
+        #: the engines' copy of which keys are READY (lookup_table.py), kept by add/mark_ready/remove
+        self.table: LookupTable | None = None
 
     def __contains__(self, key: bytes) -> bool:
         return key in self._pages
@@ -77,6 +80,8 @@ class PageIndex:
     def _became_ready(self, page: Page) -> None:
         self.ready_bytes += page.size
         self.ready_pages += 1
+        if self.table is not None:
+            self.table.put(page.key, page.ns)
         parent = self._pages.get(page.parent) if page.parent is not None else None
         if parent is not None and parent.state == READY:
             parent.children += 1
@@ -90,6 +95,8 @@ class PageIndex:
         if page.state == READY:
             self.ready_bytes -= page.size
             self.ready_pages -= 1
+            if self.table is not None:
+                self.table.remove(key)
         if page.linked:
             parent = self._pages.get(page.parent) if page.parent is not None else None
             if parent is not None:

@@ -39,6 +39,7 @@ from polarkvd.errors import (
 )
 from polarkvd.index import PROMOTING, READY, RESERVED, Page, PageIndex
 from polarkvd.keys import namespace_digest
+from polarkvd.lookup_table import LookupTable
 from polarkvd.policy import EvictionPolicy, make_policy, switch_policy
 from polarkvd.server.protocol import RESERVE_EXISTS, RESERVE_NO_SPACE
 from polarkvd.tiers.dram import SlabAllocator, slot_size
@@ -90,6 +91,10 @@ class Session:
     # update; `thread_folded` is the part already added to the counters (Manager.fold_thread_lookups).
     thread_tally: tuple[int, int, int, int] = (0, 0, 0, 0)
     thread_folded: tuple[int, int, int, int] = (0, 0, 0, 0)
+    # Lookups the engine answered itself from the shared lookup table: its slot there, and the part
+    # of the slot's (lookups, pages, hit pages) already counted.
+    table_slot: int | None = None
+    table_folded: tuple[int, int, int] = (0, 0, 0)
 
 
 @dataclasses.dataclass
@@ -122,6 +127,7 @@ class Manager:
         executor: concurrent.futures.Executor,
         clock: Callable[[], float] = time.monotonic,
         signals: SignalBoard | None = None,
+        table: LookupTable | None = None,
     ) -> None:
         self.cfg = cfg
         self.arena = arena
@@ -130,6 +136,8 @@ class Manager:
         self.executor = executor
         self.clock = clock
         self.index = PageIndex()
+        # which keys are READY in DRAM, for engines to probe without a round trip (lookup_table.py)
+        self.table = self.index.table = table
         self.policy: EvictionPolicy = make_policy(cfg.dram.policy)
         self.namespaces: dict[bytes, NamespaceInfo] = {}
         self._ns_by_id: dict[int, NamespaceInfo] = {}
@@ -173,6 +181,8 @@ class Manager:
             self.namespaces[digest] = info
             self._ns_by_id[info.id] = info
         session = Session(next(self._ids), engine_id, info)
+        if self.table is not None:
+            session.table_slot = self.table.claim_slot(session.id)
         self.sessions[session.id] = session
         self.counters["sessions_attached"] += 1
         log.info(
@@ -189,6 +199,9 @@ class Manager:
         if self.sessions.pop(session.id, None) is None:
             return
         self.fold_thread_lookups(session)  # its connection thread has ended: the tally is final
+        if session.table_slot is not None:
+            self.table.release_slot(session.table_slot)  # type: ignore[union-attr]
+            session.table_slot = None
         if session.reserved:
             self._abort(session, list(session.reserved))
         for lease in list(session.leases.values()):
@@ -260,15 +273,36 @@ class Manager:
         session.thread_tally = (t[0] + 1, t[1] + len(keys), t[2] + n, t[3] + len(tiers) - n)
         return tiers
 
-    def apply_touches(self) -> None:
-        """Touch the hit pages of thread-side lookups in the policy, oldest first. Loop only: called
-        before every engine op served on the loop, before every eviction, and on a short timer. A
-        page evicted since is unlinked, and touching it is a no-op."""
+    def apply_touches(self, session: Session | None = None) -> None:
+        """Touch the hit pages of thread-side lookups in the policy, oldest first, and those of
+        `session`'s lookups from the shared table (the engine about to be served: its own requests
+        stay in order). Loop only: called before every engine op served on the loop, before every
+        eviction, and on a short timer. A page evicted since is unlinked: touching it is a no-op."""
         queue = self.touches
         if queue:
             touch_many = self.policy.touch_many
             while queue:  # only the loop pops: never empty between the check and the pop
                 touch_many(queue.popleft())  # type: ignore[arg-type]
+        if session is not None and session.table_slot is not None:
+            self._touch_table_hits(session.table_slot)
+
+    def _touch_table_hits(self, slot: int) -> None:
+        keys = self.table.touched(slot)  # type: ignore[union-attr]
+        if keys:
+            pages = [p for p in map(self.index.get, keys) if p is not None and p.state == READY]
+            self.policy.touch_many(pages)  # type: ignore[arg-type]
+
+    def apply_table_touches(self) -> None:
+        """Touch the pages engines hit in the shared lookup table, and rebuild the table when it
+        asks for it. Loop only: on the touch timer and before every eviction (not before every op:
+        it visits every session)."""
+        table = self.table
+        if table is not None:
+            for s in self.sessions.values():
+                if s.table_slot is not None:
+                    self._touch_table_hits(s.table_slot)
+            if table.rebuild_needed:
+                table.rebuild([(p.key, p.ns) for p in self.index if p.state == READY])
 
     def fold_thread_lookups(self, session: Session | None = None) -> None:
         """Add what connection threads counted since the last fold (of `session`, or of every session)
@@ -278,6 +312,12 @@ class Manager:
             if now != was:
                 s.thread_folded = now
                 self._count_lookups(s, now[0] - was[0], now[1] - was[1], now[2] - was[2], now[3] - was[3])
+            if s.table_slot is not None:
+                got, had = self.table.tally(s.table_slot), s.table_folded  # type: ignore[union-attr]
+                if got != had:
+                    s.table_folded = got
+                    self.counters["table_lookups"] += got[0] - had[0]
+                    self._count_lookups(s, got[0] - had[0], got[1] - had[1], got[2] - had[2], 0)
 
     def _count_lookups(self, session: Session, lookups: int, pages: int, dram: int, disk: int) -> None:
         c = self.counters
@@ -834,6 +874,7 @@ class Manager:
 
     def _evict_one(self, slot_bytes: int | None, reason: str) -> bool:
         self.apply_touches()  # the policy must know every lookup answered so far before it picks
+        self.apply_table_touches()
 
         def evictable_same(node: Any) -> bool:
             return (
@@ -1266,6 +1307,14 @@ class Manager:
             "high_watermark": self.cfg.dram.high_watermark,
             "low_watermark": self.cfg.dram.low_watermark,
         }
+        if self.table is not None:
+            t = self.table
+            dram["lookup_table"] = {
+                "entries": t.capacity,
+                "used": t.used,
+                "deleted": t.deleted,
+                "full": t.overflow,
+            }
         tiers = {"dram": dram}
         if self.disk is not None:
             d = self.disk.stats()

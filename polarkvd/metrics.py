@@ -88,6 +88,11 @@ _EVICTED_DRAM = re.compile(r"^evicted_pages_dram_(\w+)$")
 _SIMPLE_COUNTERS = {
     "lookups": ("polarkv_lookups_total", "Lookup requests."),
     "lookup_pages": ("polarkv_lookup_pages_total", "Page keys asked for in lookups."),
+    "table_lookups": (
+        "polarkv_table_lookups_total",
+        "Lookups engines answered from the shared lookup table, without a round trip (in lookups, "
+        "not in the op duration histogram).",
+    ),
     "miss_pages": (
         "polarkv_miss_pages_total",
         "Looked-up pages past the longest cached prefix.",
@@ -118,10 +123,13 @@ _SIMPLE_COUNTERS = {
     "expired": ("polarkv_expired_total", "Leases and reservations expired after daemon.lease_seconds."),
     "sessions_attached": ("polarkv_sessions_attached_total", "Engine sessions attached since start."),
 }
+#: polarkv_cluster_fetched_{pages,bytes}_total{transport}: pages and bytes fetched from peers, by
+#: the transport that moved them (pages counted once per page, also when it came in layer slices).
+_CLUSTER_FETCHED = tuple(f"cluster_fetched_{w}_{t}" for w in ("pages", "bytes") for t in ("rdma", "tcp"))
 # Counters shown through labelled families below, not as events.
 _LABELLED = {"stored_pages", "promoted_pages", "demoted_pages", "hit_pages_dram", "hit_pages_disk", "hit_pages_remote", "loaded_pages", "loaded_pages_disk", "loaded_pages_remote", "stored_bytes",
              "loaded_bytes", "evicted_bytes_dram", "promoted_bytes", "demoted_bytes", "written_through_pages",
-             "written_through_bytes"}  # fmt: skip
+             "written_through_bytes", *_CLUSTER_FETCHED, "cluster_rdma_fallbacks"}  # fmt: skip
 
 #: Data paths of polarkv_transfer_bytes_total / _pages_total: (path label, bytes counters, page
 #: counters); a path's value is the sum of its counters. DRAM -> disk covers demotions (eviction,
@@ -298,6 +306,20 @@ def families(snap: Snapshot) -> Iterator[Any]:
         for state in ("alive", "suspect", "dead", "left"):
             members.add_metric([state], snap.cluster.get(state, 0))
         yield members
+        for what, doc in (("pages", "Pages"), ("bytes", "Page bytes")):
+            fam = CounterMetricFamily(
+                f"polarkv_cluster_fetched_{what}",
+                f"{doc} fetched from other members, by the transport that moved them.",
+                labels=["transport"],
+            )
+            for t in ("rdma", "tcp"):
+                fam.add_metric([t], c.get(f"cluster_fetched_{what}_{t}", 0))
+            yield fam
+        yield CounterMetricFamily(
+            "polarkv_cluster_rdma_fallbacks",
+            "Fetches whose RDMA attempt failed and that were done over TCP at once.",
+            value=c.get("cluster_rdma_fallbacks", 0),
+        )
     yield GaugeMetricFamily("polarkv_sessions", "Attached engine sessions.", value=len(st["sessions"]))
     yield GaugeMetricFamily("polarkv_leases", "Open leases (pinned loads and lookups).", value=st["leases"])
     yield GaugeMetricFamily("polarkv_namespaces", "Namespaces seen since start.", value=st["namespaces"])

@@ -80,8 +80,10 @@ class DaemonProc:
     def control(self) -> ControlClient:
         return ControlClient(self.control_socket, timeout=60)
 
-    def engine(self, ns: Namespace = TEST_NS, engine_id: str = "test") -> EngineClient:
-        return EngineClient(ns, engine_id, self.engine_socket, timeout=60)
+    def engine(
+        self, ns: Namespace = TEST_NS, engine_id: str = "test", lookup_table: bool = True
+    ) -> EngineClient:
+        return EngineClient(ns, engine_id, self.engine_socket, timeout=60, lookup_table=lookup_table)
 
     def stats(self) -> dict:
         with self.control() as c:

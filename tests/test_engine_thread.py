@@ -1,6 +1,10 @@
 """Engine connections served by their own threads (polarkvd/server/engine_thread.py): lookups are
 answered on the connection's thread while other engines store and evict through the event loop, and
-nothing an engine or an operator sees changes: hits, bytes, LRU order, status totals, shutdown."""
+nothing an engine or an operator sees changes: hits, bytes, LRU order, status totals, shutdown.
+
+The lookup tests run twice: `socket` (the client asks the daemon, as a client without the shared
+lookup table does) and `table` (the client probes polarkvd/lookup_table.py itself; the daemon folds
+its counts and touches) — the same observable results either way."""
 
 from __future__ import annotations
 
@@ -37,7 +41,7 @@ def lookup_worker_main() -> None:
     """Body of a lookup engine process: for `seconds`, look up the stored chains (and one that was
     never stored), load every fourth hit and compare its bytes; print one JSON line of totals."""
     spec = json.loads(sys.argv[1])
-    kv = EngineClient(TEST_NS, spec["engine_id"], spec["socket"], timeout=60)
+    kv = EngineClient(TEST_NS, spec["engine_id"], spec["socket"], timeout=60, lookup_table=spec["table"])
     chains = [kv.page_keys(chain_tokens(seed, pages)) for seed, pages in spec["chains"]]
     absent = kv.page_keys(chain_tokens(*spec["absent"]))
     t: dict[str, Any] = dict(lookups=0, lookup_pages=0, dram=0, disk=0, loads=0, problems=[])
@@ -73,8 +77,11 @@ def lookup_worker_main() -> None:
     print(json.dumps(t), flush=True)
 
 
-def start_lookup_worker(socket_path: Any, engine_id: str, seconds: float) -> subprocess.Popen[bytes]:
+def start_lookup_worker(
+    socket_path: Any, engine_id: str, seconds: float, table: bool
+) -> subprocess.Popen[bytes]:
     spec = {
+        "table": table,
         "socket": str(socket_path),
         "engine_id": engine_id,
         "chains": LOOKUP_CHAINS,
@@ -87,7 +94,13 @@ def start_lookup_worker(socket_path: Any, engine_id: str, seconds: float) -> sub
     )  # fmt: skip
 
 
-def test_lookups_on_threads_while_another_engine_stores_and_evicts(daemon_factory, engine_procs) -> None:
+LOOKUP_PATHS = pytest.mark.parametrize("table", [False, True], ids=["socket", "table"])
+
+
+@LOOKUP_PATHS
+def test_lookups_on_threads_while_another_engine_stores_and_evicts(
+    daemon_factory, engine_procs, table
+) -> None:
     d = daemon_factory({"dram.capacity": CAP})
     with d.engine(engine_id="seeder") as kv:
         for seed, pages in LOOKUP_CHAINS:
@@ -96,7 +109,7 @@ def test_lookups_on_threads_while_another_engine_stores_and_evicts(daemon_factor
     # 1,600 new pages through a 128-page DRAM tier: evictions and demotions all along
     writer = engine_procs(d.engine_socket, [["stream", 5, 400, 4]], engine_id="writer")
     writer.expect("chain")
-    workers = [start_lookup_worker(d.engine_socket, f"looker-{i}", seconds=3.0) for i in range(3)]
+    workers = [start_lookup_worker(d.engine_socket, f"looker-{i}", 3.0, table) for i in range(3)]
     totals: dict[str, int] = dict(lookups=0, lookup_pages=0, dram=0, disk=0, loads=0)
     for w in workers:
         out, err = w.communicate(timeout=120)
@@ -123,11 +136,16 @@ def test_lookups_on_threads_while_another_engine_stores_and_evicts(daemon_factor
     assert "Traceback" not in log and "internal error" not in log, log
 
 
-def test_lru_order_follows_lookups_answered_on_threads(daemon_factory) -> None:
+@LOOKUP_PATHS
+def test_lru_order_follows_lookups_answered_on_threads(daemon_factory, table) -> None:
     """Lookups answered on one engine's thread decide what another engine's stores (and an operator's
     eviction) push out: a chain looked up recently survives one that was not looked up."""
     d = daemon_factory({"dram.capacity": CAP, "disk.enabled": "false"})
-    with d.engine(engine_id="writer") as writer, d.engine(engine_id="reader") as reader, d.control() as ctl:
+    with (
+        d.engine(engine_id="writer") as writer,
+        d.engine(engine_id="reader", lookup_table=table) as reader,
+        d.control() as ctl,
+    ):
         chains = [store_chain(writer, chain_tokens(500 + i, 16)) for i in range(8)]  # exactly full
         for keys in chains[:4]:  # the older half is used again
             assert reader.lookup(keys).hits == 16
@@ -144,13 +162,14 @@ def test_lru_order_follows_lookups_answered_on_threads(daemon_factory) -> None:
         assert reader.lookup(new).hits == 32
 
 
-def test_status_totals_equal_what_the_engines_looked_up(daemon_factory) -> None:
+@LOOKUP_PATHS
+def test_status_totals_equal_what_the_engines_looked_up(daemon_factory, table) -> None:
     d = daemon_factory()
     with d.engine(engine_id="writer") as kv:
         chains = [store_chain(kv, chain_tokens(700 + i, 8)) for i in range(4)]
         absent = kv.page_keys(chain_tokens(799, 3))
     before = d.stats()["counters"]
-    clients = [d.engine(engine_id=f"reader-{i}") for i in range(3)]
+    clients = [d.engine(engine_id=f"reader-{i}", lookup_table=table) for i in range(3)]
     expected = {c.engine_id: {"lookups": 0, "pages": 0, "hits": 0} for c in clients}
     errors: list[BaseException] = []
 

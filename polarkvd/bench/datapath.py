@@ -3,8 +3,10 @@
 Measures, through a real daemon process and `polarkvd.client`:
 - store and load GB/s of realistic pages (256 tokens of a 30-layer model, 3 KV heads x 64 dims, bf16:
   5.9 MB) and of small 64 KiB pages, beside single-thread memcpy of the same bytes;
-- lookup latency of 32 keys, beside the raw round trip of the same kind of socket (Unix stream, 100
-  bytes, echo in another process) and of ZeroMQ REQ/REP over ipc:// (the alternative we did not pick);
+- lookup latency of 32 keys as engines get it (from the shared lookup table) and over the socket
+  (a client without the table), beside the raw round trip of the same kind of socket (Unix stream,
+  100 bytes, echo in another process) and of ZeroMQ REQ/REP over ipc:// (the alternative we did not
+  pick);
 - disk tier: compression ratio on bf16 KV-like data and GB/s of loads that promote from disk;
 - metadata bytes per cached page in the daemon's index.
 """
@@ -242,14 +244,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         prog.step(f"load {rounds} x {npages} pages")
         res["load_gbps"] = npages * big / median(load_t) / 1e9
 
-        prog.step(f"lookup of 32 keys x {args.lookups}")
+        prog.step(f"lookup of 32 keys x {args.lookups}: shared table, and over the socket")
         lk = keys[:32]
-        lat = []
+        # the engine's lookup (the client probes the shared lookup table) and, side by side, a
+        # client without the table (every lookup a round trip, answered on its connection thread)
+        sock_kv = EngineClient(BIG_NS, "bench-socket", engine_sock, map_arena=False, lookup_table=False)
+        lat: list[float] = []
+        sock_lat: list[float] = []
         for _ in range(args.lookups):
-            t = time.perf_counter()
-            kv.lookup(lk)
-            lat.append((time.perf_counter() - t) * 1e6)
+            for client, out in ((kv, lat), (sock_kv, sock_lat)):
+                t = time.perf_counter()
+                hit = client.lookup(lk)
+                out.append((time.perf_counter() - t) * 1e6)
+        assert hit.hits == 32, "the looked-up pages should be in DRAM"
         res["lookup_p50_us"], res["lookup_p99_us"] = percentile(lat, 50), percentile(lat, 99)
+        res["lookup_socket_p50_us"] = percentile(sock_lat, 50)
+        res["lookup_socket_p99_us"] = percentile(sock_lat, 99)
+        sock_kv.close()
         kv.close()
 
         prog.step("64 KiB pages: store and load, 64 per call")
@@ -299,6 +310,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     res["store_vs_memcpy"] = res["store_gbps"] / res["memcpy_gbps"]
     res["load_vs_memcpy"] = res["load_gbps"] / res["memcpy_gbps"]
     res["lookup_p50_vs_rtt"] = res["lookup_p50_us"] / res["socket_rtt_p50_us"]
+    res["lookup_socket_p50_vs_rtt"] = res["lookup_socket_p50_us"] / res["socket_rtt_p50_us"]
     return res
 
 
@@ -337,6 +349,12 @@ def render(res: dict[str, Any]) -> str:
             "<= 3x",
         ),
         ("lookup 32 keys p99", f(res["lookup_p99_us"], 1) + " us", "", "<= 1000 us"),
+        (
+            "  over the socket p50/p99",
+            f"{res['lookup_socket_p50_us']:.1f} / {res['lookup_socket_p99_us']:.1f} us",
+            f(res["lookup_socket_p50_vs_rtt"]) + "x socket RTT",
+            "",
+        ),
         (
             "Unix socket RTT p50/p99",
             f"{res['socket_rtt_p50_us']:.1f} / {res['socket_rtt_p99_us']:.1f} us",

@@ -1,10 +1,11 @@
 """This daemon as a cluster member: gossip on the event loop, peers' view, and the daemon's report.
 
 Owns running `Membership` over a `ZmqTransport` on the daemon's asyncio loop (woken by the socket or
-by the protocol's next deadline), the metadata this daemon publishes (endpoints, tier space), the
-reactions to membership events (forget sockets of dead members, tell the rest of the cluster code
-who is alive) and the `cluster` control report behind `polarkvd status --cluster`. Protocol
-decisions stay in `membership`; where pages live stays in the manager and the meta map.
+by the protocol's next deadline), the metadata this daemon publishes (endpoints, tier space, `rdma: 1`
+while peers may READ pages from us), the reactions to membership events (forget sockets of dead
+members, tell the rest of the cluster code who is alive) and the `cluster` control report behind
+`polarkvd status --cluster`. Protocol decisions stay in `membership`; where pages live stays in the
+manager and the meta map.
 """
 
 from __future__ import annotations
@@ -77,11 +78,15 @@ class ClusterNode:
         data_address: str = "",
         meta_source: Callable[[], dict[str, Any]] | None = None,
         on_members: Callable[[list[Member], list[Event]], None] | None = None,
+        extra_meta: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
+        """`meta_source`: tier space as {tier: (used, capacity)}-derived lists; `extra_meta`: other
+        published flags (the pool's `gossip_meta`: `rdma: 1` while peers may READ from us)."""
         self.cfg = cfg
         self.keys = keys
         self.node_id = cfg.node_id
         self._meta_source = meta_source or dict
+        self._extra_meta = extra_meta or dict
         self._on_members = on_members
         host, port = split_address(cfg.gossip_address)
         self.transport = ZmqTransport(
@@ -184,14 +189,18 @@ class ClusterNode:
 
     # ------------------------------------------------------------------ metadata
 
+    def _compose_meta(self) -> dict[str, Any]:
+        return {"v": __version__, "data": self.data_address, **self._meta_source(), **self._extra_meta()}
+
     def _meta(self) -> dict[str, Any]:
-        meta = {"v": __version__, "data": self.data_address, **self._meta_source()}
+        meta = self._compose_meta()
         self._published = meta
         return meta
 
     def _refresh_meta(self) -> None:
-        """Republish when space changed by more than 1/16 of a tier (each update costs a broadcast)."""
-        fresh = {"v": __version__, "data": self.data_address, **self._meta_source()}
+        """Republish when space changed by more than 1/16 of a tier, or a flag changed (each update
+        costs a broadcast)."""
+        fresh = self._compose_meta()
         if _changed(self._published, fresh):
             self._published = fresh
             self.membership.update_meta(fresh)

@@ -5,10 +5,15 @@ Owns the data side of cluster membership:
   answers to "where are these keys" queries;
 - the peer service on `cluster.data_address` (`transport.tcp.PeerServer`): ops `where`,
   `announce`, `get` (pages out of our DRAM or the DMP region we lend) and `put` (a peer demotes a
-  page into our DMP region);
+  page into our DMP region), and for RDMA `rdma_connect` (a queue pair for a peer), `pin` (pin pages
+  under a lease that expires on its own, and say where they are) and `unpin`;
 - the client side (`transport.tcp.PeerClient`): locate a prefix in the cluster, fetch pages
   straight into DRAM slots the manager allocated, demote evicted pages to peers chosen by weighted
-  rendezvous hashing over their free pool space.
+  rendezvous hashing over their free pool space;
+- the RDMA page path (docs/RDMA.md): the device opened at start with the DRAM arena and the DMP
+  region registered (or TCP, with the reason, when that fails), one queue pair per peer, fetches
+  as pin + one-sided READs + checksum check + unpin, and any RDMA failure answered by the same
+  fetch over TCP at once (`transport.rdma.PeerTransports` decides when RDMA is tried again).
 
 Threads: the manager, the meta map, the DMP store and membership live on the event loop. Peer
 requests arrive on transport threads and hop to the loop for every state change (`_on_loop`);
@@ -20,19 +25,39 @@ bytes — every page is checked against its checksum, key, namespace and size on
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
+import dataclasses
+import itertools
 import logging
+import secrets
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
+
+import xxhash
 
 from polarkvd.cluster import ring
 from polarkvd.cluster.membership import Event, EventKind, Member, State
 from polarkvd.cluster.metamap import MetaMap, decode_batch, encode_batches
 from polarkvd.config import Config, split_address
-from polarkvd.errors import ErrorCode, PolarKVError, ProtocolError
+from polarkvd.errors import ConfigError, ErrorCode, PageNotFound, PolarKVError, ProtocolError
 from polarkvd.index import READY
 from polarkvd.tiers.dmp import DmpStore
+from polarkvd.transport.rdma import (
+    PageRef,
+    PeerTransports,
+    RdmaDevice,
+    RdmaEndpoint,
+    RdmaError,
+    RdmaTimeout,
+    TransportChoice,
+    TransportKind,
+    buffer_address,
+    plan_reads,
+    probe_cluster,
+)
 from polarkvd.transport.tcp import PayloadReader, PeerClient, PeerServer, Reply, data_key
 from polarkvd.types import KEY_BYTES, Tier
 
@@ -48,7 +73,58 @@ FETCH_BATCH_PAGES = 8  # pages per `get` call; several calls run in parallel
 NET_THREADS = 8
 HINT_LIMIT = 65536
 ANNOUNCE_BATCH = 64  # meta map messages per `announce` request
-LAYER_GROUPS = 8  # a pipelined load fetches remote pages in this many layer groups, first group 1 layer  # remote locations remembered between a lookup and its load
+LAYER_GROUPS = 8  # a pipelined load fetches remote pages in this many layer groups, first group 1 layer
+MAX_ACCEPTED_QPS = 64  # queue pairs this holder keeps for requesters (one per requesting member)
+MAX_RDMA_LEASES = 4096  # open pin leases; a pin beyond this is refused (`too_large`)
+MAX_NODE_ID = 255
+
+
+def rdma_lease_seconds(fetch_timeout: float) -> float:
+    """How long a `pin` lease lives at most: a fetcher gives up on its READs within fetch_timeout
+    (and destroys its queue pair, so nothing is read later), so twice that plus a margin is safe."""
+    return 2 * fetch_timeout + 1.0
+
+
+@dataclasses.dataclass
+class _Pinned:
+    """One page pinned for a peer: where it is here, and how to let it go."""
+
+    region: str  # "dram" (the arena) or "dmp" (the region we lend)
+    offset: int  # of the whole page in that region
+    size: int  # of the whole page
+    parent: bytes | None
+    holder: Any  # the Page or DmpEntry (keeps the page's checksum)
+    release: Callable[[], None]
+    view: memoryview  # the whole page, or the layer slice asked for
+
+
+@dataclasses.dataclass
+class _Lease:
+    pages: list[_Pinned]
+    timer: asyncio.TimerHandle
+
+
+class _Fallback(Exception):
+    """The RDMA attempt did not deliver; fetch the same pages over TCP. `failure` says whether it
+    counts against the peer's RDMA (back-off) or was only not applicable (our views not in the arena)."""
+
+    def __init__(self, why: str, failure: bool = True) -> None:
+        super().__init__(why)
+        self.failure = failure
+
+
+def _layers_arg(layers: Any) -> list[int] | None:
+    if layers is None:
+        return None
+    if (
+        not isinstance(layers, list)
+        or len(layers) != 3
+        or not all(type(x) is int for x in layers)
+        or not 0 <= layers[0] < layers[1]
+        or layers[2] <= 0
+    ):
+        raise ProtocolError("layers must be [first, end, layer_bytes] with 0 <= first < end")
+    return layers
 
 
 def _keys_arg(value: Any) -> list[bytes]:
@@ -61,7 +137,18 @@ def _keys_arg(value: Any) -> list[bytes]:
 
 
 class ClusterPool:
-    def __init__(self, cfg: Config, manager: Manager, keys: CurveKeys | None, node_id: str) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        manager: Manager,
+        keys: CurveKeys | None,
+        node_id: str,
+        transport: TransportChoice | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """`transport`: the daemon's probe result (`transport.rdma.probe_cluster`); None probes again
+        at `start`. `clock` times the per-peer RDMA back-off."""
         self.cfg = cfg
         self.c = cfg.cluster
         self.manager = manager
@@ -80,6 +167,9 @@ class ClusterPool:
                 "announce": self._h_announce,
                 "get": self._h_get,
                 "put": self._h_put,
+                "rdma_connect": self._h_rdma_connect,
+                "pin": self._h_pin,
+                "unpin": self._h_unpin,
             },
         )
         self.client = PeerClient(key=secret, timeout=self.c.fetch_timeout)
@@ -92,15 +182,60 @@ class ClusterPool:
         self.layer_groups = LAYER_GROUPS
         self._flusher: asyncio.Task[None] | None = None
         self._closing = False
+        # RDMA (docs/RDMA.md): None/TCP until `start` opened the device
+        self.choice = transport
+        self.clock = clock
+        self.rdma: RdmaDevice | None = None
+        self.rdma_epoch = secrets.token_hex(8)  # a restarted device is a new epoch: peers reconnect
+        self.transports = PeerTransports(TransportChoice(TransportKind.TCP, "not started"), clock=clock)
+        self._endpoints: dict[str, tuple[RdmaEndpoint, str]] = {}  # holder -> (QP, its epoch)
+        self._ep_locks: dict[str, threading.Lock] = {}  # one connect at a time per holder
+        self._accepted: collections.OrderedDict[str, RdmaEndpoint] = collections.OrderedDict()
+        self._rdma_lock = threading.Lock()  # guards _endpoints and _accepted
+        self._leases: dict[int, _Lease] = {}
+        self._lease_ids = itertools.count(1)
+        self.lease_seconds = rdma_lease_seconds(self.c.fetch_timeout)
+        self.last_fallback = ""
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> str:
-        """Bind the peer service; returns the data address to advertise (host from gossip's)."""
+        """Open the RDMA device when RDMA was chosen, bind the peer service; returns the data address
+        to advertise (host from gossip's)."""
+        self._open_rdma()
         self.server.start()
         self._flusher = asyncio.create_task(self._flush_loop(), name="metamap-flush")
         self.metamap.set_members([self.node_id], time.monotonic())
         return self.server.address
+
+    def _open_rdma(self) -> None:
+        """RDMA needs the device open and the arena and the DMP region registered for remote READ.
+        When that fails: `auto` logs why and stays on TCP; `rdma` refuses to start (exit 78)."""
+        choice = self.choice if self.choice is not None else probe_cluster(self.c)
+        if choice.kind is TransportKind.RDMA:
+            try:
+                dev = RdmaDevice(choice, pyverbs_path=self.c.pyverbs_path)
+                try:
+                    dev.register_buffer("dram", self.manager.arena[: self.manager.allocator.capacity])
+                    if self.dmp is not None:
+                        dev.register_buffer("dmp", self.dmp.view)
+                except BaseException:
+                    dev.close()
+                    raise
+                self.rdma = dev
+                log.info(
+                    "cluster: RDMA on %s port %s: DRAM arena%s registered for remote READ",
+                    choice.device, choice.port, " and lent DMP region" if self.dmp is not None else "",
+                )  # fmt: skip
+            except (RdmaError, ValueError, OSError) as e:
+                if choice.setting == "rdma":
+                    raise ConfigError(
+                        [("cluster.transport", "rdma", f"RDMA is not usable here: {e}")]
+                    ) from None
+                log.warning("cluster: cannot use RDMA (%s); pages move over TCP", e)
+                choice = TransportChoice(TransportKind.TCP, f"opening the device failed: {e}", choice.setting)
+        self.choice = choice
+        self.transports = PeerTransports(choice, clock=self.clock)
 
     async def stop(self) -> None:
         self._closing = True
@@ -108,13 +243,25 @@ class ClusterPool:
             self._flusher.cancel()
             await asyncio.gather(self._flusher, return_exceptions=True)
         await self.loop.run_in_executor(None, self.server.close)
+        for lease_id in list(self._leases):
+            self._drop_lease(lease_id)
+        if self.rdma is not None:
+            # no READ may still be polling a queue pair when the device goes
+            await self.loop.run_in_executor(None, lambda: self.net.shutdown(wait=True, cancel_futures=True))
         self.client.close()
         self.net.shutdown(wait=False, cancel_futures=True)
+        if self.rdma is not None:
+            self.rdma.close()  # before the DMP region and the arena it registered are unmapped
+            self.rdma = None
         if self.dmp is not None:
             self.dmp.close()
 
     def space(self) -> dict[str, tuple[int, int]]:
         return {"dmp": (self.dmp.used_bytes, self.dmp.capacity) if self.dmp is not None else (0, 0)}
+
+    def gossip_meta(self) -> dict[str, Any]:
+        """What this pool adds to our gossip metadata: `rdma: 1` while peers may READ from us."""
+        return {"rdma": 1} if self.rdma is not None else {}
 
     # ------------------------------------------------------------------ membership
 
@@ -130,6 +277,7 @@ class ClusterPool:
                 if isinstance(addr, str) and addr:
                     self.net.submit(self.client.forget, addr)
                 gone = ev.node
+                self._forget_rdma(gone)
                 for k in [k for k, h in self.hints.items() if gone in h]:
                     del self.hints[k]
 
@@ -247,19 +395,47 @@ class ClusterPool:
         """Pull pages from `holder` straight into `views`. Per key: its parent key (or None at a
         chain root) when the bytes arrived verified, False when they did not. With `layers` =
         (lo, hi, layer_bytes), only that slice of each page (layer-major pages: contiguous). `sums`
-        receives the verified xxh3_64 of each payload (None where it failed)."""
+        receives the verified xxh3_64 of each payload (None where it failed).
+
+        Over RDMA when we and the holder offer it and `transports` allows (then the same pages over
+        TCP at once if anything goes wrong), else over TCP; the caller cannot tell but by counters."""
         member = self.members.get(holder)
         addr = self._data_addr(member) if member else None
         if addr is None:
             return [False] * len(keys)
+        if self.rdma is not None and keys and len(views) >= len(keys):
+            offers = member is not None and isinstance(member.meta, dict) and member.meta.get("rdma") == 1
+            if self.transports.choose(holder, offers) is TransportKind.RDMA:
+                try:
+                    return await self._fetch_rdma(holder, addr, ns, keys, views, layers, sums)
+                except _Fallback as e:
+                    if sums is not None:
+                        del sums[:]
+                    if e.failure:
+                        self._rdma_failed(holder, str(e))
+        return await self._fetch_tcp(holder, addr, ns, keys, views, layers, sums)
+
+    def _count_fetched(self, kind: str, views: Sequence[memoryview], n: int, layers: Any) -> None:
+        if layers is None or layers[0] == 0:
+            self.counters[f"cluster_fetched_pages_{kind}"] += n
+        self.counters[f"cluster_fetched_bytes_{kind}"] += sum(len(v) for v in views[:n])
+
+    async def _fetch_tcp(
+        self,
+        holder: str,
+        addr: str,
+        ns: bytes,
+        keys: list[bytes],
+        views: list[memoryview],
+        layers: tuple[int, int, int] | None,
+        sums: list[int | None] | None,
+    ) -> list[bytes | None | bool]:
         out: list[bytes | None | bool] = [False] * len(keys)
-        got: dict[str, Any] = {}
 
         def into(header: dict[str, Any]) -> list[memoryview | None]:
             sizes = header.get("sizes")
             if not isinstance(sizes, list) or len(sizes) > len(views):
                 raise ProtocolError("bad get reply")
-            got["n"] = len(sizes)
             return [v if s == len(v) else None for v, s in zip(views, sizes)]
 
         try:
@@ -272,6 +448,7 @@ class ClusterPool:
             log.debug("cluster: fetch of %d pages from %s failed: %r", len(keys), holder, e)
             return out
         parents = header.get("parents") or []
+        n = 0
         for i, verified in enumerate(ok):
             if i >= len(parents):
                 break
@@ -280,7 +457,207 @@ class ClusterPool:
                 break  # a prefix: nothing after a bad page is used
             p = parents[i]
             out[i] = p if isinstance(p, bytes) and len(p) == KEY_BYTES else None
+            n += 1
+        self._count_fetched("tcp", views, n, layers)
         return out
+
+    # ------------------------------------------------------------------ fetch over RDMA
+
+    def _rdma_failed(self, holder: str, why: str) -> None:
+        """Drop the queue pair (a new one after the back-off), count, remember why."""
+        why = why.removeprefix("rdma: ")
+        self._drop_endpoint(holder)
+        # parallel fetches that failed together are one failure, not several (no extra doubling)
+        if self.transports.choose(holder, True) is TransportKind.RDMA:
+            self.transports.failed(holder, why)
+        self.counters["cluster_rdma_fallbacks"] += 1
+        self.last_fallback = f"{holder}: {why}"
+
+    def _drop_endpoint(self, holder: str) -> None:
+        with self._rdma_lock:
+            entry = self._endpoints.pop(holder, None)
+        if entry is not None:
+            self._submit_quietly(entry[0].close)
+
+    def _forget_rdma(self, node: str) -> None:
+        """A member died or left: its queue pairs (both directions) go, and its back-off record."""
+        self._drop_endpoint(node)
+        with self._rdma_lock:
+            ep = self._accepted.pop(node, None)
+        if ep is not None:
+            self._submit_quietly(ep.close)
+        self.transports.forget(node)
+
+    def _submit_quietly(self, fn: Callable[[], Any]) -> None:
+        try:
+            self.net.submit(fn)
+        except RuntimeError:  # shutting down: close here
+            fn()
+
+    def _endpoint(self, holder: str, addr: str, deadline: float, stale: RdmaEndpoint | None = None) -> tuple[RdmaEndpoint, str]:  # fmt: skip
+        """Our connected QP to `holder` (network thread): the one we have, or a new one through
+        `rdma_connect` (also when `stale` is the one we have: the holder's device restarted)."""
+        assert self.rdma is not None
+        with self._rdma_lock:
+            lock = self._ep_locks.setdefault(holder, threading.Lock())
+        with lock:
+            with self._rdma_lock:
+                have = self._endpoints.get(holder)
+            if have is not None and have[0].broken is None and have[0] is not stale:
+                return have
+            if have is not None:
+                self._drop_endpoint(holder)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RdmaTimeout("rdma: no time left to connect")
+            ep = self.rdma.endpoint(timeout=self.c.fetch_timeout)
+            try:
+                header, _ = self.client.call(
+                    addr, "rdma_connect", {"from": self.node_id, "params": ep.local_params()}, timeout=left
+                )
+                epoch = header.get("epoch")
+                if not isinstance(epoch, str):
+                    raise ProtocolError("rdma_connect reply without an epoch")
+                ep.connect(header.get("params"))
+            except PolarKVError as e:
+                ep.close()
+                if isinstance(e, RdmaError):
+                    raise
+                raise RdmaError(f"rdma_connect to {holder} failed: {e}") from e
+            except BaseException:
+                ep.close()
+                raise
+            with self._rdma_lock:
+                self._endpoints[holder] = (ep, epoch)
+            return ep, epoch
+
+    async def _fetch_rdma(
+        self,
+        holder: str,
+        addr: str,
+        ns: bytes,
+        keys: list[bytes],
+        views: list[memoryview],
+        layers: tuple[int, int, int] | None,
+        sums: list[int | None] | None,
+    ) -> list[bytes | None | bool]:
+        """pin -> READ the slices -> verify each page's xxh3_64 -> unpin. Raises _Fallback."""
+        assert self.rdma is not None
+        deadline = time.monotonic() + self.c.fetch_timeout
+        local = self.rdma.regions["dram"]
+        lo, hi, lb = layers if layers is not None else (0, 1, 0)
+        slots: list[int] = []  # where each page's slot starts in our arena
+        for v in views[: len(keys)]:
+            try:
+                at = buffer_address(v) - local.base - lo * lb
+            except (ValueError, TypeError):
+                at = -1
+            if at < 0 or at + lo * lb + len(v) > local.length:
+                raise _Fallback("destination outside the registered arena", failure=False)
+            slots.append(at)
+        lease: int | None = None
+        try:
+            ep, epoch = await self.loop.run_in_executor(
+                self.net, lambda: self._endpoint(holder, addr, deadline)
+            )
+            args: dict[str, Any] = {"ns": ns, "keys": keys, "seconds": self.lease_seconds}
+            if layers is not None:
+                args["layers"] = list(layers)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RdmaTimeout("rdma: no time left to pin")
+            header, _ = await self._call(addr, "pin", args, left)
+            lease = header.get("lease")
+            pages = header.get("pages")
+            if not isinstance(pages, list) or len(pages) > len(keys):
+                raise ProtocolError("bad pin reply: pages")
+            if not pages:
+                return [False] * len(keys)
+            if not isinstance(lease, int) or isinstance(lease, bool):
+                raise ProtocolError("bad pin reply: lease")
+            if header.get("epoch") != epoch:  # the holder's device was reopened: a new QP, once
+                ep, epoch = await self.loop.run_in_executor(
+                    self.net, lambda: self._endpoint(holder, addr, deadline, stale=ep)
+                )
+            refs, expect, parents = self._plan_pages(ep, pages, views, layers)
+            if not refs:
+                return [False] * len(keys)
+            size = (hi - lo) * lb if layers is not None else len(views[0])
+            ops = plan_reads(
+                [PageRef(r, slots[i], k) for i, (r, k) in enumerate(refs)],
+                (lo, hi) if layers is not None else (0, 1),
+                lb if layers is not None else size,
+                ep.max_sge,
+                ep.max_bytes,
+            )
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RdmaTimeout("rdma: no time left to READ")
+            await self.loop.run_in_executor(self.net, lambda: ep.read_ops(ops, region="dram", timeout=left))
+            n = len(refs)
+            got = await self.loop.run_in_executor(
+                self.net, lambda: [xxhash.xxh3_64_intdigest(v) for v in views[:n]]
+            )
+        except _Fallback:
+            raise
+        except (PolarKVError, OSError, ValueError, asyncio.TimeoutError) as e:
+            raise _Fallback(str(e) or type(e).__name__) from e
+        finally:
+            if isinstance(lease, int) and not isinstance(lease, bool):
+                held = lease
+                try:
+                    self.net.submit(self._unpin, addr, held)
+                except RuntimeError:
+                    pass  # shutting down: the lease expires at the holder
+        bad = next((i for i, (a, b) in enumerate(zip(got, expect)) if a != b), None)
+        if bad is not None:
+            self.counters["cluster_corrupt_pages"] += 1
+            raise _Fallback(f"page {bad} read over RDMA failed its checksum")
+        self.transports.succeeded(holder)
+        if sums is not None:
+            sums.extend(got)
+        self._count_fetched("rdma", views, n, layers)
+        return [*parents, *[False] * (len(keys) - n)]
+
+    @staticmethod
+    def _plan_pages(
+        ep: RdmaEndpoint, pages: list[Any], views: list[memoryview], layers: tuple[int, int, int] | None
+    ) -> tuple[list[tuple[int, int]], list[int], list[bytes | None]]:
+        """Validate the holder's pin reply: per usable page (remote address, rkey), the expected
+        checksum and the parent. A page whose size does not fit our slot ends the prefix there."""
+        assert ep.peer is not None
+        refs: list[tuple[int, int]] = []
+        expect: list[int] = []
+        parents: list[bytes | None] = []
+        for page, view in zip(pages, views):
+            if not (isinstance(page, list) and len(page) == 5):
+                raise ProtocolError("bad pin reply: a page is [region, offset, size, checksum, parent]")
+            name, offset, size, checksum, parent = page
+            if not isinstance(name, str) or not all(
+                type(x) is int and x >= 0 for x in (offset, size, checksum)
+            ):
+                raise ProtocolError("bad pin reply: region, offset, size or checksum")
+            if parent is not None and not (isinstance(parent, bytes) and len(parent) == KEY_BYTES):
+                raise ProtocolError("bad pin reply: parent")
+            if layers is not None:
+                lo, hi, lb = layers
+                fits = size % lb == 0 and hi * lb <= size and len(view) == (hi - lo) * lb
+            else:
+                fits = size == len(view) == len(views[0])
+            if not fits:
+                break
+            region = ep.peer.region(name)
+            refs.append((region.address_of(offset, size), region.rkey))
+            expect.append(checksum)
+            parents.append(parent)
+        return refs, expect, parents
+
+    def _unpin(self, addr: str, lease: int) -> None:
+        """Fire and forget: the lease also expires on its own at the holder."""
+        try:
+            self.client.call(addr, "unpin", {"lease": lease}, timeout=self.c.fetch_timeout)
+        except (PolarKVError, OSError) as e:
+            log.debug("cluster: unpin of lease %d at %s failed (it expires): %r", lease, addr, e)
 
     # ------------------------------------------------------------------ demote to peers' DMP
 
@@ -363,50 +740,49 @@ class ClusterPool:
         ns = args.get("ns")
         if not isinstance(ns, bytes):
             raise ProtocolError("get needs ns (namespace digest)")
-        layers = args.get("layers")
-        if layers is not None:
-            if (
-                not isinstance(layers, list)
-                or len(layers) != 3
-                or not all(type(x) is int for x in layers)
-                or not 0 <= layers[0] < layers[1]
-                or layers[2] <= 0
-            ):
-                raise ProtocolError("layers must be [first, end, layer_bytes] with 0 <= first < end")
+        layers = _layers_arg(args.get("layers"))
         return self._on_loop(lambda: self._pin_for_send(ns, keys, layers))
 
-    def _pin_for_send(self, ns: bytes, keys: list[bytes], layers: list[int] | None = None) -> Reply:
+    def _pin_pages(self, ns: bytes, keys: list[bytes], layers: list[int] | None) -> list[_Pinned]:
         """Pin the longest prefix of `keys` we hold (DRAM first, then the lent DMP region); with
-        `layers`, send only that layer slice of each page (pages whose size does not fit stop it)."""
+        `layers`, each view is that layer slice (a page whose size does not fit stops the prefix).
+        On the loop. A pinned page is neither evicted nor its slot reused until released."""
         m = self.manager
-        views: list[memoryview] = []
-        parents: list[bytes | None] = []
-        release: list[Callable[[], None]] = []
-        holders: list[Any] = []  # the Page or DmpEntry of each view: keeps its checksum
+        out: list[_Pinned] = []
         for key in keys:
             page = m.index.get(key)
             if page is not None and page.state == READY and m.namespace_digest(page.ns) == ns:
                 page.pins += 1
-                views.append(m.arena[page.offset : page.offset + page.size])
-                parents.append(page.parent)
-                release.append(lambda p=page: m.unpin_page(p))
-                holders.append(page)
+                view = m.arena[page.offset : page.offset + page.size]
+                out.append(
+                    _Pinned("dram", page.offset, page.size, page.parent, page, lambda p=page: m.unpin_page(p), view)
+                )  # fmt: skip
                 continue
             entry = self.dmp.get(key) if self.dmp is not None else None
             if entry is not None and entry.ns == ns:
-                views.append(self.dmp.pin(entry))
-                parents.append(entry.parent)
-                release.append(lambda e=entry: self.dmp.unpin(e))  # type: ignore[union-attr]
-                holders.append(entry)
+                view = self.dmp.pin(entry)
+                out.append(
+                    _Pinned("dmp", entry.offset, entry.size, entry.parent, entry,
+                            lambda e=entry: self.dmp.unpin(e), view)  # type: ignore[union-attr]
+                )  # fmt: skip
                 continue
             break
         if layers is not None:
             lo, hi, lb = layers
-            n = next((i for i, v in enumerate(views) if len(v) % lb or hi * lb > len(v)), len(views))
-            for r in release[n:]:
-                r()
-            views, parents, release = [v[lo * lb : hi * lb] for v in views[:n]], parents[:n], release[:n]
-            holders = []  # slices: checksums of whole pages do not apply
+            n = next((i for i, p in enumerate(out) if p.size % lb or hi * lb > p.size), len(out))
+            for p in out[n:]:
+                p.release()
+            out = out[:n]
+            for p in out:
+                p.view = p.view[lo * lb : hi * lb]
+        return out
+
+    def _pin_for_send(self, ns: bytes, keys: list[bytes], layers: list[int] | None = None) -> Reply:
+        """`get`: pin what we hold of `keys`, send it, unpin once sent."""
+        pinned = self._pin_pages(ns, keys, layers)
+        views = [p.view for p in pinned]
+        parents = [p.parent for p in pinned]
+        holders = [p.holder for p in pinned] if layers is None else []  # slices: page sums do not apply
         if layers is None or layers[0] == 0:
             self.counters["cluster_served_pages"] += len(views)
         self.counters["cluster_served_bytes"] += sum(len(v) for v in views)
@@ -420,12 +796,114 @@ class ClusterPool:
                 for h, c in zip(holders, sums or ()):
                     if h.checksum is None and c is not None:
                         h.checksum = c
-                for r in release:
-                    r()
+                for p in pinned:
+                    p.release()
 
             self.loop.call_soon_threadsafe(unpin)
 
         return Reply({"sizes": [len(v) for v in views], "parents": parents}, views, on_sent, sums)
+
+    # ------------------------------------------------------------------ the peer service: RDMA
+
+    def _need_rdma(self) -> RdmaDevice:
+        if self.rdma is None:
+            why = self.choice.reason if self.choice is not None else "not started"
+            raise PolarKVError(f"this member does not offer RDMA ({why})", code=ErrorCode.UNAVAILABLE)
+        return self.rdma
+
+    def _h_rdma_connect(self, args: dict[str, Any], payload: PayloadReader) -> Reply:
+        """A requester's QP parameters in, ours out (one QP per requesting member: a new connect from
+        the same member replaces its old QP)."""
+        dev = self._need_rdma()
+        src = args.get("from")
+        if not isinstance(src, str) or not 1 <= len(src) <= MAX_NODE_ID:
+            raise ProtocolError("rdma_connect needs from (the requester's node id)")
+        ep, params = dev.accept(args.get("params"), timeout=self.c.fetch_timeout)  # bad params: bad_request
+        with self._rdma_lock:
+            old = [self._accepted.pop(src, None)]
+            self._accepted[src] = ep
+            while len(self._accepted) > MAX_ACCEPTED_QPS:
+                old.append(self._accepted.popitem(last=False)[1])
+        for o in old:
+            if o is not None:
+                o.close()
+        self.counters["cluster_rdma_accepted"] += 1
+        return Reply({"params": params, "epoch": self.rdma_epoch})
+
+    def _h_pin(self, args: dict[str, Any], payload: PayloadReader) -> Reply:
+        """Pin the longest held prefix of `keys` under a lease; per page where it is (region, offset,
+        size), its checksum (of the layer slice with `layers`) and parent."""
+        self._need_rdma()
+        keys = _keys_arg(args.get("keys"))
+        ns = args.get("ns")
+        if not isinstance(ns, bytes):
+            raise ProtocolError("pin needs ns (namespace digest)")
+        layers = _layers_arg(args.get("layers"))
+        seconds = args.get("seconds", self.lease_seconds)
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
+            raise ProtocolError("seconds must be a positive number")
+        seconds = min(float(seconds), self.lease_seconds)
+        if len(self._leases) >= MAX_RDMA_LEASES:
+            raise PolarKVError(f"over {MAX_RDMA_LEASES} open leases", code=ErrorCode.TOO_LARGE)
+        pinned = self._on_loop(lambda: self._pin_pages(ns, keys, layers))
+        try:
+            # hashed here, not on the loop: the pages are pinned, so their bytes cannot change
+            known = [p.holder.checksum if layers is None else None for p in pinned]
+            sums = [c if c is not None else xxhash.xxh3_64_intdigest(p.view) for p, c in zip(pinned, known)]
+        except BaseException:
+            self.loop.call_soon_threadsafe(lambda: [p.release() for p in pinned])
+            raise
+
+        def lease() -> int | None:
+            if layers is None:
+                for p, c, s in zip(pinned, known, sums):
+                    if c is None and p.holder.checksum is None:
+                        p.holder.checksum = s  # kept for the next time
+            if layers is None or layers[0] == 0:
+                self.counters["cluster_served_pages"] += len(pinned)
+                self.counters["cluster_rdma_served_pages"] += len(pinned)
+            served = sum(len(p.view) for p in pinned)
+            self.counters["cluster_served_bytes"] += served
+            self.counters["cluster_rdma_served_bytes"] += served
+            if not pinned:
+                return None
+            lease_id = next(self._lease_ids)
+            timer = self.loop.call_later(seconds, self._expire_lease, lease_id)
+            self._leases[lease_id] = _Lease(pinned, timer)
+            return lease_id
+
+        lease_id = self._on_loop(lease)
+        return Reply(
+            {
+                "lease": lease_id,
+                "epoch": self.rdma_epoch,
+                "pages": [[p.region, p.offset, p.size, c, p.parent] for p, c in zip(pinned, sums)],
+            }
+        )
+
+    def _h_unpin(self, args: dict[str, Any], payload: PayloadReader) -> Reply:
+        self._need_rdma()
+        lease_id = args.get("lease")
+        if isinstance(lease_id, bool) or not isinstance(lease_id, int):
+            raise ProtocolError("unpin needs lease (an integer)")
+        n = self._on_loop(lambda: self._drop_lease(lease_id))
+        if n is None:
+            raise PageNotFound(f"no lease {lease_id} (expired or released)")
+        return Reply({"released": n})
+
+    def _drop_lease(self, lease_id: int) -> int | None:
+        lease = self._leases.pop(lease_id, None)
+        if lease is None:
+            return None
+        lease.timer.cancel()
+        for p in lease.pages:
+            p.release()
+        return len(lease.pages)
+
+    def _expire_lease(self, lease_id: int) -> None:
+        if self._drop_lease(lease_id) is not None:
+            self.counters["cluster_rdma_leases_expired"] += 1
+            log.debug("cluster: RDMA lease %d expired (the fetcher never released it)", lease_id)
 
     def _h_put(self, args: dict[str, Any], payload: PayloadReader) -> Reply:
         if self.dmp is None:
@@ -489,7 +967,19 @@ class ClusterPool:
     # ------------------------------------------------------------------ report
 
     def report(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"metamap": self.metamap.stats(), "transport": dict(self.server.stats)}
+        c = self.counters
+        out: dict[str, Any] = {
+            "metamap": self.metamap.stats(),
+            "transport": dict(self.server.stats),
+            "fetched": {
+                kind: {
+                    "pages": c[f"cluster_fetched_pages_{kind}"],
+                    "bytes": c[f"cluster_fetched_bytes_{kind}"],
+                }
+                for kind in ("rdma", "tcp")
+            },
+            "rdma": self.rdma_report(),
+        }
         if self.dmp is not None:
             out["dmp"] = {
                 "pages": len(self.dmp),
@@ -499,3 +989,23 @@ class ClusterPool:
                 **self.dmp.stats,
             }
         return out
+
+    def rdma_report(self) -> dict[str, Any]:
+        """The RDMA side of `status --cluster --json`: on or off and why, queue pairs, leases, the
+        per-peer back-off, fallbacks to TCP and the last reason."""
+        dev = self.rdma
+        with self._rdma_lock:
+            endpoints, accepted = sorted(self._endpoints), sorted(self._accepted)
+        return {
+            "enabled": dev is not None,
+            "reason": self.choice.reason if self.choice is not None else "not started",
+            "device": f"{dev.name} port {dev.port}" if dev is not None else None,
+            "regions": {r.name: r.length for r in dev.regions.values()} if dev is not None else {},
+            "connected_to": endpoints,
+            "accepted_from": accepted,
+            "leases": len(self._leases),
+            "lease_seconds": self.lease_seconds,
+            "backoff": self.transports.report(),
+            "fallbacks": self.counters["cluster_rdma_fallbacks"],
+            "last_fallback": self.last_fallback,
+        }

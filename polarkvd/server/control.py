@@ -25,10 +25,18 @@ _MAX_TOP = 1000
 
 
 def control_handlers(
-    manager: Manager, cluster_report: Callable[[], dict[str, Any]] | None = None
+    manager: Manager,
+    cluster_report: Callable[[], dict[str, Any]] | None = None,
+    vram_report: Callable[[], dict[str, Any] | None] | None = None,
 ) -> dict[str, Handler]:
+    """`vram_report`: the L1 choice made at start (docs/VRAM.md), shown by `stats` under `vram`."""
+
     def stats(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
-        return manager.stats()
+        out = manager.stats()
+        vram = vram_report() if vram_report is not None else None
+        if vram is not None:
+            out["vram"] = vram
+        return out
 
     def cluster(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
         return cluster_report() if cluster_report is not None else {"enabled": False}

@@ -54,6 +54,8 @@ def engine_api(
     max_keys: int,
     timings: OpTimings | None = None,
     signal_offset: int | None = None,
+    table_offset: int | None = None,
+    table_size: int = 0,
 ) -> EngineAPI:
     # Latency of the data-path ops, for metrics: a perf_counter_ns pair and a histogram add
     # (docs/METRICS.md has the measured cost). Failed requests are not timed. Lookups are timed on
@@ -106,6 +108,20 @@ def engine_api(
             "max_keys": max_keys,
             # where pipelined loads' readiness slots start in the arena file (transport/pipeline.py)
             "signal_offset": signal_offset,
+            "lookup_table": lookup_table(session),
+        }
+
+    def lookup_table(session: Session) -> dict[str, Any] | None:
+        """Where the engine probes the DRAM index itself (lookup_table.py), or None: ask the socket."""
+        if table_offset is None or session.table_slot is None:
+            return None
+        return {
+            "offset": table_offset,
+            "size": table_size,
+            "slot": session.table_slot,
+            "ns": session.ns.id,
+            # no disk tier and no cluster: a key not in DRAM is not anywhere, no need to ask
+            "final_miss": manager.disk is None and manager.cluster is None,
         }
 
     def lookup(conn: Connection, args: dict[str, Any]) -> dict[str, Any] | Awaitable[dict[str, Any]]:

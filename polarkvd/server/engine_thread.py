@@ -187,7 +187,7 @@ class ThreadConnection:
         def run() -> None:
             try:
                 if server.before_loop_op is not None:
-                    server.before_loop_op()
+                    server.before_loop_op(self)
                 answer(self, req, finish)
             except Exception as e:  # never leave the thread waiting
                 finish(error_reply(server.name, req.rid, req.op, e))
@@ -249,9 +249,9 @@ class EngineThreadServer:
     """The engine socket: accepts on the event loop, serves each connection on its own thread.
 
     `handlers` run on the loop (as on `RequestServer`); `thread_handlers` (a subset of the same ops)
-    run on the connection's thread first. `before_loop_op` runs on the loop before every handed-over
-    request (the manager applies the LRU touches of thread-side lookups there, so the policy sees
-    requests in order). `on_close(conn)` runs on the loop once per connection, after its last request.
+    run on the connection's thread first. `before_loop_op(conn)` runs on the loop before every
+    handed-over request (the manager applies the LRU touches of thread-side lookups and of the
+    connection's lookups from the shared table there, so the policy sees requests in order). `on_close(conn)` runs on the loop once per connection, after its last request.
     """
 
     def __init__(
@@ -262,7 +262,7 @@ class EngineThreadServer:
         *,
         max_frame_bytes: int = P.MAX_FRAME,
         on_close: Callable[[Any], None] | None = None,
-        before_loop_op: Callable[[], None] | None = None,
+        before_loop_op: Callable[[Any], None] | None = None,
     ) -> None:
         self.name = name
         self.handlers = handlers

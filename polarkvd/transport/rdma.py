@@ -443,6 +443,21 @@ def gid_to_text(raw: bytes) -> str:
     return ":".join(h[i : i + 4] for i in range(0, 32, 4))
 
 
+def buffer_address(buf: Any) -> int:
+    """The address of the first byte of a writable, contiguous, non-empty buffer (e.g. an arena slice:
+    its offset in a registered region is this minus the region's base)."""
+    view = memoryview(buf)
+    if view.readonly or not view.c_contiguous or view.nbytes == 0:
+        raise ValueError("need a writable, contiguous, non-empty buffer")
+    view = view.cast("B")
+    anchor = (ctypes.c_char * len(view)).from_buffer(view)
+    try:
+        return ctypes.addressof(anchor)
+    finally:
+        del anchor
+        view.release()
+
+
 # ---------------------------------------------------------------------------------------------- planning
 
 
@@ -1015,9 +1030,11 @@ class RdmaEndpoint:
             self.dev.endpoints.discard(self)
 
     def close(self) -> None:
-        if self.broken is None:
-            self.broken = "closed"
-        self._close_verbs()
+        """Destroy the QP; waits for a READ in progress on another thread to finish (or time out)."""
+        with self._lock:
+            if self.broken is None:
+                self.broken = "closed"
+            self._close_verbs()
 
 
 def _wc_status(v: Any, status: int) -> str:

@@ -742,14 +742,19 @@ class PeerServer:
 # --------------------------------------------------------------------------------- client side
 
 
+class _PeerClosedIdle(Exception):
+    """A reused connection turned out closed before any of the reply arrived (PeerClient retries)."""
+
+
 class _ClientConn:
-    __slots__ = ("sock", "addr", "epoch", "scratch", "trailer", "in_sync")
+    __slots__ = ("sock", "addr", "epoch", "scratch", "trailer", "in_sync", "reused")
 
     def __init__(self, sock: socket.socket, addr: str, epoch: int) -> None:
         self.sock, self.addr, self.epoch = sock, addr, epoch
         self.scratch: memoryview | None = None
         self.trailer = memoryview(bytearray(_TRAILER.size))
         self.in_sync = True  # False from the first byte of a request until its reply is fully read
+        self.reused = False  # taken from the idle pool (the peer may have closed it meanwhile)
 
     def stale(self) -> bool:
         """An idle pooled connection that has something to read is closed (or out of sync): drop it."""
@@ -856,6 +861,7 @@ class PeerClient:
                     while idle:
                         conn = idle.pop()
                         if not conn.stale():
+                            conn.reused = True
                             return conn
                         stale.append(conn)
                         self._open[addr] -= 1
@@ -939,7 +945,29 @@ class PeerClient:
         views = [_byte_view(p) for p in payloads]
         sizes = [len(v) for v in views]
         head = _pack(KIND_REQUEST, {"op": op, "args": args, "sizes": sizes})
+        try:
+            return self._call_once(addr, op, head, views, sizes, into, deadline, sums_out)
+        except _PeerClosedIdle:
+            # A pooled connection the peer had closed (a restart, its idle timeout) between the
+            # staleness check and our request: nothing of the reply was read, so once more on a new one.
+            self._drop_idle(addr)
+            return self._call_once(addr, op, head, views, sizes, into, deadline, sums_out)
+
+    def _drop_idle(self, addr: str) -> None:
+        with self._cond:
+            idle = self._idle.pop(addr, [])
+            self._open[addr] = self._open.get(addr, 0) - len(idle)
+            self._cond.notify_all()
+        for conn in idle:
+            conn.close()
+
+    def _call_once(
+        self, addr: str, op: str, head: bytes, views: list[memoryview], sizes: list[int],
+        into: Callable[[dict[str, Any]], list[memoryview | None]] | None, deadline: _Deadline,
+        sums_out: list[int | None] | None,
+    ) -> tuple[dict[str, Any], list[bool]]:  # fmt: skip
         conn = self._acquire(addr, deadline)
+        replied = False
         try:
             sent = sum(sizes)
             self._reserve(sent, deadline)
@@ -951,6 +979,7 @@ class PeerClient:
             envelope, rsizes = _read_message(
                 conn.sock, KIND_REPLY, _REPLY_MAX_HEADER_BYTES, MAX_PAYLOADS, MAX_PAYLOAD_BYTES, deadline
             )
+            replied = True
             reply = envelope.get("reply")
             if not isinstance(reply, dict):
                 raise _BadMessage(ErrorCode.BAD_REQUEST, "reply without a header map")
@@ -960,6 +989,8 @@ class PeerClient:
                 raise error_for_code(str(reply["error"]), str(reply.get("message", "")))
             return reply, self._receive(conn, reply, rsizes, into, deadline, sums_out)
         except (OSError, _Closed, _BadMessage) as e:
+            if conn.reused and not replied and isinstance(e, (_Closed, ConnectionError)):
+                raise _PeerClosedIdle from e
             why = "timed out" if isinstance(e, TimeoutError) else str(e) or type(e).__name__
             raise TransportError(f"{addr} {op}: {why}") from e
         finally:

@@ -9,14 +9,26 @@ lkey), SendWR(wr_id=, opcode=, num_sge=, sg=, send_flags=), set_wr_rdma(rkey, ad
 and performs a READ as a memmove between registered buffers of the same process. SGE and SendWR
 count close() calls: pyverbs 44 frees their C memory only there, so 0 calls leak and 2 double-free.
 The tests that use the real pyverbs (object construction) keep this fake honest about names.
+
+`ProcessFabric` is the same fake spread over processes, for daemons talking to each other (FAKE
+DEVICE: there is no RDMA hardware or kernel support on these machines). Each process gets one RoCE
+device whose GID encodes its pid; memory regions and queue pairs are announced as files in a shared
+directory; a READ is a `process_vm_readv` from the holder's pid at the registered address, allowed
+only where a real RC QP would allow it (both QPs connected to each other, the rkey registered for
+remote READ by the holder, the range inside it). `write_fake_pyverbs(dir, state_dir)` writes a
+`pyverbs` package that a daemon loads through `cluster.pyverbs_path`; the file `state_dir/mode`
+(or `mode-<pid>`) says what READs do: execute, fail (error completion), hang (never complete).
 """
 
 from __future__ import annotations
 
 import ctypes
 import itertools
+import os
+import threading
 import types
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 # pyverbs 44's enum values (pyverbs.enums), as far as polarkvd uses them.
@@ -80,19 +92,69 @@ class Dev:
 
 class Fabric:
     """The host's devices and everything registered on them; `mode` decides what a READ does:
-    "execute" (copy the bytes and complete), "hang" (never complete), "fail" (REM_ACCESS_ERR)."""
+    "execute" (copy the bytes and complete), "hang" (never complete), "fail" (REM_ACCESS_ERR),
+    "gate" (held until `gate` is set, then copied and completed: a READ caught in flight)."""
 
     def __init__(self, devices: list[Dev] | None = None, list_error: str | None = None) -> None:
         self.devices = devices if devices is not None else [Dev("mlx5_0")]
         self.list_error = list_error
         self.mode = "execute"
+        self.gate = threading.Event()
+        self.held: list[tuple[Any, Any]] = []  # (qp, wr) of READs waiting for the gate
         self.mrs: dict[int, MRInfo] = {}
         self.qps: dict[int, Any] = {}
         self.keys = itertools.count(0x100)
         self.qpns = itertools.count(0x40)
         self.closed: list[str] = []
         self.wr_closes: list[int] = []  # close() count of every SGE and SendWR made
+        self.reads = 0  # READ work requests executed successfully
         self.verbs = self._module()
+
+    # hooks ProcessFabric overrides: what a READ mode is now, connecting, and the copy itself
+    def current_mode(self) -> str:
+        return self.mode
+
+    def mr_added(self, rkey: int, info: MRInfo) -> None:
+        self.mrs[rkey] = info
+
+    def mr_removed(self, rkey: int) -> None:
+        self.mrs.pop(rkey, None)
+
+    def qp_created(self, qp: Any) -> None:
+        self.qps[qp.qp_num] = qp
+
+    def qp_closed(self, qp: Any) -> None:
+        self.qps.pop(qp.qp_num, None)
+
+    def connect(self, qp: Any, attr: Any) -> None:
+        if attr.dest_qp_num not in self.qps:
+            raise PyverbsError("Failed to modify QP state to RTR", 22)
+
+    def execute_read(self, qp: Any, wr: Any) -> bool:
+        peer = self.qps.get(qp.attr.dest_qp_num)
+        src = self.mrs.get(wr.rkey)
+        length = sum(s[1] for s in wr.sges)
+        if (
+            peer is None or peer.attr is None or peer.attr.dest_qp_num != qp.qp_num
+            or src is None or src.pd is not peer.pd or not src.access & E.IBV_ACCESS_REMOTE_READ
+            or not peer.access & E.IBV_ACCESS_REMOTE_READ
+            or not src.addr <= wr.raddr or wr.raddr + length > src.addr + src.length
+        ):  # fmt: skip
+            return False
+        if not self.local_ok(wr):
+            return False
+        at = wr.raddr
+        for addr, n, _ in wr.sges:
+            ctypes.memmove(addr, at, n)
+            at += n
+        return True
+
+    def local_ok(self, wr: Any) -> bool:
+        for addr, n, lkey in wr.sges:
+            dst = self.mrs.get(lkey)
+            if dst is None or not dst.addr <= addr or addr + n > dst.addr + dst.length:
+                return False
+        return True
 
     def _module(self) -> types.SimpleNamespace:
         fabric = self
@@ -138,10 +200,10 @@ class Fabric:
             def __init__(self, pd: PD, length: int = 0, access: int = 0, address: int | None = None) -> None:
                 assert address, "polarkvd registers existing memory only"
                 self.lkey = self.rkey = next(fabric.keys)
-                fabric.mrs[self.rkey] = MRInfo(address, length, access, pd)
+                fabric.mr_added(self.rkey, MRInfo(address, length, access, pd))
 
             def close(self) -> None:
-                fabric.mrs.pop(self.rkey, None)
+                fabric.mr_removed(self.rkey)
                 fabric.closed.append(f"mr {self.rkey:#x}")
 
         class CQ:
@@ -149,6 +211,12 @@ class Fabric:
                 self.cqe, self.wcs = cqe, []
 
             def poll(self, num_entries: int = 1) -> tuple[int, list[Any]]:
+                if fabric.held and fabric.gate.is_set():
+                    held, fabric.held = fabric.held, []
+                    for qp, wr in held:
+                        ok = qp.qp_state == E.IBV_QPS_RTS and fabric.execute_read(qp, wr)
+                        fabric.reads += ok
+                        qp.cq.wcs.append(WC(wr.wr_id, E.IBV_WC_SUCCESS if ok else E.IBV_WC_REM_ACCESS_ERR))
                 out, self.wcs = self.wcs[:num_entries], self.wcs[num_entries:]
                 return len(out), out
 
@@ -173,57 +241,42 @@ class Fabric:
                 self.access = attr.qp_access_flags if attr is not None else 0
                 self.pending: list[Any] = []
                 self.attr: Any = None
-                fabric.qps[self.qp_num] = self
+                fabric.qp_created(self)
 
             def to_rts(self, attr: Any) -> None:
-                if attr.dest_qp_num not in fabric.qps:
-                    raise PyverbsError("Failed to modify QP state to RTR", 22)
+                fabric.connect(self, attr)
                 self.attr, self.qp_state = attr, E.IBV_QPS_RTS
 
             def modify(self, attr: Any, mask: int) -> None:
                 assert mask == E.IBV_QP_STATE
                 self.qp_state = attr.qp_state
                 if attr.qp_state == E.IBV_QPS_ERR:
-                    for wr_id in self.pending:
+                    mine = [wr for qp, wr in fabric.held if qp is self]
+                    fabric.held = [(qp, wr) for qp, wr in fabric.held if qp is not self]
+                    for wr_id in self.pending + [wr.wr_id for wr in mine]:
                         self.cq.wcs.append(WC(wr_id, E.IBV_WC_WR_FLUSH_ERR))
                     self.pending = []
 
             def post_send(self, wr: Any) -> None:
                 if self.qp_state != E.IBV_QPS_RTS:
                     raise PyverbsError("Failed to post send", 22)
+                mode = fabric.current_mode()
                 while wr is not None:
                     assert wr.opcode == E.IBV_WR_RDMA_READ and wr.send_flags & E.IBV_SEND_SIGNALED
                     assert wr.num_sge == len(wr.sges) <= self.cap.max_send_sge
-                    if fabric.mode == "hang":
+                    if mode == "hang":
                         self.pending.append(wr.wr_id)
-                    elif fabric.mode == "fail" or not self._read(wr):
+                    elif mode == "gate":
+                        fabric.held.append((self, wr))
+                    elif mode == "fail" or not fabric.execute_read(self, wr):
                         self.cq.wcs.append(WC(wr.wr_id, E.IBV_WC_REM_ACCESS_ERR))
                     else:
+                        fabric.reads += 1
                         self.cq.wcs.append(WC(wr.wr_id, E.IBV_WC_SUCCESS))
                     wr = wr.next
 
-            def _read(self, wr: Any) -> bool:
-                peer = fabric.qps.get(self.attr.dest_qp_num)
-                src = fabric.mrs.get(wr.rkey)
-                length = sum(s[1] for s in wr.sges)
-                if (
-                    peer is None or peer.attr is None or peer.attr.dest_qp_num != self.qp_num
-                    or src is None or src.pd is not peer.pd or not src.access & E.IBV_ACCESS_REMOTE_READ
-                    or not peer.access & E.IBV_ACCESS_REMOTE_READ
-                    or not src.addr <= wr.raddr or wr.raddr + length > src.addr + src.length
-                ):  # fmt: skip
-                    return False
-                at = wr.raddr
-                for addr, n, lkey in wr.sges:
-                    dst = fabric.mrs.get(lkey)
-                    if dst is None or not dst.addr <= addr or addr + n > dst.addr + dst.length:
-                        return False
-                    ctypes.memmove(addr, at, n)
-                    at += n
-                return True
-
             def close(self) -> None:
-                fabric.qps.pop(self.qp_num, None)
+                fabric.qp_closed(self)
                 fabric.closed.append(f"qp {self.qp_num:#x}")
 
         class SGE:
@@ -308,3 +361,128 @@ class WC:
     wr_id: int
     status: int
     vendor_err: int = 0
+
+
+# ---------------------------------------------------------------------------------------------- across processes
+
+
+class _IOVec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.process_vm_readv.argtypes = [
+    ctypes.c_int, ctypes.POINTER(_IOVec), ctypes.c_ulong, ctypes.POINTER(_IOVec), ctypes.c_ulong, ctypes.c_ulong,
+]  # fmt: skip
+_libc.process_vm_readv.restype = ctypes.c_ssize_t
+_PR_SET_PTRACER, _PR_SET_PTRACER_ANY = 0x59616D61, ctypes.c_ulong(-1)
+
+
+def pid_gid(pid: int) -> str:
+    """The fake RoCE GID of the process `pid` (its last 32 bits are the pid)."""
+    return f"fe80:0000:0000:0000:0000:0000:{pid >> 16 & 0xFFFF:04x}:{pid & 0xFFFF:04x}"
+
+
+class ProcessFabric(Fabric):
+    """FAKE DEVICE across processes (see the module docstring): this process's view of a fabric whose
+    shared state is files in `state_dir`; READs copy from the holder process with process_vm_readv."""
+
+    def __init__(self, state_dir: str | os.PathLike[str]) -> None:
+        self.dir = Path(state_dir)
+        self.pid = os.getpid()
+        port = Port(link_layer=E.IBV_LINK_LAYER_ETHERNET, lid=0, gids=[(pid_gid(self.pid), E.IBV_GID_TYPE_SYSFS_ROCE_V2)])  # fmt: skip
+        super().__init__([Dev("fake_roce0", ports=[port])])
+        self.keys = itertools.count((self.pid & 0x3FF) << 20 | 0x100)  # rkeys distinct across processes
+        # where Yama restricts ptrace to descendants, let sibling processes (other daemons) read us
+        _libc.prctl(_PR_SET_PTRACER, _PR_SET_PTRACER_ANY, 0, 0, 0)
+
+    def current_mode(self) -> str:
+        for name in (f"mode-{self.pid}", "mode"):
+            try:
+                return (self.dir / name).read_text().strip() or "execute"
+            except FileNotFoundError:
+                continue
+        return "execute"
+
+    def _file(self, kind: str, pid: int, n: int) -> Path:
+        return self.dir / f"{kind}-{pid}-{n}"
+
+    def mr_added(self, rkey: int, info: MRInfo) -> None:
+        super().mr_added(rkey, info)
+        self._file("mr", self.pid, rkey).write_text(f"{info.addr} {info.length} {info.access}")
+
+    def mr_removed(self, rkey: int) -> None:
+        super().mr_removed(rkey)
+        self._file("mr", self.pid, rkey).unlink(missing_ok=True)
+
+    def qp_created(self, qp: Any) -> None:
+        super().qp_created(qp)
+        self._file("qp", self.pid, qp.qp_num).write_text("init")
+
+    def qp_closed(self, qp: Any) -> None:
+        super().qp_closed(qp)
+        self._file("qp", self.pid, qp.qp_num).unlink(missing_ok=True)
+
+    def connect(self, qp: Any, attr: Any) -> None:
+        gr = getattr(attr.ah_attr, "gr", None)
+        if gr is None:
+            raise PyverbsError("fake RoCE needs a global route", 22)
+        parts = str(gr.dgid).split(":")
+        qp.dest_pid = int(parts[6], 16) << 16 | int(parts[7], 16)
+        if not self._file("qp", qp.dest_pid, attr.dest_qp_num).exists():
+            raise PyverbsError("Failed to modify QP state to RTR", 22)
+        self._file("qp", self.pid, qp.qp_num).write_text(f"{qp.dest_pid} {attr.dest_qp_num}")
+
+    def execute_read(self, qp: Any, wr: Any) -> bool:
+        dpid, dqpn = qp.dest_pid, qp.attr.dest_qp_num
+        try:
+            peer = self._file("qp", dpid, dqpn).read_text()
+            addr, length, access = map(int, self._file("mr", dpid, wr.rkey).read_text().split())
+        except (FileNotFoundError, ValueError):
+            return False
+        total = sum(s[1] for s in wr.sges)
+        if (
+            peer != f"{self.pid} {qp.qp_num}" or not access & E.IBV_ACCESS_REMOTE_READ
+            or not addr <= wr.raddr or wr.raddr + total > addr + length or not self.local_ok(wr)
+        ):  # fmt: skip
+            return False
+        local = (_IOVec * len(wr.sges))(*[_IOVec(a, n) for a, n, _ in wr.sges])
+        remote = (_IOVec * 1)(_IOVec(wr.raddr, total))
+        return _libc.process_vm_readv(dpid, local, len(wr.sges), remote, 1, 0) == total
+
+
+_PACKAGE_INIT = '''"""FAKE pyverbs for tests (tests/transport/fakeverbs.py ProcessFabric): no RDMA device exists here."""
+import importlib.util as _u
+import sys as _s
+
+_spec = _u.spec_from_file_location("polarkv_fakeverbs", {source!r})
+_mod = _u.module_from_spec(_spec)
+_s.modules["polarkv_fakeverbs"] = _mod
+_spec.loader.exec_module(_mod)
+fabric = _mod.ProcessFabric({state!r})
+'''
+_SUBMODULES = {
+    "device": "globals().update(vars(_p.fabric.verbs.device))",
+    "pd": "globals().update(vars(_p.fabric.verbs.pd))",
+    "mr": "globals().update(vars(_p.fabric.verbs.mr))",
+    "cq": "globals().update(vars(_p.fabric.verbs.cq))",
+    "qp": "globals().update(vars(_p.fabric.verbs.qp))",
+    "wr": "globals().update(vars(_p.fabric.verbs.wr))",
+    "addr": "globals().update(vars(_p.fabric.verbs.addr))",
+    "enums": "globals().update(vars(_p.fabric.verbs.e))",
+    "pyverbs_error": "PyverbsError = _p.fabric.verbs.Error",
+}
+
+
+def write_fake_pyverbs(root: str | os.PathLike[str], state_dir: str | os.PathLike[str]) -> str:
+    """Write a FAKE `pyverbs` package under `root` backed by ProcessFabric(state_dir); returns the
+    directory to give a daemon as `cluster.pyverbs_path`."""
+    pkg = Path(root) / "pyverbs"
+    pkg.mkdir(parents=True, exist_ok=True)
+    Path(state_dir).mkdir(parents=True, exist_ok=True)
+    (pkg / "__init__.py").write_text(
+        _PACKAGE_INIT.format(source=str(Path(__file__).resolve()), state=str(state_dir))
+    )
+    for name, body in _SUBMODULES.items():
+        (pkg / f"{name}.py").write_text(f"import pyverbs as _p\n{body}\n")
+    return str(root)

@@ -25,6 +25,7 @@ from polarkvd.transport.tcp import (
     PeerClient,
     PeerServer,
     Reply,
+    _ClientConn,
     _connect,
     _Deadline,
     _read_message,
@@ -533,6 +534,29 @@ def test_a_restarted_peer_is_reached_through_a_fresh_connection(
     out = bytearray(2)
     assert client.call(again.address, "get", {"keys": [b"k"]}, into=lambda h: [memoryview(out)])[1] == [True]
     assert out == b"v1" and again.stats["connections"] == 1
+
+
+def test_a_pooled_connection_closed_after_its_check_is_retried_once(
+    serve: Callable[..., PeerServer], client: PeerClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The peer closes an idle pooled connection in the instant between the client's staleness check
+    and its request (a fault no real part produces on demand: the check is skipped to open the
+    window). The call goes through on a new connection instead of failing the fetch."""
+    store = Store()
+    store.pages[b"k"] = b"v1"
+    srv = serve({"get": store.get})
+    assert client.call(srv.address, "get", {"keys": [b"k"]})[0] == {"n": 1}  # now pooled
+    _, port = parse_address(srv.address)
+    srv.close()
+    again = serve({"get": store.get}, port=port)
+    monkeypatch.setattr(_ClientConn, "stale", lambda self: False)
+    out = bytearray(2)
+    assert client.call(again.address, "get", {"keys": [b"k"]}, into=lambda h: [memoryview(out)])[1] == [True]
+    assert out == b"v1"
+    # a failure on a new connection is not retried: a peer that is gone is reported
+    again.close()
+    with pytest.raises(TransportError):
+        client.call(again.address, "get", {"keys": [b"k"]})
 
 
 # -------------------------------------------------------------------- a server in another process

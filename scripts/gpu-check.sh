@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The checks that need an NVIDIA GPU, as one command for a GPU machine (docs/HARDWARE.md):
+#
+#   ./scripts/gpu-check.sh [bench options, e.g. --pool 4GiB --page 16MiB]
+#
+# 1. the host: nvidia-smi, the Python used;
+# 2. the L1 probe: the `vram: ...` line the daemon would log;
+# 3. the GPU tests (tests/tiers/test_vram_gpu.py: real cuMemAlloc, copies checked byte for byte,
+#    cuMemHostRegister of a shared-memory mapping, the IPC handle opened from a second process);
+#    then, where the venv has the daemon's dependencies, a real daemon with [vram] enabled;
+# 4. the bandwidth table (python -m polarkvd.bench.vram): D2D inside the pool, D2H/H2D with a pinned
+#    arena-like mapping, the same through pageable memory, and a host memcpy.
+#
+# Needs no network and installs nothing: .venv/bin/python when it exists, else python3 (or $PYTHON)
+# with this checkout on PYTHONPATH. Steps 2-4 need only the standard library (pytest when present,
+# else the test file's own runner). Talks to the driver's libcuda directly: no CUDA toolkit or CUDA
+# torch is needed. Takes about a minute; each step has a time limit. Exit status: 0 when every step
+# passed (skips count as passed only in step 3's daemon test), 1 otherwise.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+PY="${PYTHON:-}"
+if [ -z "$PY" ]; then
+    if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+status=0
+step() { printf '\n== %s\n' "$*"; }
+
+step "host"
+if command -v nvidia-smi >/dev/null 2>&1; then
+    nvidia-smi --query-gpu=index,name,uuid,pci.bus_id,driver_version,memory.total,memory.used --format=csv
+else
+    echo "nvidia-smi: not on PATH"
+fi
+"$PY" -c 'import platform, sys; print("python", platform.python_version(), sys.executable)'
+echo "CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES-<unset>}"
+
+step "probe (python -m polarkvd.bench.vram --probe)"
+timeout 60 "$PY" -m polarkvd.bench.vram --probe || status=1
+
+step "GPU tests (tests/tiers/test_vram_gpu.py)"
+if "$PY" -c 'import pytest' 2>/dev/null; then
+    # --noconftest: tests/conftest.py needs the daemon's dependencies; the GPU tests do not.
+    timeout 240 "$PY" -m pytest -m gpu --noconftest -p no:cacheprovider -v -rs \
+        -o addopts="" tests/tiers/test_vram_gpu.py || status=1
+else
+    echo "(pytest is not importable here: running the file's own runner)"
+    timeout 240 "$PY" tests/tiers/test_vram_gpu.py || status=1
+fi
+
+step "a daemon with [vram] enabled (tests/tiers/test_vram.py -k daemon)"
+if "$PY" -c 'import pytest, numpy, msgpack, zmq, xxhash, psutil, zstandard' 2>/dev/null; then
+    timeout 120 "$PY" -m pytest -p no:cacheprovider -v -rs -o addopts="" \
+        tests/tiers/test_vram.py -k daemon || status=1
+else
+    echo "skipped: this Python lacks the daemon's dependencies (build .venv with ./scripts/bootstrap.sh)"
+fi
+
+step "bandwidth (python -m polarkvd.bench.vram $*)"
+timeout 180 "$PY" -m polarkvd.bench.vram "$@" || status=1
+
+step "result"
+if [ "$status" = 0 ]; then echo "gpu-check: all steps passed"; else echo "gpu-check: FAILED (see above)"; fi
+exit "$status"
