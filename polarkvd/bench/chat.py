@@ -38,7 +38,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -47,7 +46,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from polarkvd.bench.harness import Progress, percentile, private_daemon, ratio, table
+from polarkvd.bench.harness import (
+    Steps,
+    busy_cpu_s,
+    count_cpus,
+    cpu_bind,
+    kill_group,
+    model_kv_bytes_per_token,
+    own_cpu_s,
+    percentile,
+    private_daemon,
+    ratio,
+    table,
+)
 
 CONFIGS = ("nocache", "prefix_cache", "example_connector", "polarkvd")
 CONFIG_HELP = {
@@ -167,20 +178,6 @@ def next_prompt(wl: dict[str, Any], history: list[int] | None, user: int, turn_i
     return head + turn + wl["assistant_open"]
 
 
-def _model_kv_bytes_per_token(model_dir: str) -> int:
-    cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    heads = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    return 2 * cfg["num_hidden_layers"] * heads * head_dim * 4  # K and V, float32
-
-
-def _cpu_bind() -> str:
-    cpus = sorted(os.sched_getaffinity(0))
-    if cpus == list(range(cpus[0], cpus[-1] + 1)):
-        return f"{cpus[0]}-{cpus[-1]}"
-    return ",".join(map(str, cpus))
-
-
 def engine_sizing(args: argparse.Namespace, wl: dict[str, Any]) -> dict[str, Any]:
     """max_model_len, batch budget (no prompt chunked) and vLLM's KV blocks (cannot hold everyone)."""
     last_turn = args.rounds - 1 + (2 if args.hot_users else 0)
@@ -204,21 +201,6 @@ def engine_sizing(args: argparse.Namespace, wl: dict[str, Any]) -> dict[str, Any
 
 
 # ---------------------------------------------------------------------------------------- worker (vLLM)
-
-
-def _busy_cpu_s() -> float:
-    """CPU seconds the whole machine spent busy (not idle or iowait) since boot, from /proc/stat."""
-    try:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-    except OSError:
-        return 0.0
-    return (sum(v[:8]) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_cpu_s() -> float:
-    t = os.times()
-    return t.user + t.system
 
 
 def worker_main(spec_path: str) -> int:
@@ -294,7 +276,7 @@ def worker_main(spec_path: str) -> int:
         )  # fmt: skip
         before = dict(connector.stats) if connector is not None else {}
         external.clear()
-        cpu0, own0 = _busy_cpu_s(), _own_cpu_s()
+        cpu0, own0 = busy_cpu_s(), own_cpu_s()
         t = time.perf_counter()
         engine.add_request(rid, {"prompt_token_ids": ids}, p)
         ttft, final = None, None
@@ -307,8 +289,8 @@ def worker_main(spec_path: str) -> int:
                 if o.finished:
                     final = o
         latency = time.perf_counter() - t
-        own = _own_cpu_s() - own0
-        others = max(0.0, _busy_cpu_s() - cpu0 - own)
+        own = own_cpu_s() - own0
+        others = max(0.0, busy_cpu_s() - cpu0 - own)
         assert final is not None and ttft is not None, f"request {rid} produced no output"
         rec: dict[str, Any] = {
             "prompt_tokens": len(ids),
@@ -373,25 +355,6 @@ def worker_main(spec_path: str) -> int:
 # ---------------------------------------------------------------------------------------- parent
 
 
-class _Steps(Progress):
-    """Progress lines that report what just happened (a request's numbers), not what starts."""
-
-    def step(self, what: str) -> None:
-        self.done += 1
-        if not self.quiet:
-            print(f"[{self.done}/{self.total} {time.perf_counter() - self.t0:7.1f}s] {what}", file=sys.stderr,
-                  flush=True)  # fmt: skip
-
-
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
-
-
 def run_config(
     name: str, spec: dict[str, Any], root: Path, env: dict[str, str], say: Callable[[str], None]
 ) -> dict[str, Any]:
@@ -440,7 +403,7 @@ def run_config(
                     )
             proc.wait()
         finally:
-            _kill_group(proc)
+            kill_group(proc)
     result_path = Path(spec["out"])
     if proc.returncode != 0 or not result_path.exists():
         raise RuntimeError(
@@ -612,12 +575,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model_dir = args.model or str(ensure_smollm2())
     wl = build_workload(args, model_dir)
     size = engine_sizing(args, wl)
-    bind = args.cpus or _cpu_bind()
-    ncpu = len(os.sched_getaffinity(0)) if not args.cpus else max(1, _count_cpus(args.cpus))
-    kv_token_bytes = _model_kv_bytes_per_token(model_dir)
+    bind = args.cpus or cpu_bind()
+    ncpu = len(os.sched_getaffinity(0)) if not args.cpus else max(1, count_cpus(args.cpus))
+    kv_token_bytes = model_kv_bytes_per_token(model_dir)
     page_bytes = kv_token_bytes * BLOCK
     hot = 2 * min(args.hot_users, args.users)
-    prog = _Steps(sum(args.rounds * args.users + (hot if c != "nocache" else 0) + 2 for c in configs) + 1)
+    prog = Steps(sum(args.rounds * args.users + (hot if c != "nocache" else 0) + 2 for c in configs) + 1)
     root = Path(tempfile.mkdtemp(prefix="polarkv-chat-"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("POLARKV_")}
     env.update(
@@ -721,14 +684,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if root.exists():
         res["run_dir"] = str(root)
     return res
-
-
-def _count_cpus(spec: str) -> int:
-    n = 0
-    for part in spec.split(","):
-        a, _, b = part.partition("-")
-        n += int(b) - int(a) + 1 if b else 1
-    return n
 
 
 def _f(v: float | None, d: int = 3) -> str:

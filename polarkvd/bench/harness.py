@@ -6,6 +6,7 @@ Benchmarks compare side by side in one run (ratios), so the machine's noise hits
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -33,6 +34,16 @@ class Progress:
                 file=sys.stderr,
                 flush=True,
             )
+
+
+class Steps(Progress):
+    """Progress lines that report what just happened (a request's numbers), not what starts."""
+
+    def step(self, what: str) -> None:
+        self.done += 1
+        if not self.quiet:
+            print(f"[{self.done}/{self.total} {time.perf_counter() - self.t0:7.1f}s] {what}", file=sys.stderr,
+                  flush=True)  # fmt: skip
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -103,3 +114,57 @@ def private_daemon(sets: dict[str, str], keep: bool = False) -> Iterator[tuple[P
         log.close()
         if not keep:
             shutil.rmtree(root, ignore_errors=True)
+
+
+# ------------------------------------------------------------ engine benchmarks (chat, pipeline)
+
+
+def model_kv_bytes_per_token(model_dir: str) -> int:
+    """Bytes of K and V per token of a (float32) HF model directory."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    heads = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    return 2 * cfg["num_hidden_layers"] * heads * head_dim * 4  # K and V, float32
+
+
+def cpu_bind() -> str:
+    """This process's CPUs as a cpuset string (`0-1`, `0,2`), for VLLM_CPU_OMP_THREADS_BIND."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if cpus == list(range(cpus[0], cpus[-1] + 1)):
+        return f"{cpus[0]}-{cpus[-1]}"
+    return ",".join(map(str, cpus))
+
+
+def busy_cpu_s() -> float:
+    """CPU seconds the whole machine spent busy (not idle or iowait) since boot, from /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return 0.0
+    return (sum(v[:8]) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_s() -> float:
+    """CPU seconds this process has used."""
+    t = os.times()
+    return t.user + t.system
+
+
+def kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL a child started with its own process group, and reap it."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def count_cpus(spec: str) -> int:
+    """CPUs in a cpuset string like `0-1,4`."""
+    n = 0
+    for part in spec.split(","):
+        a, _, b = part.partition("-")
+        n += int(b) - int(a) + 1 if b else 1
+    return n

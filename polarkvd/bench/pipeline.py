@@ -61,17 +61,19 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from polarkvd.bench.chat import (
-    _busy_cpu_s,
-    _count_cpus,
-    _cpu_bind,
-    _kill_group,
-    _model_kv_bytes_per_token,
-    _own_cpu_s,
-    _Steps,
-    chat_tokens,
+from polarkvd.bench.chat import chat_tokens
+from polarkvd.bench.harness import (
+    Steps,
+    busy_cpu_s,
+    count_cpus,
+    cpu_bind,
+    kill_group,
+    model_kv_bytes_per_token,
+    own_cpu_s,
+    private_daemon,
+    ratio,
+    table,
 )
-from polarkvd.bench.harness import private_daemon, ratio, table
 
 SOURCES = ("local", "disk", "remote")
 SOURCE_HELP = {
@@ -419,7 +421,7 @@ def worker_main(spec_path: str) -> int:
         before = dict(connector.stats)
         external.clear()
         blocked.update(start=0.0, layers=0.0, first=0.0, calls=0)
-        cpu0, own0, daemons0 = _busy_cpu_s(), _own_cpu_s(), _processes_cpu_s(daemon_pids)
+        cpu0, own0, daemons0 = busy_cpu_s(), own_cpu_s(), _processes_cpu_s(daemon_pids)
         t = time.perf_counter()
         engine.add_request(rid, {"prompt_token_ids": ids}, params)
         ttft, final = None, None
@@ -432,9 +434,9 @@ def worker_main(spec_path: str) -> int:
                 if o.finished:
                     final = o
         latency = time.perf_counter() - t
-        own = _own_cpu_s() - own0
+        own = own_cpu_s() - own0
         daemons = _processes_cpu_s(daemon_pids) - daemons0
-        foreign = max(0.0, _busy_cpu_s() - cpu0 - own - daemons)
+        foreign = max(0.0, busy_cpu_s() - cpu0 - own - daemons)
         assert final is not None and ttft is not None, f"request {rid} produced no output"
         after = dict(connector.stats)
         d = {k: after.get(k, 0) - before.get(k, 0) for k in after}
@@ -594,7 +596,7 @@ class Worker:
         except (OSError, subprocess.TimeoutExpired):
             pass
         finally:
-            _kill_group(self.proc)
+            kill_group(self.proc)
             self._log.close()
 
 
@@ -760,15 +762,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"polarkvd bench pipeline: a trial's turn and answer ({tail} tokens) must fit in one page "
             f"({BLOCK} tokens), so that a trial stores nothing past the prefix: lower --turn or --answer"
         )
-    page_bytes = _model_kv_bytes_per_token(model_dir) * BLOCK
+    page_bytes = model_kv_bytes_per_token(model_dir) * BLOCK
     prefix_bytes = pages * page_bytes
     # DRAM: the prefix, room to promote or fetch it again, and slack for slabs; A holds one copy.
     dram = max(256 << 20, 3 * prefix_bytes)
     dram = -(-dram // (64 << 20)) * (64 << 20)
     pending = max(256 << 20, 2 * prefix_bytes)  # a whole prefix demoted at once is never dropped
     max_model_len = (pages + 1) * BLOCK
-    bind = args.cpus or _cpu_bind()
-    ncpu = len(os.sched_getaffinity(0)) if not args.cpus else max(1, _count_cpus(args.cpus))
+    bind = args.cpus or cpu_bind()
+    ncpu = len(os.sched_getaffinity(0)) if not args.cpus else max(1, count_cpus(args.cpus))
     env = {k: v for k, v in os.environ.items() if not k.startswith("POLARKV_")}
     env.update(
         VLLM_ENABLE_V1_MULTIPROCESSING="0",
@@ -778,7 +780,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         TOKENIZERS_PARALLELISM="false",
         PYTHONUNBUFFERED="1",
     )
-    prog = _Steps(1 + 2 + args.trials + 1 + 2 * len(SOURCES) * (args.trials + 1) + 1)
+    prog = Steps(1 + 2 + args.trials + 1 + 2 * len(SOURCES) * (args.trials + 1) + 1)
     say = prog.step
     root = Path(tempfile.mkdtemp(prefix="polarkv-pipeline-"))
     t0 = time.perf_counter()
