@@ -171,6 +171,7 @@ def render_status(st: dict[str, Any]) -> str:
         f"{'tier':<10}{'pages':>10}{'bytes':>12}{'capacity':>12}{'used':>7}  {'policy':<8}{'hits':>10}"
     )
     hits = {
+        "vram": c.get("hit_pages_vram", 0),
         "dram": c.get("hit_pages_dram", 0),
         "disk": c.get("hit_pages_disk", 0),
         "dmp": c.get("hit_pages_remote", 0),
@@ -199,6 +200,13 @@ def render_status(st: dict[str, Any]) -> str:
             f"cluster: {c.get('hit_pages_remote', 0)} pages found on peers, {c.get('fetched_pages_remote', 0)} fetched "
             f"({format_size(c.get('fetched_bytes_remote', 0))}), {c.get('cluster_served_pages', 0)} served to peers, "
             f"{c.get('demoted_pages_dmp', 0)} demoted to the pool, {c.get('cluster_fetch_failures', 0)} failed fetches"
+        )
+    if "vram" in st["tiers"]:
+        v = st["tiers"]["vram"]
+        lines.append(
+            f"L1: stored {c.get('stored_pages_vram', 0)} pages, loaded {c.get('loaded_pages_vram', 0)}, "
+            f"demoted to DRAM {c.get('demoted_pages_vram', 0)} ({c.get('demotion_failures_vram', 0)} failed), "
+            f"{v['sessions']} engines attached with L1, arena {'page-locked' if v['pinned_host'] else 'pageable'}"
         )
     evicted = sum(v for k, v in c.items() if k.startswith("evicted_pages_dram"))
     lines.append(

@@ -12,6 +12,10 @@ call it directly. Every call is one round trip for any number of pages. Bytes ne
         kv.store(keys[hit.hits:], pages, parent=keys[hit.hits - 1] if hit.hits else None)
         n = kv.load_into(keys[:hit.hits], buffers)  # copies pages out, releases the pins
 
+With `vram=True` (an engine whose process has CUDA) the session also maps the daemon's L1 pool, and
+`store_cuda` / `load_into_cuda` move pages between torch CUDA tensors and the pool GPU to GPU (pages
+in L1) or through the arena (pages in DRAM). torch is imported only by those two calls.
+
 Imports only the wire protocol, the shared-memory mapping and the leaves: never the daemon.
 """
 
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import mmap
 import os
 import socket
@@ -47,7 +52,9 @@ from polarkvd.server.shm import map_arena
 from polarkvd.transport.pipeline import SIGNAL, SIGNAL_NONE
 from polarkvd.types import KEY_BYTES, Namespace, Tier
 
+log = logging.getLogger(__name__)
 _TIER = {int(t): t for t in Tier}
+_vram_warned = False  # "the daemon's GPU is not visible here" is said once per process
 _DRAM_CODES = (
     bytes([Tier.DRAM]) * 64
 )  # sliced for a lookup answered from the table  # Tier(n) costs ~0.4 us per call; a dict lookup a tenth of that
@@ -252,17 +259,20 @@ class EngineClient:
         timeout: float | None = 60.0,
         map_arena: bool = True,
         lookup_table: bool = True,
+        vram: bool = False,
     ) -> None:
         self.namespace = namespace
         self._arena_id: tuple[int, int, int] | None = None
+        self._region: Any = None  # tiers/vram.py AttachedRegion: the daemon's L1 pool, opened here
         self._table: TableReader | None = None
         self._table_map: mmap.mmap | None = None
         self.engine_id = engine_id or f"pid-{os.getpid()}"
         self._ch = _Channel(socket_path or default_engine_socket(), timeout)
         try:
-            info = self._ch.call(
-                P.Op.HELLO.value, {"namespace": namespace.to_wire(), "engine_id": self.engine_id}
-            )
+            hello: dict[str, Any] = {"namespace": namespace.to_wire(), "engine_id": self.engine_id}
+            if vram:
+                hello["vram"] = True
+            info = self._ch.call(P.Op.HELLO.value, hello)
             self.session_id: int = info["session"]
             self.ns_digest: bytes = info["ns_digest"]
             self.page_bytes: int = info["page_bytes"]
@@ -275,6 +285,8 @@ class EngineClient:
             table = info.get("lookup_table")
             if lookup_table and table:
                 self._open_table(info["arena_path"], table)
+            if info.get("vram") is not None:
+                self._open_region(info["vram"])
         except BaseException:
             self._ch.close()
             raise
@@ -294,6 +306,27 @@ class EngineClient:
         self._table_map = map_table(arena_path, t["offset"], t["size"])
         self._table = TableReader(self._table_map, t["ns"], t["slot"], t["final_miss"])
 
+    def _open_region(self, wire: Any) -> None:
+        """Map the daemon's L1 pool (docs/VRAM.md). A GPU this process cannot see (another GPU,
+        CUDA_VISIBLE_DEVICES) or no CUDA here: said once, and every page goes through the arena."""
+        global _vram_warned
+        from polarkvd.tiers.vram import AttachedRegion, CudaError, RegionHandle
+
+        region = RegionHandle.from_wire(wire)  # a malformed reply is a ProtocolError: a bug to see
+        try:
+            self._region = AttachedRegion(region)
+        except CudaError as e:
+            if not _vram_warned:
+                _vram_warned = True
+                log.warning(
+                    "polarkvd: not using the daemon's GPU page pool (L1): %s; pages go through DRAM", e
+                )
+
+    @property
+    def vram(self) -> bool:
+        """Whether this session maps the daemon's L1 pool (stores may land there)."""
+        return self._region is not None
+
     def lookup(self, keys: Sequence[bytes], pin: bool = False) -> LookupResult:
         """Tiers of the longest cached prefix of `keys` (a hint: `load` is what counts). Answered
         from the shared lookup table without a round trip while the daemon keeps it; what the table
@@ -304,13 +337,16 @@ class EngineClient:
                 n, final = table.probe(keys)
             except (TypeError, ValueError):  # not 16-byte keys: the daemon says what is wrong
                 return self._lookup_socket(keys, pin)
+            codes = table.last_tiers  # None: every hit is in DRAM (always so on a host without L1)
+            if codes is None:
+                codes = _DRAM_CODES[:n] if n <= 64 else bytes([Tier.DRAM]) * n
             if n == len(keys):
-                return LookupResult(_DRAM_CODES[:n] if n <= 64 else bytes([Tier.DRAM]) * n)
+                return LookupResult(codes)
             stop = keys[n]
             if final and type(stop) is bytes and len(stop) == KEY_BYTES:
-                return LookupResult(_DRAM_CODES[:n] if n <= 64 else bytes([Tier.DRAM]) * n)
+                return LookupResult(codes)
             rest = self._lookup_socket(keys[n:], False)  # counted there as the lookup it is
-            return LookupResult(bytes([Tier.DRAM]) * n + rest.tier_codes)
+            return LookupResult(codes + rest.tier_codes)
         return self._lookup_socket(keys, pin)
 
     def _lookup_socket(self, keys: Sequence[bytes], pin: bool) -> LookupResult:
@@ -328,9 +364,20 @@ class EngineClient:
         return LookupResult(codes, lease)
 
     def reserve(self, keys: Sequence[bytes], parent: bytes | None = None) -> list[int]:
+        """Arena offsets to write (or RESERVE_EXISTS / RESERVE_NO_SPACE): DRAM slots only."""
         return self._ch.call(P.Op.RESERVE.value, {"keys": P.pack_keys(list(keys)), "parent": parent})[
             "offsets"
         ]
+
+    def reserve_tiers(
+        self, keys: Sequence[bytes], parent: bytes | None = None, tier: Tier = Tier.VRAM
+    ) -> tuple[list[int], bytes]:
+        """Offsets and, per key, the tier each is in (1: the L1 pool, 2: the arena, 0: not to write),
+        preferring `tier`; the daemon gives L1 slots only to a session that mapped its pool."""
+        r = self._ch.call(
+            P.Op.RESERVE.value, {"keys": P.pack_keys(list(keys)), "parent": parent, "tier": int(tier)}
+        )
+        return r["offsets"], r["tiers"]
 
     def commit(self, keys: Sequence[bytes]) -> int:
         return self._ch.call(P.Op.COMMIT.value, {"keys": P.pack_keys(list(keys))})["committed"]
@@ -433,6 +480,98 @@ class EngineClient:
                 self.release(r.lease)
         return r.loaded
 
+    def store_cuda(
+        self, keys: Sequence[bytes], tensors: Sequence[Any], parent: bytes | None = None
+    ) -> StoreResult:
+        """`store` from torch CUDA tensors (each `page_bytes` bytes, contiguous): pages that get an L1
+        slot are copied GPU to GPU into the pool, the others device to host into the arena; the
+        stream is synchronised before `commit`, so no page is visible half-written. Without L1 (no
+        `vram=True`, or the pool not visible here) every page goes to the arena."""
+        import torch  # lazily: only engines that move CUDA tensors pay for it
+
+        self._need_arena()
+        if self._region is not None:
+            offsets, tiers = self.reserve_tiers(keys, parent, Tier.VRAM)
+        else:
+            offsets = self.reserve(keys, parent)
+            tiers = bytes(Tier.DRAM if off >= 0 else 0 for off in offsets)
+        result = StoreResult()
+        written: list[bytes] = []
+        try:
+            for i, (key, off, tier) in enumerate(zip(keys, offsets, tiers)):
+                if off == P.RESERVE_EXISTS:
+                    result.existing += 1
+                    continue
+                if off == P.RESERVE_NO_SPACE:
+                    result.no_space += 1
+                    continue
+                src = self._page_bytes_of(tensors[i], i)
+                if tier == Tier.VRAM:
+                    self._region.tensor(off, self.page_bytes).copy_(src, non_blocking=True)
+                else:
+                    torch.frombuffer(self.page(off), dtype=torch.uint8).copy_(src)  # waits for the copy
+                written.append(key)
+            if written:
+                torch.cuda.synchronize(self._region.device if self._region is not None else None)
+        except BaseException as e:
+            if isinstance(e, DaemonUnavailable):
+                self._close_region()
+            reserved = [k for k, off in zip(keys, offsets) if off >= 0]
+            if reserved and not isinstance(e, DaemonUnavailable):
+                self.abort(reserved)
+            raise
+        if written:
+            result.stored = self.commit(written)
+        return result
+
+    def load_into_cuda(self, keys: Sequence[bytes], tensors: Sequence[Any]) -> int:
+        """`load_into` torch CUDA tensors: L1 pages GPU to GPU from the pool, the rest host to device
+        from the arena; synchronised before the lease is released. Returns the pages copied."""
+        import torch
+
+        r = self.load(keys)
+        try:
+            for i, (off, tier, view) in enumerate(zip(r.offsets, r.tiers, r.views)):
+                dst = self._page_bytes_of(tensors[i], i)
+                if tier is Tier.VRAM and self._region is not None:
+                    dst.copy_(self._region.tensor(off, self.page_bytes), non_blocking=True)
+                else:
+                    dst.copy_(torch.frombuffer(view, dtype=torch.uint8))
+            if r.offsets:
+                torch.cuda.synchronize(self._region.device if self._region is not None else None)
+        except DaemonUnavailable:
+            self._close_region()
+            raise
+        finally:
+            del r.views
+            if r.lease is not None and not self._ch_closed():
+                self.release(r.lease)
+        return r.loaded
+
+    def _page_bytes_of(self, tensor: Any, i: int) -> Any:
+        """A tensor's bytes as a flat uint8 view (no copy); ValueError when it is not one page."""
+        import torch
+
+        flat = tensor.reshape(-1).view(torch.uint8)
+        if flat.numel() != self.page_bytes:
+            raise ValueError(
+                f"tensor {i} has {flat.numel()} bytes; this namespace's pages have {self.page_bytes}"
+            )
+        return flat
+
+    def _ch_closed(self) -> bool:
+        return self._ch._sock.fileno() < 0
+
+    def _close_region(self) -> None:
+        """Unmap the pool: at close, and when the daemon is gone (it freed the pool: CUDA does not
+        say what an importer sees then, so the region is never touched again)."""
+        region, self._region = self._region, None
+        if region is not None:
+            try:
+                region.close()
+            except Exception as e:  # a dead daemon's handle: nothing left to do
+                log.debug("closing the L1 region: %s", e)
+
     def release(self, lease: int) -> None:
         """Unpin a lease's pages. Raises `LeaseExpired` if the daemon had already let it go."""
         try:
@@ -443,6 +582,7 @@ class EngineClient:
             ) from None
 
     def close(self) -> None:
+        self._close_region()
         self._ch.close()
         if self._table is not None:
             self._table.buf = b""  # never probed again

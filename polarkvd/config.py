@@ -465,6 +465,18 @@ class VramConfig:
         _choice("auto", "driver", "runtime"),
         "CUDA library: auto = the driver's libcuda, else libcudart; driver or runtime = only that one",
     )
+    policy: str = _opt(
+        "lru", _choice(*POLICY_NAMES), "eviction policy of L1 (which pages go down to DRAM first)"
+    )
+    high_watermark: float = _opt(
+        0.9,
+        parse_fraction,
+        "above this fraction of the pool in use, pages are demoted to DRAM in the background down to "
+        "low_watermark (also when a reserve finds the pool full)",
+    )
+    low_watermark: float = _opt(
+        0.75, parse_fraction, "background demotion of L1 stops at this fraction (at most high_watermark)"
+    )
 
 
 @dataclasses.dataclass
@@ -591,6 +603,14 @@ def _cross_checks(cfg: Config) -> list[tuple[str, object, str]]:
     if not 1 <= cfg.disk.compression_level <= 22:
         out.append(("disk.compression_level", cfg.disk.compression_level, "zstd levels are 1..22"))
     out.extend(watermark_problems(cfg.dram.high_watermark, cfg.dram.low_watermark))
+    if cfg.vram.low_watermark > cfg.vram.high_watermark:
+        out.append(
+            (
+                "vram.low_watermark",
+                cfg.vram.low_watermark,
+                f"above vram.high_watermark ({cfg.vram.high_watermark})",
+            )
+        )
     if cfg.vram.slab_bytes > cfg.vram.capacity:
         out.append(
             ("vram.slab_bytes", cfg.vram.slab_bytes, f"larger than vram.capacity ({cfg.vram.capacity})")

@@ -1,7 +1,7 @@
 """The composition root: builds the daemon from a resolved config, runs it, shuts it down cleanly.
 
-Owns start-up order (resource checks, directories, metrics endpoint, arena, disk tier, manager,
-sockets), the periodic chores (lease expiry, disk index flush, systemd status and watchdog), signals
+Owns start-up order (resource checks, directories, metrics endpoint, arena, L1 pool, disk tier,
+manager, sockets), the periodic chores (lease expiry, disk index flush, systemd status and watchdog), signals
 (SIGTERM/SIGINT: bounded graceful shutdown; SIGHUP: reload the config file), the systemd
 notifications that go with them, and the order of shutdown. Holds no policy itself.
 
@@ -19,6 +19,7 @@ import dataclasses
 import faulthandler
 import logging
 import os
+import resource
 import signal
 import sys
 import threading
@@ -168,6 +169,7 @@ class Daemon:
             raise ResourceError(f"cannot create the DRAM arena: {e}") from None
         executor = concurrent.futures.ThreadPoolExecutor(cfg.disk.io_threads, thread_name_prefix="polarkv-io")
         disk = None
+        pool = host = None  # L1: the GPU page pool and the arena registered with it (docs/VRAM.md)
         servers: list[RequestServer | EngineThreadServer] = []
         finished = False  # disk writes completed within the shutdown timeout
         table: LookupTable | None = None
@@ -189,10 +191,21 @@ class Daemon:
                     cfg.disk.path, report.pages, format_size(report.stored_bytes), format_size(cfg.disk.capacity),
                     report.seconds, report.recovered, report.dropped,
                 )  # fmt: skip
+            pool, host = await self._open_vram(arena)
             allocator = SlabAllocator(cfg.dram.capacity, cfg.dram.slab_bytes)
             signals = SignalBoard(arena.view[cfg.dram.capacity : table_at])
             table = LookupTable(arena.view[table_at:], table_entries, cfg.daemon.max_sessions)
-            manager = Manager(cfg, arena.view, allocator, disk, executor, signals=signals, table=table)
+            manager = Manager(
+                cfg,
+                arena.view,
+                allocator,
+                disk,
+                executor,
+                signals=signals,
+                table=table,
+                vram=pool,
+                vram_host=host,
+            )
             self.manager = manager
 
             def on_close(conn: Any) -> None:
@@ -208,6 +221,7 @@ class Daemon:
                 signal_offset=cfg.dram.capacity,
                 table_offset=table_at,
                 table_size=table_size,
+                vram_region=pool.export().to_wire() if pool is not None else None,
             )
             engine_srv = EngineThreadServer(
                 "engine",
@@ -235,6 +249,8 @@ class Daemon:
             chores.append(asyncio.create_task(self._every(TABLE_HEARTBEAT_SECONDS, table.heartbeat)))
             # dram.high_watermark / low_watermark: background demotion (a no-op below the high mark)
             chores.append(asyncio.create_task(self._every(0.25, manager.enforce_watermarks)))
+            if pool is not None:  # vram.high_watermark / low_watermark: L1 -> DRAM in the background
+                chores.append(asyncio.create_task(self._every(0.25, manager.schedule_vram_demotion)))
             if disk is not None:
                 chores.append(
                     asyncio.create_task(
@@ -299,6 +315,13 @@ class Daemon:
                         "saving the disk index failed: %s (it is rebuilt from page headers at start)", e
                     )
                 disk.close()
+            # the pool after every copy (the executor is done), the registration before the arena
+            for part, what in ((host, "unregistering the arena"), (pool, "freeing the pool")):
+                if part is not None:
+                    try:
+                        part.close()
+                    except Exception as e:
+                        log.error("shutdown: L1: %s failed: %s", what, e)
             arena.close()
             if self._cut_short:
                 log.info("shutdown: %d queued disk operations were dropped", self._cut_short)
@@ -316,15 +339,62 @@ class Daemon:
             log.exception("vram: the probe failed")
             choice = VramChoice(False, f"unavailable: the probe failed: {e}")
         state = "enabled" if choice.enabled else "disabled" if not self.cfg.vram.enabled else "unavailable"
-        if choice.enabled:  # phase 1: probed and shown; the manager does not place pages in L1 yet
-            log.info(
-                "%s; pages do not use L1 yet (docs/VRAM.md)", describe_choice(choice), extra={"vram": state}
-            )
+        if choice.enabled:
+            log.info("%s", describe_choice(choice), extra={"vram": state})
         elif state == "unavailable":
             log.warning("%s", describe_choice(choice), extra={"vram": state})
         else:
             log.info("%s", describe_choice(choice), extra={"vram": state})
         return choice
+
+    async def _open_vram(self, arena: Arena) -> tuple[Any, Any]:
+        """When the probe chose L1: allocate the pool (`VramPool`) and register the arena's page slots
+        with it (`HostRegion`: page-locked, so demotions run by DMA). Without the pool the daemon
+        serves from DRAM and disk (the reason goes into the log and `status`); without page-locking
+        (RLIMIT_MEMLOCK below the arena) L1 runs with demotions through pageable memory, slower."""
+        choice, cfg = self.vram, self.cfg
+        if choice is None or not choice.enabled:
+            return None, None
+        from polarkvd.tiers.vram import CudaError, VramPool, load_api
+
+        loop = asyncio.get_running_loop()
+        v = cfg.vram
+        try:  # cuMemAlloc of gigabytes takes a while: off the loop
+            pool = await loop.run_in_executor(
+                None, lambda: VramPool(load_api(v.cuda_api), v.device, v.capacity, v.slab_bytes)
+            )
+        except Exception as e:  # out of GPU memory (the error has free and total), a broken driver
+            log.warning("L1 pool not allocated, serving without L1: %s", e, extra={"vram": "unavailable"})
+            self.vram = dataclasses.replace(choice, enabled=False, reason=f"unavailable: {e}")
+            return None, None
+        slots = arena.view[: cfg.dram.capacity]
+        try:
+            host = pool.register_host(slots)
+        except CudaError as e:
+            soft = resource.getrlimit(resource.RLIMIT_MEMLOCK)[0]
+            why = str(e)
+            if soft != resource.RLIM_INFINITY and soft < cfg.dram.capacity:
+                why = (
+                    f"RLIMIT_MEMLOCK is {format_size(soft)}, below the arena's {format_size(cfg.dram.capacity)} "
+                    f"({e}); set LimitMEMLOCK=infinity in the service unit (systemd/polarkvd.service has it) "
+                    "or `ulimit -l unlimited` before `polarkvd serve`"
+                )
+            log.warning(
+                "L1: page-locking the DRAM arena for the GPU failed: %s. L1 runs on; demotions to DRAM copy "
+                "through pageable memory, several times slower",
+                why,
+                extra={"vram_host": "pageable"},
+            )
+            try:
+                host = pool.register_host(slots, pin=False)
+            except Exception:
+                pool.close()
+                raise
+        log.info(
+            "L1 pool allocated: %s on GPU %d (%s); DRAM arena %s for demotions",
+            format_size(v.capacity), v.device, pool.info.name, "page-locked" if host.pinned else "pageable",
+        )  # fmt: skip
+        return pool, host
 
     def _start_cluster(self, manager: Manager) -> Any:
         """Peer service and pool first (their address goes into our gossip metadata), then gossip."""
@@ -511,7 +581,7 @@ class Daemon:
         if disk is not None:
             parts.append(f"disk {disk['pages']} pages ({format_size(disk['bytes'])})")
         looked = c.get("lookup_pages", 0)
-        hit = c.get("hit_pages_dram", 0) + c.get("hit_pages_disk", 0) + c.get("hit_pages_remote", 0)
+        hit = sum(c.get(f"hit_pages_{t}", 0) for t in ("vram", "dram", "disk", "remote"))
         parts.append(f"hit {hit / looked * 100:.1f}% of {looked} pages" if looked else "no lookups yet")
         parts.append(f"{len(st['sessions'])} engines")
         state = "draining" if st["draining"] else "serving" if self.ready else "stopping"

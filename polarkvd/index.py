@@ -1,9 +1,15 @@
-"""The DRAM page index: one small node per page held in the L2 arena.
+"""The page index of the memory tiers: one small node per page held in the L2 arena or the L1 pool.
 
 Owns per-page metadata and the parent/child links that make eviction leaf-first; nothing about
 bytes, sockets or other tiers. Every node is also the eviction policy's node (see policy.py), so a
-page costs one object, one key and one dict entry: measured ~220 bytes per page in the daemon
-(`tests/test_index.py` measures it, the datapath benchmark reports it).
+page costs one object, one key and one dict entry: measured ~237 bytes per page in the daemon
+(the datapath benchmark reports it).
+
+Which tier a page's slot is in is a bit of its `state` (`VRAM`), not another attribute: L1 costs
+DRAM pages no memory, and every check written as `state == READY` (eviction, drain, serving peers,
+writing to disk) means "READY *in DRAM*" and so can never read an L1 page's pool offset as an arena
+offset. Code that accepts both tiers says so (`state & ~VRAM == READY`). `offset` is within the
+page's tier: the arena for DRAM, the pool for L1.
 """
 
 from __future__ import annotations
@@ -16,7 +22,11 @@ from polarkvd.policy import PolicyNode
 # Page states.
 RESERVED = 0  # slot handed to an engine that is writing it; invisible to lookups
 READY = 1  # committed: visible, loadable, evictable when unpinned and childless
-PROMOTING = 2  # being filled from a lower tier; visible to nobody but its loader
+PROMOTING = 2  # being filled from another tier (disk, a peer, L1); visible to nobody but its loader
+VRAM = 4  # flag: the slot is in the L1 pool (only with RESERVED and READY)
+RESERVED_VRAM = RESERVED | VRAM
+READY_VRAM = READY | VRAM
+_TIER_DRAM, _TIER_VRAM = 2, 1  # lookup_table's tier bytes (= types.Tier)
 
 
 class Page(PolicyNode):
@@ -39,7 +49,7 @@ class Page(PolicyNode):
         self.offset = offset
         self.size = size  # page bytes (the slot may be larger: rounded to 4 KiB)
         self.parent = parent  # key of the previous page in its chain, or None at the root
-        self.children = 0  # READY pages in DRAM whose parent this is
+        self.children = 0  # READY pages in DRAM or L1 whose parent this is
         self.pins = 0  # leases and in-flight loads holding it
         self.state = state
         self.on_disk = False  # a copy already sits in L4: evicting it needs no write
@@ -48,14 +58,17 @@ class Page(PolicyNode):
 
 
 class PageIndex:
-    """key -> Page for the DRAM tier, with leaf-first bookkeeping."""
+    """key -> Page for the DRAM and L1 tiers, with leaf-first bookkeeping across both (a page with a
+    READY child in either tier counts it in `children`)."""
 
     def __init__(self) -> None:
         self._pages: dict[bytes, Page] = {}
         #: key -> Page or None. The dict's own bound `get`: no Python frame per probe (the lookup path)
         self.get: Callable[[bytes], Page | None] = self._pages.get
-        self.ready_bytes = 0
+        self.ready_bytes = 0  # READY in DRAM
         self.ready_pages = 0
+        self.vram_bytes = 0  # READY in L1
+        self.vram_pages = 0
         #: the engines' copy of which keys are READY (lookup_table.py), kept by add/mark_ready/remove
         self.table: LookupTable | None = None
 
@@ -70,33 +83,60 @@ class PageIndex:
 
     def add(self, page: Page) -> None:
         self._pages[page.key] = page
-        if page.state == READY:
+        if page.state & ~VRAM == READY:
             self._became_ready(page)
 
     def mark_ready(self, page: Page) -> None:
-        page.state = READY
+        """RESERVED -> READY in the page's own tier; PROMOTING -> READY in DRAM."""
+        page.state = READY | (page.state & VRAM)
+        self._became_ready(page)
+
+    def unready(self, page: Page, offset: int) -> None:
+        """A READY page starts moving to DRAM slot `offset` (L1 -> L2): PROMOTING, so lookups stop
+        seeing it and loads wait for it, until `mark_ready` (moved) or `restore_vram` (failed)."""
+        self._left_ready(page)
+        page.state = PROMOTING
+        page.offset = offset
+
+    def restore_vram(self, page: Page, offset: int) -> None:
+        """A move out of L1 failed: READY in L1 again, at its pool `offset`."""
+        page.state = READY_VRAM
+        page.offset = offset
         self._became_ready(page)
 
     def _became_ready(self, page: Page) -> None:
-        self.ready_bytes += page.size
-        self.ready_pages += 1
+        if page.state & VRAM:
+            self.vram_bytes += page.size
+            self.vram_pages += 1
+        else:
+            self.ready_bytes += page.size
+            self.ready_pages += 1
         if self.table is not None:
-            self.table.put(page.key, page.ns)
+            self.table.put(page.key, page.ns, _TIER_VRAM if page.state & VRAM else _TIER_DRAM)
+        if page.linked:
+            return
         parent = self._pages.get(page.parent) if page.parent is not None else None
-        if parent is not None and parent.state == READY:
+        if parent is not None and parent.state & ~VRAM == READY:
             parent.children += 1
             page.parent = parent.key  # share the parent's key object instead of holding a copy
             page.linked = True
+
+    def _left_ready(self, page: Page) -> None:
+        if page.state & VRAM:
+            self.vram_bytes -= page.size
+            self.vram_pages -= 1
+        else:
+            self.ready_bytes -= page.size
+            self.ready_pages -= 1
+        if self.table is not None:
+            self.table.remove(page.key)
 
     def remove(self, key: bytes) -> Page | None:
         page = self._pages.pop(key, None)
         if page is None:
             return None
-        if page.state == READY:
-            self.ready_bytes -= page.size
-            self.ready_pages -= 1
-            if self.table is not None:
-                self.table.remove(key)
+        if page.state & ~VRAM == READY:
+            self._left_ready(page)
         if page.linked:
             parent = self._pages.get(page.parent) if page.parent is not None else None
             if parent is not None:

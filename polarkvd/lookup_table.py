@@ -12,13 +12,19 @@ page evicted a moment after the probe is a short load, exactly as after a socket
 Layout (little-endian), at `offset` in the arena file, page-aligned so that a lookup-only client
 maps just this part:
 
-    header   4096 B   magic, capacity, session slots, heartbeat, state, overflow
+    header   4096 B   magic, capacity, session slots, heartbeat, state, overflow, has_vram (u8 at 32:
+                      1 while any entry is in L1, so an all-DRAM probe never reads tier bytes)
     entries  capacity x 32 B, open addressing with linear probing from the key's first 8 bytes
              (keys are xxh3-128 digests: uniform); deleted entries become tombstones
-             [flags u32: 0 empty, 1 live, 2 deleted][key 16 B][ns u32][spare 8 B]
+             [flags u32: 0 empty, 1 live, 2 deleted][key 16 B][ns u32][tier u8: 1 VRAM, 2 DRAM][spare 7 B]
     slots    session_slots x 1024 B
-             [owner u32][pad u32][lookups u64][pages u64][hits u64][touch head u64]...
+             [owner u32][pad u32][lookups u64][pages u64][hits u64][touch head u64][vram hits u64]...
              [touch ring: 240 x u32 offsets of entries hit, from byte 64]
+
+The tier byte is written with the key, before the flags; a page moving from L1 to DRAM has its tier
+byte rewritten in place (one byte store: a reader sees the old or the new tier, both true a moment
+apart; the load that follows is authoritative). L1 pages are in the table so that a miss in it stays
+final (docs/DESIGN-NOTES.md, "Engines answer their own lookups from a shared table").
 
 Consistency without locks: the writer stores an entry's key and namespace first and its flags
 last (x86 keeps stores in order), and a reader compares flags, key and namespace in one 24-byte
@@ -60,10 +66,14 @@ _HEADER = struct.Struct("<8sIIQII")  # magic, capacity, slots, heartbeat, state,
 _HEARTBEAT_AT = 16
 _STATE_AT = 24
 _OVERFLOW_AT = 28
+_HAS_VRAM_AT = 32
+_TIER_AT = 24  # in an entry
+_VRAM_HITS_AT = 40  # in a session slot
+TIER_VRAM, TIER_DRAM = 1, 2  # = types.Tier.VRAM, Tier.DRAM (this module imports no other)
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _TALLY = struct.Struct("<QQQ")  # lookups, pages, hits (at byte 8 of a slot)
-_ENTRY_TAIL = struct.Struct("<16sI")  # key, ns (at byte 4 of an entry)
+_ENTRY_TAIL = struct.Struct("<16sIB")  # key, ns, tier (at byte 4 of an entry)
 _LIVE_FLAGS = _U32.pack(LIVE)
 
 
@@ -98,6 +108,7 @@ class LookupTable:
         self.session_slots = session_slots
         self.slots_at = HEADER_BYTES + entries * ENTRY_BYTES
         self.used = 0  # live entries
+        self.vram_used = 0  # live entries of pages in L1
         self.deleted = 0  # tombstones
         self.overflow = False
         self.rebuild_needed = False  # so many tombstones, or an overflow with room again: `rebuild`
@@ -117,9 +128,15 @@ class LookupTable:
 
     # -- entries ----------------------------------------------------------------------------------
 
-    def _write(self, at: int, flags: int, key: bytes, ns: int) -> None:
-        _ENTRY_TAIL.pack_into(self.view, at + 4, key, ns)  # key first, flags last: see the docstring
+    def _write(self, at: int, flags: int, key: bytes, ns: int, tier: int = TIER_DRAM) -> None:
+        _ENTRY_TAIL.pack_into(self.view, at + 4, key, ns, tier)  # key first, flags last: see the docstring
         _U32.pack_into(self.view, at, flags)
+
+    def _count_vram(self, delta: int) -> None:
+        before = self.vram_used
+        self.vram_used += delta
+        if (before == 0) != (self.vram_used == 0):
+            self.view[_HAS_VRAM_AT] = 1 if self.vram_used else 0
 
     def _find(self, key: bytes) -> tuple[int, int]:
         """(entry offset of `key` if live else -1, offset of the first reusable entry on its path)."""
@@ -138,11 +155,12 @@ class LookupTable:
             i = (i + 1) & mask
         return -1, reusable
 
-    def put(self, key: bytes, ns: int) -> None:
-        """`key` has a READY page of namespace `ns` in DRAM."""
+    def put(self, key: bytes, ns: int, tier: int = TIER_DRAM) -> None:
+        """`key` has a READY page of namespace `ns` in DRAM (or, `tier` = TIER_VRAM, in L1)."""
         at, free = self._find(key)
         if at >= 0:
-            self._write(at, LIVE, key, ns)
+            self._count_vram((tier == TIER_VRAM) - (self.view[at + _TIER_AT] == TIER_VRAM))
+            self._write(at, LIVE, key, ns, tier)
             return
         if free >= 0 and self.view[free] == TOMBSTONE:
             self.deleted -= 1
@@ -152,13 +170,24 @@ class LookupTable:
                 _U32.pack_into(self.view, _OVERFLOW_AT, 1)
             self.rebuild_needed = self.deleted > 0
             return
-        self._write(free, LIVE, key, ns)
+        self._write(free, LIVE, key, ns, tier)
         self.used += 1
+        if tier == TIER_VRAM:
+            self._count_vram(1)
+
+    def set_tier(self, key: bytes, tier: int) -> None:
+        """The READY page of `key` moved between L1 and DRAM: one byte store, the entry stays live."""
+        at, _ = self._find(key)
+        if at >= 0 and self.view[at + _TIER_AT] != tier:
+            self._count_vram((tier == TIER_VRAM) - (self.view[at + _TIER_AT] == TIER_VRAM))
+            self.view[at + _TIER_AT] = tier
 
     def remove(self, key: bytes) -> None:
-        """`key` has no READY page in DRAM any more."""
+        """`key` has no READY page in DRAM or L1 any more."""
         at, _ = self._find(key)
         if at >= 0:
+            if self.view[at + _TIER_AT] == TIER_VRAM:
+                self._count_vram(-1)
             self._write(at, TOMBSTONE, key, 0)
             self.used -= 1
             self.deleted += 1
@@ -167,19 +196,20 @@ class LookupTable:
             ):
                 self.rebuild_needed = True
 
-    def rebuild(self, live: Sequence[tuple[bytes, int]]) -> None:
-        """Start over with exactly `live` (key, ns): drops every tombstone. Clients use the socket
+    def rebuild(self, live: Sequence[tuple[bytes, int] | tuple[bytes, int, int]]) -> None:
+        """Start over with exactly `live` (key, ns[, tier]): drops every tombstone. Clients use the socket
         meanwhile (state 0), so none of them sees the table half rebuilt."""
         v = self.view
         _U32.pack_into(v, _STATE_AT, 0)
         start, end = HEADER_BYTES, HEADER_BYTES + self.capacity * ENTRY_BYTES
         v[start:end] = bytes(end - start)
         self.used = self.deleted = 0
+        self._count_vram(-self.vram_used)
         self.overflow = False
         self.rebuild_needed = False
         _U32.pack_into(v, _OVERFLOW_AT, 0)
-        for key, ns in live:
-            self.put(key, ns)
+        for item in live:
+            self.put(*item)
         _U32.pack_into(v, _STATE_AT, 1)
 
     def key_at(self, at: int) -> bytes | None:
@@ -210,6 +240,10 @@ class LookupTable:
     def tally(self, slot: int) -> tuple[int, int, int]:
         """(lookups, pages, hit pages) the session has answered from the table so far."""
         return _TALLY.unpack_from(self.view, self.slots_at + slot * SLOT_BYTES + 8)
+
+    def vram_hits(self, slot: int) -> int:
+        """Of the tally's hit pages, those that were in L1."""
+        return _U64.unpack_from(self.view, self.slots_at + slot * SLOT_BYTES + _VRAM_HITS_AT)[0]
 
     def touched(self, slot: int) -> list[bytes]:
         """Keys of the entries the session hit since the last call, oldest first (at most a ring)."""
@@ -242,6 +276,8 @@ class TableReader:
         self.final_miss = final_miss  # no disk tier, no cluster: a page not in DRAM is a miss
         self.entries_end = HEADER_BYTES + capacity * ENTRY_BYTES
         self.slot_at = self.entries_end + slot * SLOT_BYTES
+        #: after `probe`: the tier byte of each hit, or None when every hit is in DRAM
+        self.last_tiers: bytes | None = None
 
     def usable(self) -> bool:
         """The daemon keeps the table: open, and its heartbeat is recent."""
@@ -251,9 +287,10 @@ class TableReader:
         return time.monotonic_ns() - _U64.unpack_from(b, _HEARTBEAT_AT)[0] < STALE_NS
 
     def probe(self, keys: Sequence[bytes]) -> tuple[int, bool]:
-        """(pages of the longest prefix of `keys` in DRAM, whether a miss after them is final); the
-        session's tally and touch ring are updated. Call only when `usable()`. Keys must be bytes
-        (TypeError otherwise); one of another length is a miss."""
+        """(pages of the longest prefix of `keys` in DRAM or L1, whether a miss after them is final);
+        the session's tally and touch ring are updated, `last_tiers` says where the hits are (None:
+        all in DRAM). Call only when `usable()`. Keys must be bytes (TypeError otherwise); one of
+        another length is a miss."""
         b, mask, ns = self.buf, self.mask, self.ns
         homes = array.array("Q", b"".join(keys))[::2]  # each key's first 8 bytes (ValueError: not 16)
         hits: list[int] = []
@@ -266,6 +303,13 @@ class TableReader:
                     break
             hits.append(at)
         n = len(hits)
+        self.last_tiers = None
+        if n and b[_HAS_VRAM_AT]:  # only while L1 holds pages: the all-DRAM path reads no tier byte
+            codes = bytes([b[h + _TIER_AT] for h in hits])
+            if TIER_VRAM in codes:
+                self.last_tiers = codes
+                at = self.slot_at + _VRAM_HITS_AT
+                _U64.pack_into(b, at, _U64.unpack_from(b, at)[0] + codes.count(TIER_VRAM))
         final = n == len(keys) or (self.final_miss and _U32.unpack_from(b, _OVERFLOW_AT)[0] == 0)
         # a lookup that goes on over the socket is counted by the daemon; here only its pages so far
         at = self.slot_at

@@ -1,8 +1,9 @@
 """The manager: what lives where, and every state change of a page.
 
-It owns policy: the DRAM page index, eviction (leaf-first, through a pluggable policy), demotion of
-evicted pages to disk, promotion of disk hits back into DRAM, sessions with their reservations and
-leases, and the counters everyone reads. It owns no bytes (the arena and the disk tier do) and no
+It owns policy: the page index of the memory tiers (L2 DRAM and, when the daemon has a GPU pool,
+L1 VRAM), eviction (leaf-first, through a pluggable policy, one instance per memory tier), demotion
+of L1 pages to DRAM and of evicted DRAM pages to disk, promotion of disk hits back into DRAM,
+sessions with their reservations and leases, and the counters everyone reads. It owns no bytes (the arena and the disk tier do) and no
 sockets (the servers do). Everything here runs on the daemon's event loop thread; only disk I/O runs
 in the I/O thread pool, and its results come back to the loop before any index changes. The one
 exception is the read-only lookup: `probe` and `lookup_in_thread` are called by the engine
@@ -13,6 +14,10 @@ append to `touches` and write their own session's `thread_tally`. The loop appli
 Page life cycle in DRAM:  reserve -> RESERVED --commit--> READY --evict--> (demoted to disk) gone
                                             \\--abort / engine gone / lease expiry--> gone
                           load of a disk page -> PROMOTING --read ok--> READY (pinned by the load)
+In L1 (docs/VRAM.md):     reserve(tier=VRAM) -> RESERVED_VRAM --commit--> READY_VRAM
+                          READY_VRAM --demote (unpinned; pressure, a non-L1 loader, drain)-->
+                              PROMOTING (DRAM slot taken, pool -> arena copy in the I/O pool)
+                              --copied--> READY in DRAM (L1 slot freed)  | --failed--> READY_VRAM
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from polarkvd.errors import (
     PolarKVError,
     ProtocolError,
 )
-from polarkvd.index import PROMOTING, READY, RESERVED, Page, PageIndex
+from polarkvd.index import PROMOTING, READY, READY_VRAM, RESERVED, RESERVED_VRAM, VRAM, Page, PageIndex
 from polarkvd.keys import namespace_digest
 from polarkvd.lookup_table import LookupTable
 from polarkvd.policy import EvictionPolicy, make_policy, switch_policy
@@ -81,20 +86,22 @@ class Session:
     leases: dict[int, Lease] = dataclasses.field(default_factory=dict)
     # Slots of expired reservations: the engine may still be writing into them (it is connected,
     # only slow), so they are not reused until its connection closes.
-    quarantined: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    quarantined: list[tuple[int, int, bool]] = dataclasses.field(default_factory=list)  # offset, bytes, in L1
     hit_pages: int = 0
     lookup_pages: int = 0
     stored_pages: int = 0
     loaded_pages: int = 0
     # Lookups answered on the session's connection thread: (lookups, lookup_pages, hit_pages_dram,
-    # hit_pages_disk), written by that thread only and replaced whole, so the loop never reads half an
-    # update; `thread_folded` is the part already added to the counters (Manager.fold_thread_lookups).
-    thread_tally: tuple[int, int, int, int] = (0, 0, 0, 0)
-    thread_folded: tuple[int, int, int, int] = (0, 0, 0, 0)
+    # hit_pages_disk, hit_pages_vram), written by that thread only and replaced whole, so the loop never
+    # reads half an update; `thread_folded` is the part already added to the counters
+    # (Manager.fold_thread_lookups).
+    thread_tally: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)
+    thread_folded: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)
     # Lookups the engine answered itself from the shared lookup table: its slot there, and the part
     # of the slot's (lookups, pages, hit pages) already counted.
     table_slot: int | None = None
-    table_folded: tuple[int, int, int] = (0, 0, 0)
+    table_folded: tuple[int, int, int, int] = (0, 0, 0, 0)  # and the slot's L1 hits
+    vram: bool = False  # attached with L1 (its process maps the pool): reserves may go there
 
 
 @dataclasses.dataclass
@@ -128,6 +135,8 @@ class Manager:
         clock: Callable[[], float] = time.monotonic,
         signals: SignalBoard | None = None,
         table: LookupTable | None = None,
+        vram: Any | None = None,
+        vram_host: Any | None = None,
     ) -> None:
         self.cfg = cfg
         self.arena = arena
@@ -161,10 +170,19 @@ class Manager:
         self.signals = signals or SignalBoard(memoryview(bytearray(SIGNAL_BOARD_BYTES)))
         self.cluster: Any = None  # polarkvd.cluster.pool.ClusterPool when [cluster] is enabled
         self._cluster_tasks: set[asyncio.Future[Any]] = set()  # fetches from and demotions to peers in flight
+        # L1: the daemon's GPU page pool (tiers/vram.py VramPool) and the arena registered with it
+        # (HostRegion: what demotions copy into), or None. The pool owns bytes; which page is where,
+        # and in which order they leave, is decided here, with a policy instance of L1's own.
+        self.vram = vram
+        self.vram_host = vram_host
+        self.vram_policy: EvictionPolicy | None = make_policy(cfg.vram.policy) if vram is not None else None
+        self._vram_task: asyncio.Future[Any] | None = None  # a background demotion in flight
 
     # ------------------------------------------------------------------ sessions
 
-    def attach(self, ns: Namespace, engine_id: str) -> Session:
+    def attach(self, ns: Namespace, engine_id: str, vram: bool = False) -> Session:
+        """A new session. `vram`: the engine can use L1 (its process has CUDA); it is granted when
+        this daemon has a pool and a page of the namespace fits one of its slabs."""
         problems = ns.problems()
         if problems:
             raise NamespaceError("invalid namespace: " + "; ".join(problems))
@@ -181,16 +199,18 @@ class Manager:
             self.namespaces[digest] = info
             self._ns_by_id[info.id] = info
         session = Session(next(self._ids), engine_id, info)
+        session.vram = vram and self.vram is not None and self.vram.slots.slabs.fits(slot)
         if self.table is not None:
             session.table_slot = self.table.claim_slot(session.id)
         self.sessions[session.id] = session
         self.counters["sessions_attached"] += 1
         log.info(
-            "engine %r attached as session %d (model %s, %d-byte pages)",
+            "engine %r attached as session %d (model %s, %d-byte pages%s)",
             engine_id,
             session.id,
             ns.model,
             ns.page_bytes,
+            ", L1" if session.vram else "",
         )
         return session
 
@@ -206,8 +226,11 @@ class Manager:
             self._abort(session, list(session.reserved))
         for lease in list(session.leases.values()):
             self._drop_lease(lease)
-        for offset, slot_bytes in session.quarantined:
-            self.allocator.free(offset, slot_bytes)
+        for offset, slot_bytes, in_vram in session.quarantined:
+            if in_vram:
+                self.vram.free(offset)  # type: ignore[union-attr]
+            else:
+                self.allocator.free(offset, slot_bytes)
         session.quarantined.clear()
         info = session.ns
         info.lookup_pages += session.lookup_pages
@@ -219,7 +242,7 @@ class Manager:
     # ------------------------------------------------------------------ lookup
 
     def probe(self, ns: NamespaceInfo, keys: list[bytes]) -> tuple[list[Tier], list[Page]]:
-        """Tiers of the longest cached prefix of `keys`, and its DRAM pages in key order. Pure read:
+        """Tiers of the longest cached prefix of `keys`, and its DRAM and L1 pages in key order. Pure read:
         safe on any thread (single dict gets and attribute reads, each atomic under the GIL; the disk
         tier's `entry` takes its own lock). A page evicted a moment later is a miss at load time."""
         hit_pages: list[Page] = []
@@ -231,13 +254,16 @@ class Manager:
             hit_pages.append(page)
         tiers = [Tier.DRAM] * len(hit_pages)
         if len(hit_pages) < len(keys):
-            dram, disk = Tier.DRAM, Tier.DISK
+            dram, disk, vram = Tier.DRAM, Tier.DISK, Tier.VRAM
             get = self.index.get
             for key in keys[len(hit_pages) :]:
                 page = get(key)
                 if page is not None and page.state == READY and page.ns == ns_id:
                     hit_pages.append(page)
                     tiers.append(dram)
+                elif page is not None and page.state == READY_VRAM and page.ns == ns_id:
+                    hit_pages.append(page)
+                    tiers.append(vram)
                 elif self._on_disk(key, ns.digest):
                     tiers.append(disk)
                 else:
@@ -249,9 +275,10 @@ class Manager:
         tiers, hit_pages = self.probe(session.ns, keys)
         hit_pages.reverse()  # leaf first, so the root ends up most recent: leaves are evicted first
         self.apply_touches()  # earlier lookups answered on threads first: LRU order is request order
-        self.policy.touch_many(hit_pages)  # type: ignore[arg-type]
+        self._touch(hit_pages)
         n = len(hit_pages)
-        self._count_lookups(session, 1, len(keys), n, len(tiers) - n)
+        in_vram = tiers.count(Tier.VRAM) if self.vram is not None else 0
+        self._count_lookups(session, 1, len(keys), n - in_vram, len(tiers) - n, in_vram)
         lease = self._new_lease(session, hit_pages).id if pin and hit_pages else None
         return tiers, lease
 
@@ -269,8 +296,11 @@ class Manager:
         if n:
             hit_pages.reverse()
             self.touches.append(hit_pages)
+        in_vram = tiers.count(Tier.VRAM) if self.vram is not None else 0
         t = session.thread_tally
-        session.thread_tally = (t[0] + 1, t[1] + len(keys), t[2] + n, t[3] + len(tiers) - n)
+        session.thread_tally = (
+            t[0] + 1, t[1] + len(keys), t[2] + n - in_vram, t[3] + len(tiers) - n, t[4] + in_vram
+        )  # fmt: skip
         return tiers
 
     def apply_touches(self, session: Session | None = None) -> None:
@@ -280,7 +310,7 @@ class Manager:
         eviction, and on a short timer. A page evicted since is unlinked: touching it is a no-op."""
         queue = self.touches
         if queue:
-            touch_many = self.policy.touch_many
+            touch_many = self.policy.touch_many if self.vram is None else self._touch
             while queue:  # only the loop pops: never empty between the check and the pop
                 touch_many(queue.popleft())  # type: ignore[arg-type]
         if session is not None and session.table_slot is not None:
@@ -289,8 +319,16 @@ class Manager:
     def _touch_table_hits(self, slot: int) -> None:
         keys = self.table.touched(slot)  # type: ignore[union-attr]
         if keys:
-            pages = [p for p in map(self.index.get, keys) if p is not None and p.state == READY]
+            pages = [p for p in map(self.index.get, keys) if p is not None and p.state & ~VRAM == READY]
+            self._touch(pages)
+
+    def _touch(self, pages: list[Page]) -> None:
+        """Hits, leaf first, each in its own tier's policy (a node lives in one policy only)."""
+        if self.vram_policy is None:
             self.policy.touch_many(pages)  # type: ignore[arg-type]
+            return
+        self.policy.touch_many([p for p in pages if not p.state & VRAM])  # type: ignore[arg-type]
+        self.vram_policy.touch_many([p for p in pages if p.state & VRAM])  # type: ignore[arg-type]
 
     def apply_table_touches(self) -> None:
         """Touch the pages engines hit in the shared lookup table, and rebuild the table when it
@@ -302,7 +340,9 @@ class Manager:
                 if s.table_slot is not None:
                     self._touch_table_hits(s.table_slot)
             if table.rebuild_needed:
-                table.rebuild([(p.key, p.ns) for p in self.index if p.state == READY])
+                table.rebuild(
+                    [(p.key, p.ns, int(Tier.VRAM if p.state & VRAM else Tier.DRAM)) for p in self.index if p.state & ~VRAM == READY]
+                )  # fmt: skip
 
     def fold_thread_lookups(self, session: Session | None = None) -> None:
         """Add what connection threads counted since the last fold (of `session`, or of every session)
@@ -311,23 +351,29 @@ class Manager:
             now, was = s.thread_tally, s.thread_folded
             if now != was:
                 s.thread_folded = now
-                self._count_lookups(s, now[0] - was[0], now[1] - was[1], now[2] - was[2], now[3] - was[3])
+                self._count_lookups(*(s, *(a - b for a, b in zip(now, was))))  # type: ignore[arg-type]
             if s.table_slot is not None:
-                got, had = self.table.tally(s.table_slot), s.table_folded  # type: ignore[union-attr]
+                table = self.table
+                got, had = (*table.tally(s.table_slot), table.vram_hits(s.table_slot)), s.table_folded  # type: ignore[union-attr]
                 if got != had:
                     s.table_folded = got
                     self.counters["table_lookups"] += got[0] - had[0]
-                    self._count_lookups(s, got[0] - had[0], got[1] - had[1], got[2] - had[2], 0)
+                    vram = got[3] - had[3]
+                    self._count_lookups(s, got[0] - had[0], got[1] - had[1], got[2] - had[2] - vram, 0, vram)
 
-    def _count_lookups(self, session: Session, lookups: int, pages: int, dram: int, disk: int) -> None:
+    def _count_lookups(
+        self, session: Session, lookups: int, pages: int, dram: int, disk: int, vram: int = 0
+    ) -> None:
         c = self.counters
         c["lookups"] += lookups
         c["lookup_pages"] += pages
         c["hit_pages_dram"] += dram
         c["hit_pages_disk"] += disk
-        c["miss_pages"] += pages - dram - disk
+        if vram:
+            c["hit_pages_vram"] += vram
+        c["miss_pages"] += pages - dram - disk - vram
         session.lookup_pages += pages
-        session.hit_pages += dram + disk
+        session.hit_pages += dram + disk + vram
 
     def _on_disk(self, key: bytes, digest: bytes) -> bool:
         pending = self.pending.get(key)
@@ -342,6 +388,15 @@ class Manager:
 
     def reserve(self, session: Session, keys: list[bytes], parent: bytes | None) -> list[int]:
         """An arena offset per key to write, or RESERVE_EXISTS / RESERVE_NO_SPACE."""
+        return self.reserve_in(session, keys, parent)[0]
+
+    def reserve_in(
+        self, session: Session, keys: list[bytes], parent: bytes | None, prefer: Tier = Tier.DRAM
+    ) -> tuple[list[int], list[int]]:
+        """Per key an offset to write and the tier it is in (VRAM: in the pool; DRAM: in the arena),
+        or RESERVE_EXISTS / RESERVE_NO_SPACE (tier 0). With `prefer` = VRAM, a session attached with
+        L1 gets pool slots while the pool has room, then DRAM slots; a full pool starts a background
+        demotion (the reserve itself never waits for a copy)."""
         if self.draining:
             raise PolarKVError("the daemon is draining and accepts no new pages", code=ErrorCode.DRAINING)
         ns = session.ns
@@ -350,10 +405,12 @@ class Manager:
         if keys and need > len(keys) and self._chain_length(parent, need) + len(keys) < need:
             session.reserved_at = self.clock()
             self.counters["not_admitted_pages"] += len(keys)
-            return [RESERVE_NO_SPACE] * len(keys)
+            return [RESERVE_NO_SPACE] * len(keys), [0] * len(keys)
         out: list[int] = []
+        tiers: list[int] = []
         prev = parent
         now = self.clock()
+        pool = self.vram if prefer is Tier.VRAM and session.vram else None
         for i, key in enumerate(keys):
             if (
                 key in self.index
@@ -361,20 +418,34 @@ class Manager:
                 or (self.disk is not None and self.disk.entry(key) is not None)
             ):
                 out.append(RESERVE_EXISTS)
+                tiers.append(0)
                 prev = key
                 continue
-            offset = self._alloc(ns.slot_bytes)
-            if offset is None:
-                self.counters["reserve_no_space"] += len(keys) - i
-                out.extend([RESERVE_NO_SPACE] * (len(keys) - i))
-                break
-            page = Page(key, ns.id, offset, size, prev, RESERVED)
+            offset = pool.alloc(size) if pool is not None else None
+            if offset is not None:
+                page = Page(key, ns.id, offset, size, prev, RESERVED_VRAM)
+                tiers.append(Tier.VRAM)
+            else:
+                if pool is not None:  # the pool is full: DRAM for the rest, and make room for next time
+                    pool = None
+                    self.counters["reserve_vram_full_pages"] += len(keys) - i
+                    self.schedule_vram_demotion(len(keys) - i)
+                offset = self._alloc(ns.slot_bytes)
+                if offset is None:
+                    self.counters["reserve_no_space"] += len(keys) - i
+                    out.extend([RESERVE_NO_SPACE] * (len(keys) - i))
+                    tiers.extend([0] * (len(keys) - i))
+                    break
+                page = Page(key, ns.id, offset, size, prev, RESERVED)
+                tiers.append(Tier.DRAM)
             self.index.add(page)
             session.reserved[key] = page
             out.append(offset)
             prev = key
         session.reserved_at = now
-        return out
+        if pool is not None:
+            self.schedule_vram_demotion()  # above vram.high_watermark now? (a no-op below it)
+        return out, tiers
 
     def _chain_length(self, key: bytes | None, limit: int) -> int:
         """Pages from the root of a sequence up to `key` inclusive, counting at most `limit`.
@@ -407,14 +478,24 @@ class Manager:
                 code=ErrorCode.NOT_RESERVED,
             )
         write_through = self.cfg.disk.write_through and self.disk is not None
+        in_vram = 0
         for key in keys:
             page = session.reserved.pop(key)
             self.index.mark_ready(page)
+            if page.state & VRAM:
+                # L1 pages are not written through nor announced to the cluster: both read the
+                # arena. They are, like any DRAM page, once demoted there.
+                self.vram_policy.insert(page)  # type: ignore[union-attr]
+                in_vram += 1
+                continue
             self.policy.insert(page)
             if write_through:
                 self._write_through(session.ns, page)
             if self.cluster is not None:
                 self.cluster.page_added(key, Tier.DRAM)
+        if in_vram:
+            self.counters["stored_pages_vram"] += in_vram
+            self.counters["stored_bytes_vram"] += in_vram * session.ns.ns.page_bytes
         session.stored_pages += len(keys)
         self.counters["stored_pages"] += len(keys)
         self.counters["stored_bytes"] += len(keys) * session.ns.ns.page_bytes
@@ -449,7 +530,10 @@ class Manager:
         for key in keys:
             page = session.reserved.pop(key)
             self.index.remove(key)
-            self.allocator.free(page.offset, session.ns.slot_bytes)
+            if page.state & VRAM:
+                self.vram.free(page.offset)  # type: ignore[union-attr]
+            else:
+                self.allocator.free(page.offset, session.ns.slot_bytes)
         self.counters["aborted_pages"] += len(keys)
         return len(keys)
 
@@ -458,8 +542,10 @@ class Manager:
     async def load(self, session: Session, keys: list[bytes]) -> tuple[list[int], list[Tier], int | None]:
         """Pin the longest loadable prefix of `keys` in DRAM (promoting disk and remote pages first).
 
-        Returns (arena offsets, source tier of each, lease id). The engine copies the pages out, then
-        releases the lease. A page that fails on the way (evicted meanwhile, corrupt on disk, a peer
+        Returns (offsets, source tier of each, lease id). An offset is in the pool for a page whose
+        tier is VRAM (only sessions attached with L1 get those; for the others L1 pages are moved
+        to DRAM first, like disk pages), in the arena for every other. The engine copies the pages
+        out, then releases the lease. A page that fails on the way (evicted meanwhile, corrupt on disk, a peer
         gone) ends the prefix there: the engine recomputes from that page on.
         """
         pinned, tiers, waits, remote_from = self._pin_prefix(session, keys)
@@ -546,15 +632,21 @@ class Manager:
         tiers: list[Tier] = []
         waits: list[tuple[int, asyncio.Future[bool]]] = []
         remote_from: int | None = None
+        to_dram: list[tuple[int, Page]] = []  # L1 pages a session without L1 asked for
         for key in keys:
             page = self.index.get(key)
-            if page is not None and page.state == READY:
+            if page is not None and page.state & ~VRAM == READY:
                 if page.ns != ns.id:
                     self._unpin_all(pinned)
                     raise NamespaceError(f"key {key.hex()} belongs to another namespace")
+                if page.state & VRAM and not session.vram:
+                    if page.pins:  # an L1 engine is reading it: it cannot move now
+                        break
+                    to_dram.append((len(pinned), page))
                 page.pins += 1
                 pinned.append(page)
-                tiers.append(Tier.DRAM)
+                # a tier says where the offset is: VRAM the pool, anything else the arena
+                tiers.append(Tier.VRAM if page.state & VRAM and session.vram else Tier.DRAM)
                 continue
             if page is not None and page.state == PROMOTING:
                 fut = self._promotions.get(key)
@@ -582,6 +674,18 @@ class Manager:
             pinned.append(page)
             tiers.append(Tier.DISK)
             waits.append((len(pinned) - 1, fut))
+        if to_dram:
+            moved = self._start_vram_demotion([p for _, p in to_dram])
+            for (pos, _), fut in zip(to_dram, moved):
+                waits.append((pos, fut))
+            if len(moved) < len(to_dram):  # no DRAM slot for the rest: the prefix ends there
+                cut = to_dram[len(moved)][0]
+                self._unpin_all(pinned[cut:])
+                del pinned[cut:], tiers[cut:]
+                waits[:] = [(pos, f) for pos, f in waits if pos < cut]
+                if remote_from is not None and remote_from > cut:
+                    remote_from = None
+            waits.sort(key=lambda w: w[0])
         return pinned, tiers, waits, remote_from
 
     def _loaded(
@@ -589,11 +693,13 @@ class Manager:
     ) -> Lease | None:
         """Account a load and put its pinned pages under a lease (None when nothing was pinned)."""
         ns = session.ns
-        self.policy.touch_many(pinned[::-1])  # type: ignore[arg-type]
+        self._touch(pinned[::-1])
         n = len(pinned)
         self.counters["loads"] += 1
         self.counters["loaded_pages"] += n
         self.counters["loaded_bytes"] += n * ns.ns.page_bytes
+        if self.vram is not None:
+            self.counters["loaded_pages_vram"] += tiers.count(Tier.VRAM)
         self.counters["loaded_pages_disk"] += tiers.count(Tier.DISK)
         self.counters["loaded_pages_remote"] += tiers.count(Tier.DMP)
         self.counters["load_short_pages"] += len(keys) - n
@@ -755,6 +861,39 @@ class Manager:
                 else:
                     self._finish_promotion(page, fut, PageNotFound("remote fetch failed"), on_disk=False)
 
+    def promote_for_peer(
+        self, ns_digest: bytes, keys: list[bytes], held_elsewhere: Callable[[bytes], bool]
+    ) -> list[asyncio.Future[bool]]:
+        """A peer asks for `keys`: start bringing the disk pages of the longest prefix held here into
+        DRAM, so they can be sent like DRAM pages. Returns the futures of pages on their way (True:
+        in DRAM now). Pages in DRAM, and keys `held_elsewhere` (the lent DMP region), need nothing;
+        the walk stops at the first key held nowhere here. A namespace no engine attached to since
+        this daemon started is not known here (its page size and slots): nothing is promoted."""
+        info = self.namespaces.get(ns_digest)
+        if info is None:
+            return []
+        futs: list[asyncio.Future[bool]] = []
+        for key in keys:
+            page = self.index.get(key)
+            if page is not None:
+                fut = self._promotions.get(key) if page.state == PROMOTING else None
+                if page.state == READY:
+                    continue
+                if fut is None:
+                    break
+                futs.append(fut)
+                continue
+            if held_elsewhere(key):
+                continue
+            if not self._on_disk(key, ns_digest):
+                break
+            promoted = self._start_promotion(info, key)
+            if promoted is None:
+                break
+            futs.append(promoted[1])
+            self.counters["promoted_pages_for_peers"] += 1
+        return futs
+
     def _on_disk_any_ns(self, key: bytes) -> bool:
         return key in self.pending or (self.disk is not None and self.disk.entry(key) is not None)
 
@@ -855,12 +994,142 @@ class Manager:
                 for key, page in list(session.reserved.items()):
                     del session.reserved[key]
                     self.index.remove(key)
-                    session.quarantined.append((page.offset, session.ns.slot_bytes))
+                    session.quarantined.append((page.offset, session.ns.slot_bytes, bool(page.state & VRAM)))
                     expired += 1
         if expired:
             self.counters["expired"] += expired
             log.info("expired %d leases/reservations of unresponsive engines", expired)
         return expired
+
+    # ------------------------------------------------------------------ L1: demotion to DRAM
+
+    def schedule_vram_demotion(self, min_pages: int = 0) -> None:
+        """Start a background demotion of L1 when it is above vram.high_watermark, or (`min_pages`)
+        when a reserve found it full; one at a time. Loop only (a periodic chore, and reserves); a
+        no-op outside a running loop (in-process tests call `demote_vram` themselves)."""
+        pool = self.vram
+        if pool is None or (self._vram_task is not None and not self._vram_task.done()):
+            return
+        if not min_pages and pool.slots.used_bytes <= self.cfg.vram.high_watermark * pool.capacity:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._vram_task = loop.create_task(self.demote_vram(min_pages))
+
+    async def demote_vram(
+        self, min_pages: int = 0, *, everything: bool = False, batch_bytes: int = 256 << 20
+    ) -> int:
+        """Move L1 pages to DRAM until L1 is at vram.low_watermark and at least `min_pages` moved
+        (`everything`: every page that can). Victims come from L1's policy, leaf first, unpinned only;
+        each batch (at most `batch_bytes`) is one pool -> arena copy in the I/O pool. Returns the pages
+        moved. A batch that fails leaves its pages in L1 and ends the call."""
+        pool = self.vram
+        if pool is None:
+            return 0
+        moved = 0
+        while True:
+            target = 0 if everything else self.cfg.vram.low_watermark * pool.capacity
+            if pool.slots.used_bytes <= target and moved >= min_pages:
+                break
+            want = min(batch_bytes, max(0, int(pool.slots.used_bytes - target)))
+            victims = self._vram_victims(want, max(0, min_pages - moved))
+            futs = self._start_vram_demotion(victims) if victims else []
+            if not futs:
+                break
+            ok = sum(await asyncio.gather(*futs))
+            moved += ok
+            if ok < len(futs):
+                break
+        return moved
+
+    def _vram_victims(self, max_bytes: int, min_pages: int = 0) -> list[Page]:
+        """Unpinned L1 pages in L1's policy order, unlinked from it: first those without cached
+        children (leaves), then, when none is left, the coldest of the rest (interior pages whose
+        leaves went down to DRAM already: moving them keeps the prefix in memory). Enough pages to
+        free `max_bytes` of slots, and at least `min_pages`."""
+        self.apply_touches()
+        self.apply_table_touches()
+        pol = self.vram_policy
+        assert pol is not None
+
+        taken: collections.Counter[bytes] = collections.Counter()  # children already chosen, by parent
+
+        def leaf(node: Any) -> bool:
+            return node.pins == 0 and node.children == taken[node.key] and node.state == READY_VRAM
+
+        def unpinned(node: Any) -> bool:
+            return node.pins == 0 and node.state == READY_VRAM
+
+        out: list[Page] = []
+        total = 0
+        test = leaf
+        while total < max_bytes or len(out) < min_pages:
+            got = pol.victims(1, test)
+            if not got:
+                if test is unpinned:
+                    break
+                test = unpinned
+                continue
+            page: Page = got[0]  # type: ignore[assignment]
+            out.append(page)
+            total += page.size
+            if page.linked and page.parent is not None:
+                taken[page.parent] += 1
+        return out
+
+    def _start_vram_demotion(self, pages: list[Page]) -> list[asyncio.Future[bool]]:
+        """Start moving READY_VRAM `pages` to DRAM: a DRAM slot each (while DRAM has room; the rest
+        stay in L1), PROMOTING meanwhile (lookups miss them, loads wait for them), one batched copy
+        `VramPool.to_host` in the I/O pool (ctypes releases the GIL: the loop runs on). One future
+        per page started, in order: True once it is READY in DRAM, False when it stayed in L1."""
+        loop = asyncio.get_running_loop()
+        pol = self.vram_policy
+        assert pol is not None and self.vram is not None
+        moves: list[tuple[Page, int, asyncio.Future[bool]]] = []
+        for page in pages:
+            offset = self._alloc(self._ns_by_id[page.ns].slot_bytes)
+            if offset is None:
+                break
+            pol.remove(page)
+            pool_offset = page.offset
+            self.index.unready(page, offset)
+            fut: asyncio.Future[bool] = loop.create_future()
+            self._promotions[page.key] = fut
+            moves.append((page, pool_offset, fut))
+        for page in pages[len(moves) :]:
+            pol.insert(page)  # no room in DRAM: stays in L1 (a no-op when it never left the policy)
+        if not moves:
+            return []
+        items = [(pool_offset, page.offset, page.size) for page, pool_offset, _ in moves]
+        io = loop.run_in_executor(self.executor, self.vram.to_host, self.vram_host, items)
+        io.add_done_callback(lambda f: self._finish_vram_demotion(moves, f))
+        return [fut for _, _, fut in moves]
+
+    def _finish_vram_demotion(
+        self, moves: list[tuple[Page, int, asyncio.Future[bool]]], f: asyncio.Future[Any]
+    ) -> None:
+        error = asyncio.CancelledError() if f.cancelled() else f.exception()
+        if error is not None:
+            log.error("vram: copying %d pages to DRAM failed; they stay in L1: %r", len(moves), error)
+            self.counters["demotion_failures_vram"] += len(moves)
+        for page, pool_offset, fut in moves:
+            self._promotions.pop(page.key, None)
+            if error is None:
+                self.vram.free(pool_offset)  # type: ignore[union-attr]
+                self.index.mark_ready(page)  # PROMOTING -> READY in DRAM
+                self.policy.insert(page)
+                if self.cluster is not None:
+                    self.cluster.page_added(page.key, Tier.DRAM)
+                self.counters["demoted_pages_vram"] += 1
+                self.counters["demoted_bytes_vram"] += page.size
+            else:
+                self.allocator.free(page.offset, slot_size(page.size))
+                self.index.restore_vram(page, pool_offset)
+                self.vram_policy.insert(page)  # type: ignore[union-attr]
+            if not fut.done():
+                fut.set_result(error is None)
 
     # ------------------------------------------------------------------ space: allocation, eviction, demotion
 
@@ -987,6 +1256,8 @@ class Manager:
                 page = self.index.get(key)
                 if page is not None:
                     page.on_disk = True
+                if self.cluster is not None:  # peers can have it from our disk too
+                    self.cluster.page_added(key, Tier.DISK)
             else:
                 self.counters["demotions_dropped"] += 1
 
@@ -1241,6 +1512,8 @@ class Manager:
         """Stop taking new pages; write every DRAM page that is not on disk yet; flush the disk index."""
         self.draining = True
         written = 0
+        if self.vram is not None:  # L1 pages go down to DRAM first, and from there to disk below
+            await self.demote_vram(everything=True)
         if self.disk is not None:
             for page in self.index:
                 if page.state == READY and not page.on_disk and page.key not in self.pending:
@@ -1284,10 +1557,38 @@ class Manager:
     def tier_space(self) -> dict[str, tuple[int, int]]:
         """(used, capacity) bytes per tier: what a cluster member publishes to its peers."""
         out = {"dram": (self.allocator.used_bytes, self.allocator.capacity)}
+        if self.vram is not None:
+            out["vram"] = (self.vram.slots.used_bytes, self.vram.capacity)
         if self.disk is not None:
             d = self.disk.stats()
             out["disk"] = (d.stored_bytes, d.capacity_bytes)
         return out
+
+    def _vram_stats(self, pool: Any) -> dict[str, Any]:
+        host = self.vram_host
+        return {
+            "tier": int(Tier.VRAM),
+            "pages": self.index.vram_pages,
+            "bytes": self.index.vram_bytes,
+            "reserved_pages": sum(
+                bool(p.state & VRAM) for s in self.sessions.values() for p in s.reserved.values()
+            ),
+            "slot_bytes_used": pool.slots.used_bytes,
+            "capacity_bytes": pool.capacity,
+            "policy": self.vram_policy.name,  # type: ignore[union-attr]
+            "pinned_pages": sum(
+                bool(p.state & VRAM)
+                for s in self.sessions.values()
+                for lease in s.leases.values()
+                for p in lease.pages
+            ),
+            "high_watermark": self.cfg.vram.high_watermark,
+            "low_watermark": self.cfg.vram.low_watermark,
+            "device": pool.info.name,
+            "pinned_host": bool(host is not None and host.pinned),  # demotions by DMA from page-locked DRAM
+            "batches": pool.batches,
+            "sessions": sum(s.vram for s in self.sessions.values()),
+        }
 
     def stats(self) -> dict[str, Any]:
         self.fold_thread_lookups()
@@ -1295,13 +1596,18 @@ class Manager:
             "tier": int(Tier.DRAM),
             "pages": self.index.ready_pages,
             "bytes": self.index.ready_bytes,
-            "reserved_pages": sum(len(s.reserved) for s in self.sessions.values()),
+            "reserved_pages": sum(
+                not p.state & VRAM for s in self.sessions.values() for p in s.reserved.values()
+            ),
             "quarantined_pages": sum(len(s.quarantined) for s in self.sessions.values()),
             "slot_bytes_used": self.allocator.used_bytes,
             "capacity_bytes": self.allocator.capacity,
             "policy": self.policy.name,
             "pinned_pages": sum(
-                len(lease.pages) for s in self.sessions.values() for lease in s.leases.values()
+                not p.state & VRAM
+                for s in self.sessions.values()
+                for lease in s.leases.values()
+                for p in lease.pages
             ),
             "operator_pinned_pages": len(self.operator_pins),
             "high_watermark": self.cfg.dram.high_watermark,
@@ -1316,6 +1622,9 @@ class Manager:
                 "full": t.overflow,
             }
         tiers = {"dram": dram}
+        if self.vram is not None:
+            pool = self.vram
+            tiers = {"vram": self._vram_stats(pool), "dram": dram}  # in tier order
         if self.disk is not None:
             d = self.disk.stats()
             tiers["disk"] = {

@@ -127,19 +127,25 @@ _SIMPLE_COUNTERS = {
 #: the transport that moved them (pages counted once per page, also when it came in layer slices).
 _CLUSTER_FETCHED = tuple(f"cluster_fetched_{w}_{t}" for w in ("pages", "bytes") for t in ("rdma", "tcp"))
 # Counters shown through labelled families below, not as events.
-_LABELLED = {"stored_pages", "promoted_pages", "demoted_pages", "hit_pages_dram", "hit_pages_disk", "hit_pages_remote", "loaded_pages", "loaded_pages_disk", "loaded_pages_remote", "stored_bytes",
+_LABELLED = {"stored_pages", "promoted_pages", "demoted_pages", "hit_pages_vram", "hit_pages_dram", "stored_pages_vram",
+             "stored_bytes_vram", "demoted_pages_vram", "demoted_bytes_vram", "loaded_pages_vram", "hit_pages_disk", "hit_pages_remote", "loaded_pages", "loaded_pages_disk", "loaded_pages_remote", "stored_bytes",
              "loaded_bytes", "evicted_bytes_dram", "promoted_bytes", "demoted_bytes", "written_through_pages",
              "written_through_bytes", *_CLUSTER_FETCHED, "cluster_rdma_fallbacks"}  # fmt: skip
 
 #: Data paths of polarkv_transfer_bytes_total / _pages_total: (path label, bytes counters, page
 #: counters); a path's value is the sum of its counters. DRAM -> disk covers demotions (eviction,
-#: drain, shutdown save) and write-through copies.
+#: drain, shutdown save) and write-through copies. Stores into L1 are counted in `stored_*` too and
+#: taken out of engine_to_dram (`_MINUS`); loads are one path whatever tier they read.
 _PATHS = (
+    ("engine_to_vram", ("stored_bytes_vram",), ("stored_pages_vram",)),
     ("engine_to_dram", ("stored_bytes",), ("stored_pages",)),
     ("dram_to_engine", ("loaded_bytes",), ("loaded_pages",)),
+    ("vram_to_dram", ("demoted_bytes_vram",), ("demoted_pages_vram",)),
     ("disk_to_dram", ("promoted_bytes",), ("promoted_pages",)),
     ("dram_to_disk", ("demoted_bytes", "written_through_bytes"), ("demoted_pages", "written_through_pages")),
 )
+
+_MINUS = {"engine_to_dram": ("stored_bytes_vram", "stored_pages_vram")}
 
 
 def families(snap: Snapshot) -> Iterator[Any]:
@@ -243,6 +249,7 @@ def families(snap: Snapshot) -> Iterator[Any]:
     hits = CounterMetricFamily(
         "polarkv_hit_pages", "Looked-up pages found, by the tier that holds them.", labels=["tier"]
     )
+    hits.add_metric(["vram"], c.get("hit_pages_vram", 0))
     hits.add_metric(["dram"], c.get("hit_pages_dram", 0))
     hits.add_metric(["disk"], c.get("hit_pages_disk", 0))
     hits.add_metric(["remote"], c.get("hit_pages_remote", 0))
@@ -250,8 +257,9 @@ def families(snap: Snapshot) -> Iterator[Any]:
     loaded = CounterMetricFamily(
         "polarkv_loaded_pages", "Pages handed to engines by loads, by source tier.", labels=["tier"]
     )
-    remote = c.get("loaded_pages_remote", 0)
-    loaded.add_metric(["dram"], c.get("loaded_pages", 0) - c.get("loaded_pages_disk", 0) - remote)
+    remote, vram = c.get("loaded_pages_remote", 0), c.get("loaded_pages_vram", 0)
+    loaded.add_metric(["vram"], vram)
+    loaded.add_metric(["dram"], c.get("loaded_pages", 0) - c.get("loaded_pages_disk", 0) - remote - vram)
     loaded.add_metric(["disk"], c.get("loaded_pages_disk", 0))
     loaded.add_metric(["remote"], remote)
     yield loaded
@@ -261,11 +269,12 @@ def families(snap: Snapshot) -> Iterator[Any]:
         "polarkv_transfer_bytes", "Page bytes moved, by data path.", labels=["path"]
     )
     for path, bytes_keys, pages_keys in _PATHS:
-        moved_pages.add_metric([path], sum(c.get(k, 0) for k in pages_keys))
+        minus = _MINUS.get(path, ("", ""))
+        moved_pages.add_metric([path], sum(c.get(k, 0) for k in pages_keys) - c.get(minus[1], 0))
         # Byte counts only where the manager counts bytes (it does not for promotions and
         # demotions yet): an absent series is honest, a zero would not be.
         if any(k in c for k in bytes_keys) or path in ("engine_to_dram", "dram_to_engine"):
-            moved_bytes.add_metric([path], sum(c.get(k, 0) for k in bytes_keys))
+            moved_bytes.add_metric([path], sum(c.get(k, 0) for k in bytes_keys) - c.get(minus[0], 0))
     yield moved_pages
     yield moved_bytes
 

@@ -7,7 +7,9 @@
 # 2. the L1 probe: the `vram: ...` line the daemon would log;
 # 3. the GPU tests (tests/tiers/test_vram_gpu.py: real cuMemAlloc, copies checked byte for byte,
 #    cuMemHostRegister of a shared-memory mapping, the IPC handle opened from a second process);
-#    then, where the venv has the daemon's dependencies, a real daemon with [vram] enabled;
+#    then, where the venv has the daemon's dependencies, a real daemon with [vram] enabled, and,
+#    where it also has CUDA torch, L1 end to end (tests/test_vram_e2e_gpu.py: two engine processes
+#    storing and loading GPU to GPU byte-exact, demotion under pressure, a SIGKILLed engine);
 # 4. the bandwidth table (python -m polarkvd.bench.vram): D2D inside the pool, D2H/H2D with a pinned
 #    arena-like mapping, the same through pageable memory, and a host memcpy.
 #
@@ -55,6 +57,14 @@ if "$PY" -c 'import pytest, numpy, msgpack, zmq, xxhash, psutil, zstandard' 2>/d
         tests/tiers/test_vram.py -k daemon || status=1
 else
     echo "skipped: this Python lacks the daemon's dependencies (build .venv with ./scripts/bootstrap.sh)"
+fi
+
+step "L1 end to end (tests/test_vram_e2e_gpu.py: engines with CUDA torch, store_cuda/load_into_cuda)"
+if "$PY" -c 'import pytest, numpy, msgpack, zmq, xxhash, psutil, zstandard, torch' 2>/dev/null; then
+    timeout 300 "$PY" -m pytest -m gpu -p no:cacheprovider -v -rs -o addopts="" \
+        tests/test_vram_e2e_gpu.py || status=1
+else
+    echo "skipped: this Python lacks the daemon's dependencies or torch (CUDA torch is the engine side)"
 fi
 
 step "bandwidth (python -m polarkvd.bench.vram $*)"

@@ -276,6 +276,28 @@ def test_malformed_arguments(healthy: Healthy, raw: Raw) -> None:
     assert healthy.daemon.stats()["tiers"]["dram"]["reserved_pages"] == 0
 
 
+def test_bad_l1_arguments(healthy: Healthy, raw: Raw) -> None:
+    """`hello`'s `vram` and `reserve`'s `tier` (docs/VRAM.md): wrong types and values are refused
+    with nothing changed; asking for L1 from a daemon without a pool is fine and gets DRAM."""
+    for bad in ("yes", 1, None, [True]):
+        assert "vram" in err(
+            raw.call("hello", {"namespace": TEST_NS.to_wire(), "engine_id": "raw", "vram": bad}),
+            ErrorCode.BAD_REQUEST,
+        )
+    assert healthy.daemon.stats()["sessions"] and all(
+        s["engine_id"] != "raw" for s in healthy.daemon.stats()["sessions"]
+    )
+    reply = ok(raw.call("hello", {"namespace": TEST_NS.to_wire(), "engine_id": "raw", "vram": True}))
+    assert reply["vram"] is None  # this daemon has no pool: the engine uses the arena
+    keys = rand_keys(2, seed=11)
+    for bad in (0, 3, -1, 1.0, "1", True, None, b"\x01"):
+        assert "tier" in err(raw.call("reserve", {"keys": keys, "tier": bad}), ErrorCode.BAD_REQUEST)
+    assert healthy.daemon.stats()["tiers"]["dram"]["reserved_pages"] == 0
+    r = ok(raw.call("reserve", {"keys": keys, "parent": None, "tier": 1}))
+    assert r["tiers"] == bytes([Tier.DRAM] * 2) and all(o >= 0 for o in r["offsets"])  # a preference
+    assert ok(raw.call("abort", {"keys": keys}))["aborted"] == 2
+
+
 def test_more_keys_than_the_limit(healthy: Healthy, raw: Raw) -> None:
     ok(raw.hello())
     too_many = rand_keys(MAX_KEYS + 1, seed=5)

@@ -206,7 +206,26 @@ class ClusterPool:
         self.server.start()
         self._flusher = asyncio.create_task(self._flush_loop(), name="metamap-flush")
         self.metamap.set_members([self.node_id], time.monotonic())
+        disk = self.manager.disk
+        if disk is not None:  # peers can have our disk pages too (promoted here, then sent)
+            now = time.monotonic()
+            for key in disk.keys():
+                self.metamap.local_stored(key, int(Tier.DISK), now)
+            disk.on_removed = self._disk_removed
         return self.server.address
+
+    def _disk_removed(self, keys: list[bytes]) -> None:
+        """The disk tier dropped pages (any thread): withdraw their disk copies from the meta map."""
+
+        def withdraw() -> None:
+            now = time.monotonic()
+            for key in keys:
+                self.metamap.local_removed(key, now, tier=int(Tier.DISK))
+
+        try:
+            self.loop.call_soon_threadsafe(withdraw)
+        except RuntimeError:  # the loop is closed: the daemon is gone, and so is our membership
+            pass
 
     def _open_rdma(self) -> None:
         """RDMA needs the device open and the arena and the DMP region registered for remote READ.
@@ -239,6 +258,8 @@ class ClusterPool:
 
     async def stop(self) -> None:
         self._closing = True
+        if self.manager.disk is not None:
+            self.manager.disk.on_removed = None
         if self._flusher is not None:
             self._flusher.cancel()
             await asyncio.gather(self._flusher, return_exceptions=True)
@@ -741,7 +762,32 @@ class ClusterPool:
         if not isinstance(ns, bytes):
             raise ProtocolError("get needs ns (namespace digest)")
         layers = _layers_arg(args.get("layers"))
+        self._from_disk_first(ns, keys)
         return self._on_loop(lambda: self._pin_for_send(ns, keys, layers))
+
+    def _from_disk_first(self, ns: bytes, keys: list[bytes]) -> None:
+        """Transport thread, before pinning for a peer: when the prefix asked for goes on in our disk
+        tier, promote those pages into DRAM first (waiting at most `fetch_timeout`), so the disk copy
+        serves a peer as well as a DRAM one. A quick look first: pages all in DRAM (or the lent
+        region) cost no trip to the loop."""
+        m = self.manager
+        if m.disk is None:
+            return
+        get, dmp = m.index.get, self.dmp
+        for key in keys:
+            page = get(key)
+            if not (page is not None and page.state == READY) and (dmp is None or dmp.get(key) is None):
+                break
+        else:
+            return
+        in_dmp = (lambda k: dmp.get(k) is not None) if dmp is not None else (lambda k: False)
+        futs = self._on_loop(lambda: m.promote_for_peer(ns, keys, in_dmp))
+        if futs:
+
+            async def arrive() -> None:
+                await asyncio.wait(futs, timeout=self.c.fetch_timeout)
+
+            asyncio.run_coroutine_threadsafe(arrive(), self.loop).result(self.c.fetch_timeout + 1)
 
     def _pin_pages(self, ns: bytes, keys: list[bytes], layers: list[int] | None) -> list[_Pinned]:
         """Pin the longest prefix of `keys` we hold (DRAM first, then the lent DMP region); with
@@ -845,6 +891,7 @@ class ClusterPool:
         seconds = min(float(seconds), self.lease_seconds)
         if len(self._leases) >= MAX_RDMA_LEASES:
             raise PolarKVError(f"over {MAX_RDMA_LEASES} open leases", code=ErrorCode.TOO_LARGE)
+        self._from_disk_first(ns, keys)
         pinned = self._on_loop(lambda: self._pin_pages(ns, keys, layers))
         try:
             # hashed here, not on the loop: the pages are pinned, so their bytes cannot change

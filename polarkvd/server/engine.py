@@ -56,7 +56,10 @@ def engine_api(
     signal_offset: int | None = None,
     table_offset: int | None = None,
     table_size: int = 0,
+    vram_region: dict[str, Any] | None = None,
 ) -> EngineAPI:
+    """`vram_region`: the L1 pool's `RegionHandle.to_wire()`, sent to sessions that attach with
+    `vram` (docs/VRAM.md), or None when the daemon has no pool."""
     # Latency of the data-path ops, for metrics: a perf_counter_ns pair and a histogram add
     # (docs/METRICS.md has the measured cost). Failed requests are not timed. Lookups are timed on
     # connection threads and on the loop: the histogram's `+=` is not atomic, so they take a lock
@@ -78,7 +81,7 @@ def engine_api(
         return P.unpack_keys(args["keys"], max_keys)
 
     def hello(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
-        only_args(args, "namespace", "engine_id")
+        only_args(args, "namespace", "engine_id", "vram")
         if conn.session is not None:
             raise ProtocolError(
                 "this connection is already attached; open another connection for another namespace"
@@ -95,7 +98,7 @@ def engine_api(
                 f"too many sessions (daemon.max_sessions = {manager.cfg.daemon.max_sessions})",
                 code=ErrorCode.TOO_LARGE,
             )
-        session = manager.attach(ns, engine_id)
+        session = manager.attach(ns, engine_id, vram=arg_bool(args, "vram") and vram_region is not None)
         conn.session = session
         return {
             "session": session.id,
@@ -109,6 +112,8 @@ def engine_api(
             # where pipelined loads' readiness slots start in the arena file (transport/pipeline.py)
             "signal_offset": signal_offset,
             "lookup_table": lookup_table(session),
+            # L1: the pool for this engine to open, when it asked and the daemon has one
+            "vram": vram_region if session.vram else None,
         }
 
     def lookup_table(session: Session) -> dict[str, Any] | None:
@@ -158,11 +163,17 @@ def engine_api(
 
     def reserve(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
         t0 = perf_counter_ns()
-        only_args(args, "keys", "parent")
+        only_args(args, "keys", "parent", "tier")
         parent = args.get("parent")
         if parent is not None and (not isinstance(parent, bytes) or len(parent) != KEY_BYTES):
             raise ProtocolError("parent must be a 16-byte key or nil")
-        out = {"offsets": manager.reserve(_session(conn), keys(args), parent)}
+        tier = args.get("tier", int(Tier.DRAM))
+        if type(tier) is not int or tier not in (Tier.VRAM, Tier.DRAM):
+            raise ProtocolError(
+                f"tier must be {int(Tier.VRAM)} (VRAM) or {int(Tier.DRAM)} (DRAM), got {tier!r}"
+            )
+        offsets, tiers = manager.reserve_in(_session(conn), keys(args), parent, Tier(tier))
+        out = {"offsets": offsets, "tiers": bytes(tiers)}
         observe_reserve(perf_counter_ns() - t0)
         return out
 

@@ -49,6 +49,7 @@ import re
 import struct
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import msgpack
@@ -221,6 +222,9 @@ class DiskTier:
         self._raw = 0
         self._reserved = 0
         self._evictions = 0
+        #: called with the keys of pages that left the tier (evicted, removed, dropped as corrupt), on
+        #: whatever thread removed them (the cluster withdraws their announcements)
+        self.on_removed: Callable[[list[bytes]], None] | None = None
         self._corrupt = 0
         self._puts = 0
         self._gets = 0
@@ -681,6 +685,9 @@ class DiskTier:
         with self._cond:
             self._deleting.difference_update(keys)
             self._cond.notify_all()
+        on_removed = self.on_removed
+        if on_removed is not None:
+            on_removed(keys)
 
     def _page_path(self, key: bytes) -> str:
         # plain strings: pathlib would intern every page file name, growing a table that never shrinks

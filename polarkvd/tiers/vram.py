@@ -16,7 +16,7 @@ Owns:
   and expose the region to torch through `__cuda_array_interface__` (torch imported only there).
 
 It must not know keys, sessions, namespaces or policy: the manager decides what lives in which slot
-(docs/VRAM.md says how it will); here are only offsets, lengths and bytes. Pure parts (library search,
+(docs/VRAM.md says how); here are only offsets, lengths and bytes. Pure parts (library search,
 slots, copy planning, the wire form of a handle, the probe's decisions) take no CUDA call and are
 tested on machines without a GPU; everything that calls CUDA is tested on a GPU (`-m gpu`,
 scripts/gpu-check.sh, docs/HARDWARE.md).
@@ -861,7 +861,7 @@ def plan_copies(
 class RegionHandle:
     """What an engine needs to map the pool: the IPC handle, the region's size, and which GPU it is
     on, by identities that do not depend on CUDA_VISIBLE_DEVICES (UUID, PCI bus id). It travels in
-    the engine `hello` reply (phase 2, docs/VRAM.md) as `to_wire()`."""
+    the engine `hello` reply (docs/VRAM.md) as `to_wire()`."""
 
     handle: bytes
     size: int

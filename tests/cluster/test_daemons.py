@@ -258,3 +258,35 @@ def test_pipelined_load_from_a_peer_and_from_disk(cluster: Cluster) -> None:
         assert res.signal is None and res.ready() == (TEST_NS.num_layers, 8)
         kv.release(res.lease)
     assert b.stats()["counters"]["pipelined_loads"] == 2
+
+
+def test_a_peer_serves_a_prefix_from_its_disk(cluster: Cluster) -> None:
+    """A page that left A's DRAM for A's disk is still a hit for B: A announces its disk copies,
+    promotes them when B asks, and sends them; once A's disk drops them, B stops finding them."""
+    a, b = cluster.add("a"), cluster.add("b")
+    cluster.wait_converged(["a", "b"])
+    chains = []
+    with a.engine() as kv, a.control() as ctl:
+        for seed in (31, 32, 33):
+            chains.append(store_chain(kv, chain_tokens(seed, 6)))
+            ctl.evict_keys([chains[-1][0]])  # to A's disk, out of A's DRAM
+        wait_for(lambda: a.stats()["tiers"]["disk"]["pending_pages"] == 0, 15, "A's disk writes")
+        for keys in chains:
+            assert kv.lookup(keys).tiers == [Tier.DISK] * 6
+    with b.engine() as kv:
+        for keys in chains:
+            wait_for(lambda k=keys: kv.lookup(k).hits == 6, 10, "B to find A's disk pages")
+            assert set(kv.lookup(keys).tiers) == {Tier.DMP}
+        whole = kv.load(chains[0])
+        assert whole.loaded == 6 and bad_pages(kv, chains[0], whole.views) == []
+        kv.release(whole.lease)
+        layered = kv.load(chains[1], pipelined=True)
+        assert layered.loaded == 6
+        assert layered.wait_layers(TEST_NS.num_layers, timeout=30) == 6
+        assert bad_pages(kv, chains[1], layered.views) == []
+        kv.release(layered.lease)
+        assert a.stats()["counters"]["promoted_pages_for_peers"] == 12
+        with a.control() as ctl:
+            ctl.evict("disk", 1 << 40)  # A drops its disk tier: the third chain is nowhere now
+        wait_for(lambda: kv.lookup(chains[2]).hits == 0, 10, "B to learn the pages are gone")
+        assert kv.lookup(chains[0]).tiers == [Tier.DRAM] * 6  # loaded: local on B now

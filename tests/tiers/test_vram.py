@@ -566,8 +566,8 @@ def test_daemon_with_vram_enabled_says_why_and_serves(daemon_factory) -> None:
     d = daemon_factory({"vram.enabled": "true", "vram.capacity": "64MiB", "vram.slab_bytes": "1MiB"})
     logged = [x for x in d.log().splitlines() if "vram: " in x]
     assert len(logged) == 1 and expected.replace('"', '\\"') in logged[0], logged
-    if not expected.startswith("vram: unavailable"):
-        assert "pages do not use L1 yet" in logged[0]
+    if not expected.startswith("vram: unavailable"):  # a GPU host: the pool is allocated and used
+        assert "L1 pool allocated" in d.log() and d.stats()["tiers"]["vram"]["capacity_bytes"] == 64 * MiB
     else:
         assert "level=warning" in logged[0]
 
@@ -578,6 +578,7 @@ def test_daemon_with_vram_enabled_says_why_and_serves(daemon_factory) -> None:
 
     st = d.stats()
     assert st["vram"]["line"] == expected and st["counters"]["stored_pages"] == 4
+    assert ("vram" in st["tiers"]) == (not expected.startswith("vram: unavailable"))
     run = lambda *a: subprocess.run(  # noqa: E731
         [sys.executable, "-m", "polarkvd", "status", *a, "--socket", str(d.control_socket)],
         capture_output=True, text=True, timeout=60, cwd=REPO_ROOT, env=clean_env(),
