@@ -191,6 +191,17 @@ def render_status(st: dict[str, Any]) -> str:
         f"lookups {c.get('lookups', 0)}: {looked} pages asked, {hit} hit "
         f"({hit / looked * 100 if looked else 0:.1f}%), {c.get('miss_pages', 0)} missed"
     )
+    table = st["tiers"].get("dram", {}).get("lookup_table")
+    if table:  # the shared table engines probe without a round trip (docs/DESIGN-NOTES.md)
+        lines.append(
+            f"lookup table: {table['used']} of {table['entries']} entries, {c.get('table_lookups', 0)} lookups "
+            "answered by engines themselves"
+            + (
+                "; FULL: raise dram.lookup_table_entries (the rest is asked over the socket)"
+                if table["full"]
+                else ""
+            )
+        )
     lines.append(
         f"stored {c.get('stored_pages', 0)} pages ({format_size(c.get('stored_bytes', 0))}), loaded {c.get('loaded_pages', 0)} "
         f"({format_size(c.get('loaded_bytes', 0))}; {c.get('loaded_pages_disk', 0)} from disk)"

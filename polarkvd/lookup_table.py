@@ -43,6 +43,7 @@ created a new arena file) is never answered for by a frozen table.
 from __future__ import annotations
 
 import array
+import logging
 import mmap
 import os
 import struct
@@ -61,6 +62,8 @@ HEARTBEAT_SECONDS = 0.1
 MAX_LOAD = 0.75  # above this share of live + deleted entries, inserts are refused (overflow)
 
 EMPTY, LIVE, TOMBSTONE = 0, 1, 2
+
+log = logging.getLogger(__name__)
 
 _HEADER = struct.Struct("<8sIIQII")  # magic, capacity, slots, heartbeat, state, overflow
 _HEARTBEAT_AT = 16
@@ -112,6 +115,7 @@ class LookupTable:
         self.deleted = 0  # tombstones
         self.overflow = False
         self.rebuild_needed = False  # so many tombstones, or an overflow with room again: `rebuild`
+        self._warned = False  # an overflow is logged once per daemon run
         self._free_slots = list(range(session_slots - 1, -1, -1))
         self._touch_tails: dict[int, int] = {}
         view[: self.slots_at] = bytes(self.slots_at)  # a reused file never shows old entries
@@ -168,6 +172,14 @@ class LookupTable:
             if not self.overflow:  # the page stays loadable; a table miss is just no longer final
                 self.overflow = True
                 _U32.pack_into(self.view, _OVERFLOW_AT, 1)
+                if not self._warned:
+                    self._warned = True
+                    log.warning(
+                        "the shared lookup table is full (%d of %d entries in use): engines now ask the "
+                        "daemon about pages it cannot list, which is slower; raise "
+                        "dram.lookup_table_entries",
+                        self.used + self.deleted, self.capacity,
+                    )  # fmt: skip
             self.rebuild_needed = self.deleted > 0
             return
         self._write(free, LIVE, key, ns, tier)

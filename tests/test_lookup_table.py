@@ -9,6 +9,8 @@ import mmap
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -295,3 +297,10 @@ def test_a_tiny_table_overflows_and_lookups_stay_right(daemon_factory) -> None:
         c = st["counters"]
         assert c["lookups"] == 1 and c["lookup_pages"] == 40 and c["hit_pages_dram"] == 40
         assert st["tiers"]["dram"]["lookup_table"] == {"entries": 16, "used": 12, "deleted": 0, "full": True}
+    assert "raise dram.lookup_table_entries" in d.log()  # the operator is told what to do, once
+    assert d.log().count("the shared lookup table is full") == 1
+    out = subprocess.run(
+        [sys.executable, "-m", "polarkvd", "status", "--socket", str(d.control_socket)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert "lookup table: 12 of 16 entries" in out.stdout and "FULL" in out.stdout
