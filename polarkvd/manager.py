@@ -26,6 +26,7 @@ import asyncio
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import itertools
 import logging
 import time
@@ -48,7 +49,13 @@ from polarkvd.lookup_table import LookupTable
 from polarkvd.policy import EvictionPolicy, make_policy, switch_policy
 from polarkvd.server.protocol import RESERVE_EXISTS, RESERVE_NO_SPACE
 from polarkvd.tiers.dram import SlabAllocator, slot_size
-from polarkvd.transport.pipeline import SIGNAL_BOARD_BYTES, LoadProgress, SignalBoard, layer_groups
+from polarkvd.transport.pipeline import (
+    SIGNAL_BOARD_BYTES,
+    LoadProgress,
+    SignalBoard,
+    layer_group_ends,
+    layer_groups,
+)
 from polarkvd.types import Namespace, Tier
 
 log = logging.getLogger(__name__)
@@ -114,6 +121,11 @@ class PendingDemotion:
     itemsize: int
 
 
+def _read_error(e: BaseException) -> BaseException:
+    """A disk read that the I/O pool's shutdown cancelled is a miss, not an error to log."""
+    return PageNotFound("read cancelled") if isinstance(e, asyncio.CancelledError) else e
+
+
 def _refuse_duplicates(keys: list[bytes], op: str) -> None:
     """A key twice in one commit/abort would pop its reservation twice and fail halfway through."""
     if len(set(keys)) != len(keys):
@@ -170,6 +182,7 @@ class Manager:
         self.signals = signals or SignalBoard(memoryview(bytearray(SIGNAL_BOARD_BYTES)))
         self.cluster: Any = None  # polarkvd.cluster.pool.ClusterPool when [cluster] is enabled
         self._cluster_tasks: set[asyncio.Future[Any]] = set()  # fetches from and demotions to peers in flight
+        self._disk_reads: set[asyncio.Future[Any]] = set()  # layer-group promotions in flight
         # L1: the daemon's GPU page pool (tiers/vram.py VramPool) and the arena registered with it
         # (HostRegion: what demotions copy into), or None. The pool owns bytes; which page is where,
         # and in which order they leave, is decided here, with a policy instance of L1's own.
@@ -576,7 +589,8 @@ class Manager:
         layers every page has, and from which page on the load failed. None when nothing is on its way.
         """
         ns = session.ns
-        pinned, tiers, waits, remote_from = self._pin_prefix(session, keys)
+        from_disk: list[tuple[int, Page, asyncio.Future[bool]]] = []  # read layer group by group
+        pinned, tiers, waits, remote_from = self._pin_prefix(session, keys, from_disk)
         layered: list[tuple[int, Page, asyncio.Future[bool], str]] = []
         if remote_from is not None:
             started = await self._start_fetches(ns, keys[remote_from:], layered=True)
@@ -588,6 +602,8 @@ class Manager:
         slot = self.signals.alloc() if (waits or layered) else None
         if (waits or layered) and slot is None:  # every slot taken: behave like a plain load
             self.counters["pipelined_loads_unsignalled"] += 1
+            if from_disk:
+                self._promote_layered(ns, from_disk, None)
             if layered:
                 self._fetch_layered(ns, layered, None)
             results = await asyncio.gather(*(f for _, f in waits), *(f for _, _, f, _ in layered))
@@ -604,6 +620,8 @@ class Manager:
         if slot is None or lease is None:
             if slot is not None:
                 self.signals.free(slot)
+            if from_disk:  # (nothing pinned: no lease) the reads still finish their promotions
+                self._promote_layered(ns, from_disk, None)
             return [p.offset for p in pinned], tiers, lease.id if lease is not None else None, None
         progress = LoadProgress(self.signals, slot, len(pinned), ns.ns.num_layers)
         lease.progress = progress
@@ -617,16 +635,23 @@ class Manager:
                     progress.page_done(i) if not f.cancelled() and f.result() else progress.fail(i)
                 )
             )
+        if from_disk:
+            self._promote_layered(ns, from_disk, progress)
         if layered:
             self._fetch_layered(ns, layered, progress)
         self.counters["pipelined_loads"] += 1
         return [p.offset for p in pinned], tiers, lease.id, slot
 
     def _pin_prefix(
-        self, session: Session, keys: list[bytes]
+        self,
+        session: Session,
+        keys: list[bytes],
+        from_disk: list[tuple[int, Page, asyncio.Future[bool]]] | None = None,
     ) -> tuple[list[Page], list[Tier], list[tuple[int, asyncio.Future[bool]]], int | None]:
         """Pin what is in DRAM, start promotions of what is on disk, for the longest prefix; says
-        where the remote part would begin (None when the cluster cannot continue it)."""
+        where the remote part would begin (None when the cluster cannot continue it). With
+        `from_disk`, disk pages get their slots but are not read: they are listed there for
+        `_promote_layered` (their futures are in the waits all the same)."""
         ns = session.ns
         pinned: list[Page] = []
         tiers: list[Tier] = []
@@ -666,7 +691,7 @@ class Manager:
                 if self.cluster is not None:
                     remote_from = len(pinned)
                 break
-            promoted = self._start_promotion(ns, key)
+            promoted = self._start_promotion(ns, key, read=from_disk is None)
             if promoted is None:
                 break
             page, fut = promoted
@@ -674,6 +699,8 @@ class Manager:
             pinned.append(page)
             tiers.append(Tier.DISK)
             waits.append((len(pinned) - 1, fut))
+            if from_disk is not None and not fut.done():  # (a pending demotion is copied at once)
+                from_disk.append((len(pinned) - 1, page, fut))
         if to_dram:
             moved = self._start_vram_demotion([p for _, p in to_dram])
             for (pos, _), fut in zip(to_dram, moved):
@@ -897,7 +924,12 @@ class Manager:
     def _on_disk_any_ns(self, key: bytes) -> bool:
         return key in self.pending or (self.disk is not None and self.disk.entry(key) is not None)
 
-    def _start_promotion(self, ns: NamespaceInfo, key: bytes) -> tuple[Page, asyncio.Future[bool]] | None:
+    def _start_promotion(
+        self, ns: NamespaceInfo, key: bytes, read: bool = True
+    ) -> tuple[Page, asyncio.Future[bool]] | None:
+        """A DRAM slot for a disk page (PROMOTING) and the future of its arrival; its bytes come from
+        a pending demotion at once, else from the disk tier on an I/O thread (or, `read=False`,
+        from `_promote_layered`, which the caller runs)."""
         offset = self._alloc(ns.slot_bytes)
         if offset is None:
             return None
@@ -912,7 +944,7 @@ class Manager:
         if pending is not None:
             view[:] = pending.data
             self._finish_promotion(page, fut, None, on_disk=False)
-        else:
+        elif read:
             io = loop.run_in_executor(self.executor, self.disk.get_into, key, view)
             io.add_done_callback(
                 lambda f: self._finish_promotion(
@@ -923,6 +955,64 @@ class Manager:
                 )
             )
         return page, fut
+
+    def _promote_layered(
+        self,
+        ns: NamespaceInfo,
+        items: list[tuple[int, Page, asyncio.Future[bool]]],
+        progress: LoadProgress | None,
+    ) -> None:
+        task = asyncio.ensure_future(self._promote_layer_groups(ns, items, progress))
+        self._disk_reads.add(task)
+        task.add_done_callback(self._disk_reads.discard)
+
+    async def _promote_layer_groups(
+        self,
+        ns: NamespaceInfo,
+        items: list[tuple[int, Page, asyncio.Future[bool]]],
+        progress: LoadProgress | None,
+    ) -> None:
+        """Disk pages of a pipelined load, layer group by layer group: every page's file is read,
+        then group 0 of every page is decoded and verified (on the I/O threads), published, then
+        group 1, ... Pages stored in layer groups (`DiskTier.put(groups=...)`) give the engine layer
+        0 of the whole prefix after 1/8 of the decoding; a page stored whole arrives whole. A page
+        that fails (gone, corrupt) ends the load there, as a failed remote page does."""
+        loop = asyncio.get_running_loop()
+        run = functools.partial(loop.run_in_executor, self.executor)
+        lb = ns.ns.layer_bytes
+        opened = await asyncio.gather(
+            *(run(self.disk.open_grouped, page.key) for _, page, _ in items), return_exceptions=True
+        )
+        live: list[tuple[int, Page, asyncio.Future[bool], Any]] = []
+        for (pos, page, fut), grouped in zip(items, opened):
+            if isinstance(grouped, BaseException):
+                self._finish_promotion(page, fut, _read_error(grouped), on_disk=True)
+            else:
+                live.append((pos, page, fut, grouped))
+        group = 0
+        while live:
+            batch = [it for it in live if group < len(it[3].ranges)]
+            results = await asyncio.gather(
+                *(
+                    run(grouped.decode, group, self.arena[page.offset : page.offset + page.size])
+                    for _, page, _, grouped in batch
+                ),
+                return_exceptions=True,
+            )
+            ready: list[int] = []
+            for (pos, page, fut, grouped), res in zip(batch, results):
+                if isinstance(res, BaseException):
+                    self._finish_promotion(page, fut, _read_error(res), on_disk=True)
+                elif group + 1 == len(grouped.ranges):
+                    self._finish_promotion(page, fut, None, on_disk=True)  # whole: READY
+                else:
+                    ready.append(pos)
+            if progress is not None and ready and lb > 0:
+                ends = {pos: grouped.ranges[group][1] for pos, _, _, grouped in batch}
+                for layers in sorted({ends[p] // lb for p in ready}):
+                    progress.layers_done([p for p in ready if ends[p] // lb == layers], layers)
+            live = [it for it in live if not it[2].done()]
+            group += 1
 
     def _finish_promotion(
         self, page: Page, fut: asyncio.Future[bool], error: BaseException | None, *, on_disk: bool
@@ -1237,8 +1327,16 @@ class Manager:
         self, key: bytes, item: PendingDemotion, counter: str = "demoted_pages"
     ) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
+        info = self.namespaces.get(item.ns_digest)
+        # stored in layer groups, each readable and verifiable on its own: a pipelined load can
+        # hand the engine layer 0 of every page before the last group is decoded
+        groups = (
+            layer_group_ends(info.ns.num_layers, info.ns.layer_bytes, len(item.data))
+            if info is not None
+            else None
+        )
         fut = loop.run_in_executor(
-            self.executor, self.disk.put, key, item.parent, item.ns_digest, item.data, item.itemsize
+            self.executor, self.disk.put, key, item.parent, item.ns_digest, item.data, item.itemsize, groups
         )
         self._disk_writes.add(fut)
 

@@ -1,5 +1,7 @@
 """Layer-pipelined loads: an engine reads layer 0 of its pages before the last layer has arrived, and a
 transfer that fails part-way surfaces as "pages from here on are not loaded" — never as garbage.
+Remote pages arrive layer group by layer group, and so do disk pages (stored in layer groups, each
+with its own checksum: a corrupt group is caught before its layers are published).
 
 In-process manager with a scripted peer (`ScriptedPeer`): the order in which layer groups arrive and
 the failure of one page in one layer group are faults a real peer cannot produce on demand. The real
@@ -9,8 +11,16 @@ network path is covered with daemons in tests/cluster/test_daemons.py.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import struct
+from typing import Any
 
+from polarkvd.config import load_config
+from polarkvd.index import PROMOTING, READY
 from polarkvd.keys import page_keys
+from polarkvd.manager import Manager
+from polarkvd.tiers.disk import HEADER_SIZE, DiskTier
+from polarkvd.tiers.dram import SlabAllocator
 from polarkvd.transport.pipeline import SIGNAL, SIGNAL_NONE, LoadProgress, SignalBoard, layer_groups
 from polarkvd.types import Tier
 from tests.conftest import TEST_NS, chain_tokens, make_manager, manager_store, page_bytes_for
@@ -167,3 +177,119 @@ def test_progress_word_and_groups() -> None:
         assert all(a[1] == b[0] for a, b in zip(groups, groups[1:]))
         if g > 1 and n > 1:
             assert groups[0] == (0, 1)  # the first layer arrives on its own, early
+
+
+# ------------------------------------------------------------------------------ disk pages, group by group
+
+
+class GatedExecutor(concurrent.futures.Executor):
+    """Runs submitted calls only when the test says, in order, on the test's thread: which disk reads
+    and decodes have finished is the test's choice (a real disk cannot be told to finish one read
+    and hold the next). The calls themselves are the real disk tier's."""
+
+    def __init__(self) -> None:
+        self.queue: list[tuple[concurrent.futures.Future[Any], Any, tuple[Any, ...]]] = []
+
+    def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def, override]
+        f: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self.queue.append((f, fn, args))
+        return f
+
+    async def run(self, n: int | None = None) -> int:
+        """Let the loop submit what it will, run the next `n` queued calls (all: None), then let the
+        loop see their results."""
+        for _ in range(20):
+            await asyncio.sleep(0)
+        todo, self.queue = (self.queue, []) if n is None else (self.queue[:n], self.queue[n:])
+        for f, fn, args in todo:
+            try:
+                f.set_result(fn(*args))
+            except BaseException as e:  # noqa: BLE001 - handed to the awaiting side
+                f.set_exception(e)
+        for _ in range(20):
+            await asyncio.sleep(0)
+        return len(todo)
+
+
+def _disk_manager(tmp_path) -> tuple[Manager, GatedExecutor, DiskTier]:
+    cap = 4 << 20
+    cfg = load_config(
+        env={},
+        overrides={
+            "dram.capacity": str(cap),
+            "dram.slab_bytes": str(1 << 20),
+            "disk.path": str(tmp_path / "disk"),
+        },
+    )
+    disk = DiskTier(tmp_path / "disk", 64 << 20)
+    disk.open()
+    gated = GatedExecutor()
+    return Manager(cfg, memoryview(bytearray(cap)), SlabAllocator(cap, 1 << 20), disk, gated), gated, disk
+
+
+async def _pages_on_disk(m: Manager, gated: GatedExecutor, session: Any, seed: int, n: int) -> list[bytes]:
+    keys = [bytes(k) for k in page_keys(session.ns.digest, chain_tokens(seed, n), TEST_NS.page_tokens)]
+    manager_store(m, session, keys)
+    m.evict_prefixes([keys[0]])  # to disk (written by the I/O "threads" below), out of DRAM
+    await gated.run()
+    assert all(m.disk.entry(k) is not None for k in keys) and not m.pending
+    return keys
+
+
+def test_disk_pages_arrive_layer_group_by_layer_group(tmp_path) -> None:
+    m, gated, disk = _disk_manager(tmp_path)
+    session = m.attach(TEST_NS, "e")
+
+    async def run() -> None:
+        keys = await _pages_on_disk(m, gated, session, 40, 4)
+        assert all(len(disk.open_grouped(k).ranges) == L for k in keys)  # stored in layer groups
+        offsets, tiers, lease, slot = await m.load_pipelined(session, keys)
+        assert tiers == [Tier.DISK] * 4 and slot is not None and lease is not None
+        assert await gated.run(4) == 4  # every page's file read
+        assert _signal(m, slot) == (0, SIGNAL_NONE)
+        for group in range(L):
+            assert await gated.run(4) == 4  # group `group` of every page decoded and verified
+            assert _signal(m, slot) == (group + 1, SIGNAL_NONE)
+            for key, off in zip(keys, offsets):  # the engine reads this layer of every page now ...
+                want = page_bytes_for(key, TEST_NS.page_bytes)
+                assert _layer(m, off, group) == want[group * LB : (group + 1) * LB].tobytes()
+            if group + 1 < L:  # ... while the pages are still arriving
+                assert all(m.index.get(k).state == PROMOTING for k in keys)
+        assert all(m.index.get(k).state == READY for k in keys)  # a local hit from now on
+        assert m.release(session, lease) == 4
+
+    asyncio.run(run())
+
+
+def test_a_corrupt_layer_group_on_disk_cuts_the_load_at_its_page(tmp_path) -> None:
+    m, gated, disk = _disk_manager(tmp_path)
+    session = m.attach(TEST_NS, "e")
+
+    async def run() -> None:
+        keys = await _pages_on_disk(m, gated, session, 41, 4)
+        # flip a byte inside page 2's second layer group (its blob, after the groups table)
+        path = disk._page_path(keys[2])
+        raw = bytearray(open(path, "rb").read())
+        n = struct.unpack_from("<H", raw, HEADER_SIZE)[0]
+        first_blob = struct.unpack_from("<IIBQ", raw, HEADER_SIZE + 2)[1]
+        raw[HEADER_SIZE + 2 + n * 17 + first_blob + 3] ^= 0xFF
+        open(path, "wb").write(raw)
+        offsets, tiers, lease, slot = await m.load_pipelined(session, keys)
+        await gated.run(4)
+        await gated.run(4)  # group 0: everything fine
+        assert _signal(m, slot) == (1, SIGNAL_NONE)
+        await gated.run(4)  # group 1: page 2 fails its group checksum
+        assert _signal(m, slot) == (2, 2)  # pages 0 and 1 go on; from page 2 on: recompute
+        await gated.run()
+        await gated.run()
+        assert _signal(m, slot) == (L, 2)
+        assert m.disk.entry(keys[2]) is None and m.counters["corrupt_pages"] == 1  # dropped, counted
+        assert m.index.get(keys[2]) is None  # never published
+        for key, off in zip(keys[:2], offsets):
+            assert (
+                bytes(m.arena[off : off + TEST_NS.page_bytes])
+                == page_bytes_for(key, TEST_NS.page_bytes).tobytes()
+            )
+        m.release(session, lease)
+
+    asyncio.run(run())

@@ -45,6 +45,7 @@ from polarkvd.config import Config, split_address
 from polarkvd.errors import ConfigError, ErrorCode, PageNotFound, PolarKVError, ProtocolError
 from polarkvd.index import READY
 from polarkvd.tiers.dmp import DmpStore
+from polarkvd.transport.pipeline import LAYER_GROUPS
 from polarkvd.transport.rdma import (
     PageRef,
     PeerTransports,
@@ -73,7 +74,6 @@ FETCH_BATCH_PAGES = 8  # pages per `get` call; several calls run in parallel
 NET_THREADS = 8
 HINT_LIMIT = 65536
 ANNOUNCE_BATCH = 64  # meta map messages per `announce` request
-LAYER_GROUPS = 8  # a pipelined load fetches remote pages in this many layer groups, first group 1 layer
 MAX_ACCEPTED_QPS = 64  # queue pairs this holder keeps for requesters (one per requesting member)
 MAX_RDMA_LEASES = 4096  # open pin leases; a pin beyond this is refused (`too_large`)
 MAX_NODE_ID = 255

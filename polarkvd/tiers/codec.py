@@ -30,6 +30,11 @@ Blob layouts, by codec id:
 - ZSTD: one zstd frame (with content size) of the raw bytes.
 - PLANES: a byte whose bit i says plane i is compressed, `itemsize` little-endian u32 plane blob
   lengths, then the plane blobs (plane 0 = least significant byte of each little-endian value).
+- GROUPS: the page cut into consecutive byte ranges (its layer groups: pages are layer-major), each
+  encoded on its own so that a reader can decode and verify range 0 before range 1 (layer-pipelined
+  loads from disk): a u16 count, per range (u32 raw length, u32 blob length, u8 codec id, u64 xxh3_64
+  of its raw bytes), then the range blobs. A range's own checksum is what lets its layers be used
+  before the rest of the page has been read.
 """
 
 from __future__ import annotations
@@ -37,12 +42,24 @@ from __future__ import annotations
 import enum
 import struct
 import threading
+from typing import NamedTuple
 
 import numpy as np
 import xxhash
 import zstandard
 
-__all__ = ["Codec", "checksum", "decode_into", "encode"]
+__all__ = [
+    "Codec",
+    "GroupRange",
+    "GroupedBlob",
+    "checksum",
+    "decode_group",
+    "decode_into",
+    "encode",
+    "encode_groups",
+    "group_table_size",
+    "parse_group_table",
+]
 
 #: Keep a compressed plane only when it saves at least this fraction: a plane that shrinks by
 #: less costs a decompression on every read for nothing.
@@ -56,6 +73,7 @@ class Codec(enum.IntEnum):
     RAW = 0
     ZSTD = 1
     PLANES = 2
+    GROUPS = 3
 
 
 class _Contexts(threading.local):
@@ -128,6 +146,98 @@ def encode(data: bytes | bytearray | memoryview, itemsize: int, level: int = 1) 
     return Codec.RAW, bytes(mv)
 
 
+_GROUP_COUNT = struct.Struct("<H")
+_GROUP_ENTRY = struct.Struct("<IIBQ")  # raw length, blob length, codec id, xxh3_64 of the raw bytes
+
+
+def encode_groups(
+    data: bytes | bytearray | memoryview, itemsize: int, ends: list[int], level: int = 1
+) -> tuple[int, bytes]:
+    """Compress a page as consecutive ranges ending at byte offsets `ends` (the last = its length),
+    each range on its own with its own checksum (codec GROUPS). One range: plain `encode`."""
+    mv = _as_bytes_view(data)
+    if not ends or ends[-1] != mv.nbytes or any(b <= a for a, b in zip([0, *ends], ends)):
+        raise ValueError(f"group ends {ends} do not cut a {mv.nbytes}-byte page into ranges")
+    if len(ends) == 1 or len(ends) > 0xFFFF:
+        return encode(mv, itemsize, level)
+    table = [_GROUP_COUNT.pack(len(ends))]
+    blobs: list[bytes] = []
+    lo = 0
+    for hi in ends:
+        part = mv[lo:hi]
+        codec_id, blob = encode(part, itemsize, level)
+        table.append(_GROUP_ENTRY.pack(hi - lo, len(blob), codec_id, checksum(part)))
+        blobs.append(blob)
+        lo = hi
+    return Codec.GROUPS, b"".join(table + blobs)
+
+
+class GroupRange(NamedTuple):
+    """One range of a GROUPS blob: where it goes in the page, where its blob is in the blob."""
+
+    lo: int  # first byte in the page
+    hi: int  # end byte in the page
+    codec: int
+    at: int  # its blob's offset in the GROUPS blob
+    length: int  # its blob's length
+    digest: int  # xxh3_64 of its raw bytes
+
+
+def group_table_size(head: bytes | bytearray | memoryview) -> int:
+    """Bytes of a GROUPS blob's table, from its first 2 bytes (read those, then the table)."""
+    (n,) = _GROUP_COUNT.unpack_from(head)
+    return _GROUP_COUNT.size + n * _GROUP_ENTRY.size
+
+
+def parse_group_table(table: bytes | bytearray | memoryview, raw_len: int, blob_len: int) -> list[GroupRange]:
+    """The ranges of a GROUPS blob of `blob_len` bytes for a page of `raw_len`, from its table
+    (ValueError when the table does not describe exactly that)."""
+    src = _as_bytes_view(table)
+    if src.nbytes < _GROUP_COUNT.size:
+        raise ValueError("groups blob shorter than its count")
+    (n,) = _GROUP_COUNT.unpack_from(src)
+    at = _GROUP_COUNT.size + n * _GROUP_ENTRY.size
+    if n == 0 or src.nbytes < at:
+        raise ValueError("groups blob shorter than its table")
+    ranges: list[GroupRange] = []
+    lo = 0
+    for i in range(n):
+        length, part_len, codec_id, digest = _GROUP_ENTRY.unpack_from(
+            src, _GROUP_COUNT.size + i * _GROUP_ENTRY.size
+        )
+        if codec_id == Codec.GROUPS:
+            raise ValueError("a range cannot itself be grouped")
+        ranges.append(GroupRange(lo, lo + length, codec_id, at, part_len, digest))
+        lo += length
+        at += part_len
+    if lo != raw_len or at != blob_len:
+        raise ValueError("groups table does not match the page or the blob length")
+    return ranges
+
+
+def decode_group(
+    r: GroupRange, part: bytes | bytearray | memoryview, page: memoryview, itemsize: int
+) -> None:
+    """Decode one range's blob `part` into its place in `page` and verify it (ValueError or
+    zstandard.ZstdError when it does not decode or verify; that range of `page` is then garbage)."""
+    out = _as_bytes_view(page)[r.lo : r.hi]
+    decode_into(r.codec, part, out, itemsize)
+    if checksum(out) != r.digest:
+        raise ValueError(f"range {r.lo}..{r.hi} fails its checksum")
+
+
+class GroupedBlob:
+    """A GROUPS blob in memory: decode and verify its ranges one at a time, in any order."""
+
+    def __init__(self, blob: bytes | bytearray | memoryview, raw_len: int) -> None:
+        self.src = _as_bytes_view(blob)
+        self.ranges = parse_group_table(self.src, raw_len, self.src.nbytes)
+
+    def decode(self, i: int, page: memoryview, itemsize: int) -> None:
+        r = self.ranges[i]
+        decode_group(r, self.src[r.at : r.at + r.length], page, itemsize)
+
+
 def _zstd_into(blob: memoryview, out: memoryview) -> None:
     """Decompress one zstd frame straight into `out`, which it must fill exactly."""
     size = zstandard.frame_content_size(blob)
@@ -161,6 +271,10 @@ def decode_into(codec_id: int, blob: bytes | bytearray | memoryview, out: memory
         _zstd_into(src, dst)
     elif codec_id == Codec.PLANES:
         _planes_into(src, dst, itemsize)
+    elif codec_id == Codec.GROUPS:
+        grouped = GroupedBlob(src, raw_len)
+        for i in range(len(grouped.ranges)):
+            grouped.decode(i, dst, itemsize)
     else:
         raise ValueError(f"unknown codec id {codec_id}")
 

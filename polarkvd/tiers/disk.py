@@ -10,6 +10,10 @@ xxh3_64 of the raw page, xxh3_64 of the header itself) and the codec blob (`code
 written to a temp name in its final directory and `os.replace`d, so a killed daemon never leaves a
 half-visible page, only temp files, which `open()` deletes. There is no fsync per page: this is a
 cache, and after a power loss a torn or zero-filled page fails its checksum on read and is dropped.
+Pages the manager demotes are stored in their layer groups (codec GROUPS: each group compressed on
+its own, with its own checksum), so `open_grouped` can read, decode and verify group 0 of a whole
+prefix before group 1 (layer-pipelined loads); `get_into` reads any page whole. A daemon from before
+GROUPS drops such files as having a bad header (a cache: they are recomputed).
 
 Index: `<path>/index.msgpack`, a checksummed snapshot of every page's metadata in eviction order,
 written atomically by `flush_index()` (from `close()`, and from the daemon's timer). `open()` takes
@@ -51,14 +55,25 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NoReturn
 
 import msgpack
 
 from polarkvd.errors import PageCorrupt, PageNotFound, ResourceError
 from polarkvd.policy import EvictionPolicy, PolicyNode, make_policy, switch_policy
-from polarkvd.tiers.codec import Codec, checksum, decode_into, encode
+from polarkvd.tiers.codec import (
+    Codec,
+    GroupRange,
+    checksum,
+    decode_group,
+    decode_into,
+    encode,
+    encode_groups,
+    group_table_size,
+    parse_group_table,
+)
 
-__all__ = ["DiskEntry", "DiskOpenReport", "DiskStats", "DiskTier", "HEADER_SIZE"]
+__all__ = ["DiskEntry", "DiskOpenReport", "DiskStats", "DiskTier", "GroupedPage", "HEADER_SIZE"]
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +214,66 @@ def _check_key(name: str, value: object) -> bytes:
     return value
 
 
+class GroupedPage:
+    """A page on disk, to be read and decoded one range (layer group) at a time: see `open_grouped`.
+    Holds the file open, so a range can still be read after the page was evicted meanwhile; `close`
+    when done (the last range and any failure close it too)."""
+
+    def __init__(
+        self,
+        tier: DiskTier,
+        key: bytes,
+        entry: DiskEntry,
+        header: Any,
+        fd: int,
+        ranges: list[GroupRange] | None,
+    ) -> None:
+        self._tier, self._key, self._entry, self._h, self._fd = tier, key, entry, header, fd
+        self._ranges = ranges
+        #: (first byte, end byte) of each range in the page, in order
+        self.ranges: list[tuple[int, int]] = (
+            [(r.lo, r.hi) for r in ranges] if ranges is not None else [(0, header.raw_len)]
+        )
+
+    def decode(self, i: int, page: memoryview) -> None:
+        """Read range `i` and decode it into its place in `page` (the whole page's slot), verified.
+        Raises PageCorrupt (the page is dropped from the tier) when it does not read, decode or
+        verify; `page` then holds garbage in that range, which must not be published."""
+        h = self._h
+        dst = memoryview(page)
+        if dst.format != "B" or dst.ndim != 1:
+            dst = dst.cast("B")
+        try:
+            if self._fd < 0:
+                raise ValueError("read after close")
+            if self._ranges is not None:
+                r = self._ranges[i]
+                part = os.pread(self._fd, r.length, HEADER_SIZE + r.at)
+                if len(part) != r.length:
+                    raise ValueError("file shorter than its groups table")
+                decode_group(r, part, dst, h.itemsize)
+            else:
+                payload = os.pread(self._fd, h.payload_len, HEADER_SIZE)
+                if len(payload) != h.payload_len:
+                    raise ValueError("payload length differs from header")
+                decode_into(h.codec, payload, dst, h.itemsize)
+                if checksum(dst) != h.checksum:
+                    raise ValueError("checksum mismatch")
+        except Exception as exc:  # zstd raises its own error type on garbage
+            self.close()
+            self._tier._corrupt_page(self._key, self._entry, f"range {i}: {exc}")
+        if i == len(self.ranges) - 1:
+            self.close()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self) -> None:
+        self.close()
+
+
 class DiskTier:
     """Compressed pages on local disk. Thread-safe; see the module docstring for the contract."""
 
@@ -336,9 +411,17 @@ class DiskTier:
     # ---------------------------------------------------------------- pages
 
     def put(
-        self, key: bytes, parent: bytes | None, ns: bytes, data: bytes | memoryview, itemsize: int
+        self,
+        key: bytes,
+        parent: bytes | None,
+        ns: bytes,
+        data: bytes | memoryview,
+        itemsize: int,
+        groups: list[int] | None = None,
     ) -> bool:
         """Store a page. True if it is on disk when this returns (written now or already there);
+        `groups`: byte offsets where the page's layer groups end, to store them as separately
+        readable ranges (`open_grouped`, for layer-pipelined promotion); None: one whole blob.
         False if it cannot fit (larger than the tier, or space held by puts in flight) or the write
         failed. Evicts other pages, leaf-first in policy order, to stay within capacity (they stay
         evicted if the write then fails: this is a cache)."""
@@ -360,19 +443,28 @@ class DiskTier:
                 return True  # the same bytes are being written by another thread
             self._writing.add(key)
         try:
-            return self._write(key, parent, ns, data, itemsize)
+            return self._write(key, parent, ns, data, itemsize, groups)
         finally:
             with self._lock:
                 self._writing.discard(key)
 
     def _write(
-        self, key: bytes, parent: bytes | None, ns: bytes, data: bytes | memoryview, itemsize: int
+        self,
+        key: bytes,
+        parent: bytes | None,
+        ns: bytes,
+        data: bytes | memoryview,
+        itemsize: int,
+        groups: list[int] | None = None,
     ) -> bool:
         view = memoryview(data)
         if view.ndim != 1 or view.format != "B":
             view = view.cast("B")
         raw_len = view.nbytes
-        codec, blob = encode(view, itemsize, self.level)
+        if groups and len(groups) > 1 and groups[-1] == raw_len:
+            codec, blob = encode_groups(view, itemsize, groups, self.level)
+        else:
+            codec, blob = encode(view, itemsize, self.level)
         header = _pack_header(codec, itemsize, key, parent, ns, raw_len, len(blob), checksum(view))
         size = HEADER_SIZE + len(blob)
         if size > self.capacity_bytes:
@@ -437,11 +529,54 @@ class DiskTier:
         except OSError as exc:
             why = f"read failed: {exc}"
         if why is not None:
-            self._drop(key, e, corrupt=True)
-            log.warning("disk tier: dropped corrupt page %s: %s", key.hex(), why)
-            raise PageCorrupt(f"page {key.hex()} on disk is corrupt ({why}); it was dropped")
+            self._corrupt_page(key, e, why)
         with self._lock:
             self._gets += 1
+
+    def open_grouped(self, key: bytes) -> GroupedPage:
+        """Open the page for a read range by range (layer-pipelined promotion): only its header and
+        groups table are read here; `GroupedPage.decode(i, slot)` reads, decodes and verifies range
+        i, on any thread, so layer group 0 of a whole prefix is in DRAM after reading 1/8 of it. A
+        page stored whole is one range. Raises PageNotFound, or PageCorrupt after removing the page."""
+        self._require_open()
+        with self._lock:
+            e = self._entries.get(key)
+            if e is None:
+                raise PageNotFound(f"page {key.hex()} is not on disk")
+            self._policy.touch(e)
+            raw_len, size, ns = e.raw_bytes, e.stored_bytes, e.ns
+        try:
+            fd = os.open(self._page_path(key), os.O_RDONLY)
+        except FileNotFoundError:
+            self._drop(key, e, corrupt=False)
+            raise PageNotFound(f"page {key.hex()} is not on disk") from None
+        except OSError as exc:
+            self._corrupt_page(key, e, f"open failed: {exc}")
+        why: str | None = None
+        ranges: list[GroupRange] | None = None
+        try:
+            h = _parse_header(os.pread(fd, HEADER_SIZE, 0))
+            if h is None:
+                why = "bad header"
+            elif h.key != key or h.ns != ns or h.raw_len != raw_len or HEADER_SIZE + h.payload_len != size:
+                why = "header does not match the index"
+            elif h.codec == Codec.GROUPS:
+                head = os.pread(fd, 2, HEADER_SIZE)
+                table = os.pread(fd, group_table_size(head), HEADER_SIZE) if len(head) == 2 else b""
+                ranges = parse_group_table(table, raw_len, h.payload_len)
+        except (OSError, ValueError, struct.error) as exc:
+            why = f"unreadable groups table: {exc}"
+        if why is not None:
+            os.close(fd)
+            self._corrupt_page(key, e, why)
+        with self._lock:
+            self._gets += 1
+        return GroupedPage(self, key, e, h, fd, ranges)
+
+    def _corrupt_page(self, key: bytes, e: DiskEntry, why: str) -> NoReturn:
+        self._drop(key, e, corrupt=True)
+        log.warning("disk tier: dropped corrupt page %s: %s", key.hex(), why)
+        raise PageCorrupt(f"page {key.hex()} on disk is corrupt ({why}); it was dropped")
 
     def _read_verified(self, key: bytes, ns: bytes, size: int, raw_len: int, out: memoryview) -> str | None:
         """Fill `out` from the page file; the reason it is bad, or None when it verified."""

@@ -108,6 +108,21 @@ class LoadProgress:
             self.slot = None
 
 
+#: Layer groups a pipelined load moves a page in (remote fetches; disk pages are stored so), the first
+#: a single layer so the engine can start early.
+LAYER_GROUPS = 8
+
+
+def layer_group_ends(
+    num_layers: int, layer_bytes: int, page_bytes: int, groups: int = LAYER_GROUPS
+) -> list[int] | None:
+    """Byte offsets where a page's layer groups end (pages are layer-major), or None when the page
+    is not `num_layers` whole layers (nothing to cut)."""
+    if num_layers <= 1 or layer_bytes <= 0 or num_layers * layer_bytes != page_bytes:
+        return None
+    return [hi * layer_bytes for _, hi in layer_groups(num_layers, groups)]
+
+
 def layer_groups(num_layers: int, groups: int) -> list[tuple[int, int]]:
     """Split [0, num_layers) into at most `groups` contiguous ranges, front-loaded with small ones
     so the first layer arrives early: the engine can start while the rest is on the way."""

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import zstandard
 
-from polarkvd.tiers.codec import Codec, checksum, decode_into, encode
+from polarkvd.tiers.codec import Codec, GroupedBlob, checksum, decode_into, encode, encode_groups
 
 
 def bf16_kv(n_values: int, seed: int = 0) -> bytes:
@@ -138,3 +138,36 @@ def test_checksum_is_stable_across_processes_and_buffer_types() -> None:
     assert checksum(b"polarkvd page") == 0x1E9FD3437F5D8220
     data = bf16_kv(100)
     assert checksum(memoryview(data)) == checksum(data) == checksum(bytearray(data))
+
+
+def test_layer_groups_decode_and_verify_one_at_a_time() -> None:
+    page = bf16_kv(4 * 4096)  # 4 "layers" of 8 KiB
+    ends = [8192, 16384, 24576, 32768]
+    codec_id, blob = encode_groups(page, 2, ends)
+    assert codec_id == Codec.GROUPS and len(blob) < len(page)  # each group still compressed
+    grouped = GroupedBlob(blob, len(page))
+    assert [(lo, hi) for lo, hi, *_ in grouped.ranges] == list(zip([0, *ends[:-1]], ends))
+    out = memoryview(bytearray(len(page)))
+    for i in (2, 0, 3, 1):  # any order; each lands in its place
+        grouped.decode(i, out, 2)
+    assert bytes(out) == page
+    whole = memoryview(bytearray(len(page)))
+    decode_into(codec_id, blob, whole, 2)  # a reader that wants the whole page at once
+    assert bytes(whole) == page
+    # a flipped byte in group 1's blob: groups 0, 2 and 3 still verify, group 1 does not
+    bad = bytearray(blob)
+    lo_blob = grouped.ranges[1][3]
+    bad[lo_blob + 5] ^= 0xFF
+    broken = GroupedBlob(bytes(bad), len(page))
+    for i in (0, 2, 3):
+        broken.decode(i, out, 2)
+    with pytest.raises((ValueError, zstandard.ZstdError)):
+        broken.decode(1, out, 2)
+
+
+def test_group_ends_must_cut_the_page() -> None:
+    page = bytes(1000)
+    for ends in ([500], [500, 900], [600, 500, 1000], []):  # short of the end, not increasing, none
+        with pytest.raises(ValueError):
+            encode_groups(page, 2, ends)
+    assert encode_groups(page, 2, [1000]) == encode(page, 2)  # one group: the plain encoding
