@@ -584,7 +584,8 @@ class Manager:
     ) -> tuple[list[int], list[Tier], int | None, int | None]:
         """Like `load`, but answers at once: (offsets, tiers, lease id, signal slot).
 
-        Pages still on their way (disk promotions; remote pages, fetched one layer group at a time)
+        Pages still on their way (disk pages, read and decoded one layer group at a time; remote pages,
+        fetched one layer group at a time)
         fill in behind the answer; the signal slot (see transport/pipeline.py) says how many leading
         layers every page has, and from which page on the load failed. None when nothing is on its way.
         """
