@@ -169,6 +169,12 @@ def tier_summary(view: M.View) -> Text:
     ):
         t.append(label)
         t.append(M.human_count(n), style="bold")
+    table = view.stats.get("tiers", {}).get("dram", {}).get("lookup_table")
+    if table:  # the shared table engines answer lookups from (dram.lookup_table_entries)
+        t.append("  lookup table ")
+        t.append(f"{M.human_count(table['used'])}/{M.human_count(table['entries'])}", style="bold")
+        if table["full"]:
+            t.append(" FULL: raise dram.lookup_table_entries", style="bold red")
     return t
 
 

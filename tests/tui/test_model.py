@@ -81,3 +81,17 @@ def test_tui_without_textual_says_how_to_install(monkeypatch, capsys) -> None:
 def test_tui_refuses_a_bad_interval(capsys) -> None:
     assert cli.main(["tui", "--interval", "0"]) == 2
     assert "--interval" in capsys.readouterr().err
+
+
+def test_tier_summary_says_when_the_lookup_table_is_full() -> None:
+    dram = {
+        **STATS["tiers"]["dram"],
+        "lookup_table": {"entries": 4096, "used": 3072, "deleted": 0, "full": False},
+    }
+    view = View(
+        socket=VIEW.socket, connected=True, stats={**STATS, "tiers": {**STATS["tiers"], "dram": dram}}
+    )
+    assert "lookup table 3,072/4,096" in panels.tier_summary(view).plain
+    assert "FULL" not in panels.tier_summary(view).plain
+    dram["lookup_table"] = {**dram["lookup_table"], "full": True}
+    assert "FULL: raise dram.lookup_table_entries" in panels.tier_summary(view).plain
