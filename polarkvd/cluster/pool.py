@@ -73,6 +73,9 @@ MAX_KEYS_PER_CALL = 4096
 FETCH_BATCH_PAGES = 8  # pages per `get` call; several calls run in parallel
 NET_THREADS = 8
 HINT_LIMIT = 65536
+#: layer-slice checksums kept (per page object and slice): a pipelined fetch asks for the same slices
+#: of the same pages every time, and hashing them is most of what sending them costs the holder
+SLICE_SUM_LIMIT = 65536
 ANNOUNCE_BATCH = 64  # meta map messages per `announce` request
 MAX_ACCEPTED_QPS = 64  # queue pairs this holder keeps for requesters (one per requesting member)
 MAX_RDMA_LEASES = 4096  # open pin leases; a pin beyond this is refused (`too_large`)
@@ -89,6 +92,7 @@ def rdma_lease_seconds(fetch_timeout: float) -> float:
 class _Pinned:
     """One page pinned for a peer: where it is here, and how to let it go."""
 
+    key: bytes
     region: str  # "dram" (the arena) or "dmp" (the region we lend)
     offset: int  # of the whole page in that region
     size: int  # of the whole page
@@ -177,6 +181,7 @@ class ClusterPool:
         self.members: dict[str, Member] = {}  # alive members other than us, by node id
         self.suspects: set[str] = set()
         self.hints: dict[bytes, tuple[str, ...]] = {}  # key -> holders, from recent lookups
+        self._slice_sums: dict[tuple[bytes, int, int], tuple[Any, int]] = {}  # see _known_sums
         self.counters = manager.counters
         self.fetch_batch = FETCH_BATCH_PAGES
         self.layer_groups = LAYER_GROUPS
@@ -801,14 +806,14 @@ class ClusterPool:
                 page.pins += 1
                 view = m.arena[page.offset : page.offset + page.size]
                 out.append(
-                    _Pinned("dram", page.offset, page.size, page.parent, page, lambda p=page: m.unpin_page(p), view)
+                    _Pinned(key, "dram", page.offset, page.size, page.parent, page, lambda p=page: m.unpin_page(p), view)
                 )  # fmt: skip
                 continue
             entry = self.dmp.get(key) if self.dmp is not None else None
             if entry is not None and entry.ns == ns:
                 view = self.dmp.pin(entry)
                 out.append(
-                    _Pinned("dmp", entry.offset, entry.size, entry.parent, entry,
+                    _Pinned(key, "dmp", entry.offset, entry.size, entry.parent, entry,
                             lambda e=entry: self.dmp.unpin(e), view)  # type: ignore[union-attr]
                 )  # fmt: skip
                 continue
@@ -823,25 +828,51 @@ class ClusterPool:
                 p.view = p.view[lo * lb : hi * lb]
         return out
 
+    def _known_sums(self, pinned: list[_Pinned], layers: list[int] | None) -> list[int | None]:
+        """The xxh3_64 of what is sent of each pinned page, where known from an earlier send or
+        arrival: the page's own (whole pages), or one kept for that layer slice of that very page
+        object (a page stored again is a new object: its bytes may differ, its sums start over)."""
+        if layers is None:
+            return [p.holder.checksum for p in pinned]
+        lo, hi = layers[0], layers[1]
+        get = self._slice_sums.get
+        out: list[int | None] = []
+        for p in pinned:
+            kept = get((p.key, lo, hi))
+            out.append(kept[1] if kept is not None and kept[0] is p.holder else None)
+        return out
+
+    def _keep_sums(self, pinned: list[_Pinned], layers: list[int] | None, sums: Sequence[int | None]) -> None:
+        """Remember checksums computed while sending, for the next send of the same bytes. Loop only."""
+        if layers is None:
+            for p, c in zip(pinned, sums):
+                if p.holder.checksum is None and c is not None:
+                    p.holder.checksum = c
+            return
+        kept = self._slice_sums
+        if len(kept) + len(pinned) > SLICE_SUM_LIMIT:
+            kept.clear()  # bounded; a miss only costs hashing the slice again
+        lo, hi = layers[0], layers[1]
+        for p, c in zip(pinned, sums):
+            if c is not None:
+                kept[(p.key, lo, hi)] = (p.holder, c)
+
     def _pin_for_send(self, ns: bytes, keys: list[bytes], layers: list[int] | None = None) -> Reply:
         """`get`: pin what we hold of `keys`, send it, unpin once sent."""
         pinned = self._pin_pages(ns, keys, layers)
         views = [p.view for p in pinned]
         parents = [p.parent for p in pinned]
-        holders = [p.holder for p in pinned] if layers is None else []  # slices: page sums do not apply
         if layers is None or layers[0] == 0:
             self.counters["cluster_served_pages"] += len(views)
         self.counters["cluster_served_bytes"] += sum(len(v) for v in views)
 
         # checksums known from earlier sends or arrivals; the transport hashes the rest into this
         # list as it sends, and they are kept for the next time
-        sums: list[int | None] | None = [h.checksum for h in holders] if holders else None
+        sums: list[int | None] = self._known_sums(pinned, layers)
 
         def on_sent() -> None:
             def unpin() -> None:
-                for h, c in zip(holders, sums or ()):
-                    if h.checksum is None and c is not None:
-                        h.checksum = c
+                self._keep_sums(pinned, layers, sums)
                 for p in pinned:
                     p.release()
 
@@ -895,17 +926,14 @@ class ClusterPool:
         pinned = self._on_loop(lambda: self._pin_pages(ns, keys, layers))
         try:
             # hashed here, not on the loop: the pages are pinned, so their bytes cannot change
-            known = [p.holder.checksum if layers is None else None for p in pinned]
+            known = self._known_sums(pinned, layers)
             sums = [c if c is not None else xxhash.xxh3_64_intdigest(p.view) for p, c in zip(pinned, known)]
         except BaseException:
             self.loop.call_soon_threadsafe(lambda: [p.release() for p in pinned])
             raise
 
         def lease() -> int | None:
-            if layers is None:
-                for p, c, s in zip(pinned, known, sums):
-                    if c is None and p.holder.checksum is None:
-                        p.holder.checksum = s  # kept for the next time
+            self._keep_sums(pinned, layers, sums)  # for the next time
             if layers is None or layers[0] == 0:
                 self.counters["cluster_served_pages"] += len(pinned)
                 self.counters["cluster_rdma_served_pages"] += len(pinned)

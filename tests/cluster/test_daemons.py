@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from polarkvd.cluster.auth import generate, write_key_file
@@ -290,3 +291,34 @@ def test_a_peer_serves_a_prefix_from_its_disk(cluster: Cluster) -> None:
             ctl.evict("disk", 1 << 40)  # A drops its disk tier: the third chain is nowhere now
         wait_for(lambda: kv.lookup(chains[2]).hits == 0, 10, "B to learn the pages are gone")
         assert kv.lookup(chains[0]).tiers == [Tier.DRAM] * 6  # loaded: local on B now
+
+
+def test_a_page_stored_again_with_other_bytes_is_sent_with_its_own_checksums(cluster: Cluster) -> None:
+    """The holder keeps the checksums of layer slices it sent (pipelined fetches ask for the same
+    slices again), per stored page: when a key is stored again with other bytes (another engine's
+    float rounding), peers get the new bytes, verified, not a mismatch against the old sums."""
+    a = cluster.add("a", disk__enabled="false")
+    b = cluster.add("b", disk__enabled="false")
+    cluster.wait_converged(["a", "b"])
+    tokens = chain_tokens(51, 4)
+    with a.engine() as kv:
+        keys = kv.page_keys(tokens)
+        first = [np.full(kv.page_bytes, i + 1, np.uint8) for i in range(4)]
+        kv.store(keys, first)
+    for version, pages in (
+        (1, first),
+        (2, [np.full(TEST_NS.page_bytes, 200 - i, np.uint8) for i in range(4)]),
+    ):
+        if version == 2:
+            with a.engine() as kv, a.control() as ctl:
+                ctl.evict("dram", 1 << 40)  # gone from A (no disk) ...
+                kv.store(keys, pages)  # ... and stored again, other bytes
+        with b.engine() as kv, b.control() as ctl:
+            wait_for(lambda: kv.lookup(keys).tiers == [Tier.DMP] * 4, 10, "B to find A's pages")
+            for _ in range(2):  # twice: the second time A sends with the sums it kept
+                res = kv.load(keys, pipelined=True)
+                assert res.wait_layers(TEST_NS.num_layers, timeout=30) == 4
+                assert [bytes(v) for v in res.views] == [p.tobytes() for p in pages]
+                kv.release(res.lease)
+                ctl.evict("dram", 1 << 40)  # B drops its copy: the next load fetches again
+    assert b.stats()["counters"].get("cluster_corrupt_pages", 0) == 0
