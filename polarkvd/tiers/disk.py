@@ -420,11 +420,11 @@ class DiskTier:
         groups: list[int] | None = None,
     ) -> bool:
         """Store a page. True if it is on disk when this returns (written now or already there);
-        `groups`: byte offsets where the page's layer groups end, to store them as separately
-        readable ranges (`open_grouped`, for layer-pipelined promotion); None: one whole blob.
         False if it cannot fit (larger than the tier, or space held by puts in flight) or the write
         failed. Evicts other pages, leaf-first in policy order, to stay within capacity (they stay
-        evicted if the write then fails: this is a cache)."""
+        evicted if the write then fails: this is a cache). `groups`: byte offsets where the page's
+        layer groups end, to store them as separately readable ranges (`open_grouped`, for
+        layer-pipelined promotion); None: one blob."""
         self._require_open()
         _check_key("key", key)
         _check_key("ns", ns)
