@@ -217,7 +217,7 @@ def _check_key(name: str, value: object) -> bytes:
 class GroupedPage:
     """A page on disk, to be read and decoded one range (layer group) at a time: see `open_grouped`.
     Holds the file open, so a range can still be read after the page was evicted meanwhile; `close`
-    when done (the last range and any failure close it too)."""
+    when done (decoding every range, and any failure, close it too)."""
 
     def __init__(
         self,
@@ -234,6 +234,7 @@ class GroupedPage:
         self.ranges: list[tuple[int, int]] = (
             [(r.lo, r.hi) for r in ranges] if ranges is not None else [(0, header.raw_len)]
         )
+        self._left = set(range(len(self.ranges)))  # not decoded yet
 
     def decode(self, i: int, page: memoryview) -> None:
         """Read range `i` and decode it into its place in `page` (the whole page's slot), verified.
@@ -262,7 +263,8 @@ class GroupedPage:
         except Exception as exc:  # zstd raises its own error type on garbage
             self.close()
             self._tier._corrupt_page(self._key, self._entry, f"range {i}: {exc}")
-        if i == len(self.ranges) - 1:
+        self._left.discard(i)
+        if not self._left:  # every range decoded: the file is not needed any more
             self.close()
 
     def close(self) -> None:

@@ -98,6 +98,42 @@ def test_any_bytes_round_trip(tmp_path: Path, data: bytes, itemsize: int) -> Non
     tier.close()
 
 
+def test_pages_stored_in_layer_groups_read_group_by_group(tmp_path: Path) -> None:
+    """A page stored with its layer groups (what the daemon does on demotion) reads back whole with
+    `get_into`, and group by group with `open_grouped`, which reads only that group's bytes; a page
+    stored whole is one group; a page whose file went is not found, and dropped."""
+    tier = open_tier(tmp_path)
+    grouped, whole, gone = key(1), key(2), key(3)
+    ends = [2048, 6144, 10240, PAGE]
+    assert tier.put(grouped, None, NS, page_bytes(grouped), 2, groups=ends)
+    assert tier.put(whole, None, NS, page_bytes(whole), 2)
+    assert tier.put(gone, None, NS, page_bytes(gone), 2, groups=ends)
+    assert read(tier, grouped) == page_bytes(grouped)
+    g = tier.open_grouped(grouped)
+    assert g.ranges == list(zip([0, *ends[:-1]], ends))
+    out = bytearray(PAGE)
+    for i in reversed(range(len(ends))):
+        g.decode(i, memoryview(out))
+    assert bytes(out) == page_bytes(grouped)
+    w = tier.open_grouped(whole)
+    assert w.ranges == [(0, PAGE)]
+    w.decode(0, memoryview(out))
+    assert bytes(out) == page_bytes(whole)
+    page_file(tmp_path, gone).unlink()
+    with pytest.raises(PageNotFound):
+        tier.open_grouped(gone)
+    assert tier.entry(gone) is None
+    # a group cut through by a flipped byte: the others still decode, that one is corrupt (dropped)
+    raw = bytearray(page_file(tmp_path, grouped).read_bytes())
+    raw[-10] ^= 0xFF  # inside the last group's blob
+    page_file(tmp_path, grouped).write_bytes(raw)
+    g = tier.open_grouped(grouped)
+    g.decode(0, memoryview(out))
+    with pytest.raises(PageCorrupt):
+        g.decode(len(ends) - 1, memoryview(out))
+    assert tier.entry(grouped) is None and not page_file(tmp_path, grouped).exists()
+
+
 def test_put_of_a_stored_key_is_a_touch(tmp_path: Path) -> None:
     tier = open_tier(tmp_path)
     k = key(1)
