@@ -211,6 +211,9 @@ class Manager:
             info = NamespaceInfo(len(self.namespaces) + 1, ns, digest, slot)
             self.namespaces[digest] = info
             self._ns_by_id[info.id] = info
+            if self.cluster is not None and self.disk is not None:
+                # its pages on our disk can be promoted for peers from now on: tell the meta map
+                self.cluster.announce_disk_pages(digest)
         session = Session(next(self._ids), engine_id, info)
         session.vram = vram and self.vram is not None and self.vram.slots.slabs.fits(slot)
         if self.table is not None:
@@ -896,7 +899,8 @@ class Manager:
         DRAM, so they can be sent like DRAM pages. Returns the futures of pages on their way (True:
         in DRAM now). Pages in DRAM, and keys `held_elsewhere` (the lent DMP region), need nothing;
         the walk stops at the first key held nowhere here. A namespace no engine attached to since
-        this daemon started is not known here (its page size and slots): nothing is promoted."""
+        this daemon started is not known here (its page size and slots): nothing is promoted, and
+        its disk pages are announced only once one does (`ClusterPool.announce_disk_pages`)."""
         info = self.namespaces.get(ns_digest)
         if info is None:
             return []

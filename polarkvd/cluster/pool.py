@@ -213,11 +213,33 @@ class ClusterPool:
         self.metamap.set_members([self.node_id], time.monotonic())
         disk = self.manager.disk
         if disk is not None:  # peers can have our disk pages too (promoted here, then sent)
-            now = time.monotonic()
-            for key in disk.keys():
-                self.metamap.local_stored(key, int(Tier.DISK), now)
+            for digest in list(self.manager.namespaces):
+                self.announce_disk_pages(digest)
             disk.on_removed = self._disk_removed
         return self.server.address
+
+    def announce_disk_pages(self, ns_digest: bytes) -> None:
+        """Announce the pages of one namespace on our disk tier (held on disk). Called when the
+        namespace becomes known here (an engine attached): before that, a peer's `get` could not be
+        served from disk (the page geometry comes with the namespace), so they are not announced.
+        Pages written to disk later are announced as they are written. The disk index is scanned on
+        a worker thread (it can hold millions of pages); the meta map is updated on the loop."""
+        disk = self.manager.disk
+        if disk is None:
+            return
+
+        def scan() -> list[bytes]:
+            return [k for k in disk.keys() if (e := disk.entry(k)) is not None and e.ns == ns_digest]
+
+        def announce(f: asyncio.Future[list[bytes]]) -> None:
+            if f.cancelled() or f.exception() is not None or self._closing:
+                return
+            now = time.monotonic()
+            for key in f.result():
+                if disk.entry(key) is not None:  # still there
+                    self.metamap.local_stored(key, int(Tier.DISK), now)
+
+        self.loop.run_in_executor(None, scan).add_done_callback(announce)
 
     def _disk_removed(self, keys: list[bytes]) -> None:
         """The disk tier dropped pages (any thread): withdraw their disk copies from the meta map."""

@@ -322,3 +322,22 @@ def test_a_page_stored_again_with_other_bytes_is_sent_with_its_own_checksums(clu
                 kv.release(res.lease)
                 ctl.evict("dram", 1 << 40)  # B drops its copy: the next load fetches again
     assert b.stats()["counters"].get("cluster_corrupt_pages", 0) == 0
+
+
+def test_disk_pages_found_at_start_are_offered_once_their_namespace_is_known(cluster: Cluster) -> None:
+    """After a restart the holder's disk still has the pages, but it can promote them for a peer only
+    once it knows their namespace (an engine attached): offered then, not before."""
+    a, b = cluster.add("a"), cluster.add("b")
+    cluster.wait_converged(["a", "b"])
+    with a.engine() as kv:
+        keys = store_chain(kv, chain_tokens(61, 5))
+    a.stop()  # saves its DRAM pages to its disk tier
+    a.start()
+    cluster.wait_converged(["a", "b"])
+    with b.engine() as kv:
+        assert kv.lookup(keys).hits == 0  # A knows no namespace yet: nothing offered
+        with a.engine(engine_id="comes-back"):
+            wait_for(lambda: kv.lookup(keys).hits == 5, 10, "B to find A's disk pages")
+            res = kv.load(keys)
+            assert res.loaded == 5 and bad_pages(kv, keys, res.views) == []
+            kv.release(res.lease)
