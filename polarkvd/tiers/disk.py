@@ -18,7 +18,8 @@ GROUPS drops such files as having a bad header (a cache: they are recomputed).
 Index: `<path>/index.msgpack`, a checksummed snapshot of every page's metadata in eviction order,
 written atomically by `flush_index()` (from `close()`, and from the daemon's timer). `open()` takes
 the snapshot as a hint and reconciles it with the files: entries whose file is missing or has
-another size are dropped, files it does not list are adopted after their header verifies (file
+another size (counted in 512-byte units, `_stored_size`: a file cut by a few bytes is caught by its
+first read instead) are dropped, files it does not list are adopted after their header verifies (file
 mtime orders them), files with a bad header and temp files are deleted. Only headers are read at
 open, and only for files the snapshot does not vouch for, so a TB-scale tier opens in a directory
 scan; payload checksums are verified on every `get_into` instead. A page that fails is removed
@@ -35,11 +36,11 @@ Eviction is leaf-first: a page with cached children on disk is never a victim (`
 them, including children that arrived before their parent, the usual order when DRAM demotes
 leaves first), and among leaves the policy (`lru` or `s3fifo`, switchable live) decides.
 
-Memory: 260-285 bytes of Python heap per page in the index (tracemalloc, 4k-30k pages in chains of
-10, one namespace; `tests/tiers/test_disk.py::index_bytes_per_page`): the slotted `DiskEntry` 104,
-its key 49, its stored size 32, the dict slot the rest; namespaces, page sizes and parent keys of
-pages on disk are shared objects. A page whose parent is not on disk costs ~150 more (its own
-parent key and a pending-children count).
+Memory: ~227 bytes of Python heap per page in the index (tracemalloc, pages in chains of 10, one
+namespace; `tests/tiers/test_disk.py::index_bytes_per_page`): the slotted `DiskEntry` 104, its key
+49, the dict slot the rest; namespaces, page sizes, stored sizes (512-byte units) and parent keys of
+pages on disk are shared objects (an exact stored size was an int of its own: 260-285 B before). A
+page whose parent is not on disk costs ~150 more (its own parent key and a pending-children count).
 """
 
 from __future__ import annotations
@@ -96,6 +97,16 @@ _PAGE_RE = re.compile(r"[0-9a-f]{32}\.pkv")
 _TMP_SUFFIX = ".tmp"
 _SUBDIR_RE = re.compile(r"[0-9a-f]{2}")
 _MAX_INTERNED = 4096  # distinct namespaces and page sizes shared between entries
+#: Stored sizes are counted in units of this many bytes (rounded up): a page then shares its size
+#: object with every page of about its size instead of holding an int of its own (32 B of the ~260
+#: an index entry cost), and the count never understates what the files take.
+_STORED_UNIT = 512
+_MAX_STORED_SIZES = 1 << 16
+
+
+def _stored_size(file_bytes: int) -> int:
+    """A page file's size as the tier counts it: rounded up to `_STORED_UNIT`."""
+    return -(-file_bytes // _STORED_UNIT) * _STORED_UNIT
 
 
 #: (key, parent, ns, raw_bytes, stored_bytes): one page's metadata as the snapshot and headers give it
@@ -114,7 +125,7 @@ class DiskEntry(PolicyNode):
         self.parent = parent
         self.ns = ns
         self.raw_bytes = raw_bytes
-        self.stored_bytes = stored_bytes  # file size, header included
+        self.stored_bytes = stored_bytes  # file size, header included, rounded up to _STORED_UNIT
         self.children = 0  # pages on disk whose parent is this page
 
 
@@ -293,6 +304,7 @@ class DiskTier:
         # children that reached disk before their parent: parent key -> count
         self._waiting: dict[bytes, int] = {}
         self._interned: dict[object, object] = {}  # namespaces and page sizes, shared by entries
+        self._sizes: dict[int, int] = {}  # stored sizes (multiples of _STORED_UNIT), shared by entries
         self._writing: set[bytes] = set()
         self._deleting: set[bytes] = set()
         self._stored = 0
@@ -382,7 +394,7 @@ class DiskTier:
                     key = bytes.fromhex(f.name[:32])
                     st = f.stat(follow_symlinks=False)
                     row = rows.get(key)
-                    if row is not None and row[4] == st.st_size:
+                    if row is not None and row[4] == _stored_size(st.st_size):
                         trusted_keys.add(key)
                     else:
                         unlisted.append((st.st_mtime, f.path))
@@ -468,7 +480,7 @@ class DiskTier:
         else:
             codec, blob = encode(view, itemsize, self.level)
         header = _pack_header(codec, itemsize, key, parent, ns, raw_len, len(blob), checksum(view))
-        size = HEADER_SIZE + len(blob)
+        size = _stored_size(HEADER_SIZE + len(blob))
         if size > self.capacity_bytes:
             return False
         with self._lock:
@@ -560,7 +572,12 @@ class DiskTier:
             h = _parse_header(os.pread(fd, HEADER_SIZE, 0))
             if h is None:
                 why = "bad header"
-            elif h.key != key or h.ns != ns or h.raw_len != raw_len or HEADER_SIZE + h.payload_len != size:
+            elif (
+                h.key != key
+                or h.ns != ns
+                or h.raw_len != raw_len
+                or _stored_size(HEADER_SIZE + h.payload_len) != size
+            ):
                 why = "header does not match the index"
             elif h.codec == Codec.GROUPS:
                 head = os.pread(fd, 2, HEADER_SIZE)
@@ -589,7 +606,12 @@ class DiskTier:
             h = _parse_header(head_buf)
             if h is None:
                 return "bad header"
-            if h.key != key or h.ns != ns or h.raw_len != raw_len or HEADER_SIZE + h.payload_len != size:
+            if (
+                h.key != key
+                or h.ns != ns
+                or h.raw_len != raw_len
+                or _stored_size(HEADER_SIZE + h.payload_len) != size
+            ):
                 return "header does not match the index"
             if h.codec == Codec.RAW:
                 got = _readinto_exact(f, out)  # straight into the caller's slot
@@ -718,7 +740,7 @@ class DiskTier:
                     _check_key("parent", parent)
                 if not (isinstance(raw_bytes, int) and isinstance(stored_bytes, int)):
                     raise ValueError("page sizes must be integers")
-                rows[key] = (key, parent, namespaces[ns_id], raw_bytes, stored_bytes)
+                rows[key] = (key, parent, namespaces[ns_id], raw_bytes, _stored_size(stored_bytes))
             return rows
         except Exception as exc:  # any malformed snapshot means: rebuild from the page headers
             log.warning("disk tier: ignoring index snapshot %s: %s", self.path / _INDEX_NAME, exc)
@@ -734,7 +756,7 @@ class DiskTier:
         h = _parse_header(buf)
         if h is None or h.key.hex() + ".pkv" != os.path.basename(file) or HEADER_SIZE + h.payload_len != size:
             return None
-        return (h.key, h.parent, h.ns, h.raw_len, size)
+        return (h.key, h.parent, h.ns, h.raw_len, _stored_size(size))
 
     # ---------------------------------------------------------------- internals (lock held: *_locked)
 
@@ -753,6 +775,8 @@ class DiskTier:
         if len(self._interned) < _MAX_INTERNED:
             ns = self._interned.setdefault(ns, ns)  # type: ignore[assignment]
             raw_bytes = self._interned.setdefault(raw_bytes, raw_bytes)  # type: ignore[assignment]
+        if len(self._sizes) < _MAX_STORED_SIZES:
+            stored_bytes = self._sizes.setdefault(stored_bytes, stored_bytes)
         e = DiskEntry(key, parent, ns, raw_bytes, stored_bytes)
         e.children = self._waiting.pop(key, 0)
         self._entries[key] = e
