@@ -100,7 +100,9 @@ def _home(key: bytes, mask: int) -> int:
 class LookupTable:
     """The daemon's side: the only writer of entries, the reader of session slots. Loop only."""
 
-    def __init__(self, view: memoryview, entries: int, session_slots: int) -> None:
+    def __init__(self, view: memoryview, entries: int, session_slots: int, *, clear: bool = True) -> None:
+        """`clear=False` attaches to a table already in `view` without wiping it (its counts start at
+        zero): a second writer process in the tests, never two in the daemon."""
         if entries & (entries - 1):
             raise ValueError("table entries must be a power of two")
         if len(view) < table_bytes(entries, session_slots):
@@ -118,8 +120,9 @@ class LookupTable:
         self._warned = False  # an overflow is logged once per daemon run
         self._free_slots = list(range(session_slots - 1, -1, -1))
         self._touch_tails: dict[int, int] = {}
-        view[: self.slots_at] = bytes(self.slots_at)  # a reused file never shows old entries
-        _HEADER.pack_into(view, 0, MAGIC, entries, session_slots, time.monotonic_ns(), 1, 0)
+        if clear:
+            view[: self.slots_at] = bytes(self.slots_at)  # a reused file never shows old entries
+            _HEADER.pack_into(view, 0, MAGIC, entries, session_slots, time.monotonic_ns(), 1, 0)
 
     # -- liveness ---------------------------------------------------------------------------------
 

@@ -19,7 +19,6 @@ import xxhash
 from polarkvd.client import EngineClient
 from polarkvd.errors import DaemonUnavailable, PolarKVError
 from polarkvd.lookup_table import (
-    HEADER_BYTES,
     RING_ENTRIES,
     STALE_NS,
     LookupTable,
@@ -164,10 +163,8 @@ def _churn(path: str, size: int, entries: int, seconds: float) -> None:
     fd = os.open(path, os.O_RDWR)
     m = mmap.mmap(fd, size)
     os.close(fd)
-    t = LookupTable.__new__(LookupTable)  # attach to the table the test created, without clearing it
-    t.view, t.capacity, t.mask, t.session_slots = memoryview(m), entries, entries - 1, 1
-    t.slots_at = HEADER_BYTES + entries * 32
-    t.used, t.deleted, t.overflow, t.rebuild_needed = 200, 0, False, False
+    t = LookupTable(memoryview(m), entries, 1, clear=False)  # the table the test created
+    t.used = 200
     deadline = time.monotonic() + seconds
     i = 0
     while time.monotonic() < deadline:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import shutil
@@ -51,13 +50,18 @@ from polarkvd.bench.harness import (
     busy_cpu_s,
     count_cpus,
     cpu_bind,
+    event_writer,
+    fmt,
     kill_group,
     model_kv_bytes_per_token,
+    observe_external_tokens,
     own_cpu_s,
     percentile,
     private_daemon,
     ratio,
+    run_request,
     table,
+    vllm_env,
 )
 
 CONFIGS = ("nocache", "prefix_cache", "example_connector", "polarkvd")
@@ -208,9 +212,7 @@ def worker_main(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     wl, cfg = spec["workload"], spec["config"]
 
-    def say(event: str, **kw: Any) -> None:
-        sys.stdout.write(MARK + json.dumps({"event": event, **kw}) + "\n")
-        sys.stdout.flush()
+    say = event_writer(MARK)
 
     t_import = time.perf_counter()
     from vllm import LLM, SamplingParams
@@ -248,21 +250,8 @@ def worker_main(spec_path: str) -> int:
         from vllm.distributed.kv_transfer import get_kv_transfer_group
 
         connector = get_kv_transfer_group()
-    # What the connector itself reported per request (tokens beyond vLLM's own prefix cache), observed by
-    # wrapping the scheduler-side connector's lookup; the last answer before scheduling counts (one
-    # request in flight: every call is about it; vLLM renames request ids internally).
-    external: dict[str, int] = {}
-    sched = getattr(getattr(getattr(engine, "engine_core", None), "engine_core", None), "scheduler", None)
-    sched_conn = getattr(sched, "connector", None)
-    if sched_conn is not None:
-        lookup = sched_conn.get_num_new_matched_tokens
-
-        def observed(request: Any, num_computed_tokens: int) -> Any:
-            got = lookup(request, num_computed_tokens)
-            external["current"] = int(got[0] or 0)
-            return got
-
-        sched_conn.get_num_new_matched_tokens = observed
+    # what the connector itself reported per request (tokens beyond vLLM's own prefix cache)
+    external = observe_external_tokens(engine)
     say("ready", import_s=t0 - t_import, start_s=time.perf_counter() - t0)
     params = SamplingParams(temperature=0.0, max_tokens=spec["answer"], ignore_eos=True)
     counter = 0
@@ -275,23 +264,12 @@ def worker_main(spec_path: str) -> int:
             temperature=0.0, max_tokens=max_tokens, ignore_eos=True
         )  # fmt: skip
         before = dict(connector.stats) if connector is not None else {}
-        external.clear()
+        if external is not None:
+            external.clear()
         cpu0, own0 = busy_cpu_s(), own_cpu_s()
-        t = time.perf_counter()
-        engine.add_request(rid, {"prompt_token_ids": ids}, p)
-        ttft, final = None, None
-        while engine.has_unfinished_requests():
-            for o in engine.step():
-                if o.request_id != rid:
-                    continue
-                if ttft is None and o.outputs and o.outputs[0].token_ids:
-                    ttft = time.perf_counter() - t
-                if o.finished:
-                    final = o
-        latency = time.perf_counter() - t
+        ttft, latency, final = run_request(engine, rid, ids, p)
         own = own_cpu_s() - own0
         others = max(0.0, busy_cpu_s() - cpu0 - own)
-        assert final is not None and ttft is not None, f"request {rid} produced no output"
         rec: dict[str, Any] = {
             "prompt_tokens": len(ids),
             "cached_tokens": int(final.num_cached_tokens or 0),
@@ -301,7 +279,7 @@ def worker_main(spec_path: str) -> int:
             "cpu_s": own,  # this engine process, all threads
             "others_cpu_s": others,  # every other process on the machine meanwhile (noise)
         }
-        if sched_conn is not None:
+        if external is not None:
             rec["external_tokens"] = external.pop("current", 0)
         if connector is not None:
             after = dict(connector.stats)
@@ -582,15 +560,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     hot = 2 * min(args.hot_users, args.users)
     prog = Steps(sum(args.rounds * args.users + (hot if c != "nocache" else 0) + 2 for c in configs) + 1)
     root = Path(tempfile.mkdtemp(prefix="polarkv-chat-"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("POLARKV_")}
-    env.update(
-        VLLM_ENABLE_V1_MULTIPROCESSING="0",
-        VLLM_CPU_KVCACHE_SPACE="1",  # GiB, an upper bound; num_gpu_blocks_override sets the real size
-        VLLM_CPU_OMP_THREADS_BIND=bind,
-        OMP_NUM_THREADS=str(ncpu),
-        TOKENIZERS_PARALLELISM="false",
-        PYTHONUNBUFFERED="1",
-    )
+    env = vllm_env(bind, ncpu)
     spec: dict[str, Any] = {
         "model": model_dir,
         "workload": wl,
@@ -686,10 +656,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
-def _f(v: float | None, d: int = 3) -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{d}f}"
-
-
 def render(res: dict[str, Any]) -> str:
     wl, cfgs = res["workload"], res["configs"]
     lines = [
@@ -705,7 +671,7 @@ def render(res: dict[str, Any]) -> str:
         for row in c["rounds"]:
             t = row["ttft_s"]
             rows.append((
-                name, str(row["round"]), _f(t["mean"]), _f(t["p50"]), _f(t["p99"]),
+                name, str(row["round"]), fmt(t["mean"]), fmt(t["p50"]), fmt(t["p99"]),
                 f"{row['prompt_tokens_mean']:.0f}", f"{row['hit_tokens_mean']:.0f}",
                 str(row.get("external_tokens_total", "-")),
             ))  # fmt: skip
@@ -716,10 +682,10 @@ def render(res: dict[str, Any]) -> str:
     for name, c in cfgs.items():
         t, h, hot = c["ttft_rounds2plus_s"], c["hit_ttft_s"], c["hot_hit_ttft_s"]
         rows.append((
-            name, _f(t["mean"]), _f(t["p50"]), _f(t["p99"]), f"{_f(h['mean'])} ({h['n']})",
-            _f(hot["mean"]) if hot["n"] else "-", _f(c["tokens_per_s"], 1),
-            _f(c["output_tokens_per_s"], 2), _f(c["requests_per_s"], 4), _f(c["wall_s"], 1),
-            str(c["hit_tokens"]), _f(c["others_cpu_s"], 1),
+            name, fmt(t["mean"]), fmt(t["p50"]), fmt(t["p99"]), f"{fmt(h['mean'])} ({h['n']})",
+            fmt(hot["mean"]) if hot["n"] else "-", fmt(c["tokens_per_s"], 1),
+            fmt(c["output_tokens_per_s"], 2), fmt(c["requests_per_s"], 4), fmt(c["wall_s"], 1),
+            str(c["hit_tokens"]), fmt(c["others_cpu_s"], 1),
         ))  # fmt: skip
     lines.append(table(rows, ("config", "TTFT r>=2 mean s", "p50 s", "p99 s", "hit TTFT s (n)",
                               "hot hit TTFT s", "tok/s", "out tok/s", "req/s", "wall s",
@@ -728,9 +694,9 @@ def render(res: dict[str, Any]) -> str:
     rows = []
     for key, b in res["bars"].items():
         verdict = "-" if b["pass"] is None else ("pass" if b["pass"] else "FAIL")
-        rows.append((key, _f(b["value"], 4), b["bar"], verdict))
-    rows.append(("ttft_ratio_vs_prefix_cache", _f(res["ttft_ratio_vs_prefix_cache"], 4), "", ""))
-    rows.append(("ttft_ratio_vs_example_connector", _f(res["ttft_ratio_vs_example_connector"], 4), "", ""))
+        rows.append((key, fmt(b["value"], 4), b["bar"], verdict))
+    rows.append(("ttft_ratio_vs_prefix_cache", fmt(res["ttft_ratio_vs_prefix_cache"], 4), "", ""))
+    rows.append(("ttft_ratio_vs_example_connector", fmt(res["ttft_ratio_vs_example_connector"], 4), "", ""))
     rows.append(("outputs_identical", str(res["outputs_identical"]),
                  f"{res['outputs_compared']['requests']} requests", ""))  # fmt: skip
     lines.append(table(rows, ("polarkvd vs", "ratio", "bar", "")))

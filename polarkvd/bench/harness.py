@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -15,8 +16,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 
 class Progress:
@@ -168,3 +170,71 @@ def count_cpus(spec: str) -> int:
         a, _, b = part.partition("-")
         n += int(b) - int(a) + 1 if b else 1
     return n
+
+
+def fmt(v: float | None, d: int = 3) -> str:
+    """A number for a table cell: `d` decimals, "-" when missing."""
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{d}f}"
+
+
+def vllm_env(cpu_bind_spec: str, ncpu: int) -> dict[str, str]:
+    """The environment of a benchmark's vLLM CPU process: ours without POLARKV_* variables, the
+    engine core in-process (its scheduler-side connector is reachable), OpenMP bound to the CPUs."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POLARKV_")}
+    env.update(
+        VLLM_ENABLE_V1_MULTIPROCESSING="0",
+        VLLM_CPU_KVCACHE_SPACE="1",  # GiB, an upper bound; num_gpu_blocks_override sets the real size
+        VLLM_CPU_OMP_THREADS_BIND=cpu_bind_spec,
+        OMP_NUM_THREADS=str(ncpu),
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def event_writer(mark: str) -> Callable[..., None]:
+    """`say(event, **fields)` for a benchmark worker: one `mark`-prefixed JSON line on stdout."""
+
+    def say(event: str, **kw: Any) -> None:
+        sys.stdout.write(mark + json.dumps({"event": event, **kw}) + "\n")
+        sys.stdout.flush()
+
+    return say
+
+
+def observe_external_tokens(engine: Any) -> dict[str, int] | None:
+    """Wrap the in-process scheduler-side connector's lookup so that `out["current"]` holds the
+    tokens it last promised beyond vLLM's own prefix cache (one request in flight: every call is
+    about it; vLLM renames request ids internally). None when the connector cannot be reached."""
+    sched = getattr(getattr(getattr(engine, "engine_core", None), "engine_core", None), "scheduler", None)
+    sched_conn = getattr(sched, "connector", None)
+    if sched_conn is None:
+        return None
+    out: dict[str, int] = {}
+    lookup = sched_conn.get_num_new_matched_tokens
+
+    def observed(request: Any, num_computed_tokens: int) -> Any:
+        got = lookup(request, num_computed_tokens)
+        out["current"] = int(got[0] or 0)
+        return got
+
+    sched_conn.get_num_new_matched_tokens = observed
+    return out
+
+
+def run_request(engine: Any, rid: str, ids: list[int], params: Any) -> tuple[float, float, Any]:
+    """Run one request alone through vLLM's step loop: (TTFT s, latency s, final output)."""
+    t = time.perf_counter()
+    engine.add_request(rid, {"prompt_token_ids": ids}, params)
+    ttft, final = None, None
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.request_id != rid:
+                continue
+            if ttft is None and o.outputs and o.outputs[0].token_ids:
+                ttft = time.perf_counter() - t
+            if o.finished:
+                final = o
+    latency = time.perf_counter() - t
+    assert final is not None and ttft is not None, f"request {rid} produced no output"
+    return ttft, latency, final

@@ -44,7 +44,6 @@ import argparse
 import collections
 import contextlib
 import json
-import math
 import os
 import queue
 import shutil
@@ -67,12 +66,17 @@ from polarkvd.bench.harness import (
     busy_cpu_s,
     count_cpus,
     cpu_bind,
+    event_writer,
+    fmt,
     kill_group,
     model_kv_bytes_per_token,
+    observe_external_tokens,
     own_cpu_s,
     private_daemon,
     ratio,
+    run_request,
     table,
+    vllm_env,
 )
 
 SOURCES = ("local", "disk", "remote")
@@ -337,9 +341,7 @@ def worker_main(spec_path: str) -> int:
     wl = spec["workload"]
     prefix, suffixes = wl["prefix"], wl["suffixes"]
 
-    def say(event: str, **kw: Any) -> None:
-        sys.stdout.write(MARK + json.dumps({"event": event, **kw}) + "\n")
-        sys.stdout.flush()
+    say = event_writer(MARK)
 
     t_import = time.perf_counter()
     from vllm import LLM, SamplingParams
@@ -366,20 +368,10 @@ def worker_main(spec_path: str) -> int:
     )
     engine = llm.llm_engine
     connector = get_kv_transfer_group()
-    # Tokens the scheduler-side connector promised (beyond vLLM's own cache), as in bench chat.
-    external: dict[str, int] = {}
-    sched = getattr(getattr(getattr(engine, "engine_core", None), "engine_core", None), "scheduler", None)
-    sched_conn = getattr(sched, "connector", None)
-    if sched_conn is None:
+    # tokens the scheduler-side connector promised (beyond vLLM's own cache), as in bench chat
+    external = observe_external_tokens(engine)
+    if external is None:
         raise BenchError("cannot reach vLLM's scheduler-side connector (in-process engine core expected)")
-    lookup = sched_conn.get_num_new_matched_tokens
-
-    def observed(request: Any, num_computed_tokens: int) -> Any:
-        got = lookup(request, num_computed_tokens)
-        external["current"] = int(got[0] or 0)
-        return got
-
-    sched_conn.get_num_new_matched_tokens = observed
     # How long the model's thread waits for loaded KV: in start_load_kv (step mode: the whole load
     # and copy) and in wait_for_layer_load (layer mode: until layer i is copied). vLLM calls both
     # on the worker-side connector object, so wrapping them there sees every call.
@@ -422,22 +414,10 @@ def worker_main(spec_path: str) -> int:
         external.clear()
         blocked.update(start=0.0, layers=0.0, first=0.0, calls=0)
         cpu0, own0, daemons0 = busy_cpu_s(), own_cpu_s(), _processes_cpu_s(daemon_pids)
-        t = time.perf_counter()
-        engine.add_request(rid, {"prompt_token_ids": ids}, params)
-        ttft, final = None, None
-        while engine.has_unfinished_requests():
-            for o in engine.step():
-                if o.request_id != rid:
-                    continue
-                if ttft is None and o.outputs and o.outputs[0].token_ids:
-                    ttft = time.perf_counter() - t
-                if o.finished:
-                    final = o
-        latency = time.perf_counter() - t
+        ttft, latency, final = run_request(engine, rid, ids, params)
         own = own_cpu_s() - own0
         daemons = _processes_cpu_s(daemon_pids) - daemons0
         foreign = max(0.0, busy_cpu_s() - cpu0 - own - daemons)
-        assert final is not None and ttft is not None, f"request {rid} produced no output"
         after = dict(connector.stats)
         d = {k: after.get(k, 0) - before.get(k, 0) for k in after}
         return {
@@ -771,15 +751,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     max_model_len = (pages + 1) * BLOCK
     bind = args.cpus or cpu_bind()
     ncpu = len(os.sched_getaffinity(0)) if not args.cpus else max(1, count_cpus(args.cpus))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("POLARKV_")}
-    env.update(
-        VLLM_ENABLE_V1_MULTIPROCESSING="0",
-        VLLM_CPU_KVCACHE_SPACE="1",  # GiB, an upper bound; num_gpu_blocks_override sets the real size
-        VLLM_CPU_OMP_THREADS_BIND=bind,
-        OMP_NUM_THREADS=str(ncpu),
-        TOKENIZERS_PARALLELISM="false",
-        PYTHONUNBUFFERED="1",
-    )
+    env = vllm_env(bind, ncpu)
     prog = Steps(1 + 2 + args.trials + 1 + 2 * len(SOURCES) * (args.trials + 1) + 1)
     say = prog.step
     root = Path(tempfile.mkdtemp(prefix="polarkv-pipeline-"))
@@ -858,10 +830,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
-def _f(v: float | None, d: int = 1) -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{d}f}"
-
-
 def render(res: dict[str, Any]) -> str:
     wl, runs = res["workload"], res["runs"]
     lines = [
@@ -877,10 +845,10 @@ def render(res: dict[str, Any]) -> str:
         for mode in ("off", "on"):
             r = runs[source][mode]
             rows.append((
-                source, f"{mode} ({r['load_mode']})", _f(r["ttft_ms"]), f"{_f(r['min_ms'])}-{_f(r['max_ms'])}",
-                _f(ratio(r["ttft_ms"], runs["local"][mode]["ttft_ms"]), 2), _f(r["load_call_ms"]),
-                _f(r["load_copy_ms"]), _f(r["blocked_ms"]), _f(r["daemons_cpu_ms"], 0), str(r["loaded_tokens"]),
-                str(r["computed_tokens"]), _f(r["others_cpu_s"]),
+                source, f"{mode} ({r['load_mode']})", fmt(r["ttft_ms"], 1), f"{fmt(r['min_ms'], 1)}-{fmt(r['max_ms'], 1)}",
+                fmt(ratio(r["ttft_ms"], runs["local"][mode]["ttft_ms"]), 2), fmt(r["load_call_ms"], 1),
+                fmt(r["load_copy_ms"], 1), fmt(r["blocked_ms"], 1), fmt(r["daemons_cpu_ms"], 0), str(r["loaded_tokens"]),
+                str(r["computed_tokens"]), fmt(r["others_cpu_s"], 1),
             ))  # fmt: skip
     lines.append(table(rows, ("source", "pipelining", "TTFT ms", "min-max ms", "vs local", "load call ms",
                               "copy ms", "blocked ms", "daemons CPU ms", "loaded tok", "computed tok",
@@ -889,15 +857,15 @@ def render(res: dict[str, Any]) -> str:
     rows = []
     for key, b in res["bars"].items():
         verdict = "-" if b["pass"] is None else ("pass" if b["pass"] else "FAIL")
-        rows.append((key, _f(b["value"], 3), b["bar"], verdict))
-    rows.append(("hidden_fraction_raw", _f(res["hidden_fraction_raw"], 3), "", ""))
-    rows.append(("wait_hidden_fraction", _f(res["wait_hidden_fraction"], 3), "", "model-thread waits only"))
+        rows.append((key, fmt(b["value"], 3), b["bar"], verdict))
+    rows.append(("hidden_fraction_raw", fmt(res["hidden_fraction_raw"], 3), "", ""))
+    rows.append(("wait_hidden_fraction", fmt(res["wait_hidden_fraction"], 3), "", "model-thread waits only"))
     rows.append(("remote transfer (off) / exposed (on) ms",
-                 f"{_f(res['remote_transfer_ms'])} / {_f(res['remote_exposed_ms'])}", "", ""))  # fmt: skip
-    rows.append(("remote_vs_local_unpipelined", _f(res["remote_vs_local_unpipelined"], 3), "", ""))
-    rows.append(("disk_vs_local_unpipelined", _f(res["disk_vs_local_unpipelined"], 3), "", ""))
+                 f"{fmt(res['remote_transfer_ms'], 1)} / {fmt(res['remote_exposed_ms'], 1)}", "", ""))  # fmt: skip
+    rows.append(("remote_vs_local_unpipelined", fmt(res["remote_vs_local_unpipelined"], 3), "", ""))
+    rows.append(("disk_vs_local_unpipelined", fmt(res["disk_vs_local_unpipelined"], 3), "", ""))
     for source, v in res["pipelined_vs_step"].items():
-        rows.append((f"pipelined_vs_step {source}", _f(v, 3), "", "paired trials"))
+        rows.append((f"pipelined_vs_step {source}", fmt(v, 3), "", "paired trials"))
     rows.append(("outputs_identical", str(res["outputs_identical"]),
                  f"{res['outputs_compared']['requests']} requests", ""))  # fmt: skip
     lines.append(table(rows, ("pipelined", "value", "bar", "")))

@@ -522,13 +522,8 @@ class DiskTier:
         Raises PageNotFound, or PageCorrupt after removing the page (file and index). On either
         error `out` may hold partial data and must not be published.
         """
-        self._require_open()
-        with self._lock:
-            e = self._entries.get(key)
-            if e is None:
-                raise PageNotFound(f"page {key.hex()} is not on disk")
-            self._policy.touch(e)
-            raw_len, size, ns = e.raw_bytes, e.stored_bytes, e.ns
+        e = self._entry_to_read(key)
+        raw_len, size, ns = e.raw_bytes, e.stored_bytes, e.ns
         dst = memoryview(out)
         if dst.ndim != 1 or dst.format != "B":
             dst = dst.cast("B")
@@ -552,13 +547,8 @@ class DiskTier:
         groups table are read here; `GroupedPage.decode(i, slot)` reads, decodes and verifies range
         i, on any thread, so layer group 0 of a whole prefix is in DRAM after reading 1/8 of it. A
         page stored whole is one range. Raises PageNotFound, or PageCorrupt after removing the page."""
-        self._require_open()
-        with self._lock:
-            e = self._entries.get(key)
-            if e is None:
-                raise PageNotFound(f"page {key.hex()} is not on disk")
-            self._policy.touch(e)
-            raw_len, size, ns = e.raw_bytes, e.stored_bytes, e.ns
+        e = self._entry_to_read(key)
+        raw_len, size, ns = e.raw_bytes, e.stored_bytes, e.ns
         try:
             fd = os.open(self._page_path(key), os.O_RDONLY)
         except FileNotFoundError:
@@ -591,6 +581,16 @@ class DiskTier:
         with self._lock:
             self._gets += 1
         return GroupedPage(self, key, e, h, fd, ranges)
+
+    def _entry_to_read(self, key: bytes) -> DiskEntry:
+        """The entry of a page about to be read, touched in the policy (PageNotFound if absent)."""
+        self._require_open()
+        with self._lock:
+            e = self._entries.get(key)
+            if e is None:
+                raise PageNotFound(f"page {key.hex()} is not on disk")
+            self._policy.touch(e)
+            return e
 
     def _corrupt_page(self, key: bytes, e: DiskEntry, why: str) -> NoReturn:
         self._drop(key, e, corrupt=True)

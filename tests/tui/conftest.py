@@ -40,3 +40,18 @@ async def until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}:\n{screen_text(pilot.app)}")
         await asyncio.sleep(0.05)
+
+
+def showing(keys: str, view: Any):  # type: ignore[no-untyped-def]
+    """A snapshot's `run_before`: press `keys` (a screen), then show `view` twice (panels sized by
+    the first render draw at their width with the second)."""
+
+    async def run_before(pilot) -> None:  # type: ignore[no-untyped-def]
+        for key in keys.split():
+            await pilot.press(key)
+        pilot.app.show_view(view)
+        await pilot.pause()
+        pilot.app.show_view(view)  # rows mounted by the first view render with the second
+        await pilot.pause()
+
+    return run_before

@@ -19,7 +19,7 @@ from polarkvd.errors import ErrorCode, PolarKVError
 from polarkvd.tui import model as M
 from polarkvd.tui import panels
 from polarkvd.tui.app import PolarKVApp
-from tests.tui.conftest import screen_text, until
+from tests.tui.conftest import screen_text, showing, until
 from tests.tui.recorded import PAGE, SERIES, SOCKET, STATS, UPDATED, VIEW, MiB, _wave
 
 GiB = 1024 * MiB
@@ -90,24 +90,13 @@ def utc(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
     time.tzset()
 
 
-def _peers(view: M.View):  # type: ignore[no-untyped-def]
-    async def run_before(pilot) -> None:  # type: ignore[no-untyped-def]
-        await pilot.press("4")
-        pilot.app.show_view(view)
-        await pilot.pause()
-        pilot.app.show_view(view)  # sized panels render at their width with the second view
-        await pilot.pause()
-
-    return run_before
-
-
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize(
     "view", [pytest.param(STANDALONE_VIEW, id="standalone"), pytest.param(CLUSTER_VIEW, id="cluster")]
 )
 def test_peers_screen(snap_compare, utc, view: M.View, size: tuple[int, int]) -> None:
     app = PolarKVApp(SOCKET, connect=False, clock=lambda: UPDATED)
-    assert snap_compare(app, terminal_size=size, run_before=_peers(view))
+    assert snap_compare(app, terminal_size=size, run_before=showing("4", view))
 
 
 # ---------------------------------------------------------------------------------------- pure parts

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from polarkvd.tui.app import PolarKVApp
+from tests.tui.conftest import showing
 from tests.tui.recorded import DISCONNECTED, SOCKET, UPDATED, VIEW
 
 SIZES = [(80, 24), (132, 40)]
@@ -31,31 +32,19 @@ def _app() -> PolarKVApp:
     return app
 
 
-def _showing(keys: str, view=VIEW):  # type: ignore[no-untyped-def]
-    async def run_before(pilot) -> None:  # type: ignore[no-untyped-def]
-        for key in keys.split():
-            await pilot.press(key)
-        pilot.app.show_view(view)
-        await pilot.pause()
-        pilot.app.show_view(view)  # rows mounted by the first view render with the second
-        await pilot.pause()
-
-    return run_before
-
-
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize(
     "screen, keys",
     [("overview", ""), ("tuning", "2"), ("pages", "3"), ("peers", "4"), ("help", "question_mark")],
 )
 def test_screen(snap_compare, screen: str, keys: str, size: tuple[int, int]) -> None:
-    assert snap_compare(_app(), terminal_size=size, run_before=_showing(keys))
+    assert snap_compare(_app(), terminal_size=size, run_before=showing(keys, VIEW))
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_disconnected(snap_compare, size: tuple[int, int]) -> None:
-    assert snap_compare(_app(), terminal_size=size, run_before=_showing("", DISCONNECTED))
+    assert snap_compare(_app(), terminal_size=size, run_before=showing("", DISCONNECTED))
 
 
 def test_pages_sorted_by_hits(snap_compare) -> None:
-    assert snap_compare(_app(), terminal_size=(80, 24), run_before=_showing("3 s"))
+    assert snap_compare(_app(), terminal_size=(80, 24), run_before=showing("3 s", VIEW))
