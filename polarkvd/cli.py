@@ -242,7 +242,10 @@ def cmd_evict(args: argparse.Namespace) -> int:
         return 2
     with _control(args) as c:
         freed = c.evict(args.tier, nbytes)
-    print(f"evicted {format_size(freed)} from {args.tier}")
+    if args.tier == "vram":
+        print(f"moved {format_size(freed)} of L1 pages to DRAM")
+    else:
+        print(f"evicted {format_size(freed)} from {args.tier}")
     return 0
 
 
@@ -383,8 +386,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--force", action="store_true", help="overwrite an existing file")
     sp.set_defaults(fn=cmd_keygen)
 
-    sp = sub.add_parser("evict", help="evict pages from a tier now (DRAM pages are demoted to disk)")
-    sp.add_argument("--tier", choices=["dram", "disk"], required=True)
+    sp = sub.add_parser(
+        "evict",
+        help="evict pages from a tier now (L1 pages move to DRAM, DRAM pages are demoted to disk)",
+    )
+    sp.add_argument("--tier", choices=["vram", "dram", "disk"], required=True)
     sp.add_argument("--bytes", required=True, help="how much to free, e.g. 1G, 512MiB")
     control_args(sp)
     sp.set_defaults(fn=cmd_evict)

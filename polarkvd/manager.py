@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from polarkvd.config import Config
+from polarkvd.config import Config, format_size
 from polarkvd.errors import (
     ErrorCode,
     NamespaceError,
@@ -1383,6 +1383,28 @@ class Manager:
         if self.disk is None:
             return 0
         return await asyncio.get_running_loop().run_in_executor(self.executor, self.disk.evict_bytes, nbytes)
+
+    async def evict_vram(self, nbytes: int, *, batch_bytes: int = 256 << 20) -> int:
+        """Operator eviction from L1: move at least `nbytes` of unpinned L1 pages to DRAM (as a
+        demotion under pressure does: L1's policy order, leaves first, batched copies), or every page
+        that can move. Returns the bytes of L1 freed. Pages pinned by a lease stay; so do pages DRAM has
+        no room for (the call then ends short)."""
+        if self.vram is None:
+            raise PolarKVError("this daemon has no L1 (VRAM) tier", code=ErrorCode.BAD_VALUE)
+        freed = 0
+        while freed < nbytes:
+            victims = self._vram_victims(min(batch_bytes, nbytes - freed), 1)
+            sizes = [p.size for p in victims]
+            futs = self._start_vram_demotion(victims) if victims else []
+            if not futs:
+                break
+            moved = await asyncio.gather(*futs)
+            freed += sum(size for size, ok in zip(sizes, moved) if ok)
+            if not all(moved):
+                break
+        if freed:  # counted with every demotion in demoted_pages_vram / demoted_bytes_vram
+            log.info("operator: moved %s of L1 pages to DRAM", format_size(freed))
+        return freed
 
     def set_policy(self, tier: Tier, name: str) -> None:
         if tier is Tier.DRAM:

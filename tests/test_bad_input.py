@@ -404,6 +404,7 @@ def test_bad_control_requests(healthy: Healthy, raw_control: Raw) -> None:
     err(raw_control.call("evict", {"tier": "dram", "bytes": -1}), ErrorCode.BAD_REQUEST)
     err(raw_control.call("evict", {"tier": "dram", "bytes": "lots"}), ErrorCode.BAD_REQUEST)
     err(raw_control.call("evict", {"tier": "dram"}), ErrorCode.BAD_REQUEST)
+    err(raw_control.call("evict", {"tier": "vram", "bytes": 1 << 20}), ErrorCode.BAD_VALUE)  # no L1 here
     err(raw_control.call("set_knobs", {"knobs": []}), ErrorCode.BAD_REQUEST)
     err(raw_control.call("set_knobs", {}), ErrorCode.BAD_REQUEST)
     err(raw_control.call("set_knobs", {"knobs": {"dram.capacity": "1GiB"}}), ErrorCode.BAD_VALUE)  # not live

@@ -20,7 +20,7 @@ from polarkvd.types import Tier
 
 log = logging.getLogger(__name__)
 
-_TIERS = {"dram": Tier.DRAM, "disk": Tier.DISK}
+_TIERS = {"vram": Tier.VRAM, "dram": Tier.DRAM, "disk": Tier.DISK}
 _MAX_TOP = 1000
 
 
@@ -50,6 +50,8 @@ def control_handlers(
             raise ProtocolError("bytes must be a non-negative integer")
         if tier is Tier.DRAM:
             freed = manager.evict_bytes(tier, nbytes)
+        elif tier is Tier.VRAM:
+            freed = await manager.evict_vram(nbytes)
         else:
             freed = await manager.evict_disk(nbytes)
         return {"freed_bytes": freed}

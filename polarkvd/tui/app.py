@@ -305,6 +305,8 @@ class PolarKVApp(App[None]):
         for tier in ("dram", "disk"):
             for policy in POLICY_NAMES:
                 yield SystemCommand(f"Set {tier} policy to {policy}", f"{tier}.policy = {policy}, live", lambda t=tier, p=policy: self.set_knobs({f"{t}.policy": p}))  # fmt: skip
+        if "vram" in (self.view.stats or {}).get("tiers", {}):
+            yield SystemCommand("Move 10% of L1 to DRAM", "demote the coldest tenth of the GPU tier to DRAM now", lambda: self.action_evict_fraction("vram", 0.1))  # fmt: skip
         yield SystemCommand("Evict 10% of DRAM", "demote the coldest tenth of DRAM to disk now", lambda: self.action_evict_fraction("dram", 0.1))  # fmt: skip
         yield SystemCommand("Reconnect now", "poll the daemon now instead of waiting", self.wake)
 
