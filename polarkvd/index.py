@@ -23,9 +23,11 @@ from polarkvd.policy import PolicyNode
 RESERVED = 0  # slot handed to an engine that is writing it; invisible to lookups
 READY = 1  # committed: visible, loadable, evictable when unpinned and childless
 PROMOTING = 2  # being filled from another tier (disk, a peer, L1); visible to nobody but its loader
-VRAM = 4  # flag: the slot is in the L1 pool (only with RESERVED and READY)
+VRAM = 4  # flag: the slot is in the L1 pool (with RESERVED, READY, and PROMOTING: a peer's page on
+#          its way into an L1 slot by RDMA READ, docs/RDMA.md "GPUDirect")
 RESERVED_VRAM = RESERVED | VRAM
 READY_VRAM = READY | VRAM
+PROMOTING_VRAM = PROMOTING | VRAM
 _TIER_DRAM, _TIER_VRAM = 2, 1  # lookup_table's tier bytes (= types.Tier)
 
 
@@ -87,7 +89,8 @@ class PageIndex:
             self._became_ready(page)
 
     def mark_ready(self, page: Page) -> None:
-        """RESERVED -> READY in the page's own tier; PROMOTING -> READY in DRAM."""
+        """RESERVED -> READY in the page's own tier; PROMOTING -> READY in DRAM; PROMOTING_VRAM ->
+        READY_VRAM."""
         page.state = READY | (page.state & VRAM)
         self._became_ready(page)
 
@@ -95,6 +98,12 @@ class PageIndex:
         """A READY page starts moving to DRAM slot `offset` (L1 -> L2): PROMOTING, so lookups stop
         seeing it and loads wait for it, until `mark_ready` (moved) or `restore_vram` (failed)."""
         self._left_ready(page)
+        page.state = PROMOTING
+        page.offset = offset
+
+    def land_in_dram(self, page: Page, offset: int) -> None:
+        """A page on its way into L1 (PROMOTING_VRAM) will arrive in DRAM slot `offset` instead."""
+        assert page.state == PROMOTING_VRAM
         page.state = PROMOTING
         page.offset = offset
 

@@ -18,6 +18,10 @@ In L1 (docs/VRAM.md):     reserve(tier=VRAM) -> RESERVED_VRAM --commit--> READY_
                           READY_VRAM --demote (unpinned; pressure, a non-L1 loader, drain)-->
                               PROMOTING (DRAM slot taken, pool -> arena copy in the I/O pool)
                               --copied--> READY in DRAM (L1 slot freed)  | --failed--> READY_VRAM
+                          load by an L1 session of a peer's page, RDMA with GPUDirect (docs/RDMA.md) ->
+                              PROMOTING_VRAM (L1 slot) --READ + verified--> READY_VRAM
+                              --RDMA failed--> PROMOTING (DRAM slot; L1 slot freed) --TCP--> READY
+L1 pages are announced to the cluster's meta map with tier VRAM (and as DRAM once demoted there).
 """
 
 from __future__ import annotations
@@ -43,7 +47,17 @@ from polarkvd.errors import (
     PolarKVError,
     ProtocolError,
 )
-from polarkvd.index import PROMOTING, READY, READY_VRAM, RESERVED, RESERVED_VRAM, VRAM, Page, PageIndex
+from polarkvd.index import (
+    PROMOTING,
+    PROMOTING_VRAM,
+    READY,
+    READY_VRAM,
+    RESERVED,
+    RESERVED_VRAM,
+    VRAM,
+    Page,
+    PageIndex,
+)
 from polarkvd.keys import namespace_digest
 from polarkvd.lookup_table import LookupTable
 from polarkvd.policy import EvictionPolicy, make_policy, switch_policy
@@ -499,9 +513,12 @@ class Manager:
             page = session.reserved.pop(key)
             self.index.mark_ready(page)
             if page.state & VRAM:
-                # L1 pages are not written through nor announced to the cluster: both read the
-                # arena. They are, like any DRAM page, once demoted there.
+                # L1 pages are not written through (the disk tier reads the arena): they are once
+                # demoted there. Peers may have them (pool.py: by RDMA from the pool's dma-buf, or
+                # through DRAM), so they are announced with their tier.
                 self.vram_policy.insert(page)  # type: ignore[union-attr]
+                if self.cluster is not None:
+                    self.cluster.page_added(key, Tier.VRAM)
                 in_vram += 1
                 continue
             self.policy.insert(page)
@@ -566,7 +583,7 @@ class Manager:
         """
         pinned, tiers, waits, remote_from = self._pin_prefix(session, keys)
         if remote_from is not None:
-            for page, fut in await self._start_fetches(session.ns, keys[remote_from:]):
+            for page, fut in await self._start_fetches(session.ns, keys[remote_from:], vram=session.vram):
                 page.pins += 1
                 pinned.append(page)
                 tiers.append(Tier.DMP)
@@ -579,6 +596,15 @@ class Manager:
                     del pinned[pos:]
                     del tiers[pos:]
                     break
+            # pages that arrived in L1 (a peer's, READ straight into the pool): their offsets are
+            # in the pool now, and the tier says so (only L1 sessions wait for such pages)
+            landed = 0
+            for pos, _ in waits:
+                if pos < len(pinned) and pinned[pos].state & VRAM:
+                    landed += tiers[pos] is Tier.DMP
+                    tiers[pos] = Tier.VRAM
+            if landed:
+                self.counters["loaded_pages_remote"] += landed  # `_loaded` counts them as L1 loads
         lease = self._loaded(session, keys, pinned, tiers)
         return [p.offset for p in pinned], tiers, lease.id if lease is not None else None
 
@@ -677,9 +703,11 @@ class Manager:
                 # a tier says where the offset is: VRAM the pool, anything else the arena
                 tiers.append(Tier.VRAM if page.state & VRAM and session.vram else Tier.DRAM)
                 continue
-            if page is not None and page.state == PROMOTING:
+            if page is not None and page.state & ~VRAM == PROMOTING:
                 fut = self._promotions.get(key)
-                if fut is None:
+                # a page landing in L1 may still move to DRAM (an RDMA fallback): only a plain load
+                # of an L1 session, whose offsets are read after the wait, can wait for it
+                if fut is None or (page.state & VRAM and (not session.vram or from_disk is not None)):
                     break
                 page.pins += 1
                 pinned.append(page)
@@ -752,13 +780,21 @@ class Manager:
             session.hit_pages += n
         return tiers + [Tier.DMP] * n
 
-    async def _start_fetches(self, ns: NamespaceInfo, keys: list[bytes], layered: bool = False) -> list[Any]:
+    async def _start_fetches(
+        self, ns: NamespaceInfo, keys: list[bytes], layered: bool = False, vram: bool = False
+    ) -> list[Any]:
         """Start pulling the longest prefix of `keys` that peers hold into new DRAM slots.
 
         Holders come from the lookup that preceded this load, or from a fresh meta map query.
         Pages arrive in batches per holder, several batches in flight; each page's future says
         whether its bytes arrived verified. With `layered`, nothing is sent yet: the caller gets
         (page, future, holder) and runs `_fetch_layered`.
+
+        With `vram` (the loading session attached with L1) and RDMA able to write into our pool
+        (`cluster.vram_landing()`: the pool registered as a dma-buf), pages get L1 slots while the
+        pool has room (PROMOTING_VRAM) and are READ straight into them (GPUDirect); `_fetch` moves
+        them to DRAM slots when that cannot be done. Never for `layered` loads: their offsets go to
+        the engine before the bytes arrive, so they cannot change tier on the way.
         """
         hints = self.cluster.hints
         holders = []
@@ -771,24 +807,37 @@ class Manager:
             holders = await self.cluster.locate(keys)
         loop = asyncio.get_running_loop()
         started: list[tuple[Page, asyncio.Future[bool]]] = []
+        pool = self.vram if vram and not layered and self.cluster.vram_landing() else None
         for key in keys[: len(holders)]:
             if key in self.index:  # appeared meanwhile (another load of the same prefix)
                 break
-            offset = self._alloc(ns.slot_bytes)
-            if offset is None:
-                break
-            page = Page(key, ns.id, offset, ns.ns.page_bytes, None, PROMOTING)
+            offset = pool.alloc(ns.ns.page_bytes) if pool is not None else None
+            if offset is not None:
+                page = Page(key, ns.id, offset, ns.ns.page_bytes, None, PROMOTING_VRAM)
+            else:
+                pool = None  # full: DRAM for the rest (a fetch never waits for a demotion)
+                offset = self._alloc(ns.slot_bytes)
+                if offset is None:
+                    break
+                page = Page(key, ns.id, offset, ns.ns.page_bytes, None, PROMOTING)
             self.index.add(page)
             fut: asyncio.Future[bool] = loop.create_future()
             self._promotions[key] = fut
             started.append((page, fut))
+        if pool is not None or (vram and self.vram is not None):
+            self.schedule_vram_demotion()  # above vram.high_watermark now? (a no-op below it)
         if layered:
             return [(page, fut, holders[i][0]) for i, (page, fut) in enumerate(started)]
         batch: list[tuple[Page, asyncio.Future[bool]]] = []
         for i, item in enumerate(started):
             batch.append(item)
             last = i + 1 == len(started)
-            if last or len(batch) == self.cluster.fetch_batch or holders[i + 1][0] != holders[i][0]:
+            if (
+                last
+                or len(batch) == self.cluster.fetch_batch
+                or holders[i + 1][0] != holders[i][0]
+                or started[i + 1][0].state != item[0].state  # a batch lands in one tier
+            ):
                 task = asyncio.ensure_future(self._fetch(ns, holders[i][0], batch))
                 self._cluster_tasks.add(task)
                 task.add_done_callback(self._cluster_tasks.discard)
@@ -798,13 +847,31 @@ class Manager:
     async def _fetch(
         self, ns: NamespaceInfo, holder: str, batch: list[tuple[Page, asyncio.Future[bool]]]
     ) -> None:
-        views = [self.arena[p.offset : p.offset + p.size] for p, _ in batch]
         sums: list[int | None] = []
-        try:
-            results = await self.cluster.fetch(holder, ns.digest, [p.key for p, _ in batch], views, sums=sums)
-        except Exception as e:  # never leave a loader waiting
-            log.error("cluster: fetch from %s failed: %r", holder, e)
-            results = [False] * len(batch)
+        results: list[Any] | None = None
+        if batch and batch[0][0].state == PROMOTING_VRAM:
+            try:
+                results = await self.cluster.fetch_into_vram(
+                    holder, ns.digest, [p.key for p, _ in batch], [p.offset for p, _ in batch], ns.ns.page_bytes, sums
+                )  # fmt: skip
+            except Exception as e:  # the DRAM path below still delivers
+                log.error("cluster: fetch from %s into L1 failed: %r", holder, e)
+                results = None
+            if results is None:  # not over RDMA into L1: the same pages into DRAM, in this call
+                batch = self._land_in_dram_instead(ns, batch)
+                sums = []
+            else:
+                n = sum(r is not False for r in results)
+                self.counters["fetched_pages_vram"] += n
+        if results is None:
+            views = [self.arena[p.offset : p.offset + p.size] for p, _ in batch]
+            try:
+                results = await self.cluster.fetch(
+                    holder, ns.digest, [p.key for p, _ in batch], views, sums=sums
+                )
+            except Exception as e:  # never leave a loader waiting
+                log.error("cluster: fetch from %s failed: %r", holder, e)
+                results = [False] * len(batch)
         for i, ((page, fut), parent) in enumerate(zip(batch, results)):
             if parent is False:
                 self._finish_promotion(page, fut, PageNotFound("remote fetch failed"), on_disk=False)
@@ -814,6 +881,27 @@ class Manager:
                 self.counters["fetched_pages_remote"] += 1
                 self.counters["fetched_bytes_remote"] += page.size
                 self._finish_promotion(page, fut, None, on_disk=False)
+
+    def _land_in_dram_instead(
+        self, ns: NamespaceInfo, batch: list[tuple[Page, asyncio.Future[bool]]]
+    ) -> list[tuple[Page, asyncio.Future[bool]]]:
+        """Pages meant to arrive in L1 get DRAM slots instead (their L1 slots are freed: nothing
+        writes there any more, the RDMA attempt is over). Pages no DRAM slot is found for end the
+        prefix: they and those after them fail. Returns the pages that go on, in order."""
+        out: list[tuple[Page, asyncio.Future[bool]]] = []
+        for i, (page, fut) in enumerate(batch):
+            offset = self._alloc(ns.slot_bytes)
+            if offset is None:
+                for p, f in batch[i:]:
+                    self._finish_promotion(
+                        p, f, PageNotFound("no DRAM slot for a remote page"), on_disk=False
+                    )
+                break
+            self.vram.free(page.offset)  # type: ignore[union-attr]
+            self.index.land_in_dram(page, offset)
+            out.append((page, fut))
+        self.counters["fetch_vram_to_dram_pages"] += len(batch)
+        return out
 
     def _fetch_layered(
         self,
@@ -893,24 +981,40 @@ class Manager:
                     self._finish_promotion(page, fut, PageNotFound("remote fetch failed"), on_disk=False)
 
     def promote_for_peer(
-        self, ns_digest: bytes, keys: list[bytes], held_elsewhere: Callable[[bytes], bool]
+        self,
+        ns_digest: bytes,
+        keys: list[bytes],
+        held_elsewhere: Callable[[bytes], bool],
+        *,
+        vram_ok: bool = False,
+        from_vram: list[bytes] | None = None,
     ) -> list[asyncio.Future[bool]]:
-        """A peer asks for `keys`: start bringing the disk pages of the longest prefix held here into
-        DRAM, so they can be sent like DRAM pages. Returns the futures of pages on their way (True:
-        in DRAM now). Pages in DRAM, and keys `held_elsewhere` (the lent DMP region), need nothing;
-        the walk stops at the first key held nowhere here. A namespace no engine attached to since
-        this daemon started is not known here (its page size and slots): nothing is promoted, and
-        its disk pages are announced only once one does (`ClusterPool.announce_disk_pages`)."""
+        """A peer asks for `keys`: start bringing the disk pages and the L1 pages of the longest
+        prefix held here into DRAM, so they can be sent like DRAM pages. Returns the futures of
+        pages on their way (True: in DRAM now). Pages in DRAM, keys `held_elsewhere` (the lent DMP
+        region) and, with `vram_ok` (the peer READs our pool directly), L1 pages need nothing; the
+        walk stops at the first key held nowhere here, and at an L1 page that is pinned (an engine
+        reading it, a peer's lease): it cannot move now. L1 pages go down through the demotion path
+        engines without L1 use (`_start_vram_demotion`, one batch); their keys go to `from_vram`. A
+        namespace no engine attached to since this daemon started is not known here (its page size
+        and slots): nothing is promoted, and its disk pages are announced only once one does
+        (`ClusterPool.announce_disk_pages`)."""
         info = self.namespaces.get(ns_digest)
         if info is None:
             return []
         futs: list[asyncio.Future[bool]] = []
+        to_dram: list[Page] = []
         for key in keys:
             page = self.index.get(key)
             if page is not None:
-                fut = self._promotions.get(key) if page.state == PROMOTING else None
-                if page.state == READY:
+                if page.state == READY or (page.state == READY_VRAM and vram_ok):
                     continue
+                if page.state == READY_VRAM:
+                    if page.pins or page.ns != info.id:
+                        break
+                    to_dram.append(page)
+                    continue
+                fut = self._promotions.get(key) if page.state & ~VRAM == PROMOTING else None
                 if fut is None:
                     break
                 futs.append(fut)
@@ -924,6 +1028,12 @@ class Manager:
                 break
             futs.append(promoted[1])
             self.counters["promoted_pages_for_peers"] += 1
+        if to_dram and self.vram is not None:
+            moved = self._start_vram_demotion(to_dram)
+            futs.extend(moved)
+            self.counters["demoted_pages_vram_for_peers"] += len(moved)
+            if from_vram is not None:
+                from_vram.extend(p.key for p in to_dram[: len(moved)])
         return futs
 
     def _on_disk_any_ns(self, key: bytes) -> bool:
@@ -1023,12 +1133,13 @@ class Manager:
         self, page: Page, fut: asyncio.Future[bool], error: BaseException | None, *, on_disk: bool
     ) -> None:
         self._promotions.pop(page.key, None)
+        in_vram = bool(page.state & VRAM)  # a peer's page READ into L1 (GPUDirect)
         if error is None:
             page.on_disk = on_disk
             self.index.mark_ready(page)
-            self.policy.insert(page)
+            (self.vram_policy if in_vram else self.policy).insert(page)  # type: ignore[union-attr]
             if self.cluster is not None:
-                self.cluster.page_added(page.key, Tier.DRAM)
+                self.cluster.page_added(page.key, Tier.VRAM if in_vram else Tier.DRAM)
             self.counters["promoted_pages"] += 1
             self.counters["promoted_bytes"] += page.size
             fut.set_result(True)
@@ -1040,7 +1151,10 @@ class Manager:
             log.error("promotion of %s failed: %r", page.key.hex(), error)
         self.counters["promotion_failures"] += 1
         self.index.remove(page.key)
-        self.allocator.free(page.offset, slot_size(page.size))
+        if in_vram:
+            self.vram.free(page.offset)  # type: ignore[union-attr]
+        else:
+            self.allocator.free(page.offset, slot_size(page.size))
         fut.set_result(False)
 
     def release(self, session: Session, lease_id: int) -> int:
@@ -1215,8 +1329,9 @@ class Manager:
                 self.vram.free(pool_offset)  # type: ignore[union-attr]
                 self.index.mark_ready(page)  # PROMOTING -> READY in DRAM
                 self.policy.insert(page)
-                if self.cluster is not None:
+                if self.cluster is not None:  # still ours, one tier down (added first: never a gap)
                     self.cluster.page_added(page.key, Tier.DRAM)
+                    self.cluster.page_removed(page.key, Tier.VRAM)
                 self.counters["demoted_pages_vram"] += 1
                 self.counters["demoted_bytes_vram"] += page.size
             else:

@@ -13,7 +13,12 @@ Owns the data side of cluster membership:
 - the RDMA page path (docs/RDMA.md): the device opened at start with the DRAM arena and the DMP
   region registered (or TCP, with the reason, when that fails), one queue pair per peer, fetches
   as pin + one-sided READs + checksum check + unpin, and any RDMA failure answered by the same
-  fetch over TCP at once (`transport.rdma.PeerTransports` decides when RDMA is tried again).
+  fetch over TCP at once (`transport.rdma.PeerTransports` decides when RDMA is tried again);
+- GPUDirect (docs/RDMA.md "GPUDirect"): with an L1 pool, the pool exported as a dma-buf and
+  registered as region `vram`, so peers READ our L1 pages straight from GPU memory and our L1
+  sessions' remote pages are READ straight into L1 slots (`fetch_into_vram`), their checksums
+  computed through a bounded host staging buffer (`tiers.vram.Staging`). Without that region, L1
+  pages are moved to DRAM (the manager's demotion path) before they are sent.
 
 Threads: the manager, the meta map, the DMP store and membership live on the event loop. Peer
 requests arrive on transport threads and hop to the loop for every state change (`_on_loop`);
@@ -30,6 +35,7 @@ import concurrent.futures
 import dataclasses
 import itertools
 import logging
+import os
 import secrets
 import threading
 import time
@@ -43,7 +49,7 @@ from polarkvd.cluster.membership import Event, EventKind, Member, State
 from polarkvd.cluster.metamap import MetaMap, decode_batch, encode_batches
 from polarkvd.config import Config, split_address
 from polarkvd.errors import ConfigError, ErrorCode, PageNotFound, PolarKVError, ProtocolError
-from polarkvd.index import READY
+from polarkvd.index import READY, READY_VRAM
 from polarkvd.tiers.dmp import DmpStore
 from polarkvd.transport.pipeline import LAYER_GROUPS
 from polarkvd.transport.rdma import (
@@ -93,13 +99,29 @@ class _Pinned:
     """One page pinned for a peer: where it is here, and how to let it go."""
 
     key: bytes
-    region: str  # "dram" (the arena) or "dmp" (the region we lend)
+    region: str  # "dram" (the arena), "dmp" (the region we lend) or "vram" (the L1 pool, GPUDirect)
     offset: int  # of the whole page in that region
     size: int  # of the whole page
     parent: bytes | None
     holder: Any  # the Page or DmpEntry (keeps the page's checksum)
     release: Callable[[], None]
-    view: memoryview  # the whole page, or the layer slice asked for
+    view: memoryview | None  # the whole page, or the layer slice asked for (None in L1: no host view)
+    span: tuple[int, int] = (0, 0)  # in L1: (pool offset, length) of what is sent
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.view) if self.view is not None else self.span[1]
+
+
+@dataclasses.dataclass
+class _Dest:
+    """Where a fetch over RDMA lands: a local registered region, each page's slot start in it,
+    the bytes each page receives, and how to hash what landed (first n pages)."""
+
+    region: str
+    slots: list[int]
+    lengths: list[int]
+    digest: Callable[[int], list[int]]
 
 
 @dataclasses.dataclass
@@ -201,6 +223,9 @@ class ClusterPool:
         self._lease_ids = itertools.count(1)
         self.lease_seconds = rdma_lease_seconds(self.c.fetch_timeout)
         self.last_fallback = ""
+        # GPUDirect: the L1 pool registered as region "vram", or why not (said once at start)
+        self.staging: Any = None  # tiers.vram.Staging while the region is registered
+        self.vram_reason = "no L1 pool" if manager.vram is None else "RDMA is off"
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -273,6 +298,7 @@ class ClusterPool:
                     "cluster: RDMA on %s port %s: DRAM arena%s registered for remote READ",
                     choice.device, choice.port, " and lent DMP region" if self.dmp is not None else "",
                 )  # fmt: skip
+                self._register_vram(dev)
             except (RdmaError, ValueError, OSError) as e:
                 if choice.setting == "rdma":
                     raise ConfigError(
@@ -282,6 +308,41 @@ class ClusterPool:
                 choice = TransportChoice(TransportKind.TCP, f"opening the device failed: {e}", choice.setting)
         self.choice = choice
         self.transports = PeerTransports(choice, clock=self.clock)
+
+    def _register_vram(self, dev: RdmaDevice) -> None:
+        """GPUDirect: the L1 pool as RDMA region "vram" (a dma-buf exported by the CUDA driver),
+        readable by peers and writable by our own READs. Anything that stops it (runtime API, an
+        old driver, a GPU or kernel without dma-buf, a NIC or pyverbs without dma-buf registration)
+        is logged once with the reason; L1 and RDMA into DRAM work on regardless."""
+        pool = self.manager.vram
+        if pool is None:
+            return
+        from polarkvd.tiers.vram import CudaError, Staging
+
+        try:
+            fd = pool.export_dmabuf()
+            try:
+                dev.register_dmabuf("vram", fd, pool.capacity)
+            finally:
+                os.close(fd)  # the registration holds its own reference to the dma-buf
+            try:
+                self.staging = Staging(pool)
+            except BaseException:
+                dev.deregister("vram")
+                raise
+        except (CudaError, RdmaError, OSError, ValueError) as e:
+            self.vram_reason = f"not registered: {e}"
+            log.warning(
+                "cluster: L1 is not RDMA-readable (%s); L1 pages are served through DRAM and remote "
+                "pages land in DRAM", e,
+            )  # fmt: skip
+            return
+        self.vram_reason = "registered"
+        log.info("cluster: L1 pool (%d bytes) registered for RDMA as a dma-buf (GPUDirect)", pool.capacity)
+
+    def vram_landing(self) -> bool:
+        """Whether remote pages can be READ straight into L1 slots (the pool is registered)."""
+        return self.staging is not None and self.rdma is not None
 
     async def stop(self) -> None:
         self._closing = True
@@ -298,8 +359,14 @@ class ClusterPool:
             await self.loop.run_in_executor(None, lambda: self.net.shutdown(wait=True, cancel_futures=True))
         self.client.close()
         self.net.shutdown(wait=False, cancel_futures=True)
+        if self.staging is not None:  # no user left: the network threads are done
+            try:
+                self.staging.close()
+            except Exception as e:  # noqa: BLE001 - the device and the DMP region still go
+                log.error("cluster: closing the L1 staging buffer failed: %s", e)
+            self.staging = None
         if self.rdma is not None:
-            self.rdma.close()  # before the DMP region and the arena it registered are unmapped
+            self.rdma.close()  # before the DMP region, the arena and the L1 pool it registered go
             self.rdma = None
         if self.dmp is not None:
             self.dmp.close()
@@ -455,7 +522,8 @@ class ClusterPool:
             offers = member is not None and isinstance(member.meta, dict) and member.meta.get("rdma") == 1
             if self.transports.choose(holder, offers) is TransportKind.RDMA:
                 try:
-                    return await self._fetch_rdma(holder, addr, ns, keys, views, layers, sums)
+                    dest = self._dram_dest(views[: len(keys)], layers)
+                    return await self._fetch_rdma(holder, addr, ns, keys, dest, layers, sums)
                 except _Fallback as e:
                     if sums is not None:
                         del sums[:]
@@ -463,10 +531,71 @@ class ClusterPool:
                         self._rdma_failed(holder, str(e))
         return await self._fetch_tcp(holder, addr, ns, keys, views, layers, sums)
 
-    def _count_fetched(self, kind: str, views: Sequence[memoryview], n: int, layers: Any) -> None:
+    async def fetch_into_vram(
+        self,
+        holder: str,
+        ns: bytes,
+        keys: list[bytes],
+        offsets: list[int],
+        page_bytes: int,
+        sums: list[int | None] | None = None,
+    ) -> list[bytes | None | bool] | None:
+        """GPUDirect: READ whole pages from `holder` straight into our L1 pool at `offsets`, verified
+        through the staging buffer. Per key its parent (verified) or False, as `fetch`; None when
+        it could not be done this way (no registered L1 region, the holder offers no RDMA or is in
+        back-off, or the attempt failed: counted and backed off like any RDMA failure), and the
+        caller then fetches the same pages into DRAM (over TCP after a failure)."""
+        member = self.members.get(holder)
+        addr = self._data_addr(member) if member else None
+        if addr is None or not keys or not self.vram_landing():
+            return None
+        offers = member is not None and isinstance(member.meta, dict) and member.meta.get("rdma") == 1
+        if self.transports.choose(holder, offers) is not TransportKind.RDMA:
+            return None
+        lengths = [page_bytes] * len(keys)
+        staging = self.staging
+        hashed = [0]  # bytes copied to the host to verify (network thread; counted on the loop)
+
+        def digest(n: int) -> list[int]:
+            hashed[0] += sum(lengths[:n])
+            return staging.checksums([(offsets[i], lengths[i]) for i in range(n)])
+
+        try:
+            return await self._fetch_rdma(
+                holder, addr, ns, keys, _Dest("vram", list(offsets), lengths, digest), None, sums
+            )
+        except _Fallback as e:
+            if sums is not None:
+                del sums[:]
+            if e.failure:
+                self._rdma_failed(holder, str(e))
+            self.counters["cluster_vram_landing_fallbacks"] += 1
+            return None
+        finally:
+            self.counters["cluster_vram_verify_bytes"] += hashed[0]
+
+    def _dram_dest(self, views: list[memoryview], layers: tuple[int, int, int] | None) -> _Dest:
+        """Arena slices as an RDMA destination (a view outside the registered arena: not applicable)."""
+        assert self.rdma is not None
+        local = self.rdma.regions["dram"]
+        lo, lb = (layers[0], layers[2]) if layers is not None else (0, 0)
+        slots: list[int] = []  # where each page's slot starts in our arena
+        for v in views:
+            try:
+                at = buffer_address(v) - local.base - lo * lb
+            except (ValueError, TypeError):
+                at = -1
+            if at < 0 or at + lo * lb + len(v) > local.length:
+                raise _Fallback("destination outside the registered arena", failure=False)
+            slots.append(at)
+        return _Dest(
+            "dram", slots, [len(v) for v in views], lambda n: [xxhash.xxh3_64_intdigest(v) for v in views[:n]]
+        )
+
+    def _count_fetched(self, kind: str, lengths: Sequence[int], n: int, layers: Any) -> None:
         if layers is None or layers[0] == 0:
             self.counters[f"cluster_fetched_pages_{kind}"] += n
-        self.counters[f"cluster_fetched_bytes_{kind}"] += sum(len(v) for v in views[:n])
+        self.counters[f"cluster_fetched_bytes_{kind}"] += sum(lengths[:n])
 
     async def _fetch_tcp(
         self,
@@ -506,7 +635,7 @@ class ClusterPool:
             p = parents[i]
             out[i] = p if isinstance(p, bytes) and len(p) == KEY_BYTES else None
             n += 1
-        self._count_fetched("tcp", views, n, layers)
+        self._count_fetched("tcp", [len(v) for v in views], n, layers)
         return out
 
     # ------------------------------------------------------------------ fetch over RDMA
@@ -585,24 +714,15 @@ class ClusterPool:
         addr: str,
         ns: bytes,
         keys: list[bytes],
-        views: list[memoryview],
+        dest: _Dest,
         layers: tuple[int, int, int] | None,
         sums: list[int | None] | None,
     ) -> list[bytes | None | bool]:
-        """pin -> READ the slices -> verify each page's xxh3_64 -> unpin. Raises _Fallback."""
+        """pin -> READ the slices into `dest` -> verify each page's xxh3_64 -> unpin. Raises _Fallback."""
         assert self.rdma is not None
         deadline = time.monotonic() + self.c.fetch_timeout
-        local = self.rdma.regions["dram"]
         lo, hi, lb = layers if layers is not None else (0, 1, 0)
-        slots: list[int] = []  # where each page's slot starts in our arena
-        for v in views[: len(keys)]:
-            try:
-                at = buffer_address(v) - local.base - lo * lb
-            except (ValueError, TypeError):
-                at = -1
-            if at < 0 or at + lo * lb + len(v) > local.length:
-                raise _Fallback("destination outside the registered arena", failure=False)
-            slots.append(at)
+        slots = dest.slots
         lease: int | None = None
         try:
             ep, epoch = await self.loop.run_in_executor(
@@ -627,10 +747,10 @@ class ClusterPool:
                 ep, epoch = await self.loop.run_in_executor(
                     self.net, lambda: self._endpoint(holder, addr, deadline, stale=ep)
                 )
-            refs, expect, parents = self._plan_pages(ep, pages, views, layers)
+            refs, expect, parents = self._plan_pages(ep, pages, dest.lengths, layers)
             if not refs:
                 return [False] * len(keys)
-            size = (hi - lo) * lb if layers is not None else len(views[0])
+            size = (hi - lo) * lb if layers is not None else dest.lengths[0]
             ops = plan_reads(
                 [PageRef(r, slots[i], k) for i, (r, k) in enumerate(refs)],
                 (lo, hi) if layers is not None else (0, 1),
@@ -641,11 +761,11 @@ class ClusterPool:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise RdmaTimeout("rdma: no time left to READ")
-            await self.loop.run_in_executor(self.net, lambda: ep.read_ops(ops, region="dram", timeout=left))
-            n = len(refs)
-            got = await self.loop.run_in_executor(
-                self.net, lambda: [xxhash.xxh3_64_intdigest(v) for v in views[:n]]
+            await self.loop.run_in_executor(
+                self.net, lambda: ep.read_ops(ops, region=dest.region, timeout=left)
             )
+            n = len(refs)
+            got = await self.loop.run_in_executor(self.net, lambda: dest.digest(n))
         except _Fallback:
             raise
         except (PolarKVError, OSError, ValueError, asyncio.TimeoutError) as e:
@@ -664,12 +784,14 @@ class ClusterPool:
         self.transports.succeeded(holder)
         if sums is not None:
             sums.extend(got)
-        self._count_fetched("rdma", views, n, layers)
+        self._count_fetched("rdma", dest.lengths, n, layers)
+        if dest.region == "vram":
+            self._count_fetched("vram_rdma", dest.lengths, n, layers)
         return [*parents, *[False] * (len(keys) - n)]
 
     @staticmethod
     def _plan_pages(
-        ep: RdmaEndpoint, pages: list[Any], views: list[memoryview], layers: tuple[int, int, int] | None
+        ep: RdmaEndpoint, pages: list[Any], lengths: list[int], layers: tuple[int, int, int] | None
     ) -> tuple[list[tuple[int, int]], list[int], list[bytes | None]]:
         """Validate the holder's pin reply: per usable page (remote address, rkey), the expected
         checksum and the parent. A page whose size does not fit our slot ends the prefix there."""
@@ -677,7 +799,7 @@ class ClusterPool:
         refs: list[tuple[int, int]] = []
         expect: list[int] = []
         parents: list[bytes | None] = []
-        for page, view in zip(pages, views):
+        for page, length in zip(pages, lengths):
             if not (isinstance(page, list) and len(page) == 5):
                 raise ProtocolError("bad pin reply: a page is [region, offset, size, checksum, parent]")
             name, offset, size, checksum, parent = page
@@ -689,9 +811,9 @@ class ClusterPool:
                 raise ProtocolError("bad pin reply: parent")
             if layers is not None:
                 lo, hi, lb = layers
-                fits = size % lb == 0 and hi * lb <= size and len(view) == (hi - lo) * lb
+                fits = size % lb == 0 and hi * lb <= size and length == (hi - lo) * lb
             else:
-                fits = size == len(view) == len(views[0])
+                fits = size == length == lengths[0]
             if not fits:
                 break
             region = ep.peer.region(name)
@@ -789,26 +911,35 @@ class ClusterPool:
         if not isinstance(ns, bytes):
             raise ProtocolError("get needs ns (namespace digest)")
         layers = _layers_arg(args.get("layers"))
-        self._from_disk_first(ns, keys)
-        return self._on_loop(lambda: self._pin_for_send(ns, keys, layers))
+        from_vram: list[bytes] = []
+        self._to_dram_first(ns, keys, vram_ok=False, from_vram=from_vram)
+        return self._on_loop(lambda: self._pin_for_send(ns, keys, layers, set(from_vram)))
 
-    def _from_disk_first(self, ns: bytes, keys: list[bytes]) -> None:
+    def _to_dram_first(
+        self, ns: bytes, keys: list[bytes], *, vram_ok: bool, from_vram: list[bytes] | None = None
+    ) -> None:
         """Transport thread, before pinning for a peer: when the prefix asked for goes on in our disk
-        tier, promote those pages into DRAM first (waiting at most `fetch_timeout`), so the disk copy
-        serves a peer as well as a DRAM one. A quick look first: pages all in DRAM (or the lent
-        region) cost no trip to the loop."""
+        tier or in L1 (unless `vram_ok`: the peer READs L1 itself), bring those pages into DRAM
+        first (waiting at most `fetch_timeout`), so they serve a peer as well as DRAM pages. L1
+        pages move through the manager's demotion path (`promote_for_peer`); their keys go to
+        `from_vram`. A quick look first: pages all in DRAM (or the lent region, or L1 when
+        `vram_ok`) cost no trip to the loop."""
         m = self.manager
-        if m.disk is None:
+        if m.disk is None and m.vram is None:
             return
         get, dmp = m.index.get, self.dmp
         for key in keys:
             page = get(key)
-            if not (page is not None and page.state == READY) and (dmp is None or dmp.get(key) is None):
+            if not (
+                page is not None and (page.state == READY or (vram_ok and page.state == READY_VRAM))
+            ) and (dmp is None or dmp.get(key) is None):
                 break
         else:
             return
         in_dmp = (lambda k: dmp.get(k) is not None) if dmp is not None else (lambda k: False)
-        futs = self._on_loop(lambda: m.promote_for_peer(ns, keys, in_dmp))
+        futs = self._on_loop(
+            lambda: m.promote_for_peer(ns, keys, in_dmp, vram_ok=vram_ok, from_vram=from_vram)
+        )
         if futs:
 
             async def arrive() -> None:
@@ -816,10 +947,13 @@ class ClusterPool:
 
             asyncio.run_coroutine_threadsafe(arrive(), self.loop).result(self.c.fetch_timeout + 1)
 
-    def _pin_pages(self, ns: bytes, keys: list[bytes], layers: list[int] | None) -> list[_Pinned]:
-        """Pin the longest prefix of `keys` we hold (DRAM first, then the lent DMP region); with
-        `layers`, each view is that layer slice (a page whose size does not fit stops the prefix).
-        On the loop. A pinned page is neither evicted nor its slot reused until released."""
+    def _pin_pages(
+        self, ns: bytes, keys: list[bytes], layers: list[int] | None, vram: bool = False
+    ) -> list[_Pinned]:
+        """Pin the longest prefix of `keys` we hold (DRAM first, then the lent DMP region, and with
+        `vram` L1 pages, answered as region "vram"); with `layers`, each view is that layer slice
+        (a page whose size does not fit stops the prefix). On the loop. A pinned page is neither
+        evicted, demoted nor its slot reused until released."""
         m = self.manager
         out: list[_Pinned] = []
         for key in keys:
@@ -829,6 +963,13 @@ class ClusterPool:
                 view = m.arena[page.offset : page.offset + page.size]
                 out.append(
                     _Pinned(key, "dram", page.offset, page.size, page.parent, page, lambda p=page: m.unpin_page(p), view)
+                )  # fmt: skip
+                continue
+            if vram and page is not None and page.state == READY_VRAM and m.namespace_digest(page.ns) == ns:
+                page.pins += 1  # an L1 page with pins is never demoted nor freed (manager.py)
+                out.append(
+                    _Pinned(key, "vram", page.offset, page.size, page.parent, page,
+                            lambda p=page: m.unpin_page(p), None, (page.offset, page.size))
                 )  # fmt: skip
                 continue
             entry = self.dmp.get(key) if self.dmp is not None else None
@@ -847,7 +988,10 @@ class ClusterPool:
                 p.release()
             out = out[:n]
             for p in out:
-                p.view = p.view[lo * lb : hi * lb]
+                if p.view is not None:
+                    p.view = p.view[lo * lb : hi * lb]
+                else:
+                    p.span = (p.offset + lo * lb, (hi - lo) * lb)
         return out
 
     def _known_sums(self, pinned: list[_Pinned], layers: list[int] | None) -> list[int | None]:
@@ -879,14 +1023,26 @@ class ClusterPool:
             if c is not None:
                 kept[(p.key, lo, hi)] = (p.holder, c)
 
-    def _pin_for_send(self, ns: bytes, keys: list[bytes], layers: list[int] | None = None) -> Reply:
-        """`get`: pin what we hold of `keys`, send it, unpin once sent."""
+    def _pin_for_send(
+        self,
+        ns: bytes,
+        keys: list[bytes],
+        layers: list[int] | None = None,
+        from_vram: set[bytes] = frozenset(),  # type: ignore[assignment]
+    ) -> Reply:
+        """`get`: pin what we hold of `keys`, send it, unpin once sent. `from_vram`: keys that were
+        in L1 when asked for (moved to DRAM for this), counted as served from L1 over TCP."""
         pinned = self._pin_pages(ns, keys, layers)
         views = [p.view for p in pinned]
         parents = [p.parent for p in pinned]
         if layers is None or layers[0] == 0:
             self.counters["cluster_served_pages"] += len(views)
-        self.counters["cluster_served_bytes"] += sum(len(v) for v in views)
+        self.counters["cluster_served_bytes"] += sum(len(v) for v in views)  # type: ignore[arg-type]
+        if from_vram:
+            was = [p for p in pinned if p.key in from_vram]
+            if layers is None or layers[0] == 0:
+                self.counters["cluster_served_pages_vram_tcp"] += len(was)
+            self.counters["cluster_served_bytes_vram_tcp"] += sum(p.nbytes for p in was)
 
         # checksums known from earlier sends or arrivals; the transport hashes the rest into this
         # list as it sends, and they are kept for the next time
@@ -944,24 +1100,39 @@ class ClusterPool:
         seconds = min(float(seconds), self.lease_seconds)
         if len(self._leases) >= MAX_RDMA_LEASES:
             raise PolarKVError(f"over {MAX_RDMA_LEASES} open leases", code=ErrorCode.TOO_LARGE)
-        self._from_disk_first(ns, keys)
-        pinned = self._on_loop(lambda: self._pin_pages(ns, keys, layers))
+        vram = self.staging is not None  # L1 is READ in place: region "vram"
+        self._to_dram_first(ns, keys, vram_ok=vram)
+        pinned = self._on_loop(lambda: self._pin_pages(ns, keys, layers, vram))
         try:
-            # hashed here, not on the loop: the pages are pinned, so their bytes cannot change
+            # hashed here, not on the loop: the pages are pinned, so their bytes cannot change;
+            # L1 pages through the staging buffer (a D2H copy), only those whose sum is not known
             known = self._known_sums(pinned, layers)
-            sums = [c if c is not None else xxhash.xxh3_64_intdigest(p.view) for p, c in zip(pinned, known)]
+            sums = [
+                c if c is not None or p.view is None else xxhash.xxh3_64_intdigest(p.view)
+                for p, c in zip(pinned, known)
+            ]
+            todo = [i for i, (p, c) in enumerate(zip(pinned, sums)) if c is None]
+            if todo:
+                got = self.staging.checksums([pinned[i].span for i in todo])
+                for i, c in zip(todo, got):
+                    sums[i] = c
+            hashed = sum(pinned[i].span[1] for i in todo)
         except BaseException:
             self.loop.call_soon_threadsafe(lambda: [p.release() for p in pinned])
             raise
 
         def lease() -> int | None:
             self._keep_sums(pinned, layers, sums)  # for the next time
+            self.counters["cluster_vram_verify_bytes"] += hashed
+            in_vram = [p for p in pinned if p.region == "vram"]
             if layers is None or layers[0] == 0:
                 self.counters["cluster_served_pages"] += len(pinned)
                 self.counters["cluster_rdma_served_pages"] += len(pinned)
-            served = sum(len(p.view) for p in pinned)
+                self.counters["cluster_served_pages_vram_rdma"] += len(in_vram)
+            served = sum(p.nbytes for p in pinned)
             self.counters["cluster_served_bytes"] += served
             self.counters["cluster_rdma_served_bytes"] += served
+            self.counters["cluster_served_bytes_vram_rdma"] += sum(p.nbytes for p in in_vram)
             if not pinned:
                 return None
             lease_id = next(self._lease_ids)
@@ -1075,6 +1246,25 @@ class ClusterPool:
                 }
                 for kind in ("rdma", "tcp")
             },
+            # L1 traffic (GPUDirect): pages READ into our L1, and our L1 pages served per transport
+            # (rdma: READ by peers from region "vram"; tcp: moved to DRAM and sent by `get`)
+            "vram": {
+                "fetched": {
+                    "rdma": {
+                        "pages": c["cluster_fetched_pages_vram_rdma"],
+                        "bytes": c["cluster_fetched_bytes_vram_rdma"],
+                    }
+                },
+                "served": {
+                    kind: {
+                        "pages": c[f"cluster_served_pages_vram_{kind}"],
+                        "bytes": c[f"cluster_served_bytes_vram_{kind}"],
+                    }
+                    for kind in ("rdma", "tcp")
+                },
+                "landing_fallbacks": c["cluster_vram_landing_fallbacks"],
+                "verify_bytes": c["cluster_vram_verify_bytes"],
+            },
             "rdma": self.rdma_report(),
         }
         if self.dmp is not None:
@@ -1105,4 +1295,5 @@ class ClusterPool:
             "backoff": self.transports.report(),
             "fallbacks": self.counters["cluster_rdma_fallbacks"],
             "last_fallback": self.last_fallback,
+            "vram": {"registered": self.staging is not None, "reason": self.vram_reason},
         }

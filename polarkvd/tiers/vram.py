@@ -316,6 +316,19 @@ class CudaApi:
     def event_destroy(self, event: int) -> None:
         raise NotImplementedError
 
+    def dmabuf_supported(self, index: int) -> bool:
+        """Whether device `index` can export memory as a dma-buf (CU_DEVICE_ATTRIBUTE_DMA_BUF_SUPPORTED)."""
+        raise NotImplementedError
+
+    def sync_memops(self, ptr: int) -> None:
+        """CU_POINTER_ATTRIBUTE_SYNC_MEMOPS on the allocation at `ptr`: CUDA's own copies into it are
+        finished when they return, so a NIC reading or writing it by DMA never races them."""
+        raise NotImplementedError
+
+    def export_dmabuf(self, ptr: int, nbytes: int) -> int:
+        """A dma-buf file descriptor for [ptr, ptr + nbytes) of device memory (the caller closes it)."""
+        raise NotImplementedError
+
 
 class DriverApi(CudaApi):
     """libcuda (the driver API). See the module docstring for why this is the primary binding."""
@@ -356,7 +369,18 @@ class DriverApi(CudaApi):
             (_P(ctypes.c_float), _vp, _vp),
         ),
         "cuEventDestroy": (("cuEventDestroy_v2", "cuEventDestroy"), (_vp,)),
+        # CUresult cuPointerSetAttribute(const void *value, CUpointer_attribute attribute, CUdeviceptr ptr)
+        "cuPointerSetAttribute": (("cuPointerSetAttribute",), (_vp, _i, _u64)),
+        # CUresult cuMemGetHandleForAddressRange(void *handle, CUdeviceptr dptr, size_t size,
+        #     CUmemRangeHandleType handleType, unsigned long long flags)   (CUDA >= 11.7)
+        "cuMemGetHandleForAddressRange": (
+            ("cuMemGetHandleForAddressRange",),
+            (_vp, _u64, _sz, _i, ctypes.c_ulonglong),
+        ),
     }
+    _ATTR_DMA_BUF_SUPPORTED = 124  # CU_DEVICE_ATTRIBUTE_DMA_BUF_SUPPORTED
+    _POINTER_SYNC_MEMOPS = 6  # CU_POINTER_ATTRIBUTE_SYNC_MEMOPS
+    _RANGE_HANDLE_DMA_BUF_FD = 1  # CU_MEM_RANGE_HANDLE_TYPE_DMA_BUF_FD
 
     def __init__(self, lib: Any, name: str) -> None:
         super().__init__(lib, name)
@@ -510,6 +534,35 @@ class DriverApi(CudaApi):
     def event_destroy(self, event: int) -> None:
         self._call("cuEventDestroy", event)
 
+    def dmabuf_supported(self, index: int) -> bool:
+        v = ctypes.c_int()
+        try:
+            self._call(
+                "cuDeviceGetAttribute", ctypes.byref(v), self._ATTR_DMA_BUF_SUPPORTED, self._device(index)
+            )
+        except CudaError as err:
+            if err.name == "CUDA_ERROR_INVALID_VALUE":  # a driver older than the attribute (< 11.7)
+                return False
+            raise
+        return bool(v.value)
+
+    def sync_memops(self, ptr: int) -> None:
+        one = ctypes.c_uint(1)
+        self._call("cuPointerSetAttribute", ctypes.byref(one), self._POINTER_SYNC_MEMOPS, ptr)
+
+    def export_dmabuf(self, ptr: int, nbytes: int) -> int:
+        try:
+            self._fn("cuMemGetHandleForAddressRange")
+        except CudaUnavailable:
+            raise CudaUnavailable(
+                f"{self.library} has no cuMemGetHandleForAddressRange (dma-buf export needs a CUDA 11.7+ driver)"
+            ) from None
+        fd = ctypes.c_int(-1)
+        self._call(
+            "cuMemGetHandleForAddressRange", ctypes.byref(fd), ptr, nbytes, self._RANGE_HANDLE_DMA_BUF_FD, 0
+        )
+        return fd.value
+
 
 class RuntimeApi(CudaApi):
     """libcudart (the runtime API): the fallback binding, and what a torch engine itself uses."""
@@ -659,6 +712,21 @@ class RuntimeApi(CudaApi):
 
     def event_destroy(self, event: int) -> None:
         self._call("cudaEventDestroy", event)
+
+    _NO_DMABUF = (
+        "the CUDA runtime API has no dma-buf export (cuMemGetHandleForAddressRange is a driver API "
+        "call with no cudart equivalent); L1 runs on libcudart here (vram.cuda_api), so GPUDirect RDMA "
+        'into it is off: use the driver API (vram.cuda_api = "auto" or "driver") for it'
+    )
+
+    def dmabuf_supported(self, index: int) -> bool:
+        raise CudaUnavailable(self._NO_DMABUF)
+
+    def sync_memops(self, ptr: int) -> None:
+        raise CudaUnavailable(self._NO_DMABUF)
+
+    def export_dmabuf(self, ptr: int, nbytes: int) -> int:
+        raise CudaUnavailable(self._NO_DMABUF)
 
 
 _BINDINGS: dict[LibKind, type[CudaApi]] = {LibKind.DRIVER: DriverApi, LibKind.RUNTIME: RuntimeApi}
@@ -974,6 +1042,36 @@ class VramPool:
     def export(self) -> RegionHandle:
         return RegionHandle(self.handle, self.capacity, self.info.uuid, self.info.pci_bus_id)
 
+    def export_dmabuf(self) -> int:
+        """The whole pool as a dma-buf file descriptor, for an RDMA NIC to register (GPUDirect RDMA:
+        `RdmaDevice.register_dmabuf`); the caller closes it once registered (the registration holds
+        its own reference). CudaError / CudaUnavailable with the reason when this host cannot:
+        the runtime API (no such call), a driver before CUDA 11.7, a GPU or kernel module without
+        dma-buf support (`CU_DEVICE_ATTRIBUTE_DMA_BUF_SUPPORTED` = 0: the proprietary kernel modules
+        do not export dma-bufs; the open ones, 515+, on a kernel with CONFIG_DMABUF_MOVE_NOTIFY and
+        PCI P2PDMA, do), or a pool not aligned to the host page size, which the call requires of
+        both the address and the length."""
+        self._check_open()
+        page = os.sysconf("SC_PAGE_SIZE")
+        if self.base % page or self.capacity % page:
+            raise CudaError(
+                "cuMemGetHandleForAddressRange",
+                name="CUDA_ERROR_INVALID_VALUE",
+                text=f"the pool ({self.capacity} bytes at {self.base:#x}) is not aligned to the "
+                f"host page size ({page} bytes)",
+            )
+        self.api.use_device(self.device)
+        if not self.api.dmabuf_supported(self.device):
+            raise CudaError(
+                "cuMemGetHandleForAddressRange",
+                name="CUDA_ERROR_NOT_SUPPORTED",
+                text=f"GPU {self.device} ({self.info.name}) cannot export dma-bufs "
+                "(CU_DEVICE_ATTRIBUTE_DMA_BUF_SUPPORTED = 0: needs the open NVIDIA kernel modules and "
+                "a kernel with dma-buf peer-to-peer support)",
+            )
+        self.api.sync_memops(self.base)
+        return self.api.export_dmabuf(self.base, self.capacity)
+
     # ---- bytes
 
     def register_host(self, buffer: Any, *, pin: bool = True) -> HostRegion:
@@ -1045,6 +1143,63 @@ class VramPool:
             "copied_bytes": {k.value: v for k, v in self.copied_bytes.items()},
             "batches": self.batches,
         }
+
+
+class Staging:
+    """A bounded host buffer through which bytes of the pool are looked at on the host: the
+    checksums of L1 pages sent to peers over RDMA, and of pages a peer wrote into L1 by RDMA READ
+    (GPUDirect), which never pass through host memory otherwise. Copies go D2H in chunks of at most
+    `nbytes` (one batch, one stream synchronisation per chunk); one user at a time (a lock), so its
+    memory is bounded whatever the traffic. Page-locked when RLIMIT_MEMLOCK allows (DMA at full
+    speed), else pageable (the driver stages it). Close it before the pool."""
+
+    def __init__(self, pool: VramPool, nbytes: int = 8 << 20) -> None:
+        self.pool = pool
+        self.buf = bytearray(max(4096, nbytes))
+        try:
+            self.host = pool.register_host(self.buf, pin=True)
+        except CudaError:
+            self.host = pool.register_host(self.buf, pin=False)
+        self._lock = threading.Lock()
+        self.bytes = 0  # copied through it so far (what verifying L1 pages costs in PCIe traffic)
+
+    def checksums(self, ranges: Sequence[tuple[int, int]]) -> list[int]:
+        """xxh3_64 of each (pool_offset, length) range of the pool, as `xxhash.xxh3_64_intdigest` of
+        those bytes would be."""
+        import xxhash
+
+        hashers = [xxhash.xxh3_64() for _ in ranges]
+        cap = len(self.buf)
+        view = memoryview(self.buf)
+        with self._lock:
+            pieces: list[tuple[int, int, int, int]] = []  # (range index, pool offset, buffer offset, n)
+            used = 0
+
+            def flush() -> None:
+                nonlocal used
+                if pieces:
+                    self.pool.to_host(self.host, [(src, at, n) for _, src, at, n in pieces])
+                    for i, _, at, n in pieces:
+                        hashers[i].update(view[at : at + n])
+                    self.bytes += used
+                    pieces.clear()
+                used = 0
+
+            for i, (offset, length) in enumerate(ranges):
+                done = 0
+                while done < length:
+                    if used == cap:
+                        flush()
+                    n = min(length - done, cap - used)
+                    pieces.append((i, offset + done, used, n))
+                    used += n
+                    done += n
+            flush()
+        return [h.intdigest() for h in hashers]
+
+    def close(self) -> None:
+        with self._lock:
+            self.host.close()
 
 
 # ------------------------------------------------------------------------------------------ engine side

@@ -584,5 +584,8 @@ def test_a_daemon_on_rdma_stops_cleanly(daemon_factory, fake_rdma) -> None:
     )
     rep = _report(d)
     assert rep["rdma"]["enabled"] and set(rep["rdma"]["regions"]) == {"dram", "dmp"}
+    # no L1 on this host: GPUDirect says why, and its counters are there (zero) for scripts
+    assert rep["rdma"]["vram"] == {"registered": False, "reason": "no L1 pool"}
+    assert rep["vram"]["served"]["rdma"] == {"pages": 0, "bytes": 0} and rep["vram"]["landing_fallbacks"] == 0
     assert d.stop() == 0
     assert "Traceback" not in d.log() and "polarkvd stopped" in d.log()

@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -36,6 +37,7 @@ from polarkvd.tiers.vram import (
     LibKind,
     PageSlots,
     RegionHandle,
+    Staging,
     VramPool,
     cuda_array_interface,
     describe_choice,
@@ -69,6 +71,11 @@ class FakeCuda(CudaApi):
         self.mem: dict[int, ctypes.Array] = {}  # "device pointer" -> its buffer
         self.calls: list[str] = []
         self.free_bytes = 100 * GiB
+        # dma-buf export (GPUDirect): the device attribute, and what makes the "fd" (None: the
+        # export fails as on a driver without dma-buf support); tests/transport/fakeverbs.py's
+        # `fake_dmabuf` gives one its fake DmaBufMR maps back to this host memory
+        self.dmabuf_attr = True
+        self.dmabuf_export: Any = None
 
     def version(self) -> str:
         return "driver 12.8"
@@ -90,10 +97,13 @@ class FakeCuda(CudaApi):
     def malloc(self, nbytes: int) -> int:
         if nbytes > self.free_bytes:
             raise CudaError("cuMemAlloc", 2, "CUDA_ERROR_OUT_OF_MEMORY", "out of memory")
-        buf = ctypes.create_string_buffer(nbytes)
-        self.mem[ctypes.addressof(buf)] = buf
+        # page-aligned, as cuMemAlloc's allocations of this size are (and dma-buf export needs)
+        page = os.sysconf("SC_PAGE_SIZE")
+        buf = ctypes.create_string_buffer(nbytes + page)
+        ptr = -ctypes.addressof(buf) % page + ctypes.addressof(buf)
+        self.mem[ptr] = buf
         self.calls.append("malloc")
-        return ctypes.addressof(buf)
+        return ptr
 
     def free(self, ptr: int) -> None:
         del self.mem[ptr]
@@ -138,6 +148,20 @@ class FakeCuda(CudaApi):
 
     def event_destroy(self, event: int) -> None:
         pass
+
+    def dmabuf_supported(self, index: int) -> bool:
+        return self.dmabuf_attr
+
+    def sync_memops(self, ptr: int) -> None:
+        self.calls.append("sync_memops")
+
+    def export_dmabuf(self, ptr: int, nbytes: int) -> int:
+        self.calls.append("export_dmabuf")
+        if self.dmabuf_export is None:
+            raise CudaError(
+                "cuMemGetHandleForAddressRange", 801, "CUDA_ERROR_NOT_SUPPORTED", "operation not supported"
+            )
+        return self.dmabuf_export(ptr, nbytes)
 
 
 # ---------------------------------------------------------------------------------- finding the library
@@ -494,6 +518,65 @@ def test_pool_failure_mid_batch_still_waits_for_what_was_queued() -> None:
     with pytest.raises(CudaError, match="CUDA_ERROR_INVALID_VALUE"):
         pool.copy_within([(0, MiB, 100), (200, MiB + 400, 100), (600, MiB + 800, 100)])
     assert api.calls == ["use 0", "copy", "copy", "sync"]  # the first copy is waited for before raising
+
+
+def test_the_pool_exports_a_dmabuf_or_says_why_not() -> None:
+    """GPUDirect needs the pool as a dma-buf fd. Over FakeCuda (NOT CUDA): the driver calls are made in
+    order (attribute, SYNC_MEMOPS, export); each way it cannot be done is a CudaError naming why."""
+    api = FakeCuda()
+    pool = VramPool(api, 0, 2 * MiB, MiB)
+    api.dmabuf_export = lambda ptr, n: 42 if (ptr, n) == (pool.base, 2 * MiB) else -1
+    assert pool.export_dmabuf() == 42
+    assert api.calls[-2:] == ["sync_memops", "export_dmabuf"]
+    api.dmabuf_export = None  # a driver that refuses
+    with pytest.raises(CudaError, match="CUDA_ERROR_NOT_SUPPORTED"):
+        pool.export_dmabuf()
+    api.dmabuf_attr = False  # a GPU or kernel module without dma-buf
+    with pytest.raises(
+        CudaError, match=r"cannot export dma-bufs \(CU_DEVICE_ATTRIBUTE_DMA_BUF_SUPPORTED = 0"
+    ):
+        pool.export_dmabuf()
+    base = pool.base
+    pool.base = base + 256  # what cuMemAlloc may return for small sizes: not page-aligned
+    with pytest.raises(CudaError, match="not aligned to the host page size"):
+        pool.export_dmabuf()
+    pool.base = base
+    pool.close()
+    with pytest.raises(CudaError, match="closed"):
+        pool.export_dmabuf()
+
+
+def test_dmabuf_export_on_bindings_that_cannot() -> None:
+    """The runtime API has no equivalent of cuMemGetHandleForAddressRange; a driver older than CUDA
+    11.7 lacks the symbol. Both say so (real DriverApi / RuntimeApi code, over a library stand-in)."""
+    with pytest.raises(CudaUnavailable, match="runtime API has no dma-buf export"):
+        vram.RuntimeApi(None, "libcudart.so.12").export_dmabuf(1 << 21, MiB)
+    with pytest.raises(CudaUnavailable, match="runtime API has no dma-buf export"):
+        vram.RuntimeApi(None, "libcudart.so.12").dmabuf_supported(0)
+    old_driver = vram.DriverApi(object(), "libcuda.so.1")  # an object with no CUDA symbols at all
+    with pytest.raises(CudaUnavailable, match="no cuMemGetHandleForAddressRange .*CUDA 11.7"):
+        old_driver.export_dmabuf(1 << 21, MiB)
+
+
+def test_staging_hashes_pool_bytes_in_bounded_chunks() -> None:
+    """L1 pages are verified on the host through a small buffer: ranges larger than it, and several
+    ranges per chunk, give exactly xxh3_64 of the bytes (FakeCuda: NOT CUDA)."""
+    import xxhash
+
+    api = FakeCuda()
+    pool = VramPool(api, 0, 2 * MiB, MiB)
+    data = np.random.default_rng(7).integers(0, 256, 2 * MiB, dtype=np.uint8).tobytes()
+    ctypes.memmove(pool.base, data, len(data))
+    staging = Staging(pool, 4096)
+    assert "host_register" in api.calls
+    ranges = [(0, 10000), (10000, 100), (MiB + 3, 4096), (2 * MiB - 5, 5), (500, 0)]
+    api.calls.clear()
+    got = staging.checksums(ranges)
+    assert got == [xxhash.xxh3_64_intdigest(data[o : o + n]) for o, n in ranges]
+    assert api.calls.count("sync") == -(-sum(n for _, n in ranges) // 4096)  # one batch per full buffer
+    assert staging.bytes == sum(n for _, n in ranges)
+    staging.close()
+    pool.close()
 
 
 def test_pool_allocation_failure_reports_the_numbers() -> None:

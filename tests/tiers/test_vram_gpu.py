@@ -158,6 +158,59 @@ def test_copies_are_byte_exact_pinned_and_pageable() -> None:
         pool.close()
 
 
+def test_the_pool_exports_a_dmabuf_and_staging_hashes_it() -> None:
+    """GPUDirect's first half: the pool as a dma-buf fd (cuMemGetHandleForAddressRange), which an
+    RDMA NIC registers; and L1 bytes hashed through the bounded staging buffer, as peers verify them.
+    Skips with CUDA's reason where the driver or kernel modules cannot export dma-bufs."""
+    from polarkvd.tiers.vram import Staging
+
+    api, info = gpu()
+    pool = VramPool(api, info.index, 64 * MiB, 4 * MiB)
+    try:
+        if api.kind is LibKind.RUNTIME:
+            try:
+                pool.export_dmabuf()
+            except CudaUnavailable as e:
+                assert "runtime API has no dma-buf export" in str(e)
+            else:
+                raise AssertionError("the runtime API exported a dma-buf")
+        else:
+            try:
+                fd = pool.export_dmabuf()
+            except CudaError as e:
+                if e.name in ("CUDA_ERROR_NOT_SUPPORTED", "CUDA_ERROR_INVALID_VALUE") or isinstance(
+                    e, CudaUnavailable
+                ):
+                    skip(f"this host cannot export dma-bufs: {e}")
+                raise
+            try:
+                assert fd >= 0
+                assert "dmabuf" in os.readlink(f"/proc/self/fd/{fd}"), os.readlink(f"/proc/self/fd/{fd}")
+            finally:
+                os.close(fd)
+        try:
+            import xxhash
+        except ImportError:
+            return  # the staging check needs polarkvd's xxhash dependency
+        mm, _ = shm_mapping(8 * MiB)
+        host = pool.register_host(mm, pin=False)
+        staging = Staging(pool, MiB)  # smaller than a page below: chunks
+        try:
+            data = [os.urandom(3 * MiB + 5), os.urandom(4096)]
+            slots = [pool.alloc(len(d)) for d in data]
+            mm[: len(data[0])] = data[0]
+            mm[4 * MiB : 4 * MiB + len(data[1])] = data[1]
+            pool.from_host(host, [(0, slots[0], len(data[0])), (4 * MiB, slots[1], len(data[1]))])
+            got = staging.checksums([(s, len(d)) for s, d in zip(slots, data)])
+            assert got == [xxhash.xxh3_64_intdigest(d) for d in data]
+        finally:
+            staging.close()
+            host.close()
+            mm.close()
+    finally:
+        pool.close()
+
+
 def test_host_register_of_a_shared_mapping_and_cudas_own_errors() -> None:
     api, info = gpu()
     mm, _ = shm_mapping(8 * MiB)

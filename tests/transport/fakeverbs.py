@@ -10,6 +10,13 @@ and performs a READ as a memmove between registered buffers of the same process.
 count close() calls: pyverbs 44 frees their C memory only there, so 0 calls leak and 2 double-free.
 The tests that use the real pyverbs (object construction) keep this fake honest about names.
 
+With `Fabric(dmabuf=True)` it also has pyverbs 44's `DmaBufMR(pd, length, access, dmabuf=fd,
+offset=0)` (iova = offset, as `ibv_reg_dmabuf_mr` is called by pyverbs), for GPUDirect: the fd must
+come from `fake_dmabuf(address, length)`, a FAKE dma-buf (an empty memfd) that stands for host memory
+at `address` (in tests: the "device memory" of FakeCuda, tests/tiers/test_vram.py, which is host
+memory too). READs into or out of such a region translate iova -> that host memory. NOT a dma-buf,
+and nothing here says anything about GPUs or NICs: it lets the logic above pyverbs run.
+
 `ProcessFabric` is the same fake spread over processes, for daemons talking to each other (FAKE
 DEVICE: there is no RDMA hardware or kernel support on these machines). Each process gets one RoCE
 device whose GID encodes its pid; memory regions and queue pairs are announced as files in a shared
@@ -90,12 +97,30 @@ class Dev:
     max_sge_rd: int = 4
 
 
+# FAKE dma-bufs: (st_dev, st_ino) of a memfd -> (host address, length) it stands for
+_DMABUFS: dict[tuple[int, int], tuple[int, int]] = {}
+
+
+def fake_dmabuf(address: int, length: int) -> int:
+    """A FAKE dma-buf fd (an empty memfd) standing for `length` bytes of host memory at `address`;
+    the fake DmaBufMR maps it back. The caller closes it (a registration keeps what it needs)."""
+    fd = os.memfd_create("polarkv-fake-dmabuf")
+    st = os.fstat(fd)
+    _DMABUFS[(st.st_dev, st.st_ino)] = (address, length)
+    return fd
+
+
 class Fabric:
     """The host's devices and everything registered on them; `mode` decides what a READ does:
     "execute" (copy the bytes and complete), "hang" (never complete), "fail" (REM_ACCESS_ERR),
-    "gate" (held until `gate` is set, then copied and completed: a READ caught in flight)."""
+    "gate" (held until `gate` is set, then copied and completed: a READ caught in flight).
+    `dmabuf`: the module has DmaBufMR (see the module docstring)."""
 
-    def __init__(self, devices: list[Dev] | None = None, list_error: str | None = None) -> None:
+    def __init__(
+        self, devices: list[Dev] | None = None, list_error: str | None = None, dmabuf: bool = False
+    ) -> None:
+        self.dmabuf = dmabuf
+        self.dmabuf_reads = 0  # READs whose source or destination was a dma-buf region
         self.devices = devices if devices is not None else [Dev("mlx5_0")]
         self.list_error = list_error
         self.mode = "execute"
@@ -143,10 +168,11 @@ class Fabric:
             return False
         if not self.local_ok(wr):
             return False
-        at = wr.raddr
-        for addr, n, _ in wr.sges:
-            ctypes.memmove(addr, at, n)
+        at = src.to_host(wr.raddr)
+        for addr, n, lkey in wr.sges:
+            ctypes.memmove(self.mrs[lkey].to_host(addr), at, n)
             at += n
+        self.dmabuf_reads += src.host is not None or any(self.mrs[k].host is not None for _, _, k in wr.sges)
         return True
 
     def local_ok(self, wr: Any) -> bool:
@@ -205,6 +231,18 @@ class Fabric:
             def close(self) -> None:
                 fabric.mr_removed(self.rkey)
                 fabric.closed.append(f"mr {self.rkey:#x}")
+
+        class DmaBufMR(MR):
+            """pyverbs 44's signature; iova = offset (FAKE: maps a fake_dmabuf fd to host memory)."""
+
+            def __init__(self, pd: PD, length: int, access: int, dmabuf: Any = None, offset: int = 0,
+                         gpu: int = 0, gtt: int = 0) -> None:  # fmt: skip
+                st = os.fstat(dmabuf)  # a closed or foreign fd fails here, as ibv_reg_dmabuf_mr would
+                host = _DMABUFS.get((st.st_dev, st.st_ino))
+                if host is None or offset + length > host[1]:
+                    raise PyverbsError("Failed to register a dma-buf MR", 22)
+                self.lkey = self.rkey = next(fabric.keys)
+                fabric.mr_added(self.rkey, MRInfo(offset, length, access, pd, host[0] + offset))
 
         class CQ:
             def __init__(self, ctx: Context, cqe: int) -> None:
@@ -321,7 +359,7 @@ class Fabric:
                 port_state_to_str=lambda s: {1: "DOWN", 2: "INIT", 3: "ARMED", 4: "ACTIVE"}.get(s, str(s)),
             ),
             pd=types.SimpleNamespace(PD=PD),
-            mr=types.SimpleNamespace(MR=MR),
+            mr=types.SimpleNamespace(MR=MR, **({"DmaBufMR": DmaBufMR} if fabric.dmabuf else {})),
             cq=types.SimpleNamespace(
                 CQ=CQ,
                 cqe_status_to_str=lambda s: {5: "WR flush error", 10: "Remote access error"}.get(s, "?"),
@@ -350,10 +388,14 @@ def _init_attr(bag: type) -> Any:
 
 @dataclass
 class MRInfo:
-    addr: int
+    addr: int  # the region's base as SGEs and peers use it (the iova for a dma-buf region)
     length: int
     access: int
     pd: Any
+    host: int | None = None  # a dma-buf region: the host memory its iova `addr` stands for
+
+    def to_host(self, addr: int) -> int:
+        return addr if self.host is None else self.host + (addr - self.addr)
 
 
 @dataclass
@@ -409,7 +451,8 @@ class ProcessFabric(Fabric):
 
     def mr_added(self, rkey: int, info: MRInfo) -> None:
         super().mr_added(rkey, info)
-        self._file("mr", self.pid, rkey).write_text(f"{info.addr} {info.length} {info.access}")
+        host = info.addr if info.host is None else info.host
+        self._file("mr", self.pid, rkey).write_text(f"{info.addr} {info.length} {info.access} {host}")
 
     def mr_removed(self, rkey: int) -> None:
         super().mr_removed(rkey)
@@ -437,7 +480,7 @@ class ProcessFabric(Fabric):
         dpid, dqpn = qp.dest_pid, qp.attr.dest_qp_num
         try:
             peer = self._file("qp", dpid, dqpn).read_text()
-            addr, length, access = map(int, self._file("mr", dpid, wr.rkey).read_text().split())
+            addr, length, access, host = map(int, self._file("mr", dpid, wr.rkey).read_text().split())
         except (FileNotFoundError, ValueError):
             return False
         total = sum(s[1] for s in wr.sges)
@@ -446,8 +489,8 @@ class ProcessFabric(Fabric):
             or not addr <= wr.raddr or wr.raddr + total > addr + length or not self.local_ok(wr)
         ):  # fmt: skip
             return False
-        local = (_IOVec * len(wr.sges))(*[_IOVec(a, n) for a, n, _ in wr.sges])
-        remote = (_IOVec * 1)(_IOVec(wr.raddr, total))
+        local = (_IOVec * len(wr.sges))(*[_IOVec(self.mrs[k].to_host(a), n) for a, n, k in wr.sges])
+        remote = (_IOVec * 1)(_IOVec(host + (wr.raddr - addr), total))
         return _libc.process_vm_readv(dpid, local, len(wr.sges), remote, 1, 0) == total
 
 
