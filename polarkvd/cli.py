@@ -130,7 +130,35 @@ def render_cluster(rep: dict[str, Any]) -> str:
         )
     g = rep.get("gossip", {})
     lines += ["", "gossip: " + ", ".join(f"{k} {v}" for k, v in g.items())]
+    lines += _render_transfers(rep)
     return "\n".join(lines)
+
+
+def _render_transfers(rep: dict[str, Any]) -> list[str]:
+    """Pages fetched per transport, RDMA on or off and why, and L1 (GPUDirect) traffic."""
+    out: list[str] = []
+    fetched = rep.get("fetched")
+    if fetched:
+        out.append(
+            "fetched: "
+            + ", ".join(f"{k} {v['pages']} pages ({format_size(v['bytes'])})" for k, v in fetched.items())
+        )
+    rdma = rep.get("rdma")
+    if rdma:
+        state = f"on ({rdma['device']})" if rdma.get("enabled") else "off"
+        line = f"rdma: {state}: {rdma.get('reason', '')}"
+        if rdma.get("fallbacks"):
+            line += f"; {rdma['fallbacks']} fallbacks to TCP (last: {rdma.get('last_fallback') or '-'})"
+        out.append(line)
+    vram, reg = rep.get("vram"), (rdma or {}).get("vram")
+    if vram and reg and reg.get("reason") != "no L1 pool":
+        got, served = vram["fetched"]["rdma"], vram["served"]
+        out.append(
+            f"L1 over RDMA (GPUDirect): {reg['reason']}; READ into L1 {got['pages']} pages, "
+            f"served from L1 {served['rdma']['pages']} pages by RDMA and {served['tcp']['pages']} through DRAM, "
+            f"{vram['landing_fallbacks']} landings fell back to DRAM"
+        )
+    return out
 
 
 def _ago(seconds: float) -> str:

@@ -110,6 +110,13 @@ def test_three_daemons_share_a_prefix_with_identical_bytes(cluster: Cluster) -> 
     st = c.stats()["counters"]
     assert st["fetched_pages_remote"] == len(keys)
     assert a.stats()["counters"]["cluster_served_pages"] >= len(keys)
+    out = subprocess.run(
+        [sys.executable, "-m", "polarkvd", "status", "--cluster", "--socket", str(c.control_socket)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    # what C fetched, and over what: no RDMA device here, so TCP, and the reason
+    assert f"tcp {len(keys)} pages" in out.stdout and "rdma: off: " in out.stdout
+    assert "GPUDirect" not in out.stdout  # no L1 pool: nothing to say about it
 
 
 def test_a_partial_local_prefix_continues_on_a_peer(cluster: Cluster) -> None:
