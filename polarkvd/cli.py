@@ -245,6 +245,7 @@ def render_status(st: dict[str, Any]) -> str:
         lines.append(
             f"L1: stored {c.get('stored_pages_vram', 0)} pages, loaded {c.get('loaded_pages_vram', 0)}, "
             f"demoted to DRAM {c.get('demoted_pages_vram', 0)} ({c.get('demotion_failures_vram', 0)} failed), "
+            f"promoted from DRAM {c.get('promoted_pages_vram', 0)}, "
             f"{v['sessions']} engines attached with L1, arena {'page-locked' if v['pinned_host'] else 'pageable'}"
         )
     evicted = sum(v for k, v in c.items() if k.startswith("evicted_pages_dram"))

@@ -150,6 +150,13 @@ def _lookup_table_entries(value: object) -> int:
     return n
 
 
+def _promote_after_loads(value: object) -> int:
+    n = parse_int(value)
+    if not 0 <= n <= 16:
+        raise ValueError("must be 0 (never) to 16")
+    return n
+
+
 def _size_or_auto(value: object) -> int:
     out = parse_size(value, allow_auto=True)
     if out == 0:
@@ -476,6 +483,12 @@ class VramConfig:
     )
     low_watermark: float = _opt(
         0.75, parse_fraction, "background demotion of L1 stops at this fraction (at most high_watermark)"
+    )
+    promote_after_loads: int = _opt(
+        2,
+        _promote_after_loads,
+        "a DRAM page that engines attached with L1 load this many times (lately) is copied into L1 in "
+        "the background; 0 = never, 1 = on its first load",
     )
 
 

@@ -251,6 +251,8 @@ class Daemon:
             chores.append(asyncio.create_task(self._every(0.25, manager.enforce_watermarks)))
             if pool is not None:  # vram.high_watermark / low_watermark: L1 -> DRAM in the background
                 chores.append(asyncio.create_task(self._every(0.25, manager.schedule_vram_demotion)))
+                # vram.promote_after_loads: DRAM pages L1 engines keep loading go back into L1
+                chores.append(asyncio.create_task(self._every(0.25, manager.schedule_vram_promotion)))
             if disk is not None:
                 chores.append(
                     asyncio.create_task(

@@ -113,6 +113,19 @@ class PageIndex:
         page.offset = offset
         self._became_ready(page)
 
+    def move_to_vram(self, page: Page, offset: int) -> None:
+        """A READY page in DRAM now lives in L1 slot `offset` (its bytes were copied there: a
+        promotion). It stays visible throughout: the counts and the lookup table's tier byte follow."""
+        assert page.state == READY
+        self.ready_bytes -= page.size
+        self.ready_pages -= 1
+        self.vram_bytes += page.size
+        self.vram_pages += 1
+        page.state = READY_VRAM
+        page.offset = offset
+        if self.table is not None:
+            self.table.set_tier(page.key, _TIER_VRAM)
+
     def _became_ready(self, page: Page) -> None:
         if page.state & VRAM:
             self.vram_bytes += page.size

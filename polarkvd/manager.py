@@ -21,6 +21,9 @@ In L1 (docs/VRAM.md):     reserve(tier=VRAM) -> RESERVED_VRAM --commit--> READY_
                           load by an L1 session of a peer's page, RDMA with GPUDirect (docs/RDMA.md) ->
                               PROMOTING_VRAM (L1 slot) --READ + verified--> READY_VRAM
                               --RDMA failed--> PROMOTING (DRAM slot; L1 slot freed) --TCP--> READY
+                          READY in DRAM, loaded vram.promote_after_loads times by L1 sessions --chore,
+                              unpinned--> (still READY in DRAM, pinned by the DRAM -> pool copy)
+                              --copied, nobody pinned it meanwhile--> READY_VRAM (DRAM slot freed)
 L1 pages are announced to the cluster's meta map with tier VRAM (and as DRAM once demoted there).
 """
 
@@ -73,6 +76,9 @@ from polarkvd.transport.pipeline import (
 from polarkvd.types import Namespace, Tier
 
 log = logging.getLogger(__name__)
+
+#: How many DRAM pages loaded by L1 sessions the promotion count remembers (~100 B each).
+L1_LOADS_REMEMBERED = 1 << 16
 
 
 @dataclasses.dataclass
@@ -204,6 +210,12 @@ class Manager:
         self.vram_host = vram_host
         self.vram_policy: EvictionPolicy | None = make_policy(cfg.vram.policy) if vram is not None else None
         self._vram_task: asyncio.Future[Any] | None = None  # a background demotion in flight
+        # Promotion back into L1 (schedule_vram_promotion): DRAM pages that L1 sessions loaded lately,
+        # with how often (bounded, the oldest forgotten first), those due for a copy into L1, and
+        # the copy in flight.
+        self._l1_loads: dict[bytes, int] = {}
+        self._l1_due: dict[bytes, None] = {}
+        self._vram_promotion: asyncio.Future[Any] | None = None
 
     # ------------------------------------------------------------------ sessions
 
@@ -765,6 +777,8 @@ class Manager:
         session.loaded_pages += n
         if not pinned:
             return None
+        if session.vram and self.cfg.vram.promote_after_loads:
+            self._note_l1_loads(pinned)
         self._count_prefix_hit(keys[0], n)
         lease = Lease(next(self._ids), session, pinned, self.clock() + self.cfg.daemon.lease_seconds)
         session.leases[lease.id] = lease
@@ -1252,6 +1266,96 @@ class Manager:
             if ok < len(futs):
                 break
         return moved
+
+    def _note_l1_loads(self, pages: list[Page]) -> None:
+        """An L1 session loaded `pages`: those in DRAM count a load, and once loaded
+        `vram.promote_after_loads` times (within the last L1_LOADS_REMEMBERED such loads) are due
+        for promotion into L1. Pages loaded once (a scan) never are."""
+        due, seen = self.cfg.vram.promote_after_loads, self._l1_loads
+        for page in pages:
+            if page.state & VRAM:
+                continue
+            n = seen.pop(page.key, 0) + 1
+            if n >= due:
+                self._l1_due[page.key] = None
+            else:
+                seen[page.key] = n  # re-inserted: now the newest
+        while len(seen) > L1_LOADS_REMEMBERED:
+            del seen[next(iter(seen))]
+        while len(self._l1_due) > L1_LOADS_REMEMBERED:
+            del self._l1_due[next(iter(self._l1_due))]
+
+    def schedule_vram_promotion(self, batch_bytes: int = 256 << 20) -> int:
+        """Start copying the DRAM pages due for L1 into free L1 slots: one batch (`VramPool.from_host`
+        in the I/O pool) at a time. A chore (loop only), after loads: never on a load's path.
+
+        The page stays READY in DRAM while its bytes are copied (lookups and loads go on; a pin keeps
+        its slot from eviction), and moves to L1 only if nobody pinned it meanwhile. Pages being
+        read wait for the next round; pages gone or moved are forgotten. Promotion never makes room:
+        it stops at `vram.high_watermark`, during a demotion and while draining. Returns the pages
+        whose copy started."""
+        pool = self.vram
+        if pool is None or not self._l1_due or self.draining:
+            return 0
+        if self._vram_promotion is not None and not self._vram_promotion.done():
+            return 0
+        if self._vram_task is not None and not self._vram_task.done():
+            return 0
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return 0
+        limit = self.cfg.vram.high_watermark * pool.capacity
+        moves: list[tuple[Page, int]] = []
+        total = 0
+        for key in list(self._l1_due):
+            page = self.index.get(key)
+            if page is None or page.state != READY or key in self.operator_pins:
+                del self._l1_due[key]  # gone, moved, or pinned in DRAM by the operator
+                continue
+            if page.pins:
+                continue  # an engine is reading it: next round
+            if pool.slots.used_bytes + page.size > limit or total >= batch_bytes:
+                break
+            offset = pool.alloc(page.size)
+            if offset is None:
+                break
+            del self._l1_due[key]
+            page.pins += 1  # the copy reads its DRAM slot
+            moves.append((page, offset))
+            total += page.size
+        if not moves:
+            return 0
+        items = [(page.offset, offset, page.size) for page, offset in moves]
+        io = loop.run_in_executor(self.executor, pool.from_host, self.vram_host, items)
+        self._vram_promotion = io
+        io.add_done_callback(lambda f: self._finish_vram_promotion(moves, f))
+        return len(moves)
+
+    def _finish_vram_promotion(self, moves: list[tuple[Page, int]], f: asyncio.Future[Any]) -> None:
+        error = asyncio.CancelledError() if f.cancelled() else f.exception()
+        if error is not None:
+            log.error("vram: copying %d pages into L1 failed; they stay in DRAM: %r", len(moves), error)
+            self.counters["promotion_failures_vram"] += len(moves)
+        pool, pol = self.vram, self.vram_policy
+        assert pool is not None and pol is not None
+        for page, offset in moves:
+            page.pins -= 1
+            current = self.index.get(page.key) is page and page.state == READY
+            if error is not None or not current or page.pins:
+                pool.free(offset)
+                if error is None and current:
+                    self._l1_due[page.key] = None  # pinned while copied: again next round
+                continue
+            self.policy.remove(page)
+            self.allocator.free(page.offset, slot_size(page.size))
+            self.index.move_to_vram(page, offset)
+            pol.insert(page)
+            if self.cluster is not None:  # still ours, one tier up (added first: never a gap)
+                self.cluster.page_added(page.key, Tier.VRAM)
+                self.cluster.page_removed(page.key, Tier.DRAM)
+            self.counters["promoted_pages_vram"] += 1
+            self.counters["promoted_bytes_vram"] += page.size
 
     def _vram_victims(self, max_bytes: int, min_pages: int = 0) -> list[Page]:
         """Unpinned L1 pages in L1's policy order, unlinked from it: first those without cached

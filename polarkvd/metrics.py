@@ -128,7 +128,7 @@ _SIMPLE_COUNTERS = {
 _CLUSTER_FETCHED = tuple(f"cluster_fetched_{w}_{t}" for w in ("pages", "bytes") for t in ("rdma", "tcp"))
 # Counters shown through labelled families below, not as events.
 _LABELLED = {"stored_pages", "promoted_pages", "demoted_pages", "hit_pages_vram", "hit_pages_dram", "stored_pages_vram",
-             "stored_bytes_vram", "demoted_pages_vram", "demoted_bytes_vram", "loaded_pages_vram", "hit_pages_disk", "hit_pages_remote", "loaded_pages", "loaded_pages_disk", "loaded_pages_remote", "stored_bytes",
+             "stored_bytes_vram", "demoted_pages_vram", "demoted_bytes_vram", "promoted_pages_vram", "promoted_bytes_vram", "loaded_pages_vram", "hit_pages_disk", "hit_pages_remote", "loaded_pages", "loaded_pages_disk", "loaded_pages_remote", "stored_bytes",
              "loaded_bytes", "evicted_bytes_dram", "promoted_bytes", "demoted_bytes", "written_through_pages",
              "written_through_bytes", *_CLUSTER_FETCHED, "cluster_rdma_fallbacks"}  # fmt: skip
 
@@ -141,6 +141,7 @@ _PATHS = (
     ("engine_to_dram", ("stored_bytes",), ("stored_pages",)),
     ("dram_to_engine", ("loaded_bytes",), ("loaded_pages",)),
     ("vram_to_dram", ("demoted_bytes_vram",), ("demoted_pages_vram",)),
+    ("dram_to_vram", ("promoted_bytes_vram",), ("promoted_pages_vram",)),
     ("disk_to_dram", ("promoted_bytes",), ("promoted_pages",)),
     ("dram_to_disk", ("demoted_bytes", "written_through_bytes"), ("demoted_pages", "written_through_pages")),
 )

@@ -342,3 +342,136 @@ def test_touches_stay_in_each_tiers_own_policy(policy: str) -> None:
     assert len(m.policy) == m.index.ready_pages and len(m.vram_policy) == m.index.vram_pages
     assert {p.key for p in m.policy.coldest_first()} == {k for k in chain if m.index.get(k).state == READY}
     assert np.isclose(len(m.policy) + len(m.vram_policy), 6)
+
+
+# ---------------------------------------------------------------------------------- promotion into L1
+
+
+def _load_and_release(m: Manager, session: Any, keys: list[bytes]) -> list[Tier]:
+    _offsets, tiers, lease = asyncio.run(m.load(session, keys))
+    if lease is not None:
+        m.release(session, lease)
+    return tiers
+
+
+def _promote(m: Manager) -> int:
+    """One round of the promotion chore, waiting for its copy to be applied."""
+
+    async def go() -> int:
+        started = m.schedule_vram_promotion()
+        if started:
+            await asyncio.wait([m._vram_promotion])  # a failed copy is the manager's to report
+        await asyncio.sleep(0)
+        return started
+
+    return asyncio.run(go())
+
+
+def test_dram_pages_an_l1_engine_loads_again_move_into_l1_byte_exact() -> None:
+    t = L1(table=True)
+    m = t.m
+    cpu = m.attach(TEST_NS, "cpu")  # stores go to DRAM
+    gpu = m.attach(TEST_NS, "gpu", vram=True)
+    chain = keys_of(m, 1, 4)
+    t.store(cpu, chain)
+    assert _load_and_release(m, gpu, chain) == [Tier.DRAM] * 4
+    assert _promote(m) == 0  # loaded once: a scan would look the same
+
+    assert _load_and_release(m, gpu, chain[:2]) == [Tier.DRAM] * 2  # the first two, again
+    dram_before = m.allocator.used_bytes
+    assert _promote(m) == 2
+    assert [m.index.get(k).state for k in chain] == [READY_VRAM] * 2 + [READY] * 2
+    for key in chain[:2]:
+        assert t.pool_bytes(m.index.get(key).offset) == page_bytes_for(key, PB).tobytes()
+    assert m.allocator.used_bytes < dram_before  # their DRAM slots were given back
+    assert m.lookup(gpu, chain)[0] == [Tier.VRAM] * 2 + [Tier.DRAM] * 2
+    r = TableReader(t.table_mem, gpu.ns.id, gpu.table_slot, final_miss=True)
+    assert r.probe(chain) == (4, True) and r.last_tiers == bytes([Tier.VRAM] * 2 + [Tier.DRAM] * 2)
+    st = m.stats()
+    c = st["counters"]
+    assert c["promoted_pages_vram"] == 2 and c["promoted_bytes_vram"] == 2 * PB
+    assert "promoted from DRAM 2" in render_status({**st, "uptime_s": 1.0})
+    fams = families(Snapshot(stats=st, timings={}, ready=True))
+    samples = {(s.name, tuple(s.labels.items())): s.value for f in fams for s in f.samples}
+    assert samples[("polarkv_transfer_pages_total", (("path", "dram_to_vram"),))] == 2
+    # and an L1 engine now loads them GPU to GPU; one without L1 still gets them (through DRAM)
+    assert _load_and_release(m, gpu, chain) == [Tier.VRAM] * 2 + [Tier.DRAM] * 2
+    offsets, tiers, lease = asyncio.run(m.load(cpu, chain))
+    assert tiers == [Tier.DRAM] * 4
+    for key, off in zip(chain, offsets):
+        assert bytes(t.arena[off : off + PB]) == page_bytes_for(key, PB).tobytes()
+    m.release(cpu, lease)
+
+
+def test_promotion_waits_for_readers_and_never_makes_room() -> None:
+    t = L1(pool_slabs=1, **{"vram.high_watermark": "0.5", "vram.low_watermark": "0.5"})
+    m = t.m
+    cpu = m.attach(TEST_NS, "cpu")
+    gpu = m.attach(TEST_NS, "gpu", vram=True)
+    chain = keys_of(m, 1, 20)  # 20 pages; the pool has 32 slots, half of them below the watermark
+    t.store(cpu, chain)
+    _load_and_release(m, gpu, chain)
+    _offsets, _tiers, lease = asyncio.run(m.load(gpu, chain))  # loaded twice, and still being read
+    assert _promote(m) == 0  # pinned by the engine's lease: nothing moves under it
+    m.release(gpu, lease)
+    assert _promote(m) == 16  # up to the high watermark, and no further
+    assert m.index.vram_pages == 16 and m.index.ready_pages == 4
+    assert m.stats()["counters"].get("demoted_pages_vram", 0) == 0  # it made no room by demoting
+    assert _promote(m) == 0
+
+
+def test_a_failed_promotion_leaves_pages_in_dram_and_slots_free() -> None:
+    t = L1(**{"vram.promote_after_loads": "1"})
+    m = t.m
+    cpu = m.attach(TEST_NS, "cpu")
+    gpu = m.attach(TEST_NS, "gpu", vram=True)
+    chain = keys_of(m, 1, 3)
+    t.store(cpu, chain)
+    _load_and_release(m, gpu, chain)  # once is enough with promote_after_loads = 1
+
+    def broken(*_a: Any) -> None:
+        raise CudaError("cuMemcpyHtoDAsync_v2", 700, "CUDA_ERROR_ILLEGAL_ADDRESS", "an illegal memory access")
+
+    t.api.copy_async = broken  # type: ignore[method-assign]
+    assert _promote(m) == 3
+    assert [m.index.get(k).state for k in chain] == [READY] * 3 and len(t.pool.slots) == 0
+    assert all(m.index.get(k).pins == 0 for k in chain)
+    assert m.stats()["counters"]["promotion_failures_vram"] == 3
+    for key in chain:
+        page = m.index.get(key)
+        assert bytes(t.arena[page.offset : page.offset + PB]) == page_bytes_for(key, PB).tobytes()
+
+
+def test_promote_after_loads_zero_never_promotes() -> None:
+    t = L1(**{"vram.promote_after_loads": "0"})
+    m = t.m
+    cpu = m.attach(TEST_NS, "cpu")
+    gpu = m.attach(TEST_NS, "gpu", vram=True)
+    chain = keys_of(m, 1, 2)
+    t.store(cpu, chain)
+    for _ in range(3):
+        _load_and_release(m, gpu, chain)
+    assert _promote(m) == 0 and m.index.vram_pages == 0
+
+
+def test_a_page_pinned_while_it_is_copied_stays_in_dram_and_goes_next_round() -> None:
+    t = L1(**{"vram.promote_after_loads": "1"})
+    m = t.m
+    cpu = m.attach(TEST_NS, "cpu")
+    gpu = m.attach(TEST_NS, "gpu", vram=True)
+    chain = keys_of(m, 1, 2)
+    t.store(cpu, chain)
+    _load_and_release(m, gpu, chain)
+
+    async def go() -> int | None:
+        assert m.schedule_vram_promotion() == 2
+        _, lease = m.lookup(cpu, chain[:1], pin=True)  # an engine pins the first page mid-copy
+        await asyncio.wait([m._vram_promotion])
+        await asyncio.sleep(0)
+        return lease
+
+    lease = asyncio.run(go())
+    assert [m.index.get(k).state for k in chain] == [READY, READY_VRAM]
+    assert len(t.pool.slots) == 1  # the first page's L1 slot was given back
+    m.release(cpu, lease)
+    assert _promote(m) == 1 and m.index.get(chain[0]).state == READY_VRAM
