@@ -216,6 +216,7 @@ class _ArenaMaps:
 
     _lock = threading.Lock()
     _maps: dict[tuple[int, int, int], tuple[mmap.mmap, memoryview, int]] = {}
+    _unmap_hooks: dict[tuple[int, int, int], list[Callable[[], None]]] = {}
 
     @classmethod
     def acquire(cls, path: str, size: int) -> tuple[tuple[int, int, int], memoryview]:
@@ -230,6 +231,12 @@ class _ArenaMaps:
             return ident, entry[1]
 
     @classmethod
+    def on_unmap(cls, ident: tuple[int, int, int], hook: Callable[[], None]) -> None:
+        with cls._lock:
+            if ident in cls._maps:
+                cls._unmap_hooks.setdefault(ident, []).append(hook)
+
+    @classmethod
     def release(cls, ident: tuple[int, int, int]) -> None:
         with cls._lock:
             m, view, refs = cls._maps[ident]
@@ -237,6 +244,12 @@ class _ArenaMaps:
                 cls._maps[ident] = (m, view, refs - 1)
                 return
             del cls._maps[ident]
+            hooks = cls._unmap_hooks.pop(ident, [])
+        for hook in hooks:  # state tied to the mapping's addresses goes before the addresses do
+            try:
+                hook()
+            except Exception:  # noqa: BLE001 - one hook's failure must not keep the mapping alive
+                log.exception("arena unmap hook %r failed", hook)
         try:
             view.release()
             m.close()
@@ -326,6 +339,26 @@ class EngineClient:
     def vram(self) -> bool:
         """Whether this session maps the daemon's L1 pool (stores may land there)."""
         return self._region is not None
+
+    def pool_tensor(self) -> Any:
+        """The whole L1 pool as a torch uint8 CUDA tensor (no copy; slice it at `load`/`reserve_tiers`
+        offsets), or None without L1. Drop it before `close()`: the pool is unmapped there."""
+        return self._region.tensor() if self._region is not None else None
+
+    @property
+    def arena(self) -> memoryview:
+        """The whole mapped arena: every `page()` view is a slice of it (shared by every session on
+        the same arena in this process)."""
+        self._need_arena()
+        return self._arena
+
+    def on_arena_unmap(self, hook: Callable[[], None]) -> None:
+        """Call `hook()` once, just before this process unmaps the arena this session maps (when the
+        last session on it closes), so that state tied to the mapping's addresses (a CUDA host
+        registration) goes first: a later mapping may reuse them."""
+        self._need_arena()
+        assert self._arena_id is not None
+        _ArenaMaps.on_unmap(self._arena_id, hook)
 
     def lookup(self, keys: Sequence[bytes], pin: bool = False) -> LookupResult:
         """Tiers of the longest cached prefix of `keys` (a hint: `load` is what counts). Answered

@@ -9,13 +9,18 @@
 #    cuMemHostRegister of a shared-memory mapping, the IPC handle opened from a second process);
 #    then, where the venv has the daemon's dependencies, a real daemon with [vram] enabled, and,
 #    where it also has CUDA torch, L1 end to end (tests/test_vram_e2e_gpu.py: two engine processes
-#    storing and loading GPU to GPU byte-exact, demotion under pressure, a SIGKILLed engine);
+#    storing and loading GPU to GPU byte-exact, demotion under pressure, a SIGKILLed engine), and
+#    the vLLM connector's CUDA copies without vLLM (tests/connectors/test_kv_copy_gpu.py: the arena
+#    page-locked and copied by DMA, L1 pages device to device, a layer-pipelined load's events, the
+#    staging fallback; a daemon without a disk tier, so pyzmq and zstandard are not needed);
 # 4. the bandwidth table (python -m polarkvd.bench.vram): D2D inside the pool, D2H/H2D with a pinned
 #    arena-like mapping, the same through pageable memory, and a host memcpy.
 #
-# Needs no network and installs nothing: .venv/bin/python when it exists, else python3 (or $PYTHON)
-# with this checkout on PYTHONPATH. Steps 2-4 need only the standard library (pytest when present,
-# else the test file's own runner). Talks to the driver's libcuda directly: no CUDA toolkit or CUDA
+# Needs no network: .venv/bin/python when it exists, else python3 (or $PYTHON) with this checkout on
+# PYTHONPATH; the daemon's dependencies that Python lacks are installed from .device/wheels when
+# it is there (./scripts/device-wheels.sh, run where a package index is reachable). The GPU part of
+# steps 2-4 needs only the standard library (pytest when present, else the test file's own
+# runner). Talks to the driver's libcuda directly: no CUDA toolkit or CUDA
 # torch is needed. Takes about a minute; each step has a time limit. Exit status: 0 when every step
 # passed (skips count as passed only in step 3's daemon test), 1 otherwise.
 set -uo pipefail
@@ -26,6 +31,16 @@ if [ -z "$PY" ]; then
     if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# A machine with no package index: the daemon's dependencies its Python lacks come from wheels sent
+# with the checkout (./scripts/device-wheels.sh made them), installed once into .device/site.
+if ! "$PY" -c 'import zmq, zstandard' 2>/dev/null && ls .device/wheels/*.whl >/dev/null 2>&1; then
+    echo "installing the daemon's missing dependencies from .device/wheels (no network) into .device/site"
+    "$PY" -m pip install --quiet --no-index --no-deps --target .device/site .device/wheels/*.whl \
+        || echo "(could not install them: the daemon-backed steps will skip)"
+fi
+if [ -d .device/site ]; then
+    export PYTHONPATH="$PYTHONPATH:$PWD/.device/site"
+fi
 status=0
 step() { printf '\n== %s\n' "$*"; }
 
@@ -65,6 +80,14 @@ if "$PY" -c 'import pytest, numpy, msgpack, zmq, xxhash, psutil, zstandard, torc
         tests/test_vram_e2e_gpu.py || status=1
 else
     echo "skipped: this Python lacks the daemon's dependencies or torch (CUDA torch is the engine side)"
+fi
+
+step "the vLLM connector's CUDA copies (tests/connectors/test_kv_copy_gpu.py: CudaMover, no vLLM needed)"
+if "$PY" -c 'import pytest, numpy, msgpack, xxhash, torch, polarkvd.daemon' 2>/dev/null; then
+    timeout 180 "$PY" -m pytest -m gpu -p no:cacheprovider -v -rs -o addopts="" \
+        tests/connectors/test_kv_copy_gpu.py || status=1
+else
+    echo "skipped: this Python lacks torch or the daemon's core dependencies (numpy, msgpack, xxhash)"
 fi
 
 step "bandwidth (python -m polarkvd.bench.vram $*)"

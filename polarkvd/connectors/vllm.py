@@ -11,8 +11,10 @@ Start vLLM with
 What it owns: turning vLLM's scheduler and worker callbacks into daemon calls. The scheduler side asks
 the daemon for the longest cached prefix of each new request and plans, per step, which vLLM blocks to
 fill from which pages and which newly completed blocks to store; the plan travels to the worker in
-`PolarKVMetadata`. The worker side moves bytes between vLLM's KV tensors and the daemon's
-shared-memory arena (`EngineClient.load` / `reserve` + `commit`), layer by layer.
+`PolarKVMetadata`. The worker side asks the daemon for pages (`EngineClient.load` / `reserve` +
+`commit`) and has `kv_copy.py`'s movers copy bytes between vLLM's KV tensors and the pages, layer by
+layer: pages in the daemon's shared-memory arena (L2) on every worker, and, on CUDA workers, pages in
+its GPU page pool (L1, option `vram`).
 
 What it must not do: raise into vLLM or fail a request because of the daemon (a daemon problem costs
 hits, never answers: lookups then report no hit, stores are skipped, a load that comes back short is
@@ -34,9 +36,10 @@ blocks on dim 0 (kernel block splitting gives `[B * r, H, N, C]`, handled as r s
   * CPU (the `CPU_ATTN` backend, LBHNC, exercised by tests/vllm): each block is one contiguous
     `[num_kv_heads, block_size, 2 * head_size]` run (K stored transposed inside a (block, head) tile,
     V not; we never look inside), copied as opaque bytes with one `copy_` per (layer, block).
-  * CUDA (FlashAttention, FlashInfer, ... in any physical layout): the same logical slice, copied through
-    pinned host staging buffers with non-blocking copies on a side stream. Written against torch's CUDA
-    API, guarded by `torch.cuda.is_available()`, not exercised on these CPU-only machines.
+  * CUDA (FlashAttention, FlashInfer, ... in any physical layout): the same logical slice, copied with
+    non-blocking copies on a side stream: device to device for L1 pages, by DMA straight to and from
+    the arena (page-locked in this process) for L2 pages, through pinned staging buffers where the
+    arena cannot be page-locked (kv_copy.py; its tests run with CUDA tensors on a GPU machine).
 The layout string in the namespace names device, physical layout and kernel (CPU: the attention ISA,
 e.g. "vllm-cpu-lbhnc-vec/v1"), because the bytes inside a block are the kernel's business: two engines
 share pages only when they would read them the same way. Not supported (refused at start, with the
@@ -68,9 +71,10 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.logger import init_logger
 
 from polarkvd.client import EngineClient
+from polarkvd.connectors.kv_copy import CudaMover, HostMover
 from polarkvd.errors import ConfigError, DaemonUnavailable, ErrorCode, PolarKVError
 from polarkvd.keys import ROOT_KEY, namespace_digest, page_keys
-from polarkvd.types import DTYPE_BYTES, Namespace
+from polarkvd.types import DTYPE_BYTES, Namespace, Tier
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -122,6 +126,10 @@ class Options:
     max_sessions: int = 64
     #: Engine id shown by `polarkvd status`; empty = vllm-<host>-<pid>.
     engine_id: str = ""
+    #: CUDA workers: use the daemon's GPU page pool (L1) when it offers one this process can open:
+    #: stores go there first (device to device), and L1 pages load device to device. False: every
+    #: page goes through the DRAM arena. No effect on CPU workers or daemons without L1.
+    vram: bool = True
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any] | None) -> Options:
@@ -393,6 +401,17 @@ class _DaemonLink:
         self._down = False
         self._retry_at = 0.0
         self._backoff = _RETRY_FIRST
+        #: Attach with `vram=True` (a CUDA worker with `Options.vram`): the daemon's L1 pool is mapped.
+        self.vram = False
+        #: Called before sessions close: copies in flight into their L1 pool must finish first.
+        self.before_close: Callable[[], None] | None = None
+
+    def _closing(self) -> None:
+        if self.before_close is not None:
+            try:
+                self.before_close()
+            except Exception as e:  # noqa: BLE001 - a broken device: closing must still happen
+                logger.warning("polarkvd: waiting for copies in flight failed: %r", e)
 
     @property
     def available(self) -> bool:
@@ -410,7 +429,12 @@ class _DaemonLink:
         try:
             # The scheduler only looks pages up: it never maps the arena (costly for a large one).
             client = EngineClient(
-                ns, self._engine_id, self.path, timeout=self._opts.timeout, map_arena=self.role != "scheduler"
+                ns,
+                self._engine_id,
+                self.path,
+                timeout=self._opts.timeout,
+                map_arena=self.role != "scheduler",
+                vram=self.vram,
             )
         except DaemonUnavailable as e:
             self.failed(e)
@@ -448,11 +472,14 @@ class _DaemonLink:
         self._sessions[digest] = client
         while len(self._sessions) > self._opts.max_sessions:
             _, old = self._sessions.popitem(last=False)
+            self._closing()
             old.close()
         return client
 
     def failed(self, exc: BaseException) -> None:
         """The daemon is unreachable: drop every session, serve without it, retry with backoff."""
+        if self._sessions:
+            self._closing()
         for client in self._sessions.values():
             client.close()
         self._sessions.clear()
@@ -472,6 +499,8 @@ class _DaemonLink:
         )
 
     def close(self) -> None:
+        if self._sessions:
+            self._closing()
         for client in self._sessions.values():
             client.close()
         self._sessions.clear()
@@ -743,157 +772,26 @@ class _SchedulerSide:
         self.link.close()
 
 
-# ------------------------------------------------------------------------------------------ worker side: byte movers
-
-
-class _HostMover:
-    """KV layers in host memory: one `copy_` per (layer, block) between the tensor and the arena page.
-
-    `rows[l][b]` is block b of layer l as uint8 (a view, never a copy) when the block is contiguous
-    (vLLM CPU, LBHNC); otherwise the typed strided block view is copied from a typed view of the page.
-    """
-
-    def __init__(self, layers: list[torch.Tensor], num_blocks: int, block_bytes: int) -> None:
-        self.blocks: list[torch.Tensor] = []
-        self.rows: list[torch.Tensor | None] = []
-        for kv in layers:
-            t = kv if kv.shape[0] == num_blocks else kv.unflatten(0, (num_blocks, -1))
-            self.blocks.append(t)
-            if t.is_contiguous():
-                rows = t.view(torch.uint8).view(num_blocks, block_bytes)
-                assert rows.data_ptr() == kv.data_ptr()
-                self.rows.append(rows)
-            else:
-                self.rows.append(None)
-
-    def _typed(self, layer: int, page_slice: torch.Tensor) -> torch.Tensor:
-        block = self.blocks[layer][0]
-        return page_slice.view(block.dtype).view(block.shape)
-
-    def load_layer(self, layer: int, items: Sequence[tuple[torch.Tensor, int]]) -> None:
-        rows = self.rows[layer]
-        if rows is not None:
-            for src, block in items:
-                rows[block].copy_(src)
-        else:
-            blocks = self.blocks[layer]
-            for src, block in items:
-                blocks[block].copy_(self._typed(layer, src))
-
-    def layer_ready(self, layer: int) -> None:
-        pass
-
-    def save_layer(self, layer: int, items: Sequence[tuple[torch.Tensor, int]]) -> None:
-        rows = self.rows[layer]
-        if rows is not None:
-            for dst, block in items:
-                dst.copy_(rows[block])
-        else:
-            blocks = self.blocks[layer]
-            for dst, block in items:
-                self._typed(layer, dst).copy_(blocks[block])
-
-    def finish_saves(self) -> None:
-        pass
-
-
-class _CudaMover(_HostMover):
-    """KV layers on a CUDA device (not exercised here: these machines have no GPU).
-
-    Loads: arena page -> pinned staging buffer (CPU copy) -> device block with `non_blocking=True` on a
-    side stream; one event per layer, which the compute stream waits on in `wait_for_layer_load`
-    (the host does not block). Two staging buffers alternate between layers, so filling layer l+1's
-    overlaps layer l's transfer. Saves: after the compute stream has written the layer (event), the
-    side stream copies its blocks into pinned staging; `finish_saves` waits and copies into the arena.
-    """
-
-    def __init__(self, layers: list[torch.Tensor], num_blocks: int, block_bytes: int) -> None:
-        super().__init__(layers, num_blocks, block_bytes)
-        self.device = layers[0].device
-        self.block_bytes = block_bytes
-        self.stream = torch.cuda.Stream(device=self.device)
-        self._load_stage: list[torch.Tensor] = []
-        self._load_events: list[torch.cuda.Event | None] = [None] * len(layers)
-        self._save_stage: list[torch.Tensor | None] = [None] * len(layers)  # grow-only, per layer
-        self._save_jobs: list[tuple[torch.cuda.Event, list[tuple[torch.Tensor, torch.Tensor]]]] = []
-
-    def _pinned(self, n: int) -> torch.Tensor:
-        return torch.empty((n, self.block_bytes), dtype=torch.uint8, pin_memory=True)
-
-    def begin_load(self) -> None:
-        """Order this step's loads after work already queued on the compute stream (block zeroing)."""
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
-
-    def load_layer(self, layer: int, items: Sequence[tuple[torch.Tensor, int]]) -> None:
-        n = len(items)
-        slot = layer % 2
-        while len(self._load_stage) <= slot:
-            self._load_stage.append(self._pinned(0))
-        prev = self._load_events[layer - 2] if layer >= 2 else None
-        if prev is not None:
-            prev.synchronize()  # the buffer we are about to refill has reached the device
-        if self._load_stage[slot].shape[0] < n:
-            self._load_stage[slot] = self._pinned(n)
-        stage = self._load_stage[slot]
-        for i, (src, _) in enumerate(items):
-            stage[i].copy_(src)
-        blocks = self.blocks[layer]
-        with torch.cuda.stream(self.stream):
-            for i, (_, block) in enumerate(items):
-                blocks[block].copy_(self._typed(layer, stage[i]), non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(self.stream)
-        self._load_events[layer] = event
-
-    def layer_ready(self, layer: int) -> None:
-        event = self._load_events[layer]
-        if event is not None:
-            torch.cuda.current_stream(self.device).wait_event(event)
-
-    def end_load(self) -> None:
-        for event in self._load_events:
-            if event is not None:
-                event.synchronize()
-        self._load_events = [None] * len(self._load_events)
-
-    def save_layer(self, layer: int, items: Sequence[tuple[torch.Tensor, int]]) -> None:
-        written = torch.cuda.Event()
-        written.record(torch.cuda.current_stream(self.device))
-        stage = self._save_stage[layer]
-        if stage is None or stage.shape[0] < len(items):  # reused every step: finish_saves has drained it
-            stage = self._save_stage[layer] = self._pinned(len(items))
-        blocks = self.blocks[layer]
-        with torch.cuda.stream(self.stream):
-            self.stream.wait_event(written)
-            for i, (_, block) in enumerate(items):
-                self._typed(layer, stage[i]).copy_(blocks[block], non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(self.stream)
-        self._save_jobs.append((done, [(dst, stage[i]) for i, (dst, _) in enumerate(items)]))
-
-    def finish_saves(self) -> None:
-        for done, pairs in self._save_jobs:
-            done.synchronize()
-            for dst, staged in pairs:
-                dst.copy_(staged)
-        self._save_jobs.clear()
-
-
 # ------------------------------------------------------------------------------------------ worker side
 
 
 class _Load:
-    """One step's loads: the pinned pages, what to copy where, and (layer mode) the copying thread."""
+    """One step's loads: the pinned pages, what to copy where, and (layer mode) the copying thread.
+
+    Items are (page [L, pb, bytes], block in page, vLLM block); `items` are arena pages (host memory),
+    `device_items` L1 pages (CUDA tensors over the daemon's pool), complete when `load` answers.
+    """
 
     def __init__(self, num_layers: int) -> None:
-        self.items: list[
-            tuple[torch.Tensor, int, int]
-        ] = []  # (page [L, pb, bytes], block in page, vLLM block)
+        self.items: list[tuple[torch.Tensor, int, int]] = []
+        self.device_items: list[tuple[torch.Tensor, int, int]] = []
         # pipelined loads: the daemon's answers, and per item (answer index, page index in it)
         self.results: list[Any] = []
         self.origin: list[tuple[int, int]] = []
+        self.device_origin: list[tuple[int, int]] = []
         self.usable: list[int] = []  # pages of each answer that arrive whole (shrinks on failure)
         self.leases: list[tuple[EngineClient, int]] = []
+        self.l1_clients: list[EngineClient] = []  # sessions whose pool the device items are in
         self.blocks_by_req: dict[str, list[int]] = {}
         self.done = [threading.Event() for _ in range(num_layers)]
         self.error: BaseException | None = None
@@ -911,9 +809,17 @@ class _Load:
             ]
         return [(page[layer, j], block) for page, j, block in self.items]
 
+    def device_layer_items(self, layer: int) -> list[tuple[torch.Tensor, int]]:
+        return [(page[layer, j], block) for page, j, block in self.device_items]
+
     def lost_blocks(self) -> set[int]:
         """vLLM blocks of pages a pipelined load announced but could not deliver (to recompute)."""
-        return {block for (_, _, block), (r, p) in zip(self.items, self.origin) if p >= self.usable[r]}
+        return {
+            block
+            for items, origin in ((self.items, self.origin), (self.device_items, self.device_origin))
+            for (_, _, block), (r, p) in zip(items, origin)
+            if p >= self.usable[r]
+        }
 
 
 class _Save:
@@ -922,10 +828,20 @@ class _Save:
     def __init__(self) -> None:
         self.items: list[tuple[torch.Tensor, int, int, str]] = []  # (page, block in page, vLLM block, req)
         self.reserved: dict[int, tuple[EngineClient, list[tuple[bytes, str]]]] = {}  # id(client) -> keys
+        self.l1_clients: list[EngineClient] = []  # sessions with pages reserved in their L1 pool
         self.layers_done: set[int] = set()
         self.error: BaseException | None = None  # a copy failed: abort everything reserved
         self.existing = 0
         self.no_space = 0
+        self.l1_pages = 0
+
+
+def _l1_gone(clients: Sequence[EngineClient]) -> BaseException | None:
+    """An error when a session's L1 pool was unmapped since its pages were handed out (the daemon
+    went away mid-step): nothing may be copied to or from those pages any more."""
+    if any(not c.vram for c in clients):
+        return DaemonUnavailable("the daemon's GPU page pool was unmapped mid-step (daemon unreachable)")
+    return None
 
 
 class _WorkerSide:
@@ -934,7 +850,7 @@ class _WorkerSide:
         self.opts = opts
         self.link = _DaemonLink(opts, "worker")
         self.rank = 0
-        self.mover: _HostMover | None = None
+        self.mover: HostMover | None = None
         self._index: dict[str, int] = {name: i for i, name in enumerate(geo.layer_names)}
         self._digests: dict[str, bytes] = {}
         self._load: _Load | None = None
@@ -952,11 +868,24 @@ class _WorkerSide:
         digest = self._digests.get(salt)
         if digest is None:
             digest = self._digests[salt] = namespace_digest(ns)
-        return self.link.session(ns, digest), ns
+        client = self.link.session(ns, digest)
+        if client is not None and self.mover is not None:
+            self.mover.use_arena(client)  # page-locks its arena mapping once (CUDA workers)
+        return client, ns
 
     def _page(self, view: memoryview) -> torch.Tensor:
         g = self.geo
         return torch.frombuffer(view, dtype=torch.uint8).view(g.num_layers, g.page_blocks, g.block_bytes)
+
+    def _pool_page(self, pools: dict[int, Any], client: EngineClient, offset: int) -> torch.Tensor | None:
+        """The L1 page at `offset` of `client`'s pool (a CUDA tensor), None when the pool is not mapped."""
+        pool = pools.get(id(client))
+        if pool is None:
+            pool = pools[id(client)] = client.pool_tensor()
+            if pool is None:
+                return None
+        g = self.geo
+        return pool[offset : offset + client.page_bytes].view(g.num_layers, g.page_blocks, g.block_bytes)
 
     # -- registration
 
@@ -990,9 +919,11 @@ class _WorkerSide:
                     f"of {g.block_bytes} bytes"
                 )
             elif first.is_cuda and torch.cuda.is_available():
-                self.mover = _CudaMover(layers, g.num_blocks, g.block_bytes)
+                self.mover = CudaMover(layers, g.num_blocks, g.block_bytes)
+                self.link.vram = self.opts.vram
+                self.link.before_close = self.mover.quiesce
             elif first.device.type == "cpu":
-                self.mover = _HostMover(layers, g.num_blocks, g.block_bytes)
+                self.mover = HostMover(layers, g.num_blocks, g.block_bytes)
             else:
                 self.disabled = f"KV caches on {first.device.type} are not supported"
         if self.disabled:
@@ -1005,7 +936,10 @@ class _WorkerSide:
                 "PolarKVConnector: %d layers, pages of %d tokens (%d bytes), layout %s, model %s, daemon %s",
                 g.num_layers, g.page_tokens, g.num_layers * g.page_blocks * g.block_bytes, g.layout, g.model, self.link.path,
             )  # fmt: skip
-            self._session("")  # attach now (maps the arena) rather than in the first request's step
+            # Attach now (maps the arena, page-locks it on CUDA) rather than in the first request's step.
+            client, _ = self._session("")
+            if client is not None and client.vram:
+                logger.info("PolarKVConnector: using the daemon's GPU page pool (L1) on %s", first.device)
 
     # -- loads
 
@@ -1016,6 +950,7 @@ class _WorkerSide:
             self.before_load(meta.loads)
         load = _Load(self.geo.num_layers)
         pb = self.geo.page_blocks
+        pools: dict[int, Any] = {}
         for spec in meta.loads:
             got = 0
             client = None if self.disabled or self.mover is None else self._session(spec.salt)[0]
@@ -1031,7 +966,17 @@ class _WorkerSide:
                 if result is not None:
                     if result.lease is not None:
                         load.leases.append((client, result.lease))
-                    pages = [self._page(v) for v in result.views]
+                    pages: list[tuple[torch.Tensor, bool]] = []  # (page, in L1)
+                    for off, tier, view in zip(result.offsets, result.tiers, result.views):
+                        if tier is Tier.VRAM:
+                            page = self._pool_page(pools, client, off)
+                            if page is None:  # not mapped here (cannot happen while attached): recompute
+                                break
+                            if not load.l1_clients or load.l1_clients[-1] is not client:
+                                load.l1_clients.append(client)
+                            pages.append((page, True))
+                        else:
+                            pages.append((self._page(view), False))
                     r = len(load.results)
                     if pipelined:
                         load.results.append(result)
@@ -1040,9 +985,12 @@ class _WorkerSide:
                         p, j = divmod(spec.skip + i, pb)
                         if p >= len(pages):
                             break
-                        load.items.append((pages[p], j, block))
+                        page, on_device = pages[p]
+                        (load.device_items if on_device else load.items).append((page, j, block))
                         if pipelined:
-                            load.origin.append((r, p))
+                            (load.device_origin if on_device else load.origin).append((r, p))
+                        if on_device:
+                            self.stats["load_blocks_vram"] += 1
                         got += 1
             load.blocks_by_req[spec.req_id] = spec.block_ids[:got]
             self.stats["load_blocks"] += got
@@ -1055,13 +1003,29 @@ class _WorkerSide:
                     "polarkvd: request %s got %d of %d blocks from the daemon; vLLM recomputes the other %d",
                     spec.req_id, got, len(spec.block_ids), len(failed),
                 )  # fmt: skip
-        if not load.items:
+        pools.clear()
+        if not load.items and not load.device_items:
             self._release(load)
             return
+        assert self.mover is not None
         self._load = load
-        if isinstance(self.mover, _CudaMover):
-            self.mover.begin_load()
-        if self.opts.load_mode == "layer":
+        self.mover.begin_load()
+        if load.device_items:
+            # L1 pages are whole already: queued here, on the thread whose daemon calls could unmap
+            # the pool (the link waits for queued copies before it closes a session), never later.
+            load.error = _l1_gone(load.l1_clients)
+            t0 = time.perf_counter()
+            try:
+                if load.error is None:
+                    for layer in range(self.geo.num_layers):
+                        self.mover.load_layer(layer, load.device_layer_items(layer))
+            except Exception as e:  # noqa: BLE001 - reported as load errors, never raised into vLLM
+                load.error = e
+            load.seconds += time.perf_counter() - t0
+        if not load.items:
+            for done in load.done:
+                done.set()
+        elif self.opts.load_mode == "layer":
             load.thread = threading.Thread(
                 target=self._copy_loads, args=(load,), name="polarkv-load", daemon=True
             )
@@ -1082,7 +1046,7 @@ class _WorkerSide:
                 finally:
                     load.done[layer].set()
         finally:
-            load.seconds = time.perf_counter() - t0
+            load.seconds += time.perf_counter() - t0
 
     def wait_layer(self, name: str) -> None:
         load = self._load
@@ -1101,8 +1065,13 @@ class _WorkerSide:
             return
         if load.thread is not None:
             load.thread.join()
-        if isinstance(self.mover, _CudaMover):
-            self.mover.end_load()
+        if self.mover is not None:
+            try:
+                self.mover.end_load()
+                if load.error is not None:
+                    self.mover.quiesce()  # a copy that failed half-way may have left others queued
+            except Exception as e:  # noqa: BLE001 - a device error: the blocks are recomputed
+                load.error = load.error or e
         lost = load.lost_blocks() if load.results else set()
         if lost and load.error is None:
             logger.warning(
@@ -1123,13 +1092,14 @@ class _WorkerSide:
                     self._errors.update(blocks)
                     self._failed_reqs.add(req_id)
         else:
-            n = len(load.items)
+            n = len(load.items) + len(load.device_items)
             self.stats["load_copied_bytes"] += n * self.geo.num_layers * self.geo.block_bytes
             self.stats_seconds["load_copy"] += load.seconds
         self._release(load)
 
     def _release(self, load: _Load) -> None:
-        load.items.clear()  # drop the tensors over the arena before the pins go
+        load.items.clear()  # drop the tensors over the arena (and the pool) before the pins go
+        load.device_items.clear()
         for client, lease in load.leases:
             _call(self.link, "release", lambda c=client, x=lease: c.release(x), self.stats_seconds)
 
@@ -1144,6 +1114,7 @@ class _WorkerSide:
         if self.disabled or self.mover is None:
             return save
         pb = self.geo.page_blocks
+        pools: dict[int, Any] = {}
         for spec in meta.saves:
             if spec.req_id in self._failed_reqs or self.rank >= len(spec.keys):
                 continue
@@ -1151,12 +1122,23 @@ class _WorkerSide:
             if client is None:
                 continue
             keys = spec.keys[self.rank]
-            offsets = _call(
-                self.link,
-                "reserve",
-                lambda c=client, k=keys, p=spec.parents[self.rank]: c.reserve(k, p),
-                self.stats_seconds,
-            )
+            parent = spec.parents[self.rank]
+            if client.vram:  # L1 slots first (device to device), DRAM where the pool has no room
+                reply = _call(
+                    self.link,
+                    "reserve",
+                    lambda c=client, k=keys, p=parent: c.reserve_tiers(k, p, Tier.VRAM),
+                    self.stats_seconds,
+                )
+                offsets, tiers = reply if reply is not None else (None, b"")
+            else:
+                offsets = _call(
+                    self.link,
+                    "reserve",
+                    lambda c=client, k=keys, p=parent: c.reserve(k, p),
+                    self.stats_seconds,
+                )
+                tiers = b""
             if offsets is None:
                 continue
             entry = save.reserved.setdefault(id(client), (client, []))
@@ -1165,7 +1147,17 @@ class _WorkerSide:
                     save.existing += off == -1
                     save.no_space += off == -2
                     continue
-                page = self._page(client.page(off))
+                if tiers and tiers[p] == Tier.VRAM:
+                    page = self._pool_page(pools, client, off)
+                    if page is None:  # cannot happen while attached; the slot is aborted
+                        save.error = save.error or DaemonUnavailable("the GPU page pool is not mapped")
+                        entry[1].append((key, spec.req_id))
+                        continue
+                    if client not in save.l1_clients:
+                        save.l1_clients.append(client)
+                    save.l1_pages += 1
+                else:
+                    page = self._page(client.page(off))
                 entry[1].append((key, spec.req_id))
                 for j in range(pb):
                     save.items.append((page, j, spec.block_ids[p * pb + j], spec.req_id))
@@ -1175,6 +1167,9 @@ class _WorkerSide:
         assert self.mover is not None
         if layer in save.layers_done or not save.items:
             return
+        gone = _l1_gone(save.l1_clients)
+        if gone is not None:
+            raise gone
         save.layers_done.add(layer)
         self.mover.save_layer(layer, [(page[layer, j], block) for page, j, block, _ in save.items])
 
@@ -1188,6 +1183,8 @@ class _WorkerSide:
             t0 = time.perf_counter()
             self._save = self._reserve(meta)
             self.stats_seconds["save_reserve"] += time.perf_counter() - t0
+        if self._save.error is not None:
+            return
         t0 = time.perf_counter()
         try:
             self._copy_save_layer(self._save, layer)
@@ -1214,10 +1211,17 @@ class _WorkerSide:
             if save.error is None:
                 for layer in range(self.geo.num_layers):
                     self._copy_save_layer(save, layer)
-                if self.mover is not None:
-                    self.mover.finish_saves()
         except Exception as e:  # noqa: BLE001 - a failed copy aborts the step's stores, nothing else
             save.error = e
+        if self.mover is not None:
+            # Every copy into a reserved slot ends before its commit or abort: an aborted L1 slot is
+            # handed to the next writer at once.
+            try:
+                self.mover.finish_saves()
+                if save.error is not None:
+                    self.mover.quiesce()
+            except Exception as e:  # noqa: BLE001 - a device error: nothing is committed
+                save.error = save.error or e
         ok = save.error is None
         if not ok:
             logger.warning(
@@ -1241,6 +1245,8 @@ class _WorkerSide:
                 is not None
             ):
                 self.stats["saved_pages"] += len(good)
+        if ok and save.l1_pages:
+            self.stats["saved_pages_vram"] += save.l1_pages
         self.stats["save_existing_pages"] += save.existing
         self.stats["save_no_space_pages"] += save.no_space
         self.stats["save_copied_bytes"] += copied * self.geo.block_bytes * len(save.layers_done)
@@ -1250,6 +1256,8 @@ class _WorkerSide:
     def close(self) -> None:
         self._finish_load()
         self.link.close()
+        if self.mover is not None:
+            self.mover.close()
 
 
 # ------------------------------------------------------------------------------------------ the connector
@@ -1290,6 +1298,9 @@ class PolarKVConnector(KVConnectorBase_V1):
         out: dict[str, float] = dict(side.stats) if side else {}
         if self._worker is not None:
             out.update({f"{k}_seconds": v for k, v in self._worker.stats_seconds.items()})
+            mover = self._worker.mover
+            if mover is not None:  # bytes by copy path (CUDA): load_vram, load_direct, load_staged, save_...
+                out.update({f"copied_{k}_bytes": v for k, v in mover.copied.items()})
         return out
 
     @property

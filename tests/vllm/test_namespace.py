@@ -84,26 +84,3 @@ def test_options_refuse_unknown_keys_and_bad_values() -> None:
     text = str(e.value)
     for key in ("sokcet", "page_blocks", "load_mode", "save_decode"):
         assert f"kv_connector_extra_config.{key}" in text
-
-
-def test_pages_hold_blocks_in_logical_order_whatever_the_physical_layout() -> None:
-    """A contiguous LBHNC layer (vLLM CPU) and an H-outer strided one (an LHBNC-style GPU layout) give
-    the same page bytes for the same logical KV, and a load puts them back where they came from."""
-    import torch
-
-    blocks, heads, tokens, content = 6, 3, 8, 16
-    logical = torch.randn(blocks, heads, tokens, content)
-    contiguous = logical.clone()
-    strided = logical.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3)  # same values, H outermost
-    assert not strided[0].is_contiguous()
-    block_bytes = heads * tokens * content * 4
-    pages = {}
-    for name, layer in (("contiguous", contiguous), ("strided", strided)):
-        mover = connector._HostMover([layer], blocks, block_bytes)
-        page = torch.zeros(2, block_bytes, dtype=torch.uint8)
-        mover.save_layer(0, [(page[0], 4), (page[1], 1)])
-        pages[name] = page
-        layer.zero_()
-        mover.load_layer(0, [(page[0], 2), (page[1], 5)])
-        assert torch.equal(layer[2], logical[4]) and torch.equal(layer[5], logical[1])
-    assert torch.equal(pages["contiguous"], pages["strided"])
