@@ -363,7 +363,8 @@ class EngineClient:
     def lookup(self, keys: Sequence[bytes], pin: bool = False) -> LookupResult:
         """Tiers of the longest cached prefix of `keys` (a hint: `load` is what counts). Answered
         from the shared lookup table without a round trip while the daemon keeps it; what the table
-        cannot settle (pages past DRAM on disk or on peers, `pin`) is asked over the socket."""
+        cannot settle (pages on peers, `pin`, a table still listing this namespace's disk pages, a full
+        table) is asked over the socket."""
         table = self._table
         if table is not None and not pin and keys and table.usable():
             try:

@@ -290,7 +290,7 @@ class DramConfig:
         0,
         _lookup_table_entries,
         "entries of the shared lookup table engines probe without a round trip (rounded up to a power "
-        "of two, 32 bytes each); 0 = auto: twice the 64 KiB pages that fit, 4096..4Mi",
+        "of two, 32 bytes each); 0 = auto: twice the 64 KiB pages that fit in DRAM plus one per 256 KiB of disk, 4096..4Mi",
     )
 
 

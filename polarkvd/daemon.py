@@ -156,7 +156,9 @@ class Daemon:
         cfg = self.cfg
         loop = asyncio.get_running_loop()
         try:
-            table_entries = table_entries_for(cfg.dram.capacity, cfg.dram.lookup_table_entries)
+            table_entries = table_entries_for(
+                cfg.dram.capacity, cfg.dram.lookup_table_entries, cfg.disk.capacity if cfg.disk.enabled else 0
+            )
             table_at = cfg.dram.capacity + SIGNAL_BOARD_BYTES
             table_size = table_bytes(table_entries, cfg.daemon.max_sessions)
             arena = Arena(

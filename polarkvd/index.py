@@ -28,7 +28,7 @@ VRAM = 4  # flag: the slot is in the L1 pool (with RESERVED, READY, and PROMOTIN
 RESERVED_VRAM = RESERVED | VRAM
 READY_VRAM = READY | VRAM
 PROMOTING_VRAM = PROMOTING | VRAM
-_TIER_DRAM, _TIER_VRAM = 2, 1  # lookup_table's tier bytes (= types.Tier)
+_TIER_DRAM, _TIER_VRAM, _TIER_DISK = 2, 1, 4  # lookup_table's tier bytes (= types.Tier)
 
 
 class Page(PolicyNode):
@@ -73,6 +73,9 @@ class PageIndex:
         self.vram_pages = 0
         #: the engines' copy of which keys are READY (lookup_table.py), kept by add/mark_ready/remove
         self.table: LookupTable | None = None
+        #: set by the manager (this index knows nothing of disk): whether a page leaving L1 and DRAM
+        #: has a copy on disk or queued for it; its table entry then stays, with tier DISK
+        self.held_on_disk: Callable[[Page], bool] | None = None
 
     def __contains__(self, key: bytes) -> bool:
         return key in self._pages
@@ -151,7 +154,9 @@ class PageIndex:
             self.ready_bytes -= page.size
             self.ready_pages -= 1
         if self.table is not None:
-            self.table.remove(page.key)
+            held = self.held_on_disk
+            if held is None or not held(page) or not self.table.set_tier(page.key, _TIER_DISK):
+                self.table.remove(page.key)
 
     def remove(self, key: bytes) -> Page | None:
         page = self._pages.pop(key, None)

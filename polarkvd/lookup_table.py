@@ -1,8 +1,8 @@
-"""The shared lookup table: the DRAM page index, readable by engines without a round trip.
+"""The shared lookup table: which keys the daemon holds, readable by engines without a round trip.
 
 A lookup is the engine's most frequent call (the scheduler asks it for every new request) and it
-changes nothing, so the daemon publishes which keys have a READY page in DRAM in a hash table in
-shared memory, in the tail of the arena file the engines map already, and the client library
+changes nothing, so the daemon publishes which keys it holds (a READY page in L1 or DRAM, or a copy
+on the disk tier or queued for it) in a hash table in shared memory, in the tail of the arena file the engines map already, and the client library
 probes it in-process: no socket, no wakeup of the daemon, no dependence on how busy its threads
 are. The daemon's event loop is the only writer of the table; engines write only their own
 *session slot* (lookup counts and touched entries, folded into the daemon's counters and eviction
@@ -12,19 +12,29 @@ page evicted a moment after the probe is a short load, exactly as after a socket
 Layout (little-endian), at `offset` in the arena file, page-aligned so that a lookup-only client
 maps just this part:
 
-    header   4096 B   magic, capacity, session slots, heartbeat, state, overflow, has_vram (u8 at 32:
-                      1 while any entry is in L1, so an all-DRAM probe never reads tier bytes)
+    header   4096 B   magic, capacity, session slots, heartbeat, state, overflow (u32 at 28: 1 while
+                      the table may lack a key the daemon holds: it was full, or is being refilled
+                      after a rebuild; no miss is final then), not_dram (u8 at 32: 1 while any entry
+                      is in L1 or on disk; 0: every hit is in DRAM)
     entries  capacity x 32 B, open addressing with linear probing from the key's first 8 bytes
              (keys are xxh3-128 digests: uniform); deleted entries become tombstones
-             [flags u32: 0 empty, 1 live, 2 deleted][key 16 B][ns u32][tier u8: 1 VRAM, 2 DRAM][spare 7 B]
+             [flags u32: 0 empty, 1 live, 2 deleted][key 16 B][ns u32][tier u8: 1 VRAM, 2 DRAM, 4 DISK]
+             [spare 7 B]
     slots    session_slots x 1024 B
-             [owner u32][pad u32][lookups u64][pages u64][hits u64][touch head u64][vram hits u64]...
-             [touch ring: 240 x u32 offsets of entries hit, from byte 64]
+             [owner u32][pad u32][lookups u64][pages u64][hits u64][touch head u64][vram hits u64]
+             [disk hits u64][final u32: the daemon sets 1 once every disk page of the session's
+             namespace is listed][pad u32][touch ring: 240 x u32 offsets of entries hit, from byte 64]
 
-The tier byte is written with the key, before the flags; a page moving from L1 to DRAM has its tier
-byte rewritten in place (one byte store: a reader sees the old or the new tier, both true a moment
-apart; the load that follows is authoritative). L1 pages are in the table so that a miss in it stays
-final (docs/DESIGN-NOTES.md, "Engines answer their own lookups from a shared table").
+The tier byte is written with the key, before the flags; a page changing tier (L1 -> DRAM, DRAM ->
+disk when it is evicted with a copy on disk, disk -> DRAM when it is promoted) has its tier byte
+rewritten in place (one byte store: a reader sees the old or the new tier, both true a moment apart;
+the load that follows is authoritative). A probe compares 25 bytes at a key's home entry (flags,
+key, namespace and tier DRAM), so the common hit, a DRAM page at its home entry, reads no tier byte;
+only hits found otherwise (past their home, or in another tier) read it. L1 and disk pages are in
+the table so that a miss in it is final (docs/DESIGN-NOTES.md, "Engines answer their own lookups
+from a shared table"): with a disk tier, a session's misses are final once the daemon has listed the
+disk pages of its namespace (its slot's `final`, or `final_miss` in the hello reply) and while the
+overflow flag is clear; with a cluster never (peers may hold the page).
 
 Consistency without locks: the writer stores an entry's key and namespace first and its flags
 last (x86 keeps stores in order), and a reader compares flags, key and namespace in one 24-byte
@@ -69,10 +79,13 @@ _HEADER = struct.Struct("<8sIIQII")  # magic, capacity, slots, heartbeat, state,
 _HEARTBEAT_AT = 16
 _STATE_AT = 24
 _OVERFLOW_AT = 28
-_HAS_VRAM_AT = 32
+_NOT_DRAM_AT = 32
 _TIER_AT = 24  # in an entry
 _VRAM_HITS_AT = 40  # in a session slot
-TIER_VRAM, TIER_DRAM = 1, 2  # = types.Tier.VRAM, Tier.DRAM (this module imports no other)
+_DISK_HITS_AT = 48
+_FINAL_AT = 56
+TIER_VRAM, TIER_DRAM, TIER_DISK = 1, 2, 4  # = types.Tier.VRAM, DRAM, DISK (this module imports no other)
+_DRAM_BYTE = bytes([TIER_DRAM])
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _TALLY = struct.Struct("<QQQ")  # lookups, pages, hits (at byte 8 of a slot)
@@ -80,10 +93,14 @@ _ENTRY_TAIL = struct.Struct("<16sIB")  # key, ns, tier (at byte 4 of an entry)
 _LIVE_FLAGS = _U32.pack(LIVE)
 
 
-def table_entries(dram_capacity: int, setting: int = 0) -> int:
-    """Entries for a DRAM tier of `dram_capacity` bytes: `setting` rounded up to a power of two, or
-    (0 = auto) room for twice as many 64 KiB pages as fit, between 4096 and 4 Mi entries (128 MiB)."""
-    want = setting if setting > 0 else min(max(2 * dram_capacity // (64 << 10), 4096), 4 << 20)
+def table_entries(dram_capacity: int, setting: int = 0, disk_capacity: int = 0) -> int:
+    """Entries for a DRAM tier of `dram_capacity` bytes and a disk tier of `disk_capacity`: `setting`
+    rounded up to a power of two, or (0 = auto) room for twice as many 64 KiB pages as fit in DRAM
+    plus one per 256 KiB of disk (pages there are compressed: ~1.4x for bf16, so one entry per 256 KiB
+    is one per 64 KiB page at a quarter of the load, enough for pages of 128 KiB and up), between
+    4096 and 4 Mi entries (128 MiB). Past that, a full table sends lookups to the socket."""
+    auto = 2 * dram_capacity // (64 << 10) + disk_capacity // (256 << 10)
+    want = setting if setting > 0 else min(max(auto, 4096), 4 << 20)
     return 1 << max(want - 1, 1).bit_length()
 
 
@@ -114,8 +131,10 @@ class LookupTable:
         self.slots_at = HEADER_BYTES + entries * ENTRY_BYTES
         self.used = 0  # live entries
         self.vram_used = 0  # live entries of pages in L1
+        self.disk_used = 0  # live entries of pages on disk (and not in L1 or DRAM)
         self.deleted = 0  # tombstones
         self.overflow = False
+        self.incomplete = False  # being refilled after a rebuild (`set_incomplete`)
         self.rebuild_needed = False  # so many tombstones, or an overflow with room again: `rebuild`
         self._warned = False  # an overflow is logged once per daemon run
         self._free_slots = list(range(session_slots - 1, -1, -1))
@@ -139,11 +158,27 @@ class LookupTable:
         _ENTRY_TAIL.pack_into(self.view, at + 4, key, ns, tier)  # key first, flags last: see the docstring
         _U32.pack_into(self.view, at, flags)
 
-    def _count_vram(self, delta: int) -> None:
-        before = self.vram_used
-        self.vram_used += delta
-        if (before == 0) != (self.vram_used == 0):
-            self.view[_HAS_VRAM_AT] = 1 if self.vram_used else 0
+    def _count(self, tier: int, delta: int) -> None:
+        """An entry of `tier` came (+1) or went (-1): keep the not-DRAM counts and header byte."""
+        if tier == TIER_DRAM:
+            return
+        before = self.vram_used + self.disk_used
+        if tier == TIER_VRAM:
+            self.vram_used += delta
+        else:
+            self.disk_used += delta
+        after = self.vram_used + self.disk_used
+        if (before == 0) != (after == 0):
+            self.view[_NOT_DRAM_AT] = 1 if after else 0
+
+    def _flag_overflow(self) -> None:
+        _U32.pack_into(self.view, _OVERFLOW_AT, 1 if self.overflow or self.incomplete else 0)
+
+    def set_incomplete(self, on: bool) -> None:
+        """While on, no miss is final (the overflow flag): the daemon is putting back entries a
+        rebuild could not take at once (disk pages, listed in batches)."""
+        self.incomplete = on
+        self._flag_overflow()
 
     def _find(self, key: bytes) -> tuple[int, int]:
         """(entry offset of `key` if live else -1, offset of the first reusable entry on its path)."""
@@ -162,19 +197,23 @@ class LookupTable:
             i = (i + 1) & mask
         return -1, reusable
 
-    def put(self, key: bytes, ns: int, tier: int = TIER_DRAM) -> None:
-        """`key` has a READY page of namespace `ns` in DRAM (or, `tier` = TIER_VRAM, in L1)."""
+    def put(self, key: bytes, ns: int, tier: int = TIER_DRAM) -> bool:
+        """`key` has a READY page of namespace `ns` in DRAM (or, `tier` = TIER_VRAM, in L1; TIER_DISK:
+        a copy on the disk tier or queued for it). False: the table is full, the key is not listed."""
         at, free = self._find(key)
         if at >= 0:
-            self._count_vram((tier == TIER_VRAM) - (self.view[at + _TIER_AT] == TIER_VRAM))
+            old = self.view[at + _TIER_AT]
+            if old != tier:
+                self._count(old, -1)
+                self._count(tier, 1)
             self._write(at, LIVE, key, ns, tier)
-            return
+            return True
         if free >= 0 and self.view[free] == TOMBSTONE:
             self.deleted -= 1
         elif free < 0 or self.used + self.deleted + 1 > self.capacity * MAX_LOAD:
             if not self.overflow:  # the page stays loadable; a table miss is just no longer final
                 self.overflow = True
-                _U32.pack_into(self.view, _OVERFLOW_AT, 1)
+                self._flag_overflow()
                 if not self._warned:
                     self._warned = True
                     log.warning(
@@ -184,25 +223,30 @@ class LookupTable:
                         self.used + self.deleted, self.capacity,
                     )  # fmt: skip
             self.rebuild_needed = self.deleted > 0
-            return
+            return False
         self._write(free, LIVE, key, ns, tier)
         self.used += 1
-        if tier == TIER_VRAM:
-            self._count_vram(1)
+        self._count(tier, 1)
+        return True
 
-    def set_tier(self, key: bytes, tier: int) -> None:
-        """The READY page of `key` moved between L1 and DRAM: one byte store, the entry stays live."""
+    def set_tier(self, key: bytes, tier: int) -> bool:
+        """The page of `key` changed tier (L1 <-> DRAM, or left both with its copy on disk): one byte
+        store, the entry stays live. False when the key has no entry (the table was full)."""
         at, _ = self._find(key)
-        if at >= 0 and self.view[at + _TIER_AT] != tier:
-            self._count_vram((tier == TIER_VRAM) - (self.view[at + _TIER_AT] == TIER_VRAM))
+        if at < 0:
+            return False
+        old = self.view[at + _TIER_AT]
+        if old != tier:
+            self._count(old, -1)
+            self._count(tier, 1)
             self.view[at + _TIER_AT] = tier
+        return True
 
     def remove(self, key: bytes) -> None:
-        """`key` has no READY page in DRAM or L1 any more."""
+        """The daemon holds `key` nowhere any more (not in L1 or DRAM, not on disk)."""
         at, _ = self._find(key)
         if at >= 0:
-            if self.view[at + _TIER_AT] == TIER_VRAM:
-                self._count_vram(-1)
+            self._count(self.view[at + _TIER_AT], -1)
             self._write(at, TOMBSTONE, key, 0)
             self.used -= 1
             self.deleted += 1
@@ -211,21 +255,43 @@ class LookupTable:
             ):
                 self.rebuild_needed = True
 
-    def rebuild(self, live: Sequence[tuple[bytes, int] | tuple[bytes, int, int]]) -> None:
+    def rebuild(
+        self, live: Sequence[tuple[bytes, int] | tuple[bytes, int, int]], *, incomplete: bool = False
+    ) -> None:
         """Start over with exactly `live` (key, ns[, tier]): drops every tombstone. Clients use the socket
-        meanwhile (state 0), so none of them sees the table half rebuilt."""
+        meanwhile (state 0), so none of them sees the table half rebuilt. `incomplete`: more entries
+        follow (`set_incomplete(False)` when they are in); no miss is final until then."""
         v = self.view
         _U32.pack_into(v, _STATE_AT, 0)
         start, end = HEADER_BYTES, HEADER_BYTES + self.capacity * ENTRY_BYTES
         v[start:end] = bytes(end - start)
-        self.used = self.deleted = 0
-        self._count_vram(-self.vram_used)
+        self.used = self.deleted = self.vram_used = self.disk_used = 0
+        v[_NOT_DRAM_AT] = 0
         self.overflow = False
+        self.incomplete = incomplete
         self.rebuild_needed = False
-        _U32.pack_into(v, _OVERFLOW_AT, 0)
+        self._flag_overflow()
         for item in live:
             self.put(*item)
         _U32.pack_into(v, _STATE_AT, 1)
+
+    def entries_in(self, tier: int) -> list[tuple[bytes, int]]:
+        """(key, ns) of every live entry of `tier`, in table order: what a rebuild puts back. The
+        tier and flag columns are copied out at C speed; only matching entries cost Python work."""
+        v, start = self.view, HEADER_BYTES
+        end = start + self.capacity * ENTRY_BYTES
+        tiers = v[start + _TIER_AT : end : ENTRY_BYTES].tobytes()
+        flags = v[start:end:ENTRY_BYTES].tobytes()
+        out: list[tuple[bytes, int]] = []
+        want = bytes([tier])
+        i = tiers.find(want)
+        while i >= 0:
+            if flags[i] == LIVE:
+                at = start + i * ENTRY_BYTES
+                key, ns, _ = _ENTRY_TAIL.unpack_from(v, at + 4)
+                out.append((key, ns))
+            i = tiers.find(want, i + 1)
+        return out
 
     def key_at(self, at: int) -> bytes | None:
         """The key of the live entry at table offset `at` (touch rings name entries so), or None."""
@@ -260,6 +326,15 @@ class LookupTable:
         """Of the tally's hit pages, those that were in L1."""
         return _U64.unpack_from(self.view, self.slots_at + slot * SLOT_BYTES + _VRAM_HITS_AT)[0]
 
+    def disk_hits(self, slot: int) -> int:
+        """Of the tally's hit pages, those that were on disk."""
+        return _U64.unpack_from(self.view, self.slots_at + slot * SLOT_BYTES + _DISK_HITS_AT)[0]
+
+    def set_final(self, slot: int, final: bool) -> None:
+        """Whether the session's misses are final (every page of its namespace the daemon holds is
+        listed, and there is no cluster): the reader checks it after a miss."""
+        _U32.pack_into(self.view, self.slots_at + slot * SLOT_BYTES + _FINAL_AT, 1 if final else 0)
+
     def touched(self, slot: int) -> list[bytes]:
         """Keys of the entries the session hit since the last call, oldest first (at most a ring)."""
         at = self.slots_at + slot * SLOT_BYTES
@@ -288,7 +363,10 @@ class TableReader:
             raise ValueError("not a polarkvd lookup table")
         self.mask = capacity - 1
         self.ns = _U32.pack(ns)
-        self.final_miss = final_miss  # no disk tier, no cluster: a page not in DRAM is a miss
+        self.ns_dram = self.ns + _DRAM_BYTE
+        # no cluster, and no disk tier or the namespace's disk pages listed: a key not in the table
+        # is a miss (also when the daemon sets the slot's `final` later)
+        self.final_miss = final_miss
         self.entries_end = HEADER_BYTES + capacity * ENTRY_BYTES
         self.slot_at = self.entries_end + slot * SLOT_BYTES
         #: after `probe`: the tier byte of each hit, or None when every hit is in DRAM
@@ -302,30 +380,45 @@ class TableReader:
         return time.monotonic_ns() - _U64.unpack_from(b, _HEARTBEAT_AT)[0] < STALE_NS
 
     def probe(self, keys: Sequence[bytes]) -> tuple[int, bool]:
-        """(pages of the longest prefix of `keys` in DRAM or L1, whether a miss after them is final);
-        the session's tally and touch ring are updated, `last_tiers` says where the hits are (None:
-        all in DRAM). Call only when `usable()`. Keys must be bytes (TypeError otherwise); one of
-        another length is a miss."""
-        b, mask, ns = self.buf, self.mask, self.ns
+        """(pages of the longest prefix of `keys` the daemon holds, in L1, DRAM or on disk, whether a
+        miss after them is final); the session's tally and touch ring are updated, `last_tiers` says
+        where the hits are (None: all in DRAM). Call only when `usable()`. Keys must be bytes
+        (TypeError otherwise); one of another length is a miss."""
+        b, mask, ns, ns_dram = self.buf, self.mask, self.ns, self.ns_dram
         homes = array.array("Q", b"".join(keys))[::2]  # each key's first 8 bytes (ValueError: not 16)
         hits: list[int] = []
+        other: list[int] = []  # hits not found as a DRAM entry at their home: their tier is read
         for h, key in zip(homes, keys):
             at = HEADER_BYTES + ((h & mask) << 5)
-            want = _LIVE_FLAGS + key + ns
-            if b[at : at + 24] != want:
-                at = self._probe_on(at, want)
-                if at < 0:
-                    break
+            if b[at : at + 25] != _LIVE_FLAGS + key + ns_dram:
+                want = _LIVE_FLAGS + key + ns
+                if b[at : at + 24] != want:  # not at home in any tier
+                    at = self._probe_on(at, want)
+                    if at < 0:
+                        break
+                other.append(len(hits))
             hits.append(at)
         n = len(hits)
         self.last_tiers = None
-        if n and b[_HAS_VRAM_AT]:  # only while L1 holds pages: the all-DRAM path reads no tier byte
-            codes = bytes([b[h + _TIER_AT] for h in hits])
-            if TIER_VRAM in codes:
-                self.last_tiers = codes
-                at = self.slot_at + _VRAM_HITS_AT
-                _U64.pack_into(b, at, _U64.unpack_from(b, at)[0] + codes.count(TIER_VRAM))
-        final = n == len(keys) or (self.final_miss and _U32.unpack_from(b, _OVERFLOW_AT)[0] == 0)
+        if other and b[_NOT_DRAM_AT]:  # only while L1 or disk pages are listed
+            codes = None
+            for i in other:
+                tier = b[hits[i] + _TIER_AT]
+                if tier == TIER_VRAM or tier == TIER_DISK:
+                    if codes is None:
+                        codes = bytearray(_DRAM_BYTE * n)
+                    codes[i] = tier
+            if codes is not None:
+                self.last_tiers = bytes(codes)
+                for tier, at in ((TIER_VRAM, _VRAM_HITS_AT), (TIER_DISK, _DISK_HITS_AT)):
+                    count = codes.count(tier)
+                    if count:
+                        at += self.slot_at
+                        _U64.pack_into(b, at, _U64.unpack_from(b, at)[0] + count)
+        final = n == len(keys) or (
+            (self.final_miss or b[self.slot_at + _FINAL_AT] == 1)
+            and _U32.unpack_from(b, _OVERFLOW_AT)[0] == 0
+        )
         # a lookup that goes on over the socket is counted by the daemon; here only its pages so far
         at = self.slot_at
         lookups, pages, hit_pages = _TALLY.unpack_from(b, at + 8)

@@ -62,7 +62,7 @@ from polarkvd.index import (
     PageIndex,
 )
 from polarkvd.keys import namespace_digest
-from polarkvd.lookup_table import LookupTable
+from polarkvd.lookup_table import TIER_DISK, LookupTable
 from polarkvd.policy import EvictionPolicy, make_policy, switch_policy
 from polarkvd.server.protocol import RESERVE_EXISTS, RESERVE_NO_SPACE
 from polarkvd.tiers.dram import SlabAllocator, slot_size
@@ -79,6 +79,9 @@ log = logging.getLogger(__name__)
 
 #: How many DRAM pages loaded by L1 sessions the promotion count remembers (~100 B each).
 L1_LOADS_REMEMBERED = 1 << 16
+#: Disk pages put in the shared lookup table per turn of the event loop when listing them (a
+#: namespace's pages on disk, or the disk entries a rebuild puts back): ~2-3 us each, ~5 ms a turn.
+LIST_BATCH = 2048
 
 
 @dataclasses.dataclass
@@ -127,7 +130,7 @@ class Session:
     # Lookups the engine answered itself from the shared lookup table: its slot there, and the part
     # of the slot's (lookups, pages, hit pages) already counted.
     table_slot: int | None = None
-    table_folded: tuple[int, int, int, int] = (0, 0, 0, 0)  # and the slot's L1 hits
+    table_folded: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)  # and the slot's L1 and disk hits
     vram: bool = False  # attached with L1 (its process maps the pool): reserves may go there
 
 
@@ -216,6 +219,22 @@ class Manager:
         self._l1_loads: dict[bytes, int] = {}
         self._l1_due: dict[bytes, None] = {}
         self._vram_promotion: asyncio.Future[Any] | None = None
+        # Disk pages in the shared lookup table (tier DISK): a page leaving DRAM and L1 keeps its
+        # entry while a copy is on disk or queued for it (`_held_on_disk`); disk writes and
+        # removals bring the entry in line (`_sync_disk_entry`); a namespace's pages already on
+        # disk are listed when it becomes known (`_list_disk_pages`). Misses of a namespace are
+        # final only once it is listed (`final_miss`).
+        self._disk_listed: set[int] = set()  # namespace ids
+        self._table_tasks: set[asyncio.Future[Any]] = set()  # listings in flight
+        self._refilling = False  # a rebuild's disk entries are going back in (no rebuild meanwhile)
+        try:
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:  # in-process tests: no loop, disk events are applied where they happen
+            self._loop = None
+        if disk is not None:
+            disk.on_removed = self._disk_removed  # the manager owns it; the cluster pool is told too
+            if table is not None:
+                self.index.held_on_disk = self._held_on_disk
 
     # ------------------------------------------------------------------ sessions
 
@@ -240,10 +259,14 @@ class Manager:
             if self.cluster is not None and self.disk is not None:
                 # its pages on our disk can be promoted for peers from now on: tell the meta map
                 self.cluster.announce_disk_pages(digest)
+            if self.table is not None and self.disk is not None:
+                self._list_disk_pages(info)
         session = Session(next(self._ids), engine_id, info)
         session.vram = vram and self.vram is not None and self.vram.slots.slabs.fits(slot)
         if self.table is not None:
             session.table_slot = self.table.claim_slot(session.id)
+            if session.table_slot is not None:
+                self.table.set_final(session.table_slot, self.final_miss(info))
         self.sessions[session.id] = session
         self.counters["sessions_attached"] += 1
         log.info(
@@ -361,6 +384,8 @@ class Manager:
     def _touch_table_hits(self, slot: int) -> None:
         keys = self.table.touched(slot)  # type: ignore[union-attr]
         if keys:
+            # only pages READY in L1 or DRAM: a disk entry's key has no page here (or one on its way
+            # up from disk, PROMOTING, which no policy holds yet)
             pages = [p for p in map(self.index.get, keys) if p is not None and p.state & ~VRAM == READY]
             self._touch(pages)
 
@@ -381,10 +406,8 @@ class Manager:
             for s in self.sessions.values():
                 if s.table_slot is not None:
                     self._touch_table_hits(s.table_slot)
-            if table.rebuild_needed:
-                table.rebuild(
-                    [(p.key, p.ns, int(Tier.VRAM if p.state & VRAM else Tier.DRAM)) for p in self.index if p.state & ~VRAM == READY]
-                )  # fmt: skip
+            if table.rebuild_needed and not self._refilling:
+                self._rebuild_table()
 
     def fold_thread_lookups(self, session: Session | None = None) -> None:
         """Add what connection threads counted since the last fold (of `session`, or of every session)
@@ -396,12 +419,16 @@ class Manager:
                 self._count_lookups(*(s, *(a - b for a, b in zip(now, was))))  # type: ignore[arg-type]
             if s.table_slot is not None:
                 table = self.table
-                got, had = (*table.tally(s.table_slot), table.vram_hits(s.table_slot)), s.table_folded  # type: ignore[union-attr]
+                slot = s.table_slot
+                got = (*table.tally(slot), table.vram_hits(slot), table.disk_hits(slot))  # type: ignore[union-attr]
+                had = s.table_folded
                 if got != had:
                     s.table_folded = got
                     self.counters["table_lookups"] += got[0] - had[0]
-                    vram = got[3] - had[3]
-                    self._count_lookups(s, got[0] - had[0], got[1] - had[1], got[2] - had[2] - vram, 0, vram)
+                    vram, disk = got[3] - had[3], got[4] - had[4]
+                    self._count_lookups(
+                        s, got[0] - had[0], got[1] - had[1], got[2] - had[2] - vram - disk, disk, vram
+                    )
 
     def _count_lookups(
         self, session: Session, lookups: int, pages: int, dram: int, disk: int, vram: int = 0
@@ -425,6 +452,154 @@ class Manager:
             return False
         entry = self.disk.entry(key)
         return entry is not None and entry.ns == digest
+
+    # ------------------------------------------------------------------ disk pages in the shared lookup table
+
+    def final_miss(self, info: NamespaceInfo) -> bool:
+        """Whether a key of this namespace missing from the shared table is cached nowhere: no
+        cluster (peers are not listed), and no disk tier or the namespace's disk pages are listed."""
+        return self.cluster is None and (self.disk is None or info.id in self._disk_listed)
+
+    def _held_on_disk(self, page: Page) -> bool:
+        """PageIndex's hook: a page leaving L1 and DRAM keeps its table entry (tier DISK) when a copy
+        is on disk or queued for it."""
+        info = self._ns_by_id.get(page.ns)
+        return info is not None and self._on_disk(page.key, info.digest)
+
+    def _sync_disk_entry(self, key: bytes) -> None:
+        """Make `key`'s table entry true after its disk copy came or went (a write finished, failed
+        or was dropped; the disk tier evicted or removed it). Loop only. A page READY in L1 or DRAM
+        keeps its own entry; otherwise the entry is DISK while a copy is on disk or queued (of a
+        namespace known here: the entry carries its id), and gone when none is."""
+        table = self.table
+        if table is None:
+            return
+        page = self.index.get(key)
+        if page is not None and page.state & ~VRAM == READY:
+            return
+        pending = self.pending.get(key)
+        if pending is not None:
+            digest: bytes | None = pending.ns_digest
+        else:
+            entry = self.disk.entry(key) if self.disk is not None else None
+            digest = entry.ns if entry is not None else None
+        info = self.namespaces.get(digest) if digest is not None else None
+        if info is None:
+            table.remove(key)
+        else:
+            table.put(key, info.id, TIER_DISK)
+
+    def _disk_removed(self, keys: list[bytes]) -> None:
+        """DiskTier.on_removed (any thread): pages left the disk tier. The cluster withdraws their
+        announcements; on the loop, pages still in DRAM or L1 lose their `on_disk` mark (they are
+        written again when they leave memory, not dropped) and table entries follow."""
+        cluster = self.cluster
+        if cluster is not None:
+            cluster.disk_removed(keys)
+        loop = self._loop
+        if loop is None:  # no event loop (in-process tests): this is the only thread
+            self._disk_copies_gone(keys)
+            return
+        try:
+            loop.call_soon_threadsafe(self._disk_copies_gone, keys)
+        except RuntimeError:  # the loop is closed: the daemon has stopped, and so has its table
+            pass
+
+    def _disk_copies_gone(self, keys: list[bytes]) -> None:
+        disk = self.disk
+        for key in keys:
+            page = self.index.get(key)
+            if page is not None and page.on_disk and (disk is None or disk.entry(key) is None):
+                page.on_disk = False  # (unless a new write of it already landed: then it is there)
+        if self.table is not None:
+            self._sync_disk_entries(keys)
+
+    def _sync_disk_entries(self, keys: list[bytes]) -> None:
+        for key in keys:
+            self._sync_disk_entry(key)
+
+    def _list_disk_pages(self, info: NamespaceInfo) -> None:
+        """List the namespace's pages already on disk (from before this daemon started, or written
+        by an earlier session) in the shared table: its misses become final when done. The disk
+        index is scanned on an I/O thread; the entries go in on the loop, LIST_BATCH a turn."""
+        if self._loop is None:  # in-process tests: at once
+            self._sync_disk_entries(self.disk.keys_of(info.digest))  # type: ignore[union-attr]
+            self._listed(info)
+            return
+
+        async def run() -> None:
+            keys = await self._loop.run_in_executor(self.executor, self.disk.keys_of, info.digest)  # type: ignore[union-attr]
+            await self._put_disk_entries(keys)
+            self._listed(info)
+            log.debug("lookup table: %d disk pages of namespace %d listed", len(keys), info.id)
+
+        self._table_task(run())
+
+    def _listed(self, info: NamespaceInfo) -> None:
+        self._disk_listed.add(info.id)
+        final = self.final_miss(info)
+        for s in self.sessions.values():
+            if s.ns is info and s.table_slot is not None:
+                self.table.set_final(s.table_slot, final)  # type: ignore[union-attr]
+
+    async def _put_disk_entries(self, keys: list[bytes]) -> None:
+        """`_sync_disk_entry` for each key, LIST_BATCH a turn of the loop: every entry is checked
+        against the disk tier when it goes in, so a page dropped since the scan is not listed."""
+        for i in range(0, len(keys), LIST_BATCH):
+            if i:
+                await asyncio.sleep(0)
+            self._sync_disk_entries(keys[i : i + LIST_BATCH])
+
+    def _table_task(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._table_tasks.add(task)
+
+        def done(t: asyncio.Future[Any]) -> None:
+            self._table_tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.error("listing disk pages in the lookup table failed: %r", t.exception())
+
+        task.add_done_callback(done)
+
+    def _rebuild_table(self) -> None:
+        """Rebuild the shared table without its tombstones (or, after it was full, with room again).
+
+        What it costs the loop: the READY pages of L1 and DRAM go back at once, ~1 us each (about a
+        second per million pages, as before disk pages were listed); engines use the socket
+        meanwhile. The disk entries, which can be many more, go back LIST_BATCH per turn of the loop
+        (~5 ms each) with the table marked incomplete, so no miss is final (engines ask the socket for
+        the rest) until they are all in; no other rebuild starts meanwhile. They are taken from the
+        table itself (a C-speed copy of its tier column), or, when it was full and refused some,
+        from the disk index again (scanned on an I/O thread) for every namespace known here."""
+        table = self.table
+        assert table is not None
+        lost = table.overflow  # entries were refused: only the disk index knows every disk page
+        disk_keys = [] if lost else [key for key, _ in table.entries_in(TIER_DISK)]
+        # every namespace known here: a listing still in flight put some of its entries already
+        relist = list(self.namespaces) if lost and self.disk is not None else []
+        live = [(p.key, p.ns, int(Tier.VRAM if p.state & VRAM else Tier.DRAM)) for p in self.index if p.state & ~VRAM == READY]  # fmt: skip
+        more = bool(disk_keys or relist)
+        table.rebuild(live, incomplete=more)
+        if not more:
+            return
+        if self._loop is None:  # in-process tests: at once
+            for digest in relist:
+                disk_keys += self.disk.keys_of(digest)  # type: ignore[union-attr]
+            self._sync_disk_entries(disk_keys)
+            table.set_incomplete(False)
+            return
+        self._refilling = True
+
+        async def refill(keys: list[bytes]) -> None:
+            try:
+                for digest in relist:
+                    keys += await self._loop.run_in_executor(self.executor, self.disk.keys_of, digest)  # type: ignore[union-attr]
+                await self._put_disk_entries(keys)
+            finally:
+                self._refilling = False
+                table.set_incomplete(False)
+
+        self._table_task(refill(disk_keys))
 
     # ------------------------------------------------------------------ store: reserve / commit / abort
 
@@ -1535,6 +1710,7 @@ class Manager:
                 self.counters["demoted_pages_dmp"] += 1
                 self.counters["demoted_bytes_dmp"] += len(item.data)
                 self._unpend(page.key, item)
+                self._sync_disk_entry(page.key)  # on peers now, not on our disk
             elif self.pending.get(page.key) is not item:
                 pass  # a later demotion of the same page replaced it
             elif self.disk is not None:
@@ -1542,6 +1718,7 @@ class Manager:
                 self._write_to_disk(page.key, item)  # the pending entry stays until written
             else:
                 self._unpend(page.key, item)
+                self._sync_disk_entry(page.key)
                 self.counters["demotions_dropped"] += 1
 
         fut.add_done_callback(done)
@@ -1567,6 +1744,7 @@ class Manager:
         def done(f: asyncio.Future[Any]) -> None:
             self._disk_writes.discard(f)
             self._unpend(key, item)
+            self._sync_disk_entry(key)  # on disk now, or (failed, dropped) nowhere but maybe DRAM
             if f.cancelled():  # the I/O pool shut down under it (daemon stopping)
                 self.counters["demotions_cancelled"] += 1
             elif f.exception() is not None:

@@ -164,13 +164,17 @@ def test_lru_order_follows_lookups_answered_on_threads(daemon_factory, table) ->
 
 @LOOKUP_PATHS
 def test_status_totals_equal_what_the_engines_looked_up(daemon_factory, table) -> None:
+    """Lookups whose prefixes are in DRAM, in DRAM then on disk, or missing (with the table: all
+    answered in the engine's process, the disk pages listed there too)."""
     d = daemon_factory()
-    with d.engine(engine_id="writer") as kv:
+    with d.engine(engine_id="writer") as kv, d.control() as ctl:
         chains = [store_chain(kv, chain_tokens(700 + i, 8)) for i in range(4)]
         absent = kv.page_keys(chain_tokens(799, 3))
+        ctl.evict_keys([chains[2][5], chains[3][2]])  # their tails go to disk
+        wait_for(lambda: d.stats()["tiers"]["disk"]["pending_pages"] == 0, what="disk writes")
     before = d.stats()["counters"]
     clients = [d.engine(engine_id=f"reader-{i}", lookup_table=table) for i in range(3)]
-    expected = {c.engine_id: {"lookups": 0, "pages": 0, "hits": 0} for c in clients}
+    expected = {c.engine_id: {"lookups": 0, "pages": 0, "hits": 0, "disk": 0} for c in clients}
     errors: list[BaseException] = []
 
     def run(kv: EngineClient, n: int) -> None:
@@ -185,6 +189,7 @@ def test_status_totals_equal_what_the_engines_looked_up(daemon_factory, table) -
                 e["lookups"] += 1
                 e["pages"] += len(keys)
                 e["hits"] += hit.hits
+                e["disk"] += hit.tiers.count(Tier.DISK)
         except BaseException as exc:  # reported below
             errors.append(exc)
 
@@ -197,13 +202,19 @@ def test_status_totals_equal_what_the_engines_looked_up(daemon_factory, table) -
     lookups = sum(e["lookups"] for e in expected.values())
     pages = sum(e["pages"] for e in expected.values())
     hits = sum(e["hits"] for e in expected.values())
+    disk = sum(e["disk"] for e in expected.values())
+    assert disk > 0 and hits > disk
 
     def check(st: dict[str, Any]) -> None:
         c = st["counters"]
         assert c["lookups"] - before.get("lookups", 0) == lookups
         assert c["lookup_pages"] - before.get("lookup_pages", 0) == pages
-        assert c["hit_pages_dram"] - before.get("hit_pages_dram", 0) == hits  # all in DRAM
+        assert c["hit_pages_dram"] - before.get("hit_pages_dram", 0) == hits - disk
+        assert c.get("hit_pages_disk", 0) - before.get("hit_pages_disk", 0) == disk
         assert c["miss_pages"] - before.get("miss_pages", 0) == pages - hits
+        if table:  # every lookup answered in the engine's process but the pinned ones
+            pinned = sum(-(-n // 7) for n in (300, 350, 400))
+            assert c.get("table_lookups", 0) - before.get("table_lookups", 0) == lookups - pinned
         (ns,) = st["namespace_stats"]
         assert ns["lookup_pages"] == pages and ns["hit_pages"] == hits
 

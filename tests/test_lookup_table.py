@@ -1,13 +1,17 @@
 """The shared lookup table (polarkvd/lookup_table.py): engines answer lookups themselves from the
-daemon's DRAM index in shared memory — same answers as the socket, counted and touched the same,
-never answering for a daemon that stopped keeping it, never reporting a key it does not hold."""
+daemon's index of L1, DRAM and disk pages in shared memory — same answers as the socket, counted and
+touched the same, never answering for a daemon that stopped keeping it, never reporting a key it does
+not hold."""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import dataclasses
 import mmap
 import multiprocessing
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,17 +21,25 @@ import pytest
 import xxhash
 
 from polarkvd.client import EngineClient
+from polarkvd.config import load_config
 from polarkvd.errors import DaemonUnavailable, PolarKVError
 from polarkvd.lookup_table import (
     RING_ENTRIES,
     STALE_NS,
+    TIER_DISK,
+    TIER_DRAM,
+    TIER_VRAM,
     LookupTable,
     TableReader,
     table_bytes,
     table_entries,
 )
+from polarkvd.manager import Manager
+from polarkvd.tiers.disk import DiskTier
+from polarkvd.tiers.dram import SlabAllocator
 from polarkvd.types import Tier
-from tests.conftest import TEST_NS, chain_tokens, store_chain, wait_for
+from tests.conftest import TEST_NS, chain_tokens, manager_store, store_chain, wait_for
+from tests.test_metrics import scrape
 
 
 def key(i: int) -> bytes:
@@ -60,6 +72,10 @@ def test_sizes() -> None:
     assert table_entries(1 << 50) == 4 << 20  # the ceiling: 128 MiB of entries
     assert table_entries(0, setting=1000) == 1024  # a setting is rounded up to a power of two
     assert table_bytes(4096, 8) % mmap.PAGESIZE == 0
+    # room for disk pages too: one entry per 256 KiB of disk, within the same ceiling
+    assert table_entries(1 << 30, disk_capacity=16 << 30) == 131072  # 32768 + 65536, rounded up
+    assert table_entries(1 << 30, disk_capacity=1 << 50) == 4 << 20
+    assert table_entries(1 << 30, setting=1000, disk_capacity=16 << 30) == 1024  # a setting wins
 
 
 def test_hits_are_the_longest_prefix_in_the_namespace() -> None:
@@ -107,6 +123,70 @@ def test_a_full_table_overflows_and_its_misses_are_no_longer_final() -> None:
     t.rebuild([(k, 1) for k in keys[40:]])
     assert not t.overflow and (t.used, t.deleted) == (20, 0)
     assert r.probe(keys[40:]) == (20, True)
+
+
+def test_disk_entries_are_hits_with_their_tier_and_counted_apart() -> None:
+    t, m = make_table(entries=256)
+    keys = [key(i) for i in range(10)]
+    for k in keys[:4]:
+        t.put(k, 1)
+    for k in keys[4:8]:
+        t.put(k, 1, TIER_DISK)
+    slot = t.claim_slot(7)
+    assert slot is not None
+    r = TableReader(m, 1, slot, final_miss=True)
+    assert r.probe(keys) == (8, True)
+    assert r.last_tiers == bytes([TIER_DRAM] * 4 + [TIER_DISK] * 4)
+    assert t.tally(slot) == (1, 10, 8) and t.disk_hits(slot) == 4 and t.vram_hits(slot) == 0
+    # the disk pages are not touched as DRAM pages: the ring names entries, the manager filters
+    assert set(t.touched(slot)) == set(keys[:8])
+    # a page promoted from disk: its tier byte changes in place, the entry stays
+    assert t.set_tier(keys[4], TIER_DRAM)
+    assert r.probe(keys[:5]) == (5, True) and r.last_tiers is None
+    assert t.disk_used == 3 and m[32] == 1  # still entries off DRAM: probes read tier bytes
+    for k in keys[5:8]:
+        t.remove(k)
+    assert t.disk_used == 0 and m[32] == 0
+    assert r.probe(keys) == (5, True) and r.last_tiers is None
+    t.put(keys[0], 1, TIER_VRAM)
+    t.put(keys[1], 1, TIER_DISK)
+    assert r.probe(keys[:3]) == (3, True)
+    assert r.last_tiers == bytes([TIER_VRAM, TIER_DISK, TIER_DRAM])
+    assert (t.vram_hits(slot), t.disk_hits(slot)) == (1, 5)
+
+
+def test_a_sessions_misses_become_final_when_the_daemon_says_so() -> None:
+    t, m = make_table()
+    keys = [key(i) for i in range(4)]
+    t.put(keys[0], 1)
+    slot = t.claim_slot(7)
+    assert slot is not None
+    r = TableReader(m, 1, slot, final_miss=False)  # the hello reply: disk pages not listed yet
+    assert r.probe(keys) == (1, False)
+    t.set_final(slot, True)  # listed since
+    assert r.probe(keys) == (1, True)
+    t.set_incomplete(True)  # a rebuild is putting disk entries back: no miss is final meanwhile
+    assert r.probe(keys) == (1, False)
+    assert r.probe(keys[:1]) == (1, True)  # a whole hit needs nothing more
+    t.set_incomplete(False)
+    assert r.probe(keys) == (1, True)
+    t.set_final(slot, False)
+    assert r.probe(keys) == (1, False)
+
+
+def test_a_rebuild_finds_the_disk_entries_in_the_table() -> None:
+    t, m = make_table(entries=64)
+    keys = [key(i) for i in range(20)]
+    for i, k in enumerate(keys):
+        t.put(k, 1 + i % 2, TIER_DISK if i % 3 == 0 else TIER_DRAM)
+    t.remove(keys[3])
+    assert sorted(t.entries_in(TIER_DISK)) == sorted(
+        (k, 1 + i % 2) for i, k in enumerate(keys) if i % 3 == 0 and i != 3
+    )  # live disk entries only (keys[3] was removed), each with its namespace
+    t.rebuild([(k, 1) for k in keys[:2]], incomplete=True)
+    r = reader(m, t)
+    assert r.probe(keys[:3]) == (2, False)  # incomplete: the miss is not final
+    assert t.disk_used == 0 and m[32] == 0
 
 
 def test_liveness_closed_or_stale_tables_are_not_used() -> None:
@@ -206,6 +286,131 @@ def test_a_reader_racing_a_writer_never_misses_a_stable_key_nor_hits_a_foreign_o
     assert writer.exitcode == 0 and probes > 50
 
 
+# ------------------------------------------------------------------------------ the manager keeps it true
+
+
+class DiskRig:
+    """In-process: a Manager with a real disk tier and a lookup table, made on a running event loop
+    (as in the daemon); probes are an engine's (a TableReader over the same memory)."""
+
+    def __init__(self, tmp_path, entries: int = 1024) -> None:
+        slab = 1 << 20
+        cfg = load_config(env={}, overrides={"dram.capacity": str(slab), "dram.slab_bytes": str(slab)})
+        self.disk = DiskTier(tmp_path / "pages", 64 << 20)
+        self.disk.open()
+        self.mem = memoryview(bytearray(table_bytes(entries, 4)))
+        self.table = LookupTable(self.mem, entries, 4)
+        self.executor = concurrent.futures.ThreadPoolExecutor(2)
+        self.m = Manager(
+            cfg,
+            memoryview(bytearray(slab)),
+            SlabAllocator(slab, slab),
+            self.disk,
+            self.executor,
+            table=self.table,
+        )
+
+    def reader(self, session) -> TableReader:
+        return TableReader(self.mem, session.ns.id, session.table_slot, final_miss=False)
+
+    async def settle(self) -> None:
+        """Until listings and disk writes are done, and disk removals reached the loop."""
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if not self.m._table_tasks and not self.m._disk_writes:
+                return
+        raise AssertionError("the manager did not settle")
+
+    async def off_loop(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def close(self) -> None:
+        self.executor.shutdown()
+        self.disk.close()
+
+
+def test_the_manager_keeps_disk_entries_true(tmp_path) -> None:
+    keys = [key(500 + i) for i in range(4)]
+    absent = [key(600)]
+
+    async def run() -> None:
+        rig = DiskRig(tmp_path)
+        m, disk = rig.m, rig.disk
+        s = m.attach(TEST_NS, "engine")
+        r = rig.reader(s)
+        await rig.settle()  # the (empty) listing of the namespace: its misses are final from now on
+        manager_store(m, s, keys)
+        assert r.probe(keys + absent) == (4, True) and r.last_tiers is None
+        m.evict_prefixes([keys[2]])  # keys 2, 3 leave DRAM: queued for disk, still hits at once
+        assert r.probe(keys + absent) == (4, True)
+        assert r.last_tiers == bytes([TIER_DRAM] * 2 + [TIER_DISK] * 2)
+        await m.flush()
+        assert r.probe(keys + absent) == (4, True) and r.last_tiers == bytes([2, 2, 4, 4])
+        m.fold_thread_lookups()
+        c = m.counters
+        assert (c["hit_pages_dram"], c["hit_pages_disk"], c["miss_pages"], c["table_lookups"]) == (8, 4, 3, 3)
+
+        real_put = disk.put
+        disk.put = lambda *a, **k: False  # the next disk write fails (full, or an I/O error)
+        m.evict_prefixes([keys[1]])
+        assert r.probe(keys) == (4, True)  # queued: a hit
+        await m.flush()
+        disk.put = real_put
+        assert r.probe(keys) == (1, True)  # dropped: the page is nowhere, a final miss
+
+        await rig.off_loop(disk.remove, keys[3])  # on another thread, as the disk tier's evictions
+        await rig.settle()
+        assert r.probe(keys[2:]) == (1, True) and r.last_tiers == bytes([TIER_DISK])
+        # a page READY in DRAM keeps its entry when its disk copy goes
+        loaded = await m.load(s, keys[2:3])
+        assert loaded[1] == [Tier.DISK]
+        m.release(s, loaded[2])  # type: ignore[arg-type]
+        assert r.probe(keys[2:3]) == (1, True) and r.last_tiers is None
+        await rig.off_loop(disk.remove, keys[2])
+        await rig.settle()
+        assert r.probe(keys[2:3]) == (1, True) and r.last_tiers is None
+        # ... and, its disk copy gone, is written again when it leaves DRAM (not dropped)
+        assert m.evict_prefixes([keys[2]])["evicted_pages"] == 1
+        await m.flush()
+        assert disk.entry(keys[2]) is not None
+        assert r.probe(keys[2:3]) == (1, True) and r.last_tiers == bytes([TIER_DISK])
+        rig.close()
+
+    asyncio.run(run())
+
+
+def test_disk_pages_of_an_earlier_run_are_listed_and_a_rebuild_puts_them_back(tmp_path) -> None:
+    from polarkvd.keys import namespace_digest
+
+    on_disk = [key(700 + i) for i in range(40)]
+    earlier = DiskTier(tmp_path / "pages", 64 << 20)
+    earlier.open()
+    for k in on_disk:  # written by an earlier daemon
+        earlier.put(k, None, namespace_digest(TEST_NS), bytes(TEST_NS.page_bytes), 2)
+    earlier.close()
+
+    async def run() -> None:
+        rig = DiskRig(tmp_path, entries=64)  # takes 48 entries: the 40 pages, a few tombstones
+        m, table = rig.m, rig.table
+        s = m.attach(TEST_NS, "engine")
+        r = rig.reader(s)
+        assert r.probe(on_disk) == (0, False)  # not listed yet: not final
+        await rig.settle()
+        assert r.probe(on_disk + [key(1)]) == (40, True) and table.disk_used == 40
+        for k in on_disk[:20]:  # tombstones past a quarter of the table: a rebuild is due
+            await rig.off_loop(rig.disk.remove, k)
+        await rig.settle()
+        assert table.rebuild_needed and table.deleted == 20
+        m.apply_table_touches()  # rebuilds: DRAM pages at once, the disk entries in batches
+        assert table.deleted == 0 and r.probe(on_disk[20:] + [key(1)])[1] is False  # refilling
+        await rig.settle()
+        assert r.probe(on_disk[20:] + [key(1)]) == (20, True)  # all back, and the miss final again
+        assert r.probe(on_disk[:1]) == (0, True)
+        rig.close()
+
+    asyncio.run(run())
+
+
 # ------------------------------------------------------------------------------ with a daemon
 
 
@@ -255,17 +460,87 @@ def test_a_stopping_daemon_closes_its_table(daemon_factory) -> None:
     kv.close()
 
 
-def test_the_table_follows_evictions_and_the_socket_finds_the_disk_pages(daemon_factory) -> None:
+def lookup_counts(d) -> tuple[int, int, float]:
+    """(lookups counted, of them answered from the shared table, lookups that reached the daemon's
+    engine socket: its op histogram's count)."""
+    c = d.stats()["counters"]
+    url = re.findall(r"metrics_url=(\S+)", d.log())[-1]  # the daemon's latest start
+    _, samples = scrape(url)
+    timed = samples.get(("polarkv_engine_op_duration_seconds_count", (("op", "lookup"),)), 0.0)
+    return c.get("lookups", 0), c.get("table_lookups", 0), timed
+
+
+def wait_written(d) -> None:
+    wait_for(lambda: d.stats()["tiers"]["disk"]["pending_pages"] == 0, what="disk writes")
+
+
+def test_with_a_disk_tier_dram_disk_and_miss_are_answered_without_the_daemon(daemon_factory) -> None:
     d = daemon_factory({"dram.capacity": "4MiB"})
     with d.engine(engine_id="writer") as kv, d.control() as ctl:
         keys = store_chain(kv, chain_tokens(14, 8))
-        assert kv.lookup(keys).tiers == [Tier.DRAM] * 8
-        ctl.evict_keys([keys[4]])  # the last 4 pages leave DRAM for the disk
-        wait_for(lambda: kv.lookup(keys).tiers == [Tier.DRAM] * 4 + [Tier.DISK] * 4, what="disk hits")
+        absent = kv.page_keys(chain_tokens(114, 2))  # never stored: the request's new tokens
+        ctl.evict_keys([keys[4]])  # the last 4 pages leave DRAM for the disk (queued, then written)
+        want = [Tier.DRAM] * 4 + [Tier.DISK] * 4
+        before, c0 = lookup_counts(d), d.stats()["counters"]
+        assert kv.lookup(keys + absent).tiers == want  # the disk pages are still hits, at once
+        wait_written(d)
+        assert kv.lookup(keys + absent).tiers == want
+        after, c1 = lookup_counts(d), d.stats()["counters"]
+        assert after[0] - before[0] == 2 and after[1] - before[1] == 2  # both from the table...
+        assert after[2] == before[2]  # ...and the daemon's socket served no lookup
+        delta = {k: c1.get(k, 0) - c0.get(k, 0) for k in ("hit_pages_dram", "hit_pages_disk", "miss_pages")}
+        assert delta == {"hit_pages_dram": 8, "hit_pages_disk": 8, "miss_pages": 4}
+        # the control: a client without the table asks the socket, and the socket counter moves
+        with d.engine(engine_id="no-table", lookup_table=False) as plain:
+            assert plain.lookup(keys + absent).tiers == want
+        assert lookup_counts(d)[2] == after[2] + 1
+
+        ctl.evict("dram", 1 << 40)  # every DRAM page to disk: hits still, with tier DISK
+        wait_written(d)
+        assert kv.lookup(keys + absent).tiers == [Tier.DISK] * 8
         r = kv.load(keys)
-        assert r.loaded == 8  # promoted back
+        assert r.loaded == 8  # promoted back: DRAM hits again
         kv.release(r.lease)  # type: ignore[arg-type]
         assert kv.lookup(keys).tiers == [Tier.DRAM] * 8
+
+        ctl.evict("dram", 1 << 40)
+        wait_written(d)
+        ctl.evict("disk", 1 << 40)  # the operator deletes the disk pages: misses, from the table
+        wait_for(lambda: kv.lookup(keys).hits == 0, what="deleted disk pages to leave the table")
+        before = lookup_counts(d)
+        assert kv.lookup(keys + absent).hits == 0
+        after = lookup_counts(d)
+        assert after[1] - before[1] == 1 and after[2] == before[2]
+        st = d.stats()
+        assert st["tiers"]["disk"]["pages"] == 0 and st["tiers"]["dram"]["lookup_table"]["used"] == 0
+    log = d.log()
+    assert "Traceback" not in log and "failed" not in log, log
+
+
+def test_a_restarted_daemon_lists_the_old_disk_pages_when_their_engine_attaches(daemon_factory) -> None:
+    d = daemon_factory({"dram.capacity": "4MiB"})
+    with d.engine(engine_id="writer") as kv, d.control() as ctl:
+        keys = store_chain(kv, chain_tokens(17, 6))
+        ctl.evict("dram", 1 << 40)
+        wait_written(d)
+    assert d.stop() == 0
+    d.start()  # same disk tier, a new table: empty until a namespace's engine attaches
+    salted = dataclasses.replace(TEST_NS, cache_salt="tenant-b")
+    with d.engine(salted, engine_id="other") as other:
+        assert other.lookup(keys).hits == 0  # not its namespace's pages (as over the socket)
+    assert d.stats()["tiers"]["dram"]["lookup_table"]["used"] == 0  # nor listed for it
+    with d.engine(engine_id="again") as kv:
+        # listed off the loop once the namespace is known; its misses turn final when done
+        wait_for(lambda: kv.lookup(keys).tiers == [Tier.DISK] * 6, what="the old disk pages listed")
+        absent = kv.page_keys(chain_tokens(117, 1))
+        before = lookup_counts(d)
+        assert kv.lookup(keys + absent).tiers == [Tier.DISK] * 6
+        after = lookup_counts(d)
+        assert after[1] - before[1] == 1 and after[2] == before[2]  # no round trip
+        assert d.stats()["tiers"]["dram"]["lookup_table"]["used"] == 6
+        r = kv.load(keys)
+        assert r.loaded == 6
+        kv.release(r.lease)  # type: ignore[arg-type]
 
 
 def test_other_namespaces_pins_and_bad_keys_go_by_the_rules(daemon_factory) -> None:

@@ -6,7 +6,8 @@ Measures, through a real daemon process and `polarkvd.client`:
 - lookup latency of 32 keys as engines get it (from the shared lookup table) and over the socket
   (a client without the table), beside the raw round trip of the same kind of socket (Unix stream,
   100 bytes, echo in another process) and of ZeroMQ REQ/REP over ipc:// (the alternative we did not
-  pick);
+  pick); and, with the disk tier on, of a partial hit (DRAM pages, then disk pages, then a miss:
+  a new request's prompt), table and socket;
 - disk tier: compression ratio on bf16 KV-like data and GB/s of loads that promote from disk;
 - metadata bytes per cached page in the daemon's index.
 """
@@ -191,7 +192,7 @@ def _timed_load(kv: Any, keys: list[bytes], outs: list[np.ndarray], batch: int) 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from polarkvd.client import ControlClient, EngineClient
 
-    prog = Progress(8, quiet=False)
+    prog = Progress(9, quiet=False)
     npages, rounds = args.pages, args.rounds
     big = BIG_NS.page_bytes
     dram = max(1 << 30, (npages * 2 + 8) * (big + 4096) + (64 << 20))
@@ -305,6 +306,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         assert all(np.array_equal(o, p) for o, p in zip(outs, pages)), "bytes promoted from disk differ"
         res["disk_load_gbps"] = npages * big / lt / 1e9
         kv.close()
+
+        prog.step(f"partial-hit lookup of 32 keys x {args.lookups} with the disk tier: table and socket")
+        res.update(partial_hit_lookups(ctl, engine_sock, args.lookups))
         ctl.close()
 
     prog.step("done")
@@ -313,6 +317,47 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     res["lookup_p50_vs_rtt"] = res["lookup_p50_us"] / res["socket_rtt_p50_us"]
     res["lookup_socket_p50_vs_rtt"] = res["lookup_socket_p50_us"] / res["socket_rtt_p50_us"]
     return res
+
+
+def partial_hit_lookups(ctl: Any, engine_sock: Any, n: int) -> dict[str, float]:
+    """Lookups of 32 keys that a new request makes: 12 pages in DRAM, 12 on disk, 8 never stored
+    (64 KiB pages), from the shared table (DRAM and disk pages listed, the miss final) and over the
+    socket. Checks that the table lookups never reached the daemon."""
+    from polarkvd.client import EngineClient
+
+    kv = EngineClient(SMALL_NS, "bench-partial", engine_sock)
+    sock_kv = EngineClient(SMALL_NS, "bench-partial-socket", engine_sock, map_arena=False, lookup_table=False)
+    pages = kv_like_pages(SMALL_NS, 24, seed=5)
+    keys = kv.page_keys(np.arange(24 * 16) + 77_000_000)
+    _timed_store(kv, keys, pages, 24)
+    ctl.evict_keys([keys[12]])  # the last 12 pages go to disk
+    deadline = time.monotonic() + 60
+    while ctl.stats()["tiers"]["disk"]["pending_pages"] and time.monotonic() < deadline:
+        time.sleep(0.05)  # written: no compression competes with the timing
+    lk = keys + kv.page_keys(np.arange(8 * 16) + 78_000_000)
+    want = [Tier.DRAM] * 12 + [Tier.DISK] * 12
+    while kv.lookup(lk).tiers != want and time.monotonic() < deadline:
+        time.sleep(0.05)
+    before = ctl.stats()["counters"]
+    lat: list[float] = []
+    sock_lat: list[float] = []
+    for client, out in ((kv, lat), (sock_kv, sock_lat)):
+        for _ in range(n):
+            t = time.perf_counter()
+            hit = client.lookup(lk)
+            out.append((time.perf_counter() - t) * 1e6)
+        assert hit.tiers == want, f"expected 12 DRAM then 12 disk hits, got {[int(x) for x in hit.tiers]}"
+    after = ctl.stats()["counters"]
+    from_table = after.get("table_lookups", 0) - before.get("table_lookups", 0)
+    assert from_table == n, f"{n - from_table} of {n} partial-hit lookups went to the daemon"
+    kv.close()
+    sock_kv.close()
+    return {
+        "lookup_partial_p50_us": percentile(lat, 50),
+        "lookup_partial_p99_us": percentile(lat, 99),
+        "lookup_partial_socket_p50_us": percentile(sock_lat, 50),
+        "lookup_partial_socket_p99_us": percentile(sock_lat, 99),
+    }
 
 
 def render(res: dict[str, Any]) -> str:
@@ -354,6 +399,18 @@ def render(res: dict[str, Any]) -> str:
             "  over the socket p50/p99",
             f"{res['lookup_socket_p50_us']:.1f} / {res['lookup_socket_p99_us']:.1f} us",
             f(res["lookup_socket_p50_vs_rtt"]) + "x socket RTT",
+            "",
+        ),
+        (
+            "lookup 32 keys, DRAM+disk+miss p50/p99",
+            f"{res['lookup_partial_p50_us']:.1f} / {res['lookup_partial_p99_us']:.1f} us",
+            f(res["lookup_partial_p50_us"] / res["socket_rtt_p50_us"]) + "x socket RTT",
+            "",
+        ),
+        (
+            "  over the socket p50/p99",
+            f"{res['lookup_partial_socket_p50_us']:.1f} / {res['lookup_partial_socket_p99_us']:.1f} us",
+            f(res["lookup_partial_socket_p50_us"] / res["socket_rtt_p50_us"]) + "x socket RTT",
             "",
         ),
         (

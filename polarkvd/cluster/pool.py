@@ -236,11 +236,10 @@ class ClusterPool:
         self.server.start()
         self._flusher = asyncio.create_task(self._flush_loop(), name="metamap-flush")
         self.metamap.set_members([self.node_id], time.monotonic())
-        disk = self.manager.disk
-        if disk is not None:  # peers can have our disk pages too (promoted here, then sent)
+        if self.manager.disk is not None:  # peers can have our disk pages too (promoted here, then sent)
             for digest in list(self.manager.namespaces):
                 self.announce_disk_pages(digest)
-            disk.on_removed = self._disk_removed
+        # pages leaving our disk: the manager owns DiskTier.on_removed and calls `disk_removed`
         return self.server.address
 
     def announce_disk_pages(self, ns_digest: bytes) -> None:
@@ -254,7 +253,7 @@ class ClusterPool:
             return
 
         def scan() -> list[bytes]:
-            return [k for k in disk.keys() if (e := disk.entry(k)) is not None and e.ns == ns_digest]
+            return disk.keys_of(ns_digest)
 
         def announce(f: asyncio.Future[list[bytes]]) -> None:
             if f.cancelled() or f.exception() is not None or self._closing:
@@ -266,8 +265,11 @@ class ClusterPool:
 
         self.loop.run_in_executor(None, scan).add_done_callback(announce)
 
-    def _disk_removed(self, keys: list[bytes]) -> None:
-        """The disk tier dropped pages (any thread): withdraw their disk copies from the meta map."""
+    def disk_removed(self, keys: list[bytes]) -> None:
+        """The disk tier dropped pages (any thread; forwarded by the manager, which owns
+        `DiskTier.on_removed`): withdraw their disk copies from the meta map."""
+        if self._closing:
+            return
 
         def withdraw() -> None:
             now = time.monotonic()
@@ -346,8 +348,6 @@ class ClusterPool:
 
     async def stop(self) -> None:
         self._closing = True
-        if self.manager.disk is not None:
-            self.manager.disk.on_removed = None
         if self._flusher is not None:
             self._flusher.cancel()
             await asyncio.gather(self._flusher, return_exceptions=True)

@@ -117,7 +117,7 @@ def engine_api(
         }
 
     def lookup_table(session: Session) -> dict[str, Any] | None:
-        """Where the engine probes the DRAM index itself (lookup_table.py), or None: ask the socket."""
+        """Where the engine probes the daemon's index itself (lookup_table.py), or None: ask the socket."""
         if table_offset is None or session.table_slot is None:
             return None
         return {
@@ -125,8 +125,10 @@ def engine_api(
             "size": table_size,
             "slot": session.table_slot,
             "ns": session.ns.id,
-            # no disk tier and no cluster: a key not in DRAM is not anywhere, no need to ask
-            "final_miss": manager.disk is None and manager.cluster is None,
+            # a key missing from the table is cached nowhere: no cluster, and no disk tier or the
+            # namespace's disk pages are listed (else the daemon sets the session slot's `final`
+            # once they are; until then the client asks the socket for the rest)
+            "final_miss": manager.final_miss(session.ns),
         }
 
     def lookup(conn: Connection, args: dict[str, Any]) -> dict[str, Any] | Awaitable[dict[str, Any]]:
