@@ -180,6 +180,23 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def skip_without_cuda_torch(why_torch: str) -> None:
+    """Skip the calling test unless this machine has a usable CUDA device (the daemon's own probe,
+    with its reason) and this Python has CUDA torch (`why_torch`: what the test needs it for)."""
+    from polarkvd.config import VramConfig
+    from polarkvd.tiers.vram import probe
+
+    choice = probe(VramConfig(enabled=True, capacity=64 << 20, slab_bytes=1 << 20))
+    if not choice.enabled:
+        pytest.skip(f"no usable CUDA device: {choice.reason}")
+    try:
+        import torch
+    except ImportError:
+        pytest.skip(f"no torch in this Python: {why_torch}")
+    if not torch.cuda.is_available():
+        pytest.skip("this torch has no CUDA")
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
     """Poll `predicate` (which watches another process) until it returns something truthy."""
     deadline = time.monotonic() + timeout

@@ -20,12 +20,9 @@ from typing import Any
 
 import pytest
 
-from polarkvd.config import VramConfig
-from polarkvd.tiers.vram import probe
-from tests.conftest import REPO_ROOT, clean_env, wait_for
+from tests.conftest import REPO_ROOT, clean_env, skip_without_cuda_torch, wait_for
 
 pytestmark = pytest.mark.gpu
-MiB = 1 << 20
 
 # An engine process: attaches with vram=True, then runs one op on the pages of chain `seed`
 # (content: page_bytes_for, so every process can check what it reads) and reports JSON lines.
@@ -60,15 +57,7 @@ for seed in spec["seeds"]:
 
 @pytest.fixture(autouse=True)
 def need_gpu() -> None:
-    choice = probe(VramConfig(enabled=True, capacity=64 * MiB, slab_bytes=MiB))
-    if not choice.enabled:
-        pytest.skip(f"no usable CUDA device: {choice.reason}")
-    try:
-        import torch
-    except ImportError:
-        pytest.skip("no torch in this Python: engines need CUDA torch for store_cuda/load_into_cuda")
-    if not torch.cuda.is_available():
-        pytest.skip("this torch has no CUDA")
+    skip_without_cuda_torch("engines need CUDA torch for store_cuda/load_into_cuda")
 
 
 def engine(

@@ -26,7 +26,6 @@ import contextlib
 import ctypes
 import dataclasses
 import logging
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -42,6 +41,7 @@ from polarkvd.transport import rdma
 from polarkvd.transport.rdma import TransportChoice, TransportKind
 from polarkvd.transport.tcp import Reply
 from polarkvd.types import Tier
+from tests.cluster.test_rdma_fetch import settle
 from tests.conftest import TEST_NS, chain_tokens, page_bytes_for
 from tests.test_manager_vram import L1
 from tests.transport.fakeverbs import Fabric, fake_dmabuf
@@ -110,14 +110,6 @@ def same(keys: list[bytes], chunks: list[bytes | memoryview]) -> bool:
 
 def pool_page(t: L1, offset: int) -> bytes:
     return ctypes.string_at(t.pool.base + offset, PB)
-
-
-async def settle(pred: Any, what: str, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 def exporting(t: L1) -> L1:

@@ -20,13 +20,10 @@ from typing import Any
 import pytest
 
 from polarkvd.client import EngineClient
-from polarkvd.config import VramConfig
-from polarkvd.tiers.vram import probe
 from polarkvd.types import Tier
-from tests.conftest import TEST_NS, chain_tokens
+from tests.conftest import TEST_NS, chain_tokens, skip_without_cuda_torch
 
 pytestmark = pytest.mark.gpu
-MiB = 1 << 20
 LAYERS, HEADS, TOKENS, HEAD = TEST_NS.num_layers, TEST_NS.num_kv_heads, TEST_NS.page_tokens, TEST_NS.head_dim
 BLOCK_BYTES = HEADS * TOKENS * 2 * HEAD * 2  # one layer of one 16-token block, K and V, bf16
 NUM_BLOCKS = 16
@@ -34,15 +31,7 @@ NUM_BLOCKS = 16
 
 @pytest.fixture(autouse=True)
 def need_gpu() -> None:
-    choice = probe(VramConfig(enabled=True, capacity=64 * MiB, slab_bytes=MiB))
-    if not choice.enabled:
-        pytest.skip(f"no usable CUDA device: {choice.reason}")
-    try:
-        import torch
-    except ImportError:
-        pytest.skip("no torch in this Python: the CUDA mover needs CUDA torch")
-    if not torch.cuda.is_available():
-        pytest.skip("this torch has no CUDA")
+    skip_without_cuda_torch("the CUDA mover needs CUDA torch")
 
 
 @pytest.fixture
