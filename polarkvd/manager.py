@@ -1338,6 +1338,8 @@ class Manager:
             log.warning("disk page %s failed its checksum and was dropped: %s", page.key.hex(), error)
         elif not isinstance(error, PageNotFound):
             log.error("promotion of %s failed: %r", page.key.hex(), error)
+        else:  # gone since the lookup (evicted, deleted): the engine recomputes it
+            log.debug("promotion of %s: %s", page.key.hex(), error)
         self.counters["promotion_failures"] += 1
         self.index.remove(page.key)
         if in_vram:

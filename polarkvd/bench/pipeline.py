@@ -108,6 +108,7 @@ B_COUNTERS = (
     "pipelined_loads",
     "pipelined_loads_unsignalled",
     "promotion_failures",
+    "corrupt_pages",
     "cluster_fetch_failures",
 )
 
@@ -175,6 +176,7 @@ class Placement:
             raise BenchError("daemons A and B compute different keys for the same prefix")
         self.n = len(self.keys)
         self.cold_disk = cold_disk
+        self.b_log = Path(socks["b_engine"]).parent.parent / "daemon.log"  # harness.private_daemon's
 
     def tiers(self, client: Any) -> list[str]:
         return [t.name.lower() for t in client.lookup(self.keys).tiers]
@@ -291,7 +293,20 @@ class Placement:
         if source != "remote" and d["fetched_pages_remote"]:
             problems.append(f"B fetched {d['fetched_pages_remote']} pages from A on a {source} hit")
         if problems:
-            raise BenchError(f"a {source} hit was not served as planned: " + "; ".join(problems))
+            for k in ("promotion_failures", "corrupt_pages", "cluster_fetch_failures"):
+                if d.get(k):
+                    problems.append(f"B counted {d[k]} {k}")
+            raise BenchError(
+                f"a {source} hit was not served as planned: " + "; ".join(problems) + self._b_log_tail()
+            )
+
+    def _b_log_tail(self, lines: int = 25) -> str:
+        """The end of daemon B's log (its daemons log at debug level: why a promotion failed)."""
+        try:
+            tail = self.b_log.read_text(errors="replace").splitlines()[-lines:]
+        except OSError:
+            return ""
+        return "\ndaemon B's log, last lines:\n" + "\n".join(tail)
 
     def close(self) -> None:
         for c in (self.a, self.b, self.ac, self.bc):
@@ -474,7 +489,7 @@ def two_daemons(dram: int, pending: int, keep: bool) -> Iterator[dict[str, str]]
         "disk.enabled": "true",
         "disk.max_pending_bytes": str(pending),
         "disk.save_on_shutdown": "false",  # exit at once; the run directory is deleted anyway
-        "daemon.log_level": "warning",
+        "daemon.log_level": "debug",  # quiet (a few dozen lines a run); says why a promotion failed
         "cluster.enabled": "true",
         "cluster.insecure": "true",  # one host, private ports: no key needed for a benchmark
         "cluster.data_address": "127.0.0.1:0",
