@@ -23,9 +23,10 @@ top of a failed load, or share pages between namespaces (model fingerprint, KV d
 TP shard, cache_salt and LoRA adapter all go into the namespace, hence into every key). It talks to the
 daemon only through `polarkvd.client`.
 
-Copies. Loads are copied in `start_load_kv` and stores at `wait_for_save`, once per step; the
-layer-by-layer modes (`load_mode`/`save_mode` = "layer") exist and are tested, but measured slower on
-CPU, where they can only compete with the model's own threads (docs/VLLM.md has the numbers).
+Copies. By default (`load_mode`/`save_mode` = "auto") CUDA workers copy layer by layer (a layer's
+copies run on a side stream while the GPU computes another), and CPU workers once per step (loads in
+`start_load_kv`, stores at `wait_for_save`): on CPU the layer-by-layer modes only compete with the
+model's own threads and measured slower (docs/VLLM.md has the numbers); both modes work on both.
 
 Pages. One page is `page_tokens = page_blocks * block_size` tokens (default: one vLLM block). Its bytes
 are layer-major: for each KV layer (in the order of the KV cache group's layer names), for each of the
@@ -94,6 +95,17 @@ logger = init_logger("vllm.polarkvd.connector")
 #: Version of the page format below; part of the layout string, so a change never mixes with old pages.
 PAGE_FORMAT = "v1"
 
+#: `load_mode` / `save_mode` values.
+COPY_MODES = ("auto", "layer", "step")
+
+
+def copy_mode(setting: str, cuda: bool) -> str:
+    """The copy mode a worker uses: "auto" is layer by layer where the KV caches are on a GPU (its
+    copies overlap the GPU's compute), per step on CPU (they would compete with the model's threads)."""
+    if setting == "auto":
+        return "layer" if cuda else "step"
+    return setting
+
 
 # ------------------------------------------------------------------------------------------ options
 
@@ -113,10 +125,11 @@ class Options:
     #: "layer": the daemon answers a load at once and pages from disk or from peers arrive layer by
     #: layer (pipelined); a thread copies each layer as soon as it is there while the model computes
     #: the previous one (wait_for_layer_load waits for one layer). "step": everything is in DRAM
-    #: before the answer, and is copied in start_load_kv.
-    load_mode: str = "step"
-    #: "step": copy saved blocks at wait_for_save; "layer": copy each layer in save_kv_layer.
-    save_mode: str = "step"
+    #: before the answer, and is copied in start_load_kv. "auto": layer on CUDA workers, step on CPU.
+    load_mode: str = "auto"
+    #: "step": copy saved blocks at wait_for_save; "layer": copy each layer in save_kv_layer;
+    #: "auto": layer on CUDA workers, step on CPU.
+    save_mode: str = "auto"
     #: Also store pages completed while decoding (generated tokens), not only prompt pages: a chat's
     #: next turn then hits its whole history.
     save_decode: bool = True
@@ -169,9 +182,9 @@ class Options:
         if opts.max_sessions < 1:
             problems.append(("max_sessions", opts.max_sessions, "must be >= 1"))
         for key in ("load_mode", "save_mode"):
-            if getattr(opts, key) not in ("layer", "step"):
+            if getattr(opts, key) not in COPY_MODES:
                 problems.append(
-                    (f"kv_connector_extra_config.{key}", getattr(opts, key), "must be layer or step")
+                    (f"kv_connector_extra_config.{key}", getattr(opts, key), "must be auto, layer or step")
                 )
         if problems:
             raise ConfigError(
@@ -851,6 +864,9 @@ class _WorkerSide:
         self.link = _DaemonLink(opts, "worker")
         self.rank = 0
         self.mover: HostMover | None = None
+        # the copy modes in use: `Options` resolved ("auto") once the KV caches' device is known
+        self.load_mode = copy_mode(opts.load_mode, cuda=False)
+        self.save_mode = copy_mode(opts.save_mode, cuda=False)
         self._index: dict[str, int] = {name: i for i, name in enumerate(geo.layer_names)}
         self._digests: dict[str, bytes] = {}
         self._load: _Load | None = None
@@ -922,6 +938,8 @@ class _WorkerSide:
                 self.mover = CudaMover(layers, g.num_blocks, g.block_bytes)
                 self.link.vram = self.opts.vram
                 self.link.before_close = self.mover.quiesce
+                self.load_mode = copy_mode(self.opts.load_mode, cuda=True)
+                self.save_mode = copy_mode(self.opts.save_mode, cuda=True)
             elif first.device.type == "cpu":
                 self.mover = HostMover(layers, g.num_blocks, g.block_bytes)
             else:
@@ -933,8 +951,10 @@ class _WorkerSide:
             )
         else:
             logger.info(
-                "PolarKVConnector: %d layers, pages of %d tokens (%d bytes), layout %s, model %s, daemon %s",
+                "PolarKVConnector: %d layers, pages of %d tokens (%d bytes), layout %s, model %s, daemon %s, "
+                "copies: loads per %s, stores per %s",
                 g.num_layers, g.page_tokens, g.num_layers * g.page_blocks * g.block_bytes, g.layout, g.model, self.link.path,
+                self.load_mode, self.save_mode,
             )  # fmt: skip
             # Attach now (maps the arena, page-locks it on CUDA) rather than in the first request's step.
             client, _ = self._session("")
@@ -956,7 +976,7 @@ class _WorkerSide:
             client = None if self.disabled or self.mover is None else self._session(spec.salt)[0]
             if client is not None:
                 keys = spec.keys[self.rank] if self.rank < len(spec.keys) else []
-                pipelined = self.opts.load_mode == "layer"
+                pipelined = self.load_mode == "layer"
                 result = _call(
                     self.link,
                     "load",
@@ -1025,7 +1045,7 @@ class _WorkerSide:
         if not load.items:
             for done in load.done:
                 done.set()
-        elif self.opts.load_mode == "layer":
+        elif self.load_mode == "layer":
             load.thread = threading.Thread(
                 target=self._copy_loads, args=(load,), name="polarkv-load", daemon=True
             )
@@ -1174,7 +1194,7 @@ class _WorkerSide:
         self.mover.save_layer(layer, [(page[layer, j], block) for page, j, block, _ in save.items])
 
     def save_layer(self, name: str, meta: PolarKVMetadata) -> None:
-        if self.opts.save_mode != "layer" or not meta.saves:
+        if self.save_mode != "layer" or not meta.saves:
             return
         layer = self._index.get(name)
         if layer is None:

@@ -84,3 +84,13 @@ def test_options_refuse_unknown_keys_and_bad_values() -> None:
     text = str(e.value)
     for key in ("sokcet", "page_blocks", "load_mode", "save_decode"):
         assert f"kv_connector_extra_config.{key}" in text
+
+
+def test_copy_modes_default_to_layer_on_gpus_and_step_on_cpus() -> None:
+    opts = connector.Options()
+    assert (opts.load_mode, opts.save_mode) == ("auto", "auto")
+    assert connector.copy_mode(opts.load_mode, cuda=True) == "layer"  # copies overlap the GPU's compute
+    assert connector.copy_mode(opts.load_mode, cuda=False) == "step"  # they would compete with the model
+    for mode in ("layer", "step"):  # an explicit choice stands on both
+        assert connector.copy_mode(mode, cuda=True) == connector.copy_mode(mode, cuda=False) == mode
+    assert connector.Options.from_extra({"load_mode": "layer", "save_mode": "step"}).load_mode == "layer"
