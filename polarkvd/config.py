@@ -150,6 +150,18 @@ def _lookup_table_entries(value: object) -> int:
     return n
 
 
+def _min_compression_ratio(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError("expected a number")
+    try:
+        out = float(value)
+    except ValueError:
+        raise ValueError("expected a number") from None
+    if not 1.0 <= out <= 16.0:
+        raise ValueError("must be between 1 (compress whenever smaller) and 16")
+    return out
+
+
 def _promote_after_loads(value: object) -> int:
     n = parse_int(value)
     if not 0 <= n <= 16:
@@ -302,6 +314,12 @@ class DiskConfig:
     policy: str = _opt("lru", _choice(*POLICY_NAMES), "eviction policy", live=True)
     compression_level: int = _opt(
         1, parse_int, "zstd level (1 measured best: higher is slower and no smaller on KV)"
+    )
+    min_compression_ratio: float = _opt(
+        1.25,
+        _min_compression_ratio,
+        "store a page compressed only if that makes it this many times smaller; pages that compress "
+        "less are stored raw (a hit then costs a copy, not a decompression); 1 = compress whenever smaller",
     )
     io_threads: int = _opt(2, _positive(parse_int), "threads compressing, writing and reading pages")
     max_pending_bytes: int = _opt(

@@ -186,6 +186,7 @@ class Daemon:
                     cfg.disk.capacity,
                     policy=cfg.disk.policy,
                     level=cfg.disk.compression_level,
+                    min_ratio=cfg.disk.min_compression_ratio,
                 )
                 report = await loop.run_in_executor(executor, disk.open)
                 log.info(

@@ -249,3 +249,14 @@ def test_counts_must_be_positive(option: str, value: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(overrides={option: value})
     assert info.value.problems[0][0] == option
+
+
+@pytest.mark.parametrize("bad", ["0.5", "lots", "17", True])
+def test_min_compression_ratio_is_a_factor_from_1_to_16(bad: object) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(env={}, overrides={"disk.min_compression_ratio": bad})  # type: ignore[dict-item]
+    assert info.value.problems[0][0] == "disk.min_compression_ratio"
+    assert (
+        load_config(env={}, overrides={"disk.min_compression_ratio": "1"}).disk.min_compression_ratio == 1.0
+    )
+    assert load_config(env={}).disk.min_compression_ratio == 1.25

@@ -25,6 +25,12 @@ lose most of the gain. So every plane is compressed, and kept compressed only wh
 least 1/64 of it; the blob records per plane which it is. Other dtypes, planes vs plain:
 fp16 1.18x vs 1.09x; fp32 normal values 1.19x vs 1.08x; bf16 upcast to fp32 2.92x vs 2.09x.
 
+Whether compressing pays at all (`min_ratio`, `disk.min_compression_ratio`, default 1.25): real KV
+of SmolLM2 in fp32 (vLLM CPU) compresses 1.19x with planes (only the sign/exponent plane shrinks),
+and decoding costs ~4 ms of CPU per 5.9 MB page (1.5 GB/s: zstd of that plane plus the strided
+interleave), on every disk hit, while the device reads at about that speed: 19% fewer bytes read
+does not repay it. Stored raw, a hit costs a copy. bf16 KV-like values (1.46x) stay compressed.
+
 Blob layouts, by codec id:
 - RAW: the raw bytes.
 - ZSTD: one zstd frame (with content size) of the raw bytes.
@@ -109,11 +115,15 @@ def _as_bytes_view(data: bytes | bytearray | memoryview) -> memoryview:
     return mv if mv.format == "B" and mv.ndim == 1 else mv.cast("B")
 
 
-def encode(data: bytes | bytearray | memoryview, itemsize: int, level: int = 1) -> tuple[int, bytes]:
+def encode(
+    data: bytes | bytearray | memoryview, itemsize: int, level: int = 1, min_ratio: float = 1.0
+) -> tuple[int, bytes]:
     """Compress one page. Returns (codec id, blob); the blob is never larger than `data`.
 
     `itemsize` is the size of one KV element (2 for bf16/fp16, 4 for fp32); with 2..8 and a length
     that is a multiple of it the bytes are split into planes first, otherwise plain zstd is used.
+    `min_ratio`: a blob that does not shrink the page by at least this factor is not worth a
+    decompression on every read: the page is stored RAW (the disk tier's `disk.min_compression_ratio`).
     """
     mv = _as_bytes_view(data)
     raw_len = mv.nbytes
@@ -137,11 +147,12 @@ def encode(data: bytes | bytearray | memoryview, itemsize: int, level: int = 1) 
                 parts.append(plane)
                 lengths.append(n)
         table = struct.pack(f"<B{itemsize}I", mask, *lengths)
-        if mask and len(table) + sum(lengths) < raw_len:
+        stored = len(table) + sum(lengths)
+        if mask and stored < raw_len and raw_len >= min_ratio * stored:
             return Codec.PLANES, b"".join([table, *parts])
         return Codec.RAW, bytes(mv)
     packed = cctx.compress(mv)
-    if len(packed) < raw_len:
+    if len(packed) < raw_len and raw_len >= min_ratio * len(packed):
         return Codec.ZSTD, packed
     return Codec.RAW, bytes(mv)
 
@@ -151,21 +162,26 @@ _GROUP_ENTRY = struct.Struct("<IIBQ")  # raw length, blob length, codec id, xxh3
 
 
 def encode_groups(
-    data: bytes | bytearray | memoryview, itemsize: int, ends: list[int], level: int = 1
+    data: bytes | bytearray | memoryview,
+    itemsize: int,
+    ends: list[int],
+    level: int = 1,
+    min_ratio: float = 1.0,
 ) -> tuple[int, bytes]:
     """Compress a page as consecutive ranges ending at byte offsets `ends` (the last = its length),
-    each range on its own with its own checksum (codec GROUPS). One range: plain `encode`."""
+    each range on its own with its own checksum (codec GROUPS; each range RAW unless it shrinks by
+    `min_ratio`). One range: plain `encode`."""
     mv = _as_bytes_view(data)
     if not ends or ends[-1] != mv.nbytes or any(b <= a for a, b in zip([0, *ends], ends)):
         raise ValueError(f"group ends {ends} do not cut a {mv.nbytes}-byte page into ranges")
     if len(ends) == 1 or len(ends) > 0xFFFF:
-        return encode(mv, itemsize, level)
+        return encode(mv, itemsize, level, min_ratio)
     table = [_GROUP_COUNT.pack(len(ends))]
     blobs: list[bytes] = []
     lo = 0
     for hi in ends:
         part = mv[lo:hi]
-        codec_id, blob = encode(part, itemsize, level)
+        codec_id, blob = encode(part, itemsize, level, min_ratio)
         table.append(_GROUP_ENTRY.pack(hi - lo, len(blob), codec_id, checksum(part)))
         blobs.append(blob)
         lo = hi

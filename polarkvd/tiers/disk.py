@@ -290,13 +290,21 @@ class GroupedPage:
 class DiskTier:
     """Compressed pages on local disk. Thread-safe; see the module docstring for the contract."""
 
-    def __init__(self, path: Path, capacity_bytes: int, policy: str = "lru", level: int = 1) -> None:
+    def __init__(
+        self,
+        path: Path,
+        capacity_bytes: int,
+        policy: str = "lru",
+        level: int = 1,
+        min_ratio: float = 1.0,
+    ) -> None:
         if capacity_bytes < 0:
             raise ValueError(f"capacity_bytes must be >= 0, got {capacity_bytes}")
         self.path = Path(path)
         self._root = os.fspath(self.path)
         self.capacity_bytes = capacity_bytes
         self.level = level
+        self.min_ratio = min_ratio  # pages that compress less are stored raw (disk.min_compression_ratio)
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._policy: EvictionPolicy = make_policy(policy)
@@ -477,9 +485,9 @@ class DiskTier:
             view = view.cast("B")
         raw_len = view.nbytes
         if groups and len(groups) > 1 and groups[-1] == raw_len:
-            codec, blob = encode_groups(view, itemsize, groups, self.level)
+            codec, blob = encode_groups(view, itemsize, groups, self.level, self.min_ratio)
         else:
-            codec, blob = encode(view, itemsize, self.level)
+            codec, blob = encode(view, itemsize, self.level, self.min_ratio)
         header = _pack_header(codec, itemsize, key, parent, ns, raw_len, len(blob), checksum(view))
         size = _stored_size(HEADER_SIZE + len(blob))
         if size > self.capacity_bytes:

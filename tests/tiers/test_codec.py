@@ -77,6 +77,32 @@ def test_fp32_with_short_mantissas_compresses_its_zero_planes() -> None:
     assert len(raw) / len(blob) > 2.5
 
 
+def fp32_kv(n_values: int, seed: int = 0) -> bytes:
+    """KV-like fp32: full-precision normal values (only the sign/exponent byte plane compresses)."""
+    return (np.random.default_rng(seed).standard_normal(n_values, dtype=np.float32) * 0.5).tobytes()
+
+
+def test_a_page_that_compresses_less_than_min_ratio_is_stored_raw() -> None:
+    fp32 = fp32_kv(256 * 1024)  # 1 MiB
+    codec, blob = encode(fp32, 4)  # compress whenever smaller: planes, ~1.2x
+    assert codec == Codec.PLANES and 1.1 < len(fp32) / len(blob) < 1.25
+    codec, blob = encode(fp32, 4, min_ratio=1.25)  # not worth a decompression on every read
+    assert codec == Codec.RAW and blob == fp32
+    bf16 = bf16_kv(512 * 1024)  # ~1.46x: stays compressed
+    assert encode(bf16, 2, min_ratio=1.25)[0] == Codec.PLANES
+    text = SAMPLES["text"]  # plain zstd follows the same rule
+    assert encode(text, 1, min_ratio=1.25)[0] == Codec.ZSTD
+    assert encode(text, 1, min_ratio=10_000.0)[0] == Codec.RAW
+    # layer groups decide range by range, and every range still verifies
+    codec, blob = encode_groups(fp32 + bf16[: len(fp32)], 4, [len(fp32), 2 * len(fp32)], min_ratio=1.25)
+    grouped = GroupedBlob(blob, 2 * len(fp32))
+    assert [r.codec for r in grouped.ranges] == [Codec.RAW, Codec.PLANES]
+    out = bytearray(2 * len(fp32))
+    for i in range(2):
+        grouped.decode(i, memoryview(out), 4)
+    assert bytes(out) == fp32 + bf16[: len(fp32)]
+
+
 def test_non_multiple_length_uses_plain_zstd() -> None:
     data = SAMPLES["text"]  # odd length, compressible
     codec, _, out = roundtrip(data, 2)

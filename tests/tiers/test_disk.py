@@ -91,6 +91,26 @@ def test_put_get_round_trip_is_exact_and_compressed(tmp_path: Path) -> None:
     tier.close()
 
 
+def test_pages_that_compress_less_than_min_ratio_are_stored_raw(tmp_path: Path) -> None:
+    tier = DiskTier(tmp_path / "l4", 1 << 30, min_ratio=1.25)
+    tier.open()
+    fp32 = (np.random.default_rng(5).standard_normal(PAGE // 4, dtype=np.float32) * 0.5).tobytes()  # ~1.2x
+    bf16 = key(1)
+    assert tier.put(key(0), None, NS, fp32, 4, groups=[PAGE // 2, PAGE])
+    assert tier.put(bf16, None, NS, page_bytes(bf16), 2)
+    raw_file, packed_file = (tier.entry(k).stored_bytes for k in (key(0), bf16))  # type: ignore[union-attr]
+    assert raw_file >= PAGE  # stored raw: a hit reads it without decompressing
+    assert packed_file < PAGE / 1.3  # bf16 compresses enough to stay compressed
+    assert read(tier, key(0)) == fp32 and read(tier, bf16) == page_bytes(bf16)
+    g = tier.open_grouped(key(0))  # still readable layer group by layer group
+    out = bytearray(PAGE)
+    for i in range(len(g.ranges)):
+        g.decode(i, memoryview(out))
+    g.close()
+    assert bytes(out) == fp32
+    tier.close()
+
+
 @pytest.mark.parametrize(
     "data, itemsize",
     [(b"", 2), (b"x", 1), (np.random.default_rng(3).bytes(5001), 4), (bytes(4096), 4), (b"ab" * 999, 2)],
