@@ -1483,6 +1483,8 @@ class Manager:
         except RuntimeError:
             return 0
         limit = self.cfg.vram.high_watermark * pool.capacity
+        if pool.slots.used_bytes >= limit:
+            return 0  # no room: the due pages wait (every 0.25 s, so not a walk over all of them)
         moves: list[tuple[Page, int]] = []
         total = 0
         for key in list(self._l1_due):

@@ -1,7 +1,7 @@
 """The manager's L1 (VRAM) state machine, in-process: reserve in L1, commit, lookup tier 1, load with
 pool offsets, demotion to DRAM under pressure (byte-exact), a failed demotion keeping pages in L1,
 leases pinning L1 pages, a session without L1 loading L1 pages, the shared lookup table, stats and
-metrics.
+metrics, promotion of DRAM pages back into L1, and the operator's `evict --tier vram`.
 
 The pool here is a real `VramPool` over `FakeCuda` (tests/tiers/test_vram.py): NOT CUDA. Its
 "device memory" is host memory and its copies are memmove, standing in for the GPU only so that the
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from polarkvd.cli import render_status
+from polarkvd.cli import main, render_status
 from polarkvd.config import load_config
 from polarkvd.index import PROMOTING, READY, READY_VRAM
 from polarkvd.keys import page_keys
@@ -30,7 +30,7 @@ from polarkvd.metrics import Snapshot, families
 from polarkvd.tiers.dram import SlabAllocator
 from polarkvd.tiers.vram import CudaError, VramPool
 from polarkvd.types import Tier
-from tests.conftest import TEST_NS, FakeClock, page_bytes_for
+from tests.conftest import TEST_NS, DaemonProc, FakeClock, page_bytes_for
 from tests.tiers.test_vram import FakeCuda
 
 PB = TEST_NS.page_bytes  # 32 KiB: 32 pages per 1 MiB slab
@@ -475,3 +475,48 @@ def test_a_page_pinned_while_it_is_copied_stays_in_dram_and_goes_next_round() ->
     assert len(t.pool.slots) == 1  # the first page's L1 slot was given back
     m.release(cpu, lease)
     assert _promote(m) == 1 and m.index.get(chain[0]).state == READY_VRAM
+
+
+# ---------------------------------------------------------------------------------- operator: evict --tier vram
+
+
+def test_evict_vram_moves_the_coldest_leaves_to_dram_byte_exact() -> None:
+    t = L1(pool_slabs=1, dram_slabs=4)
+    m = t.m
+    s = m.attach(TEST_NS, "gpu", vram=True)
+    chain = keys_of(m, 1, 6)
+    t.store(s, chain)
+
+    freed = asyncio.run(m.evict_vram(2 * PB))
+    assert freed == 2 * PB
+    assert m.lookup(s, chain)[0] == [Tier.VRAM] * 4 + [Tier.DRAM] * 2  # the leaves went, the prefix stays
+    for key in chain[4:]:
+        page = m.index.get(key)
+        assert page.state == READY
+        assert bytes(t.arena[page.offset : page.offset + PB]) == page_bytes_for(key, PB).tobytes()
+    assert m.stats()["counters"]["demoted_pages_vram"] == 2
+
+
+def test_evict_vram_leaves_pinned_pages_and_stops_when_nothing_can_move() -> None:
+    t = L1(pool_slabs=1, dram_slabs=4)
+    m = t.m
+    s = m.attach(TEST_NS, "gpu", vram=True)
+    chain = keys_of(m, 1, 4)
+    t.store(s, chain)
+    _, lease = m.lookup(s, chain[:2], pin=True)  # an engine holds the first two pages
+    assert lease is not None
+
+    freed = asyncio.run(m.evict_vram(1 << 30))  # "everything"
+    assert freed == 2 * PB
+    assert [m.index.get(k).state for k in chain] == [READY_VRAM] * 2 + [READY] * 2
+    m.release(s, lease)
+    assert asyncio.run(m.evict_vram(1 << 30)) == 2 * PB and t.pool.slots.used_bytes == 0
+
+
+def test_cli_evict_vram_on_a_daemon_without_l1_says_so(
+    daemon: DaemonProc, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc = main(["evict", "--tier", "vram", "--bytes", "1MiB", "--socket", str(daemon.control_socket)])
+    out = capsys.readouterr()
+    assert rc != 0
+    assert "no L1" in out.err

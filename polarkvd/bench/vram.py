@@ -22,6 +22,7 @@ import os
 import shutil
 import statistics
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -29,19 +30,19 @@ from polarkvd.config import VramConfig, format_size, parse_size
 from polarkvd.tiers.vram import CopyKind, HostRegion, VramPool, describe_choice, load_api, probe
 
 
-def _host_mapping(size: int) -> tuple[mmap.mmap, str]:
-    """A MAP_SHARED tmpfs mapping like the DRAM arena; anonymous shared memory where /dev/shm is small."""
-    if os.path.isdir("/dev/shm") and shutil.disk_usage("/dev/shm").free > size + (256 << 20):
-        path = f"/dev/shm/polarkv-bench-vram-{os.getpid()}"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+def host_mapping(size: int) -> tuple[mmap.mmap, str]:
+    """A MAP_SHARED mapping of a tmpfs file, as the DRAM arena is (polarkvd/server/shm.py), or an
+    anonymous shared mapping where /dev/shm is too small (containers often give it 64 MB); and which."""
+    if os.path.isdir("/dev/shm") and shutil.disk_usage("/dev/shm").free > 2 * size:
+        fd, path = tempfile.mkstemp(prefix="polarkv-vram-", dir="/dev/shm")
         try:
             os.ftruncate(fd, size)
             os.posix_fallocate(fd, 0, size)
-            return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE), "/dev/shm file"
+            return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE), "a /dev/shm file"
         finally:
             os.close(fd)
             os.unlink(path)
-    return mmap.mmap(-1, size, mmap.MAP_SHARED), "anonymous shared memory"
+    return mmap.mmap(-1, size, mmap.MAP_SHARED), "anonymous shared memory (/dev/shm too small)"
 
 
 def _scatter(n: int) -> list[int]:
@@ -77,7 +78,7 @@ def run_bench(pool_bytes: int, host_bytes: int, page: int, repeat: int, cuda_api
         raise SystemExit(describe_choice(choice))
     api = load_api(cuda_api)
     pool = VramPool(api, choice.device.index, pool_bytes, page)
-    mm, host_kind = _host_mapping(host_bytes)
+    mm, host_kind = host_mapping(host_bytes)
     rows: list[dict[str, Any]] = []
     try:
         n = min(pool_bytes // page // 2, host_bytes // page)

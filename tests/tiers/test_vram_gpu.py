@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 import os
 import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 try:
@@ -36,6 +34,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from polarkvd.bench.vram import host_mapping  # noqa: E402
 from polarkvd.config import VramConfig  # noqa: E402
 from polarkvd.tiers.vram import (  # noqa: E402
     CudaApi,
@@ -76,21 +75,6 @@ def gpu() -> tuple[CudaApi, DeviceInfo]:
     return load_api(API), choice.device  # type: ignore[union-attr]
 
 
-def shm_mapping(size: int) -> tuple[mmap.mmap, str]:
-    """A MAP_SHARED mapping of a tmpfs file, as the DRAM arena is (polarkvd/server/shm.py), or an
-    anonymous shared mapping where /dev/shm is too small (containers often give it 64 MB)."""
-    if os.path.isdir("/dev/shm") and shutil.disk_usage("/dev/shm").free > 2 * size:
-        fd, path = tempfile.mkstemp(prefix="polarkv-gpu-test-", dir="/dev/shm")
-        try:
-            os.ftruncate(fd, size)
-            os.posix_fallocate(fd, 0, size)
-            return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE), "a /dev/shm file"
-        finally:
-            os.close(fd)
-            os.unlink(path)
-    return mmap.mmap(-1, size, mmap.MAP_SHARED), "anonymous shared memory (/dev/shm too small)"
-
-
 def child(code: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """A fresh interpreter (CUDA does not survive fork), importing this checkout."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
@@ -129,7 +113,7 @@ def test_copies_are_byte_exact_pinned_and_pageable() -> None:
     pool = VramPool(api, info.index, 64 * MiB, 4 * MiB)
     try:
         for pin in (True, False):
-            mm, what = shm_mapping(32 * MiB)
+            mm, what = host_mapping(32 * MiB)
             host = pool.register_host(mm, pin=pin)
             try:
                 sizes = [MiB, 3 * MiB + 12345, 4096, 777]  # odd sizes: not multiples of anything
@@ -192,7 +176,7 @@ def test_the_pool_exports_a_dmabuf_and_staging_hashes_it() -> None:
             import xxhash
         except ImportError:
             return  # the staging check needs polarkvd's xxhash dependency
-        mm, _ = shm_mapping(8 * MiB)
+        mm, _ = host_mapping(8 * MiB)
         host = pool.register_host(mm, pin=False)
         staging = Staging(pool, MiB)  # smaller than a page below: chunks
         try:
@@ -213,7 +197,7 @@ def test_the_pool_exports_a_dmabuf_and_staging_hashes_it() -> None:
 
 def test_host_register_of_a_shared_mapping_and_cudas_own_errors() -> None:
     api, info = gpu()
-    mm, _ = shm_mapping(8 * MiB)
+    mm, _ = host_mapping(8 * MiB)
     api.use_device(info.index)
     pool = VramPool(api, info.index, 8 * MiB, MiB)
     host = pool.register_host(mm)
@@ -273,7 +257,7 @@ def test_ipc_handle_opens_in_another_process() -> None:
     the runtime API too, as a torch engine would."""
     api, info = gpu()
     pool = VramPool(api, info.index, 16 * MiB, MiB)
-    mm, _ = shm_mapping(4 * MiB)
+    mm, _ = host_mapping(4 * MiB)
     host = pool.register_host(mm)
     try:
         data = os.urandom(3 * MiB)
@@ -317,7 +301,7 @@ def test_torch_tensor_over_the_opened_region() -> None:
     if probe_torch.returncode != 0 or probe_torch.stdout.strip() != "True":
         skip("no CUDA torch in this Python (the daemon's venv has none: expected)")
     pool = VramPool(api, info.index, 4 * MiB, MiB)
-    mm, _ = shm_mapping(MiB)
+    mm, _ = host_mapping(MiB)
     host = pool.register_host(mm)
     try:
         mm[:4096] = bytes(range(256)) * 16
