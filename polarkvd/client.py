@@ -49,7 +49,8 @@ from polarkvd.keys import ROOT_KEY, page_keys
 from polarkvd.lookup_table import TableReader, map_table
 from polarkvd.server import protocol as P
 from polarkvd.server.shm import map_arena
-from polarkvd.transport.pipeline import SIGNAL, SIGNAL_NONE
+from polarkvd.shared_words import SharedWords
+from polarkvd.transport.pipeline import SIGNAL_BYTES, SIGNAL_NONE, read_signal
 from polarkvd.types import KEY_BYTES, Namespace, Tier
 
 log = logging.getLogger(__name__)
@@ -157,7 +158,7 @@ class LoadResult:
     lease: int | None
     views: list[memoryview]  # writable views of the pinned pages in the arena; valid until release
     num_layers: int = 0
-    signal: memoryview | None = None  # a pipelined load's readiness slot (transport/pipeline.py)
+    signal: SharedWords | None = None  # a pipelined load's readiness slot (transport/pipeline.py)
 
     @property
     def loaded(self) -> int:
@@ -169,7 +170,7 @@ class LoadResult:
         failed one if a transfer fails (the engine recomputes from there)."""
         if self.signal is None:
             return self.num_layers, len(self.offsets)
-        layers, failed = SIGNAL.unpack(self.signal)
+        layers, failed = read_signal(self.signal)
         return layers, len(self.offsets) if failed == SIGNAL_NONE else min(failed, len(self.offsets))
 
     def wait_layers(self, n: int, timeout: float | None = 30.0) -> int:
@@ -434,8 +435,8 @@ class EngineClient:
         slot = r.get("signal")
         signal = None
         if slot is not None and self.signal_offset is not None:
-            at = self.signal_offset + slot * SIGNAL.size
-            signal = self._arena[at : at + SIGNAL.size]
+            at = self.signal_offset + slot * SIGNAL_BYTES
+            signal = SharedWords(self._arena[at : at + SIGNAL_BYTES])
         return LoadResult(
             r["offsets"], [_TIER[t] for t in r["tiers"]], r["lease"], views, self.namespace.num_layers, signal
         )
@@ -619,7 +620,7 @@ class EngineClient:
         self._close_region()
         self._ch.close()
         if self._table is not None:
-            self._table.buf = b""  # never probed again
+            self._table.close()  # never probed again
             self._table = None
             if self._table_map is not None:
                 self._table_map.close()

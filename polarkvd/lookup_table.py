@@ -38,7 +38,10 @@ overflow flag is clear; with a cluster never (peers may hold the page).
 
 Consistency without locks: the writer stores an entry's key and namespace first and its flags
 last (x86 keeps stores in order), and a reader compares flags, key and namespace in one 24-byte
-copy. Whatever order that copy's loads take, a hit needs all 16 key bytes to equal the wanted key:
+copy. Every store is a plain copy of the new bytes (never `struct.pack_into`, which zeroes its
+target first: a live entry rewritten so would show a zero key or empty flags for a moment, and a
+probe would stop there), and the header's and slots' words are stored and loaded whole
+(shared_words.py). Whatever order that copy's loads take, a hit needs all 16 key bytes to equal the wanted key:
 a copy torn between an old and a new key would have to match it in 8 bytes of each, a 64-bit
 collision. So a reader sees an entry as it was at some moment of the probe: a page that goes a
 moment later is a short load (as after a socket lookup), a page that is not in the table is a miss
@@ -60,6 +63,8 @@ import struct
 import time
 from collections.abc import Sequence
 from typing import Any
+
+from polarkvd.shared_words import SharedWords
 
 MAGIC = b"PKVLKT01"
 HEADER_BYTES = 4096
@@ -84,11 +89,11 @@ _TIER_AT = 24  # in an entry
 _VRAM_HITS_AT = 40  # in a session slot
 _DISK_HITS_AT = 48
 _FINAL_AT = 56
-TIER_VRAM, TIER_DRAM, TIER_DISK = 1, 2, 4  # = types.Tier.VRAM, DRAM, DISK (this module imports no other)
+TIER_VRAM, TIER_DRAM, TIER_DISK = 1, 2, 4  # = types.Tier.VRAM, DRAM, DISK (no import of types.py)
 _DRAM_BYTE = bytes([TIER_DRAM])
 _U32 = struct.Struct("<I")
-_U64 = struct.Struct("<Q")
-_TALLY = struct.Struct("<QQQ")  # lookups, pages, hits (at byte 8 of a slot)
+_TALLY_AT = 8  # in a session slot: lookups, pages, hits (u64 each)
+_TOUCH_HEAD_AT = 32
 _ENTRY_TAIL = struct.Struct("<16sIB")  # key, ns, tier (at byte 4 of an entry)
 _LIVE_FLAGS = _U32.pack(LIVE)
 
@@ -125,6 +130,7 @@ class LookupTable:
         if len(view) < table_bytes(entries, session_slots):
             raise ValueError("view too small for the lookup table")
         self.view = view
+        self.words = SharedWords(view)
         self.capacity = entries
         self.mask = entries - 1
         self.session_slots = session_slots
@@ -146,17 +152,19 @@ class LookupTable:
     # -- liveness ---------------------------------------------------------------------------------
 
     def heartbeat(self) -> None:
-        _U64.pack_into(self.view, _HEARTBEAT_AT, time.monotonic_ns())
+        self.words.store64(_HEARTBEAT_AT, time.monotonic_ns())
 
     def close(self) -> None:
         """Clients stop trusting the table at once (the daemon is stopping)."""
-        _U32.pack_into(self.view, _STATE_AT, 0)
+        self.words.store32(_STATE_AT, 0)
 
     # -- entries ----------------------------------------------------------------------------------
 
-    def _write(self, at: int, flags: int, key: bytes, ns: int, tier: int = TIER_DRAM) -> None:
-        _ENTRY_TAIL.pack_into(self.view, at + 4, key, ns, tier)  # key first, flags last: see the docstring
-        _U32.pack_into(self.view, at, flags)
+    def _write(self, at: int, key: bytes, ns: int, tier: int) -> None:
+        """A live entry: key first, flags last (see the docstring). Rewriting a live entry's own key
+        copies the same bytes over it: a reader sees no change but the tier byte."""
+        self.view[at + 4 : at + 4 + _ENTRY_TAIL.size] = _ENTRY_TAIL.pack(key, ns, tier)
+        self.words.store32(at, LIVE)
 
     def _count(self, tier: int, delta: int) -> None:
         """An entry of `tier` came (+1) or went (-1): keep the not-DRAM counts and header byte."""
@@ -172,7 +180,7 @@ class LookupTable:
             self.view[_NOT_DRAM_AT] = 1 if after else 0
 
     def _flag_overflow(self) -> None:
-        _U32.pack_into(self.view, _OVERFLOW_AT, 1 if self.overflow or self.incomplete else 0)
+        self.words.store32(_OVERFLOW_AT, 1 if self.overflow or self.incomplete else 0)
 
     def set_incomplete(self, on: bool) -> None:
         """While on, no miss is final (the overflow flag): the daemon is putting back entries a
@@ -206,7 +214,7 @@ class LookupTable:
             if old != tier:
                 self._count(old, -1)
                 self._count(tier, 1)
-            self._write(at, LIVE, key, ns, tier)
+            self._write(at, key, ns, tier)
             return True
         if free >= 0 and self.view[free] == TOMBSTONE:
             self.deleted -= 1
@@ -224,7 +232,7 @@ class LookupTable:
                     )  # fmt: skip
             self.rebuild_needed = self.deleted > 0
             return False
-        self._write(free, LIVE, key, ns, tier)
+        self._write(free, key, ns, tier)
         self.used += 1
         self._count(tier, 1)
         return True
@@ -247,7 +255,7 @@ class LookupTable:
         at, _ = self._find(key)
         if at >= 0:
             self._count(self.view[at + _TIER_AT], -1)
-            self._write(at, TOMBSTONE, key, 0)
+            self.words.store32(at, TOMBSTONE)
             self.used -= 1
             self.deleted += 1
             if self.deleted > self.capacity // 4 or (
@@ -262,7 +270,7 @@ class LookupTable:
         meanwhile (state 0), so none of them sees the table half rebuilt. `incomplete`: more entries
         follow (`set_incomplete(False)` when they are in); no miss is final until then."""
         v = self.view
-        _U32.pack_into(v, _STATE_AT, 0)
+        self.words.store32(_STATE_AT, 0)
         start, end = HEADER_BYTES, HEADER_BYTES + self.capacity * ENTRY_BYTES
         v[start:end] = bytes(end - start)
         self.used = self.deleted = self.vram_used = self.disk_used = 0
@@ -273,7 +281,7 @@ class LookupTable:
         self._flag_overflow()
         for item in live:
             self.put(*item)
-        _U32.pack_into(v, _STATE_AT, 1)
+        self.words.store32(_STATE_AT, 1)
 
     def entries_in(self, tier: int) -> list[tuple[bytes, int]]:
         """(key, ns) of every live entry of `tier`, in table order: what a rebuild puts back. The
@@ -308,37 +316,39 @@ class LookupTable:
         slot = self._free_slots.pop()
         at = self.slots_at + slot * SLOT_BYTES
         self.view[at : at + SLOT_BYTES] = bytes(SLOT_BYTES)
-        _U32.pack_into(self.view, at, owner)
+        self.words.store32(at, owner)
         self._touch_tails[slot] = 0
         return slot
 
     def release_slot(self, slot: int) -> None:
         at = self.slots_at + slot * SLOT_BYTES
-        _U32.pack_into(self.view, at, 0)
+        self.words.store32(at, 0)
         self._touch_tails.pop(slot, None)
         self._free_slots.append(slot)
 
     def tally(self, slot: int) -> tuple[int, int, int]:
         """(lookups, pages, hit pages) the session has answered from the table so far."""
-        return _TALLY.unpack_from(self.view, self.slots_at + slot * SLOT_BYTES + 8)
+        at = self.slots_at + slot * SLOT_BYTES + _TALLY_AT
+        load = self.words.load64
+        return load(at), load(at + 8), load(at + 16)
 
     def vram_hits(self, slot: int) -> int:
         """Of the tally's hit pages, those that were in L1."""
-        return _U64.unpack_from(self.view, self.slots_at + slot * SLOT_BYTES + _VRAM_HITS_AT)[0]
+        return self.words.load64(self.slots_at + slot * SLOT_BYTES + _VRAM_HITS_AT)
 
     def disk_hits(self, slot: int) -> int:
         """Of the tally's hit pages, those that were on disk."""
-        return _U64.unpack_from(self.view, self.slots_at + slot * SLOT_BYTES + _DISK_HITS_AT)[0]
+        return self.words.load64(self.slots_at + slot * SLOT_BYTES + _DISK_HITS_AT)
 
     def set_final(self, slot: int, final: bool) -> None:
         """Whether the session's misses are final (every page of its namespace the daemon holds is
         listed, and there is no cluster): the reader checks it after a miss."""
-        _U32.pack_into(self.view, self.slots_at + slot * SLOT_BYTES + _FINAL_AT, 1 if final else 0)
+        self.words.store32(self.slots_at + slot * SLOT_BYTES + _FINAL_AT, 1 if final else 0)
 
     def touched(self, slot: int) -> list[bytes]:
         """Keys of the entries the session hit since the last call, oldest first (at most a ring)."""
         at = self.slots_at + slot * SLOT_BYTES
-        head = _U64.unpack_from(self.view, at + 32)[0]
+        head = self.words.load64(at + _TOUCH_HEAD_AT)
         tail = self._touch_tails.get(slot, 0)
         if head == tail:
             return []
@@ -347,7 +357,7 @@ class LookupTable:
         ring = at + RING_AT
         keys = []
         for n in range(tail, head):
-            key = self.key_at(_U32.unpack_from(self.view, ring + (n % RING_ENTRIES) * 4)[0])
+            key = self.key_at(self.words.load32(ring + (n % RING_ENTRIES) * 4))
             if key is not None:
                 keys.append(key)
         return keys
@@ -358,6 +368,7 @@ class TableReader:
 
     def __init__(self, buf: Any, ns: int, slot: int, final_miss: bool) -> None:
         self.buf = buf  # a memoryview of the table (or an mmap of just the table)
+        self.words: SharedWords | None = SharedWords(buf)
         magic, capacity, slots, _, _, _ = _HEADER.unpack_from(buf, 0)
         if magic != MAGIC or not 0 <= slot < slots:
             raise ValueError("not a polarkvd lookup table")
@@ -374,17 +385,25 @@ class TableReader:
 
     def usable(self) -> bool:
         """The daemon keeps the table: open, and its heartbeat is recent."""
-        b = self.buf
-        if _U32.unpack_from(b, _STATE_AT)[0] != 1:
+        w = self.words
+        if w is None or w.load32(_STATE_AT) != 1:
             return False
-        return time.monotonic_ns() - _U64.unpack_from(b, _HEARTBEAT_AT)[0] < STALE_NS
+        return time.monotonic_ns() - w.load64(_HEARTBEAT_AT) < STALE_NS
+
+    def close(self) -> None:
+        """Never probed again; the mapping under it may close now."""
+        if self.words is not None:
+            self.words.release()
+            self.words = None
+        self.buf = b""
 
     def probe(self, keys: Sequence[bytes]) -> tuple[int, bool]:
         """(pages of the longest prefix of `keys` the daemon holds, in L1, DRAM or on disk, whether a
         miss after them is final); the session's tally and touch ring are updated, `last_tiers` says
         where the hits are (None: all in DRAM). Call only when `usable()`. Keys must be bytes
         (TypeError otherwise); one of another length is a miss."""
-        b, mask, ns, ns_dram = self.buf, self.mask, self.ns, self.ns_dram
+        b, mask, ns, ns_dram, w = self.buf, self.mask, self.ns, self.ns_dram, self.words
+        assert w is not None, "probe after close"
         homes = array.array("Q", b"".join(keys))[::2]  # each key's first 8 bytes (ValueError: not 16)
         hits: list[int] = []
         other: list[int] = []  # hits not found as a DRAM entry at their home: their tier is read
@@ -414,18 +433,22 @@ class TableReader:
                     count = codes.count(tier)
                     if count:
                         at += self.slot_at
-                        _U64.pack_into(b, at, _U64.unpack_from(b, at)[0] + count)
+                        w.store64(at, w.load64(at) + count)
+        # a miss is final only if the table was open all along (a rebuild empties it after closing)
         final = n == len(keys) or (
             (self.final_miss or b[self.slot_at + _FINAL_AT] == 1)
-            and _U32.unpack_from(b, _OVERFLOW_AT)[0] == 0
+            and w.load32(_OVERFLOW_AT) == 0
+            and w.load32(_STATE_AT) == 1
         )
         # a lookup that goes on over the socket is counted by the daemon; here only its pages so far
+        at = self.slot_at + _TALLY_AT
+        w.store64(at, w.load64(at) + final)
+        w.store64(at + 8, w.load64(at + 8) + (len(keys) if final else n))
+        w.store64(at + 16, w.load64(at + 16) + n)
         at = self.slot_at
-        lookups, pages, hit_pages = _TALLY.unpack_from(b, at + 8)
-        _TALLY.pack_into(b, at + 8, lookups + final, pages + (len(keys) if final else n), hit_pages + n)
         if n:
             hits.reverse()  # leaf first: the root ends up the most recently used
-            head = _U64.unpack_from(b, at + 32)[0]
+            head = w.load64(at + _TOUCH_HEAD_AT)
             skip = max(0, n - RING_ENTRIES)  # more than a ring: the newest ones
             data = array.array("I", hits[skip:]).tobytes()
             pos, ring = (head + skip) % RING_ENTRIES, at + RING_AT
@@ -433,7 +456,7 @@ class TableReader:
             b[ring + pos * 4 : ring + pos * 4 + first] = data[:first]
             if first < len(data):
                 b[ring : ring + len(data) - first] = data[first:]
-            _U64.pack_into(b, at + 32, head + n)
+            w.store64(at + _TOUCH_HEAD_AT, head + n)
         return n, final
 
     def _probe_on(self, at: int, want: bytes) -> int:

@@ -1145,7 +1145,15 @@ class Manager:
                 good: list[int] = []
                 for b, res in zip(live, results):
                     if isinstance(res, BaseException):
+                        log.warning(
+                            "cluster: layers %d-%d of %d pages from %s failed: %r", lo, hi, len(b), b[0][3], res,
+                        )  # fmt: skip
                         res = [False] * len(b)
+                    elif False in res:
+                        log.warning(
+                            "cluster: layers %d-%d from %s: %d of %d pages arrived (the load ends at the first missing)",
+                            lo, hi, b[0][3], res.index(False), len(b),
+                        )  # fmt: skip
                     for (pos, page, _, _), parent in zip(b, res):
                         if failed_at is not None and pos >= failed_at:
                             break

@@ -112,8 +112,38 @@ class DaemonProc:
         return Daemon(resolve(load_config(env={}, overrides=self.sets))).arena_path()
 
 
-def _factory(base: Path) -> tuple[Callable[..., DaemonProc], Callable[[], None]]:
-    """A daemon factory over `base` and the cleanup that SIGKILLs whatever it started."""
+#: Lines of each log a failing test's report shows (see `show_logs_on_failure`).
+FAILURE_LOG_LINES = 60
+
+
+def show_logs_on_failure(node: pytest.Item, title: str, read: Callable[[], str]) -> None:
+    """If the test `node` fails, its report ends with the last lines of `read()` (a daemon's or an
+    engine's log) under `title`: a CI failure in a multi-process test then says what the other
+    processes saw, not only what the test asserted."""
+    node.stash.setdefault(_FAILURE_LOGS, []).append((title, read))
+
+
+_FAILURE_LOGS = pytest.StashKey[list[tuple[str, Callable[[], str]]]]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    if report.failed and call.when in ("setup", "call"):
+        for title, read in item.stash.get(_FAILURE_LOGS, []):
+            try:
+                tail = "\n".join(read().splitlines()[-FAILURE_LOG_LINES:])
+            except Exception as e:  # noqa: BLE001 - a report never fails for its extras
+                tail = f"(could not read: {e!r})"
+            report.sections.append((f"{title}, last {FAILURE_LOG_LINES} lines", tail))
+    return report
+
+
+def _factory(
+    base: Path, node: pytest.Item | None = None
+) -> tuple[Callable[..., DaemonProc], Callable[[], None]]:
+    """A daemon factory over `base` and the cleanup that SIGKILLs whatever it started; with `node`
+    (the test), a failure report of that test shows the daemons' logs."""
     started: list[DaemonProc] = []
 
     def make(sets: dict[str, str] | None = None, name: str = "d") -> DaemonProc:
@@ -130,9 +160,11 @@ def _factory(base: Path) -> tuple[Callable[..., DaemonProc], Callable[[], None]]
             "metrics.address": "127.0.0.1:0",  # any free port: daemons run side by side
         }
         cfg.update(sets or {})
-        d = DaemonProc(root, cfg).start()
+        d = DaemonProc(root, cfg)
+        if node is not None:
+            show_logs_on_failure(node, f"daemon {name!r} log", d.log)
         started.append(d)
-        return d
+        return d.start()
 
     def cleanup() -> None:
         for d in started:
@@ -147,9 +179,9 @@ def _factory(base: Path) -> tuple[Callable[..., DaemonProc], Callable[[], None]]
 
 
 @pytest.fixture
-def daemon_factory(tmp_path: Path) -> Iterator:
+def daemon_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator:
     """daemon_factory(**sets) starts a daemon with `--set` overrides (dots as in the config: use a dict)."""
-    make, cleanup = _factory(tmp_path)
+    make, cleanup = _factory(tmp_path, request.node)
     yield make
     cleanup()
 

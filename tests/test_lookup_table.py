@@ -239,7 +239,8 @@ def test_session_slots_run_out_and_come_back() -> None:
 
 
 def _churn(path: str, size: int, entries: int, seconds: float) -> None:
-    """Writer process: keys 0..199 stay, keys 1000.. come and go as fast as Python can write."""
+    """Writer process: keys 0..199 stay (their live entries rewritten in place, changing tier, as a
+    page moving between DRAM and disk does), keys 1000.. come and go as fast as Python can write."""
     fd = os.open(path, os.O_RDWR)
     m = mmap.mmap(fd, size)
     os.close(fd)
@@ -253,7 +254,9 @@ def _churn(path: str, size: int, entries: int, seconds: float) -> None:
             t.put(k, 1)
         else:
             t.remove(k)
+        t.put(key(i % 200), 1, TIER_DISK if i % 400 < 200 else TIER_DRAM)
         i += 1
+    t.words.release()
 
 
 def test_a_reader_racing_a_writer_never_misses_a_stable_key_nor_hits_a_foreign_one(tmp_path) -> None:

@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import mmap
+import multiprocessing
+import os
 import struct
+import time
 from typing import Any
 
 from polarkvd.config import load_config
@@ -21,7 +25,7 @@ from polarkvd.keys import page_keys
 from polarkvd.manager import Manager
 from polarkvd.tiers.disk import HEADER_SIZE, DiskTier
 from polarkvd.tiers.dram import SlabAllocator
-from polarkvd.transport.pipeline import SIGNAL, SIGNAL_NONE, LoadProgress, SignalBoard, layer_groups
+from polarkvd.transport.pipeline import SIGNAL_NONE, LoadProgress, SignalBoard, layer_groups
 from polarkvd.types import Tier
 from tests.conftest import TEST_NS, chain_tokens, make_manager, manager_store, page_bytes_for
 
@@ -69,7 +73,7 @@ class ScriptedPeer:
 
 
 def _signal(m, slot) -> tuple[int, int]:
-    return SIGNAL.unpack_from(m.signals.view, slot * SIGNAL.size)
+    return m.signals.read(slot)
 
 
 def _layer(m, offset: int, layer: int) -> bytes:
@@ -161,13 +165,14 @@ def test_progress_word_and_groups() -> None:
     slot = board.alloc()
     p = LoadProgress(board, slot, 3, 4)
     p.page_done(0)
-    assert SIGNAL.unpack_from(board.view, slot * 8) == (0, SIGNAL_NONE)
+    assert board.read(slot) == (0, SIGNAL_NONE)
     p.layers_done([1, 2], 2)
-    assert SIGNAL.unpack_from(board.view, slot * 8) == (2, SIGNAL_NONE)
+    assert board.read(slot) == (2, SIGNAL_NONE)
     p.fail(2)
-    assert SIGNAL.unpack_from(board.view, slot * 8) == (2, 2)
+    assert board.read(slot) == (2, 2)
     p.layers_done([1], 4)
-    assert SIGNAL.unpack_from(board.view, slot * 8) == (4, 2) and p.finished
+    assert board.read(slot) == (4, 2) and p.finished
+    assert struct.unpack_from("<II", board.view, slot * 8) == (4, 2)  # the layout PROTOCOL.md gives
     p.close()
     assert board.in_use == 0
     p.layers_done([1], 4)  # after close: nothing written, nothing raised
@@ -293,3 +298,42 @@ def test_a_corrupt_layer_group_on_disk_cuts_the_load_at_its_page(tmp_path) -> No
         m.release(session, lease)
 
     asyncio.run(run())
+
+
+def _publish_layers(path: str, seconds: float) -> None:
+    """Writer process: a load's signal slot going 0..30 layers, over and over, no page failing."""
+    fd = os.open(path, os.O_RDWR)
+    m = mmap.mmap(fd, 64)
+    os.close(fd)
+    board = SignalBoard(memoryview(m))
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for layers in range(31):
+            board.write(3, layers, SIGNAL_NONE)
+    board.words.release()
+
+
+def test_an_engine_never_reads_a_signal_the_daemon_did_not_write(tmp_path) -> None:
+    """The daemon publishes a load's progress while the engine polls it from another process: every
+    read is a word that was written. (With struct.pack_into, which zeroes the slot before writing
+    its two halves, the engine read "30 layers, failed from page 0" a third of the time under this
+    load, and dropped every page of a load that had arrived whole.)"""
+    path = tmp_path / "board"
+    path.write_bytes(bytes(64))
+    fd = os.open(path, os.O_RDWR)
+    m = mmap.mmap(fd, 64)
+    os.close(fd)
+    board = SignalBoard(memoryview(m))
+    board.write(3, 0, SIGNAL_NONE)  # as `alloc` does before the slot is handed out
+    writer = multiprocessing.get_context("spawn").Process(target=_publish_layers, args=(str(path), 1.0))
+    writer.start()
+    seen: set[tuple[int, int]] = set()
+    try:
+        while writer.is_alive() or not seen:
+            for _ in range(1000):
+                seen.add(board.read(3))
+    finally:
+        writer.join(10)
+    assert writer.exitcode == 0
+    assert {failed for _, failed in seen} == {SIGNAL_NONE}
+    assert {layers for layers, _ in seen} <= set(range(31)) and len(seen) > 1

@@ -517,6 +517,7 @@ class ClusterPool:
         member = self.members.get(holder)
         addr = self._data_addr(member) if member else None
         if addr is None:
+            log.debug("cluster: fetch from %s: not a member now", holder)
             return [False] * len(keys)
         if self.rdma is not None and keys and len(views) >= len(keys):
             offers = member is not None and isinstance(member.meta, dict) and member.meta.get("rdma") == 1
@@ -625,6 +626,8 @@ class ClusterPool:
             log.debug("cluster: fetch of %d pages from %s failed: %r", len(keys), holder, e)
             return out
         parents = header.get("parents") or []
+        if len(parents) < len(keys):
+            log.debug("cluster: %s holds %d of the %d pages asked for now", holder, len(parents), len(keys))
         n = 0
         for i, verified in enumerate(ok):
             if i >= len(parents):

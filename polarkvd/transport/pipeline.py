@@ -9,21 +9,35 @@ This module owns the *signal board* — a small table of readiness words in the 
 arena file, past the page slots, one slot per pipelined load — and `LoadProgress`, which turns "these
 pages now have layers [0, k)" and "page j failed" into the word the engine reads. It moves no bytes.
 
-A slot is two little-endian uint32 (`SIGNAL`): `layers`, the number of leading layers that
-every page before `failed_from` holds, and `failed_from`, the index of the first page that will not
-arrive (`SIGNAL_NONE` while none failed). `layers == num_layers` means done. The daemon
-writes the slot after the bytes it announces have landed (one thread writes each slot; on x86 a
-reader that sees the word also sees the bytes before it). Slots are freed with the load's lease.
+A slot is one 64-bit word: `layers` in its low 32 bits, the number of leading layers that every
+page before `failed_from` holds, and `failed_from` in its high 32 bits, the index of the first page
+that will not arrive (`SIGNAL_NONE` while none failed); in memory, two little-endian uint32.
+`layers == num_layers` means done. The daemon writes the slot after the bytes it announces have
+landed (one thread writes each slot; on x86 a reader that sees the word also sees the bytes before
+it). The word is stored and loaded whole (shared_words.py): the two halves are only meaningful
+together, and a reader that saw a new `layers` with a `failed_from` of 0 would drop every page.
+Slots are freed with the load's lease.
 
-A leaf module: the client library reads slots with the same `SIGNAL` layout.
+The client library reads slots with `read_signal`.
 """
 
 from __future__ import annotations
 
-import struct
+from polarkvd.shared_words import SharedWords
 
-SIGNAL = struct.Struct("<II")  # layers ready, first failed page (SIGNAL_NONE: none)
-SIGNAL_NONE = 0xFFFFFFFF
+SIGNAL_BYTES = 8  # one slot
+SIGNAL_NONE = 0xFFFFFFFF  # no page failed
+
+
+def signal_word(layers: int, failed_from: int) -> int:
+    return layers | failed_from << 32
+
+
+def read_signal(words: SharedWords, at: int = 0) -> tuple[int, int]:
+    """(layers ready, first failed page or SIGNAL_NONE) of the slot at byte `at` of `words`."""
+    word = words.load64(at)
+    return word & 0xFFFFFFFF, word >> 32
+
 
 #: Bytes of the signal board at the end of the arena file (8192 concurrent pipelined loads).
 SIGNAL_BOARD_BYTES = 64 << 10
@@ -32,18 +46,22 @@ SIGNAL_BOARD_BYTES = 64 << 10
 class SignalBoard:
     def __init__(self, view: memoryview) -> None:
         self.view = view
-        self.slots = len(view) // SIGNAL.size
+        self.words = SharedWords(view)
+        self.slots = len(view) // SIGNAL_BYTES
         self._free = list(range(self.slots - 1, -1, -1))
 
     def alloc(self) -> int | None:
         if not self._free:
             return None
         slot = self._free.pop()
-        SIGNAL.pack_into(self.view, slot * SIGNAL.size, 0, SIGNAL_NONE)
+        self.write(slot, 0, SIGNAL_NONE)
         return slot
 
     def write(self, slot: int, layers: int, failed_from: int) -> None:
-        SIGNAL.pack_into(self.view, slot * SIGNAL.size, layers, failed_from)
+        self.words.store64(slot * SIGNAL_BYTES, signal_word(layers, failed_from))
+
+    def read(self, slot: int) -> tuple[int, int]:
+        return read_signal(self.words, slot * SIGNAL_BYTES)
 
     def free(self, slot: int) -> None:
         self._free.append(slot)

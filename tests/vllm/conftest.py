@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO_ROOT, clean_env
+from tests.conftest import REPO_ROOT, clean_env, show_logs_on_failure
 
 MARK = "@@polarkv "
 BLOCK = 128  # vLLM's CPU block size, = our page_tokens (page_blocks 1)
@@ -164,12 +164,23 @@ def vllm_session_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("vllm")
 
 
-def _factory(model_dir: str, tmp: Path) -> tuple[Callable[..., VllmProc], Callable[[], None]]:
+def _connector_lines(p: VllmProc) -> str:
+    """What the connector and vLLM warned about, from an engine's log (for a failure report)."""
+    return "\n".join(
+        line for line in p.all_log if "polarkv" in line.lower() or "WARNING" in line or "ERROR" in line
+    )
+
+
+def _factory(
+    model_dir: str, tmp: Path, node: pytest.Item | None = None
+) -> tuple[Callable[..., VllmProc], Callable[[], None]]:
     procs: list[VllmProc] = []
 
     def start(connector: dict[str, Any] | None = None, **engine: Any) -> VllmProc:
         p = VllmProc(tmp, model_dir, connector, engine)
         procs.append(p)
+        if node is not None:
+            show_logs_on_failure(node, f"engine {len(procs)} warnings", lambda: _connector_lines(p))
         return p
 
     def cleanup() -> None:
@@ -180,9 +191,12 @@ def _factory(model_dir: str, tmp: Path) -> tuple[Callable[..., VllmProc], Callab
 
 
 @pytest.fixture
-def vllm_factory(model_dir: str, vllm_session_tmp: Path) -> Iterator[Callable[..., VllmProc]]:
-    """vllm_factory(connector=extra_config | None, **engine_kwargs) starts an engine (not waited for)."""
-    start, cleanup = _factory(model_dir, vllm_session_tmp)
+def vllm_factory(
+    model_dir: str, vllm_session_tmp: Path, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., VllmProc]]:
+    """vllm_factory(connector=extra_config | None, **engine_kwargs) starts an engine (not waited for);
+    a failure report of the test shows what the engines' connectors warned about."""
+    start, cleanup = _factory(model_dir, vllm_session_tmp, request.node)
     yield start
     cleanup()
 

@@ -28,6 +28,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _fetch_counters(daemon) -> dict[str, int]:
+    """The daemon's counters that say why pages did not arrive (for a failure's message)."""
+    words = ("fetch", "cluster_", "promotion", "pipelined", "corrupt")
+    return {k: v for k, v in daemon.stats()["counters"].items() if any(w in k for w in words) and v}
+
+
 def test_remote_and_disk_hits_with_pipelined_loads_give_identical_outputs(
     daemon_factory, vllm_factory, prompts: Prompts, reference: Reference, tmp_path
 ) -> None:
@@ -36,6 +42,7 @@ def test_remote_and_disk_hits_with_pipelined_loads_give_identical_outputs(
     seed = _free_port()
     common = {
         **DAEMON_SETS,
+        "daemon.log_level": "debug",  # a failure report shows the daemons' logs: say everything
         "cluster.enabled": "true",
         "cluster.key_file": str(key),
         "cluster.data_address": "127.0.0.1:0",
@@ -64,7 +71,7 @@ def test_remote_and_disk_hits_with_pipelined_loads_give_identical_outputs(
         pages = (len(ids) - 1) // BLOCK
         got, blocks = loaded(second, lambda ids=ids: second.generate([{"ids": ids}], SHORT)[0])
         assert got["cached"] == pages * BLOCK  # the whole prefix, from A
-        assert blocks == {"load_blocks": pages, "load_failed_blocks": 0}
+        assert blocks == {"load_blocks": pages, "load_failed_blocks": 0}, _fetch_counters(b)
         assert got["ids"] == reference.ids(ids, SHORT)
     counters = b.stats()["counters"]
     assert counters["fetched_pages_remote"] >= 5 + (len(chat) - 1) // BLOCK
@@ -75,6 +82,6 @@ def test_remote_and_disk_hits_with_pipelined_loads_give_identical_outputs(
         c.evict("dram", 1 << 30)
     second.reset_prefix_cache()
     got, blocks = loaded(second, lambda: second.generate([{"ids": long}], SHORT)[0])
-    assert blocks == {"load_blocks": 5, "load_failed_blocks": 0}
+    assert blocks == {"load_blocks": 5, "load_failed_blocks": 0}, _fetch_counters(b)
     assert got["ids"] == reference.ids(long, SHORT)
     assert b.stats()["counters"]["loaded_pages_disk"] >= 5
