@@ -38,14 +38,14 @@ overflow flag is clear; with a cluster never (peers may hold the page).
 
 Consistency without locks: the writer stores an entry's key and namespace first and its flags
 last (x86 keeps stores in order), and a reader compares flags, key and namespace in one 24-byte
-copy. Every store is a plain copy of the new bytes (never `struct.pack_into`, which zeroes its
-target first: a live entry rewritten so would show a zero key or empty flags for a moment, and a
-probe would stop there), and the header's and slots' words are stored and loaded whole
-(shared_words.py). Whatever order that copy's loads take, a hit needs all 16 key bytes to equal the wanted key:
+copy. Whatever order that copy's loads take, a hit needs all 16 key bytes to equal the wanted key:
 a copy torn between an old and a new key would have to match it in 8 bytes of each, a 64-bit
-collision. So a reader sees an entry as it was at some moment of the probe: a page that goes a
-moment later is a short load (as after a socket lookup), a page that is not in the table is a miss
-(a recompute), and never is a key reported that the table did not hold.
+collision. Every store is a plain copy of the new bytes, never `struct.pack_into`, which zeroes its
+target first (a live entry rewritten so would show a zero key or empty flags for a moment, and a
+probe would stop there); the header's and the slots' words are stored and loaded whole
+(shared_words.py). So a reader sees an entry as it was at some moment of the probe: a page that goes
+a moment later is a short load (as after a socket lookup), a page that is not in the table is a
+miss (a recompute), and never is a key reported that the table did not hold.
 
 Liveness: the daemon writes CLOCK_MONOTONIC into `heartbeat` every 100 ms and sets `state` to 0 when
 it stops or rebuilds the table. A client that finds the table closed or its heartbeat older than
