@@ -204,6 +204,18 @@ def test_liveness_closed_or_stale_tables_are_not_used() -> None:
     assert r2.usable()
 
 
+def test_a_miss_is_not_final_when_the_table_closed_during_the_probe() -> None:
+    """A rebuild (or a stop) closes the table before it empties it: a probe that began while it was
+    open and found nothing must not call the miss final, the engine asks the daemon instead."""
+    t, m = make_table()
+    t.put(key(1), 1)
+    r = reader(m, t)
+    assert r.usable() and r.probe([key(1), key(2)]) == (1, True)
+    t.close()  # between the engine's usable() and its probe
+    assert r.probe([key(1), key(2)]) == (1, False)
+    assert r.probe([key(1)]) == (1, True)  # a full hit needs no final word
+
+
 def test_tally_and_touches_reach_the_daemon_leaf_first() -> None:
     t, m = make_table()
     keys = [key(i) for i in range(5)]
