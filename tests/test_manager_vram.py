@@ -76,6 +76,10 @@ class L1:
             vram_host=self.host,
         )
 
+    def sessions(self) -> tuple[Any, Any]:
+        """An engine session without L1 (its stores go to DRAM, its loads read DRAM) and one with L1."""
+        return self.m.attach(TEST_NS, "cpu"), self.m.attach(TEST_NS, "gpu", vram=True)
+
     def pool_bytes(self, offset: int) -> bytes:
         return ctypes.string_at(self.pool.base + offset, PB)
 
@@ -370,8 +374,7 @@ def _promote(m: Manager) -> int:
 def test_dram_pages_an_l1_engine_loads_again_move_into_l1_byte_exact() -> None:
     t = L1(table=True)
     m = t.m
-    cpu = m.attach(TEST_NS, "cpu")  # stores go to DRAM
-    gpu = m.attach(TEST_NS, "gpu", vram=True)
+    cpu, gpu = t.sessions()
     chain = keys_of(m, 1, 4)
     t.store(cpu, chain)
     assert _load_and_release(m, gpu, chain) == [Tier.DRAM] * 4
@@ -406,8 +409,7 @@ def test_dram_pages_an_l1_engine_loads_again_move_into_l1_byte_exact() -> None:
 def test_promotion_waits_for_readers_and_never_makes_room() -> None:
     t = L1(pool_slabs=1, **{"vram.high_watermark": "0.5", "vram.low_watermark": "0.5"})
     m = t.m
-    cpu = m.attach(TEST_NS, "cpu")
-    gpu = m.attach(TEST_NS, "gpu", vram=True)
+    cpu, gpu = t.sessions()
     chain = keys_of(m, 1, 20)  # 20 pages; the pool has 32 slots, half of them below the watermark
     t.store(cpu, chain)
     _load_and_release(m, gpu, chain)
@@ -423,8 +425,7 @@ def test_promotion_waits_for_readers_and_never_makes_room() -> None:
 def test_a_failed_promotion_leaves_pages_in_dram_and_slots_free() -> None:
     t = L1(**{"vram.promote_after_loads": "1"})
     m = t.m
-    cpu = m.attach(TEST_NS, "cpu")
-    gpu = m.attach(TEST_NS, "gpu", vram=True)
+    cpu, gpu = t.sessions()
     chain = keys_of(m, 1, 3)
     t.store(cpu, chain)
     _load_and_release(m, gpu, chain)  # once is enough with promote_after_loads = 1
@@ -445,8 +446,7 @@ def test_a_failed_promotion_leaves_pages_in_dram_and_slots_free() -> None:
 def test_promote_after_loads_zero_never_promotes() -> None:
     t = L1(**{"vram.promote_after_loads": "0"})
     m = t.m
-    cpu = m.attach(TEST_NS, "cpu")
-    gpu = m.attach(TEST_NS, "gpu", vram=True)
+    cpu, gpu = t.sessions()
     chain = keys_of(m, 1, 2)
     t.store(cpu, chain)
     for _ in range(3):
@@ -457,8 +457,7 @@ def test_promote_after_loads_zero_never_promotes() -> None:
 def test_a_page_pinned_while_it_is_copied_stays_in_dram_and_goes_next_round() -> None:
     t = L1(**{"vram.promote_after_loads": "1"})
     m = t.m
-    cpu = m.attach(TEST_NS, "cpu")
-    gpu = m.attach(TEST_NS, "gpu", vram=True)
+    cpu, gpu = t.sessions()
     chain = keys_of(m, 1, 2)
     t.store(cpu, chain)
     _load_and_release(m, gpu, chain)

@@ -41,13 +41,12 @@ from polarkvd.transport import rdma
 from polarkvd.transport.rdma import TransportChoice, TransportKind
 from polarkvd.transport.tcp import Reply
 from polarkvd.types import Tier
-from tests.cluster.test_rdma_fetch import settle
+from tests.cluster.test_rdma_fetch import RDMA_CHOICE, settle
 from tests.conftest import TEST_NS, chain_tokens, page_bytes_for
 from tests.test_manager_vram import L1
 from tests.transport.fakeverbs import Fabric, fake_dmabuf
 
 PB, L, LB = TEST_NS.page_bytes, TEST_NS.num_layers, TEST_NS.layer_bytes
-RDMA_CHOICE = TransportChoice(TransportKind.RDMA, "fake device", "auto", "mlx5_0", 1, 0, "InfiniBand")
 TCP_CHOICE = TransportChoice(TransportKind.TCP, "configured", "tcp")
 
 
