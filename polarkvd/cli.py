@@ -354,7 +354,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
-    from polarkvd.cluster.sim import main as sim_main
+    from polarkvd.bench.gossip_sim import main as sim_main
 
     return sim_main(args)
 
@@ -489,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("sim", help="simulations of cluster protocols (see docs/CLUSTER.md)")
     ssub = sp.add_subparsers(dest="which", metavar="SIMULATION", required=True)
-    from polarkvd.cluster.sim import add_arguments as sim_gossip_args
+    from polarkvd.bench.gossip_sim import add_arguments as sim_gossip_args
 
     sim_gossip_args(
         ssub.add_parser(

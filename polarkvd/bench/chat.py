@@ -73,7 +73,7 @@ CONFIG_HELP = {
 }
 BLOCK = 128  # vLLM's CPU block size (and the connector's page, page_blocks 1)
 MARK = "@@chat "
-# The bars (ratios of polarkvd to the other configuration, one run).
+# Targets: ratios of polarkvd to the other configuration, one run (docs/BENCHMARKS.md).
 BARS = {
     "ttft_ratio_vs_nocache": ("<=", 1 / 27),
     "hit_ttft_ratio_vs_prefix_cache_hot": ("<=", 1.5),

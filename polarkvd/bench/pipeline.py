@@ -89,7 +89,7 @@ SOURCE_HELP = {
 MODES = {"off": "step", "on": "layer"}
 BLOCK = 128  # vLLM's CPU block size (and the connector's page, page_blocks 1)
 MARK = "@@pipeline "
-# The bars (pipelining on).
+# Targets with pipelining on (docs/BENCHMARKS.md).
 BARS = {
     "remote_vs_local": ("<=", 1.2),
     "disk_vs_local": ("<=", 1.5),

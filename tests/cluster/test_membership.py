@@ -8,9 +8,9 @@ import random
 import msgpack
 import pytest
 
-from polarkvd.cluster.gossip import SimNetwork
 from polarkvd.cluster.membership import ClusterConfig, EventKind, Membership, State, _Suspicion
 from polarkvd.cluster.messages import Alive, Ping, Suspect, decode, encode
+from polarkvd.cluster.simnet import SimNetwork
 from polarkvd.errors import ConfigError, ProtocolError
 
 
