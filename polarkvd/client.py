@@ -324,7 +324,8 @@ class EngineClient:
         """Map the daemon's L1 pool (docs/VRAM.md). A GPU this process cannot see (another GPU,
         CUDA_VISIBLE_DEVICES) or no CUDA here: said once, and every page goes through the arena."""
         global _vram_warned
-        from polarkvd.tiers.vram import AttachedRegion, CudaError, RegionHandle
+        from polarkvd.cuda import CudaError
+        from polarkvd.tiers.vram import AttachedRegion, RegionHandle
 
         region = RegionHandle.from_wire(wire)  # a malformed reply is a ProtocolError: a bug to see
         try:

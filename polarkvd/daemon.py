@@ -360,7 +360,8 @@ class Daemon:
         choice, cfg = self.vram, self.cfg
         if choice is None or not choice.enabled:
             return None, None
-        from polarkvd.tiers.vram import CudaError, VramPool, load_api
+        from polarkvd.cuda import CudaError, load_api
+        from polarkvd.tiers.vram import VramPool
 
         loop = asyncio.get_running_loop()
         v = cfg.vram

@@ -27,7 +27,8 @@ import time
 from typing import Any
 
 from polarkvd.config import VramConfig, format_size, parse_size
-from polarkvd.tiers.vram import CopyKind, HostRegion, VramPool, describe_choice, load_api, probe
+from polarkvd.cuda import CopyKind, load_api
+from polarkvd.tiers.vram import HostRegion, VramPool, describe_choice, probe
 
 
 def host_mapping(size: int) -> tuple[mmap.mmap, str]:

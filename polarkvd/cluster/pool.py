@@ -319,7 +319,8 @@ class ClusterPool:
         pool = self.manager.vram
         if pool is None:
             return
-        from polarkvd.tiers.vram import CudaError, Staging
+        from polarkvd.cuda import CudaError
+        from polarkvd.tiers.vram import Staging
 
         try:
             fd = pool.export_dmabuf()

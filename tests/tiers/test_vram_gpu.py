@@ -36,19 +36,17 @@ if str(REPO) not in sys.path:
 
 from polarkvd.bench.vram import host_mapping  # noqa: E402
 from polarkvd.config import VramConfig  # noqa: E402
-from polarkvd.tiers.vram import (  # noqa: E402
+from polarkvd.cuda import (  # noqa: E402
     CudaApi,
     CudaError,
     CudaUnavailable,
     DeviceInfo,
     LibKind,
-    RegionHandle,
-    VramPool,
     library_candidates,
     load_api,
     open_library,
-    probe,
 )
+from polarkvd.tiers.vram import RegionHandle, VramPool, probe  # noqa: E402
 
 if pytest is not None:
     pytestmark = pytest.mark.gpu
@@ -224,7 +222,8 @@ def test_host_register_of_a_shared_mapping_and_cudas_own_errors() -> None:
 
 _CHILD = r"""
 import ctypes, hashlib, json, sys
-from polarkvd.tiers.vram import AttachedRegion, CopyKind, RegionHandle, load_api
+from polarkvd.cuda import CopyKind, load_api
+from polarkvd.tiers.vram import AttachedRegion, RegionHandle
 wire, kind, read_at, n, write_at = json.loads(sys.argv[1])
 api = load_api(kind)
 region = RegionHandle(bytes.fromhex(wire["handle"]), wire["size"], wire["uuid"], wire["pci_bus_id"])
