@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,10 +67,10 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
-def table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
+def table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
 
-    def line(r: tuple[str, ...]) -> str:
+    def line(r: Sequence[object]) -> str:
         return "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
 
     return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])

@@ -382,7 +382,7 @@ def worker_main(spec_path: str) -> int:
         ),
     )
     engine = llm.llm_engine
-    connector = get_kv_transfer_group()
+    connector: Any = get_kv_transfer_group()  # our PolarKVConnector: its `stats` and `geometry`
     # tokens the scheduler-side connector promised (beyond vLLM's own cache), as in bench chat
     external = observe_external_tokens(engine)
     if external is None:
@@ -855,7 +855,7 @@ def render(res: dict[str, Any]) -> str:
         *("note: " + n for n in res["notes"]),
         "",
     ]
-    rows = []
+    rows: list[tuple[object, ...]] = []
     for source in SOURCES:
         for mode in ("off", "on"):
             r = runs[source][mode]

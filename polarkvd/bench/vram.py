@@ -87,7 +87,9 @@ def run_bench(pool_bytes: int, host_bytes: int, page: int, repeat: int, cuda_api
             raise SystemExit(
                 f"pool {pool_bytes} and host {host_bytes} must each hold at least 2 pages of {page}"
             )
-        slots = [pool.alloc(page) for _ in range(2 * n)]
+        slots = [s for s in (pool.alloc(page) for _ in range(2 * n)) if s is not None]
+        if len(slots) < 2 * n:
+            raise SystemExit(f"the pool has no room for {2 * n} pages of {page} bytes")
         src, dst = slots[:n], slots[n:]
         perm = _scatter(n)
         moved = n * page

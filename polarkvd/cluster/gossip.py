@@ -79,7 +79,7 @@ class ZmqTransport(Transport):
             self.router.curve_publickey = curve.public
             self.router.curve_secretkey = curve.secret
         self.router.bind(bind)
-        endpoint = self.router.getsockopt(zmq.LAST_ENDPOINT).decode()
+        endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
         if advertise_host and not advertise:  # keep the port actually bound (port 0 = ephemeral)
             port = endpoint.rsplit(":", 1)[1]
             host = f"[{advertise_host}]" if ":" in advertise_host else advertise_host
