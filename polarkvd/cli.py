@@ -128,6 +128,8 @@ def render_cluster(rep: dict[str, Any]) -> str:
             f"{name:<16}{m['state']:<9}{m['incarnation']:>5}{_ago(m['for_s']):>9}  {m['addr']:<26}"
             f"{str(meta.get('data') or '-'):<26}{space('dram'):>18}{free:>11}"
         )
+    for node, why in sorted((rep.get("refused") or {}).items()):
+        lines.append(f"REFUSED {node!r}: {why}")
     g = rep.get("gossip", {})
     lines += ["", "gossip: " + ", ".join(f"{k} {v}" for k, v in g.items())]
     lines += _render_transfers(rep)
@@ -192,7 +194,8 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 def render_status(st: dict[str, Any]) -> str:
     c = st["counters"]
     lines = [
-        f"polarkvd up {st['uptime_s']:.0f}s{'  (DRAINING: new stores refused)' if st['draining'] else ''}",
+        f"polarkvd up {st['uptime_s']:.0f}s{'  (DRAINING: new stores refused)' if st['draining'] else ''}"
+        + (f"  page-key seed {st['page_seed']}" if st.get("page_seed") else ""),
         "",
     ]
     lines.append(

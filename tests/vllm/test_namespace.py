@@ -65,7 +65,7 @@ def test_salt_and_tp_rank_change_every_key_and_page_size_matches_vllm_blocks() -
     g = geometry()
     tokens = list(range(1000, 1256))
     keys = {
-        (salt, rank): page_keys(namespace_digest(g.namespace(salt, rank)), tokens, g.page_tokens)
+        (salt, rank): page_keys(namespace_digest(g.namespace(salt, rank), bytes(32)), tokens, g.page_tokens)
         for salt in ("", "alice", "bob")
         for rank in (0, 1)
     }
