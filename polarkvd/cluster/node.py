@@ -2,10 +2,10 @@
 
 Owns running `Membership` over a `ZmqTransport` on the daemon's asyncio loop (woken by the socket or
 by the protocol's next deadline), the metadata this daemon publishes (endpoints, tier space, `rdma: 1`
-while peers may READ pages from us, the page-key seed's fingerprint), admission (a member whose seed
-differs is refused: its page keys would never match ours), the reactions to membership events (forget sockets of dead
-members, tell the rest of the cluster code who is alive) and the `cluster` control report behind
-`polarkvd status --cluster`. Protocol decisions stay in `membership`; where pages live stays in the
+while peers may READ pages from us, the page-key seed's fingerprint), admission (a member with another
+seed is refused: its page keys never match ours), the reactions to membership events (forget sockets
+of dead members, tell the rest of the cluster code who is alive) and the `cluster` control report
+behind `polarkvd status --cluster`. Protocol decisions stay in `membership`; where pages live stays in the
 manager and the meta map.
 """
 

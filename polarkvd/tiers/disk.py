@@ -414,8 +414,8 @@ class DiskTier:
         return report
 
     def _seed_mismatch(self) -> str | None:
-        """Why the pages here must be refused (keyed with another seed, or with an unknown one),
-        or None: the recorded seed is ours, the tier has no seed to check, or there are no pages."""
+        """Why the pages here (if any) must be refused: keyed with another seed, or with an unknown
+        one; None when the recorded seed is ours or the tier has no seed to check."""
         if self.seed_fingerprint is None:
             return None
         try:
