@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -60,9 +61,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(cfg, ConfigSource(path, overrides, loaded))
 
 
+def _check_seed_file(cfg: Any) -> None:
+    """The page-key seed file, checked as `serve` would read it, when it would and it exists (a
+    missing one is created at start; here nothing is created)."""
+    if cfg.cluster.enabled and cfg.cluster.key_file:
+        return  # the seed comes from the key file
+    if os.path.lexists(cfg.daemon.seed_file):
+        from polarkvd.seed import load_seed_file
+
+        load_seed_file(cfg.daemon.seed_file, create=False)
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     try:
         cfg = resolve(load_config(args.file, overrides=_overrides(args.set)))
+        _check_seed_file(cfg)
     except ConfigError as e:
         print(f"{args.file}: {len(e.problems)} problem(s)", file=sys.stderr)
         for key, value, why in e.problems:

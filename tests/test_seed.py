@@ -100,6 +100,26 @@ def test_a_daemon_with_a_world_readable_seed_file_refuses_to_start(tmp_path: Pat
     assert "daemon.seed_file" in proc.stderr and "chmod 600" in proc.stderr
 
 
+def test_check_config_checks_an_existing_seed_file_and_creates_none(tmp_path: Path) -> None:
+    conf = tmp_path / "polarkv.toml"
+    conf.write_text("[dram]\ncapacity = '16MiB'\nslab_bytes = '1MiB'\n")
+    seed_file = tmp_path / "page-seed"
+
+    def check() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "polarkvd", "check-config", str(conf), "--set", f"daemon.seed_file={seed_file}",
+             "--set", f"daemon.state_dir={tmp_path / 'state'}", "--set", f"daemon.runtime_dir={tmp_path / 'run'}"],
+            capture_output=True, text=True, env=clean_env(), timeout=60,
+        )  # fmt: skip
+
+    assert check().returncode == 0 and not seed_file.exists()  # created by `serve`, not here
+    load_seed_file(seed_file)
+    assert check().returncode == 0
+    seed_file.chmod(0o640)
+    r = check()
+    assert r.returncode == EXIT_CONFIG and "daemon.seed_file" in r.stderr and "chmod 600" in r.stderr
+
+
 def test_keys_survive_a_restart_and_a_new_seed_refuses_the_old_disk_pages(daemon_factory) -> None:
     """What an operator sees: the same seed file keeps every page reachable across restarts; a new
     seed makes the engines' keys new, and the disk pages of the old one are dropped, never served."""
