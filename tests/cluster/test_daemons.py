@@ -260,6 +260,15 @@ def test_members_with_another_page_key_seed_refuse_each_other(cluster: Cluster, 
     )  # fmt: skip
     assert "REFUSED 'a'" in out.stdout
 
+    # b comes back with a seed of its own (its seed file replaced): a keeps it out from then on
+    b.stop()
+    b.sets["daemon.seed_file"] = str(b.root / "state" / "page-seed")
+    b.start()
+    wait_for(lambda: _refused(a, "b") and _refused(b, "a"), 15, "a and b to refuse each other")
+    assert cluster.view("a").get("b") != "alive" and cluster.view("b") == {"b": "alive"}
+    with b.engine() as kv:
+        assert kv.lookup(keys).hits == 0 and kv.lookup(kv.page_keys(chain_tokens(9, 4))).hits == 0
+
 
 def test_bytes_are_verified_end_to_end_after_a_restart_of_the_holder(cluster: Cluster) -> None:
     """A stale record after the holder restarted empty is a miss, never wrong bytes."""
