@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -60,9 +61,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(cfg, ConfigSource(path, overrides, loaded))
 
 
+def _check_seed_file(cfg: Any) -> None:
+    """The page-key seed file, checked as `serve` would read it, when it would and it exists (a
+    missing one is created at start; here nothing is created)."""
+    if cfg.cluster.enabled and cfg.cluster.key_file:
+        return  # the seed comes from the key file
+    if os.path.lexists(cfg.daemon.seed_file):
+        from polarkvd.seed import load_seed_file
+
+        load_seed_file(cfg.daemon.seed_file, create=False)
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     try:
         cfg = resolve(load_config(args.file, overrides=_overrides(args.set)))
+        _check_seed_file(cfg)
     except ConfigError as e:
         print(f"{args.file}: {len(e.problems)} problem(s)", file=sys.stderr)
         for key, value, why in e.problems:
@@ -128,6 +141,8 @@ def render_cluster(rep: dict[str, Any]) -> str:
             f"{name:<16}{m['state']:<9}{m['incarnation']:>5}{_ago(m['for_s']):>9}  {m['addr']:<26}"
             f"{str(meta.get('data') or '-'):<26}{space('dram'):>18}{free:>11}"
         )
+    for node, why in sorted((rep.get("refused") or {}).items()):
+        lines.append(f"REFUSED {node!r}: {why}")
     g = rep.get("gossip", {})
     lines += ["", "gossip: " + ", ".join(f"{k} {v}" for k, v in g.items())]
     lines += _render_transfers(rep)
@@ -192,7 +207,8 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 def render_status(st: dict[str, Any]) -> str:
     c = st["counters"]
     lines = [
-        f"polarkvd up {st['uptime_s']:.0f}s{'  (DRAINING: new stores refused)' if st['draining'] else ''}",
+        f"polarkvd up {st['uptime_s']:.0f}s{'  (DRAINING: new stores refused)' if st['draining'] else ''}"
+        + (f"  page-key seed {st['page_seed']}" if st.get("page_seed") else ""),
         "",
     ]
     lines.append(

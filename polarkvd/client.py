@@ -308,7 +308,8 @@ class EngineClient:
     # -- keys -------------------------------------------------------------------------------------
 
     def page_keys(self, token_ids: Sequence[int] | np.ndarray, parent: bytes = ROOT_KEY) -> list[bytes]:
-        """Keys of every full page of `token_ids` in this session's namespace."""
+        """Keys of every full page of `token_ids` in this session's namespace, chained from the digest
+        `hello` returned (keyed with the daemon's secret seed: only the daemon computes digests)."""
         return page_keys(self.ns_digest, token_ids, self.namespace.page_tokens, parent)
 
     # -- raw ops (one round trip each) -------------------------------------------------------------

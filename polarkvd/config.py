@@ -269,6 +269,12 @@ class DaemonConfig:
         parse_str,
         "live knobs saved from `polarkvd tui`, read by `serve` right after --config; empty = <state_dir>/tuning.toml",
     )
+    seed_file: str = _opt(
+        "",
+        parse_str,
+        "the page-key seed, created mode 0600 at first start; unused in a cluster with a key file "
+        "(the seed comes from the key); empty = <state_dir>/page-seed",
+    )
 
 
 @dataclasses.dataclass
@@ -851,6 +857,7 @@ def resolve(cfg: Config, env: Mapping[str, str] | None = None) -> Config:
     d.control_socket = d.control_socket or str(Path(d.runtime_dir) / "control.sock")
     out.disk.path = out.disk.path or str(Path(d.state_dir) / "pages")
     d.tuning_file = d.tuning_file or str(Path(d.state_dir) / "tuning.toml")
+    d.seed_file = d.seed_file or str(Path(d.state_dir) / "page-seed")
     if not out.cluster.node_id:
         import socket
 

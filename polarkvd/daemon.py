@@ -39,6 +39,7 @@ from polarkvd.lookup_table import table_entries as table_entries_for
 from polarkvd.manager import Manager
 from polarkvd.metrics import MetricsServer, OpTimings, Snapshot, StatsCollector
 from polarkvd.sdnotify import Notifier
+from polarkvd.seed import PageSeed, page_seed
 from polarkvd.server.connection import RequestServer, claim_socket_path
 from polarkvd.server.control import apply_knob, control_handlers
 from polarkvd.server.engine import engine_api
@@ -97,6 +98,7 @@ class Daemon:
         self.pool: Any = None  # polarkvd.cluster.pool.ClusterPool, likewise
         self.transport: Any = None  # polarkvd.transport.rdma.TransportChoice, likewise
         self.vram: Any = None  # polarkvd.tiers.vram.VramChoice: L1 or why not, decided at start
+        self.seed: PageSeed | None = None  # the page-key seed, read (or created) at start
 
     def arena_path(self) -> Path:
         tag = xxhash.xxh3_64_hexdigest(str(Path(self.cfg.daemon.engine_socket).resolve()).encode())[:12]
@@ -131,6 +133,10 @@ class Daemon:
                 log.info(
                     "%s", describe_choice(self.transport), extra={"transport": self.transport.kind.value}
                 )
+            # A broken, unreadable or world-readable seed file stops the start (exit 78).
+            secret = self.cluster_keys.secret if self.cluster_keys is not None else None
+            self.seed = page_seed(cfg.daemon.seed_file, secret)
+            log.info("page-key seed %s (from %s)", self.seed.fingerprint, self.seed.source)
             self.vram = await loop.run_in_executor(None, self._probe_vram)
             engine_path = Path(cfg.daemon.engine_socket)
             control_path = Path(cfg.daemon.control_socket)
@@ -187,6 +193,7 @@ class Daemon:
                     policy=cfg.disk.policy,
                     level=cfg.disk.compression_level,
                     min_ratio=cfg.disk.min_compression_ratio,
+                    seed_fingerprint=self.seed.fingerprint if self.seed is not None else None,
                 )
                 report = await loop.run_in_executor(executor, disk.open)
                 log.info(
@@ -208,6 +215,7 @@ class Daemon:
                 table=table,
                 vram=pool,
                 vram_host=host,
+                seed=self.seed.seed if self.seed is not None else None,
             )
             self.manager = manager
 
@@ -427,6 +435,7 @@ class Daemon:
             meta_source=meta,
             on_members=pool.on_members,
             extra_meta=pool.gossip_meta,
+            seed_fingerprint=self.seed.fingerprint if self.seed is not None else "",
         )
         node.start()
         return node

@@ -36,6 +36,7 @@ import dataclasses
 import functools
 import itertools
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from typing import Any
@@ -61,7 +62,7 @@ from polarkvd.index import (
     Page,
     PageIndex,
 )
-from polarkvd.keys import namespace_digest
+from polarkvd.keys import SEED_BYTES, namespace_digest, seed_fingerprint
 from polarkvd.lookup_table import TIER_DISK, LookupTable
 from polarkvd.policy import EvictionPolicy, make_policy, switch_policy
 from polarkvd.server.protocol import RESERVE_EXISTS, RESERVE_NO_SPACE
@@ -172,8 +173,11 @@ class Manager:
         table: LookupTable | None = None,
         vram: Any | None = None,
         vram_host: Any | None = None,
+        seed: bytes | None = None,
     ) -> None:
+        """`seed`: the page-key seed (seed.py); None draws a random one (in-process tests)."""
         self.cfg = cfg
+        self.seed = seed if seed is not None else secrets.token_bytes(SEED_BYTES)
         self.arena = arena
         self.allocator = allocator
         self.disk = disk
@@ -250,7 +254,7 @@ class Manager:
                 f"a page of this namespace is {ns.page_bytes} bytes, larger than dram.slab_bytes "
                 f"({self.allocator.slab_bytes}); raise dram.slab_bytes or use smaller pages"
             )
-        digest = namespace_digest(ns)
+        digest = namespace_digest(ns, self.seed)
         info = self.namespaces.get(digest)
         if info is None:
             info = NamespaceInfo(len(self.namespaces) + 1, ns, digest, slot)
@@ -2170,6 +2174,7 @@ class Manager:
                 "policy": self.cfg.disk.policy,
                 "evictions": d.evictions,
                 "corrupt_dropped": d.corrupt_dropped,
+                "seed_refused": d.seed_refused,
                 "pending_pages": len(self.pending),
                 "pending_bytes": self.pending_bytes,
                 "write_through": self.cfg.disk.write_through,
@@ -2205,6 +2210,7 @@ class Manager:
         return {
             "uptime_s": round(time.time() - self.started, 1),
             "draining": self.draining,
+            "page_seed": seed_fingerprint(self.seed),  # public: tells seeds apart, reveals nothing
             "tiers": tiers,
             "counters": dict(self.counters),
             "sessions": sessions,

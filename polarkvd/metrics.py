@@ -298,6 +298,8 @@ def families(snap: Snapshot) -> Iterator[Any]:
     if disk is not None:
         yield CounterMetricFamily("polarkv_disk_corrupt_dropped", "Disk pages dropped as corrupt by the disk tier.",
                                   value=disk["corrupt_dropped"])  # fmt: skip
+        yield CounterMetricFamily("polarkv_disk_seed_refused", "Disk pages deleted at start: keyed with another page-key seed.",
+                                  value=disk.get("seed_refused", 0))  # fmt: skip
 
     other = CounterMetricFamily(
         "polarkv_manager_events", "Manager counters without a dedicated series above.", labels=["event"]

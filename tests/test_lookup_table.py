@@ -304,6 +304,9 @@ def test_a_reader_racing_a_writer_never_misses_a_stable_key_nor_hits_a_foreign_o
 # ------------------------------------------------------------------------------ the manager keeps it true
 
 
+SEED = bytes(range(32))  # the page-key seed of DiskRig's manager
+
+
 class DiskRig:
     """In-process: a Manager with a real disk tier and a lookup table, made on a running event loop
     (as in the daemon); probes are an engine's (a TableReader over the same memory)."""
@@ -323,6 +326,7 @@ class DiskRig:
             self.disk,
             self.executor,
             table=self.table,
+            seed=SEED,
         )
 
     def reader(self, session) -> TableReader:
@@ -401,7 +405,7 @@ def test_disk_pages_of_an_earlier_run_are_listed_and_a_rebuild_puts_them_back(tm
     earlier = DiskTier(tmp_path / "pages", 64 << 20)
     earlier.open()
     for k in on_disk:  # written by an earlier daemon
-        earlier.put(k, None, namespace_digest(TEST_NS), bytes(TEST_NS.page_bytes), 2)
+        earlier.put(k, None, namespace_digest(TEST_NS, SEED), bytes(TEST_NS.page_bytes), 2)
     earlier.close()
 
     async def run() -> None:

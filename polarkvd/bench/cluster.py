@@ -450,7 +450,7 @@ class DaemonFetchMethod:
     def __init__(
         self, data: DataFile, src: memoryview, threads: int, batch: int, stack: contextlib.ExitStack
     ) -> None:
-        from polarkvd.bench.harness import private_daemon
+        from polarkvd.bench.harness import private_daemon, shared_seed_file
         from polarkvd.client import ControlClient
 
         self.data, self.src, self.per_call = data, src, batch * threads
@@ -472,6 +472,7 @@ class DaemonFetchMethod:
             "disk.enabled": "false",
             "dram.slab_bytes": str(slab),
             "daemon.log_level": "warning",
+            "daemon.seed_file": stack.enter_context(shared_seed_file()),  # one seed per cluster
         }
         self.a_engine, self.a_control = stack.enter_context(private_daemon(
             {**common, "cluster.node_id": "bench-a", "cluster.gossip_address": f"127.0.0.1:{ga}", "dram.capacity": str(a_bytes)}

@@ -153,7 +153,7 @@ def metadata_bytes_per_page(n: int = 50_000) -> float:
     from polarkvd.keys import namespace_digest, page_keys
     from polarkvd.policy import make_policy
 
-    keys = page_keys(namespace_digest(BIG_NS), np.arange(n * 16) % 50000, 16)
+    keys = page_keys(namespace_digest(BIG_NS, bytes(32)), np.arange(n * 16) % 50000, 16)
     gc.collect()
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]

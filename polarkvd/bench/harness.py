@@ -77,6 +77,20 @@ def table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
 
 
 @contextlib.contextmanager
+def shared_seed_file() -> Iterator[str]:
+    """A page-key seed file for private daemons that form one insecure cluster: every member must
+    hold the same seed (docs/CLUSTER.md), and each would otherwise create its own."""
+    from polarkvd.seed import load_seed_file
+
+    root = Path(tempfile.mkdtemp(prefix="polarkv-bench-seed-"))
+    try:
+        load_seed_file(root / "page-seed")
+        yield str(root / "page-seed")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def private_daemon(sets: dict[str, str], keep: bool = False) -> Iterator[tuple[Path, Path]]:
     """A daemon process in a temporary directory; yields (engine socket, control socket)."""
     from polarkvd.client import ControlClient

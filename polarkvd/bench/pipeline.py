@@ -75,6 +75,7 @@ from polarkvd.bench.harness import (
     private_daemon,
     ratio,
     run_request,
+    shared_seed_file,
     table,
     vllm_env,
 )
@@ -503,6 +504,7 @@ def two_daemons(dram: int, pending: int, keep: bool) -> Iterator[dict[str, str]]
         "cluster.lookup_timeout": "1s",
     }
     with contextlib.ExitStack() as stack:
+        common["daemon.seed_file"] = stack.enter_context(shared_seed_file())  # one seed per cluster
         socks: dict[str, str] = {}
         for name in ("a", "b"):
             sets = {**common, "cluster.node_id": name, "cluster.gossip_address": f"127.0.0.1:{gossip[name]}"}

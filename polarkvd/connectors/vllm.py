@@ -74,7 +74,7 @@ from vllm.logger import init_logger
 from polarkvd.client import EngineClient
 from polarkvd.connectors.kv_copy import CudaMover, HostMover
 from polarkvd.errors import ConfigError, DaemonUnavailable, ErrorCode, PolarKVError
-from polarkvd.keys import ROOT_KEY, namespace_digest, page_keys
+from polarkvd.keys import ROOT_KEY, page_keys
 from polarkvd.types import DTYPE_BYTES, Namespace, Tier
 
 if TYPE_CHECKING:
@@ -408,9 +408,9 @@ class _DaemonLink:
         self._opts = opts
         self._clock = clock
         self._engine_id = opts.engine_id or f"vllm-{_socket.gethostname()}-{os.getpid()}-{role}"
-        self._sessions: collections.OrderedDict[bytes, EngineClient] = collections.OrderedDict()
-        self._refused: set[bytes] = set()
-        self._paused: dict[bytes, float] = {}  # namespace -> when to try attaching it again
+        self._sessions: collections.OrderedDict[Namespace, EngineClient] = collections.OrderedDict()
+        self._refused: set[Namespace] = set()
+        self._paused: dict[Namespace, float] = {}  # namespace -> when to try attaching it again
         self._down = False
         self._retry_at = 0.0
         self._backoff = _RETRY_FIRST
@@ -431,13 +431,14 @@ class _DaemonLink:
         """False while the daemon is down and the next reconnection attempt is not due yet."""
         return not self._down or self._clock() >= self._retry_at
 
-    def session(self, ns: Namespace, digest: bytes) -> EngineClient | None:
-        """The session for `ns`, connecting if needed; None when the daemon is down or refused it."""
-        client = self._sessions.get(digest)
+    def session(self, ns: Namespace) -> EngineClient | None:
+        """The session for `ns`, connecting if needed; None when the daemon is down or refused it.
+        Its `ns_digest` (keyed with the daemon's secret seed) is what this side's keys chain from."""
+        client = self._sessions.get(ns)
         if client is not None:
-            self._sessions.move_to_end(digest)
+            self._sessions.move_to_end(ns)
             return client
-        if digest in self._refused or not self.available or self._paused.get(digest, 0.0) > self._clock():
+        if ns in self._refused or not self.available or self._paused.get(ns, 0.0) > self._clock():
             return None
         try:
             # The scheduler only looks pages up: it never maps the arena (costly for a large one).
@@ -454,7 +455,7 @@ class _DaemonLink:
             return None
         except PolarKVError as e:
             if e.code in _PERMANENT:  # the daemon will never take this namespace from this connector
-                self._refused.add(digest)
+                self._refused.add(ns)
                 logger.error(
                     "polarkvd refused namespace %s (%s): %s; its requests are not cached",
                     ns.model,
@@ -462,17 +463,17 @@ class _DaemonLink:
                     e,
                 )
             else:  # e.g. too many sessions: try this namespace again later
-                self._paused[digest] = self._clock() + self._opts.retry_seconds
+                self._paused[ns] = self._clock() + self._opts.retry_seconds
                 logger.warning("polarkvd did not attach namespace %s: %s; retrying later", ns.model, e)
             return None
         except OSError as e:  # e.g. the arena cannot be mapped (permissions on /dev/shm)
             self.failed(e)
             return None
-        if client.ns_digest != digest or client.page_bytes != ns.page_bytes:
-            self._refused.add(digest)
+        if client.page_bytes != ns.page_bytes:
+            self._refused.add(ns)
             client.close()
             logger.error(
-                "polarkvd at %s computes namespace digests or page sizes differently from this connector "
+                "polarkvd at %s computes page sizes differently from this connector "
                 "(version skew between polarkvd packages?); requests in namespace %s are not cached",
                 self.path,
                 ns.model,
@@ -482,7 +483,7 @@ class _DaemonLink:
             self._down = False
             self._backoff = _RETRY_FIRST
         _OUTAGES.up(self.path)
-        self._sessions[digest] = client
+        self._sessions[ns] = client
         while len(self._sessions) > self._opts.max_sessions:
             _, old = self._sessions.popitem(last=False)
             self._closing()
@@ -590,13 +591,16 @@ def _cacheable(request: Any) -> bool:
 class _Req:
     """The scheduler's view of one request."""
 
-    __slots__ = ("request", "salt", "cacheable", "keys", "block_ids", "saved_pages", "matched", "load")
+    __slots__ = (
+        "request", "salt", "cacheable", "keys", "digests", "block_ids", "saved_pages", "matched", "load",
+    )  # fmt: skip
 
     def __init__(self, request: Request, tp_size: int) -> None:
         self.request = request
         self.salt = _salt_of(request)
         self.cacheable = _cacheable(request)
         self.keys: list[list[bytes]] = [[] for _ in range(tp_size)]  # keys of its full pages, per rank
+        self.digests: tuple[bytes, ...] = ()  # the daemon's namespace digests `keys` chain from
         self.block_ids: list[int] = []  # its vLLM blocks, as the scheduler outputs tell the worker
         self.saved_pages = 0  # pages [0, saved_pages) are stored (or loaded, or planned to be)
         self.matched: tuple[int, int] | None = None  # (local tokens, loadable tokens) of the last ask
@@ -609,19 +613,30 @@ class _SchedulerSide:
         self.opts = opts
         self.link = _DaemonLink(opts, "scheduler")
         self._reqs: dict[str, _Req] = {}
-        self._digests: dict[tuple[str, int], bytes] = {}
+        self._namespaces: dict[tuple[str, int], Namespace] = {}
         self._inflight: dict[str, tuple[int, list[int]]] = {}  # req -> (first block, ids) loading this step
         self.stats: collections.Counter[str] = collections.Counter()
         # Open the unsalted sessions now: attaching maps the arena (0.1-0.8 s), which the first request
         # should not pay, and a daemon that is down gets reported at start.
         for rank in range(geo.tp_size):
-            self.link.session(geo.namespace("", rank), self._digest("", rank))
+            self.link.session(self._namespace("", rank))
 
-    def _digest(self, salt: str, rank: int) -> bytes:
-        d = self._digests.get((salt, rank))
-        if d is None:
-            d = self._digests[(salt, rank)] = namespace_digest(self.geo.namespace(salt, rank))
-        return d
+    def _namespace(self, salt: str, rank: int) -> Namespace:
+        ns = self._namespaces.get((salt, rank))
+        if ns is None:
+            ns = self._namespaces[(salt, rank)] = self.geo.namespace(salt, rank)
+        return ns
+
+    def _digests(self, salt: str) -> tuple[bytes, ...] | None:
+        """The daemon's digest of each rank's namespace (keyed with its seed: only the daemon computes
+        them), or None when a session is not available."""
+        out = []
+        for rank in range(self.geo.tp_size):
+            client = self.link.session(self._namespace(salt, rank))
+            if client is None:
+                return None
+            out.append(client.ns_digest)
+        return tuple(out)
 
     def _state(self, request: Request) -> _Req:
         st = self._reqs.get(request.request_id)
@@ -629,16 +644,22 @@ class _SchedulerSide:
             st = self._reqs[request.request_id] = _Req(request, self.geo.tp_size)
         return st
 
-    def _keys(self, st: _Req, pages: int) -> list[list[bytes]]:
-        """Keys of the first `pages` pages of the request (computed once, extended as it grows)."""
+    def _keys(self, st: _Req, pages: int) -> list[list[bytes]] | None:
+        """Keys of the first `pages` pages of the request (computed once, extended as it grows), or
+        None when the daemon cannot be asked for its digests. A daemon that came back with another
+        seed gives other digests: the keys are computed again from the first page."""
+        digests = self._digests(st.salt)
+        if digests is None:
+            return None
+        if digests != st.digests:
+            st.keys = [[] for _ in digests]
+            st.digests = digests
         have = len(st.keys[0])
         if pages > have:
             pt = self.geo.page_tokens
             tokens = list(st.request.all_token_ids[have * pt : pages * pt])
-            for rank, keys in enumerate(st.keys):
-                keys.extend(
-                    page_keys(self._digest(st.salt, rank), tokens, pt, keys[-1] if keys else ROOT_KEY)
-                )
+            for digest, keys in zip(digests, st.keys):
+                keys.extend(page_keys(digest, tokens, pt, keys[-1] if keys else ROOT_KEY))
         return st.keys
 
     # -- vLLM callbacks
@@ -659,9 +680,11 @@ class _SchedulerSide:
         if max_blocks * bs <= num_computed_tokens or last_page <= first_page:
             return 0, False
         keys = self._keys(st, last_page)
+        if keys is None:
+            return 0, False
         hits = last_page - first_page
         for rank in range(g.tp_size):
-            client = self.link.session(g.namespace(st.salt, rank), self._digest(st.salt, rank))
+            client = self.link.session(self._namespace(st.salt, rank))
             if client is None:
                 return 0, False
             found = _call(
@@ -728,7 +751,8 @@ class _SchedulerSide:
             first, ids = st.load
             st.load = None
             first_page, end_page = first // pb, -(-(first + len(ids)) // pb)
-            keys = self._keys(st, end_page)
+            # keys exist: the match computed them (a daemon gone since makes the load fail: recomputed)
+            keys = self._keys(st, end_page) or st.keys
             meta.loads.append(
                 LoadSpec(
                     req_id, st.salt, [k[first_page:end_page] for k in keys], ids, first - first_page * pb
@@ -748,6 +772,8 @@ class _SchedulerSide:
         if end_page <= start or not self.link.available:
             return  # nothing completes this step, or the daemon is down (those pages are simply not stored)
         keys = self._keys(st, end_page)
+        if keys is None:
+            return  # the daemon went away: those pages are not stored
         meta.saves.append(
             SaveSpec(
                 req_id,
@@ -868,7 +894,7 @@ class _WorkerSide:
         self.load_mode = copy_mode(opts.load_mode, cuda=False)
         self.save_mode = copy_mode(opts.save_mode, cuda=False)
         self._index: dict[str, int] = {name: i for i, name in enumerate(geo.layer_names)}
-        self._digests: dict[str, bytes] = {}
+        self._namespaces: dict[tuple[str, int], Namespace] = {}
         self._load: _Load | None = None
         self._save: _Save | None = None
         self._errors: set[int] = set()
@@ -880,11 +906,10 @@ class _WorkerSide:
         self.before_load: Callable[[list[LoadSpec]], None] | None = None
 
     def _session(self, salt: str) -> tuple[EngineClient | None, Namespace]:
-        ns = self.geo.namespace(salt, self.rank)
-        digest = self._digests.get(salt)
-        if digest is None:
-            digest = self._digests[salt] = namespace_digest(ns)
-        client = self.link.session(ns, digest)
+        ns = self._namespaces.get((salt, self.rank))
+        if ns is None:
+            ns = self._namespaces[(salt, self.rank)] = self.geo.namespace(salt, self.rank)
+        client = self.link.session(ns)
         if client is not None and self.mover is not None:
             self.mover.use_arena(client)  # page-locks its arena mapping once (CUDA workers)
         return client, ns

@@ -32,6 +32,11 @@ a re-put page's new file. `stored_bytes` plus space reserved by puts in flight n
 `capacity_bytes`. An exclusive `flock` on `<path>/lock` keeps a second process (or a second
 `DiskTier` in this one) out of the directory; the kernel drops it when its holder dies.
 
+Seed: `<path>/seed-fingerprint` names the page-key seed (`keys.seed_fingerprint`) the pages were
+keyed with, written before the first page. A tier opened with another seed, or over pages with no
+record, deletes those pages at open (counted in `refused`, one log line): keys of another seed are
+never computed again, and an old page must never be served under a new seed.
+
 Eviction is leaf-first: a page with cached children on disk is never a victim (`children` counts
 them, including children that arrived before their parent, the usual order when DRAM demotes
 leaves first), and among leaves the policy (`lru` or `s3fifo`, switchable live) decides.
@@ -93,6 +98,8 @@ _INDEX_MAGIC = b"PKVIDX01"
 _INDEX_HEAD = struct.Struct("<8sQ")  # magic, xxh3_64 of the msgpack body
 _INDEX_FORMAT = 1
 _LOCK_NAME = "lock"
+_SEED_NAME = "seed-fingerprint"
+_SEED_RE = re.compile(r"[0-9a-f]{16}")
 _PAGE_RE = re.compile(r"[0-9a-f]{32}\.pkv")
 _TMP_SUFFIX = ".tmp"
 _SUBDIR_RE = re.compile(r"[0-9a-f]{2}")
@@ -138,6 +145,7 @@ class DiskOpenReport:
     seconds: float
     index_loaded: bool = False  # a valid snapshot was found
     evicted: int = 0  # pages evicted because the tier was over capacity at open
+    refused: int = 0  # pages deleted because they were keyed with another page-key seed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +159,7 @@ class DiskStats:
     puts: int  # pages written (existing keys and failed puts not counted)
     gets: int  # pages delivered by get_into
     policy: str = "lru"
+    seed_refused: int = 0  # pages deleted at open: keyed with another page-key seed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,7 +306,10 @@ class DiskTier:
         policy: str = "lru",
         level: int = 1,
         min_ratio: float = 1.0,
+        seed_fingerprint: str | None = None,
     ) -> None:
+        """`seed_fingerprint`: the page-key seed's (keys.seed_fingerprint); pages recorded under
+        another are refused at open. None: no record, no check (tools and tests of bytes only)."""
         if capacity_bytes < 0:
             raise ValueError(f"capacity_bytes must be >= 0, got {capacity_bytes}")
         self.path = Path(path)
@@ -305,6 +317,10 @@ class DiskTier:
         self.capacity_bytes = capacity_bytes
         self.level = level
         self.min_ratio = min_ratio  # pages that compress less are stored raw (disk.min_compression_ratio)
+        if seed_fingerprint is not None and not _SEED_RE.fullmatch(seed_fingerprint):
+            raise ValueError(f"seed_fingerprint must be 16 hex characters, got {seed_fingerprint!r}")
+        self.seed_fingerprint = seed_fingerprint
+        self._seed_refused = 0
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._policy: EvictionPolicy = make_policy(policy)
@@ -353,7 +369,20 @@ class DiskTier:
             self._policy = make_policy(self._policy.name)
             self._stored = self._raw = 0
         try:
-            snapshot, dropped, trusted, recovered = self._reconcile()
+            refuse = self._seed_mismatch()
+            snapshot, dropped, trusted, recovered = self._reconcile(refuse is not None)
+            refused = 0
+            if refuse is not None:
+                refused, dropped = dropped, 0
+                self._seed_refused += refused
+                if refused:
+                    log.error(
+                        "disk tier %s: %d pages were keyed with %s; deleted, never served (every "
+                        "cached page is unreachable under a new seed, see docs/OPERATIONS.md)",
+                        self.path, refused, refuse,
+                    )  # fmt: skip
+            if self.seed_fingerprint is not None:
+                self._record_seed()  # after the refusal: a crash midway refuses the rest next time
         except BaseException:
             self._lock_fd = None
             os.close(fd)
@@ -379,12 +408,55 @@ class DiskTier:
             seconds=time.perf_counter() - started,
             index_loaded=snapshot is not None,
             evicted=evicted,
+            refused=refused,
         )
         log.info("disk tier %s opened: %s", self.path, report)
         return report
 
-    def _reconcile(self) -> tuple[dict[bytes, _Row] | None, int, list[_Row], list[_Row]]:
-        """Match the snapshot against the files: (snapshot, dropped, trusted rows, recovered rows)."""
+    def _seed_mismatch(self) -> str | None:
+        """Why the pages here (if any) must be refused: keyed with another seed, or with an unknown
+        one; None when the recorded seed is ours or the tier has no seed to check."""
+        if self.seed_fingerprint is None:
+            return None
+        try:
+            recorded: str | None = (self.path / _SEED_NAME).read_text().strip()
+        except FileNotFoundError:
+            recorded = None
+        except (OSError, UnicodeDecodeError) as e:
+            recorded = f"<unreadable: {e}>"
+        if recorded == self.seed_fingerprint:
+            return None
+        if recorded is None:
+            return "no recorded seed (an older polarkvd, or a lost seed-fingerprint file)"
+        return f"seed {recorded!r}, not this daemon's {self.seed_fingerprint!r}"
+
+    def _record_seed(self) -> None:
+        """Write the fingerprint atomically and durably (before any page is written under it)."""
+        final = self.path / _SEED_NAME
+        try:
+            if final.read_text().strip() == self.seed_fingerprint:
+                return
+        except (OSError, UnicodeDecodeError):
+            pass
+        tmp = self.path / f"{_SEED_NAME}{_TMP_SUFFIX}"
+        with open(tmp, "w") as f:
+            f.write(f"{self.seed_fingerprint}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        dfd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def _reconcile(
+        self, refuse: bool = False
+    ) -> tuple[dict[bytes, _Row] | None, int, list[_Row], list[_Row]]:
+        """Match the snapshot against the files: (snapshot, dropped, trusted rows, recovered rows).
+        `refuse`: delete every page file instead (counted in `dropped`) and ignore the snapshot."""
+        if refuse:
+            return None, self._delete_pages(), [], []
         snapshot = self._load_index()
         rows = snapshot or {}
         dropped = 0
@@ -420,6 +492,32 @@ class DiskTier:
                 recovered.append(row)
         trusted = [row for key, row in rows.items() if key in trusted_keys]  # snapshot = eviction order
         return snapshot, dropped, trusted, recovered
+
+    def _delete_pages(self) -> int:
+        """Delete every page file, temp file and the snapshot, quietly (the caller logs once);
+        returns how many pages went."""
+
+        def unlink(path: str | Path) -> int:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                return 0
+            return 1
+
+        deleted = 0
+        unlink(self.path / _INDEX_NAME)
+        for sub in os.scandir(self.path):
+            if sub.name.startswith(_INDEX_NAME) and sub.name.endswith(_TMP_SUFFIX):
+                unlink(sub.path)
+            if not (sub.is_dir(follow_symlinks=False) and _SUBDIR_RE.fullmatch(sub.name)):
+                continue
+            self._made_dirs.add(sub.name)
+            for f in os.scandir(sub.path):
+                if f.name.endswith(_TMP_SUFFIX):
+                    unlink(f.path)
+                elif _PAGE_RE.fullmatch(f.name):
+                    deleted += unlink(f.path)
+        return deleted
 
     def close(self) -> None:
         """Write the index snapshot and release the directory. Idempotent."""
@@ -686,6 +784,7 @@ class DiskTier:
                 puts=self._puts,
                 gets=self._gets,
                 policy=self._policy.name,
+                seed_refused=self._seed_refused,
             )
 
     def keys(self) -> list[bytes]:
