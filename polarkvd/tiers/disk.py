@@ -8,8 +8,11 @@ Layout: one file per page, `<path>/<first key byte as 2 hex>/<key as 32 hex>.pkv
 96-byte header (magic, format version, codec id, itemsize, key, parent, ns, raw and payload lengths,
 xxh3_64 of the raw page, xxh3_64 of the header itself) and the codec blob (`codec.py`). A page is
 written to a temp name in its final directory and `os.replace`d, so a killed daemon never leaves a
-half-visible page, only temp files, which `open()` deletes. There is no fsync per page: this is a
-cache, and after a power loss a torn or zero-filled page fails its checksum on read and is dropped.
+half-visible page, only temp files, which `open()` deletes. A page evicted from DRAM is not fsynced:
+this is a cache, and after a power loss a torn or zero-filled page fails its checksum on read and is
+dropped. A `durable` put (write-through) fdatasyncs the temp file before the rename, and
+`sync_dirs` then fsyncs the directories holding the new names: `open()` finds pages by scanning the
+files, so data, name and directory are all a page needs to survive a crash or a power loss.
 Pages the manager demotes are stored in their layer groups (codec GROUPS: each group compressed on
 its own, with its own checksum), so `open_grouped` can read, decode and verify group 0 of a whole
 prefix before group 1 (layer-pipelined loads); `get_into` reads any page whole. A daemon from before
@@ -330,6 +333,7 @@ class DiskTier:
         self._flush_lock = threading.Lock()
         self._lock_fd: int | None = None
         self._made_dirs: set[str] = set()
+        self._unsynced_dirs: set[str] = set()  # subdirectories created since the root was last fsynced
         self._scratch = _Scratch()
 
     # ---------------------------------------------------------------- lifecycle
@@ -340,6 +344,10 @@ class DiskTier:
             raise RuntimeError(f"disk tier {self.path} is already open")
         started = time.perf_counter()
         self.path.mkdir(parents=True, exist_ok=True)
+        try:  # the root's own name, for durable puts (sync_dirs covers what is below it)
+            _fsync_dir(os.fspath(self.path.parent))
+        except OSError as exc:
+            log.warning("disk tier: cannot fsync %s: %s", self.path.parent, exc)
         fd = os.open(self.path / _LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -441,13 +449,16 @@ class DiskTier:
         data: bytes | memoryview,
         itemsize: int,
         groups: list[int] | None = None,
+        durable: bool = False,
     ) -> bool:
         """Store a page. True if it is on disk when this returns (written now or already there);
         False if it cannot fit (larger than the tier, or space held by puts in flight) or the write
         failed. Evicts other pages, leaf-first in policy order, to stay within capacity (they stay
         evicted if the write then fails: this is a cache). `groups`: byte offsets where the page's
         layer groups end, to store them as separately readable ranges (`open_grouped`, for
-        layer-pipelined promotion); None: one blob."""
+        layer-pipelined promotion); None: one blob. `durable`: the file's data reaches the device
+        before it gets its name (a page already there is synced too); the name is durable once
+        `sync_dirs` ran for the key."""
         self._require_open()
         _check_key("key", key)
         _check_key("ns", ns)
@@ -456,20 +467,28 @@ class DiskTier:
         if itemsize < 1 or itemsize > 255:
             raise ValueError(f"itemsize must be 1..255, got {itemsize}")
         with self._cond:
-            while key in self._deleting:
+            # a durable put waits for a write of the same key in flight: it may not be synced
+            while key in self._deleting or (durable and key in self._writing):
                 self._cond.wait()
             e = self._entries.get(key)
             if e is not None:
                 self._policy.touch(e)
-                return True
-            if key in self._writing:
+                if durable:
+                    self._writing.add(key)  # nobody deletes it while we sync it
+                else:
+                    return True
+            elif key in self._writing:
                 return True  # the same bytes are being written by another thread
-            self._writing.add(key)
+            else:
+                self._writing.add(key)
         try:
-            return self._write(key, parent, ns, data, itemsize, groups)
+            if e is not None:
+                return self._sync_file(key)
+            return self._write(key, parent, ns, data, itemsize, groups, durable)
         finally:
-            with self._lock:
+            with self._cond:
                 self._writing.discard(key)
+                self._cond.notify_all()
 
     def _write(
         self,
@@ -479,6 +498,7 @@ class DiskTier:
         data: bytes | memoryview,
         itemsize: int,
         groups: list[int] | None = None,
+        durable: bool = False,
     ) -> bool:
         view = memoryview(data)
         if view.ndim != 1 or view.format != "B":
@@ -508,6 +528,9 @@ class DiskTier:
             with open(tmp, "wb") as f:
                 f.write(header)
                 f.write(blob)
+                if durable:
+                    f.flush()
+                    os.fdatasync(f.fileno())
             os.replace(tmp, final)
         except OSError as exc:
             log.warning("disk tier: writing %s failed: %s", final, exc)
@@ -524,6 +547,36 @@ class DiskTier:
             self._puts += 1
             self._changes += 1
         return True
+
+    def _sync_file(self, key: bytes) -> bool:
+        """fdatasync a page file already on disk (a durable put of a page written without one)."""
+        try:
+            fd = os.open(self._page_path(key), os.O_RDONLY)
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            log.warning("disk tier: syncing page %s failed: %s", key.hex(), exc)
+            return False
+        return True
+
+    def sync_dirs(self, keys: list[bytes]) -> None:
+        """fsync the directories that hold the names of these pages' files (once each), and the tier's
+        root when one of them was created since the last call: after this, durable puts of `keys`
+        survive a power loss. Raises OSError."""
+        subs = {key[:1].hex() for key in keys}
+        with self._lock:
+            new, self._unsynced_dirs = self._unsynced_dirs, set()
+        try:
+            if new:
+                _fsync_dir(self._root)
+            for sub in sorted(subs):
+                _fsync_dir(f"{self._root}{os.sep}{sub}")
+        except OSError:
+            with self._lock:
+                self._unsynced_dirs |= new
+            raise
 
     def get_into(self, key: bytes, out: memoryview) -> None:
         """Read, verify and decompress the page into `out` (exactly `raw_bytes` long).
@@ -876,7 +929,9 @@ class DiskTier:
         sub = key[:1].hex()
         if sub not in self._made_dirs:
             os.makedirs(f"{self._root}{os.sep}{sub}", exist_ok=True)
-            self._made_dirs.add(sub)
+            with self._lock:
+                self._made_dirs.add(sub)
+                self._unsynced_dirs.add(sub)  # its name in the root is not durable yet
 
     @staticmethod
     def _delete_file(path: str | Path) -> int:
@@ -890,6 +945,14 @@ class DiskTier:
     def _require_open(self) -> None:
         if self._lock_fd is None:
             raise RuntimeError(f"disk tier {self.path} is not open")
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _is_leaf(node: PolicyNode) -> bool:
