@@ -1,12 +1,13 @@
 """Group commit: durable disk writes for write-through, batched so that concurrent commits share syncs.
 
 Owns batching and the order of a durable write, nothing else: pages submitted within `window`
-seconds of the first page of a batch are written by the I/O pool (`DiskTier.put(durable=True)`: data
-fdatasynced before the file gets its name, the writes of a batch in parallel, so their syncs overlap
-in the file system's journal), then the directories holding the batch's new names are fsynced, once
-each, and only then do the pages' futures resolve: True when the page is durable, False when it
-could not be written (no room, a write or sync error). It decides nothing about which pages are
-written (the manager does) and runs on the event loop; every disk access runs in the I/O pool.
+seconds of the first page of a batch are written (`DiskTier.put(durable=True)`: data fdatasynced
+before the file gets its name; the writes of a batch in parallel, so their syncs overlap in the file
+system's journal), then the directories holding the batch's new names are fsynced, once each, and
+only then do the pages' futures resolve: True when the page is durable, False when it could not be
+written (no room, a write or sync error). It decides nothing about which pages are written (the
+manager does) and runs on the event loop. Its disk work runs in a thread pool of its own, started at
+the first write: threads waiting for syncs never hold up the I/O pool's reads and demotions.
 """
 
 from __future__ import annotations
@@ -57,12 +58,13 @@ class GroupCommit:
     def __init__(
         self,
         disk: DiskTier,
-        executor: concurrent.futures.Executor,
+        threads: int,
         window: Callable[[], float],
         max_batch_bytes: int = MAX_BATCH_BYTES,
     ) -> None:
         self.disk = disk
-        self.executor = executor
+        self.threads = threads
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self.window = window
         self.max_batch_bytes = max_batch_bytes
         self.stats = GroupCommitStats()
@@ -105,12 +107,20 @@ class GroupCommit:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                self.threads, thread_name_prefix="polarkv-sync"
+            )
+        return self._executor
+
     async def _commit(self, batch: list[_Write]) -> None:
         loop = asyncio.get_running_loop()
+        pool = self._pool()
         try:
             puts = [
                 loop.run_in_executor(
-                    self.executor,
+                    pool,
                     functools.partial(
                         self.disk.put, w.key, w.parent, w.ns, w.data, w.itemsize, w.groups, durable=True
                     ),
@@ -122,7 +132,7 @@ class GroupCommit:
             synced = True
             if written:
                 try:
-                    await loop.run_in_executor(self.executor, self.disk.sync_dirs, written)
+                    await loop.run_in_executor(pool, self.disk.sync_dirs, written)
                     self.stats.dir_syncs += len({k[:1] for k in written})
                 except OSError as e:
                     log.error("write-through: syncing the page directories failed: %s", e)
@@ -150,3 +160,9 @@ class GroupCommit:
         self.flush()
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    def shutdown(self) -> None:
+        """Stop the thread pool: writes not started are cancelled (their futures too), running ones
+        finish first. Any thread, after the loop stopped submitting."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
