@@ -349,7 +349,14 @@ class DiskConfig:
         0.002,
         _group_commit_window,
         "write-through: how long a batch of durable writes stays open for more commits before it is "
-        "written and synced (commits in one window share the directory syncs); 0 = no wait",
+        "written and synced together (group commit); 0 = no wait",
+    )
+    write_through_sync: str = _opt(
+        "files",
+        _choice("files", "filesystem"),
+        "write-through: how a batch is synced: 'files' = fdatasync each page file and fsync each "
+        "directory touched; 'filesystem' = one syncfs per batch (fewer syncs, but it also flushes "
+        "everything else dirty on that file system: for a disk.path on a file system of its own)",
     )
 
 

@@ -204,7 +204,12 @@ class Manager:
         self.write_through_bytes = 0  # write-through copies queued and not yet durable
         # write-through: durable writes of committed pages, synced per batch (tiers/group_commit.py)
         self.group_commit = (
-            GroupCommit(disk, cfg.disk.io_threads, lambda: self.cfg.disk.group_commit_window)
+            GroupCommit(
+                disk,
+                cfg.disk.io_threads,
+                lambda: self.cfg.disk.group_commit_window,
+                lambda: self.cfg.disk.write_through_sync,
+            )
             if disk is not None
             else None
         )

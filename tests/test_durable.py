@@ -113,10 +113,10 @@ def lost_pages(d: DaemonProc, keys: list[bytes]) -> list[str]:
     return lost
 
 
-def kill_while_storing(daemon_factory: Any, kills: int, writers: int = 2) -> None:
+def kill_while_storing(daemon_factory: Any, kills: int, sync: str, writers: int = 2) -> None:
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
-    d = daemon_factory(WRITE_THROUGH)
+    d = daemon_factory({**WRITE_THROUGH, "disk.write_through_sync": sync})
     acked: list[bytes] = []
     not_durable = 0
     for n in range(kills):
@@ -134,15 +134,18 @@ def kill_while_storing(daemon_factory: Any, kills: int, writers: int = 2) -> Non
     lost = lost_pages(d, acked)
     assert lost == [], f"seed {seed}: {len(lost)} of {len(acked)} acknowledged pages lost over {kills} kills"
     assert d.stats()["tiers"]["disk"]["pages"] >= len(set(acked))
+    print(f"{len(acked)} acknowledged pages over {kills} SIGKILLs ({sync}): none lost")  # pytest -s
 
 
-def test_acknowledged_write_through_pages_survive_sigkills(daemon_factory) -> None:
-    kill_while_storing(daemon_factory, kills=3)
+@pytest.mark.parametrize("sync", ["files", "filesystem"])
+def test_acknowledged_write_through_pages_survive_sigkills(daemon_factory, sync: str) -> None:
+    kill_while_storing(daemon_factory, kills=3, sync=sync)
 
 
 @pytest.mark.slow
-def test_acknowledged_write_through_pages_survive_20_sigkills(daemon_factory) -> None:
-    kill_while_storing(daemon_factory, kills=20)
+@pytest.mark.parametrize("sync", ["files", "filesystem"])
+def test_acknowledged_write_through_pages_survive_20_sigkills(daemon_factory, sync: str) -> None:
+    kill_while_storing(daemon_factory, kills=20, sync=sync)
 
 
 def test_write_through_commit_says_when_the_disk_cannot_take_the_pages(daemon_factory) -> None:

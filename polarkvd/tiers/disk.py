@@ -10,9 +10,11 @@ xxh3_64 of the raw page, xxh3_64 of the header itself) and the codec blob (`code
 written to a temp name in its final directory and `os.replace`d, so a killed daemon never leaves a
 half-visible page, only temp files, which `open()` deletes. A page evicted from DRAM is not fsynced:
 this is a cache, and after a power loss a torn or zero-filled page fails its checksum on read and is
-dropped. A `durable` put (write-through) fdatasyncs the temp file before the rename, and
-`sync_dirs` then fsyncs the directories holding the new names: `open()` finds pages by scanning the
-files, so data, name and directory are all a page needs to survive a crash or a power loss.
+dropped. Write-through makes pages durable after their puts: `sync_files` fdatasyncs the page files
+and `sync_dirs` fsyncs the directories holding their names, or `sync_filesystem` does both for every
+page at once (syncfs). `open()` finds pages by scanning the files, so data, name and directory are
+all a page needs to survive a crash or a power loss; a page whose sync did not finish was never
+acknowledged, and if the power loss tore it, it fails its checksum like any other.
 Pages the manager demotes are stored in their layer groups (codec GROUPS: each group compressed on
 its own, with its own checksum), so `open_grouped` can read, decode and verify group 0 of a whole
 prefix before group 1 (layer-pipelined loads); `get_into` reads any page whole. A daemon from before
@@ -48,7 +50,9 @@ page whose parent is not on disk costs ~150 more (its own parent key and a pendi
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import errno
 import fcntl
 import io
 import logging
@@ -456,9 +460,9 @@ class DiskTier:
         failed. Evicts other pages, leaf-first in policy order, to stay within capacity (they stay
         evicted if the write then fails: this is a cache). `groups`: byte offsets where the page's
         layer groups end, to store them as separately readable ranges (`open_grouped`, for
-        layer-pipelined promotion); None: one blob. `durable`: the file's data reaches the device
-        before it gets its name (a page already there is synced too); the name is durable once
-        `sync_dirs` ran for the key."""
+        layer-pipelined promotion); None: one blob. `durable`: the caller syncs the page next
+        (`sync_files` or `sync_filesystem`), so this waits for a write of the same key in flight
+        instead of answering True while its file is still incomplete."""
         self._require_open()
         _check_key("key", key)
         _check_key("ns", ns)
@@ -467,24 +471,17 @@ class DiskTier:
         if itemsize < 1 or itemsize > 255:
             raise ValueError(f"itemsize must be 1..255, got {itemsize}")
         with self._cond:
-            # a durable put waits for a write of the same key in flight: it may not be synced
             while key in self._deleting or (durable and key in self._writing):
                 self._cond.wait()
             e = self._entries.get(key)
             if e is not None:
                 self._policy.touch(e)
-                if durable:
-                    self._writing.add(key)  # nobody deletes it while we sync it
-                else:
-                    return True
-            elif key in self._writing:
+                return True
+            if key in self._writing:
                 return True  # the same bytes are being written by another thread
-            else:
-                self._writing.add(key)
+            self._writing.add(key)
         try:
-            if e is not None:
-                return self._sync_file(key)
-            return self._write(key, parent, ns, data, itemsize, groups, durable)
+            return self._write(key, parent, ns, data, itemsize, groups)
         finally:
             with self._cond:
                 self._writing.discard(key)
@@ -498,7 +495,6 @@ class DiskTier:
         data: bytes | memoryview,
         itemsize: int,
         groups: list[int] | None = None,
-        durable: bool = False,
     ) -> bool:
         view = memoryview(data)
         if view.ndim != 1 or view.format != "B":
@@ -528,9 +524,6 @@ class DiskTier:
             with open(tmp, "wb") as f:
                 f.write(header)
                 f.write(blob)
-                if durable:
-                    f.flush()
-                    os.fdatasync(f.fileno())
             os.replace(tmp, final)
         except OSError as exc:
             log.warning("disk tier: writing %s failed: %s", final, exc)
@@ -548,23 +541,28 @@ class DiskTier:
             self._changes += 1
         return True
 
-    def _sync_file(self, key: bytes) -> bool:
-        """fdatasync a page file already on disk (a durable put of a page written without one)."""
-        try:
-            fd = os.open(self._page_path(key), os.O_RDONLY)
+    def sync_files(self, keys: list[bytes]) -> list[bool]:
+        """fdatasync the files of these pages; per key whether its data is now on the device (False:
+        the page is gone, or the sync failed). Their names need `sync_dirs` too."""
+        out = []
+        for key in keys:
             try:
-                os.fdatasync(fd)
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            log.warning("disk tier: syncing page %s failed: %s", key.hex(), exc)
-            return False
-        return True
+                fd = os.open(self._page_path(key), os.O_RDONLY)
+                try:
+                    os.fdatasync(fd)
+                finally:
+                    os.close(fd)
+                out.append(True)
+            except FileNotFoundError:
+                out.append(False)  # evicted meanwhile
+            except OSError as exc:
+                log.warning("disk tier: syncing page %s failed: %s", key.hex(), exc)
+                out.append(False)
+        return out
 
     def sync_dirs(self, keys: list[bytes]) -> None:
         """fsync the directories that hold the names of these pages' files (once each), and the tier's
-        root when one of them was created since the last call: after this, durable puts of `keys`
-        survive a power loss. Raises OSError."""
+        root when one of them was created since the last call. Raises OSError."""
         subs = {key[:1].hex() for key in keys}
         with self._lock:
             new, self._unsynced_dirs = self._unsynced_dirs, set()
@@ -577,6 +575,22 @@ class DiskTier:
             with self._lock:
                 self._unsynced_dirs |= new
             raise
+
+    def sync_filesystem(self) -> None:
+        """syncfs: every page file and name written so far on the tier's file system is on the
+        device when this returns (and whatever else is dirty there: other writers pay into it).
+        Raises OSError, also where the platform has no syncfs."""
+        if _syncfs is None:
+            raise OSError(errno.ENOSYS, "syncfs is not available on this platform")
+        fd = os.open(self._root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if _syncfs(fd) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err))
+        finally:
+            os.close(fd)
+        with self._lock:
+            self._unsynced_dirs.clear()
 
     def get_into(self, key: bytes, out: memoryview) -> None:
         """Read, verify and decompress the page into `out` (exactly `raw_bytes` long).
@@ -945,6 +959,16 @@ class DiskTier:
     def _require_open(self) -> None:
         if self._lock_fd is None:
             raise RuntimeError(f"disk tier {self.path} is not open")
+
+
+def _load_syncfs() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True).syncfs  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None
+
+
+_syncfs = _load_syncfs()
 
 
 def _fsync_dir(path: str) -> None:

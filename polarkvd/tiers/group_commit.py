@@ -1,13 +1,14 @@
 """Group commit: durable disk writes for write-through, batched so that concurrent commits share syncs.
 
-Owns batching and the order of a durable write, nothing else: pages submitted within `window`
-seconds of the first page of a batch are written (`DiskTier.put(durable=True)`: data fdatasynced
-before the file gets its name; the writes of a batch in parallel, so their syncs overlap in the file
-system's journal), then the directories holding the batch's new names are fsynced, once each, and
-only then do the pages' futures resolve: True when the page is durable, False when it could not be
-written (no room, a write or sync error). It decides nothing about which pages are written (the
-manager does) and runs on the event loop. Its disk work runs in a thread pool of its own, started at
-the first write: threads waiting for syncs never hold up the I/O pool's reads and demotions.
+Owns batching and the order of a durable write, nothing else. Pages submitted within `window` seconds
+of a batch's first page (and while the batch before is still being synced) are written in parallel,
+then synced together; only then do their futures resolve: True when the page is durable, False when
+it could not be (no room, a write or sync error, evicted before its sync). `disk.write_through_sync`
+picks the sync: "files" fdatasyncs each page file (in parallel) and fsyncs each directory the batch
+touched once; "filesystem" is one syncfs per batch, which also flushes whatever else is dirty on
+that file system. Which pages are written is the manager's business. Runs on the event loop; the
+disk work runs in a thread pool of its own, started at the first write, so threads waiting for
+syncs never hold up the I/O pool's reads and demotions.
 """
 
 from __future__ import annotations
@@ -28,14 +29,17 @@ log = logging.getLogger(__name__)
 
 #: A batch this large is written at once instead of waiting for the end of its window.
 MAX_BATCH_BYTES = 64 << 20
+#: Batches written and synced at a time. Commits that arrive meanwhile form the next batch, so a
+#: slow device gets larger batches (fewer syncs per page) and an idle one no wait at all.
+MAX_IN_FLIGHT = 1
 
 
 @dataclasses.dataclass
 class GroupCommitStats:
-    batches: int = 0  # batches written (each ends with one fsync per directory it touched)
+    batches: int = 0  # batches written and synced
     pages: int = 0  # pages submitted
-    failed_pages: int = 0  # pages not made durable: no room, or a write or sync error
-    dir_syncs: int = 0  # directory fsyncs
+    failed_pages: int = 0  # pages not made durable: no room, a write or sync error, evicted at once
+    syncs: int = 0  # sync calls made: fdatasync and directory fsync, or syncfs
 
 
 @dataclasses.dataclass
@@ -60,12 +64,14 @@ class GroupCommit:
         disk: DiskTier,
         threads: int,
         window: Callable[[], float],
+        sync: Callable[[], str] = lambda: "files",
         max_batch_bytes: int = MAX_BATCH_BYTES,
     ) -> None:
         self.disk = disk
         self.threads = threads
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self.window = window
+        self.sync = sync  # "files" or "filesystem", read at each batch
         self.max_batch_bytes = max_batch_bytes
         self.stats = GroupCommitStats()
         self._batch: list[_Write] = []
@@ -95,17 +101,25 @@ class GroupCommit:
             self._timer = loop.call_later(max(0.0, self.window()), self.flush)
         return fut
 
-    def flush(self) -> None:
-        """Start writing the open batch now."""
+    def flush(self, force: bool = False) -> None:
+        """Start writing the open batch now; while MAX_IN_FLIGHT batches are being written (unless
+        `force`), when one of them is done, with whatever joined it meanwhile."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         if not self._batch:
             return
+        if not force and len(self._tasks) >= MAX_IN_FLIGHT:
+            return
         batch, self._batch, self._batch_bytes = self._batch, [], 0
         task = asyncio.ensure_future(self._commit(batch))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Future[None]) -> None:
+        self._tasks.discard(task)
+        if self._batch and self._timer is None:
+            self.flush()
 
     def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
         if self._executor is None:
@@ -129,14 +143,7 @@ class GroupCommit:
             ]
             results: list[Any] = await asyncio.gather(*puts, return_exceptions=True)
             written = [w.key for w, r in zip(batch, results) if r is True]
-            synced = True
-            if written:
-                try:
-                    await loop.run_in_executor(pool, self.disk.sync_dirs, written)
-                    self.stats.dir_syncs += len({k[:1] for k in written})
-                except OSError as e:
-                    log.error("write-through: syncing the page directories failed: %s", e)
-                    synced = False
+            synced = await self._sync(written) if written else set()
             self.stats.batches += 1
             for w, r in zip(batch, results):
                 if w.future.done():
@@ -147,13 +154,37 @@ class GroupCommit:
                     self.stats.failed_pages += 1
                     w.future.set_exception(r)
                 else:
-                    durable = r is True and synced
+                    durable = w.key in synced
                     self.stats.failed_pages += not durable
                     w.future.set_result(durable)
         finally:  # cancelled (the I/O pool or the loop is going away): nobody waits forever
             for w in batch:
                 if not w.future.done():
                     w.future.cancel()
+
+    async def _sync(self, keys: list[bytes]) -> set[bytes]:
+        """Sync the pages just written; the keys that are durable (and still on disk)."""
+        loop = asyncio.get_running_loop()
+        pool = self._pool()
+        try:
+            if self.sync() == "filesystem":
+                await loop.run_in_executor(pool, self.disk.sync_filesystem)
+                self.stats.syncs += 1
+                done = keys
+            else:
+                n = -(-len(keys) // self.threads)  # one share per thread: the fdatasyncs overlap
+                shares = [keys[i : i + n] for i in range(0, len(keys), n)]
+                parts = await asyncio.gather(
+                    *(loop.run_in_executor(pool, self.disk.sync_files, share) for share in shares)
+                )
+                done = [k for share, ok in zip(shares, parts) for k, good in zip(share, ok) if good]
+                await loop.run_in_executor(pool, self.disk.sync_dirs, done)
+                self.stats.syncs += len(keys) + len({k[:1] for k in done})
+        except OSError as e:
+            log.error("write-through: syncing %d pages failed: %s; they are not durable", len(keys), e)
+            return set()
+        # a page evicted between its write and the sync (a full tier) is not on disk after all
+        return {k for k in done if self.disk.entry(k) is not None}
 
     async def close(self) -> None:
         """Write the open batch and wait for every batch in flight."""

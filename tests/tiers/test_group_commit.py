@@ -1,5 +1,5 @@
 """Group commit (write-through): durable writes batched per window over a real disk tier; a page's
-future is True only once its data, its name and its directory are synced, in that order."""
+future is True only once its file, its name and its directory are synced (or its file system)."""
 
 from __future__ import annotations
 
@@ -23,9 +23,10 @@ def run(coro_fn: Any) -> Any:
     return asyncio.run(coro_fn())
 
 
-def test_pages_of_one_window_are_written_and_synced_as_one_batch(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sync", ["files", "filesystem"])
+def test_pages_of_one_window_are_written_and_synced_as_one_batch(tmp_path: Path, sync: str) -> None:
     tier = open_tier(tmp_path)
-    gc = GroupCommit(tier, threads=2, window=lambda: 0.05)
+    gc = GroupCommit(tier, threads=2, window=lambda: 0.05, sync=lambda: sync)
     keys = [key(i) for i in range(12)]
 
     async def go() -> list[bool]:
@@ -39,7 +40,8 @@ def test_pages_of_one_window_are_written_and_synced_as_one_batch(tmp_path: Path)
     try:
         assert run(go) == [True] * 12
         assert gc.stats.batches == 1 and gc.stats.pages == 12 and gc.stats.failed_pages == 0
-        assert gc.stats.dir_syncs == len({k[:1] for k in keys})  # one fsync per directory, not per page
+        # a file sync per page and one per directory (not per page), or one for everything
+        assert gc.stats.syncs == (12 + len({k[:1] for k in keys}) if sync == "files" else 1)
         assert all(read(tier, k) == page_bytes(k) for k in keys)
     finally:
         gc.shutdown()
@@ -67,7 +69,7 @@ def test_a_full_batch_is_written_without_waiting_for_its_window(tmp_path: Path) 
         tier.close()
 
 
-def test_data_then_name_then_directory_are_synced_before_the_page_counts_as_durable(
+def test_file_then_directory_are_synced_before_the_page_counts_as_durable(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The order a power loss needs (it cannot be produced here, so the real calls are watched)."""
@@ -105,8 +107,8 @@ def test_data_then_name_then_directory_are_synced_before_the_page_counts_as_dura
         tier.close()
     final = str(page_file(tmp_path, k))
     mine = [e for e in events if k.hex() in e[1] or e[1] == os.path.dirname(final) or e[0] == "durable"]
-    assert [e[0] for e in mine] == ["data synced", "renamed", "fsynced", "durable"], events
-    assert mine[0][1].endswith(".tmp") and mine[1][1].endswith(f" -> {final}")
+    assert [e[0] for e in mine] == ["renamed", "data synced", "fsynced", "durable"], events
+    assert mine[0][1].endswith(f" -> {final}") and mine[1][1] == final
     assert mine[2][1] == os.path.dirname(final) and mine[3][1] == "True"
     # the directory was new: its own name in the tier's root is synced too
     assert events.index(("fsynced", str(tmp_path))) < events.index(mine[3])
@@ -127,10 +129,11 @@ def test_a_page_the_disk_cannot_take_is_not_durable(tmp_path: Path) -> None:
         tier.close()
 
 
-def test_a_durable_put_of_a_page_already_on_disk_syncs_it(
+def test_a_page_already_written_back_is_synced_not_written_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     tier: DiskTier = open_tier(tmp_path)
+    gc = GroupCommit(tier, threads=1, window=lambda: 0.0)
     k = key(3)
     try:
         assert tier.put(k, None, NS, page_bytes(k), 2)  # a demotion: written, not synced
@@ -142,8 +145,13 @@ def test_a_durable_put_of_a_page_already_on_disk_syncs_it(
             synced.append(os.readlink(f"/proc/self/fd/{fd}"))
 
         monkeypatch.setattr(os, "fdatasync", fdatasync)
-        assert tier.put(k, None, NS, page_bytes(k), 2, durable=True)
+
+        async def go() -> bool:
+            return await gc.submit(k, None, NS, page_bytes(k), 2)
+
+        assert run(go) is True
         assert synced == [str(page_file(tmp_path, k))]
         assert tier.stats().puts == 1  # not written twice
     finally:
+        gc.shutdown()
         tier.close()
