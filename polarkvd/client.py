@@ -55,10 +55,16 @@ from polarkvd.types import KEY_BYTES, Namespace, Tier
 
 log = logging.getLogger(__name__)
 _TIER = {int(t): t for t in Tier}
+#: Default seconds a commit may take (see EngineClient.commit_timeout).
+COMMIT_TIMEOUT = 60.0
 _vram_warned = False  # "the daemon's GPU is not visible here" is said once per process
 _DRAM_CODES = (
     bytes([Tier.DRAM]) * 64
 )  # sliced for a lookup answered from the table  # Tier(n) costs ~0.4 us per call; a dict lookup a tenth of that
+
+
+def _timeval(seconds: float) -> bytes:
+    return struct.pack("ll", int(seconds), int((seconds % 1) * 1e6))
 
 
 class _Channel:
@@ -81,21 +87,22 @@ class _Channel:
         # timeouts poll() before every send and recv, measured +3-4 us on each round trip.
         self._sock.settimeout(None)
         if timeout is not None:
-            tv = struct.pack("ll", int(timeout), int((timeout % 1) * 1e6))
+            tv = _timeval(timeout)
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
         self._buf = bytearray(1 << 16)
 
-    def call(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+    def call(self, op: str, args: dict[str, Any], patience: float | None = None) -> dict[str, Any]:
+        """`patience`: seconds this call may wait for its reply instead of `timeout`, if longer
+        (None: as `timeout`); the first `timeout` seconds cost nothing extra."""
         rid = next(self._ids)
         try:
             self._sock.sendall(P.request(rid, op, args))
-            reply = self._read_reply()
+            reply = self._read_reply(patience)
         except BlockingIOError:  # SO_RCVTIMEO / SO_SNDTIMEO ran out
             self.close()
-            raise DaemonUnavailable(
-                f"polarkvd at {self.path} did not answer {op} within {self.timeout}s"
-            ) from None
+            waited = self.timeout if patience is None or self.timeout is None else max(self.timeout, patience)
+            raise DaemonUnavailable(f"polarkvd at {self.path} did not answer {op} within {waited}s") from None
         except (OSError, EOFError) as e:
             self.close()
             raise DaemonUnavailable(f"connection to polarkvd at {self.path} broke during {op}: {e}") from None
@@ -109,10 +116,15 @@ class _Channel:
         self._sock.sendall(data)
         return self._read_reply()
 
-    def _read_reply(self) -> list[Any]:
+    def _read_reply(self, patience: float | None = None) -> list[Any]:
         # One recv usually holds the whole reply; read the rest only when it does not.
         buf = self._buf
-        got = self._sock.recv_into(buf)
+        try:
+            got = self._sock.recv_into(buf)
+        except BlockingIOError:
+            if self.timeout is None or patience is None or patience <= self.timeout:
+                raise
+            got = self._recv_longer(buf, patience - self.timeout)
         while got < 4:
             got += self._recv_some(memoryview(buf)[got:])
         (n,) = P.LENGTH.unpack_from(buf)
@@ -126,6 +138,15 @@ class _Channel:
         while len(view):
             view = view[self._recv_some(view) :]
         return P.unpack(body)
+
+    def _recv_longer(self, buf: bytearray, seconds: float) -> int:
+        """The first recv of a reply allowed to take longer than `timeout` (a write-through commit):
+        `seconds` more, then the normal timeout again. Only slow replies pay for the setsockopts."""
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(seconds))
+        try:
+            return self._sock.recv_into(buf)
+        finally:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(self.timeout or 0.0))
 
     def _recv_some(self, view: memoryview) -> int:
         got = self._sock.recv_into(view)
@@ -204,6 +225,16 @@ class StoreResult:
     stored: int = 0  # pages written and committed
     existing: int = 0  # pages the daemon already had
     no_space: int = 0  # pages not stored: no room (everything pinned) or daemon draining
+    durable: int | None = None  # of `stored`, on disk and synced (write-through); None: write-back
+
+
+@dataclasses.dataclass(frozen=True)
+class CommitResult:
+    committed: int
+    #: With the daemon's disk.write_through: how many of the committed pages were on disk and synced
+    #: when it answered (fewer: the disk was full or failed, or pages went to L1; they are still
+    #: committed in memory). None under write-back: nothing was written yet.
+    durable: int | None = None
 
 
 class _ArenaMaps:
@@ -274,8 +305,12 @@ class EngineClient:
         map_arena: bool = True,
         lookup_table: bool = True,
         vram: bool = False,
+        commit_timeout: float | None = COMMIT_TIMEOUT,
     ) -> None:
         self.namespace = namespace
+        #: seconds a commit may wait for its reply when that is longer than `timeout`: with the
+        #: daemon's disk.write_through it answers once the pages are on disk and synced
+        self.commit_timeout = commit_timeout
         self._arena_id: tuple[int, int, int] | None = None
         self._region: Any = None  # tiers/vram.py AttachedRegion: the daemon's L1 pool, opened here
         self._table: TableReader | None = None
@@ -417,7 +452,13 @@ class EngineClient:
         return r["offsets"], r["tiers"]
 
     def commit(self, keys: Sequence[bytes]) -> int:
-        return self._ch.call(P.Op.COMMIT.value, {"keys": P.pack_keys(list(keys))})["committed"]
+        return self.commit_result(keys).committed
+
+    def commit_result(self, keys: Sequence[bytes]) -> CommitResult:
+        """Commit, and learn how many pages are durable (see CommitResult). Under write-through the
+        daemon answers once they are on disk and synced: this waits up to `commit_timeout`."""
+        r = self._ch.call(P.Op.COMMIT.value, {"keys": P.pack_keys(list(keys))}, self.commit_timeout)
+        return CommitResult(r["committed"], r.get("durable"))
 
     def abort(self, keys: Sequence[bytes]) -> int:
         return self._ch.call(P.Op.ABORT.value, {"keys": P.pack_keys(list(keys))})["aborted"]
@@ -499,7 +540,8 @@ class EngineClient:
                 self.abort(reserved)
             raise
         if written:
-            result.stored = self.commit(written)
+            c = self.commit_result(written)
+            result.stored, result.durable = c.committed, c.durable
         return result
 
     def load_into(self, keys: Sequence[bytes], outs: Sequence[Any]) -> int:
@@ -558,7 +600,8 @@ class EngineClient:
                 self.abort(reserved)
             raise
         if written:
-            result.stored = self.commit(written)
+            c = self.commit_result(written)
+            result.stored, result.durable = c.committed, c.durable
         return result
 
     def load_into_cuda(self, keys: Sequence[bytes], tensors: Sequence[Any]) -> int:

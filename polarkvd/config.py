@@ -143,6 +143,13 @@ def _positive(parse: Callable[[object], Any]) -> Callable[[object], Any]:
     return check
 
 
+def _group_commit_window(value: object) -> float:
+    out = parse_duration(value)
+    if not 0 <= out <= 1:  # also refuses NaN
+        raise ValueError("must be a duration from 0 to 1s, e.g. '2ms'")
+    return out
+
+
 def _lookup_table_entries(value: object) -> int:
     n = parse_int(value)
     if not 0 <= n <= 1 << 26:
@@ -340,9 +347,22 @@ class DiskConfig:
     write_through: bool = _opt(
         False,
         parse_bool,
-        "write-through: every commit also queues a disk write (evictions then cost no write); "
-        "false = write-back, pages are written when evicted from DRAM",
+        "write-through: commit answers once its pages are on disk and synced (acknowledged = durable; "
+        "evictions then cost no write); false = write-back, pages are written when evicted from DRAM",
         live=True,
+    )
+    group_commit_window: float = _opt(
+        0.002,
+        _group_commit_window,
+        "write-through: how long a batch of durable writes stays open for more commits before it is "
+        "written and synced together (group commit); 0 = no wait",
+    )
+    write_through_sync: str = _opt(
+        "files",
+        _choice("files", "filesystem"),
+        "write-through: how a batch is synced: 'files' = fdatasync each page file and fsync each "
+        "directory touched; 'filesystem' = one syncfs per batch (fewer syncs, but it also flushes "
+        "everything else dirty on that file system: for a disk.path on a file system of its own)",
     )
 
 

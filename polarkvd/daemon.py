@@ -320,6 +320,8 @@ class Daemon:
             # After a clean drain nothing is queued; after a timeout the queue is dropped and only
             # the writes already running (one page per I/O thread) are waited for.
             executor.shutdown(wait=True, cancel_futures=True)
+            if self.manager is not None and self.manager.group_commit is not None:
+                self.manager.group_commit.shutdown()  # write-through's own pool, the same way
             if disk is not None:
                 try:
                     disk.flush_index()

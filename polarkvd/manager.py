@@ -67,6 +67,7 @@ from polarkvd.lookup_table import TIER_DISK, LookupTable
 from polarkvd.policy import EvictionPolicy, make_policy, switch_policy
 from polarkvd.server.protocol import RESERVE_EXISTS, RESERVE_NO_SPACE
 from polarkvd.tiers.dram import SlabAllocator, slot_size
+from polarkvd.tiers.group_commit import GroupCommit
 from polarkvd.transport.pipeline import (
     SIGNAL_BOARD_BYTES,
     LoadProgress,
@@ -204,7 +205,18 @@ class Manager:
         self.started = time.time()
         self.operator_pins: dict[bytes, Page] = {}  # pages pinned with the `pin` op, one pin each
         self.prefix_hits: Counters = Counters()  # first key of a load -> pages loaded (see `top`)
-        self.write_through_bytes = 0  # write-through copies queued and not yet written
+        self.write_through_bytes = 0  # write-through copies queued and not yet durable
+        # write-through: durable writes of committed pages, synced per batch (tiers/group_commit.py)
+        self.group_commit = (
+            GroupCommit(
+                disk,
+                cfg.disk.io_threads,
+                lambda: self.cfg.disk.group_commit_window,
+                lambda: self.cfg.disk.write_through_sync,
+            )
+            if disk is not None
+            else None
+        )
         # readiness slots of pipelined loads: in the arena file's tail in the daemon, private otherwise
         self.signals = signals or SignalBoard(memoryview(bytearray(SIGNAL_BOARD_BYTES)))
         self.cluster: Any = None  # polarkvd.cluster.pool.ClusterPool when [cluster] is enabled
@@ -690,6 +702,13 @@ class Manager:
         return n
 
     def commit(self, session: Session, keys: list[bytes]) -> int:
+        return self.commit_pages(session, keys)[0]
+
+    def commit_pages(
+        self, session: Session, keys: list[bytes]
+    ) -> tuple[int, list[asyncio.Future[bool]] | None]:
+        """Commit; with write-through, also the futures of the pages' durable disk writes (True: on
+        disk and synced), which the engine's reply waits for. None under write-back."""
         _refuse_duplicates(keys, "commit")
         missing = [k for k in keys if k not in session.reserved]
         if missing:
@@ -699,6 +718,7 @@ class Manager:
                 code=ErrorCode.NOT_RESERVED,
             )
         write_through = self.cfg.disk.write_through and self.disk is not None
+        writes: list[asyncio.Future[bool]] | None = [] if write_through else None
         in_vram = 0
         for key in keys:
             page = session.reserved.pop(key)
@@ -713,8 +733,8 @@ class Manager:
                 in_vram += 1
                 continue
             self.policy.insert(page)
-            if write_through:
-                self._write_through(session.ns, page)
+            if writes is not None:
+                writes.append(self._write_through(session.ns, page))
             if self.cluster is not None:
                 self.cluster.page_added(key, Tier.DRAM)
         if in_vram:
@@ -723,22 +743,21 @@ class Manager:
         session.stored_pages += len(keys)
         self.counters["stored_pages"] += len(keys)
         self.counters["stored_bytes"] += len(keys) * session.ns.ns.page_bytes
-        return len(keys)
+        return len(keys), writes
 
-    def _write_through(self, info: NamespaceInfo, page: Page) -> None:
-        """Queue a disk copy of a just-committed page (disk.write_through), within max_pending_bytes."""
-        if self.write_through_bytes + page.size > self.cfg.disk.max_pending_bytes:
-            self.counters["write_through_skipped"] += 1  # written back when evicted instead
-            return
+    def _write_through(self, info: NamespaceInfo, page: Page) -> asyncio.Future[bool]:
+        """Write a just-committed page to disk durably (disk.write_through). Not bounded by
+        max_pending_bytes: each commit waits for its own writes, which bounds the queue."""
         data = bytes(self.arena[page.offset : page.offset + page.size])
         self.write_through_bytes += page.size
         item = PendingDemotion(data, info.digest, page.parent, info.ns.itemsize)
-        fut = self._write_to_disk(page.key, item, counter="written_through_pages")
+        fut = self._write_to_disk(page.key, item, counter="written_through_pages", durable=True)
 
         def done(_: object, size: int = page.size) -> None:
             self.write_through_bytes -= size
 
         fut.add_done_callback(done)
+        return fut
 
     def abort(self, session: Session, keys: list[bytes]) -> int:
         _refuse_duplicates(keys, "abort")
@@ -1741,8 +1760,9 @@ class Manager:
         return True
 
     def _write_to_disk(
-        self, key: bytes, item: PendingDemotion, counter: str = "demoted_pages"
+        self, key: bytes, item: PendingDemotion, counter: str = "demoted_pages", durable: bool = False
     ) -> asyncio.Future[Any]:
+        """`durable`: through the group commit (synced before the future is done)."""
         loop = asyncio.get_running_loop()
         info = self.namespaces.get(item.ns_digest)
         # stored in layer groups, each readable and verifiable on its own: a pipelined load can
@@ -1752,9 +1772,19 @@ class Manager:
             if info is not None
             else None
         )
-        fut = loop.run_in_executor(
-            self.executor, self.disk.put, key, item.parent, item.ns_digest, item.data, item.itemsize, groups
-        )
+        if durable:
+            fut = self.group_commit.submit(key, item.parent, item.ns_digest, item.data, item.itemsize, groups)  # type: ignore[union-attr]
+        else:
+            fut = loop.run_in_executor(
+                self.executor,
+                self.disk.put,
+                key,
+                item.parent,
+                item.ns_digest,
+                item.data,
+                item.itemsize,
+                groups,
+            )
         self._disk_writes.add(fut)
 
         def done(f: asyncio.Future[Any]) -> None:
@@ -1775,7 +1805,7 @@ class Manager:
                 if self.cluster is not None:  # peers can have it from our disk too
                     self.cluster.page_added(key, Tier.DISK)
             else:
-                self.counters["demotions_dropped"] += 1
+                self.counters["write_through_failed_pages" if durable else "demotions_dropped"] += 1
 
         fut.add_done_callback(done)
         return fut
@@ -2179,6 +2209,7 @@ class Manager:
                 "pending_bytes": self.pending_bytes,
                 "write_through": self.cfg.disk.write_through,
                 "write_through_bytes": self.write_through_bytes,
+                "group_commit": dataclasses.asdict(self.group_commit.stats),  # type: ignore[union-attr]
                 "path": str(self.cfg.disk.path),
             }
         dmp = self.cluster.dmp if self.cluster is not None else None

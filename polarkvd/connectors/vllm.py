@@ -120,6 +120,9 @@ class Options:
     page_blocks: int = 1
     #: Seconds one daemon call may take before the daemon counts as down.
     timeout: float = 5.0
+    #: Seconds a commit may take (when longer than `timeout`): with the daemon's disk.write_through
+    #: a commit is answered once its pages are on disk and synced, which a busy disk can make slow.
+    commit_timeout: float = 60.0
     #: Longest wait between reconnection attempts while the daemon is down (backoff from 0.5 s).
     retry_seconds: float = 5.0
     #: "layer": the daemon answers a load at once and pages from disk or from peers arrive layer by
@@ -177,6 +180,8 @@ class Options:
             problems.append(("page_blocks", opts.page_blocks, "must be >= 1"))
         if opts.timeout <= 0:
             problems.append(("timeout", opts.timeout, "must be > 0"))
+        if not opts.commit_timeout > 0:
+            problems.append(("commit_timeout", opts.commit_timeout, "must be > 0"))
         if opts.retry_seconds <= 0:
             problems.append(("retry_seconds", opts.retry_seconds, "must be > 0"))
         if opts.max_sessions < 1:
@@ -447,6 +452,7 @@ class _DaemonLink:
                 self._engine_id,
                 self.path,
                 timeout=self._opts.timeout,
+                commit_timeout=self._opts.commit_timeout,
                 map_arena=self.role != "scheduler",
                 vram=self.vram,
             )
@@ -1284,12 +1290,13 @@ class _WorkerSide:
                 is not None
             ):
                 self.stats["save_aborted_pages"] += len(bad)
-            if (
-                good
-                and _call(self.link, "commit", lambda c=client, k=good: c.commit(k), self.stats_seconds)
-                is not None
-            ):
-                self.stats["saved_pages"] += len(good)
+            done = good and _call(
+                self.link, "commit", lambda c=client, k=good: c.commit_result(k), self.stats_seconds
+            )
+            if done:
+                self.stats["saved_pages"] += done.committed
+                if done.durable is not None and done.durable < done.committed:  # write-through fell short
+                    self.stats["saved_pages_not_durable"] += done.committed - done.durable
         if ok and save.l1_pages:
             self.stats["saved_pages_vram"] += save.l1_pages
         self.stats["save_existing_pages"] += save.existing

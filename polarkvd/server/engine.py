@@ -13,6 +13,7 @@ error reply on either path.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import threading
 from collections.abc import Awaitable
@@ -179,12 +180,20 @@ def engine_api(
         observe_reserve(perf_counter_ns() - t0)
         return out
 
-    def commit(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+    def commit(conn: Connection, args: dict[str, Any]) -> dict[str, Any] | Awaitable[dict[str, Any]]:
         t0 = perf_counter_ns()
         only_args(args, "keys")
-        out = {"committed": manager.commit(_session(conn), keys(args))}
+        committed, writes = manager.commit_pages(_session(conn), keys(args))
+        if writes is not None:  # write-through: the reply waits until the pages are durable
+            return commit_durable(committed, writes, t0)
+        out = {"committed": committed}
         observe_commit(perf_counter_ns() - t0)
         return out
+
+    async def commit_durable(committed: int, writes: list[asyncio.Future[bool]], t0: int) -> dict[str, Any]:
+        results = await asyncio.gather(*writes, return_exceptions=True)
+        observe_commit(perf_counter_ns() - t0)  # includes the disk writes and syncs
+        return {"committed": committed, "durable": sum(r is True for r in results)}
 
     def abort(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
         only_args(args, "keys")

@@ -8,8 +8,13 @@ Layout: one file per page, `<path>/<first key byte as 2 hex>/<key as 32 hex>.pkv
 96-byte header (magic, format version, codec id, itemsize, key, parent, ns, raw and payload lengths,
 xxh3_64 of the raw page, xxh3_64 of the header itself) and the codec blob (`codec.py`). A page is
 written to a temp name in its final directory and `os.replace`d, so a killed daemon never leaves a
-half-visible page, only temp files, which `open()` deletes. There is no fsync per page: this is a
-cache, and after a power loss a torn or zero-filled page fails its checksum on read and is dropped.
+half-visible page, only temp files, which `open()` deletes. A page evicted from DRAM is not fsynced:
+this is a cache, and after a power loss a torn or zero-filled page fails its checksum on read and is
+dropped. Write-through makes pages durable after their puts: `sync_files` fdatasyncs the page files
+and `sync_dirs` fsyncs the directories holding their names, or `sync_filesystem` does both for every
+page at once (syncfs). `open()` finds pages by scanning the files, so data, name and directory are
+all a page needs to survive a crash or a power loss; a page whose sync did not finish was never
+acknowledged, and if the power loss tore it, it fails its checksum like any other.
 Pages the manager demotes are stored in their layer groups (codec GROUPS: each group compressed on
 its own, with its own checksum), so `open_grouped` can read, decode and verify group 0 of a whole
 prefix before group 1 (layer-pipelined loads); `get_into` reads any page whole. A daemon from before
@@ -50,7 +55,9 @@ page whose parent is not on disk costs ~150 more (its own parent key and a pendi
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import errno
 import fcntl
 import io
 import logging
@@ -346,6 +353,7 @@ class DiskTier:
         self._flush_lock = threading.Lock()
         self._lock_fd: int | None = None
         self._made_dirs: set[str] = set()
+        self._unsynced_dirs: set[str] = set()  # subdirectories created since the root was last fsynced
         self._scratch = _Scratch()
 
     # ---------------------------------------------------------------- lifecycle
@@ -356,6 +364,10 @@ class DiskTier:
             raise RuntimeError(f"disk tier {self.path} is already open")
         started = time.perf_counter()
         self.path.mkdir(parents=True, exist_ok=True)
+        try:  # the root's own name, for durable puts (sync_dirs covers what is below it)
+            _fsync_dir(os.fspath(self.path.parent))
+        except OSError as exc:
+            log.warning("disk tier: cannot fsync %s: %s", self.path.parent, exc)
         fd = os.open(self.path / _LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -539,13 +551,16 @@ class DiskTier:
         data: bytes | memoryview,
         itemsize: int,
         groups: list[int] | None = None,
+        durable: bool = False,
     ) -> bool:
         """Store a page. True if it is on disk when this returns (written now or already there);
         False if it cannot fit (larger than the tier, or space held by puts in flight) or the write
         failed. Evicts other pages, leaf-first in policy order, to stay within capacity (they stay
         evicted if the write then fails: this is a cache). `groups`: byte offsets where the page's
         layer groups end, to store them as separately readable ranges (`open_grouped`, for
-        layer-pipelined promotion); None: one blob."""
+        layer-pipelined promotion); None: one blob. `durable`: the caller syncs the page next
+        (`sync_files` or `sync_filesystem`), so this waits for a write of the same key in flight
+        instead of answering True while its file is still incomplete."""
         self._require_open()
         _check_key("key", key)
         _check_key("ns", ns)
@@ -554,7 +569,7 @@ class DiskTier:
         if itemsize < 1 or itemsize > 255:
             raise ValueError(f"itemsize must be 1..255, got {itemsize}")
         with self._cond:
-            while key in self._deleting:
+            while key in self._deleting or (durable and key in self._writing):
                 self._cond.wait()
             e = self._entries.get(key)
             if e is not None:
@@ -566,8 +581,9 @@ class DiskTier:
         try:
             return self._write(key, parent, ns, data, itemsize, groups)
         finally:
-            with self._lock:
+            with self._cond:
                 self._writing.discard(key)
+                self._cond.notify_all()
 
     def _write(
         self,
@@ -622,6 +638,57 @@ class DiskTier:
             self._puts += 1
             self._changes += 1
         return True
+
+    def sync_files(self, keys: list[bytes]) -> list[bool]:
+        """fdatasync the files of these pages; per key whether its data is now on the device (False:
+        the page is gone, or the sync failed). Their names need `sync_dirs` too."""
+        out = []
+        for key in keys:
+            try:
+                fd = os.open(self._page_path(key), os.O_RDONLY)
+                try:
+                    os.fdatasync(fd)
+                finally:
+                    os.close(fd)
+                out.append(True)
+            except FileNotFoundError:
+                out.append(False)  # evicted meanwhile
+            except OSError as exc:
+                log.warning("disk tier: syncing page %s failed: %s", key.hex(), exc)
+                out.append(False)
+        return out
+
+    def sync_dirs(self, keys: list[bytes]) -> None:
+        """fsync the directories that hold the names of these pages' files (once each), and the tier's
+        root when one of them was created since the last call. Raises OSError."""
+        subs = {key[:1].hex() for key in keys}
+        with self._lock:
+            new, self._unsynced_dirs = self._unsynced_dirs, set()
+        try:
+            if new:
+                _fsync_dir(self._root)
+            for sub in sorted(subs):
+                _fsync_dir(f"{self._root}{os.sep}{sub}")
+        except OSError:
+            with self._lock:
+                self._unsynced_dirs |= new
+            raise
+
+    def sync_filesystem(self) -> None:
+        """syncfs: every page file and name written so far on the tier's file system is on the
+        device when this returns (and whatever else is dirty there: other writers pay into it).
+        Raises OSError, also where the platform has no syncfs."""
+        if _syncfs is None:
+            raise OSError(errno.ENOSYS, "syncfs is not available on this platform")
+        fd = os.open(self._root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if _syncfs(fd) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err))
+        finally:
+            os.close(fd)
+        with self._lock:
+            self._unsynced_dirs.clear()
 
     def get_into(self, key: bytes, out: memoryview) -> None:
         """Read, verify and decompress the page into `out` (exactly `raw_bytes` long).
@@ -975,7 +1042,9 @@ class DiskTier:
         sub = key[:1].hex()
         if sub not in self._made_dirs:
             os.makedirs(f"{self._root}{os.sep}{sub}", exist_ok=True)
-            self._made_dirs.add(sub)
+            with self._lock:
+                self._made_dirs.add(sub)
+                self._unsynced_dirs.add(sub)  # its name in the root is not durable yet
 
     @staticmethod
     def _delete_file(path: str | Path) -> int:
@@ -989,6 +1058,24 @@ class DiskTier:
     def _require_open(self) -> None:
         if self._lock_fd is None:
             raise RuntimeError(f"disk tier {self.path} is not open")
+
+
+def _load_syncfs() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True).syncfs  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None
+
+
+_syncfs = _load_syncfs()
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _is_leaf(node: PolicyNode) -> bool:
