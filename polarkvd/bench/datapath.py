@@ -118,7 +118,7 @@ def socket_rtt_us(n: int) -> list[float]:
 def _zmq_echo(addr: str, ready: Any) -> None:
     import zmq
 
-    s = zmq.Context.instance().socket(zmq.REP)
+    s: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.REP)
     s.bind(addr)
     ready.set()
     while True:
@@ -138,7 +138,7 @@ def zmq_rtt_us(n: int) -> list[float]:
     proc = ctx.Process(target=_zmq_echo, args=(addr, ready), daemon=True)
     proc.start()
     ready.wait(30)
-    s = zmq.Context.instance().socket(zmq.REQ)
+    s: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.REQ)
     s.connect(addr)
     msg = b"x" * 100
     out = []
@@ -356,7 +356,7 @@ def _commit_one_by_one(engine_sock: Any, engines: int, commits: int, base: int) 
             for k in keys:
                 off = kv.reserve([k])[0]
                 assert off >= 0, "no room for a 64 KiB page"
-                kv.page(off)[:] = page
+                kv.page(off)[:] = page.data
                 t = time.perf_counter()
                 kv.commit([k])
                 lat.append((time.perf_counter() - t) * 1e6)

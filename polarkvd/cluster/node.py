@@ -123,8 +123,10 @@ class ClusterNode:
         import zmq
 
         loop = asyncio.get_running_loop()
-        self._fd = self.transport.router.getsockopt(zmq.FD)
-        loop.add_reader(self._fd, self._wake.set)
+        fd = self.transport.router.getsockopt(zmq.FD)
+        assert isinstance(fd, int)
+        self._fd = fd
+        loop.add_reader(fd, self._wake.set)
         seeds = [tcp_url(*split_address(s)) for s in self.cfg.seeds]
         self.membership.join(seeds)
         self._task = asyncio.create_task(self._run(), name="cluster-gossip")
@@ -175,7 +177,7 @@ class ClusterNode:
             except Exception:
                 log.exception("cluster: gossip step failed (continuing)")
             # ZeroMQ's FD is edge-triggered: sleep only when nothing is waiting.
-            if t.router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            if int(t.router.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                 await asyncio.sleep(0)
                 continue
             self._wake.clear()

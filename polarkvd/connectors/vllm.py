@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import json
 import os
 import socket as _socket
@@ -300,7 +301,7 @@ def _kernel_tag(vllm_config: VllmConfig, spec: Any) -> tuple[str, str]:
             from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
             isa = _get_attn_isa(
-                vllm_config.model_config.dtype,
+                vllm_config.model_config.dtype,  # type: ignore[arg-type]  # a torch.dtype once the config is built
                 spec.block_size,
                 spec.head_size,
                 vllm_config.cache_config.cache_dtype,
@@ -527,7 +528,10 @@ class _DaemonLink:
 
 
 def _call(
-    link: _DaemonLink, what: str, fn: Callable[[], Any], seconds: collections.Counter[str] | None = None
+    link: _DaemonLink,
+    what: str,
+    fn: Callable[[], Any],
+    seconds: collections.defaultdict[str, float] | None = None,
 ) -> Any:
     """Run one daemon call; None (logged) instead of an exception, marking the daemon down if it is."""
     t0 = time.perf_counter()
@@ -694,7 +698,7 @@ class _SchedulerSide:
             if client is None:
                 return 0, False
             found = _call(
-                self.link, "lookup", lambda c=client, k=keys[rank]: c.lookup(k[first_page:last_page])
+                self.link, "lookup", functools.partial(client.lookup, keys[rank][first_page:last_page])
             )
             if found is None:
                 return 0, False
@@ -735,7 +739,7 @@ class _SchedulerSide:
             st.block_ids = list(new.block_ids[0]) if new.block_ids else []
             self._plan(st, new.req_id, new.num_computed_tokens, scheduled.get(new.req_id, 0), meta)
         cached = so.scheduled_cached_reqs
-        resumed = getattr(cached, "resumed_req_ids", set())
+        resumed: set[str] = getattr(cached, "resumed_req_ids", set())
         for i, req_id in enumerate(cached.req_ids):
             st = self._reqs.get(req_id)
             if st is None:
@@ -758,10 +762,10 @@ class _SchedulerSide:
             st.load = None
             first_page, end_page = first // pb, -(-(first + len(ids)) // pb)
             # keys exist: the match computed them (a daemon gone since makes the load fail: recomputed)
-            keys = self._keys(st, end_page) or st.keys
+            load_keys = self._keys(st, end_page) or st.keys
             meta.loads.append(
                 LoadSpec(
-                    req_id, st.salt, [k[first_page:end_page] for k in keys], ids, first - first_page * pb
+                    req_id, st.salt, [k[first_page:end_page] for k in load_keys], ids, first - first_page * pb
                 )
             )
             self._inflight[req_id] = (first, ids)
@@ -907,7 +911,7 @@ class _WorkerSide:
         self._failed_reqs: set[str] = set()
         self.disabled = ""
         self.stats: collections.Counter[str] = collections.Counter()
-        self.stats_seconds: collections.Counter[str] = collections.Counter()
+        self.stats_seconds: collections.defaultdict[str, float] = collections.defaultdict(float)
         #: Fault injection for tests: called with this step's LoadSpecs before the daemon is asked.
         self.before_load: Callable[[list[LoadSpec]], None] | None = None
 
@@ -1011,7 +1015,7 @@ class _WorkerSide:
                 result = _call(
                     self.link,
                     "load",
-                    lambda c=client, k=keys, p=pipelined: c.load(k, pipelined=p),
+                    functools.partial(client.load, keys, pipelined=pipelined),
                     self.stats_seconds,
                 )
                 if result is not None:
@@ -1152,7 +1156,7 @@ class _WorkerSide:
         load.items.clear()  # drop the tensors over the arena (and the pool) before the pins go
         load.device_items.clear()
         for client, lease in load.leases:
-            _call(self.link, "release", lambda c=client, x=lease: c.release(x), self.stats_seconds)
+            _call(self.link, "release", functools.partial(client.release, lease), self.stats_seconds)
 
     def take_errors(self) -> set[int]:
         errors, self._errors = self._errors, set()
@@ -1178,7 +1182,7 @@ class _WorkerSide:
                 reply = _call(
                     self.link,
                     "reserve",
-                    lambda c=client, k=keys, p=parent: c.reserve_tiers(k, p, Tier.VRAM),
+                    functools.partial(client.reserve_tiers, keys, parent, Tier.VRAM),
                     self.stats_seconds,
                 )
                 offsets, tiers = reply if reply is not None else (None, b"")
@@ -1186,7 +1190,7 @@ class _WorkerSide:
                 offsets = _call(
                     self.link,
                     "reserve",
-                    lambda c=client, k=keys, p=parent: c.reserve(k, p),
+                    functools.partial(client.reserve, keys, parent),
                     self.stats_seconds,
                 )
                 tiers = b""
@@ -1286,12 +1290,12 @@ class _WorkerSide:
             bad = [k for k, req in entries if not ok or req in self._failed_reqs]
             if (
                 bad
-                and _call(self.link, "abort", lambda c=client, k=bad: c.abort(k), self.stats_seconds)
+                and _call(self.link, "abort", functools.partial(client.abort, bad), self.stats_seconds)
                 is not None
             ):
                 self.stats["save_aborted_pages"] += len(bad)
             done = good and _call(
-                self.link, "commit", lambda c=client, k=good: c.commit_result(k), self.stats_seconds
+                self.link, "commit", functools.partial(client.commit_result, good), self.stats_seconds
             )
             if done:
                 self.stats["saved_pages"] += done.committed

@@ -187,7 +187,7 @@ PREFIX_COLUMNS = ("prefix", "namespace", "pages", "bytes", "hits", "pinned")
 
 def namespace_rows(top: Mapping[str, Any] | None) -> list[tuple[str, tuple[str, ...]]]:
     """(row key, cells) of the namespaces table, largest first."""
-    rows = []
+    rows: list[tuple[str, tuple[str, ...]]] = []
     for i, ns in enumerate((top or {}).get("namespaces", [])):
         rate = ns["hit_pages"] / ns["lookup_pages"] * 100 if ns["lookup_pages"] else 0.0
         rows.append(
@@ -213,7 +213,7 @@ def prefix_rows(top: Mapping[str, Any] | None, sort: str) -> list[tuple[str, tup
         prefixes.sort(key=lambda p: (p["hits"], p["bytes"], p["key"]), reverse=True)
     else:
         prefixes.sort(key=lambda p: (p["bytes"], p["hits"], p["key"]), reverse=True)
-    rows = []
+    rows: list[tuple[str, tuple[str, ...]]] = []
     for p in prefixes:
         key = p["key"].hex() if isinstance(p["key"], (bytes, bytearray)) else str(p["key"])
         pinned = p.get("pinned_pages", 0)
