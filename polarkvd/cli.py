@@ -17,7 +17,6 @@ from typing import Any
 from polarkvd import __version__
 from polarkvd.config import (
     LIVE_KNOBS,
-    check_resources,
     format_size,
     load_config,
     option_fields,
@@ -25,6 +24,7 @@ from polarkvd.config import (
     resolve,
 )
 from polarkvd.errors import EXIT_CONFIG, ConfigError, PolarKVError
+from polarkvd.resources import check_resources
 
 
 def _setup_logging(level: str, fmt: str = "text") -> None:

@@ -46,12 +46,12 @@ from polarkvd.errors import (
     error_for_code,
 )
 from polarkvd.keys import ROOT_KEY, page_keys
-from polarkvd.lookup_table import TableReader, map_table
-from polarkvd.server import protocol as P
-from polarkvd.server.shm import map_arena
-from polarkvd.shared_words import SharedWords
-from polarkvd.transport.pipeline import SIGNAL_BYTES, SIGNAL_NONE, read_signal
 from polarkvd.types import KEY_BYTES, Namespace, Tier
+from polarkvd.wire import frames as P
+from polarkvd.wire.arena import map_arena
+from polarkvd.wire.lookup_table import TableReader, map_table
+from polarkvd.wire.shared_words import SharedWords
+from polarkvd.wire.signals import SIGNAL_BYTES, SIGNAL_NONE, read_signal
 
 log = logging.getLogger(__name__)
 _TIER = {int(t): t for t in Tier}
@@ -312,7 +312,7 @@ class EngineClient:
         #: daemon's disk.write_through it answers once the pages are on disk and synced
         self.commit_timeout = commit_timeout
         self._arena_id: tuple[int, int, int] | None = None
-        self._region: Any = None  # tiers/vram.py AttachedRegion: the daemon's L1 pool, opened here
+        self._region: Any = None  # wire/region.py AttachedRegion: the daemon's L1 pool, opened here
         self._table: TableReader | None = None
         self._table_map: mmap.mmap | None = None
         self.engine_id = engine_id or f"pid-{os.getpid()}"
@@ -361,7 +361,7 @@ class EngineClient:
         CUDA_VISIBLE_DEVICES) or no CUDA here: said once, and every page goes through the arena."""
         global _vram_warned
         from polarkvd.cuda import CudaError
-        from polarkvd.tiers.vram import AttachedRegion, RegionHandle
+        from polarkvd.wire.region import AttachedRegion, RegionHandle
 
         region = RegionHandle.from_wire(wire)  # a malformed reply is a ProtocolError: a bug to see
         try:

@@ -7,7 +7,7 @@ A leaf module (imports only `errors`). Precedence, lowest first:
 Sizes accept units ("8GiB", "512MB", "1.5G", plain bytes); durations accept "30s", "500ms", "2m".
 Every problem is collected and reported at once with its key, value and reason (`ConfigError`), so
 `polarkvd check-config` can list them all. `resolve()` turns "auto" sizes and empty paths into
-concrete values for this machine; `check_resources()` compares the result with what the machine has.
+concrete values for this machine; `polarkvd/resources.py` compares the result with what the machine has.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import resource
 import shutil
 import sys
 from collections.abc import Callable, Mapping
@@ -838,14 +837,16 @@ def default_control_socket(env: Mapping[str, str] | None = None) -> Path:
     return _client_socket(os.environ if env is None else env, "POLARKV_CONTROL_SOCKET", "control.sock")
 
 
-def _free_bytes(path: Path) -> int:
+def free_bytes(path: Path) -> int:
+    """Free bytes of the file system that holds `path` (or would: its nearest existing parent)."""
     p = path
     while not p.exists() and p != p.parent:
         p = p.parent
     return shutil.disk_usage(p).free
 
 
-def _tree_bytes(path: Path) -> int:
+def tree_bytes(path: Path) -> int:
+    """Bytes the files under `path` occupy on disk."""
     total = 0
     if path.is_dir():
         for root, _dirs, files in os.walk(path):
@@ -884,69 +885,10 @@ def resolve(cfg: Config, env: Mapping[str, str] | None = None) -> Config:
         out.cluster.node_id = socket.gethostname()
     if out.dram.capacity == AUTO:
         total = psutil.virtual_memory().total
-        shm_free = _free_bytes(Path(out.dram.shm_dir))
+        shm_free = free_bytes(Path(out.dram.shm_dir))
         cap = min(2 * GiB, total // 8, shm_free // 2)
         out.dram.capacity = max(out.dram.slab_bytes, cap // out.dram.slab_bytes * out.dram.slab_bytes)
     if out.disk.capacity == AUTO:
-        free = _free_bytes(Path(out.disk.path)) + _tree_bytes(Path(out.disk.path))
+        free = free_bytes(Path(out.disk.path)) + tree_bytes(Path(out.disk.path))
         out.disk.capacity = max(64 * MiB, min(16 * GiB, free // 4))
-    return out
-
-
-def check_resources(cfg: Config) -> list[tuple[str, object, str]]:
-    """What this machine cannot give the (resolved) config, with the numbers. Empty when it fits."""
-    import psutil
-
-    out: list[tuple[str, object, str]] = []
-    gib = lambda n: f"{n / GiB:.2f} GiB"  # noqa: E731
-    avail = psutil.virtual_memory().available
-    if cfg.dram.capacity > avail:
-        out.append(
-            (
-                "dram.capacity",
-                cfg.dram.capacity,
-                f"needs {gib(cfg.dram.capacity)} but only {gib(avail)} of RAM is available",
-            )
-        )
-    shm = Path(cfg.dram.shm_dir)
-    if not shm.is_dir():
-        out.append(("dram.shm_dir", cfg.dram.shm_dir, "is not a directory"))
-    else:
-        shm_free = shutil.disk_usage(shm).free
-        if cfg.dram.capacity > shm_free:
-            out.append(
-                (
-                    "dram.capacity",
-                    cfg.dram.capacity,
-                    f"needs {gib(cfg.dram.capacity)} of {shm} but only {gib(shm_free)} is free",
-                )
-            )
-    if cfg.dram.lock_memory:
-        soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
-        if soft != resource.RLIM_INFINITY and soft < cfg.dram.capacity:
-            out.append(
-                (
-                    "dram.lock_memory",
-                    True,
-                    f"RLIMIT_MEMLOCK is {gib(soft)}, below dram.capacity {gib(cfg.dram.capacity)} (set LimitMEMLOCK=infinity)",
-                )
-            )
-    if cfg.disk.enabled:
-        p = Path(cfg.disk.path)
-        free = _free_bytes(p) + _tree_bytes(p)
-        if cfg.disk.capacity > free:
-            out.append(
-                (
-                    "disk.capacity",
-                    cfg.disk.capacity,
-                    f"needs {gib(cfg.disk.capacity)} at {p} but only {gib(free)} is free there (counting pages already stored)",
-                )
-            )
-    if cfg.cluster.enabled and cfg.cluster.transport == "rdma":
-        from polarkvd.transport.rdma import probe_cluster  # lazily: pyverbs only when asked for
-
-        try:
-            probe_cluster(cfg.cluster)
-        except ConfigError as e:
-            out.extend(e.problems)
     return out

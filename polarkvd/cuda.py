@@ -1,6 +1,6 @@
 """CUDA through ctypes: finding a library, and the handful of calls polarkvd makes, checked.
 
-A leaf (imports only `errors`): the daemon's L1 tier (`tiers/vram.py`), the engine side of L1 and the
+A leaf (imports only `errors`): the daemon's L1 tier (`tiers/vram.py`), the engine side of L1 (`wire/region.py`) and the
 vLLM connector's copy engines use it. Owns:
 - finding and loading a CUDA library (`library_candidates`, `open_library`, `load_api`), lazily:
   nothing CUDA is loaded at import time, and a host without CUDA pays nothing;

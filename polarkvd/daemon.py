@@ -31,22 +31,23 @@ from typing import Any, TypeVar
 import xxhash
 
 from polarkvd import __version__
-from polarkvd.config import LIVE_KNOBS, Config, check_resources, format_size, load_config, option_fields
+from polarkvd.config import LIVE_KNOBS, Config, format_size, load_config, option_fields
 from polarkvd.errors import EXIT_CONFIG, ConfigError, PolarKVError, ResourceError
-from polarkvd.lookup_table import HEARTBEAT_SECONDS as TABLE_HEARTBEAT_SECONDS
-from polarkvd.lookup_table import LookupTable, table_bytes
-from polarkvd.lookup_table import table_entries as table_entries_for
 from polarkvd.manager import Manager
 from polarkvd.metrics import MetricsServer, OpTimings, Snapshot, StatsCollector
+from polarkvd.resources import check_resources
 from polarkvd.sdnotify import Notifier
 from polarkvd.seed import PageSeed, page_seed
 from polarkvd.server.connection import RequestServer, claim_socket_path
 from polarkvd.server.control import apply_knob, control_handlers
 from polarkvd.server.engine import engine_api
 from polarkvd.server.engine_thread import EngineThreadServer
-from polarkvd.server.shm import Arena
 from polarkvd.tiers.dram import SlabAllocator
 from polarkvd.transport.pipeline import SIGNAL_BOARD_BYTES, SignalBoard
+from polarkvd.wire.arena import Arena
+from polarkvd.wire.lookup_table import HEARTBEAT_SECONDS as TABLE_HEARTBEAT_SECONDS
+from polarkvd.wire.lookup_table import LookupTable, table_bytes
+from polarkvd.wire.lookup_table import table_entries as table_entries_for
 
 log = logging.getLogger("polarkvd.daemon")
 

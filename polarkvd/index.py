@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from polarkvd.lookup_table import LookupTable
 from polarkvd.policy import PolicyNode
+from polarkvd.wire.lookup_table import LookupTable
 
 # Page states.
 RESERVED = 0  # slot handed to an engine that is writing it; invisible to lookups

@@ -63,9 +63,7 @@ from polarkvd.index import (
     PageIndex,
 )
 from polarkvd.keys import SEED_BYTES, namespace_digest, seed_fingerprint
-from polarkvd.lookup_table import TIER_DISK, LookupTable
 from polarkvd.policy import EvictionPolicy, make_policy, switch_policy
-from polarkvd.server.protocol import RESERVE_EXISTS, RESERVE_NO_SPACE
 from polarkvd.tiers.dram import SlabAllocator, slot_size
 from polarkvd.tiers.group_commit import GroupCommit
 from polarkvd.transport.pipeline import (
@@ -76,6 +74,8 @@ from polarkvd.transport.pipeline import (
     layer_groups,
 )
 from polarkvd.types import Namespace, Tier
+from polarkvd.wire.frames import RESERVE_EXISTS, RESERVE_NO_SPACE
+from polarkvd.wire.lookup_table import TIER_DISK, LookupTable
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ import pytest
 
 from polarkvd.client import EngineClient
 from polarkvd.errors import ErrorCode, PageNotFound
-from polarkvd.server import protocol as P
 from polarkvd.types import Tier
+from polarkvd.wire import frames as P
 from tests.conftest import TEST_NS, DaemonProc, chain_tokens, page_bytes_for, store_chain, wait_for
 
 MAX_KEYS = 64

@@ -13,13 +13,13 @@ from polarkvd.config import (
     KiB,
     MiB,
     TiB,
-    check_resources,
     load_config,
     parse_duration,
     parse_size,
     resolve,
 )
 from polarkvd.errors import EXIT_CONFIG, ConfigError
+from polarkvd.resources import check_resources
 from tests.conftest import REPO_ROOT, clean_env
 
 

@@ -1,4 +1,4 @@
-"""The shared lookup table (polarkvd/lookup_table.py): engines answer lookups themselves from the
+"""The shared lookup table (polarkvd/wire/lookup_table.py): engines answer lookups themselves from the
 daemon's index of L1, DRAM and disk pages in shared memory — same answers as the socket, counted and
 touched the same, never answering for a daemon that stopped keeping it, never reporting a key it does
 not hold."""
@@ -23,7 +23,11 @@ import xxhash
 from polarkvd.client import EngineClient
 from polarkvd.config import load_config
 from polarkvd.errors import DaemonUnavailable, PolarKVError
-from polarkvd.lookup_table import (
+from polarkvd.manager import Manager
+from polarkvd.tiers.disk import DiskTier
+from polarkvd.tiers.dram import SlabAllocator
+from polarkvd.types import Tier
+from polarkvd.wire.lookup_table import (
     RING_ENTRIES,
     STALE_NS,
     TIER_DISK,
@@ -34,10 +38,6 @@ from polarkvd.lookup_table import (
     table_bytes,
     table_entries,
 )
-from polarkvd.manager import Manager
-from polarkvd.tiers.disk import DiskTier
-from polarkvd.tiers.dram import SlabAllocator
-from polarkvd.types import Tier
 from tests.conftest import TEST_NS, chain_tokens, manager_store, store_chain, wait_for
 from tests.test_metrics import scrape
 

@@ -25,12 +25,12 @@ from polarkvd.config import load_config
 from polarkvd.cuda import CudaError
 from polarkvd.index import PROMOTING, READY, READY_VRAM
 from polarkvd.keys import page_keys
-from polarkvd.lookup_table import LookupTable, TableReader, table_bytes
 from polarkvd.manager import Manager
 from polarkvd.metrics import Snapshot, families
 from polarkvd.tiers.dram import SlabAllocator
 from polarkvd.tiers.vram import VramPool
 from polarkvd.types import Tier
+from polarkvd.wire.lookup_table import LookupTable, TableReader, table_bytes
 from tests.conftest import TEST_NS, DaemonProc, FakeClock, page_bytes_for
 from tests.tiers.test_vram import FakeCuda
 

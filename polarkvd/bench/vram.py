@@ -32,7 +32,7 @@ from polarkvd.tiers.vram import HostRegion, VramPool, describe_choice, probe
 
 
 def host_mapping(size: int) -> tuple[mmap.mmap, str]:
-    """A MAP_SHARED mapping of a tmpfs file, as the DRAM arena is (polarkvd/server/shm.py), or an
+    """A MAP_SHARED mapping of a tmpfs file, as the DRAM arena is (polarkvd/wire/arena.py), or an
     anonymous shared mapping where /dev/shm is too small (containers often give it 64 MB); and which."""
     if os.path.isdir("/dev/shm") and shutil.disk_usage("/dev/shm").free > 2 * size:
         fd, path = tempfile.mkstemp(prefix="polarkv-vram-", dir="/dev/shm")

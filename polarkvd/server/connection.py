@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from polarkvd.errors import ErrorCode, PolarKVError, ProtocolError
-from polarkvd.server import protocol as P
+from polarkvd.wire import frames as P
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ from typing import Any
 from polarkvd.config import LIVE_KNOBS, parse_option, watermark_problems, write_tuning
 from polarkvd.errors import ConfigError, ErrorCode, PolarKVError, ProtocolError
 from polarkvd.manager import Manager
-from polarkvd.server import protocol as P
 from polarkvd.server.connection import Connection, Handler, only_args
 from polarkvd.types import Tier
+from polarkvd.wire import frames as P
 
 log = logging.getLogger(__name__)
 

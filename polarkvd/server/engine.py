@@ -23,10 +23,10 @@ from typing import Any
 from polarkvd.errors import ErrorCode, PolarKVError, ProtocolError
 from polarkvd.manager import Manager, Session
 from polarkvd.metrics import OpTimings
-from polarkvd.server import protocol as P
 from polarkvd.server.connection import Handler, arg_bool, arg_int, only_args
 from polarkvd.server.engine_thread import ON_LOOP, ThreadHandler
 from polarkvd.types import KEY_BYTES, Namespace, Tier
+from polarkvd.wire import frames as P
 
 # A connection as the handlers see it: `session` (None before hello) and `closed`; a
 # connection.Connection or an engine_thread.ThreadConnection.

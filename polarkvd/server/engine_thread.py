@@ -43,8 +43,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from polarkvd.server import protocol as P
 from polarkvd.server.connection import Request, answer, claim_socket_path, error_reply, parse_request
+from polarkvd.wire import frames as P
 
 log = logging.getLogger(__name__)
 

@@ -38,16 +38,8 @@ from polarkvd.cuda import (
     open_library,
 )
 from polarkvd.errors import ConfigError, ProtocolError
-from polarkvd.tiers.vram import (
-    PageSlots,
-    RegionHandle,
-    Staging,
-    VramPool,
-    cuda_array_interface,
-    describe_choice,
-    plan_copies,
-    probe,
-)
+from polarkvd.tiers.vram import PageSlots, Staging, VramPool, describe_choice, plan_copies, probe
+from polarkvd.wire.region import RegionHandle, cuda_array_interface
 from tests.conftest import REPO_ROOT, bad_pages, chain_tokens, clean_env, store_chain
 
 GiB, MiB = 1 << 30, 1 << 20

@@ -46,7 +46,8 @@ from polarkvd.cuda import (  # noqa: E402
     load_api,
     open_library,
 )
-from polarkvd.tiers.vram import RegionHandle, VramPool, probe  # noqa: E402
+from polarkvd.tiers.vram import VramPool, probe  # noqa: E402
+from polarkvd.wire.region import RegionHandle  # noqa: E402
 
 if pytest is not None:
     pytestmark = pytest.mark.gpu
@@ -223,7 +224,7 @@ def test_host_register_of_a_shared_mapping_and_cudas_own_errors() -> None:
 _CHILD = r"""
 import ctypes, hashlib, json, sys
 from polarkvd.cuda import CopyKind, load_api
-from polarkvd.tiers.vram import AttachedRegion, RegionHandle
+from polarkvd.wire.region import AttachedRegion, RegionHandle
 wire, kind, read_at, n, write_at = json.loads(sys.argv[1])
 api = load_api(kind)
 region = RegionHandle(bytes.fromhex(wire["handle"]), wire["size"], wire["uuid"], wire["pci_bus_id"])
@@ -283,7 +284,7 @@ def test_ipc_handle_opens_in_another_process() -> None:
 _TORCH_CHILD = r"""
 import json, sys
 import torch
-from polarkvd.tiers.vram import AttachedRegion, RegionHandle
+from polarkvd.wire.region import AttachedRegion, RegionHandle
 wire = json.loads(sys.argv[1])
 region = RegionHandle(bytes.fromhex(wire["handle"]), wire["size"], wire["uuid"], wire["pci_bus_id"])
 r = AttachedRegion(region)

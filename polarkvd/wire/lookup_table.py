@@ -64,7 +64,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from polarkvd.shared_words import SharedWords
+from polarkvd.wire.shared_words import SharedWords
 
 MAGIC = b"PKVLKT01"
 HEADER_BYTES = 4096
