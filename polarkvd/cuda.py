@@ -592,8 +592,9 @@ class RuntimeApi(CudaApi):
         rt, drv = ctypes.c_int(), ctypes.c_int()
         self._call("cudaRuntimeGetVersion", ctypes.byref(rt))
         self._call("cudaDriverGetVersion", ctypes.byref(drv))
-        fmt = lambda v: f"{v // 1000}.{v % 1000 // 10}"  # noqa: E731
-        return f"runtime {fmt(rt.value)}, driver {fmt(drv.value) if drv.value else 'none'}"
+        return (
+            f"runtime {_cuda_version(rt.value)}, driver {_cuda_version(drv.value) if drv.value else 'none'}"
+        )
 
     def device_count(self) -> int:
         n = ctypes.c_int()
@@ -732,3 +733,8 @@ def load_api(setting: str = "auto") -> CudaApi:
             api.skipped = "; ".join(why)
             return api
     raise CudaUnavailable("; ".join(why))
+
+
+def _cuda_version(v: int) -> str:
+    """CUDA's integer version (12040) as people write it (12.4)."""
+    return f"{v // 1000}.{v % 1000 // 10}"

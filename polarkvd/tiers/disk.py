@@ -1062,7 +1062,7 @@ class DiskTier:
 
 def _load_syncfs() -> Callable[[int], int] | None:
     try:
-        return ctypes.CDLL(None, use_errno=True).syncfs  # type: ignore[no-any-return]
+        return ctypes.CDLL(None, use_errno=True).syncfs
     except (OSError, AttributeError):
         return None
 
@@ -1079,4 +1079,5 @@ def _fsync_dir(path: str) -> None:
 
 
 def _is_leaf(node: PolicyNode) -> bool:
-    return node.children == 0  # type: ignore[attr-defined]
+    assert isinstance(node, DiskEntry)  # the disk policy holds only entries
+    return node.children == 0
