@@ -32,6 +32,7 @@ def control_handlers(
     """`vram_report`: the L1 choice made at start (docs/VRAM.md), shown by `stats` under `vram`."""
 
     def stats(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        only_args(args)
         out = manager.stats()
         vram = vram_report() if vram_report is not None else None
         if vram is not None:
@@ -39,9 +40,11 @@ def control_handlers(
         return out
 
     def cluster(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        only_args(args)
         return cluster_report() if cluster_report is not None else {"enabled": False}
 
     async def evict(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        only_args(args, "tier", "bytes")
         tier = _TIERS.get(args.get("tier"))  # type: ignore[arg-type]
         if tier is None:
             raise ProtocolError(f"tier must be one of {sorted(_TIERS)}")
@@ -57,16 +60,20 @@ def control_handlers(
         return {"freed_bytes": freed}
 
     async def drain(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        only_args(args)
         return await manager.drain()
 
     def resume(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        only_args(args)
         manager.resume()
         return {}
 
     def get_knobs(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        only_args(args)
         return {"knobs": {name: manager.cfg.get(name) for name in LIVE_KNOBS}}
 
     def set_knobs(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        only_args(args, "knobs")
         knobs = args.get("knobs")
         if not isinstance(knobs, dict) or not knobs:
             raise ProtocolError("knobs must be a non-empty map of option name to value")
@@ -143,6 +150,7 @@ def control_handlers(
         return manager.evict_prefixes(_keys(args))
 
     def ping(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        only_args(args)
         return {}
 
     return {
