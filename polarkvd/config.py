@@ -13,6 +13,7 @@ concrete values for this machine; `check_resources()` compares the result with w
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import resource
@@ -39,6 +40,16 @@ _UNITS = {
 }  # fmt: skip
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 _DUR_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|)\s*$")
+#: The longest duration any option takes: a year. Longer is "never" in disguise (a lease that never
+#: expires pins its pages until the connection closes), and thread waits overflow far beyond it.
+MAX_DURATION = 365 * 24 * 3600.0
+
+
+def _finite(out: float, what: str) -> float:
+    """NaN fails every comparison, so a range check alone lets it through: refuse it (and inf) here."""
+    if not math.isfinite(out):
+        raise ValueError(f"expected {what}, not {out!r}")
+    return out
 
 
 def parse_size(value: object, *, allow_auto: bool = False) -> int:
@@ -54,7 +65,7 @@ def parse_size(value: object, *, allow_auto: bool = False) -> int:
     if isinstance(value, str):
         m = _SIZE_RE.match(value)
         if m and m.group(2).lower() in _UNITS:
-            return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+            return int(_finite(float(m.group(1)) * _UNITS[m.group(2).lower()], "a finite size"))
     raise ValueError(
         "expected a size like '8GiB', '512MB' or a number of bytes" + (" or 'auto'" if allow_auto else "")
     )
@@ -69,18 +80,22 @@ def format_size(n: float) -> str:
 
 
 def parse_duration(value: object) -> float:
-    if isinstance(value, bool):
-        raise ValueError("expected a duration like '30s'")
-    if isinstance(value, (int, float)):
-        if value < 0:
-            raise ValueError("must not be negative")
-        return float(value)
-    if isinstance(value, str):
+    """30, "30s", "500ms", "2m", "1h" -> seconds; NaN, inf, negative and over a year are refused."""
+    out: float | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        out = float(value)
+    elif isinstance(value, str):
         m = _DUR_RE.match(value)
         if m:
-            scale = {"ms": 0.001, "s": 1, "": 1, "m": 60, "h": 3600}[m.group(2)]
-            return float(m.group(1)) * scale
-    raise ValueError("expected a duration like '30s', '500ms' or '2m'")
+            out = float(m.group(1)) * {"ms": 0.001, "s": 1, "": 1, "m": 60, "h": 3600}[m.group(2)]
+    if out is None:
+        raise ValueError("expected a duration like '30s', '500ms' or '2m'")
+    _finite(out, "a duration like '30s'")
+    if out < 0:
+        raise ValueError("must not be negative")
+    if out > MAX_DURATION:
+        raise ValueError(f"must be at most a year ({MAX_DURATION:.0f}s)")
+    return out
 
 
 def parse_bool(value: object) -> bool:
@@ -157,6 +172,7 @@ def _min_compression_ratio(value: object) -> float:
         out = float(value)
     except ValueError:
         raise ValueError("expected a number") from None
+    _finite(out, "a number")
     if not 1.0 <= out <= 16.0:
         raise ValueError("must be between 1 (compress whenever smaller) and 16")
     return out
@@ -188,8 +204,9 @@ def parse_fraction(value: object) -> float:
             out = float(text.rstrip("%").strip()) / scale
         except ValueError:
             out = None
-    if out is None or out != out:  # NaN fails every comparison: refuse it here
+    if out is None:
         raise ValueError("expected a fraction like 0.9 or '90%'")
+    _finite(out, "a fraction like 0.9 or '90%'")
     if not 0.0 <= out <= 1.0:
         raise ValueError("must lie between 0 and 1 (0% and 100%)")
     return out
@@ -377,7 +394,8 @@ def _at_least_one(value: object) -> float:
         out = float(value)
     except ValueError:
         raise ValueError("expected a number >= 1") from None
-    if not out >= 1:  # also refuses NaN
+    _finite(out, "a number >= 1")
+    if not out >= 1:
         raise ValueError("must be >= 1")
     return out
 

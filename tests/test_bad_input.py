@@ -438,6 +438,15 @@ def test_bad_control_requests(healthy: Healthy, raw_control: Raw) -> None:
     assert ok(raw_control.call("get_knobs"))["knobs"]["dram.policy"] == "lru"
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0, "nan"])
+def test_set_knobs_refuses_nan_durations_and_fractions(healthy: Healthy, raw_control: Raw, bad: Any) -> None:
+    """A lease taken under `lease_seconds = NaN` never expired: live knobs refuse it, change nothing."""
+    before = ok(raw_control.call("get_knobs"))["knobs"]
+    for name in ("daemon.lease_seconds", "dram.high_watermark"):
+        assert name in err(raw_control.call("set_knobs", {"knobs": {name: bad}}), ErrorCode.BAD_VALUE)
+    assert ok(raw_control.call("get_knobs"))["knobs"] == before
+
+
 def test_daemon_survived_everything(shared: Healthy) -> None:
     """Runs last: the daemon is alive, leaked nothing, and never hit an internal error."""
     wait_for(lambda: len(shared.daemon.stats()["sessions"]) == 1, what="bad clients' sessions to close")
