@@ -269,6 +269,17 @@ class DaemonConfig:
         live=True,
     )
     max_sessions: int = _opt(1024, _positive(parse_int), "attached engine connections at most")
+    max_unattached_connections: int = _opt(
+        64,
+        _positive(parse_int),
+        "engine connections that have not sent hello yet, at most (each costs a thread): a new one "
+        "closes the oldest (too_large error). Engine connections (threads) <= max_sessions + this",
+    )
+    hello_timeout: float = _opt(
+        10.0,
+        _positive(parse_duration),
+        "an engine connection that has not attached (hello) by then is closed",
+    )
     max_frame_bytes: int = _opt(16 * MiB, _positive(parse_size), "largest request frame accepted")
     max_keys_per_request: int = _opt(1 << 16, _positive(parse_int), "most page keys in one request")
     log_format: str = _opt(

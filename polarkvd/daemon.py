@@ -233,6 +233,10 @@ class Daemon:
                 max_frame_bytes=cfg.daemon.max_frame_bytes,
                 on_close=on_close,
                 before_loop_op=lambda conn: manager.apply_touches(conn.session),
+                max_unattached=cfg.daemon.max_unattached_connections,
+                max_connections=cfg.daemon.max_sessions + cfg.daemon.max_unattached_connections,
+                hello_timeout=cfg.daemon.hello_timeout,
+                counters=manager.counters,
             )
             sys.setswitchinterval(GIL_SWITCH_SECONDS)
             if cfg.cluster.enabled:

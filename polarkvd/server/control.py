@@ -8,6 +8,8 @@ parser as the config file, and a request with any bad value changes nothing.
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +36,9 @@ def control_handlers(
     def stats(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
         only_args(args)
         out = manager.stats()
+        # engine connections cost a thread each: the count is bounded by configuration (daemon.
+        # max_sessions + daemon.max_unattached_connections, plus a few of the daemon's own)
+        out["process"] = {"pid": os.getpid(), "threads": threading.active_count()}
         vram = vram_report() if vram_report is not None else None
         if vram is not None:
             out["vram"] = vram
