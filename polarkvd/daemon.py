@@ -251,6 +251,7 @@ class Daemon:
             await engine_srv.start(engine_path, cfg.daemon.engine_socket_mode)
             await control_srv.start(control_path, cfg.daemon.control_socket_mode)
             chores.append(asyncio.create_task(self._every(1.0, manager.expire)))
+            chores.append(asyncio.create_task(self._every(1.0, manager.forget_idle_namespaces)))
             chores.append(asyncio.create_task(self._every(TOUCH_SECONDS, manager.apply_touches)))
             chores.append(asyncio.create_task(self._every(TOUCH_SECONDS, manager.apply_table_touches)))
             chores.append(asyncio.create_task(self._every(TABLE_HEARTBEAT_SECONDS, table.heartbeat)))
