@@ -366,6 +366,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from polarkvd.bench.pipeline import main as pipeline_main
 
         return pipeline_main(args)
+    if args.which == "connect":
+        from polarkvd.bench.connect import main as connect_main
+
+        return connect_main(args)
     raise AssertionError(args.which)
 
 
@@ -499,6 +503,14 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline_args(
         bsub.add_parser(
             "pipeline", help="vLLM TTFT of a prefix hit from DRAM, a peer or disk; layer pipelining on/off"
+        )
+    )
+    from polarkvd.bench.connect import add_arguments as connect_args
+
+    connect_args(
+        bsub.add_parser(
+            "connect",
+            help="a connect flood: EngineClient constructions from several processes, daemon threads",
         )
     )
     sp.set_defaults(fn=cmd_bench)

@@ -64,7 +64,34 @@ _DRAM_CODES = (
 
 
 def _timeval(seconds: float) -> bytes:
-    return struct.pack("ll", int(seconds), int((seconds % 1) * 1e6))
+    """A struct timeval for SO_RCVTIMEO/SO_SNDTIMEO. 0 means wait forever, so a positive timeout
+    below a microsecond becomes one microsecond."""
+    sec, usec = int(seconds), int((seconds % 1) * 1e6)
+    if seconds > 0 and not (sec or usec):
+        usec = 1
+    return struct.pack("ll", sec, usec)
+
+
+def _connect(sock: socket.socket, path: str, timeout: float | None) -> None:
+    """Connect a blocking Unix socket, waiting up to `timeout` for room in a full listen backlog.
+
+    Linux waits in connect() for room, bounded by SO_SNDTIMEO (set by the caller), then fails with
+    EAGAIN; a kernel that does not wait fails with EAGAIN at once. Either way EAGAIN is retried with
+    a short backoff until the deadline: a connect burst (many engines starting together) queues
+    instead of failing. Any other error (no daemon there: ECONNREFUSED, ENOENT) fails at once.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    delay = 0.001
+    while True:
+        try:
+            sock.connect(path)
+            return
+        except BlockingIOError:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise
+            time.sleep(delay if left is None else min(delay, left))
+            delay = min(delay * 2, 0.05)
 
 
 class _Channel:
@@ -74,22 +101,22 @@ class _Channel:
         self.path = str(path)
         self._ids = itertools.count(1)
         self.timeout = timeout
+        # The socket blocks, bounded by the kernel (SO_RCVTIMEO/SO_SNDTIMEO): Python's own timeouts
+        # poll() before every send and recv, measured +3-4 us on each round trip; and they make
+        # connect() non-blocking, which on a Unix socket whose listen backlog is full fails at once
+        # (EAGAIN) instead of waiting for the daemon to accept.
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.settimeout(timeout)
+        if timeout is not None:
+            tv = _timeval(timeout)
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
         try:
-            self._sock.connect(self.path)
+            _connect(self._sock, self.path, timeout)
         except OSError as e:
             self._sock.close()
             raise DaemonUnavailable(
                 f"cannot reach polarkvd at {self.path}: {e.strerror or e} (is `polarkvd serve` running?)"
             ) from None
-        # From here the socket blocks, bounded by the kernel (SO_RCVTIMEO/SO_SNDTIMEO): Python's own
-        # timeouts poll() before every send and recv, measured +3-4 us on each round trip.
-        self._sock.settimeout(None)
-        if timeout is not None:
-            tv = _timeval(timeout)
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
         self._buf = bytearray(1 << 16)
 
     def call(self, op: str, args: dict[str, Any], patience: float | None = None) -> dict[str, Any]:
@@ -104,12 +131,37 @@ class _Channel:
             waited = self.timeout if patience is None or self.timeout is None else max(self.timeout, patience)
             raise DaemonUnavailable(f"polarkvd at {self.path} did not answer {op} within {waited}s") from None
         except (OSError, EOFError) as e:
+            refused = self._parting_error()
             self.close()
+            if refused is not None:
+                raise refused from None
             raise DaemonUnavailable(f"connection to polarkvd at {self.path} broke during {op}: {e}") from None
         version, reply_id, status, body = reply
         if status == P.OK:
             return body
         raise error_for_code(body.get("code", ""), body.get("message", ""))
+
+    def _parting_error(self) -> PolarKVError | None:
+        """The error frame a daemon sent before closing the connection (it refused it: too many
+        connections that have not sent hello), when the request could not even be sent."""
+        data = b""
+        try:
+            while len(data) < 1 << 16:
+                got = self._sock.recv(1 << 16, socket.MSG_DONTWAIT)
+                if not got:
+                    break
+                data += got
+        except OSError:
+            pass
+        if len(data) < 4 or len(data) < 4 + P.LENGTH.unpack_from(data)[0]:
+            return None
+        try:
+            msg = P.unpack(data[4 : 4 + P.LENGTH.unpack_from(data)[0]])
+        except Exception:  # noqa: BLE001 - not a frame: the plain "broke" error says enough
+            return None
+        if isinstance(msg, list) and len(msg) == 4 and msg[2] == P.ERROR and isinstance(msg[3], dict):
+            return error_for_code(str(msg[3].get("code", "")), str(msg[3].get("message", "")))
+        return None
 
     def send_raw(self, data: bytes) -> list[Any]:
         """Testing aid: send arbitrary bytes, read one reply frame."""

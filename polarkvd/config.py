@@ -13,6 +13,7 @@ concrete values for this machine; `polarkvd/resources.py` compares the result wi
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import shutil
@@ -38,6 +39,16 @@ _UNITS = {
 }  # fmt: skip
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 _DUR_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|)\s*$")
+#: The longest duration any option takes: a year. Longer is "never" in disguise (a lease that never
+#: expires pins its pages until the connection closes), and thread waits overflow far beyond it.
+MAX_DURATION = 365 * 24 * 3600.0
+
+
+def _finite(out: float, what: str) -> float:
+    """NaN fails every comparison, so a range check alone lets it through: refuse it (and inf) here."""
+    if not math.isfinite(out):
+        raise ValueError(f"expected {what}, not {out!r}")
+    return out
 
 
 def parse_size(value: object, *, allow_auto: bool = False) -> int:
@@ -53,7 +64,7 @@ def parse_size(value: object, *, allow_auto: bool = False) -> int:
     if isinstance(value, str):
         m = _SIZE_RE.match(value)
         if m and m.group(2).lower() in _UNITS:
-            return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+            return int(_finite(float(m.group(1)) * _UNITS[m.group(2).lower()], "a finite size"))
     raise ValueError(
         "expected a size like '8GiB', '512MB' or a number of bytes" + (" or 'auto'" if allow_auto else "")
     )
@@ -68,18 +79,22 @@ def format_size(n: float) -> str:
 
 
 def parse_duration(value: object) -> float:
-    if isinstance(value, bool):
-        raise ValueError("expected a duration like '30s'")
-    if isinstance(value, (int, float)):
-        if value < 0:
-            raise ValueError("must not be negative")
-        return float(value)
-    if isinstance(value, str):
+    """30, "30s", "500ms", "2m", "1h" -> seconds; NaN, inf, negative and over a year are refused."""
+    out: float | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        out = float(value)
+    elif isinstance(value, str):
         m = _DUR_RE.match(value)
         if m:
-            scale = {"ms": 0.001, "s": 1, "": 1, "m": 60, "h": 3600}[m.group(2)]
-            return float(m.group(1)) * scale
-    raise ValueError("expected a duration like '30s', '500ms' or '2m'")
+            out = float(m.group(1)) * {"ms": 0.001, "s": 1, "": 1, "m": 60, "h": 3600}[m.group(2)]
+    if out is None:
+        raise ValueError("expected a duration like '30s', '500ms' or '2m'")
+    _finite(out, "a duration like '30s'")
+    if out < 0:
+        raise ValueError("must not be negative")
+    if out > MAX_DURATION:
+        raise ValueError(f"must be at most a year ({MAX_DURATION:.0f}s)")
+    return out
 
 
 def parse_bool(value: object) -> bool:
@@ -163,6 +178,7 @@ def _min_compression_ratio(value: object) -> float:
         out = float(value)
     except ValueError:
         raise ValueError("expected a number") from None
+    _finite(out, "a number")
     if not 1.0 <= out <= 16.0:
         raise ValueError("must be between 1 (compress whenever smaller) and 16")
     return out
@@ -194,8 +210,9 @@ def parse_fraction(value: object) -> float:
             out = float(text.rstrip("%").strip()) / scale
         except ValueError:
             out = None
-    if out is None or out != out:  # NaN fails every comparison: refuse it here
+    if out is None:
         raise ValueError("expected a fraction like 0.9 or '90%'")
+    _finite(out, "a fraction like 0.9 or '90%'")
     if not 0.0 <= out <= 1.0:
         raise ValueError("must lie between 0 and 1 (0% and 100%)")
     return out
@@ -258,6 +275,17 @@ class DaemonConfig:
         live=True,
     )
     max_sessions: int = _opt(1024, _positive(parse_int), "attached engine connections at most")
+    max_unattached_connections: int = _opt(
+        64,
+        _positive(parse_int),
+        "engine connections that have not sent hello yet, at most (each costs a thread): a new one "
+        "closes the oldest (too_large error). Engine connections (threads) <= max_sessions + this",
+    )
+    hello_timeout: float = _opt(
+        10.0,
+        _positive(parse_duration),
+        "an engine connection that has not attached (hello) by then is closed",
+    )
     max_frame_bytes: int = _opt(16 * MiB, _positive(parse_size), "largest request frame accepted")
     max_keys_per_request: int = _opt(1 << 16, _positive(parse_int), "most page keys in one request")
     log_format: str = _opt(
@@ -402,7 +430,8 @@ def _at_least_one(value: object) -> float:
         out = float(value)
     except ValueError:
         raise ValueError("expected a number >= 1") from None
-    if not out >= 1:  # also refuses NaN
+    _finite(out, "a number >= 1")
+    if not out >= 1:
         raise ValueError("must be >= 1")
     return out
 

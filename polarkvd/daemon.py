@@ -242,6 +242,10 @@ class Daemon:
                 max_frame_bytes=cfg.daemon.max_frame_bytes,
                 on_close=on_close,
                 before_loop_op=lambda conn: manager.apply_touches(conn.session),
+                max_unattached=cfg.daemon.max_unattached_connections,
+                max_connections=cfg.daemon.max_sessions + cfg.daemon.max_unattached_connections,
+                hello_timeout=cfg.daemon.hello_timeout,
+                counters=manager.counters,
             )
             sys.setswitchinterval(GIL_SWITCH_SECONDS)
             if cfg.cluster.enabled:
@@ -256,6 +260,7 @@ class Daemon:
             await engine_srv.start(engine_path, cfg.daemon.engine_socket_mode)
             await control_srv.start(control_path, cfg.daemon.control_socket_mode)
             chores.append(asyncio.create_task(self._every(1.0, manager.expire)))
+            chores.append(asyncio.create_task(self._every(1.0, manager.forget_idle_namespaces)))
             chores.append(asyncio.create_task(self._every(TOUCH_SECONDS, manager.apply_touches)))
             chores.append(asyncio.create_task(self._every(TOUCH_SECONDS, manager.apply_table_touches)))
             chores.append(asyncio.create_task(self._every(TABLE_HEARTBEAT_SECONDS, table.heartbeat)))

@@ -71,6 +71,9 @@ class PageIndex:
         self.ready_pages = 0
         self.vram_bytes = 0  # READY in L1
         self.vram_pages = 0
+        #: pages per namespace id, in any state: a namespace with none (and no session, nothing
+        #: queued for disk) can be forgotten (Manager.forget_idle_namespaces)
+        self.ns_pages: dict[int, int] = {}
         #: the engines' copy of which keys are READY (lookup_table.py), kept by add/mark_ready/remove
         self.table: LookupTable | None = None
         #: set by the manager (this index knows nothing of disk): whether a page leaving L1 and DRAM
@@ -87,7 +90,11 @@ class PageIndex:
         return iter(list(self._pages.values()))
 
     def add(self, page: Page) -> None:
+        replaced = self._pages.get(page.key)
+        if replaced is not None:
+            self._uncount(replaced)
         self._pages[page.key] = page
+        self.ns_pages[page.ns] = self.ns_pages.get(page.ns, 0) + 1
         if page.state & ~VRAM == READY:
             self._became_ready(page)
 
@@ -162,6 +169,7 @@ class PageIndex:
         page = self._pages.pop(key, None)
         if page is None:
             return None
+        self._uncount(page)
         if page.state & ~VRAM == READY:
             self._left_ready(page)
         if page.linked:
@@ -170,3 +178,10 @@ class PageIndex:
                 parent.children = max(0, parent.children - 1)
             page.linked = False
         return page
+
+    def _uncount(self, page: Page) -> None:
+        left = self.ns_pages[page.ns] - 1
+        if left:
+            self.ns_pages[page.ns] = left
+        else:
+            del self.ns_pages[page.ns]

@@ -190,6 +190,10 @@ class Manager:
         self.policy: EvictionPolicy = make_policy(cfg.dram.policy)
         self.namespaces: dict[bytes, NamespaceInfo] = {}
         self._ns_by_id: dict[int, NamespaceInfo] = {}
+        self._ns_ids = itertools.count(1)  # never reused: the shared lookup table may hold an old one
+        # namespaces without a session that still held pages when the last one left (digests):
+        # forgotten once the pages are gone (forget_idle_namespaces)
+        self._idle_ns: set[bytes] = set()
         self.sessions: dict[int, Session] = {}
         self._ids = itertools.count(1)
         self.pending: dict[bytes, PendingDemotion] = {}
@@ -269,7 +273,7 @@ class Manager:
         digest = namespace_digest(ns, self.seed)
         info = self.namespaces.get(digest)
         if info is None:
-            info = NamespaceInfo(len(self.namespaces) + 1, ns, digest, slot)
+            info = NamespaceInfo(next(self._ns_ids), ns, digest, slot)
             self.namespaces[digest] = info
             self._ns_by_id[info.id] = info
             if self.cluster is not None and self.disk is not None:
@@ -277,6 +281,7 @@ class Manager:
                 self.cluster.announce_disk_pages(digest)
             if self.table is not None and self.disk is not None:
                 self._list_disk_pages(info)
+        self._idle_ns.discard(digest)
         session = Session(next(self._ids), engine_id, info)
         session.vram = vram and self.vram is not None and self.vram.slots.slabs.fits(slot)
         if self.table is not None:
@@ -286,7 +291,7 @@ class Manager:
         self.sessions[session.id] = session
         self.counters["sessions_attached"] += 1
         log.info(
-            "engine %r attached as session %d (model %s, %d-byte pages%s)",
+            "engine %r attached as session %d (model %.200s, %d-byte pages%s)",
             engine_id,
             session.id,
             ns.model,
@@ -319,6 +324,33 @@ class Manager:
         info.stored_pages += session.stored_pages
         info.loaded_pages += session.loaded_pages
         log.info("session %d (%r) detached", session.id, session.engine_id)
+        if all(s.ns is not info for s in self.sessions.values()):
+            self._idle_ns.add(info.digest)
+            self.forget_idle_namespaces()
+
+    def forget_idle_namespaces(self) -> int:
+        """Forget the namespaces no session uses that hold no page in L1 or DRAM (in any state) and
+        none queued for disk: a client making up namespaces must not grow the daemon. Their pages
+        on disk stay and are found again (listed anew) when an engine attaches to it again; their
+        per-namespace stats go. With a cluster every namespace is kept: peers ask for its pages.
+        Returns how many were forgotten."""
+        if not self._idle_ns or self.cluster is not None:
+            return 0
+        queued = {item.ns_digest for item in self.pending.values()} if self.pending else set()
+        forgotten = 0
+        for digest in list(self._idle_ns):
+            info = self.namespaces.get(digest)
+            if info is not None and (info.id in self.index.ns_pages or digest in queued):
+                continue
+            self._idle_ns.discard(digest)
+            if info is None:
+                continue
+            del self.namespaces[digest]
+            del self._ns_by_id[info.id]
+            self._disk_listed.discard(info.id)
+            forgotten += 1
+        self.counters["namespaces_forgotten"] += forgotten
+        return forgotten
 
     # ------------------------------------------------------------------ lookup
 
@@ -552,6 +584,8 @@ class Manager:
         self._table_task(run())
 
     def _listed(self, info: NamespaceInfo) -> None:
+        if self._ns_by_id.get(info.id) is not info:
+            return  # forgotten meanwhile
         self._disk_listed.add(info.id)
         final = self.final_miss(info)
         for s in self.sessions.values():

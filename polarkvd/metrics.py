@@ -334,7 +334,11 @@ def families(snap: Snapshot) -> Iterator[Any]:
         )
     yield GaugeMetricFamily("polarkv_sessions", "Attached engine sessions.", value=len(st["sessions"]))
     yield GaugeMetricFamily("polarkv_leases", "Open leases (pinned loads and lookups).", value=st["leases"])
-    yield GaugeMetricFamily("polarkv_namespaces", "Namespaces seen since start.", value=st["namespaces"])
+    yield GaugeMetricFamily(
+        "polarkv_namespaces",
+        "Namespaces known now: attached, or with pages in memory.",
+        value=st["namespaces"],
+    )
 
 
 def _seconds_label(ns: int) -> str:

@@ -8,6 +8,8 @@ parser as the config file, and a request with any bad value changes nothing.
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -32,16 +34,22 @@ def control_handlers(
     """`vram_report`: the L1 choice made at start (docs/VRAM.md), shown by `stats` under `vram`."""
 
     def stats(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        only_args(args)
         out = manager.stats()
+        # engine connections cost a thread each: the count is bounded by configuration (daemon.
+        # max_sessions + daemon.max_unattached_connections, plus a few of the daemon's own)
+        out["process"] = {"pid": os.getpid(), "threads": threading.active_count()}
         vram = vram_report() if vram_report is not None else None
         if vram is not None:
             out["vram"] = vram
         return out
 
     def cluster(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        only_args(args)
         return cluster_report() if cluster_report is not None else {"enabled": False}
 
     async def evict(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        only_args(args, "tier", "bytes")
         tier = _TIERS.get(args.get("tier"))  # type: ignore[arg-type]
         if tier is None:
             raise ProtocolError(f"tier must be one of {sorted(_TIERS)}")
@@ -57,16 +65,20 @@ def control_handlers(
         return {"freed_bytes": freed}
 
     async def drain(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        only_args(args)
         return await manager.drain()
 
     def resume(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        only_args(args)
         manager.resume()
         return {}
 
     def get_knobs(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        only_args(args)
         return {"knobs": {name: manager.cfg.get(name) for name in LIVE_KNOBS}}
 
     def set_knobs(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        only_args(args, "knobs")
         knobs = args.get("knobs")
         if not isinstance(knobs, dict) or not knobs:
             raise ProtocolError("knobs must be a non-empty map of option name to value")
@@ -143,6 +155,7 @@ def control_handlers(
         return manager.evict_prefixes(_keys(args))
 
     def ping(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        only_args(args)
         return {}
 
     return {
