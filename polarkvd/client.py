@@ -46,7 +46,7 @@ from polarkvd.errors import (
     error_for_code,
 )
 from polarkvd.keys import ROOT_KEY, page_keys
-from polarkvd.types import KEY_BYTES, Namespace, Tier
+from polarkvd.types import KEY_BYTES, Namespace, PageKey, Tier
 from polarkvd.wire import frames as P
 from polarkvd.wire.arena import map_arena
 from polarkvd.wire.lookup_table import TableReader, map_table
@@ -394,7 +394,7 @@ class EngineClient:
 
     # -- keys -------------------------------------------------------------------------------------
 
-    def page_keys(self, token_ids: Sequence[int] | np.ndarray, parent: bytes = ROOT_KEY) -> list[bytes]:
+    def page_keys(self, token_ids: Sequence[int] | np.ndarray, parent: bytes = ROOT_KEY) -> list[PageKey]:
         """Keys of every full page of `token_ids` in this session's namespace, chained from the digest
         `hello` returned (keyed with the daemon's secret seed: only the daemon computes digests)."""
         return page_keys(self.ns_digest, token_ids, self.namespace.page_tokens, parent)

@@ -282,7 +282,7 @@ def local_page_server(data: DataFile, key: bytes, workdir: Path) -> Iterator[End
     log = workdir / "page-server.log"
     with _child(args, env=env, log=log) as proc:
         ready = _read_json_line(proc, 60, "page server", log)
-        yield Endpoints(ready["fetch"], tuple(ready["raw_tcp"]), [proc.pid])  # type: ignore[arg-type]
+        yield Endpoints(ready["fetch"], tuple(ready["raw_tcp"]), [proc.pid])
 
 
 def serve_main(path: str, layout_json: str) -> int:

@@ -26,6 +26,7 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -183,7 +184,7 @@ def metadata_bytes_per_page(n: int = 50_000) -> float:
 # ----------------------------------------------------------------------------- the data path
 
 
-def _timed_store(kv: Any, keys: list[bytes], pages: list[np.ndarray], batch: int) -> float:
+def _timed_store(kv: Any, keys: Sequence[bytes], pages: list[np.ndarray], batch: int) -> float:
     t = time.perf_counter()
     for i in range(0, len(keys), batch):
         r = kv.store(keys[i : i + batch], pages[i : i + batch], parent=keys[i - 1] if i else None)
@@ -191,7 +192,7 @@ def _timed_store(kv: Any, keys: list[bytes], pages: list[np.ndarray], batch: int
     return time.perf_counter() - t
 
 
-def _timed_load(kv: Any, keys: list[bytes], outs: list[np.ndarray], batch: int) -> tuple[float, int]:
+def _timed_load(kv: Any, keys: Sequence[bytes], outs: list[np.ndarray], batch: int) -> tuple[float, int]:
     t = time.perf_counter()
     n = 0
     for i in range(0, len(keys), batch):

@@ -67,7 +67,7 @@ def pack(message: list[Any]) -> bytes:
     return LENGTH.pack(len(payload)) + payload
 
 
-def unpack(payload: bytes | memoryview) -> Any:
+def unpack(payload: bytes | bytearray | memoryview) -> Any:
     return msgpack.unpackb(payload, raw=False, strict_map_key=False)
 
 
