@@ -11,7 +11,7 @@ bench:
 	./scripts/bootstrap.sh && .venv/bin/polarkvd bench datapath
 
 lint:
-	.venv/bin/ruff check polarkvd tests && .venv/bin/ruff format --check polarkvd tests
+	./scripts/bootstrap.sh && ./scripts/lint.sh
 
 # System install as a service: see docs/OPERATIONS.md. `make install PREFIX=/usr DESTDIR=/tmp/stage`
 PREFIX ?= /usr/local

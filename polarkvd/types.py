@@ -15,7 +15,7 @@ KEY_BYTES = 16
 
 
 class Tier(enum.IntEnum):
-    """Where a page lives. The numbers are the tier levels of DESIGN.md §2 and travel on the wire."""
+    """Where a page lives. The numbers are the tier levels of docs/ARCHITECTURE.md and travel on the wire."""
 
     VRAM = 1
     DRAM = 2
@@ -54,7 +54,7 @@ def _short(value: object, most: int = 64) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Namespace:
-    """Everything that changes the bytes of a page for the same tokens (DESIGN.md §2).
+    """Everything that changes the bytes of a page for the same tokens (docs/ARCHITECTURE.md).
 
     Two engines share pages only when every field is equal. `model` should carry a fingerprint of the
     weights or their config (name plus a digest), not just a name, so two fine-tunes never share KV.

@@ -1,4 +1,4 @@
-"""Bad input on the daemon's sockets (DESIGN.md §10): every case gets a clear error reply with the right
+"""Bad input on the daemon's sockets (docs/ARCHITECTURE.md, reliability rules): every case gets a clear error reply with the right
 code, and a healthy engine attached to the same daemon keeps storing and loading exact bytes.
 
 One daemon serves the whole module; the healthy engine stays connected throughout, and every test
