@@ -82,7 +82,7 @@ def test_the_scheduler_keys_are_the_daemons_and_follow_a_new_seed(daemon_factory
     d = daemon_factory()
     g = geometry()  # TP 2: one session per rank, each with its own digest
     now = [0.0]
-    sched = connector._SchedulerSide(g, connector.Options(socket=str(d.engine_socket)))
+    sched = connector.SchedulerSide(g, connector.Options(socket=str(d.engine_socket)))
     sched.link._clock = lambda: now[0]  # reconnection backoff without waiting
     tokens = list(range(1000, 1000 + 3 * g.page_tokens))
     req = SimpleNamespace(request_id="r", cache_salt="alice", all_token_ids=tokens, num_tokens=len(tokens))
