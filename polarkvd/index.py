@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from polarkvd.policy import PolicyNode
-from polarkvd.wire.lookup_table import LookupTable
+from polarkvd.wire.lookup_table import TIER_DISK, TIER_DRAM, TIER_VRAM, LookupTable
 
 # Page states.
 RESERVED = 0  # slot handed to an engine that is writing it; invisible to lookups
@@ -28,7 +28,6 @@ VRAM = 4  # flag: the slot is in the L1 pool (with RESERVED, READY, and PROMOTIN
 RESERVED_VRAM = RESERVED | VRAM
 READY_VRAM = READY | VRAM
 PROMOTING_VRAM = PROMOTING | VRAM
-_TIER_DRAM, _TIER_VRAM, _TIER_DISK = 2, 1, 4  # lookup_table's tier bytes (= types.Tier)
 
 
 class Page(PolicyNode):
@@ -134,7 +133,7 @@ class PageIndex:
         page.state = READY_VRAM
         page.offset = offset
         if self.table is not None:
-            self.table.set_tier(page.key, _TIER_VRAM)
+            self.table.set_tier(page.key, TIER_VRAM)
 
     def _became_ready(self, page: Page) -> None:
         if page.state & VRAM:
@@ -144,7 +143,7 @@ class PageIndex:
             self.ready_bytes += page.size
             self.ready_pages += 1
         if self.table is not None:
-            self.table.put(page.key, page.ns, _TIER_VRAM if page.state & VRAM else _TIER_DRAM)
+            self.table.put(page.key, page.ns, TIER_VRAM if page.state & VRAM else TIER_DRAM)
         if page.linked:
             return
         parent = self._pages.get(page.parent) if page.parent is not None else None
@@ -162,7 +161,7 @@ class PageIndex:
             self.ready_pages -= 1
         if self.table is not None:
             held = self.held_on_disk
-            if held is None or not held(page) or not self.table.set_tier(page.key, _TIER_DISK):
+            if held is None or not held(page) or not self.table.set_tier(page.key, TIER_DISK):
                 self.table.remove(page.key)
 
     def remove(self, key: bytes) -> Page | None:

@@ -85,12 +85,12 @@ from polarkvd.tiers.codec import (
     group_table_size,
     parse_group_table,
 )
+from polarkvd.types import KEY_BYTES
 
 __all__ = ["DiskEntry", "DiskOpenReport", "DiskStats", "DiskTier", "GroupedPage", "HEADER_SIZE"]
 
 log = logging.getLogger(__name__)
 
-KEY_BYTES = 16
 _MAGIC = b"PKVP"
 _FORMAT = 1
 _FLAG_PARENT = 1
