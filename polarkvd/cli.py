@@ -350,6 +350,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from polarkvd.bench.pipeline import main as pipeline_main
 
         return pipeline_main(args)
+    if args.which == "page-sizes":
+        from polarkvd.bench.page_sizes import main as page_sizes_main
+
+        return page_sizes_main(args)
     raise AssertionError(args.which)
 
 
@@ -483,6 +487,14 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline_args(
         bsub.add_parser(
             "pipeline", help="vLLM TTFT of a prefix hit from DRAM, a peer or disk; layer pipelining on/off"
+        )
+    )
+    from polarkvd.bench.page_sizes import add_arguments as page_sizes_args
+
+    page_sizes_args(
+        bsub.add_parser(
+            "page-sizes",
+            help="a second page size in a full arena: the reserve that needs a slab, pings meanwhile",
         )
     )
     sp.set_defaults(fn=cmd_bench)

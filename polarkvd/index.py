@@ -76,6 +76,9 @@ class PageIndex:
         #: set by the manager (this index knows nothing of disk): whether a page leaving L1 and DRAM
         #: has a copy on disk or queued for it; its table entry then stays, with tier DISK
         self.held_on_disk: Callable[[Page], bool] | None = None
+        #: set by the manager: told (offset, page) whenever a page takes an arena slot, so the
+        #: allocator knows what each slot holds (tiers/dram.py `claim`)
+        self.claim: Callable[[int, Page], None] | None = None
 
     def __contains__(self, key: bytes) -> bool:
         return key in self._pages
@@ -88,6 +91,8 @@ class PageIndex:
 
     def add(self, page: Page) -> None:
         self._pages[page.key] = page
+        if self.claim is not None and not page.state & VRAM:
+            self.claim(page.offset, page)
         if page.state & ~VRAM == READY:
             self._became_ready(page)
 
@@ -103,12 +108,16 @@ class PageIndex:
         self._left_ready(page)
         page.state = PROMOTING
         page.offset = offset
+        if self.claim is not None:
+            self.claim(offset, page)
 
     def land_in_dram(self, page: Page, offset: int) -> None:
         """A page on its way into L1 (PROMOTING_VRAM) will arrive in DRAM slot `offset` instead."""
         assert page.state == PROMOTING_VRAM
         page.state = PROMOTING
         page.offset = offset
+        if self.claim is not None:
+            self.claim(offset, page)
 
     def restore_vram(self, page: Page, offset: int) -> None:
         """A move out of L1 failed: READY in L1 again, at its pool `offset`."""
