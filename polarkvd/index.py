@@ -71,6 +71,8 @@ class PageIndex:
         self.ready_pages = 0
         self.vram_bytes = 0  # READY in L1
         self.vram_pages = 0
+        #: namespace id -> bytes of its pages holding a DRAM slot (any state): tenants' DRAM usage
+        self.dram_bytes_ns: dict[int, int] = {}
         #: the engines' copy of which keys are READY (lookup_table.py), kept by add/mark_ready/remove
         self.table: LookupTable | None = None
         #: set by the manager (this index knows nothing of disk): whether a page leaving L1 and DRAM
@@ -91,8 +93,10 @@ class PageIndex:
 
     def add(self, page: Page) -> None:
         self._pages[page.key] = page
-        if self.claim is not None and not page.state & VRAM:
-            self.claim(page.offset, page)
+        if not page.state & VRAM:
+            self._dram_slot(page, page.size)
+            if self.claim is not None:
+                self.claim(page.offset, page)
         if page.state & ~VRAM == READY:
             self._became_ready(page)
 
@@ -108,6 +112,7 @@ class PageIndex:
         self._left_ready(page)
         page.state = PROMOTING
         page.offset = offset
+        self._dram_slot(page, page.size)
         if self.claim is not None:
             self.claim(offset, page)
 
@@ -116,11 +121,13 @@ class PageIndex:
         assert page.state == PROMOTING_VRAM
         page.state = PROMOTING
         page.offset = offset
+        self._dram_slot(page, page.size)
         if self.claim is not None:
             self.claim(offset, page)
 
     def restore_vram(self, page: Page, offset: int) -> None:
         """A move out of L1 failed: READY in L1 again, at its pool `offset`."""
+        self._dram_slot(page, -page.size)
         page.state = READY_VRAM
         page.offset = offset
         self._became_ready(page)
@@ -133,10 +140,15 @@ class PageIndex:
         self.ready_pages -= 1
         self.vram_bytes += page.size
         self.vram_pages += 1
+        self._dram_slot(page, -page.size)
         page.state = READY_VRAM
         page.offset = offset
         if self.table is not None:
             self.table.set_tier(page.key, _TIER_VRAM)
+
+    def _dram_slot(self, page: Page, nbytes: int) -> None:
+        by_ns = self.dram_bytes_ns
+        by_ns[page.ns] = by_ns.get(page.ns, 0) + nbytes
 
     def _became_ready(self, page: Page) -> None:
         if page.state & VRAM:
@@ -173,6 +185,8 @@ class PageIndex:
             return None
         if page.state & ~VRAM == READY:
             self._left_ready(page)
+        if not page.state & VRAM:
+            self._dram_slot(page, -page.size)
         if page.linked:
             parent = self._pages.get(page.parent) if page.parent is not None else None
             if parent is not None:

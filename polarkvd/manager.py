@@ -64,6 +64,7 @@ from polarkvd.index import (
 from polarkvd.keys import namespace_digest
 from polarkvd.lookup_table import TIER_DISK, LookupTable
 from polarkvd.policy import EvictionPolicy, make_policy, switch_policy
+from polarkvd.quotas import Quotas
 from polarkvd.server.protocol import RESERVE_EXISTS, RESERVE_NO_SPACE
 from polarkvd.slab_reclaim import SlabReclaimer
 from polarkvd.tiers.dram import SlabAllocator, slot_size
@@ -237,7 +238,9 @@ class Manager:
             self._loop = None
         self.reclaim = SlabReclaimer(self)  # room for a page size that has none (two models)
         self.index.claim = allocator.claim
+        self.quotas = Quotas(cfg.quotas)  # per-tenant DRAM and disk limits (quotas.py)
         if disk is not None:
+            disk.quota_of = self.quotas.disk_quota
             disk.on_removed = self._disk_removed  # the manager owns it; the cluster pool is told too
             if table is not None:
                 self.index.held_on_disk = self._held_on_disk
@@ -634,6 +637,7 @@ class Manager:
         prev = parent
         now = self.clock()
         pool = self.vram if prefer is Tier.VRAM and session.vram else None
+        tenant = self.quotas.join(ns)
         for i, key in enumerate(keys):
             if (
                 key in self.index
@@ -653,6 +657,11 @@ class Manager:
                     pool = None
                     self.counters["reserve_vram_full_pages"] += len(keys) - i
                     self.schedule_vram_demotion(len(keys) - i)
+                if not self.quotas.make_room(tenant, key, size, self):  # over: its own pages go first
+                    self.counters["reserve_over_quota"] += len(keys) - i
+                    out.extend([RESERVE_NO_SPACE] * (len(keys) - i))
+                    tiers.extend([0] * (len(keys) - i))
+                    break
                 offset = self._alloc(ns.slot_bytes)
                 if offset is None:
                     if self.reclaim.pending(ns.slot_bytes) is None:  # else the engine API waits for it
@@ -2233,6 +2242,7 @@ class Manager:
             "leases": sum(len(s.leases) for s in self.sessions.values()),
             "namespaces": len(self.namespaces),
             "namespace_stats": list(self._namespace_totals().values()),
+            "quotas": self.quotas.report(self, self.disk.stored_by_ns() if self.disk is not None else None),
             "tuning_file": self.cfg.daemon.tuning_file,
         }
 
