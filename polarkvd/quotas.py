@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 from typing import TYPE_CHECKING, Any
 
 import xxhash
@@ -144,18 +145,25 @@ class Quotas:
     def _victim(self, t: Tenant, m: Manager) -> Page | None:
         """The oldest of `t`'s DRAM pages that can go now (READY, unpinned, a leaf), out of the
         policy; None if it has none."""
-        get, fifo, ns_ids = m.index.get, t.fifo, t.ns_ids
-        for _ in range(min(len(fifo), VICTIM_SCAN)):
-            key = fifo.popleft()
-            page = get(key)
-            if page is None or page.ns not in ns_ids or page.state & VRAM:
-                continue  # gone, or in L1: not in DRAM
-            if page.state == READY and not page.pins and not page.children:
-                m.policy.remove(page)
-                return page
-            fifo.append(key)  # being written, pinned, or its children go first: later
-        # pages it did not reserve under a quota (loaded from disk, or from before the quota)
-        found = m.policy.victims(
+        get, ns_ids = m.index.get, t.ns_ids
+        for refill in (False, True):
+            fifo = t.fifo
+            if refill:
+                # pages it did not reserve under a quota (promoted from disk, or from before the
+                # quota): one walk of the policy, coldest first, puts up to VICTIM_SCAN of them in
+                # front, rather than a walk per victim
+                mine = (n.key for n in m.policy.coldest_first() if n.ns in ns_ids)  # type: ignore[attr-defined]
+                fifo.extendleft(reversed(list(itertools.islice(mine, VICTIM_SCAN))))
+            for _ in range(min(len(fifo), VICTIM_SCAN)):
+                key = fifo.popleft()
+                page = get(key)
+                if page is None or page.ns not in ns_ids or page.state & VRAM:
+                    continue  # gone, or in L1: not in DRAM
+                if page.state == READY and not page.pins and not page.children:
+                    m.policy.remove(page)
+                    return page
+                fifo.append(key)  # being written, pinned, or its children go first: later
+        found = m.policy.victims(  # the last resort: its first evictable page in policy order
             1, lambda n: n.ns in ns_ids and n.pins == 0 and n.children == 0 and n.state == READY
         )
         return found[0] if found else None  # type: ignore[return-value]
