@@ -276,7 +276,32 @@ def render_status(st: dict[str, Any]) -> str:
             f"  #{s['id']} {s['engine_id']}: {s['model']}, hit {rate:.1f}%, stored {s['stored_pages']}, "
             f"loaded {s['loaded_pages']}, reserved {s['reserved_pages']}, leases {s['leases']}"
         )
+    lines += _tenant_lines(st.get("quotas"))
     return "\n".join(lines)
+
+
+def _tenant_lines(q: dict[str, Any] | None) -> list[str]:
+    """Per-tenant usage against its quotas ([quotas]); nothing while no quota is set anywhere."""
+    if not q or not (q["default_dram"] or q["default_disk"] or any(t["listed"] for t in q["tenants"])):
+        return []
+
+    def of(used: int | None, quota: int) -> str:
+        shown = "-" if used is None else format_size(used)
+        return f"{shown} of {format_size(quota) if quota else 'unlimited'}"
+
+    lines = [
+        "",
+        f"tenants (quota for the unlisted: DRAM {format_size(q['default_dram']) if q['default_dram'] else 'unlimited'}, "
+        f"disk {format_size(q['default_disk']) if q['default_disk'] else 'unlimited'})",
+    ]  # fmt: skip
+    for t in q["tenants"]:
+        lines.append(
+            f"  {t['tenant']:<16} DRAM {of(t['dram_bytes'], t['dram_quota'])}, disk {of(t['disk_bytes'], t['disk_quota'])}; "
+            f"evicted by its quota {t['evicted_pages_dram']} DRAM + {t['evicted_pages_disk']} disk pages"
+        )  # fmt: skip
+    if q["tenants_not_shown"]:
+        lines.append(f"  ... and {q['tenants_not_shown']} smaller tenants")
+    return lines
 
 
 def cmd_evict(args: argparse.Namespace) -> int:
@@ -328,7 +353,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
             result = c.knobs()
     fields = option_fields()
     for name, value in result.items():
-        print(f"{name} = {value!r}    # {fields[name].metadata['doc']}")
+        shown = json.dumps(value) if isinstance(value, dict) else repr(value)  # dict: as typed back
+        print(f"{name} = {shown}    # {fields[name].metadata['doc']}")
     return 0
 
 
@@ -370,6 +396,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from polarkvd.bench.connect import main as connect_main
 
         return connect_main(args)
+    if args.which == "page-sizes":
+        from polarkvd.bench.page_sizes import main as page_sizes_main
+
+        return page_sizes_main(args)
     raise AssertionError(args.which)
 
 
@@ -511,6 +541,14 @@ def build_parser() -> argparse.ArgumentParser:
         bsub.add_parser(
             "connect",
             help="a connect flood: EngineClient constructions from several processes, daemon threads",
+        )
+    )
+    from polarkvd.bench.page_sizes import add_arguments as page_sizes_args
+
+    page_sizes_args(
+        bsub.add_parser(
+            "page-sizes",
+            help="a second page size in a full arena: the reserve that needs a slab, pings meanwhile",
         )
     )
     sp.set_defaults(fn=cmd_bench)

@@ -219,7 +219,10 @@ def parse_fraction(value: object) -> float:
 
 
 def _opt(default: Any, parse: Callable[[object], Any], doc: str, *, live: bool = False) -> Any:
-    return dataclasses.field(default=default, metadata={"parse": parse, "doc": doc, "live": live})
+    meta = {"parse": parse, "doc": doc, "live": live}
+    if isinstance(default, dict):  # a table: each Config gets its own
+        return dataclasses.field(default_factory=lambda: dict(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
 
 
 POLICY_NAMES = ("lru", "s3fifo")
@@ -564,6 +567,85 @@ class VramConfig:
     )
 
 
+class OptionProblems(ValueError):
+    """Several problems inside one option's value (a table): (key below the option, value, why)."""
+
+    def __init__(self, problems: list[tuple[str, object, str]]) -> None:
+        super().__init__("; ".join(f"{k} = {v!r}: {why}" for k, v, why in problems))
+        self.problems = problems
+
+
+#: what a tenant's table may hold (quotas.tenants)
+TENANT_KEYS = ("name", "dram", "disk")
+_TENANT_NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+
+
+def parse_tenant_quotas(value: object) -> dict[str, dict[str, Any]]:
+    """quotas.tenants: {cache_salt: {"name": label, "dram": size, "disk": size}}, every key optional;
+    from TOML a table, from the environment, --set or `polarkvd tune` the same as JSON text.
+    Every problem is reported (OptionProblems), keyed below the option."""
+    if isinstance(value, str):
+        import json
+
+        try:
+            value = json.loads(value) if value.strip() else {}
+        except ValueError:
+            raise ValueError(
+                'expected a table like {"<cache_salt>": {"dram": "1GiB", "disk": "4GiB"}} (JSON text)'
+            ) from None
+    if not isinstance(value, dict):
+        raise ValueError('expected a table of cache_salt -> {dram = "1GiB", disk = "4GiB", name = "acme"}')
+    out: dict[str, dict[str, Any]] = {}
+    problems: list[tuple[str, object, str]] = []
+    names: dict[str, str] = {}
+    for salt, table in value.items():
+        if not isinstance(salt, str) or len(salt) > 1024:
+            problems.append(
+                (str(salt)[:64], salt, "a tenant is a cache_salt: a string of at most 1024 characters")
+            )
+            continue
+        if not isinstance(table, dict):
+            problems.append((salt, table, 'expected a table like {dram = "1GiB", disk = "4GiB"}'))
+            continue
+        entry: dict[str, Any] = {}
+        for key, v in table.items():
+            if key not in TENANT_KEYS:
+                problems.append((f"{salt}.{key}", v, f"unknown key; known: {', '.join(TENANT_KEYS)}"))
+            elif key == "name":
+                if not isinstance(v, str) or not _TENANT_NAME_RE.match(v):
+                    problems.append((f"{salt}.name", v, "expected 1-64 letters, digits or _ . : -"))
+                elif v in names:
+                    problems.append((f"{salt}.name", v, f"also the name of tenant {names[v]!r}"))
+                else:
+                    names[v] = salt
+                    entry["name"] = v
+            else:
+                try:
+                    entry[key] = parse_size(v)
+                except ValueError as e:
+                    problems.append((f"{salt}.{key}", v, str(e)))
+        out[salt] = entry
+    if problems:
+        raise OptionProblems(problems)
+    return out
+
+
+@dataclasses.dataclass
+class QuotasConfig:
+    default_dram: int = _opt(
+        0, parse_size, "DRAM a tenant (a cache_salt) not listed in tenants may hold; 0 = unlimited", live=True
+    )
+    default_disk: int = _opt(
+        0, parse_size, "disk a tenant not listed in tenants may hold; 0 = unlimited", live=True
+    )
+    tenants: dict[str, dict[str, Any]] = _opt(
+        {},
+        parse_tenant_quotas,
+        "per cache_salt: {dram, disk, name}; a size left out is the default, 0 = unlimited",
+        live=True,
+    )
+
+
 @dataclasses.dataclass
 class Config:
     daemon: DaemonConfig = dataclasses.field(default_factory=DaemonConfig)
@@ -572,6 +654,7 @@ class Config:
     metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
     cluster: ClusterSection = dataclasses.field(default_factory=ClusterSection)
     vram: VramConfig = dataclasses.field(default_factory=VramConfig)
+    quotas: QuotasConfig = dataclasses.field(default_factory=QuotasConfig)
 
     def get(self, dotted: str) -> Any:
         section, key = dotted.split(".", 1)
@@ -588,6 +671,7 @@ SECTIONS: dict[str, type] = {
     "metrics": MetricsConfig,
     "cluster": ClusterSection,
     "vram": VramConfig,
+    "quotas": QuotasConfig,
 }
 
 
@@ -603,6 +687,13 @@ def option_fields() -> dict[str, dataclasses.Field[Any]]:
 LIVE_KNOBS = tuple(name for name, f in option_fields().items() if f.metadata["live"])
 
 
+def shown_knob(dotted: str, value: object) -> str:
+    """A knob's value for a log line: quotas.tenants is keyed by cache_salts, which are secrets."""
+    if dotted == "quotas.tenants" and isinstance(value, dict):
+        return f"<{len(value)} tenants>"
+    return repr(value)
+
+
 def parse_option(dotted: str, value: object) -> Any:
     """Parse one option value; raises ConfigError naming the key."""
     fields = option_fields()
@@ -610,6 +701,8 @@ def parse_option(dotted: str, value: object) -> Any:
         raise ConfigError([(dotted, value, f"unknown option; known: {', '.join(sorted(fields))}")])
     try:
         return fields[dotted].metadata["parse"](value)
+    except OptionProblems as e:
+        raise ConfigError([(f"{dotted}.{k}", v, why) for k, v, why in e.problems]) from None
     except ValueError as e:
         raise ConfigError([(dotted, value, str(e))]) from None
 
@@ -668,6 +761,9 @@ def load_config(
             continue
         try:
             parsed = fields[name].metadata["parse"](value)
+        except OptionProblems as e:
+            problems.extend((f"{name}.{k}", v, why) for k, v, why in e.problems)
+            continue
         except ValueError as e:
             problems.append((name, value, str(e)))
             continue
@@ -788,6 +884,9 @@ def read_tuning(path: str | Path) -> dict[str, object]:
 
 
 def _toml_value(value: object) -> str:
+    if isinstance(value, dict):  # an inline table (quotas.tenants)
+        items = ", ".join(f"{_toml_value(str(k))} = {_toml_value(v)}" for k, v in value.items())
+        return "{ " + items + " }" if items else "{}"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -899,6 +998,7 @@ def resolve(cfg: Config, env: Mapping[str, str] | None = None) -> Config:
         metrics=dataclasses.replace(cfg.metrics),
         cluster=dataclasses.replace(cfg.cluster),
         vram=dataclasses.replace(cfg.vram),
+        quotas=dataclasses.replace(cfg.quotas),
     )
     d = out.daemon
     d.runtime_dir = d.runtime_dir or str(default_runtime_dir(env))

@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 import xxhash
 
 from polarkvd import __version__
-from polarkvd.config import LIVE_KNOBS, Config, format_size, load_config, option_fields
+from polarkvd.config import LIVE_KNOBS, Config, format_size, load_config, option_fields, shown_knob
 from polarkvd.errors import EXIT_CONFIG, ConfigError, PolarKVError, ResourceError
 from polarkvd.manager import Manager
 from polarkvd.metrics import MetricsServer, OpTimings, Snapshot, StatsCollector
@@ -577,7 +577,8 @@ class Daemon:
         self.last_reload_ok = True
         log.info(
             "reloaded %s: %s", shown,
-            ", ".join(f"{n} {old!r} -> {value!r}" for n, (old, value) in changes.items()) or "no live option changed",
+            ", ".join(f"{n} {shown_knob(n, old)} -> {shown_knob(n, value)}" for n, (old, value) in changes.items())
+            or "no live option changed",
             extra={"changed": ",".join(changes) or "-"},
         )  # fmt: skip
         if self.restart_needed:

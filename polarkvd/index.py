@@ -73,11 +73,16 @@ class PageIndex:
         #: pages per namespace id, in any state: a namespace with none (and no session, nothing
         #: queued for disk) can be forgotten (Manager.forget_idle_namespaces)
         self.ns_pages: dict[int, int] = {}
+        #: namespace id -> bytes of its pages holding a DRAM slot (any state): tenants' DRAM usage
+        self.dram_bytes_ns: dict[int, int] = {}
         #: the engines' copy of which keys are READY (lookup_table.py), kept by add/mark_ready/remove
         self.table: LookupTable | None = None
         #: set by the manager (this index knows nothing of disk): whether a page leaving L1 and DRAM
         #: has a copy on disk or queued for it; its table entry then stays, with tier DISK
         self.held_on_disk: Callable[[Page], bool] | None = None
+        #: set by the manager: told (offset, page) whenever a page takes an arena slot, so the
+        #: allocator knows what each slot holds (tiers/dram.py `claim`)
+        self.claim: Callable[[int, Page], None] | None = None
 
     def __contains__(self, key: bytes) -> bool:
         return key in self._pages
@@ -92,8 +97,14 @@ class PageIndex:
         replaced = self._pages.get(page.key)
         if replaced is not None:
             self._uncount(replaced)
+            if not replaced.state & VRAM:
+                self._dram_slot(replaced, -replaced.size)
         self._pages[page.key] = page
         self.ns_pages[page.ns] = self.ns_pages.get(page.ns, 0) + 1
+        if not page.state & VRAM:
+            self._dram_slot(page, page.size)
+            if self.claim is not None:
+                self.claim(page.offset, page)
         if page.state & ~VRAM == READY:
             self._became_ready(page)
 
@@ -109,15 +120,22 @@ class PageIndex:
         self._left_ready(page)
         page.state = PROMOTING
         page.offset = offset
+        self._dram_slot(page, page.size)
+        if self.claim is not None:
+            self.claim(offset, page)
 
     def land_in_dram(self, page: Page, offset: int) -> None:
         """A page on its way into L1 (PROMOTING_VRAM) will arrive in DRAM slot `offset` instead."""
         assert page.state == PROMOTING_VRAM
         page.state = PROMOTING
         page.offset = offset
+        self._dram_slot(page, page.size)
+        if self.claim is not None:
+            self.claim(offset, page)
 
     def restore_vram(self, page: Page, offset: int) -> None:
         """A move out of L1 failed: READY in L1 again, at its pool `offset`."""
+        self._dram_slot(page, -page.size)
         page.state = READY_VRAM
         page.offset = offset
         self._became_ready(page)
@@ -130,10 +148,15 @@ class PageIndex:
         self.ready_pages -= 1
         self.vram_bytes += page.size
         self.vram_pages += 1
+        self._dram_slot(page, -page.size)
         page.state = READY_VRAM
         page.offset = offset
         if self.table is not None:
             self.table.set_tier(page.key, TIER_VRAM)
+
+    def _dram_slot(self, page: Page, nbytes: int) -> None:
+        by_ns = self.dram_bytes_ns
+        by_ns[page.ns] = by_ns.get(page.ns, 0) + nbytes
 
     def _became_ready(self, page: Page) -> None:
         if page.state & VRAM:
@@ -171,6 +194,8 @@ class PageIndex:
         self._uncount(page)
         if page.state & ~VRAM == READY:
             self._left_ready(page)
+        if not page.state & VRAM:
+            self._dram_slot(page, -page.size)
         if page.linked:
             parent = self._pages.get(page.parent) if page.parent is not None else None
             if parent is not None:

@@ -64,6 +64,8 @@ from polarkvd.index import (
 )
 from polarkvd.keys import SEED_BYTES, namespace_digest, seed_fingerprint
 from polarkvd.policy import EvictionPolicy, make_policy, switch_policy
+from polarkvd.quotas import Quotas
+from polarkvd.slab_reclaim import SlabReclaimer
 from polarkvd.tiers.dram import SlabAllocator, slot_size
 from polarkvd.tiers.group_commit import GroupCommit
 from polarkvd.transport.pipeline import (
@@ -81,6 +83,9 @@ log = logging.getLogger(__name__)
 
 #: How many DRAM pages loaded by L1 sessions the promotion count remembers (~100 B each).
 L1_LOADS_REMEMBERED = 1 << 16
+#: Pages of its own size the policy is searched for when a reserve needs a slot (beyond them, a
+#: slab of another size is emptied: slab_reclaim.py).
+SAME_SIZE_SCAN = 1024
 #: Disk pages put in the shared lookup table per turn of the event loop when listing them (a
 #: namespace's pages on disk, or the disk entries a rebuild puts back): ~2-3 us each, ~5 ms a turn.
 LIST_BATCH = 2048
@@ -251,7 +256,11 @@ class Manager:
             self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:  # in-process tests: no loop, disk events are applied where they happen
             self._loop = None
+        self.reclaim = SlabReclaimer(self)  # room for a page size that has none (two models)
+        self.index.claim = allocator.claim
+        self.quotas = Quotas(cfg.quotas)  # per-tenant DRAM and disk limits (quotas.py)
         if disk is not None:
+            disk.quota_of = self.quotas.disk_quota
             disk.on_removed = self._disk_removed  # the manager owns it; the cluster pool is told too
             if table is not None:
                 self.index.held_on_disk = self._held_on_disk
@@ -678,6 +687,7 @@ class Manager:
         prev = parent
         now = self.clock()
         pool = self.vram if prefer is Tier.VRAM and session.vram else None
+        tenant = self.quotas.join(ns)
         for i, key in enumerate(keys):
             if (
                 key in self.index
@@ -697,9 +707,15 @@ class Manager:
                     pool = None
                     self.counters["reserve_vram_full_pages"] += len(keys) - i
                     self.schedule_vram_demotion(len(keys) - i)
+                if not self.quotas.make_room(tenant, key, size, self):  # over: its own pages go first
+                    self.counters["reserve_over_quota"] += len(keys) - i
+                    out.extend([RESERVE_NO_SPACE] * (len(keys) - i))
+                    tiers.extend([0] * (len(keys) - i))
+                    break
                 offset = self._alloc(ns.slot_bytes)
                 if offset is None:
-                    self.counters["reserve_no_space"] += len(keys) - i
+                    if self.reclaim.pending(ns.slot_bytes) is None:  # else the engine API waits for it
+                        self.counters["reserve_no_space"] += len(keys) - i
                     out.extend([RESERVE_NO_SPACE] * (len(keys) - i))
                     tiers.extend([0] * (len(keys) - i))
                     break
@@ -1692,14 +1708,24 @@ class Manager:
     # ------------------------------------------------------------------ space: allocation, eviction, demotion
 
     def _alloc(self, slot_bytes: int) -> int | None:
+        """A free slot, else one freed by evicting a page of the same size (a bounded search in
+        policy order), else a slab of another size emptied (slab_reclaim.py: at once when small,
+        else in the background: None, and `reclaim.pending` says when to ask again), else the
+        whole policy searched for a page of this size."""
         offset = self.allocator.alloc(slot_bytes)
         while offset is None:
-            if not self._evict_one(slot_bytes, "capacity"):
-                return None
+            if not self._evict_one(slot_bytes, "capacity", SAME_SIZE_SCAN):
+                offset = self.reclaim.room(slot_bytes)
+                if offset is None and self.reclaim.pending(slot_bytes) is None:
+                    if self._evict_one(slot_bytes, "capacity"):
+                        offset = self.allocator.alloc(slot_bytes)
+                return offset
             offset = self.allocator.alloc(slot_bytes)
         return offset
 
-    def _evict_one(self, slot_bytes: int | None, reason: str) -> bool:
+    def _evict_one(self, slot_bytes: int | None, reason: str, limit: int | None = None) -> bool:
+        """Evict the policy's first unpinned leaf in DRAM: of `slot_bytes` if given (among the
+        first `limit` pages), else of any size."""
         self.apply_touches()  # the policy must know every lookup answered so far before it picks
         self.apply_table_touches()
 
@@ -1714,19 +1740,24 @@ class Manager:
         def evictable_any(node: Any) -> bool:
             return node.pins == 0 and node.children == 0 and node.state == READY
 
-        victims = self.policy.victims(1, evictable_same) if slot_bytes is not None else []
-        if not victims:
+        if slot_bytes is not None:
+            victims = self.policy.victims(1, evictable_same, limit)
+        else:
             victims = self.policy.victims(1, evictable_any)
         if not victims:
             return False
         page = victims[0]
         assert isinstance(page, Page)
+        self._evict_page(page, reason)
+        return True
+
+    def _evict_page(self, page: Page, reason: str) -> None:
+        """A READY page leaves DRAM (already out of the policy): demoted, its slot freed."""
         self._demote(page)
         self.index.remove(page.key)
         self.allocator.free(page.offset, slot_size(page.size))
         self.counters[f"evicted_pages_dram_{reason}"] += 1
         self.counters["evicted_bytes_dram"] += page.size
-        return True
 
     def _demote(self, page: Page) -> None:
         """An evicted page leaves DRAM: to peers' lent DRAM (L3) when the cluster has room, else
@@ -2282,6 +2313,7 @@ class Manager:
             "leases": sum(len(s.leases) for s in self.sessions.values()),
             "namespaces": len(self.namespaces),
             "namespace_stats": list(self._namespace_totals().values()),
+            "quotas": self.quotas.report(self, self.disk.stored_by_ns() if self.disk is not None else None),
             "tuning_file": self.cfg.daemon.tuning_file,
         }
 

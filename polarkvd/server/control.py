@@ -192,5 +192,10 @@ def apply_knob(manager: Manager, name: str, value: Any) -> None:
         manager.cfg.dram.min_prefix_pages = value
     elif name == "disk.write_through":
         manager.cfg.disk.write_through = value
+    elif name in ("quotas.default_dram", "quotas.default_disk", "quotas.tenants"):
+        # in place: the manager's quotas and the disk tier read this object at each use; a tenant
+        # now over its DRAM quota gives back pages at its next reserve, over its disk quota at its
+        # next disk write
+        setattr(manager.cfg.quotas, name.split(".")[1], value)
     else:  # pragma: no cover - LIVE_KNOBS and this function change together
         raise PolarKVError(f"{name} is marked live but has no setter", code=ErrorCode.INTERNAL)

@@ -59,6 +59,7 @@ import ctypes
 import dataclasses
 import errno
 import fcntl
+import functools
 import io
 import logging
 import os
@@ -66,7 +67,7 @@ import re
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -346,6 +347,12 @@ class DiskTier:
         #: whatever thread removed them (set by the manager: their lookup-table entries go, and the
         #: cluster withdraws their announcements)
         self.on_removed: Callable[[list[bytes]], None] | None = None
+        #: set by the manager (quotas.py): for a page's namespace, (limit, the namespaces sharing
+        #: it: its tenant's) or None; a put over the limit evicts pages of those namespaces only
+        self.quota_of: Callable[[bytes], tuple[int, frozenset[bytes]] | None] | None = None
+        self._ns_stored: dict[bytes, int] = {}  # namespace -> stored bytes
+        self._ns_reserved: dict[bytes, int] = {}  # namespace -> bytes of its puts in flight
+        self._quota_evicted: dict[bytes, int] = {}  # namespace -> pages evicted by its quota
         self._corrupt = 0
         self._puts = 0
         self._gets = 0
@@ -380,6 +387,7 @@ class DiskTier:
             self._waiting.clear()
             self._policy = make_policy(self._policy.name)
             self._stored = self._raw = 0
+            self._ns_stored.clear()
         try:
             refuse = self._seed_mismatch()
             snapshot, dropped, trusted, recovered = self._reconcile(refuse is not None)
@@ -606,12 +614,23 @@ class DiskTier:
         size = _stored_size(HEADER_SIZE + len(blob))
         if size > self.capacity_bytes:
             return False
+        quota = self.quota_of(ns) if self.quota_of is not None else None
         with self._lock:
+            doomed: list[bytes] = []
+            fits = True
+            if quota is not None:  # a tenant over its quota makes room among its own pages
+                limit, group = quota
+                held = sum(self._ns_stored.get(d, 0) + self._ns_reserved.get(d, 0) for d in group)
+                over = held + size - limit
+                if over > 0:
+                    freed, doomed = self._evict_locked(over, group)
+                    fits = freed >= over
             need = self._stored + self._reserved + size - self.capacity_bytes
-            doomed = self._evict_locked(need)[1] if need > 0 else []
-            fits = self._stored + self._reserved + size <= self.capacity_bytes
+            if fits and need > 0:
+                doomed += self._evict_locked(need)[1]
+            fits = fits and self._stored + self._reserved + size <= self.capacity_bytes
             if fits:
-                self._reserved += size
+                self._reserve_locked(ns, size)
         self._unlink(doomed)
         if not fits:
             return False
@@ -626,14 +645,14 @@ class DiskTier:
         except OSError as exc:
             log.warning("disk tier: writing %s failed: %s", final, exc)
             with self._lock:
-                self._reserved -= size
+                self._reserve_locked(ns, -size)
             try:
                 os.unlink(tmp)
             except OSError:
                 pass
             return False
         with self._lock:
-            self._reserved -= size
+            self._reserve_locked(ns, -size)
             self._admit_locked(key, parent, ns, raw_len, size)
             self._puts += 1
             self._changes += 1
@@ -858,6 +877,16 @@ class DiskTier:
         with self._lock:
             return list(self._entries)
 
+    def stored_by_ns(self) -> dict[bytes, int]:
+        """Stored bytes per namespace digest (a copy; no I/O)."""
+        with self._lock:
+            return dict(self._ns_stored)
+
+    def quota_evicted_by_ns(self) -> dict[bytes, int]:
+        """Pages evicted to keep each namespace's tenant within its disk quota (a copy)."""
+        with self._lock:
+            return dict(self._quota_evicted)
+
     def keys_of(self, ns: bytes) -> list[bytes]:
         """Keys of the pages of namespace `ns` (its digest). The index is copied under the lock (a
         C-speed copy, ~10 ms per million pages) and filtered outside it, so puts and reads wait for
@@ -966,6 +995,16 @@ class DiskTier:
         self._policy.insert(e)
         self._stored += stored_bytes
         self._raw += raw_bytes
+        self._ns_stored[ns] = self._ns_stored.get(ns, 0) + stored_bytes
+
+    def _reserve_locked(self, ns: bytes, size: int) -> None:
+        """Space held (size > 0) or let go (< 0) by a put in flight."""
+        self._reserved += size
+        left = self._ns_reserved.get(ns, 0) + size
+        if left > 0:
+            self._ns_reserved[ns] = left
+        else:
+            self._ns_reserved.pop(ns, None)
 
     def _detach_locked(self, e: DiskEntry) -> None:
         """Take `e` out of index, policy and counts; its key stays in `_deleting` until unlinked."""
@@ -973,6 +1012,11 @@ class DiskTier:
         self._policy.remove(e)
         self._stored -= e.stored_bytes
         self._raw -= e.raw_bytes
+        left = self._ns_stored.get(e.ns, 0) - e.stored_bytes
+        if left > 0:
+            self._ns_stored[e.ns] = left
+        else:
+            self._ns_stored.pop(e.ns, None)
         if e.parent is not None:
             p = self._entries.get(e.parent)
             if p is not None:
@@ -988,15 +1032,22 @@ class DiskTier:
         self._deleting.add(e.key)
         self._changes += 1
 
-    def _evict_locked(self, need: int) -> tuple[int, list[bytes]]:
+    def _evict_locked(self, need: int, group: frozenset[bytes] | None = None) -> tuple[int, list[bytes]]:
+        """Evict leaf-first in policy order until `need` bytes are freed; with `group`, only pages
+        of those namespaces (a tenant over its quota)."""
         freed = 0
         doomed: list[bytes] = []
-        while freed < need and self._entries:
+        if group is None:
+            evictable, pool = _is_leaf, len(self._entries)
+        else:
+            evictable = functools.partial(_is_leaf_in, group)
+            pool = sum(1 for d in group if self._ns_stored.get(d))
+        while freed < need and pool:
             avg = max(1, self._stored // len(self._entries))
             k = max(1, min(len(self._entries), -(-(need - freed) // avg)))
-            got = self._policy.victims(k, _is_leaf)
+            got = self._policy.victims(k, evictable)
             if not got and k > 1:  # fewer leaves than the estimate: one at a time frees parents
-                got = self._policy.victims(1, _is_leaf)
+                got = self._policy.victims(1, evictable)
             if not got:
                 break
             for node in got:
@@ -1004,7 +1055,10 @@ class DiskTier:
                 self._detach_locked(node)
                 freed += node.stored_bytes
                 doomed.append(node.key)
+                if group is not None:
+                    self._quota_evicted[node.ns] = self._quota_evicted.get(node.ns, 0) + 1
             self._evictions += len(got)
+            pool = len(self._entries)
         return freed, doomed
 
     def _drop(self, key: bytes, e: DiskEntry, *, corrupt: bool) -> None:
@@ -1081,3 +1135,9 @@ def _fsync_dir(path: str) -> None:
 def _is_leaf(node: PolicyNode) -> bool:
     assert isinstance(node, DiskEntry)  # the disk policy holds only entries
     return node.children == 0
+
+
+def _is_leaf_in(group: Container[bytes], node: PolicyNode) -> bool:
+    """A leaf of one of the namespaces in `group`."""
+    assert isinstance(node, DiskEntry)
+    return node.children == 0 and node.ns in group
