@@ -213,7 +213,9 @@ class Manager:
         self.touches: collections.deque[list[Page]] = collections.deque(maxlen=1 << 16)
         self.started = time.time()
         self.operator_pins: dict[bytes, Page] = {}  # pages pinned with the `pin` op, one pin each
-        self.prefix_hits: Counters = Counters()  # first key of a load -> pages loaded (see `top`)
+        self.prefix_hits: collections.Counter[bytes] = (
+            collections.Counter()
+        )  # first key of a load -> pages loaded (`top`)
         self.write_through_bytes = 0  # write-through copies queued and not yet durable
         # write-through: durable writes of committed pages, synced per batch (tiers/group_commit.py)
         self.group_commit = (
@@ -451,8 +453,8 @@ class Manager:
         if self.vram_policy is None:
             self.policy.touch_many(pages)  # type: ignore[arg-type]
             return
-        self.policy.touch_many([p for p in pages if not p.state & VRAM])  # type: ignore[arg-type]
-        self.vram_policy.touch_many([p for p in pages if p.state & VRAM])  # type: ignore[arg-type]
+        self.policy.touch_many([p for p in pages if not p.state & VRAM])
+        self.vram_policy.touch_many([p for p in pages if p.state & VRAM])
 
     def apply_table_touches(self) -> None:
         """Touch the pages engines hit in the shared lookup table, and rebuild the table when it
@@ -884,7 +886,7 @@ class Manager:
         layered: list[tuple[int, Page, asyncio.Future[bool], str]] = []
         if remote_from is not None:
             started = await self._start_fetches(ns, keys[remote_from:], layered=True)
-            for page, fut, holder in started:  # type: ignore[misc]
+            for page, fut, holder in started:
                 page.pins += 1
                 pinned.append(page)
                 tiers.append(Tier.DMP)
@@ -920,11 +922,7 @@ class Manager:
             if i not in waiting:
                 progress.page_done(i)
         for pos, fut in waits:
-            fut.add_done_callback(
-                lambda f, i=pos: (
-                    progress.page_done(i) if not f.cancelled() and f.result() else progress.fail(i)
-                )
-            )
+            fut.add_done_callback(functools.partial(_signal_page, progress, pos))
         if from_disk:
             self._promote_layered(ns, from_disk, progress)
         if layered:
@@ -1138,7 +1136,7 @@ class Manager:
             if parent is False:
                 self._finish_promotion(page, fut, PageNotFound("remote fetch failed"), on_disk=False)
             else:
-                page.parent = parent  # type: ignore[assignment]
+                page.parent = parent
                 page.checksum = sums[i] if i < len(sums) else None  # verified on arrival: kept for peers
                 self.counters["fetched_pages_remote"] += 1
                 self.counters["fetched_bytes_remote"] += page.size
@@ -1236,7 +1234,7 @@ class Manager:
                                 progress.fail(pos)
                             break
                         if lo == 0:
-                            page.parent = parent  # type: ignore[assignment]
+                            page.parent = parent
                         done_layers[pos] = hi
                         good.append(pos)
                 if progress is not None:
@@ -1318,8 +1316,12 @@ class Manager:
         offset = self._alloc(ns.slot_bytes)
         if offset is None:
             return None
-        pending = self.pending.get(key)
-        parent = pending.parent if pending is not None else self.disk.entry(key).parent
+        pending, disk = self.pending.get(key), self.disk
+        if pending is not None:
+            parent = pending.parent
+        else:
+            assert disk is not None  # a promotion comes from a pending demotion or the disk tier
+            parent = disk.entry(key).parent
         page = Page(key, ns.id, offset, ns.ns.page_bytes, parent, PROMOTING)
         self.index.add(page)
         loop = asyncio.get_running_loop()
@@ -1330,7 +1332,8 @@ class Manager:
             view[:] = pending.data
             self._finish_promotion(page, fut, None, on_disk=False)
         elif read:
-            io = loop.run_in_executor(self.executor, self.disk.get_into, key, view)
+            assert disk is not None
+            io = loop.run_in_executor(self.executor, disk.get_into, key, view)
             io.add_done_callback(
                 lambda f: self._finish_promotion(
                     page,
@@ -1362,11 +1365,12 @@ class Manager:
         group 1, ... Pages stored in layer groups (`DiskTier.put(groups=...)`) give the engine layer
         0 of the whole prefix after 1/8 of the decoding; a page stored whole arrives whole. A page
         that fails (gone, corrupt) ends the load there, as a failed remote page does."""
-        loop = asyncio.get_running_loop()
+        loop, disk = asyncio.get_running_loop(), self.disk
+        assert disk is not None  # these pages are on it
         run = functools.partial(loop.run_in_executor, self.executor)
         lb = ns.ns.layer_bytes
         opened = await asyncio.gather(
-            *(run(self.disk.open_grouped, page.key) for _, page, _ in items), return_exceptions=True
+            *(run(disk.open_grouped, page.key) for _, page, _ in items), return_exceptions=True
         )
         live: list[tuple[int, Page, asyncio.Future[bool], Any]] = []
         for (pos, page, fut), grouped in zip(items, opened):
@@ -1840,6 +1844,7 @@ class Manager:
         if durable:
             fut = self.group_commit.submit(key, item.parent, item.ns_digest, item.data, item.itemsize, groups)  # type: ignore[union-attr]
         else:
+            assert self.disk is not None  # only called with a disk tier
             fut = loop.run_in_executor(
                 self.executor,
                 self.disk.put,
@@ -1954,7 +1959,7 @@ class Manager:
         hits = self.prefix_hits
         hits[first_key] += pages
         if len(hits) > 4096:  # bounded: keep the hottest half
-            self.prefix_hits = Counters(dict(hits.most_common(2048)))
+            self.prefix_hits = collections.Counter(dict(hits.most_common(2048)))
 
     def _roots(self) -> dict[bytes, bytes]:
         """key -> key of the first DRAM page of its chain, for every READY page in DRAM."""
@@ -1992,9 +1997,9 @@ class Manager:
             if key in seen:
                 continue
             seen.add(key)
-            page = self.index.get(key)
-            if page is not None and page.state == READY:
-                out.append(page)
+            root = self.index.get(key)
+            if root is not None and root.state == READY:
+                out.append(root)
             queue.append(key)
         while queue:
             key = queue.pop()
@@ -2094,10 +2099,10 @@ class Manager:
         for page in self.index:
             if page.state != READY:
                 continue
-            t = totals.get(page.ns)
-            if t is not None:
-                t["dram_pages"] += 1
-                t["dram_bytes"] += page.size
+            total = totals.get(page.ns)
+            if total is not None:
+                total["dram_pages"] += 1
+                total["dram_bytes"] += page.size
             root = root_of[page.key]
             pr = prefixes.get(root)
             if pr is None:
@@ -2115,18 +2120,18 @@ class Manager:
             if page.key in self.operator_pins:
                 pr["pinned_pages"] += 1
         for key, n in self.prefix_hits.items():
-            pr = prefixes.get(root_of.get(key, key))
-            if pr is not None:
-                pr["hits"] += n
+            hit = prefixes.get(root_of.get(key, key))
+            if hit is not None:
+                hit["hits"] += n
         if self.disk is not None:
             by_digest = await asyncio.get_running_loop().run_in_executor(
                 self.executor, _disk_by_namespace, self.disk
             )
             for digest, (pages, nbytes) in by_digest.items():
-                info = self.namespaces.get(digest)
-                if info is not None:
-                    totals[info.id]["disk_pages"] += pages
-                    totals[info.id]["disk_bytes"] += nbytes
+                known = self.namespaces.get(digest)
+                if known is not None:
+                    totals[known.id]["disk_pages"] += pages
+                    totals[known.id]["disk_bytes"] += nbytes
         namespaces = sorted(
             totals.values(), key=lambda t: (t["dram_bytes"] + t["disk_bytes"], t["hit_pages"]), reverse=True
         )
@@ -2328,3 +2333,11 @@ def _disk_by_namespace(disk: Any) -> dict[bytes, tuple[int, int]]:
             acc[0] += 1
             acc[1] += entry.stored_bytes
     return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def _signal_page(progress: LoadProgress, pos: int, fut: asyncio.Future[bool]) -> None:
+    """A pipelined load's page `pos` arrived (or failed): tell the engine through its signal slot."""
+    if not fut.cancelled() and fut.result():
+        progress.page_done(pos)
+    else:
+        progress.fail(pos)
