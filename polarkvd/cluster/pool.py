@@ -976,7 +976,7 @@ class ClusterPool:
                 )  # fmt: skip
                 continue
             if vram and page is not None and page.state == READY_VRAM and m.namespace_digest(page.ns) == ns:
-                page.pins += 1  # an L1 page with pins is never demoted nor freed (manager.py)
+                page.pins += 1  # an L1 page with pins is never demoted nor freed (manager/l1.py)
                 out.append(
                     _Pinned(key, "vram", page.offset, page.size, page.parent, page,
                             functools.partial(m.unpin_page, page), None, (page.offset, page.size))

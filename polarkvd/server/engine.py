@@ -196,7 +196,7 @@ def engine_api(
         t0: int,
     ) -> dict[str, Any]:
         """The keys a reserve had no room for, once the slab being emptied for their page size is
-        (a second model's first pages: slab_reclaim.py); the loop serves others meanwhile."""
+        (a second model's first pages: manager/slab_reclaim.py); the loop serves others meanwhile."""
         emptied = await asyncio.shield(room)
         i = offsets.index(P.RESERVE_NO_SPACE)
         if not emptied:

@@ -347,7 +347,7 @@ class DiskTier:
         #: whatever thread removed them (set by the manager: their lookup-table entries go, and the
         #: cluster withdraws their announcements)
         self.on_removed: Callable[[list[bytes]], None] | None = None
-        #: set by the manager (quotas.py): for a page's namespace, (limit, the namespaces sharing
+        #: set by the manager (manager/quotas.py): for a page's namespace, (limit, the namespaces sharing
         #: it: its tenant's) or None; a put over the limit evicts pages of those namespaces only
         self.quota_of: Callable[[bytes], tuple[int, frozenset[bytes]] | None] | None = None
         self._ns_stored: dict[bytes, int] = {}  # namespace -> stored bytes

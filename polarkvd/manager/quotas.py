@@ -135,7 +135,7 @@ class Quotas:
             freed += page.size
             evicted += 1
             t.evicted_pages_dram += 1
-            m._evict_page(page, "quota")
+            m.space.evict_page(page, "quota")
         fifo = t.fifo
         fifo.append(key)
         if len(fifo) > VICTIM_SCAN and len(fifo) > 2 * (limit // t.page_bytes + 1):

@@ -170,7 +170,7 @@ class SlabReclaimer:
                 r.moved += 1
             else:
                 m.policy.remove(page)
-                m._evict_page(page, "slab")
+                m.space.evict_page(page, "slab")
                 r.evicted += 1
         if alloc.slots_in_use(plan.slab) == 0:
             return True
