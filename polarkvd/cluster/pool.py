@@ -51,6 +51,7 @@ from polarkvd.cluster.metamap import MetaMap, decode_batch, encode_batches
 from polarkvd.config import Config, split_address
 from polarkvd.errors import ConfigError, ErrorCode, PageNotFound, PolarKVError, ProtocolError
 from polarkvd.index import READY, READY_VRAM
+from polarkvd.manager.events import NamespaceKnown, PageRemoved, PageStored
 from polarkvd.tiers.dmp import DmpStore
 from polarkvd.transport.pipeline import LAYER_GROUPS
 from polarkvd.transport.rdma import (
@@ -188,6 +189,9 @@ class ClusterPool:
         self.loop = asyncio.get_running_loop()
         secret = data_key(keys.secret) if keys is not None else None
         self.metamap = MetaMap(node_id)
+        # what happens to our pages (manager/events.py): drained into the meta map before it is
+        # read or its announcements go out
+        self._events = manager.events.subscribe()
         self.dmp = DmpStore(self.c.dmp_bytes, cfg.dram.slab_bytes) if self.c.dmp_bytes > 0 else None
         host, port = split_address(self.c.data_address)
         self.server = PeerServer(
@@ -245,7 +249,6 @@ class ClusterPool:
         if self.manager.disk is not None:  # peers can have our disk pages too (promoted here, then sent)
             for digest in list(self.manager.namespaces):
                 self.announce_disk_pages(digest)
-        # pages leaving our disk: the manager owns DiskTier.on_removed and calls `disk_removed`
         return self.server.address
 
     def announce_disk_pages(self, ns_digest: bytes) -> None:
@@ -270,22 +273,6 @@ class ClusterPool:
                     self.metamap.local_stored(key, int(Tier.DISK), now)
 
         self.loop.run_in_executor(None, scan).add_done_callback(announce)
-
-    def disk_removed(self, keys: list[bytes]) -> None:
-        """The disk tier dropped pages (any thread; forwarded by the manager, which owns
-        `DiskTier.on_removed`): withdraw their disk copies from the meta map."""
-        if self._closing:
-            return
-
-        def withdraw() -> None:
-            now = time.monotonic()
-            for key in keys:
-                self.metamap.local_removed(key, now, tier=int(Tier.DISK))
-
-        try:
-            self.loop.call_soon_threadsafe(withdraw)
-        except RuntimeError:  # the loop is closed: the daemon is gone, and so is our membership
-            pass
 
     def _open_rdma(self) -> None:
         """RDMA needs the device open and the arena and the DMP region registered for remote READ.
@@ -355,6 +342,7 @@ class ClusterPool:
 
     async def stop(self) -> None:
         self._closing = True
+        self.manager.events.unsubscribe(self._events)
         if self._flusher is not None:
             self._flusher.cancel()
             await asyncio.gather(self._flusher, return_exceptions=True)
@@ -410,6 +398,24 @@ class ClusterPool:
 
     # ------------------------------------------------------------------ our pages -> the meta map
 
+    def drain_events(self) -> None:
+        """Bring the meta map up to date with what happened to our pages since the last drain, in
+        order (loop only): before the meta map answers, plans or announces anything."""
+        events = self._events.take()
+        if not events or self._closing:
+            return
+        now, mm = time.monotonic(), self.metamap
+        for ev in events:
+            if isinstance(ev, PageStored):
+                mm.local_stored(ev.key, int(ev.tier), now)
+            elif isinstance(ev, PageRemoved):
+                mm.local_removed(ev.key, now, tier=int(ev.tier))
+            elif isinstance(ev, NamespaceKnown):
+                self.announce_disk_pages(ev.digest)
+            else:  # DiskPagesRemoved: their disk copies are no longer ours to offer
+                for key in ev.keys:
+                    mm.local_removed(key, now, tier=int(Tier.DISK))
+
     def page_added(self, key: bytes, tier: Tier) -> None:
         self.metamap.local_stored(key, int(tier), time.monotonic())
 
@@ -421,6 +427,7 @@ class ClusterPool:
         """Send due announcements; one round at a time, so each owner gets them in order."""
         while True:
             try:
+                self.drain_events()
                 sends = []
                 for dest, msgs in self.metamap.take_outgoing(time.monotonic()).items():
                     member = self.members.get(dest)
@@ -456,6 +463,7 @@ class ClusterPool:
         """Holders (other members) of the longest prefix of `keys` the cluster has; [] when none."""
         if not keys or not self.members:
             return []
+        self.drain_events()
         keys = list(keys)
         plan = self.metamap.plan(keys)
         answers: dict[int, tuple[str, ...]] = {}
@@ -886,6 +894,7 @@ class ClusterPool:
 
         def run() -> None:
             try:
+                self.drain_events()  # a peer's request sees every page this host has so far
                 fut.set_result(fn())
             except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
                 fut.set_exception(e)
@@ -1246,6 +1255,7 @@ class ClusterPool:
     # ------------------------------------------------------------------ report
 
     def report(self) -> dict[str, Any]:
+        self.drain_events()
         c = self.counters
         out: dict[str, Any] = {
             "metamap": self.metamap.stats(),
