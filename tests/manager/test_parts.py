@@ -18,6 +18,7 @@ from polarkvd.errors import ErrorCode, PolarKVError
 from polarkvd.keys import page_keys
 from polarkvd.manager import Manager
 from polarkvd.manager.events import Event, NamespaceKnown, PageRemoved, PageStored
+from polarkvd.manager.knobs import apply_knobs
 from polarkvd.tiers.disk import DiskTier
 from polarkvd.tiers.dram import SlabAllocator
 from polarkvd.types import Tier
@@ -219,3 +220,20 @@ def test_nothing_is_kept_for_nobody_and_a_late_subscriber_sees_only_what_follows
     m.events.unsubscribe(late)
     manager_store(m, s, chain(s, 62, 1))
     assert late.take() == [] and not m.events.wanted
+
+
+# ------------------------------------------------------------------------------------------ live knobs
+
+
+def test_knobs_apply_together_or_not_at_all_and_new_watermarks_take_effect_at_once() -> None:
+    m, _ = make_manager(8)
+    s = m.attach(TEST_NS, "s")
+    fill(m, s, room(m), 500)
+    full = m.allocator.used_bytes
+    with pytest.raises(PolarKVError) as e:  # low above high: nothing changes
+        apply_knobs(m, {"dram.high_watermark": 0.5, "dram.low_watermark": 0.75, "dram.policy": "s3fifo"})
+    assert e.value.code is ErrorCode.BAD_VALUE and "low_watermark" in str(e.value)
+    assert m.policy.name == "lru" and m.allocator.used_bytes == full
+    apply_knobs(m, {"dram.high_watermark": 0.5, "dram.low_watermark": 0.25, "dram.policy": "s3fifo"})
+    assert m.policy.name == "s3fifo" and m.cfg.dram.policy == "s3fifo"
+    assert m.allocator.used_bytes <= 0.25 * m.allocator.capacity  # demoted now, not at the next chore
