@@ -426,7 +426,9 @@ class Daemon:
         from polarkvd.config import split_address
 
         cfg = self.cfg
-        pool = ClusterPool(cfg, manager, self.cluster_keys, cfg.cluster.node_id, transport=self.transport)
+        pool = ClusterPool(
+            cfg, manager.peers, self.cluster_keys, cfg.cluster.node_id, transport=self.transport
+        )
         bound = pool.start()
         host, _ = split_address(cfg.cluster.data_address)
         data_address = tcp_url(advertised_host(host, cfg.cluster.advertise_host), bound.rsplit(":", 1)[1])

@@ -50,7 +50,6 @@ from polarkvd.cluster.membership import Event, EventKind, Member, State
 from polarkvd.cluster.metamap import MetaMap, decode_batch, encode_batches
 from polarkvd.config import Config, split_address
 from polarkvd.errors import ConfigError, ErrorCode, PageNotFound, PolarKVError, ProtocolError
-from polarkvd.index import READY, READY_VRAM
 from polarkvd.manager.events import NamespaceKnown, PageRemoved, PageStored
 from polarkvd.tiers.dmp import DmpStore
 from polarkvd.transport.pipeline import LAYER_GROUPS
@@ -72,7 +71,7 @@ from polarkvd.types import KEY_BYTES, Tier
 
 if TYPE_CHECKING:
     from polarkvd.cluster.auth import CurveKeys
-    from polarkvd.manager import Manager
+    from polarkvd.manager.peers import PeerPages
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -173,7 +172,7 @@ class ClusterPool:
     def __init__(
         self,
         cfg: Config,
-        manager: Manager,
+        pages: PeerPages,
         keys: CurveKeys | None,
         node_id: str,
         transport: TransportChoice | None = None,
@@ -184,14 +183,14 @@ class ClusterPool:
         at `start`. `clock` times the per-peer RDMA back-off."""
         self.cfg = cfg
         self.c = cfg.cluster
-        self.manager = manager
+        self.pages = pages
         self.node_id = node_id
         self.loop = asyncio.get_running_loop()
         secret = data_key(keys.secret) if keys is not None else None
         self.metamap = MetaMap(node_id)
         # what happens to our pages (manager/events.py): drained into the meta map before it is
         # read or its announcements go out
-        self._events = manager.events.subscribe()
+        self._events = pages.events.subscribe()
         self.dmp = DmpStore(self.c.dmp_bytes, cfg.dram.slab_bytes) if self.c.dmp_bytes > 0 else None
         host, port = split_address(self.c.data_address)
         self.server = PeerServer(
@@ -214,7 +213,7 @@ class ClusterPool:
         self.suspects: set[str] = set()
         self.hints: dict[bytes, tuple[str, ...]] = {}  # key -> holders, from recent lookups
         self._slice_sums: dict[tuple[bytes, int, int], tuple[Any, int]] = {}  # see _known_sums
-        self.counters = manager.counters
+        self.counters = pages.counters
         self.fetch_batch = FETCH_BATCH_PAGES
         self.layer_groups = LAYER_GROUPS
         self._flusher: asyncio.Task[None] | None = None
@@ -235,7 +234,7 @@ class ClusterPool:
         self.last_fallback = ""
         # GPUDirect: the L1 pool registered as region "vram", or why not (said once at start)
         self.staging: Any = None  # tiers.vram.Staging while the region is registered
-        self.vram_reason = "no L1 pool" if manager.vram is None else "RDMA is off"
+        self.vram_reason = "no L1 pool" if pages.l1_pool is None else "RDMA is off"
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -246,8 +245,8 @@ class ClusterPool:
         self.server.start()
         self._flusher = asyncio.create_task(self._flush_loop(), name="metamap-flush")
         self.metamap.set_members([self.node_id], time.monotonic())
-        if self.manager.disk is not None:  # peers can have our disk pages too (promoted here, then sent)
-            for digest in list(self.manager.namespaces):
+        if self.pages.has_disk:  # peers can have our disk pages too (promoted here, then sent)
+            for digest in self.pages.namespaces():
                 self.announce_disk_pages(digest)
         return self.server.address
 
@@ -257,19 +256,19 @@ class ClusterPool:
         served from disk (the page geometry comes with the namespace), so they are not announced.
         Pages written to disk later are announced as they are written. The disk index is scanned on
         a worker thread (it can hold millions of pages); the meta map is updated on the loop."""
-        disk = self.manager.disk
-        if disk is None:
+        pages = self.pages
+        if not pages.has_disk:
             return
 
         def scan() -> list[bytes]:
-            return disk.keys_of(ns_digest)
+            return pages.disk_keys(ns_digest)
 
         def announce(f: asyncio.Future[list[bytes]]) -> None:
             if f.cancelled() or f.exception() is not None or self._closing:
                 return
             now = time.monotonic()
             for key in f.result():
-                if disk.entry(key) is not None:  # still there
+                if pages.on_disk(key):  # still there
                     self.metamap.local_stored(key, int(Tier.DISK), now)
 
         self.loop.run_in_executor(None, scan).add_done_callback(announce)
@@ -282,7 +281,7 @@ class ClusterPool:
             try:
                 dev = RdmaDevice(choice, pyverbs_path=self.c.pyverbs_path)
                 try:
-                    dev.register_buffer("dram", self.manager.arena[: self.manager.allocator.capacity])
+                    dev.register_buffer("dram", self.pages.arena)
                     if self.dmp is not None:
                         dev.register_buffer("dmp", self.dmp.view)
                 except BaseException:
@@ -309,7 +308,7 @@ class ClusterPool:
         readable by peers and writable by our own READs. Anything that stops it (runtime API, an
         old driver, a GPU or kernel without dma-buf, a NIC or pyverbs without dma-buf registration)
         is logged once with the reason; L1 and RDMA into DRAM work on regardless."""
-        pool = self.manager.vram
+        pool = self.pages.l1_pool
         if pool is None:
             return
         from polarkvd.cuda import CudaError
@@ -342,7 +341,7 @@ class ClusterPool:
 
     async def stop(self) -> None:
         self._closing = True
-        self.manager.events.unsubscribe(self._events)
+        self.pages.events.unsubscribe(self._events)
         if self._flusher is not None:
             self._flusher.cancel()
             await asyncio.gather(self._flusher, return_exceptions=True)
@@ -943,22 +942,16 @@ class ClusterPool:
         pages move through the manager's demotion path (`promote_for_peer`); their keys go to
         `from_vram`. A quick look first: pages all in DRAM (or the lent region, or L1 when
         `vram_ok`) cost no trip to the loop."""
-        m = self.manager
-        if m.disk is None and m.vram is None:
+        pages, dmp = self.pages, self.dmp
+        if not pages.may_promote:
             return
-        get, dmp = m.index.get, self.dmp
         for key in keys:
-            page = get(key)
-            if not (
-                page is not None and (page.state == READY or (vram_ok and page.state == READY_VRAM))
-            ) and (dmp is None or dmp.get(key) is None):
+            if not pages.readable(key, vram_ok) and (dmp is None or dmp.get(key) is None):
                 break
         else:
             return
         in_dmp = (lambda k: dmp.get(k) is not None) if dmp is not None else (lambda k: False)
-        futs = self._on_loop(
-            lambda: m.promote_for_peer(ns, keys, in_dmp, vram_ok=vram_ok, from_vram=from_vram)
-        )
+        futs = self._on_loop(lambda: pages.promote(ns, keys, in_dmp, vram_ok=vram_ok, from_vram=from_vram))
         if futs:
 
             async def arrive() -> None:
@@ -973,23 +966,24 @@ class ClusterPool:
         `vram` L1 pages, answered as region "vram"); with `layers`, each view is that layer slice
         (a page whose size does not fit stops the prefix). On the loop. A pinned page is neither
         evicted, demoted nor its slot reused until released."""
-        m = self.manager
         out: list[_Pinned] = []
         for key in keys:
-            page = m.index.get(key)
-            if page is not None and page.state == READY and m.namespace_digest(page.ns) == ns:
-                page.pins += 1
-                view = m.arena[page.offset : page.offset + page.size]
+            got = self.pages.pin(ns, key, vram)
+            if got is not None:
+                span = (got.offset, got.size) if got.view is None else (0, 0)
                 out.append(
-                    _Pinned(key, "dram", page.offset, page.size, page.parent, page, functools.partial(m.unpin_page, page), view)
-                )  # fmt: skip
-                continue
-            if vram and page is not None and page.state == READY_VRAM and m.namespace_digest(page.ns) == ns:
-                page.pins += 1  # an L1 page with pins is never demoted nor freed (manager/l1.py)
-                out.append(
-                    _Pinned(key, "vram", page.offset, page.size, page.parent, page,
-                            functools.partial(m.unpin_page, page), None, (page.offset, page.size))
-                )  # fmt: skip
+                    _Pinned(
+                        key,
+                        got.region,
+                        got.offset,
+                        got.size,
+                        got.parent,
+                        got.holder,
+                        got.release,
+                        got.view,
+                        span,
+                    )
+                )
                 continue
             dmp = self.dmp
             entry = dmp.get(key) if dmp is not None else None

@@ -47,6 +47,7 @@ from polarkvd.manager.l1 import L1Moves
 from polarkvd.manager.loads import Loads
 from polarkvd.manager.lookups import Lookups
 from polarkvd.manager.operator import Operator
+from polarkvd.manager.peers import PeerPages
 from polarkvd.manager.quotas import Quotas
 from polarkvd.manager.records import Counters, Lease, NamespaceInfo, PendingDemotion, Session
 from polarkvd.manager.remote import RemoteFetches
@@ -96,6 +97,7 @@ class Manager:
         self.space = Space(self)
         self.operator = Operator(self)
         self.reports = Reports(self)
+        self.peers = PeerPages(self)  # what the cluster pool sees of our pages
         self.cfg = cfg
         self.seed = seed if seed is not None else secrets.token_bytes(SEED_BYTES)
         self.arena = arena
