@@ -1,6 +1,6 @@
 """The manager's face to the cluster pool: what peers may have of this host's pages.
 
-The pool (polarkvd/cluster/pool.py) sees the manager only through this part: the DRAM arena and
+The pool (polarkvd/cluster/pool/) sees the manager only through this part: the DRAM arena and
 the L1 pool as regions to register for RDMA, which namespaces are known, which pages are on disk,
 whether a page can be sent as it is, bringing disk and L1 pages into DRAM for a peer, and pinning a
 page for the time it is sent (`PeerPin`, let go with `release`). Never the index, the pages' states

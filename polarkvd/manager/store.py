@@ -152,7 +152,7 @@ class Store:
             self.m.index.mark_ready(page)
             if page.state & VRAM:
                 # L1 pages are not written through (the disk tier reads the arena): they are once
-                # demoted there. Peers may have them (pool.py: by RDMA from the pool's dma-buf, or
+                # demoted there. Peers may have them (cluster/pool/: by RDMA from the pool's dma-buf, or
                 # through DRAM), so they are announced with their tier.
                 self.m.vram_policy.insert(page)  # type: ignore[union-attr]
                 if events.wanted:
