@@ -64,15 +64,20 @@ class Namespace:
     def problems(self) -> list[str]:
         """Reasons this namespace is unusable; empty when it is valid."""
         out = []
+        for name in ("model", "dtype", "layout", "cache_salt"):
+            if not isinstance(getattr(self, name), str):
+                out.append(f"{name} must be a string, got {type(getattr(self, name)).__name__}")
         if not self.model:
             out.append("model must be a non-empty fingerprint")
-        if self.dtype not in DTYPE_BYTES:
+        if isinstance(self.dtype, str) and self.dtype not in DTYPE_BYTES:
             out.append(f"dtype {self.dtype!r} is not one of {sorted(DTYPE_BYTES)}")
         for name in ("num_layers", "num_kv_heads", "head_dim", "page_tokens", "tp_size", "kv_parts"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 1 << 20:
+            if not _count(value):
                 out.append(f"{name} must be an integer in 1..{1 << 20}, got {value!r}")
-        if not isinstance(self.tp_rank, int) or not 0 <= self.tp_rank < max(1, int(self.tp_size or 1)):
+        # checked on its own: tp_size may be anything a client sent (a float, inf, a string)
+        tp_size = self.tp_size if _count(self.tp_size) else 1
+        if type(self.tp_rank) is not int or not 0 <= self.tp_rank < tp_size:
             out.append(f"tp_rank must be in 0..tp_size-1, got {self.tp_rank!r}")
         return out
 
@@ -101,3 +106,8 @@ class Namespace:
         if unknown:
             raise TypeError(f"unknown namespace fields {sorted(map(str, unknown))}")
         return cls(**data)
+
+
+def _count(value: object) -> bool:
+    """An integer in 1..2**20 (bools are not integers here)."""
+    return type(value) is int and 1 <= value <= 1 << 20

@@ -374,6 +374,12 @@ def test_hello_with_an_invalid_namespace(healthy: Healthy, raw: Raw) -> None:
     err(raw.hello({**wire, "model": ""}), ErrorCode.NAMESPACE)
     err(raw.hello({**wire, "colour": "blue"}), ErrorCode.NAMESPACE)
     err(raw.hello({"model": "only-a-model"}), ErrorCode.NAMESPACE)
+    # found by tests/fuzz: tp_size inf was an internal error, unhashable dtype a stray TypeError, and
+    # non-string fields were registered as a valid namespace
+    for field, bad in [("tp_size", float("inf")), ("tp_size", 2.0), ("dtype", [])]:
+        assert field in err(raw.hello({**wire, field: bad}), ErrorCode.NAMESPACE)
+    for field, bad in [("model", 7), ("layout", None), ("cache_salt", b"tenant")]:
+        assert f"{field} must be a string" in err(raw.hello({**wire, field: bad}), ErrorCode.NAMESPACE)
     err(raw.hello("test-model@0"), ErrorCode.NAMESPACE)
     err(raw.call("hello", {"namespace": wire, "engine_id": "x" * 1000}), ErrorCode.BAD_REQUEST)
     err(raw.call("hello", {"namespace": wire, "engine_id": 7}), ErrorCode.BAD_REQUEST)
@@ -401,6 +407,9 @@ def test_truncated_frame_then_disconnect(healthy: Healthy) -> None:
 
 def test_bad_control_requests(healthy: Healthy, raw_control: Raw) -> None:
     err(raw_control.call("evict", {"tier": "l9", "bytes": 1}), ErrorCode.BAD_REQUEST)
+    assert "tier must be one of" in err(
+        raw_control.call("evict", {"tier": [], "bytes": 1}), ErrorCode.BAD_REQUEST
+    )
     err(raw_control.call("evict", {"tier": "dram", "bytes": -1}), ErrorCode.BAD_REQUEST)
     err(raw_control.call("evict", {"tier": "dram", "bytes": "lots"}), ErrorCode.BAD_REQUEST)
     err(raw_control.call("evict", {"tier": "dram"}), ErrorCode.BAD_REQUEST)

@@ -42,7 +42,8 @@ def control_handlers(
         return cluster_report() if cluster_report is not None else {"enabled": False}
 
     async def evict(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
-        tier = _TIERS.get(args.get("tier"))  # type: ignore[arg-type]
+        name = args.get("tier")
+        tier = _TIERS.get(name) if isinstance(name, str) else None
         if tier is None:
             raise ProtocolError(f"tier must be one of {sorted(_TIERS)}")
         nbytes = args.get("bytes")
