@@ -616,6 +616,8 @@ class Manager:
         demotion (the reserve itself never waits for a copy)."""
         if self.draining:
             raise PolarKVError("the daemon is draining and accepts no new pages", code=ErrorCode.DRAINING)
+        if keys and parent == keys[0]:  # it would count as its own child: never a leaf, never evicted
+            raise ProtocolError("reserve: parent is the first key itself; nothing reserved")
         ns = session.ns
         size = ns.ns.page_bytes
         need = self.cfg.dram.min_prefix_pages
@@ -1865,16 +1867,19 @@ class Manager:
             if page.state != READY or page.key in root_of:
                 continue
             path = [page.key]
+            on_path = {page.key}
             node = page
             while True:
                 parent = get(node.parent) if node.parent is not None else None
-                if parent is None or parent.state != READY:
+                # parents that loop back (an engine may reserve a key under its own descendant) end it
+                if parent is None or parent.state != READY or parent.key in on_path:
                     root = node.key
                     break
                 if parent.key in root_of:
                     root = root_of[parent.key]
                     break
                 path.append(parent.key)
+                on_path.add(parent.key)
                 node = parent
             for key in path:
                 root_of[key] = root
