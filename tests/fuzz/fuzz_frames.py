@@ -10,7 +10,9 @@ requests built from well-formed ones with a field changed, dropped or added.
 It fails (raises) when the server side breaks its rules: a frame without exactly one well-formed
 reply, an `internal` error reply (the daemon's word for a bug), a `bad_request` made from a stray
 TypeError/ValueError/KeyError instead of a check, a request that never finishes, or pages, slots
-or pins left over once every connection has closed.
+or pins left over once every connection has closed, or pages that an operator eviction of
+everything cannot remove (beyond what the operator pinned). libFuzzer itself reports an input that
+hangs (-timeout) or eats memory (-rss_limit_mb).
 
 Standalone, for as long as you like (libFuzzer flags; a corpus directory keeps what it found):
 
@@ -52,7 +54,7 @@ from polarkvd.server.engine import engine_api
 from polarkvd.server.engine_thread import ON_LOOP
 from polarkvd.tiers.dram import SlabAllocator, slot_size
 from polarkvd.transport.pipeline import SIGNAL_BOARD_BYTES, SignalBoard
-from polarkvd.types import Namespace
+from polarkvd.types import Namespace, Tier
 
 CAPACITY = 256 << 10
 SLAB = 64 << 10
@@ -333,6 +335,17 @@ class Target:
         used = sum(slot_size(p.size) for p in m.index)
         if m.allocator.used_bytes != used:
             raise Failure(f"{m.allocator.used_bytes} bytes of slots in use, pages hold {used}")
+        # an operator eviction of everything leaves only operator-pinned pages and their ancestors
+        m.evict_bytes(Tier.DRAM, CAPACITY)
+        keep: set[bytes] = set()
+        for key in m.operator_pins:
+            while key is not None and key not in keep:
+                keep.add(key)
+                page = m.index.get(key)
+                key = page.parent if page is not None else None
+        stuck = [p.key.hex() for p in m.index if p.key not in keep]
+        if stuck:
+            raise Failure(f"pages that no eviction can remove: {stuck}")
 
 
 def check_reply(data: bytes, req: connection.Request | None) -> None:

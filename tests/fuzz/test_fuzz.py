@@ -31,7 +31,7 @@ ATHERIS_RUNS = 6_000
 def test_atheris_finds_nothing(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
-        [sys.executable, str(TARGET), f"-runs={ATHERIS_RUNS}", "-seed=1", "-max_total_time=60",
+        [sys.executable, str(TARGET), f"-runs={ATHERIS_RUNS}", "-seed=1", "-max_total_time=60", "-timeout=30",
          f"-artifact_prefix={tmp_path}/", "-print_final_stats=1"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
