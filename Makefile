@@ -5,13 +5,13 @@ serve:
 	./scripts/bootstrap.sh && .venv/bin/polarkvd serve
 
 test:
-	./scripts/bootstrap.sh --with-vllm && .venv/bin/python -m pytest
+	./scripts/bootstrap.sh --with-vllm && ./scripts/lint.sh && .venv/bin/python -m pytest
 
 bench:
 	./scripts/bootstrap.sh && .venv/bin/polarkvd bench datapath
 
 lint:
-	.venv/bin/ruff check polarkvd tests && .venv/bin/ruff format --check polarkvd tests
+	./scripts/bootstrap.sh && ./scripts/lint.sh
 
 # System install as a service: see docs/OPERATIONS.md. `make install PREFIX=/usr DESTDIR=/tmp/stage`
 PREFIX ?= /usr/local

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,6 @@ from typing import Any
 from polarkvd import __version__
 from polarkvd.config import (
     LIVE_KNOBS,
-    check_resources,
     format_size,
     load_config,
     option_fields,
@@ -24,6 +24,7 @@ from polarkvd.config import (
     resolve,
 )
 from polarkvd.errors import EXIT_CONFIG, ConfigError, PolarKVError
+from polarkvd.resources import check_resources
 
 
 def _setup_logging(level: str, fmt: str = "text") -> None:
@@ -60,9 +61,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(cfg, ConfigSource(path, overrides, loaded))
 
 
+def _check_seed_file(cfg: Any) -> None:
+    """The page-key seed file, checked as `serve` would read it, when it would and it exists (a
+    missing one is created at start; here nothing is created)."""
+    if cfg.cluster.enabled and cfg.cluster.key_file:
+        return  # the seed comes from the key file
+    if os.path.lexists(cfg.daemon.seed_file):
+        from polarkvd.seed import load_seed_file
+
+        load_seed_file(cfg.daemon.seed_file, create=False)
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     try:
         cfg = resolve(load_config(args.file, overrides=_overrides(args.set)))
+        _check_seed_file(cfg)
     except ConfigError as e:
         print(f"{args.file}: {len(e.problems)} problem(s)", file=sys.stderr)
         for key, value, why in e.problems:
@@ -128,6 +141,8 @@ def render_cluster(rep: dict[str, Any]) -> str:
             f"{name:<16}{m['state']:<9}{m['incarnation']:>5}{_ago(m['for_s']):>9}  {m['addr']:<26}"
             f"{str(meta.get('data') or '-'):<26}{space('dram'):>18}{free:>11}"
         )
+    for node, why in sorted((rep.get("refused") or {}).items()):
+        lines.append(f"REFUSED {node!r}: {why}")
     g = rep.get("gossip", {})
     lines += ["", "gossip: " + ", ".join(f"{k} {v}" for k, v in g.items())]
     lines += _render_transfers(rep)
@@ -192,7 +207,8 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 def render_status(st: dict[str, Any]) -> str:
     c = st["counters"]
     lines = [
-        f"polarkvd up {st['uptime_s']:.0f}s{'  (DRAINING: new stores refused)' if st['draining'] else ''}",
+        f"polarkvd up {st['uptime_s']:.0f}s{'  (DRAINING: new stores refused)' if st['draining'] else ''}"
+        + (f"  page-key seed {st['page_seed']}" if st.get("page_seed") else ""),
         "",
     ]
     lines.append(
@@ -260,7 +276,32 @@ def render_status(st: dict[str, Any]) -> str:
             f"  #{s['id']} {s['engine_id']}: {s['model']}, hit {rate:.1f}%, stored {s['stored_pages']}, "
             f"loaded {s['loaded_pages']}, reserved {s['reserved_pages']}, leases {s['leases']}"
         )
+    lines += _tenant_lines(st.get("quotas"))
     return "\n".join(lines)
+
+
+def _tenant_lines(q: dict[str, Any] | None) -> list[str]:
+    """Per-tenant usage against its quotas ([quotas]); nothing while no quota is set anywhere."""
+    if not q or not (q["default_dram"] or q["default_disk"] or any(t["listed"] for t in q["tenants"])):
+        return []
+
+    def of(used: int | None, quota: int) -> str:
+        shown = "-" if used is None else format_size(used)
+        return f"{shown} of {format_size(quota) if quota else 'unlimited'}"
+
+    lines = [
+        "",
+        f"tenants (quota for the unlisted: DRAM {format_size(q['default_dram']) if q['default_dram'] else 'unlimited'}, "
+        f"disk {format_size(q['default_disk']) if q['default_disk'] else 'unlimited'})",
+    ]  # fmt: skip
+    for t in q["tenants"]:
+        lines.append(
+            f"  {t['tenant']:<16} DRAM {of(t['dram_bytes'], t['dram_quota'])}, disk {of(t['disk_bytes'], t['disk_quota'])}; "
+            f"evicted by its quota {t['evicted_pages_dram']} DRAM + {t['evicted_pages_disk']} disk pages"
+        )  # fmt: skip
+    if q["tenants_not_shown"]:
+        lines.append(f"  ... and {q['tenants_not_shown']} smaller tenants")
+    return lines
 
 
 def cmd_evict(args: argparse.Namespace) -> int:
@@ -312,7 +353,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
             result = c.knobs()
     fields = option_fields()
     for name, value in result.items():
-        print(f"{name} = {value!r}    # {fields[name].metadata['doc']}")
+        shown = json.dumps(value) if isinstance(value, dict) else repr(value)  # dict: as typed back
+        print(f"{name} = {shown}    # {fields[name].metadata['doc']}")
     return 0
 
 
@@ -350,11 +392,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from polarkvd.bench.pipeline import main as pipeline_main
 
         return pipeline_main(args)
+    if args.which == "connect":
+        from polarkvd.bench.connect import main as connect_main
+
+        return connect_main(args)
+    if args.which == "page-sizes":
+        from polarkvd.bench.page_sizes import main as page_sizes_main
+
+        return page_sizes_main(args)
     raise AssertionError(args.which)
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
-    from polarkvd.cluster.sim import main as sim_main
+    from polarkvd.bench.gossip_sim import main as sim_main
 
     return sim_main(args)
 
@@ -485,11 +535,27 @@ def build_parser() -> argparse.ArgumentParser:
             "pipeline", help="vLLM TTFT of a prefix hit from DRAM, a peer or disk; layer pipelining on/off"
         )
     )
+    from polarkvd.bench.connect import add_arguments as connect_args
+
+    connect_args(
+        bsub.add_parser(
+            "connect",
+            help="a connect flood: EngineClient constructions from several processes, daemon threads",
+        )
+    )
+    from polarkvd.bench.page_sizes import add_arguments as page_sizes_args
+
+    page_sizes_args(
+        bsub.add_parser(
+            "page-sizes",
+            help="a second page size in a full arena: the reserve that needs a slab, pings meanwhile",
+        )
+    )
     sp.set_defaults(fn=cmd_bench)
 
     sp = sub.add_parser("sim", help="simulations of cluster protocols (see docs/CLUSTER.md)")
     ssub = sp.add_subparsers(dest="which", metavar="SIMULATION", required=True)
-    from polarkvd.cluster.sim import add_arguments as sim_gossip_args
+    from polarkvd.bench.gossip_sim import add_arguments as sim_gossip_args
 
     sim_gossip_args(
         ssub.add_parser(

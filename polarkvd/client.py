@@ -46,19 +46,52 @@ from polarkvd.errors import (
     error_for_code,
 )
 from polarkvd.keys import ROOT_KEY, page_keys
-from polarkvd.lookup_table import TableReader, map_table
-from polarkvd.server import protocol as P
-from polarkvd.server.shm import map_arena
-from polarkvd.shared_words import SharedWords
-from polarkvd.transport.pipeline import SIGNAL_BYTES, SIGNAL_NONE, read_signal
-from polarkvd.types import KEY_BYTES, Namespace, Tier
+from polarkvd.types import KEY_BYTES, Namespace, PageKey, Tier
+from polarkvd.wire import frames as P
+from polarkvd.wire.arena import map_arena
+from polarkvd.wire.lookup_table import TableReader, map_table
+from polarkvd.wire.shared_words import SharedWords
+from polarkvd.wire.signals import SIGNAL_BYTES, SIGNAL_NONE, read_signal
 
 log = logging.getLogger(__name__)
 _TIER = {int(t): t for t in Tier}
+#: Default seconds a commit may take (see EngineClient.commit_timeout).
+COMMIT_TIMEOUT = 60.0
 _vram_warned = False  # "the daemon's GPU is not visible here" is said once per process
 _DRAM_CODES = (
     bytes([Tier.DRAM]) * 64
 )  # sliced for a lookup answered from the table  # Tier(n) costs ~0.4 us per call; a dict lookup a tenth of that
+
+
+def _timeval(seconds: float) -> bytes:
+    """A struct timeval for SO_RCVTIMEO/SO_SNDTIMEO. 0 means wait forever, so a positive timeout
+    below a microsecond becomes one microsecond."""
+    sec, usec = int(seconds), int((seconds % 1) * 1e6)
+    if seconds > 0 and not (sec or usec):
+        usec = 1
+    return struct.pack("ll", sec, usec)
+
+
+def _connect(sock: socket.socket, path: str, timeout: float | None) -> None:
+    """Connect a blocking Unix socket, waiting up to `timeout` for room in a full listen backlog.
+
+    Linux waits in connect() for room, bounded by SO_SNDTIMEO (set by the caller), then fails with
+    EAGAIN; a kernel that does not wait fails with EAGAIN at once. Either way EAGAIN is retried with
+    a short backoff until the deadline: a connect burst (many engines starting together) queues
+    instead of failing. Any other error (no daemon there: ECONNREFUSED, ENOENT) fails at once.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    delay = 0.001
+    while True:
+        try:
+            sock.connect(path)
+            return
+        except BlockingIOError:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise
+            time.sleep(delay if left is None else min(delay, left))
+            delay = min(delay * 2, 0.05)
 
 
 class _Channel:
@@ -68,51 +101,82 @@ class _Channel:
         self.path = str(path)
         self._ids = itertools.count(1)
         self.timeout = timeout
+        # The socket blocks, bounded by the kernel (SO_RCVTIMEO/SO_SNDTIMEO): Python's own timeouts
+        # poll() before every send and recv, measured +3-4 us on each round trip; and they make
+        # connect() non-blocking, which on a Unix socket whose listen backlog is full fails at once
+        # (EAGAIN) instead of waiting for the daemon to accept.
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.settimeout(timeout)
+        if timeout is not None:
+            tv = _timeval(timeout)
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
         try:
-            self._sock.connect(self.path)
+            _connect(self._sock, self.path, timeout)
         except OSError as e:
             self._sock.close()
             raise DaemonUnavailable(
                 f"cannot reach polarkvd at {self.path}: {e.strerror or e} (is `polarkvd serve` running?)"
             ) from None
-        # From here the socket blocks, bounded by the kernel (SO_RCVTIMEO/SO_SNDTIMEO): Python's own
-        # timeouts poll() before every send and recv, measured +3-4 us on each round trip.
-        self._sock.settimeout(None)
-        if timeout is not None:
-            tv = struct.pack("ll", int(timeout), int((timeout % 1) * 1e6))
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
         self._buf = bytearray(1 << 16)
 
-    def call(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+    def call(self, op: str, args: dict[str, Any], patience: float | None = None) -> dict[str, Any]:
+        """`patience`: seconds this call may wait for its reply instead of `timeout`, if longer
+        (None: as `timeout`); the first `timeout` seconds cost nothing extra."""
         rid = next(self._ids)
         try:
             self._sock.sendall(P.request(rid, op, args))
-            reply = self._read_reply()
+            reply = self._read_reply(patience)
         except BlockingIOError:  # SO_RCVTIMEO / SO_SNDTIMEO ran out
             self.close()
-            raise DaemonUnavailable(
-                f"polarkvd at {self.path} did not answer {op} within {self.timeout}s"
-            ) from None
+            waited = self.timeout if patience is None or self.timeout is None else max(self.timeout, patience)
+            raise DaemonUnavailable(f"polarkvd at {self.path} did not answer {op} within {waited}s") from None
         except (OSError, EOFError) as e:
+            refused = self._parting_error()
             self.close()
+            if refused is not None:
+                raise refused from None
             raise DaemonUnavailable(f"connection to polarkvd at {self.path} broke during {op}: {e}") from None
         version, reply_id, status, body = reply
         if status == P.OK:
             return body
         raise error_for_code(body.get("code", ""), body.get("message", ""))
 
+    def _parting_error(self) -> PolarKVError | None:
+        """The error frame a daemon sent before closing the connection (it refused it: too many
+        connections that have not sent hello), when the request could not even be sent."""
+        data = b""
+        try:
+            while len(data) < 1 << 16:
+                got = self._sock.recv(1 << 16, socket.MSG_DONTWAIT)
+                if not got:
+                    break
+                data += got
+        except OSError:
+            pass
+        if len(data) < 4 or len(data) < 4 + P.LENGTH.unpack_from(data)[0]:
+            return None
+        try:
+            msg = P.unpack(data[4 : 4 + P.LENGTH.unpack_from(data)[0]])
+        except Exception:  # noqa: BLE001 - not a frame: the plain "broke" error says enough
+            return None
+        if isinstance(msg, list) and len(msg) == 4 and msg[2] == P.ERROR and isinstance(msg[3], dict):
+            return error_for_code(str(msg[3].get("code", "")), str(msg[3].get("message", "")))
+        return None
+
     def send_raw(self, data: bytes) -> list[Any]:
         """Testing aid: send arbitrary bytes, read one reply frame."""
         self._sock.sendall(data)
         return self._read_reply()
 
-    def _read_reply(self) -> list[Any]:
+    def _read_reply(self, patience: float | None = None) -> list[Any]:
         # One recv usually holds the whole reply; read the rest only when it does not.
         buf = self._buf
-        got = self._sock.recv_into(buf)
+        try:
+            got = self._sock.recv_into(buf)
+        except BlockingIOError:
+            if self.timeout is None or patience is None or patience <= self.timeout:
+                raise
+            got = self._recv_longer(buf, patience - self.timeout)
         while got < 4:
             got += self._recv_some(memoryview(buf)[got:])
         (n,) = P.LENGTH.unpack_from(buf)
@@ -126,6 +190,15 @@ class _Channel:
         while len(view):
             view = view[self._recv_some(view) :]
         return P.unpack(body)
+
+    def _recv_longer(self, buf: bytearray, seconds: float) -> int:
+        """The first recv of a reply allowed to take longer than `timeout` (a write-through commit):
+        `seconds` more, then the normal timeout again. Only slow replies pay for the setsockopts."""
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(seconds))
+        try:
+            return self._sock.recv_into(buf)
+        finally:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(self.timeout or 0.0))
 
     def _recv_some(self, view: memoryview) -> int:
         got = self._sock.recv_into(view)
@@ -204,6 +277,16 @@ class StoreResult:
     stored: int = 0  # pages written and committed
     existing: int = 0  # pages the daemon already had
     no_space: int = 0  # pages not stored: no room (everything pinned) or daemon draining
+    durable: int | None = None  # of `stored`, on disk and synced (write-through); None: write-back
+
+
+@dataclasses.dataclass(frozen=True)
+class CommitResult:
+    committed: int
+    #: With the daemon's disk.write_through: how many of the committed pages were on disk and synced
+    #: when it answered (fewer: the disk was full or failed, or pages went to L1; they are still
+    #: committed in memory). None under write-back: nothing was written yet.
+    durable: int | None = None
 
 
 class _ArenaMaps:
@@ -274,10 +357,14 @@ class EngineClient:
         map_arena: bool = True,
         lookup_table: bool = True,
         vram: bool = False,
+        commit_timeout: float | None = COMMIT_TIMEOUT,
     ) -> None:
         self.namespace = namespace
+        #: seconds a commit may wait for its reply when that is longer than `timeout`: with the
+        #: daemon's disk.write_through it answers once the pages are on disk and synced
+        self.commit_timeout = commit_timeout
         self._arena_id: tuple[int, int, int] | None = None
-        self._region: Any = None  # tiers/vram.py AttachedRegion: the daemon's L1 pool, opened here
+        self._region: Any = None  # wire/region.py AttachedRegion: the daemon's L1 pool, opened here
         self._table: TableReader | None = None
         self._table_map: mmap.mmap | None = None
         self.engine_id = engine_id or f"pid-{os.getpid()}"
@@ -307,8 +394,9 @@ class EngineClient:
 
     # -- keys -------------------------------------------------------------------------------------
 
-    def page_keys(self, token_ids: Sequence[int] | np.ndarray, parent: bytes = ROOT_KEY) -> list[bytes]:
-        """Keys of every full page of `token_ids` in this session's namespace."""
+    def page_keys(self, token_ids: Sequence[int] | np.ndarray, parent: bytes = ROOT_KEY) -> list[PageKey]:
+        """Keys of every full page of `token_ids` in this session's namespace, chained from the digest
+        `hello` returned (keyed with the daemon's secret seed: only the daemon computes digests)."""
         return page_keys(self.ns_digest, token_ids, self.namespace.page_tokens, parent)
 
     # -- raw ops (one round trip each) -------------------------------------------------------------
@@ -324,7 +412,8 @@ class EngineClient:
         """Map the daemon's L1 pool (docs/VRAM.md). A GPU this process cannot see (another GPU,
         CUDA_VISIBLE_DEVICES) or no CUDA here: said once, and every page goes through the arena."""
         global _vram_warned
-        from polarkvd.tiers.vram import AttachedRegion, CudaError, RegionHandle
+        from polarkvd.cuda import CudaError
+        from polarkvd.wire.region import AttachedRegion, RegionHandle
 
         region = RegionHandle.from_wire(wire)  # a malformed reply is a ProtocolError: a bug to see
         try:
@@ -415,7 +504,13 @@ class EngineClient:
         return r["offsets"], r["tiers"]
 
     def commit(self, keys: Sequence[bytes]) -> int:
-        return self._ch.call(P.Op.COMMIT.value, {"keys": P.pack_keys(list(keys))})["committed"]
+        return self.commit_result(keys).committed
+
+    def commit_result(self, keys: Sequence[bytes]) -> CommitResult:
+        """Commit, and learn how many pages are durable (see CommitResult). Under write-through the
+        daemon answers once they are on disk and synced: this waits up to `commit_timeout`."""
+        r = self._ch.call(P.Op.COMMIT.value, {"keys": P.pack_keys(list(keys))}, self.commit_timeout)
+        return CommitResult(r["committed"], r.get("durable"))
 
     def abort(self, keys: Sequence[bytes]) -> int:
         return self._ch.call(P.Op.ABORT.value, {"keys": P.pack_keys(list(keys))})["aborted"]
@@ -497,7 +592,8 @@ class EngineClient:
                 self.abort(reserved)
             raise
         if written:
-            result.stored = self.commit(written)
+            c = self.commit_result(written)
+            result.stored, result.durable = c.committed, c.durable
         return result
 
     def load_into(self, keys: Sequence[bytes], outs: Sequence[Any]) -> int:
@@ -556,7 +652,8 @@ class EngineClient:
                 self.abort(reserved)
             raise
         if written:
-            result.stored = self.commit(written)
+            c = self.commit_result(written)
+            result.stored, result.durable = c.committed, c.durable
         return result
 
     def load_into_cuda(self, keys: Sequence[bytes], tensors: Sequence[Any]) -> int:

@@ -7,15 +7,15 @@ A leaf module (imports only `errors`). Precedence, lowest first:
 Sizes accept units ("8GiB", "512MB", "1.5G", plain bytes); durations accept "30s", "500ms", "2m".
 Every problem is collected and reported at once with its key, value and reason (`ConfigError`), so
 `polarkvd check-config` can list them all. `resolve()` turns "auto" sizes and empty paths into
-concrete values for this machine; `check_resources()` compares the result with what the machine has.
+concrete values for this machine; `polarkvd/resources.py` compares the result with what the machine has.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
-import resource
 import shutil
 import sys
 from collections.abc import Callable, Mapping
@@ -39,6 +39,16 @@ _UNITS = {
 }  # fmt: skip
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 _DUR_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|)\s*$")
+#: The longest duration any option takes: a year. Longer is "never" in disguise (a lease that never
+#: expires pins its pages until the connection closes), and thread waits overflow far beyond it.
+MAX_DURATION = 365 * 24 * 3600.0
+
+
+def _finite(out: float, what: str) -> float:
+    """NaN fails every comparison, so a range check alone lets it through: refuse it (and inf) here."""
+    if not math.isfinite(out):
+        raise ValueError(f"expected {what}, not {out!r}")
+    return out
 
 
 def parse_size(value: object, *, allow_auto: bool = False) -> int:
@@ -54,7 +64,7 @@ def parse_size(value: object, *, allow_auto: bool = False) -> int:
     if isinstance(value, str):
         m = _SIZE_RE.match(value)
         if m and m.group(2).lower() in _UNITS:
-            return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+            return int(_finite(float(m.group(1)) * _UNITS[m.group(2).lower()], "a finite size"))
     raise ValueError(
         "expected a size like '8GiB', '512MB' or a number of bytes" + (" or 'auto'" if allow_auto else "")
     )
@@ -69,18 +79,22 @@ def format_size(n: float) -> str:
 
 
 def parse_duration(value: object) -> float:
-    if isinstance(value, bool):
-        raise ValueError("expected a duration like '30s'")
-    if isinstance(value, (int, float)):
-        if value < 0:
-            raise ValueError("must not be negative")
-        return float(value)
-    if isinstance(value, str):
+    """30, "30s", "500ms", "2m", "1h" -> seconds; NaN, inf, negative and over a year are refused."""
+    out: float | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        out = float(value)
+    elif isinstance(value, str):
         m = _DUR_RE.match(value)
         if m:
-            scale = {"ms": 0.001, "s": 1, "": 1, "m": 60, "h": 3600}[m.group(2)]
-            return float(m.group(1)) * scale
-    raise ValueError("expected a duration like '30s', '500ms' or '2m'")
+            out = float(m.group(1)) * {"ms": 0.001, "s": 1, "": 1, "m": 60, "h": 3600}[m.group(2)]
+    if out is None:
+        raise ValueError("expected a duration like '30s', '500ms' or '2m'")
+    _finite(out, "a duration like '30s'")
+    if out < 0:
+        raise ValueError("must not be negative")
+    if out > MAX_DURATION:
+        raise ValueError(f"must be at most a year ({MAX_DURATION:.0f}s)")
+    return out
 
 
 def parse_bool(value: object) -> bool:
@@ -143,6 +157,13 @@ def _positive(parse: Callable[[object], Any]) -> Callable[[object], Any]:
     return check
 
 
+def _group_commit_window(value: object) -> float:
+    out = parse_duration(value)
+    if not 0 <= out <= 1:  # also refuses NaN
+        raise ValueError("must be a duration from 0 to 1s, e.g. '2ms'")
+    return out
+
+
 def _lookup_table_entries(value: object) -> int:
     n = parse_int(value)
     if not 0 <= n <= 1 << 26:
@@ -157,6 +178,7 @@ def _min_compression_ratio(value: object) -> float:
         out = float(value)
     except ValueError:
         raise ValueError("expected a number") from None
+    _finite(out, "a number")
     if not 1.0 <= out <= 16.0:
         raise ValueError("must be between 1 (compress whenever smaller) and 16")
     return out
@@ -188,15 +210,19 @@ def parse_fraction(value: object) -> float:
             out = float(text.rstrip("%").strip()) / scale
         except ValueError:
             out = None
-    if out is None or out != out:  # NaN fails every comparison: refuse it here
+    if out is None:
         raise ValueError("expected a fraction like 0.9 or '90%'")
+    _finite(out, "a fraction like 0.9 or '90%'")
     if not 0.0 <= out <= 1.0:
         raise ValueError("must lie between 0 and 1 (0% and 100%)")
     return out
 
 
 def _opt(default: Any, parse: Callable[[object], Any], doc: str, *, live: bool = False) -> Any:
-    return dataclasses.field(default=default, metadata={"parse": parse, "doc": doc, "live": live})
+    meta = {"parse": parse, "doc": doc, "live": live}
+    if isinstance(default, dict):  # a table: each Config gets its own
+        return dataclasses.field(default_factory=lambda: dict(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
 
 
 POLICY_NAMES = ("lru", "s3fifo")
@@ -252,6 +278,17 @@ class DaemonConfig:
         live=True,
     )
     max_sessions: int = _opt(1024, _positive(parse_int), "attached engine connections at most")
+    max_unattached_connections: int = _opt(
+        64,
+        _positive(parse_int),
+        "engine connections that have not sent hello yet, at most (each costs a thread): a new one "
+        "closes the oldest (too_large error). Engine connections (threads) <= max_sessions + this",
+    )
+    hello_timeout: float = _opt(
+        10.0,
+        _positive(parse_duration),
+        "an engine connection that has not attached (hello) by then is closed",
+    )
     max_frame_bytes: int = _opt(16 * MiB, _positive(parse_size), "largest request frame accepted")
     max_keys_per_request: int = _opt(1 << 16, _positive(parse_int), "most page keys in one request")
     log_format: str = _opt(
@@ -268,6 +305,12 @@ class DaemonConfig:
         "",
         parse_str,
         "live knobs saved from `polarkvd tui`, read by `serve` right after --config; empty = <state_dir>/tuning.toml",
+    )
+    seed_file: str = _opt(
+        "",
+        parse_str,
+        "the page-key seed, created mode 0600 at first start; unused in a cluster with a key file "
+        "(the seed comes from the key); empty = <state_dir>/page-seed",
     )
 
 
@@ -334,9 +377,22 @@ class DiskConfig:
     write_through: bool = _opt(
         False,
         parse_bool,
-        "write-through: every commit also queues a disk write (evictions then cost no write); "
-        "false = write-back, pages are written when evicted from DRAM",
+        "write-through: commit answers once its pages are on disk and synced (acknowledged = durable; "
+        "evictions then cost no write); false = write-back, pages are written when evicted from DRAM",
         live=True,
+    )
+    group_commit_window: float = _opt(
+        0.002,
+        _group_commit_window,
+        "write-through: how long a batch of durable writes stays open for more commits before it is "
+        "written and synced together (group commit); 0 = no wait",
+    )
+    write_through_sync: str = _opt(
+        "files",
+        _choice("files", "filesystem"),
+        "write-through: how a batch is synced: 'files' = fdatasync each page file and fsync each "
+        "directory touched; 'filesystem' = one syncfs per batch (fewer syncs, but it also flushes "
+        "everything else dirty on that file system: for a disk.path on a file system of its own)",
     )
 
 
@@ -377,7 +433,8 @@ def _at_least_one(value: object) -> float:
         out = float(value)
     except ValueError:
         raise ValueError("expected a number >= 1") from None
-    if not out >= 1:  # also refuses NaN
+    _finite(out, "a number >= 1")
+    if not out >= 1:
         raise ValueError("must be >= 1")
     return out
 
@@ -510,6 +567,85 @@ class VramConfig:
     )
 
 
+class OptionProblems(ValueError):
+    """Several problems inside one option's value (a table): (key below the option, value, why)."""
+
+    def __init__(self, problems: list[tuple[str, object, str]]) -> None:
+        super().__init__("; ".join(f"{k} = {v!r}: {why}" for k, v, why in problems))
+        self.problems = problems
+
+
+#: what a tenant's table may hold (quotas.tenants)
+TENANT_KEYS = ("name", "dram", "disk")
+_TENANT_NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+
+
+def parse_tenant_quotas(value: object) -> dict[str, dict[str, Any]]:
+    """quotas.tenants: {cache_salt: {"name": label, "dram": size, "disk": size}}, every key optional;
+    from TOML a table, from the environment, --set or `polarkvd tune` the same as JSON text.
+    Every problem is reported (OptionProblems), keyed below the option."""
+    if isinstance(value, str):
+        import json
+
+        try:
+            value = json.loads(value) if value.strip() else {}
+        except ValueError:
+            raise ValueError(
+                'expected a table like {"<cache_salt>": {"dram": "1GiB", "disk": "4GiB"}} (JSON text)'
+            ) from None
+    if not isinstance(value, dict):
+        raise ValueError('expected a table of cache_salt -> {dram = "1GiB", disk = "4GiB", name = "acme"}')
+    out: dict[str, dict[str, Any]] = {}
+    problems: list[tuple[str, object, str]] = []
+    names: dict[str, str] = {}
+    for salt, table in value.items():
+        if not isinstance(salt, str) or len(salt) > 1024:
+            problems.append(
+                (str(salt)[:64], salt, "a tenant is a cache_salt: a string of at most 1024 characters")
+            )
+            continue
+        if not isinstance(table, dict):
+            problems.append((salt, table, 'expected a table like {dram = "1GiB", disk = "4GiB"}'))
+            continue
+        entry: dict[str, Any] = {}
+        for key, v in table.items():
+            if key not in TENANT_KEYS:
+                problems.append((f"{salt}.{key}", v, f"unknown key; known: {', '.join(TENANT_KEYS)}"))
+            elif key == "name":
+                if not isinstance(v, str) or not _TENANT_NAME_RE.match(v):
+                    problems.append((f"{salt}.name", v, "expected 1-64 letters, digits or _ . : -"))
+                elif v in names:
+                    problems.append((f"{salt}.name", v, f"also the name of tenant {names[v]!r}"))
+                else:
+                    names[v] = salt
+                    entry["name"] = v
+            else:
+                try:
+                    entry[key] = parse_size(v)
+                except ValueError as e:
+                    problems.append((f"{salt}.{key}", v, str(e)))
+        out[salt] = entry
+    if problems:
+        raise OptionProblems(problems)
+    return out
+
+
+@dataclasses.dataclass
+class QuotasConfig:
+    default_dram: int = _opt(
+        0, parse_size, "DRAM a tenant (a cache_salt) not listed in tenants may hold; 0 = unlimited", live=True
+    )
+    default_disk: int = _opt(
+        0, parse_size, "disk a tenant not listed in tenants may hold; 0 = unlimited", live=True
+    )
+    tenants: dict[str, dict[str, Any]] = _opt(
+        {},
+        parse_tenant_quotas,
+        "per cache_salt: {dram, disk, name}; a size left out is the default, 0 = unlimited",
+        live=True,
+    )
+
+
 @dataclasses.dataclass
 class Config:
     daemon: DaemonConfig = dataclasses.field(default_factory=DaemonConfig)
@@ -518,6 +654,7 @@ class Config:
     metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
     cluster: ClusterSection = dataclasses.field(default_factory=ClusterSection)
     vram: VramConfig = dataclasses.field(default_factory=VramConfig)
+    quotas: QuotasConfig = dataclasses.field(default_factory=QuotasConfig)
 
     def get(self, dotted: str) -> Any:
         section, key = dotted.split(".", 1)
@@ -534,6 +671,7 @@ SECTIONS: dict[str, type] = {
     "metrics": MetricsConfig,
     "cluster": ClusterSection,
     "vram": VramConfig,
+    "quotas": QuotasConfig,
 }
 
 
@@ -549,6 +687,13 @@ def option_fields() -> dict[str, dataclasses.Field[Any]]:
 LIVE_KNOBS = tuple(name for name, f in option_fields().items() if f.metadata["live"])
 
 
+def shown_knob(dotted: str, value: object) -> str:
+    """A knob's value for a log line: quotas.tenants is keyed by cache_salts, which are secrets."""
+    if dotted == "quotas.tenants" and isinstance(value, dict):
+        return f"<{len(value)} tenants>"
+    return repr(value)
+
+
 def parse_option(dotted: str, value: object) -> Any:
     """Parse one option value; raises ConfigError naming the key."""
     fields = option_fields()
@@ -556,6 +701,8 @@ def parse_option(dotted: str, value: object) -> Any:
         raise ConfigError([(dotted, value, f"unknown option; known: {', '.join(sorted(fields))}")])
     try:
         return fields[dotted].metadata["parse"](value)
+    except OptionProblems as e:
+        raise ConfigError([(f"{dotted}.{k}", v, why) for k, v, why in e.problems]) from None
     except ValueError as e:
         raise ConfigError([(dotted, value, str(e))]) from None
 
@@ -614,6 +761,9 @@ def load_config(
             continue
         try:
             parsed = fields[name].metadata["parse"](value)
+        except OptionProblems as e:
+            problems.extend((f"{name}.{k}", v, why) for k, v, why in e.problems)
+            continue
         except ValueError as e:
             problems.append((name, value, str(e)))
             continue
@@ -734,6 +884,9 @@ def read_tuning(path: str | Path) -> dict[str, object]:
 
 
 def _toml_value(value: object) -> str:
+    if isinstance(value, dict):  # an inline table (quotas.tenants)
+        items = ", ".join(f"{_toml_value(str(k))} = {_toml_value(v)}" for k, v in value.items())
+        return "{ " + items + " }" if items else "{}"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -812,14 +965,16 @@ def default_control_socket(env: Mapping[str, str] | None = None) -> Path:
     return _client_socket(os.environ if env is None else env, "POLARKV_CONTROL_SOCKET", "control.sock")
 
 
-def _free_bytes(path: Path) -> int:
+def free_bytes(path: Path) -> int:
+    """Free bytes of the file system that holds `path` (or would: its nearest existing parent)."""
     p = path
     while not p.exists() and p != p.parent:
         p = p.parent
     return shutil.disk_usage(p).free
 
 
-def _tree_bytes(path: Path) -> int:
+def tree_bytes(path: Path) -> int:
+    """Bytes the files under `path` occupy on disk."""
     total = 0
     if path.is_dir():
         for root, _dirs, files in os.walk(path):
@@ -843,6 +998,7 @@ def resolve(cfg: Config, env: Mapping[str, str] | None = None) -> Config:
         metrics=dataclasses.replace(cfg.metrics),
         cluster=dataclasses.replace(cfg.cluster),
         vram=dataclasses.replace(cfg.vram),
+        quotas=dataclasses.replace(cfg.quotas),
     )
     d = out.daemon
     d.runtime_dir = d.runtime_dir or str(default_runtime_dir(env))
@@ -851,75 +1007,17 @@ def resolve(cfg: Config, env: Mapping[str, str] | None = None) -> Config:
     d.control_socket = d.control_socket or str(Path(d.runtime_dir) / "control.sock")
     out.disk.path = out.disk.path or str(Path(d.state_dir) / "pages")
     d.tuning_file = d.tuning_file or str(Path(d.state_dir) / "tuning.toml")
+    d.seed_file = d.seed_file or str(Path(d.state_dir) / "page-seed")
     if not out.cluster.node_id:
         import socket
 
         out.cluster.node_id = socket.gethostname()
     if out.dram.capacity == AUTO:
         total = psutil.virtual_memory().total
-        shm_free = _free_bytes(Path(out.dram.shm_dir))
+        shm_free = free_bytes(Path(out.dram.shm_dir))
         cap = min(2 * GiB, total // 8, shm_free // 2)
         out.dram.capacity = max(out.dram.slab_bytes, cap // out.dram.slab_bytes * out.dram.slab_bytes)
     if out.disk.capacity == AUTO:
-        free = _free_bytes(Path(out.disk.path)) + _tree_bytes(Path(out.disk.path))
+        free = free_bytes(Path(out.disk.path)) + tree_bytes(Path(out.disk.path))
         out.disk.capacity = max(64 * MiB, min(16 * GiB, free // 4))
-    return out
-
-
-def check_resources(cfg: Config) -> list[tuple[str, object, str]]:
-    """What this machine cannot give the (resolved) config, with the numbers. Empty when it fits."""
-    import psutil
-
-    out: list[tuple[str, object, str]] = []
-    gib = lambda n: f"{n / GiB:.2f} GiB"  # noqa: E731
-    avail = psutil.virtual_memory().available
-    if cfg.dram.capacity > avail:
-        out.append(
-            (
-                "dram.capacity",
-                cfg.dram.capacity,
-                f"needs {gib(cfg.dram.capacity)} but only {gib(avail)} of RAM is available",
-            )
-        )
-    shm = Path(cfg.dram.shm_dir)
-    if not shm.is_dir():
-        out.append(("dram.shm_dir", cfg.dram.shm_dir, "is not a directory"))
-    else:
-        shm_free = shutil.disk_usage(shm).free
-        if cfg.dram.capacity > shm_free:
-            out.append(
-                (
-                    "dram.capacity",
-                    cfg.dram.capacity,
-                    f"needs {gib(cfg.dram.capacity)} of {shm} but only {gib(shm_free)} is free",
-                )
-            )
-    if cfg.dram.lock_memory:
-        soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
-        if soft != resource.RLIM_INFINITY and soft < cfg.dram.capacity:
-            out.append(
-                (
-                    "dram.lock_memory",
-                    True,
-                    f"RLIMIT_MEMLOCK is {gib(soft)}, below dram.capacity {gib(cfg.dram.capacity)} (set LimitMEMLOCK=infinity)",
-                )
-            )
-    if cfg.disk.enabled:
-        p = Path(cfg.disk.path)
-        free = _free_bytes(p) + _tree_bytes(p)
-        if cfg.disk.capacity > free:
-            out.append(
-                (
-                    "disk.capacity",
-                    cfg.disk.capacity,
-                    f"needs {gib(cfg.disk.capacity)} at {p} but only {gib(free)} is free there (counting pages already stored)",
-                )
-            )
-    if cfg.cluster.enabled and cfg.cluster.transport == "rdma":
-        from polarkvd.transport.rdma import probe_cluster  # lazily: pyverbs only when asked for
-
-        try:
-            probe_cluster(cfg.cluster)
-        except ConfigError as e:
-            out.extend(e.problems)
     return out

@@ -31,21 +31,23 @@ from typing import Any, TypeVar
 import xxhash
 
 from polarkvd import __version__
-from polarkvd.config import LIVE_KNOBS, Config, check_resources, format_size, load_config, option_fields
+from polarkvd.config import LIVE_KNOBS, Config, format_size, load_config, option_fields, shown_knob
 from polarkvd.errors import EXIT_CONFIG, ConfigError, PolarKVError, ResourceError
-from polarkvd.lookup_table import HEARTBEAT_SECONDS as TABLE_HEARTBEAT_SECONDS
-from polarkvd.lookup_table import LookupTable, table_bytes
-from polarkvd.lookup_table import table_entries as table_entries_for
 from polarkvd.manager import Manager
 from polarkvd.metrics import MetricsServer, OpTimings, Snapshot, StatsCollector
+from polarkvd.resources import check_resources
 from polarkvd.sdnotify import Notifier
+from polarkvd.seed import PageSeed, page_seed
 from polarkvd.server.connection import RequestServer, claim_socket_path
 from polarkvd.server.control import apply_knob, control_handlers
 from polarkvd.server.engine import engine_api
 from polarkvd.server.engine_thread import EngineThreadServer
-from polarkvd.server.shm import Arena
 from polarkvd.tiers.dram import SlabAllocator
 from polarkvd.transport.pipeline import SIGNAL_BOARD_BYTES, SignalBoard
+from polarkvd.wire.arena import Arena
+from polarkvd.wire.lookup_table import HEARTBEAT_SECONDS as TABLE_HEARTBEAT_SECONDS
+from polarkvd.wire.lookup_table import LookupTable, table_bytes
+from polarkvd.wire.lookup_table import table_entries as table_entries_for
 
 log = logging.getLogger("polarkvd.daemon")
 
@@ -97,6 +99,7 @@ class Daemon:
         self.pool: Any = None  # polarkvd.cluster.pool.ClusterPool, likewise
         self.transport: Any = None  # polarkvd.transport.rdma.TransportChoice, likewise
         self.vram: Any = None  # polarkvd.tiers.vram.VramChoice: L1 or why not, decided at start
+        self.seed: PageSeed | None = None  # the page-key seed, read (or created) at start
 
     def arena_path(self) -> Path:
         tag = xxhash.xxh3_64_hexdigest(str(Path(self.cfg.daemon.engine_socket).resolve()).encode())[:12]
@@ -131,6 +134,10 @@ class Daemon:
                 log.info(
                     "%s", describe_choice(self.transport), extra={"transport": self.transport.kind.value}
                 )
+            # A broken, unreadable or world-readable seed file stops the start (exit 78).
+            secret = self.cluster_keys.secret if self.cluster_keys is not None else None
+            self.seed = page_seed(cfg.daemon.seed_file, secret)
+            log.info("page-key seed %s (from %s)", self.seed.fingerprint, self.seed.source)
             self.vram = await loop.run_in_executor(None, self._probe_vram)
             engine_path = Path(cfg.daemon.engine_socket)
             control_path = Path(cfg.daemon.control_socket)
@@ -187,6 +194,7 @@ class Daemon:
                     policy=cfg.disk.policy,
                     level=cfg.disk.compression_level,
                     min_ratio=cfg.disk.min_compression_ratio,
+                    seed_fingerprint=self.seed.fingerprint if self.seed is not None else None,
                 )
                 report = await loop.run_in_executor(executor, disk.open)
                 log.info(
@@ -208,6 +216,7 @@ class Daemon:
                 table=table,
                 vram=pool,
                 vram_host=host,
+                seed=self.seed.seed if self.seed is not None else None,
             )
             self.manager = manager
 
@@ -233,6 +242,10 @@ class Daemon:
                 max_frame_bytes=cfg.daemon.max_frame_bytes,
                 on_close=on_close,
                 before_loop_op=lambda conn: manager.apply_touches(conn.session),
+                max_unattached=cfg.daemon.max_unattached_connections,
+                max_connections=cfg.daemon.max_sessions + cfg.daemon.max_unattached_connections,
+                hello_timeout=cfg.daemon.hello_timeout,
+                counters=manager.counters,
             )
             sys.setswitchinterval(GIL_SWITCH_SECONDS)
             if cfg.cluster.enabled:
@@ -247,6 +260,7 @@ class Daemon:
             await engine_srv.start(engine_path, cfg.daemon.engine_socket_mode)
             await control_srv.start(control_path, cfg.daemon.control_socket_mode)
             chores.append(asyncio.create_task(self._every(1.0, manager.expire)))
+            chores.append(asyncio.create_task(self._every(1.0, manager.forget_idle_namespaces)))
             chores.append(asyncio.create_task(self._every(TOUCH_SECONDS, manager.apply_touches)))
             chores.append(asyncio.create_task(self._every(TOUCH_SECONDS, manager.apply_table_touches)))
             chores.append(asyncio.create_task(self._every(TABLE_HEARTBEAT_SECONDS, table.heartbeat)))
@@ -312,6 +326,8 @@ class Daemon:
             # After a clean drain nothing is queued; after a timeout the queue is dropped and only
             # the writes already running (one page per I/O thread) are waited for.
             executor.shutdown(wait=True, cancel_futures=True)
+            if self.manager is not None and self.manager.group_commit is not None:
+                self.manager.group_commit.shutdown()  # write-through's own pool, the same way
             if disk is not None:
                 try:
                     disk.flush_index()
@@ -360,7 +376,8 @@ class Daemon:
         choice, cfg = self.vram, self.cfg
         if choice is None or not choice.enabled:
             return None, None
-        from polarkvd.tiers.vram import CudaError, VramPool, load_api
+        from polarkvd.cuda import CudaError, load_api
+        from polarkvd.tiers.vram import VramPool
 
         loop = asyncio.get_running_loop()
         v = cfg.vram
@@ -426,6 +443,7 @@ class Daemon:
             meta_source=meta,
             on_members=pool.on_members,
             extra_meta=pool.gossip_meta,
+            seed_fingerprint=self.seed.fingerprint if self.seed is not None else "",
         )
         node.start()
         return node
@@ -559,7 +577,8 @@ class Daemon:
         self.last_reload_ok = True
         log.info(
             "reloaded %s: %s", shown,
-            ", ".join(f"{n} {old!r} -> {value!r}" for n, (old, value) in changes.items()) or "no live option changed",
+            ", ".join(f"{n} {shown_knob(n, old)} -> {shown_knob(n, value)}" for n, (old, value) in changes.items())
+            or "no live option changed",
             extra={"changed": ",".join(changes) or "-"},
         )  # fmt: skip
         if self.restart_needed:

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from polarkvd.lookup_table import LookupTable
 from polarkvd.policy import PolicyNode
+from polarkvd.wire.lookup_table import TIER_DISK, TIER_DRAM, TIER_VRAM, LookupTable
 
 # Page states.
 RESERVED = 0  # slot handed to an engine that is writing it; invisible to lookups
@@ -28,7 +28,6 @@ VRAM = 4  # flag: the slot is in the L1 pool (with RESERVED, READY, and PROMOTIN
 RESERVED_VRAM = RESERVED | VRAM
 READY_VRAM = READY | VRAM
 PROMOTING_VRAM = PROMOTING | VRAM
-_TIER_DRAM, _TIER_VRAM, _TIER_DISK = 2, 1, 4  # lookup_table's tier bytes (= types.Tier)
 
 
 class Page(PolicyNode):
@@ -71,11 +70,19 @@ class PageIndex:
         self.ready_pages = 0
         self.vram_bytes = 0  # READY in L1
         self.vram_pages = 0
+        #: pages per namespace id, in any state: a namespace with none (and no session, nothing
+        #: queued for disk) can be forgotten (Manager.forget_idle_namespaces)
+        self.ns_pages: dict[int, int] = {}
+        #: namespace id -> bytes of its pages holding a DRAM slot (any state): tenants' DRAM usage
+        self.dram_bytes_ns: dict[int, int] = {}
         #: the engines' copy of which keys are READY (lookup_table.py), kept by add/mark_ready/remove
         self.table: LookupTable | None = None
         #: set by the manager (this index knows nothing of disk): whether a page leaving L1 and DRAM
         #: has a copy on disk or queued for it; its table entry then stays, with tier DISK
         self.held_on_disk: Callable[[Page], bool] | None = None
+        #: set by the manager: told (offset, page) whenever a page takes an arena slot, so the
+        #: allocator knows what each slot holds (tiers/dram.py `claim`)
+        self.claim: Callable[[int, Page], None] | None = None
 
     def __contains__(self, key: bytes) -> bool:
         return key in self._pages
@@ -87,7 +94,17 @@ class PageIndex:
         return iter(list(self._pages.values()))
 
     def add(self, page: Page) -> None:
+        replaced = self._pages.get(page.key)
+        if replaced is not None:
+            self._uncount(replaced)
+            if not replaced.state & VRAM:
+                self._dram_slot(replaced, -replaced.size)
         self._pages[page.key] = page
+        self.ns_pages[page.ns] = self.ns_pages.get(page.ns, 0) + 1
+        if not page.state & VRAM:
+            self._dram_slot(page, page.size)
+            if self.claim is not None:
+                self.claim(page.offset, page)
         if page.state & ~VRAM == READY:
             self._became_ready(page)
 
@@ -103,15 +120,22 @@ class PageIndex:
         self._left_ready(page)
         page.state = PROMOTING
         page.offset = offset
+        self._dram_slot(page, page.size)
+        if self.claim is not None:
+            self.claim(offset, page)
 
     def land_in_dram(self, page: Page, offset: int) -> None:
         """A page on its way into L1 (PROMOTING_VRAM) will arrive in DRAM slot `offset` instead."""
         assert page.state == PROMOTING_VRAM
         page.state = PROMOTING
         page.offset = offset
+        self._dram_slot(page, page.size)
+        if self.claim is not None:
+            self.claim(offset, page)
 
     def restore_vram(self, page: Page, offset: int) -> None:
         """A move out of L1 failed: READY in L1 again, at its pool `offset`."""
+        self._dram_slot(page, -page.size)
         page.state = READY_VRAM
         page.offset = offset
         self._became_ready(page)
@@ -124,10 +148,15 @@ class PageIndex:
         self.ready_pages -= 1
         self.vram_bytes += page.size
         self.vram_pages += 1
+        self._dram_slot(page, -page.size)
         page.state = READY_VRAM
         page.offset = offset
         if self.table is not None:
-            self.table.set_tier(page.key, _TIER_VRAM)
+            self.table.set_tier(page.key, TIER_VRAM)
+
+    def _dram_slot(self, page: Page, nbytes: int) -> None:
+        by_ns = self.dram_bytes_ns
+        by_ns[page.ns] = by_ns.get(page.ns, 0) + nbytes
 
     def _became_ready(self, page: Page) -> None:
         if page.state & VRAM:
@@ -137,7 +166,7 @@ class PageIndex:
             self.ready_bytes += page.size
             self.ready_pages += 1
         if self.table is not None:
-            self.table.put(page.key, page.ns, _TIER_VRAM if page.state & VRAM else _TIER_DRAM)
+            self.table.put(page.key, page.ns, TIER_VRAM if page.state & VRAM else TIER_DRAM)
         if page.linked:
             return
         parent = self._pages.get(page.parent) if page.parent is not None else None
@@ -155,18 +184,28 @@ class PageIndex:
             self.ready_pages -= 1
         if self.table is not None:
             held = self.held_on_disk
-            if held is None or not held(page) or not self.table.set_tier(page.key, _TIER_DISK):
+            if held is None or not held(page) or not self.table.set_tier(page.key, TIER_DISK):
                 self.table.remove(page.key)
 
     def remove(self, key: bytes) -> Page | None:
         page = self._pages.pop(key, None)
         if page is None:
             return None
+        self._uncount(page)
         if page.state & ~VRAM == READY:
             self._left_ready(page)
+        if not page.state & VRAM:
+            self._dram_slot(page, -page.size)
         if page.linked:
             parent = self._pages.get(page.parent) if page.parent is not None else None
             if parent is not None:
                 parent.children = max(0, parent.children - 1)
             page.linked = False
         return page
+
+    def _uncount(self, page: Page) -> None:
+        left = self.ns_pages[page.ns] - 1
+        if left:
+            self.ns_pages[page.ns] = left
+        else:
+            del self.ns_pages[page.ns]

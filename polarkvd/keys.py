@@ -1,18 +1,22 @@
-"""Page keys: stable, chained hashes over token ids.
+"""Page keys: stable, chained hashes over token ids, keyed by the daemon's secret seed.
 
 A leaf module (imports only `types`). The key of page *n* of a token sequence is
 
-    key[n] = xxh3_128(key[n-1] ‖ namespace_digest ‖ token ids of page n as little-endian uint32)
+    ns_digest = BLAKE2b-128(msgpack(namespace fields), key = seed)
+    key[n]    = xxh3_128(key[n-1] ‖ ns_digest ‖ token ids of page n as little-endian uint32)
 
 with key[-1] = 16 zero bytes. A key therefore names its whole prefix: a hit on page *n* implies the
 prefix up to *n*, and the namespace (model, dtype, layout, geometry, TP shard, cache salt) is inside
-every key, so different namespaces never share a page. xxh3-128 is stable across processes, hosts and
-Python versions (never Python's `hash()`); ~0.4 ms for 200k tokens. Only full pages get keys: a partial
-trailing page is never cached.
+every key, so different namespaces never share a page. The seed (32 secret bytes per daemon or
+cluster, `seed.py`) makes the digest, and so every key, unpredictable without it: engines receive
+their namespace's digest in `hello`, never the seed. xxh3-128 is stable across processes, hosts and
+Python versions (never Python's `hash()`); ~0.4 ms for 200k tokens. Only full pages get keys: a
+partial trailing page is never cached.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import msgpack
@@ -22,11 +26,21 @@ import xxhash
 from polarkvd.types import KEY_BYTES, Namespace, PageKey
 
 ROOT_KEY = PageKey(bytes(KEY_BYTES))
-_NS_TAG = b"polarkv-ns-v1"
+#: Length of a page-key seed.
+SEED_BYTES = 32
+_NS_PERSON = b"polarkv-ns-v2"
+_FP_PERSON = b"polarkv-seed-fp"
 
 
-def namespace_digest(ns: Namespace) -> bytes:
-    """16 bytes that identify a namespace; every field in a fixed order."""
+def _check_seed(seed: bytes) -> None:
+    if not isinstance(seed, bytes) or len(seed) != SEED_BYTES:
+        raise ValueError(f"a page-key seed is {SEED_BYTES} bytes")
+
+
+def namespace_digest(ns: Namespace, seed: bytes) -> bytes:
+    """16 bytes that identify a namespace under `seed`: a keyed BLAKE2b over every field in a fixed
+    order. Without the seed, nobody can compute it (or any page key of the namespace)."""
+    _check_seed(seed)
     fields = [
         ns.model,
         ns.dtype,
@@ -40,7 +54,14 @@ def namespace_digest(ns: Namespace) -> bytes:
         ns.kv_parts,
         ns.cache_salt,
     ]
-    return xxhash.xxh3_128_digest(_NS_TAG + msgpack.packb(fields))
+    return hashlib.blake2b(msgpack.packb(fields), digest_size=KEY_BYTES, key=seed, person=_NS_PERSON).digest()
+
+
+def seed_fingerprint(seed: bytes) -> str:
+    """16 hex characters that tell seeds apart and reveal nothing of them: published in gossip,
+    recorded by the disk tier, shown by `status`."""
+    _check_seed(seed)
+    return hashlib.blake2b(b"", digest_size=8, key=seed, person=_FP_PERSON).hexdigest()
 
 
 def page_keys(

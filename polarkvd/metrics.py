@@ -106,6 +106,10 @@ _SIMPLE_COUNTERS = {
         "polarkv_reserve_no_space_pages_total",
         "Pages refused at reserve: no room in DRAM.",
     ),
+    "reserve_over_quota": (
+        "polarkv_reserve_over_quota_pages_total",
+        "Pages refused at reserve: the tenant is at its DRAM quota and none of its own pages can go.",
+    ),
     "aborted_pages": ("polarkv_aborted_pages_total", "Reserved pages given up (abort, engine gone, expiry)."),
     "promotion_failures": (
         "polarkv_promotion_failures_total",
@@ -298,6 +302,8 @@ def families(snap: Snapshot) -> Iterator[Any]:
     if disk is not None:
         yield CounterMetricFamily("polarkv_disk_corrupt_dropped", "Disk pages dropped as corrupt by the disk tier.",
                                   value=disk["corrupt_dropped"])  # fmt: skip
+        yield CounterMetricFamily("polarkv_disk_seed_refused", "Disk pages deleted at start: keyed with another page-key seed.",
+                                  value=disk.get("seed_refused", 0))  # fmt: skip
 
     other = CounterMetricFamily(
         "polarkv_manager_events", "Manager counters without a dedicated series above.", labels=["event"]
@@ -330,9 +336,44 @@ def families(snap: Snapshot) -> Iterator[Any]:
             "Fetches whose RDMA attempt failed and that were done over TCP at once.",
             value=c.get("cluster_rdma_fallbacks", 0),
         )
+    quotas = st.get("quotas")
+    if quotas is not None:
+        yield from _tenant_families(quotas)
     yield GaugeMetricFamily("polarkv_sessions", "Attached engine sessions.", value=len(st["sessions"]))
     yield GaugeMetricFamily("polarkv_leases", "Open leases (pinned loads and lookups).", value=st["leases"])
-    yield GaugeMetricFamily("polarkv_namespaces", "Namespaces seen since start.", value=st["namespaces"])
+    yield GaugeMetricFamily(
+        "polarkv_namespaces",
+        "Namespaces known now: attached, or with pages in memory.",
+        value=st["namespaces"],
+    )
+
+
+def _tenant_families(quotas: dict[str, Any]) -> Iterator[Any]:
+    """Per tenant ([quotas]; the largest DRAM users, as in `status`): usage, quota, quota evictions."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    used = GaugeMetricFamily(
+        "polarkv_tenant_bytes",
+        "Bytes a tenant (a cache_salt, shown by its configured name or a digest) holds, by tier.",
+        labels=["tenant", "tier"],
+    )
+    quota = GaugeMetricFamily(
+        "polarkv_tenant_quota_bytes", "A tenant's quota, by tier (0 = unlimited).", labels=["tenant", "tier"]
+    )
+    evicted = CounterMetricFamily(
+        "polarkv_tenant_evicted_pages",
+        "Pages of a tenant evicted to keep it within its own quota, by tier.",
+        labels=["tenant", "tier"],
+    )
+    for t in quotas["tenants"]:
+        for tier in ("dram", "disk"):
+            if t[f"{tier}_bytes"] is not None:
+                used.add_metric([t["tenant"], tier], t[f"{tier}_bytes"])
+            quota.add_metric([t["tenant"], tier], t[f"{tier}_quota"])
+            evicted.add_metric([t["tenant"], tier], t[f"evicted_pages_{tier}"])
+    yield used
+    yield quota
+    yield evicted
 
 
 def _seconds_label(ns: int) -> str:

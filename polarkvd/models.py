@@ -246,7 +246,7 @@ def _convert(gguf_path: Path, out: Path) -> None:
         raise ModelError(f"state dict mismatch converting {name}: missing {missing}, unexpected {unexpected}")
     if tied:
         model.tie_weights()
-    model = model.to(torch.float32).eval()
+    model = model.float().eval()
     _log("saving float32 weights...")
     model.save_pretrained(out)
     del model, state

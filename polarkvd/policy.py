@@ -6,8 +6,9 @@ node itself (an intrusive list) instead of a side table: about 16 bytes per page
 an `OrderedDict` entry, which keeps daemon metadata under 256 bytes per page.
 
 Contract (what breaks if it is violated):
-- `victims(n, evictable)` is atomic: it returns exactly `n` nodes, already unlinked from the policy,
-  or `[]` and leaves every node where it was. The caller frees exactly the nodes returned.
+- `victims(n, evictable, limit)` is atomic: it returns exactly `n` nodes, already unlinked from the
+  policy, or `[]` and leaves every node where it was. The caller frees exactly the nodes returned.
+  With `limit`, it looks at no more than about `limit` nodes (a bounded search that may miss).
 - `evictable(node)` is the caller's veto (pinned pages, pages with cached children: leaf-first). It is
   called during the scan and must not mutate the policy.
 - A node is in at most one policy at a time; `remove` of a node that is not linked is a no-op.
@@ -19,6 +20,7 @@ at run time with `switch_policy`, which carries the pages over coldest first.
 from __future__ import annotations
 
 import abc
+import itertools
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import ClassVar
@@ -112,12 +114,16 @@ class EvictionPolicy(abc.ABC):
         """A page left for another reason than eviction (deleted, moved). No-op if not linked."""
 
     @abc.abstractmethod
-    def victims(self, n: int, evictable: Evictable) -> list[PolicyNode]:
+    def victims(self, n: int, evictable: Evictable, limit: int | None = None) -> list[PolicyNode]:
         """Exactly `n` unlinked nodes in eviction order, or `[]` with nothing changed."""
 
     @abc.abstractmethod
     def coldest_first(self) -> Iterator[PolicyNode]:
         """Every node, the next to be evicted first (approximately, for policies without a total order)."""
+
+    def coldest(self, n: int) -> list[PolicyNode]:
+        """The `n` nodes `coldest_first` starts with, without copying the rest."""
+        return list(itertools.islice(self.coldest_first(), n))
 
     @abc.abstractmethod
     def __len__(self) -> int: ...
@@ -168,11 +174,12 @@ class LRUPolicy(EvictionPolicy):
         if node.prev is not None:
             self._list.unlink(node)
 
-    def victims(self, n: int, evictable: Evictable) -> list[PolicyNode]:
+    def victims(self, n: int, evictable: Evictable, limit: int | None = None) -> list[PolicyNode]:
         if n <= 0:
             return []
         chosen: list[PolicyNode] = []
-        for node in self._list:
+        nodes = self._list if limit is None else itertools.islice(self._list, limit)
+        for node in nodes:
             if evictable(node):
                 chosen.append(node)
                 if len(chosen) == n:
@@ -185,6 +192,9 @@ class LRUPolicy(EvictionPolicy):
 
     def coldest_first(self) -> Iterator[PolicyNode]:
         return iter(list(self._list))
+
+    def coldest(self, n: int) -> list[PolicyNode]:
+        return list(itertools.islice(self._list, n))
 
     def __len__(self) -> int:
         return len(self._list)
@@ -235,14 +245,14 @@ class S3FIFOPolicy(EvictionPolicy):
             return
         (self._small if node.aux >> 2 == _SMALL else self._main).unlink(node)
 
-    def victims(self, n: int, evictable: Evictable) -> list[PolicyNode]:
+    def victims(self, n: int, evictable: Evictable, limit: int | None = None) -> list[PolicyNode]:
         if n <= 0:
             return []
         chosen: list[tuple[PolicyNode, int]] = []  # node, aux before it was unlinked
         # Every head taken off a queue, in order: (node, its queue, its aux, the queue it went back to).
         # Replayed backwards on failure, it puts every node back where it was with its frequency.
         moves: list[tuple[PolicyNode, _NodeList, int, _NodeList | None]] = []
-        budget = 2 * len(self) + 2 * n
+        budget = 2 * len(self) + 2 * n if limit is None else min(2 * len(self) + 2 * n, limit)
         small_skips = 0
         while len(chosen) < n and budget > 0 and (self._small.size or self._main.size):
             budget -= 1
@@ -287,6 +297,9 @@ class S3FIFOPolicy(EvictionPolicy):
 
     def coldest_first(self) -> Iterator[PolicyNode]:
         return iter(list(self._small) + list(self._main))
+
+    def coldest(self, n: int) -> list[PolicyNode]:
+        return list(itertools.islice(itertools.chain(self._small, self._main), n))
 
     def __len__(self) -> int:
         return self._small.size + self._main.size

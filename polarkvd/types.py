@@ -15,7 +15,7 @@ KEY_BYTES = 16
 
 
 class Tier(enum.IntEnum):
-    """Where a page lives. The numbers are the tier levels of DESIGN.md §2 and travel on the wire."""
+    """Where a page lives. The numbers are the tier levels of docs/ARCHITECTURE.md and travel on the wire."""
 
     VRAM = 1
     DRAM = 2
@@ -39,9 +39,22 @@ DTYPE_BYTES: dict[str, int] = {
 }
 
 
+#: Longest string fields of a namespace (characters). A namespace is held in memory while engines
+#: use it, and its model is logged at attach: a client must not make either unbounded. A model is a
+#: `name@digest` fingerprint (a hub id or directory name and 32 hex digits); a layout a short tag
+#: like "vllm-cuda-lbhnc-flash/v2"; a cache salt is the request's cache_salt (vLLM: any string, in
+#: practice a short random token), plus a LoRA adapter's name and path when one is used.
+STRING_LIMITS = {"model": 1024, "layout": 128, "cache_salt": 4096}
+
+
+def _short(value: object, most: int = 64) -> str:
+    text = repr(value)
+    return text if len(text) <= most else text[: most - 3] + "..."
+
+
 @dataclasses.dataclass(frozen=True)
 class Namespace:
-    """Everything that changes the bytes of a page for the same tokens (DESIGN.md §2).
+    """Everything that changes the bytes of a page for the same tokens (docs/ARCHITECTURE.md).
 
     Two engines share pages only when every field is equal. `model` should carry a fingerprint of the
     weights or their config (name plus a digest), not just a name, so two fine-tunes never share KV.
@@ -62,23 +75,30 @@ class Namespace:
     cache_salt: str = ""
 
     def problems(self) -> list[str]:
-        """Reasons this namespace is unusable; empty when it is valid."""
+        """Reasons this namespace is unusable; empty when it is valid. Messages quote a client's
+        values only shortened: they are logged and sent back."""
         out = []
-        for name in ("model", "dtype", "layout", "cache_salt"):
-            if not isinstance(getattr(self, name), str):
-                out.append(f"{name} must be a string, got {type(getattr(self, name)).__name__}")
-        if not self.model:
+        for name, most in STRING_LIMITS.items():
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                out.append(f"{name} must be a string, got {type(value).__name__}")
+            elif len(value) > most:
+                out.append(f"{name} must be at most {most} characters, got {len(value)}")
+        if isinstance(self.model, str) and not self.model:
             out.append("model must be a non-empty fingerprint")
-        if isinstance(self.dtype, str) and self.dtype not in DTYPE_BYTES:
-            out.append(f"dtype {self.dtype!r} is not one of {sorted(DTYPE_BYTES)}")
+        if not isinstance(self.dtype, str) or self.dtype not in DTYPE_BYTES:
+            out.append(f"dtype {_short(self.dtype)} is not one of {sorted(DTYPE_BYTES)}")
         for name in ("num_layers", "num_kv_heads", "head_dim", "page_tokens", "tp_size", "kv_parts"):
             value = getattr(self, name)
-            if not _count(value):
-                out.append(f"{name} must be an integer in 1..{1 << 20}, got {value!r}")
-        # checked on its own: tp_size may be anything a client sent (a float, inf, a string)
-        tp_size = self.tp_size if _count(self.tp_size) else 1
-        if type(self.tp_rank) is not int or not 0 <= self.tp_rank < tp_size:
-            out.append(f"tp_rank must be in 0..tp_size-1, got {self.tp_rank!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 1 << 20:
+                out.append(f"{name} must be an integer in 1..{1 << 20}, got {_short(value)}")
+        tp_size = self.tp_size if isinstance(self.tp_size, int) and 1 <= self.tp_size <= 1 << 20 else 1
+        if (
+            not isinstance(self.tp_rank, int)
+            or isinstance(self.tp_rank, bool)
+            or not 0 <= self.tp_rank < tp_size
+        ):
+            out.append(f"tp_rank must be in 0..tp_size-1, got {_short(self.tp_rank)}")
         return out
 
     @property
@@ -106,8 +126,3 @@ class Namespace:
         if unknown:
             raise TypeError(f"unknown namespace fields {sorted(map(str, unknown))}")
         return cls(**data)
-
-
-def _count(value: object) -> bool:
-    """An integer in 1..2**20 (bools are not integers here)."""
-    return type(value) is int and 1 <= value <= 1 << 20

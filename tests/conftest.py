@@ -40,6 +40,10 @@ TEST_NS = Namespace(
 )
 
 
+#: The page-key seed of in-process managers (`make_manager`); daemons make their own seed files.
+TEST_SEED = bytes(range(32))
+
+
 def page_bytes_for(key: bytes, size: int) -> np.ndarray:
     """Deterministic page content derived from its key, so any process can check what it reads."""
     seed = int.from_bytes(key[:8], "little")
@@ -302,6 +306,7 @@ def make_manager(capacity_pages: int, **overrides: str) -> tuple[Manager, FakeCl
         None,
         executor,
         clock=clock,
+        seed=TEST_SEED,  # one seed for every in-process manager: members of a cluster share theirs
     )
     return m, clock
 

@@ -1,4 +1,4 @@
-"""Bad input on the daemon's sockets (DESIGN.md §10): every case gets a clear error reply with the right
+"""Bad input on the daemon's sockets (docs/ARCHITECTURE.md, reliability rules): every case gets a clear error reply with the right
 code, and a healthy engine attached to the same daemon keeps storing and loading exact bytes.
 
 One daemon serves the whole module; the healthy engine stays connected throughout, and every test
@@ -20,8 +20,8 @@ import pytest
 
 from polarkvd.client import EngineClient
 from polarkvd.errors import ErrorCode, PageNotFound
-from polarkvd.server import protocol as P
 from polarkvd.types import Tier
+from polarkvd.wire import frames as P
 from tests.conftest import TEST_NS, DaemonProc, chain_tokens, page_bytes_for, store_chain, wait_for
 
 MAX_KEYS = 64
@@ -257,6 +257,33 @@ def test_unknown_arguments_are_refused(healthy: Healthy, raw: Raw) -> None:
     assert healthy.daemon.stats()["tiers"]["dram"]["reserved_pages"] == 0
 
 
+def _served_ops(r: Raw) -> set[str]:
+    """The ops a socket serves, as the daemon itself lists them when it refuses an unknown op."""
+    msg = err(r.call("no-such-op"), ErrorCode.UNKNOWN_OP)
+    return set(msg.split("known: ", 1)[1].split(", "))
+
+
+@pytest.mark.parametrize("op", [op.value for op in P.Op])
+def test_every_op_refuses_an_unknown_argument(healthy: Healthy, raw: Raw, raw_control: Raw, op: str) -> None:
+    """Every op of both sockets, attached or not: an argument it does not know is refused before it
+    acts (PROTOCOL.md), so a `drain` or `evict` with a misspelt argument changes nothing."""
+    served = 0
+    for r in (raw, raw_control):
+        if op not in _served_ops(r):
+            continue
+        served += 1
+        msg = err(r.call(op, {"bogus_argument": 1}), ErrorCode.BAD_REQUEST)
+        assert "unknown arguments" in msg and "bogus_argument" in msg, msg
+    assert served, f"{op} is served on neither socket"
+    assert not healthy.daemon.stats()["draining"]  # a refused drain did not drain
+
+
+def test_the_op_list_covers_every_served_op(healthy: Healthy, raw: Raw, raw_control: Raw) -> None:
+    """The parametrized test above walks protocol.Op: an op served but missing there would escape it."""
+    known = {op.value for op in P.Op}
+    assert _served_ops(raw) <= known and _served_ops(raw_control) <= known
+
+
 def test_malformed_arguments(healthy: Healthy, raw: Raw) -> None:
     ok(raw.hello())
     # keys whose bytes are not a multiple of 16, however they are dressed up
@@ -437,6 +464,15 @@ def test_bad_control_requests(healthy: Healthy, raw_control: Raw) -> None:
     err(raw_control.call("set_knobs", {}), ErrorCode.BAD_REQUEST)
     err(raw_control.call("set_knobs", {"knobs": {"dram.capacity": "1GiB"}}), ErrorCode.BAD_VALUE)  # not live
     assert ok(raw_control.call("get_knobs"))["knobs"]["dram.policy"] == "lru"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0, "nan"])
+def test_set_knobs_refuses_nan_durations_and_fractions(healthy: Healthy, raw_control: Raw, bad: Any) -> None:
+    """A lease taken under `lease_seconds = NaN` never expired: live knobs refuse it, change nothing."""
+    before = ok(raw_control.call("get_knobs"))["knobs"]
+    for name in ("daemon.lease_seconds", "dram.high_watermark"):
+        assert name in err(raw_control.call("set_knobs", {"knobs": {name: bad}}), ErrorCode.BAD_VALUE)
+    assert ok(raw_control.call("get_knobs"))["knobs"] == before
 
 
 def test_daemon_survived_everything(shared: Healthy) -> None:

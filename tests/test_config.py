@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -13,13 +14,15 @@ from polarkvd.config import (
     KiB,
     MiB,
     TiB,
-    check_resources,
     load_config,
+    option_fields,
     parse_duration,
+    parse_option,
     parse_size,
     resolve,
 )
 from polarkvd.errors import EXIT_CONFIG, ConfigError
+from polarkvd.resources import check_resources
 from tests.conftest import REPO_ROOT, clean_env
 
 
@@ -260,3 +263,45 @@ def test_min_compression_ratio_is_a_factor_from_1_to_16(bad: object) -> None:
         load_config(env={}, overrides={"disk.min_compression_ratio": "1"}).disk.min_compression_ratio == 1.0
     )
     assert load_config(env={}).disk.min_compression_ratio == 1.25
+
+
+def _number_options() -> list[str]:
+    """Every option that takes a float (durations, fractions, factors): where NaN and inf could hide."""
+    return [name for name, f in option_fields().items() if isinstance(f.default, float)]
+
+
+@pytest.mark.parametrize("option", _number_options())
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, -1.0, "nan", "inf", "-1"])
+def test_no_number_option_takes_nan_inf_or_a_negative(option: str, bad: object) -> None:
+    """`daemon.lease_seconds = NaN` was accepted, and a lease taken under it never expired. Every
+    source refuses it with the key named: the file, the environment, --set and the live knobs'
+    parser (set_knobs goes through `parse_option`)."""
+    with pytest.raises(ConfigError) as info:
+        parse_option(option, bad)
+    assert info.value.problems[0][0] == option
+    with pytest.raises(ConfigError) as info:
+        load_config(env={}, overrides={option: bad})  # type: ignore[dict-item]
+    assert info.value.problems[0][0] == option
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "-inf", "-5.0"])
+def test_a_toml_file_and_the_environment_cannot_set_nan(tmp_path: Path, text: str) -> None:
+    f = tmp_path / "polarkv.toml"
+    f.write_text(f"[daemon]\nlease_seconds = {text}\n[cluster]\nsuspicion_mult = {text}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(f, env={})
+    assert {p[0] for p in info.value.problems} == {"daemon.lease_seconds", "cluster.suspicion_mult"}
+    with pytest.raises(ConfigError) as info:
+        load_config(env={"POLARKV_DAEMON_LEASE_SECONDS": text})
+    assert info.value.problems[0][0] == "daemon.lease_seconds"
+
+
+def test_numbers_too_large_for_a_float_are_refused_not_a_crash() -> None:
+    """A 400-digit duration or size parses to inf: a ConfigError, not an OverflowError at start."""
+    with pytest.raises(ValueError):
+        parse_duration("9" * 400)
+    with pytest.raises(ValueError):
+        parse_size("9" * 400 + ".5GiB")
+    with pytest.raises(ValueError, match="at most a year"):
+        parse_duration("9000h")
+    assert parse_duration("8760h") == 365 * 24 * 3600

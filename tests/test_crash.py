@@ -1,4 +1,4 @@
-"""Crashes (DESIGN.md §10): a killed engine leaks nothing, a silent one loses its leases, and a killed
+"""Crashes (docs/ARCHITECTURE.md, reliability rules): a killed engine leaks nothing, a silent one loses its leases, and a killed
 daemon comes back with its disk pages intact and verified, never serving a corrupt one."""
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ import pytest
 
 from polarkvd.errors import NamespaceError
 from polarkvd.keys import namespace_digest
+from polarkvd.seed import load_seed_file
 from polarkvd.types import Tier
 from tests.conftest import TEST_NS, bad_pages, chain_tokens, page_bytes_for, store_chain, wait_for
 
@@ -47,7 +48,9 @@ def test_engines_share_prefixes_across_processes_and_tiers(daemon, engine_procs)
     wait_for(lambda: daemon.stats()["sessions"] == [], what="the engines' sessions to close")
 
     with daemon.engine(engine_id="reader") as kv:
-        assert kv.ns_digest == namespace_digest(TEST_NS)  # the daemon and this process agree on keys
+        # the digest is keyed with the seed the daemon created in its state directory
+        seed = load_seed_file(daemon.root / "state" / "page-seed", create=False)
+        assert kv.ns_digest == namespace_digest(TEST_NS, seed)
         keys = [kv.page_keys(s) for s in seqs]
         before = daemon.stats()["counters"]
         for ks in keys:

@@ -31,8 +31,8 @@ from hypothesis.stateful import (
 
 from polarkvd.client import ControlClient, EngineClient
 from polarkvd.errors import ErrorCode, LeaseExpired, NamespaceError, PolarKVError
-from polarkvd.server.protocol import RESERVE_EXISTS, RESERVE_NO_SPACE
 from polarkvd.types import Namespace, Tier
+from polarkvd.wire.frames import RESERVE_EXISTS, RESERVE_NO_SPACE
 from tests.conftest import DaemonProc, chain_tokens, wait_for
 
 #: Two tenants of one model: 4 KiB pages (one slot each), the same tokens give different keys.

@@ -3,7 +3,7 @@ answered on the connection's thread while other engines store and evict through 
 nothing an engine or an operator sees changes: hits, bytes, LRU order, status totals, shutdown.
 
 The lookup tests run twice: `socket` (the client asks the daemon, as a client without the shared
-lookup table does) and `table` (the client probes polarkvd/lookup_table.py itself; the daemon folds
+lookup table does) and `table` (the client probes polarkvd/wire/lookup_table.py itself; the daemon folds
 its counts and touches) — the same observable results either way."""
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import pytest
 
 from polarkvd.client import EngineClient
 from polarkvd.errors import DaemonUnavailable
-from polarkvd.server import protocol as P
 from polarkvd.types import Tier
+from polarkvd.wire import frames as P
 from tests.conftest import (
     REPO_ROOT,
     TEST_NS,

@@ -1,39 +1,71 @@
-"""Page keys: frozen golden vectors, agreement across processes, namespaces inside every key."""
+"""Page keys: frozen golden vectors, agreement across processes, namespaces and the seed inside every key."""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import subprocess
 import sys
 
+import msgpack
 import numpy as np
 import pytest
 import xxhash
 
-from polarkvd.keys import ROOT_KEY, namespace_digest, page_keys
+from polarkvd.keys import ROOT_KEY, namespace_digest, page_keys, seed_fingerprint
 from polarkvd.types import Namespace
 from tests.conftest import REPO_ROOT, TEST_NS, clean_env
 
+SEED = bytes(range(32))
+OTHER_SEED = bytes(range(1, 33))
+
 # Computed once from the scheme in keys.py and frozen: if any of these change, every cache on every
-# host silently stops hitting (or, worse, two schemes disagree between engine and daemon versions).
-GOLDEN_NS_DIGEST = "02b9b9ff733458d684eeead05c79cc48"
+# host silently stops hitting (or, worse, two schemes disagree between daemon versions of a cluster).
+GOLDEN_NS_DIGEST = "b87972e1bcc2c088c93989360ab58829"
 GOLDEN_KEYS_RANGE48 = [
-    "d0072033eca309e042b2c62f46e92475",
-    "31e740bb4a715a7a0a182f3a0b5c62e9",
-    "6ca03ffaa015c4a5fe5b45c3a074214e",
+    "6ee079454c620381fa49b8c8d295ba82",
+    "4b9af2a8011a620e90861ab546668786",
+    "af74a38e6d1858199d424584899df17e",
 ]
+GOLDEN_FINGERPRINT = "92a474de9fa657c3"
 
 
 def test_golden_vectors() -> None:
-    digest = namespace_digest(TEST_NS)
+    digest = namespace_digest(TEST_NS, SEED)
     assert digest.hex() == GOLDEN_NS_DIGEST
     assert [k.hex() for k in page_keys(digest, list(range(48)), 16)] == GOLDEN_KEYS_RANGE48
+    assert seed_fingerprint(SEED) == GOLDEN_FINGERPRINT
+
+
+def test_the_digest_is_keyed_blake2b_of_the_documented_fields() -> None:
+    fields = [getattr(TEST_NS, f.name) for f in dataclasses.fields(Namespace)]
+    expected = hashlib.blake2b(msgpack.packb(fields), digest_size=16, key=SEED, person=b"polarkv-ns-v2")
+    assert namespace_digest(TEST_NS, SEED) == expected.digest()
+
+
+def test_another_seed_changes_the_digest_every_key_and_the_fingerprint() -> None:
+    """Without the seed nobody can compute a key: a second seed shares no key with the first."""
+    tokens = list(range(16 * 10))
+    a = page_keys(namespace_digest(TEST_NS, SEED), tokens, 16)
+    b = page_keys(namespace_digest(TEST_NS, OTHER_SEED), tokens, 16)
+    assert len(a) == len(b) == 10 and not set(a) & set(b)
+    assert seed_fingerprint(SEED) != seed_fingerprint(OTHER_SEED)
+    # the fingerprint is not the digest of any namespace (it is published; digests are not)
+    assert seed_fingerprint(SEED) not in namespace_digest(TEST_NS, SEED).hex()
+
+
+@pytest.mark.parametrize("bad", [b"", bytes(16), bytes(33), "0" * 32, None])
+def test_seeds_other_than_32_bytes_are_refused(bad: object) -> None:
+    with pytest.raises(ValueError, match="32 bytes"):
+        namespace_digest(TEST_NS, bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="32 bytes"):
+        seed_fingerprint(bad)  # type: ignore[arg-type]
 
 
 def test_keys_follow_the_documented_chain() -> None:
     """key[n] = xxh3_128(key[n-1] ‖ ns digest ‖ uint32le tokens), key[-1] = 16 zero bytes."""
-    digest = namespace_digest(TEST_NS)
+    digest = namespace_digest(TEST_NS, SEED)
     tokens = np.arange(48, dtype="<u4")
     prev = bytes(16)
     expected = []
@@ -49,33 +81,35 @@ def test_keys_follow_the_documented_chain() -> None:
 
 _CHILD = (
     "import json, sys; from polarkvd.keys import namespace_digest, page_keys; from tests.conftest import TEST_NS;"
-    "d = namespace_digest(TEST_NS);"
+    "d = namespace_digest(TEST_NS, bytes.fromhex(sys.argv[2]));"
     "print(json.dumps([d.hex()] + [k.hex() for k in page_keys(d, json.loads(sys.argv[1]), TEST_NS.page_tokens)]))"
 )
 
 
-def test_two_processes_compute_the_same_keys() -> None:
+def test_two_processes_compute_the_same_keys_for_the_same_seed() -> None:
     tokens = [int(t) for t in np.random.default_rng(7).integers(0, 2**32, 16 * 20, dtype=np.uint64)]
     # Different hash seeds: a scheme that leaned on Python's hash() would disagree here.
+    runs = [(1, SEED), (2, SEED), (3, OTHER_SEED)]
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", _CHILD, json.dumps(tokens)],
+            [sys.executable, "-c", _CHILD, json.dumps(tokens), seed.hex()],
             stdout=subprocess.PIPE,
             cwd=REPO_ROOT,
-            env=clean_env(PYTHONHASHSEED=str(seed)),
+            env=clean_env(PYTHONHASHSEED=str(hash_seed)),
         )
-        for seed in (1, 2)
+        for hash_seed, seed in runs
     ]
     outs = [json.loads(p.communicate(timeout=60)[0]) for p in procs]
     assert all(p.returncode == 0 for p in procs)
-    digest = namespace_digest(TEST_NS)
+    digest = namespace_digest(TEST_NS, SEED)
     here = [digest.hex()] + [k.hex() for k in page_keys(digest, tokens, 16)]
     assert outs[0] == outs[1] == here
     assert len(here) == 21
+    assert not set(outs[2]) & set(here)  # another seed: no digest or key in common
 
 
 def test_partial_trailing_page_gets_no_key() -> None:
-    digest = namespace_digest(TEST_NS)
+    digest = namespace_digest(TEST_NS, SEED)
     assert page_keys(digest, range(15), 16) == []
     assert page_keys(digest, [], 16) == []
     full = page_keys(digest, range(48), 16)
@@ -112,15 +146,15 @@ def _variants() -> list[tuple[str, Namespace]]:
 def test_every_namespace_field_changes_every_key(field: str, ns: Namespace) -> None:
     assert not ns.problems()
     tokens = list(range(128))
-    base = page_keys(namespace_digest(TEST_NS), tokens, TEST_NS.page_tokens)
-    other = page_keys(namespace_digest(ns), tokens, ns.page_tokens)
-    assert namespace_digest(ns) != namespace_digest(TEST_NS)
+    base = page_keys(namespace_digest(TEST_NS, SEED), tokens, TEST_NS.page_tokens)
+    other = page_keys(namespace_digest(ns, SEED), tokens, ns.page_tokens)
+    assert namespace_digest(ns, SEED) != namespace_digest(TEST_NS, SEED)
     assert other and not set(base) & set(other)
 
 
 def test_two_salts_never_share_a_key() -> None:
-    a = namespace_digest(dataclasses.replace(TEST_NS, cache_salt="a"))
-    b = namespace_digest(dataclasses.replace(TEST_NS, cache_salt="b"))
+    a = namespace_digest(dataclasses.replace(TEST_NS, cache_salt="a"), SEED)
+    b = namespace_digest(dataclasses.replace(TEST_NS, cache_salt="b"), SEED)
     assert not set(page_keys(a, range(160), 16)) & set(page_keys(b, range(160), 16))
 
 
@@ -138,16 +172,16 @@ def test_two_salts_never_share_a_key() -> None:
 def test_token_ids_outside_uint32_are_rejected(bad: object) -> None:
     # Truncating to 32 bits would alias two different token sequences onto one key.
     with pytest.raises(ValueError, match="uint32"):
-        page_keys(namespace_digest(TEST_NS), bad, 16)  # type: ignore[arg-type]
+        page_keys(namespace_digest(TEST_NS, SEED), bad, 16)  # type: ignore[arg-type]
 
 
 def test_largest_uint32_token_is_accepted() -> None:
-    keys = page_keys(namespace_digest(TEST_NS), [2**32 - 1] * 16, 16)
-    assert len(keys) == 1 and keys[0] != page_keys(namespace_digest(TEST_NS), [0] * 16, 16)[0]
+    keys = page_keys(namespace_digest(TEST_NS, SEED), [2**32 - 1] * 16, 16)
+    assert len(keys) == 1 and keys[0] != page_keys(namespace_digest(TEST_NS, SEED), [0] * 16, 16)[0]
 
 
 def test_bad_digest_parent_or_page_size_rejected() -> None:
-    digest = namespace_digest(TEST_NS)
+    digest = namespace_digest(TEST_NS, SEED)
     with pytest.raises(ValueError):
         page_keys(digest[:8], range(16), 16)
     with pytest.raises(ValueError):

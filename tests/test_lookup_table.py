@@ -1,4 +1,4 @@
-"""The shared lookup table (polarkvd/lookup_table.py): engines answer lookups themselves from the
+"""The shared lookup table (polarkvd/wire/lookup_table.py): engines answer lookups themselves from the
 daemon's index of L1, DRAM and disk pages in shared memory — same answers as the socket, counted and
 touched the same, never answering for a daemon that stopped keeping it, never reporting a key it does
 not hold."""
@@ -23,7 +23,11 @@ import xxhash
 from polarkvd.client import EngineClient
 from polarkvd.config import load_config
 from polarkvd.errors import DaemonUnavailable, PolarKVError
-from polarkvd.lookup_table import (
+from polarkvd.manager import Manager
+from polarkvd.tiers.disk import DiskTier
+from polarkvd.tiers.dram import SlabAllocator
+from polarkvd.types import Tier
+from polarkvd.wire.lookup_table import (
     RING_ENTRIES,
     STALE_NS,
     TIER_DISK,
@@ -34,10 +38,6 @@ from polarkvd.lookup_table import (
     table_bytes,
     table_entries,
 )
-from polarkvd.manager import Manager
-from polarkvd.tiers.disk import DiskTier
-from polarkvd.tiers.dram import SlabAllocator
-from polarkvd.types import Tier
 from tests.conftest import TEST_NS, chain_tokens, manager_store, store_chain, wait_for
 from tests.test_metrics import scrape
 
@@ -304,6 +304,9 @@ def test_a_reader_racing_a_writer_never_misses_a_stable_key_nor_hits_a_foreign_o
 # ------------------------------------------------------------------------------ the manager keeps it true
 
 
+SEED = bytes(range(32))  # the page-key seed of DiskRig's manager
+
+
 class DiskRig:
     """In-process: a Manager with a real disk tier and a lookup table, made on a running event loop
     (as in the daemon); probes are an engine's (a TableReader over the same memory)."""
@@ -323,6 +326,7 @@ class DiskRig:
             self.disk,
             self.executor,
             table=self.table,
+            seed=SEED,
         )
 
     def reader(self, session) -> TableReader:
@@ -401,7 +405,7 @@ def test_disk_pages_of_an_earlier_run_are_listed_and_a_rebuild_puts_them_back(tm
     earlier = DiskTier(tmp_path / "pages", 64 << 20)
     earlier.open()
     for k in on_disk:  # written by an earlier daemon
-        earlier.put(k, None, namespace_digest(TEST_NS), bytes(TEST_NS.page_bytes), 2)
+        earlier.put(k, None, namespace_digest(TEST_NS, SEED), bytes(TEST_NS.page_bytes), 2)
     earlier.close()
 
     async def run() -> None:

@@ -22,15 +22,16 @@ import pytest
 
 from polarkvd.cli import main, render_status
 from polarkvd.config import load_config
+from polarkvd.cuda import CudaError
 from polarkvd.index import PROMOTING, READY, READY_VRAM
 from polarkvd.keys import page_keys
-from polarkvd.lookup_table import LookupTable, TableReader, table_bytes
 from polarkvd.manager import Manager
 from polarkvd.metrics import Snapshot, families
 from polarkvd.tiers.dram import SlabAllocator
-from polarkvd.tiers.vram import CudaError, VramPool
+from polarkvd.tiers.vram import VramPool
 from polarkvd.types import Tier
-from tests.conftest import TEST_NS, DaemonProc, FakeClock, page_bytes_for
+from polarkvd.wire.lookup_table import LookupTable, TableReader, table_bytes
+from tests.conftest import TEST_NS, TEST_SEED, DaemonProc, FakeClock, page_bytes_for
 from tests.tiers.test_vram import FakeCuda
 
 PB = TEST_NS.page_bytes  # 32 KiB: 32 pages per 1 MiB slab
@@ -74,6 +75,7 @@ class L1:
             table=self.table,
             vram=self.pool,
             vram_host=self.host,
+            seed=TEST_SEED,  # members of a cluster share their page-key seed
         )
 
     def sessions(self) -> tuple[Any, Any]:
@@ -172,9 +174,9 @@ def test_demotion_moves_pages_to_dram_byte_exact_leaves_first() -> None:
     used = t.pool.slots.used_bytes
 
     async def go() -> int:
-        victims = m._vram_victims(2 * PB)  # the policy's order, leaves first
+        victims = m.l1.vram_victims(2 * PB)  # the policy's order, leaves first
         assert [v.key for v in victims] == [chain[5], chain[4]]
-        futs = m._start_vram_demotion(victims)
+        futs = m.l1.start_vram_demotion(victims)
         assert all(m.index.get(k).state == PROMOTING for k in chain[4:])  # invisible while copying
         assert m.lookup(s, chain)[0] == [Tier.VRAM] * 4
         assert await asyncio.gather(*futs) == [True, True]

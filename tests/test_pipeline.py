@@ -25,8 +25,9 @@ from polarkvd.keys import page_keys
 from polarkvd.manager import Manager
 from polarkvd.tiers.disk import HEADER_SIZE, DiskTier
 from polarkvd.tiers.dram import SlabAllocator
-from polarkvd.transport.pipeline import SIGNAL_NONE, LoadProgress, SignalBoard, layer_groups
+from polarkvd.transport.pipeline import LoadProgress, SignalBoard, layer_groups
 from polarkvd.types import Tier
+from polarkvd.wire.signals import SIGNAL_NONE
 from tests.conftest import TEST_NS, chain_tokens, make_manager, manager_store, page_bytes_for
 
 L, LB = TEST_NS.num_layers, TEST_NS.layer_bytes

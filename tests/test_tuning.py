@@ -11,8 +11,8 @@ import pytest
 from polarkvd.config import load_config, option_fields, read_tuning, write_tuning
 from polarkvd.errors import ConfigError, ErrorCode, NoSpaceError, PolarKVError, ProtocolError
 from polarkvd.keys import page_keys
-from polarkvd.server import protocol as P
 from polarkvd.types import Tier
+from polarkvd.wire import frames as P
 from tests.conftest import (
     TEST_NS,
     chain_tokens,

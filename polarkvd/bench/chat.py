@@ -73,7 +73,7 @@ CONFIG_HELP = {
 }
 BLOCK = 128  # vLLM's CPU block size (and the connector's page, page_blocks 1)
 MARK = "@@chat "
-# The bars (ratios of polarkvd to the other configuration, one run).
+# Targets: ratios of polarkvd to the other configuration, one run (docs/BENCHMARKS.md).
 BARS = {
     "ttft_ratio_vs_nocache": ("<=", 1 / 27),
     "hit_ttft_ratio_vs_prefix_cache_hot": ("<=", 1.5),
@@ -245,7 +245,7 @@ def worker_main(spec_path: str) -> int:
     t0 = time.perf_counter()
     llm = LLM(**kw)
     engine = llm.llm_engine
-    connector = None
+    connector: Any = None  # polarkvd's PolarKVConnector (its `stats`), under vLLM's base class
     if cfg == "polarkvd":
         from vllm.distributed.kv_transfer import get_kv_transfer_group
 
@@ -537,10 +537,10 @@ def compare(
     res["outputs_identical"] = compared > 0 and not mismatches
     res["outputs_compared"] = {"configs": names, "requests": compared, "mismatches": mismatches[:10]}
     res["bars"] = {}
-    for key, (op, bar) in BARS.items():
-        v = res.get(key)
+    for name, (op, bar) in BARS.items():
+        v = res.get(name)
         ok = None if v is None else (v <= bar if op == "<=" else v >= bar)
-        res["bars"][key] = {"value": v, "bar": f"{op} {bar:.4g}", "pass": ok}
+        res["bars"][name] = {"value": v, "bar": f"{op} {bar:.4g}", "pass": ok}
     return res
 
 
@@ -666,7 +666,7 @@ def render(res: dict[str, Any]) -> str:
         *("note: " + n for n in res["notes"]),
         "",
     ]
-    rows = []
+    rows: list[tuple[object, ...]] = []
     for name, c in cfgs.items():
         for row in c["rounds"]:
             t = row["ttft_s"]

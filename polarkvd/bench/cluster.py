@@ -282,7 +282,7 @@ def local_page_server(data: DataFile, key: bytes, workdir: Path) -> Iterator[End
     log = workdir / "page-server.log"
     with _child(args, env=env, log=log) as proc:
         ready = _read_json_line(proc, 60, "page server", log)
-        yield Endpoints(ready["fetch"], tuple(ready["raw_tcp"]), [proc.pid])  # type: ignore[arg-type]
+        yield Endpoints(ready["fetch"], tuple(ready["raw_tcp"]), [proc.pid])
 
 
 def serve_main(path: str, layout_json: str) -> int:
@@ -290,7 +290,7 @@ def serve_main(path: str, layout_json: str) -> int:
     import xxhash
 
     from polarkvd.errors import PageNotFound
-    from polarkvd.transport.tcp import PeerServer, Reply
+    from polarkvd.transport.tcp import Handler, PayloadReader, PeerServer, Reply
 
     data = DataFile.from_layout(path, json.loads(layout_json))
     mm = _map(data.path)
@@ -303,20 +303,20 @@ def serve_main(path: str, layout_json: str) -> int:
 
     sums = {k: xxhash.xxh3_64_intdigest(v) for k, v in pages.items()}  # "computed when stored"
 
-    def get(args: dict[str, Any], _reader: Any) -> Reply:
+    def get(args: dict[str, Any], _reader: PayloadReader) -> Reply:
         try:
             return Reply({"n": len(args["keys"])}, [pages[k] for k in args["keys"]])
         except KeyError:
             raise PageNotFound("no such page") from None
 
-    def get_stored_sums(args: dict[str, Any], _reader: Any) -> Reply:
+    def get_stored_sums(args: dict[str, Any], _reader: PayloadReader) -> Reply:
         try:
             keys = args["keys"]
             return Reply({"n": len(keys)}, [pages[k] for k in keys], sums=[sums[k] for k in keys])
         except KeyError:
             raise PageNotFound("no such page") from None
 
-    handlers = {"get": get, "get_stored_sums": get_stored_sums}
+    handlers: dict[str, Handler] = {"get": get, "get_stored_sums": get_stored_sums}
     server = PeerServer("127.0.0.1", 0, key=bytes.fromhex(os.environ["POLARKV_BENCH_KEY"]), handlers=handlers)
     server.start()
     raw = socket.create_server(("127.0.0.1", 0))
@@ -450,7 +450,7 @@ class DaemonFetchMethod:
     def __init__(
         self, data: DataFile, src: memoryview, threads: int, batch: int, stack: contextlib.ExitStack
     ) -> None:
-        from polarkvd.bench.harness import private_daemon
+        from polarkvd.bench.harness import private_daemon, shared_seed_file
         from polarkvd.client import ControlClient
 
         self.data, self.src, self.per_call = data, src, batch * threads
@@ -472,6 +472,7 @@ class DaemonFetchMethod:
             "disk.enabled": "false",
             "dram.slab_bytes": str(slab),
             "daemon.log_level": "warning",
+            "daemon.seed_file": stack.enter_context(shared_seed_file()),  # one seed per cluster
         }
         self.a_engine, self.a_control = stack.enter_context(private_daemon(
             {**common, "cluster.node_id": "bench-a", "cluster.gossip_address": f"127.0.0.1:{ga}", "dram.capacity": str(a_bytes)}
@@ -541,6 +542,7 @@ class DaemonFetchMethod:
                             raise RuntimeError("fetch: loaded bytes differ from the pages stored")
                 moved += len(batch) * ps.size
                 del r.views[:]
+                assert r.lease is not None  # a load always holds its pages under a lease
                 kv.release(r.lease)
                 self.b.evict_keys(batch)  # untimed: the next load of these is remote again
                 i += 1
@@ -834,10 +836,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         assert ends.raw_tcp is not None, "this server side has no raw socket"
                         runners[m] = RawTcpMethod(ends.raw_tcp, src, args.threads, args.batch)
                     elif m == "redis":
-                        r = RedisMethod(data, src, args.threads, args.batch, workdir)
-                        runners[m] = r
+                        runners[m] = redis = RedisMethod(data, src, args.threads, args.batch, workdir)
                         res["versions"]["redis"] = (
-                            f"redis-server {r.version}, hiredis {'yes' if r.hiredis() else 'NO'}"
+                            f"redis-server {redis.version}, hiredis {'yes' if redis.hiredis() else 'NO'}"
                         )
                     elif m == "mooncake":
                         runners[m] = mc = MooncakeMethod(data, args.threads, args.batch, workdir)

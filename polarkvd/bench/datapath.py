@@ -9,12 +9,16 @@ Measures, through a real daemon process and `polarkvd.client`:
   pick); and, with the disk tier on, of a partial hit (DRAM pages, then disk pages, then a miss:
   a new request's prompt), table and socket;
 - disk tier: compression ratio on bf16 KV-like data and GB/s of loads that promote from disk;
+- what write-through costs: stores with the disk tier under write-back and under write-through
+  (commit answers once the pages are on disk and synced), side by side, and 64 KiB pages committed
+  one per call by several engines at once (group commit);
 - metadata bytes per cached page in the daemon's index.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import multiprocessing as mp
 import os
@@ -22,6 +26,7 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -43,6 +48,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pages", type=int, default=32, help="5.9 MB pages per store/load round (default 32)")
     p.add_argument("--rounds", type=int, default=5, help="rounds per measurement; medians are reported")
     p.add_argument("--lookups", type=int, default=3000, help="lookups of 32 keys to time")
+    p.add_argument(
+        "--write-through-sync",
+        choices=("files", "filesystem"),
+        default="files",
+        help="disk.write_through_sync of the disk-tier daemon (the write-through rows)",
+    )
 
 
 def kv_like_pages(ns: Namespace, n: int, seed: int = 0) -> list[np.ndarray]:
@@ -108,7 +119,7 @@ def socket_rtt_us(n: int) -> list[float]:
 def _zmq_echo(addr: str, ready: Any) -> None:
     import zmq
 
-    s = zmq.Context.instance().socket(zmq.REP)
+    s: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.REP)
     s.bind(addr)
     ready.set()
     while True:
@@ -128,7 +139,7 @@ def zmq_rtt_us(n: int) -> list[float]:
     proc = ctx.Process(target=_zmq_echo, args=(addr, ready), daemon=True)
     proc.start()
     ready.wait(30)
-    s = zmq.Context.instance().socket(zmq.REQ)
+    s: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.REQ)
     s.connect(addr)
     msg = b"x" * 100
     out = []
@@ -153,7 +164,7 @@ def metadata_bytes_per_page(n: int = 50_000) -> float:
     from polarkvd.keys import namespace_digest, page_keys
     from polarkvd.policy import make_policy
 
-    keys = page_keys(namespace_digest(BIG_NS), np.arange(n * 16) % 50000, 16)
+    keys = page_keys(namespace_digest(BIG_NS, bytes(32)), np.arange(n * 16) % 50000, 16)
     gc.collect()
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
@@ -173,7 +184,7 @@ def metadata_bytes_per_page(n: int = 50_000) -> float:
 # ----------------------------------------------------------------------------- the data path
 
 
-def _timed_store(kv: Any, keys: list[bytes], pages: list[np.ndarray], batch: int) -> float:
+def _timed_store(kv: Any, keys: Sequence[bytes], pages: list[np.ndarray], batch: int) -> float:
     t = time.perf_counter()
     for i in range(0, len(keys), batch):
         r = kv.store(keys[i : i + batch], pages[i : i + batch], parent=keys[i - 1] if i else None)
@@ -181,7 +192,7 @@ def _timed_store(kv: Any, keys: list[bytes], pages: list[np.ndarray], batch: int
     return time.perf_counter() - t
 
 
-def _timed_load(kv: Any, keys: list[bytes], outs: list[np.ndarray], batch: int) -> tuple[float, int]:
+def _timed_load(kv: Any, keys: Sequence[bytes], outs: list[np.ndarray], batch: int) -> tuple[float, int]:
     t = time.perf_counter()
     n = 0
     for i in range(0, len(keys), batch):
@@ -192,7 +203,7 @@ def _timed_load(kv: Any, keys: list[bytes], outs: list[np.ndarray], batch: int) 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from polarkvd.client import ControlClient, EngineClient
 
-    prog = Progress(9, quiet=False)
+    prog = Progress(10, quiet=False)
     npages, rounds = args.pages, args.rounds
     big = BIG_NS.page_bytes
     dram = max(1 << 30, (npages * 2 + 8) * (big + 4096) + (64 << 20))
@@ -286,7 +297,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     sets = {
         "dram.capacity": str(dram),
         "dram.slab_bytes": "64MiB",
-        "disk.capacity": str(4 * npages * big),
+        "disk.capacity": str(max(4 << 30, 4 * npages * big)),
+        "disk.write_through_sync": args.write_through_sync,
         "daemon.log_level": "warning",
     }
     with private_daemon(sets) as (engine_sock, control_sock):
@@ -307,6 +319,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         res["disk_load_gbps"] = npages * big / lt / 1e9
         kv.close()
 
+        prog.step("store with the disk tier: write-back and write-through side by side")
+        res.update(write_through_cost(ctl, engine_sock, pages, rounds, batch))
+        res["write_through_sync"] = args.write_through_sync
+
         prog.step(f"partial-hit lookup of 32 keys x {args.lookups} with the disk tier: table and socket")
         res.update(partial_hit_lookups(ctl, engine_sock, args.lookups))
         ctl.close()
@@ -317,6 +333,85 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     res["lookup_p50_vs_rtt"] = res["lookup_p50_us"] / res["socket_rtt_p50_us"]
     res["lookup_socket_p50_vs_rtt"] = res["lookup_socket_p50_us"] / res["socket_rtt_p50_us"]
     return res
+
+
+def _settle(ctl: Any) -> None:
+    """Empty DRAM and wait until its demotions are written: nothing competes with the next timing."""
+    ctl.evict("dram", 1 << 40)
+    deadline = time.monotonic() + 300
+    while ctl.stats()["tiers"]["disk"]["pending_pages"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def _commit_one_by_one(engine_sock: Any, engines: int, commits: int, base: int) -> tuple[float, list[float]]:
+    """`engines` clients (threads) each storing `commits` 64 KiB pages, one page per commit: the
+    wall time and every commit's latency in microseconds."""
+    from polarkvd.client import EngineClient
+
+    page = kv_like_pages(SMALL_NS, 1, seed=9)[0]
+
+    def one(i: int) -> list[float]:
+        lat = []
+        with EngineClient(SMALL_NS, f"bench-commit-{i}", engine_sock) as kv:
+            keys = kv.page_keys(np.arange(commits * 16) + base + i * 1_000_000)
+            for k in keys:
+                off = kv.reserve([k])[0]
+                assert off >= 0, "no room for a 64 KiB page"
+                kv.page(off)[:] = page.data
+                t = time.perf_counter()
+                kv.commit([k])
+                lat.append((time.perf_counter() - t) * 1e6)
+        return lat
+
+    t = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(engines) as pool:
+        lats = [x for part in pool.map(one, range(engines)) for x in part]
+    return time.perf_counter() - t, lats
+
+
+def write_through_cost(
+    ctl: Any, engine_sock: Any, pages: list[np.ndarray], rounds: int, batch: int, engines: int = 4
+) -> dict[str, Any]:
+    """Store GB/s of 5.9 MB pages (`batch` per commit) and commits of single 64 KiB pages by
+    `engines` engines at once, under write-back and under write-through (disk.write_through: the
+    commit answers once its pages are on disk and synced), in alternating rounds so machine noise
+    hits both alike; DRAM is emptied, and its demotions written, before each timing."""
+    from polarkvd.client import EngineClient
+
+    big = BIG_NS.page_bytes
+    kv = EngineClient(BIG_NS, "bench-write-through", engine_sock)
+    store: dict[bool, list[float]] = {False: [], True: []}
+    small: dict[bool, list[float]] = {False: [], True: []}
+    lat: dict[bool, list[float]] = {False: [], True: []}
+    commits = 64
+    before = ctl.stats()["tiers"]["disk"]["group_commit"]
+    for r in range(rounds):
+        for wt in (False, True):
+            ctl.set_knobs({"disk.write_through": wt})
+            base = 200_000_000 + r * 20_000_000 + wt * 10_000_000
+            _settle(ctl)
+            keys = kv.page_keys(np.arange(len(pages) * 256) + base)
+            store[wt].append(_timed_store(kv, keys, pages, batch))
+            _settle(ctl)
+            wall, lats = _commit_one_by_one(engine_sock, engines, commits, base + 5_000_000)
+            small[wt].append(wall)
+            lat[wt] += lats
+    ctl.set_knobs({"disk.write_through": False})
+    after = ctl.stats()["tiers"]["disk"]["group_commit"]
+    kv.close()
+    _settle(ctl)
+    out: dict[str, Any] = {"commit_engines": engines}
+    for wt, name in ((False, "wb"), (True, "wt")):
+        out[f"store_{name}_gbps"] = len(pages) * big / median(store[wt]) / 1e9
+        out[f"commits_{name}_per_s"] = engines * commits / median(small[wt])
+        out[f"commit_{name}_p50_us"] = percentile(lat[wt], 50)
+        out[f"commit_{name}_p99_us"] = percentile(lat[wt], 99)
+    batches = after["batches"] - before["batches"]
+    written = after["pages"] - before["pages"]
+    out["group_commit_pages_per_batch"] = written / batches if batches else 0.0
+    out["group_commit_syncs_per_page"] = (after["syncs"] - before["syncs"]) / written if written else 0.0
+    out["group_commit_failed_pages"] = after["failed_pages"] - before["failed_pages"]
+    return out
 
 
 def partial_hit_lookups(ctl: Any, engine_sock: Any, n: int) -> dict[str, float]:
@@ -426,6 +521,36 @@ def render(res: dict[str, Any]) -> str:
             "",
         ),
         ("disk load (promote)", f(res["disk_load_gbps"]) + " GB/s", "", ""),
+        (
+            "store 5.9 MB pages, disk on: write-back",
+            f(res["store_wb_gbps"]) + " GB/s",
+            "",
+            "",
+        ),
+        (
+            "  write-through (durable commit)",
+            f(res["store_wt_gbps"]) + " GB/s",
+            f(res["store_wt_gbps"] / res["store_wb_gbps"]) + "x write-back",
+            "",
+        ),
+        (
+            f"commit 1 x 64 KiB, {res['commit_engines']} engines: write-back",
+            f"{res['commits_wb_per_s']:.0f} /s",
+            f"p50/p99 {res['commit_wb_p50_us']:.0f} / {res['commit_wb_p99_us']:.0f} us",
+            "",
+        ),
+        (
+            "  write-through (durable commit)",
+            f"{res['commits_wt_per_s']:.0f} /s",
+            f"p50/p99 {res['commit_wt_p50_us']:.0f} / {res['commit_wt_p99_us']:.0f} us",
+            "",
+        ),
+        (
+            f"  write-through pages per group commit ({res['write_through_sync']})",
+            f(res["group_commit_pages_per_batch"], 1),
+            f"{res['group_commit_syncs_per_page']:.2f} syncs/page, {res['group_commit_failed_pages']:.0f} failed",
+            "",
+        ),
         ("disk compression (bf16)", f(res["disk_ratio"]) + "x", "", ">= 1.4x"),
         ("metadata per page", f(res["metadata_bytes_per_page"], 0) + " B", "", "<= 256 B"),
     ]

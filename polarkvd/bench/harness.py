@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,13 +67,27 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
-def table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
+def table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
 
-    def line(r: tuple[str, ...]) -> str:
+    def line(r: Sequence[object]) -> str:
         return "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
 
     return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])
+
+
+@contextlib.contextmanager
+def shared_seed_file() -> Iterator[str]:
+    """A page-key seed file for private daemons that form one insecure cluster: every member must
+    hold the same seed (docs/CLUSTER.md), and each would otherwise create its own."""
+    from polarkvd.seed import load_seed_file
+
+    root = Path(tempfile.mkdtemp(prefix="polarkv-bench-seed-"))
+    try:
+        load_seed_file(root / "page-seed")
+        yield str(root / "page-seed")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @contextlib.contextmanager

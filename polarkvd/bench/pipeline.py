@@ -75,6 +75,7 @@ from polarkvd.bench.harness import (
     private_daemon,
     ratio,
     run_request,
+    shared_seed_file,
     table,
     vllm_env,
 )
@@ -89,7 +90,7 @@ SOURCE_HELP = {
 MODES = {"off": "step", "on": "layer"}
 BLOCK = 128  # vLLM's CPU block size (and the connector's page, page_blocks 1)
 MARK = "@@pipeline "
-# The bars (pipelining on).
+# Targets with pipelining on (docs/BENCHMARKS.md).
 BARS = {
     "remote_vs_local": ("<=", 1.2),
     "disk_vs_local": ("<=", 1.5),
@@ -382,7 +383,7 @@ def worker_main(spec_path: str) -> int:
         ),
     )
     engine = llm.llm_engine
-    connector = get_kv_transfer_group()
+    connector: Any = get_kv_transfer_group()  # our PolarKVConnector: its `stats` and `geometry`
     # tokens the scheduler-side connector promised (beyond vLLM's own cache), as in bench chat
     external = observe_external_tokens(engine)
     if external is None:
@@ -503,6 +504,7 @@ def two_daemons(dram: int, pending: int, keep: bool) -> Iterator[dict[str, str]]
         "cluster.lookup_timeout": "1s",
     }
     with contextlib.ExitStack() as stack:
+        common["daemon.seed_file"] = stack.enter_context(shared_seed_file())  # one seed per cluster
         socks: dict[str, str] = {}
         for name in ("a", "b"):
             sets = {**common, "cluster.node_id": name, "cluster.gossip_address": f"127.0.0.1:{gossip[name]}"}
@@ -855,7 +857,7 @@ def render(res: dict[str, Any]) -> str:
         *("note: " + n for n in res["notes"]),
         "",
     ]
-    rows = []
+    rows: list[tuple[object, ...]] = []
     for source in SOURCES:
         for mode in ("off", "on"):
             r = runs[source][mode]

@@ -27,11 +27,12 @@ import time
 from typing import Any
 
 from polarkvd.config import VramConfig, format_size, parse_size
-from polarkvd.tiers.vram import CopyKind, HostRegion, VramPool, describe_choice, load_api, probe
+from polarkvd.cuda import CopyKind, load_api
+from polarkvd.tiers.vram import HostRegion, VramPool, describe_choice, probe
 
 
 def host_mapping(size: int) -> tuple[mmap.mmap, str]:
-    """A MAP_SHARED mapping of a tmpfs file, as the DRAM arena is (polarkvd/server/shm.py), or an
+    """A MAP_SHARED mapping of a tmpfs file, as the DRAM arena is (polarkvd/wire/arena.py), or an
     anonymous shared mapping where /dev/shm is too small (containers often give it 64 MB); and which."""
     if os.path.isdir("/dev/shm") and shutil.disk_usage("/dev/shm").free > 2 * size:
         fd, path = tempfile.mkstemp(prefix="polarkv-vram-", dir="/dev/shm")
@@ -86,7 +87,9 @@ def run_bench(pool_bytes: int, host_bytes: int, page: int, repeat: int, cuda_api
             raise SystemExit(
                 f"pool {pool_bytes} and host {host_bytes} must each hold at least 2 pages of {page}"
             )
-        slots = [pool.alloc(page) for _ in range(2 * n)]
+        slots = [s for s in (pool.alloc(page) for _ in range(2 * n)) if s is not None]
+        if len(slots) < 2 * n:
+            raise SystemExit(f"the pool has no room for {2 * n} pages of {page} bytes")
         src, dst = slots[:n], slots[n:]
         perm = _scatter(n)
         moved = n * page

@@ -2,7 +2,8 @@
 
 Owns the member table (state, incarnation, address, metadata), probing, suspicion, dissemination
 (piggybacked deltas with a retransmit limit, plus periodic full-state push-pull), join, leave and
-refutation. Driven only by `tick(now)` and `on_message(src, data)`; time comes from the injected
+refutation, and admission (an `admit` hook may refuse a member by its metadata, as memberlist's
+AliveDelegate). Driven only by `tick(now)` and `on_message(src, data)`; time comes from the injected
 clock and randomness from the injected `rng`, so a run is reproducible and tests never sleep.
 Must not open sockets, spawn threads or read the wall clock: the transport moves bytes, the caller
 (daemon or simulator) owns the loop. Changes reach the caller as `Event`s drained by `take_events()`.
@@ -200,7 +201,11 @@ class Membership:
         transport: Transport,
         rng: random.Random,
         delegate: Callable[[Event], None] | None = None,
+        admit: Callable[[str, dict[str, Any]], str | None] | None = None,
     ) -> None:
+        """`admit(node, meta)`: None admits a member, a reason refuses it. A refused member is never
+        added (or, known already, is recorded as left) and its news is not passed on; the hook is
+        asked for every `alive` of another member, so it should log a refusal once, not each time."""
         config.validate()
         self.node_id = node_id
         self.config = config
@@ -208,6 +213,7 @@ class Membership:
         self.transport = transport
         self.rng = rng
         self._delegate = delegate
+        self._admit = admit
         self._check_meta(meta)
         now = clock()
         self.members: dict[str, Member] = {
@@ -239,6 +245,7 @@ class Membership:
             "refutes": 0,
             "suspicions": 0,
             "push_pulls": 0,
+            "refused": 0,  # `alive` messages of members the admit hook refused
         }
 
     # ------------------------------------------------------------------------------ public API
@@ -533,6 +540,11 @@ class Membership:
                 self._refute(msg.incarnation)
             return
         m = self.members.get(msg.node)
+        if self._admit is not None and self._admit(msg.node, msg.meta) is not None:
+            self.stats["refused"] += 1
+            if m is not None and msg.incarnation > m.incarnation:
+                self._refused(m, msg.incarnation, now)
+            return
         if m is None:
             if len(msg.meta) and not self._meta_ok(msg.meta):
                 return
@@ -612,6 +624,16 @@ class Membership:
         self._n_alive -= 1
         self._bcast.queue(m.node, msg)
         self._emit(EventKind.LEFT if left else EventKind.DEAD, m, now)
+
+    def _refused(self, m: Member, incarnation: int, now: float) -> None:
+        """A known member came back in a life we refuse (its metadata changed): it has left."""
+        m.incarnation = incarnation
+        if m.state in (State.DEAD, State.LEFT):
+            return
+        m.state, m.since = State.LEFT, now
+        self._suspicions.pop(m.node, None)
+        self._n_alive -= 1
+        self._emit(EventKind.LEFT, m, now)
 
     def _refute(self, incarnation: int) -> None:
         me = self.members[self.node_id]

@@ -630,7 +630,7 @@ class MetaMap:
         if v is None:
             return
         for c in (v,) if type(v) is _Copy else v:  # type: ignore[union-attr]
-            self._held[c.node] -= 1  # type: ignore[union-attr]
+            self._held[c.node] -= 1
 
     def _forget_holder(self, holder: str) -> None:
         for key, v in list(self._records.items()):

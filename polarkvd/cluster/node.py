@@ -2,9 +2,10 @@
 
 Owns running `Membership` over a `ZmqTransport` on the daemon's asyncio loop (woken by the socket or
 by the protocol's next deadline), the metadata this daemon publishes (endpoints, tier space, `rdma: 1`
-while peers may READ pages from us), the reactions to membership events (forget sockets of dead
-members, tell the rest of the cluster code who is alive) and the `cluster` control report behind
-`polarkvd status --cluster`. Protocol decisions stay in `membership`; where pages live stays in the
+while peers may READ pages from us, the page-key seed's fingerprint), admission (a member with another
+seed is refused: its page keys never match ours), the reactions to membership events (forget sockets
+of dead members, tell the rest of the cluster code who is alive) and the `cluster` control report
+behind `polarkvd status --cluster`. Protocol decisions stay in `membership`; where pages live stays in the
 manager and the meta map.
 """
 
@@ -79,10 +80,15 @@ class ClusterNode:
         meta_source: Callable[[], dict[str, Any]] | None = None,
         on_members: Callable[[list[Member], list[Event]], None] | None = None,
         extra_meta: Callable[[], dict[str, Any]] | None = None,
+        seed_fingerprint: str = "",
     ) -> None:
         """`meta_source`: tier space as {tier: (used, capacity)}-derived lists; `extra_meta`: other
-        published flags (the pool's `gossip_meta`: `rdma: 1` while peers may READ from us)."""
+        published flags (the pool's `gossip_meta`: `rdma: 1` while peers may READ from us);
+        `seed_fingerprint`: our page-key seed's (keys.seed_fingerprint), published and required of
+        every member (empty: no check)."""
         self.cfg = cfg
+        self.seed_fingerprint = seed_fingerprint
+        self.refused: dict[str, str] = {}  # node -> why it was refused (the latest reason)
         self.keys = keys
         self.node_id = cfg.node_id
         self._meta_source = meta_source or dict
@@ -103,6 +109,7 @@ class ClusterNode:
             self.transport,
             random.Random(),
             delegate=None,
+            admit=self._admit if seed_fingerprint else None,
         )
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -116,8 +123,10 @@ class ClusterNode:
         import zmq
 
         loop = asyncio.get_running_loop()
-        self._fd = self.transport.router.getsockopt(zmq.FD)
-        loop.add_reader(self._fd, self._wake.set)
+        fd = self.transport.router.getsockopt(zmq.FD)
+        assert isinstance(fd, int)
+        self._fd = fd
+        loop.add_reader(fd, self._wake.set)
         seeds = [tcp_url(*split_address(s)) for s in self.cfg.seeds]
         self.membership.join(seeds)
         self._task = asyncio.create_task(self._run(), name="cluster-gossip")
@@ -168,7 +177,7 @@ class ClusterNode:
             except Exception:
                 log.exception("cluster: gossip step failed (continuing)")
             # ZeroMQ's FD is edge-triggered: sleep only when nothing is waiting.
-            if t.router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            if int(t.router.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                 await asyncio.sleep(0)
                 continue
             self._wake.clear()
@@ -189,8 +198,35 @@ class ClusterNode:
 
     # ------------------------------------------------------------------ metadata
 
+    def _admit(self, node: str, meta: dict[str, Any]) -> str | None:
+        """Refuse a member whose page-key seed differs from ours (logged once per node and seed)."""
+        theirs = meta.get("seed")
+        if theirs == self.seed_fingerprint:
+            self.refused.pop(node, None)
+            return None
+        if theirs:
+            why = f"its page-key seed {theirs} differs from ours ({self.seed_fingerprint})"
+        else:
+            why = "it publishes no page-key seed (a polarkvd from before keyed page hashing?)"
+        if self.refused.get(node) != why:
+            self.refused[node] = why
+            log.error(
+                "cluster: refusing member %r: %s; every member must share the seed (the same cluster "
+                "key file or, in an insecure cluster, the same daemon.seed_file; docs/CLUSTER.md)",
+                node,
+                why,
+            )
+        return why
+
     def _compose_meta(self) -> dict[str, Any]:
-        return {"v": __version__, "data": self.data_address, **self._meta_source(), **self._extra_meta()}
+        seed = {"seed": self.seed_fingerprint} if self.seed_fingerprint else {}
+        return {
+            "v": __version__,
+            "data": self.data_address,
+            **seed,
+            **self._meta_source(),
+            **self._extra_meta(),
+        }
 
     def _meta(self) -> dict[str, Any]:
         meta = self._compose_meta()
@@ -248,6 +284,8 @@ class ClusterNode:
                 for x in sorted(m.members.values(), key=lambda x: x.node)
             ],
             "alive": sum(1 for x in m.members.values() if x.state in (State.ALIVE, State.SUSPECT)),
+            "page_seed": self.seed_fingerprint,
+            "refused": dict(self.refused),  # members kept out, and why
             "gossip": dict(m.stats),
         }
 

@@ -33,6 +33,7 @@ import asyncio
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import itertools
 import logging
 import os
@@ -111,6 +112,11 @@ class _Pinned:
     @property
     def nbytes(self) -> int:
         return len(self.view) if self.view is not None else self.span[1]
+
+
+def _release_all(pinned: Sequence[_Pinned]) -> None:
+    for p in pinned:
+        p.release()
 
 
 @dataclasses.dataclass
@@ -319,7 +325,8 @@ class ClusterPool:
         pool = self.manager.vram
         if pool is None:
             return
-        from polarkvd.tiers.vram import CudaError, Staging
+        from polarkvd.cuda import CudaError
+        from polarkvd.tiers.vram import Staging
 
         try:
             fd = pool.export_dmabuf()
@@ -471,9 +478,9 @@ class ClusterPool:
                 if isinstance(res, BaseException):
                     self.counters["cluster_where_failures"] += 1
                     continue
-                holders = res[0].get("holders")
-                if isinstance(holders, list) and len(holders) == len(idx):
-                    for i, h in zip(idx, holders):
+                got = res[0].get("holders")
+                if isinstance(got, list) and len(got) == len(idx):
+                    for i, h in zip(idx, got):
                         if isinstance(h, list):
                             answers[i] = tuple(x for x in h if isinstance(x, str))
         found = MetaMap.longest_prefix(len(keys), answers, exclude=self.node_id)
@@ -965,22 +972,23 @@ class ClusterPool:
                 page.pins += 1
                 view = m.arena[page.offset : page.offset + page.size]
                 out.append(
-                    _Pinned(key, "dram", page.offset, page.size, page.parent, page, lambda p=page: m.unpin_page(p), view)
+                    _Pinned(key, "dram", page.offset, page.size, page.parent, page, functools.partial(m.unpin_page, page), view)
                 )  # fmt: skip
                 continue
             if vram and page is not None and page.state == READY_VRAM and m.namespace_digest(page.ns) == ns:
-                page.pins += 1  # an L1 page with pins is never demoted nor freed (manager.py)
+                page.pins += 1  # an L1 page with pins is never demoted nor freed (manager/l1.py)
                 out.append(
                     _Pinned(key, "vram", page.offset, page.size, page.parent, page,
-                            lambda p=page: m.unpin_page(p), None, (page.offset, page.size))
+                            functools.partial(m.unpin_page, page), None, (page.offset, page.size))
                 )  # fmt: skip
                 continue
-            entry = self.dmp.get(key) if self.dmp is not None else None
-            if entry is not None and entry.ns == ns:
-                view = self.dmp.pin(entry)
+            dmp = self.dmp
+            entry = dmp.get(key) if dmp is not None else None
+            if dmp is not None and entry is not None and entry.ns == ns:
+                view = dmp.pin(entry)
                 out.append(
                     _Pinned(key, "dmp", entry.offset, entry.size, entry.parent, entry,
-                            lambda e=entry: self.dmp.unpin(e), view)  # type: ignore[union-attr]
+                            functools.partial(dmp.unpin, entry), view)
                 )  # fmt: skip
                 continue
             break
@@ -1036,11 +1044,11 @@ class ClusterPool:
         """`get`: pin what we hold of `keys`, send it, unpin once sent. `from_vram`: keys that were
         in L1 when asked for (moved to DRAM for this), counted as served from L1 over TCP."""
         pinned = self._pin_pages(ns, keys, layers)
-        views = [p.view for p in pinned]
+        views = [p.view for p in pinned if p.view is not None]  # no vram here: every page has a view
         parents = [p.parent for p in pinned]
         if layers is None or layers[0] == 0:
             self.counters["cluster_served_pages"] += len(views)
-        self.counters["cluster_served_bytes"] += sum(len(v) for v in views)  # type: ignore[arg-type]
+        self.counters["cluster_served_bytes"] += sum(p.nbytes for p in pinned)
         if from_vram:
             was = [p for p in pinned if p.key in from_vram]
             if layers is None or layers[0] == 0:
@@ -1121,7 +1129,7 @@ class ClusterPool:
                     sums[i] = c
             hashed = sum(pinned[i].span[1] for i in todo)
         except BaseException:
-            self.loop.call_soon_threadsafe(lambda: [p.release() for p in pinned])
+            self.loop.call_soon_threadsafe(_release_all, pinned)
             raise
 
         def lease() -> int | None:

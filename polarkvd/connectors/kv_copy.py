@@ -122,7 +122,7 @@ def driver_registrar(device_index: int) -> tuple[Register, Unregister]:
     otherwise report at its next kernel launch check, far from here."""
 
     def api() -> Any:
-        from polarkvd.tiers.vram import load_api  # ctypes, loaded at first use
+        from polarkvd.cuda import load_api  # ctypes, loaded at first use
 
         a = load_api()
         a.use_device(device_index)

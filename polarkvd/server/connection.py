@@ -1,6 +1,6 @@
 """One request/reply socket server: framing, validation, dispatch, error replies.
 
-Owns the rules of DESIGN.md §10 for every local socket: a malformed frame, a wrong version, an unknown
+Owns the reliability rules of docs/ARCHITECTURE.md for every local socket: a malformed frame, a wrong version, an unknown
 op or a handler's error becomes an error reply to that client; nothing a client sends can stop the
 daemon or touch another client's connection. The op handlers themselves live in engine.py and
 control.py.
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from polarkvd.errors import ErrorCode, PolarKVError, ProtocolError
-from polarkvd.server import protocol as P
+from polarkvd.wire import frames as P
 
 log = logging.getLogger(__name__)
 

@@ -8,15 +8,17 @@ parser as the config file, and a request with any bad value changes nothing.
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from collections.abc import Callable
 from typing import Any
 
 from polarkvd.config import LIVE_KNOBS, parse_option, watermark_problems, write_tuning
 from polarkvd.errors import ConfigError, ErrorCode, PolarKVError, ProtocolError
 from polarkvd.manager import Manager
-from polarkvd.server import protocol as P
 from polarkvd.server.connection import Connection, Handler, only_args
 from polarkvd.types import Tier
+from polarkvd.wire import frames as P
 
 log = logging.getLogger(__name__)
 
@@ -32,16 +34,22 @@ def control_handlers(
     """`vram_report`: the L1 choice made at start (docs/VRAM.md), shown by `stats` under `vram`."""
 
     def stats(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        only_args(args)
         out = manager.stats()
+        # engine connections cost a thread each: the count is bounded by configuration (daemon.
+        # max_sessions + daemon.max_unattached_connections, plus a few of the daemon's own)
+        out["process"] = {"pid": os.getpid(), "threads": threading.active_count()}
         vram = vram_report() if vram_report is not None else None
         if vram is not None:
             out["vram"] = vram
         return out
 
     def cluster(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        only_args(args)
         return cluster_report() if cluster_report is not None else {"enabled": False}
 
     async def evict(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        only_args(args, "tier", "bytes")
         name = args.get("tier")
         tier = _TIERS.get(name) if isinstance(name, str) else None
         if tier is None:
@@ -58,16 +66,20 @@ def control_handlers(
         return {"freed_bytes": freed}
 
     async def drain(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        only_args(args)
         return await manager.drain()
 
     def resume(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        only_args(args)
         manager.resume()
         return {}
 
     def get_knobs(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        only_args(args)
         return {"knobs": {name: manager.cfg.get(name) for name in LIVE_KNOBS}}
 
     def set_knobs(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        only_args(args, "knobs")
         knobs = args.get("knobs")
         if not isinstance(knobs, dict) or not knobs:
             raise ProtocolError("knobs must be a non-empty map of option name to value")
@@ -144,6 +156,7 @@ def control_handlers(
         return manager.evict_prefixes(_keys(args))
 
     def ping(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        only_args(args)
         return {}
 
     return {
@@ -180,5 +193,10 @@ def apply_knob(manager: Manager, name: str, value: Any) -> None:
         manager.cfg.dram.min_prefix_pages = value
     elif name == "disk.write_through":
         manager.cfg.disk.write_through = value
+    elif name in ("quotas.default_dram", "quotas.default_disk", "quotas.tenants"):
+        # in place: the manager's quotas and the disk tier read this object at each use; a tenant
+        # now over its DRAM quota gives back pages at its next reserve, over its disk quota at its
+        # next disk write
+        setattr(manager.cfg.quotas, name.split(".")[1], value)
     else:  # pragma: no cover - LIVE_KNOBS and this function change together
         raise PolarKVError(f"{name} is marked live but has no setter", code=ErrorCode.INTERNAL)

@@ -13,6 +13,7 @@ error reply on either path.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import threading
 from collections.abc import Awaitable
@@ -22,10 +23,10 @@ from typing import Any
 from polarkvd.errors import ErrorCode, PolarKVError, ProtocolError
 from polarkvd.manager import Manager, Session
 from polarkvd.metrics import OpTimings
-from polarkvd.server import protocol as P
 from polarkvd.server.connection import Handler, arg_bool, arg_int, only_args
 from polarkvd.server.engine_thread import ON_LOOP, ThreadHandler
 from polarkvd.types import KEY_BYTES, Namespace, Tier
+from polarkvd.wire import frames as P
 
 # A connection as the handlers see it: `session` (None before hello) and `closed`; a
 # connection.Connection or an engine_thread.ThreadConnection.
@@ -163,7 +164,7 @@ def engine_api(
         observe_lookup(perf_counter_ns() - t0)
         return {"tiers": bytes(tiers), "lease": lease}
 
-    def reserve(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+    def reserve(conn: Connection, args: dict[str, Any]) -> dict[str, Any] | Awaitable[dict[str, Any]]:
         t0 = perf_counter_ns()
         only_args(args, "keys", "parent", "tier")
         parent = args.get("parent")
@@ -174,17 +175,52 @@ def engine_api(
             raise ProtocolError(
                 f"tier must be {int(Tier.VRAM)} (VRAM) or {int(Tier.DRAM)} (DRAM), got {tier!r}"
             )
-        offsets, tiers = manager.reserve_in(_session(conn), keys(args), parent, Tier(tier))
+        session, ks = _session(conn), keys(args)
+        offsets, tiers = manager.reserve_in(session, ks, parent, Tier(tier))
+        room = manager.reclaim.pending(session.ns.slot_bytes) if P.RESERVE_NO_SPACE in offsets else None
+        if room is not None:
+            return reserve_rest(conn, session, ks, parent, Tier(tier), offsets, tiers, room, t0)
         out = {"offsets": offsets, "tiers": bytes(tiers)}
         observe_reserve(perf_counter_ns() - t0)
         return out
 
-    def commit(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+    async def reserve_rest(
+        conn: Connection,
+        session: Session,
+        ks: list[bytes],
+        parent: bytes | None,
+        tier: Tier,
+        offsets: list[int],
+        tiers: list[int],
+        room: asyncio.Future[bool],
+        t0: int,
+    ) -> dict[str, Any]:
+        """The keys a reserve had no room for, once the slab being emptied for their page size is
+        (a second model's first pages: manager/slab_reclaim.py); the loop serves others meanwhile."""
+        emptied = await asyncio.shield(room)
+        i = offsets.index(P.RESERVE_NO_SPACE)
+        if not emptied:
+            manager.counters["reserve_no_space"] += len(ks) - i
+        elif not conn.closed:
+            more, more_tiers = manager.reserve_in(session, ks[i:], ks[i - 1] if i else parent, tier)
+            offsets[i:], tiers[i:] = more, more_tiers
+        observe_reserve(perf_counter_ns() - t0)
+        return {"offsets": offsets, "tiers": bytes(tiers)}
+
+    def commit(conn: Connection, args: dict[str, Any]) -> dict[str, Any] | Awaitable[dict[str, Any]]:
         t0 = perf_counter_ns()
         only_args(args, "keys")
-        out = {"committed": manager.commit(_session(conn), keys(args))}
+        committed, writes = manager.commit_pages(_session(conn), keys(args))
+        if writes is not None:  # write-through: the reply waits until the pages are durable
+            return commit_durable(committed, writes, t0)
+        out = {"committed": committed}
         observe_commit(perf_counter_ns() - t0)
         return out
+
+    async def commit_durable(committed: int, writes: list[asyncio.Future[bool]], t0: int) -> dict[str, Any]:
+        results = await asyncio.gather(*writes, return_exceptions=True)
+        observe_commit(perf_counter_ns() - t0)  # includes the disk writes and syncs
+        return {"committed": committed, "durable": sum(r is True for r in results)}
 
     def abort(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
         only_args(args, "keys")

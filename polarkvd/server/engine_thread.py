@@ -27,6 +27,12 @@ Who owns what:
   and submits `on_close` (session detach) through the same queue, so detach runs after every
   request the thread handed over. A killed engine is noticed at once even while its last request is
   still on the loop (a load waiting for the disk): the thread waits in `poll` on the socket.
+- Threads are bounded by configuration: attached connections by `daemon.max_sessions` (hello
+  refuses more), connections that have not attached by `max_unattached`: a new connection over it
+  closes the oldest unattached one (a `too_large` error frame, then close), so idle or leaked
+  connections cannot lock engines out, and one that has not attached within `hello_timeout` is
+  closed. Past `max_connections` in all (threads still ending included) new connections are refused
+  at accept, without a thread. The listen backlog is large, and clients wait for room in it.
 """
 
 from __future__ import annotations
@@ -43,8 +49,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from polarkvd.server import protocol as P
+from polarkvd.errors import ErrorCode
 from polarkvd.server.connection import Request, answer, claim_socket_path, error_reply, parse_request
+from polarkvd.wire import frames as P
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +60,12 @@ ON_LOOP: Any = object()
 #: How long `stop` waits for connection threads to end after shutting their sockets.
 STOP_SECONDS = 2.0
 RECV_BYTES = 1 << 16
+#: Connections the kernel queues before the loop accepts them (capped by net.core.somaxconn): a
+#: burst of engines connecting at once waits there instead of being refused.
+LISTEN_BACKLOG = 4096
+#: At most one warning per this many seconds about refused or timed-out connections (a flood must
+#: not flood the log too); the counters have every one.
+WARN_SECONDS = 10.0
 
 ThreadHandler = Callable[[Any, dict[str, Any]], Any]  # (connection, args) -> result dict or ON_LOOP
 
@@ -103,6 +116,7 @@ class ThreadConnection:
         # them (`shutdown` at stop, `_finish_on_loop`): a closed descriptor's number is reused at once.
         self._close_lock = threading.Lock()
         self._open = True
+        self.hello_deadline: asyncio.TimerHandle | None = None  # the loop's: closes it unless attached
         self.thread = threading.Thread(
             target=self._run, name=f"polarkv-engine-{next(self._names)}", daemon=True
         )
@@ -112,6 +126,15 @@ class ThreadConnection:
         self._open = False
         self.sock.close()
         os.close(self._wake)
+
+    def send_now(self, data: bytes) -> None:
+        """On the loop: send `data` if the socket takes it without blocking (else it is dropped)."""
+        with self._close_lock:
+            if self._open:
+                try:
+                    self.sock.send(data, socket.MSG_DONTWAIT)
+                except OSError:
+                    pass
 
     def shutdown(self) -> None:
         """Wake the thread from a blocking recv or poll (it reads EOF) and fail any send: daemon stop."""
@@ -263,6 +286,10 @@ class EngineThreadServer:
         max_frame_bytes: int = P.MAX_FRAME,
         on_close: Callable[[Any], None] | None = None,
         before_loop_op: Callable[[Any], None] | None = None,
+        max_unattached: int = 64,
+        max_connections: int = 1024 + 64,
+        hello_timeout: float = 10.0,
+        counters: dict[str, int] | None = None,
     ) -> None:
         self.name = name
         self.handlers = handlers
@@ -270,7 +297,15 @@ class EngineThreadServer:
         self.max_frame_bytes = max_frame_bytes
         self.on_close = on_close
         self.before_loop_op = before_loop_op
+        self.max_unattached = max_unattached
+        self.max_connections = max_connections
+        self.hello_timeout = hello_timeout
+        self.counters: dict[str, int] = counters if counters is not None else collections.Counter()
         self.connections: set[ThreadConnection] = set()
+        # Connections accepted and not known to have attached, oldest first: pruned of attached ones
+        # (a session set by hello) only when full, so that hello needs no hook here.
+        self._unattached: dict[ThreadConnection, None] = {}
+        self._warned_at = -WARN_SECONDS
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by start
         self.path: Path | None = None
         self._listener: socket.socket | None = None
@@ -286,7 +321,7 @@ class EngineThreadServer:
         try:
             listener.bind(str(path))
             os.chmod(path, mode)
-            listener.listen(100)
+            listener.listen(LISTEN_BACKLOG)
             listener.setblocking(False)
         except BaseException:
             listener.close()
@@ -327,6 +362,15 @@ class EngineThreadServer:
             except OSError as e:  # out of file descriptors and the like: pause instead of spinning
                 self._pause_accept(e)
                 return
+            if len(self.connections) >= self.max_connections:
+                self._refuse(sock)
+                continue
+            if len(self._unattached) >= self.max_unattached:
+                self._unattached = {c: None for c in self._unattached if c.session is None}
+                if len(self._unattached) >= self.max_unattached:
+                    oldest = next(iter(self._unattached))
+                    del self._unattached[oldest]
+                    self._drop_oldest(oldest)
             sock.setblocking(True)
             try:
                 conn = ThreadConnection(self, sock)
@@ -343,6 +387,71 @@ class EngineThreadServer:
                 conn.close_unstarted()
                 continue
             self.connections.add(conn)
+            self._unattached[conn] = None
+            conn.hello_deadline = self.loop.call_later(self.hello_timeout, self._hello_deadline, conn)
+
+    def _refuse(self, sock: socket.socket) -> None:
+        """Over max_connections: an error frame (if the socket takes it at once) and close, no
+        thread. The client reads the reason where it expected hello's reply."""
+        self.counters["connections_refused"] += 1
+        message = (
+            f"too many engine connections ({self.max_connections}: daemon.max_sessions + "
+            "daemon.max_unattached_connections); try again"
+        )
+        try:
+            sock.send(P.reply_error(0, ErrorCode.TOO_LARGE, message), socket.MSG_DONTWAIT)
+        except OSError:
+            pass  # the client is gone already, or not reading: it sees the connection close
+        sock.close()
+        self._warn(
+            "%s socket: refused a connection: %d connections open; %d refused so far",
+            self.name,
+            len(self.connections),
+            self.counters["connections_refused"],
+        )
+
+    def _drop_oldest(self, conn: ThreadConnection) -> None:
+        """A new connection found `max_unattached` connections without hello: the oldest of them
+        goes (error frame, then close; its thread ends and detaches it as usual)."""
+        self.counters["connections_dropped_unattached"] += 1
+        conn.send_now(
+            P.reply_error(
+                0,
+                ErrorCode.TOO_LARGE,
+                f"closed: {self.max_unattached} newer connections have not sent hello either "
+                "(daemon.max_unattached_connections); send hello right after connecting",
+            )
+        )
+        conn.shutdown()
+        self._warn(
+            "%s socket: closed the oldest of %d connections that have not sent hello "
+            "(daemon.max_unattached_connections); %d closed so far",
+            self.name,
+            self.max_unattached,
+            self.counters["connections_dropped_unattached"],
+        )
+
+    def _hello_deadline(self, conn: ThreadConnection) -> None:
+        """On the loop, `hello_timeout` after accept: close the connection unless it attached."""
+        conn.hello_deadline = None
+        self._unattached.pop(conn, None)
+        if conn.session is not None or conn not in self.connections:
+            return
+        self.counters["connections_hello_timeout"] += 1
+        self._warn(
+            "%s socket: closed a connection that sent no hello within %.1fs (daemon.hello_timeout); "
+            "%d so far",
+            self.name,
+            self.hello_timeout,
+            self.counters["connections_hello_timeout"],
+        )
+        conn.shutdown()  # its thread reads EOF, ends, and detaches it like any other
+
+    def _warn(self, msg: str, *args: Any) -> None:
+        now = self.loop.time()
+        if now - self._warned_at >= WARN_SECONDS:
+            self._warned_at = now
+            log.warning(msg, *args)
 
     def _pause_accept(self, error: OSError) -> None:
         log.warning("%s socket: accept failed (%s); accepting again in 1s", self.name, error)
@@ -360,6 +469,10 @@ class EngineThreadServer:
 
     def _detach(self, conn: ThreadConnection) -> None:
         self.connections.discard(conn)
+        self._unattached.pop(conn, None)
+        if conn.hello_deadline is not None:
+            conn.hello_deadline.cancel()
+            conn.hello_deadline = None
         if self.on_close is not None:
             try:
                 self.on_close(conn)

@@ -201,7 +201,7 @@ class GroupRange(NamedTuple):
 
 def group_table_size(head: bytes | bytearray | memoryview) -> int:
     """Bytes of a GROUPS blob's table, from its first 2 bytes (read those, then the table)."""
-    (n,) = _GROUP_COUNT.unpack_from(head)
+    n: int = _GROUP_COUNT.unpack_from(head)[0]
     return _GROUP_COUNT.size + n * _GROUP_ENTRY.size
 
 

@@ -8,8 +8,13 @@ Layout: one file per page, `<path>/<first key byte as 2 hex>/<key as 32 hex>.pkv
 96-byte header (magic, format version, codec id, itemsize, key, parent, ns, raw and payload lengths,
 xxh3_64 of the raw page, xxh3_64 of the header itself) and the codec blob (`codec.py`). A page is
 written to a temp name in its final directory and `os.replace`d, so a killed daemon never leaves a
-half-visible page, only temp files, which `open()` deletes. There is no fsync per page: this is a
-cache, and after a power loss a torn or zero-filled page fails its checksum on read and is dropped.
+half-visible page, only temp files, which `open()` deletes. A page evicted from DRAM is not fsynced:
+this is a cache, and after a power loss a torn or zero-filled page fails its checksum on read and is
+dropped. Write-through makes pages durable after their puts: `sync_files` fdatasyncs the page files
+and `sync_dirs` fsyncs the directories holding their names, or `sync_filesystem` does both for every
+page at once (syncfs). `open()` finds pages by scanning the files, so data, name and directory are
+all a page needs to survive a crash or a power loss; a page whose sync did not finish was never
+acknowledged, and if the power loss tore it, it fails its checksum like any other.
 Pages the manager demotes are stored in their layer groups (codec GROUPS: each group compressed on
 its own, with its own checksum), so `open_grouped` can read, decode and verify group 0 of a whole
 prefix before group 1 (layer-pipelined loads); `get_into` reads any page whole. A daemon from before
@@ -32,6 +37,11 @@ a re-put page's new file. `stored_bytes` plus space reserved by puts in flight n
 `capacity_bytes`. An exclusive `flock` on `<path>/lock` keeps a second process (or a second
 `DiskTier` in this one) out of the directory; the kernel drops it when its holder dies.
 
+Seed: `<path>/seed-fingerprint` names the page-key seed (`keys.seed_fingerprint`) the pages were
+keyed with, written before the first page. A tier opened with another seed, or over pages with no
+record, deletes those pages at open (counted in `refused`, one log line): keys of another seed are
+never computed again, and an old page must never be served under a new seed.
+
 Eviction is leaf-first: a page with cached children on disk is never a victim (`children` counts
 them, including children that arrived before their parent, the usual order when DRAM demotes
 leaves first), and among leaves the policy (`lru` or `s3fifo`, switchable live) decides.
@@ -45,8 +55,11 @@ page whose parent is not on disk costs ~150 more (its own parent key and a pendi
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import errno
 import fcntl
+import functools
 import io
 import logging
 import os
@@ -54,7 +67,7 @@ import re
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -73,12 +86,12 @@ from polarkvd.tiers.codec import (
     group_table_size,
     parse_group_table,
 )
+from polarkvd.types import KEY_BYTES
 
 __all__ = ["DiskEntry", "DiskOpenReport", "DiskStats", "DiskTier", "GroupedPage", "HEADER_SIZE"]
 
 log = logging.getLogger(__name__)
 
-KEY_BYTES = 16
 _MAGIC = b"PKVP"
 _FORMAT = 1
 _FLAG_PARENT = 1
@@ -93,6 +106,8 @@ _INDEX_MAGIC = b"PKVIDX01"
 _INDEX_HEAD = struct.Struct("<8sQ")  # magic, xxh3_64 of the msgpack body
 _INDEX_FORMAT = 1
 _LOCK_NAME = "lock"
+_SEED_NAME = "seed-fingerprint"
+_SEED_RE = re.compile(r"[0-9a-f]{16}")
 _PAGE_RE = re.compile(r"[0-9a-f]{32}\.pkv")
 _TMP_SUFFIX = ".tmp"
 _SUBDIR_RE = re.compile(r"[0-9a-f]{2}")
@@ -138,6 +153,7 @@ class DiskOpenReport:
     seconds: float
     index_loaded: bool = False  # a valid snapshot was found
     evicted: int = 0  # pages evicted because the tier was over capacity at open
+    refused: int = 0  # pages deleted because they were keyed with another page-key seed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +167,7 @@ class DiskStats:
     puts: int  # pages written (existing keys and failed puts not counted)
     gets: int  # pages delivered by get_into
     policy: str = "lru"
+    seed_refused: int = 0  # pages deleted at open: keyed with another page-key seed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,7 +314,10 @@ class DiskTier:
         policy: str = "lru",
         level: int = 1,
         min_ratio: float = 1.0,
+        seed_fingerprint: str | None = None,
     ) -> None:
+        """`seed_fingerprint`: the page-key seed's (keys.seed_fingerprint); pages recorded under
+        another are refused at open. None: no record, no check (tools and tests of bytes only)."""
         if capacity_bytes < 0:
             raise ValueError(f"capacity_bytes must be >= 0, got {capacity_bytes}")
         self.path = Path(path)
@@ -305,6 +325,10 @@ class DiskTier:
         self.capacity_bytes = capacity_bytes
         self.level = level
         self.min_ratio = min_ratio  # pages that compress less are stored raw (disk.min_compression_ratio)
+        if seed_fingerprint is not None and not _SEED_RE.fullmatch(seed_fingerprint):
+            raise ValueError(f"seed_fingerprint must be 16 hex characters, got {seed_fingerprint!r}")
+        self.seed_fingerprint = seed_fingerprint
+        self._seed_refused = 0
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._policy: EvictionPolicy = make_policy(policy)
@@ -323,6 +347,12 @@ class DiskTier:
         #: whatever thread removed them (set by the manager: their lookup-table entries go, and the
         #: cluster withdraws their announcements)
         self.on_removed: Callable[[list[bytes]], None] | None = None
+        #: set by the manager (manager/quotas.py): for a page's namespace, (limit, the namespaces sharing
+        #: it: its tenant's) or None; a put over the limit evicts pages of those namespaces only
+        self.quota_of: Callable[[bytes], tuple[int, frozenset[bytes]] | None] | None = None
+        self._ns_stored: dict[bytes, int] = {}  # namespace -> stored bytes
+        self._ns_reserved: dict[bytes, int] = {}  # namespace -> bytes of its puts in flight
+        self._quota_evicted: dict[bytes, int] = {}  # namespace -> pages evicted by its quota
         self._corrupt = 0
         self._puts = 0
         self._gets = 0
@@ -330,6 +360,7 @@ class DiskTier:
         self._flush_lock = threading.Lock()
         self._lock_fd: int | None = None
         self._made_dirs: set[str] = set()
+        self._unsynced_dirs: set[str] = set()  # subdirectories created since the root was last fsynced
         self._scratch = _Scratch()
 
     # ---------------------------------------------------------------- lifecycle
@@ -340,6 +371,10 @@ class DiskTier:
             raise RuntimeError(f"disk tier {self.path} is already open")
         started = time.perf_counter()
         self.path.mkdir(parents=True, exist_ok=True)
+        try:  # the root's own name, for durable puts (sync_dirs covers what is below it)
+            _fsync_dir(os.fspath(self.path.parent))
+        except OSError as exc:
+            log.warning("disk tier: cannot fsync %s: %s", self.path.parent, exc)
         fd = os.open(self.path / _LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -352,8 +387,22 @@ class DiskTier:
             self._waiting.clear()
             self._policy = make_policy(self._policy.name)
             self._stored = self._raw = 0
+            self._ns_stored.clear()
         try:
-            snapshot, dropped, trusted, recovered = self._reconcile()
+            refuse = self._seed_mismatch()
+            snapshot, dropped, trusted, recovered = self._reconcile(refuse is not None)
+            refused = 0
+            if refuse is not None:
+                refused, dropped = dropped, 0
+                self._seed_refused += refused
+                if refused:
+                    log.error(
+                        "disk tier %s: %d pages were keyed with %s; deleted, never served (every "
+                        "cached page is unreachable under a new seed, see docs/OPERATIONS.md)",
+                        self.path, refused, refuse,
+                    )  # fmt: skip
+            if self.seed_fingerprint is not None:
+                self._record_seed()  # after the refusal: a crash midway refuses the rest next time
         except BaseException:
             self._lock_fd = None
             os.close(fd)
@@ -379,12 +428,55 @@ class DiskTier:
             seconds=time.perf_counter() - started,
             index_loaded=snapshot is not None,
             evicted=evicted,
+            refused=refused,
         )
         log.info("disk tier %s opened: %s", self.path, report)
         return report
 
-    def _reconcile(self) -> tuple[dict[bytes, _Row] | None, int, list[_Row], list[_Row]]:
-        """Match the snapshot against the files: (snapshot, dropped, trusted rows, recovered rows)."""
+    def _seed_mismatch(self) -> str | None:
+        """Why the pages here (if any) must be refused: keyed with another seed, or with an unknown
+        one; None when the recorded seed is ours or the tier has no seed to check."""
+        if self.seed_fingerprint is None:
+            return None
+        try:
+            recorded: str | None = (self.path / _SEED_NAME).read_text().strip()
+        except FileNotFoundError:
+            recorded = None
+        except (OSError, UnicodeDecodeError) as e:
+            recorded = f"<unreadable: {e}>"
+        if recorded == self.seed_fingerprint:
+            return None
+        if recorded is None:
+            return "no recorded seed (an older polarkvd, or a lost seed-fingerprint file)"
+        return f"seed {recorded!r}, not this daemon's {self.seed_fingerprint!r}"
+
+    def _record_seed(self) -> None:
+        """Write the fingerprint atomically and durably (before any page is written under it)."""
+        final = self.path / _SEED_NAME
+        try:
+            if final.read_text().strip() == self.seed_fingerprint:
+                return
+        except (OSError, UnicodeDecodeError):
+            pass
+        tmp = self.path / f"{_SEED_NAME}{_TMP_SUFFIX}"
+        with open(tmp, "w") as f:
+            f.write(f"{self.seed_fingerprint}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        dfd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def _reconcile(
+        self, refuse: bool = False
+    ) -> tuple[dict[bytes, _Row] | None, int, list[_Row], list[_Row]]:
+        """Match the snapshot against the files: (snapshot, dropped, trusted rows, recovered rows).
+        `refuse`: delete every page file instead (counted in `dropped`) and ignore the snapshot."""
+        if refuse:
+            return None, self._delete_pages(), [], []
         snapshot = self._load_index()
         rows = snapshot or {}
         dropped = 0
@@ -421,6 +513,32 @@ class DiskTier:
         trusted = [row for key, row in rows.items() if key in trusted_keys]  # snapshot = eviction order
         return snapshot, dropped, trusted, recovered
 
+    def _delete_pages(self) -> int:
+        """Delete every page file, temp file and the snapshot, quietly (the caller logs once);
+        returns how many pages went."""
+
+        def unlink(path: str | Path) -> int:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                return 0
+            return 1
+
+        deleted = 0
+        unlink(self.path / _INDEX_NAME)
+        for sub in os.scandir(self.path):
+            if sub.name.startswith(_INDEX_NAME) and sub.name.endswith(_TMP_SUFFIX):
+                unlink(sub.path)
+            if not (sub.is_dir(follow_symlinks=False) and _SUBDIR_RE.fullmatch(sub.name)):
+                continue
+            self._made_dirs.add(sub.name)
+            for f in os.scandir(sub.path):
+                if f.name.endswith(_TMP_SUFFIX):
+                    unlink(f.path)
+                elif _PAGE_RE.fullmatch(f.name):
+                    deleted += unlink(f.path)
+        return deleted
+
     def close(self) -> None:
         """Write the index snapshot and release the directory. Idempotent."""
         if self._lock_fd is None:
@@ -441,13 +559,16 @@ class DiskTier:
         data: bytes | memoryview,
         itemsize: int,
         groups: list[int] | None = None,
+        durable: bool = False,
     ) -> bool:
         """Store a page. True if it is on disk when this returns (written now or already there);
         False if it cannot fit (larger than the tier, or space held by puts in flight) or the write
         failed. Evicts other pages, leaf-first in policy order, to stay within capacity (they stay
         evicted if the write then fails: this is a cache). `groups`: byte offsets where the page's
         layer groups end, to store them as separately readable ranges (`open_grouped`, for
-        layer-pipelined promotion); None: one blob."""
+        layer-pipelined promotion); None: one blob. `durable`: the caller syncs the page next
+        (`sync_files` or `sync_filesystem`), so this waits for a write of the same key in flight
+        instead of answering True while its file is still incomplete."""
         self._require_open()
         _check_key("key", key)
         _check_key("ns", ns)
@@ -456,7 +577,7 @@ class DiskTier:
         if itemsize < 1 or itemsize > 255:
             raise ValueError(f"itemsize must be 1..255, got {itemsize}")
         with self._cond:
-            while key in self._deleting:
+            while key in self._deleting or (durable and key in self._writing):
                 self._cond.wait()
             e = self._entries.get(key)
             if e is not None:
@@ -468,8 +589,9 @@ class DiskTier:
         try:
             return self._write(key, parent, ns, data, itemsize, groups)
         finally:
-            with self._lock:
+            with self._cond:
                 self._writing.discard(key)
+                self._cond.notify_all()
 
     def _write(
         self,
@@ -492,12 +614,23 @@ class DiskTier:
         size = _stored_size(HEADER_SIZE + len(blob))
         if size > self.capacity_bytes:
             return False
+        quota = self.quota_of(ns) if self.quota_of is not None else None
         with self._lock:
+            doomed: list[bytes] = []
+            fits = True
+            if quota is not None:  # a tenant over its quota makes room among its own pages
+                limit, group = quota
+                held = sum(self._ns_stored.get(d, 0) + self._ns_reserved.get(d, 0) for d in group)
+                over = held + size - limit
+                if over > 0:
+                    freed, doomed = self._evict_locked(over, group)
+                    fits = freed >= over
             need = self._stored + self._reserved + size - self.capacity_bytes
-            doomed = self._evict_locked(need)[1] if need > 0 else []
-            fits = self._stored + self._reserved + size <= self.capacity_bytes
+            if fits and need > 0:
+                doomed += self._evict_locked(need)[1]
+            fits = fits and self._stored + self._reserved + size <= self.capacity_bytes
             if fits:
-                self._reserved += size
+                self._reserve_locked(ns, size)
         self._unlink(doomed)
         if not fits:
             return False
@@ -512,18 +645,69 @@ class DiskTier:
         except OSError as exc:
             log.warning("disk tier: writing %s failed: %s", final, exc)
             with self._lock:
-                self._reserved -= size
+                self._reserve_locked(ns, -size)
             try:
                 os.unlink(tmp)
             except OSError:
                 pass
             return False
         with self._lock:
-            self._reserved -= size
+            self._reserve_locked(ns, -size)
             self._admit_locked(key, parent, ns, raw_len, size)
             self._puts += 1
             self._changes += 1
         return True
+
+    def sync_files(self, keys: list[bytes]) -> list[bool]:
+        """fdatasync the files of these pages; per key whether its data is now on the device (False:
+        the page is gone, or the sync failed). Their names need `sync_dirs` too."""
+        out = []
+        for key in keys:
+            try:
+                fd = os.open(self._page_path(key), os.O_RDONLY)
+                try:
+                    os.fdatasync(fd)
+                finally:
+                    os.close(fd)
+                out.append(True)
+            except FileNotFoundError:
+                out.append(False)  # evicted meanwhile
+            except OSError as exc:
+                log.warning("disk tier: syncing page %s failed: %s", key.hex(), exc)
+                out.append(False)
+        return out
+
+    def sync_dirs(self, keys: list[bytes]) -> None:
+        """fsync the directories that hold the names of these pages' files (once each), and the tier's
+        root when one of them was created since the last call. Raises OSError."""
+        subs = {key[:1].hex() for key in keys}
+        with self._lock:
+            new, self._unsynced_dirs = self._unsynced_dirs, set()
+        try:
+            if new:
+                _fsync_dir(self._root)
+            for sub in sorted(subs):
+                _fsync_dir(f"{self._root}{os.sep}{sub}")
+        except OSError:
+            with self._lock:
+                self._unsynced_dirs |= new
+            raise
+
+    def sync_filesystem(self) -> None:
+        """syncfs: every page file and name written so far on the tier's file system is on the
+        device when this returns (and whatever else is dirty there: other writers pay into it).
+        Raises OSError, also where the platform has no syncfs."""
+        if _syncfs is None:
+            raise OSError(errno.ENOSYS, "syncfs is not available on this platform")
+        fd = os.open(self._root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if _syncfs(fd) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err))
+        finally:
+            os.close(fd)
+        with self._lock:
+            self._unsynced_dirs.clear()
 
     def get_into(self, key: bytes, out: memoryview) -> None:
         """Read, verify and decompress the page into `out` (exactly `raw_bytes` long).
@@ -686,11 +870,22 @@ class DiskTier:
                 puts=self._puts,
                 gets=self._gets,
                 policy=self._policy.name,
+                seed_refused=self._seed_refused,
             )
 
     def keys(self) -> list[bytes]:
         with self._lock:
             return list(self._entries)
+
+    def stored_by_ns(self) -> dict[bytes, int]:
+        """Stored bytes per namespace digest (a copy; no I/O)."""
+        with self._lock:
+            return dict(self._ns_stored)
+
+    def quota_evicted_by_ns(self) -> dict[bytes, int]:
+        """Pages evicted to keep each namespace's tenant within its disk quota (a copy)."""
+        with self._lock:
+            return dict(self._quota_evicted)
 
     def keys_of(self, ns: bytes) -> list[bytes]:
         """Keys of the pages of namespace `ns` (its digest). The index is copied under the lock (a
@@ -800,6 +995,16 @@ class DiskTier:
         self._policy.insert(e)
         self._stored += stored_bytes
         self._raw += raw_bytes
+        self._ns_stored[ns] = self._ns_stored.get(ns, 0) + stored_bytes
+
+    def _reserve_locked(self, ns: bytes, size: int) -> None:
+        """Space held (size > 0) or let go (< 0) by a put in flight."""
+        self._reserved += size
+        left = self._ns_reserved.get(ns, 0) + size
+        if left > 0:
+            self._ns_reserved[ns] = left
+        else:
+            self._ns_reserved.pop(ns, None)
 
     def _detach_locked(self, e: DiskEntry) -> None:
         """Take `e` out of index, policy and counts; its key stays in `_deleting` until unlinked."""
@@ -807,6 +1012,11 @@ class DiskTier:
         self._policy.remove(e)
         self._stored -= e.stored_bytes
         self._raw -= e.raw_bytes
+        left = self._ns_stored.get(e.ns, 0) - e.stored_bytes
+        if left > 0:
+            self._ns_stored[e.ns] = left
+        else:
+            self._ns_stored.pop(e.ns, None)
         if e.parent is not None:
             p = self._entries.get(e.parent)
             if p is not None:
@@ -822,15 +1032,22 @@ class DiskTier:
         self._deleting.add(e.key)
         self._changes += 1
 
-    def _evict_locked(self, need: int) -> tuple[int, list[bytes]]:
+    def _evict_locked(self, need: int, group: frozenset[bytes] | None = None) -> tuple[int, list[bytes]]:
+        """Evict leaf-first in policy order until `need` bytes are freed; with `group`, only pages
+        of those namespaces (a tenant over its quota)."""
         freed = 0
         doomed: list[bytes] = []
-        while freed < need and self._entries:
+        if group is None:
+            evictable, pool = _is_leaf, len(self._entries)
+        else:
+            evictable = functools.partial(_is_leaf_in, group)
+            pool = sum(1 for d in group if self._ns_stored.get(d))
+        while freed < need and pool:
             avg = max(1, self._stored // len(self._entries))
             k = max(1, min(len(self._entries), -(-(need - freed) // avg)))
-            got = self._policy.victims(k, _is_leaf)
+            got = self._policy.victims(k, evictable)
             if not got and k > 1:  # fewer leaves than the estimate: one at a time frees parents
-                got = self._policy.victims(1, _is_leaf)
+                got = self._policy.victims(1, evictable)
             if not got:
                 break
             for node in got:
@@ -838,7 +1055,10 @@ class DiskTier:
                 self._detach_locked(node)
                 freed += node.stored_bytes
                 doomed.append(node.key)
+                if group is not None:
+                    self._quota_evicted[node.ns] = self._quota_evicted.get(node.ns, 0) + 1
             self._evictions += len(got)
+            pool = len(self._entries)
         return freed, doomed
 
     def _drop(self, key: bytes, e: DiskEntry, *, corrupt: bool) -> None:
@@ -876,7 +1096,9 @@ class DiskTier:
         sub = key[:1].hex()
         if sub not in self._made_dirs:
             os.makedirs(f"{self._root}{os.sep}{sub}", exist_ok=True)
-            self._made_dirs.add(sub)
+            with self._lock:
+                self._made_dirs.add(sub)
+                self._unsynced_dirs.add(sub)  # its name in the root is not durable yet
 
     @staticmethod
     def _delete_file(path: str | Path) -> int:
@@ -892,5 +1114,30 @@ class DiskTier:
             raise RuntimeError(f"disk tier {self.path} is not open")
 
 
+def _load_syncfs() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+
+
+_syncfs = _load_syncfs()
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _is_leaf(node: PolicyNode) -> bool:
-    return node.children == 0  # type: ignore[attr-defined]
+    assert isinstance(node, DiskEntry)  # the disk policy holds only entries
+    return node.children == 0
+
+
+def _is_leaf_in(group: Container[bytes], node: PolicyNode) -> bool:
+    """A leaf of one of the namespaces in `group`."""
+    assert isinstance(node, DiskEntry)
+    return node.children == 0 and node.ns in group

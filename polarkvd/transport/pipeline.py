@@ -9,35 +9,15 @@ This module owns the *signal board* — a small table of readiness words in the 
 arena file, past the page slots, one slot per pipelined load — and `LoadProgress`, which turns "these
 pages now have layers [0, k)" and "page j failed" into the word the engine reads. It moves no bytes.
 
-A slot is one 64-bit word: `layers` in its low 32 bits, the number of leading layers that every
-page before `failed_from` holds, and `failed_from` in its high 32 bits, the index of the first page
-that will not arrive (`SIGNAL_NONE` while none failed); in memory, two little-endian uint32.
-`layers == num_layers` means done. The daemon writes the slot after the bytes it announces have
-landed (one thread writes each slot; on x86 a reader that sees the word also sees the bytes before
-it). The word is stored and loaded whole (shared_words.py): the two halves are only meaningful
-together, and a reader that saw a new `layers` with a `failed_from` of 0 would drop every page.
-Slots are freed with the load's lease.
-
-The client library reads slots with `read_signal`.
+The slot's word (what it means, how it is read) is part of the engine contract:
+`polarkvd/wire/signals.py`. The daemon writes a slot after the bytes it announces have landed (one
+thread writes each slot). Slots are freed with the load's lease.
 """
 
 from __future__ import annotations
 
-from polarkvd.shared_words import SharedWords
-
-SIGNAL_BYTES = 8  # one slot
-SIGNAL_NONE = 0xFFFFFFFF  # no page failed
-
-
-def signal_word(layers: int, failed_from: int) -> int:
-    return layers | failed_from << 32
-
-
-def read_signal(words: SharedWords, at: int = 0) -> tuple[int, int]:
-    """(layers ready, first failed page or SIGNAL_NONE) of the slot at byte `at` of `words`."""
-    word = words.load64(at)
-    return word & 0xFFFFFFFF, word >> 32
-
+from polarkvd.wire.shared_words import SharedWords
+from polarkvd.wire.signals import SIGNAL_BYTES, SIGNAL_NONE, read_signal, signal_word
 
 #: Bytes of the signal board at the end of the arena file (8192 concurrent pipelined loads).
 SIGNAL_BOARD_BYTES = 64 << 10

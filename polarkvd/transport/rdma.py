@@ -396,7 +396,7 @@ class PeerParams:
         raw = obj.get("regions", [])
         if not isinstance(raw, list) or len(raw) > MAX_REGIONS:
             raise ProtocolError(f"rdma params: regions must be a list of at most {MAX_REGIONS}")
-        regions = []
+        regions: list[RemoteRegion] = []
         for r in raw:
             if not (isinstance(r, (list, tuple)) and len(r) == 4):
                 raise ProtocolError("rdma params: a region is [name, addr, length, rkey]")

@@ -302,12 +302,11 @@ def _send_message(sock: socket.socket, head: bytes, views: list[memoryview], sum
     (hashing them all first, or chunk by chunk, measured costlier on a busy host)."""
     pending, queued = [memoryview(head)], 0
     for i, v in enumerate(views):
-        if sums is None:
+        c = sums[i] if sums is not None else None
+        if c is None:
             c = _sum(v)
-        else:
-            c = sums[i]
-            if c is None:
-                c = sums[i] = _sum(v)
+            if sums is not None:
+                sums[i] = c
         pending += [v, memoryview(_TRAILER.pack(c))]
         queued += len(v)
         if queued >= _GATHER_BYTES or len(pending) >= _IOV_MAX:
@@ -930,7 +929,7 @@ class PeerClient:
         op: str,
         args: dict[str, Any],
         payloads: Sequence[Any] = (),
-        into: Callable[[dict[str, Any]], list[memoryview | None]] | None = None,
+        into: Callable[[dict[str, Any]], Sequence[memoryview | None]] | None = None,
         timeout: float | None = None,
         sums_out: list[int | None] | None = None,
     ) -> tuple[dict[str, Any], list[bool]]:
@@ -963,7 +962,7 @@ class PeerClient:
 
     def _call_once(
         self, addr: str, op: str, head: bytes, views: list[memoryview], sizes: list[int],
-        into: Callable[[dict[str, Any]], list[memoryview | None]] | None, deadline: _Deadline,
+        into: Callable[[dict[str, Any]], Sequence[memoryview | None]] | None, deadline: _Deadline,
         sums_out: list[int | None] | None,
     ) -> tuple[dict[str, Any], list[bool]]:  # fmt: skip
         conn = self._acquire(addr, deadline)
@@ -998,7 +997,7 @@ class PeerClient:
 
     def _receive(
         self, conn: _ClientConn, reply: dict[str, Any], sizes: list[int],
-        into: Callable[[dict[str, Any]], list[memoryview | None]] | None, deadline: _Deadline,
+        into: Callable[[dict[str, Any]], Sequence[memoryview | None]] | None, deadline: _Deadline,
         sums_out: list[int | None] | None = None,
     ) -> list[bool]:  # fmt: skip
         dests: list[memoryview | None] = [None] * len(sizes)

@@ -365,6 +365,10 @@ def knob_text(value: Any) -> str:
         return "on" if value else "off"
     if isinstance(value, float):
         return f"{value:g}"
+    if isinstance(value, dict):  # quotas.tenants: typed back as JSON
+        import json
+
+        return json.dumps(value)
     return str(value)
 
 

@@ -187,7 +187,7 @@ PREFIX_COLUMNS = ("prefix", "namespace", "pages", "bytes", "hits", "pinned")
 
 def namespace_rows(top: Mapping[str, Any] | None) -> list[tuple[str, tuple[str, ...]]]:
     """(row key, cells) of the namespaces table, largest first."""
-    rows = []
+    rows: list[tuple[str, tuple[str, ...]]] = []
     for i, ns in enumerate((top or {}).get("namespaces", [])):
         rate = ns["hit_pages"] / ns["lookup_pages"] * 100 if ns["lookup_pages"] else 0.0
         rows.append(
@@ -213,7 +213,7 @@ def prefix_rows(top: Mapping[str, Any] | None, sort: str) -> list[tuple[str, tup
         prefixes.sort(key=lambda p: (p["hits"], p["bytes"], p["key"]), reverse=True)
     else:
         prefixes.sort(key=lambda p: (p["bytes"], p["hits"], p["key"]), reverse=True)
-    rows = []
+    rows: list[tuple[str, tuple[str, ...]]] = []
     for p in prefixes:
         key = p["key"].hex() if isinstance(p["key"], (bytes, bytearray)) else str(p["key"])
         pinned = p.get("pinned_pages", 0)
@@ -231,6 +231,44 @@ def prefix_rows(top: Mapping[str, Any] | None, sort: str) -> list[tuple[str, tup
             )
         )
     return rows
+
+
+#: Tenants listed on the pages screen at most (the largest DRAM users first).
+TENANT_ROWS = 4
+
+
+def tenants_panel(stats: Mapping[str, Any] | None) -> Text | Table:
+    """Per-tenant usage against its quotas ([quotas]); one line while no quota is set."""
+    q = (stats or {}).get("quotas")
+    tenants = (q or {}).get("tenants", [])
+    if not q or not (q["default_dram"] or q["default_disk"] or any(t["listed"] for t in tenants)):
+        t = Text(no_wrap=True, overflow="ellipsis")
+        t.append("Tenants", style="bold")
+        t.append(
+            "  no quota set (cache_salt quotas: [quotas] in the config, or the tuning screen)", style="dim"
+        )
+        return t
+
+    def of(used: int | None, quota: int) -> str:
+        return f"{'–' if used is None else M.human_bytes(used)} / {M.human_bytes(quota) if quota else '∞'}"
+
+    table = Table(box=None, padding=(0, 1), header_style="bold", show_edge=False)
+    table.add_column("tenant", no_wrap=True, overflow="ellipsis")
+    table.add_column("DRAM / quota", justify="right", no_wrap=True)
+    table.add_column("disk / quota", justify="right", no_wrap=True)
+    table.add_column("evicted DRAM+disk", justify="right", no_wrap=True)
+    for t in tenants[:TENANT_ROWS]:
+        full = t["dram_quota"] and t["dram_bytes"] >= t["dram_quota"] * 0.99
+        table.add_row(
+            t["tenant"],
+            Text(of(t["dram_bytes"], t["dram_quota"]), style="yellow" if full else ""),
+            of(t["disk_bytes"], t["disk_quota"]),
+            f"{M.human_count(t['evicted_pages_dram'])} + {M.human_count(t['evicted_pages_disk'])}",
+        )
+    more = len(tenants) - TENANT_ROWS + q.get("tenants_not_shown", 0)
+    if more > 0:
+        table.add_row(Text(f"… {more} more", style="dim"), "", "", "")
+    return table
 
 
 def pages_caption(top: Mapping[str, Any] | None, sort: str) -> Text:

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from polarkvd.cluster.gossip import SimNetwork
 from polarkvd.cluster.membership import ClusterConfig, EventKind, Membership, State
+from polarkvd.cluster.simnet import SimNetwork
 
 #: Runs are deterministic per seed; set POLARKV_TEST_SEED to shake the scenarios with other seeds.
 SEED = int(os.environ.get("POLARKV_TEST_SEED", "7"))

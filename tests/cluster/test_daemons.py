@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from polarkvd.cluster.auth import generate, write_key_file
+from polarkvd.seed import load_seed_file
 from polarkvd.types import Tier
 from tests.conftest import TEST_NS, bad_pages, chain_tokens, store_chain, wait_for
 
@@ -221,6 +222,52 @@ def test_a_daemon_without_the_cluster_key_cannot_join_or_read(cluster: Cluster, 
             client.call(data, "get", {"ns": b"x" * 16, "keys": keys})
     finally:
         client.close()
+
+
+def _refused(d, node: str) -> str:
+    with d.control() as c:
+        return c.cluster().get("refused", {}).get(node, "")
+
+
+def test_members_with_another_page_key_seed_refuse_each_other(cluster: Cluster, tmp_path: Path) -> None:
+    """Insecure members share a seed only through the same seed file: one with its own seed would
+    compute other keys for every prefix, so it is kept out, with the reason logged on both sides."""
+    shared = tmp_path / "shared-page-seed"
+    load_seed_file(shared)
+    insecure = {"cluster__key_file": "", "cluster__insecure": "true"}
+    a = cluster.add("a", daemon__seed_file=str(shared), **insecure)
+    b = cluster.add("b", daemon__seed_file=str(shared), **insecure)
+    cluster.wait_converged(["a", "b"])
+    with a.engine() as kv:
+        keys = store_chain(kv, chain_tokens(9, 4))
+    with b.engine() as kv:  # the same seed: the same keys, found through the cluster
+        assert kv.page_keys(chain_tokens(9, 4)) == keys
+        wait_for(lambda: kv.lookup(keys).hits == 4, 10, "B to find A's prefix")
+
+    x = cluster.add("x", **insecure)  # its own seed file, created in its state directory
+    wait_for(lambda: _refused(a, "x") and _refused(x, "a"), 15, "a and x to refuse each other")
+    assert "page-key seed" in _refused(a, "x") and "page-key seed" in _refused(x, "a")
+    assert "x" not in cluster.view("a") and "x" not in cluster.view("b")
+    assert cluster.view("x") == {"x": "alive"}
+    for d, other in ((a, "x"), (x, "a")):
+        lines = [line for line in d.log().splitlines() if f"refusing member '{other}'" in line]
+        assert len(lines) == 1 and "error" in lines[0].lower(), lines  # logged once, not per packet
+    with x.engine() as kv:
+        assert kv.lookup(kv.page_keys(chain_tokens(9, 4))).hits == 0
+    out = subprocess.run(
+        [sys.executable, "-m", "polarkvd", "status", "--cluster", "--socket", str(x.control_socket)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert "REFUSED 'a'" in out.stdout
+
+    # b comes back with a seed of its own (its seed file replaced): a keeps it out from then on
+    b.stop()
+    b.sets["daemon.seed_file"] = str(b.root / "state" / "page-seed")
+    b.start()
+    wait_for(lambda: _refused(a, "b") and _refused(b, "a"), 15, "a and b to refuse each other")
+    assert cluster.view("a").get("b") != "alive" and cluster.view("b") == {"b": "alive"}
+    with b.engine() as kv:
+        assert kv.lookup(keys).hits == 0 and kv.lookup(kv.page_keys(chain_tokens(9, 4))).hits == 0
 
 
 def test_bytes_are_verified_end_to_end_after_a_restart_of_the_holder(cluster: Cluster) -> None:

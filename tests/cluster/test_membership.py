@@ -8,9 +8,9 @@ import random
 import msgpack
 import pytest
 
-from polarkvd.cluster.gossip import SimNetwork
 from polarkvd.cluster.membership import ClusterConfig, EventKind, Membership, State, _Suspicion
 from polarkvd.cluster.messages import Alive, Ping, Suspect, decode, encode
+from polarkvd.cluster.simnet import SimNetwork
 from polarkvd.errors import ConfigError, ProtocolError
 
 
@@ -162,6 +162,50 @@ def test_delegate_sees_every_event():
         ms.append(m)
     net.run_for(3.0)
     assert {(e.kind, e.node) for e in seen} >= {(EventKind.JOINED, "d1"), (EventKind.JOINED, "d2")}
+
+
+def _seeded(net: SimNetwork, name: str, seed: str, seeds: list[str]) -> Membership:
+    """A member that publishes `seed` and admits only members publishing the same (as node.py)."""
+
+    def admit(node: str, meta: dict) -> str | None:
+        return None if meta.get("seed") == seed else f"seed {meta.get('seed')!r} is not {seed!r}"
+
+    m = Membership(name, {"seed": seed}, ClusterConfig(), net.clock, net.transport(name),
+                   random.Random(len(name) + len(seed)), admit=admit)  # fmt: skip
+    net.add(name, m)
+    m.join(seeds)
+    net.wake(name)
+    return m
+
+
+def test_a_member_the_admit_hook_refuses_is_kept_out_on_both_sides():
+    net = SimNetwork(random.Random(3))
+    ms = {n: _seeded(net, n, "s1", ["a"]) for n in ("a", "b", "c")}
+    net.run_for(5.0)
+    assert all(len(m.alive_members()) == 3 for m in ms.values())
+    x = _seeded(net, "x", "s2", ["a", "b"])
+    net.run_for(10.0)
+    for m in ms.values():  # c hears of x from nobody: a and b do not pass its news on
+        assert "x" not in m.members
+        assert not [e for e in m.take_events() if e.node == "x"]
+    assert ms["a"].stats["refused"] >= 1 and ms["b"].stats["refused"] >= 1
+    assert set(x.members) == {"x"} and x.stats["refused"] >= 1  # x admits none of them either
+
+
+def test_a_known_member_back_with_refused_metadata_has_left():
+    net = SimNetwork(random.Random(4))
+    ms = {n: _seeded(net, n, "s1", ["a"]) for n in ("a", "b", "c")}
+    net.run_for(5.0)
+    for m in ms.values():
+        m.take_events()
+    # c restarts with another seed (same id, same address): its new life refutes the old one
+    ms["c"].update_meta({"seed": "s2"})
+    net.wake("c")
+    net.run_for(5.0)
+    for name in ("a", "b"):
+        assert ms[name].state_of("c") is State.LEFT
+        assert EventKind.LEFT in [e.kind for e in ms[name].take_events() if e.node == "c"]
+        assert {m.node for m in ms[name].alive_members()} == {"a", "b"}
 
 
 def test_garbage_and_foreign_packets_are_counted_and_dropped(cluster):

@@ -33,6 +33,7 @@ from polarkvd.cluster.pool import ClusterPool
 from polarkvd.config import load_config
 from polarkvd.errors import ConfigError, PolarKVError
 from polarkvd.keys import page_keys
+from polarkvd.seed import load_seed_file
 from polarkvd.transport import rdma
 from polarkvd.transport.rdma import TransportChoice, TransportKind
 from polarkvd.transport.tcp import PeerClient, Reply
@@ -440,10 +441,13 @@ def fake_rdma(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def rdma_daemons(module_daemon_factory, fake_rdma):
+def rdma_daemons(module_daemon_factory, fake_rdma, tmp_path_factory: pytest.TempPathFactory):
     path, state = fake_rdma
     gossip = _free_port()
+    seed_file = tmp_path_factory.mktemp("seed") / "page-seed"
+    load_seed_file(seed_file)  # insecure members share their page-key seed through one file
     common = {
+        "daemon.seed_file": str(seed_file),
         "cluster.enabled": "true",
         "cluster.insecure": "true",
         "cluster.transport": "rdma",  # the fake device must be taken, or the start fails

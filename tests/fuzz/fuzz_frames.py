@@ -1,6 +1,6 @@
 """Fuzz target: client bytes on the engine and control sockets, up to the Manager's calls.
 
-Covers the frame decoder (protocol.FrameReader), request parsing (connection.parse_request) and
+Covers the frame decoder (wire/frames.py FrameReader), request parsing (connection.parse_request) and
 every engine and control op's argument checks (server/engine.py, server/control.py), driven
 in-process against a fresh Manager per input, assembled as the daemon assembles it (slab allocator,
 signal board and lookup table over one arena; no disk, no cluster). Each input is a short session
@@ -44,17 +44,17 @@ if __name__ == "__main__":  # run as a script: import polarkvd from this checkou
 
 from polarkvd.config import LIVE_KNOBS, load_config, resolve
 from polarkvd.errors import ErrorCode
-from polarkvd.lookup_table import LookupTable, table_bytes
-from polarkvd.lookup_table import table_entries as table_entries_for
 from polarkvd.manager import Manager
 from polarkvd.server import connection
-from polarkvd.server import protocol as P
 from polarkvd.server.control import control_handlers
 from polarkvd.server.engine import engine_api
 from polarkvd.server.engine_thread import ON_LOOP
 from polarkvd.tiers.dram import SlabAllocator, slot_size
 from polarkvd.transport.pipeline import SIGNAL_BOARD_BYTES, SignalBoard
 from polarkvd.types import Namespace, Tier
+from polarkvd.wire import frames as P
+from polarkvd.wire.lookup_table import LookupTable, table_bytes
+from polarkvd.wire.lookup_table import table_entries as table_entries_for
 
 CAPACITY = 256 << 10
 SLAB = 64 << 10

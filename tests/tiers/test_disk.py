@@ -250,6 +250,67 @@ def test_garbage_index_is_ignored_and_pages_recovered(tmp_path: Path) -> None:
     tier.close()
 
 
+# ---------------------------------------------------------------- the page-key seed
+
+SEED_A, SEED_B = "0123456789abcdef", "fedcba9876543210"  # fingerprints (keys.seed_fingerprint)
+
+
+def test_pages_of_another_seed_are_refused_at_open_never_served(tmp_path: Path, caplog) -> None:
+    """Keys of another seed are never computed again: their pages are deleted at open, counted."""
+    root = tmp_path / "l4"
+    tier = DiskTier(root, 1 << 30, seed_fingerprint=SEED_A)
+    assert tier.open().refused == 0
+    keys = put_chain(tier, 0, 12)
+    tier.close()
+    assert (root / "seed-fingerprint").read_text().strip() == SEED_A
+    same = DiskTier(root, 1 << 30, seed_fingerprint=SEED_A)  # the same seed: everything is kept
+    assert same.open().refused == 0 and len(same) == 12
+    assert read(same, keys[3]) == page_bytes(keys[3])
+    same.close()
+
+    caplog.set_level("INFO", logger="polarkvd.tiers.disk")
+    other = DiskTier(root, 1 << 30, seed_fingerprint=SEED_B)
+    report = other.open()
+    assert report.refused == 12 and report.pages == 0 and report.dropped == 0
+    assert other.stats().seed_refused == 12 and other.stats().stored_bytes == 0
+    for k in keys:
+        assert other.entry(k) is None
+        with pytest.raises(PageNotFound):
+            other.get_into(k, memoryview(bytearray(PAGE)))
+    assert files_on_disk(root) == []
+    refusals = [r for r in caplog.records if "keyed with" in r.getMessage()]
+    assert len(refusals) == 1 and refusals[0].levelname == "ERROR"  # one clear line, not one per page
+    assert SEED_A in refusals[0].getMessage() and "12 pages" in refusals[0].getMessage()
+    assert (root / "seed-fingerprint").read_text().strip() == SEED_B
+    new = put_chain(other, 100, 3)  # the tier works on under the new seed
+    other.close()
+    again = DiskTier(root, 1 << 30, seed_fingerprint=SEED_B)
+    assert again.open().refused == 0 and sorted(again.keys()) == sorted(new)
+    again.close()
+
+
+def test_pages_without_a_recorded_seed_are_refused(tmp_path: Path) -> None:
+    """Pages written before the tier recorded seeds (or with the record lost) have unknown keys."""
+    root = tmp_path / "l4"
+    old = open_tier(root)  # no seed: as a polarkvd before keyed page hashing
+    put_chain(old, 0, 5)
+    old.close()
+    assert not (root / "seed-fingerprint").exists()
+    tier = DiskTier(root, 1 << 30, seed_fingerprint=SEED_A)
+    assert tier.open().refused == 5 and len(tier) == 0
+    tier.close()
+    # an empty directory is simply claimed: nothing to refuse
+    fresh = DiskTier(tmp_path / "fresh", 1 << 30, seed_fingerprint=SEED_A)
+    assert fresh.open().refused == 0
+    fresh.close()
+    assert (tmp_path / "fresh" / "seed-fingerprint").read_text().strip() == SEED_A
+
+
+def test_a_malformed_seed_fingerprint_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="16 hex"):
+        DiskTier(tmp_path, 1 << 20, seed_fingerprint="not-hex")
+
+
 def test_a_second_tier_on_the_same_directory_is_refused(tmp_path: Path) -> None:
     tier = open_tier(tmp_path)
     with pytest.raises(ResourceError):

@@ -24,29 +24,22 @@ import msgpack
 import numpy as np
 import pytest
 
-from polarkvd import cli
+from polarkvd import cli, cuda
 from polarkvd.config import VramConfig, load_config
-from polarkvd.errors import ConfigError, ProtocolError
-from polarkvd.tiers import vram
-from polarkvd.tiers.vram import (
+from polarkvd.cuda import (
     CopyKind,
     CudaApi,
     CudaError,
     CudaUnavailable,
     DeviceInfo,
     LibKind,
-    PageSlots,
-    RegionHandle,
-    Staging,
-    VramPool,
-    cuda_array_interface,
-    describe_choice,
     format_uuid,
     library_candidates,
     open_library,
-    plan_copies,
-    probe,
 )
+from polarkvd.errors import ConfigError, ProtocolError
+from polarkvd.tiers.vram import PageSlots, Staging, VramPool, describe_choice, plan_copies, probe
+from polarkvd.wire.region import RegionHandle, cuda_array_interface
 from tests.conftest import REPO_ROOT, bad_pages, chain_tokens, clean_env, store_chain
 
 GiB, MiB = 1 << 30, 1 << 20
@@ -202,7 +195,7 @@ def test_the_nvidia_runtime_wheel_is_found_without_importing_torch(tmp_path: Pat
     for name in [m for m in sys.modules if m == "nvidia" or m.startswith("nvidia.")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.syspath_prepend(str(tmp_path))
-    assert str(lib) in vram.wheel_lib_dirs()
+    assert str(lib) in cuda.wheel_lib_dirs()
     assert str(lib / "libcudart.so.12") in library_candidates(LibKind.RUNTIME)
 
 
@@ -243,8 +236,8 @@ def test_probe_on_a_host_without_the_driver_says_so() -> None:
 def test_real_runtime_library_without_a_driver_reports_cudas_own_error() -> None:
     """The real libcudart, the real ctypes call and error strings: cudaGetDeviceCount fails because
     there is no driver, and the error names the call and carries CUDA's name and text."""
-    api = vram.load_api("runtime")
-    assert isinstance(api, vram.RuntimeApi)
+    api = cuda.load_api("runtime")
+    assert isinstance(api, cuda.RuntimeApi)
     with pytest.raises(CudaError) as exc:
         api.device_count()
     err = exc.value
@@ -261,14 +254,14 @@ def test_real_runtime_library_without_a_driver_reports_cudas_own_error() -> None
 @pytest.mark.skipif(not _loadable(LibKind.RUNTIME), reason="no CUDA runtime library on this host")
 def test_every_runtime_function_exists_in_the_real_library() -> None:
     """A misspelt symbol would otherwise surface only on a GPU host, at its first use."""
-    api = vram.load_api("runtime")
-    for name in vram.RuntimeApi.SIGNATURES:
+    api = cuda.load_api("runtime")
+    for name in cuda.RuntimeApi.SIGNATURES:
         assert api._fn(name) is not None, name
 
 
 def test_load_api_refuses_an_unknown_setting() -> None:
     with pytest.raises(ValueError, match="cuda_api"):
-        vram.load_api("opencl")
+        cuda.load_api("opencl")
 
 
 # -------------------------------------------------------------------------------------------- the probe
@@ -550,10 +543,10 @@ def test_dmabuf_export_on_bindings_that_cannot() -> None:
     """The runtime API has no equivalent of cuMemGetHandleForAddressRange; a driver older than CUDA
     11.7 lacks the symbol. Both say so (real DriverApi / RuntimeApi code, over a library stand-in)."""
     with pytest.raises(CudaUnavailable, match="runtime API has no dma-buf export"):
-        vram.RuntimeApi(None, "libcudart.so.12").export_dmabuf(1 << 21, MiB)
+        cuda.RuntimeApi(None, "libcudart.so.12").export_dmabuf(1 << 21, MiB)
     with pytest.raises(CudaUnavailable, match="runtime API has no dma-buf export"):
-        vram.RuntimeApi(None, "libcudart.so.12").dmabuf_supported(0)
-    old_driver = vram.DriverApi(object(), "libcuda.so.1")  # an object with no CUDA symbols at all
+        cuda.RuntimeApi(None, "libcudart.so.12").dmabuf_supported(0)
+    old_driver = cuda.DriverApi(object(), "libcuda.so.1")  # an object with no CUDA symbols at all
     with pytest.raises(CudaUnavailable, match="no cuMemGetHandleForAddressRange .*CUDA 11.7"):
         old_driver.export_dmabuf(1 << 21, MiB)
 

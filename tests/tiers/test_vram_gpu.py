@@ -36,19 +36,18 @@ if str(REPO) not in sys.path:
 
 from polarkvd.bench.vram import host_mapping  # noqa: E402
 from polarkvd.config import VramConfig  # noqa: E402
-from polarkvd.tiers.vram import (  # noqa: E402
+from polarkvd.cuda import (  # noqa: E402
     CudaApi,
     CudaError,
     CudaUnavailable,
     DeviceInfo,
     LibKind,
-    RegionHandle,
-    VramPool,
     library_candidates,
     load_api,
     open_library,
-    probe,
 )
+from polarkvd.tiers.vram import VramPool, probe  # noqa: E402
+from polarkvd.wire.region import RegionHandle  # noqa: E402
 
 if pytest is not None:
     pytestmark = pytest.mark.gpu
@@ -224,7 +223,8 @@ def test_host_register_of_a_shared_mapping_and_cudas_own_errors() -> None:
 
 _CHILD = r"""
 import ctypes, hashlib, json, sys
-from polarkvd.tiers.vram import AttachedRegion, CopyKind, RegionHandle, load_api
+from polarkvd.cuda import CopyKind, load_api
+from polarkvd.wire.region import AttachedRegion, RegionHandle
 wire, kind, read_at, n, write_at = json.loads(sys.argv[1])
 api = load_api(kind)
 region = RegionHandle(bytes.fromhex(wire["handle"]), wire["size"], wire["uuid"], wire["pci_bus_id"])
@@ -284,7 +284,7 @@ def test_ipc_handle_opens_in_another_process() -> None:
 _TORCH_CHILD = r"""
 import json, sys
 import torch
-from polarkvd.tiers.vram import AttachedRegion, RegionHandle
+from polarkvd.wire.region import AttachedRegion, RegionHandle
 wire = json.loads(sys.argv[1])
 region = RegionHandle(bytes.fromhex(wire["handle"]), wire["size"], wire["uuid"], wire["pci_bus_id"])
 r = AttachedRegion(region)

@@ -52,6 +52,16 @@ STATS = {
         {"model": "llama-3.1-8b@77aa", "page_tokens": 256, "page_bytes": 4 * PAGE, "cache_salt": True, "sessions": 1,
          "lookup_pages": 10_400, "hit_pages": 6_200, "stored_pages": 2_100, "loaded_pages": 10_000},
     ],
+    "quotas": {
+        "default_dram": 0, "default_disk": 0, "tenants_not_shown": 0,
+        "tenants": [
+            {"tenant": "-", "listed": False, "namespaces": 1, "dram_bytes": 250 * PAGE, "dram_quota": 0,
+             "disk_bytes": 6_800 * MiB, "disk_quota": 0, "evicted_pages_dram": 0, "evicted_pages_disk": 0},
+            {"tenant": "acme", "listed": True, "namespaces": 1, "dram_bytes": 36 * PAGE, "dram_quota": 36 * PAGE,
+             "disk_bytes": 854 * MiB, "disk_quota": 1024 * MiB, "evicted_pages_dram": 1_210,
+             "evicted_pages_disk": 0},
+        ],
+    },
     "tuning_file": "/var/lib/polarkv/tuning.toml",
 }  # fmt: skip
 

@@ -9,7 +9,16 @@ import pytest
 from polarkvd import cli
 from polarkvd.tui import panels
 from polarkvd.tui.messages import ActionDone, SnapshotReady
-from polarkvd.tui.model import RateHistory, TierInfo, View, changed_knobs, check_knob, human_bytes, tiers
+from polarkvd.tui.model import (
+    RateHistory,
+    TierInfo,
+    View,
+    changed_knobs,
+    check_knob,
+    human_bytes,
+    knob_text,
+    tiers,
+)
 from tests.tui.recorded import KNOBS, STATS, VIEW
 
 
@@ -43,6 +52,13 @@ def test_check_knob_refuses_what_the_daemon_would_refuse() -> None:
     ):
         with pytest.raises(ValueError, match=why):
             check_knob(name, text, KNOBS)
+
+
+def test_the_tenant_table_knob_is_shown_as_it_is_typed_back() -> None:
+    value = {"salt-of-acme": {"name": "acme", "dram": 1 << 30}}
+    assert check_knob("quotas.tenants", knob_text(value), KNOBS) == value
+    with pytest.raises(ValueError, match=r"quotas.tenants.salt-of-acme.dram = 'lots'"):
+        check_knob("quotas.tenants", '{"salt-of-acme": {"dram": "lots"}}', KNOBS)
 
 
 def test_changed_knobs_lists_start_values() -> None:

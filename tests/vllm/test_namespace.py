@@ -65,13 +65,54 @@ def test_salt_and_tp_rank_change_every_key_and_page_size_matches_vllm_blocks() -
     g = geometry()
     tokens = list(range(1000, 1256))
     keys = {
-        (salt, rank): page_keys(namespace_digest(g.namespace(salt, rank)), tokens, g.page_tokens)
+        (salt, rank): page_keys(namespace_digest(g.namespace(salt, rank), bytes(32)), tokens, g.page_tokens)
         for salt in ("", "alice", "bob")
         for rank in (0, 1)
     }
     assert len({k[0] for k in keys.values()}) == 6  # every (salt, rank) pair has its own first key
     assert g.namespace("", 0).page_bytes == g.num_layers * g.page_blocks * g.block_bytes
     assert geometry(page_blocks=2).namespace("", 0).page_tokens == 256
+
+
+def test_the_scheduler_keys_are_the_daemons_and_follow_a_new_seed(daemon_factory) -> None:
+    """The connector chains its keys from the digests the daemon returns (it cannot compute them: the
+    seed stays in the daemon); a daemon back with another seed gives new digests and new keys."""
+    from polarkvd.client import EngineClient
+
+    d = daemon_factory()
+    g = geometry()  # TP 2: one session per rank, each with its own digest
+    now = [0.0]
+    sched = connector.SchedulerSide(g, connector.Options(socket=str(d.engine_socket)))
+    sched.link._clock = lambda: now[0]  # reconnection backoff without waiting
+    tokens = list(range(1000, 1000 + 3 * g.page_tokens))
+    req = SimpleNamespace(request_id="r", cache_salt="alice", all_token_ids=tokens, num_tokens=len(tokens))
+
+    def store_both_ranks() -> list[list[bytes]]:
+        out = []
+        for rank in range(g.tp_size):
+            with EngineClient(g.namespace("alice", rank), "test", d.engine_socket) as kv:
+                keys = kv.page_keys(tokens)[:2]
+                kv.store(keys, [bytes(kv.page_bytes)] * 2)
+                out.append(keys)
+        return out
+
+    try:
+        before = store_both_ranks()
+        # 3 pages of prompt, one token left to compute: 2 pages (256 tokens) come from the daemon
+        assert sched.get_num_new_matched_tokens(req, 0) == (2 * g.page_tokens, False)
+        assert sched._reqs["r"].keys == before
+
+        d.stop()
+        (d.root / "state" / "page-seed").unlink()  # the operator replaced the seed
+        d.start()
+        assert sched.get_num_new_matched_tokens(req, 0) == (0, False)  # finds the daemon gone
+        now[0] += 60.0
+        after = store_both_ranks()
+        assert not {k for ks in after for k in ks} & {k for ks in before for k in ks}
+        assert sched.get_num_new_matched_tokens(req, 0) == (2 * g.page_tokens, False)
+        assert sched._reqs["r"].keys == after
+    finally:
+        sched.close()
 
 
 def test_options_refuse_unknown_keys_and_bad_values() -> None:

@@ -27,7 +27,8 @@ are checked first (a bad value is refused here and never sent), then `enter` app
 leaves the field; `escape` puts a field back and leaves it. `s` saves the knobs changed since the dashboard started to the daemon's tuning overlay
 (read by `polarkvd serve` after its config file); `r` reverts them live.
 
-**Pages**: the largest namespaces, and prefixes in DRAM by bytes or hits. On the selected prefix:
+**Pages**: the largest namespaces, tenants (cache_salts) against their quotas, and prefixes in DRAM
+by bytes or hits. On the selected prefix:
 `p` pin (never evicted), `u` unpin, `e` evict from DRAM (to disk); `s` sorts by bytes or hits.
 
 **Peers**: the cluster as this daemon sees it: every member (`*` this one) with its state (alive,

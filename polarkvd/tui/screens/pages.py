@@ -1,4 +1,5 @@
-"""Pages: the largest namespaces, and the prefixes in DRAM by bytes or hits; pin, unpin, evict."""
+"""Pages: the largest namespaces, tenants against their quotas, and the prefixes in DRAM by bytes or
+hits; pin, unpin, evict."""
 
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ class PagesScreen(DashboardScreen):
         yield from self.header()
         yield Label("Namespaces  (largest first)", classes="section")
         yield DataTable(id="namespaces", cursor_type="row", zebra_stripes=True)
+        yield Panel(lambda v: panels.tenants_panel(v.stats), id="tenants")
         yield Panel(lambda v: panels.pages_caption(v.top, self.sort), id="caption", classes="section")
         yield DataTable(id="prefixes", cursor_type="row", zebra_stripes=True)
         yield Label("", id="message")

@@ -63,11 +63,11 @@ RESERVE_NO_SPACE = -2  # not stored: no room (everything pinned), or not admitte
 
 
 def pack(message: list[Any]) -> bytes:
-    payload = msgpack.packb(message, use_bin_type=True)
+    payload: bytes = msgpack.packb(message, use_bin_type=True)
     return LENGTH.pack(len(payload)) + payload
 
 
-def unpack(payload: bytes | memoryview) -> Any:
+def unpack(payload: bytes | bytearray | memoryview) -> Any:
     return msgpack.unpackb(payload, raw=False, strict_map_key=False)
 
 

@@ -64,7 +64,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from polarkvd.shared_words import SharedWords
+from polarkvd.types import Tier
+from polarkvd.wire.shared_words import SharedWords
 
 MAGIC = b"PKVLKT01"
 HEADER_BYTES = 4096
@@ -89,7 +90,7 @@ _TIER_AT = 24  # in an entry
 _VRAM_HITS_AT = 40  # in a session slot
 _DISK_HITS_AT = 48
 _FINAL_AT = 56
-TIER_VRAM, TIER_DRAM, TIER_DISK = 1, 2, 4  # = types.Tier.VRAM, DRAM, DISK (no import of types.py)
+TIER_VRAM, TIER_DRAM, TIER_DISK = int(Tier.VRAM), int(Tier.DRAM), int(Tier.DISK)  # plain ints: the hot paths
 _DRAM_BYTE = bytes([TIER_DRAM])
 _U32 = struct.Struct("<I")
 _TALLY_AT = 8  # in a session slot: lookups, pages, hits (u64 each)
