@@ -218,8 +218,19 @@ def parse_fraction(value: object) -> float:
     return out
 
 
-def _opt(default: Any, parse: Callable[[object], Any], doc: str, *, live: bool = False) -> Any:
-    meta = {"parse": parse, "doc": doc, "live": live}
+@dataclasses.dataclass(frozen=True)
+class Knob:
+    """What makes an option a live knob: how the dashboard names it (`label`) and a hint short
+    enough for its row (`note`). What a change does is declared once too, beside the state it
+    changes (polarkvd/manager/knobs.py); every way of changing it (`polarkvd tune`, the TUI, a
+    SIGHUP reload) goes through there."""
+
+    label: str
+    note: str
+
+
+def _opt(default: Any, parse: Callable[[object], Any], doc: str, *, live: Knob | None = None) -> Any:
+    meta = {"parse": parse, "doc": doc, "live": live is not None, "knob": live}
     if isinstance(default, dict):  # a table: each Config gets its own
         return dataclasses.field(default_factory=lambda: dict(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -270,12 +281,14 @@ class DaemonConfig:
     )
     engine_socket_mode: int = _opt(0o660, parse_mode, "file mode of the engine socket")
     control_socket_mode: int = _opt(0o600, parse_mode, "file mode of the control socket")
-    log_level: str = _opt("info", _choice(*LOG_LEVELS), "log level", live=True)
+    log_level: str = _opt(
+        "info", _choice(*LOG_LEVELS), "log level", live=Knob("log level", "of the daemon's log, live")
+    )
     lease_seconds: float = _opt(
         30.0,
         _positive(parse_duration),
         "pins and reservations of an engine that stops answering expire after this",
-        live=True,
+        live=Knob("lease seconds", "pins of a silent engine expire after"),
     )
     max_sessions: int = _opt(1024, _positive(parse_int), "attached engine connections at most")
     max_unattached_connections: int = _opt(
@@ -322,7 +335,12 @@ class DramConfig:
     slab_bytes: int = _opt(
         64 * MiB, _positive(parse_size), "arena allocation unit; every page must fit in one slab"
     )
-    policy: str = _opt("lru", _choice(*POLICY_NAMES), "eviction policy", live=True)
+    policy: str = _opt(
+        "lru",
+        _choice(*POLICY_NAMES),
+        "eviction policy",
+        live=Knob("eviction policy", "lru, or s3fifo (scan-resistant)"),
+    )
     shm_dir: str = _opt("/dev/shm", parse_str, "where the shared-memory arena file is created")
     lock_memory: bool = _opt(False, parse_bool, "mlock the arena (needs LimitMEMLOCK); keeps KV out of swap")
     high_watermark: float = _opt(
@@ -330,16 +348,19 @@ class DramConfig:
         parse_fraction,
         "above this fraction of the arena in use, pages are demoted to disk in the background down to "
         "low_watermark; 1.0 = only on demand, when full",
-        live=True,
+        live=Knob("high watermark", "demote in the background above this; 1 = off"),
     )
     low_watermark: float = _opt(
-        0.9, parse_fraction, "background demotion stops at this fraction (at most high_watermark)", live=True
+        0.9,
+        parse_fraction,
+        "background demotion stops at this fraction (at most high_watermark)",
+        live=Knob("low watermark", "…down to this fraction of DRAM"),
     )
     min_prefix_pages: int = _opt(
         1,
         _positive(parse_int),
         "admission: a sequence of fewer full pages than this is not stored (reserve answers no-space); 1 = store all",
-        live=True,
+        live=Knob("min prefix pages", "shorter sequences are not stored"),
     )
     lookup_table_entries: int = _opt(
         0,
@@ -354,7 +375,12 @@ class DiskConfig:
     enabled: bool = _opt(True, parse_bool, "keep pages evicted from DRAM compressed on disk")
     path: str = _opt("", parse_str, "page directory; empty = <state_dir>/pages")
     capacity: int = _opt(AUTO, _size_or_auto, "disk tier size; auto = min(16GiB, 1/4 of free space)")
-    policy: str = _opt("lru", _choice(*POLICY_NAMES), "eviction policy", live=True)
+    policy: str = _opt(
+        "lru",
+        _choice(*POLICY_NAMES),
+        "eviction policy",
+        live=Knob("eviction policy", "lru, or s3fifo (scan-resistant)"),
+    )
     compression_level: int = _opt(
         1, parse_int, "zstd level (1 measured best: higher is slower and no smaller on KV)"
     )
@@ -379,7 +405,7 @@ class DiskConfig:
         parse_bool,
         "write-through: commit answers once its pages are on disk and synced (acknowledged = durable; "
         "evictions then cost no write); false = write-back, pages are written when evicted from DRAM",
-        live=True,
+        live=Knob("write mode", "write-through: commits also go to disk"),
     )
     group_commit_window: float = _opt(
         0.002,
@@ -633,16 +659,22 @@ def parse_tenant_quotas(value: object) -> dict[str, dict[str, Any]]:
 @dataclasses.dataclass
 class QuotasConfig:
     default_dram: int = _opt(
-        0, parse_size, "DRAM a tenant (a cache_salt) not listed in tenants may hold; 0 = unlimited", live=True
+        0,
+        parse_size,
+        "DRAM a tenant (a cache_salt) not listed in tenants may hold; 0 = unlimited",
+        live=Knob("default DRAM quota", "per tenant not listed; 0 = unlimited"),
     )
     default_disk: int = _opt(
-        0, parse_size, "disk a tenant not listed in tenants may hold; 0 = unlimited", live=True
+        0,
+        parse_size,
+        "disk a tenant not listed in tenants may hold; 0 = unlimited",
+        live=Knob("default disk quota", "per tenant not listed; 0 = unlimited"),
     )
     tenants: dict[str, dict[str, Any]] = _opt(
         {},
         parse_tenant_quotas,
         "per cache_salt: {dram, disk, name}; a size left out is the default, 0 = unlimited",
-        live=True,
+        live=Knob("tenants", 'JSON: {"salt": {"dram": "1GiB", "disk": "4GiB", "name": "acme"}}'),
     )
 
 

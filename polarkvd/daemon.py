@@ -34,12 +34,13 @@ from polarkvd import __version__
 from polarkvd.config import LIVE_KNOBS, Config, format_size, load_config, option_fields, shown_knob
 from polarkvd.errors import EXIT_CONFIG, ConfigError, PolarKVError, ResourceError
 from polarkvd.manager import Manager
+from polarkvd.manager.knobs import apply_knobs
 from polarkvd.metrics import MetricsServer, OpTimings, Snapshot, StatsCollector
 from polarkvd.resources import check_resources
 from polarkvd.sdnotify import Notifier
 from polarkvd.seed import PageSeed, page_seed
 from polarkvd.server.connection import RequestServer, claim_socket_path
-from polarkvd.server.control import apply_knob, control_handlers
+from polarkvd.server.control import control_handlers
 from polarkvd.server.engine import engine_api
 from polarkvd.server.engine_thread import EngineThreadServer
 from polarkvd.tiers.dram import SlabAllocator
@@ -425,7 +426,9 @@ class Daemon:
         from polarkvd.config import split_address
 
         cfg = self.cfg
-        pool = ClusterPool(cfg, manager, self.cluster_keys, cfg.cluster.node_id, transport=self.transport)
+        pool = ClusterPool(
+            cfg, manager.peers, self.cluster_keys, cfg.cluster.node_id, transport=self.transport
+        )
         bound = pool.start()
         host, _ = split_address(cfg.cluster.data_address)
         data_address = tcp_url(advertised_host(host, cfg.cluster.advertise_host), bound.rsplit(":", 1)[1])
@@ -567,8 +570,13 @@ class Daemon:
             return
         running = self.manager.cfg
         changes = {n: (running.get(n), new.get(n)) for n in LIVE_KNOBS if new.get(n) != running.get(n)}
-        for name, (_old, value) in changes.items():
-            apply_knob(self.manager, name, value)
+        try:  # the path `polarkvd tune` takes too (manager/knobs.py)
+            apply_knobs(self.manager, {name: value for name, (_old, value) in changes.items()})
+        except PolarKVError as e:
+            self.reloads_failed += 1
+            self.last_reload_ok = False
+            log.error("reload refused, still running the previous configuration: %s: %s", shown, e)
+            return
         base = self.source.loaded
         self.restart_needed = [
             n for n in option_fields() if n not in LIVE_KNOBS and new.get(n) != base.get(n)

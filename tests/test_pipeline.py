@@ -66,12 +66,6 @@ class ScriptedPeer:
             self.served.append((i, lo))
         return out + [False] * (len(keys) - len(out))
 
-    def page_added(self, key, tier):
-        pass
-
-    def page_removed(self, key, tier):
-        pass
-
 
 def _signal(m, slot) -> tuple[int, int]:
     return m.signals.read(slot)

@@ -42,10 +42,12 @@ from typing import Any
 from polarkvd.config import Config
 from polarkvd.index import Page, PageIndex
 from polarkvd.keys import SEED_BYTES
+from polarkvd.manager.events import EventLog
 from polarkvd.manager.l1 import L1Moves
 from polarkvd.manager.loads import Loads
 from polarkvd.manager.lookups import Lookups
 from polarkvd.manager.operator import Operator
+from polarkvd.manager.peers import PeerPages
 from polarkvd.manager.quotas import Quotas
 from polarkvd.manager.records import Counters, Lease, NamespaceInfo, PendingDemotion, Session
 from polarkvd.manager.remote import RemoteFetches
@@ -95,6 +97,7 @@ class Manager:
         self.space = Space(self)
         self.operator = Operator(self)
         self.reports = Reports(self)
+        self.peers = PeerPages(self)  # what the cluster pool sees of our pages
         self.cfg = cfg
         self.seed = seed if seed is not None else secrets.token_bytes(SEED_BYTES)
         self.arena = arena
@@ -144,6 +147,8 @@ class Manager:
         # readiness slots of pipelined loads: in the arena file's tail in the daemon, private otherwise
         self.signals = signals or SignalBoard(memoryview(bytearray(SIGNAL_BOARD_BYTES)))
         self.cluster: Any = None  # polarkvd.cluster.pool.ClusterPool when [cluster] is enabled
+        # what happened to pages, for whoever follows them (the cluster's meta map): events.py
+        self.events = EventLog()
         self._cluster_tasks: set[asyncio.Future[Any]] = set()  # fetches from and demotions to peers in flight
         self._disk_reads: set[asyncio.Future[Any]] = set()  # layer-group promotions in flight
         # L1: the daemon's GPU page pool (tiers/vram.py VramPool) and the arena registered with it

@@ -23,6 +23,7 @@ from polarkvd.index import (
     VRAM,
     Page,
 )
+from polarkvd.manager.events import PageRemoved, PageStored
 from polarkvd.tiers.dram import slot_size
 from polarkvd.types import Tier
 
@@ -168,9 +169,9 @@ class L1Moves:
             self.m.allocator.free(page.offset, slot_size(page.size))
             self.m.index.move_to_vram(page, offset)
             pol.insert(page)
-            if self.m.cluster is not None:  # still ours, one tier up (added first: never a gap)
-                self.m.cluster.page_added(page.key, Tier.VRAM)
-                self.m.cluster.page_removed(page.key, Tier.DRAM)
+            if self.m.events.wanted:  # still ours, one tier up (added first: never a gap)
+                self.m.events.emit(PageStored(page.key, Tier.VRAM))
+                self.m.events.emit(PageRemoved(page.key, Tier.DRAM))
             self.m.counters["promoted_pages_vram"] += 1
             self.m.counters["promoted_bytes_vram"] += page.size
 
@@ -250,9 +251,9 @@ class L1Moves:
                 self.m.vram.free(pool_offset)  # type: ignore[union-attr]
                 self.m.index.mark_ready(page)  # PROMOTING -> READY in DRAM
                 self.m.policy.insert(page)
-                if self.m.cluster is not None:  # still ours, one tier down (added first: never a gap)
-                    self.m.cluster.page_added(page.key, Tier.DRAM)
-                    self.m.cluster.page_removed(page.key, Tier.VRAM)
+                if self.m.events.wanted:  # still ours, one tier down (added first: never a gap)
+                    self.m.events.emit(PageStored(page.key, Tier.DRAM))
+                    self.m.events.emit(PageRemoved(page.key, Tier.VRAM))
                 self.m.counters["demoted_pages_vram"] += 1
                 self.m.counters["demoted_bytes_vram"] += page.size
             else:

@@ -26,6 +26,7 @@ from polarkvd.index import (
     VRAM,
     Page,
 )
+from polarkvd.manager.events import PageStored
 from polarkvd.manager.records import Lease, NamespaceInfo, Session, unpin_all
 from polarkvd.tiers.dram import slot_size
 from polarkvd.transport.pipeline import (
@@ -404,8 +405,8 @@ class Loads:
             page.on_disk = on_disk
             self.m.index.mark_ready(page)
             (self.m.vram_policy if in_vram else self.m.policy).insert(page)  # type: ignore[union-attr]
-            if self.m.cluster is not None:
-                self.m.cluster.page_added(page.key, Tier.VRAM if in_vram else Tier.DRAM)
+            if self.m.events.wanted:
+                self.m.events.emit(PageStored(page.key, Tier.VRAM if in_vram else Tier.DRAM))
             self.m.counters["promoted_pages"] += 1
             self.m.counters["promoted_bytes"] += page.size
             fut.set_result(True)

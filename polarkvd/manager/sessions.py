@@ -20,6 +20,7 @@ from polarkvd.index import (
     Page,
 )
 from polarkvd.keys import namespace_digest
+from polarkvd.manager.events import NamespaceKnown
 from polarkvd.manager.records import Lease, NamespaceInfo, Session, unpin_all
 from polarkvd.tiers.dram import slot_size
 from polarkvd.types import Namespace
@@ -54,9 +55,9 @@ class Attachments:
             info = NamespaceInfo(next(self.m._ns_ids), ns, digest, slot)
             self.m.namespaces[digest] = info
             self.m._ns_by_id[info.id] = info
-            if self.m.cluster is not None and self.m.disk is not None:
-                # its pages on our disk can be promoted for peers from now on: tell the meta map
-                self.m.cluster.announce_disk_pages(digest)
+            if self.m.disk is not None and self.m.events.wanted:
+                # its pages on our disk can be promoted for peers from now on
+                self.m.events.emit(NamespaceKnown(digest))
             if self.m.table is not None and self.m.disk is not None:
                 self.m.table_upkeep.list_disk_pages(info)
         self.m._idle_ns.discard(digest)

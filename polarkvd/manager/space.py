@@ -20,6 +20,7 @@ from polarkvd.index import (
     READY,
     Page,
 )
+from polarkvd.manager.events import PageRemoved, PageStored
 from polarkvd.manager.records import PendingDemotion
 from polarkvd.policy import switch_policy
 from polarkvd.tiers.dram import slot_size
@@ -99,8 +100,9 @@ class Space:
     def demote(self, page: Page) -> None:
         """An evicted page leaves DRAM: to peers' lent DRAM (L3) when the cluster has room, else
         queued for the disk tier (unless it is there already)."""
+        if self.m.events.wanted:
+            self.m.events.emit(PageRemoved(page.key, Tier.DRAM))
         if self.m.cluster is not None:
-            self.m.cluster.page_removed(page.key, Tier.DRAM)
             if not page.on_disk and self._demote_to_pool(page):
                 return
         if self.m.disk is None or page.on_disk:
@@ -210,8 +212,8 @@ class Space:
                 page = self.m.index.get(key)
                 if page is not None:
                     page.on_disk = True
-                if self.m.cluster is not None:  # peers can have it from our disk too
-                    self.m.cluster.page_added(key, Tier.DISK)
+                if self.m.events.wanted:  # peers can have it from our disk too
+                    self.m.events.emit(PageStored(key, Tier.DISK))
             else:
                 self.m.counters["write_through_failed_pages" if durable else "demotions_dropped"] += 1
 

@@ -22,6 +22,7 @@ from polarkvd.index import (
     VRAM,
     Page,
 )
+from polarkvd.manager.events import PageStored
 from polarkvd.manager.records import NamespaceInfo, PendingDemotion, Session
 from polarkvd.types import Tier
 from polarkvd.wire.frames import RESERVE_EXISTS, RESERVE_NO_SPACE
@@ -147,24 +148,24 @@ class Store:
             )
         write_through = self.m.cfg.disk.write_through and self.m.disk is not None
         writes: list[asyncio.Future[bool]] | None = [] if write_through else None
-        in_vram = 0
+        in_vram, events = 0, self.m.events
         for key in keys:
             page = session.reserved.pop(key)
             self.m.index.mark_ready(page)
             if page.state & VRAM:
                 # L1 pages are not written through (the disk tier reads the arena): they are once
-                # demoted there. Peers may have them (pool.py: by RDMA from the pool's dma-buf, or
+                # demoted there. Peers may have them (cluster/pool/: by RDMA from the pool's dma-buf, or
                 # through DRAM), so they are announced with their tier.
                 self.m.vram_policy.insert(page)  # type: ignore[union-attr]
-                if self.m.cluster is not None:
-                    self.m.cluster.page_added(key, Tier.VRAM)
+                if events.wanted:
+                    events.emit(PageStored(key, Tier.VRAM))
                 in_vram += 1
                 continue
             self.m.policy.insert(page)
             if writes is not None:
                 writes.append(self._write_through(session.ns, page))
-            if self.m.cluster is not None:
-                self.m.cluster.page_added(key, Tier.DRAM)
+            if events.wanted:
+                events.emit(PageStored(key, Tier.DRAM))
         if in_vram:
             self.m.counters["stored_pages_vram"] += in_vram
             self.m.counters["stored_bytes_vram"] += in_vram * session.ns.ns.page_bytes

@@ -16,6 +16,7 @@ from polarkvd.index import (
     VRAM,
     Page,
 )
+from polarkvd.manager.events import DiskPagesRemoved
 from polarkvd.manager.records import NamespaceInfo
 from polarkvd.types import Tier
 from polarkvd.wire.lookup_table import TIER_DISK
@@ -74,9 +75,8 @@ class TableUpkeep:
         """DiskTier.on_removed (any thread): pages left the disk tier. The cluster withdraws their
         announcements; on the loop, pages still in DRAM or L1 lose their `on_disk` mark (they are
         written again when they leave memory, not dropped) and table entries follow."""
-        cluster = self.m.cluster
-        if cluster is not None:
-            cluster.disk_removed(keys)
+        if self.m.events.wanted:
+            self.m.events.emit(DiskPagesRemoved(tuple(keys)))
         loop = self.m._loop
         if loop is None:  # no event loop (in-process tests): this is the only thread
             self._disk_copies_gone(keys)

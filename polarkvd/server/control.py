@@ -13,9 +13,10 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from polarkvd.config import LIVE_KNOBS, parse_option, watermark_problems, write_tuning
+from polarkvd.config import LIVE_KNOBS, parse_option, write_tuning
 from polarkvd.errors import ConfigError, ErrorCode, PolarKVError, ProtocolError
 from polarkvd.manager import Manager
+from polarkvd.manager.knobs import apply_knobs
 from polarkvd.server.connection import Connection, Handler, only_args
 from polarkvd.types import Tier
 from polarkvd.wire import frames as P
@@ -93,16 +94,9 @@ def control_handlers(
                 parsed[name] = parse_option(name, value)
             except ConfigError as e:
                 problems.extend(f"{k} = {v!r}: {why}" for k, v, why in e.problems)
-        if not problems:  # the pair as it would be after the change
-            high = parsed.get("dram.high_watermark", manager.cfg.dram.high_watermark)
-            low = parsed.get("dram.low_watermark", manager.cfg.dram.low_watermark)
-            problems.extend(f"{k} = {v!r}: {why}" for k, v, why in watermark_problems(high, low))
         if problems:
             raise PolarKVError("; ".join(problems), code=ErrorCode.BAD_VALUE)
-        for name, value in parsed.items():
-            apply_knob(manager, name, value)
-        if "dram.high_watermark" in parsed or "dram.low_watermark" in parsed:
-            manager.enforce_watermarks()  # now, so the effect shows without waiting for the chore
+        apply_knobs(manager, parsed)  # the one path of every change (manager/knobs.py)
         return {"knobs": {name: manager.cfg.get(name) for name in LIVE_KNOBS}}
 
     def save_tuning(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
@@ -174,29 +168,3 @@ def control_handlers(
         P.Op.PING.value: ping,
         P.Op.CLUSTER.value: cluster,
     }
-
-
-def apply_knob(manager: Manager, name: str, value: Any) -> None:
-    """Change one live knob (already parsed and validated)."""
-    if name == "dram.policy":
-        manager.set_policy(Tier.DRAM, value)
-    elif name == "disk.policy":
-        manager.set_policy(Tier.DISK, value)
-    elif name == "daemon.log_level":
-        manager.cfg.daemon.log_level = value
-        logging.getLogger("polarkvd").setLevel(value.upper())
-    elif name == "daemon.lease_seconds":
-        manager.cfg.daemon.lease_seconds = value
-    elif name in ("dram.high_watermark", "dram.low_watermark"):
-        setattr(manager.cfg.dram, name.split(".")[1], value)
-    elif name == "dram.min_prefix_pages":
-        manager.cfg.dram.min_prefix_pages = value
-    elif name == "disk.write_through":
-        manager.cfg.disk.write_through = value
-    elif name in ("quotas.default_dram", "quotas.default_disk", "quotas.tenants"):
-        # in place: the manager's quotas and the disk tier read this object at each use; a tenant
-        # now over its DRAM quota gives back pages at its next reserve, over its disk quota at its
-        # next disk write
-        setattr(manager.cfg.quotas, name.split(".")[1], value)
-    else:  # pragma: no cover - LIVE_KNOBS and this function change together
-        raise PolarKVError(f"{name} is marked live but has no setter", code=ErrorCode.INTERNAL)

@@ -138,8 +138,8 @@ async def pools(
     # the pools stay below vram.high_watermark: nothing moves unless a test moves it
     h = holder if holder is not None else exporting(L1(pool_slabs=2))
     f = fetcher if fetcher is not None else exporting(L1(pool_slabs=2))
-    hp = ClusterPool(cfg, h.m, None, "h", holder_choice)
-    fp = ClusterPool(cfg, f.m, None, "f", fetcher_choice)
+    hp = ClusterPool(cfg, h.m.peers, None, "h", holder_choice)
+    fp = ClusterPool(cfg, f.m.peers, None, "f", fetcher_choice)
     h.m.cluster, f.m.cluster = hp, fp
     h.m.attach(TEST_NS, "first")  # the namespace is known on both sides
     f.m.attach(TEST_NS, "first")

@@ -133,8 +133,8 @@ async def pools(
     clock = FakeClock()
     hm, _ = make_manager(64)
     fm, _ = make_manager(64)
-    holder = ClusterPool(cfg, hm, None, "h", holder_choice, clock=clock)
-    fetcher = ClusterPool(cfg, fm, None, "f", fetcher_choice, clock=clock)
+    holder = ClusterPool(cfg, hm.peers, None, "h", holder_choice, clock=clock)
+    fetcher = ClusterPool(cfg, fm.peers, None, "f", fetcher_choice, clock=clock)
     holder.start()
     fetcher.start()
     meta = {"data": holder.server.address, **holder.gossip_meta()}

@@ -23,26 +23,6 @@ from polarkvd.tui.widgets import Panel, TierBars
 
 SECTION_TITLES = {"dram": "L2 DRAM", "disk": "L4 disk", "daemon": "daemon"}
 SECTION_ORDER = ("vram", "dram", "dmp", "disk", "daemon")
-LABELS = {
-    "dram.policy": "eviction policy",
-    "dram.high_watermark": "high watermark",
-    "dram.low_watermark": "low watermark",
-    "dram.min_prefix_pages": "min prefix pages",
-    "disk.policy": "eviction policy",
-    "disk.write_through": "write mode",
-    "daemon.log_level": "log level",
-    "daemon.lease_seconds": "lease seconds",
-}
-NOTES = {
-    "dram.policy": "lru, or s3fifo (scan-resistant)",
-    "disk.policy": "lru, or s3fifo (scan-resistant)",
-    "daemon.log_level": "of the daemon's log, live",
-    "dram.high_watermark": "demote in the background above this; 1 = off",
-    "dram.low_watermark": "…down to this fraction of DRAM",
-    "dram.min_prefix_pages": "shorter sequences are not stored",
-    "disk.write_through": "write-through: commits also go to disk",
-    "daemon.lease_seconds": "pins of a silent engine expire after",
-}
 
 
 def _choices(name: str) -> list[tuple[str, Any]] | None:
@@ -68,15 +48,16 @@ class KnobRow(Horizontal):
         self.value = value
 
     def compose(self) -> ComposeResult:
-        yield Label(LABELS.get(self.knob, self.knob.split(".", 1)[1]), classes="knob-label")
+        field = option_fields().get(self.knob)  # label and note: declared with the option
+        knob = field.metadata["knob"] if field is not None else None
+        # a daemon of another version may have a knob this one does not know: its name, no note
+        yield Label(knob.label if knob else self.knob, classes="knob-label")
         choices = _choices(self.knob)
         if choices is not None:
             yield Select(choices, value=self.value, allow_blank=False, compact=True, id=_wid(self.knob))
         else:
             yield Input(knob_text(self.value), compact=True, id=_wid(self.knob))
-        field = option_fields().get(self.knob)
-        note = NOTES.get(self.knob) or (field.metadata["doc"] if field is not None else "")
-        yield Label(note, classes="knob-note")
+        yield Label(knob.note if knob else "", classes="knob-note")
 
 
 class TuningScreen(DashboardScreen):
