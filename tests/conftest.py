@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import settings
 
 from polarkvd.client import ControlClient, EngineClient
 from polarkvd.config import load_config, resolve
@@ -25,6 +26,13 @@ from polarkvd.errors import DaemonUnavailable
 from polarkvd.manager import Manager
 from polarkvd.tiers.dram import SlabAllocator
 from polarkvd.types import Namespace
+
+# Property-based tests (tests/test_engine_model.py, tests/fuzz/): the default run draws the same cases
+# every time, so CI never fails on a case that an unrelated change happened to draw; `pytest
+# --hypothesis-profile=explore` draws new ones, more of them, and remembers failures in .hypothesis/.
+settings.register_profile("polarkvd", derandomize=True, database=None, deadline=None, print_blob=True)
+settings.register_profile("explore", deadline=None, max_examples=1000, stateful_step_count=80)
+settings.load_profile("polarkvd")
 
 #: A small namespace for tests: 4 layers x 2 KV heads x 64 dims x 16 tokens, bf16 = 32 KiB pages.
 TEST_NS = Namespace(

@@ -47,16 +47,19 @@ class Operator:
             if page.state != READY or page.key in root_of:
                 continue
             path = [page.key]
+            on_path = {page.key}
             node = page
             while True:
                 parent = get(node.parent) if node.parent is not None else None
-                if parent is None or parent.state != READY:
+                # parents that loop back (an engine may reserve a key under its own descendant) end it
+                if parent is None or parent.state != READY or parent.key in on_path:
                     root = node.key
                     break
                 if parent.key in root_of:
                     root = root_of[parent.key]
                     break
                 path.append(parent.key)
+                on_path.add(parent.key)
                 node = parent
             for key in path:
                 root_of[key] = root

@@ -52,6 +52,8 @@ class Store:
         demotion (the reserve itself never waits for a copy)."""
         if self.m.draining:
             raise PolarKVError("the daemon is draining and accepts no new pages", code=ErrorCode.DRAINING)
+        if keys and parent == keys[0]:  # it would count as its own child: never a leaf, never evicted
+            raise ProtocolError("reserve: parent is the first key itself; nothing reserved")
         ns = session.ns
         size = ns.ns.page_bytes
         need = self.m.cfg.dram.min_prefix_pages

@@ -51,7 +51,8 @@ def control_handlers(
 
     async def evict(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
         only_args(args, "tier", "bytes")
-        tier = _TIERS.get(args.get("tier"))  # type: ignore[arg-type]
+        name = args.get("tier")
+        tier = _TIERS.get(name) if isinstance(name, str) else None
         if tier is None:
             raise ProtocolError(f"tier must be one of {sorted(_TIERS)}")
         nbytes = args.get("bytes")
