@@ -31,7 +31,8 @@ from typing import Any, TypeVar
 import xxhash
 
 from polarkvd import __version__
-from polarkvd.config import LIVE_KNOBS, Config, format_size, load_config, option_fields, shown_knob
+from polarkvd.config import LIVE_KNOBS, Config, load_config, option_fields, shown_knob
+from polarkvd.config.values import format_size
 from polarkvd.errors import EXIT_CONFIG, ConfigError, PolarKVError, ResourceError
 from polarkvd.manager import Manager
 from polarkvd.manager.knobs import apply_knobs
@@ -423,7 +424,7 @@ class Daemon:
         """Peer service and pool first (their address goes into our gossip metadata), then gossip."""
         from polarkvd.cluster.node import ClusterNode, advertised_host, tcp_url
         from polarkvd.cluster.pool import ClusterPool
-        from polarkvd.config import split_address
+        from polarkvd.config.values import split_address
 
         cfg = self.cfg
         pool = ClusterPool(

@@ -90,7 +90,7 @@ def parse_page_size(text: str) -> int:
         from polarkvd.bench.datapath import BIG_NS
 
         return BIG_NS.page_bytes
-    from polarkvd.config import parse_size
+    from polarkvd.config.values import parse_size
 
     n = parse_size(text)
     if n <= 0:
@@ -790,7 +790,7 @@ class MooncakeMethod:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from polarkvd.bench.harness import Progress, median, ratio
-    from polarkvd.config import parse_size
+    from polarkvd.config.values import parse_size
     from polarkvd.transport.tcp import data_key
 
     sizes = sorted({parse_page_size(s) for s in args.sizes})

@@ -54,7 +54,8 @@ from polarkvd.cluster.pool.lend import Lending
 from polarkvd.cluster.pool.locate import MetaMapClient
 from polarkvd.cluster.pool.rdma_reads import RdmaReads
 from polarkvd.cluster.pool.serve import PeerService
-from polarkvd.config import Config, split_address
+from polarkvd.config import Config
+from polarkvd.config.values import split_address
 from polarkvd.errors import ConfigError
 from polarkvd.tiers.dmp import DmpStore
 from polarkvd.transport.pipeline import LAYER_GROUPS
