@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import xxhash
 
-from polarkvd.cluster.metamap import decode_batch
+from polarkvd.cluster.metamap_wire import decode_batch
 from polarkvd.cluster.pool.common import (
     MAX_ACCEPTED_QPS,
     MAX_NODE_ID,
