@@ -38,8 +38,8 @@ from polarkvd.config import load_config
 from polarkvd.index import READY, READY_VRAM
 from polarkvd.keys import page_keys
 from polarkvd.transport import rdma
+from polarkvd.transport.peer_server import Reply
 from polarkvd.transport.rdma import TransportChoice, TransportKind
-from polarkvd.transport.tcp import Reply
 from polarkvd.types import Tier
 from tests.cluster.test_rdma_fetch import RDMA_CHOICE, settle
 from tests.conftest import TEST_NS, chain_tokens, page_bytes_for

@@ -35,8 +35,9 @@ from polarkvd.errors import ConfigError, PolarKVError
 from polarkvd.keys import page_keys
 from polarkvd.seed import load_seed_file
 from polarkvd.transport import rdma
+from polarkvd.transport.peer_client import PeerClient
+from polarkvd.transport.peer_server import Reply
 from polarkvd.transport.rdma import TransportChoice, TransportKind
-from polarkvd.transport.tcp import PeerClient, Reply
 from polarkvd.types import Tier
 from tests.conftest import (
     TEST_NS,

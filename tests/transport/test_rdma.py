@@ -25,6 +25,7 @@ import pytest
 
 from polarkvd.errors import ConfigError, ProtocolError
 from polarkvd.transport import rdma
+from polarkvd.transport.peer_client import PeerClient
 from polarkvd.transport.rdma import (
     PageRef,
     PeerParams,
@@ -42,7 +43,6 @@ from polarkvd.transport.rdma import (
     plan_reads,
     probe,
 )
-from polarkvd.transport.tcp import PeerClient
 from tests.conftest import REPO_ROOT, FakeClock, bad_pages, chain_tokens, clean_env, store_chain
 from tests.transport.fakeverbs import Dev, E, Fabric, Port
 

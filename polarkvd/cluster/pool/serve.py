@@ -30,10 +30,10 @@ from polarkvd.cluster.pool.common import (
     release_all,
 )
 from polarkvd.errors import ErrorCode, PageNotFound, PolarKVError, ProtocolError
+from polarkvd.transport.peer_server import PayloadReader, Reply
 from polarkvd.transport.rdma import (
     RdmaDevice,
 )
-from polarkvd.transport.tcp import PayloadReader, Reply
 
 if TYPE_CHECKING:
     from polarkvd.cluster.pool import ClusterPool
