@@ -99,7 +99,7 @@ class Daemon:
         self.cluster_keys: Any = None
         self.cluster: Any = None  # polarkvd.cluster.node.ClusterNode when [cluster] enabled
         self.pool: Any = None  # polarkvd.cluster.pool.ClusterPool, likewise
-        self.transport: Any = None  # polarkvd.transport.rdma.TransportChoice, likewise
+        self.transport: Any = None  # polarkvd.transport.rdma_probe.TransportChoice, likewise
         self.vram: Any = None  # polarkvd.tiers.vram.VramChoice: L1 or why not, decided at start
         self.seed: PageSeed | None = None  # the page-key seed, read (or created) at start
 
@@ -130,7 +130,7 @@ class Daemon:
                 from polarkvd.cluster.node import load_keys
 
                 self.cluster_keys = load_keys(cfg.cluster)  # a bad key file stops the start (exit 78)
-                from polarkvd.transport.rdma import describe_choice, probe_cluster
+                from polarkvd.transport.rdma_probe import describe_choice, probe_cluster
 
                 self.transport = probe_cluster(cfg.cluster)  # transport = "rdma" without RDMA: exit 78
                 log.info(

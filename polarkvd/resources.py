@@ -15,7 +15,7 @@ from polarkvd.config import Config
 from polarkvd.config.machine import free_bytes, tree_bytes
 from polarkvd.config.values import GiB
 from polarkvd.errors import ConfigError
-from polarkvd.transport.rdma import probe_cluster  # imports pyverbs itself only when probing
+from polarkvd.transport.rdma_probe import probe_cluster  # imports pyverbs itself only when probing
 
 
 def check_resources(cfg: Config) -> list[tuple[str, object, str]]:

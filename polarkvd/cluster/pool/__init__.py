@@ -62,15 +62,9 @@ from polarkvd.transport.peer_client import PeerClient
 from polarkvd.transport.peer_server import PeerServer
 from polarkvd.transport.peer_wire import data_key
 from polarkvd.transport.pipeline import LAYER_GROUPS
-from polarkvd.transport.rdma import (
-    PeerTransports,
-    RdmaDevice,
-    RdmaEndpoint,
-    RdmaError,
-    TransportChoice,
-    TransportKind,
-    probe_cluster,
-)
+from polarkvd.transport.rdma import PeerTransports, RdmaDevice, RdmaEndpoint
+from polarkvd.transport.rdma_params import RdmaError, TransportKind
+from polarkvd.transport.rdma_probe import TransportChoice, probe_cluster
 
 if TYPE_CHECKING:
     from polarkvd.cluster.auth import CurveKeys
@@ -92,7 +86,7 @@ class ClusterPool:
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """`transport`: the daemon's probe result (`transport.rdma.probe_cluster`); None probes again
+        """`transport`: the daemon's probe result (`transport.rdma_probe.probe_cluster`); None probes again
         at `start`. `clock` times the per-peer RDMA back-off."""
         # the parts, each owning one concern (their modules say which); they share this state
         self.metamap_client = MetaMapClient(self)

@@ -31,9 +31,7 @@ from polarkvd.cluster.pool.common import (
 )
 from polarkvd.errors import ErrorCode, PageNotFound, PolarKVError, ProtocolError
 from polarkvd.transport.peer_server import PayloadReader, Reply
-from polarkvd.transport.rdma import (
-    RdmaDevice,
-)
+from polarkvd.transport.rdma import RdmaDevice
 
 if TYPE_CHECKING:
     from polarkvd.cluster.pool import ClusterPool
