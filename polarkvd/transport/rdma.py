@@ -1,32 +1,24 @@
-"""RDMA READ of remote pages with pyverbs: which transport a daemon uses, and the verbs that move bytes.
+"""RDMA READ of remote pages with pyverbs: the device and the verbs that move bytes.
 
 Owns:
-- the choice at start (`probe`): `cluster.transport = "auto" | "rdma" | "tcp"`. `auto` takes RDMA
-  when pyverbs imports and `get_device_list()` lists a device with an ACTIVE port, else TCP with the
-  precise reason; `rdma` refuses to start (ConfigError, exit 78) when that probe fails, because the
-  operator asked for it explicitly; `tcp` never touches pyverbs;
 - the device side (`RdmaDevice`): context, protection domain, memory regions over buffers that exist
   already (the DRAM arena, the DMP region; `ibv_reg_mr` on their address), dma-buf regions for CUDA
   memory (GPUDirect);
-- one reliable-connected queue pair per peer (`RdmaEndpoint`): its parameters (LID, GID, QPN, PSN,
-  MTU, read depth, the regions' address/length/rkey) as a plain dict carried over the existing TCP
-  peer channel, validated on arrival (`PeerParams.from_wire`); INIT -> RTR -> RTS; one-sided RDMA
-  READs of remote page slices straight into a local region, signalled completions, a deadline,
+- one reliable-connected queue pair per peer (`RdmaEndpoint`): its parameters (`rdma_params.PeerParams`,
+  carried over the existing TCP peer channel and validated on arrival); INIT -> RTR -> RTS; one-sided
+  RDMA READs of remote page slices straight into a local region, signalled completions, a deadline,
   and on any failure the QP moved to ERROR, drained and destroyed before the caller gets the error
   (so no late DMA can land in slots the caller reuses);
-- slice planning (`plan_reads`, pure): pages x layer range -> READ work requests with scatter lists;
 - per-peer fallback (`PeerTransports`, pure): a peer whose RDMA failed uses TCP until a back-off
   passes, then RDMA is tried again.
 
+Beside it: `rdma_probe.py` decides at start whether RDMA is used (`cluster.transport = "auto" |
+"rdma" | "tcp"`, with the precise reason) and imports pyverbs; `rdma_params.py` holds what peers
+exchange and the read plans (`plan_reads`, pure).
+
 It must not know pages, keys, tiers or policy: callers hand in addresses, offsets and lengths, and
 verify what landed (the pool checks every page's checksum, exactly as after a TCP fetch). It never
-registers memory for remote WRITE.
-
-pyverbs is imported lazily and only here. It is Debian's `python3-pyverbs` (rdma-core 44 here), built
-for the system Python; PyPI's `pyverbs` needs a matching libibverbs and does not import against
-Debian's. A venv that cannot import it gets it through `cluster.pyverbs_path`: that directory's
-`pyverbs` package alone is loaded (not the rest of the directory, so no other system package can
-shadow the venv's). docs/RDMA.md says how to enable it on an RDMA host.
+registers memory for remote WRITE. pyverbs is imported lazily (rdma_probe.py, docs/RDMA.md).
 """
 
 from __future__ import annotations

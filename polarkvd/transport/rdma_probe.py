@@ -1,6 +1,16 @@
-"""Whether this host can use RDMA, decided once at start: importing pyverbs (from a path of its own
-when asked), the device, port and GID to use, and the one log line that says why (`probe`,
-`describe_choice`)."""
+"""Whether this host uses RDMA, decided once at start, and importing pyverbs.
+
+`probe`: `cluster.transport = "auto" | "rdma" | "tcp"`. `auto` takes RDMA when pyverbs imports and
+`get_device_list()` lists a device with an ACTIVE port, else TCP with the precise reason; `rdma`
+refuses to start (ConfigError, exit 78) when that probe fails, because the operator asked for it
+explicitly; `tcp` never touches pyverbs. `describe_choice` is the one log line that says why.
+
+pyverbs is imported lazily and only here. It is Debian's `python3-pyverbs` (rdma-core 44 here), built
+for the system Python; PyPI's `pyverbs` needs a matching libibverbs and does not import against
+Debian's. A venv that cannot import it gets it through `cluster.pyverbs_path`: that directory's
+`pyverbs` package alone is loaded (not the rest of the directory, so no other system package can
+shadow the venv's). docs/RDMA.md says how to enable it on an RDMA host.
+"""
 
 from __future__ import annotations
 
