@@ -15,14 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from polarkvd import __version__
-from polarkvd.config import (
-    LIVE_KNOBS,
-    format_size,
-    load_config,
-    option_fields,
-    parse_size,
-    resolve,
-)
+from polarkvd.config import LIVE_KNOBS, load_config, option_fields
+from polarkvd.config.machine import resolve
+from polarkvd.config.values import format_size, parse_size
 from polarkvd.errors import EXIT_CONFIG, ConfigError, PolarKVError
 from polarkvd.resources import check_resources
 

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from polarkvd.config import default_control_socket, default_engine_socket
+from polarkvd.config.machine import default_control_socket, default_engine_socket
 from polarkvd.errors import (
     DaemonUnavailable,
     ErrorCode,

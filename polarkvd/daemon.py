@@ -31,7 +31,8 @@ from typing import Any, TypeVar
 import xxhash
 
 from polarkvd import __version__
-from polarkvd.config import LIVE_KNOBS, Config, format_size, load_config, option_fields, shown_knob
+from polarkvd.config import LIVE_KNOBS, Config, load_config, option_fields, shown_knob
+from polarkvd.config.values import format_size
 from polarkvd.errors import EXIT_CONFIG, ConfigError, PolarKVError, ResourceError
 from polarkvd.manager import Manager
 from polarkvd.manager.knobs import apply_knobs
@@ -98,7 +99,7 @@ class Daemon:
         self.cluster_keys: Any = None
         self.cluster: Any = None  # polarkvd.cluster.node.ClusterNode when [cluster] enabled
         self.pool: Any = None  # polarkvd.cluster.pool.ClusterPool, likewise
-        self.transport: Any = None  # polarkvd.transport.rdma.TransportChoice, likewise
+        self.transport: Any = None  # polarkvd.transport.rdma_probe.TransportChoice, likewise
         self.vram: Any = None  # polarkvd.tiers.vram.VramChoice: L1 or why not, decided at start
         self.seed: PageSeed | None = None  # the page-key seed, read (or created) at start
 
@@ -129,7 +130,7 @@ class Daemon:
                 from polarkvd.cluster.node import load_keys
 
                 self.cluster_keys = load_keys(cfg.cluster)  # a bad key file stops the start (exit 78)
-                from polarkvd.transport.rdma import describe_choice, probe_cluster
+                from polarkvd.transport.rdma_probe import describe_choice, probe_cluster
 
                 self.transport = probe_cluster(cfg.cluster)  # transport = "rdma" without RDMA: exit 78
                 log.info(
@@ -423,7 +424,7 @@ class Daemon:
         """Peer service and pool first (their address goes into our gossip metadata), then gossip."""
         from polarkvd.cluster.node import ClusterNode, advertised_host, tcp_url
         from polarkvd.cluster.pool import ClusterPool
-        from polarkvd.config import split_address
+        from polarkvd.config.values import split_address
 
         cfg = self.cfg
         pool = ClusterPool(

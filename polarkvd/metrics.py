@@ -21,7 +21,7 @@ import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from polarkvd.config import split_address
+from polarkvd.config.values import split_address
 from polarkvd.errors import ConfigError
 
 log = logging.getLogger(__name__)

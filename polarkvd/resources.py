@@ -1,7 +1,7 @@
 """What this machine can give a resolved configuration: RAM, the arena's tmpfs, locked memory, disk
 space and, for `cluster.transport = "rdma"`, an RDMA device (the probe).
 
-Checked by `polarkvd serve` at start-up and by `polarkvd check-config`; kept out of `config.py`,
+Checked by `polarkvd serve` at start-up and by `polarkvd check-config`; kept out of `config/`,
 which stays a leaf that reads and validates settings without looking at the machine's devices.
 """
 
@@ -11,9 +11,11 @@ import resource
 import shutil
 from pathlib import Path
 
-from polarkvd.config import Config, GiB, free_bytes, tree_bytes
+from polarkvd.config import Config
+from polarkvd.config.machine import free_bytes, tree_bytes
+from polarkvd.config.values import GiB
 from polarkvd.errors import ConfigError
-from polarkvd.transport.rdma import probe_cluster  # imports pyverbs itself only when probing
+from polarkvd.transport.rdma_probe import probe_cluster  # imports pyverbs itself only when probing
 
 
 def check_resources(cfg: Config) -> list[tuple[str, object, str]]:

@@ -21,7 +21,8 @@ import pytest
 from hypothesis import settings
 
 from polarkvd.client import ControlClient, EngineClient
-from polarkvd.config import load_config, resolve
+from polarkvd.config import load_config
+from polarkvd.config.machine import resolve
 from polarkvd.errors import DaemonUnavailable
 from polarkvd.manager import Manager
 from polarkvd.tiers.dram import SlabAllocator

@@ -9,18 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from polarkvd.config import (
-    GiB,
-    KiB,
-    MiB,
-    TiB,
-    load_config,
-    option_fields,
-    parse_duration,
-    parse_option,
-    parse_size,
-    resolve,
-)
+from polarkvd.config import load_config, option_fields, parse_option
+from polarkvd.config.machine import resolve
+from polarkvd.config.values import GiB, KiB, MiB, TiB, parse_duration, parse_size
 from polarkvd.errors import EXIT_CONFIG, ConfigError
 from polarkvd.resources import check_resources
 from tests.conftest import REPO_ROOT, clean_env

@@ -28,7 +28,7 @@ def test_shipped_config_shows_every_option() -> None:
 
 
 def test_shipped_config_marks_exactly_the_live_options() -> None:
-    """An option's comment says `[live]` exactly when the option is a live knob (config.py declares it)."""
+    """An option's comment says `[live]` exactly when the option is a live knob (config/ declares it)."""
     section, comment, marked, after_option = None, [], set(), False
     for line in ETC.read_text().splitlines():
         if m := re.match(r"^\[([\w.]+)\]", line):

@@ -15,7 +15,7 @@ from polarkvd.cluster.auth import generate
 from polarkvd.errors import EXIT_CONFIG, ConfigError
 from polarkvd.keys import SEED_BYTES, namespace_digest, seed_fingerprint
 from polarkvd.seed import load_seed_file, page_seed, seed_from_cluster_secret
-from polarkvd.transport.tcp import data_key
+from polarkvd.transport.peer_wire import data_key
 from tests.conftest import TEST_NS, chain_tokens, clean_env, store_chain, wait_for
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from polarkvd.config import Config
-from polarkvd.config import parse_duration as duration
+from polarkvd.config.values import parse_duration as duration
 from tests.conftest import REPO_ROOT
 
 UNIT = REPO_ROOT / "systemd" / "polarkvd.service"

@@ -90,7 +90,7 @@ def parse_page_size(text: str) -> int:
         from polarkvd.bench.datapath import BIG_NS
 
         return BIG_NS.page_bytes
-    from polarkvd.config import parse_size
+    from polarkvd.config.values import parse_size
 
     n = parse_size(text)
     if n <= 0:
@@ -290,7 +290,7 @@ def serve_main(path: str, layout_json: str) -> int:
     import xxhash
 
     from polarkvd.errors import PageNotFound
-    from polarkvd.transport.tcp import Handler, PayloadReader, PeerServer, Reply
+    from polarkvd.transport.peer_server import Handler, PayloadReader, PeerServer, Reply
 
     data = DataFile.from_layout(path, json.loads(layout_json))
     mm = _map(data.path)
@@ -322,9 +322,9 @@ def serve_main(path: str, layout_json: str) -> int:
     raw = socket.create_server(("127.0.0.1", 0))
 
     def raw_conn(c: socket.socket) -> None:
-        from polarkvd.transport.tcp import _tune
+        from polarkvd.transport.peer_wire import tune_socket
 
-        _tune(c)  # the same socket options as the transport: the ratio is the protocol's cost alone
+        tune_socket(c)  # the same socket options as the transport: the ratio is the protocol's cost alone
         with c:
             while True:
                 req = c.recv(_RAW_REQ.size, socket.MSG_WAITALL)
@@ -561,7 +561,7 @@ class FetchMethod:
     def __init__(
         self, addr: str, key: bytes, src: memoryview, threads: int, batch: int, op: str = "get"
     ) -> None:
-        from polarkvd.transport.tcp import PeerClient
+        from polarkvd.transport.peer_client import PeerClient
 
         self.addr, self.src, self.threads, self.batch, self.op = addr, src, threads, batch, op
         self.cpu: Callable[[], float] | None = None  # set by run(): this process + the server's
@@ -609,13 +609,13 @@ class RawTcpMethod:
     """The same batches as plain bytes over plain sockets: (offset, length) in, the bytes out."""
 
     def __init__(self, where: tuple[str, int], src: memoryview, threads: int, batch: int) -> None:
-        from polarkvd.transport.tcp import _tune
+        from polarkvd.transport.peer_wire import tune_socket
 
         self.src, self.threads, self.batch = src, threads, batch
         self.cpu: Callable[[], float] | None = None
         self.socks = [socket.create_connection(where, timeout=30) for _ in range(threads)]
         for s in self.socks:
-            _tune(s)
+            tune_socket(s)
             s.settimeout(None)
         self.dest: bytearray | None = None
 
@@ -790,8 +790,8 @@ class MooncakeMethod:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from polarkvd.bench.harness import Progress, median, ratio
-    from polarkvd.config import parse_size
-    from polarkvd.transport.tcp import data_key
+    from polarkvd.config.values import parse_size
+    from polarkvd.transport.peer_wire import data_key
 
     sizes = sorted({parse_page_size(s) for s in args.sizes})
     skip = set(args.skip or [])

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from polarkvd.bench.harness import Progress, percentile, private_daemon, table
-from polarkvd.config import format_size, parse_size
+from polarkvd.config.values import format_size, parse_size
 from polarkvd.types import Namespace, PageKey
 
 A_NS = Namespace(

@@ -26,7 +26,8 @@ import tempfile
 import time
 from typing import Any
 
-from polarkvd.config import VramConfig, format_size, parse_size
+from polarkvd.config import VramConfig
+from polarkvd.config.values import format_size, parse_size
 from polarkvd.cuda import CopyKind, load_api
 from polarkvd.tiers.vram import HostRegion, VramPool, describe_choice, probe
 

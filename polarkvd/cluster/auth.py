@@ -2,7 +2,7 @@
 
 Every member holds the same CURVE key pair. Gossip runs CURVE with it (encrypted, and only a key
 holder can connect); the page transport derives its handshake key from the secret half
-(`polarkvd.transport.tcp.data_key`). The file is small TOML with z85 text:
+(`polarkvd.transport.peer_wire.data_key`). The file is small TOML with z85 text:
 
     # polarkvd cluster key pair ...
     public = "..."

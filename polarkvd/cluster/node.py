@@ -24,7 +24,8 @@ from polarkvd import __version__
 from polarkvd.cluster.auth import CurveKeys, read_key_file
 from polarkvd.cluster.gossip import ZmqTransport
 from polarkvd.cluster.membership import ClusterConfig, Event, EventKind, Member, Membership, State
-from polarkvd.config import ClusterSection, split_address
+from polarkvd.config import ClusterSection
+from polarkvd.config.values import split_address
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@
 (daemon.py) all call `apply_knobs`: the values are checked together (the watermark pair), each is
 applied by its effect below, and what must follow a change follows it whichever way it came (new
 watermarks are enforced at once). The option itself (type, range, help, the dashboard's label and
-note) is declared in config.py; tests check that every live option has an effect here.
+note) is declared in config/__init__.py; tests check that every live option has an effect here.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import collections
 import logging
 from typing import TYPE_CHECKING, Any
 
-from polarkvd.config import format_size
+from polarkvd.config.values import format_size
 from polarkvd.errors import (
     ErrorCode,
     PolarKVError,

@@ -1,7 +1,7 @@
 """The control API: what the CLI (and later the TUI) call over the control socket.
 
 Owns validation of operator requests (evict amounts, tiers, knob values) and their mapping onto the
-manager. Live knobs are the options marked live in config.py; every value is validated with the same
+manager. Live knobs are the options marked live in config/; every value is validated with the same
 parser as the config file, and a request with any bad value changes nothing.
 """
 

@@ -1,630 +1,69 @@
-"""RDMA READ of remote pages with pyverbs: which transport a daemon uses, and the verbs that move bytes.
+"""RDMA READ of remote pages with pyverbs: the device and the verbs that move bytes.
 
 Owns:
-- the choice at start (`probe`): `cluster.transport = "auto" | "rdma" | "tcp"`. `auto` takes RDMA
-  when pyverbs imports and `get_device_list()` lists a device with an ACTIVE port, else TCP with the
-  precise reason; `rdma` refuses to start (ConfigError, exit 78) when that probe fails, because the
-  operator asked for it explicitly; `tcp` never touches pyverbs;
 - the device side (`RdmaDevice`): context, protection domain, memory regions over buffers that exist
   already (the DRAM arena, the DMP region; `ibv_reg_mr` on their address), dma-buf regions for CUDA
   memory (GPUDirect);
-- one reliable-connected queue pair per peer (`RdmaEndpoint`): its parameters (LID, GID, QPN, PSN,
-  MTU, read depth, the regions' address/length/rkey) as a plain dict carried over the existing TCP
-  peer channel, validated on arrival (`PeerParams.from_wire`); INIT -> RTR -> RTS; one-sided RDMA
-  READs of remote page slices straight into a local region, signalled completions, a deadline,
+- one reliable-connected queue pair per peer (`RdmaEndpoint`): its parameters (`rdma_params.PeerParams`,
+  carried over the existing TCP peer channel and validated on arrival); INIT -> RTR -> RTS; one-sided
+  RDMA READs of remote page slices straight into a local region, signalled completions, a deadline,
   and on any failure the QP moved to ERROR, drained and destroyed before the caller gets the error
   (so no late DMA can land in slots the caller reuses);
-- slice planning (`plan_reads`, pure): pages x layer range -> READ work requests with scatter lists;
 - per-peer fallback (`PeerTransports`, pure): a peer whose RDMA failed uses TCP until a back-off
   passes, then RDMA is tried again.
 
+Beside it: `rdma_probe.py` decides at start whether RDMA is used (`cluster.transport = "auto" |
+"rdma" | "tcp"`, with the precise reason) and imports pyverbs; `rdma_params.py` holds what peers
+exchange and the read plans (`plan_reads`, pure).
+
 It must not know pages, keys, tiers or policy: callers hand in addresses, offsets and lengths, and
 verify what landed (the pool checks every page's checksum, exactly as after a TCP fetch). It never
-registers memory for remote WRITE.
-
-pyverbs is imported lazily and only here. It is Debian's `python3-pyverbs` (rdma-core 44 here), built
-for the system Python; PyPI's `pyverbs` needs a matching libibverbs and does not import against
-Debian's. A venv that cannot import it gets it through `cluster.pyverbs_path`: that directory's
-`pyverbs` package alone is loaded (not the rest of the directory, so no other system package can
-shadow the venv's). docs/RDMA.md says how to enable it on an RDMA host.
+registers memory for remote WRITE. pyverbs is imported lazily (rdma_probe.py, docs/RDMA.md).
 """
 
 from __future__ import annotations
 
 import ctypes
 import dataclasses
-import enum
 import errno
-import importlib
-import importlib.machinery
-import importlib.util
 import logging
 import os
 import random
-import sys
 import threading
 import time
-import types
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
-from polarkvd.errors import ConfigError, ProtocolError, TransportError
+from polarkvd.errors import ProtocolError
 
 if TYPE_CHECKING:
-    from polarkvd.config import ClusterSection
-
-log = logging.getLogger("polarkvd.transport.rdma")
-
-SETTINGS = ("auto", "rdma", "tcp")
-WIRE_VERSION = 1
-
-#: Limits on what we build and what we accept from a peer.
-MAX_SGE = 16  # scatter entries per READ we ever ask for (the device's max_sge_rd caps it further)
-MAX_READ_BYTES = 1 << 30  # bytes per READ work request (the port's max_msg_sz caps it further)
-MAX_REGIONS = 8
-MAX_REGION_NAME = 32
-_U16, _U24, _U32, _U64 = (1 << 16) - 1, (1 << 24) - 1, (1 << 32) - 1, (1 << 64) - 1
-
-#: QP timing (ibv_modify_qp): local ACK timeout 4.096 us * 2^14 = 67 ms, 7 retries -> a dead peer
-#: fails a READ in about half a second, well inside cluster.fetch_timeout.
-QP_TIMEOUT, QP_RETRY, QP_RNR_RETRY, QP_MIN_RNR_TIMER = 14, 7, 7, 12
-MAX_RD_ATOMIC = 16  # outstanding READs per QP we ask for (the device caps it)
-ABORT_GRACE = 0.5  # seconds to wait for flushed completions after moving a QP to ERROR
-_POLL_BATCH = 16
-
-
-class TransportKind(str, enum.Enum):
-    RDMA = "rdma"
-    TCP = "tcp"
-
-
-class RdmaError(TransportError):
-    """An RDMA operation failed (device, registration, connection, a READ); the peer falls back to TCP."""
-
-
-class RdmaTimeout(RdmaError):
-    """READs did not complete before the deadline; the QP was torn down."""
-
-
-class RdmaNotSupported(RdmaError):
-    """What was asked for cannot be done with this pyverbs, driver or machine (e.g. dma-buf)."""
-
-
-# ---------------------------------------------------------------------------------------------- pyverbs
-
-
-class _ImportFailure(ImportError):
     pass
 
-
-_verbs_cache: dict[str, types.SimpleNamespace] = {}
-_verbs_lock = threading.Lock()
-
-
-def _import_verbs(pyverbs_path: str = "") -> types.SimpleNamespace:
-    """pyverbs' modules as one namespace: device, pd, mr, cq, qp, wr, addr, e (enums), Error.
-
-    Raises ImportError whose text says what failed. With `pyverbs_path`, the `pyverbs` package of that
-    directory is loaded on its own (a spec over just that directory), unless pyverbs is loaded already."""
-    with _verbs_lock:
-        if pyverbs_path in _verbs_cache:
-            return _verbs_cache[pyverbs_path]
-        if pyverbs_path and not os.path.isdir(pyverbs_path):
-            raise _ImportFailure(f"cluster.pyverbs_path {pyverbs_path!r} is not a directory")
-        if pyverbs_path and "pyverbs" not in sys.modules:
-            _load_package_from(pyverbs_path)
-        try:
-            mods = {
-                name: importlib.import_module(f"pyverbs.{name}")
-                for name in ("device", "pd", "mr", "cq", "qp", "wr", "addr", "enums", "pyverbs_error")
-            }
-        except ImportError as err:
-            raise _ImportFailure(_import_hint(err)) from err
-        verbs = types.SimpleNamespace(
-            **{k: v for k, v in mods.items() if k not in ("enums", "pyverbs_error")},
-            e=mods["enums"],
-            Error=mods["pyverbs_error"].PyverbsError,
-            origin=os.path.dirname(getattr(sys.modules["pyverbs"], "__file__", "") or "?"),
-        )
-        _verbs_cache[pyverbs_path] = verbs
-        return verbs
-
-
-def _load_package_from(path: str) -> None:
-    spec = importlib.machinery.PathFinder.find_spec("pyverbs", [path])
-    if spec is None or spec.loader is None:
-        raise _ImportFailure(f"no pyverbs package in cluster.pyverbs_path {path!r}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["pyverbs"] = module
-    try:
-        spec.loader.exec_module(module)
-    except Exception as err:
-        del sys.modules["pyverbs"]
-        raise _ImportFailure(f"loading pyverbs from {path!r} failed: {err}") from err
-
-
-def _import_hint(err: ImportError) -> str:
-    """The import error, plus the likely cause when pyverbs' compiled modules are for another Python."""
-    text = str(err)
-    pkg = sys.modules.get("pyverbs")
-    where = getattr(pkg, "__path__", None)
-    if where and "pyverbs." in text:
-        suffixes = {
-            n.split(".", 1)[1] for d in where if os.path.isdir(d) for n in os.listdir(d) if n.endswith(".so")
-        }
-        mine = importlib.machinery.EXTENSION_SUFFIXES[0].lstrip(".")
-        if suffixes and mine not in suffixes:
-            text += f" (its compiled modules are {', '.join(sorted(suffixes))}; this Python needs {mine})"
-    return text
-
-
-# ---------------------------------------------------------------------------------------------- the choice
-
-
-@dataclasses.dataclass(frozen=True)
-class TransportChoice:
-    kind: TransportKind
-    reason: str
-    setting: str = "auto"
-    device: str | None = None
-    port: int | None = None
-    gid_index: int | None = None
-    link_layer: str | None = None  # "InfiniBand" or "Ethernet" (RoCE)
-
-    def as_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["kind"] = self.kind.value
-        return out
-
-
-def describe_choice(choice: TransportChoice) -> str:
-    """The start-up log line: which transport, what was asked for, and why."""
-    text = f"transport {choice.kind.value} (cluster.transport = {choice.setting}): {choice.reason}"
-    if choice.kind is TransportKind.TCP and choice.setting == "auto":
-        text += "; pages move over TCP (docs/RDMA.md says how to enable RDMA)"
-    return text
-
-
-def parse_device_spec(spec: str) -> tuple[str, int | None]:
-    """`cluster.rdma_device`: "" (any), "NAME" (any active port) or "NAME:PORT"."""
-    name, sep, port = spec.strip().partition(":")
-    if sep and (not port.isdigit() or not 1 <= int(port) <= 255):
-        raise ValueError(f"expected NAME or NAME:PORT (port 1..255), got {spec!r}")
-    if not name and spec.strip():
-        raise ValueError(f"expected NAME or NAME:PORT, got {spec!r}")
-    return name, int(port) if sep else None
-
-
-def probe_cluster(c: ClusterSection) -> TransportChoice:
-    """`probe` with the `[cluster]` options."""
-    return probe(c.transport, device=c.rdma_device, gid_index=c.rdma_gid_index, pyverbs_path=c.pyverbs_path)
-
-
-def probe(setting: str, *, device: str = "", gid_index: int = -1, pyverbs_path: str = "") -> TransportChoice:
-    """Decide the page transport. "rdma" without a usable device raises ConfigError (exit 78)."""
-    if setting not in SETTINGS:
-        raise ConfigError([("cluster.transport", setting, f"expected one of {', '.join(SETTINGS)}")])
-    if setting == "tcp":
-        return TransportChoice(TransportKind.TCP, "configured", setting)
-    choice = _probe_rdma(setting, device, gid_index, pyverbs_path)
-    if setting == "rdma" and choice.kind is not TransportKind.RDMA:
-        raise ConfigError(
-            [
-                (
-                    "cluster.transport",
-                    "rdma",
-                    f'RDMA is not usable here: {choice.reason} (transport = "auto" falls back to TCP)',
-                )
-            ]
-        )
-    return choice
-
-
-def _tcp(setting: str, reason: str) -> TransportChoice:
-    return TransportChoice(TransportKind.TCP, reason, setting)
-
-
-def _probe_rdma(setting: str, device: str, gid_index: int, pyverbs_path: str) -> TransportChoice:
-    try:
-        want_name, want_port = parse_device_spec(device)
-    except ValueError as err:
-        raise ConfigError([("cluster.rdma_device", device, str(err))]) from None
-    try:
-        v = _import_verbs(pyverbs_path)
-    except ImportError as err:
-        return _tcp(setting, f"pyverbs not importable: {err}")
-    try:
-        devices = v.device.get_device_list()
-    except (v.Error, OSError) as err:
-        return _tcp(setting, f"no RDMA device (get_device_list() failed: {err})")
-    names = [d.name.decode() if isinstance(d.name, bytes) else str(d.name) for d in devices]
-    if not names:
-        return _tcp(setting, "no RDMA device (get_device_list() lists none)")
-    if want_name and want_name not in names:
-        return _tcp(setting, f"RDMA device {want_name!r} not found (devices: {', '.join(names)})")
-    tried: list[str] = []
-    for name in [want_name] if want_name else names:
-        try:
-            ctx = v.device.Context(name=name)
-        except (v.Error, OSError) as err:
-            tried.append(f"{name}: cannot open ({err})")
-            continue
-        try:
-            found = _probe_ports(v, ctx, name, want_port, gid_index, tried)
-        except (v.Error, OSError) as err:
-            tried.append(f"{name}: query failed ({err})")
-            found = None
-        finally:
-            ctx.close()
-        if found is not None:
-            port, gid, link, detail = found
-            return TransportChoice(
-                TransportKind.RDMA, f"{name} port {port} active ({detail})", setting, name, port, gid, link
-            )
-    return _tcp(setting, f"no active RDMA port ({'; '.join(tried)})")
-
-
-def _probe_ports(
-    v: Any, ctx: Any, name: str, want_port: int | None, gid_index: int, tried: list[str]
-) -> tuple[int, int, str, str] | None:
-    nports = ctx.query_device().phys_port_cnt
-    for port in [want_port] if want_port else range(1, nports + 1):
-        if port > nports:
-            tried.append(f"{name} has no port {port} (ports 1..{nports})")
-            continue
-        pa = ctx.query_port(port)
-        if pa.state != v.e.IBV_PORT_ACTIVE:
-            state = (
-                v.device.port_state_to_str(pa.state) if hasattr(v.device, "port_state_to_str") else pa.state
-            )
-            tried.append(f"{name} port {port}: {state}")
-            continue
-        link = "Ethernet" if pa.link_layer == v.e.IBV_LINK_LAYER_ETHERNET else "InfiniBand"
-        try:
-            gid, note = _pick_gid(v, ctx, port, pa, gid_index, link)
-        except LookupError as err:
-            tried.append(f"{name} port {port}: {err}")
-            continue
-        lid = f"lid {pa.lid}, " if link == "InfiniBand" else ""
-        return port, gid, link, f"{link}, {lid}gid index {gid}{note}"
-    return None
-
-
-_ZERO_GID = "0000:0000:0000:0000:0000:0000:0000:0000"
-_V4_MAPPED = "0000:0000:0000:0000:0000:ffff:"
-
-
-def _pick_gid(v: Any, ctx: Any, port: int, pa: Any, gid_index: int, link: str) -> tuple[int, str]:
-    """The GID index to use: the configured one, 0 on InfiniBand, else the best RoCE GID: v2 with an
-    IPv4-mapped address, then v2, then v1 (routable RoCE v2 is what RoCE fabrics are set up for)."""
-    if gid_index >= 0:
-        if gid_index >= pa.gid_tbl_len:
-            raise LookupError(f"gid index {gid_index} out of range (table has {pa.gid_tbl_len})")
-        if str(ctx.query_gid(port, gid_index)) == _ZERO_GID:
-            raise LookupError(f"gid index {gid_index} is empty")
-        return gid_index, " (configured)"
-    if link == "InfiniBand":
-        return 0, ""
-    best: tuple[int, int] | None = None
-    for i in range(pa.gid_tbl_len):
-        try:
-            gid = str(ctx.query_gid(port, i))
-        except (v.Error, OSError):
-            continue
-        if gid == _ZERO_GID:
-            continue
-        try:
-            v2 = ctx.query_gid_type(port, i) == v.e.IBV_GID_TYPE_SYSFS_ROCE_V2
-        except (v.Error, OSError):
-            v2 = False
-        score = (0 if gid.startswith(_V4_MAPPED) else 1) if v2 else 2
-        if best is None or score < best[0]:
-            best = (score, i)
-    if best is None:
-        raise LookupError("no GID configured (no IP address on the RoCE interface?)")
-    return best[1], " (RoCE v2)" if best[0] < 2 else " (RoCE v1)"
-
-
-# ---------------------------------------------------------------------------------------------- parameters
-
-
-@dataclasses.dataclass(frozen=True)
-class RemoteRegion:
-    name: str
-    addr: int
-    length: int
-    rkey: int
-
-    def address_of(self, offset: int, length: int) -> int:
-        """The remote address of [offset, offset+length) inside this region; ProtocolError outside it."""
-        if offset < 0 or length < 0 or offset + length > self.length:
-            raise ProtocolError(
-                f"rdma: [{offset}, {offset + length}) lies outside region {self.name!r} of {self.length} bytes"
-            )
-        return self.addr + offset
-
-
-@dataclasses.dataclass(frozen=True)
-class PeerParams:
-    """What one side of an RC connection tells the other (over the authenticated TCP channel)."""
-
-    lid: int
-    gid: bytes  # 16 bytes, network order
-    qpn: int
-    psn: int
-    mtu: int  # ibv_mtu enum value (1 = 256 ... 5 = 4096)
-    rd_atomic: int  # READs this side can answer at once (its responder resources)
-    regions: tuple[RemoteRegion, ...] = ()
-
-    def region(self, name: str) -> RemoteRegion:
-        for r in self.regions:
-            if r.name == name:
-                return r
-        raise ProtocolError(f"rdma: the peer registered no region {name!r}")
-
-    def to_wire(self) -> dict[str, Any]:
-        return {
-            "v": WIRE_VERSION,
-            "lid": self.lid,
-            "gid": self.gid,
-            "qpn": self.qpn,
-            "psn": self.psn,
-            "mtu": self.mtu,
-            "rd_atomic": self.rd_atomic,
-            "regions": [[r.name, r.addr, r.length, r.rkey] for r in self.regions],
-        }
-
-    @classmethod
-    def from_wire(cls, obj: object) -> PeerParams:
-        """Validate a peer's parameters; ProtocolError (bad_request) naming the field otherwise."""
-        if not isinstance(obj, Mapping):
-            raise ProtocolError("rdma params: expected a map")
-        if obj.get("v") != WIRE_VERSION:
-            raise ProtocolError(
-                f"rdma params: version {obj.get('v')!r} not supported (this daemon speaks {WIRE_VERSION})"
-            )
-
-        def num(field: str, lo: int, hi: int) -> int:
-            x = obj.get(field)
-            if not isinstance(x, int) or isinstance(x, bool) or not lo <= x <= hi:
-                raise ProtocolError(f"rdma params: {field} must be an integer in {lo}..{hi}, got {x!r}")
-            return x
-
-        gid = obj.get("gid")
-        if not isinstance(gid, bytes) or len(gid) != 16:
-            raise ProtocolError(f"rdma params: gid must be 16 bytes, got {type(gid).__name__} {gid!r:.40}")
-        raw = obj.get("regions", [])
-        if not isinstance(raw, list) or len(raw) > MAX_REGIONS:
-            raise ProtocolError(f"rdma params: regions must be a list of at most {MAX_REGIONS}")
-        regions: list[RemoteRegion] = []
-        for r in raw:
-            if not (isinstance(r, (list, tuple)) and len(r) == 4):
-                raise ProtocolError("rdma params: a region is [name, addr, length, rkey]")
-            name, addr, length, rkey = r
-            if not isinstance(name, str) or not 1 <= len(name) <= MAX_REGION_NAME:
-                raise ProtocolError(
-                    f"rdma params: region name must be 1..{MAX_REGION_NAME} characters, got {name!r:.40}"
-                )
-            for field, x, lo, hi in (
-                ("addr", addr, 0, _U64),
-                ("length", length, 1, _U64),
-                ("rkey", rkey, 0, _U32),
-            ):
-                if not isinstance(x, int) or isinstance(x, bool) or not lo <= x <= hi:
-                    raise ProtocolError(
-                        f"rdma params: region {name!r} {field} must be an integer in {lo}..{hi}, got {x!r}"
-                    )
-            if addr + length - 1 > _U64:
-                raise ProtocolError(f"rdma params: region {name!r} wraps around the address space")
-            if any(x.name == name for x in regions):
-                raise ProtocolError(f"rdma params: region {name!r} listed twice")
-            regions.append(RemoteRegion(name, addr, length, rkey))
-        return cls(
-            lid=num("lid", 0, _U16),
-            gid=gid,
-            qpn=num("qpn", 1, _U24),
-            psn=num("psn", 0, _U24),
-            mtu=num("mtu", 1, 5),
-            rd_atomic=num("rd_atomic", 1, 255),
-            regions=tuple(regions),
-        )
-
-
-def gid_to_bytes(text: str) -> bytes:
-    """pyverbs' GID text ('fe80:0000:...', 8 groups of 4 hex digits) -> 16 bytes."""
-    parts = text.split(":")
-    if len(parts) != 8 or any(len(p) != 4 for p in parts):
-        raise ValueError(f"not a GID: {text!r}")
-    return bytes.fromhex("".join(parts))
-
-
-def gid_to_text(raw: bytes) -> str:
-    h = raw.hex()
-    return ":".join(h[i : i + 4] for i in range(0, 32, 4))
-
-
-def buffer_address(buf: Any) -> int:
-    """The address of the first byte of a writable, contiguous, non-empty buffer (e.g. an arena slice:
-    its offset in a registered region is this minus the region's base)."""
-    view = memoryview(buf)
-    if view.readonly or not view.c_contiguous or view.nbytes == 0:
-        raise ValueError("need a writable, contiguous, non-empty buffer")
-    view = view.cast("B")
-    anchor = (ctypes.c_char * len(view)).from_buffer(view)
-    try:
-        return ctypes.addressof(anchor)
-    finally:
-        del anchor
-        view.release()
-
-
-# ---------------------------------------------------------------------------------------------- planning
-
-
-class PageRef(NamedTuple):
-    remote_addr: int  # where the page starts on the holder (an address inside a region it registered)
-    local_offset: int  # where its slot starts in our local region
-    rkey: int = 0  # the holder region's rkey (pages of one plan may come from several regions)
-
-
-class Segment(NamedTuple):
-    local_offset: int
-    length: int
-
-
-@dataclasses.dataclass(frozen=True)
-class ReadOp:
-    """One RDMA READ: `length` contiguous remote bytes scattered over `segments` of the local region."""
-
-    remote_addr: int
-    rkey: int
-    length: int
-    segments: tuple[Segment, ...]
-    pages: tuple[int, ...]  # indexes (into the planned pages) this READ carries bytes of
-
-
-def plan_reads(
-    pages: Sequence[PageRef | tuple[int, int] | tuple[int, int, int]],
-    layer_range: tuple[int, int],
-    layer_bytes: int,
-    max_sge: int,
-    max_bytes: int,
-) -> list[ReadOp]:
-    """READs that bring layers [lo, hi) of every page into its local slot.
-
-    Pages are layer-major, so layers lo..hi-1 of a page are one contiguous slice at
-    `lo * layer_bytes`. Neighbouring slices (in the given order) that are contiguous on the holder
-    and share an rkey go into one READ, as long as it stays within `max_bytes` and its local side
-    within `max_sge` scatter entries (slices contiguous locally as well share one entry). A slice
-    longer than what fits is split across READs. Order is kept: READs are posted, and complete, in
-    the order of the pages."""
-    lo, hi = layer_range
-    if not (isinstance(lo, int) and isinstance(hi, int) and 0 <= lo < hi):
-        raise ValueError(f"layer_range must be (lo, hi) with 0 <= lo < hi, got {layer_range!r}")
-    if layer_bytes < 1 or max_sge < 1 or not 1 <= max_bytes <= 1 << 31:
-        raise ValueError(
-            f"need layer_bytes >= 1, max_sge >= 1, 1 <= max_bytes <= 2^31 "
-            f"(got {layer_bytes}, {max_sge}, {max_bytes})"
-        )
-    start, size = lo * layer_bytes, (hi - lo) * layer_bytes
-    ops: list[ReadOp] = []
-    cur: dict[str, Any] | None = None
-
-    def close() -> None:
-        if cur is not None:
-            ops.append(
-                ReadOp(cur["remote"], cur["rkey"], cur["length"], tuple(cur["segs"]), tuple(cur["pages"]))
-            )
-
-    for index, ref in enumerate(pages):
-        remote, local, rkey = PageRef(*ref)
-        if remote < 0 or local < 0 or not 0 <= rkey <= _U32 or remote + start + size - 1 > _U64:
-            raise ValueError(f"page {index}: bad reference {ref!r}")
-        remote, local, left = remote + start, local + start, size
-        while left:
-            if cur is not None and cur["rkey"] == rkey and cur["remote"] + cur["length"] == remote:
-                room = max_bytes - cur["length"]
-                last_off, last_len = cur["segs"][-1]
-                joins = last_off + last_len == local
-                if room and (joins or len(cur["segs"]) < max_sge):
-                    take = min(left, room)
-                    if joins:
-                        cur["segs"][-1] = Segment(last_off, last_len + take)
-                    else:
-                        cur["segs"].append(Segment(local, take))
-                    cur["length"] += take
-                    if cur["pages"][-1] != index:
-                        cur["pages"].append(index)
-                    remote, local, left = remote + take, local + take, left - take
-                    continue
-            close()
-            take = min(left, max_bytes)
-            cur = {
-                "remote": remote,
-                "rkey": rkey,
-                "length": take,
-                "segs": [Segment(local, take)],
-                "pages": [index],
-            }
-            remote, local, left = remote + take, local + take, left - take
-    close()
-    return ops
-
-
-# ---------------------------------------------------------------------------------------------- verbs builders
-
-
-def build_connect_attr(
-    v: Any,
-    *,
-    port: int,
-    gid_index: int,
-    global_route: bool,
-    local_mtu: int,
-    sq_psn: int,
-    max_rd_atomic: int,
-    max_dest_rd_atomic: int,
-    peer: PeerParams,
-) -> Any:
-    """The QPAttr that takes an RC QP from INIT to RTS towards `peer` (QP.to_rts sets the masks)."""
-    e = v.e
-    attr = v.qp.QPAttr(port_num=port)
-    attr.qp_access_flags = e.IBV_ACCESS_LOCAL_WRITE | e.IBV_ACCESS_REMOTE_READ
-    attr.pkey_index = 0
-    attr.path_mtu = min(local_mtu, peer.mtu)
-    attr.dest_qp_num = peer.qpn
-    attr.rq_psn = peer.psn
-    attr.sq_psn = sq_psn
-    attr.max_dest_rd_atomic = max_dest_rd_atomic
-    attr.max_rd_atomic = max(1, min(max_rd_atomic, peer.rd_atomic))
-    attr.min_rnr_timer = QP_MIN_RNR_TIMER
-    attr.timeout = QP_TIMEOUT
-    attr.retry_cnt = QP_RETRY
-    attr.rnr_retry = QP_RNR_RETRY
-    if global_route:
-        gr = v.addr.GlobalRoute(dgid=v.addr.GID(gid_to_text(peer.gid)), sgid_index=gid_index, hop_limit=64)
-        attr.ah_attr = v.addr.AHAttr(dlid=peer.lid, is_global=1, port_num=port, gr=gr)
-    else:
-        attr.ah_attr = v.addr.AHAttr(dlid=peer.lid, is_global=0, port_num=port)
-    return attr
-
-
-def build_read_wrs(v: Any, ops: Sequence[ReadOp], base: int, lkey: int, first_id: int) -> list[Any]:
-    """Chained, signalled RDMA READ work requests for `ops` into the local region at `base`.
-
-    pyverbs 44 copies the SGEs into the WR when it is built, and its SGE/SendWR objects free their C
-    memory only in close() (their destructor is misspelled, `__dealloc`), exactly once: the SGEs are
-    closed here, the WRs by `free_wrs` after post_send."""
-    e = v.e
-    wrs: list[Any] = []
-    try:
-        for i, op in enumerate(ops):
-            sges = [v.wr.SGE(base + s.local_offset, s.length, lkey) for s in op.segments]
-            try:
-                wr = v.wr.SendWR(
-                    wr_id=first_id + i,
-                    opcode=e.IBV_WR_RDMA_READ,
-                    num_sge=len(sges),
-                    sg=sges,
-                    send_flags=e.IBV_SEND_SIGNALED,
-                )
-            finally:
-                for s in sges:
-                    s.close()
-            wr.set_wr_rdma(op.rkey, op.remote_addr)
-            if wrs:
-                wrs[-1].next_wr = wr  # the setter only; pyverbs 44's next_wr getter raises
-            wrs.append(wr)
-    except BaseException:
-        free_wrs(wrs)
-        raise
-    return wrs
-
-
-def free_wrs(wrs: Iterable[Any]) -> None:
-    for wr in wrs:
-        wr.close()
-
+from polarkvd.transport import rdma_probe
+from polarkvd.transport.rdma_params import (
+    ABORT_GRACE,
+    MAX_RD_ATOMIC,
+    MAX_READ_BYTES,
+    MAX_REGION_NAME,
+    MAX_SGE,
+    POLL_BATCH,
+    PageRef,
+    PeerParams,
+    RdmaError,
+    RdmaNotSupported,
+    RdmaTimeout,
+    ReadOp,
+    RemoteRegion,
+    TransportKind,
+    build_connect_attr,
+    build_read_wrs,
+    free_wrs,
+    gid_to_bytes,
+    plan_reads,
+)
+from polarkvd.transport.rdma_probe import TransportChoice
+
+log = logging.getLogger("polarkvd.transport.rdma")
 
 # ---------------------------------------------------------------------------------------------- device
 
@@ -650,7 +89,7 @@ class RdmaDevice:
     def __init__(self, choice: TransportChoice, *, pyverbs_path: str = "", verbs: Any = None) -> None:
         if choice.kind is not TransportKind.RDMA or choice.device is None or choice.port is None:
             raise ValueError(f"not an RDMA choice: {choice}")
-        self.v = v = verbs if verbs is not None else _import_verbs(pyverbs_path)
+        self.v = v = verbs if verbs is not None else rdma_probe.import_verbs(pyverbs_path)
         self.name, self.port = choice.device, choice.port
         self.gid_index = choice.gid_index if choice.gid_index is not None else 0
         self.regions: dict[str, LocalRegion] = {}
@@ -951,7 +390,7 @@ class RdmaEndpoint:
                     finally:
                         free_wrs(wrs)
                     posted += len(batch)
-                n, wcs = self.cq.poll(min(posted - done, _POLL_BATCH))
+                n, wcs = self.cq.poll(min(posted - done, POLL_BATCH))
                 for i, wc in enumerate(wcs):
                     if wc.status != e.IBV_WC_SUCCESS:
                         status = _wc_status(self.v, wc.status)
@@ -1004,7 +443,7 @@ class RdmaEndpoint:
             until = self.clock() + ABORT_GRACE
             while outstanding > 0 and self.clock() < until:
                 try:
-                    n, _ = self.cq.poll(min(outstanding, _POLL_BATCH))
+                    n, _ = self.cq.poll(min(outstanding, POLL_BATCH))
                 except (v.Error, OSError):
                     break
                 outstanding -= n

@@ -28,7 +28,8 @@ from textual.theme import Theme
 from textual.worker import get_current_worker
 
 from polarkvd.client import ControlClient
-from polarkvd.config import POLICY_NAMES, default_control_socket
+from polarkvd.config import POLICY_NAMES
+from polarkvd.config.machine import default_control_socket
 from polarkvd.errors import DaemonUnavailable, ErrorCode, PolarKVError
 from polarkvd.tui.messages import ActionDone, SnapshotReady
 from polarkvd.tui.model import NO_CLUSTER_OP, RateHistory, View, changed_knobs, knob_text

@@ -14,7 +14,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from polarkvd.config import format_size, parse_option, watermark_problems
+from polarkvd.config import parse_option, watermark_problems
+from polarkvd.config.values import format_size
 from polarkvd.errors import ConfigError
 
 #: Rate series kept for the sparklines: name -> how to read the counter total from a stats reply.

@@ -21,7 +21,8 @@ import pytest
 
 from polarkvd.cluster.auth import generate, read_key_file, write_key_file
 from polarkvd.errors import ConfigError, PolarKVError
-from polarkvd.transport.tcp import PeerClient, data_key
+from polarkvd.transport.peer_client import PeerClient
+from polarkvd.transport.peer_wire import data_key
 from tests.conftest import TEST_NS, bad_pages, chain_tokens, store_chain
 
 pytestmark = pytest.mark.cluster

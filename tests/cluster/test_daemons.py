@@ -205,7 +205,8 @@ def test_a_daemon_without_the_cluster_key_cannot_join_or_read(cluster: Cluster, 
 
     # a raw page request with a wrong key is refused at the handshake
     from polarkvd.errors import TransportError
-    from polarkvd.transport.tcp import PeerClient, data_key
+    from polarkvd.transport.peer_client import PeerClient
+    from polarkvd.transport.peer_wire import data_key
 
     with a.control() as c:
         data = c.cluster()["data_address"]

@@ -37,9 +37,10 @@ from polarkvd.cluster.pool import ClusterPool
 from polarkvd.config import load_config
 from polarkvd.index import READY, READY_VRAM
 from polarkvd.keys import page_keys
-from polarkvd.transport import rdma
-from polarkvd.transport.rdma import TransportChoice, TransportKind
-from polarkvd.transport.tcp import Reply
+from polarkvd.transport import rdma_probe
+from polarkvd.transport.peer_server import Reply
+from polarkvd.transport.rdma_params import TransportKind
+from polarkvd.transport.rdma_probe import TransportChoice
 from polarkvd.types import Tier
 from tests.cluster.test_rdma_fetch import RDMA_CHOICE, settle
 from tests.conftest import TEST_NS, chain_tokens, page_bytes_for
@@ -54,7 +55,7 @@ TCP_CHOICE = TransportChoice(TransportKind.TCP, "configured", "tcp")
 def fabric(monkeypatch: pytest.MonkeyPatch) -> Fabric:
     """One FAKE fabric with dma-buf registration, opened by both in-process pools."""
     fab = Fabric(dmabuf=True)
-    monkeypatch.setattr(rdma, "_import_verbs", lambda path="": fab.verbs)
+    monkeypatch.setattr(rdma_probe, "import_verbs", lambda path="": fab.verbs)
     return fab
 
 

@@ -13,13 +13,13 @@ import msgpack
 import pytest
 
 from polarkvd.cluster import ring
-from polarkvd.cluster.metamap import (
+from polarkvd.cluster.metamap import MetaMap
+from polarkvd.cluster.metamap_wire import (
     MAGIC,
     Announce,
     BadBatch,
     Hello,
     Here,
-    MetaMap,
     Where,
     decode_batch,
     encode_batch,

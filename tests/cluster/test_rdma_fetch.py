@@ -34,9 +34,11 @@ from polarkvd.config import load_config
 from polarkvd.errors import ConfigError, PolarKVError
 from polarkvd.keys import page_keys
 from polarkvd.seed import load_seed_file
-from polarkvd.transport import rdma
-from polarkvd.transport.rdma import TransportChoice, TransportKind
-from polarkvd.transport.tcp import PeerClient, Reply
+from polarkvd.transport import rdma_probe
+from polarkvd.transport.peer_client import PeerClient
+from polarkvd.transport.peer_server import Reply
+from polarkvd.transport.rdma_params import TransportKind
+from polarkvd.transport.rdma_probe import TransportChoice
 from polarkvd.types import Tier
 from tests.conftest import (
     TEST_NS,
@@ -60,7 +62,7 @@ RDMA_CHOICE = TransportChoice(TransportKind.RDMA, "fake device", "auto", "mlx5_0
 def fabric(monkeypatch: pytest.MonkeyPatch) -> Fabric:
     """One FAKE fabric both in-process pools open (fakeverbs.py: READs are copies between arenas)."""
     fab = Fabric()
-    monkeypatch.setattr(rdma, "_import_verbs", lambda path="": fab.verbs)
+    monkeypatch.setattr(rdma_probe, "import_verbs", lambda path="": fab.verbs)
     return fab
 
 
@@ -400,7 +402,7 @@ def test_pools_fetch_whole_pages_and_slices_over_a_real_device(monkeypatch: pyte
     """The same fetches on a real RDMA device (both pools on it, back to back)."""
     needs_device()
     path = debian_pyverbs_path()
-    choice = rdma.probe("rdma", pyverbs_path=path)
+    choice = rdma_probe.probe("rdma", pyverbs_path=path)
 
     async def run() -> None:
         async with pools(

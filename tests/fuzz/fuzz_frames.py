@@ -42,7 +42,8 @@ import msgpack
 if __name__ == "__main__":  # run as a script: import polarkvd from this checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from polarkvd.config import LIVE_KNOBS, load_config, resolve
+from polarkvd.config import LIVE_KNOBS, load_config
+from polarkvd.config.machine import resolve
 from polarkvd.errors import ErrorCode
 from polarkvd.manager import Manager
 from polarkvd.server import connection

@@ -24,25 +24,22 @@ import numpy as np
 import pytest
 
 from polarkvd.errors import ConfigError, ProtocolError
-from polarkvd.transport import rdma
-from polarkvd.transport.rdma import (
+from polarkvd.transport import rdma_params, rdma_probe
+from polarkvd.transport.peer_client import PeerClient
+from polarkvd.transport.rdma import PeerTransports, RdmaDevice
+from polarkvd.transport.rdma_params import (
     PageRef,
     PeerParams,
-    PeerTransports,
-    RdmaDevice,
     RdmaError,
     RdmaNotSupported,
     RdmaTimeout,
     ReadOp,
     RemoteRegion,
     Segment,
-    TransportChoice,
     TransportKind,
-    describe_choice,
     plan_reads,
-    probe,
 )
-from polarkvd.transport.tcp import PeerClient
+from polarkvd.transport.rdma_probe import TransportChoice, describe_choice, probe
 from tests.conftest import REPO_ROOT, FakeClock, bad_pages, chain_tokens, clean_env, store_chain
 from tests.transport.fakeverbs import Dev, E, Fabric, Port
 
@@ -79,7 +76,7 @@ def real_verbs():
     if path is None:
         pytest.skip("Debian's python3-pyverbs is not installed (apt-get install python3-pyverbs)")
     try:
-        return rdma._import_verbs(path)
+        return rdma_probe.import_verbs(path)
     except ImportError as e:
         pytest.skip(f"pyverbs from {path} does not load into this Python: {e}")
 
@@ -113,7 +110,7 @@ def needs_device() -> None:
 def fabric(monkeypatch: pytest.MonkeyPatch) -> Fabric:
     """A fake host (see fakeverbs.py) behind the module's lazy import."""
     fab = Fabric()
-    monkeypatch.setattr(rdma, "_import_verbs", lambda path="": fab.verbs)
+    monkeypatch.setattr(rdma_probe, "import_verbs", lambda path="": fab.verbs)
     return fab
 
 
@@ -126,7 +123,7 @@ def _missing(path: str = "") -> None:
 
 def test_tcp_setting_never_touches_pyverbs(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(
-        rdma, "_import_verbs", lambda path="": pytest.fail("pyverbs imported for transport = tcp")
+        rdma_probe, "import_verbs", lambda path="": pytest.fail("pyverbs imported for transport = tcp")
     )
     c = probe("tcp")
     assert c.kind is TransportKind.TCP and c.reason == "configured"
@@ -134,7 +131,7 @@ def test_tcp_setting_never_touches_pyverbs(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_auto_without_pyverbs_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(rdma, "_import_verbs", _missing)
+    monkeypatch.setattr(rdma_probe, "import_verbs", _missing)
     c = probe("auto")
     assert c.kind is TransportKind.TCP
     assert c.reason == "pyverbs not importable: No module named 'pyverbs'"
@@ -149,8 +146,8 @@ def test_the_import_is_lazy_and_its_failure_is_the_reason() -> None:
     """In this venv (no --system-site-packages) pyverbs does not import: importing the module costs
     nothing, and probe() reports the real import error."""
     code = (
-        "import sys; from polarkvd.transport import rdma; assert 'pyverbs' not in sys.modules; "
-        "print(rdma.probe('auto').reason)"
+        "import sys; from polarkvd.transport import rdma, rdma_probe; assert 'pyverbs' not in sys.modules; "
+        "print(rdma_probe.probe('auto').reason)"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO_ROOT, env=clean_env())  # fmt: skip
     assert r.returncode == 0, r.stderr
@@ -189,7 +186,7 @@ def test_a_pyverbs_built_for_another_python_is_named_as_the_cause(tmp_path) -> N
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
     (pkg / "device.cpython-399-x86_64-linux-gnu.so").write_bytes(b"")
-    code = f"from polarkvd.transport import rdma; print(rdma.probe('auto', pyverbs_path={str(tmp_path)!r}).reason)"
+    code = f"from polarkvd.transport import rdma_probe; print(rdma_probe.probe('auto', pyverbs_path={str(tmp_path)!r}).reason)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO_ROOT, env=clean_env())  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("pyverbs not importable: No module named 'pyverbs.device'")
@@ -212,14 +209,14 @@ def test_the_real_device_open_fails_cleanly_without_a_device(real_verbs) -> None
         ({"devices": [Dev("mlx5_0", [Port(state=E.IBV_PORT_DOWN)])]}, "no active RDMA port (mlx5_0 port 1: DOWN)"),
         ({"devices": [Dev("mlx5_0", openable=False)]}, "no active RDMA port (mlx5_0: cannot open (Failed to open device mlx5_0))"),
         (
-            {"devices": [Dev("rxe0", [Port(link_layer=E.IBV_LINK_LAYER_ETHERNET, gids=[(rdma._ZERO_GID, 1)])])]},
+            {"devices": [Dev("rxe0", [Port(link_layer=E.IBV_LINK_LAYER_ETHERNET, gids=[(rdma_probe._ZERO_GID, 1)])])]},
             "no active RDMA port (rxe0 port 1: no GID configured (no IP address on the RoCE interface?))",
         ),
     ],
 )  # fmt: skip
 def test_auto_falls_back_with_the_precise_reason(monkeypatch: pytest.MonkeyPatch, fabric_kw, reason) -> None:
     fab = Fabric(**fabric_kw)
-    monkeypatch.setattr(rdma, "_import_verbs", lambda path="": fab.verbs)
+    monkeypatch.setattr(rdma_probe, "import_verbs", lambda path="": fab.verbs)
     c = probe("auto")
     assert (c.kind, c.reason) == (TransportKind.TCP, reason)
     with pytest.raises(ConfigError, match="RDMA is not usable here"):
@@ -233,7 +230,7 @@ def test_auto_takes_the_first_active_port(monkeypatch: pytest.MonkeyPatch) -> No
             Dev("mlx5_1", [Port(state=E.IBV_PORT_DOWN), Port(lid=9)]),
         ]
     )
-    monkeypatch.setattr(rdma, "_import_verbs", lambda path="": fab.verbs)
+    monkeypatch.setattr(rdma_probe, "import_verbs", lambda path="": fab.verbs)
     for setting in ("auto", "rdma"):
         c = probe(setting)
         assert (c.kind, c.device, c.port, c.gid_index, c.link_layer) == (
@@ -259,7 +256,7 @@ def test_roce_picks_a_v2_ipv4_gid_unless_one_is_configured(monkeypatch: pytest.M
         ("0000:0000:0000:0000:0000:ffff:0a00:0001", 1),  # v2 IPv4: the one RoCE fabrics route
     ]
     fab = Fabric([Dev("mlx5_0", [Port(link_layer=E.IBV_LINK_LAYER_ETHERNET, lid=0, gids=gids)])])
-    monkeypatch.setattr(rdma, "_import_verbs", lambda path="": fab.verbs)
+    monkeypatch.setattr(rdma_probe, "import_verbs", lambda path="": fab.verbs)
     c = probe("auto")
     assert (c.gid_index, c.link_layer) == (3, "Ethernet") and "RoCE v2" in c.reason
     assert probe("auto", gid_index=1).gid_index == 1
@@ -269,7 +266,7 @@ def test_roce_picks_a_v2_ipv4_gid_unless_one_is_configured(monkeypatch: pytest.M
 
 def test_a_named_device_and_port(monkeypatch: pytest.MonkeyPatch) -> None:
     fab = Fabric([Dev("mlx5_0"), Dev("mlx5_1", [Port(), Port(lid=4)])])
-    monkeypatch.setattr(rdma, "_import_verbs", lambda path="": fab.verbs)
+    monkeypatch.setattr(rdma_probe, "import_verbs", lambda path="": fab.verbs)
     assert (probe("auto", device="mlx5_1").device, probe("auto", device="mlx5_1").port) == ("mlx5_1", 1)
     assert probe("auto", device="mlx5_1:2").port == 2
     assert probe("auto", device="mlx5_7").reason == "RDMA device 'mlx5_7' not found (devices: mlx5_0, mlx5_1)"
@@ -436,7 +433,7 @@ def test_params_round_trip_through_the_wire_encoding() -> None:
         p.region("dmp").address_of((4 << 20) - 10, 11)
     with pytest.raises(ProtocolError, match="no region 'gpu'"):
         p.region("gpu")
-    assert rdma.gid_to_bytes(rdma.gid_to_text(p.gid)) == p.gid
+    assert rdma_params.gid_to_bytes(rdma_params.gid_to_text(p.gid)) == p.gid
 
 
 @pytest.mark.parametrize(
@@ -490,13 +487,13 @@ def test_connect_attributes_build_with_the_real_pyverbs(real_verbs) -> None:
         max_dest_rd_atomic=16,
         peer=peer,
     )
-    a = rdma.build_connect_attr(v, global_route=True, **kw)
+    a = rdma_params.build_connect_attr(v, global_route=True, **kw)
     assert (a.dest_qp_num, a.rq_psn, a.sq_psn, a.path_mtu) == (0x1234, 0xABCDE, 77, v.e.IBV_MTU_1024)
     assert (a.max_rd_atomic, a.max_dest_rd_atomic, a.timeout, a.retry_cnt, a.rnr_retry) == (8, 16, 14, 7, 7)
     assert a.qp_access_flags == v.e.IBV_ACCESS_LOCAL_WRITE | v.e.IBV_ACCESS_REMOTE_READ  # never remote write
     ah = a.ah_attr
-    assert (ah.is_global, ah.sgid_index, ah.dgid) == (1, 3, rdma.gid_to_text(peer.gid))
-    b = rdma.build_connect_attr(v, global_route=False, **kw)
+    assert (ah.is_global, ah.sgid_index, ah.dgid) == (1, 3, rdma_params.gid_to_text(peer.gid))
+    b = rdma_params.build_connect_attr(v, global_route=False, **kw)
     assert (b.ah_attr.is_global, b.ah_attr.dlid) == (0, 3)
 
 
@@ -505,14 +502,14 @@ def test_read_work_requests_build_with_the_real_pyverbs(real_verbs) -> None:
     ops = plan_reads(
         [(0x10000 + i * 0x100, 0x8000 - i * 0x1000) for i in range(5)], (0, 1), 0x100, 2, 1 << 20
     )
-    wrs = rdma.build_read_wrs(v, ops, base=0x7F00_0000_0000, lkey=0x55, first_id=40)
+    wrs = rdma_params.build_read_wrs(v, ops, base=0x7F00_0000_0000, lkey=0x55, first_id=40)
     try:
         assert [(w.wr_id, w.num_sge, w.opcode, w.send_flags) for w in wrs] == [
             (40 + i, len(op.segments), v.e.IBV_WR_RDMA_READ, v.e.IBV_SEND_SIGNALED)
             for i, op in enumerate(ops)
         ]
     finally:
-        rdma.free_wrs(wrs)
+        rdma_params.free_wrs(wrs)
 
 
 # ---------------------------------------------------------------------------------------------- endpoints (fake device)

@@ -16,22 +16,18 @@ import msgpack
 import pytest
 
 from polarkvd.errors import ErrorCode, PageNotFound, PolarKVError, TransportError
-from polarkvd.transport.tcp import (
-    _PREFIX,
+from polarkvd.transport.peer_client import PeerClient, _ClientConn, _connect
+from polarkvd.transport.peer_server import PayloadReader, PeerServer, Reply
+from polarkvd.transport.peer_wire import (
     KIND_REQUEST,
     MSG_MAGIC,
+    PREFIX,
     VERSION,
-    PayloadReader,
-    PeerClient,
-    PeerServer,
-    Reply,
-    _ClientConn,
-    _connect,
-    _Deadline,
-    _read_message,
-    _recv_payload,
+    Deadline,
     data_key,
     parse_address,
+    read_message,
+    recv_payload,
 )
 
 KEY = data_key(b"rq}Vn!v=fJ5kZ3#Z&tNQ0m.wcG4*V9pY]uE8%Hx)")  # a z85-looking cluster secret
@@ -104,18 +100,18 @@ def raw_request(
 ) -> None:
     """A request written by hand: payloads with the checksum we choose."""
     head = msgpack.packb({"op": op, "args": args, "sizes": [len(p) for p, _ in payloads]}, use_bin_type=True)
-    data = _PREFIX.pack(MSG_MAGIC, VERSION, KIND_REQUEST, len(head)) + head
+    data = PREFIX.pack(MSG_MAGIC, VERSION, KIND_REQUEST, len(head)) + head
     for p, s in payloads:
         data += p + struct.pack("<Q", s)
     sock.sendall(data)
 
 
 def read_reply(sock: socket.socket) -> tuple[dict[str, Any], list[tuple[bytes, bool]]]:
-    header, sizes = _read_message(sock, 2, 1 << 20, 100, 1 << 30, _Deadline(10))
+    header, sizes = read_message(sock, 2, 1 << 20, 100, 1 << 30, Deadline(10))
     out = []
     for n in sizes:
         buf = bytearray(n)
-        ok = _recv_payload(sock, memoryview(buf), memoryview(bytearray(8)), _Deadline(10)) is not None
+        ok = recv_payload(sock, memoryview(buf), memoryview(bytearray(8)), Deadline(10)) is not None
         out.append((bytes(buf), ok))
     return header["reply"], out
 
@@ -247,7 +243,7 @@ def test_corrupt_reply_payload_is_flagged_and_the_connection_survives(
 
 def test_corrupt_request_payload_is_flagged_and_counted(store_server: tuple[Store, PeerServer]) -> None:
     store, srv = store_server
-    sock = _connect(srv.address, KEY, _Deadline(5))
+    sock = _connect(srv.address, KEY, Deadline(5))
     with sock:
         p = page(3, 50_000)
         raw_request(
@@ -310,14 +306,14 @@ def test_bad_peers_never_stop_the_server(store_server: tuple[Store, PeerServer],
     silent = socket.create_connection((host, port))  # connects and says nothing
     garbage = socket.create_connection((host, port))
     garbage.sendall(os.urandom(200))  # not a handshake at all
-    authed = [_connect(srv.address, KEY, _Deadline(5)) for _ in range(5)]
-    authed[0].sendall(_PREFIX.pack(MSG_MAGIC, VERSION, KIND_REQUEST, 1 << 31))  # huge header length
+    authed = [_connect(srv.address, KEY, Deadline(5)) for _ in range(5)]
+    authed[0].sendall(PREFIX.pack(MSG_MAGIC, VERSION, KIND_REQUEST, 1 << 31))  # huge header length
     authed[1].sendall(b"GET / HTTP/1.1\r\n\r\n")  # garbage after a good handshake
     head = msgpack.packb({"op": "get", "args": {}, "sizes": [1 << 40]})  # absurd payload size
-    authed[2].sendall(_PREFIX.pack(MSG_MAGIC, VERSION, KIND_REQUEST, len(head)) + head)
+    authed[2].sendall(PREFIX.pack(MSG_MAGIC, VERSION, KIND_REQUEST, len(head)) + head)
     head = b"\xc1" * 10  # undecodable msgpack
-    authed[3].sendall(_PREFIX.pack(MSG_MAGIC, VERSION, KIND_REQUEST, len(head)) + head)
-    authed[4].sendall(_PREFIX.pack(MSG_MAGIC, VERSION + 1, KIND_REQUEST, 0))  # a future version
+    authed[3].sendall(PREFIX.pack(MSG_MAGIC, VERSION, KIND_REQUEST, len(head)) + head)
+    authed[4].sendall(PREFIX.pack(MSG_MAGIC, VERSION + 1, KIND_REQUEST, 0))  # a future version
     # A good client is served while those connections are open.
     out = bytearray(4096)
     assert client.call(srv.address, "get", {"keys": [b"k"]}, into=lambda h: [memoryview(out)])[1] == [True]
@@ -501,7 +497,7 @@ def test_on_sent_runs_once_when_the_client_goes_away_mid_reply(serve: Callable[.
         return Reply({}, [big], on_sent=sent)
 
     srv = serve({"get": get}, io_timeout=10)
-    sock = _connect(srv.address, KEY, _Deadline(5))
+    sock = _connect(srv.address, KEY, Deadline(5))
     raw_request(sock, "get", {}, [])
     sock.recv(1000)  # the reply has started
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

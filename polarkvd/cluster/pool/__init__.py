@@ -3,11 +3,11 @@
 Owns the data side of cluster membership:
 - the meta map traffic (`metamap.MetaMap`): our own pages announced to their owners, owners'
   answers to "where are these keys" queries;
-- the peer service on `cluster.data_address` (`transport.tcp.PeerServer`): ops `where`,
+- the peer service on `cluster.data_address` (`transport.peer_server.PeerServer`): ops `where`,
   `announce`, `get` (pages out of our DRAM or the DMP region we lend) and `put` (a peer demotes a
   page into our DMP region), and for RDMA `rdma_connect` (a queue pair for a peer), `pin` (pin pages
   under a lease that expires on its own, and say where they are) and `unpin`;
-- the client side (`transport.tcp.PeerClient`): locate a prefix in the cluster, fetch pages
+- the client side (`transport.peer_client.PeerClient`): locate a prefix in the cluster, fetch pages
   straight into DRAM slots the manager allocated, demote evicted pages to peers chosen by weighted
   rendezvous hashing over their free pool space;
 - the RDMA page path (docs/RDMA.md): the device opened at start with the DRAM arena and the DMP
@@ -54,20 +54,17 @@ from polarkvd.cluster.pool.lend import Lending
 from polarkvd.cluster.pool.locate import MetaMapClient
 from polarkvd.cluster.pool.rdma_reads import RdmaReads
 from polarkvd.cluster.pool.serve import PeerService
-from polarkvd.config import Config, split_address
+from polarkvd.config import Config
+from polarkvd.config.values import split_address
 from polarkvd.errors import ConfigError
 from polarkvd.tiers.dmp import DmpStore
+from polarkvd.transport.peer_client import PeerClient
+from polarkvd.transport.peer_server import PeerServer
+from polarkvd.transport.peer_wire import data_key
 from polarkvd.transport.pipeline import LAYER_GROUPS
-from polarkvd.transport.rdma import (
-    PeerTransports,
-    RdmaDevice,
-    RdmaEndpoint,
-    RdmaError,
-    TransportChoice,
-    TransportKind,
-    probe_cluster,
-)
-from polarkvd.transport.tcp import PeerClient, PeerServer, data_key
+from polarkvd.transport.rdma import PeerTransports, RdmaDevice, RdmaEndpoint
+from polarkvd.transport.rdma_params import RdmaError, TransportKind
+from polarkvd.transport.rdma_probe import TransportChoice, probe_cluster
 
 if TYPE_CHECKING:
     from polarkvd.cluster.auth import CurveKeys
@@ -89,7 +86,7 @@ class ClusterPool:
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """`transport`: the daemon's probe result (`transport.rdma.probe_cluster`); None probes again
+        """`transport`: the daemon's probe result (`transport.rdma_probe.probe_cluster`); None probes again
         at `start`. `clock` times the per-peer RDMA back-off."""
         # the parts, each owning one concern (their modules say which); they share this state
         self.metamap_client = MetaMapClient(self)

@@ -19,10 +19,7 @@ from polarkvd.cluster.pool.common import (
     data_addr,
 )
 from polarkvd.errors import PolarKVError, ProtocolError
-from polarkvd.transport.rdma import (
-    TransportKind,
-    buffer_address,
-)
+from polarkvd.transport.rdma_params import TransportKind, buffer_address
 from polarkvd.types import KEY_BYTES
 
 if TYPE_CHECKING:

@@ -16,7 +16,7 @@ from polarkvd.cluster.pool.common import (
     keys_arg,
 )
 from polarkvd.errors import ErrorCode, PolarKVError, ProtocolError
-from polarkvd.transport.tcp import PayloadReader, Reply
+from polarkvd.transport.peer_server import PayloadReader, Reply
 from polarkvd.types import KEY_BYTES, Tier
 
 if TYPE_CHECKING:

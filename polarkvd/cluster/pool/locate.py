@@ -13,7 +13,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from polarkvd.cluster.membership import Event, EventKind, Member, State
-from polarkvd.cluster.metamap import MetaMap, encode_batches
+from polarkvd.cluster.metamap import MetaMap
+from polarkvd.cluster.metamap_wire import encode_batches
 from polarkvd.cluster.pool.common import (
     ANNOUNCE_BATCH,
     HINT_LIMIT,

@@ -18,14 +18,8 @@ from polarkvd.cluster.pool.common import (
     Fallback,
 )
 from polarkvd.errors import PolarKVError, ProtocolError
-from polarkvd.transport.rdma import (
-    PageRef,
-    RdmaEndpoint,
-    RdmaError,
-    RdmaTimeout,
-    TransportKind,
-    plan_reads,
-)
+from polarkvd.transport.rdma import RdmaEndpoint
+from polarkvd.transport.rdma_params import PageRef, RdmaError, RdmaTimeout, TransportKind, plan_reads
 from polarkvd.types import KEY_BYTES
 
 if TYPE_CHECKING:

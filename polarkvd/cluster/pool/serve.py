@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import xxhash
 
-from polarkvd.cluster.metamap import decode_batch
+from polarkvd.cluster.metamap_wire import decode_batch
 from polarkvd.cluster.pool.common import (
     MAX_ACCEPTED_QPS,
     MAX_NODE_ID,
@@ -30,10 +30,8 @@ from polarkvd.cluster.pool.common import (
     release_all,
 )
 from polarkvd.errors import ErrorCode, PageNotFound, PolarKVError, ProtocolError
-from polarkvd.transport.rdma import (
-    RdmaDevice,
-)
-from polarkvd.transport.tcp import PayloadReader, Reply
+from polarkvd.transport.peer_server import PayloadReader, Reply
+from polarkvd.transport.rdma import RdmaDevice
 
 if TYPE_CHECKING:
     from polarkvd.cluster.pool import ClusterPool

@@ -67,7 +67,7 @@ class DaemonLink:
     """
 
     def __init__(self, opts: Options, role: str, clock: Callable[[], float] = time.monotonic) -> None:
-        from polarkvd.config import default_engine_socket
+        from polarkvd.config.machine import default_engine_socket
 
         self.path = str(opts.socket or default_engine_socket())
         self.role = role

@@ -1,160 +1,52 @@
 """Configuration: typed, validated, layered.
 
-A leaf module (imports only `errors`). Precedence, lowest first:
+A leaf package (imports only `errors`): the options and their sections here, how values are parsed in
+`values.py`, machine-dependent defaults and `resolve` in `machine.py`. Precedence, lowest first:
 
     built-in defaults  <  TOML file (--config)  <  POLARKV_<SECTION>_<KEY> environment  <  --set flags
 
 Sizes accept units ("8GiB", "512MB", "1.5G", plain bytes); durations accept "30s", "500ms", "2m".
 Every problem is collected and reported at once with its key, value and reason (`ConfigError`), so
-`polarkvd check-config` can list them all. `resolve()` turns "auto" sizes and empty paths into
+`polarkvd check-config` can list them all. `machine.resolve()` turns "auto" sizes and empty paths into
 concrete values for this machine; `polarkvd/resources.py` compares the result with what the machine has.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
-import shutil
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from polarkvd.config.machine import (
+    default_state_dir,
+)
+from polarkvd.config.values import (
+    AUTO,
+    GiB,
+    MiB,
+    choice,
+    finite,
+    parse_address_list,
+    parse_bool,
+    parse_duration,
+    parse_fraction,
+    parse_int,
+    parse_listen_address,
+    parse_mode,
+    parse_size,
+    parse_str,
+    positive,
+)
 from polarkvd.errors import ConfigError
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
-
-KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
-AUTO = -1  # an "auto" size, resolved by `resolve()`
-
-_UNITS = {
-    "": 1, "b": 1,
-    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3, "t": 1000**4, "tb": 1000**4,
-    "kib": KiB, "mib": MiB, "gib": GiB, "tib": TiB,
-}  # fmt: skip
-_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
-_DUR_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|)\s*$")
-#: The longest duration any option takes: a year. Longer is "never" in disguise (a lease that never
-#: expires pins its pages until the connection closes), and thread waits overflow far beyond it.
-MAX_DURATION = 365 * 24 * 3600.0
-
-
-def _finite(out: float, what: str) -> float:
-    """NaN fails every comparison, so a range check alone lets it through: refuse it (and inf) here."""
-    if not math.isfinite(out):
-        raise ValueError(f"expected {what}, not {out!r}")
-    return out
-
-
-def parse_size(value: object, *, allow_auto: bool = False) -> int:
-    """ "8GiB" -> 8589934592. Decimal units (GB) are powers of 1000, binary (GiB) of 1024; "1G" = 1 GB."""
-    if allow_auto and isinstance(value, str) and value.strip().lower() == "auto":
-        return AUTO
-    if isinstance(value, bool):
-        raise ValueError("expected a size like '8GiB'")
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError("must not be negative")
-        return value
-    if isinstance(value, str):
-        m = _SIZE_RE.match(value)
-        if m and m.group(2).lower() in _UNITS:
-            return int(_finite(float(m.group(1)) * _UNITS[m.group(2).lower()], "a finite size"))
-    raise ValueError(
-        "expected a size like '8GiB', '512MB' or a number of bytes" + (" or 'auto'" if allow_auto else "")
-    )
-
-
-def format_size(n: float) -> str:
-    """The inverse of `parse_size` for people: 5898240 -> "5.6 MiB" (binary units, one decimal)."""
-    for unit, size in (("TiB", TiB), ("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
-        if abs(n) >= size * 0.999:  # "1.0 MiB" rather than "1023.9 KiB": keeps columns narrow
-            return f"{n / size:.1f} {unit}"
-    return f"{int(n)} B"
-
-
-def parse_duration(value: object) -> float:
-    """30, "30s", "500ms", "2m", "1h" -> seconds; NaN, inf, negative and over a year are refused."""
-    out: float | None = None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        out = float(value)
-    elif isinstance(value, str):
-        m = _DUR_RE.match(value)
-        if m:
-            out = float(m.group(1)) * {"ms": 0.001, "s": 1, "": 1, "m": 60, "h": 3600}[m.group(2)]
-    if out is None:
-        raise ValueError("expected a duration like '30s', '500ms' or '2m'")
-    _finite(out, "a duration like '30s'")
-    if out < 0:
-        raise ValueError("must not be negative")
-    if out > MAX_DURATION:
-        raise ValueError(f"must be at most a year ({MAX_DURATION:.0f}s)")
-    return out
-
-
-def parse_bool(value: object) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in (
-        "1",
-        "true",
-        "yes",
-        "on",
-        "0",
-        "false",
-        "no",
-        "off",
-    ):
-        return value.strip().lower() in ("1", "true", "yes", "on")
-    raise ValueError("expected true or false")
-
-
-def parse_int(value: object) -> int:
-    if isinstance(value, bool):
-        raise ValueError("expected an integer")
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str) and re.fullmatch(r"\s*-?[0-9]+\s*", value):
-        return int(value)
-    raise ValueError("expected an integer")
-
-
-def parse_str(value: object) -> str:
-    if not isinstance(value, str):
-        raise ValueError("expected a string")
-    return value
-
-
-def parse_mode(value: object) -> int:
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 0o777:
-        return value
-    if isinstance(value, str) and re.fullmatch(r"0?[0-7]{3}", value.strip()):
-        return int(value.strip(), 8)
-    raise ValueError("expected an octal file mode like '0660'")
-
-
-def _choice(*options: str) -> Callable[[object], str]:
-    def parse(value: object) -> str:
-        if value not in options:
-            raise ValueError(f"expected one of {', '.join(options)}")
-        return str(value)
-
-    return parse
-
-
-def _positive(parse: Callable[[object], Any]) -> Callable[[object], Any]:
-    def check(value: object) -> Any:
-        out = parse(value)
-        if out <= 0:
-            raise ValueError("must be greater than zero")
-        return out
-
-    return check
 
 
 def _group_commit_window(value: object) -> float:
@@ -178,7 +70,7 @@ def _min_compression_ratio(value: object) -> float:
         out = float(value)
     except ValueError:
         raise ValueError("expected a number") from None
-    _finite(out, "a number")
+    finite(out, "a number")
     if not 1.0 <= out <= 16.0:
         raise ValueError("must be between 1 (compress whenever smaller) and 16")
     return out
@@ -195,26 +87,6 @@ def _size_or_auto(value: object) -> int:
     out = parse_size(value, allow_auto=True)
     if out == 0:
         raise ValueError("must be greater than zero (or 'auto')")
-    return out
-
-
-def parse_fraction(value: object) -> float:
-    """0.9, "0.9" or "90%" -> 0.9; must lie in 0..1."""
-    out: float | None = None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        out = float(value)
-    elif isinstance(value, str):
-        text = value.strip()
-        scale = 100.0 if text.endswith("%") else 1.0
-        try:
-            out = float(text.rstrip("%").strip()) / scale
-        except ValueError:
-            out = None
-    if out is None:
-        raise ValueError("expected a fraction like 0.9 or '90%'")
-    _finite(out, "a fraction like 0.9 or '90%'")
-    if not 0.0 <= out <= 1.0:
-        raise ValueError("must lie between 0 and 1 (0% and 100%)")
     return out
 
 
@@ -241,28 +113,6 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 
 
-def split_address(value: str) -> tuple[str, int]:
-    """ "127.0.0.1:9808" -> ("127.0.0.1", 9808); "[::1]:9808" -> ("::1", 9808). Raises ValueError."""
-    host, sep, port = value.strip().rpartition(":")
-    if not sep or not host or not re.fullmatch(r"[0-9]{1,5}", port) or int(port) > 65535:
-        raise ValueError("expected HOST:PORT, e.g. '127.0.0.1:9808' or '[::1]:9808' (port 0 = any free port)")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not host or any(c in host for c in "[]/ "):
-        raise ValueError("expected HOST:PORT, e.g. '127.0.0.1:9808' or '[::1]:9808'")
-    return host, int(port)
-
-
-def parse_listen_address(value: object) -> str:
-    """HOST:PORT to listen on, or "off"."""
-    if isinstance(value, str) and value.strip().lower() == "off":
-        return "off"
-    if not isinstance(value, str):
-        raise ValueError("expected HOST:PORT (e.g. '127.0.0.1:9808') or 'off'")
-    split_address(value)
-    return value.strip()
-
-
 @dataclasses.dataclass
 class DaemonConfig:
     runtime_dir: str = _opt(
@@ -282,31 +132,31 @@ class DaemonConfig:
     engine_socket_mode: int = _opt(0o660, parse_mode, "file mode of the engine socket")
     control_socket_mode: int = _opt(0o600, parse_mode, "file mode of the control socket")
     log_level: str = _opt(
-        "info", _choice(*LOG_LEVELS), "log level", live=Knob("log level", "of the daemon's log, live")
+        "info", choice(*LOG_LEVELS), "log level", live=Knob("log level", "of the daemon's log, live")
     )
     lease_seconds: float = _opt(
         30.0,
-        _positive(parse_duration),
+        positive(parse_duration),
         "pins and reservations of an engine that stops answering expire after this",
         live=Knob("lease seconds", "pins of a silent engine expire after"),
     )
-    max_sessions: int = _opt(1024, _positive(parse_int), "attached engine connections at most")
+    max_sessions: int = _opt(1024, positive(parse_int), "attached engine connections at most")
     max_unattached_connections: int = _opt(
         64,
-        _positive(parse_int),
+        positive(parse_int),
         "engine connections that have not sent hello yet, at most (each costs a thread): a new one "
         "closes the oldest (too_large error). Engine connections (threads) <= max_sessions + this",
     )
     hello_timeout: float = _opt(
         10.0,
-        _positive(parse_duration),
+        positive(parse_duration),
         "an engine connection that has not attached (hello) by then is closed",
     )
-    max_frame_bytes: int = _opt(16 * MiB, _positive(parse_size), "largest request frame accepted")
-    max_keys_per_request: int = _opt(1 << 16, _positive(parse_int), "most page keys in one request")
+    max_frame_bytes: int = _opt(16 * MiB, positive(parse_size), "largest request frame accepted")
+    max_keys_per_request: int = _opt(1 << 16, positive(parse_int), "most page keys in one request")
     log_format: str = _opt(
         "text",
-        _choice(*LOG_FORMATS),
+        choice(*LOG_FORMATS),
         "stderr log lines: text (key=value, logfmt) or json, one line per event",
     )
     shutdown_timeout: float = _opt(
@@ -333,11 +183,11 @@ class DramConfig:
         AUTO, _size_or_auto, "L2 arena size; auto = min(2GiB, 1/8 of RAM, 1/2 of free /dev/shm)"
     )
     slab_bytes: int = _opt(
-        64 * MiB, _positive(parse_size), "arena allocation unit; every page must fit in one slab"
+        64 * MiB, positive(parse_size), "arena allocation unit; every page must fit in one slab"
     )
     policy: str = _opt(
         "lru",
-        _choice(*POLICY_NAMES),
+        choice(*POLICY_NAMES),
         "eviction policy",
         live=Knob("eviction policy", "lru, or s3fifo (scan-resistant)"),
     )
@@ -358,7 +208,7 @@ class DramConfig:
     )
     min_prefix_pages: int = _opt(
         1,
-        _positive(parse_int),
+        positive(parse_int),
         "admission: a sequence of fewer full pages than this is not stored (reserve answers no-space); 1 = store all",
         live=Knob("min prefix pages", "shorter sequences are not stored"),
     )
@@ -377,7 +227,7 @@ class DiskConfig:
     capacity: int = _opt(AUTO, _size_or_auto, "disk tier size; auto = min(16GiB, 1/4 of free space)")
     policy: str = _opt(
         "lru",
-        _choice(*POLICY_NAMES),
+        choice(*POLICY_NAMES),
         "eviction policy",
         live=Knob("eviction policy", "lru, or s3fifo (scan-resistant)"),
     )
@@ -390,11 +240,11 @@ class DiskConfig:
         "store a page compressed only if that makes it this many times smaller; pages that compress "
         "less are stored raw (a hit then costs a copy, not a decompression); 1 = compress whenever smaller",
     )
-    io_threads: int = _opt(2, _positive(parse_int), "threads compressing, writing and reading pages")
+    io_threads: int = _opt(2, positive(parse_int), "threads compressing, writing and reading pages")
     max_pending_bytes: int = _opt(
-        256 * MiB, _positive(parse_size), "demotions queued for writing at most; more are dropped (counted)"
+        256 * MiB, positive(parse_size), "demotions queued for writing at most; more are dropped (counted)"
     )
-    index_flush_seconds: float = _opt(5.0, _positive(parse_duration), "how often the disk index is persisted")
+    index_flush_seconds: float = _opt(5.0, positive(parse_duration), "how often the disk index is persisted")
     save_on_shutdown: bool = _opt(
         True,
         parse_bool,
@@ -415,7 +265,7 @@ class DiskConfig:
     )
     write_through_sync: str = _opt(
         "files",
-        _choice("files", "filesystem"),
+        choice("files", "filesystem"),
         "write-through: how a batch is synced: 'files' = fdatasync each page file and fsync each "
         "directory touched; 'filesystem' = one syncfs per batch (fewer syncs, but it also flushes "
         "everything else dirty on that file system: for a disk.path on a file system of its own)",
@@ -432,26 +282,6 @@ class MetricsConfig:
     )
 
 
-def parse_address_list(value: object) -> tuple[str, ...]:
-    """A list of HOST:PORT (TOML array, or comma-separated text from the environment or --set)."""
-    if isinstance(value, str):
-        items: list[object] = [v for v in (x.strip() for x in value.split(",")) if v]
-    elif isinstance(value, (list, tuple)):
-        items = list(value)
-    else:
-        raise ValueError('expected a list of HOST:PORT, e.g. ["10.0.0.1:7946", "10.0.0.2:7946"]')
-    out = []
-    for item in items:
-        if not isinstance(item, str):
-            raise ValueError(f"{item!r}: expected HOST:PORT text")
-        try:
-            split_address(item)
-        except ValueError as e:
-            raise ValueError(f"{item!r}: {e}") from None
-        out.append(item.strip())
-    return tuple(out)
-
-
 def _at_least_one(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise ValueError("expected a number >= 1")
@@ -459,7 +289,7 @@ def _at_least_one(value: object) -> float:
         out = float(value)
     except ValueError:
         raise ValueError("expected a number >= 1") from None
-    _finite(out, "a number >= 1")
+    finite(out, "a number >= 1")
     if not out >= 1:
         raise ValueError("must be >= 1")
     return out
@@ -508,27 +338,27 @@ class ClusterSection:
         "explicit opt-out: no authentication between peers (trusted networks only; warned at start)",
     )
     dmp_bytes: int = _opt(0, parse_size, "DRAM this daemon lends to the cluster's pool (L3); 0 = lends none")
-    replicas: int = _opt(1, _positive(parse_int), "copies of each page demoted to the pool")
+    replicas: int = _opt(1, positive(parse_int), "copies of each page demoted to the pool")
     lookup_timeout: float = _opt(
         0.05,
-        _positive(parse_duration),
+        positive(parse_duration),
         "an engine lookup waits at most this long for the cluster's answer (then: miss)",
     )
     fetch_timeout: float = _opt(
-        2.0, _positive(parse_duration), "a page fetch from a peer gives up after this (then: miss)"
+        2.0, positive(parse_duration), "a page fetch from a peer gives up after this (then: miss)"
     )
     probe_interval: float = _opt(
-        0.5, _positive(parse_duration), "membership: one failure-detection probe per interval"
+        0.5, positive(parse_duration), "membership: one failure-detection probe per interval"
     )
     probe_timeout: float = _opt(
-        0.2, _positive(parse_duration), "membership: wait for a direct ack (< probe_interval)"
+        0.2, positive(parse_duration), "membership: wait for a direct ack (< probe_interval)"
     )
     suspicion_mult: float = _opt(
         4.0, _at_least_one, "membership: a suspect is declared dead after about mult*log10(n)*probe_interval"
     )
     transport: str = _opt(
         "auto",
-        _choice("auto", "rdma", "tcp"),
+        choice("auto", "rdma", "tcp"),
         "page fetches: auto = RDMA READ where pyverbs and an active RDMA port exist, else TCP; "
         "rdma = refuse to start without them; tcp = always TCP",
     )
@@ -561,20 +391,18 @@ class VramConfig:
         parse_bool,
         "L1: keep pages in a pool of GPU memory owned by the daemon; hosts without CUDA run without it",
     )
-    capacity: int = _opt(
-        4 * GiB, _positive(parse_size), "size of the GPU page pool, allocated whole at start"
-    )
+    capacity: int = _opt(4 * GiB, positive(parse_size), "size of the GPU page pool, allocated whole at start")
     device: int = _opt(0, _device_index, "CUDA device index of the pool (the engines' GPU)")
     slab_bytes: int = _opt(
-        64 * MiB, _positive(parse_size), "pool allocation unit; every page must fit in one slab"
+        64 * MiB, positive(parse_size), "pool allocation unit; every page must fit in one slab"
     )
     cuda_api: str = _opt(
         "auto",
-        _choice("auto", "driver", "runtime"),
+        choice("auto", "driver", "runtime"),
         "CUDA library: auto = the driver's libcuda, else libcudart; driver or runtime = only that one",
     )
     policy: str = _opt(
-        "lru", _choice(*POLICY_NAMES), "eviction policy of L1 (which pages go down to DRAM first)"
+        "lru", choice(*POLICY_NAMES), "eviction policy of L1 (which pages go down to DRAM first)"
     )
     high_watermark: float = _opt(
         0.9,
@@ -950,106 +778,3 @@ def write_tuning(path: str | Path, knobs: Mapping[str, object]) -> dict[str, obj
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, path)
     return merged
-
-
-# ---------------------------------------------------------------- paths and machine-dependent defaults
-
-
-def default_runtime_dir(env: Mapping[str, str] | None = None) -> Path:
-    env = os.environ if env is None else env
-    if env.get("RUNTIME_DIRECTORY"):  # systemd RuntimeDirectory=
-        return Path(env["RUNTIME_DIRECTORY"].split(":")[0])
-    if os.geteuid() == 0:
-        return Path("/run/polarkv")
-    if env.get("XDG_RUNTIME_DIR"):
-        return Path(env["XDG_RUNTIME_DIR"]) / "polarkv"
-    return Path(f"/tmp/polarkv-{os.getuid()}")
-
-
-def default_state_dir(env: Mapping[str, str] | None = None) -> Path:
-    env = os.environ if env is None else env
-    if env.get("STATE_DIRECTORY"):  # systemd StateDirectory=
-        return Path(env["STATE_DIRECTORY"].split(":")[0])
-    if os.geteuid() == 0:
-        return Path("/var/lib/polarkv")
-    base = env.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "polarkv"
-
-
-SYSTEM_RUNTIME_DIR = Path("/run/polarkv")  # the system service's (systemd RuntimeDirectory=polarkv)
-
-
-def _client_socket(env: Mapping[str, str], var: str, name: str) -> Path:
-    """A client's default: $VAR, else this user's runtime directory, else the system service's."""
-    if env.get(var):
-        return Path(env[var])
-    own = default_runtime_dir(env) / name
-    system = SYSTEM_RUNTIME_DIR / name
-    return own if own.exists() or not system.exists() else system
-
-
-def default_engine_socket(env: Mapping[str, str] | None = None) -> Path:
-    """Where engines find the daemon: $POLARKV_SOCKET, else the user's or the system's runtime dir."""
-    return _client_socket(os.environ if env is None else env, "POLARKV_SOCKET", "engine.sock")
-
-
-def default_control_socket(env: Mapping[str, str] | None = None) -> Path:
-    return _client_socket(os.environ if env is None else env, "POLARKV_CONTROL_SOCKET", "control.sock")
-
-
-def free_bytes(path: Path) -> int:
-    """Free bytes of the file system that holds `path` (or would: its nearest existing parent)."""
-    p = path
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return shutil.disk_usage(p).free
-
-
-def tree_bytes(path: Path) -> int:
-    """Bytes the files under `path` occupy on disk."""
-    total = 0
-    if path.is_dir():
-        for root, _dirs, files in os.walk(path):
-            for name in files:
-                try:
-                    total += os.stat(os.path.join(root, name)).st_blocks * 512
-                except OSError:
-                    pass
-    return total
-
-
-def resolve(cfg: Config, env: Mapping[str, str] | None = None) -> Config:
-    """A copy with every path filled in and every "auto" size computed for this machine."""
-    import psutil
-
-    out = dataclasses.replace(
-        cfg,
-        daemon=dataclasses.replace(cfg.daemon),
-        dram=dataclasses.replace(cfg.dram),
-        disk=dataclasses.replace(cfg.disk),
-        metrics=dataclasses.replace(cfg.metrics),
-        cluster=dataclasses.replace(cfg.cluster),
-        vram=dataclasses.replace(cfg.vram),
-        quotas=dataclasses.replace(cfg.quotas),
-    )
-    d = out.daemon
-    d.runtime_dir = d.runtime_dir or str(default_runtime_dir(env))
-    d.state_dir = d.state_dir or str(default_state_dir(env))
-    d.engine_socket = d.engine_socket or str(Path(d.runtime_dir) / "engine.sock")
-    d.control_socket = d.control_socket or str(Path(d.runtime_dir) / "control.sock")
-    out.disk.path = out.disk.path or str(Path(d.state_dir) / "pages")
-    d.tuning_file = d.tuning_file or str(Path(d.state_dir) / "tuning.toml")
-    d.seed_file = d.seed_file or str(Path(d.state_dir) / "page-seed")
-    if not out.cluster.node_id:
-        import socket
-
-        out.cluster.node_id = socket.gethostname()
-    if out.dram.capacity == AUTO:
-        total = psutil.virtual_memory().total
-        shm_free = free_bytes(Path(out.dram.shm_dir))
-        cap = min(2 * GiB, total // 8, shm_free // 2)
-        out.dram.capacity = max(out.dram.slab_bytes, cap // out.dram.slab_bytes * out.dram.slab_bytes)
-    if out.disk.capacity == AUTO:
-        free = free_bytes(Path(out.disk.path)) + tree_bytes(Path(out.disk.path))
-        out.disk.capacity = max(64 * MiB, min(16 * GiB, free // 4))
-    return out
