@@ -488,7 +488,7 @@ class EngineClient:
         return LookupResult(codes, lease)
 
     def reserve(self, keys: Sequence[bytes], parent: bytes | None = None) -> list[int]:
-        """Arena offsets to write (or RESERVE_EXISTS / RESERVE_NO_SPACE): DRAM slots only."""
+        """Arena offsets to write (or Reserved.EXISTS / Reserved.NO_SPACE): DRAM slots only."""
         return self._ch.call(P.Op.RESERVE.value, {"keys": P.pack_keys(list(keys)), "parent": parent})[
             "offsets"
         ]
@@ -569,10 +569,10 @@ class EngineClient:
         written: list[bytes] = []
         try:
             for i, (key, off) in enumerate(zip(keys, offsets)):
-                if off == P.RESERVE_EXISTS:
+                if off == P.Reserved.EXISTS:
                     result.existing += 1
                     continue
-                if off == P.RESERVE_NO_SPACE:
+                if off == P.Reserved.NO_SPACE:
                     result.no_space += 1
                     continue
                 dst = self.page(off)
@@ -630,10 +630,10 @@ class EngineClient:
         written: list[bytes] = []
         try:
             for i, (key, off, tier) in enumerate(zip(keys, offsets, tiers)):
-                if off == P.RESERVE_EXISTS:
+                if off == P.Reserved.EXISTS:
                     result.existing += 1
                     continue
-                if off == P.RESERVE_NO_SPACE:
+                if off == P.Reserved.NO_SPACE:
                     result.no_space += 1
                     continue
                 src = self._page_bytes_of(tensors[i], i)

@@ -32,7 +32,7 @@ from hypothesis.stateful import (
 from polarkvd.client import ControlClient, EngineClient
 from polarkvd.errors import ErrorCode, LeaseExpired, NamespaceError, PolarKVError
 from polarkvd.types import Namespace, Tier
-from polarkvd.wire.frames import RESERVE_EXISTS, RESERVE_NO_SPACE
+from polarkvd.wire.frames import Reserved
 from tests.conftest import DaemonProc, chain_tokens, wait_for
 
 #: Two tenants of one model: 4 KiB pages (one slot each), the same tokens give different keys.
@@ -246,11 +246,11 @@ class EngineModel(RuleBasedStateMachine):
         assert len(offsets) == len(keys), offsets
         prev, got, gone, no_space = parent, [], [], False
         for i, (key, off) in enumerate(zip(keys, offsets)):
-            if off == RESERVE_NO_SPACE:
-                assert set(offsets[i:]) == {RESERVE_NO_SPACE}, f"no space, then a slot: {offsets}"
+            if off == Reserved.NO_SPACE:
+                assert set(offsets[i:]) == {Reserved.NO_SPACE}, f"no space, then a slot: {offsets}"
                 no_space = True
                 break
-            if off == RESERVE_EXISTS:
+            if off == Reserved.EXISTS:
                 assert key in self.reserved or key in self.committed, (
                     f"key {i} reported as cached but was never committed, or was aborted: {offsets}"
                 )

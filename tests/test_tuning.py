@@ -126,7 +126,7 @@ def test_min_prefix_pages_refuses_short_sequences() -> None:
     m, _ = make_manager(128, **{"dram.min_prefix_pages": "4"})
     s = m.attach(TEST_NS, "e")
     short = _keys(m, s, 1, 3)
-    assert m.reserve(s, short, None) == [P.RESERVE_NO_SPACE] * 3
+    assert m.reserve(s, short, None) == [P.Reserved.NO_SPACE] * 3
     assert m.counters["not_admitted_pages"] == 3 and m.index.ready_pages == 0 and not s.reserved
 
     long = _keys(m, s, 2, 6)
@@ -136,7 +136,7 @@ def test_min_prefix_pages_refuses_short_sequences() -> None:
     assert m.index.ready_pages == 6
     # a continuation of a parent the daemon does not hold counts that parent: 1 + 2 < 4
     other = _keys(m, s, 3, 3)
-    assert m.reserve(s, other[1:], other[0]) == [P.RESERVE_NO_SPACE] * 2
+    assert m.reserve(s, other[1:], other[0]) == [P.Reserved.NO_SPACE] * 2
 
 
 def test_min_prefix_pages_live(daemon_factory) -> None:

@@ -187,11 +187,11 @@ class L1Moves:
 
         taken: collections.Counter[bytes] = collections.Counter()  # children already chosen, by parent
 
-        def leaf(node: Any) -> bool:
-            return node.pins == 0 and node.children == taken[node.key] and node.state == READY_VRAM
+        def leaf(node: Any) -> bool:  # a Page: L1's policy holds only pages
+            return bool(node.pins == 0 and node.children == taken[node.key] and node.state == READY_VRAM)
 
         def unpinned(node: Any) -> bool:
-            return node.pins == 0 and node.state == READY_VRAM
+            return bool(node.pins == 0 and node.state == READY_VRAM)
 
         out: list[Page] = []
         total = 0

@@ -67,8 +67,8 @@ class Space:
         self.m.lookups.apply_touches()  # the policy must know every lookup answered so far before it picks
         self.m.lookups.apply_table_touches()
 
-        def evictable_same(node: Any) -> bool:
-            return (
+        def evictable_same(node: Any) -> bool:  # a Page: the DRAM policy holds only pages
+            return bool(
                 node.pins == 0
                 and node.children == 0
                 and node.state == READY
@@ -76,7 +76,7 @@ class Space:
             )
 
         def evictable_any(node: Any) -> bool:
-            return node.pins == 0 and node.children == 0 and node.state == READY
+            return bool(node.pins == 0 and node.children == 0 and node.state == READY)
 
         if slot_bytes is not None:
             victims = self.m.policy.victims(1, evictable_same, limit)

@@ -25,7 +25,7 @@ from polarkvd.index import (
 from polarkvd.manager.events import PageStored
 from polarkvd.manager.records import NamespaceInfo, PendingDemotion, Session
 from polarkvd.types import Tier
-from polarkvd.wire.frames import RESERVE_EXISTS, RESERVE_NO_SPACE
+from polarkvd.wire.frames import Reserved
 
 if TYPE_CHECKING:
     from polarkvd.manager import Manager
@@ -40,14 +40,14 @@ class Store:
         self.m = m
 
     def reserve(self, session: Session, keys: list[bytes], parent: bytes | None) -> list[int]:
-        """An arena offset per key to write, or RESERVE_EXISTS / RESERVE_NO_SPACE."""
+        """An arena offset per key to write, or Reserved.EXISTS / Reserved.NO_SPACE."""
         return self.reserve_in(session, keys, parent)[0]
 
     def reserve_in(
         self, session: Session, keys: list[bytes], parent: bytes | None, prefer: Tier = Tier.DRAM
     ) -> tuple[list[int], list[int]]:
         """Per key an offset to write and the tier it is in (VRAM: in the pool; DRAM: in the arena),
-        or RESERVE_EXISTS / RESERVE_NO_SPACE (tier 0). With `prefer` = VRAM, a session attached with
+        or Reserved.EXISTS / Reserved.NO_SPACE (tier 0). With `prefer` = VRAM, a session attached with
         L1 gets pool slots while the pool has room, then DRAM slots; a full pool starts a background
         demotion (the reserve itself never waits for a copy)."""
         if self.m.draining:
@@ -60,7 +60,7 @@ class Store:
         if keys and need > len(keys) and self._chain_length(parent, need) + len(keys) < need:
             session.reserved_at = self.m.clock()
             self.m.counters["not_admitted_pages"] += len(keys)
-            return [RESERVE_NO_SPACE] * len(keys), [0] * len(keys)
+            return [Reserved.NO_SPACE] * len(keys), [0] * len(keys)
         out: list[int] = []
         tiers: list[int] = []
         prev = parent
@@ -73,7 +73,7 @@ class Store:
                 or key in self.m.pending
                 or (self.m.disk is not None and self.m.disk.entry(key) is not None)
             ):
-                out.append(RESERVE_EXISTS)
+                out.append(Reserved.EXISTS)
                 tiers.append(0)
                 prev = key
                 continue
@@ -88,14 +88,14 @@ class Store:
                     self.m.l1.schedule_vram_demotion(len(keys) - i)
                 if not self.m.quotas.make_room(tenant, key, size, self.m):  # over: its own pages go first
                     self.m.counters["reserve_over_quota"] += len(keys) - i
-                    out.extend([RESERVE_NO_SPACE] * (len(keys) - i))
+                    out.extend([Reserved.NO_SPACE] * (len(keys) - i))
                     tiers.extend([0] * (len(keys) - i))
                     break
                 offset = self.m.space.alloc(ns.slot_bytes)
                 if offset is None:
                     if self.m.reclaim.pending(ns.slot_bytes) is None:  # else the engine API waits for it
                         self.m.counters["reserve_no_space"] += len(keys) - i
-                    out.extend([RESERVE_NO_SPACE] * (len(keys) - i))
+                    out.extend([Reserved.NO_SPACE] * (len(keys) - i))
                     tiers.extend([0] * (len(keys) - i))
                     break
                 page = Page(key, ns.id, offset, size, prev, RESERVED)

@@ -177,7 +177,7 @@ def engine_api(
             )
         session, ks = _session(conn), keys(args)
         offsets, tiers = manager.reserve_in(session, ks, parent, Tier(tier))
-        room = manager.reclaim.pending(session.ns.slot_bytes) if P.RESERVE_NO_SPACE in offsets else None
+        room = manager.reclaim.pending(session.ns.slot_bytes) if P.Reserved.NO_SPACE in offsets else None
         if room is not None:
             return reserve_rest(conn, session, ks, parent, Tier(tier), offsets, tiers, room, t0)
         out = {"offsets": offsets, "tiers": bytes(tiers)}
@@ -198,7 +198,7 @@ def engine_api(
         """The keys a reserve had no room for, once the slab being emptied for their page size is
         (a second model's first pages: manager/slab_reclaim.py); the loop serves others meanwhile."""
         emptied = await asyncio.shield(room)
-        i = offsets.index(P.RESERVE_NO_SPACE)
+        i = offsets.index(P.Reserved.NO_SPACE)
         if not emptied:
             manager.counters["reserve_no_space"] += len(ks) - i
         elif not conn.closed:

@@ -58,8 +58,14 @@ class Op(str, enum.Enum):
 
 
 #: Status codes in a reserve reply, per key, besides a non-negative arena offset.
-RESERVE_EXISTS = -1  # already cached: nothing to write
-RESERVE_NO_SPACE = -2  # not stored: no room (everything pinned), or not admitted (dram.min_prefix_pages)
+class Reserved(enum.IntEnum):
+    """What `reserve` answers for a key instead of an offset (offsets are never negative); on the
+    wire these are the plain integers."""
+
+    EXISTS = -1  # already cached: nothing to write
+    NO_SPACE = (
+        -2
+    )  # not stored: no room (everything pinned), not admitted (dram.min_prefix_pages) or over quota
 
 
 def pack(message: list[Any]) -> bytes:

@@ -22,7 +22,7 @@ from polarkvd.manager.knobs import apply_knobs
 from polarkvd.tiers.disk import DiskTier
 from polarkvd.tiers.dram import SlabAllocator
 from polarkvd.types import Tier
-from polarkvd.wire.frames import RESERVE_EXISTS
+from polarkvd.wire.frames import Reserved
 from tests.conftest import TEST_NS, TEST_SEED, chain_tokens, make_manager, manager_store, page_bytes_for
 
 PB = TEST_NS.page_bytes
@@ -60,7 +60,7 @@ def test_reserve_commit_abort() -> None:
     used = m.allocator.used_bytes
     assert m.abort(a, keys[3:]) == 1
     assert m.allocator.used_bytes == used - a.ns.slot_bytes  # the aborted slot is free again
-    assert m.reserve(b, keys[:1], None) == [RESERVE_EXISTS]  # cached: nothing to write
+    assert m.reserve(b, keys[:1], None) == [Reserved.EXISTS]  # cached: nothing to write
     with pytest.raises(PolarKVError) as e:
         m.commit(b, keys[3:])  # never reserved by b
     assert e.value.code is ErrorCode.NOT_RESERVED

@@ -21,6 +21,7 @@ from polarkvd.connectors.vllm.metadata import LoadSpec, PolarKVMetadata
 from polarkvd.connectors.vllm.options import Options, copy_mode
 from polarkvd.errors import DaemonUnavailable
 from polarkvd.types import Namespace, Tier
+from polarkvd.wire.frames import Reserved
 
 if TYPE_CHECKING:
     pass
@@ -405,8 +406,8 @@ class WorkerSide:
             entry = save.reserved.setdefault(id(client), (client, []))
             for p, (key, off) in enumerate(zip(keys, offsets)):
                 if off < 0:
-                    save.existing += off == -1
-                    save.no_space += off == -2
+                    save.existing += off == Reserved.EXISTS
+                    save.no_space += off == Reserved.NO_SPACE
                     continue
                 if tiers and tiers[p] == Tier.VRAM:
                     page = self._pool_page(pools, client, off)
