@@ -37,7 +37,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from polarkvd.config import Config
 from polarkvd.index import Page, PageIndex
@@ -58,10 +58,15 @@ from polarkvd.manager.stats import Reports
 from polarkvd.manager.store import Store
 from polarkvd.manager.table import TableUpkeep
 from polarkvd.policy import EvictionPolicy, make_policy
+from polarkvd.tiers.disk import DiskTier
 from polarkvd.tiers.dram import SlabAllocator
 from polarkvd.tiers.group_commit import GroupCommit
+from polarkvd.tiers.vram import HostRegion, VramPool
 from polarkvd.transport.pipeline import SIGNAL_BOARD_BYTES, SignalBoard
 from polarkvd.wire.lookup_table import LookupTable
+
+if TYPE_CHECKING:
+    from polarkvd.cluster.pool import ClusterPool
 
 __all__ = ["Counters", "Lease", "Manager", "NamespaceInfo", "PendingDemotion", "Session"]
 
@@ -76,13 +81,13 @@ class Manager:
         cfg: Config,
         arena: memoryview,
         allocator: SlabAllocator,
-        disk: Any | None,
+        disk: DiskTier | None,
         executor: concurrent.futures.Executor,
         clock: Callable[[], float] = time.monotonic,
         signals: SignalBoard | None = None,
         table: LookupTable | None = None,
-        vram: Any | None = None,
-        vram_host: Any | None = None,
+        vram: VramPool | None = None,
+        vram_host: HostRegion | None = None,
         seed: bytes | None = None,
     ) -> None:
         """`seed`: the page-key seed (seed.py); None draws a random one (in-process tests)."""
@@ -146,7 +151,7 @@ class Manager:
         )
         # readiness slots of pipelined loads: in the arena file's tail in the daemon, private otherwise
         self.signals = signals or SignalBoard(memoryview(bytearray(SIGNAL_BOARD_BYTES)))
-        self.cluster: Any = None  # polarkvd.cluster.pool.ClusterPool when [cluster] is enabled
+        self.cluster: ClusterPool | None = None  # when [cluster] is enabled
         # what happened to pages, for whoever follows them (the cluster's meta map): events.py
         self.events = EventLog()
         self._cluster_tasks: set[asyncio.Future[Any]] = set()  # fetches from and demotions to peers in flight

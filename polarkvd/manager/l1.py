@@ -145,7 +145,9 @@ class L1Moves:
         if not moves:
             return 0
         items = [(page.offset, offset, page.size) for page, offset in moves]
-        io = loop.run_in_executor(self.m.executor, pool.from_host, self.m.vram_host, items)
+        host = self.m.vram_host
+        assert host is not None  # the daemon registers the arena with the pool it creates
+        io = loop.run_in_executor(self.m.executor, pool.from_host, host, items)
         self.m._vram_promotion = io
         io.add_done_callback(lambda f: self._finish_vram_promotion(moves, f))
         return len(moves)
@@ -234,7 +236,9 @@ class L1Moves:
         if not moves:
             return []
         items = [(pool_offset, page.offset, page.size) for page, pool_offset, _ in moves]
-        io = loop.run_in_executor(self.m.executor, self.m.vram.to_host, self.m.vram_host, items)
+        host = self.m.vram_host
+        assert host is not None  # the daemon registers the arena with the pool it creates
+        io = loop.run_in_executor(self.m.executor, self.m.vram.to_host, host, items)
         io.add_done_callback(lambda f: self._finish_vram_demotion(moves, f))
         return [fut for _, _, fut in moves]
 

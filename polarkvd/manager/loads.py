@@ -306,15 +306,17 @@ class Loads:
         """A DRAM slot for a disk page (PROMOTING) and the future of its arrival; its bytes come from
         a pending demotion at once, else from the disk tier on an I/O thread (or, `read=False`,
         from `_promote_layered`, which the caller runs)."""
-        offset = self.m.space.alloc(ns.slot_bytes)
-        if offset is None:
-            return None
         pending, disk = self.m.pending.get(key), self.m.disk
         if pending is not None:
             parent = pending.parent
         else:
-            assert disk is not None  # a promotion comes from a pending demotion or the disk tier
-            parent = disk.entry(key).parent
+            entry = disk.entry(key) if disk is not None else None
+            if entry is None:  # dropped from disk since the lookup (an I/O thread evicted it): a miss
+                return None
+            parent = entry.parent
+        offset = self.m.space.alloc(ns.slot_bytes)
+        if offset is None:
+            return None
         page = Page(key, ns.id, offset, ns.ns.page_bytes, parent, PROMOTING)
         self.m.index.add(page)
         loop = asyncio.get_running_loop()

@@ -184,7 +184,9 @@ class Lookups:
 
     async def lookup_remote(self, session: Session, keys: list[bytes], tiers: list[Tier]) -> list[Tier]:
         """After a local lookup stopped short: how much further the cluster's pages reach."""
-        found = await self.m.cluster.locate(keys[len(tiers) :])
+        cluster = self.m.cluster
+        assert cluster is not None  # the engine API asks only in a cluster
+        found = await cluster.locate(keys[len(tiers) :])
         n = len(found)
         if n:
             self.m.counters["hit_pages_remote"] += n

@@ -182,7 +182,7 @@ class Quotas:
         """Per tenant: usage and quota of DRAM and disk, pages evicted by its quotas; the largest
         DRAM users first, at most SHOWN_TENANTS of them."""
         quota_evicted = m.disk.quota_evicted_by_ns() if m.disk is not None else {}
-        rows = []
+        rows: list[dict[str, Any]] = []
         for t in self.tenants.values():
             disk = sum(disk_by_ns.get(d, 0) for d in t.digests) if disk_by_ns is not None else None
             rows.append(

@@ -26,6 +26,7 @@ from polarkvd.transport.pipeline import (
 )
 
 if TYPE_CHECKING:
+    from polarkvd.cluster.pool import ClusterPool
     from polarkvd.manager import Manager
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,13 @@ class RemoteFetches:
 
     def __init__(self, m: Manager) -> None:
         self.m = m
+
+    @property
+    def cluster(self) -> ClusterPool:
+        """The cluster pool: a fetch from peers happens only in a cluster."""
+        pool = self.m.cluster
+        assert pool is not None
+        return pool
 
     async def start_fetches(
         self, ns: NamespaceInfo, keys: list[bytes], layered: bool = False, vram: bool = False
@@ -53,7 +61,7 @@ class RemoteFetches:
         them to DRAM slots when that cannot be done. Never for `layered` loads: their offsets go to
         the engine before the bytes arrive, so they cannot change tier on the way.
         """
-        hints = self.m.cluster.hints
+        hints = self.cluster.hints
         holders = []
         for key in keys:
             h = hints.get(key)
@@ -61,10 +69,10 @@ class RemoteFetches:
                 break
             holders.append(h)
         if not holders:
-            holders = await self.m.cluster.locate(keys)
+            holders = await self.cluster.locate(keys)
         loop = asyncio.get_running_loop()
         started: list[tuple[Page, asyncio.Future[bool]]] = []
-        pool = self.m.vram if vram and not layered and self.m.cluster.vram_landing() else None
+        pool = self.m.vram if vram and not layered and self.cluster.vram_landing() else None
         for key in keys[: len(holders)]:
             if key in self.m.index:  # appeared meanwhile (another load of the same prefix)
                 break
@@ -91,7 +99,7 @@ class RemoteFetches:
             last = i + 1 == len(started)
             if (
                 last
-                or len(batch) == self.m.cluster.fetch_batch
+                or len(batch) == self.cluster.fetch_batch
                 or holders[i + 1][0] != holders[i][0]
                 or started[i + 1][0].state != item[0].state  # a batch lands in one tier
             ):
@@ -108,7 +116,7 @@ class RemoteFetches:
         results: list[Any] | None = None
         if batch and batch[0][0].state == PROMOTING_VRAM:
             try:
-                results = await self.m.cluster.fetch_into_vram(
+                results = await self.cluster.fetch_into_vram(
                     holder, ns.digest, [p.key for p, _ in batch], [p.offset for p, _ in batch], ns.ns.page_bytes, sums
                 )  # fmt: skip
             except Exception as e:  # the DRAM path below still delivers
@@ -123,7 +131,7 @@ class RemoteFetches:
         if results is None:
             views = [self.m.arena[p.offset : p.offset + p.size] for p, _ in batch]
             try:
-                results = await self.m.cluster.fetch(
+                results = await self.cluster.fetch(
                     holder, ns.digest, [p.key for p, _ in batch], views, sums=sums
                 )
             except Exception as e:  # never leave a loader waiting
@@ -181,14 +189,14 @@ class RemoteFetches:
         num_layers, layer_bytes = ns.ns.num_layers, ns.ns.layer_bytes
         batches: list[list[tuple[int, Page, asyncio.Future[bool], str]]] = []
         for item in items:
-            if batches and item[3] == batches[-1][0][3] and len(batches[-1]) < self.m.cluster.fetch_batch:
+            if batches and item[3] == batches[-1][0][3] and len(batches[-1]) < self.cluster.fetch_batch:
                 batches[-1].append(item)
             else:
                 batches.append([item])
         done_layers = dict.fromkeys((pos for pos, _, _, _ in items), 0)
         failed_at: int | None = None
         try:
-            for lo, hi in layer_groups(num_layers, self.m.cluster.layer_groups):
+            for lo, hi in layer_groups(num_layers, self.cluster.layer_groups):
                 # nothing after a failed page is asked for again
                 live = [[it for it in b if failed_at is None or it[0] < failed_at] for b in batches]
                 live = [b for b in live if b]
@@ -196,7 +204,7 @@ class RemoteFetches:
                     break
                 results = await asyncio.gather(
                     *(
-                        self.m.cluster.fetch(
+                        self.cluster.fetch(
                             b[0][3],
                             ns.digest,
                             [p.key for _, p, _, _ in b],

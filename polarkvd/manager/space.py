@@ -132,14 +132,14 @@ class Space:
 
     def _demote_to_pool(self, page: Page) -> bool:
         """Send an evicted page to the peers `cluster.replicas` picks; the disk gets it if they fail."""
-        targets = self.m.cluster.demote_targets(page.key, page.size)
+        cluster = self.m.cluster
+        assert cluster is not None  # only called in a cluster
+        targets = cluster.demote_targets(page.key, page.size)
         if not targets or self.m.pending_bytes + page.size > self.m.cfg.disk.max_pending_bytes:
             return False
         info = self.m._ns_by_id[page.ns]
         item = self._pend(page)
-        fut = asyncio.ensure_future(
-            self.m.cluster.demote(info.digest, page.key, page.parent, item.data, targets)
-        )
+        fut = asyncio.ensure_future(cluster.demote(info.digest, page.key, page.parent, item.data, targets))
         self.m._cluster_tasks.add(fut)
 
         def done(f: asyncio.Future[int]) -> None:

@@ -241,3 +241,31 @@ def test_knobs_apply_together_or_not_at_all_and_new_watermarks_take_effect_at_on
     apply_knobs(m, {"dram.high_watermark": 0.5, "dram.low_watermark": 0.25, "dram.policy": "s3fifo"})
     assert m.policy.name == "s3fifo" and m.cfg.dram.policy == "s3fifo"
     assert m.allocator.used_bytes <= 0.25 * m.allocator.capacity  # demoted now, not at the next chore
+
+
+def test_a_disk_page_dropped_between_lookup_and_promotion_is_a_miss(tmp_path: Path) -> None:
+    """The disk tier evicts on its I/O threads: a page can go between the loop's check that it is on
+    disk and the promotion reading its entry. That is a miss (the engine recomputes), not an error.
+    (A real eviction cannot be timed into that gap on demand, so the entry vanishes on cue.)"""
+
+    async def run() -> None:
+        m = disk_manager(tmp_path)
+        s = m.attach(TEST_NS, "s")
+        keys = chain(s, 70, 3)
+        manager_store(m, s, keys)
+        m.evict_prefixes([keys[0]])
+        await m.flush()
+        assert m.disk is not None
+        real_entry, seen = m.disk.entry, []
+
+        def entry(key: bytes):  # type: ignore[no-untyped-def]
+            seen.append(key)
+            return None if key == keys[1] and seen.count(key) > 1 else real_entry(key)
+
+        m.disk.entry = entry  # type: ignore[method-assign]
+        _offsets, tiers, lease = await m.load(s, keys)
+        assert tiers == [Tier.DISK]  # the prefix ends where the page went
+        assert lease is not None
+        m.release(s, lease)
+
+    asyncio.run(run())

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import xxhash
 
@@ -42,7 +42,7 @@ class Fetcher:
         views: list[memoryview],
         layers: tuple[int, int, int] | None = None,
         sums: list[int | None] | None = None,
-    ) -> list[bytes | None | bool]:
+    ) -> list[bytes | None | Literal[False]]:
         """Pull pages from `holder` straight into `views`. Per key: its parent key (or None at a
         chain root) when the bytes arrived verified, False when they did not. With `layers` =
         (lo, hi, layer_bytes), only that slice of each page (layer-major pages: contiguous). `sums`
@@ -76,7 +76,7 @@ class Fetcher:
         offsets: list[int],
         page_bytes: int,
         sums: list[int | None] | None = None,
-    ) -> list[bytes | None | bool] | None:
+    ) -> list[bytes | None | Literal[False]] | None:
         """GPUDirect: READ whole pages from `holder` straight into our L1 pool at `offsets`, verified
         through the staging buffer. Per key its parent (verified) or False, as `fetch`; None when
         it could not be done this way (no registered L1 region, the holder offers no RDMA or is in
@@ -143,8 +143,8 @@ class Fetcher:
         views: list[memoryview],
         layers: tuple[int, int, int] | None,
         sums: list[int | None] | None,
-    ) -> list[bytes | None | bool]:
-        out: list[bytes | None | bool] = [False] * len(keys)
+    ) -> list[bytes | None | Literal[False]]:
+        out: list[bytes | None | Literal[False]] = [False] * len(keys)
 
         def into(header: dict[str, Any]) -> list[memoryview | None]:
             sizes = header.get("sizes")

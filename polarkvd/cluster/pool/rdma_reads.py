@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from polarkvd.cluster.pool.common import (
     Dest,
@@ -114,7 +114,7 @@ class RdmaReads:
         dest: Dest,
         layers: tuple[int, int, int] | None,
         sums: list[int | None] | None,
-    ) -> list[bytes | None | bool]:
+    ) -> list[bytes | None | Literal[False]]:
         """pin -> READ the slices into `dest` -> verify each page's xxh3_64 -> unpin. Raises Fallback."""
         assert self.pool.rdma is not None
         deadline = time.monotonic() + self.pool.c.fetch_timeout
@@ -184,7 +184,8 @@ class RdmaReads:
         self.pool.fetcher.count_fetched("rdma", dest.lengths, n, layers)
         if dest.region == "vram":
             self.pool.fetcher.count_fetched("vram_rdma", dest.lengths, n, layers)
-        return [*parents, *[False] * (len(keys) - n)]
+        missing: list[bytes | None | Literal[False]] = [False] * (len(keys) - n)
+        return [*parents, *missing]
 
     @staticmethod
     def _plan_pages(
