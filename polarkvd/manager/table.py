@@ -125,6 +125,17 @@ class TableUpkeep:
             if s.ns is info and s.table_slot is not None:
                 self.m.table.set_final(s.table_slot, final)  # type: ignore[union-attr]
 
+    async def _put_live_entries(self, pages: list[Page]) -> None:
+        """A rebuild's READY pages after its first batch, LIST_BATCH a turn of the loop: each is put
+        back only if it is still READY here (a page evicted meanwhile has no entry to get back)."""
+        table, get = self.m.table, self.m.index.get
+        assert table is not None
+        for i in range(0, len(pages), LIST_BATCH):
+            await asyncio.sleep(0)
+            for page in pages[i : i + LIST_BATCH]:
+                if get(page.key) is page and page.state & ~VRAM == READY:
+                    table.put(*_live_entry(page))
+
     async def _put_disk_entries(self, keys: list[bytes]) -> None:
         """`_sync_disk_entry` for each key, LIST_BATCH a turn of the loop: every entry is checked
         against the disk tier when it goes in, so a page dropped since the scan is not listed."""
@@ -147,10 +158,9 @@ class TableUpkeep:
     def rebuild_table(self) -> None:
         """Rebuild the shared table without its tombstones (or, after it was full, with room again).
 
-        What it costs the loop: the READY pages of L1 and DRAM go back at once, ~1 us each (about a
-        second per million pages, as before disk pages were listed); engines use the socket
-        meanwhile. The disk entries, which can be many more, go back LIST_BATCH per turn of the loop
-        (~5 ms each) with the table marked incomplete, so no miss is final (engines ask the socket for
+        What it costs the loop: LIST_BATCH of the READY pages of L1 and DRAM go back at once, ~1 us
+        each; the rest of them, and the disk entries, which can be many more, go back LIST_BATCH per
+        turn of the loop (~2-5 ms each) with the table marked incomplete, so no miss is final (engines ask the socket for
         the rest) until they are all in; no other rebuild starts meanwhile. They are taken from the
         table itself (a C-speed copy of its tier column), or, when it was full and refused some,
         from the disk index again (scanned on an I/O thread) for every namespace known here."""
@@ -160,9 +170,11 @@ class TableUpkeep:
         disk_keys = [] if lost else [key for key, _ in table.entries_in(TIER_DISK)]
         # every namespace known here: a listing still in flight put some of its entries already
         relist = list(self.m.namespaces) if lost and self.m.disk is not None else []
-        live = [(p.key, p.ns, int(Tier.VRAM if p.state & VRAM else Tier.DRAM)) for p in self.m.index if p.state & ~VRAM == READY]  # fmt: skip
-        more = bool(disk_keys or relist)
-        table.rebuild(live, incomplete=more)
+        live = [p for p in self.m.index if p.state & ~VRAM == READY]
+        # the first batch at once; with a loop, the rest LIST_BATCH a turn like the disk entries
+        now, later = (live, []) if self.m._loop is None else (live[:LIST_BATCH], live[LIST_BATCH:])
+        more = bool(disk_keys or relist or later)
+        table.rebuild([_live_entry(p) for p in now], incomplete=more)
         if not more:
             return
         if self.m._loop is None:  # in-process tests: at once
@@ -175,6 +187,7 @@ class TableUpkeep:
 
         async def refill(keys: list[bytes]) -> None:
             try:
+                await self._put_live_entries(later)
                 for digest in relist:
                     keys += await self.m._loop.run_in_executor(self.m.executor, self.m.disk.keys_of, digest)  # type: ignore[union-attr]
                 await self._put_disk_entries(keys)
@@ -183,3 +196,8 @@ class TableUpkeep:
                 table.set_incomplete(False)
 
         self._table_task(refill(disk_keys))
+
+
+def _live_entry(page: Page) -> tuple[bytes, int, int]:
+    """A READY page's table entry: key, namespace id, tier (L1 or DRAM)."""
+    return page.key, page.ns, int(Tier.VRAM if page.state & VRAM else Tier.DRAM)

@@ -231,7 +231,9 @@ class LookupTable:
                         "dram.lookup_table_entries",
                         self.used + self.deleted, self.capacity,
                     )  # fmt: skip
-            self.rebuild_needed = self.deleted > 0
+            # a rebuild only helps when it frees many slots: with a few tombstones it would list
+            # every page again and overflow at once (under churn: a rebuild per eviction)
+            self.rebuild_needed = self.deleted > self.capacity // 8
             return False
         self._write(free, key, ns, tier)
         self.used += 1
