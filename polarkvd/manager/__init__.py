@@ -170,9 +170,9 @@ class Manager:
         self._l1_due: dict[bytes, None] = {}
         self._vram_promotion: asyncio.Future[Any] | None = None
         # Disk pages in the shared lookup table (tier DISK): a page leaving DRAM and L1 keeps its
-        # entry while a copy is on disk or queued for it (`_held_on_disk`); disk writes and
-        # removals bring the entry in line (`_sync_disk_entry`); a namespace's pages already on
-        # disk are listed when it becomes known (`_list_disk_pages`). Misses of a namespace are
+        # entry while a copy is on disk or queued for it (`table_upkeep.held_on_disk`); disk writes and
+        # removals bring the entry in line (`table_upkeep.sync_disk_entry`); a namespace's pages already on
+        # disk are listed when it becomes known (`table_upkeep.list_disk_pages`). Misses of a namespace are
         # final only once it is listed (`final_miss`).
         self._disk_listed: set[int] = set()  # namespace ids
         self._table_tasks: set[asyncio.Future[Any]] = set()  # listings in flight

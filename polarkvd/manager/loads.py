@@ -259,7 +259,7 @@ class Loads:
         region) and, with `vram_ok` (the peer READs our pool directly), L1 pages need nothing; the
         walk stops at the first key held nowhere here, and at an L1 page that is pinned (an engine
         reading it, a peer's lease): it cannot move now. L1 pages go down through the demotion path
-        engines without L1 use (`_start_vram_demotion`, one batch); their keys go to `from_vram`. A
+        engines without L1 use (`l1.start_vram_demotion`, one batch); their keys go to `from_vram`. A
         namespace no engine attached to since this daemon started is not known here (its page size
         and slots): nothing is promoted, and its disk pages are announced only once one does
         (`ClusterPool.announce_disk_pages`)."""

@@ -53,7 +53,7 @@ class RemoteFetches:
         Holders come from the lookup that preceded this load, or from a fresh meta map query.
         Pages arrive in batches per holder, several batches in flight; each page's future says
         whether its bytes arrived verified. With `layered`, nothing is sent yet: the caller gets
-        (page, future, holder) and runs `_fetch_layered`.
+        (page, future, holder) and runs `fetch_layered`.
 
         With `vram` (the loading session attached with L1) and RDMA able to write into our pool
         (`cluster.vram_landing()`: the pool registered as a dma-buf), pages get L1 slots while the

@@ -137,7 +137,7 @@ class TableUpkeep:
                     table.put(*_live_entry(page))
 
     async def _put_disk_entries(self, keys: list[bytes]) -> None:
-        """`_sync_disk_entry` for each key, LIST_BATCH a turn of the loop: every entry is checked
+        """`sync_disk_entry` for each key, LIST_BATCH a turn of the loop: every entry is checked
         against the disk tier when it goes in, so a page dropped since the scan is not listed."""
         for i in range(0, len(keys), LIST_BATCH):
             if i:
