@@ -116,8 +116,9 @@ def _kernel_tag(vllm_config: VllmConfig, spec: Any) -> tuple[str, str]:
         try:
             from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
+            dtype: Any = vllm_config.model_config.dtype  # a torch.dtype once the config is built
             isa = _get_attn_isa(
-                vllm_config.model_config.dtype,  # type: ignore[arg-type]  # a torch.dtype once the config is built
+                dtype,
                 spec.block_size,
                 spec.head_size,
                 vllm_config.cache_config.cache_dtype,
