@@ -124,5 +124,9 @@ class Namespace:
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - fields
         if unknown:
-            raise TypeError(f"unknown namespace fields {sorted(map(str, unknown))}")
+            shown = sorted(f"{u!s:.40}" for u in unknown)  # client text: clipped
+            raise TypeError(
+                f"unknown namespace fields {shown[:8]}"
+                + (f" and {len(shown) - 8} more" if len(shown) > 8 else "")
+            )
         return cls(**data)

@@ -218,6 +218,29 @@ def test_unknown_op(healthy: Healthy, raw: Raw, raw_control: Raw) -> None:
     err(raw_control.call("reserve", {"keys": rand_keys(1)}), ErrorCode.UNKNOWN_OP)
 
 
+def test_error_replies_do_not_echo_huge_client_text(healthy: Healthy, raw: Raw, raw_control: Raw) -> None:
+    """A 1 MiB op name, version, argument, knob or namespace field gets an error that quotes at most a
+    short piece of it:
+    a bad request never makes the daemon send (or log) megabytes back."""
+    big = "x" * (1 << 20)
+    for reply, code in (
+        (raw.call(big), ErrorCode.UNKNOWN_OP),
+        (raw.call("ping", version=big), ErrorCode.BAD_VERSION),
+        (
+            raw_control.call("stats", {big: 1, **{f"{big[:100]}{i}": i for i in range(50)}}),
+            ErrorCode.BAD_REQUEST,
+        ),
+        (raw_control.call("set_knobs", {"knobs": {big: 1, "dram.low_watermark": big}}), ErrorCode.BAD_VALUE),
+        (raw_control.call("save_tuning", {"names": [big] * 10}), ErrorCode.BAD_VALUE),
+        (
+            raw.call("hello", {"namespace": {**TEST_NS.to_wire(), big: 1}, "engine_id": "e"}),
+            ErrorCode.NAMESPACE,
+        ),
+    ):
+        assert len(err(reply, code)) < 2000
+    ok(raw.call("ping"))
+
+
 def test_ops_before_hello(healthy: Healthy, raw: Raw) -> None:
     keys = rand_keys(2)
     for op, args in [

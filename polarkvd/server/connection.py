@@ -34,8 +34,9 @@ def only_args(args: dict[str, Any], *allowed: str) -> None:
     """Unknown arguments are an error, not silently ignored: the client is speaking another dialect."""
     for name in args:
         if name not in allowed:
-            extra = sorted(str(a) for a in args if a not in allowed)
-            raise ProtocolError(f"unknown arguments {extra}; expected {list(allowed)}")
+            extra = sorted(f"{a!s:.40}" for a in args if a not in allowed)  # client text: clipped
+            more = f" and {len(extra) - 8} more" if len(extra) > 8 else ""
+            raise ProtocolError(f"unknown arguments {extra[:8]}{more}; expected {list(allowed)}")
 
 
 def arg_bool(args: dict[str, Any], name: str, default: bool = False) -> bool:
@@ -76,14 +77,14 @@ def parse_request(payload: bytes, name: str, handlers: dict[str, Any]) -> Reques
         return P.reply_error(
             rid,
             ErrorCode.BAD_VERSION,
-            f"protocol version {version!r} is not supported; this daemon speaks {sorted(P.SUPPORTED_VERSIONS)}",
+            f"protocol version {version!r:.40} is not supported; this daemon speaks {sorted(P.SUPPORTED_VERSIONS)}",
         )
     handler = handlers.get(op) if isinstance(op, str) else None
     if handler is None:
         return P.reply_error(
             rid,
             ErrorCode.UNKNOWN_OP,
-            f"unknown op {op!r} on the {name} socket; known: {', '.join(sorted(handlers))}",
+            f"unknown op {op!r:.80} on the {name} socket; known: {', '.join(sorted(handlers))}",
         )
     if not isinstance(args, dict):
         return P.reply_error(rid, ErrorCode.BAD_REQUEST, "request args must be a map")

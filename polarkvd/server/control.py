@@ -88,14 +88,15 @@ def control_handlers(
         problems: list[str] = []
         for name, value in knobs.items():
             if name not in LIVE_KNOBS:
-                problems.append(f"{name}: not a live knob (live: {', '.join(LIVE_KNOBS)})")
+                problems.append(f"{name!s:.60}: not a live knob (live: {', '.join(LIVE_KNOBS)})")
                 continue
             try:
                 parsed[name] = parse_option(name, value)
             except ConfigError as e:
-                problems.extend(f"{k} = {v!r}: {why}" for k, v, why in e.problems)
-        if problems:
-            raise PolarKVError("; ".join(problems), code=ErrorCode.BAD_VALUE)
+                problems.extend(f"{k} = {v!r:.80}: {why}" for k, v, why in e.problems)
+        if problems:  # client text is clipped, and at most 8 problems are spelled out
+            more = f"; and {len(problems) - 8} more" if len(problems) > 8 else ""
+            raise PolarKVError("; ".join(problems[:8]) + more, code=ErrorCode.BAD_VALUE)
         apply_knobs(manager, parsed)  # the one path of every change (manager/knobs.py)
         return {"knobs": {name: manager.cfg.get(name) for name in LIVE_KNOBS}}
 
@@ -107,7 +108,8 @@ def control_handlers(
         unknown = [n for n in names if n not in LIVE_KNOBS]
         if unknown:
             raise PolarKVError(
-                f"not live knobs: {', '.join(unknown)} (live: {', '.join(LIVE_KNOBS)})",
+                f"not live knobs: {', '.join(f'{n:.60}' for n in unknown[:8])}"
+                f"{f' and {len(unknown) - 8} more' if len(unknown) > 8 else ''} (live: {', '.join(LIVE_KNOBS)})",
                 code=ErrorCode.BAD_VALUE,
             )
         path = manager.cfg.daemon.tuning_file
