@@ -13,17 +13,17 @@ import hashlib
 import logging
 import os
 import secrets
-import stat
 import sys
 from pathlib import Path
 
 from polarkvd.errors import ConfigError
 from polarkvd.keys import SEED_BYTES, seed_fingerprint
+from polarkvd.private_toml import read_private_toml
 
 if sys.version_info >= (3, 11):
-    import tomllib
+    pass
 else:  # pragma: no cover
-    import tomli as tomllib
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -64,18 +64,7 @@ def load_seed_file(path: str | Path, *, create: bool = True) -> bytes:
 
     if create and not os.path.lexists(path):
         _create(path, bad)
-    try:
-        st = path.stat()
-        with open(path, "rb") as fh:
-            doc = tomllib.load(fh)
-    except FileNotFoundError:
-        raise bad("no such file") from None
-    except OSError as e:
-        raise bad(f"cannot read: {e.strerror or e}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise bad(f"not a seed file: {e}") from None
-    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise bad(f"mode {stat.S_IMODE(st.st_mode):04o} lets others read the page-key seed; chmod 600 it")
+    doc = read_private_toml(path, _OPTION, "seed", "the page-key seed")
     value = doc.get("seed")
     try:
         seed = bytes.fromhex(value) if isinstance(value, str) else b""

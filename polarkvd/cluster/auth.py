@@ -15,16 +15,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import stat
 import sys
 from pathlib import Path
 
 from polarkvd.errors import ConfigError
+from polarkvd.private_toml import read_private_toml
 
 if sys.version_info >= (3, 11):
-    import tomllib
+    pass
 else:  # pragma: no cover
-    import tomli as tomllib
+    pass
 
 Z85_KEY_LEN = 40  # a 32-byte CURVE key in z85 text
 
@@ -66,18 +66,13 @@ def read_key_file(path: str | Path) -> CurveKeys:
     def bad(reason: str) -> ConfigError:
         return ConfigError([("cluster.key_file", str(path), reason)])
 
-    try:
-        st = path.stat()
-        with open(path, "rb") as fh:
-            doc = tomllib.load(fh)
-    except FileNotFoundError:
-        raise bad("no such file (write one with `polarkvd keygen --out FILE`)") from None
-    except OSError as e:
-        raise bad(f"cannot read: {e.strerror or e}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise bad(f"not a key file: {e}") from None
-    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise bad(f"mode {stat.S_IMODE(st.st_mode):04o} lets others read the cluster secret; chmod 600 it")
+    doc = read_private_toml(
+        path,
+        "cluster.key_file",
+        "key",
+        "the cluster secret",
+        "no such file (write one with `polarkvd keygen --out FILE`)",
+    )
     out = []
     for name in ("public", "secret"):
         value = doc.get(name)

@@ -210,7 +210,6 @@ class Manager:
         self.load = self.loads.load
         self.load_pipelined = self.loads.load_pipelined
         self.lookup_remote = self.lookups.lookup_remote
-        self.promote_for_peer = self.loads.promote_for_peer
         self.release = self.attachments.release
         self.expire = self.attachments.expire
         self.schedule_vram_demotion = self.l1.schedule_vram_demotion
@@ -233,7 +232,3 @@ class Manager:
 
     def namespace_digest(self, ns_id: int) -> bytes:
         return self._ns_by_id[ns_id].digest
-
-    @staticmethod
-    def unpin_page(page: Page) -> None:
-        page.pins -= 1

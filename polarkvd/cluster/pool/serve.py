@@ -98,7 +98,7 @@ class PeerService:
         """Transport thread, before pinning for a peer: when the prefix asked for goes on in our disk
         tier or in L1 (unless `vram_ok`: the peer READs L1 itself), bring those pages into DRAM
         first (waiting at most `fetch_timeout`), so they serve a peer as well as DRAM pages. L1
-        pages move through the manager's demotion path (`promote_for_peer`); their keys go to
+        pages move through the manager's demotion path (`PeerPages.promote`); their keys go to
         `from_vram`. A quick look first: pages all in DRAM (or the lent region, or L1 when
         `vram_ok`) cost no trip to the loop."""
         pages, dmp = self.pool.pages, self.pool.dmp
