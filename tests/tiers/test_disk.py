@@ -50,7 +50,7 @@ def page_file(root: Path, k: bytes) -> Path:
 
 
 def counted(file: Path) -> int:
-    """A page file's size as the tier counts it (rounded up to 512 bytes: see `_stored_size`)."""
+    """A page file's size as the tier counts it (rounded up to 512 bytes: see `disk_format.stored_size`)."""
     return -(-file.stat().st_size // 512) * 512
 
 
