@@ -157,6 +157,60 @@ def test_disk_entries_are_hits_with_their_tier_and_counted_apart() -> None:
     assert (t.vram_hits(slot), t.disk_hits(slot)) == (1, 5)
 
 
+def test_batched_probe_answers_as_a_key_by_key_model_does() -> None:
+    """The probe checks keys at their home entry in one batch and goes on key by key from the first
+    that is not there: over random tables full of collisions, tombstones, other namespaces and tiers,
+    its answer (hits, tiers, touches leaf first) is the one a plain dictionary gives."""
+    import random
+
+    rng = random.Random(7)
+    for round_ in range(60):
+        entries = rng.choice([64, 128, 1024])
+        t, m = make_table(entries=entries)
+        slot = t.claim_slot(5)
+        assert slot is not None
+        r = TableReader(m, 1, slot, final_miss=True)
+        pool = [key(round_ * 1000 + i) for i in range(40)]
+        pool += [key_homed_at(rng.randrange(4), entries, start=round_ * 100_000 + j * 10_000) for j in range(6)]
+        held: dict[bytes, tuple[int, int]] = {}
+        for k in pool:
+            if rng.random() < 0.7 and len(held) < entries // 2:
+                ns, tier = rng.choice([1, 1, 1, 2]), rng.choice([TIER_DRAM, TIER_DRAM, TIER_DISK, TIER_VRAM])
+                assert t.put(k, ns, tier)
+                held[k] = (ns, tier)
+        for k in rng.sample(sorted(held), len(held) // 5):
+            t.remove(k)
+            del held[k]
+        for _ in range(20):
+            keys = rng.sample(pool, rng.randint(1, 24))
+            if rng.random() < 0.5:  # a prefix of held keys, the usual shape
+                ours = [k for k in pool if held.get(k, (0, 0))[0] == 1]
+                keys = rng.sample(ours, min(len(ours), rng.randint(0, 20))) + keys
+            want = 0
+            while want < len(keys) and held.get(keys[want], (0, 0))[0] == 1:
+                want += 1
+            t.touched(slot)
+            assert r.probe(keys) == (want, True)
+            tiers = bytes(held[k][1] for k in keys[:want])
+            assert r.last_tiers == (None if tiers == bytes([TIER_DRAM]) * want else tiers)
+            assert t.touched(slot) == keys[:want][::-1][:RING_ENTRIES]
+
+
+def test_keys_of_another_length_are_never_hits() -> None:
+    t, m = make_table()
+    keys = [key(i) for i in range(4)]
+    for k in keys:
+        t.put(k, 1)
+    r = reader(m, t)
+    joined = b"".join(keys)
+    # the same bytes cut otherwise: 8 + 24 + 16 + 16 bytes are not the keys the table holds
+    assert r.probe([joined[:8], joined[8:32], *keys[2:]]) == (0, True)
+    with pytest.raises(ValueError):
+        r.probe([joined[:12], *keys[1:]])  # not a multiple of 8: the client asks the daemon instead
+    with pytest.raises(TypeError):
+        r.probe(["not bytes"])  # type: ignore[list-item]
+
+
 def test_a_sessions_misses_become_final_when_the_daemon_says_so() -> None:
     t, m = make_table()
     keys = [key(i) for i in range(4)]

@@ -28,9 +28,11 @@ maps just this part:
 The tier byte is written with the key, before the flags; a page changing tier (L1 -> DRAM, DRAM ->
 disk when it is evicted with a copy on disk, disk -> DRAM when it is promoted) has its tier byte
 rewritten in place (one byte store: a reader sees the old or the new tier, both true a moment apart;
-the load that follows is authoritative). A probe compares 25 bytes at a key's home entry (flags,
-key, namespace and tier DRAM), so the common hit, a DRAM page at its home entry, reads no tier byte;
-only hits found otherwise (past their home, or in another tier) read it. L1 and disk pages are in
+the load that follows is authoritative). A probe gathers the entries at its keys' homes in one
+numpy copy and compares their flags, keys and namespaces with what they must hold in one bytes
+comparison; tier bytes are read only while the table lists L1 or disk pages. From the first key not
+at its home (a collision, or a miss) it goes on key by key in Python. 32 keys at home cost ~4 us in
+all, against ~9 us key by key (docs/BENCHMARKS.md, bench datapath). L1 and disk pages are in
 the table so that a miss in it is final (docs/DESIGN-NOTES.md, "Engines answer their own lookups
 from a shared table"): with a disk tier, a session's misses are final once the daemon has listed the
 disk pages of its namespace (its slot's `final`, or `final_miss` in the hello reply) and while the
@@ -64,7 +66,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from polarkvd.types import Tier
+import numpy as np
+
+from polarkvd.types import KEY_BYTES, Tier
 from polarkvd.wire.shared_words import SharedWords
 
 MAGIC = b"PKVLKT01"
@@ -97,6 +101,11 @@ _TALLY_AT = 8  # in a session slot: lookups, pages, hits (u64 each)
 _TOUCH_HEAD_AT = 32
 _ENTRY_TAIL = struct.Struct("<16sIB")  # key, ns, tier (at byte 4 of an entry)
 _LIVE_FLAGS = _U32.pack(LIVE)
+#: an entry as the batched probe reads it: flags, key and namespace compared at once, then the tier
+_ENTRY_DTYPE = np.dtype([("head", "V24"), ("tier", "u1"), ("spare", "V7")])
+#: what a key's home entry holds when the key is there: flags LIVE, the key, the session's namespace
+_WANT_DTYPE = np.dtype([("flags", "V4"), ("key", f"V{KEY_BYTES}"), ("ns", "V4")])
+_MAX_WANTS = 8  # batch sizes whose want arrays a reader keeps
 
 
 def table_entries(dram_capacity: int, setting: int = 0, disk_capacity: int = 0) -> int:
@@ -385,6 +394,11 @@ class TableReader:
         self.slot_at = self.entries_end + slot * SLOT_BYTES
         #: after `probe`: the tier byte of each hit, or None when every hit is in DRAM
         self.last_tiers: bytes | None = None
+        entries = np.frombuffer(buf, _ENTRY_DTYPE, count=capacity, offset=HEADER_BYTES)
+        # plain (unstructured) views: numpy gathers these far faster than whole structured entries
+        self._heads: np.ndarray[Any, Any] | None = entries["head"]
+        self._tiers: np.ndarray[Any, Any] | None = entries["tier"]
+        self._wants: dict[int, np.ndarray[Any, Any]] = {}  # batch size -> flags and ns filled in
 
     def usable(self) -> bool:
         """The daemon keeps the table: open, and its heartbeat is recent."""
@@ -398,45 +412,53 @@ class TableReader:
         if self.words is not None:
             self.words.release()
             self.words = None
+        self._heads = self._tiers = None  # numpy's views of the mapping go with them
+        self._wants.clear()
         self.buf = b""
 
     def probe(self, keys: Sequence[bytes]) -> tuple[int, bool]:
         """(pages of the longest prefix of `keys` the daemon holds, in L1, DRAM or on disk, whether a
         miss after them is final); the session's tally and touch ring are updated, `last_tiers` says
         where the hits are (None: all in DRAM). Call only when `usable()`. Keys must be bytes
-        (TypeError otherwise); one of another length is a miss."""
-        b, mask, ns, ns_dram, w = self.buf, self.mask, self.ns, self.ns_dram, self.words
-        assert w is not None, "probe after close"
-        homes = array.array("Q", b"".join(keys))[::2]  # each key's first 8 bytes (ValueError: not 16)
-        hits: list[int] = []
-        other: list[int] = []  # hits not found as a DRAM entry at their home: their tier is read
-        for h, key in zip(homes, keys):
-            at = HEADER_BYTES + ((h & mask) << 5)
-            if b[at : at + 25] != _LIVE_FLAGS + key + ns_dram:
-                want = _LIVE_FLAGS + key + ns
-                if b[at : at + 24] != want:  # not at home in any tier
-                    at = self._probe_on(at, want)
-                    if at < 0:
-                        break
-                other.append(len(hits))
-            hits.append(at)
-        n = len(hits)
+        (TypeError otherwise); one of another length is a miss.
+
+        Keys found at their home entry, the usual case, are checked in one batch: their entries are
+        gathered and compared with what they must hold in two copies and one comparison, not key by
+        key; from the first key that is not at home the probe goes on key by key (`_probe_on`)."""
+        b, w = self.buf, self.words
+        assert w is not None and self._heads is not None and self._tiers is not None, "probe after close"
+        joined = b"".join(keys)  # TypeError: not bytes
+        m = len(keys)
+        if len(joined) != KEY_BYTES * m or max(map(len, keys), default=KEY_BYTES) != KEY_BYTES:
+            at_home, homes, tiers = 0, None, b""  # some key is not 16 bytes: key by key, from the first
+        else:
+            # each key's home entry: its first 8 bytes (little-endian) under the mask, which is below
+            # 2**32, so the first 4 bytes are enough
+            homes = np.frombuffer(joined, "<u4")[::4] & self.mask
+            want = self._want(m)
+            want["key"] = np.frombuffer(joined, want.dtype["key"])
+            seen, wanted = self._heads[homes].tobytes(), want.tobytes()
+            if seen == wanted:
+                at_home = m
+            else:  # the first byte that differs is in the first entry that is not the key's
+                diff = int.from_bytes(seen, "little") ^ int.from_bytes(wanted, "little")
+                at_home = ((diff & -diff).bit_length() - 1) // (8 * 24)  # lowest bit: first byte
+            if b[_NOT_DRAM_AT]:  # only while L1 or disk pages are listed
+                tiers = self._tiers[homes[:at_home]].tobytes()
+            else:
+                tiers = _DRAM_BYTE * at_home
+        hits = self._probe_rest(keys, at_home)
+        n = at_home + len(hits)
+        if hits:
+            tiers += bytes(b[at + _TIER_AT] for at in hits)
         self.last_tiers = None
-        if other and b[_NOT_DRAM_AT]:  # only while L1 or disk pages are listed
-            codes = None
-            for i in other:
-                tier = b[hits[i] + _TIER_AT]
-                if tier == TIER_VRAM or tier == TIER_DISK:
-                    if codes is None:
-                        codes = bytearray(_DRAM_BYTE * n)
-                    codes[i] = tier
-            if codes is not None:
-                self.last_tiers = bytes(codes)
-                for tier, at in ((TIER_VRAM, _VRAM_HITS_AT), (TIER_DISK, _DISK_HITS_AT)):
-                    count = codes.count(tier)
-                    if count:
-                        at += self.slot_at
-                        w.store64(at, w.load64(at) + count)
+        if tiers.count(_DRAM_BYTE) != n:
+            self.last_tiers = tiers
+            for tier, at in ((TIER_VRAM, _VRAM_HITS_AT), (TIER_DISK, _DISK_HITS_AT)):
+                count = tiers.count(tier)
+                if count:
+                    at += self.slot_at
+                    w.store64(at, w.load64(at) + count)
         # a miss is final only if the table was open all along (a rebuild empties it after closing)
         final = n == len(keys) or (
             (self.final_miss or b[self.slot_at + _FINAL_AT] == 1)
@@ -450,10 +472,14 @@ class TableReader:
         w.store64(at + 16, w.load64(at + 16) + n)
         at = self.slot_at
         if n:
-            hits.reverse()  # leaf first: the root ends up the most recently used
+            # entry offsets of the hits, leaf first: the root ends up the most recently used
+            offsets = array.array("I", hits[::-1])
+            if at_home:
+                assert homes is not None
+                offsets.frombytes(((homes[at_home - 1 :: -1] << 5) + HEADER_BYTES).tobytes())
             head = w.load64(at + _TOUCH_HEAD_AT)
             skip = max(0, n - RING_ENTRIES)  # more than a ring: the newest ones
-            data = array.array("I", hits[skip:]).tobytes()
+            data = offsets[skip:].tobytes()
             pos, ring = (head + skip) % RING_ENTRIES, at + RING_AT
             first = min(len(data), (RING_ENTRIES - pos) * 4)
             b[ring + pos * 4 : ring + pos * 4 + first] = data[:first]
@@ -461,6 +487,34 @@ class TableReader:
                 b[ring : ring + len(data) - first] = data[first:]
             w.store64(at + _TOUCH_HEAD_AT, head + n)
         return n, final
+
+    def _want(self, m: int) -> np.ndarray[Any, Any]:
+        """The want array for a batch of `m` keys: flags LIVE and this session's namespace filled in."""
+        want = self._wants.get(m)
+        if want is None:
+            if len(self._wants) >= _MAX_WANTS:
+                self._wants.clear()
+            want = self._wants[m] = np.empty(m, _WANT_DTYPE)
+            want["flags"] = _LIVE_FLAGS
+            want["ns"] = self.ns
+        return want
+
+    def _probe_rest(self, keys: Sequence[bytes], start: int) -> list[int]:
+        """Entry offsets of `keys[start:]` up to the first the table does not hold, key by key: at
+        home or past it, in any tier. ValueError: a key's length is not a multiple of 8."""
+        b, mask, ns = self.buf, self.mask, self.ns
+        rest = keys[start:]
+        homes = array.array("Q", b"".join(rest))[::2]  # each key's first 8 bytes (ValueError: not 16)
+        hits: list[int] = []
+        for h, key in zip(homes, rest):
+            at = HEADER_BYTES + ((h & mask) << 5)
+            want = _LIVE_FLAGS + key + ns
+            if b[at : at + 24] != want:
+                at = self._probe_on(at, want)
+                if at < 0:
+                    break
+            hits.append(at)
+        return hits
 
     def _probe_on(self, at: int, want: bytes) -> int:
         """Linear probing past the key's home entry: its offset, or -1 at an empty entry."""
