@@ -171,7 +171,9 @@ def test_batched_probe_answers_as_a_key_by_key_model_does() -> None:
         assert slot is not None
         r = TableReader(m, 1, slot, final_miss=True)
         pool = [key(round_ * 1000 + i) for i in range(40)]
-        pool += [key_homed_at(rng.randrange(4), entries, start=round_ * 100_000 + j * 10_000) for j in range(6)]
+        pool += [
+            key_homed_at(rng.randrange(4), entries, start=round_ * 100_000 + j * 10_000) for j in range(6)
+        ]
         held: dict[bytes, tuple[int, int]] = {}
         for k in pool:
             if rng.random() < 0.7 and len(held) < entries // 2:
