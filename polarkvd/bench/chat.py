@@ -1,4 +1,4 @@
-"""`polarkvd bench chat`: a multi-round chat against real vLLM, four configurations, one run.
+"""`polarkvd bench chat`: a multi-round chat against real vLLM, six configurations, one run.
 
 Workload (deterministic from `--seed`; token ids are words of the model's own vocabulary, framed in
 SmolLM2's ChatML template): `--users` users share a `--system`-token system prompt; each starts with a
@@ -17,13 +17,19 @@ core, private TMPDIR, own process group, the same `VLLM_CPU_OMP_THREADS_BIND` fo
                      `max_num_batched_tokens` >= the longest prompt, because it breaks on chunked prefill
   polarkvd           `PolarKVConnector` + a private polarkvd daemon (DRAM holds the working set) +
                      prefix caching, as a deployment runs it
+  lmcache            `LMCacheMPConnector` + a private LMCache multiprocess server + prefix caching
+  mooncake           `MooncakeStoreConnector` + a private Mooncake Store (master + standalone client
+                     owning the segment) + prefix caching
+The real peers' servers (harness.py) are fresh per run; a peer not installed
+(scripts/setup-bench-peers.sh) or failing is reported "not available: <reason>" and the rest go on.
+`--block-size` is vLLM's block_size everywhere (polarkvd's page, LMCache's default chunk).
 
 TTFT: wall time from `LLMEngine.add_request()` to the `engine.step()` that returns the request's first
 output token, streamed through the engine's step loop, the same code for every configuration (offline
 vLLM disables per-request stats, so `RequestOutput.metrics` is empty). After the rounds, a "hot" phase
 gives `--hot-users` users two turns back to back: in prefix_cache the second is a hit on a history vLLM
 still holds; in polarkvd vLLM's prefix cache is reset before it (`reset_prefix_cache()`), so the same
-request is served from the daemon. That pair is the bar "<= 1.5x of vLLM's own prefix-cache hit when
+request is served from the daemon (lmcache, mooncake: from their store). That pair is the bar "<= 1.5x of vLLM's own prefix-cache hit when
 vLLM still holds the prefix"; the ExampleConnector bar compares the requests it served from disk with
 the same requests in polarkvd.
 
@@ -37,7 +43,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,26 +57,36 @@ from polarkvd.bench.harness import (
     cpu_bind,
     event_writer,
     fmt,
-    kill_group,
+    lmcache_server,
+    mean_percentiles,
     model_kv_bytes_per_token,
+    mooncake_store,
     observe_external_tokens,
     own_cpu_s,
-    percentile,
     private_daemon,
     ratio,
+    relay_worker,
+    reset_prefix_cache,
     run_request,
+    sigterm_unwinds,
     table,
     vllm_env,
+    vllm_tolerates_numba,
 )
 
-CONFIGS = ("nocache", "prefix_cache", "example_connector", "polarkvd")
+CONFIGS = ("nocache", "prefix_cache", "example_connector", "polarkvd", "lmcache", "mooncake")
 CONFIG_HELP = {
     "nocache": "vLLM without prefix caching",
     "prefix_cache": "vLLM with its own prefix caching",
     "example_connector": "vLLM ExampleConnector (disk) + prefix caching",
     "polarkvd": "PolarKVConnector + private daemon + prefix caching",
+    "lmcache": "LMCacheMPConnector + private LMCache MP server + prefix caching",
+    "mooncake": "MooncakeStoreConnector + private Mooncake Store (standalone) + prefix caching",
 }
-BLOCK = 128  # vLLM's CPU block size (and the connector's page, page_blocks 1)
+PEERS = ("lmcache", "mooncake")  # real peers: reported as not available when missing, the run goes on
+# Configurations whose hot-phase hit comes from the connector's store (vLLM's prefix cache reset first).
+STORE_HITS = ("polarkvd", *PEERS)
+DEFAULT_BLOCK = 128  # vLLM's CPU block size by default (and the polarkvd connector's page, page_blocks 1)
 MARK = "@@chat "
 # Targets: ratios of polarkvd to the other configuration, one run (docs/BENCHMARKS.md).
 BARS = {
@@ -79,7 +94,22 @@ BARS = {
     "hit_ttft_ratio_vs_prefix_cache_hot": ("<=", 1.5),
     "hit_ttft_ratio_vs_example_connector": ("<=", 0.5),
     "throughput_ratio_vs_prefix_cache": (">=", 1.62),
+    "ttft_ratio_vs_mooncake": ("<=", 0.7),
+    "ttft_ratio_vs_lmcache": ("<=", 0.4),
+    "throughput_ratio_vs_mooncake": (">=", 1.0),
+    "throughput_ratio_vs_lmcache": (">=", 1.0),
 }
+
+
+def block_size(text: str) -> int:
+    """`--block-size`: vLLM's CPU attention takes any multiple of 32 tokens."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of tokens") from None
+    if n < 32 or n % 32:
+        raise argparse.ArgumentTypeError(f"{n} is not a positive multiple of 32 (vLLM's CPU block sizes)")
+    return n
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -99,8 +129,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hot-users", type=int, default=4,
                    help="users given two back-to-back turns after the rounds, to time a hit on what vLLM "
                    "still holds (not in nocache; default 4, 0 = skip)")  # fmt: skip
+    p.add_argument("--block-size", type=block_size, default=DEFAULT_BLOCK, metavar="TOKENS",
+                   help="vLLM's block_size in every configuration, a multiple of 32 (default 128); also "
+                   "polarkvd's page and the LMCache chunk")  # fmt: skip
     p.add_argument("--kv-blocks", type=int, default=0,
-                   help="vLLM KV blocks (128 tokens); default: one conversation + half of the others")  # fmt: skip
+                   help="vLLM KV blocks, each of --block-size tokens; default: one conversation + half of "
+                   "the others")  # fmt: skip
+    p.add_argument("--lmcache-chunk", type=int, default=0, metavar="TOKENS",
+                   help="LMCache server's --chunk-size, a multiple of --block-size (default: the block size; "
+                   "LMCache hits come in whole chunks)")  # fmt: skip
     p.add_argument("--cpus", default="", help="VLLM_CPU_OMP_THREADS_BIND for every configuration "
                    "(default: every CPU this process may use)")  # fmt: skip
     p.add_argument("--model", default="", help="model directory (default: the converted SmolLM2-135M)")
@@ -145,12 +182,13 @@ def build_workload(args: argparse.Namespace, model_dir: str) -> dict[str, Any]:
     # ExampleConnector's lookup key (aligned len-2) is one block shorter than its load key (aligned
     # len-1): it finds a stored prefix, then fails to open the other one and vLLM dies. The same
     # lengths are used in every configuration.
+    block = args.block_size
     lens: list[int] = []
     length = len(system) + len(user_open) + args.history + len(doc_sep)
     for i in range(args.rounds + 2):  # two more for the hot phase
         if i:
             length += args.answer + len(user_open)
-        n = args.turn + (1 if (length + args.turn + len(assistant_open)) % BLOCK == 1 else 0)
+        n = args.turn + (1 if (length + args.turn + len(assistant_open)) % block == 1 else 0)
         lens.append(n)
         length += n + len(assistant_open)
     return {
@@ -184,20 +222,22 @@ def next_prompt(wl: dict[str, Any], history: list[int] | None, user: int, turn_i
 
 def engine_sizing(args: argparse.Namespace, wl: dict[str, Any]) -> dict[str, Any]:
     """max_model_len, batch budget (no prompt chunked) and vLLM's KV blocks (cannot hold everyone)."""
+    block = args.block_size
     last_turn = args.rounds - 1 + (2 if args.hot_users else 0)
     longest = prompt_tokens(wl, args.answer, last_turn)
-    max_model_len = -(-(longest + args.answer) // BLOCK) * BLOCK
+    max_model_len = -(-(longest + args.answer) // block) * block
     shared = len(wl["system"])
     final = prompt_tokens(wl, args.answer, args.rounds - 1) + args.answer
     all_tokens = shared + args.users * (final - shared)  # every user's history at the end of the rounds
-    all_blocks = -(-all_tokens // BLOCK)
-    one_blocks = max_model_len // BLOCK
+    all_blocks = -(-all_tokens // block)
+    one_blocks = max_model_len // block
     blocks = args.kv_blocks or max(one_blocks + 2, one_blocks + (all_blocks - one_blocks) // 2)
     return {
         "max_model_len": max_model_len,
         "max_num_batched_tokens": max(max_model_len, 2048),
         "kv_blocks": blocks,
-        "kv_tokens": blocks * BLOCK,
+        "block_size": block,
+        "kv_tokens": blocks * block,
         "all_histories_tokens": all_tokens,
         "kv_holds_everyone": blocks - 1 >= all_blocks,  # one block is vLLM's null block
         "longest_prompt_tokens": longest,
@@ -205,6 +245,25 @@ def engine_sizing(args: argparse.Namespace, wl: dict[str, Any]) -> dict[str, Any
 
 
 # ---------------------------------------------------------------------------------------- worker (vLLM)
+
+
+def connector_record(delta: dict[str, float], block: int) -> dict[str, Any]:
+    """One request's share of PolarKVConnector's stats (`delta`: after minus before); the connector
+    loads whole vLLM blocks of `block` tokens (page_blocks 1)."""
+    return {
+        "loaded_tokens": int(delta.get("load_blocks", 0)) * block,
+        "load_failed_blocks": int(delta.get("load_failed_blocks", 0)),
+        "load_copy_s": delta.get("load_copy_seconds", 0.0),
+        "load_rpc_s": delta.get("daemon_load_seconds", 0.0) + delta.get("daemon_release_seconds", 0.0),
+        "save_s": delta.get("save_total_seconds", 0.0),
+        "saved_pages": int(delta.get("saved_pages", 0)),
+    }
+
+
+def hit_slack(args: argparse.Namespace) -> int:
+    """Most prompt tokens a "hit" may compute: the new turn, the last answer and the two partial
+    blocks around them."""
+    return int(args.turn + args.answer + 2 * args.block_size)
 
 
 def worker_main(spec_path: str) -> int:
@@ -226,6 +285,7 @@ def worker_main(spec_path: str) -> int:
         "max_model_len": spec["max_model_len"],
         "max_num_batched_tokens": spec["max_num_batched_tokens"],
         "num_gpu_blocks_override": spec["kv_blocks"],
+        "block_size": spec["block_size"],
         "enable_prefix_caching": cfg != "nocache",
     }
     if cfg == "example_connector":
@@ -242,6 +302,15 @@ def worker_main(spec_path: str) -> int:
             kv_load_failure_policy="recompute",
             kv_connector_extra_config={"socket": spec["socket"]},
         )
+    elif cfg in PEERS:  # vLLM's own connector classes for them; the server runs beside (the parent)
+        kw["kv_transfer_config"] = KVTransferConfig(
+            kv_connector="LMCacheMPConnector" if cfg == "lmcache" else "MooncakeStoreConnector",
+            kv_role="kv_both",
+            kv_load_failure_policy="recompute",
+            kv_connector_extra_config=spec["peer_extra"],
+        )
+    if cfg == "lmcache":
+        vllm_tolerates_numba()  # lmcache imports numba
     t0 = time.perf_counter()
     llm = LLM(**kw)
     engine = llm.llm_engine
@@ -284,12 +353,7 @@ def worker_main(spec_path: str) -> int:
         if connector is not None:
             after = dict(connector.stats)
             d = {k: after.get(k, 0) - before.get(k, 0) for k in after}
-            rec["loaded_tokens"] = int(d.get("load_blocks", 0)) * BLOCK
-            rec["load_failed_blocks"] = int(d.get("load_failed_blocks", 0))
-            rec["load_copy_s"] = d.get("load_copy_seconds", 0.0)
-            rec["load_rpc_s"] = d.get("daemon_load_seconds", 0.0) + d.get("daemon_release_seconds", 0.0)
-            rec["save_s"] = d.get("save_total_seconds", 0.0)
-            rec["saved_pages"] = int(d.get("saved_pages", 0))
+            rec.update(connector_record(d, spec["block_size"]))
         return rec
 
     # First-request costs (allocations, kernels) out of the measurement: a prompt as long as a first
@@ -312,10 +376,10 @@ def worker_main(spec_path: str) -> int:
     if cfg != "nocache":
         for u in range(min(hot_users, users)):
             for extra in (0, 1):
-                if extra and cfg == "polarkvd":
+                if extra and cfg in STORE_HITS:
                     # vLLM forgets everything: the same request the prefix_cache configuration serves
-                    # from vLLM's own cache is served here from the daemon.
-                    assert engine.reset_prefix_cache(), "vLLM's prefix cache did not reset"
+                    # from vLLM's own cache is served here from the connector's store.
+                    reset_prefix_cache(engine)
                 ids = next_prompt(wl, history[u], u, rounds + extra)
                 rec = one(ids)
                 rec.update(phase="hot" if extra else "hot_first", round=rounds + 1 + extra, user=u)
@@ -334,59 +398,42 @@ def worker_main(spec_path: str) -> int:
 
 
 def run_config(
-    name: str, spec: dict[str, Any], root: Path, env: dict[str, str], say: Callable[[str], None]
-) -> dict[str, Any]:
-    """Start the worker for one configuration, relay its progress, return its results."""
+    name: str, spec: dict[str, Any], root: Path, env: dict[str, str], say: Callable[[str], None],
+    silence_s: float = 600.0,
+) -> dict[str, Any]:  # fmt: skip
+    """Start the worker for one configuration, relay its progress, return its results. A worker
+    silent for `silence_s` seconds (a hung engine or connector) is killed: RuntimeError."""
     cdir = root / name
-    (cdir / "tmp").mkdir(parents=True)
+    (cdir / "tmp").mkdir(parents=True, exist_ok=True)
     spec = {**spec, "config": name, "out": str(cdir / "result.json")}
     (cdir / "spec.json").write_text(json.dumps(spec))
     log_path = cdir / "vllm.log"
-    env = {**env, "TMPDIR": str(cdir / "tmp")}
     t0 = time.perf_counter()
-    tail: list[str] = []
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "polarkvd.bench.chat", "--worker", str(cdir / "spec.json")],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=env, cwd=str(cdir), start_new_session=True,
-        )  # fmt: skip
-        ready: dict[str, Any] = {}
-        try:
-            assert proc.stdout is not None
-            for raw in proc.stdout:
-                line = raw.decode(errors="replace")
-                log.write(line)
-                tail = (tail + [line])[-40:]
-                if not line.startswith(MARK):
-                    continue
-                msg = json.loads(line[len(MARK) :])
-                ev = msg["event"]
-                if ev == "ready":
-                    ready = msg
-                    say(f"{name}: vLLM ready (import {msg['import_s']:.1f} s, engine {msg['start_s']:.1f} s)")
-                elif ev == "request":
-                    extra = (
-                        f" ({msg['external_tokens']} via the connector)" if "external_tokens" in msg else ""
-                    )
-                    say(
-                        f"{name}: round {msg['round']} user {msg['user']} ({msg['phase']}): "
-                        f"{msg['prompt_tokens']} prompt tokens, {msg['cached_tokens']} cached{extra}, "
-                        f"TTFT {msg['ttft_s']:.3f} s, total {msg['latency_s']:.2f} s"
-                        + (
-                            f" (other processes: {msg['others_cpu_s']:.1f} CPU s)"
-                            if msg["others_cpu_s"] > 0.5
-                            else ""
-                        )
-                    )
-            proc.wait()
-        finally:
-            kill_group(proc)
+    ready: dict[str, Any] = {}
+
+    def on_event(msg: dict[str, Any]) -> None:
+        if msg["event"] == "ready":
+            ready.update(msg)
+            say(f"{name}: vLLM ready (import {msg['import_s']:.1f} s, engine {msg['start_s']:.1f} s)")
+        elif msg["event"] == "request":
+            extra = f" ({msg['external_tokens']} via the connector)" if "external_tokens" in msg else ""
+            others = msg["others_cpu_s"]
+            say(
+                f"{name}: round {msg['round']} user {msg['user']} ({msg['phase']}): "
+                f"{msg['prompt_tokens']} prompt tokens, {msg['cached_tokens']} cached{extra}, "
+                f"TTFT {msg['ttft_s']:.3f} s, total {msg['latency_s']:.2f} s"
+                + (f" (other processes: {others:.1f} CPU s)" if others > 0.5 else "")
+            )
+
+    argv = [sys.executable, "-m", "polarkvd.bench.chat", "--worker", str(cdir / "spec.json")]
+    env = {**env, "TMPDIR": str(cdir / "tmp")}
+    code, tail, stalled = relay_worker(argv, env, cdir, log_path, MARK, on_event, silence_s)
     result_path = Path(spec["out"])
-    if proc.returncode != 0 or not result_path.exists():
+    if code != 0 or not result_path.exists():
+        why = f"silent for {silence_s:.0f} s, killed" if stalled else f"exit {code}"
+        last = next((ln.strip() for ln in reversed(tail) if ln.strip()), "")[-300:]
         raise RuntimeError(
-            f"{name}: the vLLM worker failed (exit {proc.returncode}); log {log_path}, last lines:\n"
-            + "".join(tail)
+            f"{name}: the vLLM worker failed ({why}): {last} (log {log_path})\n" + "".join(tail)
         )
     res = json.loads(result_path.read_text())
     res["process_s"] = time.perf_counter() - t0
@@ -394,29 +441,17 @@ def run_config(
     return res
 
 
-def _stats(values: list[float]) -> dict[str, float]:
-    if not values:
-        return {"mean": float("nan"), "p50": float("nan"), "p99": float("nan"), "n": 0}
-    return {
-        "mean": sum(values) / len(values),
-        "p50": percentile(values, 50),
-        "p99": percentile(values, 99),
-        "n": len(values),
-    }
-
-
 def summarize(raw: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """Per-round TTFT and hits, TTFT over rounds >= 2, hit-only TTFT, hot-hit TTFT, throughput."""
     reqs = raw["requests"]
     main = [q for q in reqs if q["phase"] == "rounds"]
-    # A "hit" recomputes at most the new turn, the last answer and the two partial blocks around them.
-    hit_slack = args.turn + args.answer + 2 * BLOCK
+    slack = hit_slack(args)
     rounds = []
     for r in range(1, args.rounds + 1):
         rq = [q for q in main if q["round"] == r]
         row = {
             "round": r,
-            "ttft_s": _stats([q["ttft_s"] for q in rq]),
+            "ttft_s": mean_percentiles([q["ttft_s"] for q in rq]),
             "prompt_tokens_mean": sum(q["prompt_tokens"] for q in rq) / len(rq),
             "hit_tokens_mean": sum(q["cached_tokens"] for q in rq) / len(rq),
             "hit_tokens_total": sum(q["cached_tokens"] for q in rq),
@@ -431,7 +466,7 @@ def summarize(raw: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     hits = [
         q
         for q in later
-        if q["prompt_tokens"] - q["cached_tokens"] <= hit_slack and q.get("external_tokens", 1) > 0
+        if q["prompt_tokens"] - q["cached_tokens"] <= slack and q.get("external_tokens", 1) > 0
     ]
     hot = [q for q in reqs if q["phase"] == "hot"]
     wall = raw["wall_s"]
@@ -440,10 +475,10 @@ def summarize(raw: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     computed = sum(q["prompt_tokens"] - q["cached_tokens"] for q in main)
     res: dict[str, Any] = {
         "rounds": rounds,
-        "ttft_rounds2plus_s": _stats([q["ttft_s"] for q in later]),
-        "hit_ttft_s": _stats([q["ttft_s"] for q in hits]),
+        "ttft_rounds2plus_s": mean_percentiles([q["ttft_s"] for q in later]),
+        "hit_ttft_s": mean_percentiles([q["ttft_s"] for q in hits]),
         "hit_requests": len(hits),
-        "hot_hit_ttft_s": _stats([q["ttft_s"] for q in hot]),
+        "hot_hit_ttft_s": mean_percentiles([q["ttft_s"] for q in hot]),
         "hot_hit_tokens_mean": sum(q["cached_tokens"] for q in hot) / len(hot) if hot else None,
         "wall_s": wall,
         "requests": len(main),
@@ -457,7 +492,7 @@ def summarize(raw: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         if "external_tokens" in main[0]
         else None,
         "computed_prompt_tokens": computed,
-        "decode_s_per_token": _stats(
+        "decode_s_per_token": mean_percentiles(
             [(q["latency_s"] - q["ttft_s"]) / max(1, len(q["output_ids"]) - 1) for q in main]
         )["p50"],
         "others_cpu_s": sum(q.get("others_cpu_s", 0.0) for q in main),
@@ -493,9 +528,15 @@ def compare(
     res["ttft_ratio_vs_prefix_cache"] = ratio(mine, r2("prefix_cache"))
     res["ttft_ratio_vs_example_connector"] = ratio(mine, r2("example_connector"))
     pc, ex = configs.get("prefix_cache"), configs.get("example_connector")
-    res["throughput_ratio_vs_prefix_cache"] = ratio(
-        pk["requests_per_s"] if pk else None, pc["requests_per_s"] if pc else None
-    )
+
+    def rps(name: str) -> float | None:
+        c = configs.get(name)
+        return c["requests_per_s"] if c else None
+
+    res["throughput_ratio_vs_prefix_cache"] = ratio(rps("polarkvd"), rps("prefix_cache"))
+    for peer in PEERS:  # the real peers: rounds >= 2 TTFT and throughput
+        res[f"ttft_ratio_vs_{peer}"] = ratio(mine, r2(peer))
+        res[f"throughput_ratio_vs_{peer}"] = ratio(rps("polarkvd"), rps(peer))
     # Hits against hits, on the same requests: the hot phase's second turn (vLLM holds the history in
     # prefix_cache; polarkvd's vLLM was reset, so it comes from the daemon) ...
     res["hit_ttft_ratio_vs_prefix_cache_hot"] = ratio(
@@ -550,13 +591,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.users < 1 or args.rounds < 1 or min(args.system, args.history, args.turn, args.answer) < 1:
         raise SystemExit("polarkvd bench chat: --users, --rounds and the token counts must be >= 1")
     configs = list(dict.fromkeys(args.configs))
+    block = args.block_size
+    chunk = args.lmcache_chunk or block
+    if chunk < block or chunk % block:
+        raise SystemExit(
+            f"polarkvd bench chat: --lmcache-chunk {chunk} is not a multiple of --block-size {block}"
+        )
     model_dir = args.model or str(ensure_smollm2())
     wl = build_workload(args, model_dir)
     size = engine_sizing(args, wl)
     bind = args.cpus or cpu_bind()
     ncpu = len(os.sched_getaffinity(0)) if not args.cpus else max(1, count_cpus(args.cpus))
     kv_token_bytes = model_kv_bytes_per_token(model_dir)
-    page_bytes = kv_token_bytes * BLOCK
+    page_bytes = kv_token_bytes * block
     hot = 2 * min(args.hot_users, args.users)
     prog = Steps(sum(args.rounds * args.users + (hot if c != "nocache" else 0) + 2 for c in configs) + 1)
     root = Path(tempfile.mkdtemp(prefix="polarkv-chat-"))
@@ -571,9 +618,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "first_prompt_tokens": prompt_tokens(wl, args.answer, 0),
         **size,
     }
-    working_set_pages = size["all_histories_tokens"] // BLOCK + 4 * args.users + 8
+    working_set_pages = size["all_histories_tokens"] // block + 4 * args.users + 8
     dram = max(512 << 20, int(working_set_pages * page_bytes * 1.5))
     dram = -(-dram // (64 << 20)) * (64 << 20)
+    store = max(1 << 30, 2 * working_set_pages * page_bytes)  # LMCache's L1, Mooncake's segment
     workload = {
         "users": args.users,
         "rounds": args.rounds,
@@ -588,10 +636,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "shared_prefix_tokens": len(wl["system"]),
         "model": Path(model_dir).name,
         "dtype": "float32",
-        "block_tokens": BLOCK,
+        "block_tokens": block,
         "kv_bytes_per_token": kv_token_bytes,
         "vllm_cpu_omp_threads_bind": bind,
         "daemon_dram_bytes": dram,
+        "lmcache_chunk_tokens": chunk,
+        "peer_store_bytes": store,
         "ttft_method": "wall time from LLMEngine.add_request() to the engine.step() returning the first "
         "output token; one request in flight; same code for every configuration",
         "concurrency": 1,
@@ -599,6 +649,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     say = prog.step
     raws: dict[str, dict[str, Any]] = {}
+    not_available: dict[str, str] = {}
+    servers: dict[str, str] = {}
     try:
         for name in configs:
             say(f"{name}: starting vLLM ({CONFIG_HELP[name]})")
@@ -616,6 +668,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 with private_daemon(sets, keep=args.keep) as (engine_sock, _control):
                     cspec["socket"] = str(engine_sock)
                     raws[name] = run_config(name, cspec, root, env, say)
+            elif name in PEERS:
+                (root / name).mkdir(parents=True, exist_ok=True)
+                try:
+                    server = (lmcache_server(root / name, chunk, store, env) if name == "lmcache"
+                              else mooncake_store(root / name, store, env))  # fmt: skip
+                    with server as peer:
+                        cspec["peer_extra"], servers[name] = peer["extra_config"], peer["server"]
+                        raws[name] = run_config(name, cspec, root, peer["env"], say)
+                except RuntimeError as e:  # PeerUnavailable, or vLLM failing with it: the others go on
+                    not_available[name] = str(e).splitlines()[0]
+                    say(f"{name}: not available: {e}")
             else:
                 raws[name] = run_config(name, cspec, root, env, say)
             if name == "example_connector":
@@ -632,10 +695,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     head = compare(configs_out, outputs)
     res: dict[str, Any] = {k: head[k] for k in (
         "ttft_ratio_vs_nocache", "ttft_ratio_vs_prefix_cache", "ttft_ratio_vs_example_connector",
-        "throughput_ratio_vs_prefix_cache", "outputs_identical",
+        "ttft_ratio_vs_lmcache", "ttft_ratio_vs_mooncake", "throughput_ratio_vs_prefix_cache",
+        "throughput_ratio_vs_lmcache", "throughput_ratio_vs_mooncake", "outputs_identical",
     )}  # fmt: skip
     res.update({k: v for k, v in head.items() if k not in res})
-    res["workload"] = workload
+    res["not_available"] = not_available
+    res["workload"] = {**workload, "peer_servers": servers}
     res["configs"] = configs_out
     res["notes"] = [
         "ExampleConnector breaks on chunked prefill: max_num_batched_tokens "
@@ -645,9 +710,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"(num_gpu_blocks_override); all users' histories: {size['all_histories_tokens']} tokens"
         + (" (it holds everyone: use more users or --kv-blocks)" if size["kv_holds_everyone"] else ""),
         "polarkvd daemon: private, DRAM only (disk tier off), "
-        f"{dram >> 20} MiB; vLLM prefix caching on in prefix_cache, example_connector and polarkvd",
+        f"{dram >> 20} MiB; vLLM prefix caching on in every configuration but nocache",
+        f"peers: private servers, fresh per run, {store >> 20} MiB each (LMCache L1, Mooncake segment); "
+        f"LMCache chunk {chunk} tokens (its hits come in whole chunks)",
         "hot hit: the second of two back-to-back turns; vLLM holds the history in prefix_cache and "
-        "example_connector, polarkvd's vLLM prefix cache is reset first so it comes from the daemon",
+        "example_connector; polarkvd, lmcache and mooncake reset vLLM's prefix cache first (from the store)",
         "ExampleConnector hits only when a prompt's block-aligned prefix equals an earlier prompt's "
         "(it keys whole prompts, not pages); its hit ratio is over exactly those requests",
     ]
@@ -664,6 +731,7 @@ def render(res: dict[str, Any]) -> str:
         f"(prompts {wl['first_prompt_tokens']}..{wl['last_prompt_tokens']} tokens), seed {wl['seed']}, "
         f"{wl['model']} {wl['dtype']}, VLLM_CPU_OMP_THREADS_BIND={wl['vllm_cpu_omp_threads_bind']}",
         *("note: " + n for n in res["notes"]),
+        *(f"{n}: not available: {why}" for n, why in res.get("not_available", {}).items()),
         "",
     ]
     rows: list[tuple[object, ...]] = []
@@ -697,6 +765,7 @@ def render(res: dict[str, Any]) -> str:
         rows.append((key, fmt(b["value"], 4), b["bar"], verdict))
     rows.append(("ttft_ratio_vs_prefix_cache", fmt(res["ttft_ratio_vs_prefix_cache"], 4), "", ""))
     rows.append(("ttft_ratio_vs_example_connector", fmt(res["ttft_ratio_vs_example_connector"], 4), "", ""))
+    rows += [(n, "not available", "", "") for n in res.get("not_available", {})]
     rows.append(("outputs_identical", str(res["outputs_identical"]),
                  f"{res['outputs_compared']['requests']} requests", ""))  # fmt: skip
     lines.append(table(rows, ("polarkvd vs", "ratio", "bar", "")))
@@ -704,7 +773,8 @@ def render(res: dict[str, Any]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    res = run(args)
+    with sigterm_unwinds():  # a killed bench still stops its servers, daemon and vLLM
+        res = run(args)
     if args.json:
         print(json.dumps(res, indent=2))
     else:

