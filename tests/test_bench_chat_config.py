@@ -57,6 +57,17 @@ def test_lmcache_chunk_must_be_a_multiple_of_the_block() -> None:
         chat.run(args)
 
 
+def test_kv_blocks_must_hold_one_conversation(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(chat, "build_workload", lambda args, model_dir: workload(200, 300, [64, 64, 64, 64]))
+    args = parse("--block-size", "32", "--users", "2", "--rounds", "2", "--answer", "16", "--hot-users", "1",
+                 "--kv-blocks", "28", "--model", "unused")  # fmt: skip
+    # longest prompt 852 + 16 answer: max_model_len 896 = 28 blocks, plus vLLM's null block
+    with pytest.raises(
+        SystemExit, match="--kv-blocks 28 cannot hold the longest conversation: at least 29 blocks"
+    ):
+        chat.run(args)
+
+
 def workload(system: int, doc: int, turns: list[int], users: int = 2) -> dict[str, Any]:
     """A synthetic workload with the same shape build_workload makes (no tokenizer needed)."""
     return {"system": [1] * system, "user_open": [2] * 5, "doc_sep": [3] * 2, "assistant_open": [4] * 6,

@@ -600,6 +600,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model_dir = args.model or str(ensure_smollm2())
     wl = build_workload(args, model_dir)
     size = engine_sizing(args, wl)
+    if size["kv_blocks"] <= size["max_model_len"] // block:  # one block is vLLM's null block
+        raise SystemExit(f"polarkvd bench chat: --kv-blocks {size['kv_blocks']} cannot hold the longest "
+                         f"conversation: at least {size['max_model_len'] // block + 1} blocks of {block} tokens")  # fmt: skip
     bind = args.cpus or cpu_bind()
     ncpu = len(os.sched_getaffinity(0)) if not args.cpus else max(1, count_cpus(args.cpus))
     kv_token_bytes = model_kv_bytes_per_token(model_dir)
