@@ -66,7 +66,12 @@ def worker_main(spec_path: str) -> int:
             kv_connector_module_path="polarkvd.connectors.vllm",
             kv_role="kv_both",
             kv_load_failure_policy="recompute",
-            kv_connector_extra_config={"socket": spec["b_engine"], "load_mode": spec["load_mode"]},
+            # loads in the step, pipelined or not: what this bench compares (not asynchronous loads)
+            kv_connector_extra_config={
+                "socket": spec["b_engine"],
+                "load_mode": spec["load_mode"],
+                "async_loads": False,
+            },
         ),
     )
     engine = llm.llm_engine

@@ -121,6 +121,7 @@ def main() -> None:
                     r = results.setdefault(o.request_id, {})
                     if o.outputs and o.outputs[0].token_ids and "ttft" not in r:
                         r["ttft"] = now - start[o.request_id]
+                        r["first_step"] = steps  # the engine step that gave its first token
                     if o.finished:
                         r["ids"] = list(o.outputs[0].token_ids)
                         r["cached"] = o.num_cached_tokens

@@ -56,7 +56,11 @@ def test_remote_and_disk_hits_with_pipelined_loads_give_identical_outputs(
         {**common, "cluster.node_id": "b", "cluster.gossip_address": f"127.0.0.1:{_free_port()}"}, name="b"
     )
     first = vllm_factory({"socket": str(a.engine_socket)}, **ENGINE)
-    second = vllm_factory({"socket": str(b.engine_socket), "load_mode": "layer"}, **ENGINE)
+    # pipelined loads in the step (asynchronous loads, the default for disk and remote hits, are
+    # tests/vllm/test_async_loads.py's)
+    second = vllm_factory(
+        {"socket": str(b.engine_socket), "load_mode": "layer", "async_loads": False}, **ENGINE
+    )
     wait_for(lambda: b.control().cluster()["alive"] == 2, 30, "the daemons to see each other")
 
     long = prompts.document(700, seed=11)

@@ -68,6 +68,12 @@ class PolarKVConnector(KVConnectorBase_V1):
         out: dict[str, float] = dict(side.stats) if side else {}
         if self._worker is not None:
             out.update({f"{k}_seconds": v for k, v in self._worker.stats_seconds.items()})
+            background = self._worker.background
+            if background is not None:  # loads vLLM ran asynchronously: counted in the totals too
+                for k, v in background.stats.items():
+                    out[k] = out.get(k, 0) + v
+                    out[f"async_{k}"] = v
+                out.update({f"async_{k}_seconds": v for k, v in background.stats_seconds.items()})
             mover = self._worker.mover
             if mover is not None:  # bytes by copy path (CUDA): load_vram, load_direct, load_staged, save_...
                 out.update({f"copied_{k}_bytes": v for k, v in mover.copied.items()})
@@ -105,6 +111,12 @@ class PolarKVConnector(KVConnectorBase_V1):
         if self._worker is not None:
             meta = self._connector_metadata
             self._worker.wait_save(meta if isinstance(meta, PolarKVMetadata) else None)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        # (stores: none pending at a request's end; loads: the asynchronous ones that ended)
+        if self._worker is None:
+            return None, None
+        return None, self._worker.take_finished_loads() or None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.take_errors() if self._worker is not None else set()

@@ -23,6 +23,8 @@ class LoadSpec:
     keys: list[list[bytes]]  # per TP rank
     block_ids: list[int]
     skip: int = 0
+    #: vLLM loads it asynchronously (the request waits, the step does not): `background.py`
+    background: bool = False
 
 
 @dataclasses.dataclass

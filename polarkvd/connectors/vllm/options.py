@@ -52,6 +52,11 @@ class Options:
     #: "step": copy saved blocks at wait_for_save; "layer": copy each layer in save_kv_layer;
     #: "auto": layer on CUDA workers, step on CPU.
     save_mode: str = "auto"
+    #: A hit with pages on the disk tier or on a peer loads asynchronously (vLLM's async loads): the
+    #: request waits while its pages are promoted or fetched and the other requests keep computing.
+    #: False: such loads hold the step like DRAM hits. Host (CPU) workers load them on a thread of
+    #: their own; CUDA workers in the step, layer-pipelined.
+    async_loads: bool = True
     #: Also store pages completed while decoding (generated tokens), not only prompt pages: a chat's
     #: next turn then hits its whole history.
     save_decode: bool = True

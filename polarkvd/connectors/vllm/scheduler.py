@@ -12,7 +12,7 @@ from polarkvd.connectors.vllm.link import DaemonLink, call_daemon
 from polarkvd.connectors.vllm.metadata import LoadSpec, PolarKVMetadata, SaveSpec, cacheable, salt_of
 from polarkvd.connectors.vllm.options import Options
 from polarkvd.keys import ROOT_KEY, page_keys
-from polarkvd.types import Namespace
+from polarkvd.types import Namespace, Tier
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -21,11 +21,16 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 
+#: tiers a hit's page may be in that take a promotion (disk) or a fetch (a peer's DRAM) to load
+_SLOW_TIERS = frozenset((int(Tier.DISK), int(Tier.DMP)))
+
+
 class _Req:
     """The scheduler's view of one request."""
 
     __slots__ = (
         "request", "salt", "cacheable", "keys", "digests", "block_ids", "saved_pages", "matched", "load",
+        "load_async", "load_failed",
     )  # fmt: skip
 
     def __init__(self, request: Request, tp_size: int) -> None:
@@ -38,6 +43,8 @@ class _Req:
         self.saved_pages = 0  # pages [0, saved_pages) are stored (or loaded, or planned to be)
         self.matched: tuple[int, int] | None = None  # (local tokens, loadable tokens) of the last ask
         self.load: tuple[int, list[int]] | None = None  # (first block index, block ids) to fill
+        self.load_async = False  # the last match is loaded while the request waits (vLLM async load)
+        self.load_failed = False  # a load of it lost blocks: it is computed from then on, never loaded
 
 
 class SchedulerSide:
@@ -48,6 +55,8 @@ class SchedulerSide:
         self._reqs: dict[str, _Req] = {}
         self._namespaces: dict[tuple[str, int], Namespace] = {}
         self._inflight: dict[str, tuple[int, list[int]]] = {}  # req -> (first block, ids) loading this step
+        self._async_ready: list[str] = []  # requests with an asynchronous load to hand the worker
+        self._async_inflight: dict[str, tuple[int, list[int]]] = {}  # req -> (first block, ids) until done
         self.stats: collections.Counter[str] = collections.Counter()
         # Open the unsalted sessions now: attaching maps the arena (0.1-0.8 s), which the first request
         # should not pay, and a daemon that is down gets reported at start.
@@ -103,7 +112,13 @@ class SchedulerSide:
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
         st = self._state(request)
         st.matched = None
+        st.load_async = False
         if not st.cacheable or not self.link.available:
+            return 0, False
+        if st.load_failed:
+            # vLLM asks again after a failed asynchronous load; a lookup may still see the pages
+            # (a table the dead daemon left, a page that is corrupt on disk): never load it twice
+            self.stats["lookups_after_failed_load"] += 1
             return 0, False
         g = self.geo
         bs, pb, pt = g.block_size, g.page_blocks, g.page_tokens
@@ -116,6 +131,7 @@ class SchedulerSide:
         if keys is None:
             return 0, False
         hits = last_page - first_page
+        slow = False  # a page of the hit is on disk or on a peer: a promotion or a fetch
         for rank in range(g.tp_size):
             client = self.link.session(self._namespace(st.salt, rank))
             if client is None:
@@ -128,13 +144,16 @@ class SchedulerSide:
             hits = min(hits, found.hits)
             if hits == 0:
                 break
+            slow = slow or any(code in _SLOW_TIERS for code in found.tier_codes[:hits])
         end_block = min((first_page + hits) * pb, max_blocks)
         tokens = end_block * bs - num_computed_tokens
         self.stats["lookups"] += 1
         if tokens <= 0:
             return 0, False
         st.matched = (num_computed_tokens, tokens)
-        return tokens, False
+        st.load_async = slow and self.opts.async_loads
+        self.stats["async_loads" if st.load_async else "sync_loads"] += 1
+        return tokens, st.load_async
 
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
@@ -150,10 +169,17 @@ class SchedulerSide:
         first, end = local // bs, (local + num_external_tokens) // bs
         ids = blocks.get_block_ids()[0]
         st.load = (first, list(ids[first:end]))
+        if st.load_async:  # the request is not scheduled until its load ends: planned on its own
+            self._async_ready.append(request.request_id)
 
     def build_connector_meta(self, so: SchedulerOutput) -> PolarKVMetadata:
         meta = PolarKVMetadata()
         self._inflight.clear()
+        for req_id in self._async_ready:
+            st = self._reqs.get(req_id)
+            if st is not None and st.load is not None:
+                meta.loads.append(self._load_spec(st, req_id, background=True))
+        self._async_ready.clear()
         scheduled = so.num_scheduled_tokens
         for new in so.scheduled_new_reqs:
             st = self._reqs.get(new.req_id)
@@ -181,19 +207,7 @@ class SchedulerSide:
         g = self.geo
         pb, pt = g.page_blocks, g.page_tokens
         if st.load is not None:
-            first, ids = st.load
-            st.load = None
-            first_page, end_page = first // pb, -(-(first + len(ids)) // pb)
-            # keys exist: the match computed them (a daemon gone since makes the load fail: recomputed)
-            load_keys = self._keys(st, end_page) or st.keys
-            meta.loads.append(
-                LoadSpec(
-                    req_id, st.salt, [k[first_page:end_page] for k in load_keys], ids, first - first_page * pb
-                )
-            )
-            self._inflight[req_id] = (first, ids)
-            st.saved_pages = max(st.saved_pages, end_page)
-            self.stats["planned_load_blocks"] += len(ids)
+            meta.loads.append(self._load_spec(st, req_id, background=False))
         if not st.cacheable or scheduled <= 0:
             return
         request = st.request
@@ -219,26 +233,46 @@ class SchedulerSide:
         st.saved_pages = end_page
         self.stats["planned_save_pages"] += end_page - start
 
+    def _load_spec(self, st: _Req, req_id: str, *, background: bool) -> LoadSpec:
+        """The worker's part of the load planned at allocation (`st.load`, cleared here)."""
+        assert st.load is not None
+        pb = self.geo.page_blocks
+        first, ids = st.load
+        st.load = None
+        first_page, end_page = first // pb, -(-(first + len(ids)) // pb)
+        # keys exist: the match computed them (a daemon gone since makes the load fail: recomputed)
+        load_keys = self._keys(st, end_page) or st.keys
+        (self._async_inflight if background else self._inflight)[req_id] = (first, ids)
+        st.saved_pages = max(st.saved_pages, end_page)
+        self.stats["planned_load_blocks"] += len(ids)
+        keys = [k[first_page:end_page] for k in load_keys]
+        return LoadSpec(req_id, st.salt, keys, ids, first - first_page * pb, background)
+
     def update_connector_output(self, output: KVConnectorOutput) -> None:
         bad = output.invalid_block_ids
         if bad:
             # vLLM recomputes from the first failed block; the worker dropped this step's saves of
             # these requests (computed on top of garbage), so plan them again from there.
             pb = self.geo.page_blocks
-            for req_id, (first, ids) in self._inflight.items():
+            loading = {**self._inflight, **self._async_inflight}
+            for req_id, (first, ids) in loading.items():
                 st = self._reqs.get(req_id)
                 if st is None:
                     continue
                 for i, block in enumerate(ids):
                     if block in bad:
                         st.saved_pages = min(st.saved_pages, (first + i) // pb)
+                        st.load_failed = True
                         self.stats["load_failures"] += 1
                         break
         self._inflight.clear()
+        for req_id in output.finished_recving or ():
+            self._async_inflight.pop(req_id, None)
 
     def request_finished(self, request: Request) -> None:
         self._reqs.pop(request.request_id, None)
         self._inflight.pop(request.request_id, None)
+        self._async_inflight.pop(request.request_id, None)
 
     def close(self) -> None:
         self.link.close()

@@ -15,6 +15,7 @@ from vllm.logger import init_logger
 
 from polarkvd.client import EngineClient
 from polarkvd.connectors.kv_copy import CudaMover, HostMover
+from polarkvd.connectors.vllm.background import BackgroundLoads, page_tensor
 from polarkvd.connectors.vllm.geometry import Geometry
 from polarkvd.connectors.vllm.link import DaemonLink, call_daemon
 from polarkvd.connectors.vllm.metadata import LoadSpec, PolarKVMetadata
@@ -116,6 +117,9 @@ class WorkerSide:
         self._save: _Save | None = None
         self._errors: set[int] = set()
         self._failed_reqs: set[str] = set()
+        #: loads vLLM runs asynchronously: on their own thread (host KV caches), else in the step
+        self.background: BackgroundLoads | None = None
+        self._finished_now: set[str] = set()  # asynchronous loads done in the step, to report
         self.disabled = ""
         self.stats: collections.Counter[str] = collections.Counter()
         self.stats_seconds: collections.defaultdict[str, float] = collections.defaultdict(float)
@@ -132,8 +136,7 @@ class WorkerSide:
         return client, ns
 
     def _page(self, view: memoryview) -> torch.Tensor:
-        g = self.geo
-        return torch.frombuffer(view, dtype=torch.uint8).view(g.num_layers, g.page_blocks, g.block_bytes)
+        return page_tensor(self.geo, view)
 
     def _pool_page(self, pools: dict[int, Any], client: EngineClient, offset: int) -> torch.Tensor | None:
         """The L1 page at `offset` of `client`'s pool (a CUDA tensor), None when the pool is not mapped."""
@@ -184,6 +187,8 @@ class WorkerSide:
                 self.save_mode = copy_mode(self.opts.save_mode, cuda=True)
             elif first.device.type == "cpu":
                 self.mover = HostMover(layers, g.num_blocks, g.block_bytes)
+                if self.opts.async_loads:
+                    self.background = BackgroundLoads(g, self.opts, self.mover, self.rank)
             else:
                 self.disabled = f"KV caches on {first.device.type} are not supported"
         if self.disabled:
@@ -210,10 +215,18 @@ class WorkerSide:
             return
         if self.before_load is not None:
             self.before_load(meta.loads)
+        specs = meta.loads
+        later = [spec for spec in specs if spec.background]
+        if later:
+            if self.background is not None:
+                self.background.submit(later)
+                specs = [spec for spec in specs if not spec.background]
+            else:  # loaded in this step like the others (CUDA: layer-pipelined), reported done after it
+                self._finished_now.update(spec.req_id for spec in later)
         load = _Load(self.geo.num_layers)
         pb = self.geo.page_blocks
         pools: dict[int, Any] = {}
-        for spec in meta.loads:
+        for spec in specs:
             got = 0
             client = None if self.disabled or self.mover is None else self._session(spec.salt)[0]
             if client is not None:
@@ -369,6 +382,16 @@ class WorkerSide:
         errors, self._errors = self._errors, set()
         return errors
 
+    def take_finished_loads(self) -> set[str]:
+        """Requests whose asynchronous load ended since the last call (their lost blocks are in
+        `take_errors` from now on, as vLLM requires)."""
+        done, self._finished_now = self._finished_now, set()
+        if self.background is not None:
+            ended, failed = self.background.take_done()
+            done |= ended
+            self._errors |= failed
+        return done
+
     # -- saves
 
     def _reserve(self, meta: PolarKVMetadata) -> _Save:
@@ -518,6 +541,8 @@ class WorkerSide:
 
     def close(self) -> None:
         self._finish_load()
+        if self.background is not None:
+            self.background.close()
         self.link.close()
         if self.mover is not None:
             self.mover.close()
