@@ -395,6 +395,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from polarkvd.bench.page_sizes import main as page_sizes_main
 
         return page_sizes_main(args)
+    if args.which == "mixed":
+        from polarkvd.bench.mixed import main as mixed_main
+
+        return mixed_main(args)
     raise AssertionError(args.which)
 
 
@@ -544,6 +548,14 @@ def build_parser() -> argparse.ArgumentParser:
         bsub.add_parser(
             "page-sizes",
             help="a second page size in a full arena: the reserve that needs a slab, pings meanwhile",
+        )
+    )
+    from polarkvd.bench.mixed import add_arguments as mixed_args
+
+    mixed_args(
+        bsub.add_parser(
+            "mixed",
+            help="vLLM: a hit on disk while other requests decode; their inter-token latency, async loads on/off",
         )
     )
     sp.set_defaults(fn=cmd_bench)
