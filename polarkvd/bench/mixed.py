@@ -111,10 +111,19 @@ def worker_main(spec_path: str) -> int:
     drain()
     engine.add_request("store", {"prompt_token_ids": spec["document"]}, one)  # its pages to the daemon
     drain()
+    want = len(spec["document"]) // spec["block_size"]  # the document's full pages
     with ControlClient(spec["control"], timeout=60) as c:
         if spec["place"] == "disk":
-            c.evict("dram", 1 << 40)  # every DRAM page goes (each has its copy on disk)
-        disk_pages = c.stats()["disk"]["pages"]
+            c.evict("dram", 1 << 40)  # every DRAM page goes, demoted to disk
+        deadline = time.monotonic() + 120
+        while True:  # the disk tier writes in the background: wait until every page is there
+            disk = c.stats()["tiers"]["disk"]
+            if disk["pending_pages"] == 0 and disk["pages"] >= want:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the document's pages did not reach the disk tier: {disk}")
+            time.sleep(0.05)
+        disk_pages = disk["pages"]
 
     decoders = [f"d{i}" for i in range(len(spec["decoders"]))]
     for rid, ids in zip(decoders, spec["decoders"]):
@@ -152,12 +161,15 @@ def worker_main(spec_path: str) -> int:
             drain()
             break
     assert hit_added is not None and hit_first is not None, "the hit request never got a token"
+    with ControlClient(spec["control"], timeout=60) as c:
+        counters = c.stats()["counters"]
     say(
         "result",
         steps=steps,
         hit_ttft_s=hit_first - hit_added,
         hit_ids=outputs.get("hit", []),
         disk_pages=disk_pages,
+        loaded_pages_disk=counters.get("loaded_pages_disk", 0),
         worker=dict(connector.stats),
         scheduler=dict(engine.engine_core.engine_core.scheduler.connector.stats),
     )
@@ -250,6 +262,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "hit_ttft_s": res["hit_ttft_s"],
                 "hit_ids": res["hit_ids"],
                 "disk_pages": res["disk_pages"],
+                "loaded_pages_disk": res["loaded_pages_disk"],
                 "async_loads": sched.get("async_loads", 0),
                 "loaded_blocks": worker.get("load_blocks", 0),
                 "load_failed_blocks": worker.get("load_failed_blocks", 0),

@@ -11,7 +11,8 @@ the request in WAITING_FOR_REMOTE_KVS with its blocks allocated, and schedules i
 The thread has its own daemon sessions (an `EngineClient` is not thread-safe): it asks the daemon
 for the pages (the daemon promotes them from disk or fetches them from the peer and answers once they
 are in DRAM), copies them into vLLM's KV tensors and lets the pages go. Only host KV caches are
-loaded so (`HostMover`: one `copy_` per block, into blocks no forward pass touches while the request
+loaded so (one plain memory copy per block with numpy, outside torch's thread pool, which the
+model's forward pass holds meanwhile; into blocks no forward pass touches while the request
 waits); a CUDA worker loads such requests in the step instead (`WorkerSide`), where layer-pipelined
 loads already hide the transfer behind the model's compute.
 """
@@ -24,6 +25,7 @@ import queue
 import threading
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from vllm.logger import init_logger
 
@@ -39,11 +41,6 @@ if TYPE_CHECKING:
 logger = init_logger("vllm.polarkvd.connector")
 
 
-def page_tensor(geo: Geometry, view: memoryview) -> torch.Tensor:
-    """A page in the arena as [layers, blocks in the page, bytes of a block]."""
-    return torch.frombuffer(view, dtype=torch.uint8).view(geo.num_layers, geo.page_blocks, geo.block_bytes)
-
-
 class BackgroundLoads:
     """The worker's loads that vLLM runs asynchronously (see the module docstring)."""
 
@@ -52,6 +49,11 @@ class BackgroundLoads:
         self.rank = rank
         self.mover = mover
         self.link = DaemonLink(opts, "worker-bg")
+        # numpy views of the KV layers (contiguous blocks), for copies that never enter torch's thread
+        # pool: the model's forward pass holds it meanwhile, and an OpenMP copy would wait for it
+        self._rows: list[np.ndarray[tuple[int, int], np.dtype[np.uint8]] | None] = [
+            None if rows is None else rows.numpy() for rows in mover.rows
+        ]
         self._namespaces: dict[str, Namespace] = {}
         self._jobs: queue.SimpleQueue[LoadSpec | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -124,24 +126,32 @@ class BackgroundLoads:
         )
         if result is None:
             return 0
-        pages: list[torch.Tensor] = []
-        items: list[tuple[torch.Tensor, int, int]] = []
+        g = self.geo
+        pages: list[np.ndarray[tuple[int, int, int], np.dtype[np.uint8]]] = []
+        items: list[tuple[int, int, int]] = []  # (page, block in page, vLLM block)
         try:
             for tier, view in zip(result.tiers, result.views):
                 if tier is Tier.VRAM:  # a host worker never maps the GPU pool
                     break
-                pages.append(page_tensor(self.geo, view))
-            pb = self.geo.page_blocks
+                pages.append(
+                    np.frombuffer(view, np.uint8).reshape(g.num_layers, g.page_blocks, g.block_bytes)
+                )
             for i, block in enumerate(spec.block_ids):
-                p, j = divmod(spec.skip + i, pb)
+                p, j = divmod(spec.skip + i, g.page_blocks)
                 if p >= len(pages):
                     break
-                items.append((pages[p], j, block))
-            for layer in range(self.geo.num_layers):
-                self.mover.load_layer(layer, [(page[layer, j], block) for page, j, block in items])
+                items.append((p, j, block))
+            for layer, rows in enumerate(self._rows):
+                if rows is not None:  # a plain memory copy per block (numpy lets go of the GIL)
+                    for p, j, block in items:
+                        rows[block] = pages[p][layer, j]
+                else:  # strided blocks: torch's typed copy
+                    self.mover.load_layer(
+                        layer, [(torch.from_numpy(pages[p][layer, j]), block) for p, j, block in items]
+                    )
             return len(items)
         finally:
-            pages.clear()  # drop the tensors over the arena before the pins go
+            pages.clear()  # drop the views of the arena before the pins go
             items.clear()
             if result.lease is not None:
                 call_daemon(self.link, "release", functools.partial(client.release, result.lease))

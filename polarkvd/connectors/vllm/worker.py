@@ -15,7 +15,7 @@ from vllm.logger import init_logger
 
 from polarkvd.client import EngineClient
 from polarkvd.connectors.kv_copy import CudaMover, HostMover
-from polarkvd.connectors.vllm.background import BackgroundLoads, page_tensor
+from polarkvd.connectors.vllm.background import BackgroundLoads
 from polarkvd.connectors.vllm.geometry import Geometry
 from polarkvd.connectors.vllm.link import DaemonLink, call_daemon
 from polarkvd.connectors.vllm.metadata import LoadSpec, PolarKVMetadata
@@ -136,7 +136,8 @@ class WorkerSide:
         return client, ns
 
     def _page(self, view: memoryview) -> torch.Tensor:
-        return page_tensor(self.geo, view)
+        g = self.geo
+        return torch.frombuffer(view, dtype=torch.uint8).view(g.num_layers, g.page_blocks, g.block_bytes)
 
     def _pool_page(self, pools: dict[int, Any], client: EngineClient, offset: int) -> torch.Tensor | None:
         """The L1 page at `offset` of `client`'s pool (a CUDA tensor), None when the pool is not mapped."""
