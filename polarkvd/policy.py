@@ -25,6 +25,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import ClassVar
 
+import numpy as np
+
 
 class PolicyNode:
     """Per-page bookkeeping a policy may use. Subclasses add their own slots."""
@@ -305,7 +307,89 @@ class S3FIFOPolicy(EvictionPolicy):
         return self._small.size + self._main.size
 
 
-POLICIES: dict[str, type[EvictionPolicy]] = {p.name: p for p in (LRUPolicy, S3FIFOPolicy)}
+#: priorities are kept as integers: seconds per byte x 1e18 (a 5.9 MB page worth 1 ms: ~1.7e8)
+_PRIO_SCALE = 1e18
+
+
+class CostPolicy(EvictionPolicy):
+    """GreedyDual-Size with what a page is worth as its cost (docs/DESIGN-NOTES.md, "Cost-aware
+    retention"): the victim is the evictable page of lowest priority H = L + value, where `value` is
+    the owner's `valuer(node)` (seconds an engine saves per byte the page holds: its recompute cost
+    minus what fetching it back would cost; never below 0), added to the inflation L when the page
+    comes in and at every hit, and L rises to each victim's H. A page not hit for a while sinks below
+    newer ones as L passes it; of pages hit alike, the dear outlive the cheap.
+
+    An LRU list is kept too: the `SAMPLE` least recently used pages are the candidates a `victims`
+    call scores, in one numpy batch (all pages when fewer are evictable among them), and it is the
+    order `coldest_first` gives. Without a valuer every value is 0 and the policy is LRU.
+    """
+
+    name = "cost"
+    SAMPLE = 1024
+
+    def __init__(self) -> None:
+        self._list = _NodeList()
+        self.inflation = 0  # L, in priority units
+        #: seconds saved per byte by keeping the page (set by the owner); None: 0 for every page
+        self.valuer: Callable[[PolicyNode], float] | None = None
+
+    def _priority(self, node: PolicyNode) -> int:
+        value = self.valuer(node) if self.valuer is not None else 0.0
+        return self.inflation + (int(value * _PRIO_SCALE) if value > 0 else 0)
+
+    def insert(self, node: PolicyNode) -> None:
+        if node.prev is None:
+            node.aux = self._priority(node)
+            self._list.push_tail(node)
+
+    def touch(self, node: PolicyNode) -> None:
+        if node.prev is not None:
+            node.aux = self._priority(node)
+            self._list.unlink(node)
+            self._list.push_tail(node)
+
+    def remove(self, node: PolicyNode) -> None:
+        if node.prev is not None:
+            self._list.unlink(node)
+
+    def victims(self, n: int, evictable: Evictable, limit: int | None = None) -> list[PolicyNode]:
+        if n <= 0:
+            return []
+        sample = max(self.SAMPLE, 4 * n) if limit is None else min(max(self.SAMPLE, 4 * n), limit)
+        chosen = self._lowest(list(itertools.islice(self._list, sample)), n, evictable)
+        if len(chosen) < n and sample < len(self._list) and limit is None:
+            chosen = self._lowest(list(self._list), n, evictable)  # too few evictable: every page
+        if len(chosen) < n:
+            return []
+        for node in chosen:
+            self._list.unlink(node)
+        self.inflation = max(self.inflation, max(node.aux for node in chosen))
+        return chosen
+
+    @staticmethod
+    def _lowest(candidates: list[PolicyNode], n: int, evictable: Evictable) -> list[PolicyNode]:
+        """The `n` evictable candidates of lowest priority (ties: least recently used first)."""
+        prio = np.fromiter((c.aux for c in candidates), dtype=np.float64, count=len(candidates))
+        chosen: list[PolicyNode] = []
+        for i in np.argsort(prio, kind="stable").tolist():
+            node = candidates[i]
+            if evictable(node):
+                chosen.append(node)
+                if len(chosen) == n:
+                    break
+        return chosen
+
+    def coldest_first(self) -> Iterator[PolicyNode]:
+        return iter(list(self._list))
+
+    def coldest(self, n: int) -> list[PolicyNode]:
+        return list(itertools.islice(self._list, n))
+
+    def __len__(self) -> int:
+        return len(self._list)
+
+
+POLICIES: dict[str, type[EvictionPolicy]] = {p.name: p for p in (LRUPolicy, S3FIFOPolicy, CostPolicy)}
 
 
 def make_policy(name: str) -> EvictionPolicy:

@@ -11,7 +11,15 @@ from collections.abc import Iterator
 import pytest
 
 from polarkvd.keys import page_keys
-from polarkvd.policy import POLICIES, LRUPolicy, PolicyNode, S3FIFOPolicy, make_policy, switch_policy
+from polarkvd.policy import (
+    POLICIES,
+    CostPolicy,
+    LRUPolicy,
+    PolicyNode,
+    S3FIFOPolicy,
+    make_policy,
+    switch_policy,
+)
 from polarkvd.types import Tier
 from tests.conftest import TEST_NS, make_manager, manager_store
 
@@ -183,7 +191,15 @@ def test_s3fifo_ghost_readmits_to_main() -> None:
 
 
 @pytest.mark.parametrize(
-    ("src", "dst"), [("lru", "s3fifo"), ("s3fifo", "lru"), ("lru", "lru"), ("s3fifo", "s3fifo")]
+    ("src", "dst"),
+    [
+        ("lru", "s3fifo"),
+        ("s3fifo", "lru"),
+        ("lru", "lru"),
+        ("s3fifo", "s3fifo"),
+        ("lru", "cost"),
+        ("cost", "s3fifo"),
+    ],
 )
 def test_switch_policy_keeps_every_node(src: str, dst: str) -> None:
     old = make_policy(src)
@@ -200,6 +216,63 @@ def test_switch_policy_keeps_every_node(src: str, dst: str) -> None:
     freed = [n.key for n in new.victims(100, anything)]
     assert freed == coldest
     assert len(new) == 0
+
+
+def worth(values: dict[bytes, float]):  # type: ignore[no-untyped-def]
+    """A valuer from a table: seconds saved per byte by keeping each page."""
+    return lambda node: values[node.key]
+
+
+def test_cost_keeps_the_pages_dear_to_recompute() -> None:
+    p = CostPolicy()
+    values = {k(i): (1e-9 if i % 2 else 1e-12) for i in range(100)}  # odd: 1000x dearer
+    p.valuer = worth(values)
+    nodes = [Node(k(i)) for i in range(100)]
+    for n in nodes:
+        p.insert(n)
+    freed = {int.from_bytes(n.key, "little") for n in p.victims(50, anything)}
+    assert freed == set(range(0, 100, 2))  # every cheap page before any dear one, whatever its age
+
+
+def test_cost_ages_out_a_dear_page_nobody_hits() -> None:
+    """Inflation: each victim raises the floor, so a dear page that is never hit again sinks below
+    cheap pages that keep being hit, and goes."""
+    p = CostPolicy()
+    values = {k(0): 1e-9, **{k(i): 1e-10 for i in range(1, 40)}}
+    p.valuer = worth(values)
+    dear = Node(k(0))
+    p.insert(dear)
+    for round_ in range(30):
+        hot = [Node(k(1 + (round_ % 39)))]
+        for n in hot:
+            p.insert(n)
+            p.touch(n)
+        if dear.prev is None:
+            break
+        p.victims(1, anything)
+    assert dear.prev is None, "the dear page was never evicted"
+
+
+def test_cost_without_values_is_lru() -> None:
+    cost, lru = CostPolicy(), LRUPolicy()
+    nodes = {name: [Node(k(i)) for i in range(50)] for name in ("cost", "lru")}
+    for p, name in ((cost, "cost"), (lru, "lru")):
+        for n in nodes[name]:
+            p.insert(n)
+        for i in (3, 17, 5, 40):
+            p.touch(nodes[name][i])
+    assert [n.key for n in cost.victims(50, anything)] == [n.key for n in lru.victims(50, anything)]
+
+
+def test_cost_scores_every_page_when_the_sample_has_too_few_evictable() -> None:
+    p = CostPolicy()
+    p.SAMPLE = 8
+    nodes = [Node(k(i)) for i in range(64)]
+    for n in nodes:
+        p.insert(n)
+    late = {n.key for n in nodes[40:]}
+    got = p.victims(4, lambda node: node.key in late)  # none of the 32 least recent are evictable
+    assert len(got) == 4 and all(n.key in late for n in got)
 
 
 def test_unknown_policy_is_refused() -> None:

@@ -1,0 +1,67 @@
+"""The cost model (polarkvd/cost_model.py): recompute cost fitted from an engine's observations,
+fetch costs from the daemon's measurements, defaults until measured."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from polarkvd.cost_model import MIN_OBSERVATIONS, FetchCosts, RecomputeModel, default_for
+from polarkvd.types import Tier
+from tests.conftest import TEST_NS
+
+
+def test_the_fit_follows_a_synthetic_engine() -> None:
+    """An engine whose prefill takes 20 ms + 0.5 ms/token + attention 1e-7 s per token per token of
+    depth, observed with 2% noise: the fit recovers what a page costs at any depth within 5%."""
+    truth = (0.02, 5e-4, 1e-7)
+    rng = random.Random(3)
+    model = RecomputeModel(TEST_NS)
+    assert model.cost == default_for(TEST_NS) and model.cost.observations == 0
+    for _ in range(200):
+        tokens, depth = rng.randint(16, 2048), rng.randint(0, 30_000)
+        s = truth[0] + truth[1] * tokens + truth[2] * tokens * (depth + tokens / 2)
+        model.observe(tokens, depth, s * rng.uniform(0.98, 1.02))
+    assert model.cost.observations > 0
+    for index in (0, 10, 200):
+        want = truth[1] * 128 + truth[2] * 128 * (index * 128 + 64)
+        assert model.cost.page_seconds(128, index) == pytest.approx(want, rel=0.05)
+
+
+def test_a_deep_page_costs_more_than_a_shallow_one() -> None:
+    cost = default_for(TEST_NS)
+    assert cost.page_seconds(128, 500) > 2 * cost.page_seconds(128, 0)
+
+
+def test_few_or_nonsense_observations_keep_the_default() -> None:
+    model = RecomputeModel(TEST_NS)
+    for _ in range(MIN_OBSERVATIONS - 1):
+        model.observe(100, 0, 0.05)
+    for bad in ((0, 0, 1.0), (10, -1, 1.0), (10, 0, -1.0), (10, 0, float("nan")), (10, 0, float("inf"))):
+        model.observe(*bad)
+    assert model.cost == default_for(TEST_NS)
+    model.observe(100, 0, 0.05)
+    assert model.cost.observations == MIN_OBSERVATIONS
+
+
+def test_a_fit_never_has_negative_terms() -> None:
+    """Observations that a negative fixed cost would fit best (time falls with depth: a warming cache)
+    give non-negative coefficients."""
+    model = RecomputeModel(TEST_NS)
+    for depth in range(0, 20_000, 1000):
+        model.observe(100, depth, max(0.001, 0.2 - depth * 1e-5))
+    c = model.cost
+    assert c.fixed >= 0 and c.per_token >= 0 and c.per_token_depth >= 0 and c.observations > 0
+
+
+def test_fetch_costs_follow_measurements() -> None:
+    f = FetchCosts()
+    before = f.seconds(Tier.DISK, 6 << 20)
+    for _ in range(50):
+        f.observe(Tier.DISK, 6 << 20, 0.060)  # 100 MB/s: a slow disk
+    assert f.measured(Tier.DISK) == 50
+    assert f.seconds(Tier.DISK, 6 << 20) > 4 * before
+    assert f.gbps(Tier.DISK) == pytest.approx(0.105, rel=0.05)
+    f.observe(Tier.DMP, 0, 1.0)  # nonsense: ignored
+    assert f.measured(Tier.DMP) == 0
