@@ -6,7 +6,7 @@
 #   ./scripts/bootstrap.sh --with-vllm  also vLLM's CPU build and the model converter's needs
 #                                       (~2-4 min and ~3.4 GB the first time; the real-engine tests)
 #   ./scripts/bootstrap.sh --with-sglang  also SGLang's package for the HiCache backend's tests and
-#                                       bench (implies --with-vllm for its CPU torch; ~20-40 s and
+#                                       bench (implies --with-vllm for its CPU torch; under a minute and
 #                                       ~240 MB in a folder of its own: scripts/setup-sglang.sh)
 #
 # Used by the README's commands, the Makefile and .ci/run.
