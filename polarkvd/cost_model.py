@@ -56,11 +56,11 @@ class PrefillCost:
 
 
 def default_for(ns: Namespace) -> PrefillCost:
-    """An over-estimate from the geometry alone: 1 us per layer per token for the dense part and
-    attention as dear as that at a depth of 4,096 tokens. A 30-layer model: 30 us/token, 100x what an
-    H100 takes and about what two CPU cores take for a 135M model: unmeasured pages look dear, so
-    they are kept and demoted, never dropped."""
-    per_token = 1e-6 * ns.num_layers
+    """An over-estimate from the geometry alone: 100 us per layer per token for the dense part, and
+    attention as dear as that at a depth of 4,096 tokens. A 30-layer model: 3 ms/token, more than two
+    CPU cores take for a 135M model (~2 ms) and ~1000x what a GPU takes: unmeasured pages look dear,
+    so they are kept and demoted, never dropped."""
+    per_token = 1e-4 * ns.num_layers
     return PrefillCost(fixed=0.0, per_token=per_token, per_token_depth=per_token / 4096)
 
 

@@ -30,6 +30,25 @@ READY_VRAM = READY | VRAM
 PROMOTING_VRAM = PROMOTING | VRAM
 
 
+def depth_of(code: int) -> int:
+    """The depth (pages before it in its chain) a page's depth code stands for: exact below 128, then
+    16 codes per doubling up to 255 (~31,000 pages: 4M tokens of 128-token pages). Codes are small
+    integers, which Python shares: a page pays 8 bytes for its depth whatever it is."""
+    return code if code < 128 else round(128 * 2 ** ((code - 128) / 16))
+
+
+def child_depth(code: int, key: bytes) -> int:
+    """The depth code of a page whose parent's is `code`: one more below 128; above, one more with
+    probability 1 / (the pages the code spans), drawn from the key's bits (keys are uniform hashes):
+    approximate counting, right on average along a chain, and the same for the same key."""
+    if code < 127:
+        return code + 1
+    if code >= 255:
+        return 255
+    span = depth_of(code + 1) - depth_of(code)
+    return code + 1 if (int.from_bytes(key[8:12], "little") * span) >> 32 == 0 else code
+
+
 class Page(PolicyNode):
     __slots__ = (
         "ns",
@@ -42,6 +61,7 @@ class Page(PolicyNode):
         "on_disk",
         "linked",
         "checksum",
+        "depth",
     )
 
     def __init__(self, key: bytes, ns: int, offset: int, size: int, parent: bytes | None, state: int) -> None:
@@ -56,6 +76,9 @@ class Page(PolicyNode):
         self.on_disk = False  # a copy already sits in L4: evicting it needs no write
         self.linked = False  # counted in its parent's `children`
         self.checksum: int | None = None  # xxh3_64 of the bytes, once known (sent to or received from a peer)
+        #: pages before it in its chain as far as the index knew its parent (PageIndex.add), as a
+        #: `depth_code` (0..255: a cached small int, no object of its own per page)
+        self.depth = 0
 
 
 class PageIndex:
@@ -100,6 +123,9 @@ class PageIndex:
             if not replaced.state & VRAM:
                 self._dram_slot(replaced, -replaced.size)
         self._pages[page.key] = page
+        if page.parent is not None:  # the parent's depth + 1; one page at least when it is not here
+            parent = self._pages.get(page.parent)
+            page.depth = child_depth(parent.depth, page.key) if parent is not None else 1
         self.ns_pages[page.ns] = self.ns_pages.get(page.ns, 0) + 1
         if not page.state & VRAM:
             self._dram_slot(page, page.size)

@@ -108,7 +108,16 @@ def _opt(default: Any, parse: Callable[[object], Any], doc: str, *, live: Knob |
     return dataclasses.field(default=default, metadata=meta)
 
 
-POLICY_NAMES = ("lru", "s3fifo")
+POLICY_NAMES = ("lru", "s3fifo", "cost")  # the memory tiers' (L1, DRAM)
+#: the disk tier's: its index keeps no page depth, so no `cost` there yet
+DISK_POLICY_NAMES = ("lru", "s3fifo")
+
+
+def policy_names(knob: str) -> tuple[str, ...]:
+    """The eviction policies a `<tier>.policy` option takes."""
+    return DISK_POLICY_NAMES if knob.startswith("disk.") else POLICY_NAMES
+
+
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 
@@ -189,7 +198,9 @@ class DramConfig:
         "lru",
         choice(*POLICY_NAMES),
         "eviction policy",
-        live=Knob("eviction policy", "lru, or s3fifo (scan-resistant)"),
+        live=Knob(
+            "eviction policy", "lru, s3fifo (scan-resistant), or cost (keeps what is dear to recompute)"
+        ),
     )
     shm_dir: str = _opt("/dev/shm", parse_str, "where the shared-memory arena file is created")
     lock_memory: bool = _opt(False, parse_bool, "mlock the arena (needs LimitMEMLOCK); keeps KV out of swap")
@@ -227,7 +238,7 @@ class DiskConfig:
     capacity: int = _opt(AUTO, _size_or_auto, "disk tier size; auto = min(16GiB, 1/4 of free space)")
     policy: str = _opt(
         "lru",
-        choice(*POLICY_NAMES),
+        choice(*DISK_POLICY_NAMES),
         "eviction policy",
         live=Knob("eviction policy", "lru, or s3fifo (scan-resistant)"),
     )

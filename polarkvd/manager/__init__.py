@@ -57,6 +57,7 @@ from polarkvd.manager.space import Space
 from polarkvd.manager.stats import Reports
 from polarkvd.manager.store import Store
 from polarkvd.manager.table import TableUpkeep
+from polarkvd.manager.worth import Worth
 from polarkvd.policy import EvictionPolicy, make_policy
 from polarkvd.tiers.disk import DiskTier
 from polarkvd.tiers.dram import SlabAllocator
@@ -103,6 +104,7 @@ class Manager:
         self.operator = Operator(self)
         self.reports = Reports(self)
         self.peers = PeerPages(self)  # what the cluster pool sees of our pages
+        self.worth = Worth(self)  # what pages are worth keeping: the `cost` policy's valuer
         self.cfg = cfg
         self.seed = seed if seed is not None else secrets.token_bytes(SEED_BYTES)
         self.arena = arena
@@ -114,6 +116,7 @@ class Manager:
         # which keys are READY in DRAM, for engines to probe without a round trip (lookup_table.py)
         self.table = self.index.table = table
         self.policy: EvictionPolicy = make_policy(cfg.dram.policy)
+        self.worth.attach(self.policy)
         self.namespaces: dict[bytes, NamespaceInfo] = {}
         self._ns_by_id: dict[int, NamespaceInfo] = {}
         self._ns_ids = itertools.count(1)  # never reused: the shared lookup table may hold an old one
@@ -162,6 +165,7 @@ class Manager:
         self.vram = vram
         self.vram_host = vram_host
         self.vram_policy: EvictionPolicy | None = make_policy(cfg.vram.policy) if vram is not None else None
+        self.worth.attach(self.vram_policy)
         self._vram_task: asyncio.Future[Any] | None = None  # a background demotion in flight
         # Promotion back into L1 (schedule_vram_promotion): DRAM pages that L1 sessions loaded lately,
         # with how often (bounded, the oldest forgotten first), those due for a copy into L1, and

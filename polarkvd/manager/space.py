@@ -243,6 +243,7 @@ class Space:
         if tier is Tier.DRAM:
             if name != self.m.policy.name:
                 self.m.policy = switch_policy(self.m.policy, name)
+                self.m.worth.attach(self.m.policy)
             self.m.cfg.dram.policy = name
         elif tier is Tier.DISK and self.m.disk is not None:
             self.m.disk.set_policy(name)

@@ -160,4 +160,5 @@ class Reports:
                 self.m, self.m.disk.stored_by_ns() if self.m.disk is not None else None
             ),
             "tuning_file": self.m.cfg.daemon.tuning_file,
+            "worth": self.m.worth.report(),  # the `cost` policy's prefill fits and fetch rates
         }

@@ -1,0 +1,86 @@
+"""What each page of the memory tiers is worth keeping, for the `cost` eviction policy: per namespace
+the engines' prefill cost (cost_model.RecomputeModel), per tier what fetching a page back costs
+(cost_model.FetchCosts), and the valuer the policy calls (docs/DESIGN-NOTES.md, "Cost-aware
+retention").
+
+A page's worth is what losing it from its tier would cost the next request that needs it, per byte:
+the cheaper of recomputing it (its namespace's fit at its depth in the chain) and fetching it back
+from the tier it would be demoted to (the disk tier when there is one); with nowhere to go, its whole
+recompute cost.
+
+A part of the manager (polarkvd/manager/__init__.py): the models are its own state; the pages and
+namespaces are the manager's.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from polarkvd.cost_model import FetchCosts, RecomputeModel
+from polarkvd.index import Page, depth_of
+from polarkvd.policy import CostPolicy, EvictionPolicy, PolicyNode
+from polarkvd.types import Tier
+
+if TYPE_CHECKING:
+    from polarkvd.manager import Manager
+
+
+class Worth:
+    """Recompute and fetch costs, and the `cost` policy's valuer."""
+
+    def __init__(self, m: Manager) -> None:
+        self.m = m
+        self.models: dict[int, RecomputeModel] = {}  # namespace id -> its prefill cost
+        self.fetch = FetchCosts()
+
+    def model(self, ns_id: int) -> RecomputeModel:
+        model = self.models.get(ns_id)
+        if model is None:
+            model = self.models[ns_id] = RecomputeModel(self.m._ns_by_id[ns_id].ns)
+        return model
+
+    def observe_prefill(self, ns_id: int, tokens: int, depth: int, seconds: float) -> None:
+        """An engine of namespace `ns_id` computed `tokens` tokens after `depth` in `seconds`."""
+        self.model(ns_id).observe(tokens, depth, seconds)
+
+    def forget(self, ns_id: int) -> None:
+        self.models.pop(ns_id, None)
+
+    def value(self, node: PolicyNode) -> float:
+        """Seconds a request saves per byte of the page by finding it in its tier (see the module
+        docstring)."""
+        assert isinstance(node, Page)  # the memory tiers' policies hold pages
+        info = self.m._ns_by_id[node.ns]
+        recompute = self.model(node.ns).cost.page_seconds(info.ns.page_tokens, depth_of(node.depth))
+        if self.m.disk is not None:
+            recompute = min(recompute, self.fetch.seconds(Tier.DISK, node.size))
+        return recompute / node.size if node.size else 0.0
+
+    def attach(self, policy: EvictionPolicy | None) -> None:
+        """Give `policy` this valuer if it is the `cost` policy (after it was made or switched)."""
+        if isinstance(policy, CostPolicy):
+            policy.valuer = self.value
+
+    def report(self) -> dict[str, Any]:
+        """For `status`: each namespace's fit, and the fetch rates."""
+        out: dict[str, Any] = {"namespaces": [], "fetch_gbps": {}}
+        for ns_id, model in self.models.items():
+            c = model.cost
+            info = self.m._ns_by_id.get(ns_id)
+            out["namespaces"].append(
+                {
+                    "id": ns_id,
+                    "model": info.ns.model if info is not None else "",
+                    "observations": model.observations,
+                    "fitted": c.observations > 0,
+                    "fixed_ms": c.fixed * 1e3,
+                    "per_token_us": c.per_token * 1e6,
+                    "per_token_depth_ns": c.per_token_depth * 1e9,
+                }
+            )
+        for tier in (Tier.DRAM, Tier.DMP, Tier.DISK):
+            out["fetch_gbps"][tier.name.lower()] = {
+                "gbps": self.fetch.gbps(tier),
+                "measured": self.fetch.measured(tier),
+            }
+        return out
