@@ -315,9 +315,40 @@ def cmd_evict(args: argparse.Namespace) -> int:
 
 
 def cmd_drain(args: argparse.Namespace) -> int:
-    print("draining: refusing new stores, writing DRAM pages to disk ...", file=sys.stderr, flush=True)
+    import threading
+
+    from polarkvd.progress import Progress
+
+    # The drain is one control call that answers when every page is written; meanwhile a second
+    # connection polls the counters: pages written to disk since the start, out of the DRAM pages
+    # there were (an upper bound: pages already on disk are not written again).
     with _control(args) as c:
-        r = c.drain()
+        st = c.stats()
+    written0 = st["counters"].get("demoted_pages", 0)
+    result: dict[str, Any] = {}
+
+    def drain() -> None:
+        try:
+            with _control(args) as dc:
+                result["reply"] = dc.drain()
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            result["error"] = e
+
+    worker = threading.Thread(target=drain, name="drain", daemon=True)
+    prog = Progress(st["tiers"]["dram"]["pages"], label="drain", unit="pages")
+    prog.note("draining: refusing new stores, writing DRAM pages to disk ...")
+    with prog, _control(args) as c:
+        worker.start()
+        while worker.is_alive():
+            worker.join(0.2)
+            if worker.is_alive():
+                now = c.stats()
+                pending = now["tiers"].get("disk", {}).get("pending_pages", 0)
+                written = now["counters"].get("demoted_pages", 0) - written0
+                prog.update(written, what=f"written to disk ({pending} queued)")
+    if "error" in result:
+        raise result["error"]
+    r = result["reply"]
     print(
         f"drained: {r['written_pages']} pages written to disk; run `polarkvd resume` to accept stores again"
     )
@@ -399,6 +430,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from polarkvd.bench.mixed import main as mixed_main
 
         return mixed_main(args)
+    if args.which == "sglang":
+        from polarkvd.bench.sglang import main as sglang_main
+
+        return sglang_main(args)
     raise AssertionError(args.which)
 
 
@@ -556,6 +591,14 @@ def build_parser() -> argparse.ArgumentParser:
         bsub.add_parser(
             "mixed",
             help="vLLM: a hit on disk while other requests decode; their inter-token latency, async loads on/off",
+        )
+    )
+    from polarkvd.bench.sglang import add_arguments as sglang_args
+
+    sglang_args(
+        bsub.add_parser(
+            "sglang",
+            help="SGLang HiCache write-back and prefetch: polarkvd vs HiCacheFile vs Mooncake Store",
         )
     )
     sp.set_defaults(fn=cmd_bench)

@@ -113,6 +113,11 @@ class Stack:
                 device_capacity_tokens=device_tokens, start_layer=0, end_layer=layers,
                 host_token_capacity=host_tokens,
             )  # fmt: skip
+        # SGLang pins its host pool on GPU hosts (page-locked: faulted in at start); touch it here
+        # too, so that no backend pays first-touch page faults inside its timed copies.
+        buffer = self.host.kv_buffer
+        for part in buffer if isinstance(buffer, (list, tuple)) else [buffer]:
+            part.view(-1).view(torch.uint8).fill_(0)
         pools = HostPoolGroup(
             [
                 build_pool_entry(
@@ -214,16 +219,17 @@ class Stack:
         try:
             self.fill(indices, seed, pages)
             tokens = list(getattr(key, "token_ids", key))
-            t0 = time.perf_counter()
-            op_id = self.controller.write_storage(indices, tokens, self.hashes(key), [])
+            hashes = self.hashes(key)
+            cpu0, t0 = time.process_time(), time.perf_counter()
+            op_id = self.controller.write_storage(indices, tokens, hashes, [])
             while True:
                 op = self.controller.ack_backup_queue.get(timeout=120)
                 if op.id == op_id:
                     break
-            took = time.perf_counter() - t0
+            took, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         finally:
             self.host.free(indices)
-        return {"stored_tokens": op.completed_tokens, "seconds": took}
+        return {"stored_tokens": op.completed_tokens, "seconds": took, "cpu_seconds": cpu}
 
     def read(
         self, seed: int, pages: int, salt: str | None = None, extra_key: str | None = None
@@ -234,7 +240,7 @@ class Stack:
 
         self.requests += 1
         key = self.key(seed, pages, salt, extra_key)
-        t0 = time.perf_counter()
+        cpu0, t0 = time.process_time(), time.perf_counter()
         op = self.controller.prefetch(CacheRequestHandle(f"r{self.requests}", 0), key, None, [])
         hit = self.controller.prefetch_hit_queue.get(timeout=120)
         assert hit is op, "another prefetch answered"
@@ -243,8 +249,10 @@ class Stack:
         loaded = 0
         digests: list[str] = []
         indices = None
+        t_transfer = time.perf_counter()
         if hit_tokens:  # a miss is revoked by the scheduler: no transfer, no acks
             indices = self.alloc(hit_tokens)
+            t_transfer = time.perf_counter()
             hit.host_indices = indices
             self.controller.prefetch_buffer.put(hit)
         while hit_tokens:
@@ -253,7 +261,8 @@ class Stack:
                 loaded = max(loaded, int(ack.completed_tokens))
             if ack.completed_req:
                 break
-        took = time.perf_counter() - t0
+        end = time.perf_counter()
+        took, cpu = end - t0, time.process_time() - cpu0
         if indices is not None:
             digests = self.digests(indices, loaded // self.page)
             self.host.free(indices)
@@ -263,7 +272,9 @@ class Stack:
             "loaded_tokens": loaded,
             "match": digests == want,
             "query_seconds": t_query,
+            "transfer_seconds": end - t_transfer,
             "seconds": took,
+            "cpu_seconds": cpu,
         }
 
     # -- straight to the backend ------------------------------------------------------------------
@@ -320,6 +331,31 @@ class Stack:
             "ok": ok,
             "match": match,
             "seconds": took,
+        }
+
+    def exists_timing(self, seed: int, pages: int, keys: int = 64, repeat: int = 200) -> dict[str, Any]:
+        """p50 of `batch_exists` over the first `keys` keys of a stored chain (all hits), and, for
+        polarkvd, of one socket round trip (`ping`) in the same thread, interleaved."""
+        from sglang.srt.mem_cache.hicache_storage import HiCacheStorageExtraInfo
+
+        chain = self.hashes(self.key(seed, pages))[:keys]
+        info = HiCacheStorageExtraInfo(prefix_keys=[])
+        link = getattr(self.backend, "link", None)
+        session = link.session() if link is not None else None
+        exists, pings, hits = [], [], 0
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            hits = self.backend.batch_exists(chain, info)
+            exists.append(time.perf_counter() - t0)
+            if session is not None:
+                t0 = time.perf_counter()
+                session.client.ping()
+                pings.append(time.perf_counter() - t0)
+        return {
+            "keys": len(chain),
+            "hits": hits,
+            "exists_p50_s": float(np.median(exists)),
+            "ping_p50_s": float(np.median(pings)) if pings else None,
         }
 
     def stats(self) -> dict[str, Any]:
