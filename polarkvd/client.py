@@ -539,6 +539,10 @@ class EngineClient:
     def ping(self) -> None:
         self._ch.call(P.Op.PING.value, {})
 
+    def observe_prefill(self, tokens: int, depth: int, seconds: float) -> None:
+        """Tell the daemon what computing `tokens` tokens after `depth` took (its `cost` policy)."""
+        self._ch.call(P.Op.OBSERVE.value, {"tokens": tokens, "depth": depth, "seconds": seconds})
+
     def page(self, offset: int) -> memoryview:
         """A writable view of the page at `offset` in the arena."""
         self._need_arena()

@@ -250,6 +250,7 @@ def test_ops_before_hello(healthy: Healthy, raw: Raw) -> None:
         ("abort", {"keys": keys}),
         ("load", {"keys": keys}),
         ("release", {"lease": 1}),
+        ("observe", {"tokens": 256, "depth": 0, "seconds": 0.5}),
     ]:
         assert "hello" in err(raw.call(op, args), ErrorCode.NO_SESSION)
     assert healthy.daemon.stats()["tiers"]["dram"]["reserved_pages"] == 0
@@ -325,6 +326,27 @@ def test_malformed_arguments(healthy: Healthy, raw: Raw) -> None:
     err(raw.call("release", {"lease": True}), ErrorCode.BAD_REQUEST)
     assert ok(raw.call("lookup", {"keys": []}))["tiers"] == b""
     assert healthy.daemon.stats()["tiers"]["dram"]["reserved_pages"] == 0
+
+
+def test_bad_prefill_timings_are_refused_and_change_no_fit(healthy: Healthy, raw: Raw) -> None:
+    ok(raw.hello())
+    for args in (
+        {"tokens": 0, "depth": 0, "seconds": 0.1},
+        {"tokens": -5, "depth": 0, "seconds": 0.1},
+        {"tokens": 1 << 40, "depth": 0, "seconds": 0.1},
+        {"tokens": 100, "depth": -1, "seconds": 0.1},
+        {"tokens": 100, "depth": 0, "seconds": float("nan")},
+        {"tokens": 100, "depth": 0, "seconds": float("inf")},
+        {"tokens": 100, "depth": 0, "seconds": -1.0},
+        {"tokens": 100, "depth": 0, "seconds": "0.1"},
+        {"tokens": 100, "depth": 0, "seconds": True},
+        {"tokens": 100.5, "depth": 0, "seconds": 0.1},
+        {"tokens": 100, "depth": 0},
+    ):
+        err(raw.call("observe", args), ErrorCode.BAD_REQUEST)
+    assert all(m["observations"] == 0 for m in healthy.daemon.stats()["worth"]["models"])
+    ok(raw.call("observe", {"tokens": 100, "depth": 0, "seconds": 0.1}))
+    assert sum(m["observations"] for m in healthy.daemon.stats()["worth"]["models"]) == 1
 
 
 def test_bad_l1_arguments(healthy: Healthy, raw: Raw) -> None:

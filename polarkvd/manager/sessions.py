@@ -126,7 +126,6 @@ class Attachments:
                 continue
             del self.m.namespaces[digest]
             del self.m._ns_by_id[info.id]
-            self.m.worth.forget(info.id)
             self.m._disk_listed.discard(info.id)
             forgotten += 1
         self.m.counters["namespaces_forgotten"] += forgotten

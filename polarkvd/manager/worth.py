@@ -30,21 +30,23 @@ class Worth:
 
     def __init__(self, m: Manager) -> None:
         self.m = m
-        self.models: dict[int, RecomputeModel] = {}  # namespace id -> its prefill cost
+        #: prefill cost per model and shard: namespaces that differ only in their cache salt or TP
+        #: rank compute alike, so they share one fit (a tenant's engine reports for all)
+        self.models: dict[tuple[object, ...], RecomputeModel] = {}
         self.fetch = FetchCosts()
 
     def model(self, ns_id: int) -> RecomputeModel:
-        model = self.models.get(ns_id)
+        ns = self.m._ns_by_id[ns_id].ns
+        key = (ns.model, ns.dtype, ns.layout, ns.num_layers, ns.num_kv_heads, ns.head_dim, ns.page_tokens,
+               ns.tp_size, ns.kv_parts)  # fmt: skip
+        model = self.models.get(key)
         if model is None:
-            model = self.models[ns_id] = RecomputeModel(self.m._ns_by_id[ns_id].ns)
+            model = self.models[key] = RecomputeModel(ns)
         return model
 
     def observe_prefill(self, ns_id: int, tokens: int, depth: int, seconds: float) -> None:
         """An engine of namespace `ns_id` computed `tokens` tokens after `depth` in `seconds`."""
         self.model(ns_id).observe(tokens, depth, seconds)
-
-    def forget(self, ns_id: int) -> None:
-        self.models.pop(ns_id, None)
 
     def value(self, node: PolicyNode) -> float:
         """Seconds a request saves per byte of the page by finding it in its tier (see the module
@@ -62,15 +64,14 @@ class Worth:
             policy.valuer = self.value
 
     def report(self) -> dict[str, Any]:
-        """For `status`: each namespace's fit, and the fetch rates."""
-        out: dict[str, Any] = {"namespaces": [], "fetch_gbps": {}}
-        for ns_id, model in self.models.items():
+        """For `status`: each model's prefill fit, and the fetch rates."""
+        out: dict[str, Any] = {"models": [], "fetch_gbps": {}}
+        for key, model in self.models.items():
             c = model.cost
-            info = self.m._ns_by_id.get(ns_id)
-            out["namespaces"].append(
+            out["models"].append(
                 {
-                    "id": ns_id,
-                    "model": info.ns.model if info is not None else "",
+                    "model": key[0],
+                    "page_tokens": key[6],
                     "observations": model.observations,
                     "fitted": c.observations > 0,
                     "fixed_ms": c.fixed * 1e3,

@@ -248,6 +248,18 @@ def engine_api(
         only_args(args)
         return {}
 
+    def observe(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        """The engine computed `tokens` tokens after `depth` of context in `seconds` (one step)."""
+        only_args(args, "tokens", "depth", "seconds")
+        tokens, depth = arg_int(args, "tokens"), arg_int(args, "depth")
+        if not 0 < tokens <= 1 << 24 or not 0 <= depth <= 1 << 32:
+            raise ProtocolError(f"tokens must be 1..{1 << 24} and depth 0..{1 << 32}")
+        seconds = args.get("seconds")
+        if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not 0 < seconds < 3600:
+            raise ProtocolError("seconds must be a number of seconds in (0, 3600)")  # NaN fails too
+        manager.worth.observe_prefill(_session(conn).ns.id, tokens, depth, float(seconds))
+        return {}
+
     handlers: dict[str, Handler] = {
         P.Op.HELLO.value: hello,
         P.Op.LOOKUP.value: lookup,
@@ -257,5 +269,6 @@ def engine_api(
         P.Op.LOAD.value: load,
         P.Op.RELEASE.value: release,
         P.Op.PING.value: ping,  # on the loop: a ping answered says the loop is alive
+        P.Op.OBSERVE.value: observe,
     }
     return EngineAPI(handlers, {P.Op.LOOKUP.value: lookup_on_thread})

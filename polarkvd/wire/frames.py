@@ -42,6 +42,7 @@ class Op(str, enum.Enum):
     LOAD = "load"
     RELEASE = "release"
     PING = "ping"
+    OBSERVE = "observe"  # an engine's prefill timing: what recomputing costs (manager/worth.py)
     # control API
     STATS = "stats"
     EVICT = "evict"

@@ -78,7 +78,7 @@ def test_engines_observations_replace_the_default() -> None:
     after = m.worth.model(ns_id).cost
     assert after.observations > 0 and after.per_token < before.per_token  # far cheaper than the guess
     report = m.stats()["worth"]
-    assert report["namespaces"][0]["fitted"] and report["namespaces"][0]["model"] == TEST_NS.model
+    assert report["models"][0]["fitted"] and report["models"][0]["model"] == TEST_NS.model
     assert set(report["fetch_gbps"]) == {"dram", "dmp", "disk"}
 
 

@@ -72,3 +72,29 @@ def test_a_disk_hit_is_loaded_asynchronously_and_planned_at_once(daemon_factory,
             assert sched.stats.get("async_loads", 0) == 0
     finally:
         sched.close()
+
+
+def test_prefill_steps_are_timed_for_the_daemons_cost_model(daemon_factory) -> None:
+    """Each step that computes enough tokens is reported to the daemon (tokens, the depth that gives the
+    same attention work, seconds): what the `cost` policy fits a page's recompute cost from."""
+    d = daemon_factory()
+    g = geometry()
+    sched = connector.SchedulerSide(g, connector.Options(socket=str(d.engine_socket)))
+    try:
+        step = empty_step()
+        step.num_scheduled_tokens = {"a": 256, "b": 1}  # a prefill and a decode
+        step.scheduled_new_reqs = [SimpleNamespace(req_id="a", num_computed_tokens=1024, block_ids=None)]
+        step.scheduled_cached_reqs.req_ids = ["b"]
+        step.scheduled_cached_reqs.num_computed_tokens = [50]
+        step.scheduled_cached_reqs.new_block_ids = [None]
+        sched.build_connector_meta(step)
+        decode = empty_step()
+        decode.num_scheduled_tokens = {"b": 1}
+        sched.build_connector_meta(decode)  # planned before the first step finished (async scheduling)
+        for _ in range(2):
+            sched.update_connector_output(SimpleNamespace(invalid_block_ids=set(), finished_recving=None))
+        models = d.stats()["worth"]["models"]
+        assert [m["observations"] for m in models] == [1]  # the decode step is too small to say much
+        assert sched.stats["observed_steps"] == 1
+    finally:
+        sched.close()

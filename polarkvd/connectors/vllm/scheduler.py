@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import collections
 import functools
+import logging
+import time
 from typing import TYPE_CHECKING
 
 from polarkvd.connectors.vllm.geometry import Geometry
 from polarkvd.connectors.vllm.link import DaemonLink, call_daemon
 from polarkvd.connectors.vllm.metadata import LoadSpec, PolarKVMetadata, SaveSpec, cacheable, salt_of
 from polarkvd.connectors.vllm.options import Options
+from polarkvd.errors import DaemonUnavailable, PolarKVError
 from polarkvd.keys import ROOT_KEY, page_keys
 from polarkvd.types import Namespace, Tier
 
@@ -20,6 +23,11 @@ if TYPE_CHECKING:
     from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
+
+log = logging.getLogger("vllm.polarkvd.connector")
+
+#: steps computing fewer tokens are not reported to the daemon's cost model (decode steps)
+OBSERVE_MIN_TOKENS = 32
 
 #: tiers a hit's page may be in that take a promotion (disk) or a fetch (a peer's DRAM) to load
 _SLOW_TIERS = frozenset((int(Tier.DISK), int(Tier.DMP)))
@@ -57,6 +65,10 @@ class SchedulerSide:
         self._inflight: dict[str, tuple[int, list[int]]] = {}  # req -> (first block, ids) loading this step
         self._async_ready: list[str] = []  # requests with an asynchronous load to hand the worker
         self._async_inflight: dict[str, tuple[int, list[int]]] = {}  # req -> (first block, ids) until done
+        # steps planned and not finished: (tokens, sum of tokens x their mean depth, start): what a
+        # step computed and how long it took, told to the daemon (its cost policy's prefill fit)
+        self._steps: collections.deque[tuple[int, float, float]] = collections.deque(maxlen=8)
+        self._observe = True  # off when the daemon does not know the op
         self.stats: collections.Counter[str] = collections.Counter()
         # Open the unsalted sessions now: attaching maps the arena (0.1-0.8 s), which the first request
         # should not pay, and a daemon that is down gets reported at start.
@@ -175,6 +187,7 @@ class SchedulerSide:
     def build_connector_meta(self, so: SchedulerOutput) -> PolarKVMetadata:
         meta = PolarKVMetadata()
         self._inflight.clear()
+        self._note_step(so)
         for req_id in self._async_ready:
             st = self._reqs.get(req_id)
             if st is not None and st.load is not None:
@@ -248,7 +261,40 @@ class SchedulerSide:
         keys = [k[first_page:end_page] for k in load_keys]
         return LoadSpec(req_id, st.salt, keys, ids, first - first_page * pb, background)
 
+    def _note_step(self, so: SchedulerOutput) -> None:
+        """Remember what this step computes: tokens, and tokens x depth (attention's share)."""
+        tokens, weighted = 0, 0.0
+        cached = so.scheduled_cached_reqs
+        computed = dict(zip(cached.req_ids, cached.num_computed_tokens))
+        computed.update((new.req_id, new.num_computed_tokens) for new in so.scheduled_new_reqs)
+        for req_id, n in so.num_scheduled_tokens.items():
+            tokens += n
+            weighted += n * (computed.get(req_id, 0) + n / 2)
+        self._steps.append((tokens, weighted, time.perf_counter()))
+
+    def _report_step(self) -> None:
+        """Tell the daemon how long the oldest step in flight took, when it prefilled enough tokens:
+        (tokens, the depth that gives the same attention work, seconds)."""
+        if not self._steps:
+            return
+        tokens, weighted, started = self._steps.popleft()
+        if not self._observe or tokens < OBSERVE_MIN_TOKENS or not self.link.available:
+            return
+        client = self.link.session(self._namespace("", 0))
+        if client is None:
+            return
+        depth = max(0, int(weighted / tokens - tokens / 2))
+        try:
+            client.observe_prefill(tokens, depth, time.perf_counter() - started)
+            self.stats["observed_steps"] += 1
+        except DaemonUnavailable as e:
+            self.link.failed(e)
+        except PolarKVError as e:  # an older daemon: it has no cost model to feed
+            self._observe = False
+            log.info("polarkvd does not take prefill timings (%s); not sending them", e)
+
     def update_connector_output(self, output: KVConnectorOutput) -> None:
+        self._report_step()
         bad = output.invalid_block_ids
         if bad:
             # vLLM recomputes from the first failed block; the worker dropped this step's saves of
