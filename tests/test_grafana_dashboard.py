@@ -93,11 +93,15 @@ def test_every_metric_the_dashboard_queries_is_served(daemon_factory) -> None:
         for name, body in SELECTOR.findall(expr):
             for label in MATCHER.findall(body):
                 if label not in TARGET_LABELS and label not in labels.get(name, set()):
-                    problems.append(f"{where}: {name} has no label {label!r} (it has {sorted(labels.get(name, []))})")
+                    problems.append(
+                        f"{where}: {name} has no label {label!r} (it has {sorted(labels.get(name, []))})"
+                    )
         for grouping in re.findall(r"\bby\s*\(([^)]*)\)", expr):
             for label in (x.strip() for x in grouping.split(",")):
-                if label and label not in TARGET_LABELS | {"le"} and not any(
-                    label in labels.get(n, set()) for n in METRIC.findall(expr)
+                if (
+                    label
+                    and label not in TARGET_LABELS | {"le"}
+                    and not any(label in labels.get(n, set()) for n in METRIC.findall(expr))
                 ):
                     problems.append(f"{where}: groups by {label!r}, which none of its metrics has")
     missing = {name: where for name, where in used.items() if name not in labels}
