@@ -100,6 +100,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--skip", nargs="*", default=[], choices=METHODS[1:], metavar="METHOD",
                    help="methods to leave out: transport, transport_stored_sums, raw_tcp, redis, mooncake")  # fmt: skip
+    from polarkvd.bench.plots import add_plot_arguments
+
+    add_plot_arguments(p)
 
 
 def parse_page_size(text: str) -> int:
@@ -464,15 +467,21 @@ class MooncakeMethod:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from polarkvd.bench.harness import Progress, median, ratio
+    from polarkvd.progress import Progress
+
+    skip = set(args.skip or [])
+    methods = [m for m in METHODS if m not in skip]
+    # a live bar on a terminal, plain lines on stderr otherwise
+    with Progress(2 + len(methods) + args.rounds, quiet=getattr(args, "quiet", False)) as prog:
+        return _run(args, methods, prog)
+
+
+def _run(args: argparse.Namespace, methods: list[str], prog: Any) -> dict[str, Any]:
+    from polarkvd.bench.harness import median, ratio
     from polarkvd.config.values import parse_size
     from polarkvd.transport.peer_wire import data_key
 
     sizes = sorted({parse_page_size(s) for s in args.sizes})
-    skip = set(args.skip or [])
-    methods = [m for m in METHODS if m not in skip]
-    quiet = getattr(args, "quiet", False)
-    prog = Progress(3 + len(methods) + args.rounds, quiet=quiet)
     res: dict[str, Any] = {
         "sizes": sizes,
         "threads": args.threads,
@@ -523,8 +532,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     if m in ("fetch", "transport"):
                         raise
                     res["not_available"][m] = f"{type(e).__name__}: {e}".strip()
-                    if not quiet:
-                        print(f"  {m}: not available: {e}", file=sys.stderr)
+                    prog.note(f"  {m}: not available: {e}")
             server_cpu = cpu_meter(ends.server_pids) if ends.server_pids else None
             for m in ("transport", "transport_stored_sums", "raw_tcp"):
                 if m in runners:
@@ -579,7 +587,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ):
         res[k] = head[k]
     res["by_size"] = by_size
-    prog.step("done")
     return res
 
 
@@ -627,6 +634,11 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from polarkvd.bench import plots
+
+    if args.plot_from:
+        return plots.redraw("cluster", args)
+    plots.check(args)
     # SIGTERM unwinds like Ctrl-C, so the `finally`s stop every child (they also die with us on SIGKILL).
     old = (
         signal.signal(signal.SIGTERM, _interrupt)
@@ -642,6 +654,7 @@ def main(args: argparse.Namespace) -> int:
         if old is not None:
             signal.signal(signal.SIGTERM, old)
     print(json.dumps(res, indent=2) if args.json else render(res))
+    plots.after_run("cluster", res, args)
     return 0
 
 

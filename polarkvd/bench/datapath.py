@@ -31,7 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from polarkvd.bench.harness import Progress, median, percentile, private_daemon, table
+from polarkvd.bench import plots
+from polarkvd.bench.harness import median, percentile, private_daemon, table
+from polarkvd.progress import Progress
 from polarkvd.types import Namespace, Tier
 
 BIG_NS = Namespace(
@@ -54,6 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="files",
         help="disk.write_through_sync of the disk-tier daemon (the write-through rows)",
     )
+    plots.add_plot_arguments(p)
 
 
 def kv_like_pages(ns: Namespace, n: int, seed: int = 0) -> list[np.ndarray]:
@@ -201,9 +204,13 @@ def _timed_load(kv: Any, keys: Sequence[bytes], outs: list[np.ndarray], batch: i
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    with Progress(8) as prog:  # a live bar on a terminal, plain lines on stderr otherwise
+        return _run(args, prog)
+
+
+def _run(args: argparse.Namespace, prog: Progress) -> dict[str, Any]:
     from polarkvd.client import ControlClient, EngineClient
 
-    prog = Progress(10, quiet=False)
     npages, rounds = args.pages, args.rounds
     big = BIG_NS.page_bytes
     dram = max(1 << 30, (npages * 2 + 8) * (big + 4096) + (64 << 20))
@@ -235,7 +242,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with private_daemon(sets) as (engine_sock, control_sock):
         ctl = ControlClient(control_sock)
         kv = EngineClient(BIG_NS, "bench", engine_sock)
-        prog.step(f"store {rounds} x {npages} pages of {big / 1e6:.1f} MB ({batch} per call)")
+        prog.step(f"store and load {rounds} x {npages} pages of {big / 1e6:.1f} MB ({batch} per call)")
         store_t, load_t, copy_t = [], [], []
         warm_keys = kv.page_keys(np.arange(npages * 256) + 7_000_000)
         _timed_store(kv, warm_keys, pages, batch)  # first touch of the arena slots
@@ -253,7 +260,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         assert all(np.array_equal(o, p) for o, p in zip(outs, pages)), "loaded bytes differ from stored bytes"
         res["memcpy_gbps"] = npages * big / median(copy_t) / 1e9
         res["store_gbps"] = npages * big / median(store_t) / 1e9
-        prog.step(f"load {rounds} x {npages} pages")
         res["load_gbps"] = npages * big / median(load_t) / 1e9
 
         prog.step(f"lookup of 32 keys x {args.lookups}: shared table, and over the socket")
@@ -327,7 +333,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         res.update(partial_hit_lookups(ctl, engine_sock, args.lookups))
         ctl.close()
 
-    prog.step("done")
     res["store_vs_memcpy"] = res["store_gbps"] / res["memcpy_gbps"]
     res["load_vs_memcpy"] = res["load_gbps"] / res["memcpy_gbps"]
     res["lookup_p50_vs_rtt"] = res["lookup_p50_us"] / res["socket_rtt_p50_us"]
@@ -558,11 +563,15 @@ def render(res: dict[str, Any]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.plot_from:
+        return plots.redraw("datapath", args)
+    plots.check(args)
     res = run(args)
     if args.json:
         print(json.dumps(res, indent=2))
     else:
         print(render(res))
+    plots.after_run("datapath", res, args)
     return 0
 
 

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from polarkvd.bench import plots
 from polarkvd.bench.harness import (
     count_cpus,
     cpu_bind,
@@ -46,6 +47,7 @@ from polarkvd.bench.harness import (
     table,
     vllm_env,
 )
+from polarkvd.progress import Progress
 
 MARK = "@@mixed "
 SCENARIOS = ("disk_async", "disk_sync", "dram")
@@ -64,6 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpus", default="", help="VLLM_CPU_OMP_THREADS_BIND (default: every CPU)")
     p.add_argument("--model", default="", help="model directory (default: the converted SmolLM2-135M)")
     p.add_argument("--keep", action="store_true", help="keep the run directory (logs)")
+    plots.add_plot_arguments(p)
 
 
 # ------------------------------------------------------------------------------ the vLLM process
@@ -227,46 +230,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="polarkv-mixed-"))
     results: dict[str, Any] = {}
     sets = {"dram.capacity": "2GiB", "disk.enabled": "true"}
-    for scenario in SCENARIOS:
-        with private_daemon(sets, keep=args.keep) as (engine_sock, control_sock):
-            spec = {
-                **spec_base,
-                "engine": str(engine_sock),
-                "control": str(control_sock),
-                "place": "dram" if scenario == "dram" else "disk",
-                "async_loads": scenario == "disk_async",
-            }
-            sdir = root / scenario
-            (sdir / "tmp").mkdir(parents=True)
-            (sdir / "spec.json").write_text(json.dumps(spec))
-            log = sdir / "vllm.log"
-            print(f"[bench mixed] {LABELS[scenario]}: starting vLLM (log {log})", file=sys.stderr)
-            with open(log, "w") as out:
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "polarkvd.bench.mixed", "--worker", str(sdir / "spec.json")],
-                    stdout=out, stderr=subprocess.STDOUT, env={**env, "TMPDIR": str(sdir / "tmp")},
-                    cwd=str(sdir), start_new_session=True,
-                )  # fmt: skip
-                try:
-                    rc = proc.wait(timeout=1800)
-                finally:
-                    kill_group(proc)
-            lines = [ln for ln in log.read_text().splitlines() if ln.startswith(MARK)]
-            if rc != 0 or not lines:
-                tail = "\n".join(log.read_text().splitlines()[-30:])
-                raise SystemExit(f"bench mixed: {scenario} failed (exit {rc}); log {log}:\n{tail}")
-            res = json.loads(lines[-1][len(MARK) :])
-            worker, sched = res["worker"], res["scheduler"]
-            results[scenario] = {
-                **summarize(res["steps"], args.decoders),
-                "hit_ttft_s": res["hit_ttft_s"],
-                "hit_ids": res["hit_ids"],
-                "disk_pages": res["disk_pages"],
-                "loaded_pages_disk": res["loaded_pages_disk"],
-                "async_loads": sched.get("async_loads", 0),
-                "loaded_blocks": worker.get("load_blocks", 0),
-                "load_failed_blocks": worker.get("load_failed_blocks", 0),
-            }
+    with Progress(len(SCENARIOS), label="bench mixed") as prog:  # a live bar on a terminal, else lines
+        for scenario in SCENARIOS:
+            results[scenario] = _scenario(args, scenario, spec_base, sets, env, root, prog)
     ids = {tuple(r["hit_ids"]) for r in results.values()}
     report = {
         "shape": {
@@ -285,6 +251,53 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         shutil.rmtree(root, ignore_errors=True)
     return report
+
+
+def _scenario(
+    args: argparse.Namespace, scenario: str, spec_base: dict[str, Any], sets: dict[str, str],
+    env: dict[str, str], root: Path, prog: Progress,
+) -> dict[str, Any]:  # fmt: skip
+    """One scenario in a fresh vLLM process and a fresh private daemon: its summary and steps."""
+    with private_daemon(sets, keep=args.keep) as (engine_sock, control_sock):
+        spec = {
+            **spec_base,
+            "engine": str(engine_sock),
+            "control": str(control_sock),
+            "place": "dram" if scenario == "dram" else "disk",
+            "async_loads": scenario == "disk_async",
+        }
+        sdir = root / scenario
+        (sdir / "tmp").mkdir(parents=True)
+        (sdir / "spec.json").write_text(json.dumps(spec))
+        log = sdir / "vllm.log"
+        prog.step(f"{LABELS[scenario]}: vLLM and a private daemon (log {log})")
+        with open(log, "w") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "polarkvd.bench.mixed", "--worker", str(sdir / "spec.json")],
+                stdout=out, stderr=subprocess.STDOUT, env={**env, "TMPDIR": str(sdir / "tmp")},
+                cwd=str(sdir), start_new_session=True,
+            )  # fmt: skip
+            try:
+                rc = proc.wait(timeout=1800)
+            finally:
+                kill_group(proc)
+        lines = [ln for ln in log.read_text().splitlines() if ln.startswith(MARK)]
+        if rc != 0 or not lines:
+            tail = "\n".join(log.read_text().splitlines()[-30:])
+            raise SystemExit(f"bench mixed: {scenario} failed (exit {rc}); log {log}:\n{tail}")
+        res = json.loads(lines[-1][len(MARK) :])
+        worker, sched = res["worker"], res["scheduler"]
+        return {
+            **summarize(res["steps"], args.decoders),
+            "hit_ttft_s": res["hit_ttft_s"],
+            "hit_ids": res["hit_ids"],
+            "disk_pages": res["disk_pages"],
+            "loaded_pages_disk": res["loaded_pages_disk"],
+            "async_loads": sched.get("async_loads", 0),
+            "loaded_blocks": worker.get("load_blocks", 0),
+            "load_failed_blocks": worker.get("load_failed_blocks", 0),
+            "steps": res["steps"],  # every engine step: its seconds, decoders served, phase (the plot)
+        }
 
 
 def render(res: dict[str, Any]) -> str:
@@ -310,8 +323,12 @@ def render(res: dict[str, Any]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.plot_from:
+        return plots.redraw("mixed", args)
+    plots.check(args)
     res = run(args)
     print(json.dumps(res) if args.json else render(res))
+    plots.after_run("mixed", res, args)
     return 0
 
 

@@ -60,9 +60,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from polarkvd.bench import plots
 from polarkvd.bench.chat import chat_tokens
 from polarkvd.bench.harness import (
-    Steps,
     count_cpus,
     cpu_bind,
     fmt,
@@ -74,6 +74,7 @@ from polarkvd.bench.harness import (
     table,
     vllm_env,
 )
+from polarkvd.progress import Progress
 
 SOURCES = ("local", "disk", "remote")
 SOURCE_HELP = {
@@ -126,6 +127,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(default: every CPU this process may use)")  # fmt: skip
     p.add_argument("--model", default="", help="model directory (default: the converted SmolLM2-135M)")
     p.add_argument("--keep", action="store_true", help="keep the run directory and daemon directories")
+    plots.add_plot_arguments(p)
 
 
 # ---------------------------------------------------------------------------------------- workload
@@ -629,8 +631,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     bind = args.cpus or cpu_bind()
     ncpu = len(os.sched_getaffinity(0)) if not args.cpus else max(1, count_cpus(args.cpus))
     env = vllm_env(bind, ncpu)
-    prog = Steps(1 + 2 + args.trials + 1 + 2 * len(SOURCES) * (args.trials + 1) + 1)
-    say = prog.step
+    # a live bar on a terminal, plain lines on stderr otherwise; each line says what just happened
+    prog = Progress(1 + 2 + args.trials + 1 + 2 * len(SOURCES) * (args.trials + 1))
+    say = prog.report
     root = Path(tempfile.mkdtemp(prefix="polarkv-pipeline-"))
     t0 = time.perf_counter()
     ready: dict[str, dict[str, Any]] = {}
@@ -665,9 +668,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 raise BenchError(f"the prefix has {place.n} pages in vLLM's namespace, expected {pages}")
             measured = measure(workers, place, len(wl["suffixes"]), args.trials, say)
     finally:
+        prog.close()
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
-    say("done")
     res = summarize(measured)
     first = measured["records"][0]
     res["workload"] = {
@@ -754,6 +757,9 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.plot_from:
+        return plots.redraw("pipeline", args)
+    plots.check(args)
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         res = run(args)
@@ -766,6 +772,7 @@ def main(args: argparse.Namespace) -> int:
         print(json.dumps(res, indent=2))
     else:
         print(render(res))
+    plots.after_run("pipeline", res, args)
     return 0 if res["outputs_identical"] else 1
 
 
