@@ -51,6 +51,9 @@ def test_a_disk_hit_loads_while_another_request_computes(
     assert blocks == {"load_blocks": pages, "load_failed_blocks": 0} and got["ids"] == reference.ids(
         long, SHORT
     )
+    # Every prefill step was timed for the daemon's cost model (the first prompt's, the cold one's).
+    assert engine.stats("scheduler")["observed_steps"] >= 2
+    assert sum(m["observations"] for m in daemon.stats()["worth"]["models"]) >= 2
 
 
 def test_an_asynchronous_load_the_daemon_cannot_finish_is_recomputed(
