@@ -174,3 +174,24 @@ def test_a_peer_not_installed_says_why(tmp_path: Path, monkeypatch: pytest.Monke
     with pytest.raises(PeerUnavailable, match="mooncake-transfer-engine-non-cuda is not installed"):
         with mooncake_store(tmp_path, 1 << 30, {}):
             pass
+
+
+def test_a_peer_server_and_its_children_are_stopped_on_an_error(tmp_path: Path) -> None:
+    """What the bench does with a peer's server when anything goes wrong inside: its whole process
+    group is gone (here a shell and the child it left running)."""
+    import os
+    import sys
+
+    from polarkvd.bench.harness import server_group
+
+    argv = ["sh", "-c", "sleep 300 & echo started; wait"]
+    with pytest.raises(RuntimeError, match="the run failed"):
+        with server_group(argv, tmp_path / "srv.log", dict(os.environ), lambda: True, "test server") as proc:
+            pgid = proc.pid
+            raise RuntimeError("the run failed")
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pgid, 0)  # no process of the group is left
+    with pytest.raises(PeerUnavailable, match=r"test server exited with 3: boom \(log "):
+        with server_group([sys.executable, "-c", "print('boom'); raise SystemExit(3)"], tmp_path / "bad.log",
+                          dict(os.environ), lambda: False, "test server"):  # fmt: skip
+            pass
