@@ -107,6 +107,9 @@ class Space:
                 return
         if self.m.disk is None or page.on_disk:
             return
+        if self.m.policy.name == "cost" and self.m.worth.cheaper_to_recompute(page):
+            self.m.counters["dropped_pages_cheap"] += 1  # recomputing it costs less than reading it back
+            return
         if self.m.pending_bytes + page.size > self.m.cfg.disk.max_pending_bytes:
             self.m.counters["demotions_dropped"] += 1
             return

@@ -6,7 +6,8 @@ retention").
 A page's worth is what losing it from its tier would cost the next request that needs it, per byte:
 the cheaper of recomputing it (its namespace's fit at its depth in the chain) and fetching it back
 from the tier it would be demoted to (the disk tier when there is one); with nowhere to go, its whole
-recompute cost.
+recompute cost. Under `cost`, a page that is cheaper to recompute than to read back from disk is
+dropped when it leaves DRAM rather than demoted (`cheaper_to_recompute`).
 
 A part of the manager (polarkvd/manager/__init__.py): the models are its own state; the pages and
 namespaces are the manager's.
@@ -57,6 +58,17 @@ class Worth:
         if self.m.disk is not None:
             recompute = min(recompute, self.fetch.seconds(Tier.DISK, node.size))
         return recompute / node.size if node.size else 0.0
+
+    def cheaper_to_recompute(self, page: Page) -> bool:
+        """Whether an engine would recompute `page` faster than the daemon reads it back from disk:
+        then it is dropped when it leaves DRAM, not demoted (the `cost` policy's drop-or-demote). A
+        page with children on disk is always demoted: they are reachable only through it."""
+        assert self.m.disk is not None
+        info = self.m._ns_by_id[page.ns]
+        recompute = self.model(page.ns).cost.page_seconds(info.ns.page_tokens, depth_of(page.depth))
+        if recompute >= self.fetch.seconds(Tier.DISK, page.size):
+            return False
+        return self.m.disk.children_of(page.key) == 0
 
     def attach(self, policy: EvictionPolicy | None) -> None:
         """Give `policy` this valuer if it is the `cost` policy (after it was made or switched)."""

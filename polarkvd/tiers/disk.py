@@ -633,6 +633,12 @@ class DiskTier:
         with self._lock:
             return self._index.entries.get(key)
 
+    def children_of(self, key: bytes) -> int:
+        """Pages on disk whose parent is `key` (whether or not it is on disk itself)."""
+        with self._lock:
+            e = self._index.entries.get(key)
+            return e.children if e is not None else self._index.waiting.get(key, 0)
+
     def touch(self, key: bytes) -> None:
         with self._lock:
             e = self._index.entries.get(key)

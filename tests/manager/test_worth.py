@@ -4,13 +4,20 @@ an in-memory arena, no daemon."""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+from pathlib import Path
+
 import pytest
 
+from polarkvd.config import load_config
 from polarkvd.index import child_depth, depth_of
 from polarkvd.keys import page_keys
 from polarkvd.manager import Manager
+from polarkvd.tiers.disk import DiskTier
+from polarkvd.tiers.dram import SlabAllocator
 from polarkvd.types import Tier
-from tests.conftest import TEST_NS, chain_tokens, make_manager, manager_store
+from tests.conftest import TEST_NS, TEST_SEED, chain_tokens, make_manager, manager_store, page_bytes_for
 
 
 def chain(session, seed: int, pages: int) -> list[bytes]:  # type: ignore[no-untyped-def]
@@ -90,3 +97,51 @@ def test_switching_to_cost_live_values_the_pages() -> None:
     assert m.policy.name == "cost" and m.policy.valuer is not None  # type: ignore[attr-defined]
     m.set_policy(Tier.DRAM, "lru")
     assert m.policy.name == "lru" and len(m.policy) == 3
+
+
+def cost_disk_manager(tmp_path: Path) -> Manager:
+    cap = 4 << 20
+    overrides = {"dram.capacity": str(cap), "dram.slab_bytes": str(1 << 20), "disk.path": str(tmp_path / "d"),
+                 "dram.policy": "cost"}  # fmt: skip
+    disk = DiskTier(tmp_path / "d", 64 << 20)
+    disk.open()
+    executor = concurrent.futures.ThreadPoolExecutor(2)
+    cfg = load_config(env={}, overrides=overrides)
+    return Manager(
+        cfg, memoryview(bytearray(cap)), SlabAllocator(cap, 1 << 20), disk, executor, seed=TEST_SEED
+    )
+
+
+@pytest.mark.parametrize("engine_seconds_per_token", [1e-9, 1e-2])
+def test_a_page_cheaper_to_recompute_than_to_read_back_is_dropped(
+    tmp_path: Path, engine_seconds_per_token: float
+) -> None:
+    """Under `cost`, an evicted page goes to disk only if reading it back beats recomputing it: an
+    engine that computes a token in a nanosecond gets its pages dropped, one that takes 10 ms gets
+    them demoted. A parent whose child is on disk is demoted whatever it costs."""
+
+    async def run() -> None:
+        m = cost_disk_manager(tmp_path)
+        s = m.attach(TEST_NS, "s")
+        for _ in range(10):
+            m.worth.observe_prefill(s.ns.id, 256, 0, 256 * engine_seconds_per_token)
+        keys = chain(s, 7, 3)
+        manager_store(m, s, keys)
+        assert m.evict_prefixes([keys[0]])["evicted_pages"] == 3
+        await m.flush()
+        on_disk = [m.disk.entry(k) is not None for k in keys]  # type: ignore[union-attr]
+        if engine_seconds_per_token < 1e-6:
+            assert on_disk == [False] * 3 and m.counters["dropped_pages_cheap"] == 3
+            assert m.lookup(s, keys)[0] == []  # gone: the engine recomputes
+        else:
+            assert on_disk == [True] * 3 and m.counters["dropped_pages_cheap"] == 0
+            assert m.lookup(s, keys)[0] == [Tier.DISK] * 3
+        # a parent whose child already sits on disk is demoted whatever it costs: the child needs it
+        parent, child = chain(s, 8, 2)
+        manager_store(m, s, [parent])
+        m.disk.put(child, parent, s.ns.digest, page_bytes_for(child, TEST_NS.page_bytes), s.ns.ns.itemsize)  # type: ignore[union-attr]
+        assert m.evict_prefixes([parent])["evicted_pages"] == 1
+        await m.flush()
+        assert m.disk.entry(parent) is not None  # type: ignore[union-attr]
+
+    asyncio.run(run())
