@@ -358,6 +358,15 @@ class Stack:
             "ping_p50_s": float(np.median(pings)) if pings else None,
         }
 
+    def metrics(self) -> dict[str, Any]:
+        """What SGLang's metrics collector gets from `get_stats()`."""
+        m = self.backend.get_stats()
+        return {
+            "type": type(m).__name__,
+            **{k: list(getattr(m, k, [])) for k in ("prefetch_pgs", "backup_pgs", "prefetch_bandwidth")},
+            "polarkv": getattr(m, "polarkv", None),
+        }
+
     def stats(self) -> dict[str, Any]:
         counters = getattr(self.backend, "counters", None)
         return dict(counters) if counters is not None else {}

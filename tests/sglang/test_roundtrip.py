@@ -41,6 +41,10 @@ def test_pages_come_back_byte_identical_in_another_process(
 
     stats = b.send("stats", name=r)
     assert stats["get_hits"] >= 20 and stats["errors"] == 0
+    metrics = b.send("metrics", name=r)  # what SGLang's storage metrics collector reads
+    assert metrics["type"] == "StorageMetrics" and metrics["prefetch_pgs"] == [10, 10]
+    assert metrics["polarkv"]["get_hits"] == 20 and metrics["polarkv"]["exists_misses"] >= 4
+    assert a.send("metrics", name=w)["backup_pgs"] == [10]
     with d.control() as c:
         sessions = c.stats()
     assert "sglang-" in str(sessions), "polarkvd status should list SGLang's sessions"

@@ -475,7 +475,8 @@ class PolarKVStorage(HiCacheStorage):
     def clear(self) -> bool:
         """Pages in polarkvd are shared with every engine of the host and the cluster, and the engine
         API cannot delete them: nothing is deleted (`polarkvd evict --tier dram|disk` does, for every
-        engine). Returns False, so SGLang does not believe its storage is empty."""
+        engine). Returns False (SGLang 0.5.23's controller ignores the answer and forgets which pages
+        it believed stored; writing them again costs a reserve that finds them there)."""
         log.warning(
             "polarkvd: clear() deletes nothing: pages in polarkvd are shared with other engines; an "
             "operator evicts them with `polarkvd evict --tier dram|disk --bytes N`"
