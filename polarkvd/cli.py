@@ -430,6 +430,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from polarkvd.bench.mixed import main as mixed_main
 
         return mixed_main(args)
+    if args.which == "policy":
+        from polarkvd.bench.policy import main as policy_main
+
+        return policy_main(args)
     if args.which == "sglang":
         from polarkvd.bench.sglang import main as sglang_main
 
@@ -583,6 +587,14 @@ def build_parser() -> argparse.ArgumentParser:
         bsub.add_parser(
             "page-sizes",
             help="a second page size in a full arena: the reserve that needs a slab, pings meanwhile",
+        )
+    )
+    from polarkvd.bench.policy import add_arguments as policy_args
+
+    policy_args(
+        bsub.add_parser(
+            "policy",
+            help="eviction policies (lru, s3fifo, cost) replayed on chat, RAG and long-document traces",
         )
     )
     from polarkvd.bench.mixed import add_arguments as mixed_args
