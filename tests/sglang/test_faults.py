@@ -98,3 +98,8 @@ def test_daemon_killed_between_exists_and_get_then_restarted(daemon_factory, a: 
     assert b.lines(AGAIN, since)
     assert len(b.lines(WARNING, since)) == 1
     _no_exceptions_in(b, since)
+    # No session, idle or not, still maps the killed daemon's arena (its memory would stay taken).
+    old_arena = f"{d.arena_path} (deleted)"
+    for rig in (a, b):
+        maps = Path(f"/proc/{rig.proc.pid}/maps").read_text()
+        assert old_arena not in maps, f"SGLang process {rig.name} still maps the dead daemon's arena"

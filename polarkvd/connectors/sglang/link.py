@@ -91,12 +91,14 @@ class DaemonLink:
             if s is not None and s.generation == self._generation and not self.closed:
                 return s
             stale = self._sessions.pop(tid, None)
+            others = [(t, o) for t, o in self._sessions.items() if o.generation != self._generation]
             due = not (self.closed or self.refused or (self._down and self._clock() < self._retry_at))
             if due:
                 self._attached += 1
             number = self._attached
         if stale is not None:
             _close(stale)
+        self._sweep(others)
         if not due:
             return None
         try:
@@ -131,7 +133,12 @@ class DaemonLink:
         del arena  # no export of the mapping may outlive this line (it must close with the session)
         s = Session(client, 0, base)
         with self._lock:
+            if any(o.base != base for o in self._sessions.values()):
+                # Another arena: the daemon was restarted while those sessions sat idle (they map
+                # the old one, and their sockets are dead). They are stale now.
+                self._generation += 1
             s.generation = self._generation
+            others = [(t, o) for t, o in self._sessions.items() if o.generation != self._generation]
             if self.closed:
                 keep = False
             else:
@@ -140,6 +147,7 @@ class DaemonLink:
                 was_down, self._down = self._down, False
                 self._backoff = _RETRY_FIRST
                 warned, self._warned = self._warned, False
+        self._sweep(others)
         if not keep:
             _close(s)
             return None
@@ -148,6 +156,29 @@ class DaemonLink:
                 "polarkvd daemon at %s is reachable again: HiCache storage hits and writes resume", self.path
             )
         return s
+
+    def _sweep(self, stale: list[tuple[int, Session]]) -> None:
+        """Close other threads' sessions of an earlier generation (a daemon that went away) that are
+        not in use: each keeps that daemon's arena mapped until closed, and a thread that stays idle
+        would never close its own. One in use is left to its thread (never waited for here: two
+        threads sweeping each other would deadlock)."""
+        for tid, s in stale:
+            if not s.lock.acquire(blocking=False):
+                continue
+            try:
+                with self._lock:
+                    if self._sessions.get(tid) is s:
+                        del self._sessions[tid]
+                _close(s)
+            finally:
+                s.lock.release()
+
+    def drop_current(self) -> None:
+        """Close this thread's session (the thread that attached at start does not call again)."""
+        with self._lock:
+            s = self._sessions.pop(threading.get_ident(), None)
+        if s is not None:
+            _close(s)
 
     def _refuse(self, message: str) -> None:
         with self._lock:

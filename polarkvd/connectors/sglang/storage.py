@@ -111,9 +111,13 @@ class PolarKVStorage(HiCacheStorage):
             ns.tp_size,
             "" if plan.writer else " (MLA: another rank writes, this one reads)",
         )
-        self.link.session()  # attach now: a daemon that refuses this namespace stops the start
+        # Attach now: a daemon that refuses this namespace stops the start. Then let go: this thread
+        # (SGLang's scheduler) does not call storage again, and an idle session would keep a
+        # restarted daemon's old arena mapped.
+        self.link.session()
         if self.link.refused:
             raise ConfigError([("model", ns.model, self.link.refused)])
+        self.link.drop_current()
 
     def register_mem_host_pool_v2(self, host_pool: Any, host_pool_name: Any) -> None:
         """Hybrid models register their extra pools (Mamba, SWA, indexer, ...) here; only the KV pool
