@@ -118,25 +118,29 @@ class Stack:
         buffer = self.host.kv_buffer
         for part in buffer if isinstance(buffer, (list, tuple)) else [buffer]:
             part.view(-1).view(torch.uint8).fill_(0)
-        pools = HostPoolGroup(
-            [
-                build_pool_entry(
-                    name=PoolName.KV,
-                    host_pool=self.host,
-                    device_pool=self.device,
-                    layer_mapping={i: i for i in range(layers)},
-                    transfer_layer_id_max=layers,
-                    is_anchor=True,
-                )  # fmt: skip
-            ]
-        )
+        self.mamba: Any = None
+        mamba = spec.get("mamba")  # a hybrid model: Mamba state layers beside the attention layers
+        transfer_layers = layers + (int(mamba.get("layers", 2)) if mamba is not None else 0)
+        entries = [
+            build_pool_entry(
+                name=PoolName.KV,
+                host_pool=self.host,
+                device_pool=self.device,
+                layer_mapping={i: i for i in range(layers)},
+                transfer_layer_id_max=transfer_layers,
+                is_anchor=True,
+            )
+        ]
+        if mamba is not None:
+            entries.append(self._mamba_entry(mamba, layers, transfer_layers))
+        pools = HostPoolGroup(entries)
         device = self.device
 
         class _Allocator:  # what the controller asks of SGLang's token allocator
             def get_kvcache(self) -> Any:
                 return device
 
-        backend = spec.get("backend", "polarkv")
+        backend = self.kind = spec.get("backend", "polarkv")
         if backend == "polarkv":
             name = "dynamic"
             extra = {
@@ -157,13 +161,106 @@ class Stack:
             self.controller = HybridCacheController(
                 _Allocator(), pools, page, group, threading.Event(), io_backend="direct",
                 storage_backend=name, model_name=spec.get("model", "test-model"),
-                storage_backend_extra_config=extra, transfer_layer_id_max=layers,
+                storage_backend_extra_config=extra, transfer_layer_id_max=transfer_layers,
                 prefetch_threshold=page,
             )  # fmt: skip
         self.backend = self.controller.storage_backend
         self.page_bytes = int(self.host.get_data_page(0, flat=True).numel() * self.host.dtype.itemsize)
         self.lock = threading.Lock()
         self.requests = 0
+
+    def _mamba_entry(self, spec: dict[str, Any], first: int, transfer_layers: int) -> Any:
+        """SGLang's Mamba2 state pool on CPU and its host pool (page_first: one state slot a page)."""
+        from sglang.srt.configs.mamba_utils import Mamba2CacheParams, Mamba2StateShape
+        from sglang.srt.mem_cache.hicache_storage import PoolName
+        from sglang.srt.mem_cache.hybrid_cache.hybrid_pool_assembler import build_pool_entry
+        from sglang.srt.mem_cache.memory_pool import MambaPool
+        from sglang.srt.mem_cache.pool_host.mamba import MambaPoolHost
+
+        n = int(spec.get("layers", 2))
+        ids = list(range(first, first + n))
+        shape = Mamba2StateShape.create(
+            tp_world_size=1, intermediate_size=int(spec.get("intermediate", 256)), n_groups=1,
+            num_heads=int(spec.get("heads", 8)), head_dim=int(spec.get("head_dim", 32)),
+            state_size=int(spec.get("state", 16)), conv_kernel=int(spec.get("conv_kernel", 4)),
+        )  # fmt: skip
+        slots = int(spec.get("slots", 64))
+        device = MambaPool(
+            size=slots, spec_state_size=0, cache_params=Mamba2CacheParams(shape=shape, layers=ids),
+            mamba_layer_ids=ids, device="cpu",
+        )  # fmt: skip
+        (info,) = device.get_device_pool_infos()
+        self.mamba = MambaPoolHost(
+            info.buffer_info, 2.0, 0, device_capacity=slots, pin_memory=False, layout="page_first"
+        )
+        self.mamba_bytes = int(self.mamba.get_data_page(0).numel())
+        return build_pool_entry(
+            name=PoolName.MAMBA, host_pool=self.mamba, device_pool=device,
+            layer_mapping={layer: i for i, layer in enumerate(ids)}, transfer_layer_id_max=transfer_layers,
+        )  # fmt: skip
+
+    def _state_content(self, seed: int, i: int) -> Any:
+        import torch
+
+        return torch.from_numpy(page_content(seed + 7919, i, self.mamba_bytes))
+
+    def hybrid(
+        self, fn: str, seed: int, pages: int, states: list[int] | None = None, policy: str = "trailing_pages",
+        trailing: int = 1,
+    ) -> dict[str, Any]:  # fmt: skip
+        """A hybrid model's storage calls, as SGLang's hybrid controller makes them: "set" stores the
+        KV pages of (seed, pages) (v1) and the Mamba states taken at the pages `states` (v2);
+        "exists" asks batch_exists_v2 with a Mamba transfer of `trailing` keys under `policy`;
+        "get" loads the states at the pages `states` (v2) into fresh slots and checks their bytes."""
+        from sglang.srt.mem_cache.hicache_storage import (
+            HiCacheStorageExtraInfo,
+            PoolHitPolicy,
+            PoolName,
+            PoolTransfer,
+        )
+
+        keys = self.hashes(self.key(seed, pages))
+        info = HiCacheStorageExtraInfo(prefix_keys=[])
+        states = list(states or [])
+        if fn == "exists":
+            transfer = PoolTransfer(
+                name=PoolName.MAMBA, keys=keys[-trailing:], hit_policy=PoolHitPolicy(policy)
+            )
+            r = self.backend.batch_exists_v2(keys, [transfer], info)
+            return {
+                "type": type(r).__name__,
+                "kv_hit_pages": r.kv_hit_pages,
+                "pool_hits": {str(getattr(k, "value", k)): v for k, v in r.extra_pool_hit_pages.items()},
+                "restorable": r.restorable_prefix_pages,
+            }
+        slots: Any = self.mamba.alloc(len(states)) if states else None
+        try:
+            if fn == "set":
+                res = self.raw("batch_set" if self.kind == "file" else "batch_set_v1", seed, pages)
+                for j, i in enumerate(states):
+                    self.mamba.set_from_flat_data_page(int(slots[j]), self._state_content(seed, i))
+                transfer = PoolTransfer(
+                    name=PoolName.MAMBA, host_indices=slots, keys=[keys[i] for i in states]
+                )
+                out = self.backend.batch_set_v2([transfer], info) if states else {}
+                return {"kv": res["result"], "states": [list(v) for v in out.values()]}
+            if fn == "get":
+                transfer = PoolTransfer(
+                    name=PoolName.MAMBA, host_indices=slots, keys=[keys[i] for i in states]
+                )
+                out = self.backend.batch_get_v2([transfer], info)
+                got = list(next(iter(out.values())))
+                match = all(
+                    bytes(self.mamba.get_data_page(int(slots[j])).numpy())
+                    == bytes(self._state_content(seed, i).numpy())
+                    for j, i in enumerate(states)
+                    if got[j]
+                )
+                return {"states": got, "type": type(out).__name__, "match": match}
+            raise ValueError(f"unknown hybrid call {fn}")
+        finally:
+            if slots is not None:
+                self.mamba.free(slots)
 
     # -- pages -------------------------------------------------------------------------------------
 

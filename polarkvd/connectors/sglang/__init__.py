@@ -12,7 +12,8 @@ What it owns: turning SGLang's storage calls into daemon calls. `batch_exists` i
 (answered from the lookup table in shared memory, asking the daemon only about pages on peers);
 `batch_get_v1` loads pages (promoting disk pages, fetching peers' pages) and copies them into SGLang's
 host pool; `batch_set_v1` reserves, copies in and commits. Bytes move by memmove between the host
-pool's buffers (`get_page_buffer_meta`) and the daemon's shared-memory arena.
+pool's buffers (`get_page_buffer_meta`) and the daemon's shared-memory arena. Hybrid models' extra
+pools (Mamba states, ...) go through the v2 calls, each pool in a namespace of its own.
 
 What it must not do: raise into SGLang's storage threads or return None from the v1 calls (a daemon
 problem is a miss, and the link reconnects by itself); store pages of one model, shard, layout or

@@ -112,6 +112,8 @@ class PagePlan:
     sizes: tuple[int, ...]
     #: Whether this rank writes pages (MLA: one rank of the replicas; MHA: every rank).
     writer: bool
+    #: Host pool indices (token slots) per page: SGLang's page size, 1 for Mamba states.
+    host_page: int
 
     @property
     def page_bytes(self) -> int:
@@ -214,12 +216,7 @@ def plan_pages(config: Any, pool: Any, opts_fingerprint: str = "") -> PagePlan:
             "",
             "SGLang passed no model name: set model_fingerprint (a name and a digest of the weights)",
         )
-    tags = [
-        f"sglang-{layout}-{kind}",
-        f"pp{config.pp_rank}.{config.pp_size}",
-        f"cp{config.attn_cp_rank}.{config.attn_cp_size}",
-        f"dp{getattr(config, 'dp_rank', 0)}",
-    ]
+    tags = [f"sglang-{layout}-{kind}", *_shard_tags(config)]
     if kind == "mla":
         tags.append("one-writer")  # replicated across TP ranks: rank 0 writes, every rank reads
     ns = Namespace(
@@ -250,4 +247,66 @@ def plan_pages(config: Any, pool: Any, opts_fingerprint: str = "") -> PagePlan:
         order=order,
         sizes=tuple(sizes[i] for i in order),
         writer=writer,
+        host_page=page_tokens,
+    )
+
+
+def _shard_tags(config: Any) -> list[str]:
+    return [
+        f"pp{config.pp_rank}.{config.pp_size}",
+        f"cp{config.attn_cp_rank}.{config.attn_cp_size}",
+        f"dp{getattr(config, 'dp_rank', 0)}",
+    ]
+
+
+def plan_sidecar(config: Any, pool: Any, name: str, opts_fingerprint: str = "") -> PagePlan:
+    """The page plan of a hybrid model's extra host pool (Mamba states, sliding-window KV, an indexer):
+    a page is the bytes of the buffers `get_page_buffer_meta` names for one of its pages, in that
+    order, stored as opaque bytes in a namespace of its own: the model, the pool's name, class,
+    layout and buffer sizes, the shard (TP rank included: such state is sharded by rank even where
+    the KV is replicated). ConfigError when the pool gives no usable metadata."""
+    import torch
+
+    page = int(getattr(pool, "page_size", 1) or 1)
+    what = f"host pool {name} ({type(pool).__name__})"
+    try:
+        _, sizes = pool.get_page_buffer_meta(torch.arange(page, dtype=torch.int64))
+        sizes = [int(x) for x in sizes]
+    except Exception as e:  # noqa: BLE001 - SGLang says why (a layout, side states): refused with it
+        raise _refuse("model", what, f"its pages cannot be copied by pointer: {e}") from None
+    total = sum(sizes)
+    if not sizes or total <= 0:
+        raise _refuse("model", what, "its pages have no bytes to store")
+    # The namespace only has to give the page's size: layers x head size, each at most 2^20.
+    limit = 1 << 20
+    layers = next((a for a in range(1, limit + 1) if total % a == 0 and total // a <= limit), 0)
+    if not layers:
+        raise _refuse("model", what, f"pages of {total} bytes are too large")
+    shape = xxhash.xxh3_64_hexdigest(
+        json.dumps(
+            [type(pool).__name__, getattr(pool, "layout", None), page, sizes, str(getattr(pool, "dtype", ""))]
+        ).encode()
+    )
+    model = opts_fingerprint or model_fingerprint(str(config.model_name or ""))
+    ns = Namespace(
+        model=model[: STRING_LIMITS["model"]],
+        dtype="uint8",
+        layout="/".join(
+            [f"sglang-{name}-{getattr(pool, 'layout', '')}", *_shard_tags(config), shape, PAGE_FORMAT]
+        )[: STRING_LIMITS["layout"]],
+        num_layers=layers,
+        num_kv_heads=1,
+        head_dim=total // layers,
+        page_tokens=1,
+        tp_rank=int(config.tp_rank),
+        tp_size=int(config.tp_size),
+        kv_parts=1,
+    )
+    return PagePlan(
+        namespace=ns,
+        buffers_per_page=len(sizes),
+        order=tuple(range(len(sizes))),
+        sizes=tuple(sizes),
+        writer=True,
+        host_page=page,
     )

@@ -13,6 +13,7 @@ a page evicted between `batch_exists` and `batch_get_v1`) is a miss; the link re
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
 import os
 import socket as _socket
@@ -25,7 +26,7 @@ import xxhash
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, PoolTransferResult
 
 from polarkvd.config.machine import default_engine_socket
-from polarkvd.connectors.sglang.geometry import PagePlan, check_storage_config, plan_pages
+from polarkvd.connectors.sglang.geometry import PagePlan, check_storage_config, plan_pages, plan_sidecar
 from polarkvd.connectors.sglang.link import DaemonLink, Session
 from polarkvd.connectors.sglang.options import Options
 from polarkvd.errors import ConfigError, DaemonUnavailable, ErrorCode, LeaseExpired, PolarKVError
@@ -36,6 +37,18 @@ _memmove = ctypes.memmove
 _KEY_CACHE = 1 << 16  # mapped keys remembered (batch_exists then batch_get_v1 map the same keys)
 _METRICS_KEEP = 4096  # entries of each SGLang metrics list kept between two get_stats calls
 T = TypeVar("T")
+KV = "kv"  # SGLang's PoolName.KV
+
+
+@dataclasses.dataclass
+class Pool:
+    """One of SGLang's host pools whose pages are stored: the KV pool, or a hybrid model's extra pool
+    (Mamba states, ...), each in a namespace of its own with sessions of its own."""
+
+    name: str
+    host: Any
+    plan: PagePlan
+    link: DaemonLink
 
 
 class PolarKVStorage(HiCacheStorage):
@@ -60,14 +73,14 @@ class PolarKVStorage(HiCacheStorage):
         self.plan: PagePlan | None = None
         self.link: DaemonLink | None = None
         self.mem_pool_host: Any = None
-        self._keys: dict[str, bytes] = {}
-        self._keys_digest = b""
+        self.pools: dict[str, Pool] = {}  # by SGLang's pool name ("kv", "mamba", ...)
+        self._keys: dict[bytes, dict[str, bytes]] = {}  # by namespace digest: SGLang key -> page key
         self._stats_lock = threading.Lock()
         self.counters: dict[str, float] = dict.fromkeys(
             (
                 "exists_calls exists_keys exists_hits get_pages get_hits get_bytes get_seconds "
                 "set_pages set_stored set_existing set_failed set_skipped set_bytes set_seconds "
-                "errors"
+                "side_get_pages side_get_hits side_set_pages side_set_stored errors"
             ).split(),
             0,
         )
@@ -83,17 +96,10 @@ class PolarKVStorage(HiCacheStorage):
         with the reason when polarkvd cannot store its pages), then the first session attaches."""
         self.mem_pool_host = mem_pool_host
         plan = plan_pages(self.storage_config, mem_pool_host, self.opts.model_fingerprint)
-        if self.link is not None:
-            self.link.close()
+        self.close()
         self.plan = plan
-        self.link = DaemonLink(
-            plan.namespace,
-            self.socket_path,
-            self.engine_id,
-            self.opts.timeout,
-            self.opts.commit_timeout,
-            self.opts.retry_seconds,
-        )
+        self.link = self._link(plan)
+        self.pools = {KV: Pool(KV, mem_pool_host, plan, self.link)}
         ns = plan.namespace
         log.info(
             "polarkvd HiCache storage: daemon at %s, model %s, %s %s, %d layers x %d x %d, %d-token "
@@ -119,21 +125,38 @@ class PolarKVStorage(HiCacheStorage):
             raise ConfigError([("model", ns.model, self.link.refused)])
         self.link.drop_current()
 
+    def _link(self, plan: PagePlan, tag: str = "") -> DaemonLink:
+        return DaemonLink(
+            plan.namespace,
+            self.socket_path,
+            self.engine_id + tag,
+            self.opts.timeout,
+            self.opts.commit_timeout,
+            self.opts.retry_seconds,
+        )
+
     def register_mem_host_pool_v2(self, host_pool: Any, host_pool_name: Any) -> None:
-        """Hybrid models register their extra pools (Mamba, SWA, indexer, ...) here; only the KV pool
-        itself (registered again by SGLang's KV-only stack) is stored."""
-        if str(host_pool_name) == "kv" and (host_pool is self.mem_pool_host or self.mem_pool_host is None):
-            super().register_mem_host_pool_v2(host_pool, host_pool_name)
+        """Every pool of SGLang's host pool group: the KV pool again (already planned), and a hybrid
+        model's extra pools (Mamba states, sliding-window KV, an indexer), each planned from its own
+        buffer metadata into a namespace of its own; one whose pages polarkvd cannot copy is refused
+        with the reason."""
+        super().register_mem_host_pool_v2(host_pool, host_pool_name)
+        name = str(getattr(host_pool_name, "value", host_pool_name))
+        known = self.pools.get(name)
+        if known is not None and known.host is host_pool:
             return
-        raise ConfigError(
-            [
-                (
-                    "model",
-                    f"host pool {host_pool_name} ({type(host_pool).__name__})",
-                    "hybrid models (Mamba, sliding-window or indexer pools beside the KV pool, "
-                    "SGLang's v2 storage interface) are not supported by polarkvd yet",
-                )
-            ]
+        if name == KV:
+            raise ConfigError([("model", type(host_pool).__name__, "a second KV pool is not supported")])
+        plan = plan_sidecar(self.storage_config, host_pool, name, self.opts.model_fingerprint)
+        link = self._link(plan, f"-{name}")
+        if known is not None:
+            known.link.close()
+        self.pools[name] = Pool(name, host_pool, plan, link)
+        log.info(
+            "polarkvd HiCache storage: %s pool pages of %d bytes in namespace %s",
+            name,
+            plan.page_bytes,
+            plan.namespace.layout,
         )
 
     # -- plumbing ----------------------------------------------------------------------------------
@@ -157,11 +180,13 @@ class PolarKVStorage(HiCacheStorage):
         else:
             log.debug(message, *args)
 
-    def _call(self, what: str, fn: Callable[[Session], T], default: T) -> T:
-        """Run `fn` with this thread's session; `default` (a miss) instead of any exception."""
-        link = self.link
-        if link is None or self.plan is None:
+    def _call(self, what: str, fn: Callable[[Session], T], default: T, pool: Pool | None = None) -> T:
+        """Run `fn` with this thread's session of `pool` (default: the KV pool); `default` (a miss)
+        instead of any exception."""
+        pool = pool or self.pools.get(KV)
+        if pool is None:
             return default
+        link = pool.link
         s = link.session()
         if s is None:
             return default
@@ -190,10 +215,11 @@ class PolarKVStorage(HiCacheStorage):
         daemon's secret seed) and the key's 32 bytes. SGLang's keys already chain (each names its
         prefix, `cache_salt` and extra key included), so the page key does too."""
         digest = s.client.ns_digest
-        cache = self._keys
-        if self._keys_digest != digest or len(cache) > _KEY_CACHE:
-            cache = self._keys = {}
-            self._keys_digest = digest
+        cache = self._keys.get(digest)
+        if cache is None or len(cache) > _KEY_CACHE:
+            if len(self._keys) > 16:  # digests of daemons gone (another seed after a restart)
+                self._keys.clear()
+            cache = self._keys[digest] = {}
         h = xxhash.xxh3_128_digest
         out = []
         for k in keys:
@@ -207,12 +233,16 @@ class PolarKVStorage(HiCacheStorage):
             out.append(m)
         return out
 
-    def _page_buffers(self, host_indices: Any, pages: int) -> list[tuple[int, int]] | None:
-        """(pointer, size) of every buffer of `pages` pages at `host_indices`, page by page in the
-        flat page's order; None (warned once) when SGLang's metadata does not match the plan."""
-        plan = self.plan
-        assert plan is not None
-        ptrs, sizes = self.mem_pool_host.get_page_buffer_meta(host_indices)
+    def _page_buffers(self, pool: Pool, host_indices: Any, pages: int) -> list[tuple[int, int]] | None:
+        """(pointer, size) of every buffer of `pages` pages of `pool` at `host_indices`, page by page
+        in the plan's order; None (warned once) when SGLang's metadata does not match the plan."""
+        plan = pool.plan
+        if host_indices is None or int(host_indices.numel()) != pages * plan.host_page:
+            self._once(
+                "indices", "polarkvd: %s host indices for %d pages of %s", host_indices, pages, pool.name
+            )
+            return None
+        ptrs, sizes = pool.host.get_page_buffer_meta(host_indices)
         per = plan.buffers_per_page
         if len(ptrs) != per * pages or len(sizes) != len(ptrs):
             self._once("meta", "polarkvd: %d buffers for %d pages (expected %d each)", len(ptrs), pages, per)
@@ -262,15 +292,20 @@ class PolarKVStorage(HiCacheStorage):
         return [True] * got + [False] * (n - got)
 
     def _load(
-        self, s: Session, keys: Sequence[str], target: Callable[[int], int | None], host_indices: Any = None
+        self,
+        s: Session,
+        keys: Sequence[str],
+        target: Callable[[int], int | None],
+        host_indices: Any = None,
+        pool: Pool | None = None,
     ) -> int:
-        """Load `keys` and copy each loaded page out: into the host pool's buffers at `host_indices`,
-        or to the address `target(i)` gives (None: stop there). Returns the pages copied."""
-        plan = self.plan
-        assert plan is not None
+        """Load `keys` and copy each loaded page out: into `pool`'s buffers at `host_indices` (default:
+        the KV pool), or to the address `target(i)` gives (None: stop there). Returns the pages copied."""
+        pool = pool or self.pools[KV]
+        plan = pool.plan
         buffers = None
         if host_indices is not None:
-            buffers = self._page_buffers(host_indices, len(keys))
+            buffers = self._page_buffers(pool, host_indices, len(keys))
             if buffers is None:
                 return 0
         r = s.client.load(self._map(s, keys))
@@ -337,15 +372,16 @@ class PolarKVStorage(HiCacheStorage):
         parent: str | None,
         host_indices: Any = None,
         sources: Sequence[int] | None = None,
+        pool: Pool | None = None,
     ) -> list[bool]:
-        """Reserve, copy in (from the host pool's buffers at `host_indices`, or from the addresses
-        `sources`), commit. Aborts what it reserved when copying fails."""
-        plan = self.plan
-        assert plan is not None
+        """Reserve, copy in (from `pool`'s buffers at `host_indices`, default the KV pool, or from the
+        addresses `sources`), commit. Aborts what it reserved when copying fails."""
+        pool = pool or self.pools[KV]
+        plan = pool.plan
         n = len(keys)
         buffers = None
         if host_indices is not None:
-            buffers = self._page_buffers(host_indices, n)
+            buffers = self._page_buffers(pool, host_indices, n)
             if buffers is None:
                 return [False] * n
         mapped = self._map(s, keys)
@@ -382,7 +418,8 @@ class PolarKVStorage(HiCacheStorage):
                 stored = len(written)
                 for i in written:
                     out[i] = True
-        self._count(set_stored=stored, set_existing=existing, set_bytes=stored * plan.page_bytes)
+        if pool.name == KV:
+            self._count(set_stored=stored, set_existing=existing, set_bytes=stored * plan.page_bytes)
         return out
 
     # -- generic interface -------------------------------------------------------------------------
@@ -461,18 +498,97 @@ class PolarKVStorage(HiCacheStorage):
     def exists(self, key: str) -> bool:
         return self.batch_exists([key]) == 1
 
-    # -- hybrid (v2) interface: refused at registration; answered as misses if ever called -----------
+    # -- hybrid models (v2): the KV pool plus extra pools, each under its own namespace -------------
+
+    def _present(self, pool: Pool, keys: Sequence[str]) -> list[bool]:
+        """Whether each of `keys` is held in `pool`'s namespace (not only as a prefix: a pool of
+        trailing states holds some pages of a prefix and not others)."""
+
+        def op(s: Session) -> list[bool]:
+            mapped = self._map(s, keys)
+            head = s.client.lookup(mapped).hits  # the held prefix at once; then key by key
+            out = [True] * head + [False] * (len(mapped) - head)
+            for i in range(head + 1, len(mapped)):
+                out[i] = s.client.lookup([mapped[i]]).hits == 1
+            return out
+
+        return self._call("lookup", op, [False] * len(keys), pool)
 
     def batch_exists_v2(self, keys: list[str], pool_transfers: Any = None, extra_info: Any = None) -> Any:
-        if pool_transfers:
+        """The usable prefix of `keys` when the extra pools of `pool_transfers` must come with the KV
+        pages, with each pool's own boundary and every restorable prefix length, under SGLang's hit
+        policies: `all_pages` (every page of the prefix), `trailing_pages` (the last len(keys) pages
+        of it, e.g. Mamba states). Another policy counts as absent."""
+        try:
+            kv = self.batch_exists(keys, extra_info)
+            hits: dict[Any, int] = {KV: kv} if kv else {}
+            restorable = list(range(1, kv + 1))
+            for t in pool_transfers or []:
+                if not restorable:
+                    break
+                pool = self.pools.get(str(getattr(t.name, "value", t.name)))
+                present = self._present(pool, keys[:kv]) if pool is not None else [False] * kv
+                policy = str(getattr(t.hit_policy, "value", t.hit_policy))
+                if policy == "all_pages":
+                    boundary = present.index(False) if False in present else kv
+                    ok = set(range(1, boundary + 1))
+                elif policy == "trailing_pages":
+                    trailing = max(1, len(t.keys) if t.keys else 1)
+                    ok = {p for p in range(1, kv + 1) if all(present[max(0, p - trailing) : p])}
+                    boundary = max(ok, default=0)
+                else:
+                    self._once(f"policy:{policy}", "polarkvd: hit policy %s is not supported: a miss", policy)
+                    ok, boundary = set(), 0
+                if boundary:
+                    hits[t.name] = boundary
+                restorable = [p for p in restorable if p in ok]
+            return PoolTransferResult(restorable[-1] if restorable else 0, hits, restorable)
+        except Exception as e:  # noqa: BLE001 - never into SGLang's threads
+            self._once("exists_v2", "polarkvd batch_exists_v2 failed (%r); treated as a miss", e)
             return PoolTransferResult(0, {})
-        return PoolTransferResult(self.batch_exists(keys, extra_info), {})
 
-    def batch_get_v2(self, transfers: list[Any], extra_info: Any = None) -> dict[str, list[bool]]:
-        return {t.name: [False] * len(t.keys or []) for t in transfers}
+    def _v2(self, what: str, transfers: list[Any], extra_info: Any) -> dict[Any, list[bool]]:
+        out: dict[Any, list[bool]] = {}
+        for t in transfers:
+            keys = list(t.keys or [])
+            n = len(keys)
+            out[t.name] = [False] * n
+            try:
+                name = str(getattr(t.name, "value", t.name))
+                pool = self.pools.get(name)
+                if pool is None or not n:
+                    continue
+                if what == "store" and not pool.plan.writer:
+                    out[t.name] = [True] * n
+                    continue
+                if what == "load":
+                    got = self._load_pool(pool, keys, t.host_indices)
+                    out[t.name] = [True] * got + [False] * (n - got)
+                    self._count(side_get_pages=n, side_get_hits=got)
+                else:
+                    parent = self._parent_of(extra_info) if name == KV else None
+                    out[t.name] = res = self._store_pool(pool, keys, t.host_indices, parent)
+                    self._count(side_set_pages=n, side_set_stored=sum(res))
+            except Exception as e:  # noqa: BLE001 - never into SGLang's threads
+                self._once(f"{what}_v2", "polarkvd %s of pool %s failed (%r): misses", what, t.name, e)
+        return out
 
-    def batch_set_v2(self, transfers: list[Any], extra_info: Any = None) -> dict[str, list[bool]]:
-        return {t.name: [False] * len(t.keys or []) for t in transfers}
+    def _load_pool(self, pool: Pool, keys: list[str], host_indices: Any) -> int:
+        return self._call("load", lambda s: self._load(s, keys, lambda _: None, host_indices, pool), 0, pool)
+
+    def _store_pool(self, pool: Pool, keys: list[str], host_indices: Any, parent: str | None) -> list[bool]:
+        def op(s: Session) -> list[bool]:
+            return self._store(s, keys, parent, host_indices=host_indices, pool=pool)
+
+        return self._call("store", op, [False] * len(keys), pool)
+
+    def batch_get_v2(self, transfers: list[Any], extra_info: Any = None) -> dict[Any, list[bool]]:
+        """Load each transfer's pages into its pool at its host indices; a prefix of True per pool."""
+        return self._v2("load", transfers, extra_info)
+
+    def batch_set_v2(self, transfers: list[Any], extra_info: Any = None) -> dict[Any, list[bool]]:
+        """Store each transfer's pages from its pool; True per page stored or already there."""
+        return self._v2("store", transfers, extra_info)
 
     # -- the rest ----------------------------------------------------------------------------------
 
@@ -506,5 +622,5 @@ class PolarKVStorage(HiCacheStorage):
         return m
 
     def close(self) -> None:
-        if self.link is not None:
-            self.link.close()
+        for pool in getattr(self, "pools", {}).values():
+            pool.link.close()
