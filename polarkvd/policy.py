@@ -307,17 +307,20 @@ class S3FIFOPolicy(EvictionPolicy):
         return self._small.size + self._main.size
 
 
-#: priorities are kept as integers: seconds per byte x 1e18 (a 5.9 MB page worth 1 ms: ~1.7e8)
+#: priorities are kept as integers: seconds per byte x 1e18 (a 5.9 MB page worth 1 ms: ~1.7e8),
+#: shifted left by _HIT_BITS to hold the page's hits (1..7: frequency, GreedyDual-Size-Frequency)
 _PRIO_SCALE = 1e18
+_HIT_BITS = 3
+_HIT_MASK = (1 << _HIT_BITS) - 1
 
 
 class CostPolicy(EvictionPolicy):
-    """GreedyDual-Size with what a page is worth as its cost (docs/DESIGN-NOTES.md, "Cost-aware
-    retention"): the victim is the evictable page of lowest priority H = L + value, where `value` is
-    the owner's `valuer(node)` (seconds an engine saves per byte the page holds: its recompute cost
-    minus what fetching it back would cost; never below 0), added to the inflation L when the page
-    comes in and at every hit, and L rises to each victim's H. A page not hit for a while sinks below
-    newer ones as L passes it; of pages hit alike, the dear outlive the cheap.
+    """GreedyDual-Size-Frequency with what a page is worth as its cost (docs/DESIGN-NOTES.md,
+    "Cost-aware retention"): the victim is the evictable page of lowest priority H = L + value x hits,
+    where `value` is the owner's `valuer(node)` (seconds an engine saves per byte the page holds;
+    never below 0) and `hits` counts its insert and hits (up to 7), set when the page comes in and at
+    every hit, and L rises to each victim's H. A page not hit for a while sinks below newer ones as L
+    passes it; of pages hit alike, the dear outlive the cheap.
 
     An LRU list is kept too: the `SAMPLE` least recently used pages are the candidates a `victims`
     call scores, in one numpy batch (all pages when fewer are evictable among them), and it is the
@@ -333,18 +336,20 @@ class CostPolicy(EvictionPolicy):
         #: seconds saved per byte by keeping the page (set by the owner); None: 0 for every page
         self.valuer: Callable[[PolicyNode], float] | None = None
 
-    def _priority(self, node: PolicyNode) -> int:
+    def _priority(self, node: PolicyNode, hits: int) -> int:
+        """L + value x hits, with the hits (1..7) in the low 3 bits."""
         value = self.valuer(node) if self.valuer is not None else 0.0
-        return self.inflation + (int(value * _PRIO_SCALE) if value > 0 else 0)
+        worth = int(value * _PRIO_SCALE * hits) if value > 0 else 0
+        return ((self.inflation >> _HIT_BITS) + worth) << _HIT_BITS | hits
 
     def insert(self, node: PolicyNode) -> None:
         if node.prev is None:
-            node.aux = self._priority(node)
+            node.aux = self._priority(node, 1)
             self._list.push_tail(node)
 
     def touch(self, node: PolicyNode) -> None:
         if node.prev is not None:
-            node.aux = self._priority(node)
+            node.aux = self._priority(node, min((node.aux & _HIT_MASK) + 1, _HIT_MASK))
             self._list.unlink(node)
             self._list.push_tail(node)
 

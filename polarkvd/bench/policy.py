@@ -52,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--traces", nargs="+", choices=TRACES, default=list(TRACES), metavar="TRACE",
                    help=f"traces to replay (default all: {' '.join(TRACES)})")  # fmt: skip
     p.add_argument("--policies", nargs="+", choices=POLICY_CHOICES, default=list(POLICY_CHOICES),
-                   metavar="POLICY", help="DRAM eviction policies (default lru s3fifo cost)")  # fmt: skip
+                   metavar="POLICY", help="eviction policies, of DRAM and disk alike (default lru s3fifo cost)")  # fmt: skip
     p.add_argument("--requests", type=int, default=300, help="requests per trace (mixed: 2x; default 300)")
     p.add_argument("--dram-pages", type=int, default=400, help="DRAM capacity in pages (default 400)")
     p.add_argument("--disk-pages", type=int, default=1600, help="disk capacity in pages (default 1600)")
@@ -137,9 +137,9 @@ async def replay(
     dram = -(-args.dram_pages * page // slab) * slab
     cfg = load_config(env={}, overrides={
         "dram.capacity": str(dram), "dram.slab_bytes": str(slab), "dram.policy": policy,
-        "dram.high_watermark": "1.0", "disk.path": str(root / policy / "disk"),
+        "dram.high_watermark": "1.0", "disk.path": str(root / policy / "disk"), "disk.policy": policy,
     })  # fmt: skip
-    disk = DiskTier(root / policy / "disk", args.disk_pages * (page + 4096))
+    disk = DiskTier(root / policy / "disk", args.disk_pages * (page + 4096), policy=policy)
     disk.open()
     executor = concurrent.futures.ThreadPoolExecutor(2)
     m = Manager(cfg, memoryview(bytearray(dram)), SlabAllocator(dram, slab), disk, executor)

@@ -108,14 +108,7 @@ def _opt(default: Any, parse: Callable[[object], Any], doc: str, *, live: Knob |
     return dataclasses.field(default=default, metadata=meta)
 
 
-POLICY_NAMES = ("lru", "s3fifo", "cost")  # the memory tiers' (L1, DRAM)
-#: the disk tier's: its index keeps no page depth, so no `cost` there yet
-DISK_POLICY_NAMES = ("lru", "s3fifo")
-
-
-def policy_names(knob: str) -> tuple[str, ...]:
-    """The eviction policies a `<tier>.policy` option takes."""
-    return DISK_POLICY_NAMES if knob.startswith("disk.") else POLICY_NAMES
+POLICY_NAMES = ("lru", "s3fifo", "cost")
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -238,9 +231,11 @@ class DiskConfig:
     capacity: int = _opt(AUTO, _size_or_auto, "disk tier size; auto = min(16GiB, 1/4 of free space)")
     policy: str = _opt(
         "lru",
-        choice(*DISK_POLICY_NAMES),
+        choice(*POLICY_NAMES),
         "eviction policy",
-        live=Knob("eviction policy", "lru, or s3fifo (scan-resistant)"),
+        live=Knob(
+            "eviction policy", "lru, s3fifo (scan-resistant), or cost (keeps what is dear to recompute)"
+        ),
     )
     compression_level: int = _opt(
         1, parse_int, "zstd level (1 measured best: higher is slower and no smaller on KV)"

@@ -189,6 +189,7 @@ class Manager:
         self.index.claim = allocator.claim
         self.quotas = Quotas(cfg.quotas)  # per-tenant DRAM and disk limits (quotas.py)
         if disk is not None:
+            disk.set_valuer(self.worth.disk_value)  # the disk tier's `cost` policy
             disk.quota_of = self.quotas.disk_quota
             disk.on_removed = (
                 self.table_upkeep.disk_removed

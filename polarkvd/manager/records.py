@@ -71,6 +71,7 @@ class PendingDemotion:
     ns_digest: bytes
     parent: bytes | None
     itemsize: int
+    depth: int = 0  # the page's depth code (index.depth_of), kept on disk for the `cost` policy
 
 
 class Counters(collections.Counter[str]):

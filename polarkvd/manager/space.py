@@ -9,6 +9,7 @@ is named here; the shared state is the manager's.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -123,6 +124,7 @@ class Space:
             info.digest,
             page.parent,
             info.ns.itemsize,
+            page.depth,
         )
         self.m.pending[page.key] = item
         self.m.pending_bytes += page.size
@@ -182,19 +184,13 @@ class Space:
         if durable:
             assert self.m.group_commit is not None  # write-through needs the disk tier
             fut = self.m.group_commit.submit(
-                key, item.parent, item.ns_digest, item.data, item.itemsize, groups
+                key, item.parent, item.ns_digest, item.data, item.itemsize, groups, item.depth
             )
         else:
             assert self.m.disk is not None  # only called with a disk tier
+            put = functools.partial(self.m.disk.put, depth=item.depth)
             fut = loop.run_in_executor(
-                self.m.executor,
-                self.m.disk.put,
-                key,
-                item.parent,
-                item.ns_digest,
-                item.data,
-                item.itemsize,
-                groups,
+                self.m.executor, put, key, item.parent, item.ns_digest, item.data, item.itemsize, groups
             )
         self.m._disk_writes.add(fut)
 
@@ -296,7 +292,7 @@ class Space:
                     if page.state != READY or page.key in self.m.pending:
                         continue  # evicted or being written while we waited
                     data = bytes(self.m.arena[page.offset : page.offset + page.size])
-                    item = PendingDemotion(data, info.digest, page.parent, info.ns.itemsize)
+                    item = PendingDemotion(data, info.digest, page.parent, info.ns.itemsize, page.depth)
                     self.m.pending[page.key] = item
                     self.m.pending_bytes += page.size
                     self.write_to_disk(page.key, item)

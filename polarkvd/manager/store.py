@@ -179,7 +179,7 @@ class Store:
         max_pending_bytes: each commit waits for its own writes, which bounds the queue."""
         data = bytes(self.m.arena[page.offset : page.offset + page.size])
         self.m.write_through_bytes += page.size
-        item = PendingDemotion(data, info.digest, page.parent, info.ns.itemsize)
+        item = PendingDemotion(data, info.digest, page.parent, info.ns.itemsize, page.depth)
         fut = self.m.space.write_to_disk(page.key, item, counter="written_through_pages", durable=True)
 
         def done(_: object, size: int = page.size) -> None:

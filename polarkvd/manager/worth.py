@@ -20,7 +20,12 @@ from typing import TYPE_CHECKING, Any
 from polarkvd.cost_model import FetchCosts, RecomputeModel
 from polarkvd.index import Page, depth_of
 from polarkvd.policy import CostPolicy, EvictionPolicy, PolicyNode
+from polarkvd.tiers.disk_index import DiskEntry
 from polarkvd.types import Tier
+
+#: what a disk page of a namespace not attached since start is taken to cost to recompute: a
+#: 128-token page at 3 ms a token (the default's scale for a 30-layer model)
+_UNKNOWN_PAGE_SECONDS = 0.4
 
 if TYPE_CHECKING:
     from polarkvd.manager import Manager
@@ -58,6 +63,18 @@ class Worth:
         if self.m.disk is not None:
             recompute = min(recompute, self.fetch.seconds(Tier.DISK, node.size))
         return recompute / node.size if node.size else 0.0
+
+    def disk_value(self, node: PolicyNode) -> float:
+        """What a page on disk is worth keeping, per stored byte: its whole recompute cost (the disk
+        is the last tier). Called by the disk tier's `cost` policy on its I/O threads: reads only.
+        A page of a namespace no engine attached since the daemon started is valued as the deepest
+        known page of the default, so it is not the first to go for being unknown."""
+        assert isinstance(node, DiskEntry)  # the disk policy holds only entries
+        info = self.m.namespaces.get(node.ns)
+        if info is None:
+            return _UNKNOWN_PAGE_SECONDS / node.stored_bytes if node.stored_bytes else 0.0
+        cost = self.model(info.id).cost.page_seconds(info.ns.page_tokens, depth_of(node.depth))
+        return cost / node.stored_bytes if node.stored_bytes else 0.0
 
     def cheaper_to_recompute(self, page: Page) -> bool:
         """Whether an engine would recompute `page` faster than the daemon reads it back from disk:

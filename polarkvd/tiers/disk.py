@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from polarkvd.errors import PageCorrupt, PageNotFound, ResourceError
+from polarkvd.policy import PolicyNode
 from polarkvd.tiers.codec import (
     Codec,
     GroupRange,
@@ -397,6 +398,7 @@ class DiskTier:
         itemsize: int,
         groups: list[int] | None = None,
         durable: bool = False,
+        depth: int = 0,
     ) -> bool:
         """Store a page. True if it is on disk when this returns (written now or already there);
         False if it cannot fit (larger than the tier, or space held by puts in flight) or the write
@@ -405,9 +407,12 @@ class DiskTier:
         layer groups end, to store them as separately readable ranges (`open_grouped`, for
         layer-pipelined promotion); None: one blob. `durable`: the caller syncs the page next
         (`sync_files` or `sync_filesystem`), so this waits for a write of the same key in flight
-        instead of answering True while its file is still incomplete."""
+        instead of answering True while its file is still incomplete. `depth`: the page's position
+        in its chain as a depth code (index.depth_of), for the `cost` policy."""
         self._require_open()
         check_key("key", key)
+        if not 0 <= depth <= 255:
+            raise ValueError(f"depth must be a depth code 0..255, got {depth}")
         check_key("ns", ns)
         if parent is not None:
             check_key("parent", parent)
@@ -424,7 +429,7 @@ class DiskTier:
                 return True  # the same bytes are being written by another thread
             self._writing.add(key)
         try:
-            return self._write(key, parent, ns, data, itemsize, groups)
+            return self._write(key, parent, ns, data, itemsize, groups, depth)
         finally:
             with self._cond:
                 self._writing.discard(key)
@@ -438,6 +443,7 @@ class DiskTier:
         data: bytes | memoryview,
         itemsize: int,
         groups: list[int] | None = None,
+        depth: int = 0,
     ) -> bool:
         view = memoryview(data)
         if view.ndim != 1 or view.format != "B":
@@ -476,7 +482,7 @@ class DiskTier:
             return False
         with self._lock:
             self._index.reserve(ns, -size)
-            self._index.admit(key, parent, ns, raw_len, size)
+            self._index.admit(key, parent, ns, raw_len, size, depth)
             self._puts += 1
             self._index.changes += 1
         return True
@@ -664,6 +670,11 @@ class DiskTier:
             freed, doomed = self._index.evict(nbytes)
         self._unlink(doomed)
         return freed
+
+    def set_valuer(self, valuer: Callable[[PolicyNode], float] | None) -> None:
+        """What a page is worth keeping, per byte, for the `cost` policy (the manager's)."""
+        with self._lock:
+            self._index.set_valuer(valuer)
 
     def set_policy(self, name: str) -> None:
         """Switch eviction policy live, carrying pages over coldest first."""

@@ -48,7 +48,7 @@ _NO_PARENT = bytes(KEY_BYTES)
 INDEX_NAME = "index.msgpack"
 _INDEX_MAGIC = b"PKVIDX01"
 _INDEX_HEAD = struct.Struct("<8sQ")  # magic, xxh3_64 of the msgpack body
-_INDEX_FORMAT = 1
+_INDEX_FORMAT = 2  # 2: rows carry the page's depth; 1 (without) is still read
 LOCK_NAME = "lock"
 SEED_NAME = "seed-fingerprint"
 SEED_RE = re.compile(r"[0-9a-f]{16}")
@@ -57,8 +57,9 @@ TMP_SUFFIX = ".tmp"
 SUBDIR_RE = re.compile(r"[0-9a-f]{2}")
 STORED_UNIT = 512
 
-#: (key, parent, ns, raw_bytes, stored_bytes): one page's metadata as the snapshot and headers give it
-Row = tuple[bytes, bytes | None, bytes, int, int]
+#: (key, parent, ns, raw_bytes, stored_bytes, depth): one page's metadata as the snapshot and headers
+#: give it (headers carry no depth: 0)
+Row = tuple[bytes, bytes | None, bytes, int, int, int]
 
 
 def stored_size(file_bytes: int) -> int:
@@ -146,7 +147,7 @@ def header_row(file: str) -> Row | None:
     h = parse_header(buf)
     if h is None or h.key.hex() + ".pkv" != os.path.basename(file) or HEADER_SIZE + h.payload_len != size:
         return None
-    return (h.key, h.parent, h.ns, h.raw_len, stored_size(size))
+    return (h.key, h.parent, h.ns, h.raw_len, stored_size(size), 0)
 
 
 class Scratch(threading.local):
@@ -202,10 +203,10 @@ def record_seed(root: Path, fingerprint: str) -> None:
 
 
 def write_snapshot(
-    root: Path, namespaces: list[bytes], pages: list[tuple[bytes, bytes | None, int, int, int]]
+    root: Path, namespaces: list[bytes], pages: list[tuple[bytes, bytes | None, int, int, int, int]]
 ) -> None:
     """Write the snapshot atomically: `pages` rows are (key, parent, index into `namespaces`,
-    raw_bytes, stored_bytes), coldest first. Raises OSError."""
+    raw_bytes, stored_bytes, depth), coldest first. Raises OSError."""
     body = msgpack.packb({"format": _INDEX_FORMAT, "namespaces": namespaces, "pages": pages})
     final = root / INDEX_NAME
     tmp = root / f"{INDEX_NAME}.{os.getpid()}{TMP_SUFFIX}"
@@ -228,17 +229,21 @@ def load_snapshot(root: Path) -> dict[bytes, Row] | None:
         if magic != _INDEX_MAGIC or checksum(body) != csum:
             raise ValueError("bad magic or checksum")
         doc = msgpack.unpackb(body)
-        if doc["format"] != _INDEX_FORMAT:
+        if doc["format"] not in (1, _INDEX_FORMAT):
             raise ValueError(f"index format {doc['format']}")
         namespaces = [check_key("ns", ns) for ns in doc["namespaces"]]
         rows: dict[bytes, Row] = {}
-        for key, parent, ns_id, raw_bytes, stored_bytes in doc["pages"]:
+        for row in doc["pages"]:
+            key, parent, ns_id, raw_bytes, stored_bytes = row[:5]
+            depth = row[5] if len(row) > 5 else 0
             check_key("key", key)
             if parent is not None:
                 check_key("parent", parent)
             if not (isinstance(raw_bytes, int) and isinstance(stored_bytes, int)):
                 raise ValueError("page sizes must be integers")
-            rows[key] = (key, parent, namespaces[ns_id], raw_bytes, stored_size(stored_bytes))
+            if not (isinstance(depth, int) and 0 <= depth <= 255):
+                raise ValueError("depths must be integers 0..255")
+            rows[key] = (key, parent, namespaces[ns_id], raw_bytes, stored_size(stored_bytes), depth)
         return rows
     except Exception as exc:  # any malformed snapshot means: rebuild from the page headers
         log.warning("disk tier: ignoring index snapshot %s: %s", root / INDEX_NAME, exc)

@@ -21,9 +21,9 @@ children count).
 from __future__ import annotations
 
 import functools
-from collections.abc import Container
+from collections.abc import Callable, Container
 
-from polarkvd.policy import EvictionPolicy, PolicyNode, make_policy, switch_policy
+from polarkvd.policy import CostPolicy, EvictionPolicy, PolicyNode, make_policy, switch_policy
 from polarkvd.tiers.disk_format import Row
 
 _MAX_INTERNED = 4096  # distinct namespaces and page sizes shared between entries
@@ -36,10 +36,10 @@ Quota = tuple[int, frozenset[bytes]]
 class DiskEntry(PolicyNode):
     """One page on disk. Owned and mutated by the index under the tier's lock: callers read, never write."""
 
-    __slots__ = ("parent", "ns", "raw_bytes", "stored_bytes", "children")
+    __slots__ = ("parent", "ns", "raw_bytes", "stored_bytes", "children", "depth")
 
     def __init__(
-        self, key: bytes, parent: bytes | None, ns: bytes, raw_bytes: int, stored_bytes: int
+        self, key: bytes, parent: bytes | None, ns: bytes, raw_bytes: int, stored_bytes: int, depth: int = 0
     ) -> None:
         super().__init__(key)
         self.parent = parent
@@ -47,6 +47,7 @@ class DiskEntry(PolicyNode):
         self.raw_bytes = raw_bytes
         self.stored_bytes = stored_bytes  # file size, header included, rounded up (disk_format.stored_size)
         self.children = 0  # pages on disk whose parent is this page
+        self.depth = depth  # its chain position as the manager knew it (index.depth_of code; 0: unknown)
 
 
 class DiskIndex:
@@ -54,6 +55,8 @@ class DiskIndex:
 
     def __init__(self, policy: str) -> None:
         self.policy: EvictionPolicy = make_policy(policy)
+        #: the `cost` policy's valuer (set by the manager: what a page is worth keeping, per byte)
+        self.valuer: Callable[[PolicyNode], float] | None = None
         self.entries: dict[bytes, DiskEntry] = {}
         self.waiting: dict[bytes, int] = {}  # children that reached disk before their parent, by parent
         self._interned: dict[object, object] = {}  # namespaces and page sizes, shared by entries
@@ -74,14 +77,26 @@ class DiskIndex:
         self.entries.clear()
         self.waiting.clear()
         self.policy = make_policy(self.policy.name)
+        self._attach_valuer()
         self.stored = self.raw = 0
         self.ns_stored.clear()
 
     def set_policy(self, name: str) -> None:
         """Switch eviction policy, carrying pages over coldest first."""
         self.policy = switch_policy(self.policy, name)
+        self._attach_valuer()
 
-    def admit(self, key: bytes, parent: bytes | None, ns: bytes, raw_bytes: int, stored_bytes: int) -> None:
+    def set_valuer(self, valuer: Callable[[PolicyNode], float] | None) -> None:
+        self.valuer = valuer
+        self._attach_valuer()
+
+    def _attach_valuer(self) -> None:
+        if isinstance(self.policy, CostPolicy):
+            self.policy.valuer = self.valuer
+
+    def admit(
+        self, key: bytes, parent: bytes | None, ns: bytes, raw_bytes: int, stored_bytes: int, depth: int = 0
+    ) -> None:
         """List a page whose file is complete (no-op if listed)."""
         if key in self.entries:
             return
@@ -97,7 +112,7 @@ class DiskIndex:
             raw_bytes = self._interned.setdefault(raw_bytes, raw_bytes)  # type: ignore[assignment]  # an int likewise
         if len(self._sizes) < _MAX_STORED_SIZES:
             stored_bytes = self._sizes.setdefault(stored_bytes, stored_bytes)
-        e = DiskEntry(key, parent, ns, raw_bytes, stored_bytes)
+        e = DiskEntry(key, parent, ns, raw_bytes, stored_bytes, depth)
         e.children = self.waiting.pop(key, 0)
         self.entries[key] = e
         self.policy.insert(e)
@@ -194,14 +209,14 @@ class DiskIndex:
             pool = len(self.entries)
         return freed, doomed
 
-    def snapshot_rows(self) -> tuple[list[bytes], list[tuple[bytes, bytes | None, int, int, int]]]:
+    def snapshot_rows(self) -> tuple[list[bytes], list[tuple[bytes, bytes | None, int, int, int, int]]]:
         """(namespaces, rows coldest first) for `disk_format.write_snapshot`."""
         namespaces: dict[bytes, int] = {}
         pages = []
         for e in self.policy.coldest_first():
             assert isinstance(e, DiskEntry)
             ns_id = namespaces.setdefault(e.ns, len(namespaces))
-            pages.append((e.key, e.parent, ns_id, e.raw_bytes, e.stored_bytes))
+            pages.append((e.key, e.parent, ns_id, e.raw_bytes, e.stored_bytes, e.depth))
         return list(namespaces), pages
 
 

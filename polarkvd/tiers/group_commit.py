@@ -51,6 +51,7 @@ class _Write:
     itemsize: int
     groups: list[int] | None
     future: asyncio.Future[bool]
+    depth: int = 0
 
 
 class GroupCommit:
@@ -87,12 +88,13 @@ class GroupCommit:
         data: bytes,
         itemsize: int,
         groups: list[int] | None = None,
+        depth: int = 0,
     ) -> asyncio.Future[bool]:
         """A future that is True once the page is on disk and synced, False if it cannot be. It is
         cancelled when the I/O pool shuts down under the write (the daemon is stopping)."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[bool] = loop.create_future()
-        self._batch.append(_Write(key, parent, ns, data, itemsize, groups, fut))
+        self._batch.append(_Write(key, parent, ns, data, itemsize, groups, fut, depth))
         self._batch_bytes += len(data)
         self.stats.pages += 1
         if self._batch_bytes >= self.max_batch_bytes:
@@ -136,7 +138,15 @@ class GroupCommit:
                 loop.run_in_executor(
                     pool,
                     functools.partial(
-                        self.disk.put, w.key, w.parent, w.ns, w.data, w.itemsize, w.groups, durable=True
+                        self.disk.put,
+                        w.key,
+                        w.parent,
+                        w.ns,
+                        w.data,
+                        w.itemsize,
+                        w.groups,
+                        durable=True,
+                        depth=w.depth,
                     ),
                 )
                 for w in batch

@@ -28,7 +28,7 @@ from textual.theme import Theme
 from textual.worker import get_current_worker
 
 from polarkvd.client import ControlClient
-from polarkvd.config import policy_names
+from polarkvd.config import POLICY_NAMES
 from polarkvd.config.machine import default_control_socket
 from polarkvd.errors import DaemonUnavailable, ErrorCode, PolarKVError
 from polarkvd.tui.messages import ActionDone, SnapshotReady
@@ -304,7 +304,7 @@ class PolarKVApp(App[None]):
             self.action_revert_tuning,
         )
         for tier in ("dram", "disk"):
-            for policy in policy_names(f"{tier}.policy"):
+            for policy in POLICY_NAMES:
                 yield SystemCommand(f"Set {tier} policy to {policy}", f"{tier}.policy = {policy}, live", lambda t=tier, p=policy: self.set_knobs({f"{t}.policy": p}))  # fmt: skip
         if "vram" in (self.view.stats or {}).get("tiers", {}):
             yield SystemCommand("Move 10% of L1 to DRAM", "demote the coldest tenth of the GPU tier to DRAM now", lambda: self.action_evict_fraction("vram", 0.1))  # fmt: skip

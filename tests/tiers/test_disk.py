@@ -732,3 +732,60 @@ def test_index_memory_per_page(tmp_path: Path) -> None:
     per_page = index_bytes_per_page(tmp_path)
     print(f"disk tier index: {per_page:.0f} bytes per page")
     assert per_page <= 256  # the daemon's metadata bar, for pages on disk too
+
+
+# ---------------------------------------------------------------- the cost policy
+
+
+def test_the_cost_policy_keeps_deep_pages_and_their_depth_survives_a_restart(tmp_path: Path) -> None:
+    """Under `cost` with a valuer that prices a page by its depth (as the manager's does), a tier
+    over capacity drops shallow pages before deep ones, leaf-first still; the depths are in the
+    index snapshot, so a reopened tier prices its pages the same."""
+    root = tmp_path / "l4"
+    stored = -(-(HEADER_SIZE + PAGE) // 512) * 512  # raw pages: they do not compress enough
+
+    def by_depth(node) -> float:  # type: ignore[no-untyped-def]
+        return (1 + node.depth) / node.stored_bytes
+
+    tier = DiskTier(root, 40 * stored, policy="cost", min_ratio=100.0)  # min_ratio: stored raw
+    tier.set_valuer(by_depth)
+    tier.open()
+    deep = [key(i) for i in range(20)]
+    for d, k in enumerate(deep):  # one chain of 20, depths 0..19
+        assert tier.put(k, deep[d - 1] if d else None, NS, page_bytes(k), 2, depth=d)
+    shallow = [key(1000 + i) for i in range(20)]
+    for k in shallow:  # 20 one-page prompts
+        assert tier.put(k, None, NS, page_bytes(k), 2, depth=0)
+    more = [key(2000 + i) for i in range(10)]
+    for k in more:  # 10 more: 10 must go
+        assert tier.put(k, None, NS, page_bytes(k), 2, depth=0)
+    kept = set(tier.keys())
+    assert set(deep) <= kept and len([k for k in shallow if k not in kept]) >= 10
+    tier.close()
+
+    again = DiskTier(root, 40 * stored, policy="cost", min_ratio=100.0)
+    again.set_valuer(by_depth)
+    assert again.open().index_loaded
+    assert [again.entry(k).depth for k in deep] == list(range(20))  # type: ignore[union-attr]
+    again.close()
+
+
+def test_an_index_snapshot_without_depths_is_still_read(tmp_path: Path) -> None:
+    """A snapshot written before pages had depths (format 1) is read, its pages at depth 0."""
+    import msgpack
+
+    from polarkvd.tiers import disk_format
+
+    root = tmp_path / "l4"
+    tier = open_tier(root)
+    keys = put_chain(tier, 0, 3)
+    tier.close()
+    rows = [(k, keys[i - 1] if i else None, 0, PAGE, counted(page_file(root, k))) for i, k in enumerate(keys)]
+    body = msgpack.packb({"format": 1, "namespaces": [NS], "pages": rows})
+    head = disk_format._INDEX_HEAD.pack(disk_format._INDEX_MAGIC, xxhash.xxh3_64_intdigest(body))
+    (root / disk_format.INDEX_NAME).write_bytes(head + body)
+    again = DiskTier(root, 1 << 30)
+    report = again.open()
+    assert report.index_loaded and report.recovered == 0 and report.pages == 3
+    assert [again.entry(k).depth for k in keys] == [0, 0, 0]  # type: ignore[union-attr]
+    again.close()

@@ -15,7 +15,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import Button, Footer, Input, Label, Select
 
-from polarkvd.config import LOG_LEVELS, option_fields, policy_names
+from polarkvd.config import LOG_LEVELS, POLICY_NAMES, option_fields
 from polarkvd.tui import panels
 from polarkvd.tui.model import View, changed_knobs, check_knob, knob_text
 from polarkvd.tui.screens.base import DashboardScreen
@@ -27,7 +27,7 @@ SECTION_ORDER = ("vram", "dram", "dmp", "disk", "daemon")
 
 def _choices(name: str) -> list[tuple[str, Any]] | None:
     if name.endswith(".policy"):
-        return [(p, p) for p in policy_names(name)]
+        return [(p, p) for p in POLICY_NAMES]
     if name == "daemon.log_level":
         return [(lvl, lvl) for lvl in LOG_LEVELS]
     if name == "disk.write_through":
