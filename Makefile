@@ -5,7 +5,7 @@ serve:
 	./scripts/bootstrap.sh && .venv/bin/polarkvd serve
 
 test:
-	./scripts/bootstrap.sh --with-vllm && ./scripts/lint.sh && .venv/bin/python -m pytest
+	./scripts/bootstrap.sh --with-sglang && ./scripts/lint.sh && .venv/bin/python -m pytest
 
 bench:
 	./scripts/bootstrap.sh && .venv/bin/polarkvd bench datapath
