@@ -195,3 +195,20 @@ def test_a_peer_server_and_its_children_are_stopped_on_an_error(tmp_path: Path) 
         with server_group([sys.executable, "-c", "print('boom'); raise SystemExit(3)"], tmp_path / "bad.log",
                           dict(os.environ), lambda: False, "test server"):  # fmt: skip
             pass
+
+
+def test_a_worker_that_only_logs_is_killed_for_no_progress(tmp_path: Path) -> None:
+    """A vLLM worker that retries a failing connector forever keeps logging; only progress events
+    count, so it is killed and the peer reported, instead of the bench hanging."""
+    import os
+    import sys
+
+    from polarkvd.bench.harness import relay_worker
+
+    script = "import sys, time\nprint('@@t {\"event\": \"ready\"}', flush=True)\nwhile True:\n    print('E retry', flush=True)\n    time.sleep(0.05)\n"
+    events: list[dict[str, Any]] = []
+    code, tail, stalled = relay_worker([sys.executable, "-c", script], dict(os.environ), tmp_path, tmp_path / "w.log",
+                                       "@@t ", events.append, silence_s=2)  # fmt: skip
+    assert stalled and code != 0
+    assert events == [{"event": "ready"}]
+    assert tail[-1].strip() == "E retry"

@@ -401,8 +401,8 @@ def run_config(
     name: str, spec: dict[str, Any], root: Path, env: dict[str, str], say: Callable[[str], None],
     silence_s: float = 600.0,
 ) -> dict[str, Any]:  # fmt: skip
-    """Start the worker for one configuration, relay its progress, return its results. A worker
-    silent for `silence_s` seconds (a hung engine or connector) is killed: RuntimeError."""
+    """Start the worker for one configuration, relay its progress, return its results. A worker that
+    reports no progress for `silence_s` seconds (a hung engine or connector) is killed: RuntimeError."""
     cdir = root / name
     (cdir / "tmp").mkdir(parents=True, exist_ok=True)
     spec = {**spec, "config": name, "out": str(cdir / "result.json")}
@@ -430,7 +430,7 @@ def run_config(
     code, tail, stalled = relay_worker(argv, env, cdir, log_path, MARK, on_event, silence_s)
     result_path = Path(spec["out"])
     if code != 0 or not result_path.exists():
-        why = f"silent for {silence_s:.0f} s, killed" if stalled else f"exit {code}"
+        why = f"no progress for {silence_s:.0f} s, killed" if stalled else f"exit {code}"
         last = next((ln.strip() for ln in reversed(tail) if ln.strip()), "")[-300:]
         raise RuntimeError(
             f"{name}: the vLLM worker failed ({why}): {last} (log {log_path})\n" + "".join(tail)

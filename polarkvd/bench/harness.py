@@ -435,9 +435,9 @@ def relay_worker(
     on_event: Callable[[dict[str, Any]], None], silence_s: float,
 ) -> tuple[int, list[str], bool]:  # fmt: skip
     """Run a benchmark worker in its own process group, its output to `log_path`, each `mark`-prefixed
-    JSON line to `on_event`; a worker silent for `silence_s` seconds (a hung engine or connector) is
-    killed. Returns (exit code, the last 40 lines, whether it was killed for silence); the group is
-    killed on every way out."""
+    JSON line to `on_event`; a worker with no event for `silence_s` seconds (a hung engine, or one
+    that retries a failing connector forever while logging) is killed. Returns (exit code, the last
+    40 lines, whether it was killed for that); the group is killed on every way out."""
     tail: list[str] = []
     heard, stalled = [time.monotonic()], False
     with open(log_path, "w") as log:
@@ -458,11 +458,11 @@ def relay_worker(
         try:
             assert proc.stdout is not None
             for raw in proc.stdout:
-                heard[0] = time.monotonic()
                 line = raw.decode(errors="replace")
                 log.write(line)
                 tail = (tail + [line])[-40:]
                 if line.startswith(mark):
+                    heard[0] = time.monotonic()
                     on_event(json.loads(line[len(mark) :]))
             proc.wait()
         finally:
