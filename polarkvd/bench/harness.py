@@ -415,6 +415,11 @@ def mooncake_store(workdir: Path, segment_bytes: int, env: dict[str, str]) -> It
               f"--metrics_port={metrics}", "--enable_http_metadata_server=false"]  # fmt: skip
     c_argv = [str(client), "--host=127.0.0.1", f"--port={client_port}", f"--master_server_address=127.0.0.1:{rpc}",
               "--metadata_server=P2PHANDSHAKE", "--protocol=tcp", f"--global_segment_size={mb} MB"]  # fmt: skip
+    # Its TCP transport queues at most ~1k transfers per peer by default and fails the rest
+    # (TRANSFER_FAIL, "TCP lane queue-full"): a 4,000-token prompt at block 32 is 125 objects of
+    # 1.5 MB, in slices. Deployments over TCP raise these bounds; so does the bench.
+    tcp = {"MC_TCP_MAX_QUEUED_TRANSFERS_PER_PEER": "65535", "MC_TCP_MAX_PENDING_ADMISSIONS_PER_PEER": "65535"}
+    env = {**env, **tcp}
     with (
         server_group(m_argv, workdir / "mooncake-master.log", env, lambda: port_open(rpc), "mooncake_master"),
         server_group(c_argv, workdir / "mooncake-client.log", env, lambda: port_open(client_port), "mooncake_client"),
