@@ -77,7 +77,7 @@ class Page(PolicyNode):
         self.linked = False  # counted in its parent's `children`
         self.checksum: int | None = None  # xxh3_64 of the bytes, once known (sent to or received from a peer)
         #: pages before it in its chain as far as the index knew its parent (PageIndex.add), as a
-        #: `depth_code` (0..255: a cached small int, no object of its own per page)
+        #: depth code (`depth_of`, `child_depth`: 0..255, a shared small int, no object of its own)
         self.depth = 0
 
 

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from polarkvd.cost_model import FetchCosts, RecomputeModel
+from polarkvd.cost_model import FetchCosts, RecomputeModel, default_for
 from polarkvd.index import Page, depth_of
 from polarkvd.policy import CostPolicy, EvictionPolicy, PolicyNode
 from polarkvd.tiers.disk_index import DiskEntry
-from polarkvd.types import Tier
+from polarkvd.types import Namespace, Tier
 
 #: what a disk page of a namespace not attached since start is taken to cost to recompute: a
 #: 128-token page at 3 ms a token (the default's scale for a 30-layer model)
@@ -42,12 +42,11 @@ class Worth:
         self.fetch = FetchCosts()
 
     def model(self, ns_id: int) -> RecomputeModel:
+        """The fit of a namespace's model and shard, made on first use (event loop only)."""
         ns = self.m._ns_by_id[ns_id].ns
-        key = (ns.model, ns.dtype, ns.layout, ns.num_layers, ns.num_kv_heads, ns.head_dim, ns.page_tokens,
-               ns.tp_size, ns.kv_parts)  # fmt: skip
-        model = self.models.get(key)
+        model = self.models.get(_model_key(ns))
         if model is None:
-            model = self.models[key] = RecomputeModel(ns)
+            model = self.models[_model_key(ns)] = RecomputeModel(ns)
         return model
 
     def observe_prefill(self, ns_id: int, tokens: int, depth: int, seconds: float) -> None:
@@ -67,14 +66,17 @@ class Worth:
     def disk_value(self, node: PolicyNode) -> float:
         """What a page on disk is worth keeping, per stored byte: its whole recompute cost (the disk
         is the last tier). Called by the disk tier's `cost` policy on its I/O threads: reads only.
-        A page of a namespace no engine attached since the daemon started is valued as the deepest
-        known page of the default, so it is not the first to go for being unknown."""
+        A page of a namespace no engine attached since the daemon started is taken to cost
+        `_UNKNOWN_PAGE_SECONDS`, so it is not the first to go for being unknown."""
         assert isinstance(node, DiskEntry)  # the disk policy holds only entries
+        if not node.stored_bytes:
+            return 0.0
         info = self.m.namespaces.get(node.ns)
         if info is None:
-            return _UNKNOWN_PAGE_SECONDS / node.stored_bytes if node.stored_bytes else 0.0
-        cost = self.model(info.id).cost.page_seconds(info.ns.page_tokens, depth_of(node.depth))
-        return cost / node.stored_bytes if node.stored_bytes else 0.0
+            return _UNKNOWN_PAGE_SECONDS / node.stored_bytes
+        model = self.models.get(_model_key(info.ns))  # never made here: this is not the loop's thread
+        cost = model.cost if model is not None else default_for(info.ns)
+        return cost.page_seconds(info.ns.page_tokens, depth_of(node.depth)) / node.stored_bytes
 
     def cheaper_to_recompute(self, page: Page) -> bool:
         """Whether an engine would recompute `page` faster than the daemon reads it back from disk:
@@ -114,3 +116,9 @@ class Worth:
                 "measured": self.fetch.measured(tier),
             }
         return out
+
+
+def _model_key(ns: Namespace) -> tuple[object, ...]:
+    """What a prefill fit is shared by: the model and its shard, not the cache salt or TP rank."""
+    return (ns.model, ns.dtype, ns.layout, ns.num_layers, ns.num_kv_heads, ns.head_dim, ns.page_tokens,
+            ns.tp_size, ns.kv_parts)  # fmt: skip
