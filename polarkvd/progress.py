@@ -132,7 +132,11 @@ class Progress:
             if now - self._last_plain >= self.plain_interval:
                 self._last_plain = now
                 of = f"/{self.total}" if self.total is not None else ""
-                n = f"{completed:.0f}{of}{' ' + self.unit if self.unit else ''}"
+                n = (
+                    f"{completed:.0f}{of}{' ' + self.unit if self.unit else ''}"
+                    if completed is not None
+                    else ""
+                )
                 self._plain(f"{what or self._current or ''} {n}".strip(), width=6, count=False)
             return
         kw: dict[str, Any] = {}

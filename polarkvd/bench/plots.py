@@ -449,7 +449,9 @@ def plot_datapath(res: dict[str, Any]) -> Any:
     lat_ax.set_xlabel("latency (µs, log scale): bars p50, marks p99")
     lat_ax.grid(axis="y", visible=False)
     rtt = res["socket_rtt_p50_us"]
-    lat_ax.axvline(3 * rtt, color="#d62728", linestyle="--", linewidth=1.2, label="bar: 3x socket RTT p50")
+    lat_ax.axvline(
+        3 * rtt, color="#d62728", linestyle="--", linewidth=1.2, label="bar: 3x socket RTT p50", zorder=0.5
+    )
     lo = min(p50) / 2
     hi = max([*p50, *(v for _, v in pts)]) * 4
     lat_ax.set_xlim(lo, hi)
