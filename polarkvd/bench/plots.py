@@ -229,8 +229,8 @@ def _num(v: Any) -> float | None:
 
 
 def _plain_log(ax: Any, axis: str = "y") -> None:
-    """A log-scale axis whose labels read 0.4, 2, 10 (not 4x10^-1); between the powers of ten 2, 3,
-    4 and 6 are labelled too when the axis spans at most two decades."""
+    """A log-scale axis whose labels read 0.4, 2, 10 (not 4x10^-1); between the powers of ten, 2, 3,
+    4 and 6 are labelled too on a short axis, 2 and 5 on one of up to three decades."""
     from matplotlib.ticker import FuncFormatter
 
     a = ax.yaxis if axis == "y" else ax.xaxis
@@ -241,9 +241,9 @@ def _plain_log(ax: Any, axis: str = "y") -> None:
             return ""
         lo, hi = sorted(a.get_view_interval())
         mantissa = round(v / 10 ** math.floor(math.log10(v) + 1e-9), 6)
-        if mantissa != 1 and (mantissa not in (2, 3, 4, 6) or hi / max(lo, 1e-300) > 100):
-            return ""
-        return f"{v:g}"
+        span = hi / max(lo, 1e-300)
+        between = (2, 3, 4, 6) if span <= 20 else (2, 5) if span <= 1000 else ()
+        return f"{v:g}" if mantissa == 1 or mantissa in between else ""
 
     a.set_major_formatter(FuncFormatter(label))
     a.set_minor_formatter(FuncFormatter(label))
@@ -256,6 +256,15 @@ def _headroom(ax: Any, factor: float = 1.15) -> None:
 
 # ------------------------------------------------------------------------------------- the plots
 
+#: configuration -> (marker, line style, hollow marker)
+CHAT_STYLES = {
+    "nocache": ("s", "-", False),
+    "prefix_cache": ("o", "-", True),
+    "example_connector": ("D", "--", False),
+    "polarkvd": ("o", "-", False),
+    "lmcache": ("^", "-.", False),
+    "mooncake": ("v", ":", False),
+}
 CHAT_LABELS = {
     "nocache": "vLLM, no prefix cache",
     "prefix_cache": "vLLM prefix cache",
@@ -277,8 +286,12 @@ def plot_chat(res: dict[str, Any]) -> Any:
         ttft = [r["ttft_s"]["mean"] for r in c["rounds"]]
         computed = [max(1.0, r["prompt_tokens_mean"] - r["hit_tokens_mean"]) for r in c["rounds"]]
         ours = name == "polarkvd"
-        style = {"color": COLORS.get(name), "marker": "o", "linewidth": 2.6 if ours else 1.6,
-                 "zorder": 3 if ours else 2, "label": CHAT_LABELS.get(name, name)}  # fmt: skip
+        # lines that run on top of each other (two configurations computing the same tokens) stay
+        # apart by their marker and dash
+        marker, dash, hollow = CHAT_STYLES.get(name, ("o", "-", False))
+        style = {"color": COLORS.get(name), "marker": marker, "linestyle": dash, "markersize": 8 if hollow else 6,
+                 "markerfacecolor": "none" if hollow else COLORS.get(name), "linewidth": 2.6 if ours else 1.6,
+                 "zorder": 4 if ours else 3 if hollow else 2, "label": CHAT_LABELS.get(name, name)}  # fmt: skip
         ttft_ax.plot(rounds, ttft, **style)
         comp_ax.plot(rounds, computed, **style)
     for ax in (ttft_ax, comp_ax):
@@ -287,7 +300,7 @@ def plot_chat(res: dict[str, Any]) -> Any:
         ax.xaxis.get_major_locator().set_params(integer=True)
     ttft_ax.set_ylabel("TTFT, mean over users (s, log scale)")
     ttft_ax.set_title("Time to first token per round")
-    comp_ax.set_ylabel("prompt tokens computed per request (log scale)")
+    comp_ax.set_ylabel("prompt tokens computed, per request (log)")
     comp_ax.set_title("Prefill left to compute (prompt - cache hits)")
     handles, labels = ttft_ax.get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 6), frameon=False)
@@ -297,7 +310,7 @@ def plot_chat(res: dict[str, Any]) -> Any:
         f"{wl['last_prompt_tokens']} tokens, {wl['model']} {wl['dtype']}, block {wl['block_tokens']}"
     )
     if na:
-        title += f"  (not available: {', '.join(na)})"
+        title += f"\n(not available: {', '.join(na)})"
     fig.suptitle(title)
     return fig
 
@@ -345,7 +358,7 @@ def plot_cluster(res: dict[str, Any]) -> Any:
     )
     na = res.get("not_available") or {}
     if na:
-        title += f"  (not available: {', '.join(na)})"
+        title += f"\n(not available: {', '.join(na)})"
     fig.suptitle(title)
     return fig
 
