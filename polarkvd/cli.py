@@ -556,7 +556,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     chat_args(
         bsub.add_parser(
-            "chat", help="multi-round chat on real vLLM: no cache, prefix cache, ExampleConnector, polarkvd"
+            "chat",
+            help="multi-round chat on real vLLM: no cache, prefix cache, ExampleConnector, polarkvd, LMCache, Mooncake",
         )
     )
     from polarkvd.bench.cluster import add_arguments as cluster_args
