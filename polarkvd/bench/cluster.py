@@ -30,8 +30,9 @@ over `--rounds` rounds of one `--seconds` measurement. Peers that are not instal
 
 The transport columns' server side is one function, `local_page_server()`.
 
-This file also runs as a plain script in Mooncake's venv (`--mooncake-driver`, `--mooncake-holder`):
-its top-level imports are the standard library only; the package is imported inside functions.
+This file also runs as a plain script in Mooncake's venv (`--mooncake-driver`, `--mooncake-holder`),
+with this package's folder on PYTHONPATH: its top-level imports are the standard library and the rig
+(itself standard library only); the rest of the package is imported inside functions.
 """
 
 from __future__ import annotations
@@ -426,8 +427,15 @@ class MooncakeMethod:
                "holder_bytes": data.total + (256 << 20), "pages_in_flight": threads * batch}  # fmt: skip
         self._stack = contextlib.ExitStack()
         args = [str(py), str(Path(__file__).resolve()), "--mooncake-driver", json.dumps(cfg)]
+        # the script imports the rig (polarkvd.bench.cluster_rig, standard library only): Mooncake's
+        # venv has no polarkvd, so the folder that holds this package goes on its path
+        top = str(Path(__file__).resolve().parents[2])
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(p for p in (top, os.environ.get("PYTHONPATH")) if p),
+        }
         try:
-            self.proc = self._stack.enter_context(child_process(args, log=self.log))
+            self.proc = self._stack.enter_context(child_process(args, env=env, log=self.log))
             ready = read_json_line(self.proc, 180, "mooncake driver", self.log)
             if "error" in ready:
                 raise RuntimeError(ready["error"])
