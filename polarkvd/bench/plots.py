@@ -392,8 +392,8 @@ def plot_pipeline(res: dict[str, Any]) -> Any:
     ax.grid(axis="x", visible=False)
     ax.set_ylabel("TTFT of the hit (ms): median,\nwhiskers min-max of the trials")
     ax.set_xlabel("where the prefix was")
-    ax.legend(loc="upper left")
-    _headroom(ax, 1.1)
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=2, frameon=False)
+    _headroom(ax, 1.05)
     bars = res.get("bars", {})
     facts = []
     for key, label in (("remote_vs_local", "remote/local"), ("disk_vs_local", "disk/local"),
