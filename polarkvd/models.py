@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -230,6 +231,10 @@ def _convert(gguf_path: Path, out: Path, step: Callable[[str], None]) -> None:
 
     with contextlib.suppress(Exception):
         transformers.utils.logging.disable_progress_bar()
+    with contextlib.suppress(Exception):  # its GGUF reader draws a tqdm bar of its own: our step says it
+        import transformers.modeling_gguf_pytorch_utils as gguf_reader
+
+        gguf_reader.tqdm = functools.partial(gguf_reader.tqdm, disable=True)
     src_dir, name = str(gguf_path.parent), gguf_path.name
     out.mkdir(parents=True, exist_ok=True)
 
