@@ -50,6 +50,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from polarkvd.bench import plots
 from polarkvd.bench.harness import (
     Steps,
     busy_cpu_s,
@@ -142,6 +143,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(default: every CPU this process may use)")  # fmt: skip
     p.add_argument("--model", default="", help="model directory (default: the converted SmolLM2-135M)")
     p.add_argument("--keep", action="store_true", help="keep the run directory (logs, specs, results)")
+    plots.add_plot_arguments(p)
 
 
 # ---------------------------------------------------------------------------------------- workload
@@ -776,12 +778,16 @@ def render(res: dict[str, Any]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.plot_from:
+        return plots.redraw("chat", args)
+    plots.check(args)
     with sigterm_unwinds():  # a killed bench still stops its servers, daemon and vLLM
         res = run(args)
     if args.json:
         print(json.dumps(res, indent=2))
     else:
         print(render(res))
+    plots.after_run("chat", res, args)
     return 0
 
 

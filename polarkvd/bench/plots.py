@@ -303,7 +303,7 @@ def plot_chat(res: dict[str, Any]) -> Any:
     comp_ax.set_ylabel("prompt tokens computed, per request (log)")
     comp_ax.set_title("Prefill left to compute (prompt - cache hits)")
     handles, labels = ttft_ax.get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 6), frameon=False)
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 3), frameon=False)
     na = res.get("not_available") or {}
     title = (
         f"bench chat: {wl['users']} users x {wl['rounds']} rounds, prompts {wl['first_prompt_tokens']}-"
