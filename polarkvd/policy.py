@@ -314,7 +314,7 @@ _HIT_BITS = 3
 _HIT_MASK = (1 << _HIT_BITS) - 1
 
 
-class CostPolicy(EvictionPolicy):
+class CostPolicy(LRUPolicy):
     """GreedyDual-Size-Frequency with what a page is worth as its cost (docs/DESIGN-NOTES.md,
     "Cost-aware retention"): the victim is the evictable page of lowest priority H = L + value x hits,
     where `value` is the owner's `valuer(node)` (seconds an engine saves per byte the page holds;
@@ -324,14 +324,15 @@ class CostPolicy(EvictionPolicy):
 
     An LRU list is kept too: the `SAMPLE` least recently used pages are the candidates a `victims`
     call scores, in one numpy batch (all pages when fewer are evictable among them), and it is the
-    order `coldest_first` gives. Without a valuer every value is 0 and the policy is LRU.
+    order `coldest_first` gives (LRUPolicy's list, removal and order, inherited). Without a valuer
+    every value is 0 and the policy is LRU.
     """
 
     name = "cost"
     SAMPLE = 1024
 
     def __init__(self) -> None:
-        self._list = _NodeList()
+        super().__init__()
         self.inflation = 0  # L, in priority units
         #: seconds saved per byte by keeping the page (set by the owner); None: 0 for every page
         self.valuer: Callable[[PolicyNode], float] | None = None
@@ -353,9 +354,8 @@ class CostPolicy(EvictionPolicy):
             self._list.unlink(node)
             self._list.push_tail(node)
 
-    def remove(self, node: PolicyNode) -> None:
-        if node.prev is not None:
-            self._list.unlink(node)
+    # every hit updates its priority: not LRUPolicy's shortcut for a prefix already at the tail
+    touch_many = EvictionPolicy.touch_many
 
     def victims(self, n: int, evictable: Evictable, limit: int | None = None) -> list[PolicyNode]:
         if n <= 0:
@@ -383,15 +383,6 @@ class CostPolicy(EvictionPolicy):
                 if len(chosen) == n:
                     break
         return chosen
-
-    def coldest_first(self) -> Iterator[PolicyNode]:
-        return iter(list(self._list))
-
-    def coldest(self, n: int) -> list[PolicyNode]:
-        return list(itertools.islice(self._list, n))
-
-    def __len__(self) -> int:
-        return len(self._list)
 
 
 POLICIES: dict[str, type[EvictionPolicy]] = {p.name: p for p in (LRUPolicy, S3FIFOPolicy, CostPolicy)}

@@ -20,6 +20,7 @@ from typing import Any
 
 import xxhash
 
+from polarkvd.connectors.fingerprint import sample_file
 from polarkvd.errors import ConfigError
 from polarkvd.types import DTYPE_BYTES, STRING_LIMITS, Namespace
 
@@ -58,20 +59,6 @@ def check_storage_config(config: Any) -> None:
         )
 
 
-def _sample_file(h: Any, path: Path, samples: int = 16, chunk: int = 64 * 1024) -> None:
-    """Feed a file's size and `samples` evenly spaced chunks (first and last included) into `h`."""
-    size = path.stat().st_size
-    h.update(f"{path.name}:{size}".encode())
-    with path.open("rb") as f:
-        if size <= samples * chunk:
-            h.update(f.read())
-            return
-        step = (size - chunk) // (samples - 1)
-        for i in range(samples):
-            f.seek(i * step)
-            h.update(f.read(chunk))
-
-
 def model_fingerprint(model_name: str) -> str:
     """`name@digest`. For a local model directory (SGLang passes the served model name, which is the
     model path unless `--served-model-name` is set) the digest covers its config.json and every
@@ -92,7 +79,7 @@ def model_fingerprint(model_name: str) -> str:
                 h.update(config.read_bytes())
         for f in sorted(path.iterdir()):
             if f.is_file() and f.suffix in _WEIGHTS:
-                _sample_file(h, f)
+                sample_file(h, f)
     else:
         label = model_name.rstrip("/").split("/")[-1] or model_name
         h.update(model_name.encode())

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import xxhash
 
+from polarkvd.connectors.fingerprint import sample_file
 from polarkvd.connectors.vllm.options import PAGE_FORMAT, Options
 from polarkvd.types import DTYPE_BYTES, Namespace
 
@@ -20,20 +21,6 @@ if TYPE_CHECKING:
 
 def _json_default(o: object) -> str:
     return str(o)
-
-
-def _sample_file(h: Any, path: Path, samples: int = 16, chunk: int = 64 * 1024) -> None:
-    """Feed a file's size and `samples` evenly spaced chunks (first and last included) into `h`."""
-    size = path.stat().st_size
-    h.update(f"{path.name}:{size}".encode())
-    with path.open("rb") as f:
-        if size <= samples * chunk:
-            h.update(f.read())
-            return
-        step = (size - chunk) // (samples - 1)
-        for i in range(samples):
-            f.seek(i * step)
-            h.update(f.read(chunk))
 
 
 def model_fingerprint(model_config: Any) -> str:
@@ -60,7 +47,7 @@ def model_fingerprint(model_config: Any) -> str:
         name = path.resolve().name
         for f in sorted(path.iterdir()):
             if f.is_file() and f.suffix in (".safetensors", ".bin", ".pt", ".pth", ".gguf"):
-                _sample_file(h, f)
+                sample_file(h, f)
     else:
         name = model.rstrip("/").split("/")[-1] or model
     return f"{name}@{h.hexdigest()}"
