@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from polarkvd.bench.cluster_mooncake import MOONCAKE_PKG
+
 
 class Progress:
     """One line per step on stderr, so a long run shows where it is (stdout stays clean for --json)."""
@@ -265,7 +267,6 @@ def run_request(engine: Any, rid: str, ids: list[int], params: Any) -> tuple[flo
 # 127.0.0.1, its own process group, killed on every way out, its log under the run directory.
 
 PEERS_ENV = "POLARKV_BENCH_PEERS"
-MOONCAKE_STORE_PKG = "mooncake-transfer-engine-non-cuda"
 
 
 class PeerUnavailable(RuntimeError):
@@ -400,11 +401,11 @@ def mooncake_store(workdir: Path, segment_bytes: int, env: dict[str, str]) -> It
     master, client = pkg / "mooncake_master", pkg / "mooncake_client"
     for b in (master, client):
         if not b.is_file():
-            raise PeerUnavailable(f"{MOONCAKE_STORE_PKG} is not installed ({b} missing; run "
+            raise PeerUnavailable(f"{MOONCAKE_PKG} is not installed ({b} missing; run "
                                   "scripts/setup-bench-peers.sh)")  # fmt: skip
         if not os.access(b, os.X_OK):
             b.chmod(b.stat().st_mode | 0o111)
-    check_peer_import("mooncake.store", env, MOONCAKE_STORE_PKG)
+    check_peer_import("mooncake.store", env, MOONCAKE_PKG)
     rpc, metrics, client_port = free_port(), free_port(), free_port()
     mb = max(1024, math.ceil(segment_bytes / (1 << 20)))
     cfg = {"metadata_server": "P2PHANDSHAKE", "master_server_address": f"127.0.0.1:{rpc}", "protocol": "tcp",
