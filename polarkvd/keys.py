@@ -11,7 +11,8 @@ every key, so different namespaces never share a page. The seed (32 secret bytes
 cluster, `seed.py`) makes the digest, and so every key, unpredictable without it: engines receive
 their namespace's digest in `hello`, never the seed. xxh3-128 is stable across processes, hosts and
 Python versions (never Python's `hash()`); ~0.4 ms for 200k tokens. Only full pages get keys: a
-partial trailing page is never cached.
+partial trailing page is never cached. Chunk pages (`chunk_keys`, CacheBlend) are a second family
+with a domain tag of their own, so a chunk key never equals a prefix key.
 """
 
 from __future__ import annotations
@@ -86,5 +87,38 @@ def page_keys(
     prev = parent
     for off in range(0, len(data), step):
         prev = h(prev + ns_digest + data[off : off + step])
+        keys.append(PageKey(prev))
+    return keys
+
+
+#: Domain tag in front of every chunk-page hash input. Prefix-page inputs are 32 + 4·n bytes long;
+#: with these 2 bytes a chunk-page input is 34 + 4·n: never the same bytes, so a chunk key equals a
+#: prefix key only by a 128-bit hash collision, whatever the tokens.
+_CHUNK_TAG = b"\xc4\x01"
+
+
+def chunk_keys(ns_digest: bytes, token_ids: Sequence[int] | np.ndarray, page_tokens: int) -> list[PageKey]:
+    """Keys of the pages of a chunk: a text whose KV was computed on its own, from position 0
+    (CacheBlend, polarkvd/blend). Its own family, chained from the chunk root:
+
+        ckey[n] = xxh3_128(0xC4 0x01 ‖ ckey[n-1] ‖ ns_digest ‖ token ids of page n)
+
+    with ckey[-1] = 16 zero bytes. Unlike `page_keys`, a partial last page gets a key too (a chunk
+    is stored whole: its length is in its last key, through the shorter input), so `ceil(len /
+    page_tokens)` keys. The namespace (salt included) is in every key, as for prefix pages."""
+    if len(ns_digest) != KEY_BYTES:
+        raise ValueError("namespace digest must be 16 bytes")
+    if page_tokens <= 0:
+        raise ValueError("page_tokens must be positive")
+    tokens = np.asarray(token_ids)
+    if tokens.size and (tokens.min() < 0 or tokens.max() > 0xFFFFFFFF):
+        raise ValueError("token ids must fit in uint32")
+    data = tokens.astype("<u4", copy=False).tobytes()
+    step = page_tokens * 4
+    keys: list[PageKey] = []
+    h = xxhash.xxh3_128_digest
+    prev: bytes = ROOT_KEY
+    for off in range(0, len(data), step):
+        prev = h(_CHUNK_TAG + prev + ns_digest + data[off : off + step])
         keys.append(PageKey(prev))
     return keys

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import xxhash
 
-from polarkvd.keys import ROOT_KEY, namespace_digest, page_keys, seed_fingerprint
+from polarkvd.keys import ROOT_KEY, chunk_keys, namespace_digest, page_keys, seed_fingerprint
 from polarkvd.types import Namespace
 from tests.conftest import REPO_ROOT, TEST_NS, clean_env
 
@@ -189,3 +189,48 @@ def test_bad_digest_parent_or_page_size_rejected() -> None:
     with pytest.raises(ValueError):
         page_keys(digest, range(16), 0)
     assert ROOT_KEY == bytes(16)
+
+
+# ------------------------------------------------------------------------------ chunk pages (blend)
+
+
+def test_chunk_keys_follow_the_documented_chain_and_key_a_partial_last_page() -> None:
+    digest = namespace_digest(TEST_NS, SEED)
+    tokens = list(range(40))  # two full pages of 16 and one of 8
+    keys = chunk_keys(digest, tokens, 16)
+    prev = ROOT_KEY
+    for n, key in enumerate(keys):
+        data = np.asarray(tokens[n * 16 : (n + 1) * 16], dtype="<u4").tobytes()
+        prev = xxhash.xxh3_128_digest(b"\xc4\x01" + prev + digest + data)
+        assert key == prev
+    assert len(keys) == 3
+
+
+def test_chunk_keys_never_equal_prefix_keys_of_the_same_or_any_tokens() -> None:
+    """The same token sequences keyed both ways, whole and as every prefix of a few: no key in common."""
+    digest = namespace_digest(TEST_NS, SEED)
+    rng = np.random.default_rng(7)
+    prefix, chunk = set(), set()
+    for n in range(1, 200):
+        tokens = rng.integers(0, 50_000, n).tolist()
+        prefix.update(page_keys(digest, tokens, 16))
+        chunk.update(chunk_keys(digest, tokens, 16))
+        # a chunk's pages never stand for the prefix that starts with the same tokens, either
+        assert not set(chunk_keys(digest, tokens, 16)) & set(page_keys(digest, tokens, 16))
+    assert prefix and chunk and not prefix & chunk
+
+
+def test_two_salts_never_share_a_chunk() -> None:
+    tokens = list(range(100))
+    a = chunk_keys(namespace_digest(dataclasses.replace(TEST_NS, cache_salt="alice"), SEED), tokens, 16)
+    b = chunk_keys(namespace_digest(dataclasses.replace(TEST_NS, cache_salt="bob"), SEED), tokens, 16)
+    c = chunk_keys(namespace_digest(TEST_NS, SEED), tokens, 16)
+    assert len(a) == len(b) == len(c) == 7
+    assert not set(a) & set(b) and not set(a) & set(c) and not set(b) & set(c)
+
+
+def test_a_chunk_of_other_length_shares_only_its_full_leading_pages() -> None:
+    """The partial last page's key carries the chunk's length: a longer chunk never loads it."""
+    digest = namespace_digest(TEST_NS, SEED)
+    short, long_ = chunk_keys(digest, list(range(40)), 16), chunk_keys(digest, list(range(44)), 16)
+    assert short[:2] == long_[:2] and short[2] != long_[2]
