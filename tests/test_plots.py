@@ -1,4 +1,4 @@
-"""polarkvd/bench/plots.py: every benchmark's result draws to PNG and SVG; `--plot-from` redraws a
+"""polarkvd/bench/plots/: every benchmark's result draws to PNG and SVG; `--plot-from` redraws a
 recorded `--json` output through the CLI without running anything; a missing matplotlib, a bad file
 name or another benchmark's JSON is a clear error, before a run and not after it."""
 
