@@ -1,7 +1,8 @@
 """The shared lookup table (polarkvd/wire/lookup_table.py): engines answer lookups themselves from the
 daemon's index of L1, DRAM and disk pages in shared memory — same answers as the socket, counted and
 touched the same, never answering for a daemon that stopped keeping it, never reporting a key it does
-not hold."""
+not hold. Every test runs with both probes, the compiled one (polarkvd/wire/_probe.c) and the Python
+one, as the engine's client picks them (POLARKVD_PURE_PYTHON); a few set them side by side."""
 
 from __future__ import annotations
 
@@ -29,7 +30,9 @@ from polarkvd.manager import table as table_upkeep
 from polarkvd.tiers.disk import DiskTier
 from polarkvd.tiers.dram import SlabAllocator
 from polarkvd.types import Tier
+from polarkvd.wire import lookup_table
 from polarkvd.wire.lookup_table import (
+    PURE_PYTHON_ENV,
     RING_ENTRIES,
     STALE_NS,
     TIER_DISK,
@@ -37,11 +40,39 @@ from polarkvd.wire.lookup_table import (
     TIER_VRAM,
     LookupTable,
     TableReader,
+    map_table,
     table_bytes,
     table_entries,
 )
 from tests.conftest import TEST_NS, chain_tokens, manager_store, store_chain, wait_for
 from tests.test_metrics import scrape
+
+COMPILED = lookup_table._probe is not None
+NO_COMPILED = "the compiled probe is not built here (no C compiler or Python headers at install)"
+
+
+def side_by_side(test):
+    """A test that runs both probes itself, once (not once per probe)."""
+    test.side_by_side = True
+    return test
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    kinds = ["both"] if getattr(metafunc.function, "side_by_side", False) else ["compiled", "python"]
+    metafunc.parametrize("probe_kind", kinds, indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def probe_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each test once with each probe: every TableReader made during it (the tests' own and the
+    engine clients') probes so."""
+    if request.param != "python" and not COMPILED:
+        pytest.skip(NO_COMPILED)
+    if request.param == "python":
+        monkeypatch.setenv(PURE_PYTHON_ENV, "1")
+    else:
+        monkeypatch.delenv(PURE_PYTHON_ENV, raising=False)
+    return request.param
 
 
 def key(i: int) -> bytes:
@@ -198,19 +229,36 @@ def test_batched_probe_answers_as_a_key_by_key_model_does() -> None:
             assert t.touched(slot) == keys[:want][::-1][:RING_ENTRIES]
 
 
-def test_keys_of_another_length_are_never_hits() -> None:
+def test_keys_of_another_length_or_type_are_refused_before_anything_is_counted() -> None:
+    """The client asks the daemon then, which says what is wrong: the probe must neither answer nor
+    count such a lookup (it would be counted twice), wherever the bad key is."""
     t, m = make_table()
     keys = [key(i) for i in range(4)]
     for k in keys:
         t.put(k, 1)
-    r = reader(m, t)
+    slot = t.claim_slot(7)
+    assert slot is not None
+    r = TableReader(m, 1, slot, True)
     joined = b"".join(keys)
-    # the same bytes cut otherwise: 8 + 24 + 16 + 16 bytes are not the keys the table holds
-    assert r.probe([joined[:8], joined[8:32], *keys[2:]]) == (0, True)
-    with pytest.raises(ValueError):
-        r.probe([joined[:12], *keys[1:]])  # not a multiple of 8: the client asks the daemon instead
+    bad_lengths = [
+        [joined[:8], joined[8:32], *keys[2:]],  # the same bytes cut otherwise: 8 + 24 + 16 + 16
+        [joined[:12], *keys[1:]],
+        [*keys[:3], keys[3] + b"x"],  # the last one long
+        [*keys[:3], b""],
+    ]
+    for bad in bad_lengths:
+        with pytest.raises(ValueError, match="16 bytes"):
+            r.probe(bad)
+    for bad_type in (["not bytes"], [*keys[:2], 12345], [None], [keys[0], "x" * 16]):
+        with pytest.raises(TypeError):
+            r.probe(bad_type)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
-        r.probe(["not bytes"])  # type: ignore[list-item]
+        r.probe(12345)  # type: ignore[arg-type]
+    assert t.tally(slot) == (0, 0, 0) and t.touched(slot) == []
+    # bytes-like keys are keys: the same answer as bytes
+    assert r.probe([bytearray(k) for k in keys[:2]] + [memoryview(k) for k in keys[2:]]) == (4, True)
+    assert r.probe(tuple(keys)) == (4, True) and r.probe([]) == (0, True)
+    assert t.tally(slot) == (3, 8, 8) and t.touched(slot) == keys[::-1] * 2
 
 
 def test_a_sessions_misses_become_final_when_the_daemon_says_so() -> None:
@@ -298,6 +346,116 @@ def test_tally_and_touches_reach_the_daemon_leaf_first() -> None:
     TableReader(m2, 1, s2, True).probe(many)
     touched = t2.touched(s2)
     assert len(touched) == RING_ENTRIES and touched[-1] == many[0]  # the newest ring-full, root last
+
+
+def test_touches_wrap_around_the_ring_and_the_daemon_reads_the_newest() -> None:
+    """Probes of many sizes, some longer than the ring, read by the daemon now and then: it reads
+    the newest ring-full of the hits in order (each probe's leaf first), across the ring's end."""
+    t, m = make_table(entries=1024)
+    held = [key(2000 + i) for i in range(600)]
+    for k in held:
+        t.put(k, 1)
+    slot = t.claim_slot(7)
+    assert slot is not None
+    r = TableReader(m, 1, slot, True)
+    stream: list[bytes] = []  # every touch, in the order the ring gets them
+    read = 0
+    for i, n in enumerate([100, 37, 250, 5, 240, 241, 1, 239, 480, 17, 90, 0, 3]):
+        start = (i * 41) % 100
+        assert r.probe(held[start : start + n] + [key(1)]) == (n, True)
+        stream += held[start : start + n][::-1]
+        if i % 3 == 2:  # the daemon folds touches now and then
+            assert t.touched(slot) == stream[max(read, len(stream) - RING_ENTRIES) :]
+            read = len(stream)
+    assert t.touched(slot) == stream[max(read, len(stream) - RING_ENTRIES) :]
+    assert t.tally(slot) == (
+        13,
+        sum([100, 37, 250, 5, 240, 241, 1, 239, 480, 17, 90, 0, 3]) + 13,
+        len(stream),
+    )
+
+
+def test_the_probe_is_chosen_by_what_is_installed_and_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    t, m = make_table()
+    monkeypatch.setenv(PURE_PYTHON_ENV, "1")
+    assert not lookup_table.compiled_probe() and not reader(m, t).compiled
+    monkeypatch.setenv(PURE_PYTHON_ENV, "0")
+    assert lookup_table.compiled_probe() == COMPILED and reader(m, t).compiled == COMPILED
+    assert not TableReader(m, 1, 0, True, compiled=False).compiled
+    monkeypatch.setattr(lookup_table, "_probe", None)  # installed without a compiler
+    monkeypatch.delenv(PURE_PYTHON_ENV)
+    assert not lookup_table.compiled_probe() and not reader(m, t).compiled
+    with pytest.raises(ImportError, match="not installed"):
+        TableReader(m, 1, 0, True, compiled=True)
+
+
+def test_a_closed_reader_refuses_to_probe_and_lets_its_mapping_go(tmp_path) -> None:
+    path, size = tmp_path / "arena", table_bytes(64, 4)
+    path.write_bytes(bytes(size))
+    fd = os.open(path, os.O_RDWR)
+    t = LookupTable(memoryview(mmap.mmap(fd, size)), 64, 4)
+    os.close(fd)
+    t.put(key(1), 1)
+    own = map_table(str(path), 0, size)  # the client's own mapping of the table, as EngineClient's
+    r = TableReader(own, 1, t.claim_slot(1), True)  # type: ignore[arg-type]
+    assert r.probe([key(1)]) == (1, True)
+    r.close()
+    with pytest.raises(ValueError, match="after close"):
+        r.probe([key(1)])
+    r.close()  # twice is fine
+    own.close()  # no view of the mapping is left (BufferError otherwise)
+
+
+@side_by_side
+def test_both_probes_answer_count_and_touch_alike() -> None:
+    """The compiled probe and the Python probe, each with a slot of its own, over the same random
+    tables (collisions, wrap-around, tombstones, namespaces, tiers, final and not): the same answers,
+    the same tier bytes, the same tallies and the same touches, probe after probe."""
+    import random
+
+    if not COMPILED:
+        pytest.skip(NO_COMPILED)
+    rng = random.Random(11)
+    for round_ in range(40):
+        entries = rng.choice([64, 256, 1024])
+        t, m = make_table(entries=entries)
+        slots = [t.claim_slot(5), t.claim_slot(6)]
+        final_miss = rng.random() < 0.5
+        readers = [TableReader(m, 1, s, final_miss, compiled=c) for s, c in zip(slots, (True, False))]
+        assert [r.compiled for r in readers] == [True, False]
+        pool = [key(round_ * 1000 + i) for i in range(60)]
+        # crowd the last entries: probing from them wraps around to the first
+        pool += [
+            key_homed_at(entries - 1 - rng.randrange(3), entries, start=round_ * 10**5 + j * 10**4)
+            for j in range(8)
+        ]
+        for k in pool:
+            if rng.random() < 0.7 and t.used < entries // 2:
+                t.put(k, rng.choice([1, 1, 1, 2]), rng.choice([TIER_DRAM, TIER_DRAM, TIER_DISK, TIER_VRAM]))
+        for k in rng.sample(pool, 12):
+            t.remove(k)
+        for _ in range(30):
+            keys = rng.sample(pool, rng.randint(0, 40))
+            if rng.random() < 0.2:  # the daemon lists the namespace's disk pages (or a rebuild starts)
+                final = rng.random() < 0.5
+                for s in slots:
+                    t.set_final(s, final)
+            if rng.random() < 0.1:
+                t.set_incomplete(not t.incomplete)
+            answers = []
+            for r in readers:
+                got = r.probe(keys)
+                answers.append((got, r.last_tiers))
+            assert answers[0] == answers[1], keys
+            (a, b) = slots
+            assert (t.tally(a), t.vram_hits(a), t.disk_hits(a)) == (
+                t.tally(b),
+                t.vram_hits(b),
+                t.disk_hits(b),
+            )
+            assert t.touched(a) == t.touched(b)
 
 
 def test_session_slots_run_out_and_come_back() -> None:

@@ -71,6 +71,13 @@ import numpy as np
 from polarkvd.types import KEY_BYTES, Tier
 from polarkvd.wire.shared_words import SharedWords
 
+try:  # the probe in C (_probe.c), built where a compiler was at hand when polarkvd was installed
+    from polarkvd.wire import _probe
+except ImportError:
+    _probe = None  # type: ignore[assignment]
+#: set (to anything but "" or "0"): probe in Python even where the compiled probe is installed
+PURE_PYTHON_ENV = "POLARKVD_PURE_PYTHON"
+
 MAGIC = b"PKVLKT01"
 HEADER_BYTES = 4096
 ENTRY_BYTES = 32
@@ -123,6 +130,12 @@ def table_bytes(entries: int, session_slots: int) -> int:
     """Bytes of a table, rounded up to whole pages."""
     raw = HEADER_BYTES + entries * ENTRY_BYTES + session_slots * SLOT_BYTES
     return -(-raw // mmap.PAGESIZE) * mmap.PAGESIZE
+
+
+def compiled_probe() -> bool:
+    """Whether new TableReaders probe with the compiled probe: it is installed, and
+    POLARKVD_PURE_PYTHON does not ask for the Python one."""
+    return _probe is not None and os.environ.get(PURE_PYTHON_ENV, "") in ("", "0")
 
 
 def _home(key: bytes, mask: int) -> int:
@@ -378,7 +391,11 @@ class LookupTable:
 class TableReader:
     """The client's side: probes the table for one session. Not thread-safe (like EngineClient)."""
 
-    def __init__(self, buf: Any, ns: int, slot: int, final_miss: bool) -> None:
+    def __init__(
+        self, buf: Any, ns: int, slot: int, final_miss: bool, *, compiled: bool | None = None
+    ) -> None:
+        """`compiled`: probe with the compiled probe (True; ImportError where it is not installed) or
+        in Python (False); None: `compiled_probe()`."""
         self.buf = buf  # a memoryview of the table (or an mmap of just the table)
         self.words: SharedWords | None = SharedWords(buf)
         magic, capacity, slots, _, _, _ = _HEADER.unpack_from(buf, 0)
@@ -399,6 +416,18 @@ class TableReader:
         self._heads: np.ndarray[Any, Any] | None = entries["head"]
         self._tiers: np.ndarray[Any, Any] | None = entries["tier"]
         self._wants: dict[int, np.ndarray[Any, Any]] = {}  # batch size -> flags and ns filled in
+        if compiled is None:
+            compiled = compiled_probe()
+        elif compiled and _probe is None:
+            raise ImportError("the compiled probe (polarkvd.wire._probe) is not installed")
+        self._prober: _probe.Prober | None = None
+        if compiled:
+            self._prober = _probe.Prober(buf, capacity, ns, self.slot_at, final_miss)
+
+    @property
+    def compiled(self) -> bool:
+        """Whether this reader probes with the compiled probe."""
+        return self._prober is not None
 
     def usable(self) -> bool:
         """The daemon keeps the table: open, and its heartbeat is recent."""
@@ -412,6 +441,9 @@ class TableReader:
         if self.words is not None:
             self.words.release()
             self.words = None
+        if self._prober is not None:
+            self._prober.close()
+            self._prober = None
         self._heads = self._tiers = None  # numpy's views of the mapping go with them
         self._wants.clear()
         self.buf = b""
@@ -419,34 +451,39 @@ class TableReader:
     def probe(self, keys: Sequence[bytes]) -> tuple[int, bool]:
         """(pages of the longest prefix of `keys` the daemon holds, in L1, DRAM or on disk, whether a
         miss after them is final); the session's tally and touch ring are updated, `last_tiers` says
-        where the hits are (None: all in DRAM). Call only when `usable()`. Keys must be bytes
-        (TypeError otherwise); one of another length is a miss.
+        where the hits are (None: all in DRAM). Call only when `usable()`. Keys must be bytes of 16
+        (TypeError, ValueError otherwise, before anything is probed or counted: the caller asks the
+        daemon, which says what is wrong).
 
         Keys found at their home entry, the usual case, are checked in one batch: their entries are
         gathered and compared with what they must hold in two copies and one comparison, not key by
-        key; from the first key that is not at home the probe goes on key by key (`_probe_on`)."""
+        key; from the first key that is not at home the probe goes on key by key (`_probe_on`). The
+        compiled probe does all of it in one call."""
+        if self._prober is not None:
+            n, final, self.last_tiers = self._prober.probe(keys)
+            return n, final
         b, w = self.buf, self.words
-        assert w is not None and self._heads is not None and self._tiers is not None, "probe after close"
+        if w is None or self._heads is None or self._tiers is None:
+            raise ValueError("probe after close")
         joined = b"".join(keys)  # TypeError: not bytes
         m = len(keys)
         if len(joined) != KEY_BYTES * m or max(map(len, keys), default=KEY_BYTES) != KEY_BYTES:
-            at_home, homes, tiers = 0, None, b""  # some key is not 16 bytes: key by key, from the first
+            raise ValueError(f"lookup keys must be {KEY_BYTES} bytes")
+        # each key's home entry: its first 8 bytes (little-endian) under the mask, which is below
+        # 2**32, so the first 4 bytes are enough
+        homes = np.frombuffer(joined, "<u4")[::4] & self.mask
+        want = self._want(m)
+        want["key"] = np.frombuffer(joined, want.dtype["key"])
+        seen, wanted = self._heads[homes].tobytes(), want.tobytes()
+        if seen == wanted:
+            at_home = m
+        else:  # the first byte that differs is in the first entry that is not the key's
+            diff = int.from_bytes(seen, "little") ^ int.from_bytes(wanted, "little")
+            at_home = ((diff & -diff).bit_length() - 1) // (8 * 24)  # lowest bit: first byte
+        if b[_NOT_DRAM_AT]:  # only while L1 or disk pages are listed
+            tiers = self._tiers[homes[:at_home]].tobytes()
         else:
-            # each key's home entry: its first 8 bytes (little-endian) under the mask, which is below
-            # 2**32, so the first 4 bytes are enough
-            homes = np.frombuffer(joined, "<u4")[::4] & self.mask
-            want = self._want(m)
-            want["key"] = np.frombuffer(joined, want.dtype["key"])
-            seen, wanted = self._heads[homes].tobytes(), want.tobytes()
-            if seen == wanted:
-                at_home = m
-            else:  # the first byte that differs is in the first entry that is not the key's
-                diff = int.from_bytes(seen, "little") ^ int.from_bytes(wanted, "little")
-                at_home = ((diff & -diff).bit_length() - 1) // (8 * 24)  # lowest bit: first byte
-            if b[_NOT_DRAM_AT]:  # only while L1 or disk pages are listed
-                tiers = self._tiers[homes[:at_home]].tobytes()
-            else:
-                tiers = _DRAM_BYTE * at_home
+            tiers = _DRAM_BYTE * at_home
         hits = self._probe_rest(keys, at_home) if at_home < m else []
         n = at_home + len(hits)
         if hits:
@@ -475,7 +512,6 @@ class TableReader:
             # entry offsets of the hits, leaf first: the root ends up the most recently used
             offsets = array.array("I", hits[::-1])
             if at_home:
-                assert homes is not None
                 offsets.frombytes(((homes[at_home - 1 :: -1] << 5) + HEADER_BYTES).tobytes())
             head = w.load64(at + _TOUCH_HEAD_AT)
             skip = max(0, n - RING_ENTRIES)  # more than a ring: the newest ones
@@ -500,11 +536,11 @@ class TableReader:
         return want
 
     def _probe_rest(self, keys: Sequence[bytes], start: int) -> list[int]:
-        """Entry offsets of `keys[start:]` up to the first the table does not hold, key by key: at
-        home or past it, in any tier. ValueError: a key's length is not a multiple of 8."""
+        """Entry offsets of `keys[start:]` (16 bytes each) up to the first the table does not hold,
+        key by key: at home or past it, in any tier."""
         b, mask, ns = self.buf, self.mask, self.ns
         rest = keys[start:]
-        homes = array.array("Q", b"".join(rest))[::2]  # each key's first 8 bytes (ValueError: not 16)
+        homes = array.array("Q", b"".join(rest))[::2]  # each key's first 8 bytes
         hits: list[int] = []
         for h, key in zip(homes, rest):
             at = HEADER_BYTES + ((h & mask) << 5)
