@@ -89,12 +89,54 @@ def chat_result() -> dict[str, Any]:
     return {"workload": wl, "configs": configs, "not_available": {"lmcache": "not installed"}}
 
 
+def page_sizes_result() -> dict[str, Any]:
+    def ping(p50: float, p99: float, mx: float, n: int) -> dict[str, Any]:
+        return {"pings": n, "p50_ms": p50, "p99_ms": p99, "max_ms": mx}
+
+    return {"capacity": 1 << 30, "slab_bytes": 64 << 20, "a_pages_per_slab": 2048, "chains": 8192, "disk": False,
+            "reserve_ms": 19.6, "reserve_64_more_ms": 0.4, "evicted_pages": 2048, "moved_pages": 0,
+            "a_pages_before": 32768, "pages_after": 30721, "ping_fill": ping(0.1, 2.96, 14.7, 5000),
+            "ping_reserve": ping(0.05, 5.86, 8.8, 300)}  # fmt: skip
+
+
+def connect_result() -> dict[str, Any]:
+    def phase(tried: int, late: int, failed: int, p50: float, peak: int) -> dict[str, Any]:
+        return {"tried": tried, "ok": tried - late - failed, "late": late, "failed": failed,
+                "errors": {"PolarKVError: timed out": failed} if failed else {}, "p50_ms": p50,
+                "p99_ms": p50 * 6, "max_ms": p50 * 20, "peak_threads": peak}  # fmt: skip
+
+    return {"procs": 4, "seconds": 10.0, "timeout_s": 2.0, "idle_threads": 2, "thread_bound": 1090,
+            "phases": {"flood": phase(24184, 0, 0, 1.36, 10), "flood + 200 idle": phase(16597, 3, 12, 1.49, 70)},
+            "connections_refused": 0, "connections_hello_timeout": 56,
+            "connections_dropped_unattached": 144}  # fmt: skip
+
+
+def sglang_result() -> dict[str, Any]:
+    def backend(set_gbps: float, get_gbps: float, cpu: float) -> dict[str, Any]:
+        gb = 128 * 1474560 / 1e9
+        return {"rounds_all_pages": True, "bytes_identical": True, "set_gbps": set_gbps, "get_gbps": get_gbps,
+                "set_pages_s": 128 / (gb / set_gbps), "get_pages_s": 128 / (gb / get_gbps), "hit_query_ms": 1.3,
+                "exists64_p50_us": 19.0, "exists64_hits": 64, "rtt_p50_us": 80.0, "cpu_s_per_gb_set": cpu,
+                "cpu_s_per_gb_get": cpu / 2, "set_s": [gb / set_gbps * f for f in (0.9, 1.0, 1.2)],
+                "get_s": [gb / get_gbps * f for f in (0.8, 1.0, 1.1)]}  # fmt: skip
+
+    geometry = {"layers": 30, "kv_heads": 3, "head_dim": 64, "dtype": "bfloat16", "page_tokens": 64,
+                "page_bytes": 1474560, "layout": "page_first"}  # fmt: skip
+    return {"geometry": geometry, "pages": 128, "rounds": 3, "mooncake_mode": "client",
+            "backends": {"polarkv": backend(8.4, 7.5, 0.08), "file": backend(0.41, 0.41, 1.2),
+                         "mooncake": {"not_available": "no Mooncake venv"}},
+            "get_vs_file": 18.2, "get_vs_mooncake": None, "rtt_p50_us": 80.0, "exists_p50_vs_rtt": 0.24}  # fmt: skip
+
+
 RESULTS = {
     "datapath": datapath_result,
     "cluster": cluster_result,
     "pipeline": pipeline_result,
     "mixed": mixed_result,
     "chat": chat_result,
+    "page-sizes": page_sizes_result,
+    "connect": connect_result,
+    "sglang": sglang_result,
 }
 
 
@@ -116,7 +158,9 @@ def test_every_benchmark_draws_png_and_svg(kind: str, tmp_path: Path) -> None:
     assert "bench " + kind in svg  # the title is text (svg.fonttype none), readable and searchable
 
 
-@pytest.mark.parametrize("kind", ["datapath", "cluster", "pipeline", "mixed"])
+@pytest.mark.parametrize(
+    "kind", ["datapath", "cluster", "pipeline", "mixed", "page-sizes", "connect", "sglang"]
+)
 def test_plot_from_redraws_a_recorded_run_through_the_cli(
     kind: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -146,6 +190,65 @@ def test_bad_requests_are_clear_errors(tmp_path: Path, capsys: pytest.CaptureFix
     recorded.write_text(json.dumps(old))
     assert cli.main(["bench", "mixed", "--plot-from", str(recorded)]) == 1
     assert "per-step times" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "kind, key",
+    [("page-sizes", "ping_fill"), ("page-sizes", "reserve_ms"), ("connect", "phases"), ("connect", "thread_bound"),
+     ("sglang", "geometry"), ("sglang", "backends")],
+)  # fmt: skip
+def test_a_result_missing_a_key_is_a_plot_error_naming_the_benchmark(
+    kind: str, key: str, tmp_path: Path
+) -> None:
+    res = RESULTS[kind]()
+    del res[key]
+    with pytest.raises(plots.PlotError, match=f"not a `polarkvd bench {kind} --json` output .*{key}"):
+        plots.draw(kind, res, tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_sglang_without_any_backend_result_is_a_plot_error(tmp_path: Path) -> None:
+    res = sglang_result()
+    res["backends"] = {"polarkv": {"not_available": "SGLang is not installed"}}
+    with pytest.raises(plots.PlotError, match="no backend ran"):
+        plots.draw("sglang", res, tmp_path / "x.png")
+
+
+@pytest.mark.parametrize("kind", ["page-sizes", "connect", "sglang"])
+def test_a_bad_plot_file_fails_before_the_benchmark_runs(
+    kind: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["bench", kind, "--plot", "run.jpg"]) == 1
+    err = capsys.readouterr().err
+    assert "must end in .png or .svg" in err
+    assert "[1/" not in err  # no step of the run started
+
+
+def test_a_new_benchmark_adds_its_plot_by_adding_one_module(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the package docstring promises issue 17's and 18's plots: a module `<kind>.py` with
+    `plot(res)` in the package is found by draw() and listed, nothing shared touched."""
+    (tmp_path / "demo_bench.py").write_text(
+        "from polarkvd.bench.plots import figure\n"
+        "def plot(res):\n"
+        "    fig, axes = figure()\n"
+        "    axes[0][0].bar([0], [res['gbps']])\n"
+        "    fig.suptitle('bench demo-bench')\n"
+        "    return fig\n"
+    )
+    monkeypatch.setattr(plots, "__path__", [*plots.__path__, str(tmp_path)])
+    monkeypatch.delitem(sys.modules, "polarkvd.bench.plots.demo_bench", raising=False)
+    try:
+        assert "demo_bench" in plots.kinds() and "sglang" in plots.kinds()
+        plots.draw("demo-bench", {"gbps": 2.0}, tmp_path / "demo.png")
+        png_size(tmp_path / "demo.png")
+        with pytest.raises(plots.PlotError, match=r"no plot for benchmark 'nothing' \(plots: .*demo_bench"):
+            plots.draw("nothing", {}, tmp_path / "x.png")
+        with pytest.raises(plots.PlotError, match="no plot for benchmark"):
+            plots.draw("../demo_bench", {}, tmp_path / "x.png")
+    finally:
+        sys.modules.pop("polarkvd.bench.plots.demo_bench", None)
 
 
 def test_without_matplotlib_the_error_names_the_extra_before_running(tmp_path: Path) -> None:

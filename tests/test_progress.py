@@ -110,3 +110,76 @@ def test_drain_shows_a_live_bar_on_a_terminal(daemon_factory) -> None:
     assert "draining: refusing new stores" in text
     assert "\x1b[" in text, text  # a live display (terminal escapes), not plain lines
     assert "[drain " not in text  # the plain line format is not used on a terminal
+
+
+# ------------------------------------------------------------------------ the benchmarks' progress
+
+
+def test_bench_chat_steps_keep_their_report_lines_and_never_draw_a_bar(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """harness.Steps (bench chat's request lines) is polarkvd.progress's Progress reporting what just
+    happened: the same plain lines as before the fold, even on a terminal (chat never closes it)."""
+    from polarkvd.bench.harness import Steps
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    tty = Tty()
+    monkeypatch.setattr(sys, "stderr", tty)
+    monkeypatch.setenv("TERM", "xterm")
+    monkeypatch.delenv("POLARKV_PROGRESS", raising=False)
+    prog = Steps(2)
+    assert isinstance(prog, Progress) and not prog.live
+    prog.step("polarkvd user 1 round 1: TTFT 0.21 s")
+    prog.step("polarkvd user 2 round 1: TTFT 0.19 s")
+    lines = tty.getvalue().splitlines()
+    assert re.fullmatch(r"\[1/2 +\d+\.\ds\] polarkvd user 1 round 1: TTFT 0\.21 s", lines[0]), lines
+    assert re.fullmatch(r"\[2/2 +\d+\.\ds\] polarkvd user 2 round 1: TTFT 0\.19 s", lines[1]), lines
+    assert Steps(1, quiet=True).quiet
+
+
+def run_on_a_terminal(argv: list[str], timeout: float = 60) -> tuple[int, str]:
+    """Run `python -m polarkvd argv` with stderr on a pseudo-terminal: (exit code, what it drew)."""
+    master, slave = pty.openpty()
+    env = clean_env(TERM="xterm-256color", COLUMNS="100")
+    proc = subprocess.Popen([sys.executable, "-m", "polarkvd", *argv], stdout=subprocess.PIPE, stderr=slave,
+                            cwd=REPO_ROOT, env=env)  # fmt: skip
+    os.close(slave)
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 0.5)
+        if ready:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            seen += chunk
+        elif proc.poll() is not None:
+            break
+    os.close(master)
+    proc.communicate(timeout=timeout)
+    return proc.returncode, seen.decode(errors="replace")
+
+
+def test_a_benchmark_from_harness_shows_the_live_bar_on_a_terminal_and_lines_elsewhere() -> None:
+    """`polarkvd sim gossip` printed harness's hand-written lines on a terminal too; it now goes
+    through polarkvd.progress: finished steps left above a live bar there, plain lines in a pipe."""
+    argv = ["sim", "gossip", "--nodes", "8", "--steady", "5"]
+    code, text = run_on_a_terminal(argv)
+    assert code == 0, text
+    assert "\x1b[" in text, text  # a live display (terminal escapes)
+    shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text)
+    assert "✓ bootstrap 8 members" in shown and "✓ kill one member" in shown, shown
+    assert "[1/4" not in shown  # not the plain line format
+    r = subprocess.run([sys.executable, "-m", "polarkvd", *argv], cwd=REPO_ROOT, env=clean_env(),
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.splitlines()
+    assert len(lines) == 4 and "\x1b[" not in r.stderr, lines
+    assert re.fullmatch(r"\[1/4 +\d+\.\ds\] bootstrap 8 members through seeds \(loss 0%\) \.\.\.", lines[0])
+    assert re.fullmatch(r"\[4/4 +\d+\.\ds\] watch 5 s for false deaths \.\.\.", lines[3])

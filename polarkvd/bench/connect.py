@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from polarkvd.bench import plots
 from polarkvd.bench.harness import percentile, private_daemon, table
 from polarkvd.types import Namespace
 
@@ -159,11 +160,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hello-timeout", default="2s", help="daemon.hello_timeout (default 2s: the idle phase "
                    "shows both the refusals and the recovery once the idle connections are closed)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    plots.add_plot_arguments(p)
 
 
 def main(args: argparse.Namespace) -> int:
     from polarkvd.client import ControlClient
 
+    if args.plot_from:
+        return plots.redraw("connect", args)
+    plots.check(args)
     sets = {
         "dram.capacity": "64MiB",
         "dram.slab_bytes": "1MiB",
@@ -203,6 +208,7 @@ def main(args: argparse.Namespace) -> int:
     }
     if args.json:
         print(json.dumps(out, indent=1))
+        plots.after_run("connect", out, args)
         return 0
     rows = []
     for name, r in phases.items():
@@ -222,4 +228,5 @@ def main(args: argparse.Namespace) -> int:
         f"unattached closed for a newer one: {out['connections_dropped_unattached']}, "
         f"for no hello within the timeout: {out['connections_hello_timeout']}"
     )
+    plots.after_run("connect", out, args)
     return 0

@@ -16,9 +16,10 @@ import sys
 import time
 from typing import Any
 
-from polarkvd.bench.harness import Progress, table
+from polarkvd.bench.harness import table
 from polarkvd.cluster.membership import ClusterConfig, EventKind, Membership, State
 from polarkvd.cluster.simnet import SimNetwork
+from polarkvd.progress import Progress
 
 #: Targets for a 64-member cluster at 5% loss, in simulated seconds (docs/CLUSTER.md).
 BAR_JOIN_S = 10.0
@@ -95,7 +96,7 @@ class GossipSim:
 
 def run(nodes: int, loss: float, seed: int, steady: float, quiet: bool) -> dict[str, Any]:
     t_wall = time.perf_counter()
-    prog = Progress(4, quiet)
+    prog = Progress(4, quiet=quiet)  # a live bar on a terminal, plain lines on stderr otherwise
     sim = GossipSim(nodes, loss, seed)
     prog.step(f"bootstrap {nodes} members through seeds (loss {loss:.0%})")
     boot = sim.bootstrap()
@@ -111,6 +112,7 @@ def run(nodes: int, loss: float, seed: int, steady: float, quiet: bool) -> dict[
     detect_s = sim.wait(lambda: sim.all_know(victim, State.DEAD), 60.0)
     prog.step(f"watch {steady:.0f} s for false deaths")
     sim.step(steady)
+    prog.close()
     stats = {
         k: sum(m.stats[k] for m in sim.members.values()) for k in ("refutes", "suspicions", "bad_packets")
     }

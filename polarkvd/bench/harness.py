@@ -1,4 +1,5 @@
-"""What every benchmark needs: a private daemon process, timers, percentiles, progress and a table.
+"""What every benchmark needs: a private daemon process, timers, percentiles and a table (progress:
+`polarkvd.progress`).
 
 Benchmarks compare side by side in one run (ratios), so the machine's noise hits every column alike.
 """
@@ -22,33 +23,18 @@ from pathlib import Path
 from typing import Any
 
 from polarkvd.bench.cluster_mooncake import MOONCAKE_PKG
-
-
-class Progress:
-    """One line per step on stderr, so a long run shows where it is (stdout stays clean for --json)."""
-
-    def __init__(self, total: int, quiet: bool = False) -> None:
-        self.total, self.done, self.quiet = total, 0, quiet
-        self.t0 = time.perf_counter()
-
-    def step(self, what: str) -> None:
-        self.done += 1
-        if not self.quiet:
-            print(
-                f"[{self.done}/{self.total} {time.perf_counter() - self.t0:6.1f}s] {what} ...",
-                file=sys.stderr,
-                flush=True,
-            )
+from polarkvd.progress import Progress
 
 
 class Steps(Progress):
-    """Progress lines that report what just happened (a request's numbers), not what starts."""
+    """Plain progress lines that report what just happened (`bench chat`'s request lines): `step`
+    is `polarkvd.progress.Progress.report`, never a live bar (chat prints no close)."""
+
+    def __init__(self, total: int, quiet: bool = False) -> None:
+        super().__init__(total, quiet=quiet, live=False)
 
     def step(self, what: str) -> None:
-        self.done += 1
-        if not self.quiet:
-            print(f"[{self.done}/{self.total} {time.perf_counter() - self.t0:7.1f}s] {what}", file=sys.stderr,
-                  flush=True)  # fmt: skip
+        self.report(what)
 
 
 def percentile(values: list[float], q: float) -> float:

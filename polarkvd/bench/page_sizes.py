@@ -18,8 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from polarkvd.bench.harness import Progress, percentile, private_daemon, table
+from polarkvd.bench import plots
+from polarkvd.bench.harness import percentile, private_daemon, table
 from polarkvd.config.values import format_size, parse_size
+from polarkvd.progress import Progress
 from polarkvd.types import Namespace, PageKey
 
 A_NS = Namespace(
@@ -40,6 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--fill", type=float, default=2.0, help="engine A stores this many arenas' worth (default 2)"
     )
     p.add_argument("--disk", action="store_true", help="with the disk tier (evicted pages are written there)")
+    plots.add_plot_arguments(p)
 
 
 def _pinger(path: str, stop: Any, out: Any) -> None:
@@ -77,7 +80,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     sets["disk.enabled"] = "true" if args.disk else "false"
     if args.disk:
         sets["disk.capacity"] = str(2 * capacity)
-    prog = Progress(3)
     page = np.full(A_NS.page_bytes, 3, np.uint8)
     res: dict[str, Any] = {
         "capacity": capacity,
@@ -87,7 +89,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "disk": bool(args.disk),
     }
     ctx = mp.get_context("spawn")
-    with private_daemon(sets) as (engine, control):
+    # a live bar on a terminal, plain lines on stderr otherwise
+    with Progress(3) as prog, private_daemon(sets) as (engine, control):
         stop = ctx.Event()
         recv, send = ctx.Pipe(duplex=False)
         pinger = ctx.Process(target=_pinger, args=(str(engine), stop, send), daemon=True)
@@ -166,8 +169,12 @@ def render(res: dict[str, Any]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.plot_from:
+        return plots.redraw("page-sizes", args)
+    plots.check(args)
     res = run(args)
     print(json.dumps(res, indent=2) if args.json else render(res))
+    plots.after_run("page-sizes", res, args)
     return 0
 
 

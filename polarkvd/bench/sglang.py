@@ -44,9 +44,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from polarkvd.bench import plots
 from polarkvd.bench.harness import (
     PeerUnavailable,
-    Progress,
     free_port,
     median,
     mooncake_store,
@@ -59,6 +59,7 @@ from polarkvd.bench.harness import (
     table,
 )
 from polarkvd.config.values import parse_size
+from polarkvd.progress import Progress
 
 MARK = "@@sglang "
 BACKENDS = ("polarkv", "file", "mooncake")
@@ -93,6 +94,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--skip", action="append", default=[], choices=("file", "mooncake"), help="leave a backend out"
     )
+    plots.add_plot_arguments(p)
 
 
 def sglang_dir() -> Path:
@@ -236,7 +238,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     working = args.pages * page_bytes * (args.rounds + 1)
     backends = [b for b in BACKENDS if b not in args.skip]
-    prog = Progress(3 + args.rounds, quiet=False)
+    prog = Progress(3 + args.rounds)  # a live bar on a terminal, plain lines on stderr otherwise
     res: dict[str, Any] = {
         "geometry": {
             "layers": args.layers,
@@ -335,6 +337,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for b in backends:
                 res["backends"].setdefault(b, {}).update(_summary(samples[b], args.pages, page_bytes))
     finally:
+        prog.close()
         shutil.rmtree(filedir, ignore_errors=True)
         shutil.rmtree(workdir, ignore_errors=True)
     bk = res["backends"]
@@ -424,8 +427,12 @@ def render(res: dict[str, Any]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.plot_from:
+        return plots.redraw("sglang", args)
+    plots.check(args)
     res = run(args)
     print(json.dumps(res, indent=2) if args.json else render(res))
+    plots.after_run("sglang", res, args)
     return 0
 
 

@@ -199,10 +199,17 @@ COLORS = {
     "transport_stored_sums": "#9467bd",
     "raw_tcp": "#7f7f7f",
     "redis": "#e377c2",
+    "hicache_file": "#9467bd",
     "off": "#ff7f0e",
     "load": "#17becf",
     "memcpy": "#7f7f7f",
+    "p50": "#aec7e8",
+    "p99": "#1f77b4",
+    "max": "#7f7f7f",
 }
+
+#: The latency statistics benchmarks record, as grouped_bars' series: (key suffix, label).
+PERCENTILES = (("p50_ms", "p50"), ("p99_ms", "p99"), ("max_ms", "max"))
 
 
 @contextlib.contextmanager
