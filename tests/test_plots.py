@@ -128,6 +128,11 @@ def sglang_result() -> dict[str, Any]:
             "get_vs_file": 18.2, "get_vs_mooncake": None, "rtt_p50_us": 80.0, "exists_p50_vs_rtt": 0.24}  # fmt: skip
 
 
+#: More small results, one `<kind>.json` each: a new benchmark's plot adds its file here (and nothing else)
+MORE_RESULTS = Path(__file__).parent / "plot_results"
+#: the recorded runs the documentation shows (docs/img/<kind>.json beside <kind>.png)
+DOCS_IMG = REPO_ROOT / "docs" / "img"
+
 RESULTS = {
     "datapath": datapath_result,
     "cluster": cluster_result,
@@ -138,6 +143,19 @@ RESULTS = {
     "connect": connect_result,
     "sglang": sglang_result,
 }
+RESULTS.update({p.stem: (lambda p=p: json.loads(p.read_text())) for p in sorted(MORE_RESULTS.glob("*.json"))})
+
+
+def test_every_plot_module_has_a_result_these_tests_draw() -> None:
+    missing = [k for k in plots.kinds() if k not in RESULTS and k.replace("_", "-") not in RESULTS]
+    assert not missing, f"add tests/plot_results/<kind>.json, a small --json output, for {missing}"
+
+
+@pytest.mark.parametrize("recorded", sorted(p.name for p in DOCS_IMG.glob("*.json")))
+def test_the_recorded_runs_the_docs_show_still_draw(recorded: str, tmp_path: Path) -> None:
+    kind = recorded.removesuffix(".json")
+    plots.draw(kind, plots.load_result(DOCS_IMG / recorded), tmp_path / f"{kind}.svg")
+    assert "bench " + kind in (tmp_path / f"{kind}.svg").read_text()
 
 
 def png_size(path: Path) -> tuple[int, int]:

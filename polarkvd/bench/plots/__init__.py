@@ -29,7 +29,10 @@ Adding the picture of a new benchmark `polarkvd bench <kind>` touches nothing he
         print(...)
         plots.after_run("<kind>", res, args)
 
-3. Add a small recorded result to tests/test_plots.py's RESULTS; its tests then draw it.
+3. Add a small `--json` output of the benchmark as `tests/plot_results/<kind>.json`: tests/test_plots.py
+   then draws it (PNG and SVG, at the docs' size, and through `--plot-from`); it fails for a plot
+   module without one. A picture recorded for the docs goes in `docs/img/<kind>.png` beside the
+   run's `<kind>.json` (no machine paths in it), which the tests redraw too.
 
 `draw(kind, ...)` finds `polarkvd.bench.plots.<kind>` by importlib; `kinds()` lists the modules there.
 """

@@ -7,7 +7,6 @@ from __future__ import annotations
 from typing import Any
 
 from polarkvd.bench.plots import COLORS, PERCENTILES, figure, grouped_bars, headroom, plain_log
-from polarkvd.config.values import format_size
 
 RESERVE_BAR_MS = 50.0  # the bar on B's first reserve
 PING_BAR_MS = 10.0
@@ -54,7 +53,15 @@ def plot(res: dict[str, Any]) -> Any:
     ping_ax.legend(loc="upper left", ncols=4, fontsize=9)
 
     fig.suptitle(
-        f"bench page-sizes: arena {format_size(res['capacity'])} in slabs of {format_size(res['slab_bytes'])}, "
+        f"bench page-sizes: arena {_size(res['capacity'])} in slabs of {_size(res['slab_bytes'])}, "
         f"A stores {res['chains']:,} chains of 8 pages, disk tier {'on' if res['disk'] else 'off'}"
     )
     return fig
+
+
+def _size(n: int) -> str:
+    """1 GiB, 64 MiB, 1.5 GiB: a power-of-two size without a trailing .0."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):g} {unit}"
+    return f"{n} B"
