@@ -3,11 +3,12 @@
 Measures, through a real daemon process and `polarkvd.client`:
 - store and load GB/s of realistic pages (256 tokens of a 30-layer model, 3 KV heads x 64 dims, bf16:
   5.9 MB) and of small 64 KiB pages, beside single-thread memcpy of the same bytes;
-- lookup latency of 32 keys as engines get it (from the shared lookup table) and over the socket
-  (a client without the table), beside the raw round trip of the same kind of socket (Unix stream,
-  100 bytes, echo in another process) and of ZeroMQ REQ/REP over ipc:// (the alternative we did not
-  pick); and, with the disk tier on, of a partial hit (DRAM pages, then disk pages, then a miss:
-  a new request's prompt), table and socket;
+- lookup latency of 32 keys as engines get it (from the shared lookup table, with the compiled
+  probe and with the Python one) and over the socket (a client without the table), beside the raw
+  round trip of the same kind of socket (Unix stream, 100 bytes, echo in another process) and of
+  ZeroMQ REQ/REP over ipc:// (the alternative we did not pick); and, with the disk tier on, of a
+  partial hit (DRAM pages, then disk pages, then a miss: a new request's prompt), the same three
+  ways (`--lookup-only`: just these);
 - disk tier: compression ratio on bf16 KV-like data and GB/s of loads that promote from disk;
 - what write-through costs: stores with the disk tier under write-back and under write-through
   (commit answers once the pages are on disk and synced), side by side, and 64 KiB pages committed
@@ -50,6 +51,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pages", type=int, default=32, help="5.9 MB pages per store/load round (default 32)")
     p.add_argument("--rounds", type=int, default=5, help="rounds per measurement; medians are reported")
     p.add_argument("--lookups", type=int, default=3000, help="lookups of 32 keys to time")
+    p.add_argument(
+        "--lookup-only",
+        action="store_true",
+        help="only the lookups (both probes and the socket) beside the raw round trips (no --plot)",
+    )
     p.add_argument(
         "--write-through-sync",
         choices=("files", "filesystem"),
@@ -204,7 +210,9 @@ def _timed_load(kv: Any, keys: Sequence[bytes], outs: list[np.ndarray], batch: i
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    with Progress(8) as prog:  # a live bar on a terminal, plain lines on stderr otherwise
+    with Progress(
+        3 if args.lookup_only else 8
+    ) as prog:  # a live bar on a terminal, plain lines on stderr otherwise
         return _run(args, prog)
 
 
@@ -225,6 +233,8 @@ def _run(args: argparse.Namespace, prog: Progress) -> dict[str, Any]:
     res["socket_rtt_p50_us"], res["socket_rtt_p99_us"] = percentile(rtt, 50), percentile(rtt, 99)
     zr = zmq_rtt_us(3000)
     res["zmq_ipc_rtt_p50_us"], res["zmq_ipc_rtt_p99_us"] = percentile(zr, 50), percentile(zr, 99)
+    if args.lookup_only:
+        return _run_lookups_only(args, prog, res)
 
     prog.step("metadata bytes per cached page")
     res["metadata_bytes_per_page"] = metadata_bytes_per_page()
@@ -262,24 +272,8 @@ def _run(args: argparse.Namespace, prog: Progress) -> dict[str, Any]:
         res["store_gbps"] = npages * big / median(store_t) / 1e9
         res["load_gbps"] = npages * big / median(load_t) / 1e9
 
-        prog.step(f"lookup of 32 keys x {args.lookups}: shared table, and over the socket")
-        lk = keys[:32]
-        # the engine's lookup (the client probes the shared lookup table), then a client without
-        # the table (every lookup a round trip, answered on its connection thread); each in its own
-        # loop, as an engine would call it (interleaved, each one's cache misses land on the other)
-        sock_kv = EngineClient(BIG_NS, "bench-socket", engine_sock, map_arena=False, lookup_table=False)
-        lat: list[float] = []
-        sock_lat: list[float] = []
-        for client, out in ((kv, lat), (sock_kv, sock_lat)):
-            for _ in range(args.lookups):
-                t = time.perf_counter()
-                hit = client.lookup(lk)
-                out.append((time.perf_counter() - t) * 1e6)
-            assert hit.hits == 32, "the looked-up pages should be in DRAM"
-        res["lookup_p50_us"], res["lookup_p99_us"] = percentile(lat, 50), percentile(lat, 99)
-        res["lookup_socket_p50_us"] = percentile(sock_lat, 50)
-        res["lookup_socket_p99_us"] = percentile(sock_lat, 99)
-        sock_kv.close()
+        prog.step(f"lookup of 32 keys x {args.lookups}: shared table (both probes), and over the socket")
+        res.update(table_lookups(kv, engine_sock, keys[:32], args.lookups))
         kv.close()
 
         prog.step("64 KiB pages: store and load, 64 per call")
@@ -335,9 +329,95 @@ def _run(args: argparse.Namespace, prog: Progress) -> dict[str, Any]:
 
     res["store_vs_memcpy"] = res["store_gbps"] / res["memcpy_gbps"]
     res["load_vs_memcpy"] = res["load_gbps"] / res["memcpy_gbps"]
-    res["lookup_p50_vs_rtt"] = res["lookup_p50_us"] / res["socket_rtt_p50_us"]
-    res["lookup_socket_p50_vs_rtt"] = res["lookup_socket_p50_us"] / res["socket_rtt_p50_us"]
+    lookup_ratios(res)
     return res
+
+
+def lookup_ratios(res: dict[str, Any]) -> None:
+    """Each lookup's p50 against the raw Unix socket round trip of the same run."""
+    rtt = res["socket_rtt_p50_us"]
+    for name in ("lookup", "lookup_python", "lookup_socket", "lookup_partial", "lookup_partial_python",
+                 "lookup_partial_socket"):  # fmt: skip
+        res[f"{name}_p50_vs_rtt"] = res[f"{name}_p50_us"] / rtt
+
+
+def _run_lookups_only(args: argparse.Namespace, prog: Progress, res: dict[str, Any]) -> dict[str, Any]:
+    """`--lookup-only`: the lookups of the full run (same pages, same daemons' settings), nothing else."""
+    from polarkvd.client import ControlClient, EngineClient
+
+    pages = kv_like_pages(BIG_NS, 32)
+    sets = {"dram.capacity": "1GiB", "dram.slab_bytes": "64MiB", "disk.enabled": "false",
+            "daemon.log_level": "warning"}  # fmt: skip
+    with private_daemon(sets) as (engine_sock, _):
+        kv = EngineClient(BIG_NS, "bench", engine_sock)
+        keys = kv.page_keys(np.arange(32 * 256))
+        _timed_store(kv, keys, pages, 8)
+        prog.step(f"lookup of 32 keys x {args.lookups}: shared table (both probes), and over the socket")
+        res.update(table_lookups(kv, engine_sock, keys, args.lookups))
+        kv.close()
+    sets = {"dram.capacity": "1GiB", "dram.slab_bytes": "64MiB", "disk.capacity": "4GiB",
+            "daemon.log_level": "warning"}  # fmt: skip
+    with private_daemon(sets) as (engine_sock, control_sock):
+        ctl = ControlClient(control_sock)
+        prog.step(f"partial-hit lookup of 32 keys x {args.lookups} with the disk tier: table and socket")
+        res.update(partial_hit_lookups(ctl, engine_sock, args.lookups))
+        ctl.close()
+    lookup_ratios(res)
+    return res
+
+
+def _python_probe_client(ns: Namespace, engine_id: str, engine_sock: Any) -> Any:
+    """A client whose shared-table probe is the Python one (POLARKVD_PURE_PYTHON while it attaches)."""
+    from polarkvd.client import EngineClient
+    from polarkvd.wire.lookup_table import PURE_PYTHON_ENV
+
+    before = os.environ.get(PURE_PYTHON_ENV)
+    os.environ[PURE_PYTHON_ENV] = "1"
+    try:
+        return EngineClient(ns, engine_id, engine_sock, map_arena=False)
+    finally:
+        if before is None:
+            del os.environ[PURE_PYTHON_ENV]
+        else:
+            os.environ[PURE_PYTHON_ENV] = before
+
+
+def _time_lookups(clients: Sequence[Any], lk: Sequence[bytes], n: int) -> list[tuple[list[float], Any]]:
+    """`n` lookups of `lk` by each client, each in its own loop as an engine would call it
+    (interleaved, each one's cache misses would land on the other): (latencies in us, last answer)."""
+    out = []
+    for client in clients:
+        lat = []
+        for _ in range(n):
+            t = time.perf_counter()
+            hit = client.lookup(lk)
+            lat.append((time.perf_counter() - t) * 1e6)
+        out.append((lat, hit))
+    return out
+
+
+def _probe_name(client: Any) -> str:
+    table = client._table  # the bench reports which probe the engine's client got
+    return "none" if table is None else "compiled" if table.compiled else "python"
+
+
+def table_lookups(kv: Any, engine_sock: Any, lk: Sequence[bytes], n: int) -> dict[str, Any]:
+    """Lookups of 32 keys held in DRAM: the engine's client (the shared table, with the compiled
+    probe where it is built), a client probing the table in Python, and one without the table (every
+    lookup a round trip, answered on its connection thread)."""
+    from polarkvd.client import EngineClient
+
+    py_kv = _python_probe_client(BIG_NS, "bench-python-probe", engine_sock)
+    sock_kv = EngineClient(BIG_NS, "bench-socket", engine_sock, map_arena=False, lookup_table=False)
+    out: dict[str, Any] = {"lookup_probe": _probe_name(kv), "lookup_python_probe": _probe_name(py_kv)}
+    for name, (lat, hit) in zip(
+        ("lookup", "lookup_python", "lookup_socket"), _time_lookups((kv, py_kv, sock_kv), lk, n)
+    ):
+        assert hit.hits == len(lk), "the looked-up pages should be in DRAM"
+        out[f"{name}_p50_us"], out[f"{name}_p99_us"] = percentile(lat, 50), percentile(lat, 99)
+    py_kv.close()
+    sock_kv.close()
+    return out
 
 
 def _settle(ctl: Any) -> None:
@@ -426,6 +506,7 @@ def partial_hit_lookups(ctl: Any, engine_sock: Any, n: int) -> dict[str, float]:
     from polarkvd.client import EngineClient
 
     kv = EngineClient(SMALL_NS, "bench-partial", engine_sock)
+    py_kv = _python_probe_client(SMALL_NS, "bench-partial-python", engine_sock)
     sock_kv = EngineClient(SMALL_NS, "bench-partial-socket", engine_sock, map_arena=False, lookup_table=False)
     pages = kv_like_pages(SMALL_NS, 24, seed=5)
     keys = kv.page_keys(np.arange(24 * 16) + 77_000_000)
@@ -436,32 +517,59 @@ def partial_hit_lookups(ctl: Any, engine_sock: Any, n: int) -> dict[str, float]:
         time.sleep(0.05)  # written: no compression competes with the timing
     lk = keys + kv.page_keys(np.arange(8 * 16) + 78_000_000)
     want = [Tier.DRAM] * 12 + [Tier.DISK] * 12
-    while kv.lookup(lk).tiers != want and time.monotonic() < deadline:
+    while (kv.lookup(lk).tiers != want or py_kv.lookup(lk).tiers != want) and time.monotonic() < deadline:
         time.sleep(0.05)
     before = ctl.stats()["counters"]
-    lat: list[float] = []
-    sock_lat: list[float] = []
-    for client, out in ((kv, lat), (sock_kv, sock_lat)):
-        for _ in range(n):
-            t = time.perf_counter()
-            hit = client.lookup(lk)
-            out.append((time.perf_counter() - t) * 1e6)
-        assert hit.tiers == want, f"expected 12 DRAM then 12 disk hits, got {[int(x) for x in hit.tiers]}"
+    timed = _time_lookups((kv, py_kv, sock_kv), lk, n)
     after = ctl.stats()["counters"]
     from_table = after.get("table_lookups", 0) - before.get("table_lookups", 0)
-    assert from_table == n, f"{n - from_table} of {n} partial-hit lookups went to the daemon"
+    assert from_table == 2 * n, f"{2 * n - from_table} of {2 * n} partial-hit lookups went to the daemon"
+    out: dict[str, float] = {}
+    for name, (lat, hit) in zip(("lookup_partial", "lookup_partial_python", "lookup_partial_socket"), timed):
+        assert hit.tiers == want, f"expected 12 DRAM then 12 disk hits, got {[int(x) for x in hit.tiers]}"
+        out[f"{name}_p50_us"], out[f"{name}_p99_us"] = percentile(lat, 50), percentile(lat, 99)
     kv.close()
+    py_kv.close()
     sock_kv.close()
-    return {
-        "lookup_partial_p50_us": percentile(lat, 50),
-        "lookup_partial_p99_us": percentile(lat, 99),
-        "lookup_partial_socket_p50_us": percentile(sock_lat, 50),
-        "lookup_partial_socket_p99_us": percentile(sock_lat, 99),
-    }
+    return out
+
+
+def lookup_rows(res: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """The lookups' rows: the engine's (with the probe its client got), the Python probe's and the
+    socket's, each against the raw Unix socket round trip."""
+
+    def row(label: str, name: str, bar: str = "") -> tuple[str, str, str, str]:
+        value = f"{res[name + '_p50_us']:.1f} / {res[name + '_p99_us']:.1f} us"
+        return label, value, f"{res[name + '_p50_vs_rtt']:.2f}x socket RTT", bar
+
+    return [
+        row(f"lookup 32 keys p50/p99 ({res['lookup_probe']} probe)", "lookup", "p50 <= 0.5x, p99 <= 1000 us"),
+        row("  Python probe", "lookup_python"),
+        row("  over the socket", "lookup_socket"),
+        row(f"lookup 32 keys, DRAM+disk+miss ({res['lookup_probe']} probe)", "lookup_partial"),
+        row("  Python probe", "lookup_partial_python"),
+        row("  over the socket", "lookup_partial_socket"),
+    ]
 
 
 def render(res: dict[str, Any]) -> str:
     f = lambda v, d=2: f"{v:.{d}f}"  # noqa: E731
+    rtt = [
+        (
+            "Unix socket RTT p50/p99",
+            f"{res['socket_rtt_p50_us']:.1f} / {res['socket_rtt_p99_us']:.1f} us",
+            "",
+            "",
+        ),
+        (
+            "ZeroMQ ipc RTT p50/p99",
+            f"{res['zmq_ipc_rtt_p50_us']:.1f} / {res['zmq_ipc_rtt_p99_us']:.1f} us",
+            "",
+            "",
+        ),
+    ]
+    if "store_gbps" not in res:  # --lookup-only
+        return table([*lookup_rows(res), *rtt], ("measure", "value", "ratio", "bar"))
     rows = [
         (
             "store 5.9 MB pages",
@@ -488,43 +596,8 @@ def render(res: dict[str, Any]) -> str:
             f(res["load_small_gbps"] / res["memcpy_small_gbps"]) + "x memcpy",
             "",
         ),
-        (
-            "lookup 32 keys p50",
-            f(res["lookup_p50_us"], 1) + " us",
-            f(res["lookup_p50_vs_rtt"]) + "x socket RTT",
-            "<= 3x",
-        ),
-        ("lookup 32 keys p99", f(res["lookup_p99_us"], 1) + " us", "", "<= 1000 us"),
-        (
-            "  over the socket p50/p99",
-            f"{res['lookup_socket_p50_us']:.1f} / {res['lookup_socket_p99_us']:.1f} us",
-            f(res["lookup_socket_p50_vs_rtt"]) + "x socket RTT",
-            "",
-        ),
-        (
-            "lookup 32 keys, DRAM+disk+miss p50/p99",
-            f"{res['lookup_partial_p50_us']:.1f} / {res['lookup_partial_p99_us']:.1f} us",
-            f(res["lookup_partial_p50_us"] / res["socket_rtt_p50_us"]) + "x socket RTT",
-            "",
-        ),
-        (
-            "  over the socket p50/p99",
-            f"{res['lookup_partial_socket_p50_us']:.1f} / {res['lookup_partial_socket_p99_us']:.1f} us",
-            f(res["lookup_partial_socket_p50_us"] / res["socket_rtt_p50_us"]) + "x socket RTT",
-            "",
-        ),
-        (
-            "Unix socket RTT p50/p99",
-            f"{res['socket_rtt_p50_us']:.1f} / {res['socket_rtt_p99_us']:.1f} us",
-            "",
-            "",
-        ),
-        (
-            "ZeroMQ ipc RTT p50/p99",
-            f"{res['zmq_ipc_rtt_p50_us']:.1f} / {res['zmq_ipc_rtt_p99_us']:.1f} us",
-            "",
-            "",
-        ),
+        *lookup_rows(res),
+        *rtt,
         ("disk load (promote)", f(res["disk_load_gbps"]) + " GB/s", "", ""),
         (
             "store 5.9 MB pages, disk on: write-back",
@@ -565,6 +638,9 @@ def render(res: dict[str, Any]) -> str:
 def main(args: argparse.Namespace) -> int:
     if args.plot_from:
         return plots.redraw("datapath", args)
+    if args.lookup_only and args.plot:
+        print("bench datapath: --plot draws a whole run; leave out --lookup-only", file=sys.stderr)
+        return 2
     plots.check(args)
     res = run(args)
     if args.json:
