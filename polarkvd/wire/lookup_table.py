@@ -28,11 +28,13 @@ maps just this part:
 The tier byte is written with the key, before the flags; a page changing tier (L1 -> DRAM, DRAM ->
 disk when it is evicted with a copy on disk, disk -> DRAM when it is promoted) has its tier byte
 rewritten in place (one byte store: a reader sees the old or the new tier, both true a moment apart;
-the load that follows is authoritative). A probe gathers the entries at its keys' homes in one
-numpy copy and compares their flags, keys and namespaces with what they must hold in one bytes
-comparison; tier bytes are read only while the table lists L1 or disk pages. From the first key not
-at its home (a collision, or a miss) it goes on key by key in Python. 32 keys at home: 6.7 us against
-7.8 us key by key, side by side on a loaded machine (docs/BENCHMARKS.md, bench datapath). L1 and disk pages are in
+the load that follows is authoritative). Two probes answer alike (tests/test_lookup_table.py runs
+every test with each, and both side by side): the compiled one (`_probe.c`, built where a C compiler
+and Python headers were at hand at install) does a whole probe in one call, key by key; the Python
+one, chosen without it or with POLARKVD_PURE_PYTHON set, gathers the entries at its keys' homes in
+one numpy copy and compares them with what they must hold in one bytes comparison (tier bytes read
+only while the table lists L1 or disk pages), then goes on key by key from the first key not at
+its home. L1 and disk pages are in
 the table so that a miss in it is final (docs/DESIGN-NOTES.md, "Engines answer their own lookups
 from a shared table"): with a disk tier, a session's misses are final once the daemon has listed the
 disk pages of its namespace (its slot's `final`, or `final_miss` in the hello reply) and while the
@@ -40,9 +42,10 @@ overflow flag is clear; with a cluster never (peers may hold the page).
 
 Consistency without locks: the writer stores an entry's key and namespace first and its flags
 last (x86 keeps stores in order), and a reader compares flags, key and namespace in one 24-byte
-copy. Whatever order that copy's loads take, a hit needs all 16 key bytes to equal the wanted key:
-a copy torn between an old and a new key would have to match it in 8 bytes of each, a 64-bit
-collision. Every store is a plain copy of the new bytes, never `struct.pack_into`, which zeroes its
+copy, the flags loaded first (the Python copy reads upwards; the compiled probe loads them with
+acquire order), so live flags come with the key written before them or a later one. A hit needs all
+16 key bytes to equal the wanted key: a copy torn between an old and a new key would have to match
+it in 8 bytes of each, a 64-bit collision. Every store is a plain copy of the new bytes, never `struct.pack_into`, which zeroes its
 target first (a live entry rewritten so would show a zero key or empty flags for a moment, and a
 probe would stop there); the header's and the slots' words are stored and loaded whole
 (shared_words.py). So a reader sees an entry as it was at some moment of the probe: a page that goes
