@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import venv
 import zipfile
 from pathlib import Path
@@ -32,16 +33,42 @@ def run(*args: str | Path, timeout: float = 600, **kw: object) -> subprocess.Com
     return r
 
 
-@pytest.fixture(scope="module")
-def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def build_wheel(tmp_path_factory: pytest.TempPathFactory, **env: str) -> Path:
     # from a copy: setuptools leaves build/ and *.egg-info/ next to the sources it builds
     src = tmp_path_factory.mktemp("src") / "polarkvd"
-    junk = shutil.ignore_patterns(".*", "__pycache__", "build", "dist", "*.egg-info", "models", "tests")
+    junk = shutil.ignore_patterns(
+        ".*", "__pycache__", "build", "dist", "*.egg-info", "*.so", "models", "tests"
+    )
     shutil.copytree(REPO_ROOT, src, ignore=junk)
     out = tmp_path_factory.mktemp("dist")
-    run(sys.executable, "-m", "build", "--wheel", "--outdir", out, src, cwd=src)
+    run(sys.executable, "-m", "build", "--wheel", "--outdir", out, src, cwd=src, env=clean_env(**env))
     (found,) = out.glob("polarkvd-*.whl")
     return found
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_wheel(tmp_path_factory)
+
+
+def compiler() -> str | None:
+    """The C compiler setuptools would use here, if there is one (and Python's headers with it)."""
+    cc = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()[0]
+    headers = Path(sysconfig.get_paths()["include"], "Python.h").exists()
+    return shutil.which(cc) if headers else None
+
+
+def probe_check(py: Path | str, cwd: Path, env: dict[str, str] | None = None) -> str:
+    """Which probe the installed polarkvd uses, after a probe of a small table answered right."""
+    code = (
+        "import mmap, polarkvd.wire.lookup_table as lt\n"
+        "m = mmap.mmap(-1, lt.table_bytes(64, 1)); t = lt.LookupTable(memoryview(m), 64, 1)\n"
+        "keys = [bytes([i]) * 16 for i in range(1, 4)]; [t.put(k, 7) for k in keys[:2]]\n"
+        "r = lt.TableReader(m, 7, t.claim_slot(1), True)\n"
+        "assert r.probe(keys) == (2, True) and t.tally(0) == (1, 3, 2)\n"
+        "print(lt.__file__, 'compiled' if r.compiled else 'python')\n"
+    )
+    return run(py, "-c", code, cwd=cwd, env=env).stdout.strip()
 
 
 def metadata(wheel: Path) -> email.message.Message:
@@ -66,6 +93,12 @@ def test_wheel_installs_in_a_fresh_venv_and_runs(wheel: Path, tmp_path: Path) ->
     where = run(py, "-c", "import polarkvd; print(polarkvd.__file__)", cwd=tmp_path).stdout.strip()
     assert where.startswith(str(env_dir)), where
     assert "serve" in run(exe, "--help", cwd=tmp_path).stdout
+    # the shared table's probe was compiled where a compiler is at hand (setup.py), else Python's
+    compiled = any(
+        n.startswith("polarkvd/wire/_probe.") and n.endswith(".so") for n in zipfile.ZipFile(wheel).namelist()
+    )
+    assert compiled == (compiler() is not None)
+    assert probe_check(py, tmp_path).endswith("compiled" if compiled else "python")
     assert run(exe, "--version", cwd=tmp_path).stdout.startswith("polarkvd ")
     state = tmp_path / "state"
     check_env = clean_env(
@@ -80,6 +113,21 @@ def test_wheel_installs_in_a_fresh_venv_and_runs(wheel: Path, tmp_path: Path) ->
             cwd=tmp_path)  # fmt: skip
     resolved = {item["metadata"]["name"].lower() for item in json.loads(r.stdout)["install"]}
     assert "textual" in resolved, resolved  # what the installed wheel lacked for [tui,rdma]
+
+
+def test_without_a_c_compiler_the_wheel_builds_and_probes_in_python(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    """The compiled probe is optional: a machine without a compiler (or Python's headers) builds,
+    installs and runs polarkvd with the Python probe."""
+    plain = build_wheel(tmp_path_factory, CC="false")
+    assert not any(n.endswith(".so") for n in zipfile.ZipFile(plain).namelist())
+    target = tmp_path / "site"
+    run(sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--disable-pip-version-check",
+        "--target", target, plain, cwd=tmp_path)  # fmt: skip
+    # this environment's dependencies, the wheel's polarkvd (first on the path)
+    where, which = probe_check(sys.executable, tmp_path, clean_env(PYTHONPATH=str(target))).split()
+    assert where.startswith(str(target)) and which == "python"
 
 
 def test_install_script_into_a_prefix_and_a_destdir(wheel: Path, tmp_path: Path) -> None:
