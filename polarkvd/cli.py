@@ -434,6 +434,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from polarkvd.bench.policy import main as policy_main
 
         return policy_main(args)
+    if args.which == "blend":
+        from polarkvd.bench.blend import main as blend_main
+
+        return blend_main(args)
     if args.which == "sglang":
         from polarkvd.bench.sglang import main as sglang_main
 
@@ -604,6 +608,14 @@ def build_parser() -> argparse.ArgumentParser:
         bsub.add_parser(
             "mixed",
             help="vLLM: a hit on disk while other requests decode; their inter-token latency, async loads on/off",
+        )
+    )
+    from polarkvd.bench.blend import add_arguments as blend_args
+
+    blend_args(
+        bsub.add_parser(
+            "blend",
+            help="CacheBlend: TTFT and quality of chunk reuse with selective recompute vs full prefill (transformers)",
         )
     )
     from polarkvd.bench.sglang import add_arguments as sglang_args
