@@ -178,6 +178,19 @@ static PyObject *Prober_probe(Prober *self, PyObject *keys) {
         return NULL;
     Py_ssize_t m = PySequence_Fast_GET_SIZE(seq);
     PyObject **items = PySequence_Fast_ITEMS(seq);
+    for (Py_ssize_t i = 0; i < m; i++) {
+        if (!PyBytes_CheckExact(items[i]) && PyList_CheckExact(seq)) {
+            /* a key that is another buffer: its buffer code might change the list under us, so
+             * probe a tuple of the keys (holding them) instead */
+            PyObject *frozen = PyList_AsTuple(seq);
+            Py_DECREF(seq);
+            if (frozen == NULL)
+                return NULL;
+            seq = frozen;
+            items = PySequence_Fast_ITEMS(seq);
+            break;
+        }
+    }
     /* every key checked before anything is probed or counted: a bad one is the daemon's to report */
     for (Py_ssize_t i = 0; i < m; i++) {
         PyObject *k = items[i];
