@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from polarkvd.config.kv_events import KvEventsConfig
 from polarkvd.config.machine import (
     default_state_dir,
 )
@@ -521,6 +522,7 @@ class Config:
     cluster: ClusterSection = dataclasses.field(default_factory=ClusterSection)
     vram: VramConfig = dataclasses.field(default_factory=VramConfig)
     quotas: QuotasConfig = dataclasses.field(default_factory=QuotasConfig)
+    kv_events: KvEventsConfig = dataclasses.field(default_factory=KvEventsConfig)
 
     def get(self, dotted: str) -> Any:
         section, key = dotted.split(".", 1)
@@ -538,6 +540,7 @@ SECTIONS: dict[str, type] = {
     "cluster": ClusterSection,
     "vram": VramConfig,
     "quotas": QuotasConfig,
+    "kv_events": KvEventsConfig,
 }
 
 
