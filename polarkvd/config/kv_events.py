@@ -18,7 +18,9 @@ _ENDPOINT = re.compile(r"(tcp://(\*|\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):[0-9]{1,
 
 def _opt(default: Any, parse: Callable[[object], Any], doc: str) -> Any:
     # the metadata `config.option_fields` reads (config/__init__.py `_opt`); none of these is live
-    return dataclasses.field(default=default, metadata={"parse": parse, "doc": doc, "live": False, "knob": None})
+    return dataclasses.field(
+        default=default, metadata={"parse": parse, "doc": doc, "live": False, "knob": None}
+    )
 
 
 def parse_endpoint(value: object) -> str:
@@ -61,9 +63,13 @@ def _topic(value: object) -> str:
 
 @dataclasses.dataclass
 class KvEventsConfig:
-    enabled: bool = _opt(False, parse_bool, "publish this daemon's page changes as vLLM KVEventBatch messages")
+    enabled: bool = _opt(
+        False, parse_bool, "publish this daemon's page changes as vLLM KVEventBatch messages"
+    )
     endpoint: str = _opt(
-        "tcp://127.0.0.1:5570", parse_endpoint, "ZeroMQ PUB address the daemon binds (tcp://*:PORT for all interfaces)"
+        "tcp://127.0.0.1:5570",
+        parse_endpoint,
+        "ZeroMQ PUB address the daemon binds (tcp://*:PORT for all interfaces)",
     )
     replay_endpoint: str = _opt(
         "tcp://127.0.0.1:5571",
