@@ -121,6 +121,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     import transformers
 
+    from polarkvd.client import ControlClient
     from polarkvd.connectors.hf import PolarKVGenerator, Prefill
     from polarkvd.models import ensure_smollm2
 
@@ -143,11 +144,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         prompts.append((picked, rng.randrange(len(INSTRUCTIONS))))
     per: dict[str, list[dict[str, Any]]] = {s: [] for s in SETTINGS}
     sets = {"dram.capacity": "2GiB", "disk.enabled": "false", "daemon.log_level": "warning"}
-    with private_daemon(sets) as (engine_sock, _), Progress(args.prompts + 1, label="bench blend") as prog:
-        prog.step(f"{len(pool)} chunks computed on their own and stored")
+    with (
+        private_daemon(sets) as (engine_sock, control_sock),
+        Progress(args.prompts + 1, label="bench blend") as prog,
+    ):
+        prog.step(f"{len(pool)} chunks computed on their own, stored and pinned")
         with PolarKVGenerator(model, tok, socket_path=engine_sock, page_tokens=args.page_tokens) as g:
+            chunk_keys = []
             for chunk, _cont in pool:
                 g.chunk(chunk)
+                chunk_keys += g.chunk_keys(chunk)
+        # The corpus stays in DRAM, as a RAG deployment keeps its documents: the prefix setting's
+        # pages (every prompt's) would otherwise evict chunks, and blends would prefill them instead.
+        with ControlClient(control_sock) as c:
+            pinned = c.pin(chunk_keys)
         # prefix pages and blends in sessions of their own: the prefix setting stores what it computed,
         # blends never store (their chunks are all in the daemon already)
         with PolarKVGenerator(model, tok, socket_path=engine_sock, page_tokens=args.page_tokens) as pg, \
@@ -197,7 +207,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         "answer": sum(a == b for a, b in zip(ans, want)) / len(want),
                         "loglik": ll, "loglik_rel_diff": abs(ll - ll_full) / abs(ll_full),
                     })  # fmt: skip
-    return summarize(per, args, len(pool))
+    res = summarize(per, args, len(pool))
+    res["chunks_pinned"] = pinned
+    return res
 
 
 def summarize(per: dict[str, list[dict[str, Any]]], args: argparse.Namespace, pool: int) -> dict[str, Any]:
@@ -281,10 +293,10 @@ def render(res: dict[str, Any]) -> str:
             r["label"], fmt(r["ttft_mean_s"]), fmt(r["ttft_ratio"], 3), fmt(r["first_token_agreement"], 3),
             fmt(r["answer_agreement"], 3), fmt(r["loglik_rel_diff"] * 100, 2),
             fmt(r["recomputed_fraction"], 3) if r["recomputed_fraction"] is not None else "-",
-            fmt(r["loaded_tokens_fraction"], 3),
+            fmt(r["reused_fraction"], 3) if s in RATIOS else "-", fmt(r["loaded_tokens_fraction"], 3),
         ])  # fmt: skip
-    head = ["setting", "TTFT s", "/ full", "first token", "answer (32)", "loglik diff %",
-            "recomputed", "loaded"]  # fmt: skip
+    head = ["setting", "TTFT s", "/ full", "first token", f"answer ({res['answer_tokens']})", "loglik diff %",
+            "recomputed", "chunks reused", "prefix loaded"]  # fmt: skip
     met = res["bars_met"]
     return (
         f"bench blend: {res['prompts']} prompts of {res['chunks_per_prompt'][0]}-{res['chunks_per_prompt'][1]} "
