@@ -14,7 +14,7 @@ a default from the namespace's geometry that over-estimates on any real engine (
 that an unmeasured namespace keeps and demotes its pages as the recency policies always did.
 
 `FetchCosts` keeps, per tier, what bringing a page back has cost (latency plus bytes over bandwidth,
-moving averages of the daemon's own measurements: DRAM copies, disk promotions, peer fetches), with
+moving medians of the daemon's own measurements: DRAM copies, disk promotions, peer fetches), with
 defaults until measured.
 
 Nothing here holds locks or does I/O: the manager owns the instances and feeds them on its loop.
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import statistics
 
 import numpy as np
 
@@ -108,44 +109,79 @@ class RecomputeModel:
         return len(self._obs)
 
 
-@dataclasses.dataclass
 class _Rate:
-    latency: float  # seconds per fetch
-    per_byte: float  # seconds per byte
-    observations: int = 0
+    """A tier's (or a peer's) seconds per byte: the default until measured, then the median of
+    the last `_RECENT` measurements (a moving median: one read stalled by a busy moment moves an
+    average far, a median hardly)."""
+
+    __slots__ = ("latency", "per_byte", "observations", "_recent")
+
+    def __init__(self, latency: float, per_byte: float) -> None:
+        self.latency = latency  # seconds per fetch (the default's; 0 once measured)
+        self.per_byte = per_byte
+        self.observations = 0
+        self._recent: collections.deque[float] = collections.deque(maxlen=_RECENT)
+
+    def observe(self, nbytes: int, seconds: float) -> None:
+        self._recent.append(seconds / nbytes)
+        self.per_byte = statistics.median(self._recent)
+        self.latency = 0.0
+        self.observations += 1
+
+    def seconds(self, nbytes: int) -> float:
+        return self.latency + self.per_byte * nbytes
 
 
-#: until measured: DRAM ~5 GB/s, disk promotion ~0.5 GB/s + 1 ms, a peer ~1 GB/s + 0.5 ms
+#: until measured: DRAM ~5 GB/s, disk read and decode ~0.5 GB/s + 1 ms, a peer ~1 GB/s + 0.5 ms
 _DEFAULT_RATES = {
     Tier.VRAM: (0.0, 1 / 20e9),
     Tier.DRAM: (0.0, 1 / 5e9),
     Tier.DMP: (5e-4, 1 / 1e9),
     Tier.DISK: (1e-3, 1 / 0.5e9),
 }
-_ALPHA = 0.1  # weight of a new measurement in the moving averages
+_RECENT = 63  # measurements a rate is the median of
+#: measurements of a tier before decisions trust its rate (the first reads of a cold disk are slow)
+TRUSTED_AFTER = 16
 
 
 class FetchCosts:
-    """Seconds to bring a page back from each tier, from the daemon's own measurements."""
+    """Seconds to bring a page back from each tier, and from each peer, from the daemon's own
+    measurements (the disk: each read and decode on its I/O thread; a peer: each batch's wall time
+    over its bytes), a moving median per tier and per peer. The latency of the defaults is folded
+    into the per-byte rate once measured: pages of one namespace are all one size."""
 
     def __init__(self) -> None:
         self._rates = {tier: _Rate(lat, per) for tier, (lat, per) in _DEFAULT_RATES.items()}
+        self._peers: dict[str, _Rate] = {}
 
-    def observe(self, tier: Tier, nbytes: int, seconds: float) -> None:
-        """A fetch of `nbytes` from `tier` took `seconds` (a batch: its bytes together)."""
+    def observe(self, tier: Tier, nbytes: int, seconds: float, peer: str | None = None) -> None:
+        """A fetch of `nbytes` from `tier` (from `peer`, for the pool) took `seconds` (a batch: its
+        bytes together). Nonsense is ignored."""
         if nbytes <= 0 or not 0 < seconds < 3600:
             return
-        r = self._rates[tier]
-        per = seconds / nbytes
-        r.per_byte = per if r.observations == 0 else (1 - _ALPHA) * r.per_byte + _ALPHA * per
-        r.observations += 1
+        self._rates[tier].observe(nbytes, seconds)
+        if peer is not None:
+            rate = self._peers.get(peer)
+            if rate is None:
+                lat, per = _DEFAULT_RATES[Tier.DMP]
+                rate = self._peers[peer] = _Rate(lat, per)
+            rate.observe(nbytes, seconds)
 
-    def seconds(self, tier: Tier, nbytes: int) -> float:
-        r = self._rates[tier]
-        return r.latency + r.per_byte * nbytes
+    def seconds(self, tier: Tier, nbytes: int, peer: str | None = None) -> float:
+        """The estimate for `nbytes` from `tier` (from `peer` when it was measured)."""
+        rate = self._peers.get(peer) if peer is not None else None
+        return (rate or self._rates[tier]).seconds(nbytes)
 
     def gbps(self, tier: Tier) -> float:
         return 1e-9 / self._rates[tier].per_byte
 
     def measured(self, tier: Tier) -> int:
         return self._rates[tier].observations
+
+    def trusted(self, tier: Tier) -> bool:
+        """Whether `tier`'s rate has been measured often enough to decide by (`TRUSTED_AFTER`)."""
+        return self._rates[tier].observations >= TRUSTED_AFTER
+
+    def peers(self) -> dict[str, tuple[float, int]]:
+        """Per peer: (GB/s, measurements)."""
+        return {peer: (1e-9 / r.per_byte, r.observations) for peer, r in self._peers.items()}

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import abc
 import itertools
+import operator
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import ClassVar
@@ -312,6 +313,7 @@ class S3FIFOPolicy(EvictionPolicy):
 _PRIO_SCALE = 1e18
 _HIT_BITS = 3
 _HIT_MASK = (1 << _HIT_BITS) - 1
+_PRIO_MAX = (1 << 59) - 1  # priorities stay int64 (scored in numpy): ~5e17, far above any real worth
 
 
 class CostPolicy(LRUPolicy):
@@ -341,7 +343,7 @@ class CostPolicy(LRUPolicy):
         """L + value x hits, with the hits (1..7) in the low 3 bits."""
         value = self.valuer(node) if self.valuer is not None else 0.0
         worth = int(value * _PRIO_SCALE * hits) if value > 0 else 0
-        return ((self.inflation >> _HIT_BITS) + worth) << _HIT_BITS | hits
+        return min((self.inflation >> _HIT_BITS) + worth, _PRIO_MAX) << _HIT_BITS | hits
 
     def insert(self, node: PolicyNode) -> None:
         if node.prev is None:
@@ -373,16 +375,39 @@ class CostPolicy(LRUPolicy):
 
     @staticmethod
     def _lowest(candidates: list[PolicyNode], n: int, evictable: Evictable) -> list[PolicyNode]:
-        """The `n` evictable candidates of lowest priority (ties: least recently used first)."""
-        prio = np.fromiter((c.aux for c in candidates), dtype=np.float64, count=len(candidates))
+        """The `n` evictable candidates of lowest priority (ties: least recently used first). The
+        lowest few are found by a partial sort (`argpartition`); only when the owner vetoes too
+        many of them (leaf-first: a long chain has one leaf) are all candidates sorted."""
+        prio = np.fromiter(map(_AUX, candidates), dtype=np.int64, count=len(candidates))
         chosen: list[PolicyNode] = []
+        first = min(len(candidates), 4 * n + 60)
+        if first < len(candidates):
+            part = np.argpartition(prio, first - 1)[:first]
+            head = part[np.lexsort((part, prio[part]))]  # by priority, then list position
+        else:
+            head = np.lexsort((np.arange(len(candidates)), prio))
+        seen = head.tolist()
+        for i in seen:
+            node = candidates[i]
+            if evictable(node):
+                chosen.append(node)
+                if len(chosen) == n:
+                    return chosen
+        if first == len(candidates):
+            return chosen
+        tried = set(seen)
         for i in np.argsort(prio, kind="stable").tolist():
+            if i in tried:
+                continue
             node = candidates[i]
             if evictable(node):
                 chosen.append(node)
                 if len(chosen) == n:
                     break
         return chosen
+
+
+_AUX = operator.attrgetter("aux")
 
 
 POLICIES: dict[str, type[EvictionPolicy]] = {p.name: p for p in (LRUPolicy, S3FIFOPolicy, CostPolicy)}

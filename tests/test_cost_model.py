@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from polarkvd.cost_model import MIN_OBSERVATIONS, FetchCosts, RecomputeModel, default_for
+from polarkvd.cost_model import MIN_OBSERVATIONS, TRUSTED_AFTER, FetchCosts, RecomputeModel, default_for
 from polarkvd.types import Tier
 from tests.conftest import TEST_NS
 
@@ -65,3 +65,21 @@ def test_fetch_costs_follow_measurements() -> None:
     assert f.gbps(Tier.DISK) == pytest.approx(0.105, rel=0.05)
     f.observe(Tier.DMP, 0, 1.0)  # nonsense: ignored
     assert f.measured(Tier.DMP) == 0
+
+
+def test_fetch_costs_per_peer_and_trust() -> None:
+    """A slow peer's fetches are estimated from its own measurements, the pool's from all; a tier
+    is trusted to decide by after TRUSTED_AFTER measurements, and the first one replaces the
+    default's fixed latency (pages of one size: the per-byte rate holds it)."""
+    f = FetchCosts()
+    assert not f.trusted(Tier.DMP)
+    for _ in range(TRUSTED_AFTER):
+        f.observe(Tier.DMP, 1 << 20, 0.1, peer="slow:1")
+        f.observe(Tier.DMP, 1 << 20, 0.001, peer="fast:2")
+    assert f.trusted(Tier.DMP)
+    assert f.seconds(Tier.DMP, 1 << 20, peer="slow:1") == pytest.approx(0.1)
+    assert f.seconds(Tier.DMP, 1 << 20, peer="fast:2") == pytest.approx(0.001)
+    assert f.seconds(Tier.DMP, 1 << 20, peer="fast:2") < f.seconds(Tier.DMP, 1 << 20) < 0.1
+    assert set(f.peers()) == {"slow:1", "fast:2"}
+    f.observe(Tier.DISK, 1000, 1e-6)
+    assert f.seconds(Tier.DISK, 1000) == pytest.approx(1e-6)  # no 1 ms default latency left

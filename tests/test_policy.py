@@ -6,6 +6,7 @@ Pure in-process tests over policy nodes, plus the manager's use of them with an 
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 
 import pytest
@@ -273,6 +274,22 @@ def test_cost_scores_every_page_when_the_sample_has_too_few_evictable() -> None:
     late = {n.key for n in nodes[40:]}
     got = p.victims(4, lambda node: node.key in late)  # none of the 32 least recent are evictable
     assert len(got) == 4 and all(n.key in late for n in got)
+
+
+def test_cost_finds_the_lowest_leaf_among_10000_when_the_lowest_are_vetoed() -> None:
+    """10,000 candidates scored at once: the partial sort's first picks are all vetoed (parents,
+    leaf-first), and the victim is still the evictable page of lowest priority."""
+    p = CostPolicy()
+    p.SAMPLE = 10_000
+    nodes = [Node(k(i)) for i in range(10_000)]
+    rng = random.Random(4)
+    for n in nodes:
+        p.insert(n)
+        n.aux = rng.randrange(1 << 40)
+    ranked = sorted(nodes, key=lambda n: n.aux)
+    parents = {n.key for n in ranked[:500]}  # the 500 lowest may not go
+    got = p.victims(2, lambda n: n.key not in parents)
+    assert [n.key for n in got] == [n.key for n in ranked[500:502]]
 
 
 def test_unknown_policy_is_refused() -> None:

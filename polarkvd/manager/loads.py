@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from polarkvd.errors import (
     NamespaceError,
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_T = TypeVar("_T")
+
 
 class Loads:
     """Loads and promotions."""
@@ -55,6 +58,7 @@ class Loads:
         out, then releases the lease. A page that fails on the way (evicted meanwhile, corrupt on disk, a peer
         gone) ends the prefix there: the engine recomputes from that page on.
         """
+        keys = self._worth_fetching(session, keys)
         pinned, tiers, waits, remote_from = self._pin_prefix(session, keys)
         if remote_from is not None:
             for page, fut in await self.m.fetches.start_fetches(
@@ -96,6 +100,7 @@ class Loads:
         """
         ns = session.ns
         from_disk: list[tuple[int, Page, asyncio.Future[bool]]] = []  # read layer group by group
+        keys = self._worth_fetching(session, keys)
         pinned, tiers, waits, remote_from = self._pin_prefix(session, keys, from_disk)
         layered: list[tuple[int, Page, asyncio.Future[bool], str]] = []
         if remote_from is not None:
@@ -143,6 +148,21 @@ class Loads:
             self.m.fetches.fetch_layered(ns, layered, progress)
         self.m.counters["pipelined_loads"] += 1
         return [p.offset for p in pinned], tiers, lease.id, slot
+
+    def _worth_fetching(self, session: Session, keys: list[bytes]) -> list[bytes]:
+        """The keys a load should bring, fetch or recompute decided (worth.worth_fetching): engines
+        that answer their lookups from the shared table ask the daemon first here. Keys past the
+        local prefix, in a cluster, are taken to be on peers."""
+        if self.m.policy.name != "cost":
+            return keys
+        tiers, _ = self.m.lookups.probe(session.ns, keys)
+        if self.m.cluster is not None:
+            tiers = tiers + [Tier.DMP] * (len(keys) - len(tiers))
+        n = self.m.worth.worth_fetching(session.ns.id, keys, tiers)
+        if n == len(tiers):
+            return keys
+        self.m.counters["recompute_instead_pages"] += len(tiers) - n
+        return keys[:n]
 
     def _pin_prefix(
         self,
@@ -328,15 +348,15 @@ class Loads:
             self.finish_promotion(page, fut, None, on_disk=False)
         elif read:
             assert disk is not None
-            io = loop.run_in_executor(self.m.executor, disk.get_into, key, view)
-            io.add_done_callback(
-                lambda f: self.finish_promotion(
-                    page,
-                    fut,
-                    PageNotFound("read cancelled") if f.cancelled() else f.exception(),
-                    on_disk=True,
-                )
-            )
+            io = loop.run_in_executor(self.m.executor, _timed, disk.get_into, key, view)
+
+            def landed(f: asyncio.Future[tuple[None, float]]) -> None:
+                error = PageNotFound("read cancelled") if f.cancelled() else f.exception()
+                if error is None:  # the disk's fetch rate: a read and decode on an I/O thread
+                    self.m.worth.fetch.observe(Tier.DISK, page.size, f.result()[1])
+                self.finish_promotion(page, fut, error, on_disk=True)
+
+            io.add_done_callback(landed)
         return page, fut
 
     def _promote_layered(
@@ -365,20 +385,22 @@ class Loads:
         run = functools.partial(loop.run_in_executor, self.m.executor)
         lb = ns.ns.layer_bytes
         opened = await asyncio.gather(
-            *(run(disk.open_grouped, page.key) for _, page, _ in items), return_exceptions=True
+            *(run(_timed, disk.open_grouped, page.key) for _, page, _ in items), return_exceptions=True
         )
         live: list[tuple[int, Page, asyncio.Future[bool], Any]] = []
-        for (pos, page, fut), grouped in zip(items, opened):
-            if isinstance(grouped, BaseException):
-                self.finish_promotion(page, fut, _read_error(grouped), on_disk=True)
+        spent: dict[int, float] = {}  # per page: seconds of reading and decoding on I/O threads
+        for (pos, page, fut), got in zip(items, opened):
+            if isinstance(got, BaseException):
+                self.finish_promotion(page, fut, _read_error(got), on_disk=True)
             else:
-                live.append((pos, page, fut, grouped))
+                live.append((pos, page, fut, got[0]))
+                spent[pos] = got[1]
         group = 0
         while live:
             batch = [it for it in live if group < len(it[3].ranges)]
             results = await asyncio.gather(
                 *(
-                    run(grouped.decode, group, self.m.arena[page.offset : page.offset + page.size])
+                    run(_timed, grouped.decode, group, self.m.arena[page.offset : page.offset + page.size])
                     for _, page, _, grouped in batch
                 ),
                 return_exceptions=True,
@@ -387,7 +409,10 @@ class Loads:
             for (pos, page, fut, grouped), res in zip(batch, results):
                 if isinstance(res, BaseException):
                     self.finish_promotion(page, fut, _read_error(res), on_disk=True)
-                elif group + 1 == len(grouped.ranges):
+                    continue
+                spent[pos] += res[1]
+                if group + 1 == len(grouped.ranges):
+                    self.m.worth.fetch.observe(Tier.DISK, page.size, spent[pos])  # the disk's fetch rate
                     self.finish_promotion(page, fut, None, on_disk=True)  # whole: READY
                 else:
                     ready.append(pos)
@@ -427,6 +452,13 @@ class Loads:
         else:
             self.m.allocator.free(page.offset, slot_size(page.size))
         fut.set_result(False)
+
+
+def _timed(fn: Callable[..., _T], *args: object) -> tuple[_T, float]:
+    """Run `fn(*args)` (on an I/O thread): what it returned, and the seconds it took."""
+    started = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - started
 
 
 def _read_error(e: BaseException) -> BaseException:

@@ -63,7 +63,7 @@ class Lookups:
 
     def lookup(self, session: Session, keys: list[bytes], pin: bool = False) -> tuple[list[Tier], int | None]:
         """Tiers of the longest cached prefix of `keys`; with `pin`, its DRAM pages under a new lease."""
-        tiers, hit_pages = self.probe(session.ns, keys)
+        tiers, hit_pages = self.cut_dear_fetches(session, keys, *self.probe(session.ns, keys))
         hit_pages.reverse()  # leaf first, so the root ends up most recent: leaves are evicted first
         self.apply_touches()  # earlier lookups answered on threads first: LRU order is request order
         self.touch(hit_pages)
@@ -83,6 +83,7 @@ class Lookups:
         tiers, hit_pages = self.probe(session.ns, keys)
         if len(tiers) < len(keys) and self.m.cluster is not None:
             return None
+        tiers, hit_pages = self.cut_dear_fetches(session, keys, tiers, hit_pages, thread=True)
         n = len(hit_pages)
         if n:
             hit_pages.reverse()
@@ -93,6 +94,27 @@ class Lookups:
             t[0] + 1, t[1] + len(keys), t[2] + n - in_vram, t[3] + len(tiers) - n, t[4] + in_vram
         )  # fmt: skip
         return tiers
+
+    def cut_dear_fetches(
+        self,
+        session: Session,
+        keys: list[bytes],
+        tiers: list[Tier],
+        hit_pages: list[Page],
+        thread: bool = False,
+    ) -> tuple[list[Tier], list[Page]]:
+        """Fetch or recompute (worth.worth_fetching): the hit ends where recomputing the rest costs
+        the engine less than fetching it. The pages cut are counted (`recompute_instead_pages`; on a
+        connection thread in the session's tally, folded on the loop)."""
+        n = self.m.worth.worth_fetching(session.ns.id, keys, tiers)
+        if n == len(tiers):
+            return tiers, hit_pages
+        if thread:
+            session.cut_tally += len(tiers) - n
+        else:
+            self.m.counters["recompute_instead_pages"] += len(tiers) - n
+        kept = sum(1 for t in tiers[:n] if t is Tier.DRAM or t is Tier.VRAM)
+        return tiers[:n], hit_pages[:kept]
 
     def apply_touches(self, session: Session | None = None) -> None:
         """Touch the hit pages of thread-side lookups in the policy, oldest first, and those of
@@ -139,6 +161,9 @@ class Lookups:
         """Add what connection threads counted since the last fold (of `session`, or of every session)
         to the counters and session totals. Loop only: stats fold first, a detaching session last."""
         for s in self.m.sessions.values() if session is None else (session,):
+            if s.cut_tally != s.cut_folded:  # (only the thread writes the tally, only the loop this)
+                self.m.counters["recompute_instead_pages"] += s.cut_tally - s.cut_folded
+                s.cut_folded = s.cut_tally
             now, was = s.thread_tally, s.thread_folded
             if now != was:
                 s.thread_folded = now

@@ -56,6 +56,9 @@ class Session:
     # (Manager.fold_thread_lookups).
     thread_tally: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)
     thread_folded: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)
+    # hit pages the connection thread's lookups cut (fetch or recompute), and the part folded
+    cut_tally: int = 0
+    cut_folded: int = 0
     # Lookups the engine answered itself from the shared lookup table: its slot there, and the part
     # of the slot's (lookups, pages, hit pages) already counted.
     table_slot: int | None = None

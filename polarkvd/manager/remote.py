@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 from polarkvd.errors import (
@@ -24,6 +25,7 @@ from polarkvd.transport.pipeline import (
     LoadProgress,
     layer_groups,
 )
+from polarkvd.types import Tier
 
 if TYPE_CHECKING:
     from polarkvd.cluster.pool import ClusterPool
@@ -130,6 +132,7 @@ class RemoteFetches:
                 self.m.counters["fetched_pages_vram"] += n
         if results is None:
             views = [self.m.arena[p.offset : p.offset + p.size] for p, _ in batch]
+            started = time.perf_counter()
             try:
                 results = await self.cluster.fetch(
                     holder, ns.digest, [p.key for p, _ in batch], views, sums=sums
@@ -137,6 +140,9 @@ class RemoteFetches:
             except Exception as e:  # never leave a loader waiting
                 log.error("cluster: fetch from %s failed: %r", holder, e)
                 results = [False] * len(batch)
+            if False not in results:  # the pool's rate from this peer, as loads see it
+                nbytes = sum(p.size for p, _ in batch)
+                self.m.worth.fetch.observe(Tier.DMP, nbytes, time.perf_counter() - started, peer=holder)
         for i, ((page, fut), parent) in enumerate(zip(batch, results)):
             if parent is False:
                 self.m.loads.finish_promotion(page, fut, PageNotFound("remote fetch failed"), on_disk=False)
@@ -195,6 +201,7 @@ class RemoteFetches:
                 batches.append([item])
         done_layers = dict.fromkeys((pos for pos, _, _, _ in items), 0)
         failed_at: int | None = None
+        started = time.perf_counter()
         try:
             for lo, hi in layer_groups(num_layers, self.cluster.layer_groups):
                 # nothing after a failed page is asked for again
@@ -245,6 +252,13 @@ class RemoteFetches:
                 if progress is not None:
                     progress.layers_done([p for p in good if failed_at is None or p < failed_at], hi)
         finally:
+            if failed_at is None and all(n == num_layers for n in done_layers.values()):
+                elapsed = time.perf_counter() - started  # batches of all holders ran side by side
+                by_holder: dict[str, int] = {}
+                for _, page, _, holder in items:
+                    by_holder[holder] = by_holder.get(holder, 0) + page.size
+                for holder, nbytes in by_holder.items():
+                    self.m.worth.fetch.observe(Tier.DMP, nbytes, elapsed, peer=holder)
             for pos, page, fut, _ in items:
                 if done_layers[pos] == num_layers and (failed_at is None or pos < failed_at):
                     self.m.counters["fetched_pages_remote"] += 1

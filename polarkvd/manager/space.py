@@ -106,7 +106,10 @@ class Space:
         if self.m.cluster is not None:
             if not page.on_disk and self._demote_to_pool(page):
                 return
-        if self.m.disk is None or page.on_disk:
+        if self.m.disk is None:
+            return
+        if page.on_disk:  # used in DRAM until now: recent on disk too, as if written now
+            self.m.disk.touch(page.key)
             return
         if self.m.policy.name == "cost" and self.m.worth.cheaper_to_recompute(page):
             self.m.counters["dropped_pages_cheap"] += 1  # recomputing it costs less than reading it back

@@ -27,6 +27,9 @@ from polarkvd.types import Namespace, Tier
 #: 128-token page at 3 ms a token (the default's scale for a 30-layer model)
 _UNKNOWN_PAGE_SECONDS = 0.4
 
+#: drop-or-demote demotes one in this many of the pages it would drop (see cheaper_to_recompute)
+EXPLORE = 16
+
 if TYPE_CHECKING:
     from polarkvd.manager import Manager
 
@@ -40,6 +43,7 @@ class Worth:
         #: rank compute alike, so they share one fit (a tenant's engine reports for all)
         self.models: dict[tuple[object, ...], RecomputeModel] = {}
         self.fetch = FetchCosts()
+        self._drops = 0  # pages drop-or-demote found cheaper to recompute (see cheaper_to_recompute)
 
     def model(self, ns_id: int) -> RecomputeModel:
         """The fit of a namespace's model and shard, made on first use (event loop only)."""
@@ -83,11 +87,54 @@ class Worth:
         then it is dropped when it leaves DRAM, not demoted (the `cost` policy's drop-or-demote). A
         page with children on disk is always demoted: they are reachable only through it."""
         assert self.m.disk is not None
+        if not self.fetch.trusted(Tier.DISK):
+            return False  # demoted until reads are measured: a default must not starve the disk of reads
         info = self.m._ns_by_id[page.ns]
         recompute = self.model(page.ns).cost.page_seconds(info.ns.page_tokens, depth_of(page.depth))
-        if recompute >= self.fetch.seconds(Tier.DISK, page.size):
+        if recompute >= self.fetch.seconds(Tier.DISK, page.size) or self.m.disk.children_of(page.key):
             return False
-        return self.m.disk.children_of(page.key) == 0
+        self._drops += 1
+        # one in EXPLORE is demoted all the same, so that reads keep measuring the disk: a rate
+        # measured on a slow moment would otherwise drop every page, and never be measured again
+        return self._drops % EXPLORE != 0
+
+    def worth_fetching(self, ns_id: int, keys: list[bytes], tiers: list[Tier]) -> int:
+        """Fetch or recompute: how many of the hit's pages (`tiers[i]` says where `keys[i]` is) an
+        engine should load; it recomputes the rest. The cut k makes fetching pages 0..k plus
+        recomputing k..end the cheapest: a page whose fetch costs more than its recompute ends the
+        hit there unless deeper pages, dearer to recompute, pay for fetching it. Only under the
+        `cost` policy and once the namespace's prefill is measured (the default over-estimates);
+        a hit of DRAM pages alone is never cut. Pure reads: safe on an engine connection thread."""
+        if self.m.policy.name != "cost" or all(t is Tier.DRAM or t is Tier.VRAM for t in tiers):
+            return len(tiers)
+        info = self.m._ns_by_id.get(ns_id)
+        model = self.models.get(_model_key(info.ns)) if info is not None else None
+        if info is None or model is None or model.cost.observations == 0:
+            return len(tiers)
+        if any(not self.fetch.trusted(t) for t in set(tiers) if t is Tier.DISK or t is Tier.DMP):
+            return len(tiers)  # a tier's rate is not measured enough: fetch, and measure it
+        cost, page_tokens, size = model.cost, info.ns.page_tokens, info.ns.page_bytes
+        base = self._depth(keys[0], info.digest)
+        fetch = {t: self.fetch.seconds(t, size) for t in set(tiers)}
+        # the cut minimizing fetch(0..k) + recompute(k..n) = the deepest k whose suffix gains least
+        gain = best = 0.0  # recompute - fetch of pages k..n-1, walking k down from n
+        cut = len(tiers)
+        for i in range(len(tiers) - 1, -1, -1):
+            gain += cost.page_seconds(page_tokens, base + i) - fetch[tiers[i]]
+            if gain < best:
+                best, cut = gain, i
+        return cut
+
+    def _depth(self, key: bytes, digest: bytes) -> int:
+        """The depth of a hit's first page, from its depth code in DRAM or on disk (0 when unknown)."""
+        page = self.m.index.get(key)
+        if page is not None:
+            return depth_of(page.depth)
+        pending = self.m.pending.get(key)
+        if pending is not None:
+            return depth_of(pending.depth)
+        entry = self.m.disk.entry(key) if self.m.disk is not None else None
+        return depth_of(entry.depth) if entry is not None and entry.ns == digest else 0
 
     def attach(self, policy: EvictionPolicy | None) -> None:
         """Give `policy` this valuer if it is the `cost` policy (after it was made or switched)."""
@@ -115,6 +162,12 @@ class Worth:
                 "gbps": self.fetch.gbps(tier),
                 "measured": self.fetch.measured(tier),
             }
+        out["fetch_gbps_peers"] = {
+            peer: {"gbps": gbps, "measured": n} for peer, (gbps, n) in sorted(self.fetch.peers().items())
+        }
+        counters = self.m.counters
+        out["dropped_pages_cheap"] = counters.get("dropped_pages_cheap", 0)
+        out["recompute_instead_pages"] = counters.get("recompute_instead_pages", 0)
         return out
 
 

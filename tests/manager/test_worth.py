@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from polarkvd.config import load_config
+from polarkvd.cost_model import TRUSTED_AFTER
 from polarkvd.index import child_depth, depth_of
 from polarkvd.keys import page_keys
 from polarkvd.manager import Manager
@@ -125,6 +126,7 @@ def test_a_page_cheaper_to_recompute_than_to_read_back_is_dropped(
         s = m.attach(TEST_NS, "s")
         for _ in range(10):
             m.worth.observe_prefill(s.ns.id, 256, 0, 256 * engine_seconds_per_token)
+        measure_disk(m, 1e-3)  # a page read back in 1 ms
         keys = chain(s, 7, 3)
         manager_store(m, s, keys)
         assert m.evict_prefixes([keys[0]])["evicted_pages"] == 3
@@ -143,5 +145,88 @@ def test_a_page_cheaper_to_recompute_than_to_read_back_is_dropped(
         assert m.evict_prefixes([parent])["evicted_pages"] == 1
         await m.flush()
         assert m.disk.entry(parent) is not None  # type: ignore[union-attr]
+
+    asyncio.run(run())
+
+
+def measure_disk(m: Manager, seconds_per_page: float) -> None:
+    """The daemon has measured its disk reads often enough to decide by (as reads would)."""
+    for _ in range(TRUSTED_AFTER):
+        m.worth.fetch.observe(Tier.DISK, TEST_NS.page_bytes, seconds_per_page)
+
+
+def test_an_unmeasured_disk_keeps_every_page(tmp_path: Path) -> None:
+    """Until the daemon has measured its own disk reads, drop-or-demote demotes: a default rate must
+    not drop pages (and leave the disk unread, so never measured)."""
+
+    async def run() -> None:
+        m = cost_disk_manager(tmp_path)
+        s = m.attach(TEST_NS, "s")
+        for _ in range(10):
+            m.worth.observe_prefill(s.ns.id, 256, 0, 256e-9)  # recomputing is nearly free
+        keys = chain(s, 7, 3)
+        manager_store(m, s, keys)
+        m.evict_prefixes([keys[0]])
+        await m.flush()
+        assert all(m.disk.entry(k) is not None for k in keys)  # type: ignore[union-attr]
+        assert m.counters["dropped_pages_cheap"] == 0
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("disk_seconds_per_page", [1.0, 1e-6])
+def test_fetch_or_recompute_ends_a_hit_at_the_first_page_dearer_to_fetch(
+    tmp_path: Path, disk_seconds_per_page: float
+) -> None:
+    """A chain of 6 pages, the first 3 in DRAM, the last 3 on disk. On a disk that reads a page in
+    a second (and an engine that recomputes one in ~1 ms), the daemon's lookup and load end the hit
+    at page 3, the first on disk, and count the 3 pages recomputed instead; on a fast disk the
+    whole chain is a hit and is loaded. The engine's view: what it recomputes starts there."""
+
+    async def run() -> None:
+        m = cost_disk_manager(tmp_path)
+        s = m.attach(TEST_NS, "s")
+        for i in range(10):  # an engine at ~8 us a token
+            m.worth.observe_prefill(s.ns.id, 256 + i, 0, (256 + i) * 8e-6)
+        keys = chain(s, 9, 6)
+        manager_store(m, s, keys)
+        page = TEST_NS.page_bytes
+        assert m.evict_bytes(Tier.DRAM, 3 * page) >= 3 * page  # leaf-first: the 3 deepest go to disk
+        await m.flush()
+        assert m.lookup(s, keys)[0] == [Tier.DRAM] * 3 + [Tier.DISK] * 3  # the disk not measured yet
+        measure_disk(m, disk_seconds_per_page)
+        tiers = m.lookup(s, keys)[0]
+        offsets, got, lease = await m.load(s, keys)
+        if lease is not None:
+            m.release(s, lease)
+        if disk_seconds_per_page > 0.1:
+            assert tiers == [Tier.DRAM] * 3 and got == [Tier.DRAM] * 3
+            # counted at the lookup; the load (an engine answering from the shared table asks no
+            # lookup) is cut by the same rule
+            assert m.counters["recompute_instead_pages"] == 6
+        else:
+            assert tiers == [Tier.DRAM] * 3 + [Tier.DISK] * 3 and len(offsets) == 6
+            assert m.counters["recompute_instead_pages"] == 0
+        assert m.stats()["worth"]["recompute_instead_pages"] == m.counters["recompute_instead_pages"]
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("policy", ["lru", "s3fifo"])
+def test_fetch_or_recompute_is_the_cost_policys(tmp_path: Path, policy: str) -> None:
+    """Under the recency policies a hit is never cut, however slow the disk."""
+
+    async def run() -> None:
+        m = cost_disk_manager(tmp_path)
+        m.set_policy(Tier.DRAM, policy)
+        s = m.attach(TEST_NS, "s")
+        for i in range(10):
+            m.worth.observe_prefill(s.ns.id, 256 + i, 0, (256 + i) * 8e-6)
+        keys = chain(s, 9, 4)
+        manager_store(m, s, keys)
+        m.evict_prefixes([keys[0]])
+        await m.flush()
+        measure_disk(m, 1.0)
+        assert m.lookup(s, keys)[0] == [Tier.DISK] * 4
 
     asyncio.run(run())
