@@ -125,6 +125,14 @@ _SIMPLE_COUNTERS = {
         "Disk pages that failed their checksum on read (dropped).",
     ),
     "expired": ("polarkv_expired_total", "Leases and reservations expired after daemon.lease_seconds."),
+    "dropped_pages_cheap": (
+        "polarkv_dropped_pages_cheap_total",
+        "Pages the cost policy dropped on leaving DRAM instead of demoting them: cheaper to recompute than to read back.",
+    ),
+    "recompute_instead_pages": (
+        "polarkv_recompute_instead_pages_total",
+        "Hit pages a lookup or load cut off (cost policy): recomputing them costs the engine less than fetching them.",
+    ),
     "sessions_attached": ("polarkv_sessions_attached_total", "Engine sessions attached since start."),
 }
 #: polarkv_cluster_fetched_{pages,bytes}_total{transport}: pages and bytes fetched from peers, by
@@ -304,6 +312,17 @@ def families(snap: Snapshot) -> Iterator[Any]:
                                   value=disk["corrupt_dropped"])  # fmt: skip
         yield CounterMetricFamily("polarkv_disk_seed_refused", "Disk pages deleted at start: keyed with another page-key seed.",
                                   value=disk.get("seed_refused", 0))  # fmt: skip
+
+    worth = st.get("worth")
+    if worth is not None:
+        rates = GaugeMetricFamily(
+            "polarkv_fetch_rate_gbps",
+            "What fetching a page back costs, measured by the daemon (moving average, GB/s; a default until measured).",
+            labels=["tier"],
+        )
+        for tier, r in worth["fetch_gbps"].items():
+            rates.add_metric([tier], r["gbps"])
+        yield rates
 
     other = CounterMetricFamily(
         "polarkv_manager_events", "Manager counters without a dedicated series above.", labels=["event"]
