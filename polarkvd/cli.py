@@ -264,6 +264,7 @@ def render_status(st: dict[str, Any]) -> str:
         f"evicted from DRAM {evicted} pages, demoted to disk {c.get('demoted_pages', 0)}, "
         f"demotions dropped {c.get('demotions_dropped', 0)}, corrupt pages dropped {c.get('corrupt_pages', 0)}"
     )
+    lines += _cost_lines(st.get("worth"))
     lines.append(f"sessions {len(st['sessions'])}, leases {st['leases']}, namespaces {st['namespaces']}")
     for s in st["sessions"]:
         rate = s["hit_pages"] / s["lookup_pages"] * 100 if s["lookup_pages"] else 0
@@ -273,6 +274,32 @@ def render_status(st: dict[str, Any]) -> str:
         )
     lines += _tenant_lines(st.get("quotas"))
     return "\n".join(lines)
+
+
+def _cost_lines(w: dict[str, Any] | None) -> list[str]:
+    """What recomputing and fetching a page cost (manager/worth.py: the `cost` policy's inputs), and
+    its decisions: pages dropped rather than demoted, hit pages recomputed rather than fetched."""
+    if not w:
+        return []
+    rates = ", ".join(
+        f"{tier} {r['gbps']:.2f} GB/s" + ("" if r["measured"] else " (default)")
+        for tier, r in w["fetch_gbps"].items()
+    )
+    peers = w.get("fetch_gbps_peers") or {}
+    if peers:
+        rates += "; peers " + ", ".join(f"{p} {r['gbps']:.2f} GB/s" for p, r in peers.items())
+    lines = [f"fetch rates: {rates}"]
+    for m in w["models"]:
+        lines.append(
+            f"prefill of {m['model']}: {m['fixed_ms']:.2f} ms + {m['per_token_us']:.2f} us/token"
+            f" + {m['per_token_depth_ns']:.4f} ns/token/token of depth"
+            + (f" (fitted on {m['observations']} steps)" if m["fitted"] else " (default, from the geometry)")
+        )
+    lines.append(
+        f"cost decisions: {w.get('dropped_pages_cheap', 0)} pages dropped rather than demoted, "
+        f"{w.get('recompute_instead_pages', 0)} hit pages recomputed rather than fetched"
+    )
+    return lines
 
 
 def _tenant_lines(q: dict[str, Any] | None) -> list[str]:
