@@ -17,6 +17,7 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "polarkvd's shared-memory layouts are little-endian"
@@ -29,6 +30,7 @@
 #define KEY_BYTES 16
 #define RING_AT 64
 #define RING_ENTRIES ((SLOT_BYTES - RING_AT) / 4)
+#define HEARTBEAT_AT 16
 #define STATE_AT 24
 #define OVERFLOW_AT 28
 #define TIER_AT 24 /* in an entry */
@@ -105,6 +107,21 @@ static int Prober_init(Prober *self, PyObject *args, PyObject *kwds) {
     self->entries_end = entries_end;
     self->final_miss = final_miss;
     return 0;
+}
+
+/* usable(stale_ns): the table is open and its heartbeat (CLOCK_MONOTONIC, as time.monotonic_ns)
+ * is younger than stale_ns */
+static PyObject *Prober_usable(Prober *self, PyObject *arg) {
+    long long stale = PyLong_AsLongLong(arg);
+    if (stale == -1 && PyErr_Occurred())
+        return NULL;
+    if (!self->open || load32(self->base + STATE_AT) != 1)
+        Py_RETURN_FALSE;
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    long long now = (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+    long long beat = (long long)load64(self->base + HEARTBEAT_AT);
+    return PyBool_FromLong(now - beat < stale);
 }
 
 static PyObject *Prober_close(Prober *self, PyObject *Py_UNUSED(ignored)) {
@@ -306,6 +323,8 @@ static PyMethodDef Prober_methods[] = {
      "this session's namespace, whether a miss after it is final, and the hits' tier bytes (None: "
      "all in DRAM); the session's tallies and touch ring are updated. Keys must be 16-byte bytes "
      "(TypeError, ValueError; nothing is counted then)."},
+    {"usable", (PyCFunction)Prober_usable, METH_O,
+     "usable(stale_ns) -> whether the table is open and its heartbeat younger than stale_ns."},
     {"close", (PyCFunction)Prober_close, METH_NOARGS, "Release the buffer; probing after it is an error."},
     {NULL, NULL, 0, NULL},
 };

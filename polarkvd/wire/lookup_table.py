@@ -434,6 +434,8 @@ class TableReader:
 
     def usable(self) -> bool:
         """The daemon keeps the table: open, and its heartbeat is recent."""
+        if self._prober is not None:
+            return self._prober.usable(STALE_NS)
         w = self.words
         if w is None or w.load32(_STATE_AT) != 1:
             return False
