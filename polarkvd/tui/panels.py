@@ -169,6 +169,12 @@ def tier_summary(view: M.View) -> Text:
     ):
         t.append(label)
         t.append(M.human_count(n), style="bold")
+    dropped, cut = c.get("dropped_pages_cheap", 0), c.get("recompute_instead_pages", 0)
+    if dropped or cut:  # the `cost` policy's decisions (docs/DESIGN-NOTES.md, "Cost-aware retention")
+        t.append("  cost: dropped ")
+        t.append(M.human_count(dropped), style="bold")
+        t.append(", recomputed not fetched ")
+        t.append(M.human_count(cut), style="bold")
     table = view.stats.get("tiers", {}).get("dram", {}).get("lookup_table")
     if table:  # the shared table engines answer lookups from (dram.lookup_table_entries)
         t.append("  lookup table ")
