@@ -29,6 +29,9 @@ _UNKNOWN_PAGE_SECONDS = 0.4
 
 #: drop-or-demote demotes one in this many of the pages it would drop (see cheaper_to_recompute)
 EXPLORE = 16
+#: a page is dropped, or a hit cut, only where fetching costs this much more than recomputing: the
+#: measured rates move with the machine's load, and a close call is not worth a wrong drop
+MARGIN = 1.25
 
 if TYPE_CHECKING:
     from polarkvd.manager import Manager
@@ -91,7 +94,9 @@ class Worth:
             return False  # demoted until reads are measured: a default must not starve the disk of reads
         info = self.m._ns_by_id[page.ns]
         recompute = self.model(page.ns).cost.page_seconds(info.ns.page_tokens, depth_of(page.depth))
-        if recompute >= self.fetch.seconds(Tier.DISK, page.size) or self.m.disk.children_of(page.key):
+        if recompute * MARGIN >= self.fetch.seconds(Tier.DISK, page.size) or self.m.disk.children_of(
+            page.key
+        ):
             return False
         self._drops += 1
         # one in EXPLORE is demoted all the same, so that reads keep measuring the disk: a rate
@@ -101,7 +106,7 @@ class Worth:
     def worth_fetching(self, ns_id: int, keys: list[bytes], tiers: list[Tier]) -> int:
         """Fetch or recompute: how many of the hit's pages (`tiers[i]` says where `keys[i]` is) an
         engine should load; it recomputes the rest. The cut k makes fetching pages 0..k plus
-        recomputing k..end the cheapest: a page whose fetch costs more than its recompute ends the
+        recomputing k..end (x MARGIN) the cheapest: a page whose fetch costs more than its recompute ends the
         hit there unless deeper pages, dearer to recompute, pay for fetching it. Only under the
         `cost` policy and once the namespace's prefill is measured (the default over-estimates);
         a hit of DRAM pages alone is never cut. Pure reads: safe on an engine connection thread."""
@@ -120,7 +125,7 @@ class Worth:
         gain = best = 0.0  # recompute - fetch of pages k..n-1, walking k down from n
         cut = len(tiers)
         for i in range(len(tiers) - 1, -1, -1):
-            gain += cost.page_seconds(page_tokens, base + i) - fetch[tiers[i]]
+            gain += cost.page_seconds(page_tokens, base + i) * MARGIN - fetch[tiers[i]]
             if gain < best:
                 best, cut = gain, i
         return cut
