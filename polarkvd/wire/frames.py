@@ -56,6 +56,7 @@ class Op(str, enum.Enum):
     UNPIN = "unpin"
     EVICT_KEYS = "evict_keys"
     CLUSTER = "cluster"
+    WHERE = "where"  # how much of a prefix is cached here and on which members (server/where.py)
 
 
 #: Status codes in a reserve reply, per key, besides a non-negative arena offset.
