@@ -785,6 +785,11 @@ class ControlClient:
         """Evict these prefixes from DRAM now (demoted to disk); pinned pages stay."""
         return self._ch.call(P.Op.EVICT_KEYS.value, {"keys": list(keys)})
 
+    def where(self, args: dict[str, Any]) -> dict[str, Any]:
+        """How much of a prefix is cached here (by tier) and on other members, in tokens: `args` names
+        the namespace (`namespace`, or `model` and `salt`) and the prefix (`tokens` or `keys`)."""
+        return self._ch.call(P.Op.WHERE.value, args)
+
     def ping(self) -> None:
         self._ch.call(P.Op.PING.value, {})
 
