@@ -154,6 +154,7 @@ class ClusterPool:
         self.page_added = self.metamap_client.page_added
         self.page_removed = self.metamap_client.page_removed
         self.locate = self.metamap_client.locate
+        self.holders = self.metamap_client.holders
         self.on_members = self.metamap_client.on_members
         self.fetch = self.fetcher.fetch
         self.fetch_into_vram = self.fetcher.fetch_into_vram

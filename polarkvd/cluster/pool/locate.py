@@ -122,8 +122,16 @@ class MetaMapClient:
         """Holders (other members) of the longest prefix of `keys` the cluster has; [] when none."""
         if not keys or not self.pool.members:
             return []
-        self.drain_events()
         keys = list(keys)
+        answers = await self.holders(keys)
+        found = MetaMap.longest_prefix(len(keys), answers, exclude=self.pool.node_id)
+        return self._held(keys, found)
+
+    async def holders(self, keys: list[bytes]) -> dict[int, tuple[str, ...]]:
+        """Holders per index of `keys` as their owners' records say (ourselves included), read
+        from the meta map only: our own records, one `where` per other owner; an owner that is
+        suspect or does not answer leaves its keys out."""
+        self.drain_events()
         plan = self.pool.metamap.plan(keys)
         answers: dict[int, tuple[str, ...]] = {}
         calls = []
@@ -150,7 +158,9 @@ class MetaMapClient:
                     for i, h in zip(idx, got):
                         if isinstance(h, list):
                             answers[i] = tuple(x for x in h if isinstance(x, str))
-        found = MetaMap.longest_prefix(len(keys), answers, exclude=self.pool.node_id)
+        return answers
+
+    def _held(self, keys: list[bytes], found: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
         found = [
             tuple(h for h in hs if h in self.pool.members and h not in self.pool.suspects) for hs in found
         ]
