@@ -184,6 +184,7 @@ class Daemon:
         servers: list[RequestServer | EngineThreadServer] = []
         finished = False  # disk writes completed within the shutdown timeout
         table: LookupTable | None = None
+        kv_events: Any = None
         switch_interval = sys.getswitchinterval()
         try:
             if cfg.disk.enabled:
@@ -252,10 +253,19 @@ class Daemon:
             sys.setswitchinterval(GIL_SWITCH_SECONDS)
             if cfg.cluster.enabled:
                 self.cluster = self._start_cluster(manager)
+            if cfg.kv_events.enabled:  # vLLM KV events out (server/kv_events.py, docs/ROUTING.md)
+                from polarkvd.server.kv_events import KvEventsPublisher
+
+                kv_events = KvEventsPublisher(cfg.kv_events, manager)
+                kv_events.start()
+                chores.append(asyncio.create_task(self._every(cfg.kv_events.interval, kv_events.tick)))
             handlers = control_handlers(
                 manager,
                 cluster_report=self.cluster_report,
                 vram_report=lambda: self.vram.as_dict() if self.vram is not None else None,
+                where_cluster=lambda: (
+                    (self.pool.node_id, self.pool.holders) if self.pool is not None else None
+                ),
             )
             control_srv = RequestServer("control", handlers, max_frame_bytes=cfg.daemon.max_frame_bytes)
             servers = [engine_srv, control_srv]
@@ -320,6 +330,8 @@ class Daemon:
                 await self._stop_cluster()
             except Exception:
                 log.exception("shutdown: leaving the cluster failed")
+            if kv_events is not None:
+                kv_events.close()
             if table is not None:
                 table.close()  # engines ask the socket from now on, and learn that it is gone
             for srv in servers:
