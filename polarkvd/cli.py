@@ -341,6 +341,15 @@ def cmd_evict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_where(args: argparse.Namespace) -> int:
+    from polarkvd.bench.where import request, show
+
+    with _control(args) as c:
+        out = c.where(request(args))
+    print(json.dumps(out, indent=2) if args.json else show(out))
+    return 0
+
+
 def cmd_drain(args: argparse.Namespace) -> int:
     import threading
 
@@ -465,6 +474,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from polarkvd.bench.blend import main as blend_main
 
         return blend_main(args)
+    if args.which == "where":
+        from polarkvd.bench.where import main as where_main
+
+        return where_main(args)
     if args.which == "sglang":
         from polarkvd.bench.sglang import main as sglang_main
 
@@ -574,6 +587,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.set_defaults(fn=cmd_tui)
 
+    sp = sub.add_parser(
+        "where", help="how many leading tokens of a prompt are cached here, by tier, and on other members"
+    )
+    from polarkvd.bench.where import query_arguments as where_args
+
+    where_args(sp)
+    control_args(sp)
+    sp.set_defaults(fn=cmd_where)
+
     sp = sub.add_parser("bench", help="benchmarks (see docs/BENCHMARKS.md)")
     bsub = sp.add_subparsers(dest="which", metavar="BENCHMARK", required=True)
     from polarkvd.bench.datapath import add_arguments as datapath_args
@@ -652,6 +674,11 @@ def build_parser() -> argparse.ArgumentParser:
             "sglang",
             help="SGLang HiCache write-back and prefetch: polarkvd vs HiCacheFile vs Mooncake Store",
         )
+    )
+    from polarkvd.bench.where import add_arguments as bench_where_args
+
+    bench_where_args(
+        bsub.add_parser("where", help="the `where` query's latency for a long prompt in a cluster of daemons")
     )
     sp.set_defaults(fn=cmd_bench)
 
