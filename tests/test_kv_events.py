@@ -174,3 +174,24 @@ def test_an_endpoint_in_use_stops_the_start_naming_the_option(daemon_factory, tm
         assert "kv_events.endpoint" in str(e.value)
     finally:
         busy.close()
+
+
+def test_disk_pages_are_announced_once_their_namespace_attaches_after_a_restart(publishing) -> None:
+    """A restarted daemon starts with `AllBlocksCleared`; its disk pages become servable (and are
+    announced as `STORAGE`) when an engine of their namespace attaches."""
+    d, pub, _ = publishing
+    with d.engine() as kv:
+        keys = store_chain(kv, chain_tokens(5, 4))
+    with d.control() as c:
+        c.evict("dram", 1 << 40)
+    assert d.stop() == 0
+    d.start()
+    sub = Subscriber(pub)
+    try:
+        joined(d, sub)  # attaches an engine of the namespace: the disk scan starts
+        wait_for(
+            lambda: (sub.poll(), set(keys) <= sub.stored("STORAGE"))[1],
+            what="BlockStored STORAGE after restart",
+        )
+    finally:
+        sub.close()
