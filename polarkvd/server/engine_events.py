@@ -1,0 +1,226 @@
+"""Events in: an engine's own GPU prefix cache, followed through vLLM's KV event stream.
+
+Owns, per engine, the translation of vLLM's `BlockStored` / `BlockRemoved` / `AllBlocksCleared`
+(vllm/distributed/kv_events.py) into polarkvd page keys of the engine's namespace (`GpuPrefixes`,
+pure), and the subscriber that feeds it (`EngineEventsSubscriber`: SUB to the engine's publisher,
+replay through its ROUTER after a gap in the sequence numbers, non-blocking, driven by `tick` on the
+loop). Must not block the loop or trust the stream: a malformed message is counted and dropped.
+
+vLLM's block hashes are not polarkvd keys; a `BlockStored` carries the block's token ids and its
+parent's hash, so the keys are chained from the parent's (`keys.page_keys`): a vLLM block of any size
+ends pages of `page_tokens` as its tokens complete them (a block may end none, one or several).
+Blocks whose parent is unknown here (stored before we subscribed and not replayed), of another KV
+cache group, with extra keys (cache salt, LoRA, multimodal: another namespace than the engine's
+default one) or on another medium than the GPU are skipped and counted. docs/ROUTING.md.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import msgpack
+import zmq
+
+from polarkvd.keys import ROOT_KEY, page_keys
+
+log = logging.getLogger(__name__)
+
+_END_SEQ = (-1).to_bytes(8, "big", signed=True)
+
+
+class _Block:
+    """What a vLLM block left behind: the last page key chained so far, the tokens after it, and
+    the page keys this block completed (gone from the GPU with it)."""
+
+    __slots__ = ("key", "rest", "pages")
+
+    def __init__(self, key: bytes, rest: tuple[int, ...], pages: list[bytes]) -> None:
+        self.key, self.rest, self.pages = key, rest, pages
+
+
+class GpuPrefixes:
+    """One engine's GPU prefix cache as polarkvd keys, built from its decoded event batches."""
+
+    def __init__(self, ns_digest: bytes, page_tokens: int) -> None:
+        self.digest, self.page_tokens = ns_digest, page_tokens
+        self._blocks: dict[Any, _Block] = {}
+        self._held: dict[bytes, int] = {}  # page key -> blocks that completed it (shared prefixes)
+        self.counters = {"stored_blocks": 0, "removed_blocks": 0, "skipped_blocks": 0, "cleared": 0, "bad": 0}
+
+    def leading(self, keys: Sequence[bytes]) -> int:
+        """How many of `keys`, from the first, this engine's GPU holds without a gap."""
+        held, n = self._held, 0
+        for k in keys:
+            if k not in held:
+                break
+            n += 1
+        return n
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def apply(self, events: list[Any]) -> None:
+        """One decoded batch's events (maps tagged by `type`, as msgpack decodes vLLM's)."""
+        for ev in events:
+            kind = ev.get("type") if isinstance(ev, dict) else None
+            try:
+                if kind == "BlockStored":
+                    self._stored(ev)
+                elif kind == "BlockRemoved":
+                    self._removed(ev)
+                elif kind == "AllBlocksCleared":
+                    self._blocks.clear()
+                    self._held.clear()
+                    self.counters["cleared"] += 1
+                else:
+                    self.counters["bad"] += 1
+            except (TypeError, ValueError, KeyError, AttributeError):
+                self.counters["bad"] += 1
+
+    def _stored(self, ev: dict[str, Any]) -> None:
+        hashes, tokens, size = ev["block_hashes"], ev["token_ids"], ev["block_size"]
+        if (
+            ev.get("medium") not in (None, "GPU")
+            or ev.get("group_idx") not in (None, 0)
+            or ev.get("extra_keys")
+            and any(ev["extra_keys"])
+            or ev.get("lora_name") is not None
+            or not isinstance(size, int)
+            or size <= 0
+            or len(tokens) != len(hashes) * size
+        ):
+            self.counters["skipped_blocks"] += len(hashes) if isinstance(hashes, list) else 1
+            return
+        parent = ev.get("parent_block_hash")
+        if parent is None:
+            key, rest = bytes(ROOT_KEY), ()
+        else:
+            p = self._blocks.get(parent)
+            if p is None:  # stored before we listened, and not replayed: its keys are unknown
+                self.counters["skipped_blocks"] += len(hashes)
+                return
+            key, rest = p.key, p.rest
+        pt = self.page_tokens
+        for i, h in enumerate(hashes):
+            run = rest + tuple(tokens[i * size : (i + 1) * size])
+            full = len(run) - len(run) % pt
+            pages = page_keys(self.digest, run[:full], pt, key) if full else []
+            if pages:
+                key = pages[-1]
+            rest = run[full:]
+            self._blocks[h] = _Block(key, rest, [bytes(p) for p in pages])
+            for p in pages:
+                self._held[p] = self._held.get(p, 0) + 1
+        self.counters["stored_blocks"] += len(hashes)
+
+    def _removed(self, ev: dict[str, Any]) -> None:
+        if ev.get("medium") not in (None, "GPU") or ev.get("group_idx") not in (None, 0):
+            return
+        for h in ev["block_hashes"]:
+            b = self._blocks.pop(h, None)
+            if b is None:
+                continue
+            self.counters["removed_blocks"] += 1
+            for p in b.pages:
+                n = self._held.get(p, 0) - 1
+                if n > 0:
+                    self._held[p] = n
+                else:
+                    self._held.pop(p, None)
+
+
+class EngineEventsSubscriber:
+    """Subscribes to one engine's KV event publisher; `tick` (loop, non-blocking) applies what
+    arrived and asks for replay after a gap; `close` when the engine detaches."""
+
+    def __init__(
+        self, endpoint: str, replay_endpoint: str | None, prefixes: GpuPrefixes, topic: str = ""
+    ) -> None:
+        self.prefixes = prefixes
+        ctx: zmq.Context[Any] = zmq.Context.instance()
+        self._sub: zmq.Socket[bytes] = ctx.socket(zmq.SUB)
+        self._sub.setsockopt(zmq.LINGER, 0)
+        self._sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
+        self._sub.connect(endpoint)
+        self._replay: zmq.Socket[bytes] | None = None
+        if replay_endpoint:
+            self._replay = ctx.socket(zmq.DEALER)
+            self._replay.setsockopt(zmq.LINGER, 0)
+            self._replay.connect(replay_endpoint)
+        # the sequence number expected next: with replay, from 0 (a late subscriber asks for what
+        # the engine's buffer still holds); without, whatever comes first
+        self._next: int | None = 0 if self._replay is not None else None
+        self._replaying = False
+        self._held_back: list[tuple[int, bytes]] = []  # live batches that arrived during a replay
+        self.counters = {"batches": 0, "gaps": 0, "replayed": 0, "lost": 0}
+
+    def tick(self, budget: int = 256) -> None:
+        for _ in range(budget):
+            try:
+                frames = self._sub.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            if len(frames) != 3 or len(frames[1]) != 8:
+                self.prefixes.counters["bad"] += 1
+                continue
+            self._live(int.from_bytes(frames[1], "big"), frames[2])
+        if self._replaying:
+            self._drain_replay(budget)
+
+    def _live(self, seq: int, payload: bytes) -> None:
+        if self._replaying:
+            self._held_back.append((seq, payload))
+            return
+        if self._next is not None and seq > self._next and self._replay is not None:
+            self.counters["gaps"] += 1
+            self._replay.send_multipart([b"", self._next.to_bytes(8, "big")])
+            self._replaying = True
+            self._held_back.append((seq, payload))
+            return
+        if self._next is not None and seq > self._next:
+            self.counters["lost"] += seq - self._next
+        self._apply(seq, payload)
+
+    def _drain_replay(self, budget: int) -> None:
+        assert self._replay is not None
+        for _ in range(budget):
+            try:
+                frames = self._replay.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) != 4:
+                self.prefixes.counters["bad"] += 1
+                continue
+            _, _topic, seq_b, payload = frames
+            if seq_b == _END_SEQ:
+                self._replaying = False
+                held, self._held_back = self._held_back, []
+                for seq, p in held:
+                    if self._next is None or seq >= self._next:
+                        if self._next is not None and seq > self._next:
+                            self.counters["lost"] += seq - self._next  # older than the buffer
+                        self._apply(seq, p)
+                return
+            seq = int.from_bytes(seq_b, "big")
+            if self._next is None or seq >= self._next:
+                self.counters["replayed"] += 1
+                self._apply(seq, payload)
+
+    def _apply(self, seq: int, payload: bytes) -> None:
+        try:
+            batch = msgpack.unpackb(payload, raw=False)
+            events = batch[1]
+        except (ValueError, TypeError, IndexError, KeyError, msgpack.UnpackException):
+            self.prefixes.counters["bad"] += 1
+            events = None
+        if isinstance(events, list):
+            self.prefixes.apply(events)
+        self._next = seq + 1
+        self.counters["batches"] += 1
+
+    def close(self) -> None:
+        self._sub.close(linger=0)
+        if self._replay is not None:
+            self._replay.close(linger=0)
