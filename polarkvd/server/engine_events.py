@@ -94,14 +94,14 @@ class GpuPrefixes:
             self.counters["skipped_blocks"] += len(hashes) if isinstance(hashes, list) else 1
             return
         parent = ev.get("parent_block_hash")
-        if parent is None:
-            key, rest = bytes(ROOT_KEY), ()
-        else:
-            p = self._blocks.get(parent)
-            if p is None:  # stored before we listened, and not replayed: its keys are unknown
+        key: bytes = bytes(ROOT_KEY)
+        rest: tuple[int, ...] = ()
+        if parent is not None:
+            before = self._blocks.get(parent)
+            if before is None:  # stored before we listened, and not replayed: its keys are unknown
                 self.counters["skipped_blocks"] += len(hashes)
                 return
-            key, rest = p.key, p.rest
+            key, rest = before.key, before.rest
         pt = self.page_tokens
         for i, h in enumerate(hashes):
             run = rest + tuple(tokens[i * size : (i + 1) * size])
@@ -110,9 +110,10 @@ class GpuPrefixes:
             if pages:
                 key = pages[-1]
             rest = run[full:]
-            self._blocks[h] = _Block(key, rest, [bytes(p) for p in pages])
-            for p in pages:
-                self._held[p] = self._held.get(p, 0) + 1
+            done = [bytes(k) for k in pages]
+            self._blocks[h] = _Block(key, rest, done)
+            for k in done:
+                self._held[k] = self._held.get(k, 0) + 1
         self.counters["stored_blocks"] += len(hashes)
 
     def _removed(self, ev: dict[str, Any]) -> None:
