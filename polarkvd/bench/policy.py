@@ -1,24 +1,35 @@
 """`polarkvd bench policy`: eviction policies replayed on the same request traces, side by side.
 
-Each trace is a sequence of prompts (token ids). Every request goes through the real manager with a
-real arena (in memory) and a real disk tier (a temporary directory), as an engine would use the
-daemon: look the prompt's pages up, load the hit (disk pages are promoted, really read and decoded),
-release, store the pages it computed. Only the engine's compute is simulated: a request that misses
-`n` tokens after `d` hit tokens costs `a + b*n + c*n*(d + n/2)` seconds (--engine), and the simulated
-engine reports those timings to the daemon as the vLLM connector does (the `cost` policy's fit).
+Every request goes through the real manager with a real arena (in memory) and a real disk tier (a
+temporary directory), as a vLLM engine uses the daemon: the daemon's lookup, one load of the hit
+(disk pages really read and decoded), release, a store of the pages it computed. Only the engine's
+compute is simulated, by a model of a real one (--engine, `ENGINES`): a request that computes `n`
+tokens after `d` hit tokens costs `a + b*n + c*n*(d + n/2)` seconds, b and c from the model's
+FLOPs per token (2 x parameters) and per token of depth (attention: 4 x layers x query width) over
+an effective GPU throughput. The simulated engine reports its timings as the connector does.
 
-Traces (deterministic from --seed; 128-token pages of a small geometry, so that thousands of pages
-fit the machine):
+The bench's pages are 32 KiB (so thousands fit this machine); the modelled engine's are MiBs. Its
+compute is reported to the daemon scaled so that a page's recompute stands to the daemon's own
+measured disk read of a bench page (the manager's FetchCosts, as it stands at each report; before
+it is measured, from the trace's first quarter replayed under `lru`) as the model's stands to
+reading its page from an NVMe disk (`DISK_GBPS`): the daemon weighs recompute against its own fetch
+measurements, not a constant, and a busy moment of this machine moves both sides alike. Results are in the model's seconds: prefill = recompute +
+loading the hit (disk pages at DISK_GBPS, DRAM pages at DRAM_GBPS).
+
+Traces (deterministic from --seed; 128-token pages):
   chat   users with Zipf popularity resend their growing history plus a new turn
   rag    shared documents of 1K-8K tokens with Zipf popularity behind short unique questions
-  qa     a few documents of 20K-100K tokens asked many short questions
+  qa     ten documents of 20K-100K tokens asked many short questions
   mixed  the three interleaved, sharing one DRAM and one disk
+Sizing (`tier_sizes`): the tiers of each trace hold 1/--pressure of its working set (the pages it
+asks for twice or more), a fifth DRAM, the rest disk; DRAM at least 1.25x the longest prompt (a
+load pins the whole hit in DRAM). The same traces and sizes for every policy.
 
-Reported per trace and policy: prompt tokens recomputed, the simulated prefill seconds, hit rates by
-tier, bytes demoted to disk and read back. JSON (--json): `traces[trace][policy]`, and at top level
-`mixed_cost_vs_lru` and `mixed_cost_vs_s3fifo` (recomputed prefill seconds, ratio) and
-`worst_cost_vs_best_other` (the largest ratio of `cost` to the better of `lru` and `s3fifo` over chat,
-rag and qa).
+JSON (--json): `traces[trace][policy]` (`--plot FILE`: prefill seconds per policy per trace); at top level `mixed_cost_vs_lru`, `mixed_cost_vs_s3fifo`
+(prefill seconds of the mixed trace, ratio; `*_recompute` the same for recompute alone),
+`worst_cost_vs_best_other` (the largest ratio of `cost` to the better of `lru` and `s3fifo` over
+chat, rag and qa), `disk_bytes_drop_vs_demote` and `recompute_drop_vs_demote` (mixed: `cost` against
+`cost` always demoting), `score_10k_ms` (the `cost` policy picking a victim among 10,000 pages).
 """
 
 from __future__ import annotations
@@ -26,7 +37,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import dataclasses
 import json
+import math
 import random
 import shutil
 import sys
@@ -35,15 +48,63 @@ import time
 from pathlib import Path
 from typing import Any
 
+from polarkvd.bench import plots
 from polarkvd.bench.harness import fmt, ratio, table
 
 POLICY_CHOICES = ("lru", "s3fifo", "cost")
 TRACES = ("chat", "rag", "qa", "mixed")
 PAGE_TOKENS = 128
-#: simulated engines: (fixed s, s per token, s per token per token of depth)
+DISK_GBPS = 3.0  # the modelled node's NVMe: read and decode of a page, GB/s
+DRAM_GBPS = 25.0  # DRAM to GPU (PCIe 5 x16, effective)
+
+
+@dataclasses.dataclass(frozen=True)
+class Engine:
+    """A modelled engine: prefill seconds from the model's geometry and an effective throughput."""
+
+    label: str
+    params: float
+    layers: int
+    q_width: int  # query heads x head dim
+    kv_bytes_per_token: int
+    flops: float  # effective prefill FLOP/s
+    fixed: float  # seconds per request (scheduling, the sampler, launch overheads)
+
+    @property
+    def per_token(self) -> float:
+        return 2 * self.params / self.flops
+
+    @property
+    def per_token_depth(self) -> float:
+        return 4 * self.layers * self.q_width / self.flops
+
+    @property
+    def page_bytes(self) -> int:
+        return self.kv_bytes_per_token * PAGE_TOKENS
+
+    def seconds(self, n: int, depth: int) -> float:
+        return self.fixed + self.per_token * n + self.per_token_depth * n * (depth + n / 2)
+
+
 ENGINES = {
-    "gpu": (0.01, 5e-5, 1e-9),  # ~20K tokens/s; attention as dear as the rest at a depth of 50K
-    "cpu": (0.07, 2.4e-3, 2e-8),  # SmolLM2-135M on 2 cores (docs/BENCHMARKS.md, bench chat)
+    "8b": Engine(
+        "Llama-3-8B-like (32 layers, 4096 wide, 8 KV heads of 128, bf16) at 400 TFLOP/s",
+        8.0e9,
+        32,
+        4096,
+        2 * 32 * 8 * 128 * 2,
+        4e14,
+        0.01,
+    ),  # fmt: skip
+    "smollm2": Engine(
+        "SmolLM2-135M-like (30 layers, 576 wide, 3 KV heads of 64, bf16) at 50 TFLOP/s",
+        1.35e8,
+        30,
+        576,
+        2 * 30 * 3 * 64 * 2,
+        5e13,
+        0.005,
+    ),  # fmt: skip
 }
 
 
@@ -54,11 +115,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policies", nargs="+", choices=POLICY_CHOICES, default=list(POLICY_CHOICES),
                    metavar="POLICY", help="eviction policies, of DRAM and disk alike (default lru s3fifo cost)")  # fmt: skip
     p.add_argument("--requests", type=int, default=300, help="requests per trace (mixed: 2x; default 300)")
-    p.add_argument("--dram-pages", type=int, default=400, help="DRAM capacity in pages (default 400)")
-    p.add_argument("--disk-pages", type=int, default=1600, help="disk capacity in pages (default 1600)")
-    p.add_argument("--engine", choices=sorted(ENGINES), default="gpu",
-                   help="simulated prefill speed (default gpu)")  # fmt: skip
+    p.add_argument("--pressure", type=float, default=2.0,
+                   help="working set / tiers: the tiers hold 1/PRESSURE of each trace's reused pages (default 2)")  # fmt: skip
+    p.add_argument(
+        "--dram-pages", type=int, default=None, help="DRAM capacity in pages (default: from --pressure)"
+    )
+    p.add_argument(
+        "--disk-pages", type=int, default=None, help="disk capacity in pages (default: from --pressure)"
+    )
+    p.add_argument("--engine", choices=sorted(ENGINES), default="8b", help="modelled engine (default 8b)")
     p.add_argument("--seed", type=int, default=0, help="trace seed (default 0)")
+    plots.add_plot_arguments(p)
+    p.add_argument("--no-demote-check", action="store_true",
+                   help="skip the mixed trace's second `cost` run that always demotes")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ traces
@@ -99,7 +168,7 @@ def rag_trace(rng: random.Random, tok: _Tokens, requests: int) -> list[list[int]
 
 
 def qa_trace(rng: random.Random, tok: _Tokens, requests: int) -> list[list[int]]:
-    docs = [tok.take(rng.randint(20_000, 100_000)) for _ in range(4)]
+    docs = [tok.take(rng.randint(20_000, 100_000)) for _ in range(10)]
     return [docs[_zipf(rng, len(docs), 0.8)] + tok.take(rng.randint(20, 80)) for _ in range(requests)]
 
 
@@ -110,80 +179,118 @@ def build_traces(names: list[str], requests: int, seed: int) -> dict[str, list[l
         if name == "mixed":
             rng, tok = random.Random(seed + 99), _Tokens()
             parts = [makers[k](rng, tok, requests * 2 // 3) for k in ("chat", "rag", "qa")]
-            mixed = [p for trio in zip(*parts) for p in trio]
-            out[name] = mixed
+            out[name] = [p for trio in zip(*parts) for p in trio]
         else:
             out[name] = makers[name](random.Random(seed + TRACES.index(name)), _Tokens(), requests)
     return out
 
 
+def working_set(prompts: list[list[int]]) -> int:
+    """Pages (whole 128-token prefixes) the trace asks for twice or more."""
+    seen: dict[int, int] = {}
+    for prompt in prompts:
+        h = 0
+        for i in range(len(prompt) // PAGE_TOKENS):
+            h = hash((h, tuple(prompt[i * PAGE_TOKENS : (i + 1) * PAGE_TOKENS])))
+            seen[h] = seen.get(h, 0) + 1
+    return sum(1 for n in seen.values() if n > 1)
+
+
+def tier_sizes(prompts: list[list[int]], args: argparse.Namespace) -> tuple[int, int, int]:
+    """(working set, DRAM pages, disk pages): see the module docstring."""
+    ws = working_set(prompts)
+    tiers = math.ceil(ws / args.pressure)
+    longest = max(len(p) for p in prompts) // PAGE_TOKENS
+    dram = args.dram_pages or max(math.ceil(tiers / 5), math.ceil(1.25 * longest))
+    disk = args.disk_pages or max(tiers - dram, math.ceil(tiers / 5))
+    return ws, dram, disk
+
+
 # ------------------------------------------------------------------------------------------ replay
 
 
-async def replay(
-    prompts: list[list[int]], policy: str, args: argparse.Namespace, root: Path
-) -> dict[str, Any]:
+def _manager(policy: str, dram_pages: int, disk_pages: int, root: Path, demote_always: bool = False) -> Any:
     from polarkvd.config import load_config
-    from polarkvd.keys import page_keys
     from polarkvd.manager import Manager
     from polarkvd.tiers.disk import DiskTier
     from polarkvd.tiers.dram import SlabAllocator
-    from polarkvd.types import Namespace, Tier
 
-    ns = Namespace(model="bench-policy@0", dtype="float16", layout="bench/v1", num_layers=2, num_kv_heads=1,
-                   head_dim=32, page_tokens=PAGE_TOKENS)  # fmt: skip
-    page = ns.page_bytes
+    page = _namespace().page_bytes
     slab = 1 << 20
-    dram = -(-args.dram_pages * page // slab) * slab
+    dram = -(-dram_pages * page // slab) * slab
     cfg = load_config(env={}, overrides={
         "dram.capacity": str(dram), "dram.slab_bytes": str(slab), "dram.policy": policy,
-        "dram.high_watermark": "1.0", "disk.path": str(root / policy / "disk"), "disk.policy": policy,
+        "dram.high_watermark": "1.0", "disk.path": str(root / "disk"), "disk.policy": policy,
     })  # fmt: skip
-    disk = DiskTier(root / policy / "disk", args.disk_pages * (page + 4096), policy=policy)
+    disk = DiskTier(root / "disk", disk_pages * (page + 4096), policy=policy)
     disk.open()
     executor = concurrent.futures.ThreadPoolExecutor(2)
     m = Manager(cfg, memoryview(bytearray(dram)), SlabAllocator(dram, slab), disk, executor)
-    s = m.attach(ns, "bench")
-    a, b, c = ENGINES[args.engine]
-    rnd = random.Random(7)
-    filler = bytes(rnd.getrandbits(8) for _ in range(page))  # incompressible enough: zstd works for it
+    if demote_always:
+        m.worth.cheaper_to_recompute = lambda page: False  # type: ignore[method-assign]
+    return m, disk, executor
+
+
+def _namespace() -> Any:
+    from polarkvd.types import Namespace
+
+    return Namespace(model="bench-policy@0", dtype="float16", layout="bench/v1", num_layers=2, num_kv_heads=1,
+                     head_dim=32, page_tokens=PAGE_TOKENS)  # fmt: skip
+
+
+async def replay(
+    prompts: list[list[int]], policy: str, sizes: tuple[int, int], engine: Engine, scale: float, root: Path,
+    demote_always: bool = False,
+) -> dict[str, Any]:  # fmt: skip
+    from polarkvd.keys import page_keys
+    from polarkvd.types import Tier
+
+    m, disk, executor = _manager(policy, *sizes, root, demote_always)
+    s = m.attach(_namespace(), "bench")
+    page = s.ns.ns.page_bytes
+    model_disk_s = engine.page_bytes / (DISK_GBPS * 1e9)
+    filler = random.Random(7).randbytes(page)  # incompressible: stored raw, as fp16 KV mostly is
     recomputed = 0
-    seconds = 0.0
+    compute_s = load_s = 0.0
     hits = {"dram": 0, "disk": 0}
     pages = 0
-    fetch_s = 0.0
     for prompt in prompts:
         keys = [bytes(k) for k in page_keys(s.ns.digest, prompt, PAGE_TOKENS)]
-        tiers = m.lookup(s, keys)[0]
-        n_hit = len(tiers)
+        n_hit = len(m.lookup(s, keys)[0])
         if n_hit:
-            t = time.perf_counter()
             offsets, got, lease = await m.load(s, keys[:n_hit])
-            fetch_s += time.perf_counter() - t
             n_hit = len(offsets)
-            hits["dram"] += sum(1 for x in got if x is Tier.DRAM)
-            hits["disk"] += sum(1 for x in got if x is Tier.DISK)
+            dram, on_disk = got.count(Tier.DRAM), got.count(Tier.DISK)
+            hits["dram"] += dram
+            hits["disk"] += on_disk
+            load_s += engine.page_bytes * (on_disk / (DISK_GBPS * 1e9) + dram / (DRAM_GBPS * 1e9))
             if lease is not None:
                 m.release(s, lease)
         pages += len(keys)
         depth = n_hit * PAGE_TOKENS
         missing = len(prompt) - depth
-        cost = a + b * missing + c * missing * (depth + missing / 2)
+        cost = engine.seconds(missing, depth)
         recomputed += missing
-        seconds += cost
-        m.worth.observe_prefill(s.ns.id, missing, depth, cost)  # what the connector reports
+        compute_s += cost
+        if missing >= 32:  # what the vLLM connector reports: steps of 32 tokens or more
+            if m.worth.fetch.trusted(Tier.DISK):  # in the units of the daemon's disk, as it measures now
+                scale = m.worth.fetch.seconds(Tier.DISK, page) / model_disk_s
+            m.worth.observe_prefill(s.ns.id, missing, depth, cost * scale)
         new = list(keys[n_hit:])
         if new:
             offsets = m.reserve(s, new, keys[n_hit - 1] if n_hit else None)
             done = []
             for key, off in zip(new, offsets):
-                if off >= 0:
-                    m.arena[off : off + page] = filler
-                    done.append(key)
-                else:
+                if off < 0:
                     break
+                m.arena[off : off + page] = filler
+                done.append(key)
             m.commit(s, done)
-        await asyncio.sleep(0)  # let demotions start
+            left = [k for k in new[len(done) :] if k in s.reserved]
+            if left:
+                m.abort(s, left)
+        while m._disk_writes:  # the engine computes meanwhile: demotions land on disk, as they would
+            await asyncio.gather(*list(m._disk_writes), return_exceptions=True)
     await m.flush()
     counters = dict(m.counters)
     executor.shutdown(wait=True)
@@ -192,42 +299,99 @@ async def replay(
         "requests": len(prompts),
         "prompt_tokens": sum(len(p) for p in prompts),
         "recomputed_tokens": recomputed,
-        "prefill_s": seconds,
+        "recompute_s": compute_s,
+        "load_s": load_s,
+        "prefill_s": compute_s + load_s,
         "hit_rate_dram": hits["dram"] / pages,
         "hit_rate_disk": hits["disk"] / pages,
-        "demoted_bytes": counters.get("demoted_pages", 0) * page,
-        "fetched_bytes": counters.get("promoted_pages", 0) * page,
+        "demoted_bytes": counters.get("demoted_bytes", 0),
+        "fetched_bytes": counters.get("promoted_bytes", 0),
         "dropped_pages": counters.get("dropped_pages_cheap", 0),
-        "fetch_s": fetch_s,
+        "recompute_instead_pages": counters.get("recompute_instead_pages", 0),
+        "disk_fetch_us": m.worth.fetch.seconds(Tier.DISK, page) * 1e6,
     }
 
 
+def score_10k_ms(reps: int = 200) -> float:
+    """Median ms of the `cost` policy picking one victim among 10,000 scored candidates."""
+    from polarkvd.policy import CostPolicy, PolicyNode
+
+    rng = random.Random(5)
+    p = CostPolicy()
+    p.SAMPLE = 10_000
+    nodes = [PolicyNode(i.to_bytes(16, "big")) for i in range(10_000)]
+    for node in nodes:
+        p.insert(node)
+        node.aux = rng.getrandbits(40)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        got = p.victims(1, lambda n: True)
+        times.append(time.perf_counter() - t)
+        p.insert(got[0])
+        got[0].aux = rng.getrandbits(40)
+    return sorted(times)[reps // 2] * 1e3
+
+
+# ------------------------------------------------------------------------------------------ runs
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    engine = ENGINES[args.engine]
     traces = build_traces(args.traces, args.requests, args.seed)
     root = Path(tempfile.mkdtemp(prefix="polarkv-policy-"))
-    out: dict[str, Any] = {"engine": args.engine, "dram_pages": args.dram_pages, "disk_pages": args.disk_pages,
-                           "traces": {}}  # fmt: skip
+    out: dict[str, Any] = {"engine": args.engine, "engine_label": engine.label, "pressure": args.pressure,
+                           "traces": {}, "sizes": {}}  # fmt: skip
     try:
+        out["model_page_bytes"] = engine.page_bytes
         for name, prompts in traces.items():
+            ws, dram, disk = tier_sizes(prompts, args)
+            # calibration: the daemon's own measure of its disk reads (FetchCosts), on this trace's
+            # first quarter under `lru`, in the conditions of the runs (demotions writing meanwhile)
+            warm = asyncio.run(replay(prompts[: len(prompts) // 4], "lru", (dram, disk), engine, 1.0, root / name / "calibrate"))  # fmt: skip
+            disk_page_s = warm["disk_fetch_us"] / 1e6
+            scale = disk_page_s / (engine.page_bytes / (DISK_GBPS * 1e9))
+            print(f"[bench policy] {name}: a bench page's disk read {disk_page_s * 1e6:.0f} us: engine time x {scale:.4f}",
+                  file=sys.stderr)  # fmt: skip
+            out["sizes"][name] = {"working_set_pages": ws, "dram_pages": dram, "disk_pages": disk,
+                                  "bench_disk_page_us": disk_page_s * 1e6, "time_scale": scale}  # fmt: skip
             out["traces"][name] = {}
-            for policy in args.policies:
-                print(f"[bench policy] {name}: {policy} ({len(prompts)} requests)", file=sys.stderr)
-                out["traces"][name][policy] = asyncio.run(replay(prompts, policy, args, root / name))
+            runs = [(policy, False) for policy in args.policies]
+            if name == "mixed" and "cost" in args.policies and not args.no_demote_check:
+                runs.append(("cost", True))
+            for policy, always in runs:
+                label = "cost_demote_always" if always else policy
+                print(f"[bench policy] {name}: {label} ({len(prompts)} requests, working set {ws} pages, "
+                      f"DRAM {dram}, disk {disk})", file=sys.stderr)  # fmt: skip
+                out["traces"][name][label] = asyncio.run(
+                    replay(prompts, policy, (dram, disk), engine, scale, root / name / label, always)
+                )
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    out["score_10k_ms"] = score_10k_ms()
     t = out["traces"]
 
-    def secs(trace: str, policy: str) -> float | None:
-        return t.get(trace, {}).get(policy, {}).get("prefill_s")
+    def secs(trace: str, policy: str, what: str = "prefill_s") -> float | None:
+        return t.get(trace, {}).get(policy, {}).get(what)
 
-    out["mixed_cost_vs_lru"] = ratio(secs("mixed", "cost"), secs("mixed", "lru"))
-    out["mixed_cost_vs_s3fifo"] = ratio(secs("mixed", "cost"), secs("mixed", "s3fifo"))
-    worst = [
-        ratio(secs(k, "cost"), min(v for v in (secs(k, "lru"), secs(k, "s3fifo")) if v is not None))
-        for k in ("chat", "rag", "qa")
-        if secs(k, "cost") is not None and (secs(k, "lru") is not None or secs(k, "s3fifo") is not None)
-    ]
-    out["worst_cost_vs_best_other"] = max((w for w in worst if w is not None), default=None)
+    for what, suffix in (("prefill_s", ""), ("recompute_s", "_recompute")):
+        out[f"mixed_cost_vs_lru{suffix}"] = ratio(secs("mixed", "cost", what), secs("mixed", "lru", what))
+        out[f"mixed_cost_vs_s3fifo{suffix}"] = ratio(
+            secs("mixed", "cost", what), secs("mixed", "s3fifo", what)
+        )
+        worst = [
+            ratio(secs(k, "cost", what), min(v for v in (secs(k, "lru", what), secs(k, "s3fifo", what)) if v))
+            for k in ("chat", "rag", "qa")
+            if secs(k, "cost", what) is not None and (secs(k, "lru", what) or secs(k, "s3fifo", what))
+        ]
+        out[f"worst_cost_vs_best_other{suffix}"] = max((w for w in worst if w is not None), default=None)
+    always = t.get("mixed", {}).get("cost_demote_always")
+    cost = t.get("mixed", {}).get("cost")
+    out["disk_bytes_drop_vs_demote"] = ratio(
+        cost and cost["demoted_bytes"], always and always["demoted_bytes"]
+    )
+    out["recompute_drop_vs_demote"] = ratio(cost and cost["recompute_s"], always and always["recompute_s"])
+    out["prefill_drop_vs_demote"] = ratio(cost and cost["prefill_s"], always and always["prefill_s"])
     return out
 
 
@@ -236,21 +400,38 @@ def render(res: dict[str, Any]) -> str:
     for trace, by_policy in res["traces"].items():
         for policy, r in by_policy.items():
             rows.append([
-                trace, policy, f"{r['recomputed_tokens']:,}", f"{r['recomputed_tokens'] / r['prompt_tokens']:.3f}",
-                fmt(r["prefill_s"], 1), f"{r['hit_rate_dram']:.3f}", f"{r['hit_rate_disk']:.3f}",
+                trace, policy, f"{r['recomputed_tokens'] / r['prompt_tokens']:.3f}", fmt(r["recompute_s"], 1),
+                fmt(r["load_s"], 1), fmt(r["prefill_s"], 1), f"{r['hit_rate_dram']:.3f}", f"{r['hit_rate_disk']:.3f}",
                 f"{r['demoted_bytes'] / 2**20:,.0f}", f"{r['fetched_bytes'] / 2**20:,.0f}", str(r["dropped_pages"]),
+                str(r["recompute_instead_pages"]),
             ])  # fmt: skip
-    head = ["trace", "policy", "tokens recomputed", "of prompt", "prefill s (simulated)", "DRAM hits",
-            "disk hits", "MiB demoted", "MiB read back", "dropped pages"]  # fmt: skip
+    head = ["trace", "policy", "recomputed", "recompute s", "load s", "prefill s", "DRAM hits", "disk hits",
+            "MiB demoted", "MiB read back", "dropped", "cut"]  # fmt: skip
+    sizes = ", ".join(
+        f"{k} {v['working_set_pages']}/{v['dram_pages']}/{v['disk_pages']}" for k, v in res["sizes"].items()
+    )
     return (
-        f"bench policy: engine {res['engine']}, DRAM {res['dram_pages']} pages, disk {res['disk_pages']} pages\n"
+        f"bench policy: {res['engine_label']}; pages: working set/DRAM/disk {sizes}\n"
+        f"a bench page's disk read (us) stands for the model page's {res['model_page_bytes'] / 2**20:.1f} MiB at "
+        f"{DISK_GBPS} GB/s: "
+        + ", ".join(f"{k} {v['bench_disk_page_us']:.0f}" for k, v in res["sizes"].items())
+        + "\n"
         + table(rows, head)
-        + f"\nmixed: cost/lru {fmt(res['mixed_cost_vs_lru'])}, cost/s3fifo {fmt(res['mixed_cost_vs_s3fifo'])}; "
-        f"worst of chat, rag, qa: cost/best other {fmt(res['worst_cost_vs_best_other'])}\n"
+        + f"\nmixed: cost/lru {fmt(res['mixed_cost_vs_lru'])} (recompute alone {fmt(res['mixed_cost_vs_lru_recompute'])}),"
+        f" cost/s3fifo {fmt(res['mixed_cost_vs_s3fifo'])} ({fmt(res['mixed_cost_vs_s3fifo_recompute'])});"
+        f" worst of chat, rag, qa: cost/best other {fmt(res['worst_cost_vs_best_other'])}"
+        f" ({fmt(res['worst_cost_vs_best_other_recompute'])})\n"
+        f"drop-or-demote vs always demoting (mixed): disk bytes {fmt(res['disk_bytes_drop_vs_demote'])}, "
+        f"recompute {fmt(res['recompute_drop_vs_demote'])}, prefill {fmt(res['prefill_drop_vs_demote'])}; "
+        f"scoring 10,000 candidates {fmt(res['score_10k_ms'])} ms\n"
     )
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.plot_from:
+        return plots.redraw("policy", args)
+    plots.check(args)
     res = run(args)
     print(json.dumps(res) if args.json else render(res))
+    plots.after_run("policy", res, args)
     return 0
