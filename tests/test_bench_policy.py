@@ -1,0 +1,64 @@
+"""`polarkvd bench policy` (polarkvd/bench/policy.py): its traces are sized as documented, its
+modelled engines make deep pages dear, and a tiny replay of every policy gives the JSON keys the
+issue names. The policy modules never import numba (it breaks vLLM's engine start in-process)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from polarkvd.bench import policy as bench
+
+
+def args(*argv: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    return p.parse_args(list(argv))
+
+
+def test_traces_are_sized_to_the_pressure_and_dram_holds_the_longest_prompt() -> None:
+    traces = bench.build_traces(list(bench.TRACES), 60, seed=0)
+    assert traces == bench.build_traces(list(bench.TRACES), 60, seed=0)  # deterministic
+    for name, prompts in traces.items():
+        ws, dram, disk = bench.tier_sizes(prompts, args("--pressure", "2"))
+        longest = max(len(p) for p in prompts) // bench.PAGE_TOKENS
+        assert dram >= 1.25 * longest, name  # a load pins its whole hit in DRAM
+        if dram + disk > math.ceil(ws / 2):  # only when the longest prompt forced DRAM up
+            assert dram == math.ceil(1.25 * longest), name
+        else:
+            assert dram + disk == math.ceil(ws / 2), name
+
+
+@pytest.mark.parametrize("engine", sorted(bench.ENGINES))
+def test_modelled_engines_make_deep_pages_dear(engine: str) -> None:
+    """Attention makes a page at a depth of 50K tokens cost more than twice one at the start."""
+    e = bench.ENGINES[engine]
+    page = bench.PAGE_TOKENS
+    shallow = e.seconds(page, 0) - e.fixed
+    deep = e.seconds(page, 50_000) - e.fixed
+    assert deep > 2 * shallow
+
+
+@pytest.mark.slow
+def test_a_tiny_replay_of_every_policy_reports_the_issues_keys() -> None:
+    res = bench.run(args("--requests", "9", "--traces", "chat", "mixed"))
+    json.dumps(res)  # JSON-able
+    assert set(res["traces"]["mixed"]) == {"lru", "s3fifo", "cost", "cost_demote_always"}
+    for key in ("mixed_cost_vs_lru", "mixed_cost_vs_s3fifo", "worst_cost_vs_best_other",
+                "disk_bytes_drop_vs_demote", "recompute_drop_vs_demote", "score_10k_ms"):  # fmt: skip
+        assert key in res
+    for r in res["traces"]["chat"].values():
+        assert r["prefill_s"] == pytest.approx(r["recompute_s"] + r["load_s"])
+        assert 0 < r["recomputed_tokens"] <= r["prompt_tokens"]
+    assert "bench policy" in bench.render(res)
+
+
+def test_the_policies_never_import_numba() -> None:
+    code = "import sys, polarkvd.policy, polarkvd.manager.worth, polarkvd.cost_model; print('numba' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
