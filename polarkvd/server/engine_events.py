@@ -23,6 +23,7 @@ from typing import Any
 import msgpack
 import zmq
 
+from polarkvd.errors import ProtocolError
 from polarkvd.keys import ROOT_KEY, page_keys
 
 log = logging.getLogger(__name__)
@@ -150,10 +151,13 @@ class EngineEventsSubscriber:
             self._replay = ctx.socket(zmq.DEALER)
             self._replay.setsockopt(zmq.LINGER, 0)
             self._replay.connect(replay_endpoint)
-        # the sequence number expected next: with replay, from 0 (a late subscriber asks for what
-        # the engine's buffer still holds); without, whatever comes first
+        # the sequence number expected next: with replay, from 0 (a subscriber that joins late asks
+        # at once for what the engine's buffer still holds); without, whatever comes first
         self._next: int | None = 0 if self._replay is not None else None
         self._replaying = False
+        if self._replay is not None:
+            self._replay.send_multipart([b"", (0).to_bytes(8, "big")])
+            self._replaying = True
         self._held_back: list[tuple[int, bytes]] = []  # live batches that arrived during a replay
         self.counters = {"batches": 0, "gaps": 0, "replayed": 0, "lost": 0}
 
@@ -225,3 +229,64 @@ class EngineEventsSubscriber:
         self._sub.close(linger=0)
         if self._replay is not None:
             self._replay.close(linger=0)
+
+
+def parse_spec(value: object) -> tuple[str, str | None, str]:
+    """`hello`'s `kv_events`: {endpoint, replay_endpoint (optional), topic (optional)}, the engine's
+    publisher as vLLM's `--kv-events-config` names it. A wildcard host (`tcp://*:5557`, what vLLM
+    binds) means this host: engines attach to the daemon of their own host."""
+    if not isinstance(value, dict) or not set(value) <= {"endpoint", "replay_endpoint", "topic"}:
+        raise ProtocolError("kv_events must be a map of endpoint, replay_endpoint, topic")
+    out: list[str | None] = []
+    for name in ("endpoint", "replay_endpoint"):
+        ep = value.get(name)
+        if ep is None and name == "replay_endpoint":
+            out.append(None)
+            continue
+        if not isinstance(ep, str) or not ep.startswith(("tcp://", "ipc://")) or len(ep) > 512:
+            raise ProtocolError(f"kv_events.{name} must be a tcp:// or ipc:// address")
+        out.append(ep.replace("tcp://*:", "tcp://127.0.0.1:", 1))
+    topic = value.get("topic", "")
+    if not isinstance(topic, str) or len(topic) > 256:
+        raise ProtocolError("kv_events.topic must be a string of at most 256 characters")
+    assert out[0] is not None
+    return out[0], out[1], topic
+
+
+class EngineEvents:
+    """Every attached engine's subscriber, by session: `attach` at `hello`, `detach` when its
+    connection closes, `tick` on the loop, `leading` for `where`."""
+
+    def __init__(self) -> None:
+        self._subs: dict[int, tuple[Any, EngineEventsSubscriber]] = {}  # session id -> (session, subscriber)
+
+    def attach(self, session: Any, spec: object) -> None:
+        endpoint, replay, topic = parse_spec(spec)
+        ns = session.ns
+        self._subs[session.id] = (
+            session,
+            EngineEventsSubscriber(endpoint, replay, GpuPrefixes(ns.digest, ns.ns.page_tokens), topic),
+        )
+        log.info("engine %s: following its KV events on %s", session.engine_id, endpoint)
+
+    def detach(self, session: Any) -> None:
+        entry = self._subs.pop(session.id, None) if session is not None else None
+        if entry is not None:
+            entry[1].close()
+
+    def tick(self) -> None:
+        for _, sub in self._subs.values():
+            sub.tick()
+
+    def leading(self, ns_digest: bytes, keys: Sequence[bytes]) -> dict[str, int]:
+        """Per engine of this namespace that publishes its events: its GPU's leading pages of `keys`."""
+        out: dict[str, int] = {}
+        for session, sub in self._subs.values():
+            if session.ns.digest == ns_digest:
+                out[session.engine_id] = max(out.get(session.engine_id, 0), sub.prefixes.leading(keys))
+        return out
+
+    def close(self) -> None:
+        for _, sub in self._subs.values():
+            sub.close()
+        self._subs.clear()

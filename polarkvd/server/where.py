@@ -18,6 +18,7 @@ from polarkvd.keys import page_keys
 from polarkvd.manager import Manager
 from polarkvd.manager.records import NamespaceInfo
 from polarkvd.server.connection import Connection, Handler, only_args
+from polarkvd.server.engine_events import EngineEvents
 from polarkvd.types import KEY_BYTES, Tier
 from polarkvd.wire import frames as P
 
@@ -94,14 +95,20 @@ def _keys(manager: Manager, info: NamespaceInfo, args: dict[str, Any]) -> list[b
         arr = np.array(tokens)
     except (ValueError, OverflowError):
         raise ProtocolError("tokens must be integers from 0 to 2**32 - 1") from None
-    if arr.ndim != 1 or (arr.size and (arr.dtype.kind not in "iu" or arr.min() < 0 or arr.max() > 0xFFFFFFFF)):
+    if arr.ndim != 1 or (
+        arr.size and (arr.dtype.kind not in "iu" or arr.min() < 0 or arr.max() > 0xFFFFFFFF)
+    ):
         raise ProtocolError("tokens must be integers from 0 to 2**32 - 1")
     return list(page_keys(info.digest, arr, page_tokens))
 
 
-def where_handler(manager: Manager, cluster: Callable[[], tuple[str, Holders] | None] | None) -> Handler:
+def where_handler(
+    manager: Manager,
+    cluster: Callable[[], tuple[str, Holders] | None] | None,
+    engines: EngineEvents | None = None,
+) -> Handler:
     """The `where` op. `cluster` gives this member's id and the meta map's query while a cluster
-    runs (else None)."""
+    runs (else None); `engines`, the GPU prefix caches of engines that publish their KV events."""
 
     async def where(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
         only_args(args, "namespace", "model", "salt", "tokens", "keys")
@@ -119,6 +126,8 @@ def where_handler(manager: Manager, cluster: Callable[[], tuple[str, Holders] | 
             "tokens": len(keys) * pt,
             "here": here,
         }
+        if engines is not None:
+            out["engines"] = {e: n * pt for e, n in sorted(engines.leading(info.digest, keys).items())}
         member = cluster() if cluster is not None else None
         if member is not None:
             me, query = member
