@@ -358,6 +358,7 @@ class EngineClient:
         lookup_table: bool = True,
         vram: bool = False,
         commit_timeout: float | None = COMMIT_TIMEOUT,
+        kv_events: dict[str, Any] | None = None,
     ) -> None:
         self.namespace = namespace
         #: seconds a commit may wait for its reply when that is longer than `timeout`: with the
@@ -373,6 +374,8 @@ class EngineClient:
             hello: dict[str, Any] = {"namespace": namespace.to_wire(), "engine_id": self.engine_id}
             if vram:
                 hello["vram"] = True
+            if kv_events is not None:  # the engine's KV event publisher: the daemon follows its GPU cache
+                hello["kv_events"] = kv_events
             info = self._ch.call(P.Op.HELLO.value, hello)
             self.session_id: int = info["session"]
             self.ns_digest: bytes = info["ns_digest"]
