@@ -24,6 +24,7 @@ from polarkvd.errors import ErrorCode, PolarKVError, ProtocolError
 from polarkvd.manager import Manager, Session
 from polarkvd.metrics import OpTimings
 from polarkvd.server.connection import Handler, arg_bool, arg_int, only_args
+from polarkvd.server.engine_events import EngineEvents, parse_spec
 from polarkvd.server.engine_thread import ON_LOOP, ThreadHandler
 from polarkvd.types import KEY_BYTES, Namespace, Tier
 from polarkvd.wire import frames as P
@@ -58,6 +59,7 @@ def engine_api(
     table_offset: int | None = None,
     table_size: int = 0,
     vram_region: dict[str, Any] | None = None,
+    engine_events: EngineEvents | None = None,
 ) -> EngineAPI:
     """`vram_region`: the L1 pool's `RegionHandle.to_wire()`, sent to sessions that attach with
     `vram` (docs/VRAM.md), or None when the daemon has no pool."""
@@ -82,7 +84,10 @@ def engine_api(
         return P.unpack_keys(args["keys"], max_keys)
 
     def hello(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
-        only_args(args, "namespace", "engine_id", "vram")
+        only_args(args, "namespace", "engine_id", "vram", "kv_events")
+        spec = args.get("kv_events")  # the engine's own KV event publisher (server/engine_events.py)
+        if spec is not None:
+            parse_spec(spec)
         if conn.session is not None:
             raise ProtocolError(
                 "this connection is already attached; open another connection for another namespace"
@@ -101,6 +106,8 @@ def engine_api(
             )
         session = manager.attach(ns, engine_id, vram=arg_bool(args, "vram") and vram_region is not None)
         conn.session = session
+        if spec is not None and engine_events is not None:
+            engine_events.attach(session, spec)
         return {
             "session": session.id,
             "arena_path": arena_path,
