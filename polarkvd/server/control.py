@@ -18,6 +18,7 @@ from polarkvd.errors import ConfigError, ErrorCode, PolarKVError, ProtocolError
 from polarkvd.manager import Manager
 from polarkvd.manager.knobs import apply_knobs
 from polarkvd.server.connection import Connection, Handler, only_args
+from polarkvd.server.engine_events import EngineEvents
 from polarkvd.server.where import Holders, where_handler
 from polarkvd.types import Tier
 from polarkvd.wire import frames as P
@@ -33,6 +34,7 @@ def control_handlers(
     cluster_report: Callable[[], dict[str, Any]] | None = None,
     vram_report: Callable[[], dict[str, Any] | None] | None = None,
     where_cluster: Callable[[], tuple[str, Holders] | None] | None = None,
+    engine_events: EngineEvents | None = None,
 ) -> dict[str, Handler]:
     """`vram_report`: the L1 choice made at start (docs/VRAM.md), shown by `stats` under `vram`;
     `where_cluster`: this member's id and the meta map's query, for `where` (server/where.py)."""
@@ -172,5 +174,5 @@ def control_handlers(
         P.Op.EVICT_KEYS.value: evict_keys,
         P.Op.PING.value: ping,
         P.Op.CLUSTER.value: cluster,
-        P.Op.WHERE.value: where_handler(manager, where_cluster),
+        P.Op.WHERE.value: where_handler(manager, where_cluster, engine_events),
     }
