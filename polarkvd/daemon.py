@@ -43,6 +43,7 @@ from polarkvd.seed import PageSeed, page_seed
 from polarkvd.server.connection import RequestServer, claim_socket_path
 from polarkvd.server.control import control_handlers
 from polarkvd.server.engine import engine_api
+from polarkvd.server.engine_events import EngineEvents
 from polarkvd.server.engine_thread import EngineThreadServer
 from polarkvd.tiers.dram import SlabAllocator
 from polarkvd.transport.pipeline import SIGNAL_BOARD_BYTES, SignalBoard
@@ -185,6 +186,7 @@ class Daemon:
         finished = False  # disk writes completed within the shutdown timeout
         table: LookupTable | None = None
         kv_events: Any = None
+        engine_events: EngineEvents | None = None
         switch_interval = sys.getswitchinterval()
         try:
             if cfg.disk.enabled:
@@ -223,8 +225,11 @@ class Daemon:
             )
             self.manager = manager
 
+            engine_events = EngineEvents()  # engines' own KV event streams (server/engine_events.py)
+
             def on_close(conn: Any) -> None:
                 if conn.session is not None:
+                    engine_events.detach(conn.session)
                     manager.detach(conn.session)
 
             api = engine_api(
@@ -237,6 +242,7 @@ class Daemon:
                 table_offset=table_at,
                 table_size=table_size,
                 vram_region=pool.export().to_wire() if pool is not None else None,
+                engine_events=engine_events,
             )
             engine_srv = EngineThreadServer(
                 "engine",
@@ -266,12 +272,14 @@ class Daemon:
                 where_cluster=lambda: (
                     (self.pool.node_id, self.pool.holders) if self.pool is not None else None
                 ),
+                engine_events=engine_events,
             )
             control_srv = RequestServer("control", handlers, max_frame_bytes=cfg.daemon.max_frame_bytes)
             servers = [engine_srv, control_srv]
             await engine_srv.start(engine_path, cfg.daemon.engine_socket_mode)
             await control_srv.start(control_path, cfg.daemon.control_socket_mode)
             chores.append(asyncio.create_task(self._every(1.0, manager.expire)))
+            chores.append(asyncio.create_task(self._every(0.02, engine_events.tick)))
             chores.append(asyncio.create_task(self._every(1.0, manager.forget_idle_namespaces)))
             chores.append(asyncio.create_task(self._every(TOUCH_SECONDS, manager.apply_touches)))
             chores.append(asyncio.create_task(self._every(TOUCH_SECONDS, manager.apply_table_touches)))
@@ -332,6 +340,8 @@ class Daemon:
                 log.exception("shutdown: leaving the cluster failed")
             if kv_events is not None:
                 kv_events.close()
+            if engine_events is not None:
+                engine_events.close()
             if table is not None:
                 table.close()  # engines ask the socket from now on, and learn that it is gone
             for srv in servers:
