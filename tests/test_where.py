@@ -29,6 +29,8 @@ def stored(module_daemon_factory) -> tuple[DaemonProc, list[int], list[bytes], s
 
 def test_leading_tokens_by_tier(stored) -> None:
     d, tokens, keys, digest = stored
+    with d.engine(lookup_table=False) as kv:
+        kv.lookup(keys)  # one engine lookup, counted: the counters below exist
     with d.control() as c:
         before = d.stats()["counters"]
         out = c.where({"namespace": digest, "tokens": tokens + [7] * (PT - 1)})  # a partial page too
@@ -44,7 +46,14 @@ def test_leading_tokens_by_tier(stored) -> None:
     after = d.stats()["counters"]
     assert "lookup_pages" in before  # the names below are the daemon's
     # answered from the maps: no lookup counted, nothing promoted from disk
-    for name in ("lookups", "lookup_pages", "hit_pages", "miss_pages", "promoted_pages"):
+    for name in (
+        "lookups",
+        "lookup_pages",
+        "hit_pages_dram",
+        "hit_pages_disk",
+        "miss_pages",
+        "promoted_pages",
+    ):
         assert after.get(name, 0) == before.get(name, 0), name
 
 
