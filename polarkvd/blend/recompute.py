@@ -83,7 +83,7 @@ def compute_chunk(model: Any, token_ids: Sequence[int]) -> ChunkKV:
 
     model_parts(model)  # refuse what cannot be blended before spending a prefill on it
     with torch.inference_mode():
-        ids = torch.as_tensor(list(token_ids), dtype=torch.long)[None]
+        ids = torch.as_tensor(list(token_ids), dtype=torch.long, device=model.device)[None]
         cache = model(ids, use_cache=True).past_key_values
         keys = torch.stack([layer.keys[0] for layer in cache.layers])
         values = torch.stack([layer.values[0] for layer in cache.layers])

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,8 +40,6 @@ from polarkvd.connectors.fingerprint import sample_file
 from polarkvd.errors import PolarKVError
 from polarkvd.keys import chunk_keys
 from polarkvd.types import DTYPE_BYTES, Namespace, PageKey
-
-log = logging.getLogger(__name__)
 
 #: The page layout of this integration; part of the namespace, so another layout never mixes with it.
 LAYOUT = "hf-transformers/v1"
@@ -129,7 +126,6 @@ class PolarKVGenerator:
         dtype_name = str(self.dtype).removeprefix("torch.")
         if dtype_name not in DTYPE_BYTES:
             raise PolarKVError(f"cannot store KV of dtype {dtype_name}")
-        self._torch_dtype = self.dtype
         self.store = store
         self.namespace = Namespace(
             model=fingerprint or model_fingerprint(model),
@@ -159,7 +155,7 @@ class PolarKVGenerator:
         total = keys.shape[2]
 
         def write(i: int, view: memoryview) -> None:
-            page = self._torch.frombuffer(view, dtype=self._torch_dtype).view(self._page_shape)
+            page = self._torch.frombuffer(view, dtype=self.dtype).view(self._page_shape)
             s = (first_page + i) * pt
             m = min(pt, total - s)
             page[:, 0, :, :m] = keys[:, :, s : s + m]
@@ -177,11 +173,11 @@ class PolarKVGenerator:
             if r.loaded < len(keys):
                 return None
             shape = (self.parts.num_layers, self.parts.num_kv_heads, len(keys) * self.namespace.page_tokens)
-            k = torch.empty((*shape, self.parts.head_dim), dtype=self._torch_dtype)
+            k = torch.empty((*shape, self.parts.head_dim), dtype=self.dtype, device=self.model.device)
             v = torch.empty_like(k)
             pt = self.namespace.page_tokens
             for n, view in enumerate(r.views):
-                page = torch.frombuffer(view, dtype=self._torch_dtype).view(self._page_shape)
+                page = torch.frombuffer(view, dtype=self.dtype).view(self._page_shape)
                 k[:, :, n * pt : (n + 1) * pt] = page[:, 0]
                 v[:, :, n * pt : (n + 1) * pt] = page[:, 1]
         finally:
@@ -205,11 +201,12 @@ class PolarKVGenerator:
         with torch.inference_mode():
             if loaded is None:
                 hits = 0
-                out = self.model(torch.tensor([ids]), use_cache=True)
+                out = self.model(torch.tensor([ids], device=self.model.device), use_cache=True)
             else:
                 past = Prefill(ids, loaded[0], loaded[1], None).cache(self.model)
                 start = hits * self.namespace.page_tokens
-                out = self.model(torch.tensor([ids[start:]]), past_key_values=past, use_cache=True)
+                rest = torch.tensor([ids[start:]], device=self.model.device)
+                out = self.model(rest, past_key_values=past, use_cache=True)
             cache = out.past_key_values
             k = torch.stack([layer.keys[0] for layer in cache.layers])
             v = torch.stack([layer.values[0] for layer in cache.layers])
@@ -337,7 +334,7 @@ class PolarKVGenerator:
         which `generate` computes (its KV and logits are those of the prefill: it attends only to
         what came before)."""
         torch = self._torch
-        ids = torch.tensor([p.input_ids])
+        ids = torch.tensor([p.input_ids], device=self.model.device)
         cache = p.cache(self.model, len(p.input_ids) - 1)
         with torch.inference_mode():
             return self.model.generate(
