@@ -31,16 +31,23 @@ _TIER_NAMES = {Tier.VRAM: "l1", Tier.DRAM: "dram", Tier.DISK: "disk"}
 
 def leading_by_node(n: int, holders: Mapping[int, tuple[str, ...]], exclude: str = "") -> dict[str, int]:
     """Per member, how many of keys 0, 1, ... it holds without a gap (keys chain: a gap ends its
-    usable prefix); members that hold key 0 only are listed."""
+    usable prefix); members that hold key 0 only are listed. Consecutive keys mostly have the same
+    holders: the set is narrowed only where they change."""
     running = {h for h in holders.get(0, ()) if h != exclude}
     counts = dict.fromkeys(running, 0)
-    for i in range(n):
-        if not running:
-            break
-        here = holders.get(i, ())
-        running = {h for h in running if h in here}
-        for h in running:
-            counts[h] = i + 1
+    prev: tuple[str, ...] | None = None
+    i = 0
+    get = holders.get
+    while i < n and running:
+        here = get(i, ())
+        if here != prev:
+            for h in [h for h in running if h not in here]:
+                running.discard(h)
+                counts[h] = i
+            prev = here
+        i += 1
+    for h in running:
+        counts[h] = i
     return counts
 
 
