@@ -10,10 +10,10 @@ an effective GPU throughput. The simulated engine reports its timings as the con
 
 The bench's pages are 32 KiB (so thousands fit this machine); the modelled engine's are MiBs. Its
 compute is reported to the daemon scaled so that a page's recompute stands to the daemon's own
-measured disk read of a bench page (the manager's FetchCosts, as it stands at each report; before
-it is measured, from the trace's first quarter replayed under `lru`) as the model's stands to
-reading its page from an NVMe disk (`DISK_GBPS`): the daemon weighs recompute against its own fetch
-measurements, not a constant, and a busy moment of this machine moves both sides alike. Results are in the model's seconds: prefill = recompute +
+measured disk read of a bench page (the manager's FetchCosts after the trace's first quarter
+replayed under `lru`: one scale per trace, for every policy) as the model's stands to reading its
+page from an NVMe disk (`DISK_GBPS`). The engine keeps that speed; the daemon weighs it against its
+own fetch measurements as they go, not a constant (on a busy 2-core machine they vary 3x). Results are in the model's seconds: prefill = recompute +
 loading the hit (disk pages at DISK_GBPS, DRAM pages at DRAM_GBPS).
 
 Traces (deterministic from --seed; 128-token pages):
@@ -248,7 +248,6 @@ async def replay(
     m, disk, executor = _manager(policy, *sizes, root, demote_always)
     s = m.attach(_namespace(), "bench")
     page = s.ns.ns.page_bytes
-    model_disk_s = engine.page_bytes / (DISK_GBPS * 1e9)
     filler = random.Random(7).randbytes(page)  # incompressible: stored raw, as fp16 KV mostly is
     recomputed = 0
     compute_s = load_s = 0.0
@@ -273,8 +272,6 @@ async def replay(
         recomputed += missing
         compute_s += cost
         if missing >= 32:  # what the vLLM connector reports: steps of 32 tokens or more
-            if m.worth.fetch.trusted(Tier.DISK):  # in the units of the daemon's disk, as it measures now
-                scale = m.worth.fetch.seconds(Tier.DISK, page) / model_disk_s
             m.worth.observe_prefill(s.ns.id, missing, depth, cost * scale)
         new = list(keys[n_hit:])
         if new:
