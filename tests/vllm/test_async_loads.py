@@ -56,6 +56,31 @@ def test_a_disk_hit_loads_while_another_request_computes(
     assert sum(m["observations"] for m in daemon.stats()["worth"]["models"]) >= 2
 
 
+def test_a_paced_load_moves_a_page_per_step_while_another_request_computes(
+    daemon_factory, vllm_factory, prompts: Prompts, reference: Reference
+) -> None:
+    """`async_load_step_bytes` below a page: one page per engine step while the model computes the
+    other request, so the load takes several batches, waits for steps, and still arrives whole."""
+    daemon = daemon_factory(DAEMON_SETS, name="d")
+    engine = vllm_factory({"socket": str(daemon.engine_socket), "async_load_step_bytes": 1}, **ENGINE).ready()
+    long = prompts.document(900, seed=24)
+    other = prompts.document(300, seed=25)
+    pages = (len(long) - 1) // BLOCK
+    engine.generate([{"ids": long}], SHORT)
+    with daemon.control() as c:
+        c.evict("dram", 1 << 30)
+    loads_before = daemon.stats()["counters"].get("loads", 0)
+    before = engine.stats()
+    (hit, cold), blocks = loaded(engine, lambda: engine.generate([{"ids": long}, {"ids": other}], SHORT))
+    after = engine.stats()
+    assert blocks == {"load_blocks": pages, "load_failed_blocks": 0}
+    assert hit["ids"] == reference.ids(long, SHORT) and cold["ids"] == reference.ids(other, SHORT)
+    # it waited for engine steps between its pages, and asked the daemon page by page meanwhile
+    assert after.get("async_load_paced_waits", 0) - before.get("async_load_paced_waits", 0) >= 1
+    assert daemon.stats()["counters"].get("loads", 0) - loads_before >= 2
+    assert cold["first_step"] < hit["first_step"]
+
+
 def test_an_asynchronous_load_the_daemon_cannot_finish_is_recomputed(
     daemon_factory, vllm_factory, prompts: Prompts, reference: Reference
 ) -> None:

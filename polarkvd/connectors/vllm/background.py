@@ -15,6 +15,14 @@ loaded so (one plain memory copy per block with numpy, outside torch's thread po
 model's forward pass holds meanwhile; into blocks no forward pass touches while the request
 waits); a CUDA worker loads such requests in the step instead (`WorkerSide`), where layer-pipelined
 loads already hide the transfer behind the model's compute.
+
+Pacing. On a host worker the load shares the cores and the memory bandwidth with the model: the
+daemon decoding pages and this thread copying them at full speed doubled the decoding requests'
+step times while it lasted (`polarkvd bench mixed`). So while the engine computes, a load moves
+about `async_load_step_bytes` per step: it asks the daemon for a batch of pages that size, copies
+it, and waits for the next step (`step`, called by the worker once per engine step). A step that
+computes nothing (every request waits) lifts the limit, and so does an engine silent for
+`IDLE_SECONDS`. The hit's request waits longer; the others barely notice it.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import collections
 import functools
 import queue
 import threading
+import time
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -36,9 +45,14 @@ from polarkvd.connectors.vllm.options import Options
 from polarkvd.types import Namespace, Tier
 
 if TYPE_CHECKING:
+    from polarkvd.client import EngineClient
     from polarkvd.connectors.kv_copy import HostMover
 
 logger = init_logger("vllm.polarkvd.connector")
+
+#: A paced load goes on at full speed once the engine has not stepped for this long (it stopped
+#: computing, or one step is a long prefill).
+IDLE_SECONDS = 1.0
 
 
 class BackgroundLoads:
@@ -60,6 +74,10 @@ class BackgroundLoads:
         self._done: set[str] = set()  # requests whose load ended, not reported yet
         self._failed: set[int] = set()  # their blocks that did not arrive
         self._pending = 0  # specs submitted and not ended
+        # pacing: bytes this load may still move before the next engine step (inf: not paced now)
+        self._step_bytes = opts.async_load_step_bytes
+        self._allowance = float("inf")
+        self._stepped = threading.Condition(self._lock)
         self.stats: collections.Counter[str] = collections.Counter()
         self.stats_seconds: collections.defaultdict[str, float] = collections.defaultdict(float)
         self._thread = threading.Thread(target=self._run, name="polarkv-bg-load", daemon=True)
@@ -70,6 +88,36 @@ class BackgroundLoads:
             self._pending += len(specs)
         for spec in specs:
             self._jobs.put(spec)
+
+    def step(self, computing: bool) -> None:
+        """An engine step ended (or began): while it computes other requests, a load may move one
+        more batch of `async_load_step_bytes`; otherwise it is not held back."""
+        if not self._step_bytes:
+            return
+        with self._stepped:
+            self._allowance = self._step_bytes if computing else float("inf")
+            self._stepped.notify_all()
+
+    def _wait_allowance(self, page_bytes: int) -> float:
+        """Bytes the next batch may move, waiting for the next step while less than a page may (or
+        less than a step's worth, when a page is larger than that: then one page per step)."""
+        if not self._step_bytes:
+            return float("inf")
+        deadline = time.monotonic() + IDLE_SECONDS
+        with self._stepped:
+            while self._allowance < min(page_bytes, self._step_bytes):
+                left = deadline - time.monotonic()
+                if left <= 0:  # the engine is not stepping: nothing to give way to
+                    self._allowance = float("inf")
+                    break
+                self.stats["load_paced_waits"] += 1
+                self._stepped.wait(left)
+            return self._allowance
+
+    def _spend(self, nbytes: int) -> None:
+        if self._step_bytes:
+            with self._stepped:
+                self._allowance -= nbytes
 
     def take_done(self) -> tuple[set[str], set[int]]:
         """(requests whose load ended since the last call, their blocks that did not arrive)."""
@@ -85,6 +133,9 @@ class BackgroundLoads:
 
     def close(self) -> None:
         """Finish the loads submitted (each ends, loaded or failed), then close the sessions."""
+        self._step_bytes = 0  # no more steps come: finish at full speed
+        with self._stepped:
+            self._stepped.notify_all()
         self._jobs.put(None)
         self._thread.join(timeout=60)
         self.link.close()
@@ -114,21 +165,44 @@ class BackgroundLoads:
                 self._pending -= 1
 
     def _load(self, spec: LoadSpec) -> int:
-        """Fetch the pages of `spec` and copy them into its blocks: how many blocks arrived (a prefix)."""
+        """Fetch the pages of `spec` and copy them into its blocks, a batch of pages at a time (paced):
+        how many blocks arrived (a prefix)."""
         ns = self._namespaces.get(spec.salt)
         if ns is None:
             ns = self._namespaces[spec.salt] = self.geo.namespace(spec.salt, self.rank)
         client = self.link.session(ns)
         if client is None or self.rank >= len(spec.keys):
             return 0
-        result = call_daemon(
-            self.link, "load", functools.partial(client.load, spec.keys[self.rank]), self.stats_seconds
-        )
+        g = self.geo
+        keys = spec.keys[self.rank]
+        page_bytes = g.num_layers * g.page_blocks * g.block_bytes
+        # which vLLM blocks each page fills: (block in page, vLLM block) per page
+        fills: list[list[tuple[int, int]]] = [[] for _ in keys]
+        for i, block in enumerate(spec.block_ids):
+            p, j = divmod(spec.skip + i, g.page_blocks)
+            if p < len(fills):
+                fills[p].append((j, block))
+        got = start = 0
+        while start < len(keys):
+            allowance = self._wait_allowance(page_bytes)
+            n = len(keys) - start
+            if allowance < n * page_bytes:
+                n = max(1, int(allowance) // page_bytes)
+            arrived = self._load_batch(client, keys[start : start + n], fills[start : start + n])
+            self._spend(arrived * page_bytes)
+            got += sum(len(f) for f in fills[start : start + arrived])
+            if arrived < n:  # the rest is not there (evicted, daemon gone): recomputed
+                break
+            start += n
+        return got
+
+    def _load_batch(self, client: EngineClient, keys: list[bytes], fills: list[list[tuple[int, int]]]) -> int:
+        """Ask the daemon for `keys` and copy each page into its blocks: how many pages arrived."""
+        result = call_daemon(self.link, "load", functools.partial(client.load, keys), self.stats_seconds)
         if result is None:
             return 0
         g = self.geo
         pages: list[np.ndarray[tuple[int, int, int], np.dtype[np.uint8]]] = []
-        items: list[tuple[int, int, int]] = []  # (page, block in page, vLLM block)
         try:
             for tier, view in zip(result.tiers, result.views):
                 if tier is Tier.VRAM:  # a host worker never maps the GPU pool
@@ -136,11 +210,7 @@ class BackgroundLoads:
                 pages.append(
                     np.frombuffer(view, np.uint8).reshape(g.num_layers, g.page_blocks, g.block_bytes)
                 )
-            for i, block in enumerate(spec.block_ids):
-                p, j = divmod(spec.skip + i, g.page_blocks)
-                if p >= len(pages):
-                    break
-                items.append((p, j, block))
+            items = [(p, j, block) for p in range(len(pages)) for j, block in fills[p]]
             for layer, rows in enumerate(self._rows):
                 if rows is not None:  # a plain memory copy per block (numpy lets go of the GIL)
                     for p, j, block in items:
@@ -149,9 +219,8 @@ class BackgroundLoads:
                     self.mover.load_layer(
                         layer, [(torch.from_numpy(pages[p][layer, j]), block) for p, j, block in items]
                     )
-            return len(items)
+            return len(pages)
         finally:
             pages.clear()  # drop the views of the arena before the pins go
-            items.clear()
             if result.lease is not None:
                 call_daemon(self.link, "release", functools.partial(client.release, result.lease))

@@ -42,6 +42,8 @@ class SaveSpec:
 class PolarKVMetadata(KVConnectorMetadata):
     loads: list[LoadSpec] = dataclasses.field(default_factory=list)
     saves: list[SaveSpec] = dataclasses.field(default_factory=list)
+    #: the step computes tokens (of other requests): background loads are paced (`background.py`)
+    computing: bool = False
 
 
 def salt_of(request: Any) -> str:

@@ -57,6 +57,11 @@ class Options:
     #: False: such loads hold the step like DRAM hits. Host (CPU) workers load them on a thread of
     #: their own; CUDA workers in the step, layer-pipelined.
     async_loads: bool = True
+    #: Host workers: while the model computes other requests, a background load moves at most this
+    #: many bytes per engine step (its pages are asked of the daemon and copied in batches of about
+    #: this size, one batch after each step), so the decoding requests keep their cores and memory
+    #: bandwidth; when the engine computes nothing the load runs at full speed. 0 = never paced.
+    async_load_step_bytes: int = 16 << 20
     #: Also store pages completed while decoding (generated tokens), not only prompt pages: a chat's
     #: next turn then hits its whole history.
     save_decode: bool = True
@@ -108,6 +113,10 @@ class Options:
             problems.append(("commit_timeout", opts.commit_timeout, "must be > 0"))
         if opts.retry_seconds <= 0:
             problems.append(("retry_seconds", opts.retry_seconds, "must be > 0"))
+        if opts.async_load_step_bytes < 0:
+            problems.append(
+                ("async_load_step_bytes", opts.async_load_step_bytes, "must be >= 0 (0: not paced)")
+            )
         if opts.max_sessions < 1:
             problems.append(("max_sessions", opts.max_sessions, "must be >= 1"))
         for key in ("load_mode", "save_mode"):

@@ -185,7 +185,7 @@ class SchedulerSide:
             self._async_ready.append(request.request_id)
 
     def build_connector_meta(self, so: SchedulerOutput) -> PolarKVMetadata:
-        meta = PolarKVMetadata()
+        meta = PolarKVMetadata(computing=bool(so.num_scheduled_tokens))
         self._inflight.clear()
         self._note_step(so)
         for req_id in self._async_ready:

@@ -212,6 +212,8 @@ class WorkerSide:
     # -- loads
 
     def start_load(self, meta: PolarKVMetadata) -> None:
+        if self.background is not None:  # once per step (vLLM calls it in every step, even empty ones)
+            self.background.step(meta.computing)
         if not meta.loads:
             return
         if self.before_load is not None:
