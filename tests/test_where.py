@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from polarkvd.errors import PolarKVError
@@ -37,6 +38,9 @@ def test_leading_tokens_by_tier(stored) -> None:
         assert out["here"] == {"tokens": 8 * PT, "l1": 0, "dram": 5 * PT, "disk": 3 * PT}
         assert out["tokens"] == 10 * PT and out["page_tokens"] == PT and out["namespace"] == digest
         assert "cluster" not in out  # a daemon without a cluster
+        # the same with the ids packed as uint32 little-endian bytes
+        packed = np.asarray(tokens, "<u4").tobytes()
+        assert c.where({"namespace": digest, "tokens": packed})["here"] == out["here"]
         # the same by model name and page keys
         by_model = c.where({"model": TEST_NS.model, "salt": "", "keys": keys[:6]})
         assert by_model["here"] == {"tokens": 6 * PT, "l1": 0, "dram": 5 * PT, "disk": PT}
@@ -72,6 +76,7 @@ BAD = [
     ({"model": TEST_NS.model, "tokens": [1.5, 2.5]}, "integers from 0"),
     ({"model": TEST_NS.model, "tokens": [[1], [2]]}, "integers from 0"),
     ({"model": TEST_NS.model, "keys": [b"short"]}, "16 bytes"),
+    ({"model": TEST_NS.model, "tokens": b"\x01\x02\x03"}, "multiple of 4 bytes"),
     ({"model": TEST_NS.model, "tokens": [0] * (((1 << 16) + 1) * PT)}, "exceed the limit"),
     ({"model": TEST_NS.model, "tokens": [1], "page": 3}, "unknown arguments"),
 ]

@@ -140,6 +140,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 all_keys = kv.page_keys(tokens)
         want = {f"m{i}": n * args.page_tokens for i, n in enumerate(held) if i}
         query = {"namespace": digest, "tokens": tokens}
+        packed = np.asarray(tokens, "<u4").tobytes()
         deadline = time.monotonic() + 60
         while (out := c.where(query)).get("cluster") != want:
             if time.monotonic() > deadline:
@@ -149,6 +150,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for name, call in (
             ("ping", c.ping),
             ("where (token ids)", lambda: c.where(query)),
+            ("where (token ids, packed)", lambda: c.where({"namespace": digest, "tokens": packed})),
             ("where (page keys)", lambda: c.where({"namespace": digest, "keys": all_keys})),
         ):
             for _ in range(10):
@@ -168,6 +170,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "runs": runs,
         "where_p50_ms": runs["where (token ids)"]["p50_ms"],
         "where_keys_p50_ms": runs["where (page keys)"]["p50_ms"],
+        "where_packed_p50_ms": runs["where (token ids, packed)"]["p50_ms"],
         "where_vs_ping_p50": round(
             runs["where (token ids)"]["p50_ms"] / max(runs["ping"]["p50_ms"], 1e-6), 1
         ),

@@ -92,13 +92,19 @@ def _keys(manager: Manager, info: NamespaceInfo, args: dict[str, Any]) -> list[b
     if "keys" in args:
         return P.unpack_keys(args["keys"], limit)
     tokens = args["tokens"]
-    if not isinstance(tokens, list):
-        raise ProtocolError("tokens must be an array of token ids")
+    if isinstance(tokens, bytes):  # packed: uint32 little-endian, no per-id msgpack work
+        if len(tokens) % 4:
+            raise ProtocolError("packed tokens must be a multiple of 4 bytes (uint32 little-endian)")
+        tokens = np.frombuffer(tokens, "<u4")
+    elif not isinstance(tokens, list):
+        raise ProtocolError("tokens must be an array of token ids, or bytes of packed uint32")
     page_tokens = info.ns.page_tokens
     if len(tokens) > limit * page_tokens:
         raise PolarKVError(
             f"{len(tokens)} tokens exceed the limit of {limit * page_tokens}", code=ErrorCode.TOO_LARGE
         )
+    if isinstance(tokens, np.ndarray):
+        return list(page_keys(info.digest, tokens, page_tokens))
     try:  # array's C loop both converts and range-checks (floats, strings, lists: TypeError)
         arr = np.frombuffer(array.array("I", tokens), np.uint32)
     except (TypeError, OverflowError):
