@@ -270,7 +270,7 @@ class Daemon:
                 cluster_report=self.cluster_report,
                 vram_report=lambda: self.vram.as_dict() if self.vram is not None else None,
                 where_cluster=lambda: (
-                    (self.pool.node_id, self.pool.holders_from_all) if self.pool is not None else None
+                    (self.pool.node_id, self.pool.holders) if self.pool is not None else None
                 ),
                 engine_events=engine_events,
             )
