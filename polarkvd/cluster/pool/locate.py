@@ -18,7 +18,6 @@ from polarkvd.cluster.metamap_wire import encode_batches
 from polarkvd.cluster.pool.common import (
     ANNOUNCE_BATCH,
     HINT_LIMIT,
-    MAX_KEYS_PER_CALL,
     data_addr,
 )
 from polarkvd.errors import PolarKVError
@@ -159,40 +158,6 @@ class MetaMapClient:
                     for i, h in zip(idx, got):
                         if isinstance(h, list):
                             answers[i] = tuple(x for x in h if isinstance(x, str))
-        return answers
-
-    async def holders_from_all(self, keys: list[bytes]) -> dict[int, tuple[str, ...]]:
-        """`holders` without planning: every live member is asked for every key (a member answers
-        () for keys it does not own), and the answers are merged. For a long prompt that is cheaper
-        than ranking every key's owner here (rendezvous hashing: one hash per key and member), and
-        the members probe their records in parallel; `where` uses it."""
-        self.drain_events()
-        answers: dict[int, tuple[str, ...]] = {}
-        for i, h in enumerate(self.pool.metamap.locate(keys)):
-            if h:
-                answers[i] = h
-        calls = []
-        for node, member in self.pool.members.items():
-            addr = data_addr(member)
-            if addr is None or node in self.pool.suspects:
-                continue
-            for at in range(0, len(keys), MAX_KEYS_PER_CALL):
-                part = keys[at : at + MAX_KEYS_PER_CALL]
-                calls.append((at, self.call(addr, "where", {"keys": part}, self.pool.c.lookup_timeout)))
-        if calls:
-            results = await asyncio.gather(*(c for _, c in calls), return_exceptions=True)
-            for (at, _), res in zip(calls, results):
-                if isinstance(res, BaseException):
-                    self.pool.counters["cluster_where_failures"] += 1
-                    continue
-                got = res[0].get("holders")
-                if not isinstance(got, list):
-                    continue
-                for i, h in enumerate(got, at):
-                    if isinstance(h, list) and h:
-                        mine = tuple(x for x in h if isinstance(x, str))
-                        had = answers.get(i)
-                        answers[i] = mine if had is None else had + tuple(x for x in mine if x not in had)
         return answers
 
     def _held(self, keys: list[bytes], found: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
