@@ -22,12 +22,9 @@ Imports only the wire protocol, the shared-memory mapping and the leaves: never 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import mmap
 import os
-import socket
-import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -43,12 +40,12 @@ from polarkvd.errors import (
     LeaseExpired,
     PageNotFound,
     PolarKVError,
-    error_for_code,
 )
 from polarkvd.keys import ROOT_KEY, page_keys
 from polarkvd.types import KEY_BYTES, Namespace, PageKey, Tier
 from polarkvd.wire import frames as P
 from polarkvd.wire.arena import map_arena
+from polarkvd.wire.channel import Channel
 from polarkvd.wire.lookup_table import TableReader, map_table
 from polarkvd.wire.shared_words import SharedWords
 from polarkvd.wire.signals import SIGNAL_BYTES, SIGNAL_NONE, read_signal
@@ -61,153 +58,6 @@ _vram_warned = False  # "the daemon's GPU is not visible here" is said once per 
 _DRAM_CODES = (
     bytes([Tier.DRAM]) * 64
 )  # sliced for a lookup answered from the table  # Tier(n) costs ~0.4 us per call; a dict lookup a tenth of that
-
-
-def _timeval(seconds: float) -> bytes:
-    """A struct timeval for SO_RCVTIMEO/SO_SNDTIMEO. 0 means wait forever, so a positive timeout
-    below a microsecond becomes one microsecond."""
-    sec, usec = int(seconds), int((seconds % 1) * 1e6)
-    if seconds > 0 and not (sec or usec):
-        usec = 1
-    return struct.pack("ll", sec, usec)
-
-
-def _connect(sock: socket.socket, path: str, timeout: float | None) -> None:
-    """Connect a blocking Unix socket, waiting up to `timeout` for room in a full listen backlog.
-
-    Linux waits in connect() for room, bounded by SO_SNDTIMEO (set by the caller), then fails with
-    EAGAIN; a kernel that does not wait fails with EAGAIN at once. Either way EAGAIN is retried with
-    a short backoff until the deadline: a connect burst (many engines starting together) queues
-    instead of failing. Any other error (no daemon there: ECONNREFUSED, ENOENT) fails at once.
-    """
-    deadline = None if timeout is None else time.monotonic() + timeout
-    delay = 0.001
-    while True:
-        try:
-            sock.connect(path)
-            return
-        except BlockingIOError:
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                raise
-            time.sleep(delay if left is None else min(delay, left))
-            delay = min(delay * 2, 0.05)
-
-
-class _Channel:
-    """One connection: framed request, framed reply, in order."""
-
-    def __init__(self, path: str | Path, timeout: float | None) -> None:
-        self.path = str(path)
-        self._ids = itertools.count(1)
-        self.timeout = timeout
-        # The socket blocks, bounded by the kernel (SO_RCVTIMEO/SO_SNDTIMEO): Python's own timeouts
-        # poll() before every send and recv, measured +3-4 us on each round trip; and they make
-        # connect() non-blocking, which on a Unix socket whose listen backlog is full fails at once
-        # (EAGAIN) instead of waiting for the daemon to accept.
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        if timeout is not None:
-            tv = _timeval(timeout)
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
-        try:
-            _connect(self._sock, self.path, timeout)
-        except OSError as e:
-            self._sock.close()
-            raise DaemonUnavailable(
-                f"cannot reach polarkvd at {self.path}: {e.strerror or e} (is `polarkvd serve` running?)"
-            ) from None
-        self._buf = bytearray(1 << 16)
-
-    def call(self, op: str, args: dict[str, Any], patience: float | None = None) -> dict[str, Any]:
-        """`patience`: seconds this call may wait for its reply instead of `timeout`, if longer
-        (None: as `timeout`); the first `timeout` seconds cost nothing extra."""
-        rid = next(self._ids)
-        try:
-            self._sock.sendall(P.request(rid, op, args))
-            reply = self._read_reply(patience)
-        except BlockingIOError:  # SO_RCVTIMEO / SO_SNDTIMEO ran out
-            self.close()
-            waited = self.timeout if patience is None or self.timeout is None else max(self.timeout, patience)
-            raise DaemonUnavailable(f"polarkvd at {self.path} did not answer {op} within {waited}s") from None
-        except (OSError, EOFError) as e:
-            refused = self._parting_error()
-            self.close()
-            if refused is not None:
-                raise refused from None
-            raise DaemonUnavailable(f"connection to polarkvd at {self.path} broke during {op}: {e}") from None
-        version, reply_id, status, body = reply
-        if status == P.OK:
-            return body
-        raise error_for_code(body.get("code", ""), body.get("message", ""))
-
-    def _parting_error(self) -> PolarKVError | None:
-        """The error frame a daemon sent before closing the connection (it refused it: too many
-        connections that have not sent hello), when the request could not even be sent."""
-        data = b""
-        try:
-            while len(data) < 1 << 16:
-                got = self._sock.recv(1 << 16, socket.MSG_DONTWAIT)
-                if not got:
-                    break
-                data += got
-        except OSError:
-            pass
-        if len(data) < 4 or len(data) < 4 + P.LENGTH.unpack_from(data)[0]:
-            return None
-        try:
-            msg = P.unpack(data[4 : 4 + P.LENGTH.unpack_from(data)[0]])
-        except Exception:  # noqa: BLE001 - not a frame: the plain "broke" error says enough
-            return None
-        if isinstance(msg, list) and len(msg) == 4 and msg[2] == P.ERROR and isinstance(msg[3], dict):
-            return error_for_code(str(msg[3].get("code", "")), str(msg[3].get("message", "")))
-        return None
-
-    def send_raw(self, data: bytes) -> list[Any]:
-        """Testing aid: send arbitrary bytes, read one reply frame."""
-        self._sock.sendall(data)
-        return self._read_reply()
-
-    def _read_reply(self, patience: float | None = None) -> list[Any]:
-        # One recv usually holds the whole reply; read the rest only when it does not.
-        buf = self._buf
-        try:
-            got = self._sock.recv_into(buf)
-        except BlockingIOError:
-            if self.timeout is None or patience is None or patience <= self.timeout:
-                raise
-            got = self._recv_longer(buf, patience - self.timeout)
-        while got < 4:
-            got += self._recv_some(memoryview(buf)[got:])
-        (n,) = P.LENGTH.unpack_from(buf)
-        if n + 4 <= len(buf):
-            while got < n + 4:
-                got += self._recv_some(memoryview(buf)[got : n + 4])
-            return P.unpack(memoryview(buf)[4 : n + 4])
-        body = bytearray(n)
-        body[: got - 4] = memoryview(buf)[4:got]
-        view = memoryview(body)[got - 4 :]
-        while len(view):
-            view = view[self._recv_some(view) :]
-        return P.unpack(body)
-
-    def _recv_longer(self, buf: bytearray, seconds: float) -> int:
-        """The first recv of a reply allowed to take longer than `timeout` (a write-through commit):
-        `seconds` more, then the normal timeout again. Only slow replies pay for the setsockopts."""
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(seconds))
-        try:
-            return self._sock.recv_into(buf)
-        finally:
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(self.timeout or 0.0))
-
-    def _recv_some(self, view: memoryview) -> int:
-        got = self._sock.recv_into(view)
-        if not got:
-            raise EOFError("the daemon closed the connection")
-        return got
-
-    def close(self) -> None:
-        self._sock.close()
 
 
 @dataclasses.dataclass
@@ -369,7 +219,7 @@ class EngineClient:
         self._table: TableReader | None = None
         self._table_map: mmap.mmap | None = None
         self.engine_id = engine_id or f"pid-{os.getpid()}"
-        self._ch = _Channel(socket_path or default_engine_socket(), timeout)
+        self._ch = Channel(socket_path or default_engine_socket(), timeout)
         try:
             hello: dict[str, Any] = {"namespace": namespace.to_wire(), "engine_id": self.engine_id}
             if vram:
@@ -744,7 +594,7 @@ class ControlClient:
     """The operator side: status, eviction, drain, live knobs."""
 
     def __init__(self, socket_path: str | Path | None = None, timeout: float | None = 600.0) -> None:
-        self._ch = _Channel(socket_path or default_control_socket(), timeout)
+        self._ch = Channel(socket_path or default_control_socket(), timeout)
 
     def stats(self) -> dict[str, Any]:
         return self._ch.call(P.Op.STATS.value, {})

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from polarkvd.bench.connect import flood
-from polarkvd.client import EngineClient, _Channel
-from polarkvd.errors import DaemonUnavailable, ErrorCode
+from polarkvd.client import EngineClient
+from polarkvd.errors import DaemonUnavailable, ErrorCode, ProtocolError
 from polarkvd.wire import frames as P
+from polarkvd.wire.channel import Channel
 from tests.conftest import TEST_NS, DaemonProc, wait_for
 
 
@@ -71,7 +72,7 @@ def test_connect_waits_for_room_in_a_full_listen_backlog(tmp_path: Path) -> None
     t.start()
     try:
         threading.Timer(0.2, go.set).start()  # the daemon catches up while the client waits
-        ch = _Channel(path, timeout=30)
+        ch = Channel(path, timeout=30)
         ch.close()
     finally:
         go.set()
@@ -99,13 +100,13 @@ def test_a_backlog_that_stays_full_fails_after_the_timeout(tmp_path: Path) -> No
                 break
             queued.append(s)
         with pytest.raises(DaemonUnavailable, match="Resource temporarily unavailable"):
-            _Channel(path, timeout=0.3)
+            Channel(path, timeout=0.3)
     finally:
         for s in queued:
             s.close()
         listener.close()
     with pytest.raises(DaemonUnavailable, match="is `polarkvd serve` running"):
-        _Channel(path, timeout=5)  # nobody listens: fails at once, no waiting
+        Channel(path, timeout=5)  # nobody listens: fails at once, no waiting
 
 
 def test_connections_without_hello_are_capped_oldest_first(daemon_factory) -> None:
@@ -166,3 +167,34 @@ def test_a_connect_flood_succeeds_with_bounded_threads(daemon_factory) -> None:
     assert r["tried"] == 1200
     assert r["ok"] >= 0.99 * r["tried"], r
     assert r["peak_threads"] <= base + 16 + 8, r
+
+
+@pytest.mark.parametrize("answer", [["not", "a", "reply"], "a string", [1, 2, 0, "not a dict"], 7])
+def test_something_that_is_not_a_daemon_answering_is_a_clear_error(tmp_path: Path, answer: object) -> None:
+    """A socket whose other end answers with frames that are not polarkvd replies: ProtocolError
+    naming the path, never an unpacking error from inside the client."""
+    import msgpack
+
+    path = str(tmp_path / "s.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(1 << 16)
+            payload = msgpack.packb(answer)
+            conn.sendall(len(payload).to_bytes(4, "little") + payload)
+            conn.recv(1)  # until the client closes
+
+    t = threading.Thread(target=serve)
+    t.start()
+    try:
+        ch = Channel(path, timeout=5)
+        with pytest.raises(ProtocolError, match="not a polarkvd reply"):
+            ch.call("ping", {})
+        ch.close()
+    finally:
+        t.join(10)
+        listener.close()
