@@ -145,3 +145,21 @@ def test_where_reports_an_attached_engines_gpu_prefix(publisher, daemon) -> None
             time.sleep(0.05)
         with pytest.raises(PolarKVError, match="kv_events"):
             EngineClient(TEST_NS, "bad", daemon.engine_socket, kv_events={"endpoint": "http://x"})
+
+
+def test_an_engine_storing_more_blocks_than_the_bound_is_not_followed_past_it(monkeypatch) -> None:
+    """A publisher that never removes anything cannot grow the daemon's memory: past MAX_BLOCKS
+    its further stores are skipped and counted, and what was followed stays right."""
+    from polarkvd.server import engine_events
+
+    monkeypatch.setattr(engine_events, "MAX_BLOCKS", 8)
+    g = GpuPrefixes(DIGEST, PT)
+    tokens = chain_tokens(3, 16, PT)
+    first = {"type": "BlockStored", "block_hashes": [f"a{i}" for i in range(6)], "parent_block_hash": None,
+             "token_ids": tokens[: 6 * PT], "block_size": PT, "medium": "GPU"}  # fmt: skip
+    more = {"type": "BlockStored", "block_hashes": [f"a{i}" for i in range(6, 12)], "parent_block_hash": "a5",
+            "token_ids": tokens[6 * PT : 12 * PT], "block_size": PT, "medium": "GPU"}  # fmt: skip
+    g.apply([first, more])
+    assert g.counters["stored_blocks"] == 6 and g.counters["skipped_blocks"] == 6
+    keys = page_keys(DIGEST, tokens[: 12 * PT], PT)
+    assert g.leading(keys) == 6

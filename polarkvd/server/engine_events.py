@@ -29,6 +29,14 @@ from polarkvd.keys import ROOT_KEY, page_keys
 log = logging.getLogger(__name__)
 
 _END_SEQ = (-1).to_bytes(8, "big", signed=True)
+#: Blocks followed per engine (a vLLM GPU cache holds tens of thousands): past it an engine's further
+#: stores are skipped and counted, so a runaway or hostile publisher cannot grow the daemon's memory.
+MAX_BLOCKS = 1 << 20
+#: Largest event message taken from an engine's publisher (ZeroMQ drops a larger one unread).
+MAX_MESSAGE_BYTES = 64 << 20
+#: Live batches kept back while a replay runs; past it the replay is given up (what it did not bring
+#: is counted lost), so a publisher that never ends its replay cannot grow the daemon's memory.
+MAX_HELD_BACK = 4096
 
 
 class _Block:
@@ -103,6 +111,9 @@ class GpuPrefixes:
                 self.counters["skipped_blocks"] += len(hashes)
                 return
             key, rest = before.key, before.rest
+        if len(self._blocks) + len(hashes) > MAX_BLOCKS:
+            self.counters["skipped_blocks"] += len(hashes)
+            return
         pt = self.page_tokens
         for i, h in enumerate(hashes):
             run = rest + tuple(tokens[i * size : (i + 1) * size])
@@ -144,12 +155,14 @@ class EngineEventsSubscriber:
         ctx: zmq.Context[Any] = zmq.Context.instance()
         self._sub: zmq.Socket[bytes] = ctx.socket(zmq.SUB)
         self._sub.setsockopt(zmq.LINGER, 0)
+        self._sub.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
         self._sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
         self._sub.connect(endpoint)
         self._replay: zmq.Socket[bytes] | None = None
         if replay_endpoint:
             self._replay = ctx.socket(zmq.DEALER)
             self._replay.setsockopt(zmq.LINGER, 0)
+            self._replay.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
             self._replay.connect(replay_endpoint)
         # the sequence number expected next: with replay, from 0 (a subscriber that joins late asks
         # at once for what the engine's buffer still holds); without, whatever comes first
@@ -159,7 +172,7 @@ class EngineEventsSubscriber:
             self._replay.send_multipart([b"", (0).to_bytes(8, "big")])
             self._replaying = True
         self._held_back: list[tuple[int, bytes]] = []  # live batches that arrived during a replay
-        self.counters = {"batches": 0, "gaps": 0, "replayed": 0, "lost": 0}
+        self.counters = {"batches": 0, "gaps": 0, "replayed": 0, "lost": 0, "replays_given_up": 0}
 
     def tick(self, budget: int = 256) -> None:
         for _ in range(budget):
@@ -177,6 +190,9 @@ class EngineEventsSubscriber:
     def _live(self, seq: int, payload: bytes) -> None:
         if self._replaying:
             self._held_back.append((seq, payload))
+            if len(self._held_back) > MAX_HELD_BACK:
+                self.counters["replays_given_up"] += 1
+                self._end_replay()
             return
         if self._next is not None and seq > self._next and self._replay is not None:
             self.counters["gaps"] += 1
@@ -200,18 +216,22 @@ class EngineEventsSubscriber:
                 continue
             _, _topic, seq_b, payload = frames
             if seq_b == _END_SEQ:
-                self._replaying = False
-                held, self._held_back = self._held_back, []
-                for seq, p in held:
-                    if self._next is None or seq >= self._next:
-                        if self._next is not None and seq > self._next:
-                            self.counters["lost"] += seq - self._next  # older than the buffer
-                        self._apply(seq, p)
+                self._end_replay()
                 return
             seq = int.from_bytes(seq_b, "big")
             if self._next is None or seq >= self._next:
                 self.counters["replayed"] += 1
                 self._apply(seq, payload)
+
+    def _end_replay(self) -> None:
+        """The replay ended (or is given up): the live batches kept back meanwhile, in order."""
+        self._replaying = False
+        held, self._held_back = self._held_back, []
+        for seq, p in held:
+            if self._next is None or seq >= self._next:
+                if self._next is not None and seq > self._next:
+                    self.counters["lost"] += seq - self._next  # older than the buffer
+                self._apply(seq, p)
 
     def _apply(self, seq: int, payload: bytes) -> None:
         try:
