@@ -58,6 +58,10 @@ def main() -> None:
         "seed": 0,
     }
     kw.update(spec.get("engine", {}))
+    if "kv_events_config" in kw:  # vLLM's KV event publisher (a dict here, its config class there)
+        from vllm.config import KVEventsConfig
+
+        kw["kv_events_config"] = KVEventsConfig(**kw["kv_events_config"])
     if spec.get("connector") is not None:
         kw["kv_transfer_config"] = KVTransferConfig(
             kv_connector="PolarKVConnector",

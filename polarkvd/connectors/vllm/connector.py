@@ -13,6 +13,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.logger import init_logger
 
 from polarkvd.connectors.vllm.geometry import build_geometry
+from polarkvd.connectors.vllm.kv_events import kv_events_spec
 from polarkvd.connectors.vllm.metadata import PolarKVMetadata
 from polarkvd.connectors.vllm.options import Options
 from polarkvd.connectors.vllm.scheduler import SchedulerSide
@@ -45,7 +46,7 @@ class PolarKVConnector(KVConnectorBase_V1):
         self._scheduler: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
         if role == KVConnectorRole.SCHEDULER:
-            self._scheduler = SchedulerSide(self.geometry, self.options)
+            self._scheduler = SchedulerSide(self.geometry, self.options, kv_events_spec(vllm_config))
             policy = getattr(self._kv_transfer_config, "kv_load_failure_policy", "recompute")
             if policy != "recompute":
                 logger.warning(

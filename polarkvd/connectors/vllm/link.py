@@ -84,6 +84,9 @@ class DaemonLink:
         self.vram = False
         #: Called before sessions close: copies in flight into their L1 pool must finish first.
         self.before_close: Callable[[], None] | None = None
+        #: The engine's KV event publisher (kv_events.py), passed at hello with the default namespace
+        #: of TP rank 0 (one engine, one block table: one subscription).
+        self.kv_events: dict[str, str] | None = None
 
     def _closing(self) -> None:
         if self.before_close is not None:
@@ -116,6 +119,7 @@ class DaemonLink:
                 commit_timeout=self._opts.commit_timeout,
                 map_arena=self.role != "scheduler",
                 vram=self.vram,
+                kv_events=self.kv_events if not ns.cache_salt and ns.tp_rank == 0 else None,
             )
         except DaemonUnavailable as e:
             self.failed(e)

@@ -56,10 +56,11 @@ class _Req:
 
 
 class SchedulerSide:
-    def __init__(self, geo: Geometry, opts: Options) -> None:
+    def __init__(self, geo: Geometry, opts: Options, kv_events: dict[str, str] | None = None) -> None:
         self.geo = geo
         self.opts = opts
         self.link = DaemonLink(opts, "scheduler")
+        self.link.kv_events = kv_events  # vLLM's KV event publisher, told at hello (kv_events.py)
         self._reqs: dict[str, _Req] = {}
         self._namespaces: dict[tuple[str, int], Namespace] = {}
         self._inflight: dict[str, tuple[int, list[int]]] = {}  # req -> (first block, ids) loading this step
