@@ -76,20 +76,16 @@ def test_live_bar_leaves_finished_steps_behind() -> None:
     assert "✓ copy [the] pages" in text and "✓ second" in text and "a note" in text
 
 
-def test_drain_shows_a_live_bar_on_a_terminal(daemon_factory) -> None:
-    d = daemon_factory()
-    with d.engine() as kv:
-        for i in range(4):
-            store_chain(kv, chain_tokens(i, 8))
+def run_on_a_terminal(argv: list[str], timeout: float = 60) -> tuple[int, str, bytes]:
+    """Run `python -m polarkvd argv` with stderr on a pseudo-terminal: (exit code, what it drew on
+    the terminal, its standard output)."""
     master, slave = pty.openpty()
     env = clean_env(TERM="xterm-256color", COLUMNS="100")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "polarkvd", "drain", "--socket", str(d.control_socket)],
-        stdout=subprocess.PIPE, stderr=slave, cwd=REPO_ROOT, env=env,
-    )  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "polarkvd", *argv], stdout=subprocess.PIPE, stderr=slave,
+                            cwd=REPO_ROOT, env=env)  # fmt: skip
     os.close(slave)
     seen = b""
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         ready, _, _ = select.select([master], [], [], 0.5)
         if ready:
@@ -103,10 +99,18 @@ def test_drain_shows_a_live_bar_on_a_terminal(daemon_factory) -> None:
         elif proc.poll() is not None:
             break
     os.close(master)
-    out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0, seen.decode(errors="replace")
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, seen.decode(errors="replace"), out
+
+
+def test_drain_shows_a_live_bar_on_a_terminal(daemon_factory) -> None:
+    d = daemon_factory()
+    with d.engine() as kv:
+        for i in range(4):
+            store_chain(kv, chain_tokens(i, 8))
+    code, text, out = run_on_a_terminal(["drain", "--socket", str(d.control_socket)])
+    assert code == 0, text
     assert b"drained: 32 pages written to disk" in out
-    text = seen.decode(errors="replace")
     assert "draining: refusing new stores" in text
     assert "\x1b[" in text, text  # a live display (terminal escapes), not plain lines
     assert "[drain " not in text  # the plain line format is not used on a terminal
@@ -140,37 +144,11 @@ def test_bench_chat_steps_keep_their_report_lines_and_never_draw_a_bar(
     assert Steps(1, quiet=True).quiet
 
 
-def run_on_a_terminal(argv: list[str], timeout: float = 60) -> tuple[int, str]:
-    """Run `python -m polarkvd argv` with stderr on a pseudo-terminal: (exit code, what it drew)."""
-    master, slave = pty.openpty()
-    env = clean_env(TERM="xterm-256color", COLUMNS="100")
-    proc = subprocess.Popen([sys.executable, "-m", "polarkvd", *argv], stdout=subprocess.PIPE, stderr=slave,
-                            cwd=REPO_ROOT, env=env)  # fmt: skip
-    os.close(slave)
-    seen = b""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([master], [], [], 0.5)
-        if ready:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:  # the child closed the terminal
-                break
-            if not chunk:
-                break
-            seen += chunk
-        elif proc.poll() is not None:
-            break
-    os.close(master)
-    proc.communicate(timeout=timeout)
-    return proc.returncode, seen.decode(errors="replace")
-
-
 def test_a_benchmark_from_harness_shows_the_live_bar_on_a_terminal_and_lines_elsewhere() -> None:
     """`polarkvd sim gossip` printed harness's hand-written lines on a terminal too; it now goes
     through polarkvd.progress: finished steps left above a live bar there, plain lines in a pipe."""
     argv = ["sim", "gossip", "--nodes", "8", "--steady", "5"]
-    code, text = run_on_a_terminal(argv)
+    code, text, _ = run_on_a_terminal(argv)
     assert code == 0, text
     assert "\x1b[" in text, text  # a live display (terminal escapes)
     shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text)
