@@ -30,9 +30,17 @@ def free_port() -> int:
 
 @pytest.fixture
 def publisher() -> Iterator[tuple[object, str, str]]:
-    port, replay = free_port(), f"tcp://127.0.0.1:{free_port()}"
-    # a wildcard address: vLLM binds it (a named host it would connect to, for a binding subscriber)
-    p = kv_events.ZmqEventPublisher(0, endpoint=f"tcp://*:{port}", replay_endpoint=replay)
+    import zmq
+
+    for attempt in range(5):  # a free port can be taken by another process before vLLM binds it
+        port, replay = free_port(), f"tcp://127.0.0.1:{free_port()}"
+        try:
+            # a wildcard address: vLLM binds it (a named host it would connect to, for a binding subscriber)
+            p = kv_events.ZmqEventPublisher(0, endpoint=f"tcp://*:{port}", replay_endpoint=replay)
+            break
+        except zmq.ZMQError:
+            if attempt == 4:
+                raise
     yield p, f"tcp://127.0.0.1:{port}", replay
     p.shutdown()
 

@@ -85,9 +85,8 @@ def engine_api(
 
     def hello(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
         only_args(args, "namespace", "engine_id", "vram", "kv_events")
-        spec = args.get("kv_events")  # the engine's own KV event publisher (server/engine_events.py)
-        if spec is not None:
-            parse_spec(spec)
+        # the engine's own KV event publisher (server/engine_events.py), checked before attaching
+        spec = parse_spec(args["kv_events"]) if args.get("kv_events") is not None else None
         if conn.session is not None:
             raise ProtocolError(
                 "this connection is already attached; open another connection for another namespace"

@@ -280,8 +280,9 @@ class EngineEvents:
     def __init__(self) -> None:
         self._subs: dict[int, tuple[Any, EngineEventsSubscriber]] = {}  # session id -> (session, subscriber)
 
-    def attach(self, session: Any, spec: object) -> None:
-        endpoint, replay, topic = parse_spec(spec)
+    def attach(self, session: Any, spec: tuple[str, str | None, str]) -> None:
+        """Follow `session`'s engine from its `hello`'s `kv_events`, as `parse_spec` checked it."""
+        endpoint, replay, topic = spec
         ns = session.ns
         self._subs[session.id] = (
             session,
