@@ -15,7 +15,8 @@ that an unmeasured namespace keeps and demotes its pages as the recency policies
 
 `FetchCosts` keeps, per tier, what bringing a page back has cost (latency plus bytes over bandwidth,
 moving medians of the daemon's own measurements: DRAM copies, disk promotions, peer fetches), with
-defaults until measured.
+defaults until measured; and the fast end of the same window (`FAST_QUANTILE`), what the tier does
+when nothing else is in its way: the irreversible decisions (drop a page, cut a hit) are taken on it.
 
 Nothing here holds locks or does I/O: the manager owns the instances and feeds them on its loop.
 """
@@ -112,24 +113,30 @@ class RecomputeModel:
 class _Rate:
     """A tier's (or a peer's) seconds per byte: the default until measured, then the median of
     the last `_RECENT` measurements (a moving median: one read stalled by a busy moment moves an
-    average far, a median hardly)."""
+    average far, a median hardly), and the window's fast end (`FAST_QUANTILE`)."""
 
-    __slots__ = ("latency", "per_byte", "observations", "_recent")
+    __slots__ = ("latency", "per_byte", "fast_per_byte", "observations", "_recent")
 
     def __init__(self, latency: float, per_byte: float) -> None:
         self.latency = latency  # seconds per fetch (the default's; 0 once measured)
         self.per_byte = per_byte
+        self.fast_per_byte = per_byte
         self.observations = 0
         self._recent: collections.deque[float] = collections.deque(maxlen=_RECENT)
 
     def observe(self, nbytes: int, seconds: float) -> None:
         self._recent.append(seconds / nbytes)
-        self.per_byte = statistics.median(self._recent)
+        ordered = sorted(self._recent)  # 63 floats: ~3 us, once per measured fetch batch
+        self.per_byte = statistics.median(ordered)
+        self.fast_per_byte = ordered[int(FAST_QUANTILE * (len(ordered) - 1))]
         self.latency = 0.0
         self.observations += 1
 
     def seconds(self, nbytes: int) -> float:
         return self.latency + self.per_byte * nbytes
+
+    def fast_seconds(self, nbytes: int) -> float:
+        return self.latency + self.fast_per_byte * nbytes
 
 
 #: until measured: DRAM ~5 GB/s, disk read and decode ~0.5 GB/s + 1 ms, a peer ~1 GB/s + 0.5 ms
@@ -140,6 +147,10 @@ _DEFAULT_RATES = {
     Tier.DISK: (1e-3, 1 / 0.5e9),
 }
 _RECENT = 63  # measurements a rate is the median of
+#: the fast end of a rate's window: its 10th percentile (the 7th fastest of 63). What the tier
+#: does unhindered, steady where the median follows the machine's load: on the shared 2-core VM the
+#: median of 32 KiB disk reads moved 9x between runs, the fast end far less (docs/BENCHMARKS.md)
+FAST_QUANTILE = 0.1
 #: measurements of a tier before decisions trust its rate (the first reads of a cold disk are slow)
 TRUSTED_AFTER = 16
 
@@ -153,6 +164,17 @@ class FetchCosts:
     def __init__(self) -> None:
         self._rates = {tier: _Rate(lat, per) for tier, (lat, per) in _DEFAULT_RATES.items()}
         self._peers: dict[str, _Rate] = {}
+        #: tiers whose rate the operator set (`pin`): seconds per byte, used instead of measurements
+        self._pinned: dict[Tier, float] = {}
+
+    def pin(self, tier: Tier, gbps: float) -> None:
+        """Decide by `gbps` for `tier` from now on, measured or not (disk.read_gbps): for a disk the
+        daemon cannot measure well, and for tests that need a slow disk on demand. Measurements go
+        on being counted (and shown), not used. `gbps` 0 unpins."""
+        if gbps > 0:
+            self._pinned[tier] = 1e-9 / gbps
+        else:
+            self._pinned.pop(tier, None)
 
     def observe(self, tier: Tier, nbytes: int, seconds: float, peer: str | None = None) -> None:
         """A fetch of `nbytes` from `tier` (from `peer`, for the pool) took `seconds` (a batch: its
@@ -169,18 +191,30 @@ class FetchCosts:
 
     def seconds(self, tier: Tier, nbytes: int, peer: str | None = None) -> float:
         """The estimate for `nbytes` from `tier` (from `peer` when it was measured)."""
+        if tier in self._pinned:
+            return self._pinned[tier] * nbytes
         rate = self._peers.get(peer) if peer is not None else None
         return (rate or self._rates[tier]).seconds(nbytes)
 
+    def fast_seconds(self, tier: Tier, nbytes: int, peer: str | None = None) -> float:
+        """The optimistic estimate: `nbytes` from `tier` (or `peer`) at the fast end of its recent
+        measurements. A decision that loses a page or a hit (drop, cut) is taken only if recomputing
+        is cheaper even against this: a slow spell of the machine must not make pages look dear
+        to fetch."""
+        if tier in self._pinned:
+            return self._pinned[tier] * nbytes
+        rate = self._peers.get(peer) if peer is not None else None
+        return (rate or self._rates[tier]).fast_seconds(nbytes)
+
     def gbps(self, tier: Tier) -> float:
-        return 1e-9 / self._rates[tier].per_byte
+        return 1e-9 / self._pinned.get(tier, self._rates[tier].per_byte)
 
     def measured(self, tier: Tier) -> int:
         return self._rates[tier].observations
 
     def trusted(self, tier: Tier) -> bool:
         """Whether `tier`'s rate has been measured often enough to decide by (`TRUSTED_AFTER`)."""
-        return self._rates[tier].observations >= TRUSTED_AFTER
+        return tier in self._pinned or self._rates[tier].observations >= TRUSTED_AFTER
 
     def peers(self) -> dict[str, tuple[float, int]]:
         """Per peer: (GB/s, measurements)."""

@@ -13,7 +13,7 @@ Contract (what breaks if it is violated):
   called during the scan and must not mutate the policy.
 - A node is in at most one policy at a time; `remove` of a node that is not linked is a no-op.
 
-Policies are selected by name from `POLICIES` (config `policy = "lru" | "s3fifo"`) and can be switched
+Policies are selected by name from `POLICIES` (config `policy = "lru" | "s3fifo" | "cost"`) and can be switched
 at run time with `switch_policy`, which carries the pages over coldest first.
 """
 
@@ -107,10 +107,13 @@ class EvictionPolicy(abc.ABC):
     def touch(self, node: PolicyNode) -> None:
         """A page was hit."""
 
-    def touch_many(self, nodes: list[PolicyNode]) -> None:
-        """Several hits at once, in order: the last node ends up the most recently used."""
-        for node in nodes:
-            self.touch(node)
+    def touch_many(self, nodes: list[PolicyNode], hit: bool = True) -> None:
+        """Several pages in use at once, in order: the last node ends up the most recently used.
+        `hit`: a request's lookup (a hit, counted by policies that count them); False: the same
+        request using them again (its load), which refreshes recency and counts nothing."""
+        if hit:
+            for node in nodes:
+                self.touch(node)
 
     @abc.abstractmethod
     def remove(self, node: PolicyNode) -> None:
@@ -149,7 +152,7 @@ class LRUPolicy(EvictionPolicy):
             self._list.unlink(node)
             self._list.push_tail(node)
 
-    def touch_many(self, nodes: list[PolicyNode]) -> None:
+    def touch_many(self, nodes: list[PolicyNode], hit: bool = True) -> None:
         # The lookup hot path: a hot prefix looked up again is usually already at the tail in this
         # order, so check that first (a pointer walk) and move nothing; otherwise relink inline.
         s = self._list._sentinel
@@ -308,21 +311,40 @@ class S3FIFOPolicy(EvictionPolicy):
         return self._small.size + self._main.size
 
 
-#: priorities are kept as integers: seconds per byte x 1e18 (a 5.9 MB page worth 1 ms: ~1.7e8),
-#: shifted left by _HIT_BITS to hold the page's hits (1..7: frequency, GreedyDual-Size-Frequency)
-_PRIO_SCALE = 1e18
-_HIT_BITS = 3
-_HIT_MASK = (1 << _HIT_BITS) - 1
-_PRIO_MAX = (1 << 59) - 1  # priorities stay int64 (scored in numpy): ~5e17, far above any real worth
+#: a `cost` node's aux: its priority (seconds saved per byte x _PRIO_SCALE, plus the inflation L)
+#: above _LOW_BITS; below, when its frequency was last counted (_STAMP_BITS, the policy's decay clock
+#: in 1/_STAMP_RES half-lives, modulo 2^_STAMP_BITS) and the frequency itself (_FREQ_BITS, in
+#: 1/_FREQ_ONE hits). Victims are chosen on the priority alone (ties: least recently used first).
+_PRIO_SCALE = 1e16
+_FREQ_BITS = 6
+_FREQ_ONE = 8  # one hit; the frequency caps at 63/8 = 7.9 hits
+_FREQ_MAX = (1 << _FREQ_BITS) - 1
+_STAMP_BITS = 8
+_STAMP_RES = 16  # stamp units per half-life: a frequency not counted for 16 half-lives is 2^-16: 0
+_STAMP_MASK = (1 << _STAMP_BITS) - 1
+_LOW_BITS = _FREQ_BITS + _STAMP_BITS
+_PRIO_MAX = (1 << (63 - _LOW_BITS)) - 1  # auxes stay int64 (scored in numpy)
+#: the decay factor of a frequency after k stamp units
+_DECAY = [2.0 ** (-k / _STAMP_RES) for k in range(1 << _STAMP_BITS)]
+_MIN_HALF_LIFE = 64  # admissions: a near-empty tier does not forget at once
 
 
 class CostPolicy(LRUPolicy):
     """GreedyDual-Size-Frequency with what a page is worth as its cost (docs/DESIGN-NOTES.md,
-    "Cost-aware retention"): the victim is the evictable page of lowest priority H = L + value x hits,
+    "Cost-aware retention"): the victim is the evictable page of lowest priority H = L + value x f,
     where `value` is the owner's `valuer(node)` (seconds an engine saves per byte the page holds;
-    never below 0) and `hits` counts its insert and hits (up to 7), set when the page comes in and at
-    every hit, and L rises to each victim's H. A page not hit for a while sinks below newer ones as L
-    passes it; of pages hit alike, the dear outlive the cheap.
+    never below 0), `f` its frequency, and L rises to each victim's H. A page not hit for a while
+    sinks below newer ones as L passes it; of pages hit alike, the dear outlive the cheap.
+
+    The frequency counts hits with exponential decay: one at admission, one more per request that
+    hits the page (`touch_many(hit=True)`: a request's lookup; its load refreshes the priority and
+    the recency, `hit=False`, and counts nothing), halved every half-life. The half-life is counted
+    in pages admitted, one turnover of the tier (as many admissions as it holds pages): what pushes
+    a page out is what comes in, and requests bring from one page (a chat turn) to hundreds (a long
+    document), so neither requests nor seconds are the tier's clock.
+
+    A parent is worth at least what its children need: touched in one call leaf first (a hit's
+    chain), a page's priority is raised to its child's; leaf-first stays the owner's veto.
 
     An LRU list is kept too: the `SAMPLE` least recently used pages are the candidates a `victims`
     call scores, in one numpy batch (all pages when fewer are evictable among them), and it is the
@@ -335,29 +357,60 @@ class CostPolicy(LRUPolicy):
 
     def __init__(self) -> None:
         super().__init__()
-        self.inflation = 0  # L, in priority units
+        self.inflation = 0  # L, in aux units (its low bits 0)
         #: seconds saved per byte by keeping the page (set by the owner); None: 0 for every page
         self.valuer: Callable[[PolicyNode], float] | None = None
+        self._clock = 0.0  # the decay clock, in stamp units (1/_STAMP_RES half-lives)
 
-    def _priority(self, node: PolicyNode, hits: int) -> int:
-        """L + value x hits, with the hits (1..7) in the low 3 bits."""
+    def _aux(self, node: PolicyNode, freq: int) -> int:
+        """L + value x freq, above the stamp of now and `freq` (in 1/_FREQ_ONE hits)."""
         value = self.valuer(node) if self.valuer is not None else 0.0
-        worth = int(value * _PRIO_SCALE * hits) if value > 0 else 0
-        return min((self.inflation >> _HIT_BITS) + worth, _PRIO_MAX) << _HIT_BITS | hits
+        worth = int(value * (_PRIO_SCALE / _FREQ_ONE) * freq) if value > 0 else 0
+        prio = min((self.inflation >> _LOW_BITS) + worth, _PRIO_MAX)
+        return prio << _LOW_BITS | (int(self._clock) & _STAMP_MASK) << _FREQ_BITS | freq
+
+    @staticmethod
+    def priority(node: PolicyNode) -> int:
+        """`node`'s priority H (what victims are chosen by, lowest first)."""
+        return node.aux >> _LOW_BITS
+
+    def frequency(self, node: PolicyNode) -> float:
+        """`node`'s hits as counted now, decayed (a reading: changes nothing)."""
+        return self._decayed(node.aux) / _FREQ_ONE
+
+    def _decayed(self, aux: int) -> float:
+        stamp = aux >> _FREQ_BITS & _STAMP_MASK
+        return (aux & _FREQ_MAX) * _DECAY[(int(self._clock) - stamp) & _STAMP_MASK]
 
     def insert(self, node: PolicyNode) -> None:
         if node.prev is None:
-            node.aux = self._priority(node, 1)
+            self._clock += _STAMP_RES / max(len(self._list), _MIN_HALF_LIFE)
+            node.aux = self._aux(node, _FREQ_ONE)
             self._list.push_tail(node)
 
     def touch(self, node: PolicyNode) -> None:
-        if node.prev is not None:
-            node.aux = self._priority(node, min((node.aux & _HIT_MASK) + 1, _HIT_MASK))
+        self.touch_many([node])
+
+    def touch_many(self, nodes: list[PolicyNode], hit: bool = True) -> None:
+        """Hits, in order (the last ends up the most recently used). With `hit`, each counts one
+        more in its frequency; without, only its priority and recency are refreshed. Consecutive
+        nodes of which the second is the first's parent (a chain, leaf first) keep the parent's
+        priority at least its child's."""
+        child: PolicyNode | None = None
+        for node in nodes:
+            if node.prev is None:
+                child = None
+                continue
+            aux = node.aux
+            freq = int(self._decayed(aux) + (_FREQ_ONE if hit else 0.5))  # hit: +1, rounded down
+            aux = self._aux(node, min(max(freq, 1), _FREQ_MAX))
+            if child is not None and getattr(child, "parent", None) == node.key:
+                low = aux & ((1 << _LOW_BITS) - 1)
+                aux = max(aux >> _LOW_BITS, child.aux >> _LOW_BITS) << _LOW_BITS | low
+            node.aux = aux
             self._list.unlink(node)
             self._list.push_tail(node)
-
-    # every hit updates its priority: not LRUPolicy's shortcut for a prefix already at the tail
-    touch_many = EvictionPolicy.touch_many
+            child = node
 
     def victims(self, n: int, evictable: Evictable, limit: int | None = None) -> list[PolicyNode]:
         if n <= 0:
@@ -370,7 +423,8 @@ class CostPolicy(LRUPolicy):
             return []
         for node in chosen:
             self._list.unlink(node)
-        self.inflation = max(self.inflation, max(node.aux for node in chosen))
+        top = max(node.aux for node in chosen) >> _LOW_BITS << _LOW_BITS
+        self.inflation = max(self.inflation, top)
         return chosen
 
     @staticmethod
@@ -378,7 +432,7 @@ class CostPolicy(LRUPolicy):
         """The `n` evictable candidates of lowest priority (ties: least recently used first). The
         lowest few are found by a partial sort (`argpartition`); only when the owner vetoes too
         many of them (leaf-first: a long chain has one leaf) are all candidates sorted."""
-        prio = np.fromiter(map(_AUX, candidates), dtype=np.int64, count=len(candidates))
+        prio = np.fromiter(map(_AUX, candidates), dtype=np.int64, count=len(candidates)) >> _LOW_BITS
         chosen: list[PolicyNode] = []
         first = min(len(candidates), 4 * n + 60)
         if first < len(candidates):

@@ -3,6 +3,7 @@ fetch costs from the daemon's measurements, defaults until measured."""
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -83,3 +84,50 @@ def test_fetch_costs_per_peer_and_trust() -> None:
     assert set(f.peers()) == {"slow:1", "fast:2"}
     f.observe(Tier.DISK, 1000, 1e-6)
     assert f.seconds(Tier.DISK, 1000) == pytest.approx(1e-6)  # no 1 ms default latency left
+
+
+def disk_reads(pattern: str, fast: float = 60e-6) -> list[float]:
+    """63 synthetic read times of one page whose unhindered read takes `fast` seconds, as a busy
+    machine gives them: `noisy` (log-normal delays of up to ~9x), `bimodal` (every other read 9x
+    slower, the spread measured between runs on the shared VM), `slow burst` (23 reads at the
+    unhindered speed, then 40 stalled ones at 30x)."""
+    rng = random.Random(3)
+    if pattern == "noisy":
+        return [fast * math.exp(abs(rng.gauss(0, 1.5))) for _ in range(63)]
+    if pattern == "bimodal":
+        return [fast * (1 if i % 2 else 9) for i in range(63)]
+    assert pattern == "slow burst"
+    return [fast] * 23 + [30 * fast] * 40
+
+
+@pytest.mark.parametrize("pattern", ["noisy", "bimodal", "slow burst"])
+def test_the_fast_end_of_a_noisy_rate_stays_near_what_the_disk_can_do(pattern: str) -> None:
+    """Whatever the machine's load does to the daemon's reads, the rate decisions are taken on (the
+    fast end of the window) stays within 1.3x of the unhindered read, where the median moves 2-30x."""
+    f = FetchCosts()
+    for seconds in disk_reads(pattern):
+        f.observe(Tier.DISK, 1 << 15, seconds)
+    assert 60e-6 <= f.fast_seconds(Tier.DISK, 1 << 15) <= 1.3 * 60e-6
+    assert f.seconds(Tier.DISK, 1 << 15) > 2 * 60e-6  # the median: where the old rule decided
+
+
+def test_the_fast_end_follows_a_disk_that_really_slowed() -> None:
+    """A disk that is slow for good (a full window of slow reads) is seen slow at the fast end too."""
+    f = FetchCosts()
+    for seconds in disk_reads("bimodal") + [1e-3] * 63:
+        f.observe(Tier.DISK, 1 << 15, seconds)
+    assert f.fast_seconds(Tier.DISK, 1 << 15) == pytest.approx(1e-3)
+
+
+def test_a_pinned_rate_is_decided_by_whatever_is_measured() -> None:
+    """disk.read_gbps: the operator's rate replaces the measurements (still counted), trusted at
+    once; 0 goes back to the measurements."""
+    f = FetchCosts()
+    f.pin(Tier.DISK, 0.001)  # 1 MB/s
+    assert f.trusted(Tier.DISK) and f.gbps(Tier.DISK) == pytest.approx(0.001)
+    for _ in range(TRUSTED_AFTER):
+        f.observe(Tier.DISK, 1 << 20, 1e-4)
+    assert f.measured(Tier.DISK) == TRUSTED_AFTER
+    assert f.seconds(Tier.DISK, 1 << 20) == f.fast_seconds(Tier.DISK, 1 << 20) == pytest.approx(1.048576)
+    f.pin(Tier.DISK, 0)
+    assert f.seconds(Tier.DISK, 1 << 20) == pytest.approx(1e-4)

@@ -330,3 +330,24 @@ def test_manager_policy_switch_keeps_pages() -> None:
     assert len(m.lookup(s, keys)[0]) == 20
     m.set_policy(Tier.DRAM, "lru")
     assert len(m.policy) == 20 and m.index.ready_pages == 20
+
+
+def test_cost_frequency_halves_every_turnover_of_the_tier() -> None:
+    """A page's hits decay with a half-life of one turnover: as many pages admitted as the tier
+    holds. Three hits and its admission make 4; after 100 admissions through a tier of 100 pages it
+    counts 2, and a hit then makes 3."""
+    p = CostPolicy()
+    hot = Node(k(0))
+    p.valuer = lambda node: 1e-6 if node is hot else 1e-12
+    for i in range(1, 100):
+        p.insert(Node(k(i)))
+    p.insert(hot)
+    for _ in range(3):
+        p.touch(hot)
+    assert p.frequency(hot) == pytest.approx(4, abs=0.15)
+    for i in range(100, 200):
+        p.insert(Node(k(i)))
+        assert p.victims(1, anything)[0] is not hot
+    assert p.frequency(hot) == pytest.approx(2, abs=0.15)
+    p.touch(hot)
+    assert p.frequency(hot) == pytest.approx(3, abs=0.15)

@@ -31,6 +31,7 @@ from polarkvd.config.values import (
     MiB,
     choice,
     finite,
+    number_in,
     parse_address_list,
     parse_bool,
     parse_duration,
@@ -248,6 +249,11 @@ class DiskConfig:
         "less are stored raw (a hit then costs a copy, not a decompression); 1 = compress whenever smaller",
     )
     io_threads: int = _opt(2, positive(parse_int), "threads compressing, writing and reading pages")
+    read_gbps: float = _opt(
+        0.0,
+        number_in(0, 1000),
+        "page reads' GB/s the cost policy decides by; 0 = the daemon's own measurements",
+    )
     max_pending_bytes: int = _opt(
         256 * MiB, positive(parse_size), "demotions queued for writing at most; more are dropped (counted)"
     )

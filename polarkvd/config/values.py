@@ -147,6 +147,25 @@ def positive(parse: Callable[[object], Any]) -> Callable[[object], Any]:
     return check
 
 
+def number_in(lo: float, hi: float) -> Callable[[object], float]:
+    """A parser of a plain number (int, float or its string) within lo..hi."""
+
+    def parse(value: object) -> float:
+        try:
+            out = (
+                float(value) if isinstance(value, (int, float, str)) and not isinstance(value, bool) else None
+            )
+        except ValueError:
+            out = None
+        if out is None:
+            raise ValueError("expected a number")
+        if not lo <= finite(out, "a number") <= hi:
+            raise ValueError(f"must lie between {lo:g} and {hi:g}")
+        return out
+
+    return parse
+
+
 def parse_fraction(value: object) -> float:
     """0.9, "0.9" or "90%" -> 0.9; must lie in 0..1."""
     out: float | None = None

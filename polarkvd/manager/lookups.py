@@ -66,7 +66,7 @@ class Lookups:
         tiers, hit_pages = self.cut_dear_fetches(session, keys, *self.probe(session.ns, keys))
         hit_pages.reverse()  # leaf first, so the root ends up most recent: leaves are evicted first
         self.apply_touches()  # earlier lookups answered on threads first: LRU order is request order
-        self.touch(hit_pages)
+        self.touch(hit_pages, hit=True)
         n = len(hit_pages)
         in_vram = tiers.count(Tier.VRAM) if self.m.vram is not None else 0
         self._count_lookups(session, 1, len(keys), n - in_vram, len(tiers) - n, in_vram)
@@ -125,7 +125,7 @@ class Lookups:
         if queue:
             touch_many = self.m.policy.touch_many if self.m.vram is None else self.touch
             while queue:  # only the loop pops: never empty between the check and the pop
-                touch_many(queue.popleft())  # type: ignore[arg-type]
+                touch_many(queue.popleft(), hit=True)  # type: ignore[arg-type]
         if session is not None and session.table_slot is not None:
             self._touch_table_hits(session.table_slot)
 
@@ -135,15 +135,18 @@ class Lookups:
             # only pages READY in L1 or DRAM: a disk entry's key has no page here (or one on its way
             # up from disk, PROMOTING, which no policy holds yet)
             pages = [p for p in map(self.m.index.get, keys) if p is not None and p.state & ~VRAM == READY]
-            self.touch(pages)
+            self.touch(pages, hit=True)
 
-    def touch(self, pages: list[Page]) -> None:
-        """Hits, leaf first, each in its own tier's policy (a node lives in one policy only)."""
+    def touch(self, pages: list[Page], hit: bool = False) -> None:
+        """Pages a request uses, leaf first, each in its own tier's policy (a node lives in one
+        policy only). `hit`: the request's lookup, counted once as a hit (of the daemon's lookups,
+        a thread's, or the shared table's); without it, a use the lookup already counted (the
+        request's load): recency only, so that frequencies count requests."""
         if self.m.vram_policy is None:
-            self.m.policy.touch_many(pages)  # type: ignore[arg-type]
+            self.m.policy.touch_many(pages, hit)  # type: ignore[arg-type]
             return
-        self.m.policy.touch_many([p for p in pages if not p.state & VRAM])
-        self.m.vram_policy.touch_many([p for p in pages if p.state & VRAM])
+        self.m.policy.touch_many([p for p in pages if not p.state & VRAM], hit)
+        self.m.vram_policy.touch_many([p for p in pages if p.state & VRAM], hit)
 
     def apply_table_touches(self) -> None:
         """Touch the pages engines hit in the shared lookup table, and rebuild the table when it

@@ -7,7 +7,10 @@ A page's worth is what losing it from its tier would cost the next request that 
 the cheaper of recomputing it (its namespace's fit at its depth in the chain) and fetching it back
 from the tier it would be demoted to (the disk tier when there is one); with nowhere to go, its whole
 recompute cost. Under `cost`, a page that is cheaper to recompute than to read back from disk is
-dropped when it leaves DRAM rather than demoted (`cheaper_to_recompute`).
+dropped when it leaves DRAM rather than demoted (`cheaper_to_recompute`), and a hit is cut where
+the rest is cheaper to recompute than to fetch (`worth_fetching`): both only when recomputing wins
+by `MARGIN` even against the fast end of the fetch measurements, so that a noisy rate errs towards
+keeping.
 
 A part of the manager (polarkvd/manager/__init__.py): the models are its own state; the pages and
 namespaces are the manager's.
@@ -29,9 +32,14 @@ _UNKNOWN_PAGE_SECONDS = 0.4
 
 #: drop-or-demote demotes one in this many of the pages it would drop (see cheaper_to_recompute)
 EXPLORE = 16
-#: a page is dropped, or a hit cut, only where fetching costs this much more than recomputing: the
-#: measured rates move with the machine's load, and a close call is not worth a wrong drop
+#: a page is dropped, or a hit cut, only where fetching costs this much more than recomputing, the
+#: fetch taken at the fast end of its measurements (FetchCosts.fast_seconds): the measured rates
+#: move with the machine's load, and a close call is not worth a wrong drop
 MARGIN = 1.25
+
+#: parents of demoted pages remembered until their own eviction (cheaper_to_recompute): a bound, far
+#: above the pages one eviction batch takes
+_PARENTS_KEPT = 16384
 
 if TYPE_CHECKING:
     from polarkvd.manager import Manager
@@ -47,6 +55,10 @@ class Worth:
         self.models: dict[tuple[object, ...], RecomputeModel] = {}
         self.fetch = FetchCosts()
         self._drops = 0  # pages drop-or-demote found cheaper to recompute (see cheaper_to_recompute)
+        #: parents of the pages drop-or-demote sent to disk lately, oldest first: their writes may
+        #: still be queued (the disk does not count them as children yet), and a DRAM eviction takes
+        #: a chain leaf first in one batch, so the parent's turn comes while they are
+        self._parents_of_demoted: dict[bytes, None] = {}
 
     def model(self, ns_id: int) -> RecomputeModel:
         """The fit of a namespace's model and shard, made on first use (event loop only)."""
@@ -67,7 +79,9 @@ class Worth:
         info = self.m._ns_by_id[node.ns]
         recompute = self.model(node.ns).cost.page_seconds(info.ns.page_tokens, depth_of(node.depth))
         if self.m.disk is not None:
-            recompute = min(recompute, self.fetch.seconds(Tier.DISK, node.size))
+            # the fast end, as for the decisions: a priority is fixed when the page is touched, and
+            # pages touched on either side of a slow spell must stay comparable
+            recompute = min(recompute, self.fetch.fast_seconds(Tier.DISK, node.size))
         return recompute / node.size if node.size else 0.0
 
     def disk_value(self, node: PolicyNode) -> float:
@@ -90,13 +104,25 @@ class Worth:
         then it is dropped when it leaves DRAM, not demoted (the `cost` policy's drop-or-demote). A
         page with children on disk is always demoted: they are reachable only through it."""
         assert self.m.disk is not None
+        if self._drop(page):
+            return True
+        if page.parent is not None:  # demoted: its parent must follow it (leaf-first on disk too)
+            self._parents_of_demoted[page.parent] = None
+            if len(self._parents_of_demoted) > _PARENTS_KEPT:
+                del self._parents_of_demoted[next(iter(self._parents_of_demoted))]
+        return False
+
+    def _drop(self, page: Page) -> bool:
+        if page.key in self._parents_of_demoted:  # a child went to disk: reachable only through it
+            del self._parents_of_demoted[page.key]
+            return False
+        if self.m.disk.children_of(page.key):  # type: ignore[union-attr]
+            return False
         if not self.fetch.trusted(Tier.DISK):
             return False  # demoted until reads are measured: a default must not starve the disk of reads
         info = self.m._ns_by_id[page.ns]
         recompute = self.model(page.ns).cost.page_seconds(info.ns.page_tokens, depth_of(page.depth))
-        if recompute * MARGIN >= self.fetch.seconds(Tier.DISK, page.size) or self.m.disk.children_of(
-            page.key
-        ):
+        if recompute * MARGIN >= self.fetch.fast_seconds(Tier.DISK, page.size):
             return False
         self._drops += 1
         # one in EXPLORE is demoted all the same, so that reads keep measuring the disk: a rate
@@ -120,7 +146,7 @@ class Worth:
             return len(tiers)  # a tier's rate is not measured enough: fetch, and measure it
         cost, page_tokens, size = model.cost, info.ns.page_tokens, info.ns.page_bytes
         base = self._depth(keys[0], info.digest)
-        fetch = {t: self.fetch.seconds(t, size) for t in set(tiers)}
+        fetch = {t: self.fetch.fast_seconds(t, size) for t in set(tiers)}
         # the cut minimizing fetch(0..k) + recompute(k..n) = the deepest k whose suffix gains least
         gain = best = 0.0  # recompute - fetch of pages k..n-1, walking k down from n
         cut = len(tiers)
@@ -142,7 +168,9 @@ class Worth:
         return depth_of(entry.depth) if entry is not None and entry.ns == digest else 0
 
     def attach(self, policy: EvictionPolicy | None) -> None:
-        """Give `policy` this valuer if it is the `cost` policy (after it was made or switched)."""
+        """Give `policy` this valuer if it is the `cost` policy (after it was made or switched); the
+        disk's rate pinned if the operator set one (disk.read_gbps)."""
+        self.fetch.pin(Tier.DISK, self.m.cfg.disk.read_gbps)
         if isinstance(policy, CostPolicy):
             policy.valuer = self.value
 

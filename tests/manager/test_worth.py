@@ -12,13 +12,16 @@ import pytest
 
 from polarkvd.config import load_config
 from polarkvd.cost_model import TRUSTED_AFTER
+from polarkvd.errors import ConfigError
 from polarkvd.index import child_depth, depth_of
 from polarkvd.keys import page_keys
 from polarkvd.manager import Manager
+from polarkvd.manager.worth import MARGIN
 from polarkvd.tiers.disk import DiskTier
 from polarkvd.tiers.dram import SlabAllocator
 from polarkvd.types import Tier
 from tests.conftest import TEST_NS, TEST_SEED, chain_tokens, make_manager, manager_store, page_bytes_for
+from tests.test_cost_model import disk_reads
 
 
 def chain(session, seed: int, pages: int) -> list[bytes]:  # type: ignore[no-untyped-def]
@@ -228,5 +231,124 @@ def test_fetch_or_recompute_is_the_cost_policys(tmp_path: Path, policy: str) -> 
         await m.flush()
         measure_disk(m, 1.0)
         assert m.lookup(s, keys)[0] == [Tier.DISK] * 4
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("pattern", ["noisy", "bimodal", "slow burst"])
+@pytest.mark.parametrize("us_per_token", [5.0, 1.0])
+def test_a_noisy_disk_rate_drops_and_cuts_only_what_recomputes_faster_even_at_its_fast_end(
+    tmp_path: Path, pattern: str, us_per_token: float
+) -> None:
+    """The daemon's disk reads come in noisy, bimodal or with a slow burst, unhindered at 60 us a
+    page, their median 3-30x that. An engine recomputing a page in 80 us (5 us a token) is slower
+    than the unhindered read: no page is dropped and no hit cut, though the median alone says
+    otherwise. One recomputing it in 16 us is faster than even the fast end: its pages are dropped
+    and its disk hits cut (its DRAM hits kept: a DRAM copy is faster still)."""
+
+    async def run() -> None:
+        m = cost_disk_manager(tmp_path)
+        s = m.attach(TEST_NS, "s")
+        for i in range(10):
+            m.worth.observe_prefill(s.ns.id, 256 + i, 0, (256 + i) * us_per_token * 1e-6)
+        page = TEST_NS.page_bytes
+        hit = chain(s, 11, 6)
+        manager_store(m, s, hit)
+        assert m.evict_bytes(Tier.DRAM, 3 * page) >= 3 * page  # (the disk unmeasured: demoted)
+        await m.flush()
+        for seconds in disk_reads(pattern):
+            m.worth.fetch.observe(Tier.DISK, page, seconds)
+        recompute = m.worth.model(s.ns.id).cost.page_seconds(TEST_NS.page_tokens, 0)
+        assert m.worth.fetch.seconds(Tier.DISK, page) > 2 * recompute  # the median: "drop them all"
+        tiers = m.lookup(s, hit)[0]
+        dropped = chain(s, 12, 3)
+        manager_store(m, s, dropped)
+        m.evict_prefixes([dropped[0]])
+        await m.flush()
+        on_disk = [m.disk.entry(k) is not None for k in dropped]  # type: ignore[union-attr]
+        if us_per_token > 1:
+            assert tiers == [Tier.DRAM] * 3 + [Tier.DISK] * 3 and on_disk == [True] * 3
+            assert m.counters["dropped_pages_cheap"] == m.counters["recompute_instead_pages"] == 0
+        else:
+            assert tiers == [Tier.DRAM] * 3 and on_disk == [False] * 3
+            assert m.counters["dropped_pages_cheap"] == 3 and m.counters["recompute_instead_pages"] == 3
+
+    asyncio.run(run())
+
+
+def test_a_request_counts_one_hit_its_lookup_and_load_together() -> None:
+    """A request looks its prefix up, then loads it: under `cost` its pages count one hit more (two
+    with their admission), not two; the load keeps them the most recently used."""
+
+    async def run() -> None:
+        m, _ = make_manager(16, **{"dram.policy": "cost"})
+        s = m.attach(TEST_NS, "s")
+        keys = chain(s, 1, 4)
+        manager_store(m, s, keys)
+        for _ in range(2):  # two requests
+            assert len(m.lookup(s, keys)[0]) == 4
+            offsets, _, lease = await m.load(s, keys)
+            assert len(offsets) == 4 and lease is not None
+            m.release(s, lease)
+        pages = [m.index.get(key) for key in keys]
+        assert [round(m.policy.frequency(p)) for p in pages] == [3] * 4  # type: ignore[attr-defined]
+        assert [n.key for n in m.policy.coldest(16)][-4:] == keys[::-1]  # leaf first: root most recent
+
+    asyncio.run(run())
+
+
+def test_a_parent_is_worth_at_least_what_its_children_need() -> None:
+    """Deep pages are dearer to recompute (attention), so stored alone a chain's root has the lowest
+    priority of its pages. Once a request has hit the chain, every page's priority is at least its
+    child's: the cost order itself, not only the leaf-first veto, evicts the chain leaf first."""
+    m, _ = make_manager(16, **{"dram.policy": "cost"})
+    s = m.attach(TEST_NS, "s")
+    for i in range(10):  # an engine whose attention dominates: deep pages cost far more
+        m.worth.observe_prefill(s.ns.id, 64 + i, 4096 * i, 1e-6 * (64 + i) * (1 + 4096 * i))
+    keys = chain(s, 2, 8)
+    manager_store(m, s, keys)
+    prio = [m.policy.priority(m.index.get(key)) for key in keys]  # type: ignore[attr-defined]
+    assert prio == sorted(prio) and prio[0] < prio[-1]  # as stored: the root lowest
+    m.lookup(s, keys)
+    prio = [m.policy.priority(m.index.get(key)) for key in keys]  # type: ignore[attr-defined]
+    assert prio == sorted(prio, reverse=True)  # root >= ... >= leaf
+    victims = m.policy.victims(8, lambda node: True)  # no veto: the order alone
+    assert [n.key for n in victims] == keys[::-1]
+
+
+@pytest.mark.parametrize("bad", ["fast", "-1", "nan", "1e9"])
+def test_a_bad_pinned_disk_rate_is_refused_with_its_key(bad: str) -> None:
+    with pytest.raises(ConfigError, match="disk.read_gbps"):
+        load_config(env={}, overrides={"disk.read_gbps": bad})
+
+
+def test_a_chain_leaving_dram_at_once_keeps_the_parents_of_what_it_demotes(tmp_path: Path) -> None:
+    """An engine whose attention dominates: a chain's first page recomputes faster than the disk
+    reads it, its deeper pages slower. Evicted in one batch (leaf first), the deeper pages go to
+    disk, and so does the first, though cheap: without it they could never be hit (their writes
+    are still queued when its turn comes)."""
+
+    async def run() -> None:
+        m = cost_disk_manager(tmp_path)
+        s = m.attach(TEST_NS, "s")
+        for i in range(10):  # 2.5 us per token per token of depth, nothing else
+            n, d = 64 + i, 1000 * i
+            m.worth.observe_prefill(s.ns.id, n, d, 2.5e-6 * n * (d + n / 2))
+        measure_disk(m, 1e-3)
+        fit = m.worth.model(s.ns.id).cost
+        assert fit.page_seconds(16, 0) * MARGIN < 1e-3 < fit.page_seconds(16, 1) * MARGIN
+        keys = chain(s, 13, 3)
+        manager_store(m, s, keys)
+        assert m.evict_prefixes([keys[0]])["evicted_pages"] == 3
+        await m.flush()
+        assert [m.disk.entry(k) is not None for k in keys] == [True] * 3  # type: ignore[union-attr]
+        assert m.counters["dropped_pages_cheap"] == 0
+        assert m.lookup(s, keys)[0] == [Tier.DISK] * 3
+
+        alone = chain(s, 14, 1)  # the same first page with nothing behind it is dropped
+        manager_store(m, s, alone)
+        m.evict_prefixes(alone)
+        await m.flush()
+        assert m.disk.entry(alone[0]) is None and m.counters["dropped_pages_cheap"] == 1  # type: ignore[union-attr]
 
     asyncio.run(run())
