@@ -10,10 +10,11 @@ an effective GPU throughput. The simulated engine reports its timings as the con
 
 The bench's pages are 32 KiB (so thousands fit this machine); the modelled engine's are MiBs. Its
 compute is reported to the daemon scaled so that a page's recompute stands to the daemon's own
-measured disk read of a bench page (the manager's FetchCosts after the trace's first quarter
-replayed under `lru`: one scale per trace, for every policy) as the model's stands to reading its
-page from an NVMe disk (`DISK_GBPS`). The engine keeps that speed; the daemon weighs it against its
-own fetch measurements as they go, not a constant (on a busy 2-core machine they vary 3x). Results are in the model's seconds: prefill = recompute +
+measured disk read of a bench page (the fast end of the manager's FetchCosts, the estimate its
+decisions use, after the trace's first quarter replayed under `lru`: one scale per trace, for every
+policy) as the model's stands to reading its page from an NVMe disk (`DISK_GBPS`). The engine keeps
+that speed; the daemon weighs it against its own fetch measurements as they go, not a constant (on
+a busy 2-core machine they vary 3-9x). Results are in the model's seconds: prefill = recompute +
 loading the hit (disk pages at DISK_GBPS, DRAM pages at DRAM_GBPS).
 
 Traces (deterministic from --seed; 128-token pages):
