@@ -15,8 +15,9 @@ that an unmeasured namespace keeps and demotes its pages as the recency policies
 
 `FetchCosts` keeps, per tier, what bringing a page back has cost (latency plus bytes over bandwidth,
 moving medians of the daemon's own measurements: DRAM copies, disk promotions, peer fetches), with
-defaults until measured; and the fast end of the same window (`FAST_QUANTILE`), what the tier does
-when nothing else is in its way: the irreversible decisions (drop a page, cut a hit) are taken on it.
+defaults until measured; and the fast end of the measurements (the low quantile `FAST_QUANTILE` of
+the same window, rising slowly: `FAST_RISE`), what the tier does when nothing else is in its way:
+the decisions that lose a page or a hit (drop, cut) are taken on it.
 
 Nothing here holds locks or does I/O: the manager owns the instances and feeds them on its loop.
 """
@@ -113,7 +114,7 @@ class RecomputeModel:
 class _Rate:
     """A tier's (or a peer's) seconds per byte: the default until measured, then the median of
     the last `_RECENT` measurements (a moving median: one read stalled by a busy moment moves an
-    average far, a median hardly), and the window's fast end (`FAST_QUANTILE`)."""
+    average far, a median hardly), and the fast end (`FAST_QUANTILE`, `FAST_RISE`)."""
 
     __slots__ = ("latency", "per_byte", "fast_per_byte", "observations", "_recent")
 
@@ -128,7 +129,10 @@ class _Rate:
         self._recent.append(seconds / nbytes)
         ordered = sorted(self._recent)  # 63 floats: ~3 us, once per measured fetch batch
         self.per_byte = statistics.median(ordered)
-        self.fast_per_byte = ordered[int(FAST_QUANTILE * (len(ordered) - 1))]
+        fast = ordered[int(FAST_QUANTILE * (len(ordered) - 1))]
+        # the floor: down at once, up by at most FAST_RISE a measurement (see FAST_RISE)
+        rise = self.fast_per_byte * (1 + FAST_RISE) if self.observations else fast
+        self.fast_per_byte = min(fast, rise)
         self.latency = 0.0
         self.observations += 1
 
@@ -151,6 +155,12 @@ _RECENT = 63  # measurements a rate is the median of
 #: does unhindered, steady where the median follows the machine's load: on the shared 2-core VM the
 #: median of 32 KiB disk reads moved 9x between runs, the fast end far less (docs/BENCHMARKS.md)
 FAST_QUANTILE = 0.1
+#: how fast the fast end may rise, per measurement: it follows a faster window at once, a slower one
+#: by at most this (doubling in ~45,000 measurements, minutes of a busy daemon's reads). Within a
+#: run of bench policy the daemon's window moved 2-4x as its batches of reads grew (the 2-core VM:
+#: reads timed on threads that share the cores with the loop), which a window alone follows; a
+#: disk that really slowed is followed all the same, late, and until then pages are kept and fetched
+FAST_RISE = 1 / 65536
 #: measurements of a tier before decisions trust its rate (the first reads of a cold disk are slow)
 TRUSTED_AFTER = 16
 

@@ -111,12 +111,20 @@ def test_the_fast_end_of_a_noisy_rate_stays_near_what_the_disk_can_do(pattern: s
     assert f.seconds(Tier.DISK, 1 << 15) > 2 * 60e-6  # the median: where the old rule decided
 
 
-def test_the_fast_end_follows_a_disk_that_really_slowed() -> None:
-    """A disk that is slow for good (a full window of slow reads) is seen slow at the fast end too."""
+def test_the_fast_end_follows_a_slower_disk_late_and_a_faster_one_at_once() -> None:
+    """A disk slow for good (reads 4x slower from now on) is followed slowly: after a few thousand
+    reads the fast end has hardly moved, after 100,000 it sees the disk's new speed. A faster disk
+    is seen at once."""
     f = FetchCosts()
-    for seconds in disk_reads("bimodal") + [1e-3] * 63:
+    for seconds in disk_reads("bimodal") + [240e-6] * 4000:
         f.observe(Tier.DISK, 1 << 15, seconds)
-    assert f.fast_seconds(Tier.DISK, 1 << 15) == pytest.approx(1e-3)
+    assert f.fast_seconds(Tier.DISK, 1 << 15) < 1.1 * 60e-6
+    for _ in range(100_000):
+        f.observe(Tier.DISK, 1 << 15, 240e-6)
+    assert f.fast_seconds(Tier.DISK, 1 << 15) == pytest.approx(240e-6)
+    for _ in range(7):
+        f.observe(Tier.DISK, 1 << 15, 30e-6)
+    assert f.fast_seconds(Tier.DISK, 1 << 15) == pytest.approx(30e-6)
 
 
 def test_a_pinned_rate_is_decided_by_whatever_is_measured() -> None:
