@@ -11,11 +11,14 @@ an effective GPU throughput. The simulated engine reports its timings as the con
 The bench's pages are 32 KiB (so thousands fit this machine); the modelled engine's are MiBs. Its
 compute is reported to the daemon scaled so that a page's recompute stands to the daemon's own
 measured disk read of a bench page (the fast end of the manager's FetchCosts, the estimate its
-decisions use, after the trace's first quarter replayed under `lru`: one scale per trace, for every
-policy) as the model's stands to reading its page from an NVMe disk (`DISK_GBPS`). The engine keeps
-that speed; the daemon weighs it against its own fetch measurements as they go, not a constant (on
-a busy 2-core machine they vary 3-9x). Results are in the model's seconds: prefill = recompute +
-loading the hit (disk pages at DISK_GBPS, DRAM pages at DRAM_GBPS).
+decisions use) as the model's stands to reading its page from an NVMe disk (`DISK_GBPS`): at each
+report, from the daemon's estimate then (before the disk is measured enough to be trusted, from the
+trace's first quarter replayed under `lru`, one calibration per trace). On the shared 2-core VM a
+32 KiB read is CPU-bound Python sharing the cores with everything else, and its fast end differed
+2-4x between runs a few minutes apart: an engine fixed at one calibration made the daemon see a
+disk 2-4x slower or faster than the model's, and decide by that (docs/BENCHMARKS.md). Results are in
+the model's seconds: prefill = recompute + loading the hit (disk pages at DISK_GBPS, DRAM pages at
+DRAM_GBPS).
 
 Traces (deterministic from --seed; 128-token pages):
   chat   users with Zipf popularity resend their growing history plus a new turn
@@ -249,6 +252,7 @@ async def replay(
     m, disk, executor = _manager(policy, *sizes, root, demote_always)
     s = m.attach(_namespace(), "bench")
     page = s.ns.ns.page_bytes
+    model_read = engine.page_bytes / (DISK_GBPS * 1e9)  # the modelled disk's read of a model page
     filler = random.Random(7).randbytes(page)  # incompressible: stored raw, as fp16 KV mostly is
     recomputed = 0
     compute_s = load_s = 0.0
@@ -273,6 +277,8 @@ async def replay(
         recomputed += missing
         compute_s += cost
         if missing >= 32:  # what the vLLM connector reports: steps of 32 tokens or more
+            if m.worth.fetch.trusted(Tier.DISK):  # the engine's speed in the daemon's disk units now
+                scale = m.worth.fetch.fast_seconds(Tier.DISK, page) / model_read
             m.worth.observe_prefill(s.ns.id, missing, depth, cost * scale)
         new = list(keys[n_hit:])
         if new:
