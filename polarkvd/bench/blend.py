@@ -37,6 +37,7 @@ from typing import Any
 
 from polarkvd.bench import plots
 from polarkvd.bench.harness import fmt, private_daemon, table
+from polarkvd.blend import DEFAULT_KEEP_LAST
 from polarkvd.progress import Progress
 
 SETTINGS = ("full", "prefix", "r0", "r05", "r15", "r30")
@@ -76,6 +77,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default="", help="model directory (default: the converted SmolLM2)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--keep-last", type=int, default=None,
+                   help="reused tokens before the question always recomputed (default: the generator's, 64)")  # fmt: skip
+    p.add_argument("--chunks-from-zero", action="store_true",
+                   help="chunks computed from position 0, not behind the header (with --keep-last 0: "
+                   "the method before chunks were kept behind the header)")  # fmt: skip
     p.add_argument("--prompt-range", metavar="A:B", default="",
                    help="run only prompts A..B-1 of the --prompts (the same prompts as a whole run); "
                    "--merge the pieces' --json into one result")  # fmt: skip
@@ -167,6 +173,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         prompts.append((picked, rng.randrange(len(INSTRUCTIONS))))
     prompts = prompts[first:end]
     used = sorted({i for picked, _ in prompts for i in picked})
+    context = [] if args.chunks_from_zero else header
+    method: dict[str, Any] = {"behind_prefix": not args.chunks_from_zero}
+    if args.keep_last is not None:
+        method["keep_last"] = args.keep_last
     per: dict[str, list[dict[str, Any]]] = {s: [] for s in SETTINGS}
     sets = {"dram.capacity": "2GiB", "disk.enabled": "false", "daemon.log_level": "warning"}
     with (
@@ -177,8 +187,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with PolarKVGenerator(model, tok, socket_path=engine_sock, page_tokens=args.page_tokens) as g:
             chunk_keys = []
             for i in used:
-                g.chunk(pool[i][0], context=header)
-                chunk_keys += g.chunk_keys(pool[i][0], context=header)
+                g.chunk(pool[i][0], context=context)
+                chunk_keys += g.chunk_keys(pool[i][0], context=context)
         # The corpus stays in DRAM, as a RAG deployment keeps its documents: the prefix setting's
         # pages (every prompt's) would otherwise evict chunks, and blends would prefill them instead.
         with ControlClient(control_sock) as c:
@@ -213,7 +223,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         p = pg.prefill(ids)
                         ttft = p.seconds
                     else:
-                        p = bg.blend(chunks, instruction, r=RATIOS[s], prefix=header)
+                        p = bg.blend(chunks, instruction, r=RATIOS[s], prefix=header, **method)
                         ttft = p.seconds
                     results[s] = (p, ttft)
                 full = results["full"][0]
@@ -250,7 +260,7 @@ def _kl(logp_full: Any, logits: Any) -> float:
 
 #: What must be equal in pieces that are merged (they are pieces of one run).
 _CONFIG = ("model", "prompts_total", "seed", "pool_chunks", "chunks_per_prompt", "chunk_tokens",
-           "answer_tokens", "page_tokens")  # fmt: skip
+           "answer_tokens", "page_tokens", "chunks_behind_header", "keep_last")  # fmt: skip
 
 
 def _config(args: argparse.Namespace, pool: int) -> dict[str, Any]:
@@ -264,6 +274,8 @@ def _config(args: argparse.Namespace, pool: int) -> dict[str, Any]:
         "answer_tokens": args.answer_tokens,
         "page_tokens": args.page_tokens,
         "torch_threads": _threads(),
+        "chunks_behind_header": not args.chunks_from_zero,
+        "keep_last": DEFAULT_KEEP_LAST if args.keep_last is None else args.keep_last,
     }
 
 
@@ -290,7 +302,7 @@ def merge(paths: list[str]) -> dict[str, Any]:
                 f"bench blend: {pa} and {pb} overlap (prompts {a['prompt_range']}, {b['prompt_range']})"
             )
     per = {s: [row for _, res in pieces for row in res["per_prompt"][s]] for s in SETTINGS}
-    config = {k: first[k] for k in (*_CONFIG, "torch_threads")}
+    config = {k: first.get(k) for k in (*_CONFIG, "torch_threads")}
     out = summarize(per, config)
     out["prompt_range"] = [pieces[0][1]["prompt_range"][0], pieces[-1][1]["prompt_range"][1]]
     out["pieces"] = [res["prompt_range"] for _, res in pieces]

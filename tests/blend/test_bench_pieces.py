@@ -17,6 +17,7 @@ from tests.conftest import REPO_ROOT, clean_env
 CONFIG = {
     "model": "smollm2-135m", "prompts_total": 6, "seed": 0, "pool_chunks": 40, "chunks_per_prompt": [4, 8],
     "chunk_tokens": [256, 512], "answer_tokens": 32, "page_tokens": 32, "torch_threads": 2,
+    "chunks_behind_header": True, "keep_last": 64,
 }  # fmt: skip
 
 
@@ -57,6 +58,8 @@ def test_pieces_of_other_runs_or_overlapping_pieces_are_refused(tmp_path: Path) 
     other.mkdir()
     with pytest.raises(SystemExit, match="another run.*seed"):
         merge([a, str(_piece(other, 3, 6, seed=1))])
+    with pytest.raises(SystemExit, match="another run.*keep_last"):  # another method
+        merge([a, str(_piece(other, 3, 6, keep_last=0))])
     not_piece = tmp_path / "x.json"
     not_piece.write_text(json.dumps({"bench": "datapath"}))
     with pytest.raises(SystemExit, match="not a bench blend"):
