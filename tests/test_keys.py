@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import xxhash
 
-from polarkvd.keys import ROOT_KEY, chunk_keys, namespace_digest, page_keys, seed_fingerprint
+from polarkvd.keys import ROOT_KEY, chunk_keys, chunk_root, namespace_digest, page_keys, seed_fingerprint
 from polarkvd.types import Namespace
 from tests.conftest import REPO_ROOT, TEST_NS, clean_env
 
@@ -234,3 +234,54 @@ def test_a_chunk_of_other_length_shares_only_its_full_leading_pages() -> None:
     digest = namespace_digest(TEST_NS, SEED)
     short, long_ = chunk_keys(digest, list(range(40)), 16), chunk_keys(digest, list(range(44)), 16)
     assert short[:2] == long_[:2] and short[2] != long_[2]
+
+
+# -------------------------------------------------------- chunks computed behind a header (context)
+
+
+def test_a_chunk_behind_a_context_chains_from_the_contexts_root() -> None:
+    digest = namespace_digest(TEST_NS, SEED)
+    header, tokens = [7, 8, 9], list(range(40))
+    root = xxhash.xxh3_128_digest(b"\xc4\x02" + digest + np.asarray(header, dtype="<u4").tobytes())
+    assert chunk_root(digest, header) == root and chunk_root(digest, []) == ROOT_KEY
+    prev = root
+    for n, key in enumerate(chunk_keys(digest, tokens, 16, context=header)):
+        data = np.asarray(tokens[n * 16 : (n + 1) * 16], dtype="<u4").tobytes()
+        prev = xxhash.xxh3_128_digest(b"\xc4\x01" + prev + digest + data)
+        assert key == prev
+    # no context: the chunk from position 0, keyed as before contexts existed
+    assert chunk_keys(digest, tokens, 16, context=[]) == chunk_keys(digest, tokens, 16)
+
+
+def test_chunks_behind_a_context_never_share_a_key_with_prefixes_other_contexts_or_position_zero() -> None:
+    """Every key of a chunk behind each of a few headers, against: the prefix pages of the header and
+    the chunk as one prompt (the tokens they stand for), the same chunk from position 0, and the same
+    chunk behind every other header (one a prefix of another among them)."""
+    digest = namespace_digest(TEST_NS, SEED)
+    rng = np.random.default_rng(11)
+    headers = [[], [1], [1, 2], [2, 1], rng.integers(0, 50_000, 33).tolist(), list(range(16))]
+    for n in (1, 15, 16, 17, 100):
+        tokens = rng.integers(0, 50_000, n).tolist()
+        families = [set(chunk_keys(digest, tokens, 16, context=h)) for h in headers]
+        for h, keys in zip(headers, families):
+            assert len(keys) == -(-n // 16)
+            assert not keys & set(page_keys(digest, h + tokens, 16))
+            assert not keys & set(page_keys(digest, tokens, 16))
+        for a in range(len(families)):
+            for b in range(a + 1, len(families)):
+                assert not families[a] & families[b], (headers[a], headers[b])
+
+
+def test_a_chunk_behind_a_header_under_another_salt_shares_nothing() -> None:
+    header, tokens = list(range(20)), list(range(100, 200))
+    a = chunk_keys(
+        namespace_digest(dataclasses.replace(TEST_NS, cache_salt="alice"), SEED), tokens, 16, header
+    )
+    b = chunk_keys(namespace_digest(dataclasses.replace(TEST_NS, cache_salt="bob"), SEED), tokens, 16, header)
+    assert len(a) == len(b) == 7 and not set(a) & set(b)
+
+
+@pytest.mark.parametrize("bad", [[-1], [2**32]])
+def test_a_context_outside_uint32_is_rejected(bad: list[int]) -> None:
+    with pytest.raises(ValueError, match="uint32"):
+        chunk_keys(namespace_digest(TEST_NS, SEED), [1, 2], 16, context=bad)

@@ -14,6 +14,8 @@ from __future__ import annotations
 from polarkvd.blend.model import ModelParts, UnsupportedModel, model_parts
 from polarkvd.blend.recompute import (
     DEFAULT_CHECK_LAYERS,
+    DEFAULT_KEEP_FIRST,
+    DEFAULT_KEEP_LAST,
     DEFAULT_R,
     Blended,
     ChunkKV,
@@ -25,6 +27,8 @@ from polarkvd.blend.recompute import (
 
 __all__ = [
     "DEFAULT_CHECK_LAYERS",
+    "DEFAULT_KEEP_FIRST",
+    "DEFAULT_KEEP_LAST",
     "DEFAULT_R",
     "Blended",
     "ChunkKV",

@@ -25,15 +25,22 @@ DEFAULT_R = 0.15
 #: The default check layers: layer 0's KV depends on nothing but the token and its position, so a
 #: re-rotated cached key is already exact there; layer 1 is the first whose KV deviates.
 DEFAULT_CHECK_LAYERS = (1,)
+#: Tokens always recomputed at the start of every cached chunk: its first token, computed as the
+#: first of a sequence (an attention sink) or right after the context, deviates most.
+DEFAULT_KEEP_FIRST = 1
+#: Reused tokens always recomputed right before the question: the next token attends to them most.
+DEFAULT_KEEP_LAST = 64
 
 
 @dataclasses.dataclass
 class ChunkKV:
-    """A chunk's KV computed on its own, from position 0: `keys`, `values` are
-    `[layers, kv_heads, tokens, head_dim]`."""
+    """A chunk's KV computed on its own: `keys`, `values` are `[layers, kv_heads, tokens, head_dim]`;
+    `start` is the position of its first token when computed (0, or the length of the context it
+    was computed behind)."""
 
     keys: Any
     values: Any
+    start: int = 0
 
     @property
     def tokens(self) -> int:
@@ -51,7 +58,8 @@ class Segment:
 @dataclasses.dataclass
 class Blended:
     """A blended prompt: its KV (`[layers, kv_heads, tokens, head_dim]`), the logits of its last
-    token, and how many tokens were reused, recomputed and computed fresh."""
+    token, how many tokens were reused, recomputed and computed fresh, and the positions of the
+    reused tokens recomputed through every layer (`selected`)."""
 
     keys: Any
     values: Any
@@ -59,6 +67,7 @@ class Blended:
     reused: int
     recomputed: int
     fresh: int
+    selected: list[int] = dataclasses.field(default_factory=list)
 
 
 def rotate(keys: Any, offset: int, inv_freq: Any) -> Any:
@@ -77,17 +86,19 @@ def rotate(keys: Any, offset: int, inv_freq: Any) -> Any:
     return keys * cos + rotated_half * sin
 
 
-def compute_chunk(model: Any, token_ids: Sequence[int]) -> ChunkKV:
-    """A chunk's KV on its own, from position 0 (what a chunk page stores)."""
+def compute_chunk(model: Any, token_ids: Sequence[int], context: Sequence[int] = ()) -> ChunkKV:
+    """A chunk's KV on its own (what a chunk page stores): from position 0, or behind `context`
+    (the prompts' shared header, e.g. a system prompt), whose KV is left out."""
     import torch
 
     model_parts(model)  # refuse what cannot be blended before spending a prefill on it
+    before = len(context)
     with torch.inference_mode():
-        ids = torch.as_tensor(list(token_ids), dtype=torch.long, device=model.device)[None]
+        ids = torch.as_tensor([*context, *token_ids], dtype=torch.long, device=model.device)[None]
         cache = model(ids, use_cache=True).past_key_values
-        keys = torch.stack([layer.keys[0] for layer in cache.layers])
-        values = torch.stack([layer.values[0] for layer in cache.layers])
-    return ChunkKV(keys, values)
+        keys = torch.stack([layer.keys[0, :, before:] for layer in cache.layers])
+        values = torch.stack([layer.values[0, :, before:] for layer in cache.layers])
+    return ChunkKV(keys, values, before)
 
 
 def _keep_fractions(r: float, checks: int) -> list[float]:
@@ -101,13 +112,18 @@ def blend(
     segments: Sequence[Segment],
     r: float = DEFAULT_R,
     check_layers: Sequence[int] = DEFAULT_CHECK_LAYERS,
+    keep_first: int = DEFAULT_KEEP_FIRST,
+    keep_last: int = DEFAULT_KEEP_LAST,
 ) -> Blended:
     """The KV of the prompt `segments` make (concatenated in order) and its last token's logits.
 
     `r`: fraction of the reused tokens recomputed (0: plain reuse of the cached KV; 1: every token,
     which equals a full prefill). `check_layers`: layers where the tokens to carry are chosen, by the
     squared distance between their fresh and their cached keys; the layers before the first check
-    layer are computed for every token. The last segment must be computed fresh (not a cached
+    layer are computed for every token. Whatever the distances, the selection holds the first
+    `keep_first` tokens of every cached chunk (right after a chunk boundary) and the last `keep_last`
+    reused tokens before the question (those it attends to most); they count in `r`'s budget, which
+    grows only when they outnumber it. The last segment must be computed fresh (not a cached
     chunk): its last token's logits are the answer's first.
     """
     import torch
@@ -127,12 +143,21 @@ def blend(
             raise ValueError(f"a chunk of {len(s.token_ids)} tokens came with KV for {s.kv.tokens}")
     if any(len(s.token_ids) == 0 for s in segments):
         raise ValueError("empty segment")
+    if keep_first < 0 or keep_last < 0:
+        raise ValueError(f"keep_first and keep_last are token counts, not {keep_first}, {keep_last}")
 
     with torch.inference_mode():
-        return _blend(parts, segments, r, checks)
+        return _blend(parts, segments, r, checks, keep_first, keep_last)
 
 
-def _blend(parts: ModelParts, segments: Sequence[Segment], r: float, checks: list[int]) -> Blended:
+def _blend(
+    parts: ModelParts,
+    segments: Sequence[Segment],
+    r: float,
+    checks: list[int],
+    keep_first: int,
+    keep_last: int,
+) -> Blended:
     import torch
     import torch.nn.functional as F
 
@@ -144,14 +169,19 @@ def _blend(parts: ModelParts, segments: Sequence[Segment], r: float, checks: lis
     keys = torch.empty(shape, dtype=dtype, device=device)
     values = torch.empty(shape, dtype=dtype, device=device)
     reused = torch.zeros(total, dtype=torch.bool)
-    at = 0
+    forced = torch.zeros(total, dtype=torch.bool)  # always selected (keep_first, keep_last)
+    at = last_reused = 0
     for s in segments:
         n = len(s.token_ids)
         if s.kv is not None:
-            keys[:, :, at : at + n] = rotate(s.kv.keys.to(device, dtype), at, parts.inv_freq)
+            keys[:, :, at : at + n] = rotate(s.kv.keys.to(device, dtype), at - s.kv.start, parts.inv_freq)
             values[:, :, at : at + n] = s.kv.values.to(device, dtype)
             reused[at : at + n] = True
+            forced[at : at + min(n, keep_first)] = True
+            last_reused = at + n
         at += n
+    if keep_last:
+        forced[max(0, last_reused - keep_last) : last_reused] = True
     n_reused = int(reused.sum())
     fresh_idx = torch.nonzero(~reused).flatten()
 
@@ -184,7 +214,9 @@ def _blend(parts: ModelParts, segments: Sequence[Segment], r: float, checks: lis
             is_reused = reused.to(device)[active]
             cand = torch.nonzero(is_reused).flatten()
             dev = ((k[0][:, cand] - keys[i][:, active[cand]]) ** 2).sum(dim=(0, 2))
-            n_keep = min(len(cand), math.ceil(keep[i] * n_reused))
+            must = forced.to(device)[active[cand]]
+            dev[must] = math.inf
+            n_keep = min(len(cand), max(math.ceil(keep[i] * n_reused), int(must.sum())))
             chosen = cand[torch.topk(dev, n_keep).indices] if n_keep < len(cand) else cand
             sel = torch.sort(torch.cat((chosen, torch.nonzero(~is_reused).flatten()))).values
             active, hidden, q, k, v = active[sel], hidden[:, sel], q[:, :, sel], k[:, :, sel], v[:, :, sel]
@@ -203,5 +235,5 @@ def _blend(parts: ModelParts, segments: Sequence[Segment], r: float, checks: lis
         hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
     logits = parts.lm_head(parts.norm(hidden[:, -1:]))[0, -1]
-    recomputed = len(active) - len(fresh_idx) if r > 0 and n_reused else 0
-    return Blended(keys, values, logits, n_reused, recomputed, len(fresh_idx))
+    selected = active[reused.to(device)[active]] if r > 0 and n_reused else active[:0]
+    return Blended(keys, values, logits, n_reused, len(selected), len(fresh_idx), selected.tolist())

@@ -9,8 +9,9 @@ Owns the page format of a `transformers` KV cache (a page: `[layers][K, V][kv_he
 of `page_tokens` tokens, the model's dtype), the namespace a model gets (its weights' fingerprint,
 dtype, layout, geometry, the cache salt), and moving pages between the daemon and `transformers`'
 cache. Prefix pages are keyed as every engine's are (`EngineClient.page_keys`); a chunk's pages,
-computed from position 0 on their own, are a key family of their own (`keys.chunk_keys`), stored
-whole (the last page zero-padded) and looked up as a chain from the chunk root. One sequence at a
+computed on their own (from position 0, or behind the prompts' shared header), are a key family of
+their own (`keys.chunk_keys`), stored whole (the last page zero-padded) and looked up as a chain
+from the chunk root (the header's, `keys.chunk_root`). One sequence at a
 time. Talks to the daemon only through the client library; torch and transformers are imported
 inside the functions only.
 """
@@ -28,6 +29,7 @@ import xxhash
 
 from polarkvd.blend import (
     DEFAULT_CHECK_LAYERS,
+    DEFAULT_KEEP_LAST,
     DEFAULT_R,
     ChunkKV,
     Segment,
@@ -222,30 +224,35 @@ class PolarKVGenerator:
 
     # -- chunks ------------------------------------------------------------------------------------
 
-    def chunk_keys(self, token_ids: Sequence[int]) -> list[PageKey]:
-        """The chunk-page keys of a chunk's tokens in this namespace (keys.chunk_keys)."""
-        return chunk_keys(self.client.ns_digest, token_ids, self.namespace.page_tokens)
+    def chunk_keys(self, token_ids: Sequence[int], context: Sequence[int] = ()) -> list[PageKey]:
+        """The chunk-page keys of a chunk's tokens in this namespace, computed behind `context`
+        (keys.chunk_keys)."""
+        return chunk_keys(self.client.ns_digest, token_ids, self.namespace.page_tokens, context)
 
-    def lookup_chunks(self, chunks: Sequence[Sequence[int]]) -> list[bool]:
-        """Whether each chunk is cached whole (every one of its pages), in one call."""
+    def lookup_chunks(self, chunks: Sequence[Sequence[int]], context: Sequence[int] = ()) -> list[bool]:
+        """Whether each chunk (computed behind `context`) is cached whole, every one of its pages."""
         out = []
         for tokens in chunks:
-            keys = self.chunk_keys(tokens)
+            keys = self.chunk_keys(tokens, context)
             out.append(bool(keys) and self.client.lookup(keys).hits == len(keys))
         return out
 
-    def chunk(self, token_ids: Sequence[int], compute: bool = True) -> ChunkKV | None:
-        """A chunk's KV from its pages, else computed on its own (and stored, with `store`); None
-        when it is not cached and `compute` is False."""
+    def chunk(
+        self, token_ids: Sequence[int], compute: bool = True, context: Sequence[int] = ()
+    ) -> ChunkKV | None:
+        """A chunk's KV from its pages, else computed on its own behind `context` (the prompts'
+        shared header; none: from position 0) and stored, with `store`; None when it is not cached
+        and `compute` is False."""
         tokens = [int(t) for t in token_ids]
-        keys = self.chunk_keys(tokens)
+        ctx = [int(t) for t in context]
+        keys = self.chunk_keys(tokens, ctx)
         if keys and self.client.lookup(keys).hits == len(keys):
             pages = self._load(keys, len(tokens))
             if pages is not None:
-                return ChunkKV(*pages)
+                return ChunkKV(*pages, start=len(ctx))
         if not compute:
             return None
-        kv = compute_chunk(self.model, tokens)
+        kv = compute_chunk(self.model, tokens, ctx)
         if self.store:
             self.client.store(keys, self._page_writer(kv.keys, kv.values, 0))
         return kv
@@ -258,25 +265,30 @@ class PolarKVGenerator:
         check_layers: Sequence[int] = DEFAULT_CHECK_LAYERS,
         prefix: Sequence[int] | str = (),
         compute_missing: bool = False,
+        behind_prefix: bool = True,
+        keep_last: int = DEFAULT_KEEP_LAST,
     ) -> Prefill:
         """The KV of `prefix + chunks + question` with cached chunks reused and the fraction `r` of
         their tokens recomputed (blend.blend). A chunk not in the daemon is computed with the rest of
         the prompt, in full (or, with `compute_missing`, on its own first and stored, so that the
-        next prompt reuses it). `prefix` (e.g. a system prompt) is computed in full, like the question."""
+        next prompt reuses it). `prefix` (e.g. a system prompt) is computed in full, like the question;
+        with `behind_prefix` the chunks are those computed behind it (keyed with it: closer to the
+        full prefill, reused only behind the same prefix), else those computed from position 0."""
         t0 = time.perf_counter()
         segments = []
         pre = self._tokens(prefix)
         if pre:
             segments.append(Segment(pre))
+        context = pre if behind_prefix else []
         for c in chunks:
             tokens = self._tokens(c)
             if tokens:
-                segments.append(Segment(tokens, self.chunk(tokens, compute=compute_missing)))
+                segments.append(Segment(tokens, self.chunk(tokens, compute=compute_missing, context=context)))
         q = self._tokens(question)
         if not q:
             raise ValueError("empty question: blending needs at least one token computed after the chunks")
         segments.append(Segment(q))
-        b = blend(self.model, segments, r=r, check_layers=check_layers)
+        b = blend(self.model, segments, r=r, check_layers=check_layers, keep_last=keep_last)
         ids = [t for s in segments for t in s.token_ids]
         return Prefill(
             ids,
@@ -303,6 +315,7 @@ class PolarKVGenerator:
         *,
         chunks: Sequence[Sequence[int] | str] | None = None,
         question: Sequence[int] | str | None = None,
+        prefix: Sequence[int] | str = (),
         separator: str | None = None,
         r: float = DEFAULT_R,
         check_layers: Sequence[int] = DEFAULT_CHECK_LAYERS,
@@ -313,7 +326,8 @@ class PolarKVGenerator:
 
         A plain `prompt` (text or token ids) uses prefix pages. `chunks` and `question`, or a text
         `prompt` with a `separator` that splits it into chunks (the last piece is the question), are
-        blended (`r`, `check_layers`).
+        blended (`r`, `check_layers`), behind `prefix` (a system prompt or chat template head shared
+        by the prompts: the chunks are computed and cached behind it).
         """
         if chunks is not None or separator is not None:
             if separator is not None:
@@ -322,7 +336,7 @@ class PolarKVGenerator:
                 chunks, question = self.split(prompt, separator)
             if question is None:
                 raise ValueError("blending needs a question after the chunks")
-            p = self.blend(chunks or [], question, r=r, check_layers=check_layers)
+            p = self.blend(chunks or [], question, r=r, check_layers=check_layers, prefix=prefix)
         elif prompt is not None:
             p = self.prefill(self._tokens(prompt))
         else:

@@ -53,7 +53,7 @@ def test_stored_chunks_are_loaded_and_blend_to_the_full_prefills_answer(daemon: 
             assert loaded is not None and loaded.tokens == len(c)
             assert torch.equal(loaded.keys, kv.keys) and torch.equal(loaded.values, kv.values)
         order = [chunks[2], chunks[0], chunks[1]]  # another order than any prefix seen
-        p = g.blend(order, QUESTION, r=1.0, prefix=PREFIX)
+        p = g.blend(order, QUESTION, r=1.0, prefix=PREFIX, behind_prefix=False)  # chunks from position 0
         assert p.reused == sum(map(len, chunks)) and p.recomputed == p.reused
         out = g.generate_from(p, **GREEDY)
         ids = torch.tensor([p.input_ids])
@@ -77,6 +77,25 @@ def test_chunk_pages_and_prefix_pages_never_meet_in_the_daemon(daemon: Any, smol
         g2 = g.prefill(other)
         assert g2.loaded_tokens == 0
         assert g.lookup_chunks([other]) == [False]
+
+
+def test_chunks_are_kept_behind_the_prefix_they_were_computed_behind(daemon: Any, smollm2: Any) -> None:
+    """A blend behind a prefix computes and stores its chunks behind that prefix: the next blend
+    behind it loads them (and gives the same answer); behind another prefix, or from position 0,
+    they are not there."""
+    with _gen(daemon, smollm2) as g:
+        chunks = [g._tokens(d) for d in DOCS]
+        pre, other = g._tokens(PREFIX), g._tokens("<|im_start|>user\nRead these other notes.\n")
+        first = g.blend(chunks, QUESTION, prefix=PREFIX, compute_missing=True)
+        assert g.lookup_chunks(chunks, context=pre) == [True, True, True]
+        assert g.lookup_chunks(chunks) == [False, False, False]
+        assert g.lookup_chunks(chunks, context=other) == [False, False, False]
+        again = g.blend(chunks, QUESTION, prefix=PREFIX)
+        assert again.reused == sum(map(len, chunks))
+        torch.testing.assert_close(again.logits, first.logits, atol=1e-4, rtol=1e-4)
+        elsewhere = g.blend(chunks, QUESTION, prefix=other)
+        assert elsewhere.reused == 0  # computed in full with the prompt: nothing behind that prefix
+        assert g.blend(chunks, QUESTION, prefix=PREFIX, behind_prefix=False).reused == 0
 
 
 def test_another_salt_never_sees_a_chunk(daemon: Any, smollm2: Any) -> None:

@@ -3,6 +3,7 @@ reuse, re-rotation moves keys exactly, recompute beats plain reuse, and unsuppor
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -85,6 +86,54 @@ def test_one_chunk_at_position_zero_equals_prefix_reuse(smollm2: tuple[Any, Any]
         torch.testing.assert_close(b.logits, out.logits[0, -1], atol=2e-4, rtol=1e-4)
 
 
+def test_a_chunk_computed_behind_the_prefix_and_placed_right_after_it_is_the_full_prefill(
+    smollm2: tuple[Any, Any],
+) -> None:
+    """Chunks computed behind the prompts' shared header (the prefix): the first one placed right
+    after it sits exactly where it was computed, so even plain reuse (r = 0) gives the full prefill's
+    KV there; the next one moves by the first one's length (its position from the header on)."""
+    model, tok = smollm2
+    prefix = _tokens(tok, PREFIX)
+    chunks = [_tokens(tok, d) for d in DOCS[:2]]
+    kvs = [compute_chunk(model, c, prefix) for c in chunks]
+    assert [kv.start for kv in kvs] == [len(prefix)] * 2
+    question = _tokens(tok, QUESTION)
+    keys, values, logits = _full(model, prefix + chunks[0] + chunks[1] + question)
+    segments = [Segment(prefix), Segment(chunks[0], kvs[0]), Segment(chunks[1], kvs[1]), Segment(question)]
+    first = slice(len(prefix), len(prefix) + len(chunks[0]))
+    b = blend(model, segments, r=0.0)
+    torch.testing.assert_close(b.keys[:, :, first], keys[:, :, first], atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(b.values[:, :, first], values[:, :, first], atol=2e-4, rtol=1e-4)
+    # layer 0 of the second chunk: its keys moved by the first chunk's length are the full prefill's
+    second = slice(first.stop, first.stop + len(chunks[1]))
+    torch.testing.assert_close(b.keys[0, :, second], keys[0, :, second], atol=5e-4, rtol=1e-4)
+    torch.testing.assert_close(blend(model, segments, r=1.0).logits, logits, atol=2e-4, rtol=1e-4)
+
+
+def test_the_selection_holds_each_chunks_first_tokens_and_those_before_the_question(
+    smollm2: tuple[Any, Any],
+) -> None:
+    model, tok = smollm2
+    segments = _segments(model, tok)
+    starts, at = [], 0
+    for s in segments:
+        if s.kv is not None:
+            starts.append(at)
+            end = at + len(s.token_ids)
+        at += len(s.token_ids)
+    n_reused = sum(len(s.token_ids) for s in segments if s.kv is not None)
+    plain = blend(model, segments, r=0.05, keep_first=0, keep_last=0)
+    assert len(plain.selected) == plain.recomputed == math.ceil(0.05 * n_reused)
+    b = blend(model, segments, r=0.05, keep_first=2, keep_last=24)
+    must = {p for s in starts for p in (s, s + 1)} | set(range(end - 24, end))
+    assert must <= set(b.selected)
+    assert len(b.selected) == len(must)  # the rule's tokens outnumber 5%: the budget grows to them
+    b = blend(model, segments, r=0.3, keep_first=1, keep_last=8)
+    assert set(starts) | set(range(end - 8, end)) <= set(b.selected)
+    assert len(b.selected) == math.ceil(0.3 * n_reused)  # inside the budget: r of the reused tokens
+    assert blend(model, segments, r=0.0).selected == []  # naive reuse recomputes nothing, rule or not
+
+
 @pytest.mark.parametrize("offset", [1, 37, 1000])
 def test_rerotated_keys_equal_keys_computed_at_the_offset(smollm2: tuple[Any, Any], offset: int) -> None:
     model, tok = smollm2
@@ -103,7 +152,8 @@ def test_recompute_brings_the_kv_closer_to_a_full_prefill_than_plain_reuse(smoll
     model, tok = smollm2
     segments = _segments(model, tok)
     keys, _, logits = _full(model, [t for s in segments for t in s.token_ids])
-    errs = {r: (blend(model, segments, r=r).keys - keys).norm().item() for r in (0.0, 0.15, 0.5)}
+    # keep_last = 0: these chunks are short, the last 64 tokens alone would be half of them
+    errs = {r: (blend(model, segments, r=r, keep_last=0).keys - keys).norm().item() for r in (0.0, 0.15, 0.5)}
     assert errs[0.5] < errs[0.15] < errs[0.0]
 
 
@@ -116,6 +166,8 @@ def test_bad_options_are_refused(smollm2: tuple[Any, Any]) -> None:
         blend(model, segments, check_layers=[99])
     with pytest.raises(ValueError, match="question"):
         blend(model, segments[:-1])
+    with pytest.raises(ValueError, match="token counts"):
+        blend(model, segments, keep_last=-1)
 
 
 def _tiny_llama(**overrides: Any) -> Any:
