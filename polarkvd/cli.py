@@ -350,6 +350,12 @@ def cmd_where(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_route(args: argparse.Namespace) -> int:
+    from polarkvd.route.main import main as route_main
+
+    return route_main(args)
+
+
 def cmd_drain(args: argparse.Namespace) -> int:
     import threading
 
@@ -595,6 +601,16 @@ def build_parser() -> argparse.ArgumentParser:
     where_args(sp)
     control_args(sp)
     sp.set_defaults(fn=cmd_where)
+
+    sp = sub.add_parser(
+        "route", help="an OpenAI-compatible router in front of several engines, by prefix affinity",
+        description="Send each OpenAI request to the engine with the least prefill left to do (its own "
+        "prefix cache, the host's polarkvd tiers) plus queued work. docs/ROUTING.md.",
+    )  # fmt: skip
+    from polarkvd.route.main import add_arguments as route_args
+
+    route_args(sp)
+    sp.set_defaults(fn=cmd_route)
 
     sp = sub.add_parser("bench", help="benchmarks (see docs/BENCHMARKS.md)")
     bsub = sp.add_subparsers(dest="which", metavar="BENCHMARK", required=True)
