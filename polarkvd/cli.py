@@ -480,6 +480,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from polarkvd.bench.blend import main as blend_main
 
         return blend_main(args)
+    if args.which == "route":
+        from polarkvd.bench.route import main as route_main
+
+        return route_main(args)
     if args.which == "where":
         from polarkvd.bench.where import main as where_main
 
@@ -695,6 +699,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench_where_args(
         bsub.add_parser("where", help="the `where` query's latency for a long prompt in a cluster of daemons")
+    )
+    from polarkvd.bench.route import add_arguments as bench_route_args
+
+    bench_route_args(
+        bsub.add_parser(
+            "route",
+            help="`polarkvd route` in front of two vLLM servers: round-robin vs least-loaded vs affinity",
+        )
     )
     sp.set_defaults(fn=cmd_bench)
 
