@@ -10,7 +10,9 @@ engines with their prefix caches reset between policies:
 
   nopool   vLLM's own prefix cache alone; the router follows each engine's cache from its events
   pool     the engines also run `PolarKVConnector` to one private daemon (DRAM, no disk), and the
-           router asks its `where` (`--settings nopool,pool`)
+           router asks its `where` (`--settings nopool,pool`); then the prefill/decode split
+           (`pool/pd`: engine 0 prefills, engine 1 loads the KV from polarkvd and answers), whose
+           greedy answers must equal the others' (`pd_outputs_identical`)
 
 Reported per run: TTFT (request sent to the first content token, streamed) mean and p99, prompt
 tokens computed (`usage.prompt_tokens - prompt_tokens_details.cached_tokens`, cached counting vLLM's
@@ -66,6 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--settings", default="nopool", help=f"comma-separated, of {', '.join(SETTINGS)} (default nopool)"
     )
+    p.add_argument("--no-pd", action="store_true", help="skip the prefill/decode split run (pool setting)")
     p.add_argument("--model", help="the model folder (default: SmolLM2, converted on first use)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     plots.add_plot_arguments(p)
@@ -240,13 +243,17 @@ def one_run(
         for e in eng
     ]
     where = DaemonWhere(str(control), None, "") if control is not None else None
+    answer, prefill = [Engine(s, keys) for s in specs], []
+    if policy == "pd":  # engine0 prefills, engine1 decodes (loading the prompt's KV from polarkvd)
+        prefill, answer = answer[:1], answer[1:]
     router = Router(
-        [Engine(s, keys) for s in specs],
+        answer,
         Tokenizer(model),
         keys,
-        Policy(policy),
+        Policy("affinity" if policy == "pd" else policy),
         where=where,
         poll_interval=0.5,
+        prefill=prefill,
     )
     t0 = time.monotonic()
     records = asyncio.run(_serve_router(router, args))
@@ -291,7 +298,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             "daemon.log_level": "warning"}  # fmt: skip
                     sock, control = stack.enter_context(private_daemon(sets))
                 eng = stack.enter_context(engines(model, root, sock))
-                for policy in policies:
+                for policy in policies + (["pd"] if setting == "pool" and not args.no_pd else []):
                     say(f"{setting}: {policy}")
                     runs[f"{setting}/{policy}"] = one_run(eng, policy, model, control, args)
     return summarise(runs, args)
@@ -306,6 +313,18 @@ def summarise(runs: dict[str, dict[str, Any]], args: argparse.Namespace) -> dict
         return None if v is None else round(v, 3)
 
     p99 = {p: get("pool", p, "ttft_p99_s") for p in POLICIES}
+    # greedy answers of the split against the same conversations answered whole by one engine each
+    pd = runs.get("pool/pd", {}).get("outputs")
+    whole = next(
+        (
+            runs[k].get("outputs")
+            for k in ("pool/round-robin", "pool/affinity", "pool/least-loaded")
+            if k in runs
+        ),
+        None,
+    )
+    for r in runs.values():
+        r.pop("outputs", None)
     return {
         "workload": {
             "users": args.users,
@@ -331,7 +350,7 @@ def summarise(runs: dict[str, dict[str, Any]], args: argparse.Namespace) -> dict
         "pool_affinity_p99_lowest": (
             None if None in p99.values() else p99["affinity"] == min(v for v in p99.values() if v is not None)
         ),  # fmt: skip
-        "pd_outputs_identical": None,  # the prefill/decode split is not built yet
+        "pd_outputs_identical": None if pd is None or whole is None else pd == whole,
         "where_p50_ms": None,  # measured by `polarkvd bench where`
     }
 

@@ -45,11 +45,17 @@ Clients talk to it as to one OpenAI server (POST /v1/completions, /v1/chat/compl
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--engine", action="append", nargs="+", required=True, metavar="ENGINE",
+        "--engine", "--decode", dest="engine", action="append", nargs="+", required=True, metavar="ENGINE",
         help="URL [events=EP] [replay=EP] [topic=T]: an engine's OpenAI server (repeat --engine per "
         "engine); optionally its vLLM KV event publisher "
         "(`events=`, `replay=`, `topic=` as in its --kv-events-config; `tcp://*:PORT` means this host) "
         "so the router follows its own prefix cache. Without events, the router remembers what it sent where.",
+    )  # fmt: skip
+    p.add_argument(
+        "--prefill", action="append", nargs="+", default=[], metavar="ENGINE",
+        help="prefill/decode split: an engine (as --engine) that only prefills: each prompt is computed "
+        "there first (one token generated, its KV stored through polarkvd), then answered by an "
+        "--engine (alias --decode), which loads it. Both kinds must run polarkvd's connector on one daemon.",
     )  # fmt: skip
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
@@ -169,7 +175,8 @@ def build(args: argparse.Namespace) -> Router:
     from polarkvd.route.server import Router
 
     specs = [EngineSpec.parse(words) for words in args.engine]
-    urls = [s.url for s in specs]
+    prefill_specs = [EngineSpec.parse(words) for words in args.prefill]
+    urls = [s.url for s in specs + prefill_specs]
     if len(set(urls)) != len(urls):
         raise ValueError("an engine is listed twice")
     policy = Policy(args.policy)
@@ -194,8 +201,9 @@ def build(args: argparse.Namespace) -> Router:
             raise ValueError(f"cannot load the tokenizer of {model!r}: {e}") from None
     keys = RouteKeys(model or "", PAGE_TOKENS)
     engines = [Engine(s, keys) for s in specs]
+    prefill = [Engine(s, keys) for s in prefill_specs]
     where = DaemonWhere(args.daemon, args.daemon_model, args.salt) if args.daemon else None
-    return Router(engines, tokenizer, keys, policy, weights, where, args.poll_interval)
+    return Router(engines, tokenizer, keys, policy, weights, where, args.poll_interval, prefill)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -107,15 +107,18 @@ class Router:
         weights: Weights | None = None,
         where: Where | None = None,
         poll_interval: float = 1.0,
+        prefill: Sequence[Engine] = (),
     ) -> None:
         if not engines:
             raise ValueError("the router needs at least one engine")
-        self.engines = list(engines)
+        self.engines = list(engines)  # the engines that answer (with `prefill`: the decode engines)
+        self.prefill = list(prefill)  # engines that only prefill, before a decode engine answers
+        self.all = self.engines + self.prefill
         self.tokenizer, self.keys, self.policy = tokenizer, keys, policy
         self.weights = weights or Weights()
         self.where = where
         self.poll_interval = poll_interval
-        self.metrics = RouterMetrics(self.engines)
+        self.metrics = RouterMetrics(self.all)
         self.turn = 0
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -138,8 +141,8 @@ class Router:
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=5), auto_decompress=False
         )
         self._tasks = [
-            asyncio.create_task(poll(self._session, self.engines, self.poll_interval)),
-            asyncio.create_task(follow_events(self.engines)),
+            asyncio.create_task(poll(self._session, self.all, self.poll_interval)),
+            asyncio.create_task(follow_events(self.all)),
         ]
 
     async def _stop(self, app: web.Application) -> None:
@@ -148,7 +151,7 @@ class Router:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._session is not None:
             await self._session.close()
-        for e in self.engines:
+        for e in self.all:
             e.close()
 
     # ------------------------------------------------------------------------------------- handlers
@@ -174,7 +177,7 @@ class Router:
 
     async def _health(self, request: web.Request) -> web.StreamResponse:
         up = [e.url for e in self.engines if e.up]
-        body = {"status": "ok" if up else "no engine up", "engines": {e.url: e.up for e in self.engines}}
+        body = {"status": "ok" if up else "no engine up", "engines": {e.url: e.up for e in self.all}}
         return web.json_response(body, status=200 if up else 503)
 
     async def _metrics(self, request: web.Request) -> web.StreamResponse:
@@ -219,9 +222,12 @@ class Router:
             for e in engines
         ]
 
-    async def decide(self, tokens: list[int], exclude: set[str]) -> tuple[Engine, EngineView, Reason] | None:
-        """The engine for this prompt among those not in `exclude` (up ones first), or None."""
-        left = [e for e in self.engines if e.url not in exclude]
+    async def decide(
+        self, tokens: list[int], exclude: set[str], among: Sequence[Engine] | None = None
+    ) -> tuple[Engine, EngineView, Reason] | None:
+        """The engine for this prompt among `among` (default: the answering engines) not in
+        `exclude`, up ones first; None when none is left."""
+        left = [e for e in (self.engines if among is None else among) if e.url not in exclude]
         up = [e for e in left if e.up]
         pool = up or left  # all marked down: try them anyway (one may be back before the next poll)
         if not pool:
@@ -245,6 +251,8 @@ class Router:
         headers = {k: v for k, v in request.headers.items() if k.lower() in _PASS_HEADERS}
         headers["Content-Type"] = "application/json"
         keys = self.keys.keys(tokens)
+        if self.prefill:
+            await self._prefill(body, tokens, keys, path, headers)
         tried: set[str] = set()
         retry = False
         while True:
@@ -316,6 +324,48 @@ class Router:
                 engine.in_flight -= 1
                 if queued:
                     engine.queued_tokens -= len(tokens)
+
+    async def _prefill(
+        self, body: dict[str, Any], tokens: list[int], keys: list[bytes], path: str, headers: dict[str, str]
+    ) -> None:
+        """The prompt computed on a prefill engine (one token generated, its KV stored through
+        polarkvd's connector) before a decode engine answers it. A prefill that fails is logged and
+        counted; the decode engine then computes the prompt itself."""
+        assert self._session is not None
+        one = {k: v for k, v in body.items() if k not in ("stream", "stream_options", "n", "best_of")}
+        one.update(max_tokens=1, stream=False)
+        if "max_completion_tokens" in body:
+            one["max_completion_tokens"] = 1
+        data = json.dumps(one).encode()
+        tried: set[str] = set()
+        while True:
+            picked = await self.decide(tokens, tried, self.prefill)
+            if picked is None:
+                self.metrics.errors.labels("prefill").inc()
+                log.warning(
+                    "no prefill engine answered (tried %s): decoding without", ", ".join(sorted(tried))
+                )
+                return
+            engine = picked[0]
+            tried.add(engine.url)
+            self.metrics.decisions.labels(engine.url, "prefill").inc()
+            engine.sent.sent(keys)
+            engine.in_flight += 1
+            engine.queued_tokens += len(tokens)
+            try:
+                async with self._session.post(engine.url + path, data=data, headers=headers) as r:
+                    await r.read()
+                    if r.status != 200:
+                        self.metrics.errors.labels("prefill").inc()
+                        log.warning("prefill engine %s answered %d: decoding without", engine.url, r.status)
+                    self.metrics.prompt_tokens.labels(engine.url).inc(len(tokens))
+                    return
+            except (aiohttp.ClientPayloadError, *_CONNECT_ERRORS) as exc:
+                log.warning("prefill engine %s: %s; trying another", engine.url, exc or type(exc).__name__)
+                engine.up = False
+            finally:
+                engine.in_flight -= 1
+                engine.queued_tokens -= len(tokens)
 
     @staticmethod
     async def _read_whole(upstream: aiohttp.ClientResponse) -> bytes | None:

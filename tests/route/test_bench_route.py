@@ -29,6 +29,19 @@ def test_the_summary_names_the_issues_ratios() -> None:
     assert res["pool_affinity_vs_rr_ttft"] == 0.9
     assert res["pool_affinity_p99_lowest"] is False  # least-loaded's 1.8 beat it
     assert res["runs"] is runs and res["pd_outputs_identical"] is None
+    # the split's greedy answers against the same conversations answered whole
+    same = {"0/0": "Salt.", "0/1": "Wool."}
+    runs2 = {
+        "pool/round-robin": {**_run(1, 2, 3), "outputs": dict(same)},
+        "pool/pd": {**_run(1, 2, 3), "outputs": same},
+    }
+    assert summarise(runs2, args)["pd_outputs_identical"] is True
+    assert "outputs" not in runs2["pool/pd"]  # not recorded: only the verdict
+    runs2 = {
+        "pool/round-robin": {**_run(1, 2, 3), "outputs": {"0/0": "Salt."}},
+        "pool/pd": {**_run(1, 2, 3), "outputs": {"0/0": "Gold."}},
+    }
+    assert summarise(runs2, args)["pd_outputs_identical"] is False
     # a run that was not made is null, never a made-up number
     res = summarise({k: v for k, v in runs.items() if k.startswith("nopool")}, args)
     assert res["pool_affinity_vs_rr_ttft"] is None and res["pool_affinity_p99_lowest"] is None

@@ -290,3 +290,37 @@ def test_the_command_line_refuses_bad_options_with_exit_2(capsys: pytest.Capture
     assert "--model" in capsys.readouterr().err
     assert cli_main(["route", "--engine", u, "--engine", u, "--policy", "round-robin"]) == 2
     assert "twice" in capsys.readouterr().err
+
+
+def test_a_split_router_prefills_on_a_prefill_engine_then_answers_from_a_decode_engine() -> None:
+    async def go() -> None:
+        pre, dec = FakeEngine("prefill"), FakeEngine("decode")
+        bodies: list[tuple[str, dict[str, Any]]] = []
+        for e in (pre, dec):
+            orig = e.complete
+
+            async def spy(request: web.Request, e: FakeEngine = e, orig: Any = orig) -> web.StreamResponse:
+                bodies.append((e.name, await request.json()))
+                return await orig(request)
+
+            e.complete = spy  # type: ignore[method-assign]
+        async with serve(pre.app()) as up, serve(dec.app()) as ud:
+            keys = RouteKeys("fake")
+            router = Router(
+                [Engine(EngineSpec(ud), keys)], None, keys, prefill=[Engine(EngineSpec(up), keys)]
+            )
+            async with serve(router.app()) as r, aiohttp.ClientSession() as http:
+                req = {
+                    "prompt": [5] * 40,
+                    "max_tokens": 30,
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                }
+                async with http.post(r + "/v1/completions", json=req) as resp:
+                    text = await resp.text()
+                    assert resp.headers["X-PolarKV-Engine"] == ud
+        assert [name for name, _ in bodies] == ["prefill", "decode"]
+        assert bodies[0][1] == {"prompt": [5] * 40, "max_tokens": 1, "stream": False}
+        assert bodies[1][1] == req and '"engine": "decode"' in text
+
+    run(go)
