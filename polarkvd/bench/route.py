@@ -5,7 +5,9 @@ vLLM's own prefix cache on, each publishing its KV events) behind the router, ru
 Workload (deterministic): `--users` users, each opening with a private `--first`-word message, then
 `--turns - 1` follow-ups of a short question; every turn resends the whole history with the model's
 previous answers (greedy, `--answer` tokens, ignore_eos). The users' turns interleave, `--in-flight`
-requests at a time. Per policy (`round-robin`, `least-loaded`, `affinity`), in one run, on the same
+requests at a time, the users arriving `--arrival` seconds apart. Each engine's KV cache is `--kv-blocks` blocks (`--num-gpu-blocks-override`),
+about half of what every conversation needs at its longest: an engine that sees every user (round
+robin) must evict histories that one seeing half of them (affinity) keeps. Per policy (`round-robin`, `least-loaded`, `affinity`), in one run, on the same
 engines with their prefix caches reset between policies:
 
   nopool   vLLM's own prefix cache alone; the router follows each engine's cache from its events
@@ -53,7 +55,7 @@ _SENTENCE = (
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--users", type=int, default=5, help="conversations, interleaved (default 5)")
-    p.add_argument("--turns", type=int, default=4, help="turns per user (default 4)")
+    p.add_argument("--turns", type=int, default=8, help="turns per user (default 8)")
     p.add_argument(
         "--first",
         type=int,
@@ -61,13 +63,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="sentences in a user's first message (~45 tokens each; default 12)",
     )
     p.add_argument("--answer", type=int, default=16, help="tokens of each answer (default 16)")
+    p.add_argument(
+        "--arrival", type=float, default=1.0, help="seconds between users' first turns (default 1)"
+    )
     p.add_argument("--in-flight", type=int, default=3, help="requests in flight at once (default 3)")
     p.add_argument(
         "--policies", default=",".join(POLICIES), help=f"comma-separated, of {', '.join(POLICIES)}"
     )
     p.add_argument(
-        "--settings", default="nopool", help=f"comma-separated, of {', '.join(SETTINGS)} (default nopool)"
+        "--settings", default="nopool,pool", help=f"comma-separated, of {', '.join(SETTINGS)} (default both)"
     )
+    p.add_argument(
+        "--kv-blocks", type=int, default=28,
+        help="vLLM KV cache blocks of 128 tokens per engine (default 28: 3,584 tokens, about 60%% of the "
+        "users' conversations at their longest, so an engine holding every user's history must evict)",
+    )  # fmt: skip
     p.add_argument("--no-pd", action="store_true", help="skip the prefill/decode split run (pool setting)")
     p.add_argument("--model", help="the model folder (default: SmolLM2, converted on first use)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -91,7 +101,9 @@ def _up(url: str) -> bool:
 
 
 @contextlib.contextmanager
-def engines(model: str, root: Path, engine_socket: Path | None) -> Iterator[list[dict[str, Any]]]:
+def engines(
+    model: str, root: Path, engine_socket: Path | None, kv_blocks: int
+) -> Iterator[list[dict[str, Any]]]:
     """Two vLLM OpenAI servers, cores 0 and 1, with KV events; through polarkvd when `engine_socket`."""
     with contextlib.ExitStack() as stack:
         out = []
@@ -107,9 +119,10 @@ def engines(model: str, root: Path, engine_socket: Path | None) -> Iterator[list
                       "endpoint": f"tcp://*:{ev}", "replay_endpoint": f"tcp://*:{replay}"}  # fmt: skip
             argv = [
                 sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--enforce-eager",
-                "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "4096",
+                "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "2048",
                 "--max-num-batched-tokens", "512", "--enable-prompt-tokens-details", "--seed", "0",
                 "--enable-prefix-caching", "--kv-events-config", json.dumps(events), "--served-model-name", "smollm2",
+                "--num-gpu-blocks-override", str(kv_blocks),
             ]  # fmt: skip
             if engine_socket is not None:
                 env["POLARKV_SOCKET"] = str(engine_socket)
@@ -184,6 +197,7 @@ async def _workload(url: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     records: list[dict[str, Any]] = []
 
     async def user(u: int, http: Any) -> None:
+        await asyncio.sleep(u * args.arrival)  # users arrive one by one, not all at once
         msgs = convs[u]
         for turn in range(args.turns):
             async with gate:
@@ -272,6 +286,14 @@ def one_run(
         "prompt_tokens": sum(r["prompt_tokens"] for r in records),
         "computed_tokens": sum(r["prompt_tokens"] - r["cached_tokens"] for r in records),
         "requests": len(records),
+        # follow-up turns sent to another engine than the user's previous turn (its history elsewhere)
+        "follow_ups_moved": sum(
+            1
+            for r in records
+            if r["turn"] > 0
+            and r["engine"]
+            != next(q["engine"] for q in records if q["user"] == r["user"] and q["turn"] == r["turn"] - 1)
+        ),
         "wall_s": round(wall, 2),
         "per_engine": per_engine,
         "outputs": {f"{r['user']}/{r['turn']}": r["text"] for r in records},
@@ -283,8 +305,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     policies = _names(args.policies, POLICIES, "--policies")
     settings = _names(args.settings, SETTINGS, "--settings")
-    if min(args.users, args.turns, args.first, args.answer, args.in_flight) < 1:
-        raise SystemExit("bench route: --users, --turns, --first, --answer and --in-flight must be positive")
+    if (
+        min(args.users, args.turns, args.first, args.answer, args.in_flight) < 1
+        or args.kv_blocks < 16
+        or args.arrival < 0
+    ):
+        raise SystemExit(
+            "bench route: --users, --turns, --first, --answer and --in-flight must be positive, --kv-blocks >= 16, "
+            "--arrival >= 0"
+        )
     model = args.model or str(ensure_smollm2())
     runs: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="polarkv-bench-route-") as tmp:
@@ -297,7 +326,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     sets = {"dram.capacity": "2GiB", "dram.slab_bytes": "64MiB", "disk.enabled": "false",
                             "daemon.log_level": "warning"}  # fmt: skip
                     sock, control = stack.enter_context(private_daemon(sets))
-                eng = stack.enter_context(engines(model, root, sock))
+                eng = stack.enter_context(engines(model, root, sock, args.kv_blocks))
                 for policy in policies + (["pd"] if setting == "pool" and not args.no_pd else []):
                     say(f"{setting}: {policy}")
                     runs[f"{setting}/{policy}"] = one_run(eng, policy, model, control, args)

@@ -40,7 +40,7 @@ class Weights:
     dram: float = 0.05
     disk: float = 0.2
     pool: float = 0.2
-    queued: float = 1.0  # per prompt token in flight to the engine, not yet past its first token
+    queued: float = 1.0  # per token of prefill in flight to the engine (not past its first token)
     request: float = 32.0  # per request the engine runs or has waiting (decode steps it shares)
     imbalance_abs: int = 8  # requests: min..max difference past which affinity gives way ...
     imbalance_rel: float = 1.5  # ... when also the busiest has this many times the idlest's load
@@ -61,7 +61,7 @@ class EngineView:
     dram: int = 0  # leading tokens the host's daemon holds in L1 / DRAM ...
     disk: int = 0  # ... and on disk (`where`'s `here`: together its leading run)
     pool: int = 0  # leading tokens the best other cluster member holds
-    queued_tokens: int = 0
+    queued_tokens: int = 0  # prefill (tokens the engine must compute) of requests not past their first token
     requests: int = 0  # running + waiting (the engine's own count, or the router's in-flight count)
 
 

@@ -27,6 +27,7 @@ from polarkvd.server.engine_events import EngineEventsSubscriber, GpuPrefixes, p
 log = logging.getLogger(__name__)
 
 _METRIC = re.compile(r"^(vllm:num_requests_(?:running|waiting))(?:\{[^}]*\})?\s+([0-9.eE+-]+)\s*$")
+_BLOCK_SIZE = re.compile(r'^vllm:cache_config_info\{.*\bblock_size="(\d+)"')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,41 +78,51 @@ class Engine:
         self.spec, self.url = spec, spec.url
         self.up = True  # until a poll or a request says otherwise
         self.in_flight = 0  # requests the router has sent and not seen end
-        self.queued_tokens = 0  # prompt tokens of those not past their first token
+        self.queued_tokens = 0  # prefill work of those not past their first token: tokens not cached
         self.running = self.waiting = 0  # the engine's own counts (its /metrics), when it has them
+        self.others = 0  # of those, requests the router did not send (other clients), at the last poll
         self.metrics_at = 0.0  # monotonic time of the last good poll (0: never)
         self.sent = SentPrefixes(sent_capacity)
+        self.page_tokens = keys.page_tokens
+        self.block_tokens = keys.page_tokens  # the engine's block size, once its /metrics names it
         self.gpu: GpuPrefixes | None = None
         self.events: EngineEventsSubscriber | None = None
         if spec.events is not None:
             self.gpu = GpuPrefixes(keys.digest, keys.page_tokens)
             self.events = EngineEventsSubscriber(spec.events, spec.replay, self.gpu, spec.topic)
 
-    def cached_pages(self, keys: Sequence[bytes]) -> int:
-        """Leading pages of `keys` in the engine's own cache: from its events when the router follows
-        them, else from what the router sent it."""
-        if self.gpu is not None:
-            return self.gpu.leading(keys)
-        return self.sent.leading(keys)
+    def cached_tokens(self, keys: Sequence[bytes]) -> int:
+        """Leading tokens of the prompt of `keys` the engine's own cache can serve: from its events
+        when the router follows them, else from what the router sent it; in whole engine blocks
+        (vLLM hits nothing shorter than one: 16 tokens on GPUs, 128 on its CPU build)."""
+        pages = self.gpu.leading(keys) if self.gpu is not None else self.sent.leading(keys)
+        tokens = pages * self.page_tokens
+        return tokens - tokens % self.block_tokens
 
     def requests(self) -> int:
-        """Requests on the engine: its own count when fresh, never less than the router's in flight."""
-        own = self.running + self.waiting if self.metrics_at else 0
-        return max(own, self.in_flight)
+        """Requests on the engine: the router's in flight now, plus those of other clients as its
+        last poll saw them (its own count less the router's then: a poll is up to an interval old,
+        and the router's own requests may have ended since)."""
+        return self.in_flight + self.others
 
     def close(self) -> None:
         if self.events is not None:
             self.events.close()
 
 
-def parse_metrics(text: str) -> tuple[int, int]:
-    """vLLM's running and waiting request counts from its Prometheus text (summed over labels)."""
+def parse_metrics(text: str) -> tuple[int, int, int | None]:
+    """vLLM's running and waiting request counts (summed over labels) and its KV block size (None
+    when not named) from its Prometheus text."""
     got = {"vllm:num_requests_running": 0.0, "vllm:num_requests_waiting": 0.0}
+    block: int | None = None
     for line in text.splitlines():
         m = _METRIC.match(line)
         if m:
             got[m.group(1)] += float(m.group(2))
-    return int(got["vllm:num_requests_running"]), int(got["vllm:num_requests_waiting"])
+        elif line.startswith("vllm:cache_config_info"):
+            b = _BLOCK_SIZE.match(line)
+            block = int(b.group(1)) if b and int(b.group(1)) > 0 else block
+    return int(got["vllm:num_requests_running"]), int(got["vllm:num_requests_waiting"]), block
 
 
 async def poll(session: aiohttp.ClientSession, engines: Sequence[Engine], interval: float) -> None:
@@ -126,13 +137,16 @@ async def poll(session: aiohttp.ClientSession, engines: Sequence[Engine], interv
                 log.info("engine %s is up", e.url)
             e.up = True
             if text:
-                e.running, e.waiting = parse_metrics(text)
+                e.running, e.waiting, block = parse_metrics(text)
+                e.block_tokens = block or e.block_tokens
+                e.others = max(0, e.running + e.waiting - e.in_flight)
                 e.metrics_at = time.monotonic()
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
             if e.up:
                 log.warning("engine %s does not answer its /metrics: marked down", e.url)
             e.up = False
             e.metrics_at = 0.0
+            e.others = 0
 
     while True:
         await asyncio.gather(*(one(e) for e in engines))

@@ -21,7 +21,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from polarkvd.route.cost import EngineView, Policy, Reason, Weights, choose
+from polarkvd.route.cost import EngineView, Policy, Reason, Weights, choose, prefill_cost
 from polarkvd.route.engines import Engine, follow_events, poll
 from polarkvd.route.prefixes import RouteKeys
 from polarkvd.route.requests import BadRequest, Tokenizer, error_body, parse_body
@@ -86,7 +86,8 @@ class RouterMetrics:
             "polarkv_route_in_flight", "Requests in flight to the engine.", ["engine"], registry=r
         )
         queued = Gauge(
-            "polarkv_route_queued_tokens", "Prompt tokens in flight to the engine, not past the first token.",
+            "polarkv_route_queued_tokens",
+            "Prefill work in flight to the engine, not past the first token: prompt tokens it was expected to compute.",
             ["engine"], registry=r,
         )  # fmt: skip
         for e in engines:
@@ -214,7 +215,7 @@ class Router:
         return [
             EngineView(
                 e.url,
-                gpu=e.cached_pages(keys) * pt,
+                gpu=e.cached_tokens(keys),
                 queued_tokens=e.queued_tokens,
                 requests=e.requests(),
                 **host,
@@ -266,7 +267,8 @@ class Router:
             self.metrics.decisions.labels(engine.url, (Reason.RETRY if retry else reason).value).inc()
             engine.sent.sent(keys)
             engine.in_flight += 1
-            engine.queued_tokens += len(tokens)
+            work = round(prefill_cost(len(tokens), view, self.weights))  # what it must compute
+            engine.queued_tokens += work
             queued = True
             try:
                 assert self._session is not None
@@ -308,7 +310,7 @@ class Router:
                             if first:
                                 first = False
                                 self.metrics.ttft.labels(engine.url).observe(time.monotonic() - t0)
-                                engine.queued_tokens -= len(tokens)
+                                engine.queued_tokens -= work
                                 queued = False
                             await resp.write(chunk)
                     except (aiohttp.ClientPayloadError, *_CONNECT_ERRORS) as exc:
@@ -323,7 +325,7 @@ class Router:
             finally:
                 engine.in_flight -= 1
                 if queued:
-                    engine.queued_tokens -= len(tokens)
+                    engine.queued_tokens -= work
 
     async def _prefill(
         self, body: dict[str, Any], tokens: list[int], keys: list[bytes], path: str, headers: dict[str, str]
@@ -346,12 +348,13 @@ class Router:
                     "no prefill engine answered (tried %s): decoding without", ", ".join(sorted(tried))
                 )
                 return
-            engine = picked[0]
+            engine, view, _ = picked
             tried.add(engine.url)
             self.metrics.decisions.labels(engine.url, "prefill").inc()
             engine.sent.sent(keys)
             engine.in_flight += 1
-            engine.queued_tokens += len(tokens)
+            work = round(prefill_cost(len(tokens), view, self.weights))
+            engine.queued_tokens += work
             try:
                 async with self._session.post(engine.url + path, data=data, headers=headers) as r:
                     await r.read()
@@ -365,7 +368,7 @@ class Router:
                 engine.up = False
             finally:
                 engine.in_flight -= 1
-                engine.queued_tokens -= len(tokens)
+                engine.queued_tokens -= work
 
     @staticmethod
     async def _read_whole(upstream: aiohttp.ClientResponse) -> bytes | None:

@@ -22,7 +22,7 @@ def test_the_summary_names_the_issues_ratios() -> None:
         "pool/least-loaded": _run(1.1, 1.8, 3000),
         "pool/affinity": _run(0.9, 1.9, 2500),
     }
-    args = argparse.Namespace(users=5, turns=4, first=12, answer=16, in_flight=3)
+    args = argparse.Namespace(users=5, turns=4, first=12, answer=16, in_flight=3, kv_blocks=28, arrival=1.0)
     res = summarise(runs, args)
     assert res["nopool_affinity_vs_rr_tokens"] == 0.5
     assert res["nopool_affinity_vs_rr_ttft"] == 0.75

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from polarkvd.cli import main as cli_main
 from polarkvd.route.cost import Policy
-from polarkvd.route.engines import Engine, EngineSpec, parse_metrics
+from polarkvd.route.engines import Engine, EngineSpec, parse_metrics, poll
 from polarkvd.route.prefixes import RouteKeys
 from polarkvd.route.server import Router
 
@@ -37,6 +37,7 @@ class FakeEngine:
     def __init__(self, name: str, chunks: int = 3, die_after: int | None = None) -> None:
         self.name, self.chunks, self.die_after = name, chunks, die_after
         self.prompts: list[Any] = []
+        self.running = 0  # what its /metrics reports
         self.gate: asyncio.Queue[None] | None = None
 
     def app(self) -> web.Application:
@@ -51,7 +52,7 @@ class FakeEngine:
         return web.json_response({"object": "list", "data": [{"id": "fake", "root": "fake"}]})
 
     async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(text='vllm:num_requests_running{model_name="fake"} 0.0\n')
+        return web.Response(text=f'vllm:num_requests_running{{model_name="fake"}} {self.running}.0\n')
 
     async def complete(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
@@ -279,7 +280,9 @@ def test_engine_specs_and_metrics_are_read_strictly() -> None:
         with pytest.raises(ValueError, match=says):
             EngineSpec.parse(bad)
     text = 'vllm:num_requests_running{a="1"} 2.0\nvllm:num_requests_waiting{a="1"} 3.0\n# HELP x\nvllm:num_requests_waiting{a="2"} 1\n'
-    assert parse_metrics(text) == (2, 4)
+    assert parse_metrics(text) == (2, 4, None)
+    info = 'vllm:cache_config_info{block_size="128",cache_dtype="auto",engine="0"} 1.0\n'
+    assert parse_metrics(text + info) == (2, 4, 128)
 
 
 def test_the_command_line_refuses_bad_options_with_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
@@ -324,3 +327,33 @@ def test_a_split_router_prefills_on_a_prefill_engine_then_answers_from_a_decode_
         assert bodies[1][1] == req and '"engine": "decode"' in text
 
     run(go)
+
+
+def test_an_engines_load_is_the_routers_in_flight_plus_other_clients_requests() -> None:
+    async def go() -> None:
+        a = FakeEngine("a")
+        async with serve(a.app()) as ua, aiohttp.ClientSession() as http:
+            e = Engine(EngineSpec(ua), RouteKeys("fake"))
+            a.running, e.in_flight = 3, 1  # the router's one, and two of other clients
+            task = asyncio.create_task(poll(http, [e], 60))
+            for _ in range(100):
+                if e.metrics_at:
+                    break
+                await asyncio.sleep(0.01)
+            task.cancel()
+            assert e.up and e.others == 2 and e.requests() == 3
+            e.in_flight = 0  # the router's request ended after the poll: not counted still
+            assert e.requests() == 2
+
+    run(go)
+
+
+def test_a_hit_counts_in_whole_engine_blocks() -> None:
+    keys = RouteKeys("fake")
+    e = Engine(EngineSpec("http://127.0.0.1:1"), keys)
+    prompt = keys.keys(list(range(300)))  # 18 pages of 16
+    e.sent.sent(prompt)
+    assert e.cached_tokens(prompt) == 288
+    e.block_tokens = 128  # vLLM's CPU build: a shorter shared prefix (a chat template's) hits nothing
+    assert e.cached_tokens(prompt) == 256
+    assert e.cached_tokens(prompt[:7]) == 0
