@@ -7,7 +7,12 @@ from typing import Any
 
 from polarkvd.bench.plots import figure, grouped_bars, headroom
 
-_POLICIES = (("round-robin", "round-robin"), ("least-loaded", "least-loaded"), ("affinity", "affinity"))
+_POLICIES = (
+    ("round-robin", "round-robin"),
+    ("least-loaded", "least-loaded"),
+    ("affinity", "affinity"),
+    ("pd", "prefill/decode split (tokens: the decode engine's)"),
+)
 
 
 def plot(res: dict[str, Any]) -> Any:
