@@ -350,6 +350,12 @@ def cmd_where(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_route(args: argparse.Namespace) -> int:
+    from polarkvd.route.main import main as route_main
+
+    return route_main(args)
+
+
 def cmd_drain(args: argparse.Namespace) -> int:
     import threading
 
@@ -474,6 +480,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from polarkvd.bench.blend import main as blend_main
 
         return blend_main(args)
+    if args.which == "route":
+        from polarkvd.bench.route import main as route_main
+
+        return route_main(args)
     if args.which == "where":
         from polarkvd.bench.where import main as where_main
 
@@ -596,6 +606,16 @@ def build_parser() -> argparse.ArgumentParser:
     control_args(sp)
     sp.set_defaults(fn=cmd_where)
 
+    sp = sub.add_parser(
+        "route", help="an OpenAI-compatible router in front of several engines, by prefix affinity",
+        description="Send each OpenAI request to the engine with the least prefill left to do (its own "
+        "prefix cache, the host's polarkvd tiers) plus queued work. docs/ROUTING.md.",
+    )  # fmt: skip
+    from polarkvd.route.main import add_arguments as route_args
+
+    route_args(sp)
+    sp.set_defaults(fn=cmd_route)
+
     sp = sub.add_parser("bench", help="benchmarks (see docs/BENCHMARKS.md)")
     bsub = sp.add_subparsers(dest="which", metavar="BENCHMARK", required=True)
     from polarkvd.bench.datapath import add_arguments as datapath_args
@@ -679,6 +699,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench_where_args(
         bsub.add_parser("where", help="the `where` query's latency for a long prompt in a cluster of daemons")
+    )
+    from polarkvd.bench.route import add_arguments as bench_route_args
+
+    bench_route_args(
+        bsub.add_parser(
+            "route",
+            help="`polarkvd route` in front of two vLLM servers: round-robin vs least-loaded vs affinity",
+        )
     )
     sp.set_defaults(fn=cmd_bench)
 

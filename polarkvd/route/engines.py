@@ -1,0 +1,167 @@
+"""The engines behind the router: how each is named on the command line, and what the router tracks
+of it (up or down, work in flight, its own load, its prefix cache).
+
+Owns `EngineSpec` (`URL [events=ENDPOINT] [replay=ENDPOINT] [topic=TOPIC]`), `Engine` (state the
+server updates around each request) and the background poll of each engine's `/metrics`. An engine's
+KV events are followed with the daemon's own subscriber (`server/engine_events.py`), ticked on the
+router's loop; must not block the loop (every call here is non-blocking or awaited).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import re
+import time
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from polarkvd.errors import ProtocolError
+from polarkvd.route.prefixes import RouteKeys, SentPrefixes
+from polarkvd.server.engine_events import EngineEventsSubscriber, GpuPrefixes, parse_spec
+
+log = logging.getLogger(__name__)
+
+_METRIC = re.compile(r"^(vllm:num_requests_(?:running|waiting))(?:\{[^}]*\})?\s+([0-9.eE+-]+)\s*$")
+_BLOCK_SIZE = re.compile(r'^vllm:cache_config_info\{.*\bblock_size="(\d+)"')
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineSpec:
+    url: str
+    events: str | None = None
+    replay: str | None = None
+    topic: str = ""
+
+    @classmethod
+    def parse(cls, words: Sequence[str]) -> EngineSpec:
+        """`["http://host:8000", "events=tcp://host:5557", "replay=tcp://host:5558", "topic=kv"]`;
+        raises ValueError with what is wrong."""
+        if not words:
+            raise ValueError("--engine needs a URL")
+        url = words[0].rstrip("/")
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(
+                f"engine URL must be http://HOST:PORT (the engine's OpenAI server), got {words[0]!r}"
+            )
+        opts: dict[str, str] = {}
+        for w in words[1:]:
+            name, sep, value = w.partition("=")
+            if not sep or name not in ("events", "replay", "topic") or name in opts:
+                raise ValueError(
+                    f"after the engine URL {url}: events=ENDPOINT, replay=ENDPOINT, topic=TOPIC (each once), got {w!r}"
+                )
+            opts[name] = value
+        if "events" not in opts and ("replay" in opts or "topic" in opts):
+            raise ValueError(f"engine {url}: replay= and topic= need events=")
+        if "events" not in opts:
+            return cls(url)
+        spec: dict[str, Any] = {"endpoint": opts["events"], "topic": opts.get("topic", "")}
+        if "replay" in opts:
+            spec["replay_endpoint"] = opts["replay"]
+        try:
+            endpoint, replay, topic = parse_spec(spec)
+        except ProtocolError as e:
+            raise ValueError(f"engine {url}: {e}") from None
+        return cls(url, endpoint, replay, topic)
+
+
+class Engine:
+    """One engine as the router sees it."""
+
+    def __init__(self, spec: EngineSpec, keys: RouteKeys, sent_capacity: int = 1 << 16) -> None:
+        self.spec, self.url = spec, spec.url
+        self.up = True  # until a poll or a request says otherwise
+        self.in_flight = 0  # requests the router has sent and not seen end
+        self.queued_tokens = 0  # prefill work of those not past their first token: tokens not cached
+        self.running = self.waiting = 0  # the engine's own counts (its /metrics), when it has them
+        self.others = 0  # of those, requests the router did not send (other clients), at the last poll
+        self.metrics_at = 0.0  # monotonic time of the last good poll (0: never)
+        self.sent = SentPrefixes(sent_capacity)
+        self.page_tokens = keys.page_tokens
+        self.block_tokens = keys.page_tokens  # the engine's block size, once its /metrics names it
+        self.gpu: GpuPrefixes | None = None
+        self.events: EngineEventsSubscriber | None = None
+        if spec.events is not None:
+            self.gpu = GpuPrefixes(keys.digest, keys.page_tokens)
+            self.events = EngineEventsSubscriber(spec.events, spec.replay, self.gpu, spec.topic)
+
+    def cached_tokens(self, keys: Sequence[bytes]) -> int:
+        """Leading tokens of the prompt of `keys` the engine's own cache can serve: from its events
+        when the router follows them, else from what the router sent it; in whole engine blocks
+        (vLLM hits nothing shorter than one: 16 tokens on GPUs, 128 on its CPU build)."""
+        pages = self.gpu.leading(keys) if self.gpu is not None else self.sent.leading(keys)
+        tokens = pages * self.page_tokens
+        return tokens - tokens % self.block_tokens
+
+    def requests(self) -> int:
+        """Requests on the engine: the router's in flight now, plus those of other clients as its
+        last poll saw them (its own count less the router's then: a poll is up to an interval old,
+        and the router's own requests may have ended since)."""
+        return self.in_flight + self.others
+
+    def close(self) -> None:
+        if self.events is not None:
+            self.events.close()
+
+
+def parse_metrics(text: str) -> tuple[int, int, int | None]:
+    """vLLM's running and waiting request counts (summed over labels) and its KV block size (None
+    when not named) from its Prometheus text."""
+    got = {"vllm:num_requests_running": 0.0, "vllm:num_requests_waiting": 0.0}
+    block: int | None = None
+    for line in text.splitlines():
+        m = _METRIC.match(line)
+        if m:
+            got[m.group(1)] += float(m.group(2))
+        elif line.startswith("vllm:cache_config_info"):
+            b = _BLOCK_SIZE.match(line)
+            block = int(b.group(1)) if b and int(b.group(1)) > 0 else block
+    return int(got["vllm:num_requests_running"]), int(got["vllm:num_requests_waiting"]), block
+
+
+async def poll(session: aiohttp.ClientSession, engines: Sequence[Engine], interval: float) -> None:
+    """Forever: every `interval` seconds each engine's /metrics (up or down, and its load)."""
+    timeout = aiohttp.ClientTimeout(total=max(1.0, interval * 2))
+
+    async def one(e: Engine) -> None:
+        try:
+            async with session.get(e.url + "/metrics", timeout=timeout) as r:
+                text = await r.text() if r.status == 200 else ""
+            if not e.up:
+                log.info("engine %s is up", e.url)
+            e.up = True
+            if text:
+                e.running, e.waiting, block = parse_metrics(text)
+                e.block_tokens = block or e.block_tokens
+                e.others = max(0, e.running + e.waiting - e.in_flight)
+                e.metrics_at = time.monotonic()
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            if e.up:
+                log.warning("engine %s does not answer its /metrics: marked down", e.url)
+            e.up = False
+            e.metrics_at = 0.0
+            e.others = 0
+
+    while True:
+        await asyncio.gather(*(one(e) for e in engines))
+        await asyncio.sleep(interval)
+
+
+async def follow_events(engines: Sequence[Engine], interval: float = 0.02) -> None:
+    """Forever: apply what each followed engine's publisher sent (non-blocking ticks)."""
+    followed = [e.events for e in engines if e.events is not None]
+    if not followed:
+        return
+    while True:
+        for sub in followed:
+            try:
+                sub.tick()  # a malformed batch is counted by the tracker, not raised
+            except Exception:  # a socket error: keep routing (on what was sent) and say so
+                log.exception("following KV events failed")
+        await asyncio.sleep(interval)

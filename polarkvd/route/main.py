@@ -1,0 +1,225 @@
+"""`polarkvd route`: its command line, and starting the router from it.
+
+Owns the options (engines, policy, weights, model, daemon), their checks (a bad one exits 2 with
+what is wrong), finding the model from the engines when `--model` is not given, and the daemon's
+`where` as the router asks it (a `ControlClient` used by one thread at a time). Imports aiohttp only
+to run the router, so `polarkvd --help` works without the `[route]` extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import threading
+import urllib.error
+import urllib.request
+from typing import TYPE_CHECKING, Any
+
+from polarkvd.route.cost import Policy, Weights
+from polarkvd.route.prefixes import PAGE_TOKENS, RouteKeys
+
+if TYPE_CHECKING:
+    from polarkvd.route.server import Router
+
+log = logging.getLogger(__name__)
+
+EXAMPLES = """\
+examples:
+  # two vLLM servers, affinity from what the router sent each one
+  polarkvd route --engine http://127.0.0.1:8001 --engine http://127.0.0.1:8002
+
+  # the same, following each engine's own prefix cache through its KV events (vLLM started with
+  # --kv-events-config '{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://*:5557",
+  # "replay_endpoint":"tcp://*:5558"}'), and the host's DRAM and disk through the daemon
+  polarkvd route --port 8000 \\
+      --engine http://127.0.0.1:8001 events=tcp://127.0.0.1:5557 replay=tcp://127.0.0.1:5558 \\
+      --engine http://127.0.0.1:8002 events=tcp://127.0.0.1:5567 replay=tcp://127.0.0.1:5568 \\
+      --daemon /run/polarkv/control.sock
+
+Clients talk to it as to one OpenAI server (POST /v1/completions, /v1/chat/completions; GET
+/v1/models, /health, /metrics). docs/ROUTING.md, "polarkvd route".
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--engine", "--decode", dest="engine", action="append", nargs="+", required=True, metavar="ENGINE",
+        help="URL [events=EP] [replay=EP] [topic=T]: an engine's OpenAI server (repeat --engine per "
+        "engine); optionally its vLLM KV event publisher "
+        "(`events=`, `replay=`, `topic=` as in its --kv-events-config; `tcp://*:PORT` means this host) "
+        "so the router follows its own prefix cache. Without events, the router remembers what it sent where.",
+    )  # fmt: skip
+    p.add_argument(
+        "--prefill", action="append", nargs="+", default=[], metavar="ENGINE",
+        help="prefill/decode split: an engine (as --engine) that only prefills: each prompt is computed "
+        "there first (one token generated, its KV stored through polarkvd), then answered by an "
+        "--engine (alias --decode), which loads it. Both kinds must run polarkvd's connector on one daemon.",
+    )  # fmt: skip
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    p.add_argument(
+        "--policy", choices=[x.value for x in Policy], default=Policy.AFFINITY.value,
+        help="affinity (default): the lowest prefill cost plus queued work; round-robin; least-loaded",
+    )  # fmt: skip
+    p.add_argument(
+        "--model", help="the model's folder or hub name, for its tokenizer and chat template "
+        "(default: what the engines' /v1/models names)",
+    )  # fmt: skip
+    p.add_argument(
+        "--daemon", metavar="SOCKET",
+        help="a polarkvd daemon's control socket: also count what its DRAM, disk and cluster pool hold (`where`)",
+    )  # fmt: skip
+    p.add_argument(
+        "--daemon-model", metavar="NAME",
+        help="the model name the engines attach to the daemon with (default: the one its status lists)",
+    )  # fmt: skip
+    p.add_argument("--salt", default="", help="cache salt of the daemon's namespace (default none)")
+    w = Weights()
+    g = p.add_argument_group("cost weights (prefill-token equivalents per token)")
+    g.add_argument(
+        "--weight-gpu",
+        type=float,
+        metavar="W",
+        default=w.gpu,
+        help=f"a token in the engine's own cache (default {w.gpu})",
+    )
+    g.add_argument(
+        "--weight-dram",
+        type=float,
+        metavar="W",
+        default=w.dram,
+        help=f"a token in the host's DRAM (default {w.dram})",
+    )
+    g.add_argument(
+        "--weight-disk",
+        type=float,
+        metavar="W",
+        default=w.disk,
+        help=f"a token on the host's disk (default {w.disk})",
+    )
+    g.add_argument(
+        "--weight-pool",
+        type=float,
+        metavar="W",
+        default=w.pool,
+        help=f"a token in the cluster pool (default {w.pool})",
+    )
+    g.add_argument("--weight-queued", type=float, metavar="W", default=w.queued,
+                   help=f"a prompt token queued on the engine (default {w.queued})")  # fmt: skip
+    g.add_argument("--weight-request", type=float, metavar="W", default=w.request,
+                   help=f"a request running or waiting on the engine (default {w.request})")  # fmt: skip
+    g.add_argument("--imbalance", type=int, default=w.imbalance_abs, metavar="N",
+                   help=f"past N requests between the busiest and idlest engine (and {w.imbalance_rel}x), "
+                   f"send to the least loaded (default {w.imbalance_abs})")  # fmt: skip
+    p.add_argument(
+        "--poll-interval",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="seconds between engine /metrics polls (default 1)",
+    )
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.epilog = EXAMPLES
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+
+
+def engine_model(urls: list[str], timeout: float = 5.0) -> str | None:
+    """The model the first answering engine serves (its `root`, a local folder, else its `id`)."""
+    for url in urls:
+        try:
+            with urllib.request.urlopen(url + "/v1/models", timeout=timeout) as r:
+                data = json.loads(r.read())["data"]
+            return str(data[0].get("root") or data[0]["id"])
+        except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError, TypeError):
+            continue
+    return None
+
+
+class DaemonWhere:
+    """The daemon's `where` for the router's prompts (called from worker threads, one at a time)."""
+
+    def __init__(self, socket: str, model: str | None, salt: str) -> None:
+        from polarkvd.client import ControlClient
+
+        self._new = lambda: ControlClient(socket, timeout=2.0)
+        self._lock = threading.Lock()
+        self._client: Any = None
+        self.model, self.salt = model, salt
+
+    def _namespace_args(self, c: Any) -> dict[str, Any]:
+        if self.model is None:
+            models = {s.get("model") for s in c.stats().get("sessions", []) if s.get("model")}
+            if len(models) != 1:
+                raise RuntimeError(f"the daemon serves {len(models)} models; name one with --daemon-model")
+            self.model = models.pop()
+        return {"model": self.model, "salt": self.salt}
+
+    def __call__(self, tokens: list[int]) -> dict[str, Any]:
+        with self._lock:
+            try:
+                if self._client is None:
+                    self._client = self._new()
+                return dict(self._client.where({**self._namespace_args(self._client), "tokens": tokens}))
+            except Exception:
+                if self._client is not None:
+                    self._client.close()
+                self._client = None
+                raise
+
+
+def build(args: argparse.Namespace) -> Router:
+    """The router the options describe; raises ValueError with what is wrong."""
+    from polarkvd.route.engines import Engine, EngineSpec  # aiohttp: only where the router runs
+    from polarkvd.route.server import Router
+
+    specs = [EngineSpec.parse(words) for words in args.engine]
+    prefill_specs = [EngineSpec.parse(words) for words in args.prefill]
+    urls = [s.url for s in specs + prefill_specs]
+    if len(set(urls)) != len(urls):
+        raise ValueError("an engine is listed twice")
+    policy = Policy(args.policy)
+    weights = Weights(
+        gpu=args.weight_gpu, dram=args.weight_dram, disk=args.weight_disk, pool=args.weight_pool,
+        queued=args.weight_queued, request=args.weight_request, imbalance_abs=args.imbalance,
+    )  # fmt: skip
+    if args.poll_interval <= 0:
+        raise ValueError("--poll-interval must be positive")
+    model = args.model or engine_model(urls)
+    tokenizer = None
+    if model is None:
+        if policy is Policy.AFFINITY:
+            raise ValueError("no engine answers /v1/models, so the model is unknown: give --model PATH")
+        log.warning("model unknown (no engine answers): routing without token counts")
+    else:
+        from polarkvd.route.requests import Tokenizer
+
+        try:
+            tokenizer = Tokenizer(model)
+        except Exception as e:
+            raise ValueError(f"cannot load the tokenizer of {model!r}: {e}") from None
+    keys = RouteKeys(model or "", PAGE_TOKENS)
+    engines = [Engine(s, keys) for s in specs]
+    prefill = [Engine(s, keys) for s in prefill_specs]
+    where = DaemonWhere(args.daemon, args.daemon_model, args.salt) if args.daemon else None
+    return Router(engines, tokenizer, keys, policy, weights, where, args.poll_interval, prefill)
+
+
+def main(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from polarkvd.logging_setup import setup_logging
+
+    setup_logging(args.log_level, "text", sys.stderr)
+    try:
+        router = build(args)
+    except ValueError as e:
+        print(f"polarkvd route: {e}", file=sys.stderr)
+        return 2
+    log.info(
+        "routing %s over %s on http://%s:%d",
+        args.policy, ", ".join(e.url + (" (events)" if e.events else "") for e in router.engines), args.host, args.port,
+    )  # fmt: skip
+    web.run_app(router.app(), host=args.host, port=args.port, print=None, handle_signals=True)
+    return 0

@@ -1,0 +1,387 @@
+"""`polarkvd route`'s HTTP side: an OpenAI-compatible front for several engines.
+
+Owns the aiohttp application (`/v1/completions`, `/v1/chat/completions`, `/v1/models`, `/health`,
+`/metrics`), the per-request flow (check, tokenize, ask the daemon's `where`, choose with
+`route.cost`, forward, retry another engine on a connection error before any byte reached the
+client, pass a stream through chunk by chunk) and the router's Prometheus counters. Every failure is
+answered in OpenAI's error shape; an engine that fails never stops the router.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from polarkvd.route.cost import EngineView, Policy, Reason, Weights, choose, prefill_cost
+from polarkvd.route.engines import Engine, follow_events, poll
+from polarkvd.route.prefixes import RouteKeys
+from polarkvd.route.requests import BadRequest, Tokenizer, error_body, parse_body
+
+log = logging.getLogger(__name__)
+
+#: (token ids) -> the daemon's `where` answer, or None (no daemon); called in a worker thread.
+Where = Callable[[list[int]], "dict[str, Any] | None"]
+
+#: Response header naming the engine that served the request.
+ENGINE_HEADER = "X-PolarKV-Engine"
+_CONNECT_ERRORS = (aiohttp.ClientConnectionError, asyncio.TimeoutError, OSError)
+#: Request headers passed to the engine (the rest are hop-by-hop or aiohttp's own to set).
+_PASS_HEADERS = ("authorization", "content-type", "accept", "x-request-id", "openai-organization")
+
+
+def _reader(engine: Engine, attr: str) -> Callable[[], float]:
+    return lambda: float(getattr(engine, attr))
+
+
+class RouterMetrics:
+    """The router's own series (docs/ROUTING.md lists them), in a registry of its own."""
+
+    def __init__(self, engines: Sequence[Engine]) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.decisions = Counter(
+            "polarkv_route_decisions",
+            "Requests routed, by engine and reason.",
+            ["engine", "reason"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "polarkv_route_retries",
+            "Requests sent to another engine after a connection error.",
+            ["engine"],
+            registry=r,
+        )
+        self.errors = Counter(
+            "polarkv_route_errors",
+            "Errors, by kind (bad_request, no_engine, midstream; where and prefill: the request went on without).",
+            ["kind"],
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "polarkv_route_prompt_tokens", "Prompt tokens routed, by engine.", ["engine"], registry=r
+        )
+        self.cached_tokens = Counter(
+            "polarkv_route_expected_cached_tokens",
+            "Prompt tokens the router expected the chosen engine to find cached (its GPU, the host's tiers, the pool).",
+            ["engine"],
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "polarkv_route_first_byte_seconds",
+            "From the request's arrival to the engine's first byte, by engine.",
+            ["engine"],
+            registry=r,
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60),
+        )
+        up = Gauge("polarkv_route_engine_up", "1 while the engine answers.", ["engine"], registry=r)
+        inflight = Gauge(
+            "polarkv_route_in_flight", "Requests in flight to the engine.", ["engine"], registry=r
+        )
+        queued = Gauge(
+            "polarkv_route_queued_tokens",
+            "Prefill work in flight to the engine, not past the first token: prompt tokens it was expected to compute.",
+            ["engine"], registry=r,
+        )  # fmt: skip
+        for e in engines:
+            up.labels(e.url).set_function(_reader(e, "up"))
+            inflight.labels(e.url).set_function(_reader(e, "in_flight"))
+            queued.labels(e.url).set_function(_reader(e, "queued_tokens"))
+
+
+class Router:
+    """The engines, the policy and the HTTP application in front of them."""
+
+    def __init__(
+        self,
+        engines: Sequence[Engine],
+        tokenizer: Tokenizer | None,
+        keys: RouteKeys,
+        policy: Policy = Policy.AFFINITY,
+        weights: Weights | None = None,
+        where: Where | None = None,
+        poll_interval: float = 1.0,
+        prefill: Sequence[Engine] = (),
+    ) -> None:
+        if not engines:
+            raise ValueError("the router needs at least one engine")
+        self.engines = list(engines)  # the engines that answer (with `prefill`: the decode engines)
+        self.prefill = list(prefill)  # engines that only prefill, before a decode engine answers
+        self.all = self.engines + self.prefill
+        self.tokenizer, self.keys, self.policy = tokenizer, keys, policy
+        self.weights = weights or Weights()
+        self.where = where
+        self.poll_interval = poll_interval
+        self.metrics = RouterMetrics(self.all)
+        self.turn = 0
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # ------------------------------------------------------------------------------------ lifecycle
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 << 20)
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/metrics", self._metrics)
+        app.on_startup.append(self._start)
+        app.on_cleanup.append(self._stop)
+        return app
+
+    async def _start(self, app: web.Application) -> None:
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=5), auto_decompress=False
+        )
+        self._tasks = [
+            asyncio.create_task(poll(self._session, self.all, self.poll_interval)),
+            asyncio.create_task(follow_events(self.all)),
+        ]
+
+    async def _stop(self, app: web.Application) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+        for e in self.all:
+            e.close()
+
+    # ------------------------------------------------------------------------------------- handlers
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, "completions")
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, "chat")
+
+    async def _models(self, request: web.Request) -> web.StreamResponse:
+        assert self._session is not None
+        for e in sorted(self.engines, key=lambda e: not e.up):
+            try:
+                async with self._session.get(
+                    e.url + "/v1/models", timeout=aiohttp.ClientTimeout(total=10)
+                ) as r:
+                    body = await r.read()
+                    return web.Response(body=body, status=r.status, content_type="application/json")
+            except _CONNECT_ERRORS:
+                e.up = False
+        return self._error(503, "no engine is up", "no_engine")
+
+    async def _health(self, request: web.Request) -> web.StreamResponse:
+        up = [e.url for e in self.engines if e.up]
+        body = {"status": "ok" if up else "no engine up", "engines": {e.url: e.up for e in self.all}}
+        return web.json_response(body, status=200 if up else 503)
+
+    async def _metrics(self, request: web.Request) -> web.StreamResponse:
+        resp = web.Response(body=generate_latest(self.metrics.registry))
+        resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return resp
+
+    def _error(self, status: int, message: str, kind: str, param: str | None = None) -> web.Response:
+        self.metrics.errors.labels(kind).inc()
+        return web.json_response(error_body(message, status, param=param), status=status)
+
+    # -------------------------------------------------------------------------------- the decision
+
+    async def views(self, tokens: list[int], engines: Sequence[Engine]) -> list[EngineView]:
+        """Each engine's view of this prompt: its own cache, the host's tiers (`where`), its load."""
+        pt = self.keys.page_tokens
+        keys = self.keys.keys(tokens)
+        for e in engines:
+            if e.events is not None:
+                e.events.tick()  # what arrived since the last tick, before judging
+        host = {"dram": 0, "disk": 0, "pool": 0}
+        if self.where is not None and len(tokens) >= pt:
+            try:
+                ans = await asyncio.get_running_loop().run_in_executor(None, self.where, tokens)
+            except Exception as exc:  # the daemon down or refusing: route on the engines' caches alone
+                log.warning("where failed: %s", exc)
+                self.metrics.errors.labels("where").inc()
+                ans = None
+            if ans:
+                here = ans.get("here", {})
+                host["dram"] = int(here.get("l1", 0)) + int(here.get("dram", 0))
+                host["disk"] = int(here.get("disk", 0))
+                host["pool"] = max(ans.get("cluster", {}).values(), default=0)
+        return [
+            EngineView(
+                e.url,
+                gpu=e.cached_tokens(keys),
+                queued_tokens=e.queued_tokens,
+                requests=e.requests(),
+                **host,
+            )
+            for e in engines
+        ]
+
+    async def decide(
+        self, tokens: list[int], exclude: set[str], among: Sequence[Engine] | None = None
+    ) -> tuple[Engine, EngineView, Reason] | None:
+        """The engine for this prompt among `among` (default: the answering engines) not in
+        `exclude`, up ones first; None when none is left."""
+        left = [e for e in (self.engines if among is None else among) if e.url not in exclude]
+        up = [e for e in left if e.up]
+        pool = up or left  # all marked down: try them anyway (one may be back before the next poll)
+        if not pool:
+            return None
+        views = await self.views(tokens, pool)
+        i, reason = choose(self.policy, len(tokens), views, self.weights, self.turn)
+        self.turn += 1
+        return pool[i], views[i], reason
+
+    # ------------------------------------------------------------------------------------- forward
+
+    async def _generate(self, request: web.Request, kind: str) -> web.StreamResponse:
+        t0 = time.monotonic()
+        raw = await request.read()
+        try:
+            body = parse_body(raw, kind)
+            tokens = await self._tokens(body, kind)
+        except BadRequest as e:
+            return self._error(400, str(e), "bad_request", e.param)
+        path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
+        headers = {k: v for k, v in request.headers.items() if k.lower() in _PASS_HEADERS}
+        headers["Content-Type"] = "application/json"
+        keys = self.keys.keys(tokens)
+        if self.prefill:
+            await self._prefill(body, tokens, keys, path, headers)
+        tried: set[str] = set()
+        retry = False
+        while True:
+            picked = await self.decide(tokens, tried)
+            if picked is None:
+                return self._error(503, f"no engine is up (tried {', '.join(sorted(tried))})", "no_engine")
+            engine, view, reason = picked
+            tried.add(engine.url)
+            if retry:
+                self.metrics.retries.labels(engine.url).inc()
+            self.metrics.decisions.labels(engine.url, (Reason.RETRY if retry else reason).value).inc()
+            engine.sent.sent(keys)
+            engine.in_flight += 1
+            work = round(prefill_cost(len(tokens), view, self.weights))  # what it must compute
+            engine.queued_tokens += work
+            queued = True
+            try:
+                assert self._session is not None
+                try:
+                    upstream = await self._session.post(engine.url + path, data=raw, headers=headers)
+                except _CONNECT_ERRORS as exc:
+                    log.warning("engine %s: %s; trying another", engine.url, exc or type(exc).__name__)
+                    engine.up = False
+                    retry = True
+                    continue
+                self.metrics.prompt_tokens.labels(engine.url).inc(len(tokens))
+                self.metrics.cached_tokens.labels(engine.url).inc(
+                    min(len(tokens), max(view.gpu, view.dram + view.disk, view.pool))
+                )
+                async with upstream:
+                    if not body.get("stream") or upstream.status != 200:
+                        data = await self._read_whole(upstream)
+                        if data is None:
+                            return self._error(502, f"engine {engine.url} closed the connection", "midstream")
+                        self.metrics.ttft.labels(engine.url).observe(time.monotonic() - t0)
+                        ctype = upstream.headers.get("Content-Type", "application/json")
+                        return web.Response(
+                            body=data,
+                            status=upstream.status,
+                            headers={"Content-Type": ctype, ENGINE_HEADER: engine.url},
+                        )
+                    resp = web.StreamResponse(
+                        status=200,
+                        headers={
+                            "Content-Type": "text/event-stream",
+                            "Cache-Control": "no-cache",
+                            ENGINE_HEADER: engine.url,
+                        },
+                    )
+                    await resp.prepare(request)
+                    first = True
+                    try:
+                        async for chunk in upstream.content.iter_any():
+                            if first:
+                                first = False
+                                self.metrics.ttft.labels(engine.url).observe(time.monotonic() - t0)
+                                engine.queued_tokens -= work
+                                queued = False
+                            await resp.write(chunk)
+                    except (aiohttp.ClientPayloadError, *_CONNECT_ERRORS) as exc:
+                        if request.transport is None or request.transport.is_closing():
+                            return resp  # the client left: nothing to tell it
+                        log.warning("engine %s failed mid-stream: %s", engine.url, exc or type(exc).__name__)
+                        self.metrics.errors.labels("midstream").inc()
+                        err = error_body(f"engine {engine.url} failed mid-stream", 502)
+                        await resp.write(b"data: " + json.dumps(err).encode() + b"\n\ndata: [DONE]\n\n")
+                    await resp.write_eof()
+                    return resp
+            finally:
+                engine.in_flight -= 1
+                if queued:
+                    engine.queued_tokens -= work
+
+    async def _prefill(
+        self, body: dict[str, Any], tokens: list[int], keys: list[bytes], path: str, headers: dict[str, str]
+    ) -> None:
+        """The prompt computed on a prefill engine (one token generated, its KV stored through
+        polarkvd's connector) before a decode engine answers it. A prefill that fails is logged and
+        counted; the decode engine then computes the prompt itself."""
+        assert self._session is not None
+        one = {k: v for k, v in body.items() if k not in ("stream", "stream_options", "n", "best_of")}
+        one.update(max_tokens=1, stream=False)
+        if "max_completion_tokens" in body:
+            one["max_completion_tokens"] = 1
+        data = json.dumps(one).encode()
+        tried: set[str] = set()
+        while True:
+            picked = await self.decide(tokens, tried, self.prefill)
+            if picked is None:
+                self.metrics.errors.labels("prefill").inc()
+                log.warning(
+                    "no prefill engine answered (tried %s): decoding without", ", ".join(sorted(tried))
+                )
+                return
+            engine, view, _ = picked
+            tried.add(engine.url)
+            self.metrics.decisions.labels(engine.url, "prefill").inc()
+            engine.sent.sent(keys)
+            engine.in_flight += 1
+            work = round(prefill_cost(len(tokens), view, self.weights))
+            engine.queued_tokens += work
+            try:
+                async with self._session.post(engine.url + path, data=data, headers=headers) as r:
+                    await r.read()
+                    if r.status != 200:
+                        self.metrics.errors.labels("prefill").inc()
+                        log.warning("prefill engine %s answered %d: decoding without", engine.url, r.status)
+                    self.metrics.prompt_tokens.labels(engine.url).inc(len(tokens))
+                    return
+            except (aiohttp.ClientPayloadError, *_CONNECT_ERRORS) as exc:
+                log.warning("prefill engine %s: %s; trying another", engine.url, exc or type(exc).__name__)
+                engine.up = False
+            finally:
+                engine.in_flight -= 1
+                engine.queued_tokens -= work
+
+    @staticmethod
+    async def _read_whole(upstream: aiohttp.ClientResponse) -> bytes | None:
+        try:
+            return await upstream.read()
+        except (aiohttp.ClientPayloadError, *_CONNECT_ERRORS):
+            return None
+
+    async def _tokens(self, body: dict[str, Any], kind: str) -> list[int]:
+        p = body.get("prompt") if kind == "completions" else None
+        if isinstance(p, list) and p and isinstance(p[0], (int, list)):  # token ids: nothing to tokenize
+            return [int(t) for t in (p[0] if isinstance(p[0], list) else p)]
+        if self.tokenizer is None:  # round-robin / least-loaded without a model: no tokens needed
+            return []
+        fn = self.tokenizer.chat if kind == "chat" else self.tokenizer.completion
+        return await asyncio.get_running_loop().run_in_executor(None, fn, body)

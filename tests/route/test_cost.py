@@ -1,0 +1,97 @@
+"""The router's arithmetic: what a cached prefix saves, what queued work costs, and the policies."""
+
+from __future__ import annotations
+
+import pytest
+
+from polarkvd.route.cost import EngineView, Policy, Reason, Weights, choose, cost, prefill_cost
+from polarkvd.route.prefixes import RouteKeys, SentPrefixes
+
+W = Weights()
+
+
+def test_a_prompt_cached_on_an_engines_gpu_costs_only_its_uncached_tail() -> None:
+    assert prefill_cost(1000, EngineView("a", gpu=768), W) == 232
+    assert prefill_cost(1000, EngineView("a"), W) == 1000
+    # a hit longer than the prompt (the cache holds a longer conversation) saves the whole prompt
+    assert prefill_cost(100, EngineView("a", gpu=512), W) == 0
+
+
+def test_host_tiers_cost_their_weights_for_the_tokens_past_the_gpus_hit() -> None:
+    w = Weights(dram=0.1, disk=0.5, pool=0.25)
+    # 256 on the GPU, the host has 512 in DRAM and 512 on disk: 768 more from the host, 976 computed
+    v = EngineView("a", gpu=256, dram=512, disk=512)
+    assert prefill_cost(2000, v, w) == pytest.approx(768 * (0.5 * 0.1 + 0.5 * 0.5) + 976)
+    # the pool covers what neither holds
+    v = EngineView("a", pool=1500)
+    assert prefill_cost(2000, v, w) == pytest.approx(1500 * 0.25 + 500)
+
+
+def test_affinity_sends_a_follow_up_to_the_engine_holding_its_history() -> None:
+    views = [EngineView("a"), EngineView("b", gpu=1024), EngineView("c", gpu=128)]
+    assert choose(Policy.AFFINITY, 1200, views, W) == (1, Reason.AFFINITY)
+
+
+def test_queued_work_outweighs_a_small_hit() -> None:
+    views = [EngineView("a", gpu=128, queued_tokens=4000, requests=1), EngineView("b")]
+    assert choose(Policy.AFFINITY, 1200, views, W)[0] == 1
+
+
+def test_with_nothing_cached_the_least_busy_engine_wins_and_ties_rotate() -> None:
+    views = [EngineView("a", requests=1), EngineView("b")]
+    assert choose(Policy.AFFINITY, 500, views, W) == (1, Reason.COLD)
+    idle = [EngineView("a"), EngineView("b")]
+    assert {choose(Policy.AFFINITY, 500, idle, W, turn=t)[0] for t in range(4)} == {0, 1}
+
+
+def test_past_the_imbalance_threshold_affinity_gives_way_to_the_least_loaded() -> None:
+    views = [EngineView("a", gpu=4096, requests=20), EngineView("b", requests=2)]
+    assert choose(Policy.AFFINITY, 5000, views, Weights(request=0, queued=0)) == (1, Reason.IMBALANCE)
+    # below it, the hit wins
+    views = [EngineView("a", gpu=4096, requests=5), EngineView("b", requests=2)]
+    assert choose(Policy.AFFINITY, 5000, views, Weights(request=0, queued=0))[0] == 0
+
+
+def test_round_robin_and_least_loaded() -> None:
+    views = [EngineView("a", gpu=4096), EngineView("b", requests=3), EngineView("c", requests=1)]
+    assert [choose(Policy.ROUND_ROBIN, 10, views, W, t)[0] for t in range(4)] == [0, 1, 2, 0]
+    assert choose(Policy.LEAST_LOADED, 10, views, W) == (0, Reason.LEAST_LOADED)
+    views[0].requests = 5
+    assert choose(Policy.LEAST_LOADED, 10, views, W)[0] == 2
+
+
+def test_bad_weights_and_no_engines_are_refused() -> None:
+    with pytest.raises(ValueError, match="dram"):
+        Weights(dram=-1)
+    with pytest.raises(ValueError, match="queued"):
+        Weights(queued=float("nan"))
+    with pytest.raises(ValueError):
+        choose(Policy.AFFINITY, 10, [], W)
+    assert cost(100, EngineView("a", queued_tokens=50, requests=1), Weights(request=10)) == 160
+
+
+def test_the_record_of_what_was_sent_is_a_bounded_prefix_tree() -> None:
+    keys = RouteKeys("m")
+    user_a = keys.keys(list(range(160)))  # 10 pages
+    user_b = keys.keys([7] * 160)
+    sent = SentPrefixes(capacity=16)
+    sent.sent(user_a)
+    assert sent.leading(user_a) == 10
+    assert sent.leading(keys.keys(list(range(80)) + [1] * 80)) == 5  # shares its first 5 pages
+    sent.sent(user_b)  # 20 pages in a 16-page record: the oldest prompt's deepest pages go first
+    assert len(sent) == 16
+    assert sent.leading(user_b) == 10
+    assert sent.leading(user_a) == 6  # its head still counts: no orphaned tail
+    # a prompt longer than the whole record keeps its head
+    big = keys.keys(list(range(1000, 1000 + 16 * 40)))
+    sent.sent(big)
+    assert len(sent) == 16 and sent.leading(big) == 16
+    with pytest.raises(ValueError):
+        SentPrefixes(0)
+
+
+def test_keys_name_their_model_and_whole_prefix() -> None:
+    a, b = RouteKeys("m1"), RouteKeys("m2")
+    assert a.keys(list(range(32))) != b.keys(list(range(32)))
+    assert a.keys(list(range(32)))[0] == a.keys(list(range(16)) + [9] * 16)[0]
+    assert len(a.keys(list(range(31)))) == 1  # whole pages only
