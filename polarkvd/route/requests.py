@@ -16,6 +16,14 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
+#: The largest token id a page key holds (keys.page_keys packs ids as 32-bit words).
+_MAX_TOKEN_ID = 0xFFFFFFFF
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 class BadRequest(Exception):
     """The client's request is malformed: a 400 with this message."""
 
@@ -31,6 +39,7 @@ def error_body(
     kinds = {
         400: "BadRequestError",
         404: "NotFoundError",
+        405: "MethodNotAllowedError",
         502: "BadGatewayError",
         503: "ServiceUnavailableError",
     }
@@ -68,9 +77,9 @@ def parse_body(raw: bytes, kind: str) -> dict[str, Any]:
             or isinstance(p, list)
             and p
             and (
-                all(isinstance(x, int) and not isinstance(x, bool) for x in p)
+                all(_is_int(x) for x in p)
                 or all(isinstance(x, str) for x in p)
-                or all(isinstance(x, list) and all(isinstance(t, int) for t in x) for x in p)
+                or all(isinstance(x, list) and all(_is_int(t) for t in x) for x in p)
             )
         )
         if not ok:
@@ -78,6 +87,10 @@ def parse_body(raw: bytes, kind: str) -> dict[str, Any]:
                 "prompt must be a string, an array of strings, an array of token ids, or an array of those",
                 "prompt",
             )
+        # the first prompt is the one the router keys (routing is per request); the rest are the engine's
+        first = p[0] if isinstance(p, list) and isinstance(p[0], list) else p
+        if isinstance(first, list) and any(_is_int(t) and not 0 <= t <= _MAX_TOKEN_ID for t in first):
+            raise BadRequest(f"token ids must be between 0 and {_MAX_TOKEN_ID}", "prompt")
     return body
 
 

@@ -127,7 +127,7 @@ class Router:
     # ------------------------------------------------------------------------------------ lifecycle
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=64 << 20)
+        app = web.Application(client_max_size=64 << 20, middlewares=[self._openai_errors])
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_get("/v1/models", self._models)
@@ -154,6 +154,23 @@ class Router:
             await self._session.close()
         for e in self.all:
             e.close()
+
+    @web.middleware
+    async def _openai_errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """Whatever goes wrong in a handler is answered in OpenAI's shape, never as aiohttp's plain
+        text page: a route the router lacks (404, 405) as the client's error, anything else as a 500
+        that is logged with its traceback."""
+        try:
+            return await handler(request)
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            return web.json_response(error_body(e.reason, e.status), status=e.status)
+        except (asyncio.CancelledError, ConnectionResetError):
+            raise
+        except Exception:
+            log.exception("router: %s %s failed", request.method, request.path)
+            return self._error(500, "the router failed on this request (see its log)", "internal")
 
     # ------------------------------------------------------------------------------------- handlers
 

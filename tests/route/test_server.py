@@ -206,6 +206,9 @@ def test_a_refused_connection_is_retried_on_another_engine() -> None:
         (b"[1, 2]", "/v1/completions", "JSON object"),
         ({"model": "fake"}, "/v1/completions", "prompt"),
         ({"prompt": [1, "a"]}, "/v1/completions", "prompt"),
+        ({"prompt": [1, -2, 3]}, "/v1/completions", "token ids"),
+        ({"prompt": [[1 << 40], [1, 2]]}, "/v1/completions", "token ids"),
+        ({"prompt": [True, False]}, "/v1/completions", "prompt"),
         ({"prompt": "hi", "stream": "yes"}, "/v1/completions", "stream"),
         ({"messages": "hi"}, "/v1/chat/completions", "messages"),
         ({"messages": [{"content": "hi"}]}, "/v1/chat/completions", "role"),
@@ -223,6 +226,20 @@ def test_a_bad_request_is_a_400_and_reaches_no_engine(body: Any, path: str, says
             )
             assert a.prompts == []
             status, _ = await post(http, r, {"prompt": [1, 2, 3]})  # and it keeps serving
+            assert status == 200
+
+    run(go)
+
+
+def test_an_unknown_path_or_method_is_answered_in_openais_shape() -> None:
+    async def go() -> None:
+        a = FakeEngine("a")
+        async with serve(a.app()) as ua, router_over([ua]) as r, aiohttp.ClientSession() as http:
+            async with http.get(r + "/v1/nope") as resp:
+                assert resp.status == 404 and (await resp.json())["error"]["type"] == "NotFoundError"
+            async with http.get(r + "/v1/completions") as resp:
+                assert resp.status == 405 and (await resp.json())["error"]["code"] == 405
+            status, _ = await post(http, r, {"prompt": [1, 2, 3]})
             assert status == 200
 
     run(go)
