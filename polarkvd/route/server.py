@@ -61,7 +61,7 @@ class RouterMetrics:
         )
         self.errors = Counter(
             "polarkv_route_errors",
-            "Errors, by kind (bad_request, no_engine, midstream; where and prefill: the request went on without).",
+            "Errors, by kind (bad_request, no_engine, midstream, internal; where and prefill: the request went on without).",
             ["kind"],
             registry=r,
         )
