@@ -306,7 +306,7 @@ def merge(paths: list[str]) -> dict[str, Any]:
     out = summarize(per, config)
     out["prompt_range"] = [pieces[0][1]["prompt_range"][0], pieces[-1][1]["prompt_range"][1]]
     out["pieces"] = [res["prompt_range"] for _, res in pieces]
-    out["chunks_pinned"] = sum(res.get("chunks_pinned", 0) for _, res in pieces)
+    out["chunks_pinned"] = [res.get("chunks_pinned") for _, res in pieces]  # each piece's daemon
     out["per_prompt"] = per
     return out
 

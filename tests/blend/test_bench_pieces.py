@@ -34,7 +34,8 @@ def _row(setting: str, n: int) -> dict[str, Any]:
 
 def _piece(tmp_path: Path, a: int, b: int, **config: Any) -> Path:
     per = {s: [_row(s, n) for n in range(a, b)] for s in SETTINGS}
-    res = {**summarize(per, {**CONFIG, **config}), "prompt_range": [a, b], "per_prompt": per}
+    res = {**summarize(per, {**CONFIG, **config}), "prompt_range": [a, b], "per_prompt": per,
+           "chunks_pinned": {"pinned_pages": b - a, "pinned_bytes": 1000 * (b - a)}}  # fmt: skip
     path = tmp_path / f"piece-{a}-{b}.json"
     path.write_text(json.dumps(res))
     return path
@@ -45,6 +46,7 @@ def test_pieces_merge_into_what_the_whole_run_gives(tmp_path: Path) -> None:
     merged = merge([str(_piece(tmp_path, 4, 6)), str(_piece(tmp_path, 0, 2)), str(_piece(tmp_path, 2, 4))])
     assert merged["prompts"] == 6 and merged["prompt_range"] == [0, 6]
     assert merged["pieces"] == [[0, 2], [2, 4], [4, 6]]
+    assert [p["pinned_pages"] for p in merged["chunks_pinned"]] == [2, 2, 2]
     assert merged["settings"] == whole["settings"]
     assert merged["first_token_agreement_r15"] == pytest.approx(4 / 6)
     assert render(merged) == render(whole)
