@@ -291,7 +291,8 @@ class DiskTier:
             self.flush_index()
         with self._lock:  # read buffers for the largest page here, not in its first promotion
             largest = max((e.stored_bytes for e in self._index.entries.values()), default=0)
-        self._scratch.stock(largest, self.readers), stock_decode_buffers(largest, self.readers)
+        self._scratch.stock(largest, self.readers)
+        stock_decode_buffers(largest, self.readers)
         stats = self.stats()
         report = DiskOpenReport(
             pages=stats.pages,
