@@ -200,6 +200,7 @@ class Daemon:
                     level=cfg.disk.compression_level,
                     min_ratio=cfg.disk.min_compression_ratio,
                     seed_fingerprint=self.seed.fingerprint if self.seed is not None else None,
+                    readers=cfg.disk.io_threads,
                 )
                 report = await loop.run_in_executor(executor, disk.open)
                 log.info(

@@ -1,8 +1,8 @@
 """Page codec for the disk tier: byte-plane split + zstd, and the one page checksum.
 
 Owns turning a page's raw bytes into a stored blob and back, and `checksum` (xxh3_64), the only page
-checksum in polarkvd. It must not do I/O, hold state beyond per-thread zstd contexts, or know about
-keys or tiers.
+checksum in polarkvd. It must not do I/O, hold state beyond per-thread zstd contexts and read
+buffers (`Scratch`), or know about keys or tiers.
 
 Why byte planes: a bf16/fp16/fp32 value's high byte (sign, exponent) is highly repetitive across a
 KV page, its low mantissa byte is noise. Interleaved, zstd sees noise everywhere; split into planes
@@ -58,6 +58,7 @@ __all__ = [
     "Codec",
     "GroupRange",
     "GroupedBlob",
+    "Scratch",
     "checksum",
     "decode_group",
     "decode_into",
@@ -65,6 +66,7 @@ __all__ = [
     "encode_groups",
     "group_table_size",
     "parse_group_table",
+    "stock_decode_buffers",
 ]
 
 #: Keep a compressed plane only when it saves at least this fraction: a plane that shrinks by
@@ -88,7 +90,6 @@ class _Contexts(threading.local):
     def __init__(self) -> None:
         self.compressors: dict[int, zstandard.ZstdCompressor] = {}
         self.decompressor = zstandard.ZstdDecompressor()
-        self.scratch = bytearray()
 
     def compressor(self, level: int) -> zstandard.ZstdCompressor:
         c = self.compressors.get(level)
@@ -96,13 +97,54 @@ class _Contexts(threading.local):
             c = self.compressors[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
         return c
 
-    def scratch_view(self, n: int) -> memoryview:
-        if len(self.scratch) < n:
-            self.scratch = bytearray(n)
-        return memoryview(self.scratch)[:n]
-
 
 _ctx = _Contexts()
+
+#: `Scratch.stock` rounds sizes up to this, so pages a few bytes apart share one stock
+_STOCK_ROUND = 64 << 10
+
+
+class Scratch:
+    """Read buffers, one per thread, reused across calls. A buffer's first use faults its pages in
+    (a 5.9 MB page: ~1,400 faults, +3-8 ms on a thread's first disk read, inside a load's first batch:
+    `polarkvd bench mixed`), so `stock(n, count)`, called off every load's path (the disk tier's
+    writes), makes `count` buffers of n bytes ahead, every page touched; a thread whose own buffer is
+    too small takes one of those before it allocates."""
+
+    def __init__(self) -> None:
+        self._mine = threading.local()
+        self._lock = threading.Lock()
+        self._spares: list[bytearray] = []
+        self._stocked = 0  # the size of the buffers stocked last
+
+    def view(self, n: int) -> memoryview:
+        buf: bytearray | None = getattr(self._mine, "buf", None)
+        if buf is None or len(buf) < n:
+            with self._lock:
+                at = next((i for i, spare in enumerate(self._spares) if len(spare) >= n), None)
+                buf = self._spares.pop(at) if at is not None else None
+            self._mine.buf = buf = buf if buf is not None else bytearray(n)
+        return memoryview(buf)[:n]
+
+    def stock(self, n: int, count: int) -> None:
+        """Have `count` buffers of at least `n` bytes ready (a no-op once they were made)."""
+        n = -(-n // _STOCK_ROUND) * _STOCK_ROUND
+        with self._lock:
+            if n <= self._stocked:
+                return
+            self._stocked = n
+        spares = [bytearray(n) for _ in range(count)]  # bytearray(n) zero-fills: its pages fault in here
+        with self._lock:
+            self._spares = spares
+
+
+_planes = Scratch()  # a compressed plane's decoded bytes, before they are interleaved into the page
+
+
+def stock_decode_buffers(raw_len: int, count: int) -> None:
+    """Make the buffers `count` threads decoding pages of `raw_len` bytes need, ahead (`Scratch`):
+    a plane is at most half a page (items of 2 bytes or more)."""
+    _planes.stock(raw_len // 2, count)
 
 
 def checksum(data: bytes | bytearray | memoryview) -> int:
@@ -313,7 +355,7 @@ def _planes_into(src: memoryview, dst: memoryview, itemsize: int) -> None:
         seg = src[pos : pos + length]
         pos += length
         if mask >> i & 1:
-            plane = _ctx.scratch_view(n)
+            plane = _planes.view(n)
             _zstd_into(seg, plane)
             columns[:, i] = np.frombuffer(plane, dtype=np.uint8)
         else:

@@ -59,6 +59,7 @@ from polarkvd.policy import PolicyNode
 from polarkvd.tiers.codec import (
     Codec,
     GroupRange,
+    Scratch,
     checksum,
     decode_group,
     decode_into,
@@ -66,6 +67,7 @@ from polarkvd.tiers.codec import (
     encode_groups,
     group_table_size,
     parse_group_table,
+    stock_decode_buffers,
 )
 from polarkvd.tiers.disk_format import (
     HEADER_SIZE,
@@ -77,8 +79,8 @@ from polarkvd.tiers.disk_format import (
     TMP_SUFFIX,
     Header,
     Row,
-    Scratch,
     check_key,
+    delete_leftover,
     fsync_dir,
     header_row,
     load_snapshot,
@@ -198,9 +200,11 @@ class DiskTier:
         level: int = 1,
         min_ratio: float = 1.0,
         seed_fingerprint: str | None = None,
+        readers: int = 2,
     ) -> None:
         """`seed_fingerprint`: the page-key seed's (keys.seed_fingerprint); pages recorded under
-        another are refused at open. None: no record, no check (tools and tests of bytes only)."""
+        another are refused at open. None: no record, no check (tools and tests of bytes only).
+        `readers`: threads reading pages (the daemon's I/O threads), read buffers made ahead for."""
         if capacity_bytes < 0:
             raise ValueError(f"capacity_bytes must be >= 0, got {capacity_bytes}")
         self.path = Path(path)
@@ -230,6 +234,7 @@ class DiskTier:
         self._made_dirs: set[str] = set()
         self._unsynced_dirs: set[str] = set()  # subdirectories created since the root was last fsynced
         self._scratch = Scratch()
+        self.readers = readers
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -284,6 +289,10 @@ class DiskTier:
             evicted = self._index.evictions - before
         if self._index.changes:
             self.flush_index()
+        with self._lock:  # read buffers for the largest page here, not in its first promotion
+            largest = max((e.stored_bytes for e in self._index.entries.values()), default=0)
+        self._scratch.stock(largest, self.readers)
+        stock_decode_buffers(largest, self.readers)
         stats = self.stats()
         report = DiskOpenReport(
             pages=stats.pages,
@@ -322,13 +331,13 @@ class DiskTier:
         unlisted: list[tuple[float, str]] = []  # files the snapshot does not vouch for
         for sub in os.scandir(self.path):
             if sub.name.startswith(INDEX_NAME) and sub.name.endswith(TMP_SUFFIX):
-                dropped += self._delete_file(sub.path)  # a snapshot write cut short
+                dropped += delete_leftover(sub.path)  # a snapshot write cut short
             if not (sub.is_dir(follow_symlinks=False) and SUBDIR_RE.fullmatch(sub.name)):
                 continue
             self._made_dirs.add(sub.name)
             for f in os.scandir(sub.path):
                 if f.name.endswith(TMP_SUFFIX):
-                    dropped += self._delete_file(f.path)  # a write cut short by a crash
+                    dropped += delete_leftover(f.path)  # a write cut short by a crash
                 elif PAGE_RE.fullmatch(f.name) and f.name.startswith(sub.name):
                     key = bytes.fromhex(f.name[:32])
                     st = f.stat(follow_symlinks=False)
@@ -345,7 +354,7 @@ class DiskTier:
         for _, file in sorted(unlisted):  # oldest first: recency order for the policy
             row = header_row(file)
             if row is None:
-                dropped += self._delete_file(file)
+                dropped += delete_leftover(file)
             else:
                 recovered.append(row)
         trusted = [row for key, row in rows.items() if key in trusted_keys]  # snapshot = eviction order
@@ -454,6 +463,9 @@ class DiskTier:
         else:
             codec, blob = encode(view, itemsize, self.level, self.min_ratio)
         header = pack_header(codec, itemsize, key, parent, ns, raw_len, len(blob), checksum(view))
+        if codec != Codec.RAW:  # a read decodes it through buffers: made now, not in a promotion
+            self._scratch.stock(len(blob), self.readers)
+            stock_decode_buffers(raw_len, self.readers)
         size = stored_size(HEADER_SIZE + len(blob))
         if size > self.capacity_bytes:
             return False
@@ -779,15 +791,6 @@ class DiskTier:
             with self._lock:
                 self._made_dirs.add(sub)
                 self._unsynced_dirs.add(sub)  # its name in the root is not durable yet
-
-    @staticmethod
-    def _delete_file(path: str | Path) -> int:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            return 0
-        log.warning("disk tier: deleted invalid or leftover file %s", path)
-        return 1
 
     def _require_open(self) -> None:
         if self._lock_fd is None:

@@ -1,7 +1,7 @@
 """The disk tier's files: page file header, index snapshot, directory layout, and syncs.
 
 Owns what is on disk and how it is read and written byte by byte; `disk.py` decides when. Nothing
-here holds state between calls except a per-thread scratch buffer.
+here holds state between calls.
 
 Layout: one file per page, `<root>/<first key byte as 2 hex>/<key as 32 hex>.pkv`, holding a fixed
 96-byte header (magic, format version, codec id, itemsize, key, parent, ns, raw and payload lengths,
@@ -25,7 +25,6 @@ import logging
 import os
 import re
 import struct
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -150,16 +149,14 @@ def header_row(file: str) -> Row | None:
     return (h.key, h.parent, h.ns, h.raw_len, stored_size(size), 0)
 
 
-class Scratch(threading.local):
-    """Per-thread read buffer for compressed payloads, reused so reads do not fault in fresh pages."""
-
-    def __init__(self) -> None:
-        self.buf = bytearray()
-
-    def view(self, n: int) -> memoryview:
-        if len(self.buf) < n:
-            self.buf = bytearray(n)
-        return memoryview(self.buf)[:n]
+def delete_leftover(path: str | Path) -> int:
+    """Delete an invalid or leftover file found at open: 1 if it was there, else 0."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return 0
+    log.warning("disk tier: deleted invalid or leftover file %s", path)
+    return 1
 
 
 def readinto_exact(f: io.RawIOBase, view: memoryview) -> int:
