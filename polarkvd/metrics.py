@@ -442,7 +442,7 @@ class MetricsServer:
         def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
             fn = self._routes.get(environ.get("PATH_INFO", ""))
             if fn is None:
-                return metrics_app(environ, start_response)  # type: ignore[no-any-return]
+                return metrics_app(environ, start_response)
             status, out = 400, {"error": "the body must be at most 16 MiB"}
             try:
                 n = int(environ.get("CONTENT_LENGTH") or 0)

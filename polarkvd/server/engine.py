@@ -269,9 +269,9 @@ def engine_api(
     def report_load(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
         """The engine's running and waiting requests and queued prefill tokens (and its URL), for `where`."""
         only_args(args, "running", "waiting", "queued_prefill_tokens", "url")
-        load = EngineLoad.from_wire(args)
+        load, session = EngineLoad.from_wire(args), _session(conn)
         if engine_events is not None:
-            engine_events.report_load(_session(conn), load)
+            engine_events.report_load(session, load)
         return {}
 
     handlers: dict[str, Handler] = {

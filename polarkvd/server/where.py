@@ -201,7 +201,7 @@ def _http_args(method: str, query: str, body: bytes) -> dict[str, Any]:
 
 
 def http_route(
-    loop: asyncio.AbstractEventLoop, where: Handler
+    loop: asyncio.AbstractEventLoop, where: Callable[[Any, dict[str, Any]], Any]
 ) -> Callable[[str, str, bytes], tuple[int, Any]]:
     """`where` for the HTTP endpoint (metrics.MetricsServer.route), run on the daemon's loop: the
     same answer as the control op, as JSON; 400 for a bad request, 404 for an unknown namespace,
