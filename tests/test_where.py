@@ -127,6 +127,13 @@ def test_each_engines_last_load_report_is_in_the_answer(stored) -> None:
             "stale": False,
             "url": "http://10.0.0.5:8000",
         }
+        shown = subprocess.run(
+            [sys.executable, "-m", "polarkvd", "where", "--socket", str(d.control_socket), "--namespace", digest,
+             "--tokens", ",".join(map(str, tokens[:PT]))],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        assert "engine vllm-a: 0 tokens in its own cache; 2 running, 3 waiting, 4096 prefill tokens" in shown
+        assert "at http://10.0.0.5:8000" in shown
         a.report_load(0, 0, 0)  # the last report counts
         load = c.where(query)["engine_load"]["vllm-a"]
         assert (load["running"], load["waiting"], load["queued_prefill_tokens"]) == (0, 0, 0)
