@@ -3,7 +3,9 @@
 Owns the control op's argument checks (a namespace by digest or by model and salt; token ids or page
 keys), the local answer (the manager's pure lookup probe: no page is touched, pinned or counted) and
 the per-member prefix lengths from the meta map's records (`cluster/pool/locate.py` `leading`, passed
-in by the daemon: this package does not import the cluster). docs/ROUTING.md says how a router uses it.
+in by the daemon: this package does not import the cluster), the attached engines' own caches and
+last load reports (`engine_events.py`), and the same query over HTTP (`http_route`, served beside
+/metrics). docs/ROUTING.md says how a router uses it and gives the reply field by field.
 """
 
 from __future__ import annotations
