@@ -89,6 +89,7 @@ class Daemon:
         self.manager: Manager | None = None
         self.timings = OpTimings()
         self.metrics_url = ""
+        self.http: MetricsServer | None = None
         self._reload_pending = False
         self.reloads_ok = self.reloads_failed = 0
         self.last_reload_ok = True
@@ -151,6 +152,7 @@ class Daemon:
                 # Before the arena: a port in use fails the start at once, with the option's name.
                 metrics = MetricsServer(cfg.metrics.address, StatsCollector(self._snapshot_from_thread))
                 self.metrics_url = metrics.start()
+            self.http = metrics  # `where` is served there too, once the handlers exist
             try:
                 await self._serve(engine_path, control_path, chores)
             finally:
@@ -271,10 +273,14 @@ class Daemon:
                 cluster_report=self.cluster_report,
                 vram_report=lambda: self.vram.as_dict() if self.vram is not None else None,
                 where_cluster=lambda: (
-                    (self.pool.node_id, self.pool.holders) if self.pool is not None else None
+                    (self.pool.node_id, self.pool.leading) if self.pool is not None else None
                 ),
                 engine_events=engine_events,
             )
+            if self.http is not None:  # `where` over HTTP beside /metrics (docs/ROUTING.md)
+                from polarkvd.server.where import http_route
+
+                self.http.route("/where", http_route(asyncio.get_running_loop(), handlers["where"]))
             control_srv = RequestServer("control", handlers, max_frame_bytes=cfg.daemon.max_frame_bytes)
             servers = [engine_srv, control_srv]
             await engine_srv.start(engine_path, cfg.daemon.engine_socket_mode)

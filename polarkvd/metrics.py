@@ -1,6 +1,7 @@
 """Prometheus metrics: the latency histograms the engine handlers fill, and the /metrics endpoint.
 
-Owns metric names, labels and help texts (docs/METRICS.md lists them), and the HTTP endpoint. Keeps
+Owns metric names, labels and help texts (docs/METRICS.md lists them), and the HTTP endpoint (which
+also serves JSON routes others register, e.g. `/where`: server/where.py). Keeps
 no counters of its own: every series is computed at scrape time from a `Snapshot` the daemon takes
 on its event loop — `Manager.stats()` (the same dict `polarkvd status` prints), the op histograms and
 the daemon's own state — so metrics and `status` can never disagree.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import errno
+import json
 import logging
 import re
 from collections.abc import Callable, Iterator
@@ -33,6 +35,8 @@ BUCKETS_NS: tuple[int, ...] = tuple(int(us * 1000) for us in _BUCKETS_US)
 
 #: The engine ops that are timed (label `op` of polarkv_engine_op_duration_seconds).
 TIMED_OPS = ("lookup", "reserve", "commit", "load")
+
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 500: "Internal Server Error", 503: "Service Unavailable"}  # fmt: skip
 
 
 class LatencyHistogram:
@@ -414,14 +418,53 @@ class StatsCollector:
         yield from families(self.take_snapshot())
 
 
+#: (method, query string, body) -> (HTTP status, JSON-able answer), run on an HTTP server thread
+Route = Callable[[str, str, bytes], tuple[int, Any]]
+MAX_BODY_BYTES = 16 << 20
+
+
 class MetricsServer:
-    """The HTTP endpoint (prometheus_client's threaded WSGI server) on `metrics.address`."""
+    """The HTTP endpoint (prometheus_client's threaded WSGI server) on `metrics.address`: /metrics,
+    and the JSON routes registered with `route`."""
 
     def __init__(self, address: str, collector: StatsCollector) -> None:
         self.address = address
         self.collector = collector
         self._httpd: Any = None
         self.url = ""
+        self._routes: dict[str, Route] = {}
+
+    def route(self, path: str, fn: Route) -> None:
+        """Serve `path` with `fn` (from now on; the rest stays prometheus_client's)."""
+        self._routes[path] = fn
+
+    def _app(self, metrics_app: Any) -> Any:
+        def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+            fn = self._routes.get(environ.get("PATH_INFO", ""))
+            if fn is None:
+                return metrics_app(environ, start_response)
+            status, out = 400, {"error": "the body must be at most 16 MiB"}
+            try:
+                n = int(environ.get("CONTENT_LENGTH") or 0)
+            except ValueError:
+                n = -1
+            if 0 <= n <= MAX_BODY_BYTES:
+                body = environ["wsgi.input"].read(n) if n else b""
+                try:
+                    status, out = fn(
+                        environ.get("REQUEST_METHOD", "GET"), environ.get("QUERY_STRING", ""), body
+                    )
+                except Exception as e:  # a bug in a route must not take the endpoint down
+                    log.exception("HTTP %s failed", environ.get("PATH_INFO"))
+                    status, out = 500, {"error": f"internal error: {e!r:.200}"}
+            data = json.dumps(out).encode()
+            start_response(
+                f"{status} {_REASONS.get(status, 'Error')}",
+                [("Content-Type", "application/json"), ("Content-Length", str(len(data)))],
+            )
+            return [data]
+
+        return app
 
     def start(self) -> str:
         """Bind and serve; returns the URL. A bind failure is a ConfigError naming metrics.address."""
@@ -446,6 +489,7 @@ class MetricsServer:
                     "port, port 0 for any free one, or set metrics.enabled = false"
                 )
             raise ConfigError([("metrics.address", self.address, f"cannot listen: {why}")]) from None
+        self._httpd.set_app(self._app(self._httpd.get_app()))
         bound_host, bound_port = self._httpd.server_address[:2]
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host
         self.url = f"http://{shown}:{bound_port}/metrics"

@@ -251,6 +251,7 @@ def test_ops_before_hello(healthy: Healthy, raw: Raw) -> None:
         ("load", {"keys": keys}),
         ("release", {"lease": 1}),
         ("observe", {"tokens": 256, "depth": 0, "seconds": 0.5}),
+        ("report_load", {"running": 1, "waiting": 0, "queued_prefill_tokens": 0}),
     ]:
         assert "hello" in err(raw.call(op, args), ErrorCode.NO_SESSION)
     assert healthy.daemon.stats()["tiers"]["dram"]["reserved_pages"] == 0

@@ -73,6 +73,18 @@ def show(out: dict[str, Any]) -> str:
         f"namespace {out['namespace']} ({out['model']}), {out['page_tokens']} tokens a page",
         f"{here['tokens']} of {out['tokens']} tokens here: L1 {here['l1']}, DRAM {here['dram']}, disk {here['disk']}",
     ]
+    loads = out.get("engine_load", {})
+    for engine in sorted(set(out.get("engines", {})) | set(loads)):
+        line = f"engine {engine}: {out.get('engines', {}).get(engine, 0)} tokens in its own cache"
+        if engine in loads:
+            ld = loads[engine]
+            line += (
+                f"; {ld['running']} running, {ld['waiting']} waiting, {ld['queued_prefill_tokens']} prefill "
+                f"tokens queued ({ld['age_s']:.1f} s ago{', stale' if ld['stale'] else ''})"
+            )
+            if ld.get("url"):
+                line += f" at {ld['url']}"
+        lines.append(line)
     if "cluster" in out:
         others = ", ".join(f"{node} {n}" for node, n in sorted(out["cluster"].items(), key=lambda kv: -kv[1]))
         lines.append(f"other members ({out['node']} is this one): {others or 'none holds its first page'}")

@@ -45,15 +45,17 @@ import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 
+import numpy as np
 import xxhash
 
 from polarkvd.cluster.metamap_wire import MAX_KEYS, TIERS, Announce, Hello, Here, Message, Where, view_digest
 from polarkvd.cluster.ring import Ring, member_seed
 from polarkvd.types import KEY_BYTES
 
-__all__ = ["MetaMap"]
+__all__ = ["MetaMap", "leading_run"]
 
 _h = xxhash.xxh3_64_intdigest
+_VECTOR_PLAN = 32  # keys from which `plan` scores them all at once (numpy) rather than one by one
 
 
 # ------------------------------------------------------------------------------------ the map
@@ -475,6 +477,12 @@ class MetaMap:
         self._stats["located"] += len(keys)
         return out
 
+    def leading(self, keys: Sequence[bytes]) -> dict[str, int]:
+        """Per holder of keys[0], for how many of keys 0, 1, ... our records name it without a gap
+        (ourselves included): what a `where` query needs of our part, instead of every key's
+        holders (`merge_leading` puts the owners' parts together)."""
+        return leading_run(self.locate(keys))
+
     def answer(self, where: Where) -> Here:
         """The reply to a `Where` query from another member."""
         return Here(tuple(self.locate(where.keys)))
@@ -484,8 +492,20 @@ class MetaMap:
     def plan(self, keys: Sequence[bytes]) -> dict[str, list[int]]:
         """owner -> indexes into `keys` it owns, ourselves included (ask that part with `locate`,
         the rest with one `Where(tuple(keys[i] for i in idxs))` per owner)."""
-        owner = self._ring.owner
         out: dict[str, list[int]] = {}
+        if len(keys) >= _VECTOR_PLAN:
+            found = self._ring.owner_indexes(keys)
+            if found is not None:
+                members = self._ring.members
+                counts = np.bincount(found, minlength=len(members))
+                order = np.argsort(found, kind="stable").tolist()  # indexes grouped by owner, in order
+                at = 0
+                for m, c in enumerate(counts.tolist()):
+                    if c:
+                        out[members[m]] = order[at : at + c]
+                        at += c
+                return out
+        owner = self._ring.owner
         for i, k in enumerate(keys):
             o = owner(k)
             lst = out.get(o)  # type: ignore[arg-type]
@@ -508,6 +528,25 @@ class MetaMap:
             if r is None or len(r) != len(idxs):
                 continue
             out.update(zip(idxs, r))
+        return out
+
+    @staticmethod
+    def merge_leading(
+        n: int, plan: Mapping[str, Sequence[int]], replies: Mapping[str, Mapping[str, int]]
+    ) -> dict[str, int]:
+        """Per member, how many of the `n` keys 0, 1, ... it holds without a gap, from each owner's
+        `leading` over its part of the plan (its indexes, ascending). A member's prefix ends at the
+        first index of the plan where its owner's count for it runs out; an owner that did not
+        answer ends every prefix at its first index. Members holding no key 0 are left out."""
+        out: dict[str, int] = {}
+        for h in {h for r in replies.values() for h in r}:
+            end = n
+            for o, idxs in plan.items():
+                c = replies.get(o, {}).get(h, 0)
+                if c < len(idxs) and idxs[c] < end:
+                    end = idxs[c]
+            if end:
+                out[h] = end
         return out
 
     @staticmethod
@@ -612,6 +651,28 @@ class MetaMap:
         s["unverified"] = self._n_unverified
         s["members"] = len(self._ring)
         return s
+
+
+def leading_run(holders: Sequence[tuple[str, ...]]) -> dict[str, int]:
+    """Per member in holders[0], for how many of the entries from the first it is listed without a
+    gap. Consecutive keys mostly have the same holders: the set is narrowed only where they change."""
+    if not holders:
+        return {}
+    running = set(holders[0])
+    counts: dict[str, int] = {}
+    prev = holders[0]
+    i, n = 1, len(holders)
+    while i < n and running:
+        here = holders[i]
+        if here != prev:
+            for h in [h for h in running if h not in here]:
+                running.discard(h)
+                counts[h] = i
+            prev = here
+        i += 1
+    for h in running:
+        counts[h] = i
+    return counts
 
 
 def _outscored(key: bytes, seed: int, others: list[int]) -> bool:

@@ -19,7 +19,7 @@ from polarkvd.manager import Manager
 from polarkvd.manager.knobs import apply_knobs
 from polarkvd.server.connection import Connection, Handler, only_args
 from polarkvd.server.engine_events import EngineEvents
-from polarkvd.server.where import Holders, where_handler
+from polarkvd.server.where import Leading, where_handler
 from polarkvd.types import Tier
 from polarkvd.wire import frames as P
 
@@ -33,7 +33,7 @@ def control_handlers(
     manager: Manager,
     cluster_report: Callable[[], dict[str, Any]] | None = None,
     vram_report: Callable[[], dict[str, Any] | None] | None = None,
-    where_cluster: Callable[[], tuple[str, Holders] | None] | None = None,
+    where_cluster: Callable[[], tuple[str, Leading] | None] | None = None,
     engine_events: EngineEvents | None = None,
 ) -> dict[str, Handler]:
     """`vram_report`: the L1 choice made at start (docs/VRAM.md), shown by `stats` under `vram`;

@@ -24,7 +24,7 @@ from polarkvd.errors import ErrorCode, PolarKVError, ProtocolError
 from polarkvd.manager import Manager, Session
 from polarkvd.metrics import OpTimings
 from polarkvd.server.connection import Handler, arg_bool, arg_int, only_args
-from polarkvd.server.engine_events import EngineEvents, parse_spec
+from polarkvd.server.engine_events import EngineEvents, EngineLoad, parse_spec
 from polarkvd.server.engine_thread import ON_LOOP, ThreadHandler
 from polarkvd.types import KEY_BYTES, Namespace, Tier
 from polarkvd.wire import frames as P
@@ -266,6 +266,14 @@ def engine_api(
         manager.worth.observe_prefill(_session(conn).ns.id, tokens, depth, float(seconds))
         return {}
 
+    def report_load(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        """The engine's running and waiting requests and queued prefill tokens (and its URL), for `where`."""
+        only_args(args, "running", "waiting", "queued_prefill_tokens", "url")
+        load, session = EngineLoad.from_wire(args), _session(conn)
+        if engine_events is not None:
+            engine_events.report_load(session, load)
+        return {}
+
     handlers: dict[str, Handler] = {
         P.Op.HELLO.value: hello,
         P.Op.LOOKUP.value: lookup,
@@ -276,5 +284,6 @@ def engine_api(
         P.Op.RELEASE.value: release,
         P.Op.PING.value: ping,  # on the loop: a ping answered says the loop is alive
         P.Op.OBSERVE.value: observe,
+        P.Op.REPORT_LOAD.value: report_load,
     }
     return EngineAPI(handlers, {P.Op.LOOKUP.value: lookup_on_thread})

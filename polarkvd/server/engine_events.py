@@ -12,12 +12,17 @@ ends pages of `page_tokens` as its tokens complete them (a block may end none, o
 Blocks whose parent is unknown here (stored before we subscribed and not replayed), of another KV
 cache group, with extra keys (cache salt, LoRA, multimodal: another namespace than the engine's
 default one) or on another medium than the GPU are skipped and counted. docs/ROUTING.md.
+
+Also keeps each engine's last reported load (`EngineLoad`: running and waiting requests, queued
+prefill tokens, its served URL), for `where`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgpack
@@ -37,6 +42,39 @@ MAX_MESSAGE_BYTES = 64 << 20
 #: Live batches kept back while a replay runs; past it the replay is given up (what it did not bring
 #: is counted lost), so a publisher that never ends its replay cannot grow the daemon's memory.
 MAX_HELD_BACK = 4096
+#: A load report older than this that still says the engine has work is marked stale in `where`
+#: (an engine reports while it schedules, and once more when it runs out of work; an idle one is silent).
+LOAD_STALE_SECONDS = 5.0
+MAX_LOAD_COUNT = 1 << 20
+MAX_URL = 512
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineLoad:
+    """One engine's load as its connector counts it (docs/VLLM.md says how exact it is)."""
+
+    running: int
+    waiting: int
+    queued_prefill_tokens: int
+    url: str = ""
+
+    @classmethod
+    def from_wire(cls, args: dict[str, Any]) -> EngineLoad:
+        """The `report_load` op's arguments, checked: a bad one raises ProtocolError naming it."""
+        values = {}
+        for name, limit in (
+            ("running", MAX_LOAD_COUNT),
+            ("waiting", MAX_LOAD_COUNT),
+            ("queued_prefill_tokens", 1 << 40),
+        ):
+            v = args.get(name)
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= limit:
+                raise ProtocolError(f"{name} must be an integer from 0 to {limit}")
+            values[name] = v
+        url = args.get("url", "")
+        if not isinstance(url, str) or len(url) > MAX_URL:
+            raise ProtocolError(f"url must be a string of at most {MAX_URL} characters")
+        return cls(url=url, **values)
 
 
 class _Block:
@@ -277,8 +315,10 @@ class EngineEvents:
     """Every attached engine's subscriber, by session: `attach` at `hello`, `detach` when its
     connection closes, `tick` on the loop, `leading` for `where`."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._subs: dict[int, tuple[Any, EngineEventsSubscriber]] = {}  # session id -> (session, subscriber)
+        self._loads: dict[int, tuple[Any, EngineLoad, float]] = {}  # session id -> (session, load, when)
+        self._clock = clock
 
     def attach(self, session: Any, spec: tuple[str, str | None, str]) -> None:
         """Follow `session`'s engine from its `hello`'s `kv_events`, as `parse_spec` checked it."""
@@ -291,9 +331,37 @@ class EngineEvents:
         log.info("engine %s: following its KV events on %s", session.engine_id, endpoint)
 
     def detach(self, session: Any) -> None:
-        entry = self._subs.pop(session.id, None) if session is not None else None
+        if session is None:
+            return
+        self._loads.pop(session.id, None)
+        entry = self._subs.pop(session.id, None)
         if entry is not None:
             entry[1].close()
+
+    def report_load(self, session: Any, load: EngineLoad) -> None:
+        """`session`'s engine says this is its load now (the last report is kept until it detaches)."""
+        self._loads[session.id] = (session, load, self._clock())
+
+    def loads(self, ns_digest: bytes) -> dict[str, dict[str, Any]]:
+        """Per engine of this namespace that reports its load: the last report, its age in seconds,
+        and `stale` when it is older than LOAD_STALE_SECONDS and still says there is work."""
+        now, out = self._clock(), {}
+        for session, load, at in self._loads.values():
+            if session.ns.digest != ns_digest:
+                continue
+            age = max(0.0, now - at)
+            busy = load.running or load.waiting or load.queued_prefill_tokens
+            entry: dict[str, Any] = {
+                "running": load.running,
+                "waiting": load.waiting,
+                "queued_prefill_tokens": load.queued_prefill_tokens,
+                "age_s": round(age, 3),
+                "stale": bool(busy) and age > LOAD_STALE_SECONDS,
+            }
+            if load.url:
+                entry["url"] = load.url
+            out[session.engine_id] = entry
+        return out
 
     def tick(self) -> None:
         for _, sub in self._subs.values():

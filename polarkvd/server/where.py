@@ -2,13 +2,20 @@
 
 Owns the control op's argument checks (a namespace by digest or by model and salt; token ids or page
 keys), the local answer (the manager's pure lookup probe: no page is touched, pinned or counted) and
-the per-member prefix lengths from the meta map's records (`cluster/pool/locate.py` `holders`, passed
-in by the daemon: this package does not import the cluster). docs/ROUTING.md says how a router uses it.
+the per-member prefix lengths from the meta map's records (`cluster/pool/locate.py` `leading`, passed
+in by the daemon: this package does not import the cluster), the attached engines' own caches and
+last load reports (`engine_events.py`), and the same query over HTTP (`http_route`, served beside
+/metrics). docs/ROUTING.md says how a router uses it and gives the reply field by field.
 """
 
 from __future__ import annotations
 
 import array
+import asyncio
+import concurrent.futures
+import inspect
+import json
+import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -23,32 +30,11 @@ from polarkvd.server.engine_events import EngineEvents
 from polarkvd.types import KEY_BYTES, Tier
 from polarkvd.wire import frames as P
 
-#: (keys) -> holders per key index, as the meta map's owners answer (ourselves included)
-Holders = Callable[[list[bytes]], Awaitable[Mapping[int, tuple[str, ...]]]]
+#: (keys) -> per member (ourselves included), how many leading keys the meta map's owners say it
+#: holds; the owners are asked at the call, the awaitable gives their answers
+Leading = Callable[[list[bytes]], Awaitable[Mapping[str, int]]]
 
 _TIER_NAMES = {Tier.VRAM: "l1", Tier.DRAM: "dram", Tier.DISK: "disk"}
-
-
-def leading_by_node(n: int, holders: Mapping[int, tuple[str, ...]], exclude: str = "") -> dict[str, int]:
-    """Per member, how many of keys 0, 1, ... it holds without a gap (keys chain: a gap ends its
-    usable prefix); members that hold key 0 only are listed. Consecutive keys mostly have the same
-    holders: the set is narrowed only where they change."""
-    running = {h for h in holders.get(0, ()) if h != exclude}
-    counts = dict.fromkeys(running, 0)
-    prev: tuple[str, ...] | None = None
-    i = 0
-    get = holders.get
-    while i < n and running:
-        here = get(i, ())
-        if here != prev:
-            for h in [h for h in running if h not in here]:
-                running.discard(h)
-                counts[h] = i
-            prev = here
-        i += 1
-    for h in running:
-        counts[h] = i
-    return counts
 
 
 def _namespace(manager: Manager, args: dict[str, Any]) -> NamespaceInfo:
@@ -112,9 +98,31 @@ def _keys(manager: Manager, info: NamespaceInfo, args: dict[str, Any]) -> list[b
     return list(page_keys(info.digest, arr, page_tokens))
 
 
+def _local(
+    manager: Manager, engines: EngineEvents | None, info: NamespaceInfo, keys: list[bytes]
+) -> dict[str, Any]:
+    """The answer without the cluster: this host's tiers and its engines' own caches."""
+    pt = info.ns.page_tokens
+    tiers, _ = manager.lookups.probe(info, keys)
+    here = {"tokens": len(tiers) * pt, "l1": 0, "dram": 0, "disk": 0}
+    for t in tiers:
+        here[_TIER_NAMES[t]] += pt
+    out: dict[str, Any] = {
+        "namespace": info.digest.hex(),
+        "model": info.ns.model,
+        "page_tokens": pt,
+        "tokens": len(keys) * pt,
+        "here": here,
+    }
+    if engines is not None:
+        out["engines"] = {e: n * pt for e, n in sorted(engines.leading(info.digest, keys).items())}
+        out["engine_load"] = dict(sorted(engines.loads(info.digest).items()))
+    return out
+
+
 def where_handler(
     manager: Manager,
-    cluster: Callable[[], tuple[str, Holders] | None] | None,
+    cluster: Callable[[], tuple[str, Leading] | None] | None,
     engines: EngineEvents | None = None,
 ) -> Handler:
     """The `where` op. `cluster` gives this member's id and the meta map's query while a cluster
@@ -124,27 +132,99 @@ def where_handler(
         only_args(args, "namespace", "model", "salt", "tokens", "keys")
         info = _namespace(manager, args)
         keys = _keys(manager, info, args)
-        pt = info.ns.page_tokens
-        tiers, _ = manager.lookups.probe(info, keys)
-        here = {"tokens": len(tiers) * pt, "l1": 0, "dram": 0, "disk": 0}
-        for t in tiers:
-            here[_TIER_NAMES[t]] += pt
-        out: dict[str, Any] = {
-            "namespace": info.digest.hex(),
-            "model": info.ns.model,
-            "page_tokens": pt,
-            "tokens": len(keys) * pt,
-            "here": here,
-        }
-        if engines is not None:
-            out["engines"] = {e: n * pt for e, n in sorted(engines.leading(info.digest, keys).items())}
         member = cluster() if cluster is not None else None
-        if member is not None:
-            me, query = member
-            found = await query(keys) if keys else {}
-            nodes = leading_by_node(len(keys), found, exclude=me)
-            out["node"] = me
-            out["cluster"] = {node: pages * pt for node, pages in sorted(nodes.items())}
+        if member is None:
+            return _local(manager, engines, info, keys)
+        me, query = member
+        asked = query(keys)  # the owners work while we answer our part
+        try:
+            out = _local(manager, engines, info, keys)
+        except BaseException:
+            if inspect.iscoroutine(asked):
+                asked.close()
+            raise
+        nodes = await asked
+        pt = info.ns.page_tokens
+        out["node"] = me
+        out["cluster"] = {node: pages * pt for node, pages in sorted(nodes.items()) if node != me}
         return out
 
     return where
+
+
+# ------------------------------------------------------------------------------ over HTTP
+
+_HTTP_ARGS = ("namespace", "model", "salt", "tokens", "keys")
+HTTP_TIMEOUT = 30.0
+
+
+def _http_args(method: str, query: str, body: bytes) -> dict[str, Any]:
+    """The op's arguments from `GET /where?...` (tokens and keys comma-separated) or `POST /where`
+    (a JSON object; keys as hex strings). Raises ProtocolError naming what is wrong."""
+    if method == "POST":
+        try:
+            args = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ProtocolError(f"the body must be a JSON object: {e}") from None
+        if not isinstance(args, dict):
+            raise ProtocolError("the body must be a JSON object")
+    else:
+        try:
+            pairs = urllib.parse.parse_qsl(
+                query, keep_blank_values=True, strict_parsing=bool(query), max_num_fields=16
+            )
+        except ValueError as e:
+            raise ProtocolError(f"bad query string: {e}") from None
+        args = {}
+        for name, value in pairs:
+            if name in args:
+                raise ProtocolError(f"{name} is given twice")
+            args[name] = value
+        for name in ("tokens", "keys"):
+            if isinstance(args.get(name), str):
+                args[name] = [t for t in args[name].replace(",", " ").split()]
+        if isinstance(args.get("tokens"), list):
+            try:
+                args["tokens"] = [int(t) for t in args["tokens"]]
+            except ValueError:
+                raise ProtocolError("tokens must be integers from 0 to 2**32 - 1, comma-separated") from None
+    unknown = sorted(set(args) - set(_HTTP_ARGS))
+    if unknown:
+        raise ProtocolError(f"unknown arguments {unknown}; known: {', '.join(_HTTP_ARGS)}")
+    if "keys" in args:
+        keys = args["keys"]
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise ProtocolError("keys must be page keys as 32 hex digits each")
+        try:
+            args["keys"] = [bytes.fromhex(k) for k in keys]
+        except ValueError:
+            raise ProtocolError("keys must be page keys as 32 hex digits each") from None
+    return args
+
+
+def http_route(
+    loop: asyncio.AbstractEventLoop, where: Callable[[Any, dict[str, Any]], Any]
+) -> Callable[[str, str, bytes], tuple[int, Any]]:
+    """`where` for the HTTP endpoint (metrics.MetricsServer.route), run on the daemon's loop: the
+    same answer as the control op, as JSON; 400 for a bad request, 404 for an unknown namespace,
+    405 for another method than GET or POST, each with {"error": what is wrong, "code": ...}."""
+
+    def route(method: str, query: str, body: bytes) -> tuple[int, Any]:
+        if method not in ("GET", "POST"):
+            return 405, {"error": f"{method} is not allowed: GET /where?... or POST /where with JSON"}
+        try:
+            args = _http_args(method, query, body)
+
+            async def run() -> dict[str, Any]:
+                out = where(None, args)
+                return await out if inspect.isawaitable(out) else out
+
+            return 200, asyncio.run_coroutine_threadsafe(run(), loop).result(HTTP_TIMEOUT)
+        except NamespaceError as e:
+            return 404, {"error": str(e), "code": e.code.value}
+        except PolarKVError as e:
+            return 400, {"error": str(e), "code": e.code.value}
+        except concurrent.futures.TimeoutError:
+            return 503, {"error": f"no answer within {HTTP_TIMEOUT:.0f} s"}
+
+    return route

@@ -43,6 +43,7 @@ class Op(str, enum.Enum):
     RELEASE = "release"
     PING = "ping"
     OBSERVE = "observe"  # an engine's prefill timing: what recomputing costs (manager/worth.py)
+    REPORT_LOAD = "report_load"  # an engine's running / waiting requests, queued prefill (`where`)
     # control API
     STATS = "stats"
     EVICT = "evict"

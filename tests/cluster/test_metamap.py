@@ -104,6 +104,18 @@ class Net:
                 replies[o] = rep.holders
         return MetaMap.longest_prefix(len(keys), MetaMap.merge_answers(plan, replies), exclude=at)
 
+    def leading(self, at: str, keys: list[bytes], silent: str = "") -> dict[str, int]:
+        """What `where` at member `at` learns: per member, its leading keys (each owner summarises
+        its part; `silent` does not answer)."""
+        mm = self.nodes[at]
+        plan = mm.plan(keys)
+        replies = {
+            o: self.nodes[o].leading([keys[i] for i in idxs])
+            for o, idxs in plan.items()
+            if o in self.nodes and o != silent
+        }
+        return MetaMap.merge_leading(len(keys), plan, replies)
+
     def records(self) -> dict[str, dict[bytes, tuple[str, ...]]]:
         return {i: dict(zip(mm._records, mm.locate(list(mm._records)))) for i, mm in self.nodes.items()}
 
@@ -160,6 +172,25 @@ def test_a_gap_in_the_chain_ends_the_prefix_found_remotely():
     store(net.nodes["A"], keys[6:], net.now)  # page 5 was evicted on A
     net.pump()
     assert net.find("C", keys) == [("A",)] * 5
+
+
+def test_each_members_leading_pages_are_summed_up_from_the_owners_parts():
+    net = Net(["A", "B", "C", "D"])
+    net.pump()
+    keys = chain(200, SEED + 7)
+    store(net.nodes["A"], keys, net.now)
+    store(net.nodes["B"], keys[:50], net.now)
+    store(net.nodes["B"], keys[51:120], net.now)  # page 50 evicted on B: its prefix ends there
+    store(net.nodes["C"], keys[1:], net.now)  # no first page: nothing usable
+    net.pump()
+    assert net.leading("D", keys) == {"A": 200, "B": 50}
+    assert net.leading("A", keys) == {"A": 200, "B": 50}  # the asker counts itself; `where` drops it
+    assert net.leading("D", keys[:30]) == {"A": 30, "B": 30}  # below the vectorised plan's size too
+    assert net.leading("D", []) == {}
+    # an owner that does not answer ends every prefix at its first key
+    cut = net.nodes["D"].plan(keys)["C"][0]
+    want = {h: min(n, cut) for h, n in {"A": 200, "B": 50}.items() if min(n, cut)}
+    assert net.leading("D", keys, silent="C") == want
 
 
 def test_one_key_with_several_holders_survives_removal_from_one():

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import xxhash
 
@@ -70,6 +71,22 @@ def test_ring_owner_agrees_with_owners_and_scores(n):
     for k in _keys(500):
         best = max(r.members, key=lambda m: (ring.score(k, m), [-ord(c) for c in m]))
         assert r.owner(k) == best == r.owners(k, n)[0]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 16])
+def test_owners_of_many_keys_at_once_are_those_owner_gives(n):
+    r = Ring(_members(n))
+    keys = _keys(3000)
+    assert [r.members[i] for i in r.owner_indexes(keys)] == [r.owner(k) for k in keys]
+    assert r.owner_indexes([b"k" * 16, b"short"]) is None  # only 16-byte keys: the caller asks owner()
+
+
+def test_the_vectorised_hash_is_xxh3():
+    keys = _keys(1000)
+    words = np.frombuffer(b"".join(keys), "<u8").reshape(-1, 2)
+    for seed in (0, 1, 2**63 + 5, 2**64 - 1):
+        got = ring._xxh3_16(words[:, 0], words[:, 1], np.uint64(seed)).tolist()
+        assert got == [xxhash.xxh3_64_intdigest(k, seed) for k in keys]
 
 
 @pytest.mark.parametrize("n,tolerance", [(3, 0.03), (16, 0.05)])

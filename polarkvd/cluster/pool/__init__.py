@@ -155,6 +155,7 @@ class ClusterPool:
         self.page_removed = self.metamap_client.page_removed
         self.locate = self.metamap_client.locate
         self.holders = self.metamap_client.holders
+        self.leading = self.metamap_client.leading
         self.on_members = self.metamap_client.on_members
         self.fetch = self.fetcher.fetch
         self.fetch_into_vram = self.fetcher.fetch_into_vram

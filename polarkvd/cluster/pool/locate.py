@@ -9,11 +9,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from polarkvd.cluster.membership import Event, EventKind, Member, State
-from polarkvd.cluster.metamap import MetaMap
+from polarkvd.cluster.metamap import MetaMap, leading_run
 from polarkvd.cluster.metamap_wire import encode_batches
 from polarkvd.cluster.pool.common import (
     ANNOUNCE_BATCH,
@@ -160,6 +160,43 @@ class MetaMapClient:
                             answers[i] = tuple(x for x in h if isinstance(x, str))
         return answers
 
+    def leading(self, keys: list[bytes]) -> Awaitable[dict[str, int]]:
+        """Per member (ourselves included), how many of keys 0, 1, ... the owners' records say it
+        holds without a gap: each owner asked once for a summary of its part (`MetaMap.leading`),
+        not for every key's holders. A suspect or silent owner ends every prefix at its first key.
+        The owners are asked before this returns (the caller can do its own work meanwhile); await
+        the result for their answers."""
+        self.drain_events()
+        mm, me = self.pool.metamap, self.pool.node_id
+        plan = mm.plan(keys) if keys else {}
+        calls: list[tuple[str, int, asyncio.Future[tuple[dict[str, Any], list[bool]]]]] = []
+        timeout = self.pool.c.lookup_timeout
+        for owner, idx in plan.items():
+            member = self.pool.members.get(owner) if owner != me else None
+            addr = data_addr(member) if member else None
+            if addr is None or owner in self.pool.suspects:
+                continue
+            args = {"keys": [keys[i] for i in idx], "leading": True}
+            calls.append((owner, len(idx), self._submit(addr, "where", args, timeout)))
+        replies: dict[str, dict[str, int]] = {}
+        if me in plan:  # our own part while the owners answer
+            replies[me] = mm.leading([keys[i] for i in plan[me]])
+
+        async def merge() -> dict[str, int]:
+            if calls:
+                futs = [asyncio.wait_for(f, timeout + 0.5) for _, _, f in calls]
+                results = await asyncio.gather(*futs, return_exceptions=True)
+                for (owner, n, _), res in zip(calls, results):
+                    if isinstance(res, BaseException):
+                        self.pool.counters["cluster_where_failures"] += 1
+                        continue
+                    got = _leading_reply(res[0], n)
+                    if got is not None:
+                        replies[owner] = got
+            return MetaMap.merge_leading(len(keys), plan, replies)
+
+        return merge()
+
     def _held(self, keys: list[bytes], found: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
         found = [
             tuple(h for h in hs if h in self.pool.members and h not in self.pool.suspects) for hs in found
@@ -193,7 +230,26 @@ class MetaMapClient:
     async def call(
         self, addr: str, op: str, args: dict[str, Any], timeout: float, **kw: Any
     ) -> tuple[dict[str, Any], list[bool]]:
-        fut = self.pool.loop.run_in_executor(
+        return await asyncio.wait_for(self._submit(addr, op, args, timeout, **kw), timeout + 0.5)
+
+    def _submit(
+        self, addr: str, op: str, args: dict[str, Any], timeout: float, **kw: Any
+    ) -> asyncio.Future[tuple[dict[str, Any], list[bool]]]:
+        """A peer call started now on a network thread."""
+        return self.pool.loop.run_in_executor(
             self.pool.net, lambda: self.pool.client.call(addr, op, args, timeout=timeout, **kw)
         )
-        return await asyncio.wait_for(fut, timeout + 0.5)
+
+
+def _leading_reply(reply: dict[str, Any], n: int) -> dict[str, int] | None:
+    """An owner's `where` reply to a `leading` query as counts per holder: the summary, or (from a
+    member that predates it) every key's holders; None when it is neither."""
+    lead = reply.get("leading")
+    if isinstance(lead, dict):
+        return {h: c for h, c in lead.items() if isinstance(h, str) and type(c) is int and 0 < c <= n}
+    got = reply.get("holders")
+    if isinstance(got, list) and len(got) == n:
+        return leading_run(
+            [tuple(x for x in h if isinstance(x, str)) if isinstance(h, list) else () for h in got]
+        )
+    return None

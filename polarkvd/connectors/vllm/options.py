@@ -75,6 +75,9 @@ class Options:
     #: stores go there first (device to device), and L1 pages load device to device. False: every
     #: page goes through the DRAM arena. No effect on CPU workers or daemons without L1.
     vram: bool = True
+    #: The URL this engine serves at (e.g. http://10.0.0.5:8000), reported with its load so a router
+    #: can map the engines `polarkvd where` names to servers. Empty: not reported.
+    engine_url: str = ""
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any] | None) -> Options:

@@ -29,6 +29,9 @@ log = logging.getLogger("vllm.polarkvd.connector")
 #: steps computing fewer tokens are not reported to the daemon's cost model (decode steps)
 OBSERVE_MIN_TOKENS = 32
 
+#: the engine's load (running, waiting, queued prefill tokens) goes to the daemon at most this often
+LOAD_REPORT_SECONDS = 0.25
+
 #: tiers a hit's page may be in that take a promotion (disk) or a fetch (a peer's DRAM) to load
 _SLOW_TIERS = frozenset((int(Tier.DISK), int(Tier.DMP)))
 
@@ -38,7 +41,7 @@ class _Req:
 
     __slots__ = (
         "request", "salt", "cacheable", "keys", "digests", "block_ids", "saved_pages", "matched", "load",
-        "load_async", "load_failed",
+        "load_async", "load_failed", "running", "done",
     )  # fmt: skip
 
     def __init__(self, request: Request, tp_size: int) -> None:
@@ -53,6 +56,8 @@ class _Req:
         self.load: tuple[int, list[int]] | None = None  # (first block index, block ids) to fill
         self.load_async = False  # the last match is loaded while the request waits (vLLM async load)
         self.load_failed = False  # a load of it lost blocks: it is computed from then on, never loaded
+        self.running = False  # scheduled at least once (and not finished): counted as running
+        self.done = 0  # prompt tokens cached or computed (or scheduled to be), for the load report
 
 
 class SchedulerSide:
@@ -70,6 +75,9 @@ class SchedulerSide:
         # step computed and how long it took, told to the daemon (its cost policy's prefill fit)
         self._steps: collections.deque[tuple[int, float, float]] = collections.deque(maxlen=8)
         self._observe = True  # off when the daemon does not know the op
+        self._report_loads = True  # off when the daemon does not know `report_load`
+        self._load_sent: tuple[int, int, int] | None = None
+        self._load_sent_at = -LOAD_REPORT_SECONDS
         self.stats: collections.Counter[str] = collections.Counter()
         # Open the unsalted sessions now: attaching maps the arena (0.1-0.8 s), which the first request
         # should not pay, and a daemon that is down gets reported at start.
@@ -124,6 +132,7 @@ class SchedulerSide:
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
         st = self._state(request)
+        st.done = max(st.done, num_computed_tokens)
         st.matched = None
         st.load_async = False
         if not st.cacheable or not self.link.available:
@@ -215,7 +224,53 @@ class SchedulerSide:
             elif new_ids:
                 st.block_ids.extend(new_ids[0])
             self._plan(st, req_id, cached.num_computed_tokens[i], scheduled.get(req_id, 0), meta)
+        for req_id in getattr(so, "preempted_req_ids", None) or ():  # back to waiting, its KV freed
+            st = self._reqs.get(req_id)
+            if st is not None:
+                st.running, st.done = False, 0
+        for new in so.scheduled_new_reqs:
+            self._progress(new.req_id, new.num_computed_tokens + scheduled.get(new.req_id, 0))
+        for i, req_id in enumerate(cached.req_ids):
+            self._progress(req_id, cached.num_computed_tokens[i] + scheduled.get(req_id, 0))
+        self._report_load()
         return meta
+
+    def _progress(self, req_id: str, done: int) -> None:
+        st = self._reqs.get(req_id)
+        if st is not None:
+            st.running = True
+            st.done = max(st.done, done)
+
+    def _report_load(self, force: bool = False) -> None:
+        """Tell the daemon the engine's load (`where` shows it): at most every LOAD_REPORT_SECONDS,
+        only when it changed, at once when `force` (the engine ran out of work: no step follows)."""
+        now = time.monotonic()
+        if not self._report_loads or (not force and now - self._load_sent_at < LOAD_REPORT_SECONDS):
+            return
+        running = waiting = queued = 0
+        for st in self._reqs.values():
+            if st.running:
+                running += 1
+            else:
+                waiting += 1
+            queued += max(0, st.request.num_prompt_tokens - st.done)
+        load = (running, waiting, queued)
+        if load == self._load_sent or not self.link.available:
+            return
+        client = self.link.session(self._namespace("", 0))
+        if client is None:
+            return
+        try:
+            client.report_load(running, waiting, queued, self.opts.engine_url)
+        except DaemonUnavailable as e:
+            self.link.failed(e)
+            return
+        except PolarKVError as e:  # an older daemon: it has no `report_load`
+            self._report_loads = False
+            log.info("polarkvd does not take load reports (%s); not sending them", e)
+            return
+        self._load_sent, self._load_sent_at = load, now
+        self.stats["load_reports"] += 1
 
     def _plan(self, st: _Req, req_id: str, computed: int, scheduled: int, meta: PolarKVMetadata) -> None:
         g = self.geo
@@ -320,6 +375,7 @@ class SchedulerSide:
         self._reqs.pop(request.request_id, None)
         self._inflight.pop(request.request_id, None)
         self._async_inflight.pop(request.request_id, None)
+        self._report_load(force=not self._reqs)  # the last one: no step follows to report the zero
 
     def close(self) -> None:
         self.link.close()
