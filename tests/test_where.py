@@ -109,6 +109,11 @@ def test_cli_prints_tokens_by_tier(stored) -> None:
         capture_output=True, text=True,
     )  # fmt: skip
     assert bad.returncode != 0 and "no namespace of model" in bad.stderr
+    typo = subprocess.run(
+        [sys.executable, "-m", "polarkvd", "where", "--socket", str(d.control_socket), "--model", "m", "--tokens", "1,2a"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert typo.returncode == 2 and "'2a' is not a token id" in typo.stderr
 
 
 def test_each_engines_last_load_report_is_in_the_answer(stored) -> None:

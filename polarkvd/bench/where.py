@@ -42,8 +42,15 @@ def _token_list(text: str) -> list[int]:
     if text.startswith("["):
         out = json.loads(text)
     else:
-        out = [int(t) for t in text.replace(",", " ").split()]
-    if not isinstance(out, list) or not all(isinstance(t, int) for t in out):
+        out = []
+        for t in text.replace(",", " ").split():
+            try:
+                out.append(int(t))
+            except ValueError:
+                raise ValueError(
+                    f"{t!r} is not a token id (expected integers, comma- or space-separated)"
+                ) from None
+    if not isinstance(out, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in out):
         raise ValueError("expected token ids (integers)")
     return out
 

@@ -78,38 +78,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--salt", default="", help="cache salt of the daemon's namespace (default none)")
     w = Weights()
     g = p.add_argument_group("cost weights (prefill-token equivalents per token)")
-    g.add_argument(
-        "--weight-gpu",
-        type=float,
-        metavar="W",
-        default=w.gpu,
-        help=f"a token in the engine's own cache (default {w.gpu})",
-    )
-    g.add_argument(
-        "--weight-dram",
-        type=float,
-        metavar="W",
-        default=w.dram,
-        help=f"a token in the host's DRAM (default {w.dram})",
-    )
-    g.add_argument(
-        "--weight-disk",
-        type=float,
-        metavar="W",
-        default=w.disk,
-        help=f"a token on the host's disk (default {w.disk})",
-    )
-    g.add_argument(
-        "--weight-pool",
-        type=float,
-        metavar="W",
-        default=w.pool,
-        help=f"a token in the cluster pool (default {w.pool})",
-    )
-    g.add_argument("--weight-queued", type=float, metavar="W", default=w.queued,
-                   help=f"a prompt token queued on the engine (default {w.queued})")  # fmt: skip
-    g.add_argument("--weight-request", type=float, metavar="W", default=w.request,
-                   help=f"a request running or waiting on the engine (default {w.request})")  # fmt: skip
+    for name, what in (
+        ("gpu", "a token in the engine's own cache"),
+        ("dram", "a token in the host's DRAM"),
+        ("disk", "a token on the host's disk"),
+        ("pool", "a token in the cluster pool"),
+        ("queued", "a prompt token queued on the engine"),
+        ("request", "a request running or waiting on the engine"),
+    ):
+        default = getattr(w, name)
+        g.add_argument(
+            f"--weight-{name}", type=float, metavar="W", default=default, help=f"{what} (default {default})"
+        )
     g.add_argument("--imbalance", type=int, default=w.imbalance_abs, metavar="N",
                    help=f"past N requests between the busiest and idlest engine (and {w.imbalance_rel}x), "
                    f"send to the least loaded (default {w.imbalance_abs})")  # fmt: skip
