@@ -1,7 +1,8 @@
 """Configuration: typed, validated, layered.
 
-A leaf package (imports only `errors`): the options and their sections here, how values are parsed in
-`values.py`, machine-dependent defaults and `resolve` in `machine.py`. Precedence, lowest first:
+A leaf package (imports only `errors`): the sections here and in `kv_events.py` and `quotas.py`, what
+an option is in `options.py`, how values are parsed in `values.py`, machine-dependent defaults and
+`resolve` in `machine.py`. Precedence, lowest first:
 
     built-in defaults  <  TOML file (--config)  <  POLARKV_<SECTION>_<KEY> environment  <  --set flags
 
@@ -17,7 +18,7 @@ import dataclasses
 import os
 import re
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,9 @@ from polarkvd.config.kv_events import KvEventsConfig
 from polarkvd.config.machine import (
     default_state_dir,
 )
+from polarkvd.config.options import Knob, OptionProblems
+from polarkvd.config.options import option as _opt
+from polarkvd.config.quotas import QuotasConfig
 from polarkvd.config.values import (
     AUTO,
     GiB,
@@ -90,24 +94,6 @@ def _size_or_auto(value: object) -> int:
     if out == 0:
         raise ValueError("must be greater than zero (or 'auto')")
     return out
-
-
-@dataclasses.dataclass(frozen=True)
-class Knob:
-    """What makes an option a live knob: how the dashboard names it (`label`) and a hint short
-    enough for its row (`note`). What a change does is declared once too, beside the state it
-    changes (polarkvd/manager/knobs.py); every way of changing it (`polarkvd tune`, the TUI, a
-    SIGHUP reload) goes through there."""
-
-    label: str
-    note: str
-
-
-def _opt(default: Any, parse: Callable[[object], Any], doc: str, *, live: Knob | None = None) -> Any:
-    meta = {"parse": parse, "doc": doc, "live": live is not None, "knob": live}
-    if isinstance(default, dict):  # a table: each Config gets its own
-        return dataclasses.field(default_factory=lambda: dict(default), metadata=meta)
-    return dataclasses.field(default=default, metadata=meta)
 
 
 POLICY_NAMES = ("lru", "s3fifo", "cost")
@@ -431,91 +417,6 @@ class VramConfig:
         _promote_after_loads,
         "a DRAM page that engines attached with L1 load this many times (lately) is copied into L1 in "
         "the background; 0 = never, 1 = on its first load",
-    )
-
-
-class OptionProblems(ValueError):
-    """Several problems inside one option's value (a table): (key below the option, value, why)."""
-
-    def __init__(self, problems: list[tuple[str, object, str]]) -> None:
-        super().__init__("; ".join(f"{k} = {v!r}: {why}" for k, v, why in problems))
-        self.problems = problems
-
-
-#: what a tenant's table may hold (quotas.tenants)
-TENANT_KEYS = ("name", "dram", "disk")
-_TENANT_NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
-
-
-def parse_tenant_quotas(value: object) -> dict[str, dict[str, Any]]:
-    """quotas.tenants: {cache_salt: {"name": label, "dram": size, "disk": size}}, every key optional;
-    from TOML a table, from the environment, --set or `polarkvd tune` the same as JSON text.
-    Every problem is reported (OptionProblems), keyed below the option."""
-    if isinstance(value, str):
-        import json
-
-        try:
-            value = json.loads(value) if value.strip() else {}
-        except ValueError:
-            raise ValueError(
-                'expected a table like {"<cache_salt>": {"dram": "1GiB", "disk": "4GiB"}} (JSON text)'
-            ) from None
-    if not isinstance(value, dict):
-        raise ValueError('expected a table of cache_salt -> {dram = "1GiB", disk = "4GiB", name = "acme"}')
-    out: dict[str, dict[str, Any]] = {}
-    problems: list[tuple[str, object, str]] = []
-    names: dict[str, str] = {}
-    for salt, table in value.items():
-        if not isinstance(salt, str) or len(salt) > 1024:
-            problems.append(
-                (str(salt)[:64], salt, "a tenant is a cache_salt: a string of at most 1024 characters")
-            )
-            continue
-        if not isinstance(table, dict):
-            problems.append((salt, table, 'expected a table like {dram = "1GiB", disk = "4GiB"}'))
-            continue
-        entry: dict[str, Any] = {}
-        for key, v in table.items():
-            if key not in TENANT_KEYS:
-                problems.append((f"{salt}.{key}", v, f"unknown key; known: {', '.join(TENANT_KEYS)}"))
-            elif key == "name":
-                if not isinstance(v, str) or not _TENANT_NAME_RE.match(v):
-                    problems.append((f"{salt}.name", v, "expected 1-64 letters, digits or _ . : -"))
-                elif v in names:
-                    problems.append((f"{salt}.name", v, f"also the name of tenant {names[v]!r}"))
-                else:
-                    names[v] = salt
-                    entry["name"] = v
-            else:
-                try:
-                    entry[key] = parse_size(v)
-                except ValueError as e:
-                    problems.append((f"{salt}.{key}", v, str(e)))
-        out[salt] = entry
-    if problems:
-        raise OptionProblems(problems)
-    return out
-
-
-@dataclasses.dataclass
-class QuotasConfig:
-    default_dram: int = _opt(
-        0,
-        parse_size,
-        "DRAM a tenant (a cache_salt) not listed in tenants may hold; 0 = unlimited",
-        live=Knob("default DRAM quota", "per tenant not listed; 0 = unlimited"),
-    )
-    default_disk: int = _opt(
-        0,
-        parse_size,
-        "disk a tenant not listed in tenants may hold; 0 = unlimited",
-        live=Knob("default disk quota", "per tenant not listed; 0 = unlimited"),
-    )
-    tenants: dict[str, dict[str, Any]] = _opt(
-        {},
-        parse_tenant_quotas,
-        "per cache_salt: {dram, disk, name}; a size left out is the default, 0 = unlimited",
-        live=Knob("tenants", 'JSON: {"salt": {"dram": "1GiB", "disk": "4GiB", "name": "acme"}}'),
     )
 
 

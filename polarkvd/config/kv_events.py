@@ -9,18 +9,11 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable
-from typing import Any
 
+from polarkvd.config.options import option as _opt
 from polarkvd.config.values import parse_bool, parse_duration, parse_int, parse_str
 
 _ENDPOINT = re.compile(r"(tcp://(\*|\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):[0-9]{1,5}|ipc://.+|inproc://.+)")
-
-
-def _opt(default: Any, parse: Callable[[object], Any], doc: str) -> Any:
-    # the metadata `config.option_fields` reads (config/__init__.py `_opt`); none of these is live
-    return dataclasses.field(
-        default=default, metadata={"parse": parse, "doc": doc, "live": False, "knob": None}
-    )
 
 
 def parse_endpoint(value: object) -> str:
