@@ -88,6 +88,10 @@ def _best(mask: int) -> int:
 _Record = _Copy | tuple[_Copy, ...]
 
 
+def _copies(v: _Record) -> tuple[_Copy, ...]:
+    return (v,) if type(v) is _Copy else v  # type: ignore[return-value]
+
+
 class MetaMap:
     """One daemon's share of the meta map. See the module docstring for the protocol.
 
@@ -480,8 +484,38 @@ class MetaMap:
     def leading(self, keys: Sequence[bytes]) -> dict[str, int]:
         """Per holder of keys[0], for how many of keys 0, 1, ... our records name it without a gap
         (ourselves included): what a `where` query needs of our part, instead of every key's
-        holders (`merge_leading` puts the owners' parts together)."""
-        return leading_run(self.locate(keys))
+        holders (`merge_leading` puts the owners' parts together).
+
+        Safe to call from another thread than the one that changes the map (a peer's transport
+        thread): it only reads records, one `dict.get` each, and a record is never changed in
+        place (a change replaces it whole), so each key is seen before or after a change, never
+        half-way; it counts nothing. Consecutive keys mostly share one record object (a holder's
+        copies are interned per tier), so the holders are compared only where the object changes."""
+        if not keys:
+            return {}
+        found = map(self._records.get, keys)
+        prev = next(found)
+        if prev is None:
+            return {}
+        running = {c.node for c in _copies(prev)}
+        counts: dict[str, int] = {}
+        i = 1
+        for v in found:
+            if v is not prev:
+                if v is None:
+                    break
+                if v != prev:
+                    here = {c.node for c in _copies(v)}
+                    for h in [h for h in running if h not in here]:
+                        running.discard(h)
+                        counts[h] = i
+                    if not running:
+                        return counts
+                prev = v
+            i += 1
+        for h in running:
+            counts[h] = i
+        return counts
 
     def answer(self, where: Where) -> Here:
         """The reply to a `Where` query from another member."""

@@ -68,6 +68,11 @@ class Subscription:
     def put(self, event: Event) -> None:
         self._queue.append(event)
 
+    @property
+    def pending(self) -> bool:
+        """Whether events wait to be taken (safe to ask from any thread)."""
+        return bool(self._queue)
+
 
 class EventLog:
     """Fan-out of the manager's events to its subscribers."""

@@ -193,6 +193,28 @@ def test_each_members_leading_pages_are_summed_up_from_the_owners_parts():
     assert net.leading("D", keys, silent="C") == want
 
 
+def test_an_owners_summary_matches_its_records_key_by_key():
+    """`leading` (the owner's part of a `where`, skipping keys whose record object repeats) says
+    what its records say one key at a time, whatever mix of holders, tiers and gaps they hold."""
+    rng = random.Random(SEED + 11)
+    tiers = (int(Tier.VRAM), DRAM, int(Tier.DISK), DMP)
+    for _ in range(400):
+        m = MetaMap("A")
+        m.set_members(["A", "B", "C", "D"], 0.0)
+        keys = chain(rng.randrange(0, 40), rng.randrange(1 << 30))
+        for k in keys:
+            for h in "ABCD":
+                if rng.random() < 0.7:
+                    m._put(h, k, rng.choice(tiers))  # straight into the records: every key "owned"
+        want: dict[str, int] = {}
+        for h in m.locate(keys[:1])[0] if keys else ():
+            n = 0
+            while n < len(keys) and h in m.locate([keys[n]])[0]:
+                n += 1
+            want[h] = n
+        assert m.leading(keys) == want
+
+
 def test_one_key_with_several_holders_survives_removal_from_one():
     net = Net(["A", "B", "C"])
     keys = chain(8, SEED + 2)

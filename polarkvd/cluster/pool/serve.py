@@ -63,6 +63,8 @@ class PeerService:
     def h_where(self, args: dict[str, Any], payload: PayloadReader) -> Reply:
         keys = keys_arg(args.get("keys"))
         if args.get("leading") is True:  # only the run length per holder (MetaMap.leading)
+            if not self.pool._events.pending:  # nothing to drain: read here, off the loop (safe)
+                return Reply({"leading": self.pool.metamap.leading(keys)})
             return Reply({"leading": self.on_loop(lambda: self.pool.metamap.leading(keys))})
         holders = self.on_loop(lambda: self.pool.metamap.locate(keys))
         return Reply({"holders": [list(h) for h in holders]})
