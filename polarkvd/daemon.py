@@ -261,7 +261,7 @@ class Daemon:
             )
             sys.setswitchinterval(GIL_SWITCH_SECONDS)
             if cfg.cluster.enabled:
-                self.cluster = self._start_cluster(manager)
+                self.cluster = self._start_cluster(manager, engine_events)
             if cfg.kv_events.enabled:  # vLLM KV events out (server/kv_events.py, docs/ROUTING.md)
                 from polarkvd.server.kv_events import KvEventsPublisher
 
@@ -449,7 +449,7 @@ class Daemon:
         )  # fmt: skip
         return pool, host
 
-    def _start_cluster(self, manager: Manager) -> Any:
+    def _start_cluster(self, manager: Manager, engine_events: EngineEvents) -> Any:
         """Peer service and pool first (their address goes into our gossip metadata), then gossip."""
         from polarkvd.cluster.node import ClusterNode, advertised_host, tcp_url
         from polarkvd.cluster.pool import ClusterPool
@@ -467,7 +467,8 @@ class Daemon:
 
         def meta() -> dict[str, Any]:
             space = {**manager.tier_space(), **pool.space()}
-            return {name: [used, cap] for name, (used, cap) in space.items()}
+            engines = engine_events.gossip_meta()  # their URLs, for `polarkvd route --discover`
+            return {**{name: [used, cap] for name, (used, cap) in space.items()}, **engines}
 
         node = ClusterNode(
             cfg.cluster,

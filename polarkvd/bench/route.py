@@ -242,8 +242,8 @@ def one_run(
     eng: list[dict[str, Any]], policy: str, model: str, control: Path | None, args: argparse.Namespace
 ) -> dict[str, Any]:
     from polarkvd.route.cost import Policy
+    from polarkvd.route.daemon import DaemonWhere
     from polarkvd.route.engines import Engine, EngineSpec
-    from polarkvd.route.main import DaemonWhere
     from polarkvd.route.prefixes import RouteKeys
     from polarkvd.route.requests import Tokenizer
     from polarkvd.route.server import Router

@@ -14,13 +14,14 @@ import dataclasses
 import logging
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
 
 from polarkvd.errors import ProtocolError
+from polarkvd.route.daemon import LOCAL
 from polarkvd.route.prefixes import RouteKeys, SentPrefixes
 from polarkvd.server.engine_events import EngineEventsSubscriber, GpuPrefixes, parse_spec
 
@@ -85,6 +86,8 @@ class Engine:
         self.sent = SentPrefixes(sent_capacity)
         self.page_tokens = keys.page_tokens
         self.block_tokens = keys.page_tokens  # the engine's block size, once its /metrics names it
+        self.node = LOCAL  # its host: the daemon's (as assumed until a daemon reports it), or a member's
+        self.discovered = False  # found from the cluster (not listed): dropped when no daemon reports it
         self.gpu: GpuPrefixes | None = None
         self.events: EngineEventsSubscriber | None = None
         if spec.events is not None:
@@ -125,8 +128,11 @@ def parse_metrics(text: str) -> tuple[int, int, int | None]:
     return int(got["vllm:num_requests_running"]), int(got["vllm:num_requests_waiting"]), block
 
 
-async def poll(session: aiohttp.ClientSession, engines: Sequence[Engine], interval: float) -> None:
-    """Forever: every `interval` seconds each engine's /metrics (up or down, and its load)."""
+async def poll(
+    session: aiohttp.ClientSession, engines: Callable[[], Sequence[Engine]], interval: float
+) -> None:
+    """Forever: every `interval` seconds each engine's /metrics (up or down, and its load); the
+    engines as `engines()` lists them then (discovery changes them)."""
     timeout = aiohttp.ClientTimeout(total=max(1.0, interval * 2))
 
     async def one(e: Engine) -> None:
@@ -149,7 +155,7 @@ async def poll(session: aiohttp.ClientSession, engines: Sequence[Engine], interv
             e.others = 0
 
     while True:
-        await asyncio.gather(*(one(e) for e in engines))
+        await asyncio.gather(*(one(e) for e in engines()))
         await asyncio.sleep(interval)
 
 

@@ -1,9 +1,9 @@
 """`polarkvd route`: its command line, and starting the router from it.
 
-Owns the options (engines, policy, weights, model, daemon), their checks (a bad one exits 2 with
-what is wrong), finding the model from the engines when `--model` is not given, and the daemon's
-`where` as the router asks it (a `ControlClient` used by one thread at a time). Imports aiohttp only
-to run the router, so `polarkvd --help` works without the `[route]` extra.
+Owns the options (engines, policy, weights, model, daemon, discovery), their checks (a bad one exits
+2 with what is wrong) and finding the model from the engines when `--model` is not given (the
+daemon's side is `route/daemon.py`). Imports aiohttp only to run the router, so `polarkvd --help`
+works without the `[route]` extra.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ import argparse
 import json
 import logging
 import sys
-import threading
 import urllib.error
 import urllib.request
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from polarkvd.route.cost import Policy, Weights
+from polarkvd.route.daemon import DaemonWhere
 from polarkvd.route.prefixes import PAGE_TOKENS, RouteKeys
 
 if TYPE_CHECKING:
@@ -29,6 +29,10 @@ EXAMPLES = """\
 examples:
   # two vLLM servers, affinity from what the router sent each one
   polarkvd route --engine http://127.0.0.1:8001 --engine http://127.0.0.1:8002
+
+  # the engines found from the cluster: each vLLM runs polarkvd's connector with its
+  # kv_connector_extra_config {"engine_url": "http://HOST:PORT"}; this host's daemon lists them all
+  polarkvd route --daemon /run/polarkv/control.sock
 
   # the same, following each engine's own prefix cache through its KV events (vLLM started with
   # --kv-events-config '{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://*:5557",
@@ -45,7 +49,7 @@ Clients talk to it as to one OpenAI server (POST /v1/completions, /v1/chat/compl
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--engine", "--decode", dest="engine", action="append", nargs="+", required=True, metavar="ENGINE",
+        "--engine", "--decode", dest="engine", action="append", nargs="+", default=[], metavar="ENGINE",
         help="URL [events=EP] [replay=EP] [topic=T]: an engine's OpenAI server (repeat --engine per "
         "engine); optionally its vLLM KV event publisher "
         "(`events=`, `replay=`, `topic=` as in its --kv-events-config; `tcp://*:PORT` means this host) "
@@ -76,6 +80,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="the model name the engines attach to the daemon with (default: the one its status lists)",
     )  # fmt: skip
     p.add_argument("--salt", default="", help="cache salt of the daemon's namespace (default none)")
+    p.add_argument(
+        "--discover", action="store_true",
+        help="with --daemon: also route to every engine of the model that a daemon of the cluster reports "
+        "with its URL (the connector's engine_url), as they come and go (the default without --engine)",
+    )  # fmt: skip
+    p.add_argument(
+        "--discover-interval", type=float, default=2.0, metavar="S",
+        help="seconds between asking the daemon which engines there are (default 2)",
+    )  # fmt: skip
     w = Weights()
     g = p.add_argument_group("cost weights (prefill-token equivalents per token)")
     for name, what in (
@@ -117,38 +130,6 @@ def engine_model(urls: list[str], timeout: float = 5.0) -> str | None:
     return None
 
 
-class DaemonWhere:
-    """The daemon's `where` for the router's prompts (called from worker threads, one at a time)."""
-
-    def __init__(self, socket: str, model: str | None, salt: str) -> None:
-        from polarkvd.client import ControlClient
-
-        self._new = lambda: ControlClient(socket, timeout=2.0)
-        self._lock = threading.Lock()
-        self._client: Any = None
-        self.model, self.salt = model, salt
-
-    def _namespace_args(self, c: Any) -> dict[str, Any]:
-        if self.model is None:
-            models = {s.get("model") for s in c.stats().get("sessions", []) if s.get("model")}
-            if len(models) != 1:
-                raise RuntimeError(f"the daemon serves {len(models)} models; name one with --daemon-model")
-            self.model = models.pop()
-        return {"model": self.model, "salt": self.salt}
-
-    def __call__(self, tokens: list[int]) -> dict[str, Any]:
-        with self._lock:
-            try:
-                if self._client is None:
-                    self._client = self._new()
-                return dict(self._client.where({**self._namespace_args(self._client), "tokens": tokens}))
-            except Exception:
-                if self._client is not None:
-                    self._client.close()
-                self._client = None
-                raise
-
-
 def build(args: argparse.Namespace) -> Router:
     """The router the options describe; raises ValueError with what is wrong."""
     from polarkvd.route.engines import Engine, EngineSpec  # aiohttp: only where the router runs
@@ -159,6 +140,17 @@ def build(args: argparse.Namespace) -> Router:
     urls = [s.url for s in specs + prefill_specs]
     if len(set(urls)) != len(urls):
         raise ValueError("an engine is listed twice")
+    discover = args.discover or not specs
+    if discover and not args.daemon:
+        raise ValueError("give the engines (--engine URL), or --daemon SOCKET to find them from the cluster")
+    if not args.discover_interval > 0:
+        raise ValueError("--discover-interval must be positive")
+    where = DaemonWhere(args.daemon, args.daemon_model, args.salt) if args.daemon else None
+    if discover and where is not None:
+        try:
+            urls += [f.url for f in where.discover() if f.url not in urls]
+        except Exception as e:  # the daemon down: the model must come from --model; engines later
+            log.warning("cannot ask the daemon for its engines yet: %s", e)
     policy = Policy(args.policy)
     weights = Weights(
         gpu=args.weight_gpu, dram=args.weight_dram, disk=args.weight_disk, pool=args.weight_pool,
@@ -182,8 +174,10 @@ def build(args: argparse.Namespace) -> Router:
     keys = RouteKeys(model or "", PAGE_TOKENS)
     engines = [Engine(s, keys) for s in specs]
     prefill = [Engine(s, keys) for s in prefill_specs]
-    where = DaemonWhere(args.daemon, args.daemon_model, args.salt) if args.daemon else None
-    return Router(engines, tokenizer, keys, policy, weights, where, args.poll_interval, prefill)
+    return Router(
+        engines, tokenizer, keys, policy, weights, where, args.poll_interval, prefill,
+        discover=discover, discover_interval=args.discover_interval,
+    )  # fmt: skip
 
 
 def main(args: argparse.Namespace) -> int:
@@ -199,7 +193,8 @@ def main(args: argparse.Namespace) -> int:
         return 2
     log.info(
         "routing %s over %s on http://%s:%d",
-        args.policy, ", ".join(e.url + (" (events)" if e.events else "") for e in router.engines), args.host, args.port,
+        args.policy, ", ".join(e.url + (" (events)" if e.events else "") for e in router.engines) or "no engine yet",
+        args.host, args.port,
     )  # fmt: skip
     web.run_app(router.app(), host=args.host, port=args.port, print=None, handle_signals=True)
     return 0

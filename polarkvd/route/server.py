@@ -22,13 +22,15 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from polarkvd.route.cost import EngineView, Policy, Reason, Weights, choose, prefill_cost
-from polarkvd.route.engines import Engine, follow_events, poll
+from polarkvd.route.daemon import LOCAL, Found, host_tiers
+from polarkvd.route.engines import Engine, EngineSpec, follow_events, poll
 from polarkvd.route.prefixes import RouteKeys
 from polarkvd.route.requests import BadRequest, Tokenizer, error_body, parse_body
 
 log = logging.getLogger(__name__)
 
-#: (token ids) -> the daemon's `where` answer, or None (no daemon); called in a worker thread.
+#: (token ids) -> the daemon's `where` answer, or None (no daemon); called in a worker thread. With a
+#: `discover()` method (route/daemon.py's DaemonWhere), the engines' hosts come from the cluster.
 Where = Callable[[list[int]], "dict[str, Any] | None"]
 
 #: Response header naming the engine that served the request.
@@ -81,19 +83,25 @@ class RouterMetrics:
             registry=r,
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60),
         )
-        up = Gauge("polarkv_route_engine_up", "1 while the engine answers.", ["engine"], registry=r)
-        inflight = Gauge(
-            "polarkv_route_in_flight", "Requests in flight to the engine.", ["engine"], registry=r
-        )
-        queued = Gauge(
-            "polarkv_route_queued_tokens",
-            "Prefill work in flight to the engine, not past the first token: prompt tokens it was expected to compute.",
-            ["engine"], registry=r,
+        self.gauges = (
+            (Gauge("polarkv_route_engine_up", "1 while the engine answers.", ["engine"], registry=r), "up"),
+            (Gauge("polarkv_route_in_flight", "Requests in flight to the engine.", ["engine"], registry=r), "in_flight"),
+            (Gauge(
+                "polarkv_route_queued_tokens",
+                "Prefill work in flight to the engine, not past the first token: prompt tokens it was expected to compute.",
+                ["engine"], registry=r,
+            ), "queued_tokens"),
         )  # fmt: skip
         for e in engines:
-            up.labels(e.url).set_function(_reader(e, "up"))
-            inflight.labels(e.url).set_function(_reader(e, "in_flight"))
-            queued.labels(e.url).set_function(_reader(e, "queued_tokens"))
+            self.add(e)
+
+    def add(self, e: Engine) -> None:
+        for gauge, attr in self.gauges:
+            gauge.labels(e.url).set_function(_reader(e, attr))
+
+    def remove(self, e: Engine) -> None:
+        for gauge, _ in self.gauges:
+            gauge.remove(e.url)
 
 
 class Router:
@@ -109,8 +117,10 @@ class Router:
         where: Where | None = None,
         poll_interval: float = 1.0,
         prefill: Sequence[Engine] = (),
+        discover: bool = False,
+        discover_interval: float = 2.0,
     ) -> None:
-        if not engines:
+        if not engines and not discover:
             raise ValueError("the router needs at least one engine")
         self.engines = list(engines)  # the engines that answer (with `prefill`: the decode engines)
         self.prefill = list(prefill)  # engines that only prefill, before a decode engine answers
@@ -120,9 +130,11 @@ class Router:
         self.where = where
         self.poll_interval = poll_interval
         self.metrics = RouterMetrics(self.all)
+        self.discover, self.discover_interval = discover, discover_interval
         self.turn = 0
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._discover_failed = False
 
     # ------------------------------------------------------------------------------------ lifecycle
 
@@ -142,9 +154,12 @@ class Router:
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=5), auto_decompress=False
         )
         self._tasks = [
-            asyncio.create_task(poll(self._session, self.all, self.poll_interval)),
+            asyncio.create_task(poll(self._session, lambda: self.all, self.poll_interval)),
             asyncio.create_task(follow_events(self.all)),
         ]
+        if hasattr(self.where, "discover"):
+            await self.refresh()  # the engines a daemon already reports serve the first request
+            self._tasks.append(asyncio.create_task(self._discovering()))
 
     async def _stop(self, app: web.Application) -> None:
         for t in self._tasks:
@@ -154,6 +169,52 @@ class Router:
             await self._session.close()
         for e in self.all:
             e.close()
+
+    # ------------------------------------------------------------------------------------ discovery
+
+    async def _discovering(self) -> None:
+        while True:
+            await asyncio.sleep(self.discover_interval)
+            await self.refresh()
+
+    async def refresh(self) -> None:
+        """Ask the daemon which engines the cluster reports: each known engine's host from it, and
+        with discovery the engines added and dropped (listed ones are never dropped). The daemon
+        down or refusing: the engines stay as they are, and the failure is logged once."""
+        assert self.where is not None
+        try:
+            found: list[Found] = await asyncio.get_running_loop().run_in_executor(
+                None,
+                self.where.discover,  # type: ignore[attr-defined]
+            )
+        except Exception as exc:
+            if not self._discover_failed:
+                log.warning("cannot ask the daemon for its engines (keeping the ones known): %s", exc)
+            self._discover_failed = True
+            return
+        if self._discover_failed:
+            log.info("the daemon answers again: engines found from the cluster")
+        self._discover_failed = False
+        hosts = {f.url: f.node for f in found}
+        for e in self.all:
+            if e.url in hosts:
+                e.node = hosts[e.url]
+        if not self.discover:
+            return
+        known = {e.url for e in self.all}
+        for f in found:
+            if f.url not in known:
+                e = Engine(EngineSpec(f.url), self.keys)
+                e.node, e.discovered = f.node, True
+                self.engines.append(e)
+                self.metrics.add(e)
+                log.info("engine %s found (%s)", f.url, f"on member {f.node}" if f.node else "on this host")
+        for e in [e for e in self.engines if e.discovered and e.url not in hosts]:
+            self.engines.remove(e)
+            self.metrics.remove(e)
+            e.close()
+            log.info("engine %s no longer reported: not routed to", e.url)
+        self.all = self.engines + self.prefill
 
     @web.middleware
     async def _openai_errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
@@ -216,29 +277,32 @@ class Router:
         for e in engines:
             if e.events is not None:
                 e.events.tick()  # what arrived since the last tick, before judging
-        host = {"dram": 0, "disk": 0, "pool": 0}
+        ans = None
         if self.where is not None and len(tokens) >= pt:
             try:
                 ans = await asyncio.get_running_loop().run_in_executor(None, self.where, tokens)
             except Exception as exc:  # the daemon down or refusing: route on the engines' caches alone
                 log.warning("where failed: %s", exc)
                 self.metrics.errors.labels("where").inc()
-                ans = None
-            if ans:
-                here = ans.get("here", {})
-                host["dram"] = int(here.get("l1", 0)) + int(here.get("dram", 0))
-                host["disk"] = int(here.get("disk", 0))
-                host["pool"] = max(ans.get("cluster", {}).values(), default=0)
-        return [
-            EngineView(
-                e.url,
-                gpu=e.cached_tokens(keys),
-                queued_tokens=e.queued_tokens,
-                requests=e.requests(),
-                **host,
+        # the GPU caches the daemon follows (engines attached to it with their KV events), by URL
+        ids = {v.get("url"): k for k, v in (ans or {}).get("engine_load", {}).items() if isinstance(v, dict)}
+        followed = (ans or {}).get("engines", {})
+        views = []
+        for e in engines:
+            gpu = e.cached_tokens(keys)
+            held = followed.get(ids.get(e.url)) if e.events is None and e.node == LOCAL else None
+            if isinstance(held, int):
+                gpu = held - held % e.block_tokens
+            views.append(
+                EngineView(
+                    e.url,
+                    gpu=gpu,
+                    queued_tokens=e.queued_tokens,
+                    requests=e.requests(),
+                    **host_tiers(ans, e.node),
+                )
             )
-            for e in engines
-        ]
+        return views
 
     async def decide(
         self, tokens: list[int], exclude: set[str], among: Sequence[Engine] | None = None

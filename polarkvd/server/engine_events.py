@@ -47,6 +47,11 @@ MAX_HELD_BACK = 4096
 LOAD_STALE_SECONDS = 5.0
 MAX_LOAD_COUNT = 1 << 20
 MAX_URL = 512
+#: Bytes of engine URLs a daemon publishes in its gossip metadata (which is at most 1 KiB, with its
+#: tiers' space); engines past it are left out of the cluster's view, with a warning.
+GOSSIP_URL_BYTES = 480
+#: Hex digits of the namespace digest published beside each engine URL (tells models apart).
+GOSSIP_NS_HEX = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -319,6 +324,7 @@ class EngineEvents:
         self._subs: dict[int, tuple[Any, EngineEventsSubscriber]] = {}  # session id -> (session, subscriber)
         self._loads: dict[int, tuple[Any, EngineLoad, float]] = {}  # session id -> (session, load, when)
         self._clock = clock
+        self._gossip_full = False  # warned once that engine URLs overflow the gossip metadata
 
     def attach(self, session: Any, spec: tuple[str, str | None, str]) -> None:
         """Follow `session`'s engine from its `hello`'s `kv_events`, as `parse_spec` checked it."""
@@ -362,6 +368,26 @@ class EngineEvents:
                 entry["url"] = load.url
             out[session.engine_id] = entry
         return out
+
+    def gossip_meta(self) -> dict[str, Any]:
+        """What this host tells the cluster of its engines (gossip metadata, `polarkvd route
+        --discover`): {"engines": {URL: first hex digits of its namespace digest}} for each attached
+        engine that reported the URL it serves at, at most GOSSIP_URL_BYTES of URLs; {} when none."""
+        urls: dict[str, str] = {}
+        size = 0
+        for session, load, _ in sorted(self._loads.values(), key=lambda e: e[1].url):
+            if not load.url or load.url in urls:
+                continue
+            size += len(load.url.encode()) + GOSSIP_NS_HEX + 4
+            if size > GOSSIP_URL_BYTES:
+                if not self._gossip_full:
+                    log.warning(
+                        "engine URLs past %d bytes are not published to the cluster", GOSSIP_URL_BYTES
+                    )
+                    self._gossip_full = True
+                break
+            urls[load.url] = session.ns.digest.hex()[:GOSSIP_NS_HEX]
+        return {"engines": urls} if urls else {}
 
     def tick(self) -> None:
         for _, sub in self._subs.values():

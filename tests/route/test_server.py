@@ -352,7 +352,7 @@ def test_an_engines_load_is_the_routers_in_flight_plus_other_clients_requests() 
         async with serve(a.app()) as ua, aiohttp.ClientSession() as http:
             e = Engine(EngineSpec(ua), RouteKeys("fake"))
             a.running, e.in_flight = 3, 1  # the router's one, and two of other clients
-            task = asyncio.create_task(poll(http, [e], 60))
+            task = asyncio.create_task(poll(http, lambda: [e], 60))
             for _ in range(100):
                 if e.metrics_at:
                     break

@@ -83,6 +83,8 @@ class SchedulerSide:
         # should not pay, and a daemon that is down gets reported at start.
         for rank in range(geo.tp_size):
             self.link.session(self._namespace("", rank))
+        if opts.engine_url:  # routers that find engines from the cluster see it before its first request
+            self._report_load(force=True)
 
     def _namespace(self, salt: str, rank: int) -> Namespace:
         ns = self._namespaces.get((salt, rank))
