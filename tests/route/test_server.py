@@ -310,6 +310,10 @@ def test_the_command_line_refuses_bad_options_with_exit_2(capsys: pytest.Capture
     assert "--model" in capsys.readouterr().err
     assert cli_main(["route", "--engine", u, "--engine", u, "--policy", "round-robin"]) == 2
     assert "twice" in capsys.readouterr().err
+    assert cli_main(["route"]) == 2  # no engine, and no daemon to find them from
+    assert "--daemon SOCKET" in capsys.readouterr().err
+    assert cli_main(["route", "--daemon", "/nonexistent/control.sock", "--discover-interval", "0"]) == 2
+    assert "--discover-interval" in capsys.readouterr().err
 
 
 def test_a_split_router_prefills_on_a_prefill_engine_then_answers_from_a_decode_engine() -> None:
