@@ -43,10 +43,10 @@ from polarkvd.bench.harness import free_port, mean_percentiles, private_daemon, 
 
 POLICIES = ("round-robin", "least-loaded", "affinity")
 SETTINGS = ("nopool", "pool")
-KV_TRANSFER = (
-    '{"kv_connector":"PolarKVConnector","kv_connector_module_path":"polarkvd.connectors.vllm",'
-    '"kv_role":"kv_both","kv_load_failure_policy":"recompute"}'
-)
+KV_TRANSFER = {
+    "kv_connector": "PolarKVConnector", "kv_connector_module_path": "polarkvd.connectors.vllm",
+    "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
+}  # fmt: skip
 _SENTENCE = (
     "Harbour {u} on coast {c} kept {n} lighthouses; its archive in hall {h} records the salt and wool "
     "that passed gate {g} in year {y}, and the ships that sailed for island {i}. "
@@ -55,7 +55,7 @@ _SENTENCE = (
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--users", type=int, default=5, help="conversations, interleaved (default 5)")
-    p.add_argument("--turns", type=int, default=8, help="turns per user (default 8)")
+    p.add_argument("--turns", type=int, default=12, help="turns per user (default 12)")
     p.add_argument(
         "--first",
         type=int,
@@ -124,10 +124,13 @@ def engines(
                 "--enable-prefix-caching", "--kv-events-config", json.dumps(events), "--served-model-name", "smollm2",
                 "--num-gpu-blocks-override", str(kv_blocks),
             ]  # fmt: skip
-            if engine_socket is not None:
-                env["POLARKV_SOCKET"] = str(engine_socket)
-                argv += ["--kv-transfer-config", KV_TRANSFER]
             url = f"http://127.0.0.1:{port}"
+            if engine_socket is not None:  # the connector reports the engine's load with its URL
+                env["POLARKV_SOCKET"] = str(engine_socket)
+                argv += [
+                    "--kv-transfer-config",
+                    json.dumps({**KV_TRANSFER, "kv_connector_extra_config": {"engine_url": url}}),
+                ]
             ready = functools.partial(_up, url + "/v1/models")
             log = root / f"vllm-{core}.log"
             stack.enter_context(
@@ -273,6 +276,7 @@ def one_run(
     records = asyncio.run(_serve_router(router, args))
     wall = time.monotonic() - t0
     ttft = mean_percentiles([r["ttft_s"] for r in records])
+    urls = [e["url"] for e in eng]
     per_engine: dict[str, dict[str, int]] = {}
     for i, e in enumerate(eng):
         mine = [r for r in records if r["engine"] == e["url"]]
@@ -296,6 +300,18 @@ def one_run(
         ),
         "wall_s": round(wall, 2),
         "per_engine": per_engine,
+        # the slowest first tokens: which turn, where, how much of its prompt was computed
+        "slowest": [
+            {
+                "user": r["user"],
+                "turn": r["turn"],
+                "engine": f"engine{urls.index(r['engine'])}" if r["engine"] in urls else r["engine"],
+                "ttft_s": round(r["ttft_s"], 3),
+                "prompt_tokens": r["prompt_tokens"],
+                "computed_tokens": r["prompt_tokens"] - r["cached_tokens"],
+            }
+            for r in sorted(records, key=lambda r: -r["ttft_s"])[:3]
+        ],  # fmt: skip
         "outputs": {f"{r['user']}/{r['turn']}": r["text"] for r in records},
     }
 

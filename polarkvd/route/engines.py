@@ -27,6 +27,9 @@ from polarkvd.server.engine_events import EngineEventsSubscriber, GpuPrefixes, p
 
 log = logging.getLogger(__name__)
 
+#: A busy engine's load report younger than this stands for its queued prefill (the vLLM connector
+#: reports every 0.25 s while its load changes, and once more when it runs out of work).
+REPORT_FRESH_SECONDS = 1.0
 _METRIC = re.compile(r"^(vllm:num_requests_(?:running|waiting))(?:\{[^}]*\})?\s+([0-9.eE+-]+)\s*$")
 _BLOCK_SIZE = re.compile(r'^vllm:cache_config_info\{.*\bblock_size="(\d+)"')
 
@@ -80,6 +83,7 @@ class Engine:
         self.up = True  # until a poll or a request says otherwise
         self.in_flight = 0  # requests the router has sent and not seen end
         self.queued_tokens = 0  # prefill work of those not past their first token: tokens not cached
+        self._queued: dict[object, tuple[float, int]] = {}  # each of those: (sent at, its work)
         self.running = self.waiting = 0  # the engine's own counts (its /metrics), when it has them
         self.others = 0  # of those, requests the router did not send (other clients), at the last poll
         self.metrics_at = 0.0  # monotonic time of the last good poll (0: never)
@@ -101,6 +105,35 @@ class Engine:
         pages = self.gpu.leading(keys) if self.gpu is not None else self.sent.leading(keys)
         tokens = pages * self.page_tokens
         return tokens - tokens % self.block_tokens
+
+    def queue(self, work: int, at: float | None = None) -> object:
+        """A request with `work` prefill tokens sent to the engine (now, or at monotonic time `at`);
+        `unqueue` the handle at its first token (or its end)."""
+        handle = object()
+        self._queued[handle] = (time.monotonic() if at is None else at, work)
+        self.queued_tokens += work
+        return handle
+
+    def unqueue(self, handle: object) -> None:
+        got = self._queued.pop(handle, None)
+        if got is not None:
+            self.queued_tokens -= got[1]
+
+    def queued(self, report: Any, now: float) -> int:
+        """Prefill tokens the engine has yet to compute. With a fresh load report of its connector
+        (`where`'s `engine_load`: the engine's own count, which follows each prefill's progress and
+        includes other clients' requests), that count plus the work the router sent it since the
+        report; else the router's own count of the work it sent and has not seen start answering."""
+        if not isinstance(report, dict):
+            return self.queued_tokens
+        age, reported = report.get("age_s"), report.get("queued_prefill_tokens")
+        if not isinstance(age, (int, float)) or not isinstance(reported, int) or report.get("stale"):
+            return self.queued_tokens
+        busy = report.get("running") or report.get("waiting")
+        if busy and age > REPORT_FRESH_SECONDS:  # an idle engine reports once, when it runs out of work
+            return self.queued_tokens
+        since = now - age
+        return reported + sum(w for at, w in self._queued.values() if at > since)
 
     def requests(self) -> int:
         """Requests on the engine: the router's in flight now, plus those of other clients as its

@@ -287,19 +287,19 @@ class Router:
         # the GPU caches the daemon follows (engines attached to it with their KV events), by URL
         ids = {v.get("url"): k for k, v in (ans or {}).get("engine_load", {}).items() if isinstance(v, dict)}
         followed = (ans or {}).get("engines", {})
+        loads = (ans or {}).get("engine_load", {})
+        now = time.monotonic()
         views = []
         for e in engines:
             gpu = e.cached_tokens(keys)
-            held = followed.get(ids.get(e.url)) if e.events is None and e.node == LOCAL else None
+            local = e.node == LOCAL and e.url in ids
+            held = followed.get(ids[e.url]) if local and e.events is None else None
             if isinstance(held, int):
                 gpu = held - held % e.block_tokens
+            queued = e.queued(loads.get(ids[e.url]) if local else None, now)
             views.append(
                 EngineView(
-                    e.url,
-                    gpu=gpu,
-                    queued_tokens=e.queued_tokens,
-                    requests=e.requests(),
-                    **host_tiers(ans, e.node),
+                    e.url, gpu=gpu, queued_tokens=queued, requests=e.requests(), **host_tiers(ans, e.node)
                 )
             )
         return views
@@ -349,8 +349,7 @@ class Router:
             engine.sent.sent(keys)
             engine.in_flight += 1
             work = round(prefill_cost(len(tokens), view, self.weights))  # what it must compute
-            engine.queued_tokens += work
-            queued = True
+            queued = engine.queue(work)
             try:
                 assert self._session is not None
                 try:
@@ -391,8 +390,7 @@ class Router:
                             if first:
                                 first = False
                                 self.metrics.ttft.labels(engine.url).observe(time.monotonic() - t0)
-                                engine.queued_tokens -= work
-                                queued = False
+                                engine.unqueue(queued)
                             await resp.write(chunk)
                     except (aiohttp.ClientPayloadError, *_CONNECT_ERRORS) as exc:
                         if request.transport is None or request.transport.is_closing():
@@ -405,8 +403,7 @@ class Router:
                     return resp
             finally:
                 engine.in_flight -= 1
-                if queued:
-                    engine.queued_tokens -= work
+                engine.unqueue(queued)
 
     async def _prefill(
         self, body: dict[str, Any], tokens: list[int], keys: list[bytes], path: str, headers: dict[str, str]
@@ -434,8 +431,7 @@ class Router:
             self.metrics.decisions.labels(engine.url, "prefill").inc()
             engine.sent.sent(keys)
             engine.in_flight += 1
-            work = round(prefill_cost(len(tokens), view, self.weights))
-            engine.queued_tokens += work
+            queued = engine.queue(round(prefill_cost(len(tokens), view, self.weights)))
             try:
                 async with self._session.post(engine.url + path, data=data, headers=headers) as r:
                     await r.read()
@@ -449,7 +445,7 @@ class Router:
                 engine.up = False
             finally:
                 engine.in_flight -= 1
-                engine.queued_tokens -= work
+                engine.unqueue(queued)
 
     @staticmethod
     async def _read_whole(upstream: aiohttp.ClientResponse) -> bytes | None:

@@ -302,6 +302,23 @@ def test_engine_specs_and_metrics_are_read_strictly() -> None:
     assert parse_metrics(text + info) == (2, 4, 128)
 
 
+def test_queued_prefill_follows_the_engines_own_report_when_fresh() -> None:
+    e = Engine(EngineSpec("http://127.0.0.1:1"), RouteKeys("fake"))
+    first = e.queue(600, at=100.0)  # a cold prompt sent at t=100
+    assert e.queued(None, 101.0) == 600  # no report: what the router sent and saw no token of
+    e.queue(50, at=100.8)  # a follow-up sent after the engine's report below
+    report = {"running": 1, "waiting": 1, "queued_prefill_tokens": 200, "age_s": 0.5, "stale": False}
+    # the engine says 200 tokens are left at t=100.5 (its prefill progressed); the follow-up is new
+    assert e.queued(report, 101.0) == 250
+    assert e.queued({**report, "age_s": 5.0}, 101.0) == 650  # too old while busy: the router's count
+    assert e.queued({**report, "stale": True}, 101.0) == 650
+    idle = {"running": 0, "waiting": 0, "queued_prefill_tokens": 0, "age_s": 30.0, "stale": False}
+    assert e.queued(idle, 101.0) == 650  # idle since long before both were sent
+    e.unqueue(first)
+    e.unqueue(first)  # twice is harmless (a stream's first token, then its end)
+    assert e.queued(None, 101.0) == 50
+
+
 def test_the_command_line_refuses_bad_options_with_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["route", "--engine", "ftp://nowhere"]) == 2
     assert "http://HOST:PORT" in capsys.readouterr().err
