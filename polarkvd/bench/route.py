@@ -284,7 +284,14 @@ def one_run(
             "requests": len(mine),
             "computed_tokens": sum(r["prompt_tokens"] - r["cached_tokens"] for r in mine),
         }
+    split: dict[str, Any] = {}
+    if prefill:  # the split's TTFT in two: the prefill engine's answer, then the decode engine's first token
+        reg, label = router.metrics.registry, {"engine": prefill[0].url}
+        n = reg.get_sample_value("polarkv_route_prefill_seconds_count", label) or 0
+        mean = (reg.get_sample_value("polarkv_route_prefill_seconds_sum", label) or 0) / max(n, 1)
+        split = {"prefill_phase_mean_s": round(mean, 4), "decode_phase_mean_s": round(ttft["mean"] - mean, 4)}
     return {
+        **split,
         "ttft_mean_s": round(ttft["mean"], 4),
         "ttft_p99_s": round(ttft["p99"], 4),
         "prompt_tokens": sum(r["prompt_tokens"] for r in records),

@@ -76,6 +76,13 @@ class RouterMetrics:
             ["engine"],
             registry=r,
         )
+        self.prefill = Histogram(
+            "polarkv_route_prefill_seconds",
+            "Prefill/decode split: from sending a prompt to a prefill engine to its answer (one token), by engine.",
+            ["engine"],
+            registry=r,
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60),
+        )
         self.ttft = Histogram(
             "polarkv_route_first_byte_seconds",
             "From the request's arrival to the engine's first byte, by engine.",
@@ -432,9 +439,11 @@ class Router:
             engine.sent.sent(keys)
             engine.in_flight += 1
             queued = engine.queue(round(prefill_cost(len(tokens), view, self.weights)))
+            t0 = time.monotonic()
             try:
                 async with self._session.post(engine.url + path, data=data, headers=headers) as r:
                     await r.read()
+                    self.metrics.prefill.labels(engine.url).observe(time.monotonic() - t0)
                     if r.status != 200:
                         self.metrics.errors.labels("prefill").inc()
                         log.warning("prefill engine %s answered %d: decoding without", engine.url, r.status)

@@ -360,6 +360,8 @@ def test_a_split_router_prefills_on_a_prefill_engine_then_answers_from_a_decode_
                 async with http.post(r + "/v1/completions", json=req) as resp:
                     text = await resp.text()
                     assert resp.headers["X-PolarKV-Engine"] == ud
+                async with http.get(r + "/metrics") as resp:  # the prefill's time, by prefill engine
+                    assert f'polarkv_route_prefill_seconds_count{{engine="{up}"}} 1.0' in await resp.text()
         assert [name for name, _ in bodies] == ["prefill", "decode"]
         assert bodies[0][1] == {"prompt": [5] * 40, "max_tokens": 1, "stream": False}
         assert bodies[1][1] == req and '"engine": "decode"' in text
