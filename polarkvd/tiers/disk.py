@@ -87,7 +87,7 @@ from polarkvd.tiers.disk_format import (
     pack_header,
     page_path,
     parse_header,
-    readinto_exact,
+    read_page,
     record_seed,
     recorded_seed,
     stored_size,
@@ -556,7 +556,7 @@ class DiskTier:
         if dst.nbytes != raw_len:
             raise ValueError(f"output buffer holds {dst.nbytes} bytes, page {key.hex()} has {raw_len}")
         try:
-            why = self._read_verified(key, ns, size, raw_len, dst)
+            why = read_page(self._page_path(key), key, ns, size, raw_len, dst, self._scratch)
         except FileNotFoundError:
             # evicted or removed since we looked it up; an entry that is still listed lost its file
             self._drop(key, e, corrupt=False)
@@ -618,33 +618,6 @@ class DiskTier:
         self._drop(key, e, corrupt=True)
         log.warning("disk tier: dropped corrupt page %s: %s", key.hex(), why)
         raise PageCorrupt(f"page {key.hex()} on disk is corrupt ({why}); it was dropped")
-
-    def _read_verified(self, key: bytes, ns: bytes, size: int, raw_len: int, out: memoryview) -> str | None:
-        """Fill `out` from the page file; the reason it is bad, or None when it verified."""
-        with open(self._page_path(key), "rb", buffering=0) as f:
-            head_buf = bytearray(HEADER_SIZE)
-            if readinto_exact(f, memoryview(head_buf)) != HEADER_SIZE:
-                return "truncated header"
-            h = parse_header(head_buf)
-            if h is None:
-                return "bad header"
-            if h.mismatch(key, ns, raw_len, size):
-                return "header does not match the index"
-            if h.codec == Codec.RAW:
-                got = readinto_exact(f, out)  # straight into the caller's slot
-            else:
-                payload = self._scratch.view(h.payload_len)
-                got = readinto_exact(f, payload)
-            if got != h.payload_len or f.read(1):
-                return "payload length differs from header"
-        if h.codec != Codec.RAW:
-            try:
-                decode_into(h.codec, payload, out, h.itemsize)
-            except Exception as exc:  # zstd raises its own error type on garbage
-                return f"undecodable payload: {exc}"
-        if checksum(out) != h.checksum:
-            return "checksum mismatch"
-        return None
 
     def entry(self, key: bytes) -> DiskEntry | None:
         """The page's metadata, without I/O. Read-only for callers."""

@@ -1,5 +1,6 @@
 """A page's first read on a fresh I/O thread takes buffers made ahead, rather than faulting in new
-ones inside a promotion (the disk tier's `readers`, `codec.Scratch`)."""
+ones inside a promotion (the disk tier's `readers`, `codec.Scratch`); a page stored raw needs no
+buffer at all (`disk_format.read_page`)."""
 
 from __future__ import annotations
 
@@ -56,11 +57,49 @@ def test_after_a_restart_first_reads_take_buffers_made_at_open(tmp_path: Path) -
     tier = DiskTier(tmp_path, 1 << 30, min_ratio=1.25)
     tier.open()
     for k in keys:
-        assert tier.put(k, None, NS, np.random.default_rng(k[0]).bytes(PAGE), 4, groups=[PAGE // 2, PAGE])
+        assert tier.put(k, None, NS, fp32_noise(k), 4, groups=[PAGE // 2, PAGE])
     tier.close()
     reopened = DiskTier(tmp_path, 1 << 30, readers=2)  # pages on disk, none written since the start
     reopened.open()
     assert all(f < 100 for f in first_read_faults(reopened, keys, 2))
-    # a third thread finds no buffer left: it makes its own (what every first read did before)
-    assert first_read_faults(reopened, keys, 3)[2] > 500
+    # a third thread finds no buffer left, and needs none: raw ranges go straight into the slot
+    assert first_read_faults(reopened, keys, 3)[2] < 100
     reopened.close()
+
+
+def fp32_noise(k: bytes) -> bytes:
+    """fp32-like noise: it does not compress by 1.25x, so it is stored raw range by range (SmolLM2's
+    KV in the daemon)."""
+    return np.random.default_rng(k[0]).bytes(PAGE)
+
+
+def test_a_page_stored_raw_in_groups_reads_back_exactly(tmp_path: Path) -> None:
+    keys = [key(i) for i in range(2)]
+    tier = DiskTier(tmp_path, 1 << 30, min_ratio=1.25)
+    tier.open()
+    for k in keys:
+        assert tier.put(k, None, NS, fp32_noise(k), 4, groups=[PAGE // 4, PAGE // 2, PAGE])
+    out = bytearray(PAGE)
+    tier.get_into(keys[1], memoryview(out))
+    assert bytes(out) == fp32_noise(keys[1])
+    tier.close()
+
+
+def test_a_raw_stored_page_with_a_flipped_byte_is_dropped_as_corrupt(tmp_path: Path) -> None:
+    from polarkvd.errors import PageCorrupt
+
+    k = key(7)
+    tier = DiskTier(tmp_path, 1 << 30, min_ratio=1.25)
+    tier.open()
+    assert tier.put(k, None, NS, fp32_noise(k), 4, groups=[PAGE // 2, PAGE])
+    (path,) = [p for p in tmp_path.rglob("*.pkv")]
+    with open(path, "r+b") as f:  # a byte in the second range's bytes
+        f.seek(-100, 2)
+        b = f.read(1)
+        f.seek(-100, 2)
+        f.write(bytes([b[0] ^ 0x40]))
+    with pytest.raises(PageCorrupt, match="checksum mismatch"):
+        tier.get_into(k, memoryview(bytearray(PAGE)))
+    assert tier.entry(k) is None  # dropped, file and index
+    assert not path.exists()
+    tier.close()
