@@ -14,8 +14,9 @@ copy it again into the arena), runs its I/O on a background thread that competes
 CURVE encrypts every byte. So the data path is plain blocking TCP sockets:
 - gather sends: `socket.sendmsg([prefix+header, page, sum, page, sum, ...])`, the page buffers are
   never joined or copied in user space;
-- receives go straight into the caller's destination view (`recv_into` loops on memoryview slices),
-  no intermediate bytes objects;
+- receives go straight into the caller's destination view, one `recv_into` with `MSG_WAITALL` per
+  payload (the kernel wakes the receiver once per payload, not once per arriving segment), no
+  intermediate bytes objects;
 - an authenticated handshake on each new connection (BLAKE2b keyed with a key derived from the
   cluster's CURVE secret, both directions, fresh nonces), or an explicit insecure mode on both sides;
 - an xxh3_64 checksum trailing every payload, computed by the sender over the buffer it sends (or

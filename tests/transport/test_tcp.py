@@ -22,10 +22,13 @@ from polarkvd.transport.peer_wire import (
     KIND_REQUEST,
     MSG_MAGIC,
     PREFIX,
+    TRAILER,
     VERSION,
+    Closed,
     Deadline,
     data_key,
     parse_address,
+    payload_sum,
     read_message,
     recv_payload,
 )
@@ -423,6 +426,61 @@ def test_server_closed_mid_call_raises_instead_of_hanging(serve: Callable[..., P
     t.join(10)
     release.set()
     assert not t.is_alive() and len(errors) == 1 and isinstance(errors[0], TransportError)
+
+
+@pytest.fixture
+def tcp_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A connected pair of real TCP sockets on 127.0.0.1 (sender, receiver)."""
+    with socket.create_server(("127.0.0.1", 0)) as ls:
+        tx = socket.create_connection(ls.getsockname()[:2], timeout=10)
+        rx, _ = ls.accept()
+    rx.settimeout(None)  # blocking, as the transport's sockets
+    yield tx, rx
+    tx.close()
+    rx.close()
+
+
+def test_a_payload_that_trickles_in_lands_whole_and_checked(
+    tcp_pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """Each payload is received with MSG_WAITALL (one call per payload): bytes that arrive in pieces,
+    with pauses between them, still land whole; a corrupt one among them is flagged, the next is fine."""
+    tx, rx = tcp_pair
+    pages = [page(i, 300_000 + i) for i in range(3)]
+    sums = [payload_sum(p) for p in pages]
+    sums[1] ^= 1  # the middle one's checksum is wrong
+
+    def dribble() -> None:
+        data = b"".join(p + TRAILER.pack(c) for p, c in zip(pages, sums))
+        for at in range(0, len(data), 77_777):
+            tx.sendall(data[at : at + 77_777])
+            threading.Event().wait(0.01)
+
+    t = threading.Thread(target=dribble)
+    t.start()
+    got = []
+    for p in pages:
+        buf = bytearray(len(p))
+        got.append(
+            (recv_payload(rx, memoryview(buf), memoryview(bytearray(8)), Deadline(10)), bytes(buf) == p)
+        )
+    t.join(10)
+    assert got == [(sums[0], True), (None, True), (sums[2], True)]
+
+
+def test_a_payload_cut_off_midway_times_out_or_reports_the_close(
+    tcp_pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """A peer that stops halfway through a payload: the receive ends at the call's deadline (never
+    waits for bytes that do not come); a peer that closes halfway: Closed, naming what is missing."""
+    tx, rx = tcp_pair
+    body = page(7, 1 << 20)
+    tx.sendall(body[: len(body) // 2])
+    with pytest.raises(TimeoutError):
+        recv_payload(rx, memoryview(bytearray(len(body))), memoryview(bytearray(8)), Deadline(0.3))
+    tx.close()
+    with pytest.raises(Closed, match="outstanding"):
+        recv_payload(rx, memoryview(bytearray(len(body))), memoryview(bytearray(8)), Deadline(5))
 
 
 # ------------------------------------------------------------------------------- concurrency
