@@ -339,6 +339,7 @@ async def replay(
         "demoted_bytes": counters.get("demoted_bytes", 0),
         "fetched_bytes": counters.get("promoted_bytes", 0),
         "dropped_pages": counters.get("dropped_pages_cheap", 0),
+        "dropped_rare": counters.get("dropped_pages_rare", 0),
         "recompute_instead_pages": counters.get("recompute_instead_pages", 0),
         "disk_fetch_us": m.worth.fetch.seconds(Tier.DISK, page) * 1e6,
         "disk_fetch_fast_us": m.worth.fetch.fast_seconds(Tier.DISK, page) * 1e6,
