@@ -69,7 +69,7 @@ class Worth:
         self.sketch = FrequencySketch()
         self._admissions = 0  # drop-or-demote decisions since the sketch was last sized
         #: the disk's next victim as last found: (the disk's eviction count then, its uses)
-        self._victim: tuple[int, int] | None = None
+        self._victim: tuple[int, float] | None = None
 
     def model(self, ns_id: int) -> RecomputeModel:
         """The fit of a namespace's model and shard, made on first use (event loop only)."""
@@ -166,7 +166,8 @@ class Worth:
         with disk._lock:
             if index.stored + index.reserved + self.m.pending_bytes + page.size <= disk.capacity_bytes:
                 return True
-            if self._victim is None or self._victim[0] != index.evictions:
+            victim_worth = self._victim
+            if victim_worth is None or victim_worth[0] != index.evictions:
                 policy = index.policy
                 sample = policy.coldest(CostPolicy.SAMPLE)
                 if isinstance(policy, CostPolicy):
@@ -176,8 +177,9 @@ class Worth:
                 if not found:
                     return True
                 victim = found[0]
-                self._victim = (index.evictions, self.sketch.estimate(victim.key) * self._disk_worth(victim))
-        if self.sketch.estimate(page.key) * recompute / page.size > self._victim[1]:
+                victim_worth = (index.evictions, self.sketch.estimate(victim.key) * self._disk_worth(victim))
+                self._victim = victim_worth
+        if self.sketch.estimate(page.key) * recompute / page.size > victim_worth[1]:
             return True
         self.m.counters["dropped_pages_rare"] += 1
         return False
