@@ -311,6 +311,68 @@ class S3FIFOPolicy(EvictionPolicy):
         return self._small.size + self._main.size
 
 
+_MASK64 = (1 << 64) - 1
+#: one odd multiplier per row of the sketch: each row takes other bits of the key's hash
+_ROW_MULTIPLIERS = (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93)
+
+
+class FrequencySketch:
+    """How many requests used each page lately, for every page the daemon ever saw, in a fixed
+    space: a count-min sketch with conservative update and aging (TinyLFU, Einziger et al., ACM
+    ToS 2017). `ROWS` rows of `width` one-byte counters; a key picks one counter per row (each row
+    its own bits of the key's hash), and its estimate is the least of them
+    (collisions only ever add). After `window` additions every counter is halved, so the counts are
+    of the last one to two windows: a popularity with a memory far longer than a tier's turnover,
+    kept for pages long gone from every tier (what decides whether a page leaving DRAM is worth
+    its disk write: worth.Worth.cheaper_to_recompute)."""
+
+    ROWS = 4
+    MIN_WINDOW = 1 << 14
+    MAX_WIDTH = 1 << 24  # 64 MiB of counters: a window of 16M uses, ~1.6M pages the tiers hold
+
+    def __init__(self, window: int = MIN_WINDOW) -> None:
+        self.window = 0
+        self.width = 0
+        self._counts = bytearray()
+        self._adds = 0
+        self.fit(window)
+
+    def fit(self, window: int) -> None:
+        """Age every `window` additions (at least MIN_WINDOW); the counters grow (and restart from
+        zero) when the window outgrows them, never shrink."""
+        self.window = max(self.MIN_WINDOW, window)
+        width = min(1 << (self.window - 1).bit_length(), self.MAX_WIDTH)
+        if width > self.width:
+            self.width = width
+            self._counts = bytearray(self.ROWS * width)
+            self._adds = 0
+
+    def _slots(self, key: bytes) -> list[int]:
+        h, w = hash(key) & _MASK64, self.width  # any key, hashed (a page key is one already: cheap)
+        mask = w - 1
+        return [r * w + ((h * odd & _MASK64) >> 32 & mask) for r, odd in enumerate(_ROW_MULTIPLIERS)]
+
+    def add(self, key: bytes) -> None:
+        """One more use of `key`: its least counters are raised (conservative update)."""
+        c = self._counts
+        slots = self._slots(key)
+        low = min(c[i] for i in slots)
+        if low < 255:
+            for i in slots:
+                if c[i] == low:
+                    c[i] = low + 1
+        self._adds += 1
+        if self._adds >= self.window:
+            counts = np.frombuffer(self._counts, dtype=np.uint8)
+            counts >>= 1
+            self._adds //= 2
+
+    def estimate(self, key: bytes) -> int:
+        """Uses of `key` counted (never fewer than it had; more where it shares counters)."""
+        c = self._counts
+        return min(c[i] for i in self._slots(key))
+
+
 #: a `cost` node's aux: its priority (seconds saved per byte x _PRIO_SCALE, plus the inflation L)
 #: above _LOW_BITS; below, when its frequency was last counted (_STAMP_BITS, the policy's decay clock
 #: in 1/_STAMP_RES half-lives, modulo 2^_STAMP_BITS) and the frequency itself (_FREQ_BITS, in
@@ -361,6 +423,8 @@ class CostPolicy(LRUPolicy):
         #: seconds saved per byte by keeping the page (set by the owner); None: 0 for every page
         self.valuer: Callable[[PolicyNode], float] | None = None
         self._clock = 0.0  # the decay clock, in stamp units (1/_STAMP_RES half-lives)
+        #: every use counted here as well (set by the owner): admission to the next tier
+        self.sketch: FrequencySketch | None = None
 
     def _aux(self, node: PolicyNode, freq: int) -> int:
         """L + value x freq, above the stamp of now and `freq` (in 1/_FREQ_ONE hits)."""
@@ -387,6 +451,8 @@ class CostPolicy(LRUPolicy):
             self._clock += _STAMP_RES / max(len(self._list), _MIN_HALF_LIFE)
             node.aux = self._aux(node, _FREQ_ONE)
             self._list.push_tail(node)
+            if self.sketch is not None:
+                self.sketch.add(node.key)
 
     def touch(self, node: PolicyNode) -> None:
         self.touch_many([node])
@@ -397,10 +463,13 @@ class CostPolicy(LRUPolicy):
         nodes of which the second is the first's parent (a chain, leaf first) keep the parent's
         priority at least its child's."""
         child: PolicyNode | None = None
+        sketch = self.sketch if hit else None
         for node in nodes:
             if node.prev is None:
                 child = None
                 continue
+            if sketch is not None:
+                sketch.add(node.key)
             aux = node.aux
             freq = int(self._decayed(aux) + (_FREQ_ONE if hit else 0.5))  # hit: +1, rounded down
             aux = self._aux(node, min(max(freq, 1), _FREQ_MAX))

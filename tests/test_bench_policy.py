@@ -58,6 +58,29 @@ def test_a_tiny_replay_of_every_policy_reports_the_issues_keys() -> None:
     assert "bench policy" in bench.render(res)
 
 
+@pytest.mark.slow
+def test_the_measured_disk_rate_still_replays() -> None:
+    """--disk-rate measured: the daemon decides by its own reads (a calibration first)."""
+    res = bench.run(
+        args("--requests", "9", "--traces", "chat", "--policies", "cost", "--disk-rate", "measured")
+    )
+    assert res["disk_rate"] == "measured" and res["sizes"]["chat"]["bench_disk_page_us"] > 0
+
+
+def test_the_real_check_replays_a_small_mix_in_half_its_reused_pages() -> None:
+    """bench policy --real: its trace interleaves chat, RAG and long-document requests within
+    SmolLM2's vocabulary, deterministically, and its tiers hold about half of what it reuses."""
+    from polarkvd.bench import policy_real
+
+    prompts = policy_real.small_mixed(0, 10)
+    assert prompts == policy_real.small_mixed(0, 10) and len(prompts) == 30
+    assert all(0 < t < 49_152 for p in prompts for t in p)
+    assert all(len(p) <= 2048 for p in prompts)  # one prefill step each (max_num_batched_tokens)
+    reused, dram, disk = policy_real.tier_pages(prompts)
+    longest = max(len(p) for p in prompts) // policy_real.PAGE_TOKENS
+    assert dram >= 1.25 * longest and dram + disk <= reused
+
+
 def test_the_policies_never_import_numba() -> None:
     code = "import sys, polarkvd.policy, polarkvd.manager.worth, polarkvd.cost_model; print('numba' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -15,6 +15,7 @@ from polarkvd.keys import page_keys
 from polarkvd.policy import (
     POLICIES,
     CostPolicy,
+    FrequencySketch,
     LRUPolicy,
     PolicyNode,
     S3FIFOPolicy,
@@ -351,3 +352,37 @@ def test_cost_frequency_halves_every_turnover_of_the_tier() -> None:
     assert p.frequency(hot) == pytest.approx(2, abs=0.15)
     p.touch(hot)
     assert p.frequency(hot) == pytest.approx(3, abs=0.15)
+
+
+def test_the_sketch_counts_uses_never_fewer_and_halves_after_its_window() -> None:
+    """The frequency sketch (TinyLFU) behind drop-or-demote: a key's estimate is never below its
+    uses, exact for a few keys, and every count halves once `window` uses were added."""
+    sketch = FrequencySketch(window=FrequencySketch.MIN_WINDOW)
+    rng = random.Random(1)
+    true: dict[bytes, int] = {}
+    for _ in range(5000):
+        key = k(int(rng.paretovariate(1.0)) % 3000)
+        sketch.add(key)
+        true[key] = true.get(key, 0) + 1
+    assert all(sketch.estimate(key) >= min(n, 255) for key, n in true.items())  # one byte a counter
+    assert sum(sketch.estimate(key) == min(n, 255) for key, n in true.items()) >= 0.95 * len(true)
+    assert sketch.estimate(k(999_999)) == 0
+    hot = k(1)  # the most used (Pareto draws are 1 or more)
+    before = sketch.estimate(hot)
+    for i in range(FrequencySketch.MIN_WINDOW - 5000):
+        sketch.add(k(10_000 + i))
+    assert before == 255 and sketch.estimate(hot) == 127
+
+
+def test_cost_counts_one_use_per_request_in_its_sketch() -> None:
+    """A page's uses: its admission, then one per request's lookup (hit); the same request's load
+    (hit=False) counts nothing."""
+    p = CostPolicy()
+    p.sketch = FrequencySketch()
+    nodes = chain(0, 3)
+    for node in nodes:
+        p.insert(node)
+    for _ in range(4):
+        p.touch_many(nodes[::-1], hit=True)
+        p.touch_many(nodes[::-1], hit=False)
+    assert [p.sketch.estimate(node.key) for node in nodes] == [5, 5, 5]

@@ -8,17 +8,18 @@ tokens after `d` hit tokens costs `a + b*n + c*n*(d + n/2)` seconds, b and c fro
 FLOPs per token (2 x parameters) and per token of depth (attention: 4 x layers x query width) over
 an effective GPU throughput. The simulated engine reports its timings as the connector does.
 
-The bench's pages are 32 KiB (so thousands fit this machine); the modelled engine's are MiBs. Its
-compute is reported to the daemon scaled so that a page's recompute stands to the daemon's own
-measured disk read of a bench page (the fast end of the manager's FetchCosts, the estimate its
-decisions use) as the model's stands to reading its page from an NVMe disk (`DISK_GBPS`): at each
-report, from the daemon's estimate then (before the disk is measured enough to be trusted, from the
-trace's first quarter replayed under `lru`, one calibration per trace). On the shared 2-core VM a
-32 KiB read is CPU-bound Python sharing the cores with everything else, and its fast end differed
-2-4x between runs a few minutes apart: an engine fixed at one calibration made the daemon see a
-disk 2-4x slower or faster than the model's, and decide by that (docs/BENCHMARKS.md). Results are in
-the model's seconds: prefill = recompute + loading the hit (disk pages at DISK_GBPS, DRAM pages at
-DRAM_GBPS).
+The bench's pages are 32 KiB (so thousands fit this machine); the modelled engine's are MiBs. By
+default (--disk-rate pinned) the daemon decides by a disk rate pinned (disk.read_gbps, as an
+operator may) to the one that reads a bench page in the time the modelled NVMe disk (`DISK_GBPS`)
+reads a model page, and the engine reports its own seconds: the daemon sees the modelled node's
+costs, and every policy the same ones. With --disk-rate measured it decides by its own
+measurements of its reads, the engine's time scaled to them (at each report, the daemon's fast end
+over the modelled read; before the disk is trusted, a calibration on the trace's first quarter
+under `lru`): on the shared 2-core VM a 32 KiB read is CPU-bound Python sharing the cores with
+everything else, its fast end differed 2-4x between runs minutes apart, and `cost` on the mixed
+trace moved ~10% between runs of the same code (docs/BENCHMARKS.md). Results are in the model's
+seconds: prefill = recompute + loading the hit (disk pages at DISK_GBPS, DRAM pages at DRAM_GBPS).
+`offline_bound`: what no policy, offline included, can beat at the same capacities.
 
 Traces (deterministic from --seed; 128-token pages):
   chat   users with Zipf popularity resend their growing history plus a new turn
@@ -33,7 +34,8 @@ JSON (--json): `traces[trace][policy]` (`--plot FILE`: prefill seconds per polic
 (prefill seconds of the mixed trace, ratio; `*_recompute` the same for recompute alone),
 `worst_cost_vs_best_other` (the largest ratio of `cost` to the better of `lru` and `s3fifo` over
 chat, rag and qa), `disk_bytes_drop_vs_demote` and `recompute_drop_vs_demote` (mixed: `cost` against
-`cost` always demoting), `score_10k_ms` (the `cost` policy picking a victim among 10,000 pages).
+`cost` always demoting), `score_10k_ms` (the `cost` policy picking a victim among 10,000 pages),
+`mixed_bound_vs_lru` (`offline_bound` over `lru`'s prefill seconds). `--real`: bench/policy_real.py.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import argparse
 import asyncio
 import concurrent.futures
 import dataclasses
+import heapq
 import json
 import math
 import random
@@ -130,6 +133,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", choices=sorted(ENGINES), default="8b", help="modelled engine (default 8b)")
     p.add_argument("--seed", type=int, default=0, help="trace seed (default 0)")
     plots.add_plot_arguments(p)
+    p.add_argument("--disk-rate", choices=("pinned", "measured"), default="pinned",
+                   help="what the daemon decides by: its disk's read rate pinned to the modelled disk's "
+                        "(disk.read_gbps; default), or its own measurements of its reads (the engine's "
+                        "time scaled to them)")  # fmt: skip
+    p.add_argument("--real", action="store_true",
+                   help="instead: the short real-engine check (vLLM CPU with SmolLM2 on a small mixed "
+                        "trace, TTFT per policy; bench/policy_real.py)")  # fmt: skip
+    p.add_argument("--real-requests", type=int, default=10,
+                   help="--real: requests of each kind (chat, RAG, long document; default 10)")  # fmt: skip
     p.add_argument("--no-demote-check", action="store_true",
                    help="skip the mixed trace's second `cost` run that always demotes")  # fmt: skip
 
@@ -213,7 +225,19 @@ def tier_sizes(prompts: list[list[int]], args: argparse.Namespace) -> tuple[int,
 # ------------------------------------------------------------------------------------------ replay
 
 
-def _manager(policy: str, dram_pages: int, disk_pages: int, root: Path, demote_always: bool = False) -> Any:
+def pinned_gbps(engine: Engine) -> float:
+    """The disk rate that makes a bench page read in the time the modelled disk reads a model page."""
+    return _namespace().page_bytes / (engine.page_bytes / (DISK_GBPS * 1e9)) / 1e9
+
+
+def _manager(
+    policy: str,
+    dram_pages: int,
+    disk_pages: int,
+    root: Path,
+    demote_always: bool = False,
+    read_gbps: float = 0.0,
+) -> Any:
     from polarkvd.config import load_config
     from polarkvd.manager import Manager
     from polarkvd.tiers.disk import DiskTier
@@ -225,6 +249,7 @@ def _manager(policy: str, dram_pages: int, disk_pages: int, root: Path, demote_a
     cfg = load_config(env={}, overrides={
         "dram.capacity": str(dram), "dram.slab_bytes": str(slab), "dram.policy": policy,
         "dram.high_watermark": "1.0", "disk.path": str(root / "disk"), "disk.policy": policy,
+        "disk.read_gbps": str(read_gbps),
     })  # fmt: skip
     disk = DiskTier(root / "disk", disk_pages * (page + 4096), policy=policy)
     disk.open()
@@ -244,12 +269,15 @@ def _namespace() -> Any:
 
 async def replay(
     prompts: list[list[int]], policy: str, sizes: tuple[int, int], engine: Engine, scale: float, root: Path,
-    demote_always: bool = False,
+    demote_always: bool = False, pinned: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
+    """One policy on one trace. `pinned`: the daemon decides by the modelled disk's rate, and the
+    engine reports its own seconds; else by its measurements, the engine's seconds times `scale`
+    (then, once the disk is measured, the daemon's fast end over the modelled read)."""
     from polarkvd.keys import page_keys
     from polarkvd.types import Tier
 
-    m, disk, executor = _manager(policy, *sizes, root, demote_always)
+    m, disk, executor = _manager(policy, *sizes, root, demote_always, pinned_gbps(engine) if pinned else 0.0)
     s = m.attach(_namespace(), "bench")
     page = s.ns.ns.page_bytes
     model_read = engine.page_bytes / (DISK_GBPS * 1e9)  # the modelled disk's read of a model page
@@ -277,7 +305,7 @@ async def replay(
         recomputed += missing
         compute_s += cost
         if missing >= 32:  # what the vLLM connector reports: steps of 32 tokens or more
-            if m.worth.fetch.trusted(Tier.DISK):  # the engine's speed in the daemon's disk units now
+            if not pinned and m.worth.fetch.trusted(Tier.DISK):  # the engine in the daemon's disk units now
                 scale = m.worth.fetch.fast_seconds(Tier.DISK, page) / model_read
             m.worth.observe_prefill(s.ns.id, missing, depth, cost * scale)
         new = list(keys[n_hit:])
@@ -311,10 +339,68 @@ async def replay(
         "demoted_bytes": counters.get("demoted_bytes", 0),
         "fetched_bytes": counters.get("promoted_bytes", 0),
         "dropped_pages": counters.get("dropped_pages_cheap", 0),
+        "dropped_rare": counters.get("dropped_pages_rare", 0),
         "recompute_instead_pages": counters.get("recompute_instead_pages", 0),
         "disk_fetch_us": m.worth.fetch.seconds(Tier.DISK, page) * 1e6,
         "disk_fetch_fast_us": m.worth.fetch.fast_seconds(Tier.DISK, page) * 1e6,
     }
+
+
+def _most_hits(seq: list[int], cap: int) -> int:
+    """Belady's MIN (bypass allowed): the most hits any cache of `cap` pages can have on `seq`."""
+    nxt, last = [0] * len(seq), {}  # type: ignore[var-annotated]
+    for t in range(len(seq) - 1, -1, -1):
+        nxt[t], last[seq[t]] = last.get(seq[t], len(seq)), t
+    cached: dict[int, int] = {}  # page: its next use
+    heap: list[tuple[int, int]] = []  # (-next use, page), stale entries skipped
+    hits = 0
+    for item, n in zip(seq, nxt):
+        if item in cached or len(cached) < cap:
+            hits += item in cached
+        else:
+            while cached.get(heap[0][1]) != -heap[0][0]:
+                heapq.heappop(heap)
+            if -heap[0][0] <= n:
+                continue  # the page itself is the one used furthest ahead: not cached
+            del cached[heapq.heappop(heap)[1]]
+        cached[item] = n
+        heapq.heappush(heap, (-n, item))
+    return hits
+
+
+def offline_bound(prompts: list[list[int]], dram: int, disk: int, engine: Engine) -> float:
+    """A lower bound on the prefill seconds of any policy, offline included, at these capacities:
+    every page's first use recomputed (and every request's partial last page); of the uses after,
+    at most Belady's most hits of a DRAM-sized cache load from DRAM, credited with the largest
+    savings over the rest (each of which costs at least the cheaper of a disk read and its
+    recompute), and at least the uses past Belady's hits of both tiers together recompute, charged
+    the smallest excess over a disk read. A relaxation (no chain order, no pinning, the best
+    savings picked apart): no policy can do better, and none may get near."""
+    p = PAGE_TOKENS
+    disk_read, dram_read = engine.page_bytes / (DISK_GBPS * 1e9), engine.page_bytes / (DRAM_GBPS * 1e9)
+    seq, depths, total = [], [], 0.0
+    for prompt in prompts:
+        h, full = 0, len(prompt) // p
+        for i in range(full):
+            h = hash((h, tuple(prompt[i * p : (i + 1) * p])))
+            seq.append(h)
+            depths.append(i)
+        total += engine.seconds(len(prompt) - full * p, full * p)
+    seen: set[int] = set()
+    again = []
+    for item, i in zip(seq, depths):
+        page_s = engine.seconds(p, i * p) - engine.fixed
+        if item in seen:
+            again.append(page_s)
+        else:
+            seen.add(item)
+            total += page_s
+    total += sum(min(disk_read, r) for r in again)
+    saved = sorted((min(disk_read, r) - dram_read for r in again), reverse=True)[: _most_hits(seq, dram)]
+    misses = max(0, len(again) - _most_hits(seq, dram + disk))
+    return (
+        total - sum(v for v in saved if v > 0) + sum(sorted(max(0.0, r - disk_read) for r in again)[:misses])
+    )
 
 
 def score_10k_ms(reps: int = 200) -> float:
@@ -346,20 +432,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     traces = build_traces(args.traces, args.requests, args.seed)
     root = Path(tempfile.mkdtemp(prefix="polarkv-policy-"))
     out: dict[str, Any] = {"engine": args.engine, "engine_label": engine.label, "pressure": args.pressure,
-                           "traces": {}, "sizes": {}}  # fmt: skip
+                           "disk_rate": args.disk_rate, "traces": {}, "sizes": {}}  # fmt: skip
     try:
         out["model_page_bytes"] = engine.page_bytes
         for name, prompts in traces.items():
             ws, dram, disk = tier_sizes(prompts, args)
+            pinned = args.disk_rate == "pinned"
+            if pinned:
+                disk_page_s, scale = engine.page_bytes / (DISK_GBPS * 1e9), 1.0
             # calibration: the daemon's own measure of its disk reads (FetchCosts), on this trace's
             # first quarter under `lru`, in the conditions of the runs (demotions writing meanwhile)
-            warm = asyncio.run(replay(prompts[: len(prompts) // 4], "lru", (dram, disk), engine, 1.0, root / name / "calibrate"))  # fmt: skip
-            disk_page_s = warm["disk_fetch_fast_us"] / 1e6  # the estimate the daemon decides by
-            scale = disk_page_s / (engine.page_bytes / (DISK_GBPS * 1e9))
+            else:
+                warm = asyncio.run(replay(prompts[: len(prompts) // 4], "lru", (dram, disk), engine, 1.0, root / name / "calibrate"))  # fmt: skip
+                disk_page_s = warm["disk_fetch_fast_us"] / 1e6  # the estimate the daemon decides by
+                scale = disk_page_s / (engine.page_bytes / (DISK_GBPS * 1e9))
             print(f"[bench policy] {name}: a bench page's disk read {disk_page_s * 1e6:.0f} us: engine time x {scale:.4f}",
                   file=sys.stderr)  # fmt: skip
             out["sizes"][name] = {"working_set_pages": ws, "dram_pages": dram, "disk_pages": disk,
-                                  "bench_disk_page_us": disk_page_s * 1e6, "time_scale": scale}  # fmt: skip
+                                  "bench_disk_page_us": disk_page_s * 1e6, "time_scale": scale,
+                                  "offline_bound_s": offline_bound(prompts, dram, disk, engine)}  # fmt: skip
             out["traces"][name] = {}
             runs = [(policy, False) for policy in args.policies]
             if name == "mixed" and "cost" in args.policies and not args.no_demote_check:
@@ -369,7 +460,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 print(f"[bench policy] {name}: {label} ({len(prompts)} requests, working set {ws} pages, "
                       f"DRAM {dram}, disk {disk})", file=sys.stderr)  # fmt: skip
                 out["traces"][name][label] = asyncio.run(
-                    replay(prompts, policy, (dram, disk), engine, scale, root / name / label, always)
+                    replay(prompts, policy, (dram, disk), engine, scale, root / name / label, always, pinned)
                 )
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -390,6 +481,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if secs(k, "cost", what) is not None and (secs(k, "lru", what) or secs(k, "s3fifo", what))
         ]
         out[f"worst_cost_vs_best_other{suffix}"] = max((w for w in worst if w is not None), default=None)
+    mixed_bound = out["sizes"].get("mixed", {}).get("offline_bound_s")
+    out["mixed_bound_vs_lru"] = ratio(mixed_bound, secs("mixed", "lru"))
     always = t.get("mixed", {}).get("cost_demote_always")
     cost = t.get("mixed", {}).get("cost")
     out["disk_bytes_drop_vs_demote"] = ratio(
@@ -426,6 +519,7 @@ def render(res: dict[str, Any]) -> str:
         f" cost/s3fifo {fmt(res['mixed_cost_vs_s3fifo'])} ({fmt(res['mixed_cost_vs_s3fifo_recompute'])});"
         f" worst of chat, rag, qa: cost/best other {fmt(res['worst_cost_vs_best_other'])}"
         f" ({fmt(res['worst_cost_vs_best_other_recompute'])})\n"
+        f"mixed: the offline bound (no policy does better) / lru {fmt(res['mixed_bound_vs_lru'])}\n"
         f"drop-or-demote vs always demoting (mixed): disk bytes {fmt(res['disk_bytes_drop_vs_demote'])}, "
         f"recompute {fmt(res['recompute_drop_vs_demote'])}, prefill {fmt(res['prefill_drop_vs_demote'])}; "
         f"scoring 10,000 candidates {fmt(res['score_10k_ms'])} ms\n"
@@ -435,6 +529,12 @@ def render(res: dict[str, Any]) -> str:
 def main(args: argparse.Namespace) -> int:
     if args.plot_from:
         return plots.redraw("policy", args)
+    if args.real:
+        from polarkvd.bench import policy_real
+
+        real = policy_real.run(args)
+        print(json.dumps(real) if args.json else policy_real.render(real))
+        return 0
     plots.check(args)
     res = run(args)
     print(json.dumps(res) if args.json else render(res))

@@ -7,8 +7,10 @@ A page's worth is what losing it from its tier would cost the next request that 
 the cheaper of recomputing it (its namespace's fit at its depth in the chain) and fetching it back
 from the tier it would be demoted to (the disk tier when there is one); with nowhere to go, its whole
 recompute cost. Under `cost`, a page that is cheaper to recompute than to read back from disk is
-dropped when it leaves DRAM rather than demoted (`cheaper_to_recompute`), and a hit is cut where
-the rest is cheaper to recompute than to fetch (`worth_fetching`): both only when recomputing wins
+dropped when it leaves DRAM rather than demoted (`cheaper_to_recompute`), as is one that a full
+disk should not take (used fewer times lately, by a count-min sketch of every page's uses, than
+the page it would displace, each weighed by its recompute cost: `_admit`), and a hit is cut where
+the rest is cheaper to recompute than to fetch (`worth_fetching`): those two only when recomputing wins
 by `MARGIN` even against the fast end of the fetch measurements, so that a noisy rate errs towards
 keeping.
 
@@ -22,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from polarkvd.cost_model import FetchCosts, RecomputeModel, default_for
 from polarkvd.index import Page, depth_of
-from polarkvd.policy import CostPolicy, EvictionPolicy, PolicyNode
+from polarkvd.policy import CostPolicy, EvictionPolicy, FrequencySketch, PolicyNode
 from polarkvd.tiers.disk_index import DiskEntry
 from polarkvd.types import Namespace, Tier
 
@@ -36,6 +38,10 @@ EXPLORE = 16
 #: fetch taken at the fast end of its measurements (FetchCosts.fast_seconds): the measured rates
 #: move with the machine's load, and a close call is not worth a wrong drop
 MARGIN = 1.25
+
+#: the sketch's window, in pages the tiers hold: a page's uses are counted over about this many
+#: turnovers of the tiers (TinyLFU's sample, ten times the cache)
+ADMIT_WINDOW = 10
 
 #: parents of demoted pages remembered until their own eviction (cheaper_to_recompute): a bound, far
 #: above the pages one eviction batch takes
@@ -59,6 +65,11 @@ class Worth:
         #: still be queued (the disk does not count them as children yet), and a DRAM eviction takes
         #: a chain leaf first in one batch, so the parent's turn comes while they are
         self._parents_of_demoted: dict[bytes, None] = {}
+        #: uses of every page lately (the `cost` policies count them): admission to disk
+        self.sketch = FrequencySketch()
+        self._admissions = 0  # drop-or-demote decisions since the sketch was last sized
+        #: the disk's next victim as last found: (the disk's eviction count then, its uses)
+        self._victim: tuple[int, float] | None = None
 
     def model(self, ns_id: int) -> RecomputeModel:
         """The fit of a namespace's model and shard, made on first use (event loop only)."""
@@ -86,9 +97,15 @@ class Worth:
 
     def disk_value(self, node: PolicyNode) -> float:
         """What a page on disk is worth keeping, per stored byte: its whole recompute cost (the disk
-        is the last tier). Called by the disk tier's `cost` policy on its I/O threads: reads only.
-        A page of a namespace no engine attached since the daemon started is taken to cost
-        `_UNKNOWN_PAGE_SECONDS`, so it is not the first to go for being unknown."""
+        is the last tier) times the requests that used it lately (`sketch`: a popularity that
+        outlives the page's stays in DRAM, which the disk's own count of its reads does not see).
+        Called by the disk tier's `cost` policy on its I/O threads: reads only."""
+        return self._disk_worth(node) * max(1, self.sketch.estimate(node.key))
+
+    def _disk_worth(self, node: PolicyNode) -> float:
+        """A disk page's recompute seconds per stored byte. A page of a namespace no engine attached
+        since the daemon started is taken to cost `_UNKNOWN_PAGE_SECONDS`, so it is not the first
+        to go for being unknown. Any thread: reads only."""
         assert isinstance(node, DiskEntry)  # the disk policy holds only entries
         if not node.stored_bytes:
             return 0.0
@@ -100,9 +117,11 @@ class Worth:
         return cost.page_seconds(info.ns.page_tokens, depth_of(node.depth)) / node.stored_bytes
 
     def cheaper_to_recompute(self, page: Page) -> bool:
-        """Whether an engine would recompute `page` faster than the daemon reads it back from disk:
-        then it is dropped when it leaves DRAM, not demoted (the `cost` policy's drop-or-demote). A
-        page with children on disk is always demoted: they are reachable only through it."""
+        """Whether `page`, leaving DRAM, is dropped rather than demoted (the `cost` policy's
+        drop-or-demote): when an engine would recompute it faster than the daemon reads it back
+        from disk, or, the disk being full, when it is worth less than the page the disk would
+        evict for it (`_admit`). A page with children on disk is always demoted: they are
+        reachable only through it."""
         assert self.m.disk is not None
         if self._drop(page):
             return True
@@ -122,12 +141,48 @@ class Worth:
             return False  # demoted until reads are measured: a default must not starve the disk of reads
         info = self.m._ns_by_id[page.ns]
         recompute = self.model(page.ns).cost.page_seconds(info.ns.page_tokens, depth_of(page.depth))
-        if recompute * MARGIN >= self.fetch.fast_seconds(Tier.DISK, page.size):
-            return False
-        self._drops += 1
-        # one in EXPLORE is demoted all the same, so that reads keep measuring the disk: a rate
-        # measured on a slow moment would otherwise drop every page, and never be measured again
-        return self._drops % EXPLORE != 0
+        if recompute * MARGIN < self.fetch.fast_seconds(Tier.DISK, page.size):
+            self._drops += 1
+            # one in EXPLORE is demoted all the same, so that reads keep measuring the disk: a rate
+            # measured on a slow moment would otherwise drop every page, and never be measured again
+            return self._drops % EXPLORE != 0
+        return not self._admit(page, recompute)
+
+    def _admit(self, page: Page, recompute: float) -> bool:
+        """TinyLFU admission to disk, weighed by cost: with the disk full, a page goes there only
+        if it is worth more than the page the disk would evict for it, each its uses lately
+        (`sketch`) x its recompute seconds per byte (the disk's own valuation, `disk_value`). Most
+        pages written to a full disk are evicted unread (bench policy's mixed trace: 7 in 10):
+        what the disk keeps instead is what requests come back for. Counted: `dropped_pages_rare`
+        (of `dropped_pages_cheap`). The disk's state is read under its lock, its next victim
+        found again only when it has evicted since."""
+        disk = self.m.disk
+        assert disk is not None
+        self._admissions += 1
+        if self._admissions >= 1024:  # the sketch remembers ~ten times the pages the tiers hold
+            self._admissions = 0
+            self.sketch.fit(ADMIT_WINDOW * (len(self.m.policy) + len(disk)))
+        index = disk._index  # the disk's own state, read under its lock
+        with disk._lock:
+            if index.stored + index.reserved + self.m.pending_bytes + page.size <= disk.capacity_bytes:
+                return True
+            victim_worth = self._victim
+            if victim_worth is None or victim_worth[0] != index.evictions:
+                policy = index.policy
+                sample = policy.coldest(CostPolicy.SAMPLE)
+                if isinstance(policy, CostPolicy):
+                    found = CostPolicy._lowest(sample, 1, _is_leaf)
+                else:
+                    found = [e for e in sample if _is_leaf(e)][:1]
+                if not found:
+                    return True
+                victim = found[0]
+                victim_worth = (index.evictions, self.sketch.estimate(victim.key) * self._disk_worth(victim))
+                self._victim = victim_worth
+        if self.sketch.estimate(page.key) * recompute / page.size > victim_worth[1]:
+            return True
+        self.m.counters["dropped_pages_rare"] += 1
+        return False
 
     def worth_fetching(self, ns_id: int, keys: list[bytes], tiers: list[Tier]) -> int:
         """Fetch or recompute: how many of the hit's pages (`tiers[i]` says where `keys[i]` is) an
@@ -173,6 +228,7 @@ class Worth:
         self.fetch.pin(Tier.DISK, self.m.cfg.disk.read_gbps)
         if isinstance(policy, CostPolicy):
             policy.valuer = self.value
+            policy.sketch = self.sketch
 
     def report(self) -> dict[str, Any]:
         """For `status`: each model's prefill fit, and the fetch rates."""
@@ -200,8 +256,13 @@ class Worth:
         }
         counters = self.m.counters
         out["dropped_pages_cheap"] = counters.get("dropped_pages_cheap", 0)
+        out["dropped_pages_rare"] = counters.get("dropped_pages_rare", 0)  # of those, not worth a full disk
         out["recompute_instead_pages"] = counters.get("recompute_instead_pages", 0)
         return out
+
+
+def _is_leaf(node: PolicyNode) -> bool:
+    return not node.children  # type: ignore[attr-defined]  # a DiskEntry
 
 
 def _model_key(ns: Namespace) -> tuple[object, ...]:

@@ -103,11 +103,11 @@ def test_switching_to_cost_live_values_the_pages() -> None:
     assert m.policy.name == "lru" and len(m.policy) == 3
 
 
-def cost_disk_manager(tmp_path: Path) -> Manager:
+def cost_disk_manager(tmp_path: Path, disk_bytes: int = 64 << 20) -> Manager:
     cap = 4 << 20
     overrides = {"dram.capacity": str(cap), "dram.slab_bytes": str(1 << 20), "disk.path": str(tmp_path / "d"),
                  "dram.policy": "cost"}  # fmt: skip
-    disk = DiskTier(tmp_path / "d", 64 << 20)
+    disk = DiskTier(tmp_path / "d", disk_bytes)
     disk.open()
     executor = concurrent.futures.ThreadPoolExecutor(2)
     cfg = load_config(env={}, overrides=overrides)
@@ -350,5 +350,52 @@ def test_a_chain_leaving_dram_at_once_keeps_the_parents_of_what_it_demotes(tmp_p
         m.evict_prefixes(alone)
         await m.flush()
         assert m.disk.entry(alone[0]) is None and m.counters["dropped_pages_cheap"] == 1  # type: ignore[union-attr]
+
+    asyncio.run(run())
+
+
+def test_a_full_disk_takes_only_pages_used_more_than_what_it_would_evict(tmp_path: Path) -> None:
+    """Drop-or-demote weighs expected reuse (TinyLFU admission): while the disk has room every page
+    leaving DRAM goes there; once it is full, a page requests used once is dropped (the disk keeps
+    the page it would have evicted for it, used six times), and a page used more than that is
+    demoted, the disk's least worth page making room for it."""
+
+    async def run() -> None:
+        m = cost_disk_manager(tmp_path, disk_bytes=2 * (TEST_NS.page_bytes + 4096))
+        s = m.attach(TEST_NS, "s")
+        # 10 ms a token at any depth: every page as dear to recompute, far dearer than a 1 ms read
+        for i in range(10):
+            m.worth.observe_prefill(s.ns.id, 64 + 16 * i, 0, (64 + 16 * i) * 1e-2)
+        measure_disk(m, 1e-3)
+
+        def used(keys: list[bytes], times: int) -> None:
+            manager_store(m, s, keys)
+            for _ in range(times - 1):
+                m.lookup(s, keys)
+
+        def leave_dram(keys: list[bytes]) -> None:
+            assert m.evict_prefixes([keys[0]])["evicted_pages"] == len(keys)
+
+        popular = chain(s, 30, 2)
+        used(popular, 6)
+        leave_dram(popular)
+        await m.flush()
+        assert all(m.disk.entry(k) is not None for k in popular)  # type: ignore[union-attr]
+
+        once = chain(s, 31, 1)
+        used(once, 1)
+        leave_dram(once)
+        await m.flush()
+        assert m.disk.entry(once[0]) is None and m.counters["dropped_pages_cheap"] == 1  # type: ignore[union-attr]
+        assert all(m.disk.entry(k) is not None for k in popular)  # type: ignore[union-attr]
+        assert m.lookup(s, once)[0] == []  # gone: the engine recomputes it
+
+        often = chain(s, 32, 1)
+        used(often, 10)
+        leave_dram(often)
+        await m.flush()
+        assert m.disk.entry(often[0]) is not None  # type: ignore[union-attr]
+        assert m.disk.entry(popular[1]) is None  # type: ignore[union-attr]  # the disk's victim: a leaf
+        assert m.counters["dropped_pages_cheap"] == 1
 
     asyncio.run(run())

@@ -44,8 +44,9 @@ def plot(res: dict[str, Any]) -> Any:
     headroom(ax, 1.1)
     facts = []
     for key, label in (("mixed_cost_vs_lru", "mixed cost/lru"), ("mixed_cost_vs_s3fifo", "cost/s3fifo"),
-                       ("worst_cost_vs_best_other", "worst a-c cost/best other")):  # fmt: skip
-        v = res[key]
+                       ("worst_cost_vs_best_other", "worst a-c cost/best other"),
+                       ("mixed_bound_vs_lru", "offline bound/lru")):  # fmt: skip
+        v = res.get(key)
         if v is not None:
             facts.append(f"{label} {v:.2f}")
     ax.set_title(", ".join(facts), fontsize=10)
