@@ -131,6 +131,10 @@ class EvictionPolicy(abc.ABC):
         """The `n` nodes `coldest_first` starts with, without copying the rest."""
         return list(itertools.islice(self.coldest_first(), n))
 
+    def next_victim(self, evictable: Evictable, sample: int = 1024) -> PolicyNode | None:
+        """The node `victims(1, evictable)` would take among the `sample` coldest, taking nothing."""
+        return next((node for node in self.coldest(sample) if evictable(node)), None)
+
     @abc.abstractmethod
     def __len__(self) -> int: ...
 
@@ -495,6 +499,10 @@ class CostPolicy(LRUPolicy):
         top = max(node.aux for node in chosen) >> _LOW_BITS << _LOW_BITS
         self.inflation = max(self.inflation, top)
         return chosen
+
+    def next_victim(self, evictable: Evictable, sample: int = SAMPLE) -> PolicyNode | None:
+        found = self._lowest(self.coldest(sample), 1, evictable)
+        return found[0] if found else None
 
     @staticmethod
     def _lowest(candidates: list[PolicyNode], n: int, evictable: Evictable) -> list[PolicyNode]:

@@ -154,31 +154,24 @@ class Worth:
         (`sketch`) x its recompute seconds per byte (the disk's own valuation, `disk_value`). Most
         pages written to a full disk are evicted unread (bench policy's mixed trace: 7 in 10):
         what the disk keeps instead is what requests come back for. Counted: `dropped_pages_rare`
-        (of `dropped_pages_cheap`). The disk's state is read under its lock, its next victim
-        found again only when it has evicted since."""
+        (of `dropped_pages_cheap`). The disk's next victim is found again only when it has
+        evicted since."""
         disk = self.m.disk
         assert disk is not None
         self._admissions += 1
         if self._admissions >= 1024:  # the sketch remembers ~ten times the pages the tiers hold
             self._admissions = 0
             self.sketch.fit(ADMIT_WINDOW * (len(self.m.policy) + len(disk)))
-        index = disk._index  # the disk's own state, read under its lock
-        with disk._lock:
-            if index.stored + index.reserved + self.m.pending_bytes + page.size <= disk.capacity_bytes:
+        if disk.has_room(self.m.pending_bytes + page.size):
+            return True
+        evictions = disk.evictions
+        victim_worth = self._victim
+        if victim_worth is None or victim_worth[0] != evictions:
+            victim = disk.next_victim(_is_leaf)
+            if victim is None:
                 return True
-            victim_worth = self._victim
-            if victim_worth is None or victim_worth[0] != index.evictions:
-                policy = index.policy
-                sample = policy.coldest(CostPolicy.SAMPLE)
-                if isinstance(policy, CostPolicy):
-                    found = CostPolicy._lowest(sample, 1, _is_leaf)
-                else:
-                    found = [e for e in sample if _is_leaf(e)][:1]
-                if not found:
-                    return True
-                victim = found[0]
-                victim_worth = (index.evictions, self.sketch.estimate(victim.key) * self._disk_worth(victim))
-                self._victim = victim_worth
+            victim_worth = (evictions, self.sketch.estimate(victim.key) * self._disk_worth(victim))
+            self._victim = victim_worth
         if self.sketch.estimate(page.key) * recompute / page.size > victim_worth[1]:
             return True
         self.m.counters["dropped_pages_rare"] += 1

@@ -656,6 +656,22 @@ class DiskTier:
         self._unlink(doomed)
         return freed
 
+    def has_room(self, nbytes: int) -> bool:
+        """Whether `nbytes` more fit beside what is stored and being written, evicting nothing."""
+        with self._lock:
+            index = self._index
+            return index.stored + index.reserved + nbytes <= self.capacity_bytes
+
+    @property
+    def evictions(self) -> int:
+        """Pages evicted so far: the next victim can only have changed when this has."""
+        return self._index.evictions
+
+    def next_victim(self, evictable: Callable[[PolicyNode], bool]) -> PolicyNode | None:
+        """The page the policy would evict next among those `evictable` allows, evicting nothing."""
+        with self._lock:
+            return self._index.policy.next_victim(evictable)
+
     def set_valuer(self, valuer: Callable[[PolicyNode], float] | None) -> None:
         """What a page is worth keeping, per byte, for the `cost` policy (the manager's)."""
         with self._lock:
