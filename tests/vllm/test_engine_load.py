@@ -31,7 +31,8 @@ def test_where_shows_a_real_engines_load_and_its_return_to_zero(
             return c.where({"model": model, "salt": "", "tokens": docs[0]})["engine_load"].get(engine_id, {})
 
     # known with its URL from its start, before any request (routers find engines this way)
-    assert load() == {**load(), "running": 0, "waiting": 0, "url": URL}
+    at_start = load()
+    assert at_start == {**at_start, "running": 0, "waiting": 0, "url": URL}
     # four requests, two run at a time: paused after the first step, two run and two wait
     engine.generate([{"ids": d} for d in docs], 4, pause_after=1)
     engine.expect("paused")
