@@ -42,6 +42,8 @@ MAX_MESSAGE_BYTES = 64 << 20
 #: Live batches kept back while a replay runs; past it the replay is given up (what it did not bring
 #: is counted lost), so a publisher that never ends its replay cannot grow the daemon's memory.
 MAX_HELD_BACK = 4096
+#: A replay not ended within this many seconds is given up too (a replay socket nobody answers).
+REPLAY_TIMEOUT = 5.0
 #: A load report older than this that still says the engine has work is marked stale in `where`
 #: (an engine reports while it schedules, and once more when it runs out of work; an idle one is silent).
 LOAD_STALE_SECONDS = 5.0
@@ -187,30 +189,53 @@ class EngineEventsSubscriber:
     arrived and asks for replay after a gap; `close` when the engine detaches."""
 
     def __init__(
-        self, endpoint: str, replay_endpoint: str | None, prefixes: GpuPrefixes, topic: str = ""
+        self,
+        endpoint: str,
+        replay_endpoint: str | None,
+        prefixes: GpuPrefixes,
+        topic: str = "",
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.prefixes = prefixes
+        self.prefixes, self._clock = prefixes, clock
+        self._replay_since = 0.0
         ctx: zmq.Context[Any] = zmq.Context.instance()
         self._sub: zmq.Socket[bytes] = ctx.socket(zmq.SUB)
         self._sub.setsockopt(zmq.LINGER, 0)
         self._sub.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
         self._sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
-        self._sub.connect(endpoint)
         self._replay: zmq.Socket[bytes] | None = None
-        if replay_endpoint:
-            self._replay = ctx.socket(zmq.DEALER)
-            self._replay.setsockopt(zmq.LINGER, 0)
-            self._replay.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
-            self._replay.connect(replay_endpoint)
+        try:
+            self._sub.connect(endpoint)
+            if replay_endpoint:
+                self._replay = ctx.socket(zmq.DEALER)
+                self._replay.setsockopt(zmq.LINGER, 0)
+                self._replay.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+                self._replay.connect(replay_endpoint)
+        except zmq.ZMQError as e:  # e.g. a port that is not a number, an ipc path too long
+            self.close()
+            raise ProtocolError(
+                f"kv_events: ZeroMQ refuses the address ({e.strerror}): endpoint {endpoint!r:.80}, "
+                f"replay_endpoint {replay_endpoint!r:.80}"
+            ) from None
         # the sequence number expected next: with replay, from 0 (a subscriber that joins late asks
         # at once for what the engine's buffer still holds); without, whatever comes first
         self._next: int | None = 0 if self._replay is not None else None
         self._replaying = False
-        if self._replay is not None:
-            self._replay.send_multipart([b"", (0).to_bytes(8, "big")])
-            self._replaying = True
         self._held_back: list[tuple[int, bytes]] = []  # live batches that arrived during a replay
         self.counters = {"batches": 0, "gaps": 0, "replayed": 0, "lost": 0, "replays_given_up": 0}
+        self._ask_replay(0)
+
+    def _ask_replay(self, start: int) -> bool:
+        """Ask for the batches from `start` on; False when the request cannot go now. Never blocks:
+        requests to a replay address nobody listens on queue up in ZeroMQ, and the loop must not wait."""
+        if self._replay is None:
+            return False
+        try:
+            self._replay.send_multipart([b"", start.to_bytes(8, "big")], flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        self._replaying, self._replay_since = True, self._clock()
+        return True
 
     def tick(self, budget: int = 256) -> None:
         for _ in range(budget):
@@ -224,6 +249,9 @@ class EngineEventsSubscriber:
             self._live(int.from_bytes(frames[1], "big"), frames[2])
         if self._replaying:
             self._drain_replay(budget)
+        if self._replaying and self._clock() - self._replay_since > REPLAY_TIMEOUT:
+            self.counters["replays_given_up"] += 1
+            self._end_replay()
 
     def _live(self, seq: int, payload: bytes) -> None:
         if self._replaying:
@@ -234,10 +262,9 @@ class EngineEventsSubscriber:
             return
         if self._next is not None and seq > self._next and self._replay is not None:
             self.counters["gaps"] += 1
-            self._replay.send_multipart([b"", self._next.to_bytes(8, "big")])
-            self._replaying = True
-            self._held_back.append((seq, payload))
-            return
+            if self._ask_replay(self._next):
+                self._held_back.append((seq, payload))
+                return
         if self._next is not None and seq > self._next:
             self.counters["lost"] += seq - self._next
         self._apply(seq, payload)
