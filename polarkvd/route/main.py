@@ -201,5 +201,14 @@ def main(args: argparse.Namespace) -> int:
         "routing %s over %s on http://%s:%d",
         args.policy, ", ".join(e.url + (" (events)" if e.events else "") for e in router.engines), args.host, args.port,
     )  # fmt: skip
-    web.run_app(router.app(), host=args.host, port=args.port, print=None, handle_signals=True)
+    # handler_cancellation: a client that leaves cancels its request, which closes the engine's
+    # connection, so the engine stops generating for nobody (else it waits for the engine's next byte)
+    web.run_app(
+        router.app(),
+        host=args.host,
+        port=args.port,
+        print=None,
+        handle_signals=True,
+        handler_cancellation=True,
+    )
     return 0
