@@ -38,7 +38,12 @@ _END_SEQ = (-1).to_bytes(8, "big", signed=True)
 #: stores are skipped and counted, so a runaway or hostile publisher cannot grow the daemon's memory.
 MAX_BLOCKS = 1 << 20
 #: Largest event message taken from an engine's publisher (ZeroMQ drops a larger one unread).
-MAX_MESSAGE_BYTES = 64 << 20
+MAX_MESSAGE_BYTES = 16 << 20
+#: Arrays and maps one message may decode to (a vLLM event holds a few): past it the message is bad.
+#: 16 MiB of empty msgpack arrays would otherwise be 16M Python lists, over a GB and a second of loop.
+MAX_CONTAINERS = 1 << 20
+#: The loop's time for one tick of one subscriber; what is left waits for the next tick.
+TICK_SECONDS = 0.01
 #: Live batches kept back while a replay runs; past it the replay is given up (what it did not bring
 #: is counted lost), so a publisher that never ends its replay cannot grow the daemon's memory.
 MAX_HELD_BACK = 4096
@@ -238,7 +243,10 @@ class EngineEventsSubscriber:
         return True
 
     def tick(self, budget: int = 256) -> None:
+        until = time.monotonic() + TICK_SECONDS
         for _ in range(budget):
+            if time.monotonic() > until:
+                break
             try:
                 frames = self._sub.recv_multipart(flags=zmq.NOBLOCK)
             except zmq.Again:
@@ -300,7 +308,7 @@ class EngineEventsSubscriber:
 
     def _apply(self, seq: int, payload: bytes) -> None:
         try:
-            batch = msgpack.unpackb(payload, raw=False)
+            batch = _decode(payload)
             events = batch[1]
         except (ValueError, TypeError, IndexError, KeyError, msgpack.UnpackException):
             self.prefixes.counters["bad"] += 1
@@ -314,6 +322,20 @@ class EngineEventsSubscriber:
         self._sub.close(linger=0)
         if self._replay is not None:
             self._replay.close(linger=0)
+
+
+def _decode(payload: bytes) -> Any:
+    """A message's msgpack, refused (ValueError) past MAX_CONTAINERS arrays and maps."""
+    made = 0
+
+    def count(x: Any) -> Any:
+        nonlocal made
+        made += 1
+        if made > MAX_CONTAINERS:
+            raise ValueError("too many arrays and maps in one message")
+        return x
+
+    return msgpack.unpackb(payload, raw=False, list_hook=count, object_hook=count)
 
 
 def parse_spec(value: object) -> tuple[str, str | None, str]:

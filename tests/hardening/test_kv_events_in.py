@@ -118,3 +118,42 @@ def test_replay_requests_to_a_dead_address_never_block_the_loop(pub, monkeypatch
     finally:
         if done.is_set():
             sub.close()
+
+
+def hwm_mib(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_a_message_that_decodes_to_millions_of_objects_is_dropped(daemon, pub) -> None:
+    """15 MiB of empty msgpack arrays would be 15M Python lists (about 1 GB, and a second of the
+    daemon's loop); the daemon drops the message and follows the stream on."""
+    sock, address = pub
+    tokens = chain_tokens(9, 4)
+    with EngineClient(
+        TEST_NS, "bomber", daemon.engine_socket, timeout=10, kv_events={"endpoint": address}
+    ) as kv:
+        digest = kv.ns_digest.hex()
+
+    def held(n_tokens: int, seq: int, event: dict) -> None:
+        deadline = time.monotonic() + 30
+        while True:
+            send(sock, seq, event)
+            with daemon.control() as c:
+                got = c.where({"namespace": digest, "tokens": tokens})["engines"].get("bomber", 0)
+            if got == n_tokens:
+                return
+            assert time.monotonic() < deadline, got
+            time.sleep(0.1)
+
+    with EngineClient(TEST_NS, "bomber", daemon.engine_socket, timeout=10, kv_events={"endpoint": address}):
+        held(2 * PT, 0, stored(tokens[: 2 * PT], 0, None))  # subscribed: the first two pages are seen
+        before = hwm_mib(daemon.proc.pid)
+        n = (15 << 20) - 32
+        bomb = b"\x93\xcb" + bytes(8) + b"\xdd" + n.to_bytes(4, "big") + b"\x90" * n + b"\x00"
+        sock.send_multipart([b"", (1).to_bytes(8, "big"), bomb])
+        held(4 * PT, 2, stored(tokens[2 * PT :], 2, 1))  # the stream is followed past it
+        grown = hwm_mib(daemon.proc.pid) - before
+    assert grown < 400, f"the daemon's peak memory grew {grown:.0f} MiB"
