@@ -52,3 +52,21 @@ def test_route_with_an_address_it_cannot_listen_on_says_so() -> None:
                 p.kill()
             assert p.returncode == 2 and "Traceback" not in err, err
             assert err.strip().splitlines()[-1].startswith(f"polarkvd route: {says}"), err
+
+
+def test_where_with_bad_keys_or_a_nested_tokens_file_says_what_is_wrong(daemon, tmp_path) -> None:
+    nested = tmp_path / "tokens.json"
+    nested.write_text("[" * 100_000 + "]" * 100_000)
+    for args, says in (
+        (["--keys", "zz"], "'zz' is not a page key (32 hex digits)"),
+        (["--keys", "ab" * 8], "is not a page key"),  # hex, but 8 bytes
+        (["--tokens-file", str(nested)], "nested too deeply"),
+    ):
+        p = subprocess.run(
+            [sys.executable, "-m", "polarkvd", "where", "--socket", str(daemon.control_socket), "--model", "m", *args],
+            cwd=REPO_ROOT, env=clean_env(), capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+        assert p.stderr.strip() == f"polarkvd where: {says}" or says in p.stderr.strip().splitlines()[-1], (
+            p.stderr
+        )
