@@ -538,8 +538,8 @@ class Daemon:
         due = loop.time() + (0.0 if now else seconds)
         while True:
             delay = due - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
+            # behind (fn takes longer than `seconds`): still yield once, or the loop serves nothing else
+            await asyncio.sleep(max(delay, 0.0))
             try:
                 fn()
             except Exception:

@@ -15,11 +15,13 @@ under a lock (server/engine.py).
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import errno
 import json
 import logging
 import re
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -421,6 +423,14 @@ class StatsCollector:
 #: (method, query string, body) -> (HTTP status, JSON-able answer), run on an HTTP server thread
 Route = Callable[[str, str, bytes], tuple[int, Any]]
 MAX_BODY_BYTES = 16 << 20
+#: Each HTTP connection holds a thread: at most this many at once (more are answered 503 and closed),
+#: and each socket read or write may wait at most HTTP_IO_TIMEOUT, so clients that send nothing, or
+#: never end their body, cannot pile up threads and memory in the daemon.
+MAX_HTTP_CONNECTIONS = 64
+HTTP_IO_TIMEOUT = 10.0
+#: A body over this is read and handled one at a time: 16 MiB of JSON can take ~25x in Python objects.
+BIG_BODY_BYTES = 1 << 20
+_BUSY = b'{"error": "too many HTTP connections to this daemon at once; retry"}'
 
 
 class MetricsServer:
@@ -433,6 +443,7 @@ class MetricsServer:
         self._httpd: Any = None
         self.url = ""
         self._routes: dict[str, Route] = {}
+        self._big_bodies = threading.Lock()
 
     def route(self, path: str, fn: Route) -> None:
         """Serve `path` with `fn` (from now on; the rest stays prometheus_client's)."""
@@ -449,14 +460,21 @@ class MetricsServer:
             except ValueError:
                 n = -1
             if 0 <= n <= MAX_BODY_BYTES:
-                body = environ["wsgi.input"].read(n) if n else b""
-                try:
-                    status, out = fn(
-                        environ.get("REQUEST_METHOD", "GET"), environ.get("QUERY_STRING", ""), body
-                    )
-                except Exception as e:  # a bug in a route must not take the endpoint down
-                    log.exception("HTTP %s failed", environ.get("PATH_INFO"))
-                    status, out = 500, {"error": f"internal error: {e!r:.200}"}
+                with self._big_bodies if n > BIG_BODY_BYTES else contextlib.nullcontext():
+                    try:
+                        body = environ["wsgi.input"].read(n) if n else b""
+                        if len(body) < n:
+                            raise TimeoutError
+                    except OSError:  # a timeout or a reset: the body never came whole
+                        out = {"error": f"the body did not arrive whole (within {HTTP_IO_TIMEOUT:.0f} s)"}
+                    else:
+                        try:
+                            status, out = fn(
+                                environ.get("REQUEST_METHOD", "GET"), environ.get("QUERY_STRING", ""), body
+                            )
+                        except Exception as e:  # a bug in a route must not take the endpoint down
+                            log.exception("HTTP %s failed", environ.get("PATH_INFO"))
+                            status, out = 500, {"error": f"internal error: {e!r:.200}"}
             data = json.dumps(out).encode()
             start_response(
                 f"{status} {_REASONS.get(status, 'Error')}",
@@ -490,6 +508,7 @@ class MetricsServer:
                 )
             raise ConfigError([("metrics.address", self.address, f"cannot listen: {why}")]) from None
         self._httpd.set_app(self._app(self._httpd.get_app()))
+        _bound_connections(self._httpd)
         bound_host, bound_port = self._httpd.server_address[:2]
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host
         self.url = f"http://{shown}:{bound_port}/metrics"
@@ -500,3 +519,42 @@ class MetricsServer:
             self._httpd.shutdown()
             self._httpd.server_close()
             self._httpd = None
+
+
+def _bound_connections(httpd: Any) -> None:
+    """Give `httpd` (a ThreadingWSGIServer) an I/O timeout per connection and a cap on connections:
+    over MAX_HTTP_CONNECTIONS a new one gets a 503 at once and is closed, never a thread."""
+    httpd.socket.listen(4096)  # socketserver's 5 makes a burst of connects wait a second for SYN retries
+    httpd.RequestHandlerClass = type("Handler", (httpd.RequestHandlerClass,), {"timeout": HTTP_IO_TIMEOUT})
+    slots = threading.BoundedSemaphore(MAX_HTTP_CONNECTIONS)
+    start, serve = httpd.process_request, httpd.process_request_thread
+
+    def process_request(request: Any, client_address: Any) -> None:
+        if not slots.acquire(blocking=False):
+            try:
+                request.settimeout(0)
+                request.sendall(
+                    b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(_BUSY), _BUSY)
+                )
+            except OSError:
+                pass
+            httpd.shutdown_request(request)
+            return
+        try:
+            start(request, client_address)
+        except BaseException:
+            slots.release()
+            raise
+
+    def process_request_thread(request: Any, client_address: Any) -> None:
+        try:
+            serve(request, client_address)
+        finally:
+            slots.release()
+
+    def handle_error(request: Any, client_address: Any) -> None:  # e.g. a client that timed out
+        log.debug("HTTP connection from %s failed", client_address, exc_info=True)
+
+    httpd.process_request, httpd.process_request_thread = process_request, process_request_thread
+    httpd.handle_error = handle_error

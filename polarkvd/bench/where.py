@@ -62,12 +62,21 @@ def request(args: argparse.Namespace) -> dict[str, Any]:
     )
     try:
         if args.keys:
+            for k in args.keys:
+                if len(k) != 32 or not all(c in "0123456789abcdefABCDEF" for c in k):
+                    raise ValueError(f"{k!r:.80} is not a page key (32 hex digits)")
             out["keys"] = [bytes.fromhex(k) for k in args.keys]
         else:
             text = args.tokens if args.tokens is not None else (
                 sys.stdin.read() if str(args.tokens_file) == "-" else args.tokens_file.read_text()
             )  # fmt: skip
             out["tokens"] = _token_list(text)
+    except RecursionError:
+        print(
+            "polarkvd where: the token ids are nested too deeply (expected a flat JSON array)",
+            file=sys.stderr,
+        )
+        raise SystemExit(2) from None
     except (ValueError, OSError) as e:
         print(f"polarkvd where: {e}", file=sys.stderr)
         raise SystemExit(2) from None

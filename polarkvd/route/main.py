@@ -156,8 +156,10 @@ def build(args: argparse.Namespace) -> Router:
         gpu=args.weight_gpu, dram=args.weight_dram, disk=args.weight_disk, pool=args.weight_pool,
         queued=args.weight_queued, request=args.weight_request, imbalance_abs=args.imbalance,
     )  # fmt: skip
-    if args.poll_interval <= 0:
-        raise ValueError("--poll-interval must be positive")
+    if not 0 < args.poll_interval < float("inf"):  # NaN too
+        raise ValueError("--poll-interval must be a positive number of seconds")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be from 0 to 65535, got {args.port}")
     model = args.model or engine_model(urls)
     tokenizer = None
     if model is None:
@@ -196,5 +198,18 @@ def main(args: argparse.Namespace) -> int:
         args.policy, ", ".join(e.url + (" (events)" if e.events else "") for e in router.engines) or "no engine yet",
         args.host, args.port,
     )  # fmt: skip
-    web.run_app(router.app(), host=args.host, port=args.port, print=None, handle_signals=True)
+    # handler_cancellation: a client that leaves cancels its request, which closes the engine's
+    # connection, so the engine stops generating for nobody (else it waits for the engine's next byte)
+    try:
+        web.run_app(
+            router.app(),
+            host=args.host,
+            port=args.port,
+            print=None,
+            handle_signals=True,
+            handler_cancellation=True,
+        )
+    except OSError as e:  # the address does not resolve, is taken or is not ours
+        print(f"polarkvd route: cannot listen on {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr)
+        return 2
     return 0

@@ -59,8 +59,12 @@ def parse_body(raw: bytes, kind: str) -> dict[str, Any]:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise BadRequest(f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise BadRequest("the request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
+    if not isinstance(body.get("chat_template_kwargs") or {}, dict):
+        raise BadRequest("chat_template_kwargs must be an object", "chat_template_kwargs")
     if "stream" in body and not isinstance(body["stream"], bool):
         raise BadRequest("stream must be true or false", "stream")
     if kind == "chat":

@@ -172,6 +172,16 @@ class Connection(asyncio.Protocol):
         if not self.closed and self.transport is not None:
             self.transport.write(data)
 
+    # A client that sends requests and never reads the replies: stop reading its requests while
+    # its replies fill the transport's buffer, or they would grow the daemon's memory without end.
+    def pause_writing(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
 
 class RequestServer:
     def __init__(

@@ -104,9 +104,13 @@ def engine_api(
                 code=ErrorCode.TOO_LARGE,
             )
         session = manager.attach(ns, engine_id, vram=arg_bool(args, "vram") and vram_region is not None)
-        conn.session = session
         if spec is not None and engine_events is not None:
-            engine_events.attach(session, spec)
+            try:
+                engine_events.attach(session, spec)
+            except ProtocolError:  # an address ZeroMQ refuses: the hello fails whole
+                manager.detach(session)
+                raise
+        conn.session = session
         return {
             "session": session.id,
             "arena_path": arena_path,

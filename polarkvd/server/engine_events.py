@@ -38,10 +38,17 @@ _END_SEQ = (-1).to_bytes(8, "big", signed=True)
 #: stores are skipped and counted, so a runaway or hostile publisher cannot grow the daemon's memory.
 MAX_BLOCKS = 1 << 20
 #: Largest event message taken from an engine's publisher (ZeroMQ drops a larger one unread).
-MAX_MESSAGE_BYTES = 64 << 20
+MAX_MESSAGE_BYTES = 16 << 20
+#: Arrays and maps one message may decode to (a vLLM event holds a few): past it the message is bad.
+#: 16 MiB of empty msgpack arrays would otherwise be 16M Python lists, over a GB and a second of loop.
+MAX_CONTAINERS = 1 << 20
+#: The loop's time for one tick of one subscriber; what is left waits for the next tick.
+TICK_SECONDS = 0.01
 #: Live batches kept back while a replay runs; past it the replay is given up (what it did not bring
 #: is counted lost), so a publisher that never ends its replay cannot grow the daemon's memory.
 MAX_HELD_BACK = 4096
+#: A replay not ended within this many seconds is given up too (a replay socket nobody answers).
+REPLAY_TIMEOUT = 5.0
 #: A load report older than this that still says the engine has work is marked stale in `where`
 #: (an engine reports while it schedules, and once more when it runs out of work; an idle one is silent).
 LOAD_STALE_SECONDS = 5.0
@@ -192,33 +199,59 @@ class EngineEventsSubscriber:
     arrived and asks for replay after a gap; `close` when the engine detaches."""
 
     def __init__(
-        self, endpoint: str, replay_endpoint: str | None, prefixes: GpuPrefixes, topic: str = ""
+        self,
+        endpoint: str,
+        replay_endpoint: str | None,
+        prefixes: GpuPrefixes,
+        topic: str = "",
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.prefixes = prefixes
+        self.prefixes, self._clock = prefixes, clock
+        self._replay_since = 0.0
         ctx: zmq.Context[Any] = zmq.Context.instance()
         self._sub: zmq.Socket[bytes] = ctx.socket(zmq.SUB)
         self._sub.setsockopt(zmq.LINGER, 0)
         self._sub.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
         self._sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
-        self._sub.connect(endpoint)
         self._replay: zmq.Socket[bytes] | None = None
-        if replay_endpoint:
-            self._replay = ctx.socket(zmq.DEALER)
-            self._replay.setsockopt(zmq.LINGER, 0)
-            self._replay.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
-            self._replay.connect(replay_endpoint)
+        try:
+            self._sub.connect(endpoint)
+            if replay_endpoint:
+                self._replay = ctx.socket(zmq.DEALER)
+                self._replay.setsockopt(zmq.LINGER, 0)
+                self._replay.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+                self._replay.connect(replay_endpoint)
+        except zmq.ZMQError as e:  # e.g. a port that is not a number, an ipc path too long
+            self.close()
+            raise ProtocolError(
+                f"kv_events: ZeroMQ refuses the address ({e.strerror}): endpoint {endpoint!r:.80}, "
+                f"replay_endpoint {replay_endpoint!r:.80}"
+            ) from None
         # the sequence number expected next: with replay, from 0 (a subscriber that joins late asks
         # at once for what the engine's buffer still holds); without, whatever comes first
         self._next: int | None = 0 if self._replay is not None else None
         self._replaying = False
-        if self._replay is not None:
-            self._replay.send_multipart([b"", (0).to_bytes(8, "big")])
-            self._replaying = True
         self._held_back: list[tuple[int, bytes]] = []  # live batches that arrived during a replay
         self.counters = {"batches": 0, "gaps": 0, "replayed": 0, "lost": 0, "replays_given_up": 0}
+        self._ask_replay(0)
+
+    def _ask_replay(self, start: int) -> bool:
+        """Ask for the batches from `start` on; False when the request cannot go now. Never blocks:
+        requests to a replay address nobody listens on queue up in ZeroMQ, and the loop must not wait."""
+        if self._replay is None:
+            return False
+        try:
+            self._replay.send_multipart([b"", start.to_bytes(8, "big")], flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        self._replaying, self._replay_since = True, self._clock()
+        return True
 
     def tick(self, budget: int = 256) -> None:
+        until = time.monotonic() + TICK_SECONDS
         for _ in range(budget):
+            if time.monotonic() > until:
+                break
             try:
                 frames = self._sub.recv_multipart(flags=zmq.NOBLOCK)
             except zmq.Again:
@@ -229,6 +262,9 @@ class EngineEventsSubscriber:
             self._live(int.from_bytes(frames[1], "big"), frames[2])
         if self._replaying:
             self._drain_replay(budget)
+        if self._replaying and self._clock() - self._replay_since > REPLAY_TIMEOUT:
+            self.counters["replays_given_up"] += 1
+            self._end_replay()
 
     def _live(self, seq: int, payload: bytes) -> None:
         if self._replaying:
@@ -239,10 +275,9 @@ class EngineEventsSubscriber:
             return
         if self._next is not None and seq > self._next and self._replay is not None:
             self.counters["gaps"] += 1
-            self._replay.send_multipart([b"", self._next.to_bytes(8, "big")])
-            self._replaying = True
-            self._held_back.append((seq, payload))
-            return
+            if self._ask_replay(self._next):
+                self._held_back.append((seq, payload))
+                return
         if self._next is not None and seq > self._next:
             self.counters["lost"] += seq - self._next
         self._apply(seq, payload)
@@ -278,7 +313,7 @@ class EngineEventsSubscriber:
 
     def _apply(self, seq: int, payload: bytes) -> None:
         try:
-            batch = msgpack.unpackb(payload, raw=False)
+            batch = _decode(payload)
             events = batch[1]
         except (ValueError, TypeError, IndexError, KeyError, msgpack.UnpackException):
             self.prefixes.counters["bad"] += 1
@@ -292,6 +327,20 @@ class EngineEventsSubscriber:
         self._sub.close(linger=0)
         if self._replay is not None:
             self._replay.close(linger=0)
+
+
+def _decode(payload: bytes) -> Any:
+    """A message's msgpack, refused (ValueError) past MAX_CONTAINERS arrays and maps."""
+    made = 0
+
+    def count(x: Any) -> Any:
+        nonlocal made
+        made += 1
+        if made > MAX_CONTAINERS:
+            raise ValueError("too many arrays and maps in one message")
+        return x
+
+    return msgpack.unpackb(payload, raw=False, list_hook=count, object_hook=count)
 
 
 def parse_spec(value: object) -> tuple[str, str | None, str]:

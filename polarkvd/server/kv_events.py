@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
 import time
 from typing import Any
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 MEDIUM = {Tier.VRAM: "GPU", Tier.DRAM: "CPU", Tier.DMP: "CPU", Tier.DISK: "STORAGE"}
 #: what the replay socket sends after the last buffered batch (vLLM's `ZmqEventPublisher.END_SEQ`)
 END_SEQ = (-1).to_bytes(8, "big", signed=True)
+#: Batches a tick sends to replay subscribers (a few ms of the loop); a longer replay goes on next tick.
+REPLAY_BATCHES_PER_TICK = 1024
 
 
 def block_stored(hashes: list[Any], medium: str) -> dict[str, Any]:
@@ -75,6 +78,7 @@ class KvEventsPublisher:
         self._pending: list[dict[str, Any]] = []  # events of disk scans, sent with the next batch
         self._closed = False
         self.counters = {"batches": 0, "events": 0, "replays": 0}
+        self._replaying: tuple[bytes, int] | None = None  # (identity, next seq) of a replay under way
 
     def _hash(self, key: bytes) -> Any:
         # vLLM's maybe_convert_block_hash: the low 64 bits of the big-endian value
@@ -169,27 +173,39 @@ class KvEventsPublisher:
     def _serve_replay(self) -> None:
         """vLLM's replay protocol: a request is `(identity, b"", start seq as 8 bytes big-endian)`;
         the answer every buffered batch from there as `(identity, b"", topic, seq, payload)`, then
-        `(identity, b"", b"", END_SEQ, b"")`. A malformed request is dropped."""
+        `(identity, b"", b"", END_SEQ, b"")`. A malformed request is dropped. At most
+        REPLAY_BATCHES_PER_TICK batches a tick: a long replay goes on at the next tick, and requests
+        wait in the socket meanwhile (a flood of them cannot hold the loop)."""
         assert self._replay is not None
-        for _ in range(16):  # a few requests per tick: the loop serves everything else meanwhile
+        budget = REPLAY_BATCHES_PER_TICK
+        while budget > 0:
+            if self._replaying is None:
+                try:
+                    frames = self._replay.recv_multipart(flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    return
+                budget -= 1
+                if len(frames) != 3 or len(frames[2]) != 8:
+                    log.debug("kv events: malformed replay request (%d frames) dropped", len(frames))
+                    continue
+                self._replaying = (frames[0], int.from_bytes(frames[2], "big"))
+                self.counters["replays"] += 1
+            ident, start = self._replaying
+            first = self._buffer[0][0] if self._buffer else self._seq
+            part = list(itertools.islice(self._buffer, max(0, start - first), max(0, start - first) + budget))
+            budget -= len(part)
             try:
-                frames = self._replay.recv_multipart(flags=zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            if len(frames) != 3 or len(frames[2]) != 8:
-                log.debug("kv events: malformed replay request (%d frames) dropped", len(frames))
-                continue
-            ident, start = frames[0], int.from_bytes(frames[2], "big")
-            self.counters["replays"] += 1
-            try:
-                for seq, payload in self._buffer:
-                    if seq >= start:
-                        self._replay.send_multipart(
-                            (ident, b"", self._topic, seq.to_bytes(8, "big"), payload), flags=zmq.NOBLOCK
-                        )
+                for seq, payload in part:
+                    self._replay.send_multipart(
+                        (ident, b"", self._topic, seq.to_bytes(8, "big"), payload), flags=zmq.NOBLOCK
+                    )
+                if part and part[-1][0] + 1 < self._seq:
+                    self._replaying = (ident, part[-1][0] + 1)  # the rest at the next tick
+                    return
                 self._replay.send_multipart((ident, b"", b"", END_SEQ, b""), flags=zmq.NOBLOCK)
             except zmq.Again:
                 log.debug("kv events: replay to a slow client cut short")
+            self._replaying = None
 
     def stats(self) -> dict[str, Any]:
         return {"enabled": True, "endpoint": self.cfg.endpoint, "next_seq": self._seq, **self.counters}

@@ -162,6 +162,8 @@ def _http_args(method: str, query: str, body: bytes) -> dict[str, Any]:
     """The op's arguments from `GET /where?...` (tokens and keys comma-separated) or `POST /where`
     (a JSON object; keys as hex strings). Raises ProtocolError naming what is wrong."""
     if method == "POST":
+        if body.count(b"[") + body.count(b"{") > 16:  # nested: deep JSON recurses, wide costs ~25x in objects
+            raise ProtocolError("the body must be a JSON object whose tokens or keys are flat arrays")
         try:
             args = json.loads(body)
         except (ValueError, UnicodeDecodeError) as e:
