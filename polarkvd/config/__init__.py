@@ -691,6 +691,9 @@ def write_tuning(path: str | Path, knobs: Mapping[str, object]) -> dict[str, obj
         lines += ["", f"[{section}]", *entries]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
+    with open(tmp, "w") as fh:  # whole or not at all, also across a power loss
+        fh.write("\n".join(lines) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
     return merged
