@@ -44,6 +44,10 @@ def _reader(engine: Engine, attr: str) -> Callable[[], float]:
     return lambda: float(getattr(engine, attr))
 
 
+#: histogram buckets of the router's latencies, seconds
+SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60)
+
+
 class RouterMetrics:
     """The router's own series (docs/ROUTING.md lists them), in a registry of its own."""
 
@@ -81,14 +85,14 @@ class RouterMetrics:
             "Prefill/decode split: from sending a prompt to a prefill engine to its answer (one token), by engine.",
             ["engine"],
             registry=r,
-            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60),
+            buckets=SECONDS_BUCKETS,
         )
         self.ttft = Histogram(
             "polarkv_route_first_byte_seconds",
             "From the request's arrival to the engine's first byte, by engine.",
             ["engine"],
             registry=r,
-            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60),
+            buckets=SECONDS_BUCKETS,
         )
         self.gauges = (
             (Gauge("polarkv_route_engine_up", "1 while the engine answers.", ["engine"], registry=r), "up"),
