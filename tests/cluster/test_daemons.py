@@ -44,6 +44,13 @@ class Cluster:
         self.seed = ""
         self.daemons: dict[str, object] = {}
 
+    @classmethod
+    def keyed(cls, factory, tmp_path: Path) -> Cluster:
+        """A cluster of `factory`'s daemons sharing a fresh key in `tmp_path`."""
+        path = tmp_path / "cluster.key"
+        write_key_file(path, generate())
+        return cls(factory, path)
+
     def add(self, name: str, key_file: Path | None = None, **sets: str):
         gossip = _free_port()
         cfg = {

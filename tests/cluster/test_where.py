@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from polarkvd.cluster.auth import generate, write_key_file
 from tests.cluster.test_daemons import Cluster
 from tests.conftest import TEST_NS, chain_tokens, store_chain, wait_for
 
@@ -18,9 +17,7 @@ PT = TEST_NS.page_tokens
 
 @pytest.fixture
 def cluster(daemon_factory, tmp_path: Path) -> Cluster:
-    path = tmp_path / "cluster.key"
-    write_key_file(path, generate())
-    return Cluster(daemon_factory, path)
+    return Cluster.keyed(daemon_factory, tmp_path)
 
 
 def test_where_names_each_member_and_its_prefix(cluster: Cluster) -> None:

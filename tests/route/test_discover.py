@@ -13,7 +13,6 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from polarkvd.cluster.auth import generate, write_key_file
 from polarkvd.route.cost import Policy
 from polarkvd.route.daemon import LOCAL, DaemonWhere, host_tiers
 from polarkvd.route.prefixes import RouteKeys
@@ -27,9 +26,7 @@ PT = TEST_NS.page_tokens
 
 @pytest.fixture
 def cluster(daemon_factory, tmp_path: Path) -> Cluster:
-    path = tmp_path / "cluster.key"
-    write_key_file(path, generate())
-    return Cluster(daemon_factory, path)
+    return Cluster.keyed(daemon_factory, tmp_path)
 
 
 async def until(check: Callable[[], bool], timeout: float, what: str) -> None:
