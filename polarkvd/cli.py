@@ -7,6 +7,7 @@ config or resources). Talks to a running daemon only through `polarkvd.client`.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -444,55 +445,10 @@ def cmd_tui(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    if args.which == "datapath":
-        from polarkvd.bench.datapath import main as bench_main
+    from polarkvd.bench import BENCHMARKS
 
-        return bench_main(args)
-    if args.which == "chat":
-        from polarkvd.bench.chat import main as chat_main
-
-        return chat_main(args)
-    if args.which == "cluster":
-        from polarkvd.bench.cluster import main as cluster_main
-
-        return cluster_main(args)
-    if args.which == "pipeline":
-        from polarkvd.bench.pipeline import main as pipeline_main
-
-        return pipeline_main(args)
-    if args.which == "connect":
-        from polarkvd.bench.connect import main as connect_main
-
-        return connect_main(args)
-    if args.which == "page-sizes":
-        from polarkvd.bench.page_sizes import main as page_sizes_main
-
-        return page_sizes_main(args)
-    if args.which == "mixed":
-        from polarkvd.bench.mixed import main as mixed_main
-
-        return mixed_main(args)
-    if args.which == "policy":
-        from polarkvd.bench.policy import main as policy_main
-
-        return policy_main(args)
-    if args.which == "blend":
-        from polarkvd.bench.blend import main as blend_main
-
-        return blend_main(args)
-    if args.which == "route":
-        from polarkvd.bench.route import main as route_main
-
-        return route_main(args)
-    if args.which == "where":
-        from polarkvd.bench.where import main as where_main
-
-        return where_main(args)
-    if args.which == "sglang":
-        from polarkvd.bench.sglang import main as sglang_main
-
-        return sglang_main(args)
-    raise AssertionError(args.which)
+    module = importlib.import_module(f"polarkvd.bench.{BENCHMARKS[args.which][0]}")
+    return int(module.main(args))
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
@@ -618,96 +574,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("bench", help="benchmarks (see docs/BENCHMARKS.md)")
     bsub = sp.add_subparsers(dest="which", metavar="BENCHMARK", required=True)
-    from polarkvd.bench.datapath import add_arguments as datapath_args
+    from polarkvd.bench import BENCHMARKS
 
-    datapath_args(
-        bsub.add_parser(
-            "datapath", help="store/load/lookup through a real daemon vs memcpy and the raw socket"
-        )
-    )
-    from polarkvd.bench.chat import add_arguments as chat_args
-
-    chat_args(
-        bsub.add_parser(
-            "chat",
-            help="multi-round chat on real vLLM: no cache, prefix cache, ExampleConnector, polarkvd, LMCache, Mooncake",
-        )
-    )
-    from polarkvd.bench.cluster import add_arguments as cluster_args
-
-    cluster_args(
-        bsub.add_parser(
-            "cluster", help="remote page fetch between two processes vs raw TCP, Redis and Mooncake Store"
-        )
-    )
-    from polarkvd.bench.pipeline import add_arguments as pipeline_args
-
-    pipeline_args(
-        bsub.add_parser(
-            "pipeline", help="vLLM TTFT of a prefix hit from DRAM, a peer or disk; layer pipelining on/off"
-        )
-    )
-    from polarkvd.bench.connect import add_arguments as connect_args
-
-    connect_args(
-        bsub.add_parser(
-            "connect",
-            help="a connect flood: EngineClient constructions from several processes, daemon threads",
-        )
-    )
-    from polarkvd.bench.page_sizes import add_arguments as page_sizes_args
-
-    page_sizes_args(
-        bsub.add_parser(
-            "page-sizes",
-            help="a second page size in a full arena: the reserve that needs a slab, pings meanwhile",
-        )
-    )
-    from polarkvd.bench.policy import add_arguments as policy_args
-
-    policy_args(
-        bsub.add_parser(
-            "policy",
-            help="eviction policies (lru, s3fifo, cost) replayed on chat, RAG and long-document traces",
-        )
-    )
-    from polarkvd.bench.mixed import add_arguments as mixed_args
-
-    mixed_args(
-        bsub.add_parser(
-            "mixed",
-            help="vLLM: a hit on disk while other requests decode; their inter-token latency, async loads on/off",
-        )
-    )
-    from polarkvd.bench.blend import add_arguments as blend_args
-
-    blend_args(
-        bsub.add_parser(
-            "blend",
-            help="CacheBlend: TTFT and quality of chunk reuse with selective recompute vs full prefill (transformers)",
-        )
-    )
-    from polarkvd.bench.sglang import add_arguments as sglang_args
-
-    sglang_args(
-        bsub.add_parser(
-            "sglang",
-            help="SGLang HiCache write-back and prefetch: polarkvd vs HiCacheFile vs Mooncake Store",
-        )
-    )
-    from polarkvd.bench.where import add_arguments as bench_where_args
-
-    bench_where_args(
-        bsub.add_parser("where", help="the `where` query's latency for a long prompt in a cluster of daemons")
-    )
-    from polarkvd.bench.route import add_arguments as bench_route_args
-
-    bench_route_args(
-        bsub.add_parser(
-            "route",
-            help="`polarkvd route` in front of two vLLM servers: round-robin vs least-loaded vs affinity",
-        )
-    )
+    for name, (module, help_line) in BENCHMARKS.items():
+        bench = importlib.import_module(f"polarkvd.bench.{module}")
+        bench.add_arguments(bsub.add_parser(name, help=help_line))
     sp.set_defaults(fn=cmd_bench)
 
     sp = sub.add_parser("sim", help="simulations of cluster protocols (see docs/CLUSTER.md)")

@@ -36,7 +36,7 @@ import time
 from typing import Any
 
 from polarkvd.bench import plots
-from polarkvd.bench.harness import fmt, private_daemon, table
+from polarkvd.bench.harness import bench_main, fmt, private_daemon, table
 from polarkvd.blend import DEFAULT_KEEP_LAST
 from polarkvd.progress import Progress
 
@@ -409,13 +409,7 @@ def render(res: dict[str, Any]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.plot_from:
-        return plots.redraw("blend", args)
-    plots.check(args)
-    res = merge(args.merge) if args.merge else run(args)
-    print(json.dumps(res) if args.json else render(res))
-    plots.after_run("blend", res, args)
-    return 0
+    return bench_main("blend", args, lambda a: merge(a.merge) if a.merge else run(a), render)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ from typing import Any
 from polarkvd.bench import plots
 from polarkvd.bench.harness import (
     Steps,
+    bench_main,
     busy_cpu_s,
     count_cpus,
     cpu_bind,
@@ -69,7 +70,6 @@ from polarkvd.bench.harness import (
     relay_worker,
     reset_prefix_cache,
     run_request,
-    sigterm_unwinds,
     table,
     vllm_env,
     vllm_tolerates_numba,
@@ -778,17 +778,7 @@ def render(res: dict[str, Any]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.plot_from:
-        return plots.redraw("chat", args)
-    plots.check(args)
-    with sigterm_unwinds():  # a killed bench still stops its servers, daemon and vLLM
-        res = run(args)
-    if args.json:
-        print(json.dumps(res, indent=2))
-    else:
-        print(render(res))
-    plots.after_run("chat", res, args)
-    return 0
+    return bench_main("chat", args, run, render)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import json
 import multiprocessing as mp
 import os
 import socket
@@ -33,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from polarkvd.bench import plots
-from polarkvd.bench.harness import median, percentile, private_daemon, table
+from polarkvd.bench.harness import bench_main, median, percentile, private_daemon, table
 from polarkvd.progress import Progress
 from polarkvd.types import Namespace, Tier
 
@@ -636,19 +635,10 @@ def render(res: dict[str, Any]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.plot_from:
-        return plots.redraw("datapath", args)
     if args.lookup_only and args.plot:
         print("bench datapath: --plot draws a whole run; leave out --lookup-only", file=sys.stderr)
         return 2
-    plots.check(args)
-    res = run(args)
-    if args.json:
-        print(json.dumps(res, indent=2))
-    else:
-        print(render(res))
-    plots.after_run("datapath", res, args)
-    return 0
+    return bench_main("datapath", args, run, render)
 
 
 if __name__ == "__main__":

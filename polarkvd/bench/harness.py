@@ -6,6 +6,7 @@ Benchmarks compare side by side in one run (ratios), so the machine's noise hits
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import math
@@ -22,6 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from polarkvd.bench import plots
 from polarkvd.bench.cluster_mooncake import MOONCAKE_PKG
 from polarkvd.progress import Progress
 
@@ -512,3 +514,29 @@ def sigterm_unwinds() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+def bench_main(
+    kind: str,
+    args: argparse.Namespace,
+    run: Callable[[argparse.Namespace], dict[str, Any]],
+    render: Callable[[dict[str, Any]], str],
+    passed: Callable[[dict[str, Any]], bool] = lambda res: True,
+) -> int:
+    """A benchmark's `main`: `--plot-from` redraws a recorded run and runs nothing; otherwise a bad
+    `--plot` fails before the run, the run unwinds on SIGTERM (every server and worker is stopped), the
+    table or `--json` is printed and `--plot` drawn. A run that fails outright (a RuntimeError: a worker
+    died, a peer would not start) is one line and exit 1, and so is a result `passed` rejects (outputs
+    that differ)."""
+    if args.plot_from:
+        return plots.redraw(kind, args)
+    plots.check(args)
+    try:
+        with sigterm_unwinds():
+            res = run(args)
+    except RuntimeError as e:
+        print(f"polarkvd bench {kind}: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(res, indent=2) if args.json else render(res))
+    plots.after_run(kind, res, args)
+    return 0 if passed(res) else 1

@@ -10,7 +10,6 @@ its own process, while A fills the arena and around B's reserve (issue 13, defec
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import sys
 import time
@@ -19,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from polarkvd.bench import plots
-from polarkvd.bench.harness import percentile, private_daemon, table
+from polarkvd.bench.harness import bench_main, percentile, private_daemon, table
 from polarkvd.config.values import format_size, parse_size
 from polarkvd.progress import Progress
 from polarkvd.types import Namespace, PageKey
@@ -169,13 +168,7 @@ def render(res: dict[str, Any]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.plot_from:
-        return plots.redraw("page-sizes", args)
-    plots.check(args)
-    res = run(args)
-    print(json.dumps(res, indent=2) if args.json else render(res))
-    plots.after_run("page-sizes", res, args)
-    return 0
+    return bench_main("page-sizes", args, run, render)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,6 @@ import json
 import os
 import queue
 import shutil
-import signal
 import socket
 import statistics
 import struct
@@ -63,6 +62,7 @@ from typing import Any
 from polarkvd.bench import plots
 from polarkvd.bench.chat import chat_tokens
 from polarkvd.bench.harness import (
+    bench_main,
     count_cpus,
     cpu_bind,
     fmt,
@@ -752,28 +752,8 @@ def render(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt  # SIGTERM: unwind like Ctrl-C, so the daemons and vLLM are stopped
-
-
 def main(args: argparse.Namespace) -> int:
-    if args.plot_from:
-        return plots.redraw("pipeline", args)
-    plots.check(args)
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        res = run(args)
-    except RuntimeError as e:  # a worker died, or a hit did not come from where it was placed
-        print(f"polarkvd bench pipeline: {e}", file=sys.stderr)
-        return 1
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    if args.json:
-        print(json.dumps(res, indent=2))
-    else:
-        print(render(res))
-    plots.after_run("pipeline", res, args)
-    return 0 if res["outputs_identical"] else 1
+    return bench_main("pipeline", args, run, render, passed=lambda res: bool(res["outputs_identical"]))
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ from typing import Any
 from polarkvd.bench import plots
 from polarkvd.bench.harness import (
     PeerUnavailable,
+    bench_main,
     free_port,
     median,
     mooncake_store,
@@ -427,13 +428,7 @@ def render(res: dict[str, Any]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.plot_from:
-        return plots.redraw("sglang", args)
-    plots.check(args)
-    res = run(args)
-    print(json.dumps(res, indent=2) if args.json else render(res))
-    plots.after_run("sglang", res, args)
-    return 0
+    return bench_main("sglang", args, run, render)
 
 
 if __name__ == "__main__":

@@ -20,14 +20,9 @@ Adding the picture of a new benchmark `polarkvd bench <kind>` touches nothing he
    starts with "bench <kind>". Index `res` plainly (`res["key"]`): a missing key, a None or a short
    list becomes a PlotError naming the benchmark, and an old recording can raise
    `KeyError("what is missing")` itself for a clearer message. Import matplotlib inside `plot`.
-2. Wire the benchmark with `add_plot_arguments(parser)` and, in its `main`:
-
-        if args.plot_from:
-            return plots.redraw("<kind>", args)
-        plots.check(args)           # before a long run: a bad --plot fails now, not after it
-        res = run(args)
-        print(...)
-        plots.after_run("<kind>", res, args)
+2. Wire the benchmark with `add_plot_arguments(parser)` and end its `main` with
+   `harness.bench_main("<kind>", args, run, render)`: it redraws for `--plot-from`, checks `--plot`
+   before a long run (a bad name fails now, not after it) and draws after printing.
 
 3. Add a small `--json` output of the benchmark as `tests/plot_results/<kind>.json`: tests/test_plots.py
    then draws it (PNG and SVG, at the docs' size, and through `--plot-from`); it fails for a plot
