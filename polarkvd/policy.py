@@ -339,6 +339,9 @@ class FrequencySketch:
         self.width = 0
         self._counts = bytearray()
         self._adds = 0
+        #: halvings so far (a restart counts 8: every count from before is gone): a count taken
+        #: `ages` ago is worth count / 2**(ages now - then) today (CostPolicy.bar)
+        self.ages = 0
         self.fit(window)
 
     def fit(self, window: int) -> None:
@@ -350,6 +353,7 @@ class FrequencySketch:
             self.width = width
             self._counts = bytearray(self.ROWS * width)
             self._adds = 0
+            self.ages += 8
 
     def _slots(self, key: bytes) -> list[int]:
         # a page key is a hash already: its bits folded to 64, not hash() (salted per process:
@@ -373,6 +377,7 @@ class FrequencySketch:
             counts = np.frombuffer(self._counts, dtype=np.uint8)
             counts >>= 1
             self._adds //= 2
+            self.ages += 1
 
     def estimate(self, key: bytes) -> int:
         """Uses of `key` counted (never fewer than it had; more where it shares counters)."""
@@ -417,7 +422,7 @@ class CostPolicy(LRUPolicy):
 
     Admission by worth (W-TinyLFU's, weighed by cost): with a `sketch`, a page coming in (stored or
     promoted) whose uses lately x value is below that of the last page the policy let go for room
-    (`bar`) enters at the lowest priority, the next victim, instead of pushing out pages worth more;
+    (`bar`, aged with the sketch's counts) enters at the lowest priority, the next victim, instead of pushing out pages worth more;
     it rises like any page once a request hits it (a load refreshing it does not). Counted in
     `admitted_low`.
 
@@ -441,6 +446,7 @@ class CostPolicy(LRUPolicy):
         #: uses lately x value of the last page let go at full priority: what a page coming in
         #: must be worth to enter above the lowest (0 until the tier first evicts)
         self.bar = 0.0
+        self._bar_ages = 0  # the sketch's `ages` when `bar` was taken: it ages with the counts
         self.admitted_low = 0  # pages that came in at the lowest priority (worth less than `bar`)
 
     def _aux(self, node: PolicyNode, freq: int) -> int:
@@ -471,7 +477,8 @@ class CostPolicy(LRUPolicy):
             sketch = self.sketch
             if sketch is not None:
                 sketch.add(node.key)
-                if self.bar > 0 and self._worth(node) < self.bar:
+                bar = self.bar / (1 << min(sketch.ages - self._bar_ages, 62))
+                if bar > 0 and self._worth(node) < bar:
                     # frequency 0 marks it: its priority is L (value x 0) until a request hits it
                     node.aux = self._aux(node, 0)
                     self._list.push_head(node)
@@ -531,6 +538,7 @@ class CostPolicy(LRUPolicy):
             full = [node for node in chosen if node.aux & _FREQ_MAX]  # not admitted low
             if full:
                 self.bar = max(self._worth(node) for node in full)
+                self._bar_ages = self.sketch.ages
         return chosen
 
     def next_victim(self, evictable: Evictable, sample: int = SAMPLE) -> PolicyNode | None:

@@ -432,3 +432,24 @@ def test_without_a_sketch_cost_admits_every_page_alike() -> None:
     evict(p)
     p.insert(Node(k(9)))
     assert p.admitted_low == 0 and p.bar == 0
+
+
+def test_the_admission_bar_ages_with_the_sketch() -> None:
+    """The bar is a count taken when its victim left: once the sketch has halved its counts, a page
+    used as often as that victim was, counted after, clears it (not admitted low for ever)."""
+    p = CostPolicy()
+    p.sketch = FrequencySketch()
+    p.valuer = lambda node: 1e-6
+    old = Node(k(1))
+    for _ in range(4):
+        p.sketch.add(old.key)
+    p.insert(old)
+    evict(p, veto=anything)
+    assert p.bar == pytest.approx(5e-6)
+    for i in range(FrequencySketch.MIN_WINDOW):  # a window of other pages: every count halves
+        p.sketch.add(k(10_000 + i))
+    new = Node(k(2))
+    for _ in range(2):
+        p.sketch.add(new.key)
+    p.insert(new)  # 3 uses against the victim's 5, halved: 2.5
+    assert p.admitted_low == 0
