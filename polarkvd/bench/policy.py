@@ -35,7 +35,9 @@ JSON (--json): `traces[trace][policy]` (`--plot FILE`: prefill seconds per polic
 `worst_cost_vs_best_other` (the largest ratio of `cost` to the better of `lru` and `s3fifo` over
 chat, rag and qa), `disk_bytes_drop_vs_demote` and `recompute_drop_vs_demote` (mixed: `cost` against
 `cost` always demoting), `score_10k_ms` (the `cost` policy picking a victim among 10,000 pages),
-`mixed_bound_vs_lru` (`offline_bound` over `lru`'s prefill seconds). `--real`: bench/policy_real.py.
+`mixed_bound_vs_lru` (`offline_bound` over `lru`'s prefill seconds); per run `admitted_low` (pages
+DRAM's `cost` admitted as its next victims). A replay is the same every run (`_InOrder`, `_SEED`).
+`--real`: bench/policy_real.py.
 """
 
 from __future__ import annotations
