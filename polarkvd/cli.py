@@ -298,7 +298,8 @@ def _cost_lines(w: dict[str, Any] | None) -> list[str]:
         )
     lines.append(
         f"cost decisions: {w.get('dropped_pages_cheap', 0)} pages dropped rather than demoted, "
-        f"{w.get('recompute_instead_pages', 0)} hit pages recomputed rather than fetched"
+        f"{w.get('recompute_instead_pages', 0)} hit pages recomputed rather than fetched, "
+        f"{w.get('admitted_low_pages', 0)} pages admitted to DRAM as its next victims (worth less)"
     )
     return lines
 

@@ -339,6 +339,9 @@ class FrequencySketch:
         self.width = 0
         self._counts = bytearray()
         self._adds = 0
+        #: halvings so far (a restart counts 8: every count from before is gone): a count taken
+        #: `ages` ago is worth count / 2**(ages now - then) today (CostPolicy.bar)
+        self.ages = 0
         self.fit(window)
 
     def fit(self, window: int) -> None:
@@ -350,9 +353,13 @@ class FrequencySketch:
             self.width = width
             self._counts = bytearray(self.ROWS * width)
             self._adds = 0
+            self.ages += 8
 
     def _slots(self, key: bytes) -> list[int]:
-        h, w = hash(key) & _MASK64, self.width  # any key, hashed (a page key is one already: cheap)
+        # a page key is a hash already: its bits folded to 64, not hash() (salted per process:
+        # which keys share counters, and so every decision weighed by them, would change per run)
+        h = int.from_bytes(key, "little")
+        h, w = (h ^ h >> 64) & _MASK64, self.width
         mask = w - 1
         return [r * w + ((h * odd & _MASK64) >> 32 & mask) for r, odd in enumerate(_ROW_MULTIPLIERS)]
 
@@ -370,6 +377,7 @@ class FrequencySketch:
             counts = np.frombuffer(self._counts, dtype=np.uint8)
             counts >>= 1
             self._adds //= 2
+            self.ages += 1
 
     def estimate(self, key: bytes) -> int:
         """Uses of `key` counted (never fewer than it had; more where it shares counters)."""
@@ -412,6 +420,12 @@ class CostPolicy(LRUPolicy):
     A parent is worth at least what its children need: touched in one call leaf first (a hit's
     chain), a page's priority is raised to its child's; leaf-first stays the owner's veto.
 
+    Admission by worth (W-TinyLFU's, weighed by cost): with a `sketch`, a page coming in (stored or
+    promoted) whose uses lately x value is below that of the last page the policy let go for room
+    (`bar`, aged with the sketch's counts) enters at the lowest priority, the next victim, instead of pushing out pages worth more;
+    it rises like any page once a request hits it (a load refreshing it does not). Counted in
+    `admitted_low`.
+
     An LRU list is kept too: the `SAMPLE` least recently used pages are the candidates a `victims`
     call scores, in one numpy batch (all pages when fewer are evictable among them), and it is the
     order `coldest_first` gives (LRUPolicy's list, removal and order, inherited). Without a valuer
@@ -427,14 +441,21 @@ class CostPolicy(LRUPolicy):
         #: seconds saved per byte by keeping the page (set by the owner); None: 0 for every page
         self.valuer: Callable[[PolicyNode], float] | None = None
         self._clock = 0.0  # the decay clock, in stamp units (1/_STAMP_RES half-lives)
-        #: every use counted here as well (set by the owner): admission to the next tier
+        #: every use counted here as well (set by the owner): admission here and to the next tier
         self.sketch: FrequencySketch | None = None
+        #: uses lately x value of the last page let go at full priority: what a page coming in
+        #: must be worth to enter above the lowest (0 until the tier first evicts)
+        self.bar = 0.0
+        self._bar_ages = 0  # the sketch's `ages` when `bar` was taken: it ages with the counts
+        self.admitted_low = 0  # pages that came in at the lowest priority (worth less than `bar`)
 
     def _aux(self, node: PolicyNode, freq: int) -> int:
         """L + value x freq, above the stamp of now and `freq` (in 1/_FREQ_ONE hits)."""
         value = self.valuer(node) if self.valuer is not None else 0.0
         worth = int(value * (_PRIO_SCALE / _FREQ_ONE) * freq) if value > 0 else 0
         prio = min((self.inflation >> _LOW_BITS) + worth, _PRIO_MAX)
+        if not freq:  # admitted low: below every page at L too (those it ties with go after it)
+            prio = max(prio - 1, 0)
         return prio << _LOW_BITS | (int(self._clock) & _STAMP_MASK) << _FREQ_BITS | freq
 
     @staticmethod
@@ -453,10 +474,23 @@ class CostPolicy(LRUPolicy):
     def insert(self, node: PolicyNode) -> None:
         if node.prev is None:
             self._clock += _STAMP_RES / max(len(self._list), _MIN_HALF_LIFE)
+            sketch = self.sketch
+            if sketch is not None:
+                sketch.add(node.key)
+                bar = self.bar / (1 << min(sketch.ages - self._bar_ages, 62))
+                if bar > 0 and self._worth(node) < bar:
+                    # frequency 0 marks it: its priority is L (value x 0) until a request hits it
+                    node.aux = self._aux(node, 0)
+                    self._list.push_head(node)
+                    self.admitted_low += 1
+                    return
             node.aux = self._aux(node, _FREQ_ONE)
             self._list.push_tail(node)
-            if self.sketch is not None:
-                self.sketch.add(node.key)
+
+    def _worth(self, node: PolicyNode) -> float:
+        """Uses lately (the sketch's count) x value: what admission weighs."""
+        value = self.valuer(node) if self.valuer is not None else 0.0
+        return self.sketch.estimate(node.key) * value if self.sketch is not None else 0.0
 
     def touch(self, node: PolicyNode) -> None:
         self.touch_many([node])
@@ -476,7 +510,9 @@ class CostPolicy(LRUPolicy):
                 sketch.add(node.key)
             aux = node.aux
             freq = int(self._decayed(aux) + (_FREQ_ONE if hit else 0.5))  # hit: +1, rounded down
-            aux = self._aux(node, min(max(freq, 1), _FREQ_MAX))
+            # a page admitted low (frequency 0) stays low when its own request loads it
+            floor = 1 if hit or aux & _FREQ_MAX else 0
+            aux = self._aux(node, min(max(freq, floor), _FREQ_MAX))
             if child is not None and getattr(child, "parent", None) == node.key:
                 low = aux & ((1 << _LOW_BITS) - 1)
                 aux = max(aux >> _LOW_BITS, child.aux >> _LOW_BITS) << _LOW_BITS | low
@@ -498,6 +534,11 @@ class CostPolicy(LRUPolicy):
             self._list.unlink(node)
         top = max(node.aux for node in chosen) >> _LOW_BITS << _LOW_BITS
         self.inflation = max(self.inflation, top)
+        if self.sketch is not None:
+            full = [node for node in chosen if node.aux & _FREQ_MAX]  # not admitted low
+            if full:
+                self.bar = max(self._worth(node) for node in full)
+                self._bar_ages = self.sketch.ages
         return chosen
 
     def next_victim(self, evictable: Evictable, sample: int = SAMPLE) -> PolicyNode | None:

@@ -386,3 +386,70 @@ def test_cost_counts_one_use_per_request_in_its_sketch() -> None:
         p.touch_many(nodes[::-1], hit=True)
         p.touch_many(nodes[::-1], hit=False)
     assert [p.sketch.estimate(node.key) for node in nodes] == [5, 5, 5]
+
+
+def test_cost_admits_a_page_worth_less_than_its_last_victim_at_the_lowest_priority() -> None:
+    """DRAM admission by worth (W-TinyLFU weighed by cost): once the tier has let a page go, a
+    page coming in worth less (uses lately x value) than that victim enters as the next victim
+    instead of pushing out the pages used more; one worth more enters as before. A request's hit
+    lifts a page admitted low; its own load does not."""
+    p = CostPolicy()
+    p.sketch = FrequencySketch()
+    p.valuer = lambda node: 1e-6  # every page worth the same per byte: uses decide
+    popular = [Node(k(i)) for i in range(4)]
+    for node in popular:
+        p.insert(node)
+    for _ in range(3):  # used by three more requests each
+        p.touch_many(popular, hit=True)
+    cold = Node(k(100))
+    p.insert(cold)
+    assert p.admitted_low == 0  # nothing let go yet: no bar
+    assert evict(p) == [cold]  # the least worth, as before
+    p.touch_many(popular, hit=True)
+    assert evict(p) == [popular[0]]  # room for more: a popular page goes (4 uses) ...
+    rare = Node(k(101))
+    p.insert(rare)  # ... and a page used once comes in below it
+    assert p.admitted_low == 1
+    p.touch_many([rare], hit=False)  # its own request's load: still the lowest
+    assert p.next_victim(anything) is rare
+    liked = Node(k(102))
+    for _ in range(8):  # a page used often before (the sketch remembers it across its stays)
+        p.sketch.add(liked.key)
+    p.insert(liked)
+    assert p.admitted_low == 1  # worth more than the bar: admitted as before
+    p.touch_many([rare], hit=True)  # a second request for it: it rises
+    assert p.next_victim(anything) is not rare
+    assert evict(p, 2)[0] is not rare
+
+
+def test_without_a_sketch_cost_admits_every_page_alike() -> None:
+    """The disk tier's `cost` (no sketch) and a policy before its owner attached one: no admission."""
+    p = CostPolicy()
+    p.valuer = lambda node: 1e-6
+    nodes = [Node(k(i)) for i in range(3)]
+    for node in nodes:
+        p.insert(node)
+    evict(p)
+    p.insert(Node(k(9)))
+    assert p.admitted_low == 0 and p.bar == 0
+
+
+def test_the_admission_bar_ages_with_the_sketch() -> None:
+    """The bar is a count taken when its victim left: once the sketch has halved its counts, a page
+    used as often as that victim was, counted after, clears it (not admitted low for ever)."""
+    p = CostPolicy()
+    p.sketch = FrequencySketch()
+    p.valuer = lambda node: 1e-6
+    old = Node(k(1))
+    for _ in range(4):
+        p.sketch.add(old.key)
+    p.insert(old)
+    evict(p, veto=anything)
+    assert p.bar == pytest.approx(5e-6)
+    for i in range(FrequencySketch.MIN_WINDOW):  # a window of other pages: every count halves
+        p.sketch.add(k(10_000 + i))
+    new = Node(k(2))
+    for _ in range(2):
+        p.sketch.add(new.key)
+    p.insert(new)  # 3 uses against the victim's 5, halved: 2.5
+    assert p.admitted_low == 0

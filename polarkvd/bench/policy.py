@@ -35,7 +35,9 @@ JSON (--json): `traces[trace][policy]` (`--plot FILE`: prefill seconds per polic
 `worst_cost_vs_best_other` (the largest ratio of `cost` to the better of `lru` and `s3fifo` over
 chat, rag and qa), `disk_bytes_drop_vs_demote` and `recompute_drop_vs_demote` (mixed: `cost` against
 `cost` always demoting), `score_10k_ms` (the `cost` policy picking a victim among 10,000 pages),
-`mixed_bound_vs_lru` (`offline_bound` over `lru`'s prefill seconds). `--real`: bench/policy_real.py.
+`mixed_bound_vs_lru` (`offline_bound` over `lru`'s prefill seconds); per run `admitted_low` (pages
+DRAM's `cost` admitted as its next victims). A replay is the same every run (`_InOrder`, `_SEED`).
+`--real`: bench/policy_real.py.
 """
 
 from __future__ import annotations
@@ -253,11 +255,32 @@ def _manager(
     })  # fmt: skip
     disk = DiskTier(root / "disk", disk_pages * (page + 4096), policy=policy)
     disk.open()
-    executor = concurrent.futures.ThreadPoolExecutor(2)
-    m = Manager(cfg, memoryview(bytearray(dram)), SlabAllocator(dram, slab), disk, executor)
+    executor = _InOrder()
+    m = Manager(cfg, memoryview(bytearray(dram)), SlabAllocator(dram, slab), disk, executor, seed=_SEED)
     if demote_always:
         m.worth.cheaper_to_recompute = lambda page: False  # type: ignore[method-assign]
     return m, disk, executor
+
+
+#: the page-key seed of every replay: the same keys, and so the same sketch counters, every run
+_SEED = bytes(32)
+
+
+class _InOrder(concurrent.futures.Executor):
+    """The replay's I/O "pool": each disk write and read runs when it is queued, in the order the
+    manager queues them. With the daemon's I/O threads, which writes had landed (and which pages
+    they had evicted) when drop-or-demote weighed the next page depended on thread timing: the
+    same code's disk bytes moved 0.53-0.78x between runs. In order, a replay is the same every
+    run; the bench waits for every write after each request all the same, as the engine's compute
+    would."""
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
+        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        try:
+            fut.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # handed to the awaiting side, as a pool's worker would
+            fut.set_exception(exc)
+        return fut
 
 
 def _namespace() -> Any:
@@ -341,6 +364,7 @@ async def replay(
         "dropped_pages": counters.get("dropped_pages_cheap", 0),
         "dropped_rare": counters.get("dropped_pages_rare", 0),
         "recompute_instead_pages": counters.get("recompute_instead_pages", 0),
+        "admitted_low": getattr(m.policy, "admitted_low", 0),
         "disk_fetch_us": m.worth.fetch.seconds(Tier.DISK, page) * 1e6,
         "disk_fetch_fast_us": m.worth.fetch.fast_seconds(Tier.DISK, page) * 1e6,
     }

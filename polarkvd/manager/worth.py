@@ -251,6 +251,8 @@ class Worth:
         out["dropped_pages_cheap"] = counters.get("dropped_pages_cheap", 0)
         out["dropped_pages_rare"] = counters.get("dropped_pages_rare", 0)  # of those, not worth a full disk
         out["recompute_instead_pages"] = counters.get("recompute_instead_pages", 0)
+        # DRAM admission by worth: pages that came in below the last victim's worth, at the lowest priority
+        out["admitted_low_pages"] = getattr(self.m.policy, "admitted_low", 0)
         return out
 
 

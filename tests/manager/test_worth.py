@@ -276,6 +276,28 @@ def test_a_noisy_disk_rate_drops_and_cuts_only_what_recomputes_faster_even_at_it
     asyncio.run(run())
 
 
+@pytest.mark.parametrize("policy", ["lru", "cost"])
+def test_pages_used_once_do_not_push_out_pages_used_often(policy: str) -> None:
+    """DRAM admission by worth: DRAM full of pages every request comes back for, then eight
+    one-off pages stored one after the other. Under `lru` each pushes out a reused page; under
+    `cost` the first takes one reused page's slot, and each, worth less than that victim, comes in
+    as the next victim: the next takes its slot, and the reused pages stay."""
+    m, _ = make_manager(16, **{"dram.policy": policy})
+    s = m.attach(TEST_NS, "s")
+    hot = [chain(s, i, 1) for i in range(room(m))]
+    for keys in hot:
+        manager_store(m, s, keys)
+    for _ in range(2):  # two more requests for each
+        for keys in hot:
+            assert len(m.lookup(s, keys)[0]) == 1
+    for i in range(8):
+        manager_store(m, s, chain(s, 1000 + i, 1))
+    kept = sum(m.index.get(keys[0]) is not None for keys in hot)
+    assert kept == (len(hot) - 1 if policy == "cost" else len(hot) - 8)
+    if policy == "cost":
+        assert m.stats()["worth"]["admitted_low_pages"] == 8
+
+
 def test_a_request_counts_one_hit_its_lookup_and_load_together() -> None:
     """A request looks its prefix up, then loads it: under `cost` its pages count one hit more (two
     with their admission), not two; the load keeps them the most recently used."""
