@@ -307,6 +307,19 @@ def one_run(
         ),
         "wall_s": round(wall, 2),
         "per_engine": per_engine,
+        # each user's turns by engine index, in order ("0011..."), and the engine's prefix-cache
+        # blocks evicted during the run (its KV events' removals, as the router followed them)
+        "placement": {
+            str(u): "".join(
+                str(urls.index(r["engine"])) if r["engine"] in urls else "?"
+                for r in sorted((r for r in records if r["user"] == u), key=lambda r: r["turn"])
+            )
+            for u in sorted({r["user"] for r in records})
+        },
+        "evicted_blocks": {
+            f"engine{urls.index(e.url)}": e.gpu.counters["removed_blocks"] if e.gpu is not None else None
+            for e in answer + prefill
+        },
         # the slowest first tokens: which turn, where, how much of its prompt was computed
         "slowest": [
             {

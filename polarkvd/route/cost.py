@@ -1,7 +1,8 @@
 """The router's choice of engine: the cost of a prompt on each engine, and the three policies.
 
 Owns the arithmetic only (pure functions over `EngineView`s, no I/O, no clock): what a hit from each
-tier is worth, what queued work adds, when load imbalance overrides affinity. The views are filled
+tier is worth, what queued work adds, what evicting other prompts from a full engine cache costs,
+when load imbalance overrides affinity. The views are filled
 by `polarkvd.route.engines`; the server applies the decision.
 """
 
@@ -40,8 +41,13 @@ class Weights:
     dram: float = 0.05
     disk: float = 0.2
     pool: float = 0.2
-    queued: float = 1.0  # per token of prefill in flight to the engine (not past its first token)
-    request: float = 32.0  # per request the engine runs or has waiting (decode steps it shares)
+    # A token computed costs this request's wait and, as much again, the wait of whoever comes after
+    # it on that engine; a token queued ahead only costs this request's wait: half as much.
+    queued: float = 0.5  # per token of prefill in flight to the engine (not past its first token)
+    request: float = 16.0  # per request the engine runs or has waiting (decode steps it shares)
+    # per token of other prompts the engine's full cache must drop to hold this one (their owners
+    # compute them again when they come back)
+    evict: float = 1.0
     imbalance_abs: int = 8  # requests: min..max difference past which affinity gives way ...
     imbalance_rel: float = 1.5  # ... when also the busiest has this many times the idlest's load
 
@@ -63,6 +69,7 @@ class EngineView:
     pool: int = 0  # leading tokens the best other cluster member holds
     queued_tokens: int = 0  # prefill (tokens the engine must compute) of requests not past their first token
     requests: int = 0  # running + waiting (the engine's own count, or the router's in-flight count)
+    room: int | None = None  # tokens its cache can take without evicting a cached prefix (None: unknown)
 
 
 def prefill_cost(prompt: int, v: EngineView, w: Weights) -> float:
@@ -85,8 +92,21 @@ def prefill_cost(prompt: int, v: EngineView, w: Weights) -> float:
     return cost + (prompt - covered)
 
 
+def evicted(prompt: int, v: EngineView) -> int:
+    """Tokens of cached prefixes `v`'s engine must drop to hold the `prompt` tokens its own cache
+    lacks (its cache is finite: past its room, each new block takes a cached one's place)."""
+    if v.room is None:
+        return 0
+    return max(0, prompt - min(v.gpu, prompt) - v.room)
+
+
 def cost(prompt: int, v: EngineView, w: Weights) -> float:
-    return prefill_cost(prompt, v, w) + v.queued_tokens * w.queued + v.requests * w.request
+    return (
+        prefill_cost(prompt, v, w)
+        + evicted(prompt, v) * w.evict
+        + v.queued_tokens * w.queued
+        + v.requests * w.request
+    )
 
 
 def _load(v: EngineView) -> tuple[int, int]:

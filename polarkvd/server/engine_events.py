@@ -120,6 +120,11 @@ class GpuPrefixes:
     def __len__(self) -> int:
         return len(self._held)
 
+    @property
+    def blocks(self) -> int:
+        """The engine's blocks that hold a cached prefix (as its events told them)."""
+        return len(self._blocks)
+
     def apply(self, events: list[Any]) -> None:
         """One decoded batch's events (maps tagged by `type`, as msgpack decodes vLLM's)."""
         for ev in events:

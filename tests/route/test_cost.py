@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from polarkvd.route.cost import EngineView, Policy, Reason, Weights, choose, cost, prefill_cost
+from polarkvd.route.cost import EngineView, Policy, Reason, Weights, choose, cost, evicted, prefill_cost
+from polarkvd.route.engines import Engine, EngineSpec
 from polarkvd.route.prefixes import RouteKeys, SentPrefixes
 
 W = Weights()
@@ -67,7 +68,52 @@ def test_bad_weights_and_no_engines_are_refused() -> None:
         Weights(queued=float("nan"))
     with pytest.raises(ValueError):
         choose(Policy.AFFINITY, 10, [], W)
-    assert cost(100, EngineView("a", queued_tokens=50, requests=1), Weights(request=10)) == 160
+    assert cost(100, EngineView("a", queued_tokens=50, requests=1), Weights(request=10, queued=1)) == 160
+
+
+def test_a_follow_up_stays_with_its_history_behind_another_users_cold_prompt() -> None:
+    # user 3's second turn (702 tokens, 640 of them in engine a's cache) just after another user's
+    # cold 662-token prompt went to a: waiting behind it costs this request about what computing
+    # its history again on the idle engine would, but that would also be 640 tokens of extra work
+    # for b's next requests (and its cache): it stays
+    views = [EngineView("a", gpu=640, queued_tokens=662, requests=2), EngineView("b", requests=1)]
+    assert choose(Policy.AFFINITY, 702, views, W) == (0, Reason.AFFINITY)
+    # a queue far longer than its history still sends it away
+    views[0].queued_tokens = 4000
+    assert choose(Policy.AFFINITY, 702, views, W)[0] == 1
+
+
+def test_a_new_prompt_goes_where_it_evicts_no_one() -> None:
+    # a's cache is full of three users' histories, b's has room: a new user's first turn on a would
+    # push 660 tokens of their histories out (computed again at their next turns)
+    full, roomy = EngineView("a", room=0), EngineView("b", room=2048, queued_tokens=400, requests=1)
+    assert evicted(660, full) == 660 and evicted(660, roomy) == 0
+    assert choose(Policy.AFFINITY, 660, [full, roomy], W)[0] == 1
+    # unknown room (no block count from the engine): no eviction is assumed
+    assert evicted(660, EngineView("c")) == 0
+    # only what the engine's own cache lacks needs room
+    assert evicted(1100, EngineView("a", gpu=1024, room=0)) == 76
+
+
+def test_a_follow_up_stays_on_its_full_engine_rather_than_recompute_its_history() -> None:
+    # its history's engine is full (its new tail evicts a little), the other has room but nothing
+    views = [EngineView("a", gpu=1024, room=0, requests=1), EngineView("b", room=4096)]
+    assert choose(Policy.AFFINITY, 1100, views, W)[0] == 0
+
+
+def test_an_engines_room_is_its_blocks_less_what_its_cache_holds_and_what_is_in_flight() -> None:
+    keys = RouteKeys("m")
+    e = Engine(EngineSpec("http://127.0.0.1:1"), keys)
+    assert e.room() is None  # its /metrics has not named its blocks yet
+    e.blocks, e.block_tokens = 28, 128  # as the poll reads them
+    assert e.room() == 27 * 128  # one block is vLLM's null block
+    e.sent.sent(keys.keys(list(range(640))))  # 5 blocks' worth sent to it (no events followed)
+    assert e.room() == 22 * 128
+    handle = e.queue(300)  # a prefill in flight: 3 more blocks
+    assert e.room() == 19 * 128
+    e.unqueue(handle)
+    e.sent.sent(keys.keys(list(range(10_000, 14_000))))  # more than it can hold: no room
+    assert e.room() == 0
 
 
 def test_the_record_of_what_was_sent_is_a_bounded_prefix_tree() -> None:
