@@ -117,17 +117,17 @@ class Engine:
         tokens = pages * self.page_tokens
         return tokens - tokens % self.block_tokens
 
-    def room(self) -> int | None:
+    def room(self, held: int | None = None) -> int | None:
         """Tokens the engine's cache can take before a new block must evict a cached one: its blocks
-        (one is vLLM's null block) less those holding cached prefixes (its events, else what the
-        router sent it) and those the prefills in flight to it will take; None while its size is
-        unknown."""
+        (one is vLLM's null block) less those holding cached prefixes (its events, else `held` as
+        its daemon follows them, else what the router sent it) and those the prefills in flight to
+        it will take; None while its size is unknown."""
         if self.blocks is None:
             return None
         b = self.block_tokens
         if self.gpu is not None:
             held = self.gpu.blocks
-        else:
+        elif held is None:
             held = -(-len(self.sent) * self.page_tokens // b)
         free = self.blocks - 1 - held - -(-self.queued_tokens // b)
         return max(0, free) * b

@@ -313,14 +313,16 @@ class Router:
             held = followed.get(ids[e.url]) if local and e.events is None else None
             if isinstance(held, int):
                 gpu = held - held % e.block_tokens
-            queued = e.queued(loads.get(ids[e.url]) if local else None, now)
+            report = loads.get(ids[e.url]) if local else None
+            queued = e.queued(report, now)
+            blocks = report.get("gpu_blocks") if isinstance(report, dict) else None
             views.append(
                 EngineView(
                     e.url,
                     gpu=gpu,
                     queued_tokens=queued,
                     requests=e.requests(),
-                    room=e.room(),
+                    room=e.room(blocks if isinstance(blocks, int) else None),
                     **host_tiers(ans, e.node),
                 )  # fmt: skip
             )

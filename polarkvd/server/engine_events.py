@@ -404,9 +404,11 @@ class EngineEvents:
 
     def loads(self, ns_digest: bytes) -> dict[str, dict[str, Any]]:
         """Per engine of this namespace that reports its load: the last report, its age in seconds,
-        and `stale` when it is older than LOAD_STALE_SECONDS and still says there is work."""
+        `stale` when it is older than LOAD_STALE_SECONDS and still says there is work, and with its
+        KV events followed, `gpu_blocks`: its blocks that hold a cached prefix (a router weighs
+        what a new prompt would evict there against the cache's size)."""
         now, out = self._clock(), {}
-        for session, load, at in self._loads.values():
+        for sid, (session, load, at) in self._loads.items():
             if session.ns.digest != ns_digest:
                 continue
             age = max(0.0, now - at)
@@ -420,6 +422,9 @@ class EngineEvents:
             }
             if load.url:
                 entry["url"] = load.url
+            followed = self._subs.get(sid)
+            if followed is not None:
+                entry["gpu_blocks"] = followed[1].prefixes.blocks
             out[session.engine_id] = entry
         return out
 

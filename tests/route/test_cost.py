@@ -112,6 +112,7 @@ def test_an_engines_room_is_its_blocks_less_what_its_cache_holds_and_what_is_in_
     handle = e.queue(300)  # a prefill in flight: 3 more blocks
     assert e.room() == 19 * 128
     e.unqueue(handle)
+    assert e.room(held=10) == 17 * 128  # its daemon's count of the blocks it holds (where's gpu_blocks)
     e.sent.sent(keys.keys(list(range(10_000, 14_000))))  # more than it can hold: no room
     assert e.room() == 0
 
