@@ -79,6 +79,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "users' conversations at their longest, so an engine holding every user's history must evict)",
     )  # fmt: skip
     p.add_argument("--no-pd", action="store_true", help="skip the prefill/decode split run (pool setting)")
+    p.add_argument(
+        "--repeat", type=int, default=1, metavar="N",
+        help="run the policies N times on the same engines (every other time in reverse order); the "
+        "first under `runs` as `SETTING/POLICY`, the others as `SETTING/POLICY/2`...; the ratios of each "
+        "under `by_repeat` (default 1)",
+    )  # fmt: skip
     p.add_argument("--model", help="the model folder (default: SmolLM2, converted on first use)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     plots.add_plot_arguments(p)
@@ -345,10 +351,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         min(args.users, args.turns, args.first, args.answer, args.in_flight) < 1
         or args.kv_blocks < 16
         or args.arrival < 0
+        or args.repeat < 1
     ):
         raise SystemExit(
-            "bench route: --users, --turns, --first, --answer and --in-flight must be positive, --kv-blocks >= 16, "
-            "--arrival >= 0"
+            "bench route: --users, --turns, --first, --answer, --in-flight and --repeat must be positive, "
+            "--kv-blocks >= 16, --arrival >= 0"
         )
     model = args.model or str(ensure_smollm2())
     runs: dict[str, dict[str, Any]] = {}
@@ -363,21 +370,45 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             "daemon.log_level": "warning"}  # fmt: skip
                     sock, control = stack.enter_context(private_daemon(sets))
                 eng = stack.enter_context(engines(model, root, sock, args.kv_blocks))
-                for policy in policies + (["pd"] if setting == "pool" and not args.no_pd else []):
-                    say(f"{setting}: {policy}")
-                    runs[f"{setting}/{policy}"] = one_run(eng, policy, model, control, args)
+                for r in range(args.repeat):
+                    order = policies if r % 2 == 0 else policies[::-1]
+                    for policy in order + (["pd"] if setting == "pool" and not args.no_pd and r == 0 else []):
+                        name = f"{setting}/{policy}" + (f"/{r + 1}" if r else "")
+                        say(name)
+                        runs[name] = one_run(eng, policy, model, control, args)
     return summarise(runs, args)
 
 
-def summarise(runs: dict[str, dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
+BARS = ("nopool_affinity_vs_rr_tokens", "nopool_affinity_vs_rr_ttft", "pool_affinity_vs_rr_ttft",
+        "pool_affinity_p99_lowest")  # fmt: skip
+
+
+def bars(runs: dict[str, dict[str, Any]], suffix: str = "") -> dict[str, Any]:
+    """Issue 19's ratios over one repetition's runs (`suffix` "" for the first, "/2" for the second...);
+    None where a run was not made."""
+
     def get(setting: str, policy: str, key: str) -> float | None:
-        r = runs.get(f"{setting}/{policy}")
+        r = runs.get(f"{setting}/{policy}{suffix}")
         return None if r is None else float(r[key])
 
     def r3(v: float | None) -> float | None:
         return None if v is None else round(v, 3)
 
+    def vs_rr(setting: str, key: str) -> float | None:
+        return r3(ratio(get(setting, "affinity", key), get(setting, "round-robin", key)))
+
     p99 = {p: get("pool", p, "ttft_p99_s") for p in POLICIES}
+    return {
+        "nopool_affinity_vs_rr_tokens": vs_rr("nopool", "computed_tokens"),
+        "nopool_affinity_vs_rr_ttft": vs_rr("nopool", "ttft_mean_s"),
+        "pool_affinity_vs_rr_ttft": vs_rr("pool", "ttft_mean_s"),
+        "pool_affinity_p99_lowest": (
+            None if None in p99.values() else p99["affinity"] == min(v for v in p99.values() if v is not None)
+        ),  # fmt: skip
+    }
+
+
+def summarise(runs: dict[str, dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
     # greedy answers of the split against the same conversations answered whole by one engine each
     pd = runs.get("pool/pd", {}).get("outputs")
     whole = next(
@@ -390,6 +421,8 @@ def summarise(runs: dict[str, dict[str, Any]], args: argparse.Namespace) -> dict
     )
     for r in runs.values():
         r.pop("outputs", None)
+    repeats = getattr(args, "repeat", 1)  # a Namespace from an older recording lacks it
+    each = [bars(runs, f"/{i + 1}" if i else "") for i in range(repeats)]
     return {
         "workload": {
             "users": args.users,
@@ -401,22 +434,10 @@ def summarise(runs: dict[str, dict[str, Any]], args: argparse.Namespace) -> dict
             "cores_per_engine": 1,
         },  # fmt: skip
         "runs": runs,
-        "nopool_affinity_vs_rr_tokens": r3(
-            ratio(
-                get("nopool", "affinity", "computed_tokens"), get("nopool", "round-robin", "computed_tokens")
-            )
-        ),
-        "nopool_affinity_vs_rr_ttft": r3(
-            ratio(get("nopool", "affinity", "ttft_mean_s"), get("nopool", "round-robin", "ttft_mean_s"))
-        ),
-        "pool_affinity_vs_rr_ttft": r3(
-            ratio(get("pool", "affinity", "ttft_mean_s"), get("pool", "round-robin", "ttft_mean_s"))
-        ),
-        "pool_affinity_p99_lowest": (
-            None if None in p99.values() else p99["affinity"] == min(v for v in p99.values() if v is not None)
-        ),  # fmt: skip
+        **each[0],
         "pd_outputs_identical": None if pd is None or whole is None else pd == whole,
         "where_p50_ms": None,  # measured by `polarkvd bench where`
+        **({"by_repeat": {k: [b[k] for b in each] for k in BARS}} if repeats > 1 else {}),
     }
 
 
@@ -437,8 +458,10 @@ def main(args: argparse.Namespace) -> int:
                 for name, r in res["runs"].items()]  # fmt: skip
         print(table(rows, ["setting/policy", "requests", "TTFT mean s", "TTFT p99 s", "computed tokens",
                            "prompt tokens", "requests per engine"]))  # fmt: skip
-        for k in ("nopool_affinity_vs_rr_tokens", "nopool_affinity_vs_rr_ttft", "pool_affinity_vs_rr_ttft",
-                  "pool_affinity_p99_lowest"):  # fmt: skip
-            print(f"{k} = {res[k]}")
+        for k in BARS:
+            print(
+                f"{k} = {res[k]}"
+                + (f" (each repetition: {res['by_repeat'][k]})" if "by_repeat" in res else "")
+            )
     plots.after_run("route", res, args)
     return 0
