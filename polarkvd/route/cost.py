@@ -41,13 +41,14 @@ class Weights:
     dram: float = 0.05
     disk: float = 0.2
     pool: float = 0.2
-    # A token computed costs this request's wait and, as much again, the wait of whoever comes after
-    # it on that engine; a token queued ahead only costs this request's wait: half as much.
-    queued: float = 0.5  # per token of prefill in flight to the engine (not past its first token)
-    request: float = 16.0  # per request the engine runs or has waiting (decode steps it shares)
-    # per token of other prompts the engine's full cache must drop to hold this one (their owners
-    # compute them again when they come back)
-    evict: float = 1.0
+    queued: float = 1.0  # per token of prefill in flight to the engine (not past its first token)
+    request: float = 32.0  # per request the engine runs or has waiting (decode steps it shares)
+    # per token this prompt adds to an engine's cache past its room or its share of what all the
+    # caches hold: tokens of other conversations it will push out, computed again at their next
+    # turns. 2: a conversation too many for a cache evicts at each of the others' turns (LRU over
+    # a cycle of conversations), not once. An engine whose host's daemon keeps what it computes
+    # gets them back from DRAM instead (`dram`).
+    evict: float = 2.0
     imbalance_abs: int = 8  # requests: min..max difference past which affinity gives way ...
     imbalance_rel: float = 1.5  # ... when also the busiest has this many times the idlest's load
 
@@ -69,7 +70,9 @@ class EngineView:
     pool: int = 0  # leading tokens the best other cluster member holds
     queued_tokens: int = 0  # prefill (tokens the engine must compute) of requests not past their first token
     requests: int = 0  # running + waiting (the engine's own count, or the router's in-flight count)
-    room: int | None = None  # tokens its cache can take without evicting a cached prefix (None: unknown)
+    held: int = 0  # tokens its cache holds (cached prefixes, and the prefills in flight to it)
+    capacity: int | None = None  # tokens its cache can hold (None: unknown)
+    stored: bool = False  # what it computes is kept by its host's polarkvd daemon (evicted: reloaded)
 
 
 def prefill_cost(prompt: int, v: EngineView, w: Weights) -> float:
@@ -92,18 +95,35 @@ def prefill_cost(prompt: int, v: EngineView, w: Weights) -> float:
     return cost + (prompt - covered)
 
 
-def evicted(prompt: int, v: EngineView) -> int:
-    """Tokens of cached prefixes `v`'s engine must drop to hold the `prompt` tokens its own cache
-    lacks (its cache is finite: past its room, each new block takes a cached one's place)."""
-    if v.room is None:
+def shares(prompt: int, views: Sequence[EngineView]) -> list[float | None]:
+    """Each engine's share of what all the caches would hold with this prompt added: the total
+    split by their sizes (None for all when one's size is unknown)."""
+    caps = [v.capacity for v in views]
+    if any(c is None or c <= 0 for c in caps):
+        return [None] * len(views)
+    total, size = sum(v.held for v in views) + prompt, sum(c for c in caps if c is not None)
+    return [total * c / size for c in caps if c is not None]
+
+
+def evicted(prompt: int, v: EngineView, share: float | None = None) -> int:
+    """Tokens of other prompts `v`'s engine would drop, now or as its conversations grow, to hold
+    the `prompt` tokens its own cache lacks: what they take past its room (its cache is finite:
+    each new block then takes a cached one's place), or past its `share` of what all the caches
+    hold (the engine holding more than its share is the first to evict as they all fill)."""
+    if v.capacity is None:
         return 0
-    return max(0, prompt - min(v.gpu, prompt) - v.room)
+    new = prompt - min(v.gpu, prompt)
+    over = v.held + new - v.capacity
+    if share is not None:
+        over = max(over, round(v.held + new - share))
+    return min(new, max(0, over))
 
 
-def cost(prompt: int, v: EngineView, w: Weights) -> float:
+def cost(prompt: int, v: EngineView, w: Weights, share: float | None = None) -> float:
+    evict = w.dram if v.stored else w.evict
     return (
         prefill_cost(prompt, v, w)
-        + evicted(prompt, v) * w.evict
+        + evicted(prompt, v, share) * evict
         + v.queued_tokens * w.queued
         + v.requests * w.request
     )
@@ -140,7 +160,7 @@ def choose(
         return least_loaded(views, turn % n), Reason.LEAST_LOADED
     if n > 1 and imbalanced(views, w):
         return least_loaded(views, turn % n), Reason.IMBALANCE
-    costs = [cost(prompt, v, w) for v in views]
+    costs = [cost(prompt, v, w, s) for v, s in zip(views, shares(prompt, views))]
     order = [(turn + i) % n for i in range(n)]
     best = min(order, key=lambda i: costs[i])
     cached = any(max(v.gpu, v.dram + v.disk, v.pool) > 0 for v in views)

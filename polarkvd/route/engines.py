@@ -117,20 +117,21 @@ class Engine:
         tokens = pages * self.page_tokens
         return tokens - tokens % self.block_tokens
 
-    def room(self, held: int | None = None) -> int | None:
-        """Tokens the engine's cache can take before a new block must evict a cached one: its blocks
-        (one is vLLM's null block) less those holding cached prefixes (its events, else `held` as
-        its daemon follows them, else what the router sent it) and those the prefills in flight to
-        it will take; None while its size is unknown."""
-        if self.blocks is None:
-            return None
+    def capacity(self) -> int | None:
+        """Tokens its KV cache can hold: its blocks as its /metrics names them, less vLLM's null
+        block; None while unknown."""
+        return None if self.blocks is None else (self.blocks - 1) * self.block_tokens
+
+    def held(self, blocks: int | None = None) -> int:
+        """Tokens its cache holds: the blocks holding cached prefixes (its events, else `blocks` as
+        its daemon follows them, else what the router sent it), and those the prefills in flight
+        to it will fill."""
         b = self.block_tokens
         if self.gpu is not None:
-            held = self.gpu.blocks
-        elif held is None:
-            held = -(-len(self.sent) * self.page_tokens // b)
-        free = self.blocks - 1 - held - -(-self.queued_tokens // b)
-        return max(0, free) * b
+            blocks = self.gpu.blocks
+        elif blocks is None:
+            blocks = -(-len(self.sent) * self.page_tokens // b)
+        return (blocks + -(-self.queued_tokens // b)) * b
 
     def queue(self, work: int, at: float | None = None) -> object:
         """A request with `work` prefill tokens sent to the engine (now, or at monotonic time `at`);

@@ -322,7 +322,9 @@ class Router:
                     gpu=gpu,
                     queued_tokens=queued,
                     requests=e.requests(),
-                    room=e.room(blocks if isinstance(blocks, int) else None),
+                    held=e.held(blocks if isinstance(blocks, int) else None),
+                    capacity=e.capacity(),
+                    stored=local or e.node != LOCAL,
                     **host_tiers(ans, e.node),
                 )  # fmt: skip
             )

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from polarkvd.route.cost import EngineView, Policy, Reason, Weights, choose, cost, evicted, prefill_cost
+from polarkvd.route.cost import (
+    EngineView,
+    Policy,
+    Reason,
+    Weights,
+    choose,
+    cost,
+    evicted,
+    prefill_cost,
+    shares,
+)
 from polarkvd.route.engines import Engine, EngineSpec
 from polarkvd.route.prefixes import RouteKeys, SentPrefixes
 
@@ -68,53 +78,67 @@ def test_bad_weights_and_no_engines_are_refused() -> None:
         Weights(queued=float("nan"))
     with pytest.raises(ValueError):
         choose(Policy.AFFINITY, 10, [], W)
-    assert cost(100, EngineView("a", queued_tokens=50, requests=1), Weights(request=10, queued=1)) == 160
+    assert cost(100, EngineView("a", queued_tokens=50, requests=1), Weights(request=10)) == 160
 
 
-def test_a_follow_up_stays_with_its_history_behind_another_users_cold_prompt() -> None:
-    # user 3's second turn (702 tokens, 640 of them in engine a's cache) just after another user's
-    # cold 662-token prompt went to a: waiting behind it costs this request about what computing
-    # its history again on the idle engine would, but that would also be 640 tokens of extra work
-    # for b's next requests (and its cache): it stays
-    views = [EngineView("a", gpu=640, queued_tokens=662, requests=2), EngineView("b", requests=1)]
-    assert choose(Policy.AFFINITY, 702, views, W) == (0, Reason.AFFINITY)
-    # a queue far longer than its history still sends it away
-    views[0].queued_tokens = 4000
-    assert choose(Policy.AFFINITY, 702, views, W)[0] == 1
+CAP = 27 * 128  # a 28-block vLLM cache of 128-token blocks (one is its null block)
 
 
-def test_a_new_prompt_goes_where_it_evicts_no_one() -> None:
-    # a's cache is full of three users' histories, b's has room: a new user's first turn on a would
-    # push 660 tokens of their histories out (computed again at their next turns)
-    full, roomy = EngineView("a", room=0), EngineView("b", room=2048, queued_tokens=400, requests=1)
-    assert evicted(660, full) == 660 and evicted(660, roomy) == 0
-    assert choose(Policy.AFFINITY, 660, [full, roomy], W)[0] == 1
-    # unknown room (no block count from the engine): no eviction is assumed
-    assert evicted(660, EngineView("c")) == 0
+def test_a_new_conversation_goes_to_the_cache_that_holds_less_not_the_shorter_queue() -> None:
+    # a holds two users' histories, b the one user's whose first prompt it is computing: the third
+    # user's 660-token first turn waits less on a, but on a it is past a's share of what the caches
+    # hold: as the three histories grow, a evicts at each of their turns
+    a = EngineView("a", held=1280, capacity=CAP, requests=2)
+    b = EngineView("b", held=656, capacity=CAP, queued_tokens=656, requests=1)
+    assert choose(Policy.AFFINITY, 660, [a, b], W)[0] == 1
+    share_a, share_b = shares(660, [a, b])
+    assert share_a == share_b == (1280 + 656 + 660) / 2
+    assert evicted(660, a, share_a) == 1280 + 660 - share_a and evicted(660, b, share_b) == 18
+    # without the caches' sizes (an engine whose /metrics does not name them): the queue decides
+    a.capacity = None
+    assert choose(Policy.AFFINITY, 660, [a, b], W)[0] == 0
+    # engines whose host's daemon keeps what they compute reload what they evict from DRAM: the
+    # queue decides again
+    a.capacity, a.stored, b.stored = CAP, True, True
+    assert choose(Policy.AFFINITY, 660, [a, b], W)[0] == 0
+
+
+def test_a_follow_up_does_not_leave_its_history_for_a_fuller_cache() -> None:
+    # user 3's second turn (702 tokens, 640 of them in a's cache) just after another user's cold
+    # prompt went to a: b is idle but holds two histories already; recomputing user 3's there
+    # would crowd b's cache
+    a = EngineView("a", gpu=640, held=1280 + 662, capacity=CAP, queued_tokens=662, requests=2)
+    b = EngineView("b", held=1408, capacity=CAP, requests=1)
+    assert choose(Policy.AFFINITY, 702, [a, b], W) == (0, Reason.AFFINITY)
+    # nothing known of the caches: the queue sends it away
+    a.capacity = b.capacity = None
+    assert choose(Policy.AFFINITY, 702, [a, b], W)[0] == 1
+
+
+def test_a_prompt_past_a_full_caches_room_evicts_even_at_its_share() -> None:
+    full = EngineView("a", held=CAP, capacity=CAP)
+    assert evicted(660, full) == 660 and evicted(660, EngineView("b", held=0, capacity=CAP)) == 0
+    assert evicted(660, EngineView("c")) == 0  # size unknown: no eviction assumed
     # only what the engine's own cache lacks needs room
-    assert evicted(1100, EngineView("a", gpu=1024, room=0)) == 76
-
-
-def test_a_follow_up_stays_on_its_full_engine_rather_than_recompute_its_history() -> None:
-    # its history's engine is full (its new tail evicts a little), the other has room but nothing
-    views = [EngineView("a", gpu=1024, room=0, requests=1), EngineView("b", room=4096)]
+    assert evicted(1100, EngineView("a", gpu=1024, held=CAP, capacity=CAP)) == 76
+    # a follow-up stays on its full engine rather than compute its whole history on one with room
+    views = [EngineView("a", gpu=1024, held=CAP, capacity=CAP, requests=1), EngineView("b", capacity=CAP)]
     assert choose(Policy.AFFINITY, 1100, views, W)[0] == 0
 
 
-def test_an_engines_room_is_its_blocks_less_what_its_cache_holds_and_what_is_in_flight() -> None:
+def test_an_engines_cache_is_its_blocks_and_what_it_holds_is_what_it_caches_and_computes() -> None:
     keys = RouteKeys("m")
     e = Engine(EngineSpec("http://127.0.0.1:1"), keys)
-    assert e.room() is None  # its /metrics has not named its blocks yet
+    assert e.capacity() is None  # its /metrics has not named its blocks yet
     e.blocks, e.block_tokens = 28, 128  # as the poll reads them
-    assert e.room() == 27 * 128  # one block is vLLM's null block
+    assert e.capacity() == 27 * 128  # one block is vLLM's null block
+    assert e.held() == 0
     e.sent.sent(keys.keys(list(range(640))))  # 5 blocks' worth sent to it (no events followed)
-    assert e.room() == 22 * 128
+    assert e.held() == 5 * 128
     handle = e.queue(300)  # a prefill in flight: 3 more blocks
-    assert e.room() == 19 * 128
+    assert e.held() == 8 * 128
     e.unqueue(handle)
-    assert e.room(held=10) == 17 * 128  # its daemon's count of the blocks it holds (where's gpu_blocks)
-    e.sent.sent(keys.keys(list(range(10_000, 14_000))))  # more than it can hold: no room
-    assert e.room() == 0
+    assert e.held(blocks=10) == 10 * 128  # its daemon's count of the blocks it holds (where's gpu_blocks)
 
 
 def test_the_record_of_what_was_sent_is_a_bounded_prefix_tree() -> None:
