@@ -300,6 +300,14 @@ def one_run(
         **split,
         "ttft_mean_s": round(ttft["mean"], 4),
         "ttft_p99_s": round(ttft["p99"], 4),
+        # the users' first turns (a private prompt nothing holds: the same work under every policy)
+        # apart from their follow-ups (where the routing decides what is cached)
+        "first_turns_ttft_s": [
+            round(r["ttft_s"], 3) for r in sorted(records, key=lambda r: r["user"]) if r["turn"] == 0
+        ],
+        "follow_ups_ttft_p99_s": round(
+            mean_percentiles([r["ttft_s"] for r in records if r["turn"] > 0])["p99"], 4
+        ),
         "prompt_tokens": sum(r["prompt_tokens"] for r in records),
         "computed_tokens": sum(r["prompt_tokens"] - r["cached_tokens"] for r in records),
         "requests": len(records),
