@@ -166,3 +166,20 @@ def test_keys_name_their_model_and_whole_prefix() -> None:
     assert a.keys(list(range(32))) != b.keys(list(range(32)))
     assert a.keys(list(range(32)))[0] == a.keys(list(range(16)) + [9] * 16)[0]
     assert len(a.keys(list(range(31)))) == 1  # whole pages only
+
+
+def test_what_a_followed_engine_holds_is_its_stored_blocks_less_its_removed_ones() -> None:
+    from polarkvd.server.engine_events import GpuPrefixes
+
+    gpu = GpuPrefixes(bytes(16), 16)
+
+    def stored(h: bytes, parent: bytes | None, tokens: list[int]) -> dict[str, object]:
+        return {"type": "BlockStored", "block_hashes": [h], "parent_block_hash": parent, "token_ids": tokens,
+                "block_size": len(tokens), "lora_id": None, "medium": "GPU", "lora_name": None}  # fmt: skip
+
+    gpu.apply([stored(b"a", None, list(range(128))), stored(b"b", b"a", list(range(128, 256)))])
+    assert gpu.blocks == 2 and len(gpu) == 16  # two 128-token blocks: 16 pages of 16
+    gpu.apply([{"type": "BlockRemoved", "block_hashes": [b"b"], "medium": "GPU"}])
+    assert gpu.blocks == 1
+    gpu.apply([{"type": "AllBlocksCleared"}])
+    assert gpu.blocks == 0
