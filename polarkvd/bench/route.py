@@ -322,7 +322,7 @@ def one_run(
         "wall_s": round(wall, 2),
         "per_engine": per_engine,
         # each user's turns by engine index, in order ("0011..."), and the engine's prefix-cache
-        # blocks evicted during the run (its KV events' removals, as the router followed them)
+        # blocks evicted during the run (its KV events' removals since the reset before the run)
         "placement": {
             str(u): "".join(
                 str(urls.index(r["engine"])) if r["engine"] in urls else "?"
@@ -331,7 +331,7 @@ def one_run(
             for u in sorted({r["user"] for r in records})
         },
         "evicted_blocks": {
-            f"engine{urls.index(e.url)}": e.gpu.counters["removed_blocks"] if e.gpu is not None else None
+            f"engine{urls.index(e.url)}": e.gpu.removed_since_clear if e.gpu is not None else None
             for e in answer + prefill
         },
         # the slowest first tokens: which turn, where, how much of its prompt was computed

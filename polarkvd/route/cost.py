@@ -49,6 +49,10 @@ class Weights:
     # a cycle of conversations), not once. An engine whose host's daemon keeps what it computes
     # gets them back from DRAM instead (`dram`).
     evict: float = 2.0
+    # per token this engine would compute that another engine would not (has it cached, or loads
+    # it): work done twice, which delays whoever comes after it there; a follow-up does not leave
+    # its history's engine for a queue shorter than the history
+    redundant: float = 1.0
     imbalance_abs: int = 8  # requests: min..max difference past which affinity gives way ...
     imbalance_rel: float = 1.5  # ... when also the busiest has this many times the idlest's load
 
@@ -119,10 +123,22 @@ def evicted(prompt: int, v: EngineView, share: float | None = None) -> int:
     return min(new, max(0, over))
 
 
-def cost(prompt: int, v: EngineView, w: Weights, share: float | None = None) -> float:
+def computed(prompt: int, v: EngineView) -> int:
+    """Tokens of `prompt` `v`'s engine would compute: past the longest run any place holds for it."""
+    return prompt - min(prompt, max(v.gpu, v.dram + v.disk, v.pool))
+
+
+def cost(
+    prompt: int, v: EngineView, w: Weights, share: float | None = None, least_computed: int | None = None
+) -> float:
+    """`v`'s cost for `prompt`: its prefill (`prefill_cost`), what it crowds out of its cache (at
+    `share`, the engine's share of all caches), the tokens it computes past `least_computed` (the
+    fewest any engine would compute), its queued work."""
     evict = w.dram if v.stored else w.evict
+    extra = 0 if least_computed is None else computed(prompt, v) - least_computed
     return (
         prefill_cost(prompt, v, w)
+        + extra * w.redundant
         + evicted(prompt, v, share) * evict
         + v.queued_tokens * w.queued
         + v.requests * w.request
@@ -160,7 +176,8 @@ def choose(
         return least_loaded(views, turn % n), Reason.LEAST_LOADED
     if n > 1 and imbalanced(views, w):
         return least_loaded(views, turn % n), Reason.IMBALANCE
-    costs = [cost(prompt, v, w, s) for v, s in zip(views, shares(prompt, views))]
+    least = min(computed(prompt, v) for v in views)
+    costs = [cost(prompt, v, w, s, least) for v, s in zip(views, shares(prompt, views))]
     order = [(turn + i) % n for i in range(n)]
     best = min(order, key=lambda i: costs[i])
     cached = any(max(v.gpu, v.dram + v.disk, v.pool) > 0 for v in views)

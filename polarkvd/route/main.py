@@ -98,7 +98,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         ("pool", "a token in the cluster pool"),
         ("queued", "a prompt token queued on the engine"),
         ("request", "a request running or waiting on the engine"),
-        ("evict", "a token of other prompts the engine's full cache must drop for this one"),
+        ("evict", "a token of other conversations this prompt crowds out of the engine's cache"),
+        ("redundant", "a token the engine would compute that another engine has cached"),
     ):
         default = getattr(w, name)
         g.add_argument(
@@ -164,6 +165,7 @@ def build(args: argparse.Namespace) -> Router:
     weights = Weights(
         gpu=args.weight_gpu, dram=args.weight_dram, disk=args.weight_disk, pool=args.weight_pool,
         queued=args.weight_queued, request=args.weight_request, evict=args.weight_evict,
+        redundant=args.weight_redundant,
         imbalance_abs=args.imbalance,
     )  # fmt: skip
     if not 0 < args.poll_interval < float("inf"):  # NaN too

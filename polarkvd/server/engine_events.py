@@ -107,6 +107,7 @@ class GpuPrefixes:
         self._blocks: dict[Any, _Block] = {}
         self._held: dict[bytes, int] = {}  # page key -> blocks that completed it (shared prefixes)
         self.counters = {"stored_blocks": 0, "removed_blocks": 0, "skipped_blocks": 0, "cleared": 0, "bad": 0}
+        self.removed_since_clear = 0  # blocks evicted since the engine's cache was last emptied
 
     def leading(self, keys: Sequence[bytes]) -> int:
         """How many of `keys`, from the first, this engine's GPU holds without a gap."""
@@ -138,6 +139,7 @@ class GpuPrefixes:
                     self._blocks.clear()
                     self._held.clear()
                     self.counters["cleared"] += 1
+                    self.removed_since_clear = 0
                 else:
                     self.counters["bad"] += 1
             except (TypeError, ValueError, KeyError, AttributeError):
@@ -191,6 +193,7 @@ class GpuPrefixes:
             if b is None:
                 continue
             self.counters["removed_blocks"] += 1
+            self.removed_since_clear += 1
             for p in b.pages:
                 n = self._held.get(p, 0) - 1
                 if n > 0:

@@ -103,14 +103,27 @@ def test_a_new_conversation_goes_to_the_cache_that_holds_less_not_the_shorter_qu
     assert choose(Policy.AFFINITY, 660, [a, b], W)[0] == 0
 
 
-def test_a_follow_up_does_not_leave_its_history_for_a_fuller_cache() -> None:
+def test_a_follow_up_does_not_recompute_its_history_elsewhere_for_a_queue_shorter_than_it() -> None:
     # user 3's second turn (702 tokens, 640 of them in a's cache) just after another user's cold
-    # prompt went to a: b is idle but holds two histories already; recomputing user 3's there
-    # would crowd b's cache
-    a = EngineView("a", gpu=640, held=1280 + 662, capacity=CAP, queued_tokens=662, requests=2)
-    b = EngineView("b", held=1408, capacity=CAP, requests=1)
+    # 662-token prompt went to a: waiting behind it costs this request about what computing its
+    # history on the idle b would, but that is 640 tokens computed twice, which delay whoever
+    # comes to b after it
+    a = EngineView("a", gpu=640, queued_tokens=662, requests=2)
+    b = EngineView("b", requests=1)
     assert choose(Policy.AFFINITY, 702, [a, b], W) == (0, Reason.AFFINITY)
-    # nothing known of the caches: the queue sends it away
+    assert cost(702, b, W, least_computed=62) - cost(702, b, W) == 640
+    # a queue far longer than its history still sends it away
+    a.queued_tokens = 4000
+    assert choose(Policy.AFFINITY, 702, [a, b], W)[0] == 1
+    # with the pool holding its history, b loads it instead of computing it: nothing is computed
+    # twice, and the queue sends it to b
+    a.queued_tokens, a.pool, b.pool = 662, 640, 640
+    assert choose(Policy.AFFINITY, 702, [a, b], W)[0] == 1
+    # b holding two histories already: recomputing a third there would also crowd its cache
+    a.pool = b.pool = 0
+    a.queued_tokens = 1400
+    b.held, a.held, a.capacity, b.capacity = 1408, 1280 + 662, CAP, CAP
+    assert choose(Policy.AFFINITY, 702, [a, b], W)[0] == 0
     a.capacity = b.capacity = None
     assert choose(Policy.AFFINITY, 702, [a, b], W)[0] == 1
 
@@ -180,6 +193,6 @@ def test_what_a_followed_engine_holds_is_its_stored_blocks_less_its_removed_ones
     gpu.apply([stored(b"a", None, list(range(128))), stored(b"b", b"a", list(range(128, 256)))])
     assert gpu.blocks == 2 and len(gpu) == 16  # two 128-token blocks: 16 pages of 16
     gpu.apply([{"type": "BlockRemoved", "block_hashes": [b"b"], "medium": "GPU"}])
-    assert gpu.blocks == 1
+    assert gpu.blocks == 1 and gpu.removed_since_clear == 1
     gpu.apply([{"type": "AllBlocksCleared"}])
-    assert gpu.blocks == 0
+    assert gpu.blocks == 0 and gpu.removed_since_clear == 0 and gpu.counters["removed_blocks"] == 1
