@@ -146,6 +146,9 @@ def test_where_reports_an_attached_engines_gpu_prefix(publisher, daemon) -> None
                 # the engine keeps publishing: a later batch shows a gap if the first was missed
                 publish(p, kv_events.BlockRemoved(block_hashes=[b"none"], medium="GPU"))
                 time.sleep(0.05)
+            # with its load, the blocks its cache holds (a router weighs evictions by them)
+            kv.report_load(1, 0, 100)
+            assert c.where(query)["engine_load"]["gpu-1"]["gpu_blocks"] == 3
         # detached (its connection closed, which the daemon sees a moment later): no longer followed
         deadline = time.monotonic() + 10
         while c.where(query)["engines"] != {}:

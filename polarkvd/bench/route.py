@@ -79,6 +79,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "users' conversations at their longest, so an engine holding every user's history must evict)",
     )  # fmt: skip
     p.add_argument("--no-pd", action="store_true", help="skip the prefill/decode split run (pool setting)")
+    p.add_argument(
+        "--repeat", type=int, default=1, metavar="N",
+        help="run the policies N times on the same engines (every other time in reverse order); the "
+        "first under `runs` as `SETTING/POLICY`, the others as `SETTING/POLICY/2`...; the ratios of each "
+        "under `by_repeat` (default 1)",
+    )  # fmt: skip
     p.add_argument("--model", help="the model folder (default: SmolLM2, converted on first use)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     plots.add_plot_arguments(p)
@@ -294,6 +300,14 @@ def one_run(
         **split,
         "ttft_mean_s": round(ttft["mean"], 4),
         "ttft_p99_s": round(ttft["p99"], 4),
+        # the users' first turns (a private prompt nothing holds: the same work under every policy)
+        # apart from their follow-ups (where the routing decides what is cached)
+        "first_turns_ttft_s": [
+            round(r["ttft_s"], 3) for r in sorted(records, key=lambda r: r["user"]) if r["turn"] == 0
+        ],
+        "follow_ups_ttft_p99_s": round(
+            mean_percentiles([r["ttft_s"] for r in records if r["turn"] > 0])["p99"], 4
+        ),
         "prompt_tokens": sum(r["prompt_tokens"] for r in records),
         "computed_tokens": sum(r["prompt_tokens"] - r["cached_tokens"] for r in records),
         "requests": len(records),
@@ -307,6 +321,19 @@ def one_run(
         ),
         "wall_s": round(wall, 2),
         "per_engine": per_engine,
+        # each user's turns by engine index, in order ("0011..."), and the engine's prefix-cache
+        # blocks evicted during the run (its KV events' removals since the reset before the run)
+        "placement": {
+            str(u): "".join(
+                str(urls.index(r["engine"])) if r["engine"] in urls else "?"
+                for r in sorted((r for r in records if r["user"] == u), key=lambda r: r["turn"])
+            )
+            for u in sorted({r["user"] for r in records})
+        },
+        "evicted_blocks": {
+            f"engine{urls.index(e.url)}": e.gpu.removed_since_clear if e.gpu is not None else None
+            for e in answer + prefill
+        },
         # the slowest first tokens: which turn, where, how much of its prompt was computed
         "slowest": [
             {
@@ -332,10 +359,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         min(args.users, args.turns, args.first, args.answer, args.in_flight) < 1
         or args.kv_blocks < 16
         or args.arrival < 0
+        or args.repeat < 1
     ):
         raise SystemExit(
-            "bench route: --users, --turns, --first, --answer and --in-flight must be positive, --kv-blocks >= 16, "
-            "--arrival >= 0"
+            "bench route: --users, --turns, --first, --answer, --in-flight and --repeat must be positive, "
+            "--kv-blocks >= 16, --arrival >= 0"
         )
     model = args.model or str(ensure_smollm2())
     runs: dict[str, dict[str, Any]] = {}
@@ -350,21 +378,45 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             "daemon.log_level": "warning"}  # fmt: skip
                     sock, control = stack.enter_context(private_daemon(sets))
                 eng = stack.enter_context(engines(model, root, sock, args.kv_blocks))
-                for policy in policies + (["pd"] if setting == "pool" and not args.no_pd else []):
-                    say(f"{setting}: {policy}")
-                    runs[f"{setting}/{policy}"] = one_run(eng, policy, model, control, args)
+                for r in range(args.repeat):
+                    order = policies if r % 2 == 0 else policies[::-1]
+                    for policy in order + (["pd"] if setting == "pool" and not args.no_pd and r == 0 else []):
+                        name = f"{setting}/{policy}" + (f"/{r + 1}" if r else "")
+                        say(name)
+                        runs[name] = one_run(eng, policy, model, control, args)
     return summarise(runs, args)
 
 
-def summarise(runs: dict[str, dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
+BARS = ("nopool_affinity_vs_rr_tokens", "nopool_affinity_vs_rr_ttft", "pool_affinity_vs_rr_ttft",
+        "pool_affinity_p99_lowest")  # fmt: skip
+
+
+def bars(runs: dict[str, dict[str, Any]], suffix: str = "") -> dict[str, Any]:
+    """Issue 19's ratios over one repetition's runs (`suffix` "" for the first, "/2" for the second...);
+    None where a run was not made."""
+
     def get(setting: str, policy: str, key: str) -> float | None:
-        r = runs.get(f"{setting}/{policy}")
+        r = runs.get(f"{setting}/{policy}{suffix}")
         return None if r is None else float(r[key])
 
     def r3(v: float | None) -> float | None:
         return None if v is None else round(v, 3)
 
+    def vs_rr(setting: str, key: str) -> float | None:
+        return r3(ratio(get(setting, "affinity", key), get(setting, "round-robin", key)))
+
     p99 = {p: get("pool", p, "ttft_p99_s") for p in POLICIES}
+    return {
+        "nopool_affinity_vs_rr_tokens": vs_rr("nopool", "computed_tokens"),
+        "nopool_affinity_vs_rr_ttft": vs_rr("nopool", "ttft_mean_s"),
+        "pool_affinity_vs_rr_ttft": vs_rr("pool", "ttft_mean_s"),
+        "pool_affinity_p99_lowest": (
+            None if None in p99.values() else p99["affinity"] == min(v for v in p99.values() if v is not None)
+        ),  # fmt: skip
+    }
+
+
+def summarise(runs: dict[str, dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
     # greedy answers of the split against the same conversations answered whole by one engine each
     pd = runs.get("pool/pd", {}).get("outputs")
     whole = next(
@@ -377,6 +429,8 @@ def summarise(runs: dict[str, dict[str, Any]], args: argparse.Namespace) -> dict
     )
     for r in runs.values():
         r.pop("outputs", None)
+    repeats = getattr(args, "repeat", 1)  # a Namespace from an older recording lacks it
+    each = [bars(runs, f"/{i + 1}" if i else "") for i in range(repeats)]
     return {
         "workload": {
             "users": args.users,
@@ -388,22 +442,10 @@ def summarise(runs: dict[str, dict[str, Any]], args: argparse.Namespace) -> dict
             "cores_per_engine": 1,
         },  # fmt: skip
         "runs": runs,
-        "nopool_affinity_vs_rr_tokens": r3(
-            ratio(
-                get("nopool", "affinity", "computed_tokens"), get("nopool", "round-robin", "computed_tokens")
-            )
-        ),
-        "nopool_affinity_vs_rr_ttft": r3(
-            ratio(get("nopool", "affinity", "ttft_mean_s"), get("nopool", "round-robin", "ttft_mean_s"))
-        ),
-        "pool_affinity_vs_rr_ttft": r3(
-            ratio(get("pool", "affinity", "ttft_mean_s"), get("pool", "round-robin", "ttft_mean_s"))
-        ),
-        "pool_affinity_p99_lowest": (
-            None if None in p99.values() else p99["affinity"] == min(v for v in p99.values() if v is not None)
-        ),  # fmt: skip
+        **each[0],
         "pd_outputs_identical": None if pd is None or whole is None else pd == whole,
         "where_p50_ms": None,  # measured by `polarkvd bench where`
+        **({"by_repeat": {k: [b[k] for b in each] for k in BARS}} if repeats > 1 else {}),
     }
 
 
@@ -424,8 +466,10 @@ def main(args: argparse.Namespace) -> int:
                 for name, r in res["runs"].items()]  # fmt: skip
         print(table(rows, ["setting/policy", "requests", "TTFT mean s", "TTFT p99 s", "computed tokens",
                            "prompt tokens", "requests per engine"]))  # fmt: skip
-        for k in ("nopool_affinity_vs_rr_tokens", "nopool_affinity_vs_rr_ttft", "pool_affinity_vs_rr_ttft",
-                  "pool_affinity_p99_lowest"):  # fmt: skip
-            print(f"{k} = {res[k]}")
+        for k in BARS:
+            print(
+                f"{k} = {res[k]}"
+                + (f" (each repetition: {res['by_repeat'][k]})" if "by_repeat" in res else "")
+            )
     plots.after_run("route", res, args)
     return 0

@@ -15,7 +15,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -32,6 +32,16 @@ log = logging.getLogger(__name__)
 REPORT_FRESH_SECONDS = 1.0
 _METRIC = re.compile(r"^(vllm:num_requests_(?:running|waiting))(?:\{[^}]*\})?\s+([0-9.eE+-]+)\s*$")
 _BLOCK_SIZE = re.compile(r'^vllm:cache_config_info\{.*\bblock_size="(\d+)"')
+_NUM_BLOCKS = re.compile(r'^vllm:cache_config_info\{.*\bnum_gpu_blocks="(\d+)"')
+
+
+class EngineMetrics(NamedTuple):
+    """What the router reads from an engine's /metrics."""
+
+    running: int
+    waiting: int
+    block_tokens: int | None  # its KV block size (None: not named)
+    blocks: int | None  # KV blocks its cache has (vLLM's `num_gpu_blocks`; None: not named)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +100,7 @@ class Engine:
         self.sent = SentPrefixes(sent_capacity)
         self.page_tokens = keys.page_tokens
         self.block_tokens = keys.page_tokens  # the engine's block size, once its /metrics names it
+        self.blocks: int | None = None  # the blocks its KV cache has, once its /metrics names them
         self.node = LOCAL  # its host: the daemon's (as assumed until a daemon reports it), or a member's
         self.discovered = False  # found from the cluster (not listed): dropped when no daemon reports it
         self.gpu: GpuPrefixes | None = None
@@ -105,6 +116,22 @@ class Engine:
         pages = self.gpu.leading(keys) if self.gpu is not None else self.sent.leading(keys)
         tokens = pages * self.page_tokens
         return tokens - tokens % self.block_tokens
+
+    def capacity(self) -> int | None:
+        """Tokens its KV cache can hold: its blocks as its /metrics names them, less vLLM's null
+        block; None while unknown."""
+        return None if self.blocks is None else (self.blocks - 1) * self.block_tokens
+
+    def held(self, blocks: int | None = None) -> int:
+        """Tokens its cache holds: the blocks holding cached prefixes (its events, else `blocks` as
+        its daemon follows them, else what the router sent it), and those the prefills in flight
+        to it will fill."""
+        b = self.block_tokens
+        if self.gpu is not None:
+            blocks = self.gpu.blocks
+        elif blocks is None:
+            blocks = -(-len(self.sent) * self.page_tokens // b)
+        return (blocks + -(-self.queued_tokens // b)) * b
 
     def queue(self, work: int, at: float | None = None) -> object:
         """A request with `work` prefill tokens sent to the engine (now, or at monotonic time `at`);
@@ -146,11 +173,12 @@ class Engine:
             self.events.close()
 
 
-def parse_metrics(text: str) -> tuple[int, int, int | None]:
-    """vLLM's running and waiting request counts (summed over labels) and its KV block size (None
-    when not named) from its Prometheus text."""
+def parse_metrics(text: str) -> EngineMetrics:
+    """vLLM's running and waiting request counts (summed over labels), its KV block size and its
+    number of KV blocks from its Prometheus text."""
     got = {"vllm:num_requests_running": 0.0, "vllm:num_requests_waiting": 0.0}
     block: int | None = None
+    blocks: int | None = None
     for line in text.splitlines():
         m = _METRIC.match(line)
         if m:
@@ -158,7 +186,10 @@ def parse_metrics(text: str) -> tuple[int, int, int | None]:
         elif line.startswith("vllm:cache_config_info"):
             b = _BLOCK_SIZE.match(line)
             block = int(b.group(1)) if b and int(b.group(1)) > 0 else block
-    return int(got["vllm:num_requests_running"]), int(got["vllm:num_requests_waiting"]), block
+            n = _NUM_BLOCKS.match(line)
+            blocks = int(n.group(1)) if n and int(n.group(1)) > 1 else blocks
+    running, waiting = int(got["vllm:num_requests_running"]), int(got["vllm:num_requests_waiting"])
+    return EngineMetrics(running, waiting, block, blocks)
 
 
 async def poll(
@@ -176,8 +207,10 @@ async def poll(
                 log.info("engine %s is up", e.url)
             e.up = True
             if text:
-                e.running, e.waiting, block = parse_metrics(text)
-                e.block_tokens = block or e.block_tokens
+                got = parse_metrics(text)
+                e.running, e.waiting = got.running, got.waiting
+                e.block_tokens = got.block_tokens or e.block_tokens
+                e.blocks = got.blocks or e.blocks
                 e.others = max(0, e.running + e.waiting - e.in_flight)
                 e.metrics_at = time.monotonic()
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError):

@@ -98,6 +98,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         ("pool", "a token in the cluster pool"),
         ("queued", "a prompt token queued on the engine"),
         ("request", "a request running or waiting on the engine"),
+        ("evict", "a token of other conversations this prompt crowds out of the engine's cache"),
+        ("redundant", "a token the engine would compute that another engine has cached"),
     ):
         default = getattr(w, name)
         g.add_argument(
@@ -113,6 +115,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="S",
         help="seconds between engine /metrics polls (default 1)",
     )
+    p.add_argument(
+        "--read-timeout", type=float, default=300.0, metavar="S",
+        help="seconds an engine may stay silent while answering (before its first byte, or between two "
+        "bytes of a stream) before the router gives up on it: a request it has not started answering goes "
+        "to another engine, a stream it stops ends with an error; 0 waits forever (default 300)",
+    )  # fmt: skip
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.epilog = EXAMPLES
     p.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -135,6 +143,8 @@ def build(args: argparse.Namespace) -> Router:
     from polarkvd.route.engines import Engine, EngineSpec  # aiohttp: only where the router runs
     from polarkvd.route.server import Router
 
+    if not 0 <= args.read_timeout < float("inf"):  # NaN too
+        raise ValueError("--read-timeout must be a number of seconds >= 0 (0: wait forever)")
     specs = [EngineSpec.parse(words) for words in args.engine]
     prefill_specs = [EngineSpec.parse(words) for words in args.prefill]
     urls = [s.url for s in specs + prefill_specs]
@@ -154,7 +164,9 @@ def build(args: argparse.Namespace) -> Router:
     policy = Policy(args.policy)
     weights = Weights(
         gpu=args.weight_gpu, dram=args.weight_dram, disk=args.weight_disk, pool=args.weight_pool,
-        queued=args.weight_queued, request=args.weight_request, imbalance_abs=args.imbalance,
+        queued=args.weight_queued, request=args.weight_request, evict=args.weight_evict,
+        redundant=args.weight_redundant,
+        imbalance_abs=args.imbalance,
     )  # fmt: skip
     if not 0 < args.poll_interval < float("inf"):  # NaN too
         raise ValueError("--poll-interval must be a positive number of seconds")
@@ -178,7 +190,7 @@ def build(args: argparse.Namespace) -> Router:
     prefill = [Engine(s, keys) for s in prefill_specs]
     return Router(
         engines, tokenizer, keys, policy, weights, where, args.poll_interval, prefill,
-        discover=discover, discover_interval=args.discover_interval,
+        discover=discover, discover_interval=args.discover_interval, read_timeout=args.read_timeout or None,
     )  # fmt: skip
 
 

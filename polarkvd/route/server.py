@@ -2,9 +2,9 @@
 
 Owns the aiohttp application (`/v1/completions`, `/v1/chat/completions`, `/v1/models`, `/health`,
 `/metrics`), the per-request flow (check, tokenize, ask the daemon's `where`, choose with
-`route.cost`, forward, retry another engine on a connection error before any byte reached the
-client, pass a stream through chunk by chunk) and the router's Prometheus counters. Every failure is
-answered in OpenAI's error shape; an engine that fails never stops the router.
+`route.cost`, forward, retry another engine on a connection error or a read timeout before any byte
+reached the client, pass a stream through chunk by chunk) and the router's Prometheus counters.
+Every failure is answered in OpenAI's error shape; an engine that fails or hangs never stops the router.
 """
 
 from __future__ import annotations
@@ -35,6 +35,9 @@ Where = Callable[[list[int]], "dict[str, Any] | None"]
 
 #: Response header naming the engine that served the request.
 ENGINE_HEADER = "X-PolarKV-Engine"
+#: Default seconds an engine may stay silent (no byte of its answer) before the router gives up on it:
+#: longer than the slowest first token or non-streamed answer a healthy engine gives.
+READ_TIMEOUT = 300.0
 _CONNECT_ERRORS = (aiohttp.ClientConnectionError, asyncio.TimeoutError, OSError)
 #: Request headers passed to the engine (the rest are hop-by-hop or aiohttp's own to set).
 _PASS_HEADERS = ("authorization", "content-type", "accept", "x-request-id", "openai-organization")
@@ -130,6 +133,7 @@ class Router:
         prefill: Sequence[Engine] = (),
         discover: bool = False,
         discover_interval: float = 2.0,
+        read_timeout: float | None = READ_TIMEOUT,
     ) -> None:
         if not engines and not discover:
             raise ValueError("the router needs at least one engine")
@@ -142,6 +146,7 @@ class Router:
         self.poll_interval = poll_interval
         self.metrics = RouterMetrics(self.all)
         self.discover, self.discover_interval = discover, discover_interval
+        self.read_timeout = read_timeout  # None: wait for an engine's answer forever
         self.turn = 0
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -162,7 +167,8 @@ class Router:
 
     async def _start(self, app: web.Application) -> None:
         self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=5), auto_decompress=False
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=self.read_timeout),
+            auto_decompress=False,
         )
         self._tasks = [
             asyncio.create_task(poll(self._session, lambda: self.all, self.poll_interval)),
@@ -307,11 +313,20 @@ class Router:
             held = followed.get(ids[e.url]) if local and e.events is None else None
             if isinstance(held, int):
                 gpu = held - held % e.block_tokens
-            queued = e.queued(loads.get(ids[e.url]) if local else None, now)
+            report = loads.get(ids[e.url]) if local else None
+            queued = e.queued(report, now)
+            blocks = report.get("gpu_blocks") if isinstance(report, dict) else None
             views.append(
                 EngineView(
-                    e.url, gpu=gpu, queued_tokens=queued, requests=e.requests(), **host_tiers(ans, e.node)
-                )
+                    e.url,
+                    gpu=gpu,
+                    queued_tokens=queued,
+                    requests=e.requests(),
+                    held=e.held(blocks if isinstance(blocks, int) else None),
+                    capacity=e.capacity(),
+                    stored=local or e.node != LOCAL,
+                    **host_tiers(ans, e.node),
+                )  # fmt: skip
             )
         return views
 
@@ -377,8 +392,10 @@ class Router:
                 async with upstream:
                     if not body.get("stream") or upstream.status != 200:
                         data = await self._read_whole(upstream)
-                        if data is None:
-                            return self._error(502, f"engine {engine.url} closed the connection", "midstream")
+                        if data is None:  # nothing reached the client yet: another engine
+                            self._gave_up(engine, "closed the connection or stopped answering")
+                            retry = True
+                            continue
                         self.metrics.ttft.labels(engine.url).observe(time.monotonic() - t0)
                         ctype = upstream.headers.get("Content-Type", "application/json")
                         return web.Response(
@@ -386,30 +403,34 @@ class Router:
                             status=upstream.status,
                             headers={"Content-Type": ctype, ENGINE_HEADER: engine.url},
                         )
-                    resp = web.StreamResponse(
-                        status=200,
-                        headers={
-                            "Content-Type": "text/event-stream",
-                            "Cache-Control": "no-cache",
-                            ENGINE_HEADER: engine.url,
-                        },
-                    )
-                    await resp.prepare(request)
-                    first = True
+                    # the client's headers wait for the engine's first byte: an engine that fails
+                    # or stays silent before it is replaced by another, unseen by the client
+                    resp: web.StreamResponse | None = None
                     try:
                         async for chunk in upstream.content.iter_any():
-                            if first:
-                                first = False
+                            if resp is None:
                                 self.metrics.ttft.labels(engine.url).observe(time.monotonic() - t0)
                                 engine.unqueue(queued)
+                                resp = await self._open_stream(request, engine)
                             await resp.write(chunk)
                     except (aiohttp.ClientPayloadError, *_CONNECT_ERRORS) as exc:
+                        if resp is None:
+                            self._gave_up(
+                                engine, f"failed before its first byte ({exc or type(exc).__name__})"
+                            )
+                            retry = True
+                            continue
                         if request.transport is None or request.transport.is_closing():
                             return resp  # the client left: nothing to tell it
-                        log.warning("engine %s failed mid-stream: %s", engine.url, exc or type(exc).__name__)
+                        what = "stopped answering" if isinstance(exc, asyncio.TimeoutError) else "failed"
+                        log.warning(
+                            "engine %s %s mid-stream: %s", engine.url, what, exc or type(exc).__name__
+                        )
                         self.metrics.errors.labels("midstream").inc()
-                        err = error_body(f"engine {engine.url} failed mid-stream", 502)
+                        err = error_body(f"engine {engine.url} {what} mid-stream", 502)
                         await resp.write(b"data: " + json.dumps(err).encode() + b"\n\ndata: [DONE]\n\n")
+                    if resp is None:  # an empty stream: passed on as it came
+                        resp = await self._open_stream(request, engine)
                     await resp.write_eof()
                     return resp
             finally:
@@ -459,6 +480,25 @@ class Router:
             finally:
                 engine.in_flight -= 1
                 engine.unqueue(queued)
+
+    def _gave_up(self, engine: Engine, what: str) -> None:
+        """An engine that failed a request before the client saw a byte: marked down (until its
+        /metrics answers again), the request to go to another."""
+        log.warning("engine %s %s; trying another", engine.url, what)
+        engine.up = False
+
+    @staticmethod
+    async def _open_stream(request: web.Request, engine: Engine) -> web.StreamResponse:
+        resp = web.StreamResponse(
+            status=200,
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                ENGINE_HEADER: engine.url,
+            },
+        )
+        await resp.prepare(request)
+        return resp
 
     @staticmethod
     async def _read_whole(upstream: aiohttp.ClientResponse) -> bytes | None:

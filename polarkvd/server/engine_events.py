@@ -107,6 +107,7 @@ class GpuPrefixes:
         self._blocks: dict[Any, _Block] = {}
         self._held: dict[bytes, int] = {}  # page key -> blocks that completed it (shared prefixes)
         self.counters = {"stored_blocks": 0, "removed_blocks": 0, "skipped_blocks": 0, "cleared": 0, "bad": 0}
+        self.removed_since_clear = 0  # blocks evicted since the engine's cache was last emptied
 
     def leading(self, keys: Sequence[bytes]) -> int:
         """How many of `keys`, from the first, this engine's GPU holds without a gap."""
@@ -119,6 +120,11 @@ class GpuPrefixes:
 
     def __len__(self) -> int:
         return len(self._held)
+
+    @property
+    def blocks(self) -> int:
+        """The engine's blocks that hold a cached prefix (as its events told them)."""
+        return len(self._blocks)
 
     def apply(self, events: list[Any]) -> None:
         """One decoded batch's events (maps tagged by `type`, as msgpack decodes vLLM's)."""
@@ -133,6 +139,7 @@ class GpuPrefixes:
                     self._blocks.clear()
                     self._held.clear()
                     self.counters["cleared"] += 1
+                    self.removed_since_clear = 0
                 else:
                     self.counters["bad"] += 1
             except (TypeError, ValueError, KeyError, AttributeError):
@@ -186,6 +193,7 @@ class GpuPrefixes:
             if b is None:
                 continue
             self.counters["removed_blocks"] += 1
+            self.removed_since_clear += 1
             for p in b.pages:
                 n = self._held.get(p, 0) - 1
                 if n > 0:
@@ -399,9 +407,11 @@ class EngineEvents:
 
     def loads(self, ns_digest: bytes) -> dict[str, dict[str, Any]]:
         """Per engine of this namespace that reports its load: the last report, its age in seconds,
-        and `stale` when it is older than LOAD_STALE_SECONDS and still says there is work."""
+        `stale` when it is older than LOAD_STALE_SECONDS and still says there is work, and with its
+        KV events followed, `gpu_blocks`: its blocks that hold a cached prefix (a router weighs
+        what a new prompt would evict there against the cache's size)."""
         now, out = self._clock(), {}
-        for session, load, at in self._loads.values():
+        for sid, (session, load, at) in self._loads.items():
             if session.ns.digest != ns_digest:
                 continue
             age = max(0.0, now - at)
@@ -415,6 +425,9 @@ class EngineEvents:
             }
             if load.url:
                 entry["url"] = load.url
+            followed = self._subs.get(sid)
+            if followed is not None:
+                entry["gpu_blocks"] = followed[1].prefixes.blocks
             out[session.engine_id] = entry
         return out
 

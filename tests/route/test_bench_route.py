@@ -47,6 +47,22 @@ def test_the_summary_names_the_issues_ratios() -> None:
     assert res["pool_affinity_vs_rr_ttft"] is None and res["pool_affinity_p99_lowest"] is None
 
 
+def test_repetitions_are_judged_each_on_its_own() -> None:
+    runs = {
+        "nopool/round-robin": _run(2.0, 4.0, 10000),
+        "nopool/affinity": _run(1.5, 3.0, 5000),
+        "nopool/round-robin/2": _run(2.0, 4.0, 8000),
+        "nopool/affinity/2": _run(1.0, 3.0, 6000),
+    }
+    args = argparse.Namespace(users=5, turns=4, first=12, answer=16, in_flight=3, arrival=1.0, repeat=2)
+    res = summarise(runs, args)
+    assert res["nopool_affinity_vs_rr_tokens"] == 0.5  # the first repetition, as without --repeat
+    assert res["by_repeat"]["nopool_affinity_vs_rr_tokens"] == [0.5, 0.75]
+    assert res["by_repeat"]["nopool_affinity_vs_rr_ttft"] == [0.75, 0.5]
+    assert res["by_repeat"]["pool_affinity_p99_lowest"] == [None, None]  # not run
+    assert "by_repeat" not in summarise(runs, argparse.Namespace(**{**vars(args), "repeat": 1}))
+
+
 def test_every_user_opens_with_a_long_private_message() -> None:
     convs = conversations(5, 12)
     texts = [c[0]["content"] for c in convs]
@@ -59,3 +75,5 @@ def test_bad_options_are_refused_before_anything_starts() -> None:
         cli_main(["bench", "route", "--policies", "random"])
     with pytest.raises(SystemExit, match="positive"):
         cli_main(["bench", "route", "--users", "0"])
+    with pytest.raises(SystemExit, match="positive"):
+        cli_main(["bench", "route", "--repeat", "0"])

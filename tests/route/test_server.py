@@ -250,10 +250,12 @@ def test_a_stream_is_passed_through_as_each_chunk_arrives() -> None:
         a = FakeEngine("a", chunks=3)
         a.gate = asyncio.Queue()
         async with serve(a.app()) as ua, router_over([ua]) as r, aiohttp.ClientSession() as http:
+            a.gate.put_nowait(None)  # the engine may write chunk 0 (the router answers at its first byte)
             async with http.post(r + "/v1/completions", json={"prompt": [1, 2], "stream": True}) as resp:
                 assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/event-stream")
                 for i in range(3):
-                    a.gate.put_nowait(None)  # the engine may write chunk i, and not the next
+                    if i:
+                        a.gate.put_nowait(None)  # the engine may write chunk i, and not the next
                     line = await asyncio.wait_for(resp.content.readline(), 5)
                     assert json.loads(line.removeprefix(b"data: ")) == {"engine": "a", "i": i}
                     assert await resp.content.readline() == b"\n"
@@ -297,9 +299,9 @@ def test_engine_specs_and_metrics_are_read_strictly() -> None:
         with pytest.raises(ValueError, match=says):
             EngineSpec.parse(bad)
     text = 'vllm:num_requests_running{a="1"} 2.0\nvllm:num_requests_waiting{a="1"} 3.0\n# HELP x\nvllm:num_requests_waiting{a="2"} 1\n'
-    assert parse_metrics(text) == (2, 4, None)
-    info = 'vllm:cache_config_info{block_size="128",cache_dtype="auto",engine="0"} 1.0\n'
-    assert parse_metrics(text + info) == (2, 4, 128)
+    assert parse_metrics(text) == (2, 4, None, None)
+    info = 'vllm:cache_config_info{block_size="128",cache_dtype="auto",engine="0",num_gpu_blocks="28"} 1.0\n'
+    assert parse_metrics(text + info) == (2, 4, 128, 28)
 
 
 def test_queued_prefill_follows_the_engines_own_report_when_fresh() -> None:
