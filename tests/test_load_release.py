@@ -1,18 +1,23 @@
-"""`load` with `release`: a load in batches releases the batch before in the same round trip.
+"""`load` with `release` and `serial`: what a load in batches beside a computing engine asks for.
 
 The connector's background loads (polarkvd/connectors/vllm/background.py) copy a batch out, then ask
 for the next one with the first batch's lease in `release`: one daemon round trip per batch. The
 lease must be gone after that call, the new pages pinned, and a lease the daemon no longer holds must
-fail the whole call (the copies made under it may be stale) with nothing loaded.
+fail the whole call (the copies made under it may be stale) with nothing loaded. With `serial` the
+daemon reads the batch's disk pages one after another on one I/O thread.
 """
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from polarkvd.errors import LeaseExpired, ProtocolError
+from polarkvd.index import READY
 from polarkvd.types import Tier
-from tests.conftest import bad_pages, chain_tokens, store_chain, wait_for
+from tests.conftest import TEST_NS, bad_pages, chain_tokens, page_bytes_for, store_chain, wait_for
+from tests.test_pipeline import _disk_manager, _pages_on_disk
 
 
 def _pinned(daemon) -> int:
@@ -65,5 +70,46 @@ def test_a_release_that_is_not_a_lease_id_is_refused_and_the_session_goes_on(dae
         assert _pinned(daemon) == 0
         r = kv.load(keys)  # the connection still serves
         assert r.loaded == 1
+        del r.views
+        kv.release(r.lease)
+
+
+def test_a_serial_load_reads_its_disk_pages_in_one_job_and_ends_at_a_corrupt_one(tmp_path) -> None:
+    """`serial`: a paced background batch's disk pages are read one after another by one I/O job
+    (one core, one wakeup of the loop), and a page that fails its checksum still ends the prefix."""
+    m, gated, disk = _disk_manager(tmp_path)
+    session = m.attach(TEST_NS, "e")
+
+    async def run() -> None:
+        keys = await _pages_on_disk(m, gated, session, 44, 4)
+        path = disk._page_path(keys[2])
+        raw = bytearray(open(path, "rb").read())
+        raw[-1] ^= 0xFF  # the last byte of its last layer group
+        open(path, "wb").write(raw)
+        task = asyncio.ensure_future(m.load(session, keys, serial=True))
+        assert await gated.run() == 1  # one job read the four pages
+        offsets, tiers, lease = await task
+        assert tiers == [Tier.DISK, Tier.DISK] and lease is not None
+        for key, off in zip(keys, offsets):
+            assert (
+                bytes(m.arena[off : off + TEST_NS.page_bytes])
+                == page_bytes_for(key, TEST_NS.page_bytes).tobytes()
+            )
+        assert m.index.get(keys[2]) is None and m.counters["corrupt_pages"] == 1  # never published
+        assert m.index.get(keys[3]).state == READY  # read fine: a DRAM hit next time
+        assert m.release(session, lease) == 2
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, None])
+def test_a_serial_that_is_not_a_bool_is_refused(daemon, bad) -> None:
+    with daemon.engine() as kv:
+        keys = store_chain(kv, chain_tokens(45, 1))
+        with pytest.raises(ProtocolError, match="serial must be true or false"):
+            kv._ch.call("load", {"keys": keys, "serial": bad})
+        assert _pinned(daemon) == 0
+        r = kv.load(keys, serial=True)  # the connection still serves; DRAM pages need no read
+        assert r.loaded == 1 and r.tiers == [Tier.DRAM]
         del r.views
         kv.release(r.lease)

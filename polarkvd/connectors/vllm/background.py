@@ -204,8 +204,9 @@ class BackgroundLoads:
             n = len(keys) - start
             if allowance < n * page_bytes:
                 n = max(1, int(allowance) // page_bytes)
+            paced = allowance != float("inf")  # the daemon reads a paced batch on one I/O thread
             arrived, lease, ok = self._load_batch(
-                client, keys[start : start + n], fills[start : start + n], held
+                client, keys[start : start + n], fills[start : start + n], held, paced
             )
             if not ok:  # the lease before had expired: its batch may be stale (and this one never came)
                 return got
@@ -234,13 +235,18 @@ class BackgroundLoads:
         return self.link.session(ns)
 
     def _load_batch(
-        self, client: EngineClient, keys: list[bytes], fills: list[list[tuple[int, int]]], release: int | None
+        self,
+        client: EngineClient,
+        keys: list[bytes],
+        fills: list[list[tuple[int, int]]],
+        release: int | None,
+        serial: bool,
     ) -> tuple[int, int | None, bool]:
         """Ask the daemon for `keys` (releasing the lease `release` first, in the same round trip) and
         copy each page into its blocks: (pages that arrived, their lease, whether `release` was still
         held: False when it had expired, and then nothing was loaded)."""
         result = call_daemon(
-            self.link, "load", functools.partial(_load, client, keys, release), self.stats_seconds
+            self.link, "load", functools.partial(_load, client, keys, release, serial), self.stats_seconds
         )
         if result is _EXPIRED:
             return 0, None, False
@@ -279,9 +285,9 @@ class BackgroundLoads:
 _EXPIRED = object()
 
 
-def _load(client: EngineClient, keys: list[bytes], release: int | None) -> LoadResult | object:
+def _load(client: EngineClient, keys: list[bytes], release: int | None, serial: bool) -> LoadResult | object:
     try:
-        return client.load(keys, release=release)
+        return client.load(keys, release=release, serial=serial)
     except LeaseExpired as e:
         logger.warning("polarkvd: a background load's pages may have changed while copied (%s)", e)
         return _EXPIRED
