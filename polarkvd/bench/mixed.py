@@ -20,6 +20,11 @@ to the step that gives its first token, that step excluded (async: the steps the
 and dram: none, the load is inside the hit's step); "hit's step" is that last step (its prefill of the
 new tokens, plus the load where it is synchronous). The bar: the decoders' ITL during the load <= 1.2x
 usual (async). Outputs are checked identical across the three scenarios.
+
+Where the CPU went (`CpuWatch`, the kernel's per-thread accounting, steadier than the slowest step on
+a shared machine): the CPU a step the load took beside the model (the daemon's threads and the
+connector's loading thread, over what they used before the hit), and how long a step the engine's
+main thread waited for a CPU, before and during the load.
 """
 
 from __future__ import annotations
