@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
+from polarkvd import cli
 from polarkvd.bench.mixed import CpuWatch, load_cpu, render
 from tests.test_plots import mixed_result
 
@@ -44,3 +47,8 @@ def test_the_load_cpu_is_what_the_daemon_and_the_loader_took_over_their_usual() 
     res["scenarios"]["disk_async"].update(got)
     assert "the load took 2.50 ms of CPU a step" in render(res)
     assert "waited for a CPU 2.60 ms a step during it, 0.40 before" in render(res)
+
+
+def test_a_negative_step_bytes_is_refused_before_anything_starts() -> None:
+    with pytest.raises(SystemExit, match="--step-bytes must be 0"):
+        cli.main(["bench", "mixed", "--step-bytes", "-1"])

@@ -68,6 +68,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=12, metavar="TOKENS",
                    help="tokens each decoder has before the hit arrives (default 12)")  # fmt: skip
     p.add_argument("--block-size", type=int, default=128, help="vLLM's block size (default 128)")
+    p.add_argument("--step-bytes", type=int, default=None, metavar="BYTES",
+                   help="the connector's async_load_step_bytes (default: its own, 16 MiB)")  # fmt: skip
     p.add_argument("--cpus", default="", help="VLLM_CPU_OMP_THREADS_BIND (default: every CPU)")
     p.add_argument("--model", default="", help="model directory (default: the converted SmolLM2-135M)")
     p.add_argument("--keep", action="store_true", help="keep the run directory (logs)")
@@ -102,7 +104,11 @@ def worker_main(spec_path: str) -> int:
             kv_connector_module_path="polarkvd.connectors.vllm",
             kv_role="kv_both",
             kv_load_failure_policy="recompute",
-            kv_connector_extra_config={"socket": spec["engine"], "async_loads": spec["async_loads"]},
+            kv_connector_extra_config={
+                "socket": spec["engine"],
+                "async_loads": spec["async_loads"],
+                **({"async_load_step_bytes": spec["step_bytes"]} if spec["step_bytes"] is not None else {}),
+            },
         ),
     )
     engine: Any = llm.llm_engine
@@ -281,6 +287,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.block_size < 32 or args.block_size % 32:
         raise SystemExit("--block-size must be a multiple of 32 (vLLM's CPU attention)")
+    if args.step_bytes is not None and args.step_bytes < 0:
+        raise SystemExit("--step-bytes must be 0 (not paced) or more")
     model_dir = args.model or str(ensure_smollm2())
     words = list(range(1000, 40000, 7))  # token ids of ordinary words of the vocabulary
 
@@ -299,6 +307,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "decode_tokens": 2000,  # more than the run needs: they are aborted once the hit has its token
         "warmup": args.warmup,
         "max_model_len": args.document + 256,
+        "step_bytes": args.step_bytes,
     }
     blocks = (args.decoders * 2200 + args.document + 512) // args.block_size + 4
     spec_base["kv_blocks"] = blocks
@@ -317,6 +326,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "decoders": args.decoders,
             "block_size": args.block_size,
             "cpus": cpus,
+            "step_bytes": args.step_bytes,
         },  # fmt: skip
         "scenarios": results,
         "outputs_identical": len(ids) == 1,
@@ -424,7 +434,13 @@ def render(res: dict[str, Any]) -> str:
         )
     return (
         f"bench mixed: {s['decoders']} requests decoding, a {s['document']}-token document hit, "
-        f"block {s['block_size']}, CPUs {s['cpus']}\n"
+        f"block {s['block_size']}, CPUs {s['cpus']}"
+        + (
+            f", async loads paced at {s['step_bytes']} bytes a step"
+            if s.get("step_bytes") is not None
+            else ""
+        )
+        + "\n"
         + table(rows, head)
         + f"\noutputs identical: {res['outputs_identical']}; bar: async ITL during the load <= "
         f"{res['bar_itl_during_load']}x usual{cpu}\n"
