@@ -19,8 +19,9 @@ loads already hide the transfer behind the model's compute.
 Pacing. On a host worker the load shares the cores and the memory bandwidth with the model: the
 daemon decoding pages and this thread copying them at full speed doubled the decoding requests'
 step times while it lasted (`polarkvd bench mixed`). So while the engine computes, a load moves
-about `async_load_step_bytes` per step: it asks the daemon for a batch of pages that size, copies
-it, and waits for the next step (`step`, called by the worker once per engine step). A step that
+about `async_load_step_bytes` per step: it asks the daemon for a batch of pages that size (one
+round trip, which also releases the batch before; the daemon reads its disk pages on one I/O thread),
+copies it, and waits for the next step (`step`, called by the worker once per engine step). A step that
 computes nothing (every request waits) lifts the limit, and so does an engine silent for
 `IDLE_SECONDS`. The hit's request waits longer; the others barely notice it.
 """
