@@ -7,7 +7,7 @@ import os
 import pytest
 
 from polarkvd import cli
-from polarkvd.bench.mixed import CpuWatch, load_cpu, render
+from polarkvd.bench.mixed import CpuWatch, load_cpu, render, summarize
 from tests.test_plots import mixed_result
 
 
@@ -52,3 +52,17 @@ def test_the_load_cpu_is_what_the_daemon_and_the_loader_took_over_their_usual() 
 def test_a_negative_step_bytes_is_refused_before_anything_starts() -> None:
     with pytest.raises(SystemExit, match="--step-bytes must be 0"):
         cli.main(["bench", "mixed", "--step-bytes", "-1"])
+
+
+def test_the_usual_step_is_the_steady_half_before_the_hit() -> None:
+    """The decoders' first steps can be many times longer (1.4 s once on a busy machine): they must
+    not move the usual step the load is measured against."""
+    before = (0.2, 0.05, 1.4, 0.36, 0.04, 0.03, 0.02, 0.02, 0.02, 0.02, 0.02)
+    steps = [{"s": 0.5, "decoders": 3, "phase": "before"}]  # their prefill
+    steps += [{"s": s, "decoders": 3, "phase": "before"} for s in before]
+    steps += [
+        {"s": 0.024, "decoders": 3, "phase": "loading"},
+        {"s": 0.15, "decoders": 3, "phase": "hit_step"},
+    ]
+    got = summarize(steps, 3)
+    assert got["usual_itl_s"] == 0.02 and abs(got["itl_during_load_ratio"] - 1.2) < 1e-9
