@@ -370,17 +370,34 @@ class EngineClient:
     def abort(self, keys: Sequence[bytes]) -> int:
         return self._ch.call(P.Op.ABORT.value, {"keys": P.pack_keys(list(keys))})["aborted"]
 
-    def load(self, keys: Sequence[bytes], pipelined: bool = False) -> LoadResult:
+    def load(
+        self, keys: Sequence[bytes], pipelined: bool = False, release: int | None = None, serial: bool = False
+    ) -> LoadResult:
         """Pin the longest loadable prefix of `keys` in DRAM; copy from `views`, then `release`.
 
         `pipelined`: answer at once, while pages from disk or from peers are still arriving, layer by
         layer: call `wait_layers(i + 1)` on the result before reading layer i of the pages.
+        `release`: a lease of this session to release first, in the same round trip (a load in
+        batches: the batch before, copied out). `LeaseExpired` if it had expired: what was read
+        under it may be stale, and nothing was loaded. `serial`: the daemon reads the disk pages on
+        one I/O thread in turn (a paced load beside a computing engine: less CPU at once, slower).
         """
         self._need_arena()
         args: dict[str, Any] = {"keys": P.pack_keys(list(keys))}
         if pipelined:
             args["pipelined"] = True
-        r = self._ch.call(P.Op.LOAD.value, args)
+        if release is not None:
+            args["release"] = release
+        if serial:
+            args["serial"] = True
+        try:
+            r = self._ch.call(P.Op.LOAD.value, args)
+        except PageNotFound as e:
+            if release is None:
+                raise
+            raise LeaseExpired(
+                f"lease {release} expired before release; pages read under it may be stale ({e})"
+            ) from None
         views = [self.page(off) for off in r["offsets"]]
         slot = r.get("signal")
         signal = None

@@ -15,11 +15,17 @@ Three scenarios, each in a fresh vLLM process, the same requests:
                 the hit costs its prefill and copy only, the reference for the two above
 
 Inter-token latency (ITL) of the decoders = the wall time of a step in which they all got a token.
-"usual" is the median before the hit arrives; "during the load" is every step from the hit's arrival
-to the step that gives its first token, that step excluded (async: the steps the load overlaps; sync
+"usual" is the median of the steady half of the steps before the hit arrives (the later half);
+"during the load" is every step from the hit's arrival to the step that gives its first token, that
+step excluded (async: the steps the load overlaps; sync
 and dram: none, the load is inside the hit's step); "hit's step" is that last step (its prefill of the
 new tokens, plus the load where it is synchronous). The bar: the decoders' ITL during the load <= 1.2x
 usual (async). Outputs are checked identical across the three scenarios.
+
+Where the CPU went (`CpuWatch`, the kernel's per-thread accounting, steadier than the slowest step on
+a shared machine): the CPU a step the load took beside the model (the daemon's threads and the
+connector's loading thread, over what they used before the hit), and how long a step the engine's
+main thread waited for a CPU, before and during the load.
 """
 
 from __future__ import annotations
@@ -63,6 +69,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=12, metavar="TOKENS",
                    help="tokens each decoder has before the hit arrives (default 12)")  # fmt: skip
     p.add_argument("--block-size", type=int, default=128, help="vLLM's block size (default 128)")
+    p.add_argument("--step-bytes", type=int, default=None, metavar="BYTES",
+                   help="the connector's async_load_step_bytes (default: its own, 16 MiB)")  # fmt: skip
     p.add_argument("--cpus", default="", help="VLLM_CPU_OMP_THREADS_BIND (default: every CPU)")
     p.add_argument("--model", default="", help="model directory (default: the converted SmolLM2-135M)")
     p.add_argument("--keep", action="store_true", help="keep the run directory (logs)")
@@ -97,7 +105,11 @@ def worker_main(spec_path: str) -> int:
             kv_connector_module_path="polarkvd.connectors.vllm",
             kv_role="kv_both",
             kv_load_failure_policy="recompute",
-            kv_connector_extra_config={"socket": spec["engine"], "async_loads": spec["async_loads"]},
+            kv_connector_extra_config={
+                "socket": spec["engine"],
+                "async_loads": spec["async_loads"],
+                **({"async_load_step_bytes": spec["step_bytes"]} if spec["step_bytes"] is not None else {}),
+            },
         ),
     )
     engine: Any = llm.llm_engine
@@ -127,6 +139,7 @@ def worker_main(spec_path: str) -> int:
                 raise RuntimeError(f"the document's pages did not reach the disk tier: {disk}")
             time.sleep(0.05)
         disk_pages = disk["pages"]
+        daemon_pid = c.stats()["process"]["pid"]
 
     decoders = [f"d{i}" for i in range(len(spec["decoders"]))]
     for rid, ids in zip(decoders, spec["decoders"]):
@@ -136,9 +149,11 @@ def worker_main(spec_path: str) -> int:
     outputs: dict[str, list[int]] = {}
     phase = "before"
     hit_added = hit_first = None
+    cpu = CpuWatch(daemon_pid)
     t = time.perf_counter()
     while engine.has_unfinished_requests():
         if phase == "before" and min(tokens.values()) >= spec["warmup"]:
+            cpu.mark("arrival", len(steps))
             engine.add_request("hit", {"prompt_token_ids": spec["hit"]}, hit_params)
             hit_added, phase = time.perf_counter(), "loading"
             t = time.perf_counter()  # the arrival starts a step interval of its own
@@ -157,6 +172,9 @@ def worker_main(spec_path: str) -> int:
         if phase == "hit_step":
             phase = "after"
         t = now
+        if (phase == "before" and len(steps) == 1 + spec["warmup"] // 2) or phase == "loading":  # as `usual`
+            cpu.mark("from" if phase == "before" else "loaded", len(steps))
+            t = time.perf_counter()  # a mark is not part of the next step
         if phase == "after" and "hit" in outputs:
             for rid in decoders:
                 if rid not in outputs:
@@ -174,9 +192,73 @@ def worker_main(spec_path: str) -> int:
         disk_pages=disk_pages,
         loaded_pages_disk=counters.get("loaded_pages_disk", 0),
         worker=dict(connector.stats),
+        cpu=cpu.windows(),
         scheduler=dict(engine.engine_core.engine_core.scheduler.connector.stats),
     )
     return 0
+
+
+class CpuWatch:
+    """Where the CPU went, from the kernel's per-thread accounting (/proc/PID/task/TID/schedstat:
+    nanoseconds on a CPU, nanoseconds runnable but waiting for one): the daemon's threads, the
+    connector's loading thread, and the engine's main thread (the one that runs each step's Python
+    and is preempted when the load takes its CPU). Marks: "from" (where `usual`'s steady half begins),
+    "arrival" (the hit arrives), "loaded" (after each step of the load; the last one counts).
+    About 0.1 ms a mark, outside the steps' times."""
+
+    def __init__(self, daemon_pid: int) -> None:
+        import threading
+
+        self.daemon_pid = daemon_pid
+        self.loader = next((t.native_id for t in threading.enumerate() if t.name == "polarkv-bg-load"), None)
+        self.marks: dict[str, tuple[int, dict[str, tuple[int, int]]]] = {}
+
+    def _read(self) -> dict[str, tuple[int, int]]:
+        def stat(path: str) -> tuple[int, int]:
+            try:
+                with open(path) as f:
+                    run, wait, _ = f.read().split()
+                return int(run), int(wait)
+            except (OSError, ValueError):  # a thread that ended
+                return 0, 0
+
+        me, d = os.getpid(), self.daemon_pid
+        out = {"main": stat(f"/proc/{me}/task/{me}/schedstat")}
+        if self.loader is not None:
+            out["loader"] = stat(f"/proc/{me}/task/{self.loader}/schedstat")
+        try:
+            tids = os.listdir(f"/proc/{d}/task")
+        except OSError:
+            tids = []
+        runs = [stat(f"/proc/{d}/task/{tid}/schedstat") for tid in tids]
+        out["daemon"] = (sum(r for r, _ in runs), sum(w for _, w in runs))
+        return out
+
+    def mark(self, name: str, step: int) -> None:
+        self.marks[name] = (step, self._read())
+
+    def windows(self) -> dict[str, dict[str, float]]:
+        """Per window ("before": from → arrival, "loading": arrival → loaded), milliseconds a step:
+        the daemon's and the loader's CPU, the main thread's CPU and its wait for a CPU."""
+        out = {}
+        for window, (a, b) in {"before": ("from", "arrival"), "loading": ("arrival", "loaded")}.items():
+            if a not in self.marks or b not in self.marks or self.marks[b][0] <= self.marks[a][0]:
+                continue
+            (sa, ta), (sb, tb) = self.marks[a], self.marks[b]
+            n = sb - sa
+            ms = {
+                key: ((tb[key][0] - ta[key][0]) / 1e6 / n, (tb[key][1] - ta[key][1]) / 1e6 / n)
+                for key in ta
+                if key in tb
+            }
+            out[window] = {
+                "steps": n,
+                "daemon_cpu_ms": ms["daemon"][0],
+                "loader_cpu_ms": ms.get("loader", (0.0, 0.0))[0],
+                "main_cpu_ms": ms["main"][0],
+                "main_wait_ms": ms["main"][1],
+            }
+        return out
 
 
 # ------------------------------------------------------------------------------ the parent
@@ -185,7 +267,10 @@ def worker_main(spec_path: str) -> int:
 def summarize(steps: list[dict[str, Any]], decoders: int) -> dict[str, Any]:
     """ITL of the decoders before the hit, during its load, in its step (see the module docstring)."""
     full = [s for s in steps if s["decoders"] == decoders]
-    usual = median([s["s"] for s in full if s["phase"] == "before"][1:])  # the first: their prefill
+    before = [s["s"] for s in full if s["phase"] == "before"][1:]  # the first: their prefill
+    # the steady half, right before the hit: the decoders' first steps can be many times longer
+    # (1.4 s once on a busy machine), and with 11 steps they moved the median
+    usual = median(before[len(before) // 2 :])
     during = [s["s"] for s in full if s["phase"] == "loading"]
     hit_step = [s["s"] for s in steps if s["phase"] == "hit_step"]
     return {
@@ -206,6 +291,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.block_size < 32 or args.block_size % 32:
         raise SystemExit("--block-size must be a multiple of 32 (vLLM's CPU attention)")
+    if args.step_bytes is not None and args.step_bytes < 0:
+        raise SystemExit("--step-bytes must be 0 (not paced) or more")
     model_dir = args.model or str(ensure_smollm2())
     words = list(range(1000, 40000, 7))  # token ids of ordinary words of the vocabulary
 
@@ -224,6 +311,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "decode_tokens": 2000,  # more than the run needs: they are aborted once the hit has its token
         "warmup": args.warmup,
         "max_model_len": args.document + 256,
+        "step_bytes": args.step_bytes,
     }
     blocks = (args.decoders * 2200 + args.document + 512) // args.block_size + 4
     spec_base["kv_blocks"] = blocks
@@ -242,6 +330,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "decoders": args.decoders,
             "block_size": args.block_size,
             "cpus": cpus,
+            "step_bytes": args.step_bytes,
         },  # fmt: skip
         "scenarios": results,
         "outputs_identical": len(ids) == 1,
@@ -298,8 +387,31 @@ def _scenario(
             "async_loads": sched.get("async_loads", 0),
             "loaded_blocks": worker.get("load_blocks", 0),
             "load_failed_blocks": worker.get("load_failed_blocks", 0),
+            "cpu": res.get("cpu", {}),  # CpuWatch: per window, milliseconds a step
+            **load_cpu(res.get("cpu", {})),
             "steps": res["steps"],  # every engine step: its seconds, decoders served, phase (the plot)
         }
+
+
+def load_cpu(cpu: dict[str, dict[str, float]]) -> dict[str, float | None]:
+    """The load's CPU a step beside the model (daemon and loading thread, over their usual), and how
+    long a step the engine's main thread waited for a CPU before and during the load."""
+    before, during = cpu.get("before"), cpu.get("loading")
+    if before is None or during is None:
+        return {
+            "load_cpu_ms_per_step": None,
+            "main_wait_ms_per_step_before": None,
+            "main_wait_ms_per_step": None,
+        }
+
+    def theirs(w: dict[str, float]) -> float:
+        return w["daemon_cpu_ms"] + w["loader_cpu_ms"]
+
+    return {
+        "load_cpu_ms_per_step": theirs(during) - theirs(before),
+        "main_wait_ms_per_step_before": before["main_wait_ms"],
+        "main_wait_ms_per_step": during["main_wait_ms"],
+    }
 
 
 def render(res: dict[str, Any]) -> str:
@@ -316,12 +428,26 @@ def render(res: dict[str, Any]) -> str:
     head = ["scenario", "usual ITL s", "steps during load", "ITL during load mean / max s",
             "during / usual: mean / max", "hit's step s", "hit's step / usual", "hit TTFT s"]  # fmt: skip
     s = res["shape"]
+    a = res["scenarios"].get("disk_async", {})
+    cpu = ""
+    if a.get("load_cpu_ms_per_step") is not None:
+        cpu = (
+            f"\ndisk hit, async: the load took {a['load_cpu_ms_per_step']:.2f} ms of CPU a step (daemon and "
+            f"loading thread); the engine's main thread waited for a CPU {a['main_wait_ms_per_step']:.2f} ms "
+            f"a step during it, {a['main_wait_ms_per_step_before']:.2f} before"
+        )
     return (
         f"bench mixed: {s['decoders']} requests decoding, a {s['document']}-token document hit, "
-        f"block {s['block_size']}, CPUs {s['cpus']}\n"
+        f"block {s['block_size']}, CPUs {s['cpus']}"
+        + (
+            f", async loads paced at {s['step_bytes']} bytes a step"
+            if s.get("step_bytes") is not None
+            else ""
+        )
+        + "\n"
         + table(rows, head)
         + f"\noutputs identical: {res['outputs_identical']}; bar: async ITL during the load <= "
-        f"{res['bar_itl_during_load']}x usual\n"
+        f"{res['bar_itl_during_load']}x usual{cpu}\n"
     )
 
 

@@ -49,8 +49,14 @@ class Loads:
     def __init__(self, m: Manager) -> None:
         self.m = m
 
-    async def load(self, session: Session, keys: list[bytes]) -> tuple[list[int], list[Tier], int | None]:
+    async def load(
+        self, session: Session, keys: list[bytes], *, serial: bool = False
+    ) -> tuple[list[int], list[Tier], int | None]:
         """Pin the longest loadable prefix of `keys` in DRAM (promoting disk and remote pages first).
+
+        `serial`: read its disk pages on one I/O thread, one after another, and finish them in one
+        wakeup of the loop: a paced load beside an engine that computes wants less CPU at once
+        rather than speed (a batch's pages in parallel take both cores of a small host).
 
         Returns (offsets, source tier of each, lease id). An offset is in the pool for a page whose
         tier is VRAM (only sessions attached with L1 get those; for the others L1 pages are moved
@@ -59,7 +65,10 @@ class Loads:
         gone) ends the prefix there: the engine recomputes from that page on.
         """
         keys = self._worth_fetching(session, keys)
-        pinned, tiers, waits, remote_from = self._pin_prefix(session, keys)
+        from_disk: list[tuple[int, Page, asyncio.Future[bool]]] | None = [] if serial else None
+        pinned, tiers, waits, remote_from = self._pin_prefix(session, keys, from_disk)
+        if from_disk:
+            self._promote_serial([(page, fut) for _, page, fut in from_disk])
         if remote_from is not None:
             for page, fut in await self.m.fetches.start_fetches(
                 session.ns, keys[remote_from:], vram=session.vram
@@ -358,6 +367,34 @@ class Loads:
 
             io.add_done_callback(landed)
         return page, fut
+
+    def _promote_serial(self, items: list[tuple[Page, asyncio.Future[bool]]]) -> None:
+        """Read the pages of `items` (PROMOTING, slots allocated) from disk on one I/O thread in
+        turn; finish their promotions, in order, once all are read (`load(serial=True)`)."""
+        disk, loop = self.m.disk, asyncio.get_running_loop()
+        assert disk is not None  # these pages are on it
+
+        def read_all() -> list[tuple[BaseException | None, float]]:
+            out: list[tuple[BaseException | None, float]] = []
+            for page, _ in items:
+                started = time.perf_counter()
+                try:
+                    disk.get_into(page.key, self.m.arena[page.offset : page.offset + page.size])
+                except Exception as e:  # noqa: BLE001 - this page fails, the others may not
+                    out.append((e, 0.0))
+                    continue
+                out.append((None, time.perf_counter() - started))
+            return out
+
+        def landed(f: asyncio.Future[list[tuple[BaseException | None, float]]]) -> None:
+            error = PageNotFound("read cancelled") if f.cancelled() else f.exception()
+            results = [(error, 0.0)] * len(items) if error is not None else f.result()
+            for (page, fut), (why, seconds) in zip(items, results):
+                if why is None:  # the disk's fetch rate: a read on an I/O thread
+                    self.m.worth.fetch.observe(Tier.DISK, page.size, seconds)
+                self.finish_promotion(page, fut, why, on_disk=True)
+
+        loop.run_in_executor(self.m.executor, read_all).add_done_callback(landed)
 
     def _promote_layered(
         self,

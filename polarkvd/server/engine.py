@@ -238,12 +238,15 @@ def engine_api(
 
     async def load(conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
         t0 = perf_counter_ns()
-        only_args(args, "keys", "pipelined")
+        only_args(args, "keys", "pipelined", "release", "serial")
+        session, ks, serial = _session(conn), keys(args), arg_bool(args, "serial")
+        if "release" in args:  # the lease of the batch before, copied out: one round trip for both
+            manager.release(session, arg_int(args, "release"))  # unknown: not_found, nothing loaded
         signal = None
         if arg_bool(args, "pipelined") and signal_offset is not None:
-            offsets, tiers, lease, signal = await manager.load_pipelined(_session(conn), keys(args))
+            offsets, tiers, lease, signal = await manager.load_pipelined(session, ks)
         else:
-            offsets, tiers, lease = await manager.load(_session(conn), keys(args))
+            offsets, tiers, lease = await manager.load(session, ks, serial=serial)
         if conn.closed and lease is not None:  # the engine left while we read from disk
             manager.release(conn.session, lease)
             signal = None

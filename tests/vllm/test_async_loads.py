@@ -78,6 +78,7 @@ def test_a_paced_load_moves_a_page_per_step_while_another_request_computes(
     # it waited for engine steps between its pages, and asked the daemon page by page meanwhile
     assert after.get("async_load_paced_waits", 0) - before.get("async_load_paced_waits", 0) >= 1
     assert daemon.stats()["counters"].get("loads", 0) - loads_before >= 2
+    assert daemon.stats()["tiers"]["dram"]["pinned_pages"] == 0  # each batch's lease released, the last too
     assert cold["first_step"] < hit["first_step"]
 
 

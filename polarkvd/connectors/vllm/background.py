@@ -19,8 +19,9 @@ loads already hide the transfer behind the model's compute.
 Pacing. On a host worker the load shares the cores and the memory bandwidth with the model: the
 daemon decoding pages and this thread copying them at full speed doubled the decoding requests'
 step times while it lasted (`polarkvd bench mixed`). So while the engine computes, a load moves
-about `async_load_step_bytes` per step: it asks the daemon for a batch of pages that size, copies
-it, and waits for the next step (`step`, called by the worker once per engine step). A step that
+about `async_load_step_bytes` per step: it asks the daemon for a batch of pages that size (one
+round trip, which also releases the batch before; the daemon reads its disk pages on one I/O thread),
+copies it, and waits for the next step (`step`, called by the worker once per engine step). A step that
 computes nothing (every request waits) lifts the limit, and so does an engine silent for
 `IDLE_SECONDS`. The hit's request waits longer; the others barely notice it.
 """
@@ -42,10 +43,11 @@ from polarkvd.connectors.vllm.geometry import Geometry
 from polarkvd.connectors.vllm.link import DaemonLink, call_daemon
 from polarkvd.connectors.vllm.metadata import LoadSpec
 from polarkvd.connectors.vllm.options import Options
+from polarkvd.errors import LeaseExpired
 from polarkvd.types import Namespace, Tier
 
 if TYPE_CHECKING:
-    from polarkvd.client import EngineClient
+    from polarkvd.client import EngineClient, LoadResult
     from polarkvd.connectors.kv_copy import HostMover
 
 logger = init_logger("vllm.polarkvd.connector")
@@ -178,7 +180,11 @@ class BackgroundLoads:
 
     def _load(self, spec: LoadSpec) -> int:
         """Fetch the pages of `spec` and copy them into its blocks, a batch of pages at a time (paced):
-        how many blocks arrived (a prefix)."""
+        how many blocks arrived (a prefix).
+
+        One daemon round trip per batch: the lease of a batch copied out is released by the next
+        batch's `load`, and the last one's on its own. A lease that expired before its release may
+        have let its pages be reused while they were copied: that batch and the rest are recomputed."""
         client = self._client(spec.salt)
         if client is None or self.rank >= len(spec.keys):
             return 0
@@ -192,18 +198,35 @@ class BackgroundLoads:
             if p < len(fills):
                 fills[p].append((j, block))
         got = start = 0
+        held: int | None = None  # the lease of the batch copied last, not released yet
+        held_blocks = 0  # the blocks copied under it (not sure until it is released)
         while start < len(keys):
             allowance = self._wait_allowance(page_bytes)
             n = len(keys) - start
             if allowance < n * page_bytes:
                 n = max(1, int(allowance) // page_bytes)
-            arrived = self._load_batch(client, keys[start : start + n], fills[start : start + n])
+            paced = allowance != float("inf")  # the daemon reads a paced batch on one I/O thread
+            arrived, lease, ok = self._load_batch(
+                client, keys[start : start + n], fills[start : start + n], held, paced
+            )
+            if not ok:  # the lease before had expired: its batch may be stale (and this one never came)
+                return got
+            got += held_blocks
+            held, held_blocks = lease, sum(len(f) for f in fills[start : start + arrived])
             self._spend(arrived * page_bytes)
-            got += sum(len(f) for f in fills[start : start + arrived])
             if arrived < n:  # the rest is not there (evicted, daemon gone): recomputed
                 break
             start += n
-        return got
+        if held is not None and not self._release(client, held):
+            return got
+        return got + held_blocks
+
+    def _release(self, client: EngineClient, lease: int) -> bool:
+        """Release a lease whose pages were copied: False if it had expired (the copies may be stale)."""
+        return (
+            call_daemon(self.link, "release", functools.partial(_release, client, lease), self.stats_seconds)
+            is not _EXPIRED
+        )
 
     def _client(self, salt: str) -> EngineClient | None:
         """This thread's daemon session for the namespace of `salt` (None: the daemon is down)."""
@@ -212,11 +235,24 @@ class BackgroundLoads:
             ns = self._namespaces[salt] = self.geo.namespace(salt, self.rank)
         return self.link.session(ns)
 
-    def _load_batch(self, client: EngineClient, keys: list[bytes], fills: list[list[tuple[int, int]]]) -> int:
-        """Ask the daemon for `keys` and copy each page into its blocks: how many pages arrived."""
-        result = call_daemon(self.link, "load", functools.partial(client.load, keys), self.stats_seconds)
+    def _load_batch(
+        self,
+        client: EngineClient,
+        keys: list[bytes],
+        fills: list[list[tuple[int, int]]],
+        release: int | None,
+        serial: bool,
+    ) -> tuple[int, int | None, bool]:
+        """Ask the daemon for `keys` (releasing the lease `release` first, in the same round trip) and
+        copy each page into its blocks: (pages that arrived, their lease, whether `release` was still
+        held: False when it had expired, and then nothing was loaded)."""
+        result = call_daemon(
+            self.link, "load", functools.partial(_load, client, keys, release, serial), self.stats_seconds
+        )
+        if result is _EXPIRED:
+            return 0, None, False
         if result is None:
-            return 0
+            return 0, None, True
         g = self.geo
         pages: list[np.ndarray[tuple[int, int, int], np.dtype[np.uint8]]] = []
         try:
@@ -235,8 +271,33 @@ class BackgroundLoads:
                     self.mover.load_layer(
                         layer, [(torch.from_numpy(pages[p][layer, j]), block) for p, j, block in items]
                     )
-            return len(pages)
-        finally:
-            pages.clear()  # drop the views of the arena before the pins go
+        except BaseException:
+            pages.clear()
             if result.lease is not None:
-                call_daemon(self.link, "release", functools.partial(client.release, result.lease))
+                self._release(client, result.lease)
+            raise
+        arrived = len(pages)
+        pages.clear()  # drop the views of the arena: the next batch's load releases their pins
+        result.views.clear()
+        return arrived, result.lease, True
+
+
+#: A lease had expired before its release (`_load`, `_release`): what was copied under it may be stale.
+_EXPIRED = object()
+
+
+def _load(client: EngineClient, keys: list[bytes], release: int | None, serial: bool) -> LoadResult | object:
+    try:
+        return client.load(keys, release=release, serial=serial)
+    except LeaseExpired as e:
+        logger.warning("polarkvd: a background load's pages may have changed while copied (%s)", e)
+        return _EXPIRED
+
+
+def _release(client: EngineClient, lease: int) -> object:
+    try:
+        client.release(lease)
+    except LeaseExpired as e:
+        logger.warning("polarkvd: a background load's pages may have changed while copied (%s)", e)
+        return _EXPIRED
+    return None
