@@ -491,7 +491,8 @@ class EngineThreadServer:
         deadline = self.loop.time() + STOP_SECONDS
         while any(c.thread.is_alive() for c in conns) and self.loop.time() < deadline:
             await asyncio.sleep(0.01)  # meanwhile the loop runs their last requests and detaches
-        self._run_work()
+        if self._wake_fd >= 0:  # else start() failed before it had any work to run
+            self._run_work()
         stuck = sum(c.thread.is_alive() for c in conns)
         if stuck:  # daemon threads: they cannot keep the process alive
             log.warning("%d %s connection threads did not end within %.0fs", stuck, self.name, STOP_SECONDS)
