@@ -132,4 +132,3 @@ def test_a_file_size_limit_below_the_arena_leaves_no_empty_arena(tmp_path: Path)
         assert not arena.exists(), f"{arena} left behind"
     finally:
         arena.unlink(missing_ok=True)
-
