@@ -372,12 +372,11 @@ class Daemon:
                 self.manager.group_commit.shutdown()  # write-through's own pool, the same way
             if disk is not None:
                 try:
-                    disk.flush_index()
+                    disk.close()  # saves the index, then releases the directory
                 except OSError as e:
                     log.error(
                         "saving the disk index failed: %s (it is rebuilt from page headers at start)", e
                     )
-                disk.close()
             # the pool after every copy (the executor is done), the registration before the arena
             for part, what in ((host, "unregistering the arena"), (pool, "freeing the pool")):
                 if part is not None:

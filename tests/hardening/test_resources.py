@@ -1,0 +1,94 @@
+"""The disk tier's file system running full under a running daemon (a real small tmpfs, filled by
+another file): engines are served from DRAM throughout, `polarkvd drain` says how many pages could
+not be written instead of counting them as written, a shutdown that cannot save the index still
+exits cleanly, and once there is room again pages reach the disk and a restart finds none corrupt."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import bad_pages, chain_tokens, store_chain, wait_for
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill(fs: Path) -> None:
+    """Another file takes every free byte of `fs`."""
+    fd = os.open(fs / "ballast", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        for n in (1 << 20, 4096, 1):
+            try:
+                while True:
+                    os.write(fd, b"\0" * n)
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.slow
+def test_a_full_disk_keeps_dram_serving_and_is_told_not_hidden(daemon_factory, small_fs: Path) -> None:
+    d = daemon_factory(
+        {
+            "dram.capacity": "4MiB",  # 128 pages of 32 KiB: more are demoted
+            "disk.path": str(small_fs / "pages"),
+            "disk.capacity": "12MiB",
+            "disk.index_flush_seconds": "1h",  # the index is saved at shutdown only: onto a full disk
+        }
+    )
+    with d.engine() as kv:
+        for seed in range(3):
+            store_chain(kv, chain_tokens(seed, 20))
+        fill(small_fs)
+        chains = [store_chain(kv, chain_tokens(seed, 20)) for seed in range(10, 16)]  # demotions fail
+        assert len(kv.lookup(chains[-1]).tiers) == 20  # served from DRAM
+        with d.control() as c:
+            reply = c.drain()
+        assert reply["unwritten_pages"] > 0 and reply["written_pages"] == 0, reply
+        assert "could not be written" in d.log()
+        stats = d.stats()
+        assert stats["counters"]["demotions_dropped"] > 0
+        with d.control() as c:
+            c.resume()
+
+        os.unlink(small_fs / "ballast")  # room again
+        before = stats["counters"].get("demoted_pages", 0)
+        for seed in range(20, 26):
+            store_chain(kv, chain_tokens(seed, 20))
+        wait_for(lambda: d.stats()["counters"].get("demoted_pages", 0) > before, what="demotions again")
+        fill(small_fs)
+    assert d.stop() == 0, d.log()  # the index cannot be saved: said so, not a crash
+    assert "saving the disk index failed" in d.log() and "polarkvd failed" not in d.log()
+
+    os.unlink(small_fs / "ballast")
+    d.start()
+    opened = [line for line in d.log().splitlines() if "verified in" in line][-1]
+    assert " 0 dropped" in opened, opened
+    with d.engine() as kv:  # what reached the disk reads back whole
+        found = 0
+        for seed in [*range(3), *range(10, 16), *range(20, 26)]:
+            keys = kv.page_keys(chain_tokens(seed, 20))
+            r = kv.load(keys)
+            try:
+                assert bad_pages(kv, keys[: r.loaded], r.views) == []
+                found += r.loaded
+            finally:
+                if r.lease is not None:
+                    kv.release(r.lease)
+        assert found > 0
