@@ -1,20 +1,54 @@
-"""The disk tier's file system running full under a running daemon (a real small tmpfs, filled by
-another file): engines are served from DRAM throughout, `polarkvd drain` says how many pages could
-not be written instead of counting them as written, a shutdown that cannot save the index still
-exits cleanly, and once there is room again pages reach the disk and a restart finds none corrupt."""
+"""Resources running out under a running daemon. The disk tier's file system full (a real small
+tmpfs, filled by another file): engines are served from DRAM throughout, `polarkvd drain` says how
+many pages could not be written instead of counting them as written, a shutdown that cannot save the
+index still exits cleanly, and once there is room again pages reach the disk and a restart finds
+none corrupt. The daemon's open-files limit reached: attached engines go on, new ones are refused
+with the reason at once (not left waiting for a hello reply), and attach again once there is room."""
 
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import bad_pages, chain_tokens, store_chain, wait_for
+from polarkvd.client import EngineClient
+from polarkvd.errors import PolarKVError
+from tests.conftest import TEST_NS, bad_pages, chain_tokens, store_chain, wait_for
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+
+
+def test_out_of_file_descriptors_refuses_new_engines_with_the_reason(daemon) -> None:
+    pid = daemon.proc.pid
+    with daemon.engine() as kv:
+        keys = store_chain(kv, chain_tokens(1, 4))
+        soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        in_use = len(os.listdir(f"/proc/{pid}/fd"))
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (in_use + 4, hard))
+        refusals = []
+        held = []
+        try:
+            for i in range(8):
+                try:
+                    held.append(
+                        EngineClient(TEST_NS, f"late{i}", daemon.engine_socket, timeout=10).__enter__()
+                    )
+                except PolarKVError as e:
+                    refusals.append(str(e))
+            assert refusals, "every engine attached: the limit was not reached"
+            assert all("out of file descriptors" in r for r in refusals), refusals
+            more = store_chain(kv, chain_tokens(2, 4))  # the attached engine goes on
+            assert len(kv.lookup(keys + more).tiers) == 8
+        finally:
+            for c in held:
+                c.close()
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+        with daemon.engine(engine_id="after") as again:
+            assert len(again.lookup(keys).tiers) == 4
 
 
 @pytest.fixture
@@ -42,6 +76,7 @@ def fill(fs: Path) -> None:
         os.close(fd)
 
 
+@needs_root
 @pytest.mark.slow
 def test_a_full_disk_keeps_dram_serving_and_is_told_not_hidden(daemon_factory, small_fs: Path) -> None:
     d = daemon_factory(
