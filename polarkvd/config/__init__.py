@@ -702,9 +702,13 @@ def write_tuning(path: str | Path, knobs: Mapping[str, object]) -> dict[str, obj
         lines += ["", f"[{section}]", *entries]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as fh:  # whole or not at all, also across a power loss
-        fh.write("\n".join(lines) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as fh:  # whole or not at all, also across a power loss
+            fh.write("\n".join(lines) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError:  # e.g. a full disk: the old overlay stays, and no partial copy beside it
+        tmp.unlink(missing_ok=True)
+        raise
     return merged

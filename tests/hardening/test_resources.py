@@ -127,3 +127,22 @@ def test_a_full_disk_keeps_dram_serving_and_is_told_not_hidden(daemon_factory, s
                 if r.lease is not None:
                     kv.release(r.lease)
         assert found > 0
+
+
+@needs_root
+def test_saving_the_tuning_overlay_onto_a_full_disk_keeps_the_old_one(daemon_factory, small_fs: Path) -> None:
+    overlay = small_fs / "tuning.toml"
+    d = daemon_factory({"daemon.tuning_file": str(overlay), "disk.path": str(small_fs.parent / "pages")})
+    with d.control() as c:
+        c.set_knobs({"dram.policy": "s3fifo"})
+        c.save_tuning(["dram.policy"])
+        saved = overlay.read_text()
+        fill(small_fs)
+        c.set_knobs({"dram.policy": "lru", "dram.min_prefix_pages": 2})
+        with pytest.raises(PolarKVError, match="cannot write the tuning overlay"):
+            c.save_tuning(["dram.policy", "dram.min_prefix_pages"])
+        assert overlay.read_text() == saved
+        assert sorted(p.name for p in small_fs.iterdir()) == ["ballast", "tuning.toml"]  # no partial copy
+        os.unlink(small_fs / "ballast")
+        c.save_tuning(["dram.policy", "dram.min_prefix_pages"])  # room again
+    assert 'policy = "lru"' in overlay.read_text()
