@@ -1,7 +1,8 @@
 """`polarkvd serve` with configurations an operator gets wrong: a path that is a file, a socket path
 too long for a Unix socket, a NUL byte in a path, an empty shm_dir, connection counts and lent memory
-beyond what the machine can give, a file-size limit below the arena. Each exits 78 with a line naming
-the key and why, never a traceback, and leaves nothing half-started behind (no arena, no socket)."""
+beyond what the machine can give, a file-size limit below the arena, a second daemon on the first's
+sockets or disk directory. Each exits 78 with a line naming the key and why, never a traceback, and
+leaves nothing half-started behind (no arena, no socket); a first daemon serves on, its disk whole."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from polarkvd.config import load_config
 from polarkvd.config.machine import resolve
 from polarkvd.daemon import Daemon
 from polarkvd.errors import EXIT_CONFIG
-from tests.conftest import clean_env
+from tests.conftest import bad_pages, chain_tokens, clean_env, store_chain, wait_for
 
 
 def base_sets(root: Path) -> dict[str, str]:
@@ -132,3 +133,41 @@ def test_a_file_size_limit_below_the_arena_leaves_no_empty_arena(tmp_path: Path)
         assert not arena.exists(), f"{arena} left behind"
     finally:
         arena.unlink(missing_ok=True)
+
+
+def test_a_second_daemon_on_the_same_sockets_is_refused_and_the_first_serves_on(
+    daemon_factory, tmp_path: Path
+) -> None:
+    first = daemon_factory()
+    with first.engine() as kv:
+        keys = store_chain(kv, chain_tokens(1, 4))
+        rc, out = serve(tmp_path, {**first.sets, "daemon.state_dir": str(tmp_path / "other-state")})
+        assert rc == EXIT_CONFIG and "Traceback" not in out, out
+        assert "another polarkvd is already serving on" in out, out
+        assert len(kv.lookup(keys).tiers) == 4  # its arena and sockets untouched
+    assert first.arena_path.exists()
+
+
+def test_a_second_daemon_on_the_same_disk_directory_is_refused_and_leaves_it_whole(
+    daemon_factory, tmp_path: Path
+) -> None:
+    first = daemon_factory({"dram.capacity": "2MiB"})  # 64 pages of 32 KiB: the rest go to disk
+    pages = first.root / "state" / "pages"
+    with first.engine() as kv:
+        chains = [store_chain(kv, chain_tokens(seed, 20)) for seed in range(8)]
+        wait_for(lambda: first.stats()["tiers"]["disk"]["pages"] >= 80, what="pages on disk")
+        before = sorted((p.relative_to(pages), p.stat().st_size) for p in pages.rglob("*.pkv"))
+        sets = {**base_sets(tmp_path), "disk.path": str(pages)}
+        rc, out = serve(tmp_path, sets)
+        assert rc == EXIT_CONFIG and "Traceback" not in out, out
+        assert "in use by another" in out and str(pages) in out, out
+        second_arena = Daemon(resolve(load_config(env={}, overrides=sets))).arena_path()
+        assert not second_arena.exists(), "the refused daemon left its arena"
+        after = sorted((p.relative_to(pages), p.stat().st_size) for p in pages.rglob("*.pkv"))
+        assert set(before) <= set(after)  # nothing of the first's deleted or rewritten
+        r = kv.load(chains[0])  # the coldest chain: from the first daemon's disk
+        try:
+            assert r.loaded == 20 and bad_pages(kv, chains[0], r.views) == []
+        finally:
+            if r.lease is not None:
+                kv.release(r.lease)
