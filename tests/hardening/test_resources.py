@@ -2,7 +2,9 @@
 tmpfs, filled by another file): engines are served from DRAM throughout, `polarkvd drain` says how
 many pages could not be written instead of counting them as written, a shutdown that cannot save the
 index still exits cleanly, and once there is room again pages reach the disk and a restart finds
-none corrupt. The daemon's open-files limit reached: attached engines go on, new ones are refused
+none corrupt. The directory turned read-only: reads and DRAM go on, drain says what it could not
+write. A DRAM arena larger than its shm file system: refused at start. The tuning overlay saved onto
+a full disk: the old one stays. The daemon's open-files limit reached: attached engines go on, new ones are refused
 with the reason at once (not left waiting for a hello reply), and attach again once there is room."""
 
 from __future__ import annotations
@@ -146,3 +148,45 @@ def test_saving_the_tuning_overlay_onto_a_full_disk_keeps_the_old_one(daemon_fac
         os.unlink(small_fs / "ballast")
         c.save_tuning(["dram.policy", "dram.min_prefix_pages"])  # room again
     assert 'policy = "lru"' in overlay.read_text()
+
+
+@needs_root
+def test_a_dram_arena_larger_than_the_shm_file_system_is_refused_at_start(
+    tmp_path: Path, small_fs: Path
+) -> None:
+    from tests.hardening.test_config_serve import base_sets, refused
+
+    sets = {**base_sets(tmp_path), "dram.shm_dir": str(small_fs), "dram.capacity": "64MiB"}
+    refused(tmp_path, sets, "dram.capacity", f"of {small_fs} but only")
+    assert list(small_fs.iterdir()) == []  # no arena begun
+
+
+@needs_root
+@pytest.mark.slow
+def test_a_disk_directory_turned_read_only_keeps_reads_and_dram_serving(
+    daemon_factory, tmp_path: Path
+) -> None:
+    pages = tmp_path / "pages"
+    d = daemon_factory({"dram.capacity": "2MiB", "disk.path": str(pages)})
+    with d.engine() as kv:
+        chains = [store_chain(kv, chain_tokens(seed, 20)) for seed in range(8)]
+        wait_for(lambda: d.stats()["tiers"]["disk"]["pages"] >= 80, what="pages on disk")
+        subprocess.run(["mount", "--bind", str(pages), str(pages)], check=True)
+        try:
+            subprocess.run(["mount", "-o", "remount,bind,ro", str(pages)], check=True)
+            newer = [store_chain(kv, chain_tokens(seed, 20)) for seed in range(10, 14)]
+            assert len(kv.lookup(newer[-1]).tiers) == 20  # DRAM serves
+            r = kv.load(chains[0])  # the disk still reads
+            try:
+                assert r.loaded == 20 and bad_pages(kv, chains[0], r.views) == []
+            finally:
+                if r.lease is not None:
+                    kv.release(r.lease)
+            with d.control() as c:
+                reply = c.drain()
+                assert reply["unwritten_pages"] > 0 and reply["written_pages"] == 0, reply
+                c.resume()
+        finally:
+            subprocess.run(["umount", str(pages)], check=False)
+    assert d.stop() == 0, d.log()
+    assert "polarkvd failed" not in d.log()
