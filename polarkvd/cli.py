@@ -396,6 +396,9 @@ def cmd_drain(args: argparse.Namespace) -> int:
     print(
         f"drained: {r['written_pages']} pages written to disk; run `polarkvd resume` to accept stores again"
     )
+    if r.get("unwritten_pages"):  # a full or failing disk: these are in DRAM only
+        print(f"{r['unwritten_pages']} pages could not be written (see the daemon's log)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -204,7 +204,12 @@ class Daemon:
                     seed_fingerprint=self.seed.fingerprint if self.seed is not None else None,
                     readers=cfg.disk.io_threads,
                 )
-                report = await loop.run_in_executor(executor, disk.open)
+                try:
+                    report = await loop.run_in_executor(executor, disk.open)
+                except OSError as e:  # a path check at start passed, the file system said otherwise
+                    raise ResourceError(
+                        f"disk.path = {cfg.disk.path!r}: cannot open the disk tier: {e}"
+                    ) from None
                 log.info(
                     "disk tier %s: %d pages (%s of %s) verified in %.2fs; %d recovered, %d dropped",
                     cfg.disk.path, report.pages, format_size(report.stored_bytes), format_size(cfg.disk.capacity),
@@ -283,8 +288,14 @@ class Daemon:
                 self.http.route("/where", http_route(asyncio.get_running_loop(), handlers["where"]))
             control_srv = RequestServer("control", handlers, max_frame_bytes=cfg.daemon.max_frame_bytes)
             servers = [engine_srv, control_srv]
-            await engine_srv.start(engine_path, cfg.daemon.engine_socket_mode)
-            await control_srv.start(control_path, cfg.daemon.control_socket_mode)
+            for srv, key, path, mode in (
+                (engine_srv, "engine_socket", engine_path, cfg.daemon.engine_socket_mode),
+                (control_srv, "control_socket", control_path, cfg.daemon.control_socket_mode),
+            ):
+                try:
+                    await srv.start(path, mode)
+                except OSError as e:
+                    raise ResourceError(f"daemon.{key} = {str(path)!r}: cannot listen: {e}") from None
             chores.append(asyncio.create_task(self._every(1.0, manager.expire)))
             chores.append(asyncio.create_task(self._every(0.02, engine_events.tick)))
             chores.append(asyncio.create_task(self._every(1.0, manager.forget_idle_namespaces)))
@@ -361,12 +372,11 @@ class Daemon:
                 self.manager.group_commit.shutdown()  # write-through's own pool, the same way
             if disk is not None:
                 try:
-                    disk.flush_index()
+                    disk.close()  # saves the index, then releases the directory
                 except OSError as e:
                     log.error(
                         "saving the disk index failed: %s (it is rebuilt from page headers at start)", e
                     )
-                disk.close()
             # the pool after every copy (the executor is done), the registration before the arena
             for part, what in ((host, "unregistering the arena"), (pool, "freeing the pool")):
                 if part is not None:

@@ -18,10 +18,13 @@ import bisect
 import contextlib
 import dataclasses
 import errno
+import io
 import json
 import logging
 import re
+import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -428,6 +431,13 @@ MAX_BODY_BYTES = 16 << 20
 #: never end their body, cannot pile up threads and memory in the daemon.
 MAX_HTTP_CONNECTIONS = 64
 HTTP_IO_TIMEOUT = 10.0
+#: A request's headers and body must arrive whole within this (answered 408, or 400 for a body): a
+#: client trickling a byte per read timeout holds its slot this long, not forever.
+HTTP_REQUEST_DEADLINE = 20.0
+_LATE = (
+    f"the request did not arrive whole (headers and body within {HTTP_REQUEST_DEADLINE:.0f} s, "
+    f"each read within {HTTP_IO_TIMEOUT:.0f} s)"
+)
 #: A body over this is read and handled one at a time: 16 MiB of JSON can take ~25x in Python objects.
 BIG_BODY_BYTES = 1 << 20
 _BUSY = b'{"error": "too many HTTP connections to this daemon at once; retry"}'
@@ -466,7 +476,7 @@ class MetricsServer:
                         if len(body) < n:
                             raise TimeoutError
                     except OSError:  # a timeout or a reset: the body never came whole
-                        out = {"error": f"the body did not arrive whole (within {HTTP_IO_TIMEOUT:.0f} s)"}
+                        out = {"error": _LATE}
                     else:
                         try:
                             status, out = fn(
@@ -521,11 +531,68 @@ class MetricsServer:
             self._httpd = None
 
 
+class _RequestReader(io.RawIOBase):
+    """A connection's reads under one deadline: each waits at most HTTP_IO_TIMEOUT and never past
+    the request's deadline (then TimeoutError, and `late` is set)."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        super().__init__()
+        self.sock, self.deadline, self.late = sock, deadline, False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            self.late = True
+            raise TimeoutError(_LATE)
+        self.sock.settimeout(min(HTTP_IO_TIMEOUT, left))
+        try:
+            return self.sock.recv_into(buf)
+        except TimeoutError:
+            self.late = True
+            raise
+        finally:
+            self.sock.settimeout(HTTP_IO_TIMEOUT)  # for the answer's writes
+
+
+def _handler_class(base: Any) -> type:
+    """`base` (a WSGIRequestHandler) with the per-read timeout, the request deadline, and a 408 to a
+    client whose request line or headers did not arrive in time (wsgiref would close silently)."""
+
+    class Handler(base):
+        timeout = HTTP_IO_TIMEOUT
+        rfile: Any
+        reader: _RequestReader
+
+        def setup(self) -> None:
+            super().setup()
+            self.rfile.close()
+            self.reader = _RequestReader(self.connection, time.monotonic() + HTTP_REQUEST_DEADLINE)
+            self.rfile = io.BufferedReader(self.reader)
+
+        def handle(self) -> None:
+            try:
+                super().handle()
+            except TimeoutError:
+                if not self.reader.late:  # the answer's write timed out: nothing more to say
+                    raise
+                body = json.dumps({"error": _LATE}).encode()
+                with contextlib.suppress(OSError):
+                    self.connection.sendall(
+                        b"HTTP/1.0 408 Request Timeout\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+                    )
+
+    return Handler
+
+
 def _bound_connections(httpd: Any) -> None:
-    """Give `httpd` (a ThreadingWSGIServer) an I/O timeout per connection and a cap on connections:
-    over MAX_HTTP_CONNECTIONS a new one gets a 503 at once and is closed, never a thread."""
+    """Give `httpd` (a ThreadingWSGIServer) an I/O timeout per read, a deadline per request and a cap
+    on connections: over MAX_HTTP_CONNECTIONS a new one gets a 503 at once and is closed, never a thread."""
     httpd.socket.listen(4096)  # socketserver's 5 makes a burst of connects wait a second for SYN retries
-    httpd.RequestHandlerClass = type("Handler", (httpd.RequestHandlerClass,), {"timeout": HTTP_IO_TIMEOUT})
+    httpd.RequestHandlerClass = _handler_class(httpd.RequestHandlerClass)
     slots = threading.BoundedSemaphore(MAX_HTTP_CONNECTIONS)
     start, serve = httpd.process_request, httpd.process_request_thread
 

@@ -7,6 +7,7 @@ which stays a leaf that reads and validates settings without looking at the mach
 
 from __future__ import annotations
 
+import os
 import resource
 import shutil
 from pathlib import Path
@@ -67,9 +68,74 @@ def check_resources(cfg: Config) -> list[tuple[str, object, str]]:
                     f"needs {gib(cfg.disk.capacity)} at {p} but only {gib(free)} is free there (counting pages already stored)",
                 )
             )
+    if cfg.cluster.enabled and cfg.dram.capacity + cfg.cluster.dmp_bytes > avail:
+        out.append(
+            (
+                "cluster.dmp_bytes",
+                cfg.cluster.dmp_bytes,
+                f"lending {gib(cfg.cluster.dmp_bytes)} beside dram.capacity {gib(cfg.dram.capacity)} "
+                f"needs more than the {gib(avail)} of RAM available",
+            )
+        )
+    out.extend(path_problems(cfg))
     if cfg.cluster.enabled and cfg.cluster.transport == "rdma":
         try:
             probe_cluster(cfg.cluster)
         except ConfigError as e:
             out.extend(e.problems)
     return out
+
+
+#: A Unix socket's path is at most this many bytes (sun_path is 108, with its NUL).
+MAX_SOCKET_PATH = 107
+
+
+def path_problems(cfg: Config) -> list[tuple[str, object, str]]:
+    """The directories the daemon creates or writes at start: each must be (or can become) a directory
+    this user writes in, and a socket path must fit a Unix socket address."""
+    out: list[tuple[str, object, str]] = []
+    d = cfg.daemon
+    dirs = [
+        (f"daemon.{k}", getattr(d, k), Path(getattr(d, k)).parent)
+        for k in ("engine_socket", "control_socket")
+    ]
+    if cfg.disk.enabled:
+        dirs.append(("disk.path", cfg.disk.path, Path(cfg.disk.path)))
+    if not (cfg.cluster.enabled and cfg.cluster.key_file) and not os.path.lexists(d.seed_file):
+        dirs.append(("daemon.seed_file", d.seed_file, Path(d.seed_file).parent))  # created at start
+    for key, value, path in dirs:
+        why = _dir_problem(path)
+        if why is not None:
+            out.append((key, value, why))
+    for key in ("engine_socket", "control_socket"):
+        n = len(os.fsencode(getattr(d, key)))
+        if n > MAX_SOCKET_PATH:
+            out.append(
+                (
+                    f"daemon.{key}",
+                    getattr(d, key),
+                    f"is {n} bytes long; a Unix socket path is at most {MAX_SOCKET_PATH} (choose a shorter "
+                    "daemon.runtime_dir or socket path)",
+                )
+            )
+    return out
+
+
+def _dir_problem(path: Path) -> str | None:
+    """Why `path` cannot be, or be created as, a directory this user writes in; None if it can."""
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} exists and is not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        ro = " (a read-only file system)" if _read_only(existing) else ""
+        return f"{existing} is not writable by this user{ro}"
+    return None
+
+
+def _read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False

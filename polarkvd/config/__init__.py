@@ -35,14 +35,17 @@ from polarkvd.config.values import (
     MiB,
     choice,
     finite,
+    int_in,
     number_in,
     parse_address_list,
     parse_bool,
+    parse_dir,
     parse_duration,
     parse_fraction,
     parse_int,
     parse_listen_address,
     parse_mode,
+    parse_path,
     parse_size,
     parse_str,
     positive,
@@ -99,6 +102,10 @@ def _size_or_auto(value: object) -> int:
 POLICY_NAMES = ("lru", "s3fifo", "cost")
 
 
+#: daemon.max_sessions and max_unattached_connections at most: a thread each, far beyond any host's engines
+MAX_CONNECTIONS = 1 << 16
+
+
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 
@@ -107,17 +114,17 @@ LOG_FORMATS = ("text", "json")
 class DaemonConfig:
     runtime_dir: str = _opt(
         "",
-        parse_str,
+        parse_path,
         "sockets live here; empty = $RUNTIME_DIRECTORY, /run/polarkv (root), $XDG_RUNTIME_DIR/polarkv or /tmp/polarkv-$UID",
     )
     state_dir: str = _opt(
         "",
-        parse_str,
+        parse_path,
         "persistent state; empty = $STATE_DIRECTORY, /var/lib/polarkv (root) or $XDG_STATE_HOME/polarkv",
     )
-    engine_socket: str = _opt("", parse_str, "engine API socket; empty = <runtime_dir>/engine.sock")
+    engine_socket: str = _opt("", parse_path, "engine API socket; empty = <runtime_dir>/engine.sock")
     control_socket: str = _opt(
-        "", parse_str, "control API socket (CLI, TUI); empty = <runtime_dir>/control.sock"
+        "", parse_path, "control API socket (CLI, TUI); empty = <runtime_dir>/control.sock"
     )
     engine_socket_mode: int = _opt(0o660, parse_mode, "file mode of the engine socket")
     control_socket_mode: int = _opt(0o600, parse_mode, "file mode of the control socket")
@@ -130,10 +137,14 @@ class DaemonConfig:
         "pins and reservations of an engine that stops answering expire after this",
         live=Knob("lease seconds", "pins of a silent engine expire after"),
     )
-    max_sessions: int = _opt(1024, positive(parse_int), "attached engine connections at most")
+    max_sessions: int = _opt(
+        1024,
+        int_in(1, MAX_CONNECTIONS, "each costs a thread and lookup-table room"),
+        "attached engine connections at most",
+    )
     max_unattached_connections: int = _opt(
         64,
-        positive(parse_int),
+        int_in(1, MAX_CONNECTIONS, "each costs a thread"),
         "engine connections that have not sent hello yet, at most (each costs a thread): a new one "
         "closes the oldest (too_large error). Engine connections (threads) <= max_sessions + this",
     )
@@ -156,12 +167,12 @@ class DaemonConfig:
     )
     tuning_file: str = _opt(
         "",
-        parse_str,
+        parse_path,
         "live knobs saved from `polarkvd tui`, read by `serve` right after --config; empty = <state_dir>/tuning.toml",
     )
     seed_file: str = _opt(
         "",
-        parse_str,
+        parse_path,
         "the page-key seed, created mode 0600 at first start; unused in a cluster with a key file "
         "(the seed comes from the key); empty = <state_dir>/page-seed",
     )
@@ -183,7 +194,7 @@ class DramConfig:
             "eviction policy", "lru, s3fifo (scan-resistant), or cost (keeps what is dear to recompute)"
         ),
     )
-    shm_dir: str = _opt("/dev/shm", parse_str, "where the shared-memory arena file is created")
+    shm_dir: str = _opt("/dev/shm", parse_dir, "where the shared-memory arena file is created")
     lock_memory: bool = _opt(False, parse_bool, "mlock the arena (needs LimitMEMLOCK); keeps KV out of swap")
     high_watermark: float = _opt(
         1.0,
@@ -215,7 +226,7 @@ class DramConfig:
 @dataclasses.dataclass
 class DiskConfig:
     enabled: bool = _opt(True, parse_bool, "keep pages evicted from DRAM compressed on disk")
-    path: str = _opt("", parse_str, "page directory; empty = <state_dir>/pages")
+    path: str = _opt("", parse_path, "page directory; empty = <state_dir>/pages")
     capacity: int = _opt(AUTO, _size_or_auto, "disk tier size; auto = min(16GiB, 1/4 of free space)")
     policy: str = _opt(
         "lru",
@@ -234,7 +245,7 @@ class DiskConfig:
         "store a page compressed only if that makes it this many times smaller; pages that compress "
         "less are stored raw (a hit then costs a copy, not a decompression); 1 = compress whenever smaller",
     )
-    io_threads: int = _opt(2, positive(parse_int), "threads compressing, writing and reading pages")
+    io_threads: int = _opt(2, int_in(1, 256), "threads compressing, writing and reading pages")
     read_gbps: float = _opt(
         0.0,
         number_in(0, 1000),
@@ -329,7 +340,7 @@ class ClusterSection:
     )
     seeds: tuple[str, ...] = _opt((), parse_address_list, "gossip HOST:PORT of a few members to join through")
     key_file: str = _opt(
-        "", parse_str, "the cluster's CURVE key pair (`polarkvd keygen`); required unless insecure = true"
+        "", parse_path, "the cluster's CURVE key pair (`polarkvd keygen`); required unless insecure = true"
     )
     insecure: bool = _opt(
         False,
@@ -369,7 +380,7 @@ class ClusterSection:
     )
     pyverbs_path: str = _opt(
         "",
-        parse_str,
+        parse_path,
         "directory with Debian's pyverbs package, loaded alone; empty = this Python's own import path",
     )
 
@@ -691,9 +702,13 @@ def write_tuning(path: str | Path, knobs: Mapping[str, object]) -> dict[str, obj
         lines += ["", f"[{section}]", *entries]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as fh:  # whole or not at all, also across a power loss
-        fh.write("\n".join(lines) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as fh:  # whole or not at all, also across a power loss
+            fh.write("\n".join(lines) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError:  # e.g. a full disk: the old overlay stays, and no partial copy beside it
+        tmp.unlink(missing_ok=True)
+        raise
     return merged

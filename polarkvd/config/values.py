@@ -120,6 +120,34 @@ def parse_str(value: object) -> str:
     return value
 
 
+def parse_path(value: object) -> str:
+    """A file or directory path ("" = the option's default): the OS refuses a NUL byte in one."""
+    text = parse_str(value)
+    if "\x00" in text:
+        raise ValueError("a path cannot contain a NUL byte")
+    return text
+
+
+def parse_dir(value: object) -> str:
+    """A directory that must be named (no default): not empty, no NUL byte."""
+    text = parse_path(value)
+    if not text.strip():
+        raise ValueError("must name a directory (empty would mean the current directory)")
+    return text
+
+
+def int_in(lo: int, hi: int, why: str = "") -> Callable[[object], int]:
+    """A parser of an integer within lo..hi; `why` says what the upper bound protects."""
+
+    def parse(value: object) -> int:
+        out = parse_int(value)
+        if not lo <= out <= hi:
+            raise ValueError(f"must lie between {lo} and {hi}" + (f" ({why})" if why else ""))
+        return out
+
+    return parse
+
+
 def parse_mode(value: object) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 0o777:
         return value

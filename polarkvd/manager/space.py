@@ -279,7 +279,7 @@ class Space:
     async def drain(self) -> dict[str, int]:
         """Stop taking new pages; write every DRAM page that is not on disk yet; flush the disk index."""
         self.m.draining = True
-        written = 0
+        writes: list[asyncio.Future[Any]] = []
         if self.m.vram is not None:  # L1 pages go down to DRAM first, and from there to disk below
             await self.m.l1.demote_vram(everything=True)
         if self.m.disk is not None:
@@ -298,18 +298,33 @@ class Space:
                     item = PendingDemotion(data, info.digest, page.parent, info.ns.itemsize, page.depth)
                     self.m.pending[page.key] = item
                     self.m.pending_bytes += page.size
-                    self.write_to_disk(page.key, item)
-                    written += 1
+                    writes.append(self.write_to_disk(page.key, item))
             await self.flush()
-        log.info("drained: %d pages written to disk; new stores are refused until `polarkvd resume`", written)
-        return {"written_pages": written, "dram_pages": self.m.index.ready_pages}
+        # counted once written: a full or failing disk refuses some (the disk tier logs why)
+        written = sum(1 for f in writes if not f.cancelled() and f.exception() is None and f.result())
+        log.log(
+            logging.WARNING if written < len(writes) else logging.INFO,
+            "drained: %d pages written to disk%s; new stores are refused until `polarkvd resume`",
+            written,
+            f", {len(writes) - written} could not be written (they stay in DRAM only)"
+            if written < len(writes)
+            else "",
+        )
+        return {
+            "written_pages": written,
+            "unwritten_pages": len(writes) - written,
+            "dram_pages": self.m.index.ready_pages,
+        }
 
     async def flush(self) -> None:
         """Wait for queued disk writes and persist the disk index."""
         while self.m._disk_writes:
             await asyncio.gather(*list(self.m._disk_writes), return_exceptions=True)
         if self.m.disk is not None:
-            await asyncio.get_running_loop().run_in_executor(self.m.executor, self.m.disk.flush_index)
+            try:
+                await asyncio.get_running_loop().run_in_executor(self.m.executor, self.m.disk.flush_index)
+            except OSError as e:  # e.g. the disk is full: the pages are there, the index is rebuilt at start
+                log.error("saving the disk index failed: %s (it is rebuilt from page headers at start)", e)
 
     def resume(self) -> None:
         self.m.draining = False

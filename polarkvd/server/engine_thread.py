@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import itertools
 import logging
 import os
@@ -68,6 +69,12 @@ LISTEN_BACKLOG = 4096
 WARN_SECONDS = 10.0
 
 ThreadHandler = Callable[[Any, dict[str, Any]], Any]  # (connection, args) -> result dict or ON_LOOP
+
+
+_NO_DESCRIPTORS = (
+    "the daemon is out of file descriptors (its RLIMIT_NOFILE: LimitNOFILE= in its systemd unit); "
+    "attached engines go on, new ones are refused: try again later"
+)
 
 
 class _ConnectionEnded(Exception):
@@ -313,6 +320,9 @@ class EngineThreadServer:
         # eventfd wakes. The eventfd is closed only once no thread can write to it any more.
         self._work: collections.deque[Callable[[], None]] = collections.deque()
         self._wake_fd = -1
+        #: held for the moment the daemon runs out of descriptors: freed to accept a connection
+        #: just long enough to tell it why it is refused (else it would wait for hello in vain)
+        self._spare_fd = -1
 
     async def start(self, path: Path, mode: int) -> None:
         claim_socket_path(path)
@@ -329,6 +339,7 @@ class EngineThreadServer:
         self._listener = listener
         self.path = path
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._spare_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         self.loop.add_reader(self._wake_fd, self._run_work)
         self.loop.add_reader(listener.fileno(), self._accept)
 
@@ -360,6 +371,8 @@ class EngineThreadServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:  # out of file descriptors and the like: pause instead of spinning
+                if e.errno in (errno.EMFILE, errno.ENFILE) and self._refuse_without_descriptors(listener):
+                    continue
                 self._pause_accept(e)
                 return
             if len(self.connections) >= self.max_connections:
@@ -375,7 +388,7 @@ class EngineThreadServer:
             try:
                 conn = ThreadConnection(self, sock)
             except OSError as e:  # no descriptor for its eventfd
-                sock.close()
+                self._refuse(sock, _NO_DESCRIPTORS)
                 self._pause_accept(e)
                 return
             try:
@@ -390,11 +403,30 @@ class EngineThreadServer:
             self._unattached[conn] = None
             conn.hello_deadline = self.loop.call_later(self.hello_timeout, self._hello_deadline, conn)
 
-    def _refuse(self, sock: socket.socket) -> None:
-        """Over max_connections: an error frame (if the socket takes it at once) and close, no
-        thread. The client reads the reason where it expected hello's reply."""
+    def _refuse_without_descriptors(self, listener: socket.socket) -> bool:
+        """Out of file descriptors: the spare one takes the next waiting connection, long enough
+        to refuse it with the reason. False when there is none to take (then accepting pauses)."""
+        if self._spare_fd < 0:
+            return False
+        os.close(self._spare_fd)
+        self._spare_fd = -1
+        try:
+            sock, _ = listener.accept()
+        except OSError:
+            sock = None
+        if sock is not None:
+            self._refuse(sock, _NO_DESCRIPTORS)
+        try:
+            self._spare_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:  # taken meanwhile by another thread: accepting pauses, and tries again
+            return False
+        return sock is not None
+
+    def _refuse(self, sock: socket.socket, message: str = "") -> None:
+        """Over max_connections (or out of descriptors): an error frame (if the socket takes it at
+        once) and close, no thread. The client reads the reason where it expected hello's reply."""
         self.counters["connections_refused"] += 1
-        message = (
+        message = message or (
             f"too many engine connections ({self.max_connections}: daemon.max_sessions + "
             "daemon.max_unattached_connections); try again"
         )
@@ -491,7 +523,8 @@ class EngineThreadServer:
         deadline = self.loop.time() + STOP_SECONDS
         while any(c.thread.is_alive() for c in conns) and self.loop.time() < deadline:
             await asyncio.sleep(0.01)  # meanwhile the loop runs their last requests and detaches
-        self._run_work()
+        if self._wake_fd >= 0:  # else start() failed before it had any work to run
+            self._run_work()
         stuck = sum(c.thread.is_alive() for c in conns)
         if stuck:  # daemon threads: they cannot keep the process alive
             log.warning("%d %s connection threads did not end within %.0fs", stuck, self.name, STOP_SECONDS)
@@ -499,6 +532,9 @@ class EngineThreadServer:
             self.loop.remove_reader(self._wake_fd)
             os.close(self._wake_fd)
             self._wake_fd = -1
+        if self._spare_fd >= 0:
+            os.close(self._spare_fd)
+            self._spare_fd = -1
         if self.path is not None:
             try:
                 self.path.unlink()

@@ -15,6 +15,7 @@ import asyncio
 import concurrent.futures
 import inspect
 import json
+import threading
 import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -205,11 +206,14 @@ def _http_args(method: str, query: str, body: bytes) -> dict[str, Any]:
 
 
 def http_route(
-    loop: asyncio.AbstractEventLoop, where: Callable[[Any, dict[str, Any]], Any]
+    loop: asyncio.AbstractEventLoop,
+    where: Callable[[Any, dict[str, Any]], Any],
+    timeout: float = HTTP_TIMEOUT,
 ) -> Callable[[str, str, bytes], tuple[int, Any]]:
     """`where` for the HTTP endpoint (metrics.MetricsServer.route), run on the daemon's loop: the
     same answer as the control op, as JSON; 400 for a bad request, 404 for an unknown namespace,
-    405 for another method than GET or POST, each with {"error": what is wrong, "code": ...}."""
+    405 for another method than GET or POST, 503 after `timeout` (the query is then cancelled),
+    each with {"error": what is wrong, "code": ...}."""
 
     def route(method: str, query: str, body: bytes) -> tuple[int, Any]:
         if method not in ("GET", "POST"):
@@ -217,16 +221,26 @@ def http_route(
         try:
             args = _http_args(method, query, body)
 
+            abandoned = threading.Event()
+
             async def run() -> dict[str, Any]:
+                if abandoned.is_set():  # the loop got to it after the client was told 503
+                    raise asyncio.CancelledError
                 out = where(None, args)
                 return await out if inspect.isawaitable(out) else out
 
-            return 200, asyncio.run_coroutine_threadsafe(run(), loop).result(HTTP_TIMEOUT)
+            answer = asyncio.run_coroutine_threadsafe(run(), loop)
+            try:
+                return 200, answer.result(timeout)
+            except concurrent.futures.TimeoutError:
+                abandoned.set()  # nobody waits for it any more: not to be started or finished
+                answer.cancel()
+                raise
         except NamespaceError as e:
             return 404, {"error": str(e), "code": e.code.value}
         except PolarKVError as e:
             return 400, {"error": str(e), "code": e.code.value}
         except concurrent.futures.TimeoutError:
-            return 503, {"error": f"no answer within {HTTP_TIMEOUT:.0f} s"}
+            return 503, {"error": f"no answer within {timeout:g} s"}
 
     return route

@@ -263,10 +263,14 @@ def write_snapshot(
     body = msgpack.packb({"format": _INDEX_FORMAT, "namespaces": namespaces, "pages": pages})
     final = root / INDEX_NAME
     tmp = root / f"{INDEX_NAME}.{os.getpid()}{TMP_SUFFIX}"
-    with open(tmp, "wb") as f:
-        f.write(_INDEX_HEAD.pack(_INDEX_MAGIC, checksum(body)))
-        f.write(body)
-    os.replace(tmp, final)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(_INDEX_HEAD.pack(_INDEX_MAGIC, checksum(body)))
+            f.write(body)
+        os.replace(tmp, final)
+    except OSError:  # e.g. a full disk: no partial snapshot left taking room
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_snapshot(root: Path) -> dict[bytes, Row] | None:

@@ -43,6 +43,9 @@ class Arena:
                     e.errno, f"cannot reserve {size} bytes for the arena in {path.parent}: {e.strerror}"
                 ) from None
             self.mmap = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:  # e.g. ftruncate past RLIMIT_FSIZE: no empty arena left in the tmpfs
+            path.unlink(missing_ok=True)
+            raise
         finally:
             if fd >= 0:
                 os.close(fd)
