@@ -6,8 +6,9 @@ whether a page can be sent as it is, bringing disk and L1 pages into DRAM for a 
 page for the time it is sent (`PeerPin`, let go with `release`). Never the index, the pages' states
 or their pins.
 
-Threads: `readable`, `on_disk` and `disk_keys` are called on transport or I/O threads (reads only:
-single dict gets, the disk tier's own lock); everything else on the loop.
+Threads: `readable`, `on_disk`, `disk_keys` and `hold` are called on transport or I/O threads (reads
+only: single dict gets, the disk tier's own lock, the allocator's hold lock); everything else on the
+loop.
 """
 
 from __future__ import annotations
@@ -38,6 +39,17 @@ class PeerPin:
 
     def release(self) -> None:
         self.holder.pins -= 1
+
+
+@dataclasses.dataclass
+class HeldPin(PeerPin):
+    """A DRAM page held for a send by a transport thread (`PeerPages.hold`): its slot, not the page,
+    is kept; the page may leave DRAM meanwhile, its bytes stay until `release` (on the loop)."""
+
+    allocator: Any = None
+
+    def release(self) -> None:
+        self.allocator.unhold(self.offset)
 
 
 class PeerPages:
@@ -104,6 +116,22 @@ class PeerPages:
         return self.m.loads.promote_for_peer(
             ns_digest, keys, held_elsewhere, vram_ok=vram_ok, from_vram=from_vram
         )
+
+    def hold(self, ns_digest: bytes, key: bytes) -> HeldPin | None:
+        """Any thread: hold the page of `key` in that namespace for sending, if it is READY in DRAM
+        (None otherwise), without the loop: the allocator keeps its slot from reuse until `release`,
+        which runs on the loop. The slot is held only if it holds this very page (`claim`), so a page
+        that moved, left or was replaced between the look and the hold is never sent."""
+        m = self.m
+        page = m.index.get(key)
+        if page is None or page.state != READY:
+            return None
+        info = m._ns_by_id.get(page.ns)
+        offset = page.offset
+        if info is None or info.digest != ns_digest or not m.allocator.hold(offset, page):
+            return None
+        view = m.arena[offset : offset + page.size]
+        return HeldPin("dram", offset, page.size, page.parent, page, view, m.allocator)
 
     def pin(self, ns_digest: bytes, key: bytes, l1_ok: bool) -> PeerPin | None:
         """Pin the page of `key` in that namespace for sending: READY in DRAM, or with `l1_ok` in

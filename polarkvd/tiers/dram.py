@@ -18,6 +18,7 @@ that asked for it, never back to the pool where the drained size would take it a
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -73,6 +74,10 @@ class SlabAllocator:
         self._slab_class: dict[int, _SlotClass] = {}  # slab index -> the class it serves
         self.draining: set[int] = set()  # slabs being emptied: their freed slots are not handed out
         self.used_bytes = 0  # bytes of slots handed out
+        # slots a transport thread is sending from (`hold`): their `free` waits for the last `unhold`
+        self._held: dict[int, int] = {}  # offset -> holds
+        self._free_later: dict[int, int] = {}  # offset -> slot bytes, freed while held
+        self._hold_lock = threading.Lock()
 
     def fits(self, slot_bytes: int) -> bool:
         return 0 < slot_bytes <= self.slab_bytes
@@ -99,6 +104,10 @@ class SlabAllocator:
         return off
 
     def free(self, offset: int, slot_bytes: int) -> None:
+        with self._hold_lock:
+            if offset in self._held:  # a peer is being sent its bytes: reused after `unhold`
+                self._free_later[offset] = slot_bytes
+                return
         cls = self._classes[slot_bytes]
         slab, base = divmod(offset, self.slab_bytes)
         cls.used[slab] -= 1
@@ -116,6 +125,31 @@ class SlabAllocator:
             i = base // cls.slot_bytes
             if slots[i] is not FREE:
                 slots[i] = owner
+
+    def hold(self, offset: int, owner: Any) -> bool:
+        """Any thread: keep the slot at `offset` from being reused while its bytes are read, if it
+        holds `owner` (its `claim`) now; False when it does not. A held slot freed meanwhile is
+        freed at its last `unhold`, so what it held stays readable until then."""
+        slab, base = divmod(offset, self.slab_bytes)
+        with self._hold_lock:
+            cls = self._slab_class.get(slab)
+            slots = cls.owners.get(slab) if cls is not None else None
+            if slots is None or slots[base // cls.slot_bytes] is not owner:  # type: ignore[union-attr]
+                return False
+            self._held[offset] = self._held.get(offset, 0) + 1
+            return True
+
+    def unhold(self, offset: int) -> None:
+        """The manager's thread (as `alloc` and `free`): one `hold` of the slot ends."""
+        with self._hold_lock:
+            left = self._held[offset] - 1
+            if left:
+                self._held[offset] = left
+                return
+            del self._held[offset]
+            slot_bytes = self._free_later.pop(offset, None)
+        if slot_bytes is not None:
+            self.free(offset, slot_bytes)
 
     def free_slots(self, slot_bytes: int) -> int:
         """Slots of this size obtainable without eviction."""

@@ -14,9 +14,10 @@ copy it again into the arena), runs its I/O on a background thread that competes
 CURVE encrypts every byte. So the data path is plain blocking TCP sockets:
 - gather sends: `socket.sendmsg([prefix+header, page, sum, page, sum, ...])`, the page buffers are
   never joined or copied in user space;
-- receives go straight into the caller's destination view, one `recv_into` with `MSG_WAITALL` per
-  payload (the kernel wakes the receiver once per payload, not once per arriving segment), no
-  intermediate bytes objects;
+- receives go straight into the caller's destination view, with `MSG_WAITALL` (the kernel wakes the
+  receiver once per call, not once per arriving segment), no intermediate bytes objects; where the
+  optional C extension is built (polarkvd/wire/_recvhash.c), 256 KiB at a time, each chunk hashed
+  while it is still in cache, the GIL released; else one `recv_into` per payload, then its hash;
 - an authenticated handshake on each new connection (BLAKE2b keyed with a key derived from the
   cluster's CURVE secret, both directions, fresh nonces), or an explicit insecure mode on both sides;
 - an xxh3_64 checksum trailing every payload, computed by the sender over the buffer it sends (or

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import socket
 import struct
 import time
@@ -290,11 +291,54 @@ def send_message(sock: socket.socket, head: bytes, views: list[memoryview], sums
         send_all(sock, pending, deadline)
 
 
+#: Bytes received per step of the compiled receive, each hashed at once while it is in cache (L2).
+RECV_CHUNK = 256 << 10
+
+
+def _bind_recvhash() -> Any:
+    """The compiled receive-and-hash (polarkvd/wire/_recvhash.c) bound to xxhash's own xxh3, or None
+    (not built, or that xxhash does not export the streaming API): then `recv_payload` is Python's."""
+    try:
+        from xxhash import _xxhash  # type: ignore[attr-defined]
+
+        from polarkvd.wire import _recvhash
+
+        _recvhash.bind(_xxhash.__file__)
+        probe = bytes(range(256)) * 1031  # several stripes and a tail: the same function, checked
+        if _recvhash.hash(probe) != payload_sum(probe):
+            raise ImportError("the bound xxh3 disagrees with xxhash.xxh3_64")
+        return _recvhash
+    except (ImportError, AttributeError, OSError) as e:
+        log.debug("peer data path: receive and hash in Python (%s)", e)
+        return None
+
+
+_recvhash = _bind_recvhash()
+#: Whether payloads are received by the compiled path (tests switch it off to run the fallback).
+RECV_COMPILED = _recvhash is not None and os.environ.get("POLARKVD_PURE_PYTHON", "") in ("", "0")
+
+
 def recv_payload(sock: socket.socket, dst: memoryview, trailer: memoryview, deadline: Deadline) -> int | None:
     """Receive one payload straight into `dst`, then its checksum; the checksum when they agree,
-    None when they do not. (One `recvmsg_into` of both with MSG_WAITALL measured slower than two
-    `recv_into`s.)"""
+    None when they do not. Compiled (`RECV_COMPILED`): a chunk at a time, each hashed as it lands,
+    the GIL released; else in Python, the payload then its hash. (One `recvmsg_into` of both with
+    MSG_WAITALL measured slower than two `recv_into`s.)"""
+    if RECV_COMPILED and _recvhash is not None:
+        return _recv_payload_compiled(sock, dst, trailer, deadline)
     recv_into(sock, dst, deadline)
     recv_into(sock, trailer, deadline)
     want = TRAILER.unpack(trailer)[0]
     return want if payload_sum(dst) == want else None
+
+
+def _recv_payload_compiled(
+    sock: socket.socket, dst: memoryview, trailer: memoryview, deadline: Deadline
+) -> int | None:
+    arm(sock, deadline.left())
+    status, got, c, want = _recvhash.recv_hash(sock.fileno(), dst, trailer, RECV_CHUNK, deadline.at or 0.0)
+    if status == _recvhash.CLOSED:
+        n = len(dst) + TRAILER.size
+        raise Closed(f"connection closed with {n - got} of {n} bytes outstanding")
+    if status == _recvhash.TIMEOUT:
+        raise TimeoutError("timed out")
+    return int(want) if c == want else None

@@ -5,7 +5,9 @@
 - `lookup_table`: the lookup table in the arena file (the daemon writes it, engines read it);
 - `shared_words`: whole 64-bit loads and stores on shared memory, which both sides use;
 - `signals`: the readiness words of pipelined loads;
-- `region`: the daemon's L1 pool as the engine opens it (CUDA IPC handle, `AttachedRegion`).
+- `region`: the daemon's L1 pool as the engine opens it (CUDA IPC handle, `AttachedRegion`);
+- `_recvhash` (C, optional): the peer data path's receive-and-hash, which the daemon's transport
+  (polarkvd/transport/peer_wire.py) uses where it is built.
 
 The engine side (`polarkvd/client.py`, `polarkvd/connectors/`) imports this package and the leaves
 (`types`, `keys`, `errors`, `cuda`), never the daemon's internals; the import contracts in

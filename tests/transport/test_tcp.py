@@ -16,6 +16,7 @@ import msgpack
 import pytest
 
 from polarkvd.errors import ErrorCode, PageNotFound, PolarKVError, TransportError
+from polarkvd.transport import peer_wire
 from polarkvd.transport.peer_client import PeerClient, _ClientConn, _connect
 from polarkvd.transport.peer_server import PayloadReader, PeerServer, Reply
 from polarkvd.transport.peer_wire import (
@@ -35,6 +36,16 @@ from polarkvd.transport.peer_wire import (
 
 KEY = data_key(b"rq}Vn!v=fJ5kZ3#Z&tNQ0m.wcG4*V9pY]uE8%Hx)")  # a z85-looking cluster secret
 OTHER_KEY = data_key(b"another cluster's secret, forty bytes !!")
+
+
+@pytest.fixture(autouse=True, params=["compiled", "python"])
+def receive_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs with each receive of `recv_payload`: the compiled receive-and-hash
+    (polarkvd/wire/_recvhash.c) and the Python one it falls back to."""
+    if request.param == "compiled" and peer_wire._recvhash is None:
+        pytest.skip("the compiled receive (polarkvd.wire._recvhash) is not built")
+    monkeypatch.setattr(peer_wire, "RECV_COMPILED", request.param == "compiled")
+    return str(request.param)
 
 
 def page(seed: int, size: int) -> bytes:

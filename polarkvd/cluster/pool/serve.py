@@ -1,5 +1,7 @@
 """The peer service: what other members may ask of us (where, announce, get, RDMA connect, pin,
-unpin), on the transport threads, with the loop doing what touches shared state.
+unpin), on the transport threads, with the loop doing what touches shared state; a `get` of pages
+READY in DRAM holds their slots on the transport thread itself (`PeerPages.hold`) and does not wait
+for the loop before sending.
 
 A part of the cluster pool (polarkvd/cluster/pool/__init__.py): the shared state is the pool's.
 """
@@ -94,7 +96,37 @@ class PeerService:
         layers = layers_arg(args.get("layers"))
         from_vram: list[bytes] = []
         self._to_dram_first(ns, keys, vram_ok=False, from_vram=from_vram)
+        held = self._hold_pages(ns, keys, layers)
+        if held is not None:
+            return self._send_reply(held, layers, frozenset(from_vram), on_loop=False)
         return self.on_loop(lambda: self._pin_for_send(ns, keys, layers, set(from_vram)))
+
+    def _hold_pages(self, ns: bytes, keys: list[bytes], layers: list[int] | None) -> list[Pinned] | None:
+        """Transport thread: every page of `keys` held for the send here, without waiting for the
+        loop (`PeerPages.hold`: the slots stay unreused until released, on the loop); None when
+        one is not READY in DRAM (then the loop pins the prefix: the lent region, a page whose
+        layers do not fit). The loop keeps the pins for what it owns alone."""
+        if self.pool._closing:
+            raise PolarKVError("daemon stopping", code=ErrorCode.UNAVAILABLE)
+        pinned: list[Pinned] = []
+        for key in keys:
+            got = self.pool.pages.hold(ns, key)
+            if got is None:
+                break
+            assert got.view is not None
+            pinned.append(
+                Pinned(key, got.region, got.offset, got.size, got.parent, got.holder, got.release, got.view)
+            )
+        if len(pinned) < len(keys) or (
+            layers is not None and any(p.size % layers[2] or layers[1] * layers[2] > p.size for p in pinned)
+        ):
+            self.pool.loop.call_soon_threadsafe(release_all, pinned)
+            return None
+        if layers is not None:
+            lo, hi, lb = layers
+            for p in pinned:
+                p.view = p.view[lo * lb : hi * lb]  # type: ignore[index]
+        return pinned
 
     def _to_dram_first(
         self, ns: bytes, keys: list[bytes], *, vram_ok: bool, from_vram: list[bytes] | None = None
@@ -207,31 +239,48 @@ class PeerService:
         layers: list[int] | None = None,
         from_vram: set[bytes] = frozenset(),  # type: ignore[assignment]
     ) -> Reply:
-        """`get`: pin what we hold of `keys`, send it, unpin once sent. `from_vram`: keys that were
-        in L1 when asked for (moved to DRAM for this), counted as served from L1 over TCP."""
-        pinned = self._pin_pages(ns, keys, layers)
+        """`get` on the loop: pin what we hold of `keys`, send it, unpin once sent. `from_vram`: keys
+        that were in L1 when asked for (moved to DRAM for this), counted as served from L1 over TCP."""
+        return self._send_reply(self._pin_pages(ns, keys, layers), layers, from_vram, on_loop=True)
+
+    def _send_reply(
+        self,
+        pinned: list[Pinned],
+        layers: list[int] | None,
+        from_vram: frozenset[bytes] | set[bytes],
+        on_loop: bool,
+    ) -> Reply:
+        """The reply to `get` that sends the pinned pages (any thread; the loop counts them and lets
+        them go once sent)."""
         views = [p.view for p in pinned if p.view is not None]  # no vram here: every page has a view
         parents = [p.parent for p in pinned]
-        if layers is None or layers[0] == 0:
-            self.pool.counters["cluster_served_pages"] += len(views)
-        self.pool.counters["cluster_served_bytes"] += sum(p.nbytes for p in pinned)
-        if from_vram:
-            was = [p for p in pinned if p.key in from_vram]
-            if layers is None or layers[0] == 0:
-                self.pool.counters["cluster_served_pages_vram_tcp"] += len(was)
-            self.pool.counters["cluster_served_bytes_vram_tcp"] += sum(p.nbytes for p in was)
-
         # checksums known from earlier sends or arrivals; the transport hashes the rest into this
         # list as it sends, and they are kept for the next time
         sums: list[int | None] = self._known_sums(pinned, layers)
 
-        def on_sent() -> None:
-            def unpin() -> None:
-                self._keep_sums(pinned, layers, sums)
-                for p in pinned:
-                    p.release()
+        def count() -> None:
+            counters = self.pool.counters
+            if layers is None or layers[0] == 0:
+                counters["cluster_served_pages"] += len(views)
+            counters["cluster_served_bytes"] += sum(p.nbytes for p in pinned)
+            if from_vram:
+                was = [p for p in pinned if p.key in from_vram]
+                if layers is None or layers[0] == 0:
+                    counters["cluster_served_pages_vram_tcp"] += len(was)
+                counters["cluster_served_bytes_vram_tcp"] += sum(p.nbytes for p in was)
 
-            self.pool.loop.call_soon_threadsafe(unpin)
+        if on_loop:
+            count()
+        else:  # before the first byte goes: the loop has counted by the time the peer has the pages
+            self.pool.loop.call_soon_threadsafe(count)
+
+        def sent() -> None:
+            self._keep_sums(pinned, layers, sums)
+            for p in pinned:
+                p.release()
+
+        def on_sent() -> None:
+            self.pool.loop.call_soon_threadsafe(sent)
 
         return Reply({"sizes": [len(v) for v in views], "parents": parents}, views, on_sent, sums)
 
