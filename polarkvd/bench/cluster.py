@@ -42,12 +42,10 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -639,33 +637,10 @@ def render(res: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
 def main(args: argparse.Namespace) -> int:
-    from polarkvd.bench import plots
+    from polarkvd.bench.harness import bench_main
 
-    if args.plot_from:
-        return plots.redraw("cluster", args)
-    plots.check(args)
-    # SIGTERM unwinds like Ctrl-C, so the `finally`s stop every child (they also die with us on SIGKILL).
-    old = (
-        signal.signal(signal.SIGTERM, _interrupt)
-        if threading.current_thread() is threading.main_thread()
-        else None
-    )
-    try:
-        res = run(args)
-    except KeyboardInterrupt:
-        print("interrupted; every child process was stopped", file=sys.stderr)
-        return 130
-    finally:
-        if old is not None:
-            signal.signal(signal.SIGTERM, old)
-    print(json.dumps(res, indent=2) if args.json else render(res))
-    plots.after_run("cluster", res, args)
-    return 0
+    return bench_main("cluster", args, run, render)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ from typing import Any
 
 from polarkvd.bench import plots
 from polarkvd.bench.harness import (
+    bench_main,
     count_cpus,
     cpu_bind,
     event_writer,
@@ -452,13 +453,7 @@ def render(res: dict[str, Any]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.plot_from:
-        return plots.redraw("mixed", args)
-    plots.check(args)
-    res = run(args)
-    print(json.dumps(res) if args.json else render(res))
-    plots.after_run("mixed", res, args)
-    return 0
+    return bench_main("mixed", args, run, render)
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from polarkvd.bench import plots
-from polarkvd.bench.harness import fmt, ratio, table
+from polarkvd.bench.harness import bench_main, fmt, ratio, table
 
 POLICY_CHOICES = ("lru", "s3fifo", "cost")
 TRACES = ("chat", "rag", "qa", "mixed")
@@ -551,16 +551,10 @@ def render(res: dict[str, Any]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.plot_from:
-        return plots.redraw("policy", args)
-    if args.real:
+    if args.real and not args.plot_from:
         from polarkvd.bench import policy_real
 
         real = policy_real.run(args)
-        print(json.dumps(real) if args.json else policy_real.render(real))
+        print(json.dumps(real, indent=2) if args.json else policy_real.render(real))
         return 0
-    plots.check(args)
-    res = run(args)
-    print(json.dumps(res) if args.json else render(res))
-    plots.after_run("policy", res, args)
-    return 0
+    return bench_main("policy", args, run, render)

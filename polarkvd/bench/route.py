@@ -39,7 +39,15 @@ from pathlib import Path
 from typing import Any
 
 from polarkvd.bench import plots
-from polarkvd.bench.harness import free_port, mean_percentiles, private_daemon, ratio, server_group, table
+from polarkvd.bench.harness import (
+    bench_main,
+    free_port,
+    mean_percentiles,
+    private_daemon,
+    ratio,
+    server_group,
+    table,
+)
 
 POLICIES = ("round-robin", "least-loaded", "affinity")
 SETTINGS = ("nopool", "pool")
@@ -453,23 +461,17 @@ def say(msg: str) -> None:
     print(f"bench route: {msg}", file=sys.stderr, flush=True)
 
 
+def render(res: dict[str, Any]) -> str:
+    rows = [[name, r["requests"], f"{r['ttft_mean_s']:.3f}", f"{r['ttft_p99_s']:.3f}", r["computed_tokens"],
+             r["prompt_tokens"], " / ".join(str(e["requests"]) for e in r["per_engine"].values())]
+            for name, r in res["runs"].items()]  # fmt: skip
+    lines = [table(rows, ["setting/policy", "requests", "TTFT mean s", "TTFT p99 s", "computed tokens",
+                          "prompt tokens", "requests per engine"])]  # fmt: skip
+    for k in BARS:
+        each = f" (each repetition: {res['by_repeat'][k]})" if "by_repeat" in res else ""
+        lines.append(f"{k} = {res[k]}{each}")
+    return "\n".join(lines)
+
+
 def main(args: argparse.Namespace) -> int:
-    if args.plot_from:
-        return plots.redraw("route", args)
-    plots.check(args)
-    res = run(args)
-    if args.json:
-        print(json.dumps(res, indent=2))
-    else:
-        rows = [[name, r["requests"], f"{r['ttft_mean_s']:.3f}", f"{r['ttft_p99_s']:.3f}", r["computed_tokens"],
-                 r["prompt_tokens"], " / ".join(str(e["requests"]) for e in r["per_engine"].values())]
-                for name, r in res["runs"].items()]  # fmt: skip
-        print(table(rows, ["setting/policy", "requests", "TTFT mean s", "TTFT p99 s", "computed tokens",
-                           "prompt tokens", "requests per engine"]))  # fmt: skip
-        for k in BARS:
-            print(
-                f"{k} = {res[k]}"
-                + (f" (each repetition: {res['by_repeat'][k]})" if "by_repeat" in res else "")
-            )
-    plots.after_run("route", res, args)
-    return 0
+    return bench_main("route", args, run, render)
