@@ -228,19 +228,14 @@ def test_garbage_from_a_key_holder_on_the_data_port_gets_error_replies(cluster: 
     rng = random.Random(9)
 
     def junk(depth: int = 0):  # type: ignore[no-untyped-def]
-        pick = rng.randrange(10 if depth < 2 else 7)
-        return [
-            None,
-            True,
-            -1,
-            2**70,
-            3.5,
-            "x" * rng.randrange(40),
-            os.urandom(rng.choice([0, 15, 16, 17])),
-            [junk(depth + 1) for _ in range(rng.randrange(4))],
-            {str(junk(depth + 1)): junk(depth + 1) for _ in range(rng.randrange(3))},
-            rng.choice(keys),
-        ][pick]
+        kinds = [
+            lambda: None, lambda: True, lambda: -1, lambda: 2**64 - 1, lambda: -(2**63), lambda: 3.5,
+            lambda: "x" * rng.randrange(40), lambda: os.urandom(rng.choice([0, 15, 16, 17])),
+            lambda: rng.choice(keys),
+            lambda: [junk(depth + 1) for _ in range(rng.randrange(4))],
+            lambda: {str(junk(depth + 1)): junk(depth + 1) for _ in range(rng.randrange(3))},
+        ]  # fmt: skip
+        return kinds[rng.randrange(len(kinds) if depth < 2 else len(kinds) - 2)]()
 
     ops = ["get", "put", "where", "announce", "pin", "unpin", "rdma_connect", "nope", ""]
     fields = ["keys", "ns", "layers", "parents", "from", "batch", "leading", "lease", "seconds", "params"]

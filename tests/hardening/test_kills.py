@@ -107,14 +107,14 @@ def test_holder_killed_while_serving_a_fetch_then_restarted(daemon_factory, tmp_
     cluster = Cluster.keyed(daemon_factory, tmp_path)
     a, b = cluster.add("a"), cluster.add("b", disk__enabled="false")
     cluster.wait_converged(["a", "b"])
-    with a.engine() as kv, a.control() as ctl:
-        keys = store_chain(kv, chain_tokens(800, 600))
-        ctl.evict("dram", rng.randrange(0, 600) << 15)  # some on disk: promoted for the peer
     for it in range(4):
+        with a.engine() as kv, a.control() as ctl:  # (again: a SIGKILL loses a's DRAM pages)
+            keys = store_chain(kv, chain_tokens(800, 600))
+            ctl.evict("dram", rng.randrange(0, 600) << 15)  # some on disk: promoted for the peer
         with b.engine() as kv, b.control() as ctl:
             ctl.evict("dram", 1 << 40)
             with a.engine(engine_id="ns"):  # a knows the namespace: its disk pages are offered
-                wait_for(lambda: kv.lookup(keys).hits > 0, 20, "b to find a's pages")
+                wait_for(lambda k=keys: kv.lookup(k).hits > 0, 20, "b to find a's pages")
                 killer = threading.Timer(rng.uniform(0.0, 0.4), a.kill)
                 killer.start()
                 got = _check(kv, keys)
