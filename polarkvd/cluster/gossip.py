@@ -9,6 +9,7 @@ Must not interpret messages beyond encode/decode: protocol decisions live in `me
 from __future__ import annotations
 
 import abc
+import collections
 import logging
 from typing import Any
 
@@ -50,6 +51,7 @@ class ZmqTransport(Transport):
         curve: CurveKeys | None = None,
         hwm: int = 64,
         context: Any = None,
+        max_peers: int = 512,
     ) -> None:
         import zmq
 
@@ -85,7 +87,10 @@ class ZmqTransport(Transport):
             host = f"[{advertise_host}]" if ":" in advertise_host else advertise_host
             advertise = f"tcp://{host}:{port}"
         self._address = advertise or endpoint
-        self._peers: dict[str, Any] = {}
+        # one DEALER per destination, least recently used first: a sender address is whatever a packet
+        # claims, so the count is bounded (each socket is a descriptor and reconnects forever)
+        self._peers: collections.OrderedDict[str, Any] = collections.OrderedDict()
+        self.max_peers = max_peers
         self.dropped = 0
 
     @property
@@ -94,7 +99,11 @@ class ZmqTransport(Transport):
 
     def _peer(self, dst: str) -> Any:
         sock = self._peers.get(dst)
-        if sock is None:
+        if sock is not None:
+            self._peers.move_to_end(dst)
+        else:
+            while len(self._peers) >= self.max_peers:
+                self._peers.popitem(last=False)[1].close(linger=0)
             zmq = self._zmq
             sock = self.ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)

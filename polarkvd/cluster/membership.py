@@ -235,6 +235,9 @@ class Membership:
         self._seeds: list[str] = []
         self._leaving = False
         self._stopped = False
+        # gossip address -> the incarnation we out-voted it with (another address speaking for our id)
+        self._rivals: dict[str, int] = {}
+        self._rivals_logged: set[str] = set()
         #: counters, read as deltas by metrics
         self.stats: dict[str, int] = {
             "packets_in": 0,
@@ -246,6 +249,7 @@ class Membership:
             "suspicions": 0,
             "push_pulls": 0,
             "refused": 0,  # `alive` messages of members the admit hook refused
+            "id_conflicts": 0,  # another live process gossips with our node id (from another address)
         }
 
     # ------------------------------------------------------------------------------ public API
@@ -537,6 +541,8 @@ class Membership:
                 msg.incarnation == me.incarnation and (msg.meta != me.meta or msg.addr != me.addr)
             ):
                 # an older life of ours (we restarted), or an impostor: out-vote it
+                if msg.addr != me.addr:
+                    self._rival(msg.addr, msg.incarnation)
                 self._refute(msg.incarnation)
             return
         m = self.members.get(msg.node)
@@ -634,6 +640,29 @@ class Membership:
         self._suspicions.pop(m.node, None)
         self._n_alive -= 1
         self._emit(EventKind.LEFT, m, now)
+
+    def _rival(self, addr: str, incarnation: int) -> None:
+        """Another address speaks for our node id. Once is an older life of ours (a restart on another
+        address); again, above the incarnation we out-voted it with, is a live process configured with
+        our `cluster.node_id`: the two out-vote each other for ever and peers reach either. Logged once
+        per address, counted every time."""
+        before = self._rivals.get(addr)
+        if len(self._rivals) >= 64 and before is None:
+            self._rivals.clear()  # bounded; only costs noticing a rival one refutation later
+        self._rivals[addr] = max(incarnation, self.members[self.node_id].incarnation) + 1
+        if before is None or incarnation < before:
+            return
+        self.stats["id_conflicts"] += 1
+        if addr not in self._rivals_logged and len(self._rivals_logged) < 64:
+            self._rivals_logged.add(addr)
+            log.error(
+                "%s: another member at %s uses our node id %r (it out-voted our incarnation %d); every "
+                "member needs its own cluster.node_id, and until one of the two stops, peers reach either",
+                self.node_id,
+                addr,
+                self.node_id,
+                before,
+            )
 
     def _refute(self, incarnation: int) -> None:
         me = self.members[self.node_id]
