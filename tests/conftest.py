@@ -152,6 +152,21 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     return report
 
 
+def daemon_sets(root: Path) -> dict[str, str]:
+    """The settings of a test daemon living under `root`: small tiers, debug logs, an index saved
+    every second and metrics on any free port (daemons run side by side)."""
+    return {
+        "daemon.runtime_dir": str(root / "run"),
+        "daemon.state_dir": str(root / "state"),
+        "dram.capacity": "64MiB",
+        "dram.slab_bytes": "1MiB",
+        "disk.capacity": "256MiB",
+        "disk.index_flush_seconds": "1s",
+        "daemon.log_level": "debug",
+        "metrics.address": "127.0.0.1:0",
+    }
+
+
 def _factory(
     base: Path, node: pytest.Item | None = None
 ) -> tuple[Callable[..., DaemonProc], Callable[[], None]]:
@@ -162,16 +177,7 @@ def _factory(
     def make(sets: dict[str, str] | None = None, name: str = "d") -> DaemonProc:
         root = base / name
         root.mkdir(exist_ok=True)
-        cfg = {
-            "daemon.runtime_dir": str(root / "run"),
-            "daemon.state_dir": str(root / "state"),
-            "dram.capacity": "64MiB",
-            "dram.slab_bytes": "1MiB",
-            "disk.capacity": "256MiB",
-            "disk.index_flush_seconds": "1s",
-            "daemon.log_level": "debug",
-            "metrics.address": "127.0.0.1:0",  # any free port: daemons run side by side
-        }
+        cfg = daemon_sets(root)
         cfg.update(sets or {})
         d = DaemonProc(root, cfg)
         if node is not None:

@@ -29,7 +29,7 @@ import pytest
 from polarkvd.client import ControlClient
 from polarkvd.cluster.auth import generate, write_key_file
 from polarkvd.errors import DaemonUnavailable
-from tests.conftest import DaemonProc, clean_env, wait_for
+from tests.conftest import DaemonProc, clean_env, daemon_sets, wait_for
 
 #: Every namespace this harness creates starts with this, then the pid of the test process.
 PREFIX = "pkvt"
@@ -244,14 +244,7 @@ class NetnsCluster:
         root.mkdir(exist_ok=True)
         seed = self.hosts["h1"].address
         cfg = {
-            "daemon.runtime_dir": str(root / "run"),
-            "daemon.state_dir": str(root / "state"),
-            "dram.capacity": "64MiB",
-            "dram.slab_bytes": "1MiB",
-            "disk.capacity": "256MiB",
-            "disk.index_flush_seconds": "1s",
-            "daemon.log_level": "debug",
-            "metrics.address": "127.0.0.1:0",
+            **daemon_sets(root),
             "cluster.enabled": "true",
             "cluster.node_id": name,
             "cluster.key_file": str(self.key_file),
