@@ -13,7 +13,8 @@ in hashicorp/memberlist: a member that is not acked, directly or through `indire
 within a probe interval is *suspected*; the suspicion times out after a period that starts at
 `suspicion_max_timeout_mult` x the minimum and shrinks toward the minimum with each independent
 confirmation; a suspected member that hears of it refutes by gossiping `alive` with a higher
-incarnation.
+incarnation. Another process with our node id (a rival) is logged and counted; once it has been
+quiet a while, a `RIVAL_GONE` event about ourselves lets the caller repair what it disturbed.
 """
 
 from __future__ import annotations
@@ -47,7 +48,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ClusterConfig", "Event", "EventKind", "Member", "Membership", "State"]
+__all__ = ["RIVAL_QUIET_PROBES", "ClusterConfig", "Event", "EventKind", "Member", "Membership", "State"]
+
+#: probe intervals without news of a rival (another process with our node id) to call it gone
+RIVAL_QUIET_PROBES = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +102,9 @@ class EventKind(enum.Enum):
     ALIVE = "alive"  # a suspect refuted
     DEAD = "dead"
     LEFT = "left"  # graceful leave: not a failure
+    # about ourselves: another process that spoke for our node id has been quiet for
+    # `RIVAL_QUIET_PROBES` probe intervals; what peers hold from "us" may be its (greet them again)
+    RIVAL_GONE = "rival_gone"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,6 +245,9 @@ class Membership:
         # gossip address -> the incarnation we out-voted it with (another address speaking for our id)
         self._rivals: dict[str, int] = {}
         self._rivals_logged: set[str] = set()
+        # when a rival last out-voted us, or we refuted anything soon after (None: RIVAL_GONE is not due)
+        self._rival_at: float | None = None
+        self._rival_seen = -math.inf  # when a rival last out-voted us
         #: counters, read as deltas by metrics
         self.stats: dict[str, int] = {
             "packets_in": 0,
@@ -319,6 +329,8 @@ class Membership:
             t = min(t, r.deadline)
         for s in self._suspicions.values():
             t = min(t, s.deadline)
+        if self._rival_at is not None:
+            t = min(t, self._rival_gone_at(self._rival_at))
         return t
 
     # ----------------------------------------------------------------------------------- timers
@@ -331,6 +343,15 @@ class Membership:
             del self._relays[rseq]
         for node in [n for n, s in self._suspicions.items() if s.deadline <= now]:
             self._suspicion_expired(node, now)
+        if self._rival_at is not None and now >= self._rival_gone_at(self._rival_at):
+            self._rival_at = None
+            log.warning(
+                "%s: no other process has spoken for our node id for %d probe intervals: asking the "
+                "members to take our pages again",
+                self.node_id,
+                RIVAL_QUIET_PROBES,
+            )
+            self._emit(EventKind.RIVAL_GONE, self.members[self.node_id], now)
         if now >= self._next_probe:
             self._next_probe = now + self.config.probe_interval
             if not self._leaving:
@@ -542,7 +563,7 @@ class Membership:
             ):
                 # an older life of ours (we restarted), or an impostor: out-vote it
                 if msg.addr != me.addr:
-                    self._rival(msg.addr, msg.incarnation)
+                    self._rival(msg.addr, msg.incarnation, now)
                 self._refute(msg.incarnation)
             return
         m = self.members.get(msg.node)
@@ -641,11 +662,16 @@ class Membership:
         self._n_alive -= 1
         self._emit(EventKind.LEFT, m, now)
 
-    def _rival(self, addr: str, incarnation: int) -> None:
+    def _rival(self, addr: str, incarnation: int, now: float) -> None:
         """Another address speaks for our node id. Once is an older life of ours (a restart on another
         address); again, above the incarnation we out-voted it with, is a live process configured with
         our `cluster.node_id`: the two out-vote each other for ever and peers reach either. Logged once
-        per address, counted every time."""
+        per address, counted every time. Either way, once no rival has been heard of for
+        `RIVAL_QUIET_PROBES` probe intervals (and we refuted nothing meanwhile), a `RIVAL_GONE` event
+        about ourselves tells the caller that peers may have taken the rival's word for ours (its
+        meta-map greeting dropped our records). While both run, a twin that peers do not reach hears
+        of the other only at push-pulls: each may get RIVAL_GONE once per push-pull interval or so."""
+        self._rival_at = self._rival_seen = now
         before = self._rivals.get(addr)
         if len(self._rivals) >= 64 and before is None:
             self._rivals.clear()  # bounded; only costs noticing a rival one refutation later
@@ -664,7 +690,16 @@ class Membership:
                 before,
             )
 
+    def _rival_gone_at(self, last: float) -> float:
+        return last + RIVAL_QUIET_PROBES * self.config.probe_interval
+
     def _refute(self, incarnation: int) -> None:
+        now = self._clock()
+        if now - self._rival_seen < 2 * self._push_pull_period():
+            # a rival was about lately: peers that took its address for ours take ours again (they
+            # suspected us there, or it out-voted us and we out-vote it back; a losing twin hears of
+            # the other only at push-pulls): quiet is counted from now
+            self._rival_at = now
         me = self.members[self.node_id]
         me.incarnation = max(me.incarnation, incarnation) + 1
         self.stats["refutes"] += 1

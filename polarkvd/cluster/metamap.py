@@ -26,6 +26,9 @@ How records converge (each rule has a test in tests/cluster/test_metamap.py):
   events) and sends us all its pages we own (we may have restarted with an empty map, or have dropped
   its records while it was out of our view). The first `set_members` after start greets everyone, so a
   daemon that restarts faster than failure detection still resynchronises.
+- `regreet`: another process used our member id for a while (a misconfigured twin); its greeting
+  made the owners drop our records, and our view never changed. We greet every member again and
+  queue all our pages to their owners, as if they had all just joined.
 - Announcements from members outside our view are ignored (they greet us when we see each other).
   Each `Announce` carries a digest of its sender's view; entries sent under a view other than ours are
   kept (our view is probably just behind) but checked against our ring after `verify_after` seconds,
@@ -189,6 +192,22 @@ class MetaMap:
         self._sweep(removed, added, ring)
         self._reroute_pending(added)
         self._repartition(removed, added, ring, now)
+
+    def regreet(self, now: float) -> None:
+        """Greet every other member again and queue every page we hold for its owner: after a process
+        with our id stopped (its greeting made the owners take it for us, restarted). Costs what a
+        restart costs the others: they drop and re-learn our records, and send us their pages we own."""
+        me = self.self_id
+        for m in self._ring.members:
+            if m == me:
+                continue
+            self._hello.add(m)
+            self._since.setdefault(m, now)
+            part = self._local.get(m)
+            if part:
+                for key, mask in part.items():
+                    self._queue(m, key, _best(mask), now)
+                self._stats["reannounced"] += len(part)
 
     def _sweep(self, removed: set[str], added: set[str], ring: Ring) -> None:
         recs, held = self._records, self._held

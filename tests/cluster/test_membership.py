@@ -8,7 +8,14 @@ import random
 import msgpack
 import pytest
 
-from polarkvd.cluster.membership import ClusterConfig, EventKind, Membership, State, _Suspicion
+from polarkvd.cluster.membership import (
+    RIVAL_QUIET_PROBES,
+    ClusterConfig,
+    EventKind,
+    Membership,
+    State,
+    _Suspicion,
+)
 from polarkvd.cluster.messages import Alive, Ping, Suspect, decode, encode
 from polarkvd.cluster.simnet import SimNetwork
 from polarkvd.errors import ConfigError, ProtocolError
@@ -206,6 +213,32 @@ def test_a_known_member_back_with_refused_metadata_has_left():
         assert ms[name].state_of("c") is State.LEFT
         assert EventKind.LEFT in [e.kind for e in ms[name].take_events() if e.node == "c"]
         assert {m.node for m in ms[name].alive_members()} == {"a", "b"}
+
+
+def test_a_twin_with_our_node_id_is_called_gone_once_it_has_been_quiet(cluster):
+    """Two processes with one node id out-vote each other for as long as both run (and the twin's
+    meta-map greeting may have made the owners drop our records). Not while the twin speaks, but
+    once it crashed (no leave) and nothing of it was heard for RIVAL_QUIET_PROBES probe intervals,
+    the member gets a RIVAL_GONE event about itself: its cue to greet the members again. (The twin
+    peers do not reach hears of the other only at push-pulls: every 2 s here.)"""
+    c = cluster(ClusterConfig(push_pull_interval=2.0)).start(3)
+    twin = Membership("n1", {"endpoints": {"gossip": "n1-twin"}}, c.config, c.net.clock,
+                      c.net.transport("n1-twin"), random.Random(5))  # fmt: skip
+    c.net.add("n1-twin", twin)
+    twin.join(["n0"])
+    c.run(20.0)  # 40 probe intervals of conflict
+    assert c.m["n1"].stats["id_conflicts"] + twin.stats["id_conflicts"] >= 2
+    assert EventKind.RIVAL_GONE not in c.kinds("n1", "n1")
+    c.net.kill("n1-twin")
+    killed = c.net.clock()
+    c.run(RIVAL_QUIET_PROBES * c.config.probe_interval + 10.0)
+    gone = [e for e in c.events["n1"] if e.kind is EventKind.RIVAL_GONE]
+    assert gone and all(e.node == "n1" for e in gone)
+    assert gone[0].at - killed < RIVAL_QUIET_PROBES * c.config.probe_interval + 2.0
+    assert all(m.members["n1"].addr == "n1" for m in c.m.values())  # the survivor is the member
+    assert c.converged(), c.views()
+    # nobody else is told anything
+    assert all(EventKind.RIVAL_GONE not in [e.kind for e in c.events[n]] for n in ("n0", "n2"))
 
 
 def test_garbage_and_foreign_packets_are_counted_and_dropped(cluster):

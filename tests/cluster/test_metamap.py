@@ -400,6 +400,35 @@ def test_a_member_that_restarts_unnoticed_resynchronises_by_its_greeting():
     assert_exact(net, {"A": pa, "B": new_b})
 
 
+def test_a_member_whose_twin_greeted_the_owners_is_found_again_after_it_greets_them_again():
+    """A second process with B's member id starts (a misconfigured twin): its greeting makes the
+    owners drop B's records, and B's view never changes, so B's pages stay misses. Once the twin is
+    gone, B's `regreet` makes them found again, and what A stored meanwhile (announced to whichever
+    B answered) is known to B too."""
+    net = Net(["A", "B", "C"])
+    pb, pa = chain(60, SEED + 43), chain(60, SEED + 44)
+    store(net.nodes["B"], pb, net.now)
+    net.pump()
+    assert net.find("C", pb) == [("B",)] * 60
+    twin = MetaMap("B")
+    twin.set_members(["A", "B", "C"], net.now)
+    net.now += 1.0
+    for dest, msgs in twin.take_outgoing(net.now).items():
+        for m in msgs:
+            net.nodes[dest].on_message("B", m, net.now)
+    store(net.nodes["A"], pa, net.now)
+    for dest, msgs in net.nodes["A"].take_outgoing(net.now + 1.0).items():  # B's share: to the twin
+        for m in msgs:
+            (twin if dest == "B" else net.nodes[dest]).on_message("A", m, net.now)
+    net.pump()
+    assert len(net.find("C", pb)) < 60  # the bug: B's pages are misses
+    net.nodes["B"].regreet(net.now)
+    net.pump()
+    assert net.find("C", pb) == [("B",)] * 60
+    assert net.find("B", pa) == [("A",)] * 60
+    assert_exact(net, {"A": pa, "B": pb})
+
+
 def test_announcements_from_outside_our_view_are_ignored():
     net = Net(["A", "B"])
     net.pump()

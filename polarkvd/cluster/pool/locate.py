@@ -218,6 +218,8 @@ class MetaMapClient:
         self.pool.suspects = {m.node for m in alive if m.state == State.SUSPECT}
         self.pool.metamap.set_members([self.pool.node_id, *self.pool.members], time.monotonic())
         for ev in events:
+            if ev.kind is EventKind.RIVAL_GONE and ev.node == self.pool.node_id:
+                self.pool.metamap.regreet(time.monotonic())
             if ev.kind in (EventKind.DEAD, EventKind.LEFT):
                 addr = ev.meta.get("data") if isinstance(ev.meta, dict) else None
                 if isinstance(addr, str) and addr:
