@@ -26,6 +26,7 @@ import dataclasses
 import logging
 import mmap
 import os
+import socket
 import sys
 import threading
 import time
@@ -580,6 +581,19 @@ class EngineClient:
 
     def _ch_closed(self) -> bool:
         return self._ch._sock.fileno() < 0
+
+    def connection_lost(self) -> bool:
+        """Whether the daemon has closed this session's connection (it exited or restarted), checked
+        without blocking or a round trip: the socket reads as ended. A session whose daemon is only
+        slow, or has not answered yet, is not lost."""
+        if self._ch_closed():
+            return True
+        try:
+            return self._ch._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False  # open, nothing to read: the usual case
+        except OSError:
+            return True
 
     def _close_region(self) -> None:
         """Unmap the pool: at close, and when the daemon is gone (it freed the pool: CUDA does not

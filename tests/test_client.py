@@ -31,8 +31,13 @@ def test_a_restarted_daemon_is_mapped_afresh(daemon) -> None:
     """A new arena file at the same path must never be confused with the unlinked old one."""
     with daemon.engine() as kv:
         old = kv._arena_id
+        assert not kv.connection_lost()  # open and idle
+        kv.ping()
+        assert not kv.connection_lost()
         daemon.stop()
+        assert kv.connection_lost()  # what the vLLM connector checks before it reuses a session
         daemon.start()
+        assert kv.connection_lost()  # the new daemon does not adopt the old connection
         with daemon.engine() as kv2:
             assert kv2._arena_id != old
             keys = kv2.page_keys(np.arange(16))

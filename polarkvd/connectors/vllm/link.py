@@ -105,8 +105,15 @@ class DaemonLink:
         Its `ns_digest` (keyed with the daemon's secret seed) is what this side's keys chain from."""
         client = self._sessions.get(ns)
         if client is not None:
-            self._sessions.move_to_end(ns)
-            return client
+            if not client.connection_lost():
+                self._sessions.move_to_end(ns)
+                return client
+            # The daemon closed it (it exited or restarted): attach again now, so that the request at
+            # hand is served by a daemon that is back, rather than failing on the dead connection.
+            del self._sessions[ns]
+            self._closing()
+            client.close()
+            logger.info("polarkvd daemon at %s closed a session (restarted?): attaching again", self.path)
         if ns in self._refused or not self.available or self._paused.get(ns, 0.0) > self._clock():
             return None
         try:
@@ -178,7 +185,7 @@ class DaemonLink:
         _OUTAGES.down(
             self.path,
             "polarkvd daemon unreachable (%s): vLLM keeps serving without the shared KV cache "
-            "(no hits, no stores) and reconnects when it is back (retrying at most every %.0f s)",
+            "(no hits, no stores) and reconnects when it is back (retrying at most every %g s)",
             exc,
             self._opts.retry_seconds,
         )
