@@ -61,8 +61,6 @@ from polarkvd.tiers.codec import (
     GroupRange,
     Scratch,
     checksum,
-    decode_group,
-    decode_into,
     encode,
     encode_groups,
     group_table_size,
@@ -77,7 +75,6 @@ from polarkvd.tiers.disk_format import (
     SEED_RE,
     SUBDIR_RE,
     TMP_SUFFIX,
-    Header,
     Row,
     check_key,
     delete_leftover,
@@ -94,6 +91,7 @@ from polarkvd.tiers.disk_format import (
     syncfs,
     write_snapshot,
 )
+from polarkvd.tiers.disk_grouped import GroupedPage
 from polarkvd.tiers.disk_index import DiskEntry, DiskIndex, Quota
 
 __all__ = ["DiskEntry", "DiskOpenReport", "DiskStats", "DiskTier", "GroupedPage", "HEADER_SIZE"]
@@ -125,68 +123,6 @@ class DiskStats:
     gets: int  # pages delivered by get_into
     policy: str = "lru"
     seed_refused: int = 0  # pages deleted at open: keyed with another page-key seed
-
-
-class GroupedPage:
-    """A page on disk, to be read and decoded one range (layer group) at a time: see `open_grouped`.
-    Holds the file open, so a range can still be read after the page was evicted meanwhile; `close`
-    when done (decoding every range, and any failure, close it too)."""
-
-    def __init__(
-        self,
-        tier: DiskTier,
-        key: bytes,
-        entry: DiskEntry,
-        header: Header,
-        fd: int,
-        ranges: list[GroupRange] | None,
-    ) -> None:
-        self._tier, self._key, self._entry, self._h, self._fd = tier, key, entry, header, fd
-        self._ranges = ranges
-        #: (first byte, end byte) of each range in the page, in order
-        self.ranges: list[tuple[int, int]] = (
-            [(r.lo, r.hi) for r in ranges] if ranges is not None else [(0, header.raw_len)]
-        )
-        self._left = set(range(len(self.ranges)))  # not decoded yet
-
-    def decode(self, i: int, page: memoryview) -> None:
-        """Read range `i` and decode it into its place in `page` (the whole page's slot), verified.
-        Raises PageCorrupt (the page is dropped from the tier) when it does not read, decode or
-        verify; `page` then holds garbage in that range, which must not be published."""
-        h = self._h
-        dst = memoryview(page)
-        if dst.format != "B" or dst.ndim != 1:
-            dst = dst.cast("B")
-        try:
-            if self._fd < 0:
-                raise ValueError("read after close")
-            if self._ranges is not None:
-                r = self._ranges[i]
-                part = os.pread(self._fd, r.length, HEADER_SIZE + r.at)
-                if len(part) != r.length:
-                    raise ValueError("file shorter than its groups table")
-                decode_group(r, part, dst, h.itemsize)
-            else:
-                payload = os.pread(self._fd, h.payload_len, HEADER_SIZE)
-                if len(payload) != h.payload_len:
-                    raise ValueError("payload length differs from header")
-                decode_into(h.codec, payload, dst, h.itemsize)
-                if checksum(dst) != h.checksum:
-                    raise ValueError("checksum mismatch")
-        except Exception as exc:  # zstd raises its own error type on garbage
-            self.close()
-            self._tier._corrupt_page(self._key, self._entry, f"range {i}: {exc}")
-        self._left.discard(i)
-        if not self._left:  # every range decoded: the file is not needed any more
-            self.close()
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def __del__(self) -> None:
-        self.close()
 
 
 class DiskTier:
