@@ -4,7 +4,7 @@ Owns the pages on disk: writing, reading and deleting their files, opening the d
 within `capacity_bytes`. It does not decide which pages come here (the manager demotes into it) and
 does not check namespaces against callers (it stores each page's `ns` so the daemon can). What the
 files hold is `disk_format.py`'s; which pages are listed, their eviction order and byte counts are
-`disk_index.py`'s.
+`disk_index.py`'s; the scan at open is `disk_scan.py`'s.
 
 Writes: a page is written to a temp name in its final directory and `os.replace`d, so a killed
 daemon never leaves a half-visible page, only temp files, which `open()` deletes. A page evicted
@@ -69,18 +69,11 @@ from polarkvd.tiers.codec import (
 )
 from polarkvd.tiers.disk_format import (
     HEADER_SIZE,
-    INDEX_NAME,
     LOCK_NAME,
-    PAGE_RE,
     SEED_RE,
-    SUBDIR_RE,
     TMP_SUFFIX,
-    Row,
     check_key,
-    delete_leftover,
     fsync_dir,
-    header_row,
-    load_snapshot,
     pack_header,
     page_path,
     parse_header,
@@ -93,6 +86,7 @@ from polarkvd.tiers.disk_format import (
 )
 from polarkvd.tiers.disk_grouped import GroupedPage
 from polarkvd.tiers.disk_index import DiskEntry, DiskIndex, Quota
+from polarkvd.tiers.disk_scan import reconcile
 
 __all__ = ["DiskEntry", "DiskOpenReport", "DiskStats", "DiskTier", "GroupedPage", "HEADER_SIZE"]
 
@@ -195,7 +189,7 @@ class DiskTier:
             self._index.clear()
         try:
             refuse = self._seed_mismatch()
-            snapshot, dropped, trusted, recovered = self._reconcile(refuse is not None)
+            snapshot, dropped, trusted, recovered = reconcile(self.path, self._made_dirs, refuse is not None)
             refused = 0
             if refuse is not None:
                 refused, dropped = dropped, 0
@@ -254,73 +248,6 @@ class DiskTier:
         if recorded is None:
             return "no recorded seed (an older polarkvd, or a lost seed-fingerprint file)"
         return f"seed {recorded!r}, not this daemon's {self.seed_fingerprint!r}"
-
-    def _reconcile(self, refuse: bool = False) -> tuple[dict[bytes, Row] | None, int, list[Row], list[Row]]:
-        """Match the snapshot against the files: (snapshot, dropped, trusted rows, recovered rows).
-        `refuse`: delete every page file instead (counted in `dropped`) and ignore the snapshot."""
-        if refuse:
-            return None, self._delete_pages(), [], []
-        snapshot = load_snapshot(self.path)
-        rows = snapshot or {}
-        dropped = 0
-        trusted_keys: set[bytes] = set()
-        unlisted: list[tuple[float, str]] = []  # files the snapshot does not vouch for
-        for sub in os.scandir(self.path):
-            if sub.name.startswith(INDEX_NAME) and sub.name.endswith(TMP_SUFFIX):
-                dropped += delete_leftover(sub.path)  # a snapshot write cut short
-            if not (sub.is_dir(follow_symlinks=False) and SUBDIR_RE.fullmatch(sub.name)):
-                continue
-            self._made_dirs.add(sub.name)
-            for f in os.scandir(sub.path):
-                if f.name.endswith(TMP_SUFFIX):
-                    dropped += delete_leftover(f.path)  # a write cut short by a crash
-                elif PAGE_RE.fullmatch(f.name) and f.name.startswith(sub.name):
-                    key = bytes.fromhex(f.name[:32])
-                    st = f.stat(follow_symlinks=False)
-                    row = rows.get(key)
-                    if row is not None and row[4] == stored_size(st.st_size):
-                        trusted_keys.add(key)
-                    else:
-                        unlisted.append((st.st_mtime, f.path))
-                else:
-                    log.warning("disk tier: ignoring unknown file %s", f.path)
-        unlisted_keys = {bytes.fromhex(os.path.basename(p)[:32]) for _, p in unlisted}
-        dropped += sum(1 for key in rows if key not in trusted_keys and key not in unlisted_keys)
-        recovered: list[Row] = []
-        for _, file in sorted(unlisted):  # oldest first: recency order for the policy
-            row = header_row(file)
-            if row is None:
-                dropped += delete_leftover(file)
-            else:
-                recovered.append(row)
-        trusted = [row for key, row in rows.items() if key in trusted_keys]  # snapshot = eviction order
-        return snapshot, dropped, trusted, recovered
-
-    def _delete_pages(self) -> int:
-        """Delete every page file, temp file and the snapshot, quietly (the caller logs once);
-        returns how many pages went."""
-
-        def unlink(path: str | Path) -> int:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                return 0
-            return 1
-
-        deleted = 0
-        unlink(self.path / INDEX_NAME)
-        for sub in os.scandir(self.path):
-            if sub.name.startswith(INDEX_NAME) and sub.name.endswith(TMP_SUFFIX):
-                unlink(sub.path)
-            if not (sub.is_dir(follow_symlinks=False) and SUBDIR_RE.fullmatch(sub.name)):
-                continue
-            self._made_dirs.add(sub.name)
-            for f in os.scandir(sub.path):
-                if f.name.endswith(TMP_SUFFIX):
-                    unlink(f.path)
-                elif PAGE_RE.fullmatch(f.name):
-                    deleted += unlink(f.path)
-        return deleted
 
     def close(self) -> None:
         """Write the index snapshot and release the directory. Idempotent."""
