@@ -44,6 +44,7 @@ never computed again, and an old page must never be served under a new seed.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fcntl
 import logging
 import os
@@ -67,6 +68,7 @@ from polarkvd.tiers.codec import (
     parse_group_table,
     stock_decode_buffers,
 )
+from polarkvd.tiers.disk_failures import WriteFailures
 from polarkvd.tiers.disk_format import (
     HEADER_SIZE,
     LOCK_NAME,
@@ -117,6 +119,7 @@ class DiskStats:
     gets: int  # pages delivered by get_into
     policy: str = "lru"
     seed_refused: int = 0  # pages deleted at open: keyed with another page-key seed
+    write_errors: int = 0  # page writes that failed (ENOSPC, EIO, ...): disk_failures.py
 
 
 class DiskTier:
@@ -162,6 +165,9 @@ class DiskTier:
         self._flush_lock = threading.Lock()
         self._lock_fd: int | None = None
         self._made_dirs: set[str] = set()
+        self._root_lock = threading.Lock()  # one thread at a time recreates a removed root
+        self._lost = False  # the root was removed and another process holds it now: hands off
+        self.write_failures = WriteFailures()
         self._unsynced_dirs: set[str] = set()  # subdirectories created since the root was last fsynced
         self._scratch = Scratch()
         self.readers = readers
@@ -339,6 +345,26 @@ class DiskTier:
         if not fits:
             return False
         final = self._page_path(key)
+        error = self._write_file(key, final, header, blob)
+        if isinstance(error, FileNotFoundError) and self._reclaim_root():
+            error = self._write_file(key, final, header, blob)  # its directory was removed: once more
+        if error is not None:
+            self.write_failures.failed(final, error)
+            with self._lock:
+                self._index.reserve(ns, -size)
+            return False
+        self.write_failures.succeeded()
+        with self._lock:
+            self._index.reserve(ns, -size)
+            self._index.admit(key, parent, ns, raw_len, size, depth)
+            self._puts += 1
+            self._index.changes += 1
+        return True
+
+    def _write_file(self, key: bytes, final: str, header: bytes, blob: bytes) -> OSError | None:
+        """Write the page's file under a temp name and rename it into place; the error, if any."""
+        if self._lost:
+            return OSError(errno.EACCES, "the directory was removed and another process holds it now")
         tmp = f"{final}.{os.getpid()}.{threading.get_ident()}{TMP_SUFFIX}"
         try:
             self._ensure_dir(key)
@@ -347,20 +373,73 @@ class DiskTier:
                 f.write(blob)
             os.replace(tmp, final)
         except OSError as exc:
-            log.warning("disk tier: writing %s failed: %s", final, exc)
-            with self._lock:
-                self._index.reserve(ns, -size)
             try:
                 os.unlink(tmp)
             except OSError:
                 pass
+            return exc
+        return None
+
+    def _reclaim_root(self) -> bool:
+        """A write found its directory gone (`rm -rf` under the daemon). Forget the directories
+        made; if the root went too (its lock file with it), recreate it and lock it again, or, when
+        another process got its lock first, write nothing more there (`_lost`): two daemons in one
+        directory would delete each other's pages. The pages listed are gone either way and are
+        forgotten. True when a write may be tried again."""
+        with self._root_lock:
+            with self._lock:
+                self._made_dirs.clear()
+            if self._lost or self._lock_fd is None:
+                return False
+            if self._holds_root():
+                return True  # only a subdirectory went, or another thread took the root back
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+            except OSError as exc:
+                log.error(
+                    "disk tier %s: the directory was removed and cannot be made again: %s", self.path, exc
+                )
+                return False
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                self._lost = True
+            else:
+                os.close(self._lock_fd)
+                self._lock_fd = fd
+            with self._lock:
+                gone = list(self._index.entries)
+                self._index.clear()
+                self._index.changes += 1
+                self._unsynced_dirs.clear()
+        if self._lost:
+            log.error(
+                "disk tier %s: the directory was removed under the daemon and another process holds "
+                "it now; no page is written or deleted there until this daemon restarts", self.path,
+            )  # fmt: skip
+        else:
+            if self.seed_fingerprint is not None:
+                record_seed(self.path, self.seed_fingerprint)  # before the first page, as at open
+            log.error(
+                "disk tier %s: the directory was removed under the daemon: made again and locked "
+                "again; its %d pages are gone", self.path, len(gone),
+            )  # fmt: skip
+        on_removed = self.on_removed
+        if gone and on_removed is not None:
+            on_removed(gone)
+        return not self._lost
+
+    def _holds_root(self) -> bool:
+        """Whether the lock file in the root is the one this tier holds."""
+        assert self._lock_fd is not None
+        try:
+            st = os.stat(self.path / LOCK_NAME)
+        except OSError:
             return False
-        with self._lock:
-            self._index.reserve(ns, -size)
-            self._index.admit(key, parent, ns, raw_len, size, depth)
-            self._puts += 1
-            self._index.changes += 1
-        return True
+        held = os.fstat(self._lock_fd)
+        return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
 
     def sync_files(self, keys: list[bytes]) -> list[bool]:
         """fdatasync the files of these pages; per key whether its data is now on the device (False:
@@ -558,6 +637,7 @@ class DiskTier:
                 gets=self._gets,
                 policy=self._index.policy.name,
                 seed_refused=self._seed_refused,
+                write_errors=self.write_failures.total,
             )
 
     def keys(self) -> list[bytes]:
@@ -591,14 +671,23 @@ class DiskTier:
         """Write the index snapshot atomically if anything changed since the last one (or `force`).
         Returns whether it wrote. Cheap when clean, so a timer may call it often."""
         with self._flush_lock:
+            if not self._lost and self._lock_fd is not None and not self._holds_root():
+                self._reclaim_root()  # removed under us: on the timer, not only at the next write
             with self._lock:
-                if not (self._index.changes or force):
+                if self._lost or not (self._index.changes or force):
                     return False
                 namespaces, pages = self._index.snapshot_rows()
                 changes = self._index.changes
                 self._index.changes = 0
             try:
-                write_snapshot(self.path, namespaces, pages)
+                try:
+                    write_snapshot(self.path, namespaces, pages)
+                except FileNotFoundError:
+                    if not self._reclaim_root():
+                        raise
+                    with self._lock:  # the pages that were listed went with the directory
+                        namespaces, pages = self._index.snapshot_rows()
+                    write_snapshot(self.path, namespaces, pages)
             except OSError:
                 with self._lock:
                     self._index.changes += changes
@@ -620,6 +709,8 @@ class DiskTier:
         if not keys:
             return
         for key in keys:
+            if self._lost:
+                break  # those files went with the directory; the names there now are another's
             try:
                 os.unlink(self._page_path(key))
             except FileNotFoundError:
@@ -639,7 +730,10 @@ class DiskTier:
     def _ensure_dir(self, key: bytes) -> None:
         sub = key[:1].hex()
         if sub not in self._made_dirs:
-            os.makedirs(f"{self._root}{os.sep}{sub}", exist_ok=True)
+            try:  # not makedirs: a root removed under us must fail (ENOENT), not come back unlocked
+                os.mkdir(f"{self._root}{os.sep}{sub}")
+            except FileExistsError:
+                pass
             with self._lock:
                 self._made_dirs.add(sub)
                 self._unsynced_dirs.add(sub)  # its name in the root is not durable yet
