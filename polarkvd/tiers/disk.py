@@ -33,7 +33,9 @@ threads overlap and the event loop's `entry()`/`stats()` never wait on disk. Key
 written or deleted are tracked so that an eviction's unlink can never remove a re-put page's new
 file. Stored bytes plus space reserved by puts in flight never exceed `capacity_bytes`. An exclusive
 `flock` on `<path>/lock` keeps a second process (or a second `DiskTier` in this one) out of the
-directory; the kernel drops it when its holder dies.
+directory; the kernel drops it when its holder dies. A root removed under the tier (`rm -rf`) is made
+again and locked again at the next write or index flush, or left alone when another process locked
+it first (`_reclaim_root`).
 
 Seed: `<path>/seed-fingerprint` names the page-key seed (`keys.seed_fingerprint`) the pages were
 keyed with, written before the first page. A tier opened with another seed, or over pages with no
