@@ -321,6 +321,8 @@ def families(snap: Snapshot) -> Iterator[Any]:
                                   value=disk["corrupt_dropped"])  # fmt: skip
         yield CounterMetricFamily("polarkv_disk_seed_refused", "Disk pages deleted at start: keyed with another page-key seed.",
                                   value=disk.get("seed_refused", 0))  # fmt: skip
+        yield CounterMetricFamily("polarkv_disk_write_errors", "Page writes the disk tier could not make (ENOSPC, EIO, ...).",
+                                  value=disk.get("write_errors", 0))  # fmt: skip
 
     worth = st.get("worth")
     if worth is not None:

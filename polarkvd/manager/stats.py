@@ -113,6 +113,7 @@ class Reports:
                 "evictions": d.evictions,
                 "corrupt_dropped": d.corrupt_dropped,
                 "seed_refused": d.seed_refused,
+                "write_errors": d.write_errors,
                 "pending_pages": len(self.m.pending),
                 "pending_bytes": self.m.pending_bytes,
                 "write_through": self.m.cfg.disk.write_through,

@@ -14,6 +14,7 @@ event loop only.
 from __future__ import annotations
 
 import asyncio
+import errno
 import inspect
 import logging
 import os
@@ -183,7 +184,71 @@ class Connection(asyncio.Protocol):
             self.transport.resume_reading()
 
 
+#: Pending connections a listening socket keeps (the kernel caps it at net.core.somaxconn).
+LISTEN_BACKLOG = 4096
+OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)
+
+
+class SpareDescriptor:
+    """A descriptor held for the moment the daemon runs out of them: freed to accept a waiting
+    connection just long enough to tell it why it is refused (else the client waits in vain, or
+    sees its connection reset, and never learns the reason)."""
+
+    def __init__(self) -> None:
+        self.fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+
+    def refuse_one(self, listener: socket.socket, refuse: Callable[[socket.socket], None]) -> bool:
+        """After accept() failed with EMFILE/ENFILE: accept one connection on the spare descriptor
+        and `refuse` it (which closes it). False when none was waiting (then `ready` says whether
+        to wait for the next one as usual, or to pause accepting: no spare)."""
+        if self.fd < 0:
+            return False
+        os.close(self.fd)
+        self.fd = -1
+        try:
+            sock, _ = listener.accept()
+        except OSError:
+            sock = None
+        if sock is not None:
+            refuse(sock)
+        try:
+            self.fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:  # taken meanwhile by another thread: accepting pauses, and tries again
+            return False
+        return sock is not None
+
+    @property
+    def ready(self) -> bool:
+        return self.fd >= 0
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def send_refusal(sock: socket.socket, message: str) -> None:
+    """An error frame where the client expects its first reply (if the socket takes it at once),
+    then close."""
+    try:
+        sock.send(P.reply_error(0, ErrorCode.TOO_LARGE, message), socket.MSG_DONTWAIT)
+    except OSError:
+        pass  # the client is gone already, or not reading: it sees the connection close
+    sock.close()
+
+
+#: What a control client is told when the daemon has no descriptor for its connection.
+CONTROL_NO_DESCRIPTORS = (
+    "the daemon is out of file descriptors (its RLIMIT_NOFILE: LimitNOFILE= in its systemd unit); "
+    "it serves the engines attached, control connections are refused: try again later"
+)
+
+
 class RequestServer:
+    """An asyncio server of request/reply connections on a Unix socket (the control socket). It
+    accepts itself, not through `loop.create_unix_server`, so that a daemon out of descriptors
+    refuses a client with the reason instead of leaving it waiting or reset."""
+
     def __init__(
         self,
         name: str,
@@ -197,24 +262,86 @@ class RequestServer:
         self.max_frame_bytes = max_frame_bytes
         self.on_close = on_close
         self.connections: set[Connection] = set()
-        self._server: asyncio.AbstractServer | None = None
+        self._listener: socket.socket | None = None
+        self._spare: SpareDescriptor | None = None
+        self._starting: set[asyncio.Task[Any]] = set()
+        self.refused = 0  # connections refused for want of a descriptor
         self.path: Path | None = None
 
     async def start(self, path: Path, mode: int) -> None:
         claim_socket_path(path)
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_unix_server(lambda: Connection(self), str(path))
-        os.chmod(path, mode)
+        self._loop = asyncio.get_running_loop()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(str(path))
+            os.chmod(path, mode)
+            listener.listen(LISTEN_BACKLOG)
+            listener.setblocking(False)
+            self._spare = SpareDescriptor()
+        except BaseException:
+            listener.close()
+            raise
+        self._listener = listener
         self.path = path
+        self._loop.add_reader(listener.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        listener, spare = self._listener, self._spare
+        for _ in range(16):  # a burst of connects must not hold the loop for long
+            if listener is None or spare is None:
+                return
+            try:
+                sock, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if e.errno in OUT_OF_DESCRIPTORS and spare.refuse_one(listener, self._refuse):
+                    continue
+                if e.errno in OUT_OF_DESCRIPTORS and spare.ready:
+                    return  # none waiting (accept fails first for want of a descriptor)
+                self._pause_accept(e)
+                return
+            task = self._loop.create_task(self._loop.connect_accepted_socket(lambda: Connection(self), sock))
+            self._starting.add(task)
+            task.add_done_callback(self._started)
+
+    def _started(self, task: asyncio.Task[Any]) -> None:
+        self._starting.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("%s socket: a connection could not start: %s", self.name, task.exception())
+
+    def _refuse(self, sock: socket.socket) -> None:
+        self.refused += 1
+        send_refusal(sock, CONTROL_NO_DESCRIPTORS)
+        log.warning(
+            "%s socket: refused a connection: out of file descriptors; %d refused so far",
+            self.name, self.refused,
+        )  # fmt: skip
+
+    def _pause_accept(self, error: OSError) -> None:
+        log.warning("%s socket: accept failed (%s); accepting again in 1s", self.name, error)
+        if self._listener is not None:
+            self._loop.remove_reader(self._listener.fileno())
+            self._loop.call_later(1.0, self._resume_accept)
+
+    def _resume_accept(self) -> None:
+        if self._listener is not None:
+            self._loop.add_reader(self._listener.fileno(), self._accept)
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        if self._listener is not None:
+            self._loop.remove_reader(self._listener.fileno())
+            self._listener.close()
+            self._listener = None
+            for task in list(self._starting):
+                task.cancel()
             for conn in list(self.connections):
                 if conn.transport is not None:
                     conn.transport.close()
-            await self._server.wait_closed()
-            self._server = None
+            await asyncio.sleep(0)  # the transports' connection_lost callbacks run
+        if self._spare is not None:
+            self._spare.close()
+            self._spare = None
         if self.path is not None:
             try:
                 self.path.unlink()

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import errno
 import itertools
 import logging
 import os
@@ -51,7 +50,17 @@ from pathlib import Path
 from typing import Any
 
 from polarkvd.errors import ErrorCode
-from polarkvd.server.connection import Request, answer, claim_socket_path, error_reply, parse_request
+from polarkvd.server.connection import (
+    LISTEN_BACKLOG,
+    OUT_OF_DESCRIPTORS,
+    Request,
+    SpareDescriptor,
+    answer,
+    claim_socket_path,
+    error_reply,
+    parse_request,
+    send_refusal,
+)
 from polarkvd.wire import frames as P
 
 log = logging.getLogger(__name__)
@@ -63,7 +72,6 @@ STOP_SECONDS = 2.0
 RECV_BYTES = 1 << 16
 #: Connections the kernel queues before the loop accepts them (capped by net.core.somaxconn): a
 #: burst of engines connecting at once waits there instead of being refused.
-LISTEN_BACKLOG = 4096
 #: At most one warning per this many seconds about refused or timed-out connections (a flood must
 #: not flood the log too); the counters have every one.
 WARN_SECONDS = 10.0
@@ -322,7 +330,7 @@ class EngineThreadServer:
         self._wake_fd = -1
         #: held for the moment the daemon runs out of descriptors: freed to accept a connection
         #: just long enough to tell it why it is refused (else it would wait for hello in vain)
-        self._spare_fd = -1
+        self._spare: SpareDescriptor | None = None
 
     async def start(self, path: Path, mode: int) -> None:
         claim_socket_path(path)
@@ -339,7 +347,7 @@ class EngineThreadServer:
         self._listener = listener
         self.path = path
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._spare_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        self._spare = SpareDescriptor()
         self.loop.add_reader(self._wake_fd, self._run_work)
         self.loop.add_reader(listener.fileno(), self._accept)
 
@@ -371,8 +379,10 @@ class EngineThreadServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:  # out of file descriptors and the like: pause instead of spinning
-                if e.errno in (errno.EMFILE, errno.ENFILE) and self._refuse_without_descriptors(listener):
+                if e.errno in OUT_OF_DESCRIPTORS and self._refuse_without_descriptors(listener):
                     continue
+                if e.errno in OUT_OF_DESCRIPTORS and self._spare is not None and self._spare.ready:
+                    return  # none waiting (accept fails first for want of a descriptor)
                 self._pause_accept(e)
                 return
             if len(self.connections) >= self.max_connections:
@@ -405,22 +415,10 @@ class EngineThreadServer:
 
     def _refuse_without_descriptors(self, listener: socket.socket) -> bool:
         """Out of file descriptors: the spare one takes the next waiting connection, long enough
-        to refuse it with the reason. False when there is none to take (then accepting pauses)."""
-        if self._spare_fd < 0:
-            return False
-        os.close(self._spare_fd)
-        self._spare_fd = -1
-        try:
-            sock, _ = listener.accept()
-        except OSError:
-            sock = None
-        if sock is not None:
-            self._refuse(sock, _NO_DESCRIPTORS)
-        try:
-            self._spare_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:  # taken meanwhile by another thread: accepting pauses, and tries again
-            return False
-        return sock is not None
+        to refuse it with the reason. False when none was waiting or there is no spare."""
+        return self._spare is not None and self._spare.refuse_one(
+            listener, lambda sock: self._refuse(sock, _NO_DESCRIPTORS)
+        )
 
     def _refuse(self, sock: socket.socket, message: str = "") -> None:
         """Over max_connections (or out of descriptors): an error frame (if the socket takes it at
@@ -430,11 +428,7 @@ class EngineThreadServer:
             f"too many engine connections ({self.max_connections}: daemon.max_sessions + "
             "daemon.max_unattached_connections); try again"
         )
-        try:
-            sock.send(P.reply_error(0, ErrorCode.TOO_LARGE, message), socket.MSG_DONTWAIT)
-        except OSError:
-            pass  # the client is gone already, or not reading: it sees the connection close
-        sock.close()
+        send_refusal(sock, message)
         self._warn(
             "%s socket: refused a connection: %d connections open; %d refused so far",
             self.name,
@@ -532,9 +526,9 @@ class EngineThreadServer:
             self.loop.remove_reader(self._wake_fd)
             os.close(self._wake_fd)
             self._wake_fd = -1
-        if self._spare_fd >= 0:
-            os.close(self._spare_fd)
-            self._spare_fd = -1
+        if self._spare is not None:
+            self._spare.close()
+            self._spare = None
         if self.path is not None:
             try:
                 self.path.unlink()

@@ -4,7 +4,7 @@ Owns the pages on disk: writing, reading and deleting their files, opening the d
 within `capacity_bytes`. It does not decide which pages come here (the manager demotes into it) and
 does not check namespaces against callers (it stores each page's `ns` so the daemon can). What the
 files hold is `disk_format.py`'s; which pages are listed, their eviction order and byte counts are
-`disk_index.py`'s.
+`disk_index.py`'s; the scan at open is `disk_scan.py`'s.
 
 Writes: a page is written to a temp name in its final directory and `os.replace`d, so a killed
 daemon never leaves a half-visible page, only temp files, which `open()` deletes. A page evicted
@@ -33,7 +33,9 @@ threads overlap and the event loop's `entry()`/`stats()` never wait on disk. Key
 written or deleted are tracked so that an eviction's unlink can never remove a re-put page's new
 file. Stored bytes plus space reserved by puts in flight never exceed `capacity_bytes`. An exclusive
 `flock` on `<path>/lock` keeps a second process (or a second `DiskTier` in this one) out of the
-directory; the kernel drops it when its holder dies.
+directory; the kernel drops it when its holder dies. A root removed under the tier (`rm -rf`) is made
+again and locked again at the next write or index flush, or left alone when another process locked
+it first (`_reclaim_root`).
 
 Seed: `<path>/seed-fingerprint` names the page-key seed (`keys.seed_fingerprint`) the pages were
 keyed with, written before the first page. A tier opened with another seed, or over pages with no
@@ -44,6 +46,7 @@ never computed again, and an old page must never be served under a new seed.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fcntl
 import logging
 import os
@@ -61,29 +64,20 @@ from polarkvd.tiers.codec import (
     GroupRange,
     Scratch,
     checksum,
-    decode_group,
-    decode_into,
     encode,
     encode_groups,
     group_table_size,
     parse_group_table,
     stock_decode_buffers,
 )
+from polarkvd.tiers.disk_failures import WriteFailures
 from polarkvd.tiers.disk_format import (
     HEADER_SIZE,
-    INDEX_NAME,
     LOCK_NAME,
-    PAGE_RE,
     SEED_RE,
-    SUBDIR_RE,
     TMP_SUFFIX,
-    Header,
-    Row,
     check_key,
-    delete_leftover,
     fsync_dir,
-    header_row,
-    load_snapshot,
     pack_header,
     page_path,
     parse_header,
@@ -94,7 +88,9 @@ from polarkvd.tiers.disk_format import (
     syncfs,
     write_snapshot,
 )
+from polarkvd.tiers.disk_grouped import GroupedPage
 from polarkvd.tiers.disk_index import DiskEntry, DiskIndex, Quota
+from polarkvd.tiers.disk_scan import reconcile
 
 __all__ = ["DiskEntry", "DiskOpenReport", "DiskStats", "DiskTier", "GroupedPage", "HEADER_SIZE"]
 
@@ -125,68 +121,7 @@ class DiskStats:
     gets: int  # pages delivered by get_into
     policy: str = "lru"
     seed_refused: int = 0  # pages deleted at open: keyed with another page-key seed
-
-
-class GroupedPage:
-    """A page on disk, to be read and decoded one range (layer group) at a time: see `open_grouped`.
-    Holds the file open, so a range can still be read after the page was evicted meanwhile; `close`
-    when done (decoding every range, and any failure, close it too)."""
-
-    def __init__(
-        self,
-        tier: DiskTier,
-        key: bytes,
-        entry: DiskEntry,
-        header: Header,
-        fd: int,
-        ranges: list[GroupRange] | None,
-    ) -> None:
-        self._tier, self._key, self._entry, self._h, self._fd = tier, key, entry, header, fd
-        self._ranges = ranges
-        #: (first byte, end byte) of each range in the page, in order
-        self.ranges: list[tuple[int, int]] = (
-            [(r.lo, r.hi) for r in ranges] if ranges is not None else [(0, header.raw_len)]
-        )
-        self._left = set(range(len(self.ranges)))  # not decoded yet
-
-    def decode(self, i: int, page: memoryview) -> None:
-        """Read range `i` and decode it into its place in `page` (the whole page's slot), verified.
-        Raises PageCorrupt (the page is dropped from the tier) when it does not read, decode or
-        verify; `page` then holds garbage in that range, which must not be published."""
-        h = self._h
-        dst = memoryview(page)
-        if dst.format != "B" or dst.ndim != 1:
-            dst = dst.cast("B")
-        try:
-            if self._fd < 0:
-                raise ValueError("read after close")
-            if self._ranges is not None:
-                r = self._ranges[i]
-                part = os.pread(self._fd, r.length, HEADER_SIZE + r.at)
-                if len(part) != r.length:
-                    raise ValueError("file shorter than its groups table")
-                decode_group(r, part, dst, h.itemsize)
-            else:
-                payload = os.pread(self._fd, h.payload_len, HEADER_SIZE)
-                if len(payload) != h.payload_len:
-                    raise ValueError("payload length differs from header")
-                decode_into(h.codec, payload, dst, h.itemsize)
-                if checksum(dst) != h.checksum:
-                    raise ValueError("checksum mismatch")
-        except Exception as exc:  # zstd raises its own error type on garbage
-            self.close()
-            self._tier._corrupt_page(self._key, self._entry, f"range {i}: {exc}")
-        self._left.discard(i)
-        if not self._left:  # every range decoded: the file is not needed any more
-            self.close()
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def __del__(self) -> None:
-        self.close()
+    write_errors: int = 0  # page writes that failed (ENOSPC, EIO, ...): disk_failures.py
 
 
 class DiskTier:
@@ -232,6 +167,9 @@ class DiskTier:
         self._flush_lock = threading.Lock()
         self._lock_fd: int | None = None
         self._made_dirs: set[str] = set()
+        self._root_lock = threading.Lock()  # one thread at a time recreates a removed root
+        self._lost = False  # the root was removed and another process holds it now: hands off
+        self.write_failures = WriteFailures()
         self._unsynced_dirs: set[str] = set()  # subdirectories created since the root was last fsynced
         self._scratch = Scratch()
         self.readers = readers
@@ -259,7 +197,7 @@ class DiskTier:
             self._index.clear()
         try:
             refuse = self._seed_mismatch()
-            snapshot, dropped, trusted, recovered = self._reconcile(refuse is not None)
+            snapshot, dropped, trusted, recovered = reconcile(self.path, self._made_dirs, refuse is not None)
             refused = 0
             if refuse is not None:
                 refused, dropped = dropped, 0
@@ -318,73 +256,6 @@ class DiskTier:
         if recorded is None:
             return "no recorded seed (an older polarkvd, or a lost seed-fingerprint file)"
         return f"seed {recorded!r}, not this daemon's {self.seed_fingerprint!r}"
-
-    def _reconcile(self, refuse: bool = False) -> tuple[dict[bytes, Row] | None, int, list[Row], list[Row]]:
-        """Match the snapshot against the files: (snapshot, dropped, trusted rows, recovered rows).
-        `refuse`: delete every page file instead (counted in `dropped`) and ignore the snapshot."""
-        if refuse:
-            return None, self._delete_pages(), [], []
-        snapshot = load_snapshot(self.path)
-        rows = snapshot or {}
-        dropped = 0
-        trusted_keys: set[bytes] = set()
-        unlisted: list[tuple[float, str]] = []  # files the snapshot does not vouch for
-        for sub in os.scandir(self.path):
-            if sub.name.startswith(INDEX_NAME) and sub.name.endswith(TMP_SUFFIX):
-                dropped += delete_leftover(sub.path)  # a snapshot write cut short
-            if not (sub.is_dir(follow_symlinks=False) and SUBDIR_RE.fullmatch(sub.name)):
-                continue
-            self._made_dirs.add(sub.name)
-            for f in os.scandir(sub.path):
-                if f.name.endswith(TMP_SUFFIX):
-                    dropped += delete_leftover(f.path)  # a write cut short by a crash
-                elif PAGE_RE.fullmatch(f.name) and f.name.startswith(sub.name):
-                    key = bytes.fromhex(f.name[:32])
-                    st = f.stat(follow_symlinks=False)
-                    row = rows.get(key)
-                    if row is not None and row[4] == stored_size(st.st_size):
-                        trusted_keys.add(key)
-                    else:
-                        unlisted.append((st.st_mtime, f.path))
-                else:
-                    log.warning("disk tier: ignoring unknown file %s", f.path)
-        unlisted_keys = {bytes.fromhex(os.path.basename(p)[:32]) for _, p in unlisted}
-        dropped += sum(1 for key in rows if key not in trusted_keys and key not in unlisted_keys)
-        recovered: list[Row] = []
-        for _, file in sorted(unlisted):  # oldest first: recency order for the policy
-            row = header_row(file)
-            if row is None:
-                dropped += delete_leftover(file)
-            else:
-                recovered.append(row)
-        trusted = [row for key, row in rows.items() if key in trusted_keys]  # snapshot = eviction order
-        return snapshot, dropped, trusted, recovered
-
-    def _delete_pages(self) -> int:
-        """Delete every page file, temp file and the snapshot, quietly (the caller logs once);
-        returns how many pages went."""
-
-        def unlink(path: str | Path) -> int:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                return 0
-            return 1
-
-        deleted = 0
-        unlink(self.path / INDEX_NAME)
-        for sub in os.scandir(self.path):
-            if sub.name.startswith(INDEX_NAME) and sub.name.endswith(TMP_SUFFIX):
-                unlink(sub.path)
-            if not (sub.is_dir(follow_symlinks=False) and SUBDIR_RE.fullmatch(sub.name)):
-                continue
-            self._made_dirs.add(sub.name)
-            for f in os.scandir(sub.path):
-                if f.name.endswith(TMP_SUFFIX):
-                    unlink(f.path)
-                elif PAGE_RE.fullmatch(f.name):
-                    deleted += unlink(f.path)
-        return deleted
 
     def close(self) -> None:
         """Write the index snapshot and release the directory. Idempotent."""
@@ -476,6 +347,26 @@ class DiskTier:
         if not fits:
             return False
         final = self._page_path(key)
+        error = self._write_file(key, final, header, blob)
+        if isinstance(error, FileNotFoundError) and self._reclaim_root():
+            error = self._write_file(key, final, header, blob)  # its directory was removed: once more
+        if error is not None:
+            self.write_failures.failed(final, error)
+            with self._lock:
+                self._index.reserve(ns, -size)
+            return False
+        self.write_failures.succeeded()
+        with self._lock:
+            self._index.reserve(ns, -size)
+            self._index.admit(key, parent, ns, raw_len, size, depth)
+            self._puts += 1
+            self._index.changes += 1
+        return True
+
+    def _write_file(self, key: bytes, final: str, header: bytes, blob: bytes) -> OSError | None:
+        """Write the page's file under a temp name and rename it into place; the error, if any."""
+        if self._lost:
+            return OSError(errno.EACCES, "the directory was removed and another process holds it now")
         tmp = f"{final}.{os.getpid()}.{threading.get_ident()}{TMP_SUFFIX}"
         try:
             self._ensure_dir(key)
@@ -484,20 +375,73 @@ class DiskTier:
                 f.write(blob)
             os.replace(tmp, final)
         except OSError as exc:
-            log.warning("disk tier: writing %s failed: %s", final, exc)
-            with self._lock:
-                self._index.reserve(ns, -size)
             try:
                 os.unlink(tmp)
             except OSError:
                 pass
+            return exc
+        return None
+
+    def _reclaim_root(self) -> bool:
+        """A write found its directory gone (`rm -rf` under the daemon). Forget the directories
+        made; if the root went too (its lock file with it), recreate it and lock it again, or, when
+        another process got its lock first, write nothing more there (`_lost`): two daemons in one
+        directory would delete each other's pages. The pages listed are gone either way and are
+        forgotten. True when a write may be tried again."""
+        with self._root_lock:
+            with self._lock:
+                self._made_dirs.clear()
+            if self._lost or self._lock_fd is None:
+                return False
+            if self._holds_root():
+                return True  # only a subdirectory went, or another thread took the root back
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+            except OSError as exc:
+                log.error(
+                    "disk tier %s: the directory was removed and cannot be made again: %s", self.path, exc
+                )
+                return False
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                self._lost = True
+            else:
+                os.close(self._lock_fd)
+                self._lock_fd = fd
+            with self._lock:
+                gone = list(self._index.entries)
+                self._index.clear()
+                self._index.changes += 1
+                self._unsynced_dirs.clear()
+        if self._lost:
+            log.error(
+                "disk tier %s: the directory was removed under the daemon and another process holds "
+                "it now; no page is written or deleted there until this daemon restarts", self.path,
+            )  # fmt: skip
+        else:
+            if self.seed_fingerprint is not None:
+                record_seed(self.path, self.seed_fingerprint)  # before the first page, as at open
+            log.error(
+                "disk tier %s: the directory was removed under the daemon: made again and locked "
+                "again; its %d pages are gone", self.path, len(gone),
+            )  # fmt: skip
+        on_removed = self.on_removed
+        if gone and on_removed is not None:
+            on_removed(gone)
+        return not self._lost
+
+    def _holds_root(self) -> bool:
+        """Whether the lock file in the root is the one this tier holds."""
+        assert self._lock_fd is not None
+        try:
+            st = os.stat(self.path / LOCK_NAME)
+        except OSError:
             return False
-        with self._lock:
-            self._index.reserve(ns, -size)
-            self._index.admit(key, parent, ns, raw_len, size, depth)
-            self._puts += 1
-            self._index.changes += 1
-        return True
+        held = os.fstat(self._lock_fd)
+        return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
 
     def sync_files(self, keys: list[bytes]) -> list[bool]:
         """fdatasync the files of these pages; per key whether its data is now on the device (False:
@@ -695,6 +639,7 @@ class DiskTier:
                 gets=self._gets,
                 policy=self._index.policy.name,
                 seed_refused=self._seed_refused,
+                write_errors=self.write_failures.total,
             )
 
     def keys(self) -> list[bytes]:
@@ -728,14 +673,23 @@ class DiskTier:
         """Write the index snapshot atomically if anything changed since the last one (or `force`).
         Returns whether it wrote. Cheap when clean, so a timer may call it often."""
         with self._flush_lock:
+            if not self._lost and self._lock_fd is not None and not self._holds_root():
+                self._reclaim_root()  # removed under us: on the timer, not only at the next write
             with self._lock:
-                if not (self._index.changes or force):
+                if self._lost or not (self._index.changes or force):
                     return False
                 namespaces, pages = self._index.snapshot_rows()
                 changes = self._index.changes
                 self._index.changes = 0
             try:
-                write_snapshot(self.path, namespaces, pages)
+                try:
+                    write_snapshot(self.path, namespaces, pages)
+                except FileNotFoundError:
+                    if not self._reclaim_root():
+                        raise
+                    with self._lock:  # the pages that were listed went with the directory
+                        namespaces, pages = self._index.snapshot_rows()
+                    write_snapshot(self.path, namespaces, pages)
             except OSError:
                 with self._lock:
                     self._index.changes += changes
@@ -757,6 +711,8 @@ class DiskTier:
         if not keys:
             return
         for key in keys:
+            if self._lost:
+                break  # those files went with the directory; the names there now are another's
             try:
                 os.unlink(self._page_path(key))
             except FileNotFoundError:
@@ -776,7 +732,10 @@ class DiskTier:
     def _ensure_dir(self, key: bytes) -> None:
         sub = key[:1].hex()
         if sub not in self._made_dirs:
-            os.makedirs(f"{self._root}{os.sep}{sub}", exist_ok=True)
+            try:  # not makedirs: a root removed under us must fail (ENOENT), not come back unlocked
+                os.mkdir(f"{self._root}{os.sep}{sub}")
+            except FileExistsError:
+                pass
             with self._lock:
                 self._made_dirs.add(sub)
                 self._unsynced_dirs.add(sub)  # its name in the root is not durable yet
