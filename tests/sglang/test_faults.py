@@ -103,3 +103,21 @@ def test_daemon_killed_between_exists_and_get_then_restarted(daemon_factory, a: 
     for rig in (a, b):
         maps = Path(f"/proc/{rig.proc.pid}/maps").read_text()
         assert old_arena not in maps, f"SGLang process {rig.name} still maps the dead daemon's arena"
+
+
+def test_daemon_restarted_while_idle_serves_the_next_call_at_once(daemon_factory, a: Rig) -> None:
+    """A daemon restarted between two requests (no call met the outage): the next write lands whole
+    on the first try, with no outage warning: the backend finds its session's socket closed by the
+    daemon and attaches again, rather than failing on it and waiting out a backoff."""
+    d = daemon_factory()
+    name = unique("idle")
+    a.stack(name, d.engine_socket)
+    assert a.send("write", name=name, seed=91, pages=4)["stored_tokens"] == 64
+    since = len(a.log)
+    d.stop()
+    d.start()  # the same sockets; nothing called in between
+    assert a.send("write", name=name, seed=92, pages=4)["stored_tokens"] == 64
+    got = a.send("read", name=name, seed=92, pages=4)
+    assert got["loaded_tokens"] == 64 and got["match"]
+    assert not a.lines(WARNING, since), a.lines(WARNING, since)
+    _no_exceptions_in(a, since)

@@ -89,7 +89,11 @@ class DaemonLink:
         with self._lock:
             s = self._sessions.get(tid)
             if s is not None and s.generation == self._generation and not self.closed:
-                return s
+                if not s.client.connection_lost():
+                    return s
+                # The daemon closed it (it restarted while this thread was idle): attach again now,
+                # so that this call is served by the daemon that is back instead of failing.
+                log.info("polarkvd daemon at %s closed a session (restarted?): attaching again", self.path)
             stale = self._sessions.pop(tid, None)
             others = [(t, o) for t, o in self._sessions.items() if o.generation != self._generation]
             due = not (self.closed or self.refused or (self._down and self._clock() < self._retry_at))
