@@ -97,6 +97,11 @@ class ZmqTransport(Transport):
     def address(self) -> str:
         return self._address
 
+    @property
+    def peer_sockets(self) -> int:
+        """Sockets open to destinations now: at most `max_peers`, whatever addresses packets claim."""
+        return len(self._peers)
+
     def _peer(self, dst: str) -> Any:
         sock = self._peers.get(dst)
         if sock is not None:

@@ -287,7 +287,7 @@ class ClusterNode:
             "alive": sum(1 for x in m.members.values() if x.state in (State.ALIVE, State.SUSPECT)),
             "page_seed": self.seed_fingerprint,
             "refused": dict(self.refused),  # members kept out, and why
-            "gossip": dict(m.stats),
+            "gossip": {**m.stats, "peer_sockets": self.transport.peer_sockets},
         }
 
 
